@@ -1,0 +1,505 @@
+// The daemon's config file: TOML, `${VAR}` substituted from the environment in string
+// values, checked against a strict schema. Every problem is reported at once, one per
+// line, naming the key, the value and what is allowed, so an operator fixes the file in
+// one pass instead of one error per restart.
+
+import { readFileSync } from 'node:fs';
+import { isIPv4, isIPv6 } from 'node:net';
+import { dirname, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { parse as parseToml, TomlError } from 'smol-toml';
+import * as z from 'zod';
+import { errorMessage } from '../log.js';
+
+export interface Config {
+  cache: { dir: string; diskSizeGb: number; memorySizeGb: number };
+  storage: { url: string; compression: string };
+  servers: {
+    nbd: {
+      addresses: string[];
+      unixSocket: string;
+      autoCreateSizeGb: number;
+      blockSize: number;
+      blocksPerPack: number;
+      socketMode: number;
+    };
+    http: { address: string };
+  };
+  volumes: { sealIdleMs: number; sealDirtyMb: number };
+  /** the folder relative paths were resolved against */
+  baseDir: string;
+}
+
+/** A config that cannot be read or is invalid; `problems` holds one line per problem. */
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+  readonly problems: readonly string[];
+
+  constructor(problems: readonly string[], source?: string) {
+    super(source === undefined ? problems.join('\n') : [`config file ${source} is invalid:`, ...problems].join('\n'));
+    this.problems = problems;
+  }
+}
+
+// Written by `updraft init`. Every key at its default; test/config.test.ts checks that it
+// parses to the defaults and names every key of the schema.
+export const CONFIG_TEMPLATE = `# updraft.toml: settings of the updraft daemon. Every key is optional; the values
+# below are the defaults. Relative paths are relative to the folder of this file.
+# String values may use \${VAR} for an environment variable; write $\${ for a literal \${.
+
+[cache]
+# Folder on local disk for the block cache.
+dir = "./.updraft/cache"
+# Disk tier of the block cache, in GB (> 0).
+disk_size_gb = 50.0
+# Memory tier of the block cache, in GB (0 turns it off).
+memory_size_gb = 1.0
+
+[storage]
+# Object store for packs and manifests: "file://PATH" (a folder) or "s3://BUCKET/PREFIX".
+url = "file://./.updraft/store"
+# Compression of blocks in packs: "lz4", "none" or "zstd-1" to "zstd-19".
+compression = "lz4"
+
+[servers.nbd]
+# TCP addresses to serve NBD on, as "host:port", e.g. ["0.0.0.0:10809", "[::1]:10809"].
+addresses = []
+# Unix socket to serve NBD on; "" disables it.
+unix_socket = "./.updraft/nbd.sock"
+# Size in GB of a volume created when a client asks for an export that does not exist; 0 disables auto-create.
+auto_create_size_gb = 10.0
+# Chunk size in bytes, the unit of dedup, caching and upload: a power of two from 65536 to 4194304.
+block_size = 131072
+# Blocks per pack object uploaded to the store (1 to 1000).
+blocks_per_pack = 25
+# Permissions of the unix socket, in octal.
+socket_mode = "0660"
+
+[servers.http]
+# Address of the HTTP API and Prometheus metrics, as "host:port"; "" disables HTTP.
+address = "127.0.0.1:8080"
+
+[volumes]
+# Seal a volume's dirty chunks after it has been idle this long, in milliseconds.
+seal_idle_ms = 2000
+# Seal in the background when a volume has more dirty overlay data than this, in MB.
+seal_dirty_mb = 256
+`;
+
+// ---- addresses -------------------------------------------------------------------
+
+const HOSTNAME_LABEL = /^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$/;
+
+/** The host and port of `address`, or why it is not a "host:port" address. */
+function splitHostPort(address: string): { host: string; port: number } | string {
+  const colon = address.lastIndexOf(':');
+  if (colon < 0) return 'the ":port" is missing';
+  const hostPart = address.slice(0, colon);
+  const portText = address.slice(colon + 1);
+  const port = Number(portText);
+  if (!/^[0-9]+$/.test(portText) || port < 1 || port > 65535) {
+    return `port ${JSON.stringify(portText)} is not a number from 1 to 65535`;
+  }
+  if (hostPart === '') return 'the host is missing; use 0.0.0.0 or [::] for every interface';
+  if (hostPart.startsWith('[')) {
+    const inner = hostPart.endsWith(']') ? hostPart.slice(1, -1) : '';
+    if (!isIPv6(inner)) return `${JSON.stringify(hostPart)} is not a bracketed IPv6 address`;
+    return { host: inner, port };
+  }
+  if (hostPart.includes(':')) return `an IPv6 address goes in brackets, e.g. "[${hostPart}]:${portText}"`;
+  if (/^[0-9.]+$/.test(hostPart)) {
+    return isIPv4(hostPart) ? { host: hostPart, port } : `${JSON.stringify(hostPart)} is not an IPv4 address`;
+  }
+  const name = hostPart.endsWith('.') ? hostPart.slice(0, -1) : hostPart;
+  if (name.length > 253 || !name.split('.').every((label) => HOSTNAME_LABEL.test(label))) {
+    return `${JSON.stringify(hostPart)} is not a hostname`;
+  }
+  return { host: hostPart, port };
+}
+
+/** Splits "host:port" (IPv4, [IPv6] or hostname; port 1..65535). IPv6 hosts are returned without brackets. */
+export function parseHostPort(address: string): { host: string; port: number } {
+  const parsed = splitHostPort(address);
+  if (typeof parsed === 'string') throw new Error(`${JSON.stringify(address)} is not a "host:port" address: ${parsed}`);
+  return parsed;
+}
+
+function hostPortProblem(address: string): string | undefined {
+  const parsed = splitHostPort(address);
+  return typeof parsed === 'string' ? parsed : undefined;
+}
+
+// ---- storage ---------------------------------------------------------------------
+
+const FILE_SCHEME = 'file://';
+const S3_SCHEME = 's3://';
+
+/** Why `bucket` breaks the S3 bucket naming rules, or undefined when it follows them. */
+function s3BucketProblem(bucket: string): string | undefined {
+  if (bucket.length < 3 || bucket.length > 63) return `bucket name ${JSON.stringify(bucket)} is not 3 to 63 characters`;
+  if (!/^[a-z0-9][a-z0-9.-]*[a-z0-9]$/.test(bucket)) {
+    return `bucket name ${JSON.stringify(bucket)} must be lowercase letters, digits, "." and "-", starting and ending with a letter or digit`;
+  }
+  if (bucket.includes('..')) return `bucket name ${JSON.stringify(bucket)} has two adjacent dots`;
+  if (isIPv4(bucket)) return `bucket name ${JSON.stringify(bucket)} is an IP address`;
+  const reservedPrefix = ['xn--', 'sthree-', 'amzn-s3-demo-'].find((prefix) => bucket.startsWith(prefix));
+  if (reservedPrefix) return `bucket names starting with "${reservedPrefix}" are reserved`;
+  const reservedSuffix = ['-s3alias', '--ol-s3', '.mrap', '--x-s3', '--table-s3'].find((suffix) => bucket.endsWith(suffix));
+  if (reservedSuffix) return `bucket names ending with "${reservedSuffix}" are reserved`;
+  return undefined;
+}
+
+function storageUrlProblem(url: string): string | undefined {
+  if (url.startsWith(FILE_SCHEME)) return url.length > FILE_SCHEME.length ? undefined : 'the path is empty';
+  if (url.startsWith(S3_SCHEME)) {
+    const rest = url.slice(S3_SCHEME.length);
+    const slash = rest.indexOf('/');
+    return s3BucketProblem(slash < 0 ? rest : rest.slice(0, slash));
+  }
+  return '';
+}
+
+// ---- schema ----------------------------------------------------------------------
+
+/**
+ * A zod check from a function that says why a value is wrong ('' for "wrong, nothing to
+ * add"); the reason is appended to the config problem.
+ */
+function problemCheck<T>(problem: (value: T) => string | undefined) {
+  return (value: T, ctx: z.RefinementCtx) => {
+    const why = problem(value);
+    if (why !== undefined) ctx.addIssue({ code: 'custom', message: why, input: value, params: { reason: why } });
+  };
+}
+
+interface Setting<T extends z.ZodType> {
+  schema: T;
+  fallback: z.output<T>;
+  /** what the value may be, as the end of "KEY = VALUE is not allowed: ..." */
+  allowed: string;
+  /** the same for one item of a list */
+  itemAllowed?: string;
+}
+
+function setting<T extends z.ZodType>(schema: T, fallback: z.output<T>, allowed: string, itemAllowed?: string): Setting<T> {
+  return { schema, fallback, allowed, itemAllowed };
+}
+
+const CACHE = {
+  dir: setting(z.string().min(1), './.updraft/cache', 'a non-empty path'),
+  disk_size_gb: setting(z.number().positive(), 50.0, 'a number of GB greater than 0'),
+  memory_size_gb: setting(z.number().min(0), 1.0, 'a number of GB, 0 or more'),
+};
+
+const STORAGE = {
+  url: setting(
+    z.string().superRefine(problemCheck(storageUrlProblem)),
+    'file://./.updraft/store',
+    '"file://PATH" (a relative or absolute folder) or "s3://BUCKET/PREFIX" (a valid S3 bucket name)',
+  ),
+  compression: setting(
+    z.string().regex(/^(lz4|none|zstd-([1-9]|1[0-9]))$/),
+    'lz4',
+    '"lz4", "none" or "zstd-N" with N from 1 to 19',
+  ),
+};
+
+const ADDRESS = 'IPv4, [IPv6] or hostname; port from 1 to 65535';
+
+const NBD_SERVER = {
+  addresses: setting(
+    z.array(z.string().superRefine(problemCheck(hostPortProblem))),
+    [],
+    `a list of "host:port" TCP addresses (${ADDRESS})`,
+    `a "host:port" TCP address (${ADDRESS})`,
+  ),
+  unix_socket: setting(z.string(), './.updraft/nbd.sock', 'a path, or "" to disable the unix socket'),
+  auto_create_size_gb: setting(z.number().min(0), 10.0, 'a number of GB, 0 or more; 0 disables auto-create'),
+  block_size: setting(
+    z.number().refine((n) => Number.isInteger(n) && n >= 65536 && n <= 4194304 && (n & (n - 1)) === 0),
+    131072,
+    'a power of two from 65536 to 4194304',
+  ),
+  blocks_per_pack: setting(z.number().int().min(1).max(1000), 25, 'an integer from 1 to 1000'),
+  socket_mode: setting(z.string().regex(/^0?[0-7]{3}$/), '0660', 'permission bits as an octal string from "000" to "0777", e.g. "0660"'),
+};
+
+const HTTP_SERVER = {
+  address: setting(
+    z.string().superRefine(problemCheck((address: string) => (address === '' ? undefined : hostPortProblem(address)))),
+    '127.0.0.1:8080',
+    `"host:port" (${ADDRESS}), or "" to disable HTTP`,
+  ),
+};
+
+const VOLUMES = {
+  seal_idle_ms: setting(z.number().int().min(0), 2000, 'an integer number of milliseconds, 0 or more'),
+  seal_dirty_mb: setting(z.number().positive(), 256, 'a number of MB greater than 0'),
+};
+
+const SETTINGS: Record<string, Setting<z.ZodType>> = {};
+for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES })) {
+  for (const [key, value] of Object.entries(settings)) SETTINGS[`${table}.${key}`] = value;
+}
+
+/** A strict table that defaults to empty. TOML dates are objects to zod, so they are refused here. */
+function table<S extends z.ZodRawShape>(shape: S) {
+  return z
+    .custom<unknown>((value) => !(value instanceof Date))
+    .pipe(z.strictObject(shape))
+    .prefault({});
+}
+
+type Defaulted<S extends Record<string, Setting<z.ZodType>>> = { [K in keyof S]: z.ZodDefault<S[K]['schema']> };
+
+function tableOf<S extends Record<string, Setting<z.ZodType>>>(settings: S) {
+  const shape: Record<string, z.ZodType> = {};
+  for (const [key, { schema, fallback }] of Object.entries(settings)) {
+    // A factory, so that no two configs share the default list.
+    shape[key] = schema.default(() => structuredClone(fallback));
+  }
+  return table(shape as Defaulted<S>);
+}
+
+const FILE_SCHEMA = z.strictObject({
+  cache: tableOf(CACHE),
+  storage: tableOf(STORAGE),
+  servers: table({ nbd: tableOf(NBD_SERVER), http: tableOf(HTTP_SERVER) }),
+  volumes: tableOf(VOLUMES),
+});
+
+type ConfigFile = z.output<typeof FILE_SCHEMA>;
+
+/** Every table of the file by key path ('' is the top level) and the keys it may hold. */
+const TABLES: Record<string, readonly string[]> = {
+  '': Object.keys(FILE_SCHEMA.shape),
+  cache: Object.keys(CACHE),
+  storage: Object.keys(STORAGE),
+  servers: ['nbd', 'http'],
+  'servers.nbd': Object.keys(NBD_SERVER),
+  'servers.http': Object.keys(HTTP_SERVER),
+  volumes: Object.keys(VOLUMES),
+};
+
+// ---- problems --------------------------------------------------------------------
+
+type KeyPath = readonly PropertyKey[];
+
+function formatPath(path: KeyPath): string {
+  let text = '';
+  for (const part of path) {
+    if (typeof part === 'number') text += `[${part}]`;
+    else {
+      const key = String(part);
+      const quoted = /^[A-Za-z0-9_-]+$/.test(key) ? key : JSON.stringify(key);
+      text += text === '' ? quoted : `.${quoted}`;
+    }
+  }
+  return text;
+}
+
+/** A TOML value as it would be written in the file. */
+function formatValue(value: unknown): string {
+  if (typeof value === 'string') return JSON.stringify(value);
+  if (typeof value === 'number') {
+    if (Number.isNaN(value)) return 'nan';
+    if (!Number.isFinite(value)) return value > 0 ? 'inf' : '-inf';
+    return String(value);
+  }
+  if (value instanceof Date) return value.toISOString();
+  if (Array.isArray(value)) return `[${value.map(formatValue).join(', ')}]`;
+  if (value !== null && typeof value === 'object') {
+    const entries = Object.entries(value).map(([key, item]) => `${formatPath([key])} = ${formatValue(item)}`);
+    return entries.length === 0 ? '{}' : `{ ${entries.join(', ')} }`;
+  }
+  return String(value);
+}
+
+function valueAt(root: unknown, path: KeyPath): unknown {
+  let value = root;
+  for (const part of path) {
+    if (value === null || typeof value !== 'object') return undefined;
+    value = (value as Record<PropertyKey, unknown>)[part];
+  }
+  return value;
+}
+
+function isTable(value: unknown): boolean {
+  return value !== null && typeof value === 'object' && !Array.isArray(value) && !(value instanceof Date);
+}
+
+function unknownKeyProblem(file: unknown, tablePath: KeyPath, key: string): string {
+  const path = [...tablePath, key];
+  const value = valueAt(file, path);
+  const shown = isTable(value) ? formatPath(path) : `${formatPath(path)} = ${formatValue(value)}`;
+  const where = formatPath(tablePath);
+  const known = TABLES[where] ?? [];
+  const allowed = where === '' ? `the sections are ${known.join(', ')}` : `the keys of [${where}] are ${known.join(', ')}`;
+  return `config: ${shown} is not allowed: unknown ${isTable(value) ? 'section' : 'key'}; ${allowed}`;
+}
+
+function addIssue(problems: Problems, file: unknown, issue: z.core.$ZodIssue): void {
+  if (issue.code === 'unrecognized_keys') {
+    for (const key of issue.keys) problems.add(formatPath([...issue.path, key]), unknownKeyProblem(file, issue.path, key));
+    return;
+  }
+  const where = formatPath(issue.path);
+  const settingPath = formatPath(issue.path.filter((part) => typeof part !== 'number'));
+  const setting = SETTINGS[settingPath];
+  const isItem = issue.path.length > 0 && typeof issue.path[issue.path.length - 1] === 'number';
+  const allowed = setting
+    ? ((isItem ? setting.itemAllowed : undefined) ?? setting.allowed)
+    : settingPath in TABLES
+      ? `a table ([${settingPath}])`
+      : 'nothing';
+  const reason: unknown = issue.code === 'custom' ? issue.params?.reason : undefined;
+  const detail = typeof reason === 'string' && reason !== '' ? ` (${reason})` : '';
+  problems.add(where, `config: ${where} = ${formatValue(valueAt(file, issue.path))} is not allowed: ${allowed}${detail}`);
+}
+
+// ---- environment -----------------------------------------------------------------
+
+const VARIABLE_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
+
+/** `text` with each `${VAR}` replaced from `env` and `$${` turned into a literal `${`. */
+function substitute(text: string, env: NodeJS.ProcessEnv, problem: (why: string) => void): string {
+  let out = '';
+  let at = 0;
+  for (;;) {
+    const dollar = text.indexOf('$', at);
+    if (dollar < 0) return out + text.slice(at);
+    out += text.slice(at, dollar);
+    if (text.startsWith('$${', dollar)) {
+      out += '${';
+      at = dollar + 3;
+    } else if (text.startsWith('${', dollar)) {
+      const close = text.indexOf('}', dollar + 2);
+      if (close < 0) {
+        problem('has a "${" without a closing "}" (write "$${" for a literal "${")');
+        return out + text.slice(dollar);
+      }
+      const name = text.slice(dollar + 2, close);
+      const value = env[name];
+      if (!VARIABLE_NAME.test(name)) problem(`has "\${${name}}", which is not an environment variable name`);
+      else if (value === undefined) problem(`uses environment variable ${name}, which is not set`);
+      else out += value;
+      at = close + 1;
+    } else {
+      out += '$';
+      at = dollar + 1;
+    }
+  }
+}
+
+/** Problems found so far; the schema adds at most one line per key path. */
+class Problems {
+  readonly lines: string[] = [];
+  readonly #paths = new Set<string>();
+
+  add(path: string, line: string): void {
+    if (!this.#paths.has(path)) this.addAnother(path, line);
+  }
+
+  /** Adds `line` even if `path` already has one (a string can name several unset variables). */
+  addAnother(path: string, line: string): void {
+    this.#paths.add(path);
+    this.lines.push(line);
+  }
+}
+
+/** A copy of the parsed file with every string substituted from `env`. */
+function substituteAll(value: unknown, path: KeyPath, env: NodeJS.ProcessEnv, problems: Problems): unknown {
+  if (typeof value === 'string') {
+    const where = formatPath(path);
+    return substitute(value, env, (why) => problems.addAnother(where, `config: ${where} = ${formatValue(value)} ${why}`));
+  }
+  if (Array.isArray(value)) return value.map((item, index) => substituteAll(item, [...path, index], env, problems));
+  if (isTable(value)) {
+    const copy: Record<string, unknown> = {};
+    for (const [key, item] of Object.entries(value as Record<string, unknown>)) {
+      // defineProperty, so that a "__proto__" key stays a key (and is then refused as unknown).
+      Object.defineProperty(copy, key, { value: substituteAll(item, [...path, key], env, problems), enumerable: true, writable: true, configurable: true });
+    }
+    return copy;
+  }
+  return value;
+}
+
+// ---- loading ---------------------------------------------------------------------
+
+function resolveStorageUrl(url: string, baseDir: string): string {
+  if (!url.startsWith(FILE_SCHEME)) return url;
+  // Everything after "file://" is a path, so "file://./store" is relative to baseDir.
+  return pathToFileURL(resolve(baseDir, url.slice(FILE_SCHEME.length))).href;
+}
+
+function toConfig(file: ConfigFile, baseDir: string): Config {
+  const { cache, storage, servers, volumes } = file;
+  const { nbd, http } = servers;
+  return {
+    cache: { dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb },
+    storage: { url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression },
+    servers: {
+      nbd: {
+        addresses: nbd.addresses,
+        unixSocket: nbd.unix_socket === '' ? '' : resolve(baseDir, nbd.unix_socket),
+        autoCreateSizeGb: nbd.auto_create_size_gb,
+        blockSize: nbd.block_size,
+        blocksPerPack: nbd.blocks_per_pack,
+        socketMode: parseInt(nbd.socket_mode, 8),
+      },
+      http: { address: http.address },
+    },
+    volumes: { sealIdleMs: volumes.seal_idle_ms, sealDirtyMb: volumes.seal_dirty_mb },
+    baseDir,
+  };
+}
+
+/**
+ * Parses config text. Relative paths resolve against `baseDir`; `source` names the
+ * text in error messages (usually the file path). Throws ConfigError listing every problem.
+ */
+export function parseConfig(text: string, baseDir: string, env: NodeJS.ProcessEnv = process.env, source?: string): Config {
+  let parsed: unknown;
+  try {
+    parsed = parseToml(text);
+  } catch (err) {
+    if (!(err instanceof TomlError)) throw err;
+    const what = err.message.split('\n')[0].replace(/^Invalid TOML document: /, '');
+    throw new ConfigError([`config: not valid TOML at line ${err.line}, column ${err.column}: ${what}`], source);
+  }
+  // A value whose substitution failed is reported once, for that; a schema problem
+  // with the half-substituted value would only repeat it.
+  const problems = new Problems();
+  const file = substituteAll(parsed, [], env, problems);
+  const result = FILE_SCHEMA.safeParse(file);
+  if (!result.success) {
+    for (const issue of result.error.issues) addIssue(problems, file, issue);
+  }
+  if (!result.success || problems.lines.length > 0) throw new ConfigError(problems.lines, source);
+  return toConfig(result.data, resolve(baseDir));
+}
+
+function readProblem(err: unknown): string {
+  switch ((err as NodeJS.ErrnoException).code) {
+    case 'ENOENT': return 'no such file';
+    case 'EACCES': return 'permission denied';
+    case 'EISDIR': return 'it is a folder';
+    default: return errorMessage(err);
+  }
+}
+
+/**
+ * Reads and parses a config file; relative paths in it resolve against its folder.
+ * Without a file, the defaults, with relative paths resolved against the working directory.
+ */
+export function loadConfig(file?: string, env: NodeJS.ProcessEnv = process.env): Config {
+  if (file === undefined) return parseConfig('', process.cwd(), env);
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError([`config: cannot read ${file}: ${readProblem(err)}`]);
+  }
+  return parseConfig(text, dirname(resolve(file)), env, file);
+}

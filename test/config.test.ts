@@ -1,0 +1,303 @@
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, test } from 'node:test';
+import { pathToFileURL } from 'node:url';
+import { parse as parseToml } from 'smol-toml';
+import { CONFIG_TEMPLATE, type Config, ConfigError, loadConfig, parseConfig, parseHostPort } from '../src/cli/config.js';
+
+const BASE = '/srv/updraft';
+
+/** The problems parseConfig reports for `text`; fails the test if it accepts it. */
+function problemsOf(text: string, env: NodeJS.ProcessEnv = {}): readonly string[] {
+  try {
+    parseConfig(text, BASE, env, 'test.toml');
+  } catch (err) {
+    assert.ok(err instanceof ConfigError, `expected a ConfigError, got ${String(err)}`);
+    return err.problems;
+  }
+  assert.fail(`config was accepted:\n${text}`);
+}
+
+function defaultsAt(baseDir: string): Config {
+  return {
+    cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1 },
+    storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4' },
+    servers: {
+      nbd: {
+        addresses: [],
+        unixSocket: join(baseDir, '.updraft/nbd.sock'),
+        autoCreateSizeGb: 10,
+        blockSize: 131072,
+        blocksPerPack: 25,
+        socketMode: 0o660,
+      },
+      http: { address: '127.0.0.1:8080' },
+    },
+    volumes: { sealIdleMs: 2000, sealDirtyMb: 256 },
+    baseDir,
+  };
+}
+
+const tmp = mkdtempSync(join(tmpdir(), 'updraft-config-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
+
+describe('defaults', () => {
+  test('no file gives the defaults, resolved against the working directory', () => {
+    assert.deepEqual(loadConfig(undefined, {}), defaultsAt(process.cwd()));
+  });
+
+  test('an empty file gives the defaults, resolved against its folder', () => {
+    assert.deepEqual(parseConfig('', BASE, {}), defaultsAt(BASE));
+  });
+
+  test('two configs do not share the default address list', () => {
+    const first = parseConfig('', BASE, {});
+    first.servers.nbd.addresses.push('127.0.0.1:10809');
+    assert.deepEqual(parseConfig('', BASE, {}).servers.nbd.addresses, []);
+  });
+});
+
+describe('template', () => {
+  test('parses to the defaults', () => {
+    assert.deepEqual(parseConfig(CONFIG_TEMPLATE, BASE, {}), defaultsAt(BASE));
+  });
+
+  test('names every key of the schema', () => {
+    const template = parseToml(CONFIG_TEMPLATE) as Record<string, Record<string, unknown>>;
+    const servers = template.servers as Record<string, Record<string, unknown>>;
+    assert.deepEqual(
+      {
+        cache: Object.keys(template.cache),
+        storage: Object.keys(template.storage),
+        nbd: Object.keys(servers.nbd),
+        http: Object.keys(servers.http),
+        volumes: Object.keys(template.volumes),
+      },
+      {
+        cache: ['dir', 'disk_size_gb', 'memory_size_gb'],
+        storage: ['url', 'compression'],
+        nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode'],
+        http: ['address'],
+        volumes: ['seal_idle_ms', 'seal_dirty_mb'],
+      },
+    );
+  });
+
+  test('has a comment line before every key', () => {
+    const lines = CONFIG_TEMPLATE.split('\n');
+    lines.forEach((line, index) => {
+      if (/^[a-z_]+ = /.test(line)) assert.match(lines[index - 1], /^# \S/, `no comment above: ${line}`);
+    });
+  });
+});
+
+describe('unknown keys', () => {
+  test('an unknown key is refused by its path, listing the known keys', () => {
+    assert.deepEqual(problemsOf('[servers.nbd]\nblok_size = 65536\n'), [
+      'config: servers.nbd.blok_size = 65536 is not allowed: unknown key; the keys of [servers.nbd] are addresses, unix_socket, auto_create_size_gb, block_size, blocks_per_pack, socket_mode',
+    ]);
+  });
+
+  test('an unknown section is refused by its name', () => {
+    assert.deepEqual(problemsOf('[cach]\ndir = "x"\n'), [
+      'config: cach is not allowed: unknown section; the sections are cache, storage, servers, volumes',
+    ]);
+  });
+
+  test('an unknown table under servers is refused', () => {
+    assert.deepEqual(problemsOf('[servers.grpc]\naddress = "x:1"\n'), [
+      'config: servers.grpc is not allowed: unknown section; the keys of [servers] are nbd, http',
+    ]);
+  });
+});
+
+describe('bad values name the key, the value and what is allowed', () => {
+  const cases: [toml: string, problem: string][] = [
+    ['[servers.nbd]\nblock_size = 1000', 'config: servers.nbd.block_size = 1000 is not allowed: a power of two from 65536 to 4194304'],
+    ['[servers.nbd]\nblock_size = 98304', 'config: servers.nbd.block_size = 98304 is not allowed: a power of two from 65536 to 4194304'],
+    ['[servers.nbd]\nblock_size = 8388608', 'config: servers.nbd.block_size = 8388608 is not allowed: a power of two from 65536 to 4194304'],
+    ['[storage]\ncompression = "gzip"', 'config: storage.compression = "gzip" is not allowed: "lz4", "none" or "zstd-N" with N from 1 to 19'],
+    ['[storage]\ncompression = "zstd-25"', 'config: storage.compression = "zstd-25" is not allowed: "lz4", "none" or "zstd-N" with N from 1 to 19'],
+    ['[storage]\ncompression = "zstd-0"', 'config: storage.compression = "zstd-0" is not allowed: "lz4", "none" or "zstd-N" with N from 1 to 19'],
+    ['[cache]\ndisk_size_gb = -5', 'config: cache.disk_size_gb = -5 is not allowed: a number of GB greater than 0'],
+    ['[cache]\ndisk_size_gb = 0', 'config: cache.disk_size_gb = 0 is not allowed: a number of GB greater than 0'],
+    ['[cache]\nmemory_size_gb = -0.5', 'config: cache.memory_size_gb = -0.5 is not allowed: a number of GB, 0 or more'],
+    ['[cache]\ndir = ""', 'config: cache.dir = "" is not allowed: a non-empty path'],
+    ['[servers.nbd]\nblocks_per_pack = 1001', 'config: servers.nbd.blocks_per_pack = 1001 is not allowed: an integer from 1 to 1000'],
+    ['[servers.nbd]\nblocks_per_pack = 2.5', 'config: servers.nbd.blocks_per_pack = 2.5 is not allowed: an integer from 1 to 1000'],
+    ['[servers.nbd]\nsocket_mode = "0999"', 'config: servers.nbd.socket_mode = "0999" is not allowed: permission bits as an octal string from "000" to "0777", e.g. "0660"'],
+    ['[servers.nbd]\nauto_create_size_gb = "10"', 'config: servers.nbd.auto_create_size_gb = "10" is not allowed: a number of GB, 0 or more; 0 disables auto-create'],
+    ['[volumes]\nseal_idle_ms = -1', 'config: volumes.seal_idle_ms = -1 is not allowed: an integer number of milliseconds, 0 or more'],
+    ['[volumes]\nseal_dirty_mb = 0', 'config: volumes.seal_dirty_mb = 0 is not allowed: a number of MB greater than 0'],
+    ['servers = 3', 'config: servers = 3 is not allowed: a table ([servers])'],
+    ['cache = 2024-01-02', 'config: cache = 2024-01-02 is not allowed: a table ([cache])'],
+    [
+      '[servers.http]\naddress = "localhost"',
+      'config: servers.http.address = "localhost" is not allowed: "host:port" (IPv4, [IPv6] or hostname; port from 1 to 65535), or "" to disable HTTP (the ":port" is missing)',
+    ],
+    [
+      '[servers.http]\naddress = "::1:8080"',
+      'config: servers.http.address = "::1:8080" is not allowed: "host:port" (IPv4, [IPv6] or hostname; port from 1 to 65535), or "" to disable HTTP (an IPv6 address goes in brackets, e.g. "[::1]:8080")',
+    ],
+    [
+      '[servers.nbd]\naddresses = ["0.0.0.0:10809", "0.0.0.0:70000"]',
+      'config: servers.nbd.addresses[1] = "0.0.0.0:70000" is not allowed: a "host:port" TCP address (IPv4, [IPv6] or hostname; port from 1 to 65535) (port "70000" is not a number from 1 to 65535)',
+    ],
+    [
+      '[servers.nbd]\naddresses = "0.0.0.0:10809"',
+      'config: servers.nbd.addresses = "0.0.0.0:10809" is not allowed: a list of "host:port" TCP addresses (IPv4, [IPv6] or hostname; port from 1 to 65535)',
+    ],
+    [
+      '[storage]\nurl = "http://example.com/store"',
+      'config: storage.url = "http://example.com/store" is not allowed: "file://PATH" (a relative or absolute folder) or "s3://BUCKET/PREFIX" (a valid S3 bucket name)',
+    ],
+    [
+      '[storage]\nurl = "s3://Bad_Bucket/prefix"',
+      'config: storage.url = "s3://Bad_Bucket/prefix" is not allowed: "file://PATH" (a relative or absolute folder) or "s3://BUCKET/PREFIX" (a valid S3 bucket name) (bucket name "Bad_Bucket" must be lowercase letters, digits, "." and "-", starting and ending with a letter or digit)',
+    ],
+  ];
+  for (const [toml, problem] of cases) {
+    test(toml.replace(/\n/g, ' '), () => {
+      assert.deepEqual(problemsOf(toml), [problem]);
+    });
+  }
+
+  test('every problem is listed, one per line, after a line naming the file', () => {
+    try {
+      parseConfig('[cache]\ndisk_size_gb = -1\n[storage]\ncompression = "gzip"\n[nope]\n', BASE, {}, 'test.toml');
+      assert.fail('config was accepted');
+    } catch (err) {
+      assert.ok(err instanceof ConfigError);
+      const lines = err.message.split('\n');
+      assert.equal(lines[0], 'config file test.toml is invalid:');
+      assert.equal(lines.length, 4);
+      assert.match(lines[1], /^config: cache\.disk_size_gb = -1 /);
+      assert.match(lines[2], /^config: storage\.compression = "gzip" /);
+      assert.match(lines[3], /^config: nope is not allowed: unknown section/);
+    }
+  });
+
+  test('TOML syntax errors name the line', () => {
+    assert.deepEqual(problemsOf('[cache]\ndir = \n'), ['config: not valid TOML at line 2, column 7: invalid value']);
+  });
+});
+
+describe('accepted values', () => {
+  test('zstd levels 1 and 19, "none", floats, IPv6 and hostnames are accepted', () => {
+    const config = parseConfig(
+      [
+        '[cache]',
+        'disk_size_gb = 0.05',
+        'memory_size_gb = 0',
+        '[storage]',
+        'compression = "zstd-19"',
+        '[servers.nbd]',
+        'addresses = ["[::]:10809", "nbd.example.com:1", "10.0.0.1:65535"]',
+        'block_size = 4194304',
+        'socket_mode = "600"',
+        'unix_socket = ""',
+        '[servers.http]',
+        'address = ""',
+      ].join('\n'),
+      BASE,
+      {},
+    );
+    assert.equal(config.cache.diskSizeGb, 0.05);
+    assert.equal(config.storage.compression, 'zstd-19');
+    assert.deepEqual(config.servers.nbd.addresses, ['[::]:10809', 'nbd.example.com:1', '10.0.0.1:65535']);
+    assert.equal(config.servers.nbd.blockSize, 4194304);
+    assert.equal(config.servers.nbd.socketMode, 0o600);
+    assert.equal(config.servers.nbd.unixSocket, '');
+    assert.equal(config.servers.http.address, '');
+    assert.equal(parseConfig('[storage]\ncompression = "zstd-1"', BASE, {}).storage.compression, 'zstd-1');
+    assert.equal(parseConfig('[storage]\ncompression = "none"', BASE, {}).storage.compression, 'none');
+  });
+
+  test('an s3:// url is kept as written', () => {
+    assert.equal(parseConfig('[storage]\nurl = "s3://my-bucket.eu/updraft/prod"', BASE, {}).storage.url, 's3://my-bucket.eu/updraft/prod');
+  });
+});
+
+describe('environment variables', () => {
+  test('${VAR} in a string value is replaced', () => {
+    const config = parseConfig('[cache]\ndir = "${DATA}/cache"\n[servers.http]\naddress = "${HOST}:9090"', BASE, { DATA: '/data', HOST: '0.0.0.0' });
+    assert.equal(config.cache.dir, '/data/cache');
+    assert.equal(config.servers.http.address, '0.0.0.0:9090');
+  });
+
+  test('${VAR} in a list item is replaced', () => {
+    const config = parseConfig('[servers.nbd]\naddresses = ["${NBD_ADDRESS}"]', BASE, { NBD_ADDRESS: '[::1]:10809' });
+    assert.deepEqual(config.servers.nbd.addresses, ['[::1]:10809']);
+  });
+
+  test('$${ is a literal ${', () => {
+    const config = parseConfig('[cache]\ndir = "/data/$${DATA}/cache"', BASE, { DATA: 'replaced' });
+    assert.equal(config.cache.dir, '/data/${DATA}/cache');
+  });
+
+  test('the substituted value is validated', () => {
+    assert.deepEqual(problemsOf('[storage]\ncompression = "${CODEC}"', { CODEC: 'gzip' }), [
+      'config: storage.compression = "gzip" is not allowed: "lz4", "none" or "zstd-N" with N from 1 to 19',
+    ]);
+  });
+
+  test('a missing variable names the variable and the key', () => {
+    assert.deepEqual(problemsOf('[cache]\ndir = "${UPDRAFT_TEST_UNSET}/cache"'), [
+      'config: cache.dir = "${UPDRAFT_TEST_UNSET}/cache" uses environment variable UPDRAFT_TEST_UNSET, which is not set',
+    ]);
+  });
+
+  test('an unterminated ${ is refused', () => {
+    assert.deepEqual(problemsOf('[cache]\ndir = "${DATA"', { DATA: '/data' }), [
+      'config: cache.dir = "${DATA" has a "${" without a closing "}" (write "$${" for a literal "${")',
+    ]);
+  });
+});
+
+describe('paths', () => {
+  test('relative paths resolve against the folder of the config file', () => {
+    const dir = join(tmp, 'etc', 'updraft');
+    mkdirSync(dir, { recursive: true });
+    const file = join(dir, 'updraft.toml');
+    writeFileSync(file, '[cache]\ndir = "cache"\n[storage]\nurl = "file://../store"\n[servers.nbd]\nunix_socket = "./run/nbd.sock"\n');
+    const config = loadConfig(file, {});
+    assert.equal(config.baseDir, dir);
+    assert.equal(config.cache.dir, join(dir, 'cache'));
+    assert.equal(config.storage.url, pathToFileURL(join(tmp, 'etc', 'store')).href);
+    assert.equal(config.servers.nbd.unixSocket, join(dir, 'run', 'nbd.sock'));
+  });
+
+  test('absolute paths are kept', () => {
+    const config = parseConfig('[cache]\ndir = "/var/cache/updraft"\n[storage]\nurl = "file:///var/lib/updraft"', BASE, {});
+    assert.equal(config.cache.dir, '/var/cache/updraft');
+    assert.equal(config.storage.url, 'file:///var/lib/updraft');
+  });
+
+  test('a file that cannot be read is a ConfigError naming the path', () => {
+    const missing = join(tmp, 'missing.toml');
+    assert.throws(() => loadConfig(missing, {}), (err: unknown) => {
+      assert.ok(err instanceof ConfigError);
+      assert.equal(err.message, `config: cannot read ${missing}: no such file`);
+      return true;
+    });
+  });
+});
+
+describe('parseHostPort', () => {
+  test('splits IPv4, bracketed IPv6 and hostnames', () => {
+    assert.deepEqual(parseHostPort('127.0.0.1:8080'), { host: '127.0.0.1', port: 8080 });
+    assert.deepEqual(parseHostPort('[::1]:10809'), { host: '::1', port: 10809 });
+    assert.deepEqual(parseHostPort('localhost:1'), { host: 'localhost', port: 1 });
+  });
+
+  test('refuses addresses with a clear reason', () => {
+    assert.throws(() => parseHostPort('::1:80'), /^Error: "::1:80" is not a "host:port" address: an IPv6 address goes in brackets/);
+    assert.throws(() => parseHostPort('host:0'), /port "0" is not a number from 1 to 65535/);
+    assert.throws(() => parseHostPort('host:65536'), /port "65536" is not a number from 1 to 65535/);
+    assert.throws(() => parseHostPort('256.1.1.1:80'), /"256\.1\.1\.1" is not an IPv4 address/);
+    assert.throws(() => parseHostPort('bad_host:80'), /"bad_host" is not a hostname/);
+    assert.throws(() => parseHostPort(':80'), /the host is missing/);
+  });
+});
