@@ -1,0 +1,334 @@
+// The host's content-addressed block cache (DESIGN.md: blocks/). One per host, shared
+// by every volume. Two tiers:
+//   memory: whole blocks in Buffers, bounded by memory_size_gb, S3-FIFO.
+//   disk:   a slab file of block_size slots plus a slot table (hash, flags) per slot,
+//           bounded by disk_size_gb, S3-FIFO over the slots that may be evicted.
+// A block referenced by a volume and not yet in the object store is pinned: it is the
+// only copy, so it is never evicted. Blocks nobody references and no store holds are
+// garbage and their slot is freed at once.
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { S3Fifo } from './s3fifo.js';
+import { HASH_BYTES } from '../crypto/hash.js';
+import type { Logger } from '../log.js';
+
+const fdatasync = promisify(fs.fdatasync);
+
+/** A block name as a 16-character latin1 string: cheap Map key, exact bytes. */
+export type BlockKey = string;
+
+export function blockKey(hash: Uint8Array): BlockKey {
+  return Buffer.from(hash.buffer, hash.byteOffset, HASH_BYTES).toString('latin1');
+}
+export function keyBytes(key: BlockKey): Buffer {
+  return Buffer.from(key, 'latin1');
+}
+export function keyHex(key: BlockKey): string {
+  return keyBytes(key).toString('hex');
+}
+
+const SLOT_ENTRY_BYTES = 32;
+const SLOT_USED = 1;
+const SLOT_IN_STORE = 2;
+const SLOT_TABLE_MAGIC = Buffer.from('UPDSLOT1');
+
+export interface BlockCacheOptions {
+  blockSize: number;
+  diskBytes: number;
+  memoryBytes: number;
+}
+
+export interface CacheCounters {
+  memoryHits: number;
+  diskHits: number;
+  misses: number;
+  memoryEvictions: number;
+  diskEvictions: number;
+  blocksWritten: number;
+  dedupHits: number;
+}
+
+interface Slot {
+  index: number;
+  refs: number;
+  inStore: boolean;
+}
+
+/** Bytes of local disk that only exist here: overlay sectors plus pinned blocks. */
+export class LocalSpace {
+  overlayBytes = 0;
+  pinnedBytes = 0;
+  constructor(readonly capacity: number) {}
+  get used(): number {
+    return this.overlayBytes + this.pinnedBytes;
+  }
+  fits(extra: number): boolean {
+    return this.used + extra <= this.capacity;
+  }
+}
+
+export class BlockCache {
+  readonly blockSize: number;
+  readonly space: LocalSpace;
+  readonly counters: CacheCounters = {
+    memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
+  };
+  private readonly slots = new Map<BlockKey, Slot>();
+  private readonly freeSlots: number[] = [];
+  private highWater = 0;
+  private readonly maxSlots: number;
+  private readonly diskPolicy: S3Fifo<BlockKey>;
+  private readonly memory = new Map<BlockKey, Buffer>();
+  private readonly memoryPolicy: S3Fifo<BlockKey>;
+  private slabDirty = false;
+  private syncing: Promise<void> | undefined;
+  private readonly entry = Buffer.alloc(SLOT_ENTRY_BYTES);
+
+  private constructor(
+    private readonly dir: string,
+    private readonly slabFd: number,
+    private readonly tableFd: number,
+    opts: BlockCacheOptions,
+    private readonly log: Logger,
+  ) {
+    this.blockSize = opts.blockSize;
+    this.maxSlots = Math.max(1, Math.floor(opts.diskBytes / opts.blockSize));
+    this.space = new LocalSpace(opts.diskBytes);
+    this.diskPolicy = new S3Fifo(this.maxSlots);
+    this.memoryPolicy = new S3Fifo(opts.memoryBytes);
+  }
+
+  /** Open (or create) the cache in `dir` and load its slot table. */
+  static open(dir: string, opts: BlockCacheOptions, log: Logger): BlockCache {
+    fs.mkdirSync(dir, { recursive: true });
+    const tablePath = path.join(dir, 'blocks.slots');
+    const slabPath = path.join(dir, 'blocks.slab');
+    const fresh = !fs.existsSync(tablePath);
+    const tableFd = fs.openSync(tablePath, fresh ? 'w+' : 'r+');
+    const slabFd = fs.openSync(slabPath, fs.existsSync(slabPath) ? 'r+' : 'w+');
+    const cache = new BlockCache(dir, slabFd, tableFd, opts, log);
+    if (fresh) {
+      const header = Buffer.alloc(SLOT_ENTRY_BYTES);
+      SLOT_TABLE_MAGIC.copy(header, 0);
+      header.writeUInt32BE(opts.blockSize, 8);
+      fs.writeSync(tableFd, header, 0, header.length, 0);
+      fs.fsyncSync(tableFd);
+    } else {
+      cache.loadTable();
+    }
+    return cache;
+  }
+
+  private loadTable(): void {
+    const table = fs.readFileSync(path.join(this.dir, 'blocks.slots'));
+    if (table.length < SLOT_ENTRY_BYTES || !table.subarray(0, 8).equals(SLOT_TABLE_MAGIC)) {
+      throw new Error(`block cache ${this.dir}: blocks.slots is not a slot table (bad magic)`);
+    }
+    const tableBlockSize = table.readUInt32BE(8);
+    if (tableBlockSize !== this.blockSize) {
+      throw new Error(
+        `block cache ${this.dir} was created with block_size ${tableBlockSize}; the config says ${this.blockSize}. ` +
+          'Use the same block_size or a new cache dir.',
+      );
+    }
+    const count = Math.floor(table.length / SLOT_ENTRY_BYTES) - 1;
+    for (let index = 0; index < count; index++) {
+      const at = (index + 1) * SLOT_ENTRY_BYTES;
+      const flags = table[at + HASH_BYTES];
+      if (!(flags & SLOT_USED) || index >= this.maxSlots) {
+        if (index < this.maxSlots) this.freeSlots.push(index);
+        continue;
+      }
+      const key = table.toString('latin1', at, at + HASH_BYTES);
+      if (this.slots.has(key)) {
+        this.freeSlots.push(index); // a duplicate left by a crash between two table writes
+        continue;
+      }
+      this.slots.set(key, { index, refs: 0, inStore: (flags & SLOT_IN_STORE) !== 0 });
+    }
+    this.highWater = Math.min(count, this.maxSlots);
+    // Free slots are reused lowest first so the slab stays compact.
+    this.freeSlots.reverse();
+  }
+
+  /**
+   * After every volume has taken its references at start-up: free the slots that no
+   * volume references and no store holds (left by a crash or by overwritten chunks),
+   * and let the rest enter the eviction policy.
+   */
+  finishStartup(): { blocks: number; freed: number } {
+    let freed = 0;
+    for (const [key, slot] of this.slots) {
+      if (slot.refs === 0 && !slot.inStore) {
+        this.freeSlot(key, slot);
+        freed++;
+        continue;
+      }
+      if (!slot.inStore) this.space.pinnedBytes += this.blockSize;
+      this.diskPolicy.insert(key, 1);
+    }
+    return { blocks: this.slots.size, freed };
+  }
+
+  get blockCount(): number {
+    return this.slots.size;
+  }
+  get memoryBytes(): number {
+    return this.memoryPolicy.size;
+  }
+  get pinnedBlocks(): number {
+    return this.space.pinnedBytes / this.blockSize;
+  }
+
+  has(key: BlockKey): boolean {
+    return this.memory.has(key) || this.slots.has(key);
+  }
+
+  /**
+   * Copy `length` bytes at `offset` of block `key` into `dst`. Synchronous: the disk
+   * tier is read with pread, which the page cache serves in microseconds. Returns
+   * false when the block is not on this host.
+   */
+  readInto(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
+    const block = this.memory.get(key);
+    if (block !== undefined) {
+      this.counters.memoryHits++;
+      this.memoryPolicy.hit(key);
+      block.copy(dst, dstOffset, offset, offset + length);
+      return true;
+    }
+    const slot = this.slots.get(key);
+    if (slot === undefined) {
+      this.counters.misses++;
+      return false;
+    }
+    this.counters.diskHits++;
+    this.diskPolicy.hit(key);
+    const position = slot.index * this.blockSize + offset;
+    const n = fs.readSync(this.slabFd, dst, dstOffset, length, position);
+    if (n !== length) throw new Error(`block cache: short read of slot ${slot.index} (${n} of ${length} bytes)`);
+    return true;
+  }
+
+  /** Take a reference to a block a volume's block map names. */
+  ref(key: BlockKey): boolean {
+    const slot = this.slots.get(key);
+    if (slot === undefined) return false;
+    slot.refs++;
+    return true;
+  }
+
+  /** Drop a reference; a block with none left that no store holds is freed. */
+  unref(key: BlockKey): void {
+    const slot = this.slots.get(key);
+    if (slot === undefined) return;
+    if (--slot.refs > 0) return;
+    if (slot.refs < 0) throw new Error(`block cache: reference count of ${keyHex(key)} went below zero`);
+    if (!slot.inStore) {
+      this.space.pinnedBytes -= this.blockSize;
+      this.diskPolicy.remove(key);
+      this.freeSlot(key, slot);
+    }
+  }
+
+  /**
+   * Store a sealed block and take a reference to it. A block already present (from any
+   * volume) is not written again. Returns false when the disk budget has no room for a
+   * new pinned block.
+   */
+  put(key: BlockKey, block: Buffer): boolean {
+    const existing = this.slots.get(key);
+    if (existing !== undefined) {
+      this.counters.dedupHits++;
+      existing.refs++;
+      return true;
+    }
+    if (!this.space.fits(this.blockSize)) return false;
+    const index = this.allocateSlot();
+    if (index === undefined) return false;
+    fs.writeSync(this.slabFd, block, 0, this.blockSize, index * this.blockSize);
+    this.writeEntry(index, key, SLOT_USED);
+    this.slots.set(key, { index, refs: 1, inStore: false });
+    this.space.pinnedBytes += this.blockSize;
+    this.diskPolicy.insert(key, 1);
+    this.slabDirty = true;
+    this.counters.blocksWritten++;
+    this.admitToMemory(key, block);
+    return true;
+  }
+
+  private admitToMemory(key: BlockKey, block: Buffer): void {
+    if (this.memoryPolicy.capacity < this.blockSize || this.memory.has(key)) return;
+    this.memory.set(key, Buffer.from(block));
+    this.memoryPolicy.insert(key, this.blockSize);
+    while (this.memoryPolicy.overBudget()) {
+      const victim = this.memoryPolicy.evict();
+      if (victim === undefined) break;
+      this.memory.delete(victim);
+      this.counters.memoryEvictions++;
+    }
+  }
+
+  private allocateSlot(): number | undefined {
+    const free = this.freeSlots.pop();
+    if (free !== undefined) return free;
+    if (this.highWater < this.maxSlots) return this.highWater++;
+    // Full: evict a block the store holds (never a pinned one).
+    const victim = this.diskPolicy.evict((key) => {
+      const slot = this.slots.get(key);
+      return slot !== undefined && slot.inStore;
+    });
+    if (victim === undefined) return undefined;
+    const slot = this.slots.get(victim)!;
+    this.slots.delete(victim);
+    this.memory.delete(victim);
+    this.memoryPolicy.remove(victim);
+    this.counters.diskEvictions++;
+    return slot.index;
+  }
+
+  private freeSlot(key: BlockKey, slot: Slot): void {
+    this.slots.delete(key);
+    this.memory.delete(key);
+    this.memoryPolicy.remove(key);
+    this.entry.fill(0);
+    fs.writeSync(this.tableFd, this.entry, 0, SLOT_ENTRY_BYTES, (slot.index + 1) * SLOT_ENTRY_BYTES);
+    this.freeSlots.push(slot.index);
+  }
+
+  private writeEntry(index: number, key: BlockKey, flags: number): void {
+    this.entry.fill(0);
+    this.entry.write(key, 0, HASH_BYTES, 'latin1');
+    this.entry[HASH_BYTES] = flags;
+    fs.writeSync(this.tableFd, this.entry, 0, SLOT_ENTRY_BYTES, (index + 1) * SLOT_ENTRY_BYTES);
+  }
+
+  /**
+   * Make every block put so far durable (slab, then slot table). Volumes call this
+   * before committing a journal that names new blocks. Concurrent callers share one
+   * round of fdatasync calls.
+   */
+  async sync(): Promise<void> {
+    while (this.syncing) await this.syncing;
+    if (!this.slabDirty) return;
+    this.slabDirty = false;
+    this.syncing = (async () => {
+      await fdatasync(this.slabFd);
+      await fdatasync(this.tableFd);
+    })();
+    try {
+      await this.syncing;
+    } catch (err) {
+      this.slabDirty = true;
+      throw err;
+    } finally {
+      this.syncing = undefined;
+    }
+  }
+
+  close(): void {
+    fs.closeSync(this.slabFd);
+    fs.closeSync(this.tableFd);
+  }
+}

@@ -1,0 +1,92 @@
+// `updraft run`: open the host, serve NBD and HTTP, print how to attach, and shut down
+// cleanly on SIGTERM/SIGINT (a second signal exits at once).
+import type { Config } from '../cli/config.js';
+import { parseHostPort } from '../cli/config.js';
+import { startApi } from '../api/server.js';
+import { NbdServer } from '../nbd/server.js';
+import { errorMessage, type Logger } from '../log.js';
+import { Host } from './host.js';
+
+const GB = 1024 ** 3;
+
+export async function runDaemon(config: Config, log: Logger): Promise<void> {
+  const nbdConfig = config.servers.nbd;
+  const host = Host.open(
+    {
+      cacheDir: config.cache.dir,
+      blockSize: nbdConfig.blockSize,
+      diskBytes: Math.floor(config.cache.diskSizeGb * GB),
+      memoryBytes: Math.floor(config.cache.memorySizeGb * GB),
+      autoCreateBytes: Math.floor((nbdConfig.autoCreateSizeGb * GB) / 4096) * 4096,
+      sealIdleMs: config.volumes.sealIdleMs,
+      sealDirtyBytes: config.volumes.sealDirtyMb * 1024 * 1024,
+    },
+    log.child('host'),
+  );
+  const nbd = new NbdServer(
+    {
+      list: () => host.list().map((v) => ({ name: v.name, description: `${v.size} bytes` })),
+      open: (name) => host.openForClient(name),
+      peek: (name) => host.get(name),
+    },
+    {
+      unixSocket: nbdConfig.unixSocket || undefined,
+      socketMode: nbdConfig.socketMode,
+      tcp: nbdConfig.addresses.map(parseHostPort),
+    },
+    log.child('nbd'),
+  );
+  let api: Awaited<ReturnType<typeof startApi>> | undefined;
+  try {
+    await nbd.listen();
+    if (config.servers.http.address) api = await startApi(host, parseHostPort(config.servers.http.address), log.child('http'));
+  } catch (err) {
+    await nbd.close().catch(() => undefined);
+    await host.close();
+    throw err;
+  }
+
+  printAttachHelp(config, nbd.addresses());
+
+  await new Promise<void>((resolve) => {
+    let stopping = false;
+    const stop = (signal: string) => {
+      if (stopping) {
+        log.warn('second signal: exiting now', { signal });
+        process.exit(1);
+      }
+      stopping = true;
+      log.info('shutting down: closing connections and flushing volumes', { signal });
+      void (async () => {
+        try {
+          await nbd.close();
+          await api?.close();
+          await host.close();
+          log.info('stopped cleanly');
+        } catch (err) {
+          log.error('shutdown failed', { error: errorMessage(err) });
+        }
+        resolve();
+      })();
+    };
+    process.on('SIGTERM', () => stop('SIGTERM'));
+    process.on('SIGINT', () => stop('SIGINT'));
+  });
+}
+
+function printAttachHelp(config: Config, addresses: string[]): void {
+  const nbd = config.servers.nbd;
+  const lines = [`updraft is serving volumes from ${config.cache.dir} (store: ${config.storage.url})`];
+  if (nbd.unixSocket) lines.push(`  NBD unix socket  ${nbd.unixSocket}`);
+  for (const a of addresses) if (!a.startsWith('/')) lines.push(`  NBD TCP          ${a}`);
+  if (config.servers.http.address) lines.push(`  HTTP API         http://${config.servers.http.address}  (GET /api/exports, /metrics)`);
+  const auto = nbd.autoCreateSizeGb > 0 ? `created on first connect with ${nbd.autoCreateSizeGb} GB` : 'create it first: PUT /api/exports/NAME';
+  lines.push('', `Attach a volume (export name = volume name; ${auto}):`);
+  if (nbd.unixSocket) {
+    const uri = `nbd+unix:///my-vm?socket=${nbd.unixSocket}`;
+    lines.push(`  nbdinfo '${uri}'`, `  qemu-img info '${uri}'`, `  sudo nbd-client -unix ${nbd.unixSocket} /dev/nbd0 -N my-vm`);
+  }
+  const tcp = addresses.find((a) => !a.startsWith('/'));
+  if (tcp) lines.push(`  nbdinfo 'nbd://${tcp}/my-vm'`);
+  process.stdout.write(lines.join('\n') + '\n');
+}

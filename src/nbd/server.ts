@@ -1,0 +1,141 @@
+// NBD listeners (unix socket and TCP) and the life of one connection: negotiation,
+// then transmission, with the volume's client count kept in step.
+import fs from 'node:fs';
+import net from 'node:net';
+import { errorMessage, type Logger } from '../log.js';
+import { ByteQueue } from './byte-queue.js';
+import { Handshake, ProtocolError, type ExportCatalog } from './handshake.js';
+import { Transmission } from './transmission.js';
+
+export interface NbdServerOptions {
+  unixSocket?: string;
+  /** Permissions of the unix socket file. */
+  socketMode?: number;
+  tcp?: Array<{ host: string; port: number }>;
+  /** A client that has not finished negotiating by then is disconnected. */
+  handshakeTimeoutMs?: number;
+}
+
+export class NbdServer {
+  private readonly servers: net.Server[] = [];
+  private readonly sockets = new Set<net.Socket>();
+  connections = 0;
+
+  constructor(
+    private readonly catalog: ExportCatalog,
+    private readonly options: NbdServerOptions,
+    private readonly log: Logger,
+  ) {}
+
+  async listen(): Promise<void> {
+    const { unixSocket, tcp = [] } = this.options;
+    if (unixSocket) {
+      if (fs.existsSync(unixSocket)) {
+        if (await socketAnswers(unixSocket)) throw new Error(`NBD socket ${unixSocket} is in use by another process`);
+        fs.unlinkSync(unixSocket); // left behind by a daemon that was killed
+      }
+      await this.start({ path: unixSocket }, `unix:${unixSocket}`);
+      fs.chmodSync(unixSocket, this.options.socketMode ?? 0o660);
+    }
+    for (const address of tcp) await this.start({ host: address.host, port: address.port }, `tcp:${address.host}:${address.port}`);
+  }
+
+  private start(listenOptions: net.ListenOptions, label: string): Promise<void> {
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+    this.servers.push(server);
+    return new Promise((resolve, reject) => {
+      server.once('error', (err) => reject(new Error(`NBD listen on ${label}: ${err.message}`)));
+      server.listen(listenOptions, () => {
+        server.on('error', (err) => this.log.error('listener error', { address: label, error: err.message }));
+        resolve();
+      });
+    });
+  }
+
+  /** Addresses actually bound (TCP ports resolved). */
+  addresses(): string[] {
+    return this.servers.map((s) => {
+      const a = s.address();
+      return typeof a === 'string' ? a : a ? `${a.address}:${a.port}` : '';
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    this.connections++;
+    this.sockets.add(socket);
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    const queue = new ByteQueue();
+    const handshake = new Handshake(socket, queue, this.catalog);
+    let transmission: Transmission | undefined;
+    let detach: (() => void) | undefined;
+
+    socket.on('data', (chunk) => {
+      queue.push(chunk);
+      if (transmission) transmission.pump();
+      else handshake.reader.onData();
+    });
+    socket.on('error', (err) => this.log.debug('connection error', { peer, error: err.message }));
+    socket.on('close', () => {
+      this.sockets.delete(socket);
+      this.connections--;
+      handshake.reader.fail(new ProtocolError('client disconnected during negotiation'));
+      transmission?.close();
+      detach?.();
+    });
+    const timer = setTimeout(() => {
+      this.log.warn('closing connection: negotiation timed out', { peer });
+      socket.destroy();
+    }, this.options.handshakeTimeoutMs ?? 30_000);
+
+    handshake.run().then(
+      (negotiated) => {
+        clearTimeout(timer);
+        if (!negotiated) {
+          socket.end();
+          return;
+        }
+        if (socket.destroyed) return;
+        const volume = negotiated.volume;
+        volume.clients++;
+        let attached = true;
+        detach = () => {
+          if (attached) volume.clients--;
+          attached = false;
+        };
+        this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured });
+        transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.());
+        transmission.pump(); // requests may already be queued behind the last option
+      },
+      (err) => {
+        clearTimeout(timer);
+        if (err instanceof ProtocolError) {
+          if (err.message !== 'client disconnected during negotiation') {
+            this.log.warn('closing connection: negotiation failed', { peer, reason: err.message });
+          }
+        } else {
+          this.log.error('negotiation failed unexpectedly', { peer, error: errorMessage(err) });
+        }
+        socket.destroy();
+      },
+    );
+  }
+
+  /** Stop listening and close every connection. */
+  async close(): Promise<void> {
+    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    for (const socket of this.sockets) socket.destroy();
+    if (this.options.unixSocket) fs.rmSync(this.options.unixSocket, { force: true });
+  }
+}
+
+/** Whether something accepts connections on a unix socket path. */
+function socketAnswers(file: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.connect({ path: file });
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+}

@@ -1,0 +1,273 @@
+// The transmission phase (proto.md: "Transmission phase", "Request types"). Requests
+// are parsed and served synchronously as bytes arrive; only FLUSH and FUA wait, so
+// their replies may overtake or trail others (the cookie says which is which). Replies
+// produced while one batch of input is parsed go out in one corked write.
+import type { Socket } from 'node:net';
+import { errorMessage, type Logger } from '../log.js';
+import { VolumeError, type Volume, type VolumeErrorCode } from '../volume/volume.js';
+import type { OpKind } from '../volume/stats.js';
+import type { ByteQueue } from './byte-queue.js';
+import type { Negotiated } from './handshake.js';
+import * as P from './protocol.js';
+
+const ERRNO: Record<VolumeErrorCode, number> = {
+  EIO: P.EIO, EPERM: P.EPERM, EINVAL: P.EINVAL, ENOSPC: P.ENOSPC, ENOTSUP: P.ENOTSUP, ESHUTDOWN: P.ESHUTDOWN,
+};
+
+/** Flags each command may carry; anything else is EINVAL (proto.md: Error values). */
+const ALLOWED_FLAGS: Record<number, number> = {
+  [P.CMD_READ]: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
+  [P.CMD_WRITE]: P.CMD_FLAG_FUA,
+  [P.CMD_DISC]: P.CMD_FLAG_FUA,
+  [P.CMD_FLUSH]: P.CMD_FLAG_FUA,
+  [P.CMD_TRIM]: P.CMD_FLAG_FUA,
+  [P.CMD_CACHE]: P.CMD_FLAG_FUA,
+  [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+  [P.CMD_BLOCK_STATUS]: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
+};
+
+const TWO_32 = 2 ** 32;
+/** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
+const MAX_OFFSET_HIGH = 2 ** 21;
+
+export class Transmission {
+  private readonly volume: Volume;
+  private readonly structured: boolean;
+  private readonly baseAllocationId: number;
+  private inflight = 0;
+  private disconnecting = false;
+  private closed = false;
+  private corked = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly queue: ByteQueue,
+    negotiated: Negotiated,
+    private readonly log: Logger,
+    private readonly onClose: () => void,
+  ) {
+    this.volume = negotiated.volume;
+    this.structured = negotiated.structured;
+    this.baseAllocationId = negotiated.baseAllocationId;
+    socket.on('drain', () => {
+      if (!this.closed) socket.resume();
+    });
+  }
+
+  /** Parse and serve every complete request in the queue. */
+  pump(): void {
+    if (this.closed || this.disconnecting) return;
+    const queue = this.queue;
+    while (queue.length >= P.REQUEST_BYTES) {
+      if (queue.peekUInt32(0) !== P.REQUEST_MAGIC) {
+        return this.abort(`bad request magic 0x${queue.peekUInt32(0).toString(16)}`);
+      }
+      const type = queue.peekUInt32(4) & 0xffff;
+      const length = queue.peekUInt32(24);
+      if (type === P.CMD_WRITE) {
+        if (length > P.MAX_PAYLOAD) return this.abort(`write of ${length} bytes exceeds the ${P.MAX_PAYLOAD}-byte maximum`);
+        if (queue.length < P.REQUEST_BYTES + length) break; // wait for the payload
+      }
+      const header = queue.take(P.REQUEST_BYTES);
+      const payload = type === P.CMD_WRITE ? queue.take(length) : undefined;
+      this.serve(header, payload);
+      if (this.closed || this.disconnecting) break;
+    }
+    this.uncork();
+  }
+
+  private serve(header: Buffer, payload: Buffer | undefined): void {
+    const flags = header.readUInt16BE(4);
+    const type = header.readUInt16BE(6);
+    const cookieHigh = header.readUInt32BE(8);
+    const cookieLow = header.readUInt32BE(12);
+    const offsetHigh = header.readUInt32BE(16);
+    const offset = offsetHigh * TWO_32 + header.readUInt32BE(20);
+    const length = header.readUInt32BE(24);
+    const volume = this.volume;
+
+    if (type === P.CMD_DISC) {
+      this.disconnecting = true;
+      if (this.inflight === 0) this.socket.end();
+      return;
+    }
+    const allowed = ALLOWED_FLAGS[type];
+    if (allowed === undefined) return this.error(cookieHigh, cookieLow, P.EINVAL, `unknown command ${type}`);
+    if (flags & ~allowed) return this.error(cookieHigh, cookieLow, P.EINVAL, `flags 0x${flags.toString(16)} are not valid for command ${type}`);
+    if (type === P.CMD_READ && length > P.MAX_PAYLOAD) {
+      return this.abort(`read of ${length} bytes exceeds the ${P.MAX_PAYLOAD}-byte maximum`);
+    }
+    if (type !== P.CMD_FLUSH && (offsetHigh >= MAX_OFFSET_HIGH || offset + length > volume.size)) {
+      const errno = type === P.CMD_WRITE || type === P.CMD_WRITE_ZEROES ? P.ENOSPC : P.EINVAL;
+      return this.error(cookieHigh, cookieLow, errno, `range ${offset}+${length} is past the end of the ${volume.size}-byte export`);
+    }
+    const started = performance.now();
+    try {
+      switch (type) {
+        case P.CMD_READ:
+          return this.read(cookieHigh, cookieLow, offset, length, started);
+        case P.CMD_WRITE:
+          volume.write(offset, payload!);
+          return this.complete('write', cookieHigh, cookieLow, flags, length, started);
+        case P.CMD_FLUSH:
+          return this.wait('flush', cookieHigh, cookieLow, volume.flush(), 0, started);
+        case P.CMD_TRIM:
+          volume.trim(offset, length);
+          return this.complete('trim', cookieHigh, cookieLow, flags, length, started);
+        case P.CMD_WRITE_ZEROES:
+          volume.zero(offset, length, {
+            noHole: (flags & P.CMD_FLAG_NO_HOLE) !== 0,
+            fast: (flags & P.CMD_FLAG_FAST_ZERO) !== 0,
+          });
+          return this.complete('zero', cookieHigh, cookieLow, flags, length, started);
+        case P.CMD_CACHE:
+          return this.complete('cache', cookieHigh, cookieLow, 0, length, started);
+        case P.CMD_BLOCK_STATUS:
+          return this.blockStatus(cookieHigh, cookieLow, flags, offset, length, started);
+      }
+    } catch (err) {
+      this.failed(cookieHigh, cookieLow, type, err);
+    }
+  }
+
+  private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
+    const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
+    const reply = Buffer.allocUnsafe(headerBytes + length);
+    this.volume.read(offset, length, reply, headerBytes);
+    if (this.structured) {
+      reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
+      reply.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
+      reply.writeUInt16BE(P.REPLY_TYPE_OFFSET_DATA, 6);
+      reply.writeUInt32BE(cookieHigh, 8);
+      reply.writeUInt32BE(cookieLow, 12);
+      reply.writeUInt32BE(length + 8, 16);
+      reply.writeUInt32BE(Math.floor(offset / TWO_32), 20);
+      reply.writeUInt32BE(offset % TWO_32, 24);
+    } else {
+      reply.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+      reply.writeUInt32BE(0, 4);
+      reply.writeUInt32BE(cookieHigh, 8);
+      reply.writeUInt32BE(cookieLow, 12);
+    }
+    this.volume.stats.ops.read.observe((performance.now() - started) / 1000, length);
+    this.send(reply);
+  }
+
+  private blockStatus(cookieHigh: number, cookieLow: number, flags: number, offset: number, length: number, started: number): void {
+    if (!this.structured || this.baseAllocationId === 0) {
+      return this.error(cookieHigh, cookieLow, P.EINVAL, 'NBD_CMD_BLOCK_STATUS needs base:allocation negotiated');
+    }
+    const extents = this.volume.extents(offset, length, (flags & P.CMD_FLAG_REQ_ONE) !== 0 ? 1 : 1024);
+    const payloadBytes = 4 + extents.length * 8;
+    const reply = Buffer.allocUnsafe(P.STRUCTURED_REPLY_BYTES + payloadBytes);
+    this.structuredHeader(reply, P.REPLY_FLAG_DONE, P.REPLY_TYPE_BLOCK_STATUS, cookieHigh, cookieLow, payloadBytes);
+    reply.writeUInt32BE(this.baseAllocationId, 20);
+    let at = 24;
+    for (const extent of extents) {
+      reply.writeUInt32BE(extent.length, at);
+      reply.writeUInt32BE(extent.flags, at + 4);
+      at += 8;
+    }
+    this.volume.stats.ops.block_status.observe((performance.now() - started) / 1000, 0);
+    this.send(reply);
+  }
+
+  /** Reply to a command that changed data; with FUA, after it is durable. */
+  private complete(kind: OpKind, cookieHigh: number, cookieLow: number, flags: number, bytes: number, started: number): void {
+    if (flags & P.CMD_FLAG_FUA) return this.wait(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
+    this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
+    this.ok(cookieHigh, cookieLow);
+  }
+
+  private wait(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): void {
+    this.inflight++;
+    work.then(
+      () => {
+        this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
+        this.ok(cookieHigh, cookieLow);
+      },
+      (err) => this.failed(cookieHigh, cookieLow, -1, err),
+    ).finally(() => {
+      this.inflight--;
+      this.uncork();
+      if (this.disconnecting && this.inflight === 0 && !this.closed) this.socket.end();
+    });
+  }
+
+  private failed(cookieHigh: number, cookieLow: number, type: number, err: unknown): void {
+    if (err instanceof VolumeError) {
+      if (err.code === 'EIO') this.log.error('request failed', { volume: this.volume.name, command: type, error: err.message });
+      return this.error(cookieHigh, cookieLow, ERRNO[err.code], err.message);
+    }
+    this.log.error('request failed unexpectedly', { volume: this.volume.name, command: type, error: errorMessage(err) });
+    this.error(cookieHigh, cookieLow, P.EIO, errorMessage(err));
+  }
+
+  private ok(cookieHigh: number, cookieLow: number): void {
+    const reply = Buffer.allocUnsafe(P.SIMPLE_REPLY_BYTES);
+    reply.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+    reply.writeUInt32BE(0, 4);
+    reply.writeUInt32BE(cookieHigh, 8);
+    reply.writeUInt32BE(cookieLow, 12);
+    this.send(reply);
+  }
+
+  /** An error reply: structured (with the message) when negotiated, else simple. */
+  private error(cookieHigh: number, cookieLow: number, errno: number, message: string): void {
+    if (this.structured) {
+      const text = Buffer.from(message.slice(0, 512));
+      const reply = Buffer.allocUnsafe(P.STRUCTURED_REPLY_BYTES + 6 + text.length);
+      this.structuredHeader(reply, P.REPLY_FLAG_DONE, P.REPLY_TYPE_ERROR, cookieHigh, cookieLow, 6 + text.length);
+      reply.writeUInt32BE(errno, 20);
+      reply.writeUInt16BE(text.length, 24);
+      text.copy(reply, 26);
+      this.send(reply);
+      return;
+    }
+    const reply = Buffer.allocUnsafe(P.SIMPLE_REPLY_BYTES);
+    reply.writeUInt32BE(P.SIMPLE_REPLY_MAGIC, 0);
+    reply.writeUInt32BE(errno, 4);
+    reply.writeUInt32BE(cookieHigh, 8);
+    reply.writeUInt32BE(cookieLow, 12);
+    this.send(reply);
+  }
+
+  private structuredHeader(reply: Buffer, flags: number, type: number, cookieHigh: number, cookieLow: number, length: number): void {
+    reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
+    reply.writeUInt16BE(flags, 4);
+    reply.writeUInt16BE(type, 6);
+    reply.writeUInt32BE(cookieHigh, 8);
+    reply.writeUInt32BE(cookieLow, 12);
+    reply.writeUInt32BE(length, 16);
+  }
+
+  private send(reply: Buffer): void {
+    if (this.closed) return;
+    if (!this.corked) {
+      this.socket.cork();
+      this.corked = true;
+    }
+    // A client that stops reading replies stops being read: no unbounded buffering.
+    if (!this.socket.write(reply)) this.socket.pause();
+  }
+
+  private uncork(): void {
+    if (this.corked) {
+      this.corked = false;
+      this.socket.uncork();
+    }
+  }
+
+  /** A protocol violation: log it and close this connection only. */
+  private abort(reason: string): void {
+    this.log.warn('closing connection: malformed request', { volume: this.volume.name, reason });
+    this.close();
+    this.socket.destroy();
+  }
+
+  close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.onClose();
+  }
+}

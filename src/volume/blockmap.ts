@@ -1,0 +1,82 @@
+// A volume's block map: chunk index -> 16-byte block name. Sparse and paged: pages of
+// 1024 entries (16 KiB) exist only where something was written, so memory grows with
+// written chunks, not with the disk size, and a lookup is two array steps. An all-zero
+// entry means "no block" (reads as zeros).
+import { HASH_BYTES, ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
+import type { BlockKey } from '../blocks/cache.js';
+
+const PAGE_SHIFT = 10;
+const PAGE_CHUNKS = 1 << PAGE_SHIFT;
+const PAGE_MASK = PAGE_CHUNKS - 1;
+const PAGE_BYTES = PAGE_CHUNKS * HASH_BYTES;
+
+export const ZERO_ALLOCATED_KEY: BlockKey = ZERO_ALLOCATED_HASH.toString('latin1');
+
+function isEmptyEntry(page: Buffer, at: number): boolean {
+  for (let i = 0; i < HASH_BYTES; i++) if (page[at + i] !== 0) return false;
+  return true;
+}
+
+export class BlockMap {
+  private readonly pages = new Map<number, Buffer>();
+  private readonly pageCounts = new Map<number, number>();
+  /** Chunks that name a block (or the allocated-zero sentinel). */
+  count = 0;
+
+  /** The block named by `chunk`, or undefined for a hole. */
+  get(chunk: number): BlockKey | undefined {
+    const page = this.pages.get(chunk >>> PAGE_SHIFT);
+    if (page === undefined) return undefined;
+    const at = (chunk & PAGE_MASK) * HASH_BYTES;
+    if (isEmptyEntry(page, at)) return undefined;
+    return page.toString('latin1', at, at + HASH_BYTES);
+  }
+
+  /** Point `chunk` at a block; undefined makes it a hole. Returns the previous name. */
+  set(chunk: number, key: BlockKey | undefined): BlockKey | undefined {
+    const pageIndex = chunk >>> PAGE_SHIFT;
+    let page = this.pages.get(pageIndex);
+    const at = (chunk & PAGE_MASK) * HASH_BYTES;
+    let previous: BlockKey | undefined;
+    if (page !== undefined && !isEmptyEntry(page, at)) previous = page.toString('latin1', at, at + HASH_BYTES);
+    if (key === undefined) {
+      if (previous === undefined) return undefined;
+      page!.fill(0, at, at + HASH_BYTES);
+      this.count--;
+      const left = this.pageCounts.get(pageIndex)! - 1;
+      if (left === 0) {
+        this.pages.delete(pageIndex);
+        this.pageCounts.delete(pageIndex);
+      } else this.pageCounts.set(pageIndex, left);
+      return previous;
+    }
+    if (page === undefined) {
+      page = Buffer.alloc(PAGE_BYTES);
+      this.pages.set(pageIndex, page);
+      this.pageCounts.set(pageIndex, 0);
+    }
+    page.write(key, at, HASH_BYTES, 'latin1');
+    if (previous === undefined) {
+      this.count++;
+      this.pageCounts.set(pageIndex, this.pageCounts.get(pageIndex)! + 1);
+    }
+    return previous;
+  }
+
+  /** Whether any chunk in [first, first + PAGE_CHUNKS) aligned page names a block. */
+  pageHasBlocks(chunk: number): boolean {
+    return this.pages.has(chunk >>> PAGE_SHIFT);
+  }
+
+  static readonly PAGE_CHUNKS = PAGE_CHUNKS;
+
+  /** Every (chunk, name) pair, in page order. */
+  *entries(): IterableIterator<[number, BlockKey]> {
+    for (const [pageIndex, page] of this.pages) {
+      for (let i = 0; i < PAGE_CHUNKS; i++) {
+        const at = i * HASH_BYTES;
+        if (!isEmptyEntry(page, at)) yield [pageIndex * PAGE_CHUNKS + i, page.toString('latin1', at, at + HASH_BYTES)];
+      }
+    }
+  }
+}

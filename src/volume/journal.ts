@@ -1,0 +1,186 @@
+// A volume's metadata journal: the durable record of its block map, overlay sector
+// masks, size and sequence. Append-only batches, each sealed with a checksum, written
+// by FLUSH; the last valid batch wins per chunk. A torn batch at the tail (crash while
+// appending) fails its checksum and is cut off on open. When the journal grows well
+// past the live state it is rewritten as one batch (compaction).
+//
+//   file   = header(16) batch*
+//   header = "UPDJRNL1" u32 block_size u32 mask_bytes
+//   batch  = "BTCH" u32 record_count u64 sequence u64 size records checksum(16)
+//   record = u64 chunk, hash(16), mask(mask_bytes)
+import fs from 'node:fs';
+import { promisify } from 'node:util';
+import { blake3 } from '@napi-rs/blake-hash';
+import { HASH_BYTES } from '../crypto/hash.js';
+
+const fdatasync = promisify(fs.fdatasync);
+const fsync = promisify(fs.fsync);
+
+const MAGIC = Buffer.from('UPDJRNL1');
+const BATCH_MAGIC = 0x42544348; // "BTCH"
+const HEADER_BYTES = 16;
+const BATCH_HEADER_BYTES = 24;
+const CHECKSUM_BYTES = 16;
+
+export interface ChunkRecord {
+  chunk: number;
+  hash: Uint8Array; // 16 bytes; all zero = no block
+  mask: Uint8Array; // mask_bytes; all zero = no overlay sectors
+}
+
+export interface JournalState {
+  sequence: number;
+  size: number;
+  /** Final record per chunk, in journal order. */
+  chunks: Map<number, ChunkRecord>;
+  batches: number;
+  /** Bytes cut off the tail because the last batch was torn. */
+  truncatedBytes: number;
+}
+
+export class Journal {
+  private position: number;
+
+  private constructor(
+    readonly path: string,
+    private fd: number,
+    readonly maskBytes: number,
+    position: number,
+  ) {
+    this.position = position;
+  }
+
+  get bytes(): number {
+    return this.position;
+  }
+
+  get recordBytes(): number {
+    return 8 + HASH_BYTES + this.maskBytes;
+  }
+
+  /** Create a journal holding one batch with the initial size. Durable on return. */
+  static create(file: string, blockSize: number, maskBytes: number, size: number): Journal {
+    const fd = fs.openSync(file, 'w+');
+    const header = Journal.header(blockSize, maskBytes);
+    fs.writeSync(fd, header, 0, header.length, 0);
+    const journal = new Journal(file, fd, maskBytes, HEADER_BYTES);
+    journal.appendSync([], 0, size);
+    fs.fsyncSync(fd);
+    return journal;
+  }
+
+  private static header(blockSize: number, maskBytes: number): Buffer {
+    const header = Buffer.alloc(HEADER_BYTES);
+    MAGIC.copy(header, 0);
+    header.writeUInt32BE(blockSize, 8);
+    header.writeUInt32BE(maskBytes, 12);
+    return header;
+  }
+
+  /** Open and replay. A torn tail batch is cut off (it was never acknowledged). */
+  static open(file: string, blockSize: number): { journal: Journal; state: JournalState } {
+    const data = fs.readFileSync(file);
+    if (data.length < HEADER_BYTES || !data.subarray(0, 8).equals(MAGIC)) {
+      throw new Error(`journal ${file}: not a volume journal (bad magic)`);
+    }
+    const fileBlockSize = data.readUInt32BE(8);
+    if (fileBlockSize !== blockSize) {
+      throw new Error(`journal ${file}: written with block_size ${fileBlockSize}, volume says ${blockSize}`);
+    }
+    const maskBytes = data.readUInt32BE(12);
+    const recordBytes = 8 + HASH_BYTES + maskBytes;
+    const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), batches: 0, truncatedBytes: 0 };
+    let at = HEADER_BYTES;
+    while (at + BATCH_HEADER_BYTES + CHECKSUM_BYTES <= data.length) {
+      if (data.readUInt32BE(at) !== BATCH_MAGIC) break;
+      const count = data.readUInt32BE(at + 4);
+      const end = at + BATCH_HEADER_BYTES + count * recordBytes;
+      if (end + CHECKSUM_BYTES > data.length) break;
+      const sum = blake3(data.subarray(at, end)).subarray(0, CHECKSUM_BYTES);
+      if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
+      state.sequence = Number(data.readBigUInt64BE(at + 8));
+      state.size = Number(data.readBigUInt64BE(at + 16));
+      for (let r = at + BATCH_HEADER_BYTES; r < end; r += recordBytes) {
+        const chunk = Number(data.readBigUInt64BE(r));
+        // Copies: the records outlive the file buffer.
+        state.chunks.set(chunk, {
+          chunk,
+          hash: Buffer.from(data.subarray(r + 8, r + 8 + HASH_BYTES)),
+          mask: Buffer.from(data.subarray(r + 8 + HASH_BYTES, r + recordBytes)),
+        });
+      }
+      state.batches++;
+      at = end + CHECKSUM_BYTES;
+    }
+    if (state.batches === 0) throw new Error(`journal ${file}: no valid batch (the volume was never created completely)`);
+    state.truncatedBytes = data.length - at;
+    const fd = fs.openSync(file, 'r+');
+    if (state.truncatedBytes > 0) {
+      fs.ftruncateSync(fd, at);
+      fs.fsyncSync(fd);
+    }
+    return { journal: new Journal(file, fd, maskBytes, at), state };
+  }
+
+  private encode(records: readonly ChunkRecord[], sequence: number, size: number): Buffer {
+    const body = BATCH_HEADER_BYTES + records.length * this.recordBytes;
+    const batch = Buffer.alloc(body + CHECKSUM_BYTES);
+    batch.writeUInt32BE(BATCH_MAGIC, 0);
+    batch.writeUInt32BE(records.length, 4);
+    batch.writeBigUInt64BE(BigInt(sequence), 8);
+    batch.writeBigUInt64BE(BigInt(size), 16);
+    let at = BATCH_HEADER_BYTES;
+    for (const record of records) {
+      batch.writeBigUInt64BE(BigInt(record.chunk), at);
+      batch.set(record.hash, at + 8);
+      batch.set(record.mask, at + 8 + HASH_BYTES);
+      at += this.recordBytes;
+    }
+    blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
+    return batch;
+  }
+
+  private appendSync(records: readonly ChunkRecord[], sequence: number, size: number): void {
+    const batch = this.encode(records, sequence, size);
+    fs.writeSync(this.fd, batch, 0, batch.length, this.position);
+    this.position += batch.length;
+  }
+
+  /** Append one batch and make it durable. */
+  async commit(records: readonly ChunkRecord[], sequence: number, size: number): Promise<void> {
+    this.appendSync(records, sequence, size);
+    await fdatasync(this.fd);
+  }
+
+  /**
+   * Replace the journal with a single batch holding `records` (the whole live state):
+   * written to a new file, made durable, renamed over the old one.
+   */
+  async rewrite(records: readonly ChunkRecord[], sequence: number, size: number, blockSize: number): Promise<void> {
+    const tmp = `${this.path}.compact`;
+    const fd = fs.openSync(tmp, 'w');
+    try {
+      const header = Journal.header(blockSize, this.maskBytes);
+      const batch = this.encode(records, sequence, size);
+      fs.writeSync(fd, header, 0, header.length, 0);
+      fs.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
+      await fsync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, this.path);
+    const dirFd = fs.openSync(this.path.slice(0, this.path.lastIndexOf('/')) || '.', 'r');
+    try {
+      await fsync(dirFd);
+    } finally {
+      fs.closeSync(dirFd);
+    }
+    fs.closeSync(this.fd);
+    this.fd = fs.openSync(this.path, 'r+');
+    this.position = fs.fstatSync(this.fd).size;
+  }
+
+  close(): void {
+    fs.closeSync(this.fd);
+  }
+}

@@ -1,0 +1,655 @@
+// One volume (DESIGN.md: volume/): block map, overlay, sequence; read, write, flush,
+// trim, zero, extents; sealing; local persistence and recovery.
+//
+// Local state lives in one folder:
+//   volume.json  identity: name, block size, creation time (never rewritten)
+//   overlay      sparse file; chunk i's written sectors at i × block_size
+//   journal      durable block map + overlay masks + size + sequence (journal.ts)
+//
+// The request path is synchronous on purpose: pread/pwrite into the page cache take
+// microseconds, a trip through the libuv thread pool costs more than the I/O itself.
+// Only FLUSH (fdatasync) and FUA wait.
+import fs from 'node:fs';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { BlockCache, blockKey, keyBytes, keyHex, type BlockKey, type LocalSpace } from '../blocks/cache.js';
+import { blockHash, isAllZero, ZERO_HASH } from '../crypto/hash.js';
+import type { Logger } from '../log.js';
+import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
+import { Journal, type ChunkRecord } from './journal.js';
+import { VolumeStats } from './stats.js';
+
+const fdatasync = promisify(fs.fdatasync);
+
+export const SECTOR = 4096;
+const SECTOR_SHIFT = 12;
+
+/** base:allocation meanings of an extent, valued as the NBD flags (hole=1, zero=2). */
+export const EXTENT_DATA = 0;
+export const EXTENT_ZERO = 2;
+export const EXTENT_HOLE = 3;
+
+export type VolumeErrorCode = 'EIO' | 'EPERM' | 'EINVAL' | 'ENOSPC' | 'ENOTSUP' | 'ESHUTDOWN';
+
+/** An error a client can be told about, with the NBD error it maps to. */
+export class VolumeError extends Error {
+  constructor(
+    readonly code: VolumeErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'VolumeError';
+  }
+}
+
+interface VolumeIdentity {
+  format: 1;
+  name: string;
+  blockSize: number;
+  created: string;
+}
+
+export interface VolumeContext {
+  cache: BlockCache;
+  log: Logger;
+  /** Shared buffer of block_size bytes for sealing and unaligned writes (all synchronous). */
+  scratch: Buffer;
+}
+
+const ZERO_BLOCK_CACHE = new Map<number, Buffer>();
+function zeroBlock(size: number): Buffer {
+  let block = ZERO_BLOCK_CACHE.get(size);
+  if (!block) ZERO_BLOCK_CACHE.set(size, (block = Buffer.alloc(size)));
+  return block;
+}
+
+function popcount(mask: Uint8Array): number {
+  let n = 0;
+  for (let i = 0; i < mask.length; i++) {
+    let b = mask[i];
+    while (b) {
+      b &= b - 1;
+      n++;
+    }
+  }
+  return n;
+}
+
+export class Volume {
+  readonly blockSize: number;
+  readonly sectorsPerChunk: number;
+  readonly maskBytes: number;
+  size: number;
+  /** Bumped by every write, zero and trim (DESIGN.md: sequence). */
+  sequence: number;
+  readOnly = false;
+  clients = 0;
+  lastWriteAt = 0;
+  readonly stats = new VolumeStats();
+
+  private readonly map = new BlockMap();
+  /** Overlay chunks: chunk index -> sector presence mask. */
+  private readonly overlay = new Map<number, Uint8Array>();
+  private overlaySectors = 0;
+  /** Chunks whose state changed since the last journal commit. */
+  private journalDirty = new Set<number>();
+  /** Blocks replaced in the map; released once the replacement is durable. */
+  private pendingUnref: BlockKey[] = [];
+  private sizeDirty = false;
+  private flushTail: Promise<void> = Promise.resolve();
+  private flushQueued: Promise<void> | undefined;
+  private closed = false;
+  private readonly cache: BlockCache;
+  private readonly space: LocalSpace;
+  private readonly log: Logger;
+  private readonly scratch: Buffer;
+  private readonly fullMask: Uint8Array;
+  private readonly emptyMask: Uint8Array;
+
+  private constructor(
+    readonly name: string,
+    readonly dir: string,
+    identity: VolumeIdentity,
+    private readonly overlayFd: number,
+    private readonly journal: Journal,
+    size: number,
+    sequence: number,
+    ctx: VolumeContext,
+  ) {
+    this.blockSize = identity.blockSize;
+    this.sectorsPerChunk = this.blockSize >>> SECTOR_SHIFT;
+    this.maskBytes = Math.max(1, this.sectorsPerChunk >>> 3);
+    this.size = size;
+    this.sequence = sequence;
+    this.cache = ctx.cache;
+    this.space = ctx.cache.space;
+    this.log = ctx.log;
+    this.scratch = ctx.scratch;
+    this.fullMask = new Uint8Array(this.maskBytes).fill(0xff);
+    if (this.sectorsPerChunk < 8) this.fullMask[0] = (1 << this.sectorsPerChunk) - 1;
+    this.emptyMask = new Uint8Array(this.maskBytes);
+  }
+
+  /** Create a new, empty volume in `dir` (which must not hold one). Durable on return. */
+  static create(dir: string, name: string, size: number, blockSize: number, ctx: VolumeContext): Volume {
+    fs.mkdirSync(dir, { recursive: true });
+    const identity: VolumeIdentity = { format: 1, name, blockSize, created: new Date().toISOString() };
+    const sectors = blockSize >>> SECTOR_SHIFT;
+    // The journal is written last: a folder without a valid journal is an unfinished create.
+    const identityPath = path.join(dir, 'volume.json');
+    fs.writeFileSync(identityPath + '.tmp', JSON.stringify(identity, null, 2) + '\n');
+    const tmpFd = fs.openSync(identityPath + '.tmp', 'r+');
+    fs.fsyncSync(tmpFd);
+    fs.closeSync(tmpFd);
+    fs.renameSync(identityPath + '.tmp', identityPath);
+    const overlayFd = fs.openSync(path.join(dir, 'overlay'), 'w+');
+    const journal = Journal.create(path.join(dir, 'journal'), blockSize, Math.max(1, sectors >>> 3), size);
+    syncDir(dir);
+    return new Volume(name, dir, identity, overlayFd, journal, size, 0, ctx);
+  }
+
+  /** Recover a volume from its folder: replay the journal, take block references. */
+  static load(dir: string, ctx: VolumeContext): Volume {
+    const identityPath = path.join(dir, 'volume.json');
+    let identity: VolumeIdentity;
+    try {
+      identity = JSON.parse(fs.readFileSync(identityPath, 'utf8'));
+    } catch (err) {
+      throw new Error(`volume folder ${dir}: cannot read volume.json: ${(err as Error).message}`);
+    }
+    if (identity.format !== 1 || typeof identity.name !== 'string' || typeof identity.blockSize !== 'number') {
+      throw new Error(`volume folder ${dir}: volume.json is not a format 1 volume identity`);
+    }
+    const { journal, state } = Journal.open(path.join(dir, 'journal'), identity.blockSize);
+    const overlayFd = fs.openSync(path.join(dir, 'overlay'), 'r+');
+    const volume = new Volume(identity.name, dir, identity, overlayFd, journal, state.size, state.sequence, ctx);
+    let missing = 0;
+    for (const record of state.chunks.values()) {
+      if (!isEmpty(record.hash)) {
+        const key = blockKey(record.hash);
+        volume.map.set(record.chunk, key);
+        if (key !== ZERO_ALLOCATED_KEY && !ctx.cache.ref(key)) missing++;
+      }
+      if (!isEmpty(record.mask)) volume.addOverlay(record.chunk, record.mask);
+    }
+    if (missing > 0) {
+      ctx.log.error('volume names blocks the local cache does not hold; reads of those chunks fail with EIO', {
+        volume: identity.name, missing,
+      });
+    }
+    if (state.truncatedBytes > 0) {
+      ctx.log.warn('cut a torn batch off the journal tail (writes after the last FLUSH)', {
+        volume: identity.name, bytes: state.truncatedBytes,
+      });
+    }
+    return volume;
+  }
+
+  // ---- accounting -----------------------------------------------------------------
+
+  /** Bytes of overlay data not yet sealed into blocks. */
+  get dirtyBytes(): number {
+    return this.overlaySectors * SECTOR;
+  }
+  get dirtyChunks(): number {
+    return this.overlay.size;
+  }
+  get mappedChunks(): number {
+    return this.map.count;
+  }
+
+  private addOverlay(chunk: number, mask: Uint8Array): void {
+    this.overlay.set(chunk, mask);
+    const sectors = popcount(mask);
+    this.overlaySectors += sectors;
+    this.space.overlayBytes += sectors * SECTOR;
+  }
+
+  private dropOverlay(chunk: number): void {
+    const mask = this.overlay.get(chunk);
+    if (mask === undefined) return;
+    this.overlay.delete(chunk);
+    const sectors = popcount(mask);
+    this.overlaySectors -= sectors;
+    this.space.overlayBytes -= sectors * SECTOR;
+  }
+
+  /** Point a chunk at a block (undefined: hole), releasing the old one after the next commit. */
+  private remap(chunk: number, key: BlockKey | undefined): void {
+    const previous = this.map.set(chunk, key);
+    if (previous !== undefined && previous !== ZERO_ALLOCATED_KEY) this.pendingUnref.push(previous);
+    this.journalDirty.add(chunk);
+  }
+
+  // ---- checks at the edge -----------------------------------------------------------
+
+  private checkOpen(): void {
+    if (this.closed) throw new VolumeError('ESHUTDOWN', `volume ${this.name} is closed`);
+  }
+  private checkWritable(): void {
+    this.checkOpen();
+    if (this.readOnly) throw new VolumeError('EPERM', `volume ${this.name} is read-only on this host`);
+  }
+
+  // ---- read -------------------------------------------------------------------------
+
+  /** Copy [offset, offset + length) into dst at dstOffset. The caller checked the range. */
+  read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
+    this.checkOpen();
+    const bs = this.blockSize;
+    while (length > 0) {
+      const chunk = Math.floor(offset / bs);
+      const inChunk = offset - chunk * bs;
+      const n = Math.min(length, bs - inChunk);
+      const mask = this.overlay.get(chunk);
+      if (mask === undefined) this.readBase(chunk, inChunk, n, dst, dstOffset);
+      else this.readMixed(chunk, mask, inChunk, n, dst, dstOffset);
+      offset += n;
+      dstOffset += n;
+      length -= n;
+    }
+  }
+
+  /** Read part of a chunk whose overlay holds some sectors: runs of present / absent. */
+  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number): void {
+    const end = inChunk + n;
+    let at = inChunk;
+    while (at < end) {
+      const sector = at >>> SECTOR_SHIFT;
+      const present = (mask[sector >>> 3] & (1 << (sector & 7))) !== 0;
+      let runEnd = (sector + 1) << SECTOR_SHIFT;
+      while (runEnd < end) {
+        const s = runEnd >>> SECTOR_SHIFT;
+        if (((mask[s >>> 3] & (1 << (s & 7))) !== 0) !== present) break;
+        runEnd += SECTOR;
+      }
+      if (runEnd > end) runEnd = end;
+      const len = runEnd - at;
+      if (present) this.readOverlay(chunk, at, len, dst, dstOffset + (at - inChunk));
+      else this.readBase(chunk, at, len, dst, dstOffset + (at - inChunk));
+      at = runEnd;
+    }
+  }
+
+  private readOverlay(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
+    const n = fs.readSync(this.overlayFd, dst, dstOffset, len, chunk * this.blockSize + inChunk);
+    if (n !== len) {
+      throw new VolumeError('EIO', `volume ${this.name}: overlay short read at chunk ${chunk} (${n} of ${len} bytes)`);
+    }
+  }
+
+  /** Read from the chunk's sealed block (zeros for a hole). */
+  private readBase(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
+    const key = this.map.get(chunk);
+    if (key === undefined || key === ZERO_ALLOCATED_KEY) {
+      dst.fill(0, dstOffset, dstOffset + len);
+      return;
+    }
+    if (!this.cache.readInto(key, inChunk, len, dst, dstOffset)) {
+      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
+    }
+  }
+
+  // ---- write ------------------------------------------------------------------------
+
+  /** Write `data` at `offset` into the overlay. The caller checked the range. */
+  write(offset: number, data: Buffer): void {
+    this.checkWritable();
+    this.reserve(offset, data.length);
+    const bs = this.blockSize;
+    let done = 0;
+    while (done < data.length) {
+      const position = offset + done;
+      const chunk = Math.floor(position / bs);
+      const inChunk = position - chunk * bs;
+      const n = Math.min(data.length - done, bs - inChunk);
+      this.writeChunk(chunk, inChunk, data, done, n);
+      done += n;
+    }
+    this.sequence++;
+    this.lastWriteAt = Date.now();
+  }
+
+  /**
+   * Refuse a write that would need more local space than the disk budget has left for
+   * data that exists nowhere else. Checked before anything is written, so a write
+   * applies whole or not at all.
+   */
+  private reserve(offset: number, length: number): void {
+    let fresh = 0;
+    const end = offset + length;
+    for (let at = offset - (offset % SECTOR); at < end; at += SECTOR) {
+      const chunk = Math.floor(at / this.blockSize);
+      const sector = (at - chunk * this.blockSize) >>> SECTOR_SHIFT;
+      const mask = this.overlay.get(chunk);
+      if (mask === undefined || (mask[sector >>> 3] & (1 << (sector & 7))) === 0) fresh++;
+    }
+    if (fresh > 0 && !this.space.fits(fresh * SECTOR)) {
+      const error = new VolumeError(
+        'ENOSPC',
+        `volume ${this.name}: local disk budget full: ${this.space.used} of ${this.space.capacity} bytes hold data ` +
+          'that is not in the object store yet (raise [cache] disk_size_gb or drain volumes)',
+      );
+      this.log.warn('write refused: pinned data would exceed the disk budget', {
+        volume: this.name, used: this.space.used, capacity: this.space.capacity, need: fresh * SECTOR,
+      });
+      throw error;
+    }
+  }
+
+  private writeChunk(chunk: number, inChunk: number, src: Buffer, srcOffset: number, n: number): void {
+    let mask = this.overlay.get(chunk);
+    if (mask === undefined) {
+      mask = new Uint8Array(this.maskBytes);
+      this.overlay.set(chunk, mask);
+    }
+    const end = inChunk + n;
+    const first = inChunk >>> SECTOR_SHIFT;
+    const last = (end - 1) >>> SECTOR_SHIFT;
+    const chunkPosition = chunk * this.blockSize;
+    if ((inChunk & (SECTOR - 1)) === 0 && (end & (SECTOR - 1)) === 0) {
+      writeFully(this.overlayFd, src, srcOffset, n, chunkPosition + inChunk);
+    } else {
+      // Widen to whole sectors: a sector enters the overlay complete, so its absent
+      // bytes come from what the chunk reads as now.
+      const start = first << SECTOR_SHIFT;
+      const stop = (last + 1) << SECTOR_SHIFT;
+      const buf = this.scratch.subarray(0, stop - start);
+      if (inChunk !== start) this.readSector(chunk, mask, first, buf, 0);
+      if (end !== stop && (last !== first || inChunk === start)) this.readSector(chunk, mask, last, buf, stop - start - SECTOR);
+      src.copy(buf, inChunk - start, srcOffset, srcOffset + n);
+      writeFully(this.overlayFd, buf, 0, buf.length, chunkPosition + start);
+    }
+    let added = 0;
+    for (let s = first; s <= last; s++) {
+      const bit = 1 << (s & 7);
+      if ((mask[s >>> 3] & bit) === 0) {
+        mask[s >>> 3] |= bit;
+        added++;
+      }
+    }
+    if (added > 0) {
+      this.overlaySectors += added;
+      this.space.overlayBytes += added * SECTOR;
+    }
+    this.journalDirty.add(chunk);
+  }
+
+  private readSector(chunk: number, mask: Uint8Array, sector: number, dst: Buffer, dstOffset: number): void {
+    if ((mask[sector >>> 3] & (1 << (sector & 7))) !== 0) this.readOverlay(chunk, sector << SECTOR_SHIFT, SECTOR, dst, dstOffset);
+    else this.readBase(chunk, sector << SECTOR_SHIFT, SECTOR, dst, dstOffset);
+  }
+
+  // ---- zero, trim ---------------------------------------------------------------------
+
+  /**
+   * Make a range read as zeros. Whole chunks are metadata only (the chunk points at
+   * the zero block); partial chunks get zeros written into the overlay. With `fast`,
+   * a range that would need writing is refused with ENOTSUP before anything changes.
+   */
+  zero(offset: number, length: number, opts: { noHole: boolean; fast: boolean }): void {
+    this.checkWritable();
+    const pieces = this.pieces(offset, length);
+    if (opts.fast && pieces.some((p) => !p.whole)) {
+      throw new VolumeError('ENOTSUP', `volume ${this.name}: zeroing a partial chunk is not faster than writing`);
+    }
+    for (const piece of pieces) {
+      if (!piece.whole) this.reserve(piece.chunk * this.blockSize + piece.inChunk, piece.length);
+    }
+    const zeros = zeroBlock(this.blockSize);
+    for (const piece of pieces) {
+      if (piece.whole) {
+        this.dropOverlay(piece.chunk);
+        this.remap(piece.chunk, opts.noHole ? ZERO_ALLOCATED_KEY : undefined);
+      } else {
+        this.writeChunk(piece.chunk, piece.inChunk, zeros, 0, piece.length);
+      }
+    }
+    this.sequence++;
+    this.lastWriteAt = Date.now();
+  }
+
+  /** Discard whole chunks in the range; the partial edges are left as they are (a hint). */
+  trim(offset: number, length: number): void {
+    this.checkWritable();
+    for (const piece of this.pieces(offset, length)) {
+      if (!piece.whole) continue;
+      this.dropOverlay(piece.chunk);
+      this.remap(piece.chunk, undefined);
+    }
+    this.sequence++;
+    this.lastWriteAt = Date.now();
+  }
+
+  /** Split a range by chunk; a piece is whole when it covers its chunk up to the volume's end. */
+  private pieces(offset: number, length: number): Array<{ chunk: number; inChunk: number; length: number; whole: boolean }> {
+    const bs = this.blockSize;
+    const out = [];
+    const end = offset + length;
+    while (offset < end) {
+      const chunk = Math.floor(offset / bs);
+      const inChunk = offset - chunk * bs;
+      const n = Math.min(end - offset, bs - inChunk);
+      const chunkEnd = Math.min(bs, this.size - chunk * bs);
+      out.push({ chunk, inChunk, length: n, whole: inChunk === 0 && n >= chunkEnd });
+      offset += n;
+    }
+    return out;
+  }
+
+  // ---- extents ------------------------------------------------------------------------
+
+  /**
+   * base:allocation extents from `offset`, merged, at most `maxExtents` of them and at
+   * most `maxChunks` chunks examined (the spec lets a reply cover less than asked).
+   */
+  extents(offset: number, length: number, maxExtents = 1024, maxChunks = 1 << 16): Array<{ length: number; flags: number }> {
+    this.checkOpen();
+    const bs = this.blockSize;
+    const out: Array<{ length: number; flags: number }> = [];
+    const end = offset + length;
+    let examined = 0;
+    while (offset < end && examined < maxChunks) {
+      const chunk = Math.floor(offset / bs);
+      let stop: number;
+      let flags: number;
+      if (this.overlay.size === 0 && !this.map.pageHasBlocks(chunk)) {
+        // A whole page of holes: skip it in one step.
+        const pageEnd = (Math.floor(chunk / BlockMap.PAGE_CHUNKS) + 1) * BlockMap.PAGE_CHUNKS;
+        stop = Math.min(end, pageEnd * bs);
+        flags = EXTENT_HOLE;
+      } else {
+        stop = Math.min(end, (chunk + 1) * bs);
+        if (this.overlay.has(chunk)) flags = EXTENT_DATA;
+        else {
+          const key = this.map.get(chunk);
+          flags = key === undefined ? EXTENT_HOLE : key === ZERO_ALLOCATED_KEY ? EXTENT_ZERO : EXTENT_DATA;
+        }
+      }
+      examined++;
+      const last = out[out.length - 1];
+      if (last !== undefined && last.flags === flags) last.length += stop - offset;
+      else {
+        if (out.length >= maxExtents) break;
+        out.push({ length: stop - offset, flags });
+      }
+      offset = stop;
+    }
+    return out;
+  }
+
+  // ---- seal -------------------------------------------------------------------------------
+
+  /**
+   * Seal up to `limit` overlay chunks, oldest first: merge with the base block, hash,
+   * put into the block cache, point the map at it. Each chunk is sealed in one
+   * synchronous step, so no write can land in the middle; a write after it starts a
+   * fresh overlay generation for that chunk. Returns the number sealed; stops early
+   * when the cache has no room.
+   */
+  seal(limit: number): number {
+    if (this.closed) return 0;
+    let sealed = 0;
+    for (const chunk of this.overlay.keys()) {
+      if (sealed >= limit) break;
+      if (!this.sealChunk(chunk)) break;
+      sealed++;
+    }
+    this.stats.chunksSealed += sealed;
+    return sealed;
+  }
+
+  private sealChunk(chunk: number): boolean {
+    const mask = this.overlay.get(chunk)!;
+    const bs = this.blockSize;
+    const block = this.scratch;
+    const chunkBytes = Math.min(bs, Math.max(0, this.size - chunk * bs));
+    try {
+      if (equalMask(mask, this.fullMask)) this.readOverlay(chunk, 0, bs, block, 0);
+      else this.readMixed(chunk, mask, 0, bs, block, 0);
+    } catch (err) {
+      this.log.error('cannot seal chunk; it stays in the overlay', { volume: this.name, chunk, error: (err as Error).message });
+      return true;
+    }
+    // Bytes past the end of a volume whose size is not a multiple of the block size are zero.
+    if (chunkBytes < bs) block.fill(0, chunkBytes);
+    let key: BlockKey | undefined;
+    if (!isAllZero(block)) {
+      key = blockKey(blockHash(block));
+      if (!this.cache.put(key, block)) return false;
+    }
+    this.dropOverlay(chunk);
+    this.remap(chunk, key);
+    return true;
+  }
+
+  // ---- flush ------------------------------------------------------------------------------
+
+  /**
+   * Make every acknowledged write durable on local disk: overlay data and new blocks
+   * first, then the journal batch that names them. Callers that arrive while a flush
+   * is running share the next one.
+   */
+  flush(): Promise<void> {
+    if (this.flushQueued) return this.flushQueued;
+    const run = this.flushTail.then(() => {
+      this.flushQueued = undefined;
+      return this.flushNow();
+    });
+    this.flushQueued = run;
+    this.flushTail = run.catch(() => undefined);
+    return run;
+  }
+
+  private async flushNow(): Promise<void> {
+    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty) return;
+    const chunks = this.journalDirty;
+    const unrefs = this.pendingUnref;
+    this.journalDirty = new Set();
+    this.pendingUnref = [];
+    this.sizeDirty = false;
+    const sequence = this.sequence;
+    const size = this.size;
+    // Capture the state now: later writes land in the next batch.
+    const live = this.journal.recordBytes * (this.map.count + this.overlay.size);
+    const compact = this.journal.bytes > Math.max(4 << 20, 4 * live);
+    const records = compact ? this.liveRecords() : [...chunks].map((c) => this.record(c));
+    try {
+      await Promise.all([fdatasync(this.overlayFd), this.cache.sync()]);
+      if (compact) await this.journal.rewrite(records, sequence, size, this.blockSize);
+      else await this.journal.commit(records, sequence, size);
+    } catch (err) {
+      for (const c of chunks) this.journalDirty.add(c);
+      this.pendingUnref.push(...unrefs);
+      this.sizeDirty = true;
+      throw new VolumeError('EIO', `volume ${this.name}: flush failed: ${(err as Error).message}`);
+    }
+    for (const key of unrefs) this.cache.unref(key);
+  }
+
+  private record(chunk: number): ChunkRecord {
+    const key = this.map.get(chunk);
+    const mask = this.overlay.get(chunk);
+    return {
+      chunk,
+      hash: key === undefined ? ZERO_HASH : keyBytes(key),
+      mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask),
+    };
+  }
+
+  private liveRecords(): ChunkRecord[] {
+    const records: ChunkRecord[] = [];
+    for (const [chunk, key] of this.map.entries()) {
+      const mask = this.overlay.get(chunk);
+      records.push({ chunk, hash: keyBytes(key), mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask) });
+    }
+    for (const [chunk, mask] of this.overlay) {
+      if (this.map.get(chunk) === undefined) records.push({ chunk, hash: ZERO_HASH, mask: Uint8Array.from(mask) });
+    }
+    return records;
+  }
+
+  // ---- lifecycle ------------------------------------------------------------------------
+
+  /** Grow the volume; durable on return. Shrinking is refused. */
+  async resize(size: number): Promise<void> {
+    this.checkOpen();
+    if (size < this.size) throw new VolumeError('EINVAL', `volume ${this.name}: cannot shrink from ${this.size} to ${size} bytes`);
+    if (size === this.size) return;
+    this.size = size;
+    this.sizeDirty = true;
+    await this.flush();
+  }
+
+  /** Flush and release the files. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.flush();
+    this.closed = true;
+    fs.closeSync(this.overlayFd);
+    this.journal.close();
+  }
+
+  /** Forget the volume on this host: drop its block references and remove its folder. */
+  async destroy(): Promise<void> {
+    if (!this.closed) {
+      this.closed = true;
+      fs.closeSync(this.overlayFd);
+      this.journal.close();
+    }
+    // The folder goes first: once it is gone nothing can name these blocks again.
+    fs.rmSync(this.dir, { recursive: true, force: true });
+    for (const [, key] of this.map.entries()) if (key !== ZERO_ALLOCATED_KEY) this.cache.unref(key);
+    for (const key of this.pendingUnref) this.cache.unref(key);
+    this.pendingUnref = [];
+    for (const chunk of [...this.overlay.keys()]) this.dropOverlay(chunk);
+  }
+}
+
+function isEmpty(bytes: Uint8Array): boolean {
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+  return true;
+}
+
+function equalMask(a: Uint8Array, b: Uint8Array): boolean {
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function writeFully(fd: number, buf: Buffer, offset: number, length: number, position: number): void {
+  while (length > 0) {
+    const n = fs.writeSync(fd, buf, offset, length, position);
+    offset += n;
+    length -= n;
+    position += n;
+  }
+}
+
+export function syncDir(dir: string): void {
+  const fd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
