@@ -35,7 +35,7 @@ function defaultsAt(baseDir: string): Config {
       },
       http: { address: '127.0.0.1:8080' },
     },
-    volumes: { sealIdleMs: 2000, sealDirtyMb: 256 },
+    volumes: { sealIdleMs: 2000, sealDirtyMb: 1024 },
     baseDir,
   };
 }

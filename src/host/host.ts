@@ -207,8 +207,10 @@ export class Host {
         if (n < SEAL_CHUNKS_PER_STEP) break;
         await new Promise((resolve) => setImmediate(resolve));
       }
-      if (sealed > 0) {
-        // Commit the new map so replaced blocks can be released and the journal stays short.
+      // Commit the new map once the volume is idle, so replaced blocks are released and the
+      // journal stays short. Not while it is busy: the commit's fdatasync would force the
+      // writer's whole overlay to disk mid-stream; its own FLUSH commits the seal anyway.
+      if (sealed > 0 && (Date.now() - volume.lastWriteAt >= this.options.sealIdleMs || volume.pendingReleases > 4096)) {
         try {
           await volume.flush();
         } catch (err) {

@@ -27,6 +27,8 @@ const ALLOWED_FLAGS: Record<number, number> = {
 };
 
 const TWO_32 = 2 ** 32;
+/** Reply bytes queued for one client before we stop reading its requests. */
+const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 /** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
 const MAX_OFFSET_HIGH = 2 ** 21;
 
@@ -247,8 +249,10 @@ export class Transmission {
       this.socket.cork();
       this.corked = true;
     }
-    // A client that stops reading replies stops being read: no unbounded buffering.
-    if (!this.socket.write(reply)) this.socket.pause();
+    this.socket.write(reply);
+    // A client that stops reading replies stops being read: replies queued for it are
+    // bounded. (Not at the stream's 16 KiB mark: one 1 MiB read reply would stall the pipeline.)
+    if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) this.socket.pause();
   }
 
   private uncork(): void {

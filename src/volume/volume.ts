@@ -194,6 +194,10 @@ export class Volume {
   get dirtyChunks(): number {
     return this.overlay.size;
   }
+  /** Replaced blocks waiting for a journal commit before they can be released. */
+  get pendingReleases(): number {
+    return this.pendingUnref.length;
+  }
   get mappedChunks(): number {
     return this.map.count;
   }
