@@ -35,7 +35,7 @@ function defaultsAt(baseDir: string): Config {
       },
       http: { address: '127.0.0.1:8080' },
     },
-    volumes: { sealIdleMs: 2000, sealDirtyMb: 1024 },
+    volumes: { sealIdleMs: 30000, sealDirtyMb: 4096 },
     baseDir,
   };
 }

@@ -14,6 +14,16 @@ import { HASH_BYTES } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 
 const fdatasync = promisify(fs.fdatasync);
+const write = promisify(fs.write);
+
+/** Write a whole buffer at a position through the thread pool. */
+async function writeAt(fd: number, buf: Buffer, position: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesWritten } = await write(fd, buf, done, buf.length - done, position + done);
+    done += bytesWritten;
+  }
+}
 
 /** A block name as a 16-character latin1 string: cheap Map key, exact bytes. */
 export type BlockKey = string;
@@ -53,6 +63,8 @@ interface Slot {
   index: number;
   refs: number;
   inStore: boolean;
+  /** Set while the block's slab write is in flight: the slot must not be reused before it lands. */
+  writing?: Promise<void>;
 }
 
 /** Bytes of local disk that only exist here: overlay sectors plus pinned blocks. */
@@ -81,9 +93,13 @@ export class BlockCache {
   private readonly diskPolicy: S3Fifo<BlockKey>;
   private readonly memory = new Map<BlockKey, Buffer>();
   private readonly memoryPolicy: S3Fifo<BlockKey>;
+  /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
+  private readonly writing = new Map<BlockKey, Buffer>();
+  private readonly inflight = new Set<Promise<void>>();
+  /** Slot table writes, in order: a slot freed and reused must end with the newer entry. */
+  private tableTail: Promise<void> = Promise.resolve();
   private slabDirty = false;
   private syncing: Promise<void> | undefined;
-  private readonly entry = Buffer.alloc(SLOT_ENTRY_BYTES);
 
   private constructor(
     private readonly dir: string,
@@ -203,6 +219,12 @@ export class BlockCache {
       this.counters.misses++;
       return false;
     }
+    const pending = this.writing.get(key);
+    if (pending !== undefined) {
+      this.counters.memoryHits++;
+      pending.copy(dst, dstOffset, offset, offset + length);
+      return true;
+    }
     this.counters.diskHits++;
     this.diskPolicy.hit(key);
     const position = slot.index * this.blockSize + offset;
@@ -234,8 +256,10 @@ export class BlockCache {
 
   /**
    * Store a sealed block and take a reference to it. A block already present (from any
-   * volume) is not written again. Returns false when the disk budget has no room for a
-   * new pinned block.
+   * volume) is not written again. The cache takes ownership of `block`. The slab write
+   * runs in the thread pool, so a page-cache writeback stall never blocks the event
+   * loop; until it lands, reads are served from memory. Returns false when the disk
+   * budget has no room for a new pinned block.
    */
   put(key: BlockKey, block: Buffer): boolean {
     const existing = this.slots.get(key);
@@ -247,20 +271,41 @@ export class BlockCache {
     if (!this.space.fits(this.blockSize)) return false;
     const index = this.allocateSlot();
     if (index === undefined) return false;
-    fs.writeSync(this.slabFd, block, 0, this.blockSize, index * this.blockSize);
-    this.writeEntry(index, key, SLOT_USED);
-    this.slots.set(key, { index, refs: 1, inStore: false });
+    const slot: Slot = { index, refs: 1, inStore: false };
+    this.slots.set(key, slot);
+    this.writing.set(key, block);
     this.space.pinnedBytes += this.blockSize;
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
     this.counters.blocksWritten++;
+    const write = writeAt(this.slabFd, block, index * this.blockSize)
+      .then(() => this.writeEntry(index, key, SLOT_USED))
+      .then(
+        () => {
+          if (this.writing.get(key) === block) this.writing.delete(key);
+        },
+        (err) => {
+          this.log.error('block cache: slab write failed; the block stays in memory', { slot: index, error: err.message });
+          throw err;
+        },
+      );
+    slot.writing = write;
+    this.track(write);
     this.admitToMemory(key, block);
     return true;
   }
 
+  private track(work: Promise<void>): void {
+    this.inflight.add(work);
+    work.then(
+      () => this.inflight.delete(work),
+      () => this.inflight.delete(work),
+    );
+  }
+
   private admitToMemory(key: BlockKey, block: Buffer): void {
     if (this.memoryPolicy.capacity < this.blockSize || this.memory.has(key)) return;
-    this.memory.set(key, Buffer.from(block));
+    this.memory.set(key, block);
     this.memoryPolicy.insert(key, this.blockSize);
     while (this.memoryPolicy.overBudget()) {
       const victim = this.memoryPolicy.evict();
@@ -277,7 +322,7 @@ export class BlockCache {
     // Full: evict a block the store holds (never a pinned one).
     const victim = this.diskPolicy.evict((key) => {
       const slot = this.slots.get(key);
-      return slot !== undefined && slot.inStore;
+      return slot !== undefined && slot.inStore && !this.writing.has(key);
     });
     if (victim === undefined) return undefined;
     const slot = this.slots.get(victim)!;
@@ -290,18 +335,29 @@ export class BlockCache {
 
   private freeSlot(key: BlockKey, slot: Slot): void {
     this.slots.delete(key);
+    if (this.writing.has(key)) this.writing.delete(key);
     this.memory.delete(key);
     this.memoryPolicy.remove(key);
-    this.entry.fill(0);
-    fs.writeSync(this.tableFd, this.entry, 0, SLOT_ENTRY_BYTES, (slot.index + 1) * SLOT_ENTRY_BYTES);
-    this.freeSlots.push(slot.index);
+    // The slot is reusable only once its own slab write (if any) and its cleared table
+    // entry have landed; otherwise a late write could clobber the next block there.
+    const release = (slot.writing ?? Promise.resolve())
+      .catch(() => undefined)
+      .then(() => this.writeEntry(slot.index, undefined, 0))
+      .then(() => {
+        this.freeSlots.push(slot.index);
+      });
+    this.track(release);
   }
 
-  private writeEntry(index: number, key: BlockKey, flags: number): void {
-    this.entry.fill(0);
-    this.entry.write(key, 0, HASH_BYTES, 'latin1');
-    this.entry[HASH_BYTES] = flags;
-    fs.writeSync(this.tableFd, this.entry, 0, SLOT_ENTRY_BYTES, (index + 1) * SLOT_ENTRY_BYTES);
+  /** Queue a slot table write; entries land in the order they were queued. */
+  private writeEntry(index: number, key: BlockKey | undefined, flags: number): Promise<void> {
+    const entry = Buffer.alloc(SLOT_ENTRY_BYTES);
+    if (key !== undefined) entry.write(key, 0, HASH_BYTES, 'latin1');
+    entry[HASH_BYTES] = flags;
+    const position = (index + 1) * SLOT_ENTRY_BYTES;
+    const write = this.tableTail.then(() => writeAt(this.tableFd, entry, position));
+    this.tableTail = write.catch(() => undefined);
+    return write;
   }
 
   /**
@@ -314,6 +370,8 @@ export class BlockCache {
     if (!this.slabDirty) return;
     this.slabDirty = false;
     this.syncing = (async () => {
+      await Promise.all(this.inflight);
+      await this.tableTail;
       await fdatasync(this.slabFd);
       await fdatasync(this.tableFd);
     })();
@@ -327,7 +385,14 @@ export class BlockCache {
     }
   }
 
-  close(): void {
+  /** Wait for every queued slab and table write (before closing). */
+  async settle(): Promise<void> {
+    await Promise.allSettled(this.inflight);
+    await this.tableTail;
+  }
+
+  async close(): Promise<void> {
+    await this.settle();
     fs.closeSync(this.slabFd);
     fs.closeSync(this.tableFd);
   }

@@ -81,9 +81,9 @@ address = "127.0.0.1:8080"
 
 [volumes]
 # Seal a volume's dirty chunks after it has been idle this long, in milliseconds.
-seal_idle_ms = 2000
+seal_idle_ms = 30000
 # Seal in the background when a volume has more dirty overlay data than this, in MB.
-seal_dirty_mb = 1024
+seal_dirty_mb = 4096
 `;
 
 // ---- addresses -------------------------------------------------------------------
@@ -233,8 +233,8 @@ const HTTP_SERVER = {
 };
 
 const VOLUMES = {
-  seal_idle_ms: setting(z.number().int().min(0), 2000, 'an integer number of milliseconds, 0 or more'),
-  seal_dirty_mb: setting(z.number().positive(), 1024, 'a number of MB greater than 0'),
+  seal_idle_ms: setting(z.number().int().min(0), 30000, 'an integer number of milliseconds, 0 or more'),
+  seal_dirty_mb: setting(z.number().positive(), 4096, 'a number of MB greater than 0'),
 };
 
 const SETTINGS: Record<string, Setting<z.ZodType>> = {};

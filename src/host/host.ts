@@ -171,10 +171,10 @@ export class Host {
   }
 
   /** Seal a volume's whole overlay now (tests, and before a snapshot). */
-  sealAll(volume: Volume): number {
+  async sealAll(volume: Volume): Promise<number> {
     let total = 0;
     for (;;) {
-      const n = volume.seal(1024);
+      const n = await volume.seal(256);
       total += n;
       if (n === 0) return total;
     }
@@ -202,10 +202,9 @@ export class Host {
         if (this.closed) return;
         const idle = Date.now() - volume.lastWriteAt >= this.options.sealIdleMs;
         if (!idle && volume.dirtyBytes < this.options.sealDirtyBytes / 2) break;
-        const n = volume.seal(SEAL_CHUNKS_PER_STEP);
+        const n = await volume.seal(SEAL_CHUNKS_PER_STEP);
         sealed += n;
         if (n < SEAL_CHUNKS_PER_STEP) break;
-        await new Promise((resolve) => setImmediate(resolve));
       }
       // Commit the new map once the volume is idle, so replaced blocks are released and the
       // journal stays short. Not while it is busy: the commit's fdatasync would force the
@@ -231,7 +230,7 @@ export class Host {
     if (this.sealTimer) clearInterval(this.sealTimer);
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });
-    this.cache.close();
+    await this.cache.close();
   }
 }
 

@@ -34,6 +34,19 @@ export class ByteQueue {
     return out;
   }
 
+  /** Remove the next n bytes (n ≤ length) as views of the received chunks: no copy. */
+  takeViews(n: number): Buffer[] {
+    const out: Buffer[] = [];
+    while (n > 0) {
+      const chunk = this.chunks[this.head];
+      const count = Math.min(n, chunk.length - this.offset);
+      out.push(chunk.subarray(this.offset, this.offset + count));
+      this.advance(count);
+      n -= count;
+    }
+    return out;
+  }
+
   /** Read a big-endian u32 at `at` bytes ahead without consuming (at + 4 ≤ length). */
   peekUInt32(at: number): number {
     let index = this.head;

@@ -27,6 +27,9 @@ const ALLOWED_FLAGS: Record<number, number> = {
 };
 
 const TWO_32 = 2 ** 32;
+/** Read replies at least this large are pooled (see replyBuffer). */
+const POOLED_REPLY_BYTES = 64 * 1024;
+const MAX_POOLED_REPLIES = 16;
 /** Reply bytes queued for one client before we stop reading its requests. */
 const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 /** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
@@ -40,6 +43,7 @@ export class Transmission {
   private disconnecting = false;
   private closed = false;
   private corked = false;
+  private readonly replyPool = new Map<number, Buffer[]>();
 
   constructor(
     private readonly socket: Socket,
@@ -71,14 +75,14 @@ export class Transmission {
         if (queue.length < P.REQUEST_BYTES + length) break; // wait for the payload
       }
       const header = queue.take(P.REQUEST_BYTES);
-      const payload = type === P.CMD_WRITE ? queue.take(length) : undefined;
+      const payload = type === P.CMD_WRITE ? queue.takeViews(length) : undefined;
       this.serve(header, payload);
       if (this.closed || this.disconnecting) break;
     }
     this.uncork();
   }
 
-  private serve(header: Buffer, payload: Buffer | undefined): void {
+  private serve(header: Buffer, payload: Buffer[] | undefined): void {
     const flags = header.readUInt16BE(4);
     const type = header.readUInt16BE(6);
     const cookieHigh = header.readUInt32BE(8);
@@ -134,7 +138,7 @@ export class Transmission {
 
   private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
-    const reply = Buffer.allocUnsafe(headerBytes + length);
+    const reply = this.replyBuffer(headerBytes + length);
     this.volume.read(offset, length, reply, headerBytes);
     if (this.structured) {
       reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
@@ -152,7 +156,33 @@ export class Transmission {
       reply.writeUInt32BE(cookieLow, 12);
     }
     this.volume.stats.ops.read.observe((performance.now() - started) / 1000, length);
-    this.send(reply);
+    if (reply.length >= POOLED_REPLY_BYTES) this.sendPooled(reply);
+    else this.send(reply);
+  }
+
+  /**
+   * Large read replies come from a small per-connection pool and go back to it once the
+   * socket has written them: a 1 MiB Buffer per request would otherwise cost more in
+   * garbage collection than the read itself.
+   */
+  private replyBuffer(size: number): Buffer {
+    if (size < POOLED_REPLY_BYTES) return Buffer.allocUnsafe(size);
+    const pool = this.replyPool.get(size);
+    return pool?.pop() ?? Buffer.allocUnsafe(size);
+  }
+
+  private sendPooled(reply: Buffer): void {
+    if (this.closed) return;
+    if (!this.corked) {
+      this.socket.cork();
+      this.corked = true;
+    }
+    this.socket.write(reply, () => {
+      let pool = this.replyPool.get(reply.length);
+      if (!pool) this.replyPool.set(reply.length, (pool = []));
+      if (pool.length < MAX_POOLED_REPLIES) pool.push(reply);
+    });
+    if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) this.socket.pause();
   }
 
   private blockStatus(cookieHigh: number, cookieLow: number, flags: number, offset: number, length: number, started: number): void {

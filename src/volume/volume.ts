@@ -20,6 +20,17 @@ import { Journal, type ChunkRecord } from './journal.js';
 import { VolumeStats } from './stats.js';
 
 const fdatasync = promisify(fs.fdatasync);
+const read = promisify(fs.read);
+
+/** Fill buf[offset, offset + length) from a file position through the thread pool. */
+async function readAt(fd: number, buf: Buffer, offset: number, length: number, position: number): Promise<void> {
+  let done = 0;
+  while (done < length) {
+    const { bytesRead } = await read(fd, buf, offset + done, length - done, position + done);
+    if (bytesRead === 0) throw new Error(`short read at ${position + done}: end of file`);
+    done += bytesRead;
+  }
+}
 
 export const SECTOR = 4096;
 const SECTOR_SHIFT = 12;
@@ -52,7 +63,7 @@ interface VolumeIdentity {
 export interface VolumeContext {
   cache: BlockCache;
   log: Logger;
-  /** Shared buffer of block_size bytes for sealing and unaligned writes (all synchronous). */
+  /** Shared buffer of block_size bytes for unaligned writes (synchronous, so one suffices). */
   scratch: Buffer;
 }
 
@@ -96,6 +107,8 @@ export class Volume {
   /** Blocks replaced in the map; released once the replacement is durable. */
   private pendingUnref: BlockKey[] = [];
   private sizeDirty = false;
+  /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */
+  private readonly sealing = new Map<number, { written: Uint8Array; invalid: boolean }>();
   private flushTail: Promise<void> = Promise.resolve();
   private flushQueued: Promise<void> | undefined;
   private closed = false;
@@ -103,7 +116,6 @@ export class Volume {
   private readonly space: LocalSpace;
   private readonly log: Logger;
   private readonly scratch: Buffer;
-  private readonly fullMask: Uint8Array;
   private readonly emptyMask: Uint8Array;
 
   private constructor(
@@ -125,8 +137,6 @@ export class Volume {
     this.space = ctx.cache.space;
     this.log = ctx.log;
     this.scratch = ctx.scratch;
-    this.fullMask = new Uint8Array(this.maskBytes).fill(0xff);
-    if (this.sectorsPerChunk < 8) this.fullMask[0] = (1 << this.sectorsPerChunk) - 1;
     this.emptyMask = new Uint8Array(this.maskBytes);
   }
 
@@ -218,6 +228,14 @@ export class Volume {
     this.space.overlayBytes -= sectors * SECTOR;
   }
 
+  /** A whole-chunk trim or zero: the chunk's seal in progress (if any) no longer applies. */
+  private discardChunk(chunk: number, key: BlockKey | undefined): void {
+    const seal = this.sealing.get(chunk);
+    if (seal !== undefined) seal.invalid = true;
+    this.dropOverlay(chunk);
+    this.remap(chunk, key);
+  }
+
   /** Point a chunk at a block (undefined: hole), releasing the old one after the next commit. */
   private remap(chunk: number, key: BlockKey | undefined): void {
     const previous = this.map.set(chunk, key);
@@ -296,19 +314,67 @@ export class Volume {
 
   // ---- write ------------------------------------------------------------------------
 
-  /** Write `data` at `offset` into the overlay. The caller checked the range. */
-  write(offset: number, data: Buffer): void {
+  /**
+   * Write at `offset` into the overlay. `data` may be one buffer or the list of buffers
+   * a payload arrived in (written with pwritev, never joined). The caller checked the range.
+   *
+   * The overlay file is laid out like the volume (chunk i at i × block_size), so a
+   * sector-aligned write is one pwritev at its own offset whatever chunks it spans.
+   * (Measured: handing large writes to the thread pool was slower than this, 540 vs
+   * 900 MB/s for 1 MiB writes at QD8.)
+   */
+  write(offset: number, data: Buffer | readonly Buffer[]): void {
     this.checkWritable();
-    this.reserve(offset, data.length);
+    const parts = Buffer.isBuffer(data) ? [data] : data;
+    let length = 0;
+    for (const part of parts) length += part.length;
+    this.reserve(offset, length);
+    if ((offset & (SECTOR - 1)) === 0 && (length & (SECTOR - 1)) === 0) {
+      writeAllSync(this.overlayFd, parts, offset);
+      this.markWritten(offset, length);
+      return;
+    }
+    // Unaligned: chunk by chunk, widening the edges to whole sectors.
     const bs = this.blockSize;
+    let partIndex = 0;
+    let partOffset = 0;
     let done = 0;
-    while (done < data.length) {
+    while (done < length) {
       const position = offset + done;
       const chunk = Math.floor(position / bs);
       const inChunk = position - chunk * bs;
-      const n = Math.min(data.length - done, bs - inChunk);
-      this.writeChunk(chunk, inChunk, data, done, n);
+      const n = Math.min(length - done, bs - inChunk);
+      const views: Buffer[] = [];
+      let need = n;
+      while (need > 0) {
+        const part = parts[partIndex];
+        const take = Math.min(need, part.length - partOffset);
+        views.push(take === part.length ? part : part.subarray(partOffset, partOffset + take));
+        partOffset += take;
+        need -= take;
+        if (partOffset === part.length) {
+          partIndex++;
+          partOffset = 0;
+        }
+      }
+      this.writeChunk(chunk, inChunk, views, n);
       done += n;
+    }
+    this.sequence++;
+    this.lastWriteAt = Date.now();
+  }
+
+  /** Mark the sectors of an aligned range present, once its bytes are in the overlay. */
+  private markWritten(offset: number, length: number): void {
+    if (this.closed) return;
+    const bs = this.blockSize;
+    const end = offset + length;
+    while (offset < end) {
+      const chunk = Math.floor(offset / bs);
+      const inChunk = offset - chunk * bs;
+      const n = Math.min(end - offset, bs - inChunk);
+      this.setPresent(chunk, inChunk >>> SECTOR_SHIFT, (inChunk + n - 1) >>> SECTOR_SHIFT);
+      offset += n;
     }
     this.sequence++;
     this.lastWriteAt = Date.now();
@@ -341,18 +407,14 @@ export class Volume {
     }
   }
 
-  private writeChunk(chunk: number, inChunk: number, src: Buffer, srcOffset: number, n: number): void {
-    let mask = this.overlay.get(chunk);
-    if (mask === undefined) {
-      mask = new Uint8Array(this.maskBytes);
-      this.overlay.set(chunk, mask);
-    }
+  private writeChunk(chunk: number, inChunk: number, src: readonly Buffer[], n: number): void {
+    const mask = this.overlay.get(chunk) ?? this.emptyMask;
     const end = inChunk + n;
     const first = inChunk >>> SECTOR_SHIFT;
     const last = (end - 1) >>> SECTOR_SHIFT;
     const chunkPosition = chunk * this.blockSize;
     if ((inChunk & (SECTOR - 1)) === 0 && (end & (SECTOR - 1)) === 0) {
-      writeFully(this.overlayFd, src, srcOffset, n, chunkPosition + inChunk);
+      writeAllSync(this.overlayFd, src, chunkPosition + inChunk);
     } else {
       // Widen to whole sectors: a sector enters the overlay complete, so its absent
       // bytes come from what the chunk reads as now.
@@ -361,8 +423,19 @@ export class Volume {
       const buf = this.scratch.subarray(0, stop - start);
       if (inChunk !== start) this.readSector(chunk, mask, first, buf, 0);
       if (end !== stop && (last !== first || inChunk === start)) this.readSector(chunk, mask, last, buf, stop - start - SECTOR);
-      src.copy(buf, inChunk - start, srcOffset, srcOffset + n);
-      writeFully(this.overlayFd, buf, 0, buf.length, chunkPosition + start);
+      let at = inChunk - start;
+      for (const view of src) at += view.copy(buf, at);
+      writeAllSync(this.overlayFd, [buf], chunkPosition + start);
+    }
+    this.setPresent(chunk, first, last);
+  }
+
+  /** Sectors first..last of a chunk now hold their data in the overlay. */
+  private setPresent(chunk: number, first: number, last: number): void {
+    let mask = this.overlay.get(chunk);
+    if (mask === undefined) {
+      mask = new Uint8Array(this.maskBytes);
+      this.overlay.set(chunk, mask);
     }
     let added = 0;
     for (let s = first; s <= last; s++) {
@@ -375,6 +448,10 @@ export class Volume {
     if (added > 0) {
       this.overlaySectors += added;
       this.space.overlayBytes += added * SECTOR;
+    }
+    if (this.sealing.size > 0) {
+      const seal = this.sealing.get(chunk);
+      if (seal !== undefined) for (let s = first; s <= last; s++) seal.written[s >>> 3] |= 1 << (s & 7);
     }
     this.journalDirty.add(chunk);
   }
@@ -403,10 +480,9 @@ export class Volume {
     const zeros = zeroBlock(this.blockSize);
     for (const piece of pieces) {
       if (piece.whole) {
-        this.dropOverlay(piece.chunk);
-        this.remap(piece.chunk, opts.noHole ? ZERO_ALLOCATED_KEY : undefined);
+        this.discardChunk(piece.chunk, opts.noHole ? ZERO_ALLOCATED_KEY : undefined);
       } else {
-        this.writeChunk(piece.chunk, piece.inChunk, zeros, 0, piece.length);
+        this.writeChunk(piece.chunk, piece.inChunk, [zeros.subarray(0, piece.length)], piece.length);
       }
     }
     this.sequence++;
@@ -417,9 +493,7 @@ export class Volume {
   trim(offset: number, length: number): void {
     this.checkWritable();
     for (const piece of this.pieces(offset, length)) {
-      if (!piece.whole) continue;
-      this.dropOverlay(piece.chunk);
-      this.remap(piece.chunk, undefined);
+      if (piece.whole) this.discardChunk(piece.chunk, undefined);
     }
     this.sequence++;
     this.lastWriteAt = Date.now();
@@ -486,45 +560,67 @@ export class Volume {
 
   /**
    * Seal up to `limit` overlay chunks, oldest first: merge with the base block, hash,
-   * put into the block cache, point the map at it. Each chunk is sealed in one
-   * synchronous step, so no write can land in the middle; a write after it starts a
-   * fresh overlay generation for that chunk. Returns the number sealed; stops early
-   * when the cache has no room.
+   * put into the block cache, point the map at it. Overlay data is read through the
+   * thread pool, so sealing never stalls requests on disk. A write that lands on a
+   * chunk while it is being sealed starts a fresh overlay generation: its sectors stay
+   * in the overlay (and shadow the new block) when the seal commits. Returns the number
+   * of chunks sealed; fewer than asked when the cache has no room.
    */
-  seal(limit: number): number {
+  async seal(limit: number): Promise<number> {
     if (this.closed) return 0;
-    let sealed = 0;
+    const chunks: number[] = [];
     for (const chunk of this.overlay.keys()) {
-      if (sealed >= limit) break;
-      if (!this.sealChunk(chunk)) break;
-      sealed++;
+      if (chunks.length >= limit) break;
+      if (this.sealing.has(chunk)) continue;
+      this.sealing.set(chunk, { written: new Uint8Array(this.maskBytes), invalid: false });
+      chunks.push(chunk);
     }
+    const results = await Promise.all(chunks.map((chunk) => this.sealChunk(chunk)));
+    const sealed = results.filter((r) => r).length;
     this.stats.chunksSealed += sealed;
     return sealed;
   }
 
-  private sealChunk(chunk: number): boolean {
-    const mask = this.overlay.get(chunk)!;
-    const bs = this.blockSize;
-    const block = this.scratch;
-    const chunkBytes = Math.min(bs, Math.max(0, this.size - chunk * bs));
+  private async sealChunk(chunk: number): Promise<boolean> {
+    const state = this.sealing.get(chunk)!;
     try {
-      if (equalMask(mask, this.fullMask)) this.readOverlay(chunk, 0, bs, block, 0);
-      else this.readMixed(chunk, mask, 0, bs, block, 0);
+      const mask = Uint8Array.from(this.overlay.get(chunk)!);
+      const bs = this.blockSize;
+      const block = Buffer.allocUnsafe(bs);
+      // Absent sectors come from the base block (memory or cache pread), present ones from the overlay.
+      const runs: Array<[number, number]> = [];
+      let at = 0;
+      while (at < this.sectorsPerChunk) {
+        const present = (mask[at >>> 3] & (1 << (at & 7))) !== 0;
+        let end = at + 1;
+        while (end < this.sectorsPerChunk && ((mask[end >>> 3] & (1 << (end & 7))) !== 0) === present) end++;
+        if (present) runs.push([at << SECTOR_SHIFT, (end - at) << SECTOR_SHIFT]);
+        else this.readBase(chunk, at << SECTOR_SHIFT, (end - at) << SECTOR_SHIFT, block, at << SECTOR_SHIFT);
+        at = end;
+      }
+      const position = chunk * bs;
+      await Promise.all(runs.map(([offset, length]) => readAt(this.overlayFd, block, offset, length, position + offset)));
+      if (state.invalid || this.closed) return false;
+      // Bytes past the end of a volume whose size is not a multiple of the block size are zero.
+      const chunkBytes = Math.min(bs, Math.max(0, this.size - position));
+      if (chunkBytes < bs) block.fill(0, chunkBytes);
+      let key: BlockKey | undefined;
+      if (!isAllZero(block)) {
+        key = blockKey(blockHash(block));
+        if (!this.cache.put(key, block)) return false;
+      }
+      // Commit, synchronously: sectors written since the seal began stay in the overlay.
+      this.sealing.delete(chunk);
+      this.dropOverlay(chunk);
+      if (!isEmpty(state.written)) this.addOverlay(chunk, state.written);
+      this.remap(chunk, key);
+      return true;
     } catch (err) {
       this.log.error('cannot seal chunk; it stays in the overlay', { volume: this.name, chunk, error: (err as Error).message });
-      return true;
+      return false;
+    } finally {
+      this.sealing.delete(chunk);
     }
-    // Bytes past the end of a volume whose size is not a multiple of the block size are zero.
-    if (chunkBytes < bs) block.fill(0, chunkBytes);
-    let key: BlockKey | undefined;
-    if (!isAllZero(block)) {
-      key = blockKey(blockHash(block));
-      if (!this.cache.put(key, block)) return false;
-    }
-    this.dropOverlay(chunk);
-    this.remap(chunk, key);
-    return true;
   }
 
   // ---- flush ------------------------------------------------------------------------------
@@ -635,17 +731,33 @@ function isEmpty(bytes: Uint8Array): boolean {
   return true;
 }
 
-function equalMask(a: Uint8Array, b: Uint8Array): boolean {
-  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
-  return true;
+/** Buffers left after `n` bytes of them were written. */
+function remainder(buffers: readonly Buffer[], n: number): Buffer[] {
+  const left: Buffer[] = [];
+  for (const b of buffers) {
+    if (n >= b.length) n -= b.length;
+    else {
+      left.push(n > 0 ? b.subarray(n) : b);
+      n = 0;
+    }
+  }
+  return left;
 }
 
-function writeFully(fd: number, buf: Buffer, offset: number, length: number, position: number): void {
-  while (length > 0) {
-    const n = fs.writeSync(fd, buf, offset, length, position);
-    offset += n;
-    length -= n;
+function totalLength(buffers: readonly Buffer[]): number {
+  let total = 0;
+  for (const b of buffers) total += b.length;
+  return total;
+}
+
+/** Write buffers back to back at a position (pwritev), finishing short writes. */
+function writeAllSync(fd: number, buffers: readonly Buffer[], position: number): void {
+  let rest = buffers;
+  while (rest.length > 0) {
+    const n = rest.length === 1 ? fs.writeSync(fd, rest[0], 0, rest[0].length, position) : fs.writevSync(fd, rest as Buffer[], position);
+    if (n === totalLength(rest)) return;
     position += n;
+    rest = remainder(rest, n);
   }
 }
 
