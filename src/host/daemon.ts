@@ -10,6 +10,9 @@ import { Host } from './host.js';
 const GB = 1024 ** 3;
 
 export async function runDaemon(config: Config, log: Logger): Promise<void> {
+  // Replies to 4 KiB reads (4 KiB + header) are carved from Node's shared allocation pool
+  // only below poolSize / 2; the default 8 KiB pool would give each its own ArrayBuffer.
+  Buffer.poolSize = 256 * 1024;
   const nbdConfig = config.servers.nbd;
   const host = Host.open(
     {
