@@ -109,6 +109,7 @@ export class Volume {
   private sizeDirty = false;
   /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */
   private readonly sealing = new Map<number, { written: Uint8Array; invalid: boolean }>();
+  private readonly sealsInFlight = new Set<Promise<unknown>>();
   private flushTail: Promise<void> = Promise.resolve();
   private flushQueued: Promise<void> | undefined;
   private closed = false;
@@ -575,7 +576,9 @@ export class Volume {
       this.sealing.set(chunk, { written: new Uint8Array(this.maskBytes), invalid: false });
       chunks.push(chunk);
     }
-    const results = await Promise.all(chunks.map((chunk) => this.sealChunk(chunk)));
+    const work = Promise.all(chunks.map((chunk) => this.sealChunk(chunk)));
+    this.sealsInFlight.add(work);
+    const results = await work.finally(() => this.sealsInFlight.delete(work));
     const sealed = results.filter((r) => r).length;
     this.stats.chunksSealed += sealed;
     return sealed;
@@ -704,6 +707,8 @@ export class Volume {
   /** Flush and release the files. */
   async close(): Promise<void> {
     if (this.closed) return;
+    // Seals in progress read the overlay file; let them finish before it is closed.
+    await Promise.allSettled(this.sealsInFlight);
     await this.flush();
     this.closed = true;
     fs.closeSync(this.overlayFd);
@@ -712,6 +717,7 @@ export class Volume {
 
   /** Forget the volume on this host: drop its block references and remove its folder. */
   async destroy(): Promise<void> {
+    await Promise.allSettled(this.sealsInFlight);
     if (!this.closed) {
       this.closed = true;
       fs.closeSync(this.overlayFd);
