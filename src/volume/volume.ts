@@ -113,6 +113,8 @@ export class Volume {
   private flushTail: Promise<void> = Promise.resolve();
   private flushQueued: Promise<void> | undefined;
   private closed = false;
+  /** Set when close or destroy begins: no new seal starts. */
+  private closing = false;
   private readonly cache: BlockCache;
   private readonly space: LocalSpace;
   private readonly log: Logger;
@@ -568,7 +570,7 @@ export class Volume {
    * of chunks sealed; fewer than asked when the cache has no room.
    */
   async seal(limit: number): Promise<number> {
-    if (this.closed) return 0;
+    if (this.closed || this.closing) return 0;
     const chunks: number[] = [];
     for (const chunk of this.overlay.keys()) {
       if (chunks.length >= limit) break;
@@ -707,6 +709,7 @@ export class Volume {
   /** Flush and release the files. */
   async close(): Promise<void> {
     if (this.closed) return;
+    this.closing = true;
     // Seals in progress read the overlay file; let them finish before it is closed.
     await Promise.allSettled(this.sealsInFlight);
     await this.flush();
@@ -717,6 +720,7 @@ export class Volume {
 
   /** Forget the volume on this host: drop its block references and remove its folder. */
   async destroy(): Promise<void> {
+    this.closing = true;
     await Promise.allSettled(this.sealsInFlight);
     if (!this.closed) {
       this.closed = true;
