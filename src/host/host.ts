@@ -40,6 +40,8 @@ function volumeDir(root: string, name: string): string {
 
 const SEAL_TICK_MS = 100;
 const SEAL_CHUNKS_PER_STEP = 32;
+/** A volume idle this long with unflushed writes is flushed in the background. */
+const WRITEBACK_IDLE_MS = 1000;
 
 export class Host {
   readonly cache: BlockCache;
@@ -49,6 +51,7 @@ export class Host {
   private readonly volumesRoot: string;
   private sealTimer: NodeJS.Timeout | undefined;
   private sealing = false;
+  private readonly writingBack = new Set<Volume>();
   private closed = false;
 
   private constructor(
@@ -181,8 +184,10 @@ export class Host {
   }
 
   private sealTick(): void {
-    if (this.sealing || this.closed) return;
+    if (this.closed) return;
     const now = Date.now();
+    this.writeBackIdle(now);
+    if (this.sealing) return;
     const due = this.all().filter(
       (v) => v.dirtyChunks > 0 && !v.readOnly &&
         (v.dirtyBytes >= this.options.sealDirtyBytes || now - v.lastWriteAt >= this.options.sealIdleMs),
@@ -192,6 +197,23 @@ export class Host {
     void this.sealVolumes(due).finally(() => {
       this.sealing = false;
     });
+  }
+
+  /**
+   * Flush volumes that went quiet with unflushed writes. The guest's next FLUSH (a sync,
+   * a snapshot) then finds little left to write back, and a crash loses less. Never
+   * while a volume is being written: forcing writeback mid-stream would cap the writer
+   * at the disk's speed instead of the page cache's.
+   */
+  private writeBackIdle(now: number): void {
+    for (const volume of this.volumes.values()) {
+      if (!volume.unflushed || now - volume.lastWriteAt < WRITEBACK_IDLE_MS || this.writingBack.has(volume)) continue;
+      this.writingBack.add(volume);
+      volume
+        .flush()
+        .catch((err) => this.log.error('background flush failed', { volume: volume.name, error: errorMessage(err) }))
+        .finally(() => this.writingBack.delete(volume));
+    }
   }
 
   /** Seal in small steps, yielding to the event loop between them so requests keep flowing. */

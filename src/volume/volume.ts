@@ -207,6 +207,10 @@ export class Volume {
   get dirtyChunks(): number {
     return this.overlay.size;
   }
+  /** Whether anything changed since the last journal commit (a FLUSH would have work). */
+  get unflushed(): boolean {
+    return this.journalDirty.size > 0 || this.sizeDirty;
+  }
   /** Replaced blocks waiting for a journal commit before they can be released. */
   get pendingReleases(): number {
     return this.pendingUnref.length;
