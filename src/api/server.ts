@@ -26,7 +26,8 @@ function fail(reply: FastifyReply, status: number, message: string) {
 }
 
 export async function startApi(host: Host, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
-  const app = Fastify({ logger: false, bodyLimit: 64 * 1024 });
+  // A 200-character name with '/' percent-encoded is up to ~600 characters in a path.
+  const app = Fastify({ logger: false, bodyLimit: 64 * 1024, routerOptions: { maxParamLength: 1024 } });
   const metrics = new Metrics(host);
 
   app.setErrorHandler((err: { statusCode?: number; message: string }, _request, reply) => {

@@ -3,6 +3,7 @@
 import type { Config } from '../cli/config.js';
 import { parseHostPort } from '../cli/config.js';
 import { startApi } from '../api/server.js';
+import { describe } from '../nbd/handshake.js';
 import { NbdServer } from '../nbd/server.js';
 import { errorMessage, type Logger } from '../log.js';
 import { Host } from './host.js';
@@ -28,9 +29,9 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   );
   const nbd = new NbdServer(
     {
-      list: () => host.list().map((v) => ({ name: v.name, description: `${v.size} bytes` })),
+      list: () => host.list().map((v) => ({ name: v.name, description: describe(v) })),
       open: (name) => host.openForClient(name),
-      peek: (name) => host.get(name),
+      peek: (name) => host.peek(name),
     },
     {
       unixSocket: nbdConfig.unixSocket || undefined,

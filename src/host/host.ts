@@ -112,6 +112,13 @@ export class Host {
     return this.volumes.get(name);
   }
 
+  /** An open volume by a client-supplied name, which is checked first. */
+  peek(name: string): Volume | undefined {
+    const problem = volumeNameProblem(name);
+    if (problem) throw new VolumeError('EINVAL', problem);
+    return this.volumes.get(name);
+  }
+
   all(): Volume[] {
     return [...this.volumes.values()];
   }

@@ -11,7 +11,7 @@ export interface ExportCatalog {
   list(): Array<{ name: string; description: string }>;
   /** The volume for an export name; undefined when unknown. Throws VolumeError for a bad name. */
   open(name: string): Promise<Volume | undefined>;
-  /** An open volume, without creating one (NBD_OPT_INFO). */
+  /** An open volume, without creating one (NBD_OPT_INFO). Throws VolumeError for a bad name. */
   peek(name: string): Volume | undefined;
 }
 
@@ -185,7 +185,7 @@ export class Handshake {
 
     let volume: Volume | undefined;
     try {
-      volume = option === P.OPT_GO ? await this.catalog.open(name) : this.catalog.peek(name);
+      volume = option === P.OPT_GO ? await this.catalog.open(name) : await this.catalog.peek(name);
     } catch (err) {
       if (err instanceof VolumeError) return this.error(option, P.REP_ERR_INVALID, err.message);
       return this.error(option, P.REP_ERR_PLATFORM, (err as Error).message);
@@ -276,6 +276,7 @@ function infoString(type: number, text: string): Buffer {
   return out;
 }
 
-function describe(volume: Volume): string {
+/** The export description, for NBD_INFO_DESCRIPTION and NBD_OPT_LIST alike. */
+export function describe(volume: { name: string; readOnly: boolean }): string {
   return `updraft volume ${volume.name}${volume.readOnly ? ' (read-only)' : ''}`;
 }
