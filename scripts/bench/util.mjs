@@ -1,0 +1,226 @@
+#!/usr/bin/env node
+// Small helpers for scripts/bench.sh and scripts/bench/nbd-compare.sh, so that the bench
+// needs only node, fio and nbdkit (no python, jq or curl).
+//
+//   node util.mjs fio-summary FILE        fio --output-format=json file -> "iops p50us p99us"
+//   node util.mjs median X...             median of numbers
+//   node util.mjs ratio A B [MIN]         A / max(B, MIN) to 3 decimals (MIN default 1)
+//   node util.mjs lines-to-json OUT       stdin "name k=v k=v" lines -> {name: {k: v}} in OUT
+//   node util.mjs free-port               a TCP port on 127.0.0.1 that was free a moment ago
+//   node util.mjs wait-healthy URL PID [TIMEOUT_MS]
+//       poll URL/healthz every 5 ms until 200; print that moment as ns since the epoch.
+//   node util.mjs create-volumes URL PREFIX N SIZE_GB   PUT /api/exports/PREFIX001..N
+//   node util.mjs metric URL NAME         sum of the samples of one metric at URL/metrics
+//   node util.mjs dirty-bytes URL         sum of dirty_bytes over URL/api/exports
+//   node util.mjs assemble OUT COMPARE_JSON LINES   the results file (see bench.sh)
+//   node util.mjs wait-sealed URL TIMEOUT_MS
+//       poll URL/api/exports until no volume has dirty bytes; print seconds waited.
+//   node util.mjs host-ready-ms LOG       the ms= of the last "host ready" line in LOG
+//   node util.mjs report RESULTS_JSON     print the summary table of a bench-results.json
+import fs from 'node:fs';
+import net from 'node:net';
+
+const [cmd, ...args] = process.argv.slice(2);
+const out = (s) => process.stdout.write(`${s}\n`);
+const die = (s) => {
+  process.stderr.write(`bench util: ${s}\n`);
+  process.exit(1);
+};
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function median(xs) {
+  const v = xs.map(Number).filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (v.length === 0) return 0;
+  const m = v.length >> 1;
+  return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+}
+
+async function getJson(url, timeoutMs = 5000) {
+  const r = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
+  const text = await r.text();
+  return { status: r.status, json: text ? JSON.parse(text) : null };
+}
+
+/** number -> compact string for tables */
+function fmt(x, digits = 0) {
+  if (x === undefined || x === null || Number.isNaN(x)) return '-';
+  return Number(x).toFixed(digits);
+}
+
+switch (cmd) {
+  case 'fio-summary': {
+    const text = fs.readFileSync(args[0], 'utf8');
+    // The nbd engine may print a line before the JSON.
+    const j = JSON.parse(text.slice(text.indexOf('{'))).jobs[0];
+    const iops = j.read.iops + j.write.iops;
+    const side = j.write.iops > 0 ? j.write : j.read;
+    const pct = side.clat_ns?.percentile ?? {};
+    const p50 = (pct['50.000000'] ?? 0) / 1000;
+    const p99 = (pct['99.000000'] ?? 0) / 1000;
+    out(`${iops.toFixed(0)} ${p50.toFixed(1)} ${p99.toFixed(1)}`);
+    break;
+  }
+  case 'median':
+    out(String(median(args)));
+    break;
+  case 'ratio': {
+    const [a, b, min = '1'] = args.map(Number);
+    out((a / Math.max(b, min)).toFixed(3));
+    break;
+  }
+  case 'lines-to-json': {
+    const result = {};
+    for (const line of fs.readFileSync(0, 'utf8').split('\n')) {
+      const parts = line.trim().split(/\s+/);
+      if (!parts[0]) continue;
+      result[parts[0]] = Object.fromEntries(parts.slice(1).map((p) => p.split('=')).map(([k, v]) => [k, Number(v)]));
+    }
+    fs.writeFileSync(args[0], JSON.stringify(result, null, 2) + '\n');
+    break;
+  }
+  case 'free-port': {
+    const server = net.createServer();
+    await new Promise((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(0, '127.0.0.1', resolve);
+    });
+    const { port } = server.address();
+    await new Promise((resolve) => server.close(resolve));
+    out(String(port));
+    break;
+  }
+  case 'wait-healthy': {
+    // Prints the wall clock (ns since the epoch) of the first 200, for bash to subtract
+    // its own `date +%s%N` taken just before it spawned the daemon.
+    const [url, pid, timeout = '60000'] = args;
+    const deadline = performance.now() + Number(timeout);
+    for (;;) {
+      try {
+        const r = await fetch(`${url}/healthz`, { signal: AbortSignal.timeout(1000) });
+        await r.arrayBuffer();
+        if (r.status === 200) break;
+      } catch {
+        // not listening yet
+      }
+      try {
+        process.kill(Number(pid), 0);
+      } catch {
+        die(`daemon pid ${pid} exited before /healthz answered 200`);
+      }
+      if (performance.now() > deadline) die(`daemon not healthy after ${timeout} ms`);
+      await sleep(5);
+    }
+    const nowNs = BigInt(Math.round((performance.timeOrigin + performance.now()) * 1000)) * 1000n;
+    out(String(nowNs));
+    break;
+  }
+  case 'create-volumes': {
+    const [url, prefix, n, sizeGb] = args;
+    for (let i = 1; i <= Number(n); i++) {
+      const name = `${prefix}${String(i).padStart(3, '0')}`;
+      const r = await fetch(`${url}/api/exports/${name}`, {
+        method: 'PUT',
+        body: JSON.stringify({ size_gb: Number(sizeGb) }),
+        headers: { 'content-type': 'application/json' },
+        signal: AbortSignal.timeout(60000),
+      });
+      const text = await r.text();
+      if (r.status >= 300) die(`PUT /api/exports/${name}: ${r.status} ${text}`);
+    }
+    break;
+  }
+  case 'metric': {
+    // Sum of every sample of one Prometheus metric.
+    const [url, name] = args;
+    const text = await (await fetch(`${url}/metrics`, { signal: AbortSignal.timeout(10000) })).text();
+    let sum = 0;
+    for (const line of text.split('\n')) {
+      const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)/);
+      if (m && m[1] === name) sum += Number(m[3]);
+    }
+    out(String(sum));
+    break;
+  }
+  case 'dirty-bytes': {
+    const { json } = await getJson(`${args[0]}/api/exports`);
+    out(String(json.reduce((s, v) => s + v.dirty_bytes, 0)));
+    break;
+  }
+  case 'assemble': {
+    // assemble OUT COMPARE_JSON LINES: LINES holds "section key value" lines.
+    const [outFile, compareFile, linesFile] = args;
+    const result = {};
+    const value = (v) => (v === 'null' || v === undefined ? null : v !== '' && Number.isFinite(Number(v)) ? Number(v) : v);
+    for (const line of fs.readFileSync(linesFile, 'utf8').split('\n')) {
+      const [section, key, ...rest] = line.trim().split(/\s+/);
+      if (!section || !key) continue;
+      (result[section] ??= {})[key] = value(rest.join(' '));
+    }
+    if (compareFile && fs.existsSync(compareFile)) result.compare = JSON.parse(fs.readFileSync(compareFile, 'utf8'));
+    const order = ['config', 'compare', 'memory', 'flush', 'run'];
+    const sorted = Object.fromEntries([...order.filter((k) => k in result), ...Object.keys(result).filter((k) => !order.includes(k))].map((k) => [k, result[k]]));
+    fs.writeFileSync(outFile, JSON.stringify(sorted, null, 2) + '\n');
+    break;
+  }
+  case 'wait-sealed': {
+    const [url, timeout = '600000'] = args;
+    const t0 = performance.now();
+    for (;;) {
+      const { json } = await getJson(`${url}/api/exports`);
+      const dirty = json.reduce((s, v) => s + v.dirty_bytes, 0);
+      if (dirty === 0) break;
+      if (performance.now() - t0 > Number(timeout)) die(`still ${dirty} dirty bytes after ${timeout} ms`);
+      await sleep(200);
+    }
+    out(((performance.now() - t0) / 1000).toFixed(1));
+    break;
+  }
+  case 'host-ready-ms': {
+    const lines = fs.readFileSync(args[0], 'utf8').split('\n').filter((l) => l.includes('host ready'));
+    const m = lines.at(-1)?.match(/\bms=([0-9.]+)/);
+    out(m ? m[1] : 'null');
+    break;
+  }
+  case 'report': {
+    const r = JSON.parse(fs.readFileSync(args[0], 'utf8'));
+    const lines = [];
+    const c = r.compare ?? {};
+    lines.push('', `Updraft bench  (${r.config?.runtime_s}s x ${r.config?.rounds} rounds, size ${r.config?.size}; reference = nbdkit file plugin on a sparse local file)`);
+    lines.push('', 'throughput / latency vs reference (median of rounds)');
+    lines.push(`  ${'workload'.padEnd(10)} ${'updraft'.padStart(12)} ${'reference'.padStart(12)} ${'ratio'.padStart(7)}`);
+    for (const [w, v] of Object.entries(c)) {
+      if (w === 'lat') {
+        lines.push(`  ${'lat p50'.padEnd(10)} ${(fmt(v.candidate_p50_us, 1) + 'us').padStart(12)} ${(fmt(v.reference_p50_us, 1) + 'us').padStart(12)} ${fmt(v.ratio, 3).padStart(7)}  (ref/updraft; >1 = updraft faster)`);
+        lines.push(`  ${'lat p99'.padEnd(10)} ${(fmt(v.candidate_p99_us, 1) + 'us').padStart(12)} ${(fmt(v.reference_p99_us, 1) + 'us').padStart(12)}`);
+      } else {
+        const unit = w.startsWith('seq') ? ' MiB/s' : ' IOPS';
+        lines.push(`  ${w.padEnd(10)} ${fmt(v.candidate).padStart(12)} ${fmt(v.reference).padStart(12)} ${fmt(v.ratio, 3).padStart(7)}  ${unit.trim()}${w.startsWith('seq') ? ' (1 MiB ops/s = MiB/s)' : ''}`);
+      }
+    }
+    const m = r.memory ?? {};
+    if (Object.keys(m).length) {
+      lines.push('', `${m.volumes} volumes x ${m.volume_size_gib} GiB, ${m.written_mib_per_volume} MiB written in each (took ${fmt(m.write_seconds, 1)}s)`);
+      lines.push(`  RSS, volumes created, nothing written ${fmt(m.rss_idle_mib, 1).padStart(8)} MiB`);
+      lines.push(`  RSS, right after the last write       ${fmt(m.rss_dirty_mib, 1).padStart(8)} MiB  (${fmt(m.dirty_mib_at_rss)} MiB still unsealed then)`);
+      lines.push(`  RSS, everything sealed                ${fmt(m.rss_sealed_mib, 1).padStart(8)} MiB  (${fmt(m.seal_wait_s, 1)}s after the last write; memory tier of the block cache holds ${fmt(m.cache_memory_mib)} MiB)`);
+      lines.push(`  RSS peak (VmHWM)                      ${fmt(m.rss_peak_mib, 1).padStart(8)} MiB`);
+      lines.push(`  stop (SIGTERM -> exit)                ${fmt(m.stop_ms, 0).padStart(8)} ms`);
+      lines.push(`  restart: spawn -> /healthz 200        ${fmt(m.restart_healthz_ms, 0).padStart(8)} ms  (${m.restart_volumes} volumes)`);
+      lines.push(`  restart: 'host ready' ms=             ${fmt(m.restart_host_ready_ms, 1).padStart(8)} ms`);
+      lines.push(`  RSS right after restart               ${fmt(m.rss_after_restart_mib, 1).padStart(8)} MiB`);
+    }
+    const f = r.flush ?? {};
+    if (Object.keys(f).length) {
+      lines.push('', `FLUSH right after ${f.written_gib} GiB of random 4 KiB writes (QD32, no fsync)`);
+      lines.push(`  ${''.padEnd(10)} ${'updraft'.padStart(12)} ${'reference'.padStart(12)}`);
+      lines.push(`  ${'write IOPS'.padEnd(10)} ${fmt(f.candidate_write_iops).padStart(12)} ${fmt(f.reference_write_iops).padStart(12)}`);
+      lines.push(`  ${'FLUSH'.padEnd(10)} ${(fmt(f.candidate_flush_ms, 1) + 'ms').padStart(12)} ${(fmt(f.reference_flush_ms, 1) + 'ms').padStart(12)}`);
+      lines.push(`  ${'2nd FLUSH'.padEnd(10)} ${(fmt(f.candidate_second_flush_ms, 2) + 'ms').padStart(12)} ${(fmt(f.reference_second_flush_ms, 2) + 'ms').padStart(12)}`);
+    }
+    if (r.run?.elapsed_s !== undefined) lines.push('', `total bench time ${r.run.elapsed_s}s; load average before ${r.run.loadavg_start ?? '-'}, after ${r.run.loadavg_end ?? '-'} (${r.config?.cpus} CPUs)`);
+    out(lines.join('\n'));
+    break;
+  }
+  default:
+    die(`unknown command ${cmd}`);
+}
