@@ -67,18 +67,33 @@ interface Slot {
   writing?: Promise<void>;
 }
 
-/** Bytes of local disk that only exist here: overlay sectors plus pinned blocks. */
+/**
+ * Bytes of local disk that only exist here: overlay sectors plus pinned blocks, against
+ * the disk budget. Rewrites of data that already has a block may also use a reserve
+ * above the budget: a full disk must not stop a guest rewriting its own journal, and the
+ * seal that follows releases the old block, giving the room back.
+ */
 export class LocalSpace {
   overlayBytes = 0;
   pinnedBytes = 0;
-  constructor(readonly capacity: number) {}
+  readonly reserve: number;
+  constructor(
+    readonly capacity: number,
+    blockSize: number,
+  ) {
+    this.reserve = Math.max(capacity * REWRITE_RESERVE, 4 * blockSize);
+  }
   get used(): number {
     return this.overlayBytes + this.pinnedBytes;
   }
-  fits(extra: number): boolean {
-    return this.used + extra <= this.capacity;
+  /** Whether `extra` bytes of new local-only data fit; `rewrite` may use the reserve. */
+  fits(extra: number, rewrite = false): boolean {
+    return this.used + extra <= this.capacity + (rewrite ? this.reserve : 0);
   }
 }
+
+/** Share of the disk budget kept for rewrites of data that already has a block. */
+const REWRITE_RESERVE = 0.05;
 
 export class BlockCache {
   readonly blockSize: number;
@@ -110,7 +125,7 @@ export class BlockCache {
   ) {
     this.blockSize = opts.blockSize;
     this.maxSlots = Math.max(1, Math.floor(opts.diskBytes / opts.blockSize));
-    this.space = new LocalSpace(opts.diskBytes);
+    this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
     this.memoryPolicy = new S3Fifo(opts.memoryBytes);
   }
@@ -259,16 +274,17 @@ export class BlockCache {
    * volume) is not written again. The cache takes ownership of `block`. The slab write
    * runs in the thread pool, so a page-cache writeback stall never blocks the event
    * loop; until it lands, reads are served from memory. Returns false when the disk
-   * budget has no room for a new pinned block.
+   * budget has no room for a new pinned block (`replacing`: the block takes the place
+   * of one that will be released, so it may use the rewrite reserve).
    */
-  put(key: BlockKey, block: Buffer): boolean {
+  put(key: BlockKey, block: Buffer, replacing = false): boolean {
     const existing = this.slots.get(key);
     if (existing !== undefined) {
       this.counters.dedupHits++;
       existing.refs++;
       return true;
     }
-    if (!this.space.fits(this.blockSize)) return false;
+    if (!this.space.fits(this.blockSize, replacing)) return false;
     const index = this.allocateSlot();
     if (index === undefined) return false;
     const slot: Slot = { index, refs: 1, inStore: false };

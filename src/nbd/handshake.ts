@@ -27,6 +27,8 @@ export interface Negotiated {
 export class ProtocolError extends Error {}
 
 const BASE_ALLOCATION_ID = 1;
+/** Option reply bytes queued for a client before we stop reading its options. */
+const MAX_QUEUED_OPTION_REPLY_BYTES = 1024 * 1024;
 
 /** Transmission flags for a volume: exactly what this server implements. */
 export function transmissionFlags(volume: Volume): number {
@@ -42,7 +44,10 @@ class OptionReader {
   private waiting: { n: number; resolve: () => void; reject: (e: Error) => void } | undefined;
   private failure: Error | undefined;
 
-  constructor(readonly queue: ByteQueue) {}
+  constructor(
+    readonly queue: ByteQueue,
+    private readonly socket: Socket,
+  ) {}
 
   onData(): void {
     if (this.waiting && this.queue.length >= this.waiting.n) {
@@ -64,6 +69,8 @@ class OptionReader {
   async read(n: number): Promise<Buffer> {
     if (this.queue.length < n) {
       if (this.failure) throw this.failure;
+      // The server pauses a socket whose backlog is large; ours is consumed, so read on.
+      this.socket.resume();
       await new Promise<void>((resolve, reject) => {
         this.waiting = { n, resolve, reject };
       });
@@ -83,7 +90,7 @@ export class Handshake {
     readonly queue: ByteQueue,
     private readonly catalog: ExportCatalog,
   ) {
-    this.reader = new OptionReader(queue);
+    this.reader = new OptionReader(queue, socket);
   }
 
   /** Run the negotiation. Resolves with the export, or undefined when the client aborted. */
@@ -101,6 +108,14 @@ export class Handshake {
     this.noZeroes = (clientFlags & P.FLAG_C_NO_ZEROES) !== 0;
 
     for (;;) {
+      // A client that sends options without reading the replies waits until it does.
+      if (this.socket.writableLength > MAX_QUEUED_OPTION_REPLY_BYTES) {
+        this.socket.pause();
+        await new Promise((resolve) => {
+          this.socket.once('drain', resolve);
+          this.socket.once('close', resolve);
+        });
+      }
       const header = await this.reader.read(P.OPTION_HEADER_BYTES);
       if (header.readBigUInt64BE(0) !== P.IHAVEOPT) throw new ProtocolError('option without the IHAVEOPT magic');
       const option = header.readUInt32BE(8);

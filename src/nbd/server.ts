@@ -7,6 +7,9 @@ import { ByteQueue } from './byte-queue.js';
 import { Handshake, ProtocolError, type ExportCatalog } from './handshake.js';
 import { Transmission } from './transmission.js';
 
+/** Unparsed negotiation bytes buffered before we stop reading from the client. */
+const MAX_NEGOTIATION_BACKLOG = 1024 * 1024;
+
 export interface NbdServerOptions {
   unixSocket?: string;
   /** Permissions of the unix socket file. */
@@ -72,7 +75,11 @@ export class NbdServer {
     socket.on('data', (chunk) => {
       queue.push(chunk);
       if (transmission) transmission.pump();
-      else handshake.reader.onData();
+      else {
+        // Options are read one at a time; a client racing ahead is held at the socket.
+        if (queue.length > MAX_NEGOTIATION_BACKLOG) socket.pause();
+        handshake.reader.onData();
+      }
     });
     socket.on('error', (err) => this.log.debug('connection error', { peer, error: err.message }));
     socket.on('close', () => {
@@ -104,6 +111,7 @@ export class NbdServer {
         };
         this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured });
         transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.());
+        socket.resume();
         transmission.pump(); // requests may already be queued behind the last option
       },
       (err) => {
@@ -122,8 +130,10 @@ export class NbdServer {
 
   /** Stop listening and close every connection. */
   async close(): Promise<void> {
-    await Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    // server.close() resolves only once every connection has ended: end them first.
+    const closed = Promise.all(this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
     for (const socket of this.sockets) socket.destroy();
+    await closed;
     if (this.options.unixSocket) fs.rmSync(this.options.unixSocket, { force: true });
   }
 }

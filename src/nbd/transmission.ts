@@ -30,7 +30,10 @@ const TWO_32 = 2 ** 32;
 /** Read replies at least this large are pooled (see replyBuffer). */
 const POOLED_REPLY_BYTES = 64 * 1024;
 const MAX_POOLED_REPLIES = 16;
-/** Reply bytes queued for one client before we stop reading its requests. */
+/**
+ * Reply bytes queued for one client before we stop serving its requests (pump). Not the
+ * stream's 16 KiB mark: one 1 MiB read reply would stall the pipeline.
+ */
 const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
 /** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
 const MAX_OFFSET_HIGH = 2 ** 21;
@@ -56,7 +59,9 @@ export class Transmission {
     this.structured = negotiated.structured;
     this.baseAllocationId = negotiated.baseAllocationId;
     socket.on('drain', () => {
-      if (!this.closed) socket.resume();
+      if (this.closed) return;
+      socket.resume();
+      this.pump();
     });
   }
 
@@ -65,6 +70,12 @@ export class Transmission {
     if (this.closed || this.disconnecting) return;
     const queue = this.queue;
     while (queue.length >= P.REQUEST_BYTES) {
+      // A client that does not read its replies is not served further until it does
+      // ('drain' resumes): queued replies stay bounded whatever it has already sent.
+      if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) {
+        this.socket.pause();
+        break;
+      }
       if (queue.peekUInt32(0) !== P.REQUEST_MAGIC) {
         return this.abort(`bad request magic 0x${queue.peekUInt32(0).toString(16)}`);
       }
@@ -182,7 +193,6 @@ export class Transmission {
       if (!pool) this.replyPool.set(reply.length, (pool = []));
       if (pool.length < MAX_POOLED_REPLIES) pool.push(reply);
     });
-    if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) this.socket.pause();
   }
 
   private blockStatus(cookieHigh: number, cookieLow: number, flags: number, offset: number, length: number, started: number): void {
@@ -280,9 +290,6 @@ export class Transmission {
       this.corked = true;
     }
     this.socket.write(reply);
-    // A client that stops reading replies stops being read: replies queued for it are
-    // bounded. (Not at the stream's 16 KiB mark: one 1 MiB read reply would stall the pipeline.)
-    if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) this.socket.pause();
   }
 
   private uncork(): void {

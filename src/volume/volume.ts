@@ -394,14 +394,18 @@ export class Volume {
    */
   private reserve(offset: number, length: number): void {
     let fresh = 0;
+    let rewrite = true;
     const end = offset + length;
     for (let at = offset - (offset % SECTOR); at < end; at += SECTOR) {
       const chunk = Math.floor(at / this.blockSize);
       const sector = (at - chunk * this.blockSize) >>> SECTOR_SHIFT;
       const mask = this.overlay.get(chunk);
-      if (mask === undefined || (mask[sector >>> 3] & (1 << (sector & 7))) === 0) fresh++;
+      if (mask === undefined || (mask[sector >>> 3] & (1 << (sector & 7))) === 0) {
+        fresh++;
+        if (rewrite && this.map.get(chunk) === undefined) rewrite = false;
+      }
     }
-    if (fresh > 0 && !this.space.fits(fresh * SECTOR)) {
+    if (fresh > 0 && !this.space.fits(fresh * SECTOR, rewrite)) {
       const error = new VolumeError(
         'ENOSPC',
         `volume ${this.name}: local disk budget full: ${this.space.used} of ${this.space.capacity} bytes hold data ` +
@@ -616,7 +620,8 @@ export class Volume {
       let key: BlockKey | undefined;
       if (!isAllZero(block)) {
         key = blockKey(blockHash(block));
-        if (!this.cache.put(key, block)) return false;
+        const replacing = this.map.get(chunk) !== undefined;
+        if (!this.cache.put(key, block, replacing)) return false;
       }
       // Commit, synchronously: sectors written since the seal began stay in the overlay.
       this.sealing.delete(chunk);
