@@ -184,10 +184,7 @@ export class Transmission {
 
   private sendPooled(reply: Buffer): void {
     if (this.closed) return;
-    if (!this.corked) {
-      this.socket.cork();
-      this.corked = true;
-    }
+    this.cork();
     this.socket.write(reply, () => {
       let pool = this.replyPool.get(reply.length);
       if (!pool) this.replyPool.set(reply.length, (pool = []));
@@ -285,11 +282,16 @@ export class Transmission {
 
   private send(reply: Buffer): void {
     if (this.closed) return;
+    this.cork();
+    this.socket.write(reply);
+  }
+
+  /** Replies queued until uncork() go out in one writev. */
+  private cork(): void {
     if (!this.corked) {
       this.socket.cork();
       this.corked = true;
     }
-    this.socket.write(reply);
   }
 
   private uncork(): void {
