@@ -25,7 +25,7 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { removeDir, scratchDir, startDaemon, type Daemon } from './harness/daemon.js';
 import { NbdClient } from './harness/nbd-client.js';
-import { TOOLS, requireTools, run, tail, type RunResult } from './harness/tools.js';
+import { TOOLS, killTree, requireTools, run, tail, type RunResult } from './harness/tools.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -362,17 +362,7 @@ function backgroundFio(daemon: Daemon, cwd: string, area: Range, seed: number): 
     pid,
     stderr: () => stderr,
     async stop() {
-      if (pid > 0 && child.exitCode === null && child.signalCode === null) {
-        try {
-          process.kill(-pid, 'SIGKILL');
-        } catch {
-          try {
-            process.kill(pid, 'SIGKILL');
-          } catch {
-            // Already gone.
-          }
-        }
-      }
+      if (pid > 0 && child.exitCode === null && child.signalCode === null) killTree(pid);
       return exited;
     },
   };

@@ -176,7 +176,7 @@ export function tail(text: string, lines: number): string {
 }
 
 /** SIGKILL a child we started, and its process group when it leads one. */
-function killTree(pid: number | undefined): void {
+export function killTree(pid: number | undefined): void {
   if (pid === undefined) return;
   try {
     process.kill(-pid, 'SIGKILL');
