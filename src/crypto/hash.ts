@@ -13,12 +13,6 @@ export const ZERO_HASH: Buffer = Buffer.alloc(HASH_BYTES);
  */
 export const ZERO_ALLOCATED_HASH: Buffer = Buffer.from('00000000000000000000000000000001', 'hex');
 
-export function isZeroName(hash: Uint8Array, offset = 0): boolean {
-  for (let i = 0; i < HASH_BYTES - 1; i++) if (hash[offset + i] !== 0) return false;
-  const last = hash[offset + HASH_BYTES - 1];
-  return last === 0 || last === 1;
-}
-
 /** The 16-byte name of a block's content. */
 export function blockHash(block: Uint8Array): Buffer {
   return blake3(block).subarray(0, HASH_BYTES);

@@ -180,16 +180,6 @@ export class Host {
     this.log.info('removed volume', { volume: name });
   }
 
-  /** Seal a volume's whole overlay now (tests, and before a snapshot). */
-  async sealAll(volume: Volume): Promise<number> {
-    let total = 0;
-    for (;;) {
-      const n = await volume.seal(256);
-      total += n;
-      if (n === 0) return total;
-    }
-  }
-
   private sealTick(): void {
     if (this.closed) return;
     const now = Date.now();

@@ -16,7 +16,3 @@ export function volumeNameProblem(name: string): string | undefined {
   }
   return undefined;
 }
-
-export function isVolumeName(name: string): boolean {
-  return volumeNameProblem(name) === undefined;
-}
