@@ -395,6 +395,7 @@ export class Volume {
   private reserve(offset: number, length: number): void {
     let fresh = 0;
     let rewrite = true;
+    let checkedChunk = -1;
     const end = offset + length;
     for (let at = offset - (offset % SECTOR); at < end; at += SECTOR) {
       const chunk = Math.floor(at / this.blockSize);
@@ -402,7 +403,11 @@ export class Volume {
       const mask = this.overlay.get(chunk);
       if (mask === undefined || (mask[sector >>> 3] & (1 << (sector & 7))) === 0) {
         fresh++;
-        if (rewrite && this.map.get(chunk) === undefined) rewrite = false;
+        // One block-map lookup per chunk, not per sector.
+        if (rewrite && chunk !== checkedChunk) {
+          checkedChunk = chunk;
+          if (this.map.get(chunk) === undefined) rewrite = false;
+        }
       }
     }
     if (fresh > 0 && !this.space.fits(fresh * SECTOR, rewrite)) {
