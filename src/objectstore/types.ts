@@ -1,0 +1,72 @@
+/**
+ * The object store interface (DESIGN.md: objectstore/). Every backend (file://, s3://)
+ * and every wrapper (faults, metering) implements exactly this. Keys are `/`-separated,
+ * relative to the store's root (the backend adds its own prefix).
+ *
+ * Errors: a missing object is `undefined` from get/getRange/head, never a throw. A failed
+ * condition is an ObjectStoreError with code 'PreconditionFailed'. Everything else that
+ * fails throws an ObjectStoreError whose message names the operation and the key.
+ */
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+  /** Opaque version tag; pass it back as `ifMatch`. Changes on every put of the key. */
+  etag: string;
+  lastModified: Date;
+}
+
+export interface StoredObject extends ObjectInfo {
+  body: Buffer;
+}
+
+export interface PutOptions {
+  /** Only create: fail with PreconditionFailed if the key exists (If-None-Match: *). */
+  ifNoneMatch?: '*';
+  /** Only replace this version: fail with PreconditionFailed if the etag differs or the key is gone. */
+  ifMatch?: string;
+}
+
+/** Kinds of request, as counted in metrics (updraft_store_requests_total{kind}). */
+export type RequestKind = 'get' | 'get_range' | 'put' | 'head' | 'list' | 'delete';
+
+export type ObjectStoreErrorCode =
+  | 'PreconditionFailed' // a conditional put lost (someone else wrote first)
+  | 'Unavailable' // network, timeout, 5xx after retries, disk error: may succeed later
+  | 'AccessDenied' // credentials or permissions
+  | 'NoSuchBucket' // the bucket or root folder does not exist
+  | 'Invalid'; // a bad key, bad URL or bad argument: will never succeed
+
+export class ObjectStoreError extends Error {
+  constructor(
+    readonly code: ObjectStoreErrorCode,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'ObjectStoreError';
+  }
+}
+
+export function isPreconditionFailed(err: unknown): boolean {
+  return err instanceof ObjectStoreError && err.code === 'PreconditionFailed';
+}
+
+export interface ObjectStore {
+  /** A short description for logs and errors, e.g. `s3://bucket/prefix` (never credentials). */
+  readonly description: string;
+  /** The whole object, or undefined if the key does not exist. */
+  get(key: string): Promise<StoredObject | undefined>;
+  /** Bytes [offset, offset + length) (clipped to the object's end), or undefined if the key does not exist. */
+  getRange(key: string, offset: number, length: number): Promise<Buffer | undefined>;
+  /** Store body under key, atomically (readers see the old or the new object, never a part). Returns the new etag. */
+  put(key: string, body: Buffer, options?: PutOptions): Promise<string>;
+  /** Size and etag, or undefined if the key does not exist. */
+  head(key: string): Promise<ObjectInfo | undefined>;
+  /** Every object whose key starts with prefix, in key order (the backend pages internally). */
+  list(prefix: string): Promise<ObjectInfo[]>;
+  /** Remove key. Deleting a missing key is not an error. */
+  delete(key: string): Promise<void>;
+  /** Release sockets and timers. */
+  close(): Promise<void>;
+}
