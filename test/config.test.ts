@@ -24,6 +24,8 @@ function defaultsAt(baseDir: string): Config {
   return {
     cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1 },
     storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4' },
+    aws: { accessKeyId: '', secretAccessKey: '', endpoint: '', defaultRegion: 'us-east-1', allowHttp: false, forcePathStyle: false },
+    host: { id: '', leaseTtlS: 30 },
     servers: {
       nbd: {
         addresses: [],
@@ -35,7 +37,14 @@ function defaultsAt(baseDir: string): Config {
       },
       http: { address: '127.0.0.1:8080' },
     },
-    volumes: { sealIdleMs: 30000, sealDirtyMb: 4096 },
+    volumes: {
+      sealIdleMs: 30000,
+      sealDirtyMb: 4096,
+      flushMode: 'demand',
+      dirtyBudgetGb: 5,
+      continuousBlockIntervalMs: 5000,
+      continuousManifestIntervalMs: 60000,
+    },
     baseDir,
   };
 }
@@ -71,6 +80,8 @@ describe('template', () => {
       {
         cache: Object.keys(template.cache),
         storage: Object.keys(template.storage),
+        aws: Object.keys(template.aws),
+        host: Object.keys(template.host),
         nbd: Object.keys(servers.nbd),
         http: Object.keys(servers.http),
         volumes: Object.keys(template.volumes),
@@ -78,9 +89,18 @@ describe('template', () => {
       {
         cache: ['dir', 'disk_size_gb', 'memory_size_gb'],
         storage: ['url', 'compression'],
+        aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
+        host: ['id', 'lease_ttl_s'],
         nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode'],
         http: ['address'],
-        volumes: ['seal_idle_ms', 'seal_dirty_mb'],
+        volumes: [
+          'seal_idle_ms',
+          'seal_dirty_mb',
+          'flush_mode',
+          'dirty_budget_gb',
+          'continuous_block_interval_ms',
+          'continuous_manifest_interval_ms',
+        ],
       },
     );
   });
@@ -102,7 +122,7 @@ describe('unknown keys', () => {
 
   test('an unknown section is refused by its name', () => {
     assert.deepEqual(problemsOf('[cach]\ndir = "x"\n'), [
-      'config: cach is not allowed: unknown section; the sections are cache, storage, servers, volumes',
+      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, host, servers, volumes',
     ]);
   });
 

@@ -14,6 +14,15 @@ import { errorMessage } from '../log.js';
 export interface Config {
   cache: { dir: string; diskSizeGb: number; memorySizeGb: number };
   storage: { url: string; compression: string };
+  aws: {
+    accessKeyId: string;
+    secretAccessKey: string;
+    endpoint: string;
+    defaultRegion: string;
+    allowHttp: boolean;
+    forcePathStyle: boolean;
+  };
+  host: { id: string; leaseTtlS: number };
   servers: {
     nbd: {
       addresses: string[];
@@ -25,7 +34,14 @@ export interface Config {
     };
     http: { address: string };
   };
-  volumes: { sealIdleMs: number; sealDirtyMb: number };
+  volumes: {
+    sealIdleMs: number;
+    sealDirtyMb: number;
+    flushMode: 'demand' | 'continuous';
+    dirtyBudgetGb: number;
+    continuousBlockIntervalMs: number;
+    continuousManifestIntervalMs: number;
+  };
   /** the folder relative paths were resolved against */
   baseDir: string;
 }
@@ -61,6 +77,30 @@ url = "file://./.updraft/store"
 # Compression of blocks in packs: "lz4", "none" or "zstd-1" to "zstd-19".
 compression = "lz4"
 
+[aws]
+# Credentials and endpoint for an s3:// storage url. Empty values use the AWS SDK's
+# defaults (environment, shared config, instance role). Use \${VAR} to keep secrets out.
+
+# Access key id; "" uses the SDK default chain.
+access_key_id = ""
+# Secret access key; "" uses the SDK default chain.
+secret_access_key = ""
+# An S3-compatible endpoint such as "http://127.0.0.1:9000"; "" means AWS.
+endpoint = ""
+# Region to sign requests for.
+default_region = "us-east-1"
+# Allow an http:// (unencrypted) endpoint.
+allow_http = false
+# Address buckets as ENDPOINT/BUCKET instead of BUCKET.ENDPOINT (MinIO and most S3 clones need it).
+force_path_style = false
+
+[host]
+# This host's identity in volume leases; "" generates one on first start and keeps it
+# in the cache folder. Two daemons sharing a store must have different ids.
+id = ""
+# How long a volume lease lasts without renewal, in seconds. The holder renews at a third of it.
+lease_ttl_s = 30
+
 [servers.nbd]
 # TCP addresses to serve NBD on, as "host:port", e.g. ["0.0.0.0:10809", "[::1]:10809"].
 addresses = []
@@ -84,6 +124,17 @@ address = "127.0.0.1:8080"
 seal_idle_ms = 30000
 # Seal in the background when a volume has more dirty overlay data than this, in MB.
 seal_dirty_mb = 4096
+# Default flush mode of a new volume: "demand" (the store is touched only by drain, fork,
+# migration and the dirty budget) or "continuous" (blocks and manifest follow the writes).
+flush_mode = "demand"
+# Default dirty budget of a new volume, in GB: past it the oldest chunks not yet in the
+# store are uploaded, even in demand mode.
+dirty_budget_gb = 5.0
+# Continuous mode: upload changed blocks this often, in milliseconds.
+continuous_block_interval_ms = 5000
+# Continuous mode: write the manifest this often while writes go on, in milliseconds
+# (and as soon as the blocks are up once writes stop).
+continuous_manifest_interval_ms = 60000
 `;
 
 // ---- addresses -------------------------------------------------------------------
@@ -204,6 +255,24 @@ const STORAGE = {
   ),
 };
 
+const AWS = {
+  access_key_id: setting(z.string(), '', 'a string ("" for the SDK default credentials)'),
+  secret_access_key: setting(z.string(), '', 'a string ("" for the SDK default credentials)'),
+  endpoint: setting(
+    z.string().superRefine(problemCheck((url: string) => (url === '' || /^https?:\/\/[^/]+\/?$/.test(url) ? undefined : ''))),
+    '',
+    '"" or an http(s)://host:port URL',
+  ),
+  default_region: setting(z.string().min(1), 'us-east-1', 'a region name such as "us-east-1"'),
+  allow_http: setting(z.boolean(), false, 'true or false'),
+  force_path_style: setting(z.boolean(), false, 'true or false'),
+};
+
+const HOST = {
+  id: setting(z.string().regex(/^([A-Za-z0-9._-]{1,64})?$/), '', '"" or 1 to 64 characters of A-Z a-z 0-9 . _ -'),
+  lease_ttl_s: setting(z.number().int().min(1).max(3600), 30, 'an integer number of seconds from 1 to 3600'),
+};
+
 const ADDRESS = 'IPv4, [IPv6] or hostname; port from 1 to 65535';
 
 const NBD_SERVER = {
@@ -235,10 +304,14 @@ const HTTP_SERVER = {
 const VOLUMES = {
   seal_idle_ms: setting(z.number().int().min(0), 30000, 'an integer number of milliseconds, 0 or more'),
   seal_dirty_mb: setting(z.number().positive(), 4096, 'a number of MB greater than 0'),
+  flush_mode: setting(z.enum(['demand', 'continuous']), 'demand', '"demand" or "continuous"'),
+  dirty_budget_gb: setting(z.number().positive(), 5.0, 'a number of GB greater than 0'),
+  continuous_block_interval_ms: setting(z.number().int().min(100), 5000, 'an integer number of milliseconds, 100 or more'),
+  continuous_manifest_interval_ms: setting(z.number().int().min(100), 60000, 'an integer number of milliseconds, 100 or more'),
 };
 
 const SETTINGS: Record<string, Setting<z.ZodType>> = {};
-for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES })) {
+for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES })) {
   for (const [key, value] of Object.entries(settings)) SETTINGS[`${table}.${key}`] = value;
 }
 
@@ -264,6 +337,8 @@ function tableOf<S extends Record<string, Setting<z.ZodType>>>(settings: S) {
 const FILE_SCHEMA = z.strictObject({
   cache: tableOf(CACHE),
   storage: tableOf(STORAGE),
+  aws: tableOf(AWS),
+  host: tableOf(HOST),
   servers: table({ nbd: tableOf(NBD_SERVER), http: tableOf(HTTP_SERVER) }),
   volumes: tableOf(VOLUMES),
 });
@@ -275,6 +350,8 @@ const TABLES: Record<string, readonly string[]> = {
   '': Object.keys(FILE_SCHEMA.shape),
   cache: Object.keys(CACHE),
   storage: Object.keys(STORAGE),
+  aws: Object.keys(AWS),
+  host: Object.keys(HOST),
   servers: ['nbd', 'http'],
   'servers.nbd': Object.keys(NBD_SERVER),
   'servers.http': Object.keys(HTTP_SERVER),
@@ -434,11 +511,20 @@ function resolveStorageUrl(url: string, baseDir: string): string {
 }
 
 function toConfig(file: ConfigFile, baseDir: string): Config {
-  const { cache, storage, servers, volumes } = file;
+  const { cache, storage, aws, host, servers, volumes } = file;
   const { nbd, http } = servers;
   return {
     cache: { dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb },
     storage: { url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression },
+    aws: {
+      accessKeyId: aws.access_key_id,
+      secretAccessKey: aws.secret_access_key,
+      endpoint: aws.endpoint,
+      defaultRegion: aws.default_region,
+      allowHttp: aws.allow_http,
+      forcePathStyle: aws.force_path_style,
+    },
+    host: { id: host.id, leaseTtlS: host.lease_ttl_s },
     servers: {
       nbd: {
         addresses: nbd.addresses,
@@ -450,7 +536,14 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       },
       http: { address: http.address },
     },
-    volumes: { sealIdleMs: volumes.seal_idle_ms, sealDirtyMb: volumes.seal_dirty_mb },
+    volumes: {
+      sealIdleMs: volumes.seal_idle_ms,
+      sealDirtyMb: volumes.seal_dirty_mb,
+      flushMode: volumes.flush_mode,
+      dirtyBudgetGb: volumes.dirty_budget_gb,
+      continuousBlockIntervalMs: volumes.continuous_block_interval_ms,
+      continuousManifestIntervalMs: volumes.continuous_manifest_interval_ms,
+    },
     baseDir,
   };
 }
