@@ -3,12 +3,16 @@
 // (volume/stats.ts) and rendered here in the text exposition format when scraped.
 import client from 'prom-client';
 import type { Host } from '../host/host.js';
+import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { LATENCY_BUCKETS, OP_KINDS } from '../volume/stats.js';
 
 export class Metrics {
   readonly registry = new client.Registry();
 
-  constructor(private readonly host: Host) {
+  constructor(
+    private readonly host: Host,
+    store: MeteredObjectStore,
+  ) {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'updraft_' });
     const cache = host.cache;
     const gauge = (name: string, help: string, value: () => number) =>
@@ -38,6 +42,19 @@ export class Metrics {
     ]);
     counter('updraft_cache_blocks_written_total', 'New blocks written to the disk cache by sealing', [], () => [[{}, cache.counters.blocksWritten]]);
     counter('updraft_cache_dedup_hits_total', 'Sealed chunks whose block was already cached (stored once)', [], () => [[{}, cache.counters.dedupHits]]);
+    const requests = (pick: 'requests' | 'errors') => () =>
+      Object.entries(store.counters()[pick]).map(([kind, n]): [Record<string, string>, number] => [{ kind }, n]);
+    counter('updraft_store_requests_total', 'Requests that reached the object store, by kind (every retry counts)', ['kind'], requests('requests'));
+    counter('updraft_store_errors_total', 'Object store requests that failed, by kind', ['kind'], requests('errors'));
+    counter('updraft_store_bytes_total', 'Bytes sent to and received from the object store', ['direction'], () => [
+      [{ direction: 'up' }, store.counters().bytesUp],
+      [{ direction: 'down' }, store.counters().bytesDown],
+    ]);
+    const fetched = host.fetcher.counters;
+    counter('updraft_store_packs_fetched_total', 'Packs fetched from the store for cold reads and read-ahead', [], () => [[{}, fetched.packsFetched]]);
+    counter('updraft_store_prefetched_packs_total', 'Pack fetches started by read-ahead', [], () => [[{}, fetched.prefetchedPacks]]);
+    counter('updraft_store_verify_failures_total', 'Packs that failed hash verification when fetched', [], () => [[{}, fetched.verifyFailures]]);
+    gauge('updraft_pack_index_blocks', 'Blocks the host pack index knows a pack for', () => host.packIndex.size);
   }
 
   async text(): Promise<string> {
@@ -79,6 +96,12 @@ export class Metrics {
     for (const v of volumes) lines.push(`updraft_volume_clients{volume="${v.name}"} ${v.clients}`);
     head('updraft_volume_chunks_sealed_total', 'counter', 'Overlay chunks sealed into blocks');
     for (const v of volumes) lines.push(`updraft_volume_chunks_sealed_total{volume="${v.name}"} ${v.stats.chunksSealed}`);
+    head('updraft_volume_read_only', 'gauge', '1 when this host may not write the volume (leased elsewhere, released or fenced)');
+    for (const v of volumes) lines.push(`updraft_volume_read_only{volume="${v.name}"} ${v.readOnly ? 1 : 0}`);
+    head('updraft_volume_lease_generation', 'gauge', 'Lease generation held here; 0 when none');
+    for (const v of volumes) lines.push(`updraft_volume_lease_generation{volume="${v.name}"} ${this.host.link(v.name)?.state.generation ?? 0}`);
+    head('updraft_volume_manifest_sequence', 'gauge', 'Sequence of the last manifest written or loaded; -1 before the first');
+    for (const v of volumes) lines.push(`updraft_volume_manifest_sequence{volume="${v.name}"} ${this.host.link(v.name)?.state.manifestSequence ?? -1}`);
     return lines.join('\n') + '\n';
   }
 }

@@ -1,37 +1,77 @@
-// The HTTP API: health, the export inventory, create/grow, metrics. Every path and body
-// is validated here; bad input gets a 4xx with a JSON error, never a 500.
+// The HTTP API: health, the export inventory, create/grow/delete, drain, promotion and
+// release, flush modes, metrics. Every path and body is validated here; bad input gets
+// a 4xx with a JSON error, never a 500.
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import * as z from 'zod';
 import type { Host } from '../host/host.js';
+import { FencedError, LeaseHeldError } from '../host/store-link.js';
 import { errorMessage, type Logger } from '../log.js';
+import type { MeteredObjectStore } from '../objectstore/metered.js';
+import { ObjectStoreError } from '../objectstore/types.js';
+import { FormatError } from '../store/errors.js';
 import { volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
 import { Metrics } from './metrics.js';
 
 const GIB = 1024 ** 3;
 
+const FLUSH_MODE = z.enum(['demand', 'continuous']);
+
 const PutExportBody = z.strictObject({
   size_gb: z.number().positive().max(1024 * 1024),
+  flush_mode: FLUSH_MODE.optional(),
+  dirty_budget_gb: z.number().positive().max(1024 * 1024).optional(),
 });
+
+const FlushModeBody = z.strictObject({
+  flush_mode: FLUSH_MODE,
+  dirty_budget_gb: z.number().positive().max(1024 * 1024).optional(),
+});
+
+const DeleteQuery = z.strictObject({ force: z.enum(['true', 'false']).optional() });
 
 function summary(v: ReturnType<Host['list']>[number]) {
   return {
     name: v.name, size: v.size, size_gb: v.size / GIB, clients: v.clients, read_only: v.readOnly,
     sequence: v.sequence, dirty_bytes: v.dirtyBytes, mapped_chunks: v.mappedChunks,
+    flush_mode: v.flushMode, dirty_budget_gb: v.dirtyBudgetBytes / GIB,
+    lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
   };
+}
+
+function bodyProblem(error: z.ZodError): string {
+  return `body: ${error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`;
+}
+
+/** The HTTP status for an error from the host: the client's fault, a conflict, or the store's. */
+function statusOf(err: unknown): number | undefined {
+  if (err instanceof VolumeError) return err.code === 'ESHUTDOWN' ? 503 : err.code === 'EPERM' ? 409 : 400;
+  if (err instanceof LeaseHeldError || err instanceof FencedError) return 409;
+  if (err instanceof FormatError) return 502;
+  if (err instanceof ObjectStoreError) return err.code === 'PreconditionFailed' ? 409 : err.code === 'Invalid' ? 400 : 503;
+  return undefined;
 }
 
 function fail(reply: FastifyReply, status: number, message: string) {
   return reply.code(status).send({ error: message });
 }
 
-export async function startApi(host: Host, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
+export interface ApiContext {
+  host: Host;
+  store: MeteredObjectStore;
+  /** Disconnect every NBD client of a volume; returns how many there were. */
+  disconnect(volume: string): number;
+}
+
+export async function startApi(ctx: ApiContext, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
+  const { host, store } = ctx;
   // A 200-character name with '/' percent-encoded is up to ~600 characters in a path.
   const app = Fastify({ logger: false, bodyLimit: 64 * 1024, routerOptions: { maxParamLength: 1024 } });
-  const metrics = new Metrics(host);
+  const metrics = new Metrics(host, store);
 
   app.setErrorHandler((err: { statusCode?: number; message: string }, _request, reply) => {
-    const status = err.statusCode && err.statusCode >= 400 && err.statusCode < 500 ? err.statusCode : 500;
+    const mapped = statusOf(err);
+    const status = mapped ?? (err.statusCode && err.statusCode >= 400 && err.statusCode < 500 ? err.statusCode : 500);
     if (status === 500) log.error('request failed', { error: err.message });
     return fail(reply, status, err.message);
   });
@@ -51,29 +91,67 @@ export async function startApi(host: Host, address: { host: string; port: number
 
   app.get<{ Params: { name: string } }>('/api/exports/:name', async (request, reply) => {
     const name = nameOf(request.params.name);
-    const found = host.list().find((v) => v.name === name);
-    return found ? summary(found) : fail(reply, 404, `no export named ${name}`);
+    const volume = host.get(name);
+    return volume ? summary(host.summary(volume)) : fail(reply, 404, `no export named ${name}`);
   });
 
   app.put<{ Params: { name: string } }>('/api/exports/:name', async (request, reply) => {
     const name = nameOf(request.params.name);
     const body = PutExportBody.safeParse(request.body ?? {});
-    if (!body.success) return fail(reply, 400, `body: ${body.error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`);
+    if (!body.success) return fail(reply, 400, bodyProblem(body.error));
     const size = Math.round((body.data.size_gb * GIB) / 4096) * 4096;
     if (size <= 0) return fail(reply, 400, `size_gb ${body.data.size_gb} is smaller than one 4 KiB sector`);
-    const existing = host.get(name);
-    try {
-      if (!existing) {
-        const volume = await host.create(name, size);
-        return reply.code(201).send(summary(host.list().find((v) => v.name === volume.name)!));
-      }
-      if (size < existing.size) return fail(reply, 409, `export ${name} is ${existing.size} bytes; volumes grow only (asked for ${size})`);
-      await host.resize(name, size);
-      return summary(host.list().find((v) => v.name === name)!);
-    } catch (err) {
-      if (err instanceof VolumeError) return fail(reply, err.code === 'ESHUTDOWN' ? 503 : 400, err.message);
-      throw err;
+    const settings = {
+      flushMode: body.data.flush_mode,
+      dirtyBudgetBytes: body.data.dirty_budget_gb === undefined ? undefined : Math.floor(body.data.dirty_budget_gb * GIB),
+    };
+    const given = Object.fromEntries(Object.entries(settings).filter(([, v]) => v !== undefined));
+    let existing = host.get(name);
+    if (!existing) {
+      const { volume, created } = await host.create(name, size, given);
+      if (created) return reply.code(201).send(summary(host.summary(volume)));
+      existing = volume; // woken from the store: grow it if asked
     }
+    if (size < existing.size) return fail(reply, 409, `export ${name} is ${existing.size} bytes; volumes grow only (asked for ${size})`);
+    if (size > existing.size) await host.resize(name, size);
+    if (Object.keys(given).length > 0) host.setVolumeSettings(name, given);
+    return summary(host.summary(existing));
+  });
+
+  app.delete<{ Params: { name: string }; Querystring: Record<string, string> }>('/api/exports/:name', async (request, reply) => {
+    const name = nameOf(request.params.name);
+    const query = DeleteQuery.safeParse(request.query ?? {});
+    if (!query.success) return fail(reply, 400, `query: ${query.error.issues.map((i) => `${i.path.join('.') || '(query)'}: ${i.message}`).join('; ')}`);
+    const volume = host.get(name);
+    if (!volume) return fail(reply, 404, `no export named ${name}`);
+    const force = query.data.force === 'true';
+    if (volume.clients > 0 && !force) {
+      return fail(reply, 409, `export ${name} has ${volume.clients} client(s) attached; detach them or add ?force=true`);
+    }
+    const disconnected = force ? ctx.disconnect(name) : 0;
+    await host.remove(name);
+    return { name, deleted: true, disconnected };
+  });
+
+  /** POST /api/exports/:name/ACTION for an export that must exist here. */
+  const action = <T>(suffix: string, run: (name: string, body: unknown) => Promise<T>) =>
+    app.post<{ Params: { name: string } }>(`/api/exports/:name/${suffix}`, async (request, reply) => {
+      const name = nameOf(request.params.name);
+      if (!host.get(name)) return fail(reply, 404, `no export named ${name}`);
+      return run(name, request.body);
+    });
+
+  action('drain', (name) => host.drain(name));
+  action('promote', (name) => host.promote(name));
+  action('release', (name) => host.release(name));
+  action('flush-mode', async (name, raw) => {
+    const body = FlushModeBody.safeParse(raw ?? {});
+    if (!body.success) throw Object.assign(new Error(bodyProblem(body.error)), { statusCode: 400 });
+    host.setVolumeSettings(name, {
+      flushMode: body.data.flush_mode,
+      ...(body.data.dirty_budget_gb === undefined ? {} : { dirtyBudgetBytes: Math.floor(body.data.dirty_budget_gb * GIB) }),
+    });
+    return summary(host.summary(host.get(name)!));
   });
 
   app.get<{ Params: { name: string } }>('/api/exports/:name/metrics', async (request, reply) => {

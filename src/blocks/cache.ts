@@ -15,6 +15,7 @@ import type { Logger } from '../log.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const write = promisify(fs.write);
+const read = promisify(fs.read);
 
 /** Write a whole buffer at a position through the thread pool. */
 async function writeAt(fd: number, buf: Buffer, position: number): Promise<void> {
@@ -256,10 +257,15 @@ export class BlockCache {
     return true;
   }
 
-  /** Drop a reference; a block with none left that no store holds is freed. */
+  /**
+   * Drop a reference; a block with none left that no store holds is freed. References
+   * only matter for pinned blocks: a block the store holds may have been fetched after
+   * its referrers opened (and took no reference), so its count stops at zero.
+   */
   unref(key: BlockKey): void {
     const slot = this.slots.get(key);
     if (slot === undefined) return;
+    if (slot.inStore && slot.refs <= 0) return;
     if (--slot.refs > 0) return;
     if (slot.refs < 0) throw new Error(`block cache: reference count of ${keyHex(key)} went below zero`);
     if (!slot.inStore) {
@@ -309,6 +315,79 @@ export class BlockCache {
     this.track(write);
     this.admitToMemory(key, block);
     return true;
+  }
+
+  /** Whether the object store holds this block (so it may be evicted here). */
+  isInStore(key: BlockKey): boolean {
+    return this.slots.get(key)?.inStore === true;
+  }
+
+  /**
+   * Cache a block fetched (and verified) from the object store. It is not pinned: the
+   * store holds it, so it may be evicted. Without a free or evictable slot it is kept in
+   * the memory tier only.
+   */
+  putFromStore(key: BlockKey, block: Buffer): void {
+    if (this.slots.has(key)) return;
+    const index = this.allocateSlot();
+    if (index === undefined) {
+      this.admitToMemory(key, block);
+      return;
+    }
+    const slot: Slot = { index, refs: 0, inStore: true };
+    this.slots.set(key, slot);
+    this.writing.set(key, block);
+    this.diskPolicy.insert(key, 1);
+    this.slabDirty = true;
+    const write = writeAt(this.slabFd, block, index * this.blockSize)
+      .then(() => this.writeEntry(index, key, SLOT_USED | SLOT_IN_STORE))
+      .then(
+        () => {
+          if (this.writing.get(key) === block) this.writing.delete(key);
+        },
+        (err) => {
+          this.log.error('block cache: slab write of a fetched block failed; it stays in memory', { slot: index, error: err.message });
+        },
+      );
+    slot.writing = write;
+    this.track(write);
+    this.admitToMemory(key, block);
+  }
+
+  /**
+   * The store now holds these blocks (their pack is uploaded): unpin them, so the
+   * cache may evict them once it needs the room. Returns how many were pinned.
+   */
+  markInStore(keys: Iterable<BlockKey>): number {
+    let unpinned = 0;
+    for (const key of keys) {
+      const slot = this.slots.get(key);
+      if (slot === undefined || slot.inStore) continue;
+      slot.inStore = true;
+      this.space.pinnedBytes -= this.blockSize;
+      unpinned++;
+      const index = slot.index;
+      const landed = (slot.writing ?? Promise.resolve()).catch(() => undefined);
+      this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(index, key, SLOT_USED | SLOT_IN_STORE) : undefined)));
+    }
+    return unpinned;
+  }
+
+  /** The whole block, read through the thread pool; undefined when it is not on this host. */
+  async readBlock(key: BlockKey): Promise<Buffer | undefined> {
+    const cached = this.memory.get(key) ?? this.writing.get(key);
+    if (cached !== undefined) return cached;
+    const slot = this.slots.get(key);
+    if (slot === undefined) return undefined;
+    const block = Buffer.allocUnsafe(this.blockSize);
+    let done = 0;
+    while (done < block.length) {
+      const { bytesRead } = await read(this.slabFd, block, done, block.length - done, slot.index * this.blockSize + done);
+      if (bytesRead === 0) throw new Error(`block cache: slot ${slot.index} ends early (${done} of ${block.length} bytes)`);
+      done += bytesRead;
+    }
+    // The slot may have been evicted and reused while the read was in flight.
+    return this.slots.get(key) === slot ? block : undefined;
   }
 
   private track(work: Promise<void>): void {

@@ -1,12 +1,57 @@
 // `updraft run`: open the host, serve NBD and HTTP, print how to attach, and shut down
 // cleanly on SIGTERM/SIGINT (a second signal exits at once).
+import fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import type { Config } from '../cli/config.js';
 import { parseHostPort } from '../cli/config.js';
 import { startApi } from '../api/server.js';
 import { describe } from '../nbd/handshake.js';
 import { NbdServer } from '../nbd/server.js';
 import { errorMessage, type Logger } from '../log.js';
+import { parseCompression } from '../crypto/compress.js';
+import { openObjectStore, probeObjectStore } from '../objectstore/index.js';
+import { parseFaultSpec, withFaults } from '../objectstore/faults.js';
+import { withMetering, type MeteredObjectStore } from '../objectstore/metered.js';
+import { withRetries } from '../objectstore/retry.js';
+import type { ObjectStore } from '../objectstore/types.js';
 import { Host } from './host.js';
+
+/**
+ * The object store stack: retries over metering (every attempt that reaches the store
+ * is counted) over the optional fault injector (UPDRAFT_STORE_FAULTS, for tests and
+ * benchmarks) over the backend.
+ */
+function openStore(config: Config, log: Logger): { store: ObjectStore; metered: MeteredObjectStore } {
+  const aws = config.aws;
+  if (config.storage.url.startsWith('file://')) {
+    // The embedded store is a folder of ours: create it on first start.
+    const folder = fileURLToPath(config.storage.url);
+    try {
+      fs.mkdirSync(folder, { recursive: true });
+    } catch (err) {
+      throw new Error(`object store ${config.storage.url}: cannot create folder ${folder}: ${errorMessage(err)}`);
+    }
+  }
+  let store: ObjectStore = openObjectStore(
+    config.storage.url,
+    {
+      accessKeyId: aws.accessKeyId || undefined,
+      secretAccessKey: aws.secretAccessKey || undefined,
+      endpoint: aws.endpoint || undefined,
+      region: aws.defaultRegion,
+      allowHttp: aws.allowHttp,
+      forcePathStyle: aws.forcePathStyle,
+    },
+    log,
+  );
+  const faults = process.env.UPDRAFT_STORE_FAULTS;
+  if (faults) {
+    log.warn('object store fault injection is on (UPDRAFT_STORE_FAULTS)', { spec: faults });
+    store = withFaults(store, parseFaultSpec(faults));
+  }
+  const metered = withMetering(store);
+  return { store: withRetries(metered, { log }), metered };
+}
 
 const GB = 1024 ** 3;
 
@@ -15,6 +60,13 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   // only below poolSize / 2; the default 8 KiB pool would give each its own ArrayBuffer.
   Buffer.poolSize = 256 * 1024;
   const nbdConfig = config.servers.nbd;
+  const { store, metered } = openStore(config, log.child('store'));
+  try {
+    await probeObjectStore(store);
+  } catch (err) {
+    await store.close().catch(() => undefined);
+    throw err;
+  }
   const host = Host.open(
     {
       cacheDir: config.cache.dir,
@@ -24,6 +76,16 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       autoCreateBytes: Math.floor((nbdConfig.autoCreateSizeGb * GB) / 4096) * 4096,
       sealIdleMs: config.volumes.sealIdleMs,
       sealDirtyBytes: config.volumes.sealDirtyMb * 1024 * 1024,
+      store,
+      compression: parseCompression(config.storage.compression),
+      manifestCompression: parseCompression('zstd-3'),
+      blocksPerPack: nbdConfig.blocksPerPack,
+      hostId: config.host.id,
+      leaseTtlMs: config.host.leaseTtlS * 1000,
+      flushMode: config.volumes.flushMode,
+      dirtyBudgetBytes: Math.floor(config.volumes.dirtyBudgetGb * GB),
+      continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,
+      continuousManifestIntervalMs: config.volumes.continuousManifestIntervalMs,
     },
     log.child('host'),
   );
@@ -43,7 +105,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   let api: Awaited<ReturnType<typeof startApi>> | undefined;
   try {
     await nbd.listen();
-    if (config.servers.http.address) api = await startApi(host, parseHostPort(config.servers.http.address), log.child('http'));
+    if (config.servers.http.address) api = await startApi({ host, store: metered, disconnect: (name) => nbd.disconnect(name) }, parseHostPort(config.servers.http.address), log.child('http'));
   } catch (err) {
     await nbd.close().catch(() => undefined);
     await host.close();
@@ -60,10 +122,12 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
         process.exit(1);
       }
       stopping = true;
-      log.info('shutting down: closing connections and flushing volumes', { signal });
+      log.info('shutting down: closing connections, draining volumes to the store', { signal });
       void (async () => {
         try {
           await nbd.close();
+          const drained = await host.drainAll();
+          log.info('drained volumes', { volumes: drained.length, failed: drained.filter((d) => d.error).length });
           await api?.close();
           await host.close();
           log.info('stopped cleanly');

@@ -1,12 +1,23 @@
-// The daemon's inventory (DESIGN.md: host/): which volumes are open here, the shared
-// block cache, and the background sealer. Volumes are recovered from local state at
-// start-up; nothing here talks to the object store yet.
+// The daemon's inventory (DESIGN.md: host/): which volumes are open here, their links to
+// the object store (leases, flush modes), the shared block cache and pack index, and the
+// background sealer and flush scheduler. Volumes are recovered from local state at
+// start-up without a store request; a volume this host does not have is woken from its
+// manifest in the store.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
+import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
+import type { ObjectStore } from '../objectstore/types.js';
+import { PackFetcher } from '../store/fetch.js';
+import { decodeManifest, manifestKey } from '../store/manifest.js';
+import { PackIndex } from '../store/pack-index.js';
+import { PackUploader } from '../store/upload.js';
 import { volumeNameProblem } from '../volume/names.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
+import { LeaseHeldError, manifestChunks, manifestLocations, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
 
 export interface HostOptions {
   /** Folder for the block cache and the volumes' local state. */
@@ -20,6 +31,22 @@ export interface HostOptions {
   sealIdleMs: number;
   /** Seal in the background once a volume has this much unsealed overlay data. */
   sealDirtyBytes: number;
+  store: ObjectStore;
+  compression: Compression;
+  manifestCompression: Compression;
+  blocksPerPack: number;
+  /** This host's id in leases; "" generates one and keeps it in the cache dir. */
+  hostId: string;
+  leaseTtlMs: number;
+  flushMode: FlushMode;
+  dirtyBudgetBytes: number;
+  continuousBlockIntervalMs: number;
+  continuousManifestIntervalMs: number;
+}
+
+export interface VolumeSettings {
+  flushMode?: FlushMode;
+  dirtyBudgetBytes?: number;
 }
 
 export interface VolumeSummary {
@@ -30,6 +57,10 @@ export interface VolumeSummary {
   sequence: number;
   dirtyBytes: number;
   mappedChunks: number;
+  flushMode: FlushMode;
+  dirtyBudgetBytes: number;
+  leaseGeneration: number;
+  manifestSequence: number;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -42,9 +73,28 @@ const SEAL_TICK_MS = 100;
 const SEAL_CHUNKS_PER_STEP = 32;
 /** A volume idle this long with unflushed writes is flushed in the background. */
 const WRITEBACK_IDLE_MS = 1000;
+const STORE_TICK_MS = 250;
+
+/** This host's lease identity: configured, or generated once and kept in the cache dir. */
+function hostIdentity(cacheDir: string, configured: string): string {
+  if (configured !== '') return configured;
+  const file = path.join(cacheDir, 'host-id');
+  if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8').trim();
+  const id = `${os.hostname().replace(/[^A-Za-z0-9._-]/g, '-').slice(0, 40)}-${crypto.randomBytes(4).toString('hex')}`;
+  fs.mkdirSync(cacheDir, { recursive: true });
+  fs.writeFileSync(file, id + '\n');
+  return id;
+}
 
 export class Host {
   readonly cache: BlockCache;
+  readonly packIndex: PackIndex;
+  readonly fetcher: PackFetcher;
+  readonly uploader: PackUploader;
+  readonly hostId: string;
+  private readonly storeCtx: StoreContext;
+  private readonly links = new Map<string, StoreLink>();
+  private storeTimer: NodeJS.Timeout | undefined;
   private readonly volumes = new Map<string, Volume>();
   private readonly opening = new Map<string, Promise<Volume | undefined>>();
   private readonly ctx: VolumeContext;
@@ -64,7 +114,19 @@ export class Host {
       { blockSize: options.blockSize, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
       log.child('cache'),
     );
-    this.ctx = { cache: this.cache, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize) };
+    this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
+    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.blocksPerPack, log.child('fetch'));
+    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.blocksPerPack, log.child('upload'));
+    this.hostId = hostIdentity(options.cacheDir, options.hostId);
+    this.storeCtx = {
+      store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
+      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, log: log.child('store'),
+    };
+    this.ctx = { cache: this.cache, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher };
+  }
+
+  private get defaults(): { flushMode: FlushMode; dirtyBudgetBytes: number } {
+    return { flushMode: this.options.flushMode, dirtyBudgetBytes: this.options.dirtyBudgetBytes };
   }
 
   /** Open the cache and recover every volume found under the cache dir. */
@@ -81,6 +143,7 @@ export class Host {
           continue;
         }
         const volume = Volume.load(dir, host.ctx);
+        host.links.set(volume.name, StoreLink.load(volume, host.storeCtx, host.defaults));
         host.volumes.set(volume.name, volume);
         log.info('recovered volume', {
           volume: volume.name, size: volume.size, chunks: volume.mappedChunks, dirty_bytes: volume.dirtyBytes,
@@ -96,16 +159,28 @@ export class Host {
     });
     host.sealTimer = setInterval(() => host.sealTick(), SEAL_TICK_MS);
     host.sealTimer.unref();
+    host.storeTimer = setInterval(() => host.storeTick(), STORE_TICK_MS);
+    host.storeTimer.unref();
     return host;
   }
 
   list(): VolumeSummary[] {
     return [...this.volumes.values()]
       .sort((a, b) => a.name.localeCompare(b.name))
-      .map((v) => ({
-        name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
-        dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks,
-      }));
+      .map((v) => this.summary(v));
+  }
+
+  summary(v: Volume): VolumeSummary {
+    const state = this.links.get(v.name)!.state;
+    return {
+      name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
+      dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
+      dirtyBudgetBytes: state.dirtyBudgetBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
+    };
+  }
+
+  link(name: string): StoreLink | undefined {
+    return this.links.get(name);
   }
 
   get(name: string): Volume | undefined {
@@ -132,33 +207,189 @@ export class Host {
     if (problem) throw new VolumeError('EINVAL', problem);
     const open = this.volumes.get(name);
     if (open) return open;
+    const woken = await this.wake(name);
+    if (woken) return woken;
     if (this.options.autoCreateBytes <= 0) return undefined;
-    return this.create(name, this.options.autoCreateBytes);
+    return (await this.create(name, this.options.autoCreateBytes)).volume;
   }
 
-  /** Create a volume; concurrent creates of one name share the work. */
-  async create(name: string, size: number): Promise<Volume> {
+  /**
+   * Create a volume, or wake it when the store has it; concurrent calls for one name
+   * share the work. `created` says which.
+   */
+  async create(name: string, size: number, settings: VolumeSettings = {}): Promise<{ volume: Volume; created: boolean }> {
     this.checkOpen();
     const problem = volumeNameProblem(name);
     if (problem) throw new VolumeError('EINVAL', problem);
     checkSize(size);
     const existing = this.volumes.get(name);
-    if (existing) return existing;
-    const pending = this.opening.get(name);
-    if (pending) return (await pending)!;
-    const work = (async () => {
+    if (existing) return { volume: existing, created: false };
+    const woken = await this.wake(name, settings);
+    if (woken) return { volume: woken, created: false };
+    return { volume: await this.once(name, async () => {
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(path.join(dir, 'journal'))) throw new Error(`volume ${name}: local state exists but is not open`);
       const volume = Volume.create(dir, name, size, this.options.blockSize, this.ctx);
+      const link = new StoreLink(volume, { format: 1, ...this.defaults, ...settings, readOnly: false, generation: 0, manifestSequence: -1 }, this.storeCtx);
+      link.save();
+      this.links.set(name, link);
       this.volumes.set(name, volume);
-      this.log.info('created volume', { volume: name, size });
+      this.log.info('created volume', { volume: name, size, flush_mode: link.state.flushMode });
+      return volume;
+    }), created: true };
+  }
+
+  /** Run `open` unless another call for the name is already opening it; share its result. */
+  private async once(name: string, open: () => Promise<Volume | undefined>): Promise<Volume> {
+    const pending = this.opening.get(name);
+    if (pending) {
+      const volume = await pending;
+      if (volume) return volume;
+    }
+    const existing = this.volumes.get(name);
+    if (existing) return existing;
+    const work = open();
+    this.opening.set(name, work);
+    try {
+      const volume = await work;
+      if (!volume) throw new Error(`volume ${name} vanished while opening`);
+      return volume;
+    } finally {
+      this.opening.delete(name);
+    }
+  }
+
+  /**
+   * Wake a volume this host does not have from its manifest in the store: serve it at
+   * once, blocks come lazily. Writable when the lease is free (or expired), read-only
+   * while another host holds it. Undefined when the store has no such volume.
+   */
+  async wake(name: string, settings: VolumeSettings = {}): Promise<Volume | undefined> {
+    const pending = this.opening.get(name);
+    if (pending) return pending;
+    const key = manifestKey(name);
+    const work = (async () => {
+      const object = await this.options.store.get(key);
+      if (object === undefined) return undefined;
+      const manifest = decodeManifest(key, object.body);
+      const meta = manifest.meta;
+      if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
+      if (meta.blockSize !== this.options.blockSize) {
+        throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
+      }
+      this.packIndex.add(manifestLocations(manifest).filter(([k]) => !this.packIndex.has(k)));
+      const dir = volumeDir(this.volumesRoot, name);
+      if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
+      const volume = await Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
+      const link = new StoreLink(
+        volume,
+        { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: object.etag, manifestSequence: meta.sequence },
+        this.storeCtx,
+      );
+      link.save();
+      this.links.set(name, link);
+      this.volumes.set(name, volume);
+      let writable = true;
+      try {
+        await link.promote();
+      } catch (err) {
+        if (!(err instanceof LeaseHeldError)) throw err;
+        writable = false;
+        this.log.info('volume is leased by another host; serving it read-only', { volume: name, holder: err.lease.owner });
+      }
+      this.log.info('woke volume from the store', {
+        volume: name, size: meta.size, chunks: manifest.chunks.length, sequence: meta.sequence, writable,
+      });
       return volume;
     })();
     this.opening.set(name, work);
     try {
-      return (await work)!;
+      return await work;
+    } catch (err) {
+      this.links.delete(name);
+      const volume = this.volumes.get(name);
+      if (volume) {
+        this.volumes.delete(name);
+        await volume.destroy().catch(() => undefined);
+      }
+      throw err;
     } finally {
       this.opening.delete(name);
+    }
+  }
+
+  private linkOf(name: string): StoreLink {
+    const link = this.links.get(name);
+    if (!link) throw new VolumeError('EINVAL', `no volume ${name}`);
+    return link;
+  }
+
+  drain(name: string): Promise<DrainResult> {
+    this.checkOpen();
+    return this.linkOf(name).drain();
+  }
+
+  promote(name: string): Promise<{ generation: number; sequence: number }> {
+    this.checkOpen();
+    return this.linkOf(name).promote();
+  }
+
+  release(name: string): Promise<{ generation: number }> {
+    this.checkOpen();
+    return this.linkOf(name).release();
+  }
+
+  setVolumeSettings(name: string, settings: VolumeSettings): void {
+    const link = this.linkOf(name);
+    Object.assign(link.state, settings);
+    link.save();
+    this.log.info('volume settings changed', { volume: name, flush_mode: link.state.flushMode, dirty_budget_bytes: link.state.dirtyBudgetBytes });
+  }
+
+  /** Drain every writable volume (shutdown); failures are logged and returned. */
+  async drainAll(): Promise<Array<{ volume: string; error?: string; result?: DrainResult }>> {
+    const out = await Promise.all(
+      [...this.links.values()]
+        .filter((link) => !link.state.readOnly && (link.volume.sequence !== link.state.manifestSequence))
+        .map(async (link) => {
+          try {
+            return { volume: link.name, result: await link.drain() };
+          } catch (err) {
+            this.log.error('drain at shutdown failed', { volume: link.name, error: errorMessage(err) });
+            return { volume: link.name, error: errorMessage(err) };
+          }
+        }),
+    );
+    return out;
+  }
+
+  /** Lease renewals, continuous flushing and the dirty budget. */
+  private storeTick(): void {
+    if (this.closed) return;
+    const now = Date.now();
+    for (const link of this.links.values()) {
+      void link.renewIfDue(now);
+      if (link.busy || link.state.readOnly) continue;
+      const volume = link.volume;
+      const changed = volume.sequence !== link.state.manifestSequence;
+      if (link.state.flushMode === 'continuous' && changed) {
+        const interval = Math.max(this.options.continuousBlockIntervalMs, 2 * link.lastUploadMs);
+        const idle = now - volume.lastWriteAt >= Math.min(interval, 1000);
+        const manifestDue = now - link.lastManifestAt >= this.options.continuousManifestIntervalMs;
+        if ((idle && now - link.lastUploadAt >= Math.min(interval, 1000)) || manifestDue) {
+          // Writes stopped (or the manifest interval passed): catch the store up.
+          link.drain().catch((err) => this.log.error('continuous flush: drain failed', { volume: link.name, error: errorMessage(err) }));
+          continue;
+        }
+        if (now - link.lastUploadAt >= interval && volume.sequence !== link.sequenceAtUpload) {
+          link.uploadBlocks().catch((err) => this.log.error('continuous flush: block upload failed', { volume: link.name, error: errorMessage(err) }));
+          continue;
+        }
+      }
+      if (link.changedBytes - link.changedBytesAtUpload > link.state.dirtyBudgetBytes) {
+        this.log.info('dirty budget exceeded: uploading changed blocks', { volume: link.name, budget: link.state.dirtyBudgetBytes });
+        link.uploadBlocks().catch((err) => this.log.error('dirty budget: block upload failed', { volume: link.name, error: errorMessage(err) }));
+      }
     }
   }
 
@@ -171,11 +402,17 @@ export class Host {
     return volume;
   }
 
-  /** Stop serving a volume here and remove its local state. */
+  /**
+   * Stop serving a volume here and remove its local state; the store keeps what was
+   * drained. A held lease is released so another host can take the volume at once.
+   */
   async remove(name: string): Promise<void> {
     const volume = this.volumes.get(name);
     if (!volume) return;
+    const link = this.links.get(name);
+    if (link?.holdsLease) await link.release();
     this.volumes.delete(name);
+    this.links.delete(name);
     await volume.destroy();
     this.log.info('removed volume', { volume: name });
   }
@@ -247,9 +484,13 @@ export class Host {
     if (this.closed) return;
     this.closed = true;
     if (this.sealTimer) clearInterval(this.sealTimer);
+    if (this.storeTimer) clearInterval(this.storeTimer);
+    await Promise.allSettled([...this.links.values()].map((link) => link.serial(async () => undefined)));
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });
     await this.cache.close();
+    this.packIndex.close();
+    await this.options.store.close();
   }
 }
 

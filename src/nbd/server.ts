@@ -22,6 +22,8 @@ export interface NbdServerOptions {
 export class NbdServer {
   private readonly servers: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
+  /** Attached sockets by volume name, to disconnect a volume's clients. */
+  private readonly attached = new Map<string, Set<net.Socket>>();
   connections = 0;
 
   constructor(
@@ -105,8 +107,15 @@ export class NbdServer {
         const volume = negotiated.volume;
         volume.clients++;
         let attached = true;
+        let sockets = this.attached.get(volume.name);
+        if (!sockets) this.attached.set(volume.name, (sockets = new Set()));
+        sockets.add(socket);
         detach = () => {
-          if (attached) volume.clients--;
+          if (attached) {
+            volume.clients--;
+            sockets.delete(socket);
+            if (sockets.size === 0 && this.attached.get(volume.name) === sockets) this.attached.delete(volume.name);
+          }
           attached = false;
         };
         this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured });
@@ -126,6 +135,14 @@ export class NbdServer {
         socket.destroy();
       },
     );
+  }
+
+  /** Close every connection attached to a volume (it is being removed here). */
+  disconnect(volume: string): number {
+    const sockets = this.attached.get(volume);
+    if (!sockets) return 0;
+    for (const socket of sockets) socket.destroy();
+    return sockets.size;
   }
 
   /** Stop listening and close every connection. */

@@ -121,24 +121,46 @@ export class Transmission {
     const started = performance.now();
     try {
       switch (type) {
-        case P.CMD_READ:
-          return this.read(cookieHigh, cookieLow, offset, length, started);
-        case P.CMD_WRITE:
+        case P.CMD_READ: {
+          const fetching = volume.readReady(offset, length);
+          if (fetching === undefined) return this.read(cookieHigh, cookieLow, offset, length, started);
+          return this.after(fetching, type, cookieHigh, cookieLow, () => this.read(cookieHigh, cookieLow, offset, length, started));
+        }
+        case P.CMD_WRITE: {
+          const fetching = volume.writeReady(offset, length);
+          if (fetching !== undefined) {
+            // The payload views point into the receive queue's chunks, which stay ours.
+            return this.after(fetching, type, cookieHigh, cookieLow, () => {
+              volume.write(offset, payload!);
+              this.complete('write', cookieHigh, cookieLow, flags, length, started);
+            });
+          }
           volume.write(offset, payload!);
           return this.complete('write', cookieHigh, cookieLow, flags, length, started);
+        }
         case P.CMD_FLUSH:
           return this.wait('flush', cookieHigh, cookieLow, volume.flush(), 0, started);
         case P.CMD_TRIM:
           volume.trim(offset, length);
           return this.complete('trim', cookieHigh, cookieLow, flags, length, started);
-        case P.CMD_WRITE_ZEROES:
-          volume.zero(offset, length, {
-            noHole: (flags & P.CMD_FLAG_NO_HOLE) !== 0,
-            fast: (flags & P.CMD_FLAG_FAST_ZERO) !== 0,
-          });
-          return this.complete('zero', cookieHigh, cookieLow, flags, length, started);
-        case P.CMD_CACHE:
-          return this.complete('cache', cookieHigh, cookieLow, 0, length, started);
+        case P.CMD_WRITE_ZEROES: {
+          const zero = () => {
+            volume.zero(offset, length, {
+              noHole: (flags & P.CMD_FLAG_NO_HOLE) !== 0,
+              fast: (flags & P.CMD_FLAG_FAST_ZERO) !== 0,
+            });
+            this.complete('zero', cookieHigh, cookieLow, flags, length, started);
+          };
+          const fetching = volume.writeReady(offset, length);
+          if (fetching === undefined) return zero();
+          return this.after(fetching, type, cookieHigh, cookieLow, zero);
+        }
+        case P.CMD_CACHE: {
+          // A hint to bring the range onto this host: fetch its blocks from the store.
+          const fetching = volume.readReady(offset, length);
+          if (fetching === undefined) return this.complete('cache', cookieHigh, cookieLow, 0, length, started);
+          return this.after(fetching, type, cookieHigh, cookieLow, () => this.complete('cache', cookieHigh, cookieLow, 0, length, started));
+        }
         case P.CMD_BLOCK_STATUS:
           return this.blockStatus(cookieHigh, cookieLow, flags, offset, length, started);
       }
@@ -216,6 +238,28 @@ export class Transmission {
     if (flags & P.CMD_FLAG_FUA) return this.wait(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
     this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
     this.ok(cookieHigh, cookieLow);
+  }
+
+  /** Serve a request once blocks it needs have arrived from the store. */
+  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void): void {
+    this.inflight++;
+    fetching
+      .then(
+        () => {
+          if (this.closed) return;
+          try {
+            serve();
+          } catch (err) {
+            this.failed(cookieHigh, cookieLow, type, err);
+          }
+        },
+        (err) => this.failed(cookieHigh, cookieLow, type, err),
+      )
+      .finally(() => {
+        this.inflight--;
+        this.uncork();
+        if (this.disconnecting && this.inflight === 0 && !this.closed) this.socket.end();
+      });
   }
 
   private wait(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): void {

@@ -32,6 +32,10 @@ async function readAt(fd: number, buf: Buffer, offset: number, length: number, p
   }
 }
 
+/** A snapshot seals in the background until at most this many chunks are dirty, then cuts. */
+const SNAPSHOT_CUT_CHUNKS = 64;
+const SNAPSHOT_SEAL_ROUNDS = 4;
+
 export const SECTOR = 4096;
 const SECTOR_SHIFT = 12;
 
@@ -60,9 +64,36 @@ interface VolumeIdentity {
   created: string;
 }
 
+/**
+ * Where blocks that are not on this host come from (the object store's packs). The
+ * volume asks for blocks by name; it never sees a pack or the store.
+ */
+export interface BlockFetcher {
+  /** Fetch these blocks into the block cache; throws an Error naming the block and pack on failure. */
+  fetch(keys: readonly BlockKey[]): Promise<void>;
+  /** Start fetching in the background (read-ahead); failures are logged, not thrown. */
+  prefetch(keys: readonly BlockKey[]): void;
+  /** Whether the store holds this block (the host pack index names its pack). */
+  knows(key: BlockKey): boolean;
+  /** The read-ahead unit: blocks per pack. */
+  readonly blocksPerPack: number;
+}
+
+/** A volume's block map at one sequence, with references held until release(). */
+export interface VolumeSnapshot {
+  sequence: number;
+  size: number;
+  blockSize: number;
+  /** chunk → block, ascending by chunk; ZERO_ALLOCATED_KEY for allocated zeros, holes absent. */
+  chunks: Array<[number, BlockKey]>;
+  /** Drop the references that kept the snapshot's local blocks from being freed. */
+  release(): void;
+}
+
 export interface VolumeContext {
   cache: BlockCache;
   log: Logger;
+  fetcher?: BlockFetcher;
   /** Shared buffer of block_size bytes for unaligned writes (synchronous, so one suffices). */
   scratch: Buffer;
 }
@@ -120,6 +151,10 @@ export class Volume {
   private readonly log: Logger;
   private readonly scratch: Buffer;
   private readonly emptyMask: Uint8Array;
+  private readonly fetcher: BlockFetcher | undefined;
+  /** Read-ahead: where a sequential reader would read next, and the chunk fetched up to. */
+  private nextReadOffset = -1;
+  private prefetchedUntil = -1;
 
   private constructor(
     readonly name: string,
@@ -140,6 +175,7 @@ export class Volume {
     this.space = ctx.cache.space;
     this.log = ctx.log;
     this.scratch = ctx.scratch;
+    this.fetcher = ctx.fetcher;
     this.emptyMask = new Uint8Array(this.maskBytes);
   }
 
@@ -159,6 +195,56 @@ export class Volume {
     const journal = Journal.create(path.join(dir, 'journal'), blockSize, Math.max(1, sectors >>> 3), size);
     syncDir(dir);
     return new Volume(name, dir, identity, overlayFd, journal, size, 0, ctx);
+  }
+
+  /**
+   * Create a volume on this host from a block map (a manifest from the store): the map
+   * is journaled, the blocks stay in the store until read. Durable on return.
+   */
+  static async createFrom(
+    dir: string,
+    name: string,
+    content: { size: number; blockSize: number; sequence: number; chunks: Iterable<[number, BlockKey]> },
+    ctx: VolumeContext,
+  ): Promise<Volume> {
+    const volume = Volume.create(dir, name, content.size, content.blockSize, ctx);
+    volume.sequence = content.sequence;
+    volume.fill(content.chunks);
+    await volume.journal.rewrite(volume.liveRecords(), volume.sequence, volume.size, volume.blockSize);
+    volume.journalDirty.clear();
+    return volume;
+  }
+
+  private fill(chunks: Iterable<[number, BlockKey]>): void {
+    for (const [chunk, key] of chunks) {
+      this.map.set(chunk, key);
+      if (key !== ZERO_ALLOCATED_KEY) this.cache.ref(key);
+    }
+  }
+
+  /**
+   * Replace a read-only volume's content with a newer block map (promotion: the data of
+   * the latest manifest). Clients stay connected and read the new content at once.
+   */
+  async replaceContent(content: { size: number; sequence: number; chunks: Iterable<[number, BlockKey]> }): Promise<void> {
+    this.checkOpen();
+    if (this.overlay.size > 0 || this.sealing.size > 0) {
+      throw new VolumeError('EINVAL', `volume ${this.name}: cannot replace content with local writes pending`);
+    }
+    for (const [chunk, key] of [...this.map.entries()]) {
+      this.map.set(chunk, undefined);
+      if (key !== ZERO_ALLOCATED_KEY) this.pendingUnref.push(key);
+    }
+    this.fill(content.chunks);
+    this.size = Math.max(this.size, content.size);
+    this.sequence = content.sequence;
+    this.prefetchedUntil = -1;
+    await this.flushTail;
+    const unrefs = this.pendingUnref;
+    this.pendingUnref = [];
+    this.journalDirty.clear();
+    await this.journal.rewrite(this.liveRecords(), this.sequence, this.size, this.blockSize);
+    for (const key of unrefs) this.cache.unref(key);
   }
 
   /** Recover a volume from its folder: replay the journal, take block references. */
@@ -181,12 +267,12 @@ export class Volume {
       if (!isEmpty(record.hash)) {
         const key = blockKey(record.hash);
         volume.map.set(record.chunk, key);
-        if (key !== ZERO_ALLOCATED_KEY && !ctx.cache.ref(key)) missing++;
+        if (key !== ZERO_ALLOCATED_KEY && !ctx.cache.ref(key) && !ctx.fetcher?.knows(key)) missing++;
       }
       if (!isEmpty(record.mask)) volume.addOverlay(record.chunk, record.mask);
     }
     if (missing > 0) {
-      ctx.log.error('volume names blocks the local cache does not hold; reads of those chunks fail with EIO', {
+      ctx.log.error('volume names blocks that neither the local cache nor the store holds; reads of those chunks fail with EIO', {
         volume: identity.name, missing,
       });
     }
@@ -261,6 +347,73 @@ export class Volume {
   }
 
   // ---- read -------------------------------------------------------------------------
+
+  /**
+   * Before a read: undefined when every block the range needs is on this host (the
+   * common case, checked without allocating), else a promise that fetches the missing
+   * ones from the store. Also drives read-ahead for a sequential reader.
+   */
+  readReady(offset: number, length: number): Promise<void> | undefined {
+    if (this.fetcher === undefined) return undefined;
+    const sequential = offset === this.nextReadOffset;
+    this.nextReadOffset = offset + length;
+    const missing = this.missingBlocks(offset, length);
+    if (sequential) this.readAhead(offset + length);
+    else this.prefetchedUntil = -1;
+    return missing === undefined ? undefined : this.fetchBlocks(missing);
+  }
+
+  /**
+   * Before an unaligned write (or a partial zero): the sectors it widens into come from
+   * the base block, which must be on this host.
+   */
+  writeReady(offset: number, length: number): Promise<void> | undefined {
+    if (this.fetcher === undefined || ((offset | length) & (SECTOR - 1)) === 0) return undefined;
+    const bs = this.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    const missing = this.missingBlocks(first * bs, bs);
+    const missingLast = last !== first ? this.missingBlocks(last * bs, bs) : undefined;
+    if (missing === undefined && missingLast === undefined) return undefined;
+    return this.fetchBlocks([...(missing ?? []), ...(missingLast ?? [])]);
+  }
+
+  /** Blocks of the range's chunks that are neither local nor shadowed by the overlay. */
+  private missingBlocks(offset: number, length: number): BlockKey[] | undefined {
+    let missing: BlockKey[] | undefined;
+    const bs = this.blockSize;
+    const last = Math.floor((offset + length - 1) / bs);
+    for (let chunk = Math.floor(offset / bs); chunk <= last; chunk++) {
+      const key = this.map.get(chunk);
+      if (key === undefined || key === ZERO_ALLOCATED_KEY || this.cache.has(key)) continue;
+      (missing ??= []).push(key);
+    }
+    return missing;
+  }
+
+  /** Keep two packs' worth of chunks ahead of a sequential reader fetched. */
+  private readAhead(end: number): void {
+    const window = 2 * this.fetcher!.blocksPerPack;
+    const chunk = Math.floor(end / this.blockSize);
+    if (chunk + window / 2 < this.prefetchedUntil) return;
+    const from = Math.max(chunk, this.prefetchedUntil + 1);
+    const to = Math.min(chunk + window, Math.ceil(this.size / this.blockSize) - 1);
+    this.prefetchedUntil = to;
+    if (from > to) return;
+    const ahead = this.missingBlocks(from * this.blockSize, (to - from + 1) * this.blockSize);
+    if (ahead !== undefined) this.fetcher!.prefetch(ahead);
+  }
+
+  private async fetchBlocks(keys: readonly BlockKey[]): Promise<void> {
+    if (this.fetcher === undefined) {
+      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(keys[0])} is not on this host`);
+    }
+    try {
+      await this.fetcher.fetch(keys);
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: ${(err as Error).message}`);
+    }
+  }
 
   /** Copy [offset, offset + length) into dst at dstOffset. The caller checked the range. */
   read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
@@ -602,6 +755,9 @@ export class Volume {
   private async sealChunk(chunk: number): Promise<boolean> {
     const state = this.sealing.get(chunk)!;
     try {
+      const base = this.map.get(chunk);
+      if (base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base)) await this.fetchBlocks([base]);
+      if (state.invalid || this.closed) return false;
       const mask = Uint8Array.from(this.overlay.get(chunk)!);
       const bs = this.blockSize;
       const block = Buffer.allocUnsafe(bs);
@@ -640,6 +796,101 @@ export class Volume {
     } finally {
       this.sealing.delete(chunk);
     }
+  }
+
+  // ---- snapshot -----------------------------------------------------------------------------
+
+  /**
+   * The volume at its current sequence, without pausing writers (DESIGN.md: snapshot).
+   * Background seals first bring the overlay down; the cut itself seals what is left
+   * synchronously, so no write can land between sealing and copying the map. The
+   * snapshot holds references on its local blocks until release().
+   */
+  async snapshot(): Promise<VolumeSnapshot> {
+    this.checkOpen();
+    for (let round = 0; ; round++) {
+      await Promise.allSettled(this.sealsInFlight);
+      if (this.overlay.size > SNAPSHOT_CUT_CHUNKS && round < SNAPSHOT_SEAL_ROUNDS) {
+        await this.seal(Infinity);
+        continue;
+      }
+      const bases: BlockKey[] = [];
+      for (const chunk of this.overlay.keys()) {
+        const key = this.map.get(chunk);
+        if (key !== undefined && key !== ZERO_ALLOCATED_KEY && !this.cache.has(key)) bases.push(key);
+      }
+      if (bases.length > 0) await this.fetchBlocks(bases);
+      if (this.sealAllSync()) break;
+      if (round > SNAPSHOT_SEAL_ROUNDS + 3) {
+        throw new VolumeError('EIO', `volume ${this.name}: snapshot: base blocks keep leaving the cache before the cut`);
+      }
+    }
+    const chunks = [...this.map.entries()].sort((a, b) => a[0] - b[0]);
+    const held: BlockKey[] = [];
+    for (const [, key] of chunks) if (key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
+    let released = false;
+    return {
+      sequence: this.sequence,
+      size: this.size,
+      blockSize: this.blockSize,
+      chunks,
+      release: () => {
+        if (released) return;
+        released = true;
+        for (const key of held) this.cache.unref(key);
+      },
+    };
+  }
+
+  /**
+   * Seal every overlay chunk now, synchronously. All blocks are built before any is
+   * committed; returns false (committing nothing) when a base block is not local.
+   */
+  private sealAllSync(): boolean {
+    const built: Array<[number, Buffer | undefined]> = [];
+    for (const [chunk, mask] of this.overlay) {
+      const block = this.chunkContentSync(chunk, mask);
+      if (block === null) return false;
+      built.push([chunk, block]);
+    }
+    for (const [chunk, block] of built) {
+      let key: BlockKey | undefined;
+      if (block !== undefined) {
+        key = blockKey(blockHash(block));
+        if (!this.cache.put(key, block, this.map.get(chunk) !== undefined)) {
+          throw new VolumeError('ENOSPC', `volume ${this.name}: snapshot: the block cache has no room for chunk ${chunk}`);
+        }
+      }
+      const seal = this.sealing.get(chunk);
+      if (seal !== undefined) seal.invalid = true;
+      this.dropOverlay(chunk);
+      this.remap(chunk, key);
+      this.stats.chunksSealed++;
+    }
+    return true;
+  }
+
+  /** A chunk's content from overlay and base; undefined for all zeros, null if the base is not local. */
+  private chunkContentSync(chunk: number, mask: Uint8Array): Buffer | undefined | null {
+    const bs = this.blockSize;
+    const base = this.map.get(chunk);
+    const baseLocal = base === undefined || base === ZERO_ALLOCATED_KEY || this.cache.has(base);
+    const block = Buffer.allocUnsafe(bs);
+    let at = 0;
+    while (at < this.sectorsPerChunk) {
+      const present = (mask[at >>> 3] & (1 << (at & 7))) !== 0;
+      let end = at + 1;
+      while (end < this.sectorsPerChunk && ((mask[end >>> 3] & (1 << (end & 7))) !== 0) === present) end++;
+      const offset = at << SECTOR_SHIFT;
+      const len = (end - at) << SECTOR_SHIFT;
+      if (present) this.readOverlay(chunk, offset, len, block, offset);
+      else if (!baseLocal) return null;
+      else this.readBase(chunk, offset, len, block, offset);
+      at = end;
+    }
+    const chunkBytes = Math.min(bs, Math.max(0, this.size - chunk * bs));
+    if (chunkBytes < bs) block.fill(0, chunkBytes);
+    return isAllZero(block) ? undefined : block;
   }
 
   // ---- flush ------------------------------------------------------------------------------

@@ -1,0 +1,469 @@
+// A volume's link to the object store (DESIGN.md: Paths, Snapshot / Wake; Formats: lease,
+// manifest): drain, promotion and release, the lease that keeps one writer per volume,
+// and the state that says where this host stands, persisted beside the volume as
+// `store.json` so a restart needs no store request.
+//
+// Fencing: every manifest write is conditional on the ETag this host last wrote or
+// read. A host that takes the lease with a new generation rewrites the manifest at
+// once, so the previous holder's next conditional write fails and it stops writing
+// (invariant 4).
+import fs from 'node:fs';
+import path from 'node:path';
+import { blockKey, keyBytes, keyHex, type BlockKey } from '../blocks/cache.js';
+import type { Compression } from '../crypto/compress.js';
+import { ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
+import { errorMessage, type Logger } from '../log.js';
+import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
+import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
+import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK, type Manifest } from '../store/manifest.js';
+import type { PackIndex } from '../store/pack-index.js';
+import type { PackUploader } from '../store/upload.js';
+import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
+import { syncDir, Volume, VolumeError } from '../volume/volume.js';
+
+export type FlushMode = 'demand' | 'continuous';
+
+/** Where this host stands with a volume's objects in the store. */
+export interface StoreState {
+  format: 1;
+  flushMode: FlushMode;
+  dirtyBudgetBytes: number;
+  /** Not the writer here: leased elsewhere, released, or fenced. */
+  readOnly: boolean;
+  /** Lease generation this host holds; 0 when it holds none. */
+  generation: number;
+  leaseEtag?: string;
+  /** When the held lease expires, ms since the epoch. */
+  leaseExpires?: number;
+  /** ETag of the manifest this host last wrote or loaded. */
+  manifestEtag?: string;
+  /** Sequence of that manifest; -1 before the first. */
+  manifestSequence: number;
+}
+
+/** What the host shares with every link. */
+export interface StoreContext {
+  store: ObjectStore;
+  packIndex: PackIndex;
+  uploader: PackUploader;
+  hostId: string;
+  leaseTtlMs: number;
+  /** Compression of manifest bodies. */
+  manifestCompression: Compression;
+  log: Logger;
+}
+
+export interface DrainResult {
+  sequence: number;
+  manifest_etag: string;
+  packs_uploaded: number;
+  bytes_uploaded: number;
+  blocks_uploaded: number;
+  duration_ms: number;
+}
+
+/** The lease is live and another host holds it. */
+export class LeaseHeldError extends Error {
+  constructor(
+    readonly volume: string,
+    readonly lease: Lease,
+  ) {
+    super(`volume ${volume} is leased by host ${lease.owner} (generation ${lease.generation}) until ${lease.expires}`);
+    this.name = 'LeaseHeldError';
+  }
+}
+
+/** This host lost the right to write the volume's manifest: another host wrote it. */
+export class FencedError extends Error {
+  constructor(volume: string, why: string) {
+    super(`volume ${volume}: ${why}; this host no longer writes it (read-only here until promoted)`);
+    this.name = 'FencedError';
+  }
+}
+
+const STATE_FILE = 'store.json';
+
+export class StoreLink {
+  /** Serializes drain, promotion, release and uploads of this volume. */
+  private tail: Promise<unknown> = Promise.resolve();
+  private renewing = false;
+  busy = false;
+  /** Write and zero bytes counted when blocks last went up (for the dirty budget). */
+  changedBytesAtUpload: number;
+  sequenceAtUpload = -1;
+  lastUploadAt = Date.now();
+  lastUploadMs = 0;
+  lastManifestAt = Date.now();
+
+  constructor(
+    readonly volume: Volume,
+    readonly state: StoreState,
+    private readonly ctx: StoreContext,
+  ) {
+    volume.readOnly = state.readOnly;
+    this.changedBytesAtUpload = this.changedBytes;
+  }
+
+  /** The link of a volume opened from local state (defaults when it never touched the store). */
+  static load(volume: Volume, ctx: StoreContext, defaults: { flushMode: FlushMode; dirtyBudgetBytes: number }): StoreLink {
+    const file = path.join(volume.dir, STATE_FILE);
+    let state: StoreState;
+    if (fs.existsSync(file)) {
+      try {
+        state = JSON.parse(fs.readFileSync(file, 'utf8')) as StoreState;
+        if (state.format !== 1) throw new Error(`format ${String(state.format)} is not 1`);
+      } catch (err) {
+        throw new Error(`volume ${volume.name}: ${file} is not a store state: ${errorMessage(err)}`);
+      }
+    } else {
+      state = { format: 1, ...defaults, readOnly: false, generation: 0, manifestSequence: -1 };
+    }
+    return new StoreLink(volume, state, ctx);
+  }
+
+  get name(): string {
+    return this.volume.name;
+  }
+
+  /** Bytes written or zeroed since the volume opened. */
+  get changedBytes(): number {
+    return this.volume.stats.ops.write.bytes + this.volume.stats.ops.zero.bytes;
+  }
+
+  /** Persist the state (atomic: temp file, fsync, rename). */
+  save(): void {
+    const file = path.join(this.volume.dir, STATE_FILE);
+    const fd = fs.openSync(file + '.tmp', 'w');
+    try {
+      fs.writeSync(fd, JSON.stringify(this.state, null, 2) + '\n');
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(file + '.tmp', file);
+    syncDir(this.volume.dir);
+  }
+
+  /** Run `work` after every earlier operation on this link. */
+  serial<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.tail.then(async () => {
+      this.busy = true;
+      try {
+        return await work();
+      } finally {
+        this.busy = false;
+      }
+    });
+    this.tail = run.catch(() => undefined);
+    return run;
+  }
+
+  // ---- drain -------------------------------------------------------------------------
+
+  /**
+   * Snapshot at the current sequence, upload the blocks no pack holds, write the
+   * manifest. Writers go on meanwhile; their later writes are not in this manifest.
+   */
+  drain(): Promise<DrainResult> {
+    return this.serial(() => this.drainNow());
+  }
+
+  private async drainNow(): Promise<DrainResult> {
+    const started = performance.now();
+    if (this.state.readOnly) throw new FencedError(this.name, 'the volume is read-only on this host');
+    const snapshot = await this.volume.snapshot();
+    try {
+      // The local journal must not fall behind what the store is told.
+      await this.volume.flush();
+      const uploaded = await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
+      this.noteUpload(snapshot.sequence, performance.now() - started);
+      await this.ensureLease();
+      const builder = new ManifestBuilder({
+        format: 1, name: this.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: snapshot.sequence,
+        generation: this.state.generation, host: this.ctx.hostId, created: new Date().toISOString(),
+      });
+      for (const [chunk, key] of snapshot.chunks) {
+        if (key === ZERO_ALLOCATED_KEY) {
+          builder.setChunk(chunk, 'zero-allocated');
+          continue;
+        }
+        const location = this.ctx.packIndex.get(key);
+        // Invariant 2: the upload above put every block the manifest names into a pack.
+        if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
+        builder.setChunk(chunk, keyBytes(key), location);
+      }
+      const etag = await this.putManifest(encodeManifest(builder.build(), this.ctx.manifestCompression));
+      this.state.manifestSequence = snapshot.sequence;
+      this.lastManifestAt = Date.now();
+      this.save();
+      return {
+        sequence: snapshot.sequence,
+        manifest_etag: etag,
+        packs_uploaded: uploaded.packs,
+        bytes_uploaded: uploaded.bytes,
+        blocks_uploaded: uploaded.blocks,
+        duration_ms: Math.round(performance.now() - started),
+      };
+    } finally {
+      snapshot.release();
+    }
+  }
+
+  /** Upload the blocks of a fresh snapshot without writing a manifest (continuous mode, dirty budget). */
+  uploadBlocks(): Promise<void> {
+    return this.serial(async () => {
+      if (this.state.readOnly) return;
+      const started = performance.now();
+      const snapshot = await this.volume.snapshot();
+      try {
+        await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
+        this.noteUpload(snapshot.sequence, performance.now() - started);
+      } finally {
+        snapshot.release();
+      }
+    });
+  }
+
+  private noteUpload(sequence: number, ms: number): void {
+    this.sequenceAtUpload = sequence;
+    this.changedBytesAtUpload = this.changedBytes;
+    this.lastUploadAt = Date.now();
+    this.lastUploadMs = ms;
+  }
+
+  /** Write the manifest, conditional on the last ETag this host knows (fencing). */
+  private async putManifest(body: Buffer): Promise<string> {
+    const key = manifestKey(this.name);
+    const known = this.state.manifestEtag;
+    try {
+      const etag = await this.ctx.store.put(key, body, known === undefined ? { ifNoneMatch: '*' } : { ifMatch: known });
+      this.state.manifestEtag = etag;
+      return etag;
+    } catch (err) {
+      if (!isPreconditionFailed(err)) throw err;
+      // A retried put whose first attempt landed (the response was lost) also ends here:
+      // the object is then exactly what was sent.
+      const current = await this.ctx.store.get(key);
+      if (current !== undefined && current.body.equals(body)) {
+        this.state.manifestEtag = current.etag;
+        return current.etag;
+      }
+      this.fence('another host wrote its manifest');
+    }
+  }
+
+  /** Stop writing: the volume is read-only here from now on. */
+  private fence(why: string): never {
+    this.state.readOnly = true;
+    this.state.generation = 0;
+    this.state.leaseEtag = undefined;
+    this.volume.readOnly = true;
+    this.save();
+    this.ctx.log.error('fenced: volume is read-only on this host', { volume: this.name, why });
+    throw new FencedError(this.name, why);
+  }
+
+  // ---- lease -------------------------------------------------------------------------
+
+  /** Hold the lease before writing the manifest: take it if this host has none or it lapsed. */
+  private async ensureLease(): Promise<void> {
+    const margin = this.ctx.leaseTtlMs / 3;
+    if (this.state.generation > 0 && (this.state.leaseExpires ?? 0) - Date.now() > margin) return;
+    const { bumped } = await this.acquire();
+    if (bumped && this.state.manifestEtag !== undefined) await this.refence();
+  }
+
+  /**
+   * Take or renew the lease with a conditional put. Returns whether the generation
+   * changed hands (a new holder must fence the previous one). Throws LeaseHeldError
+   * when another host holds a live lease.
+   */
+  private async acquire(): Promise<{ bumped: boolean }> {
+    const key = leaseKey(this.name);
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const current = await this.ctx.store.get(key);
+      const lease = current === undefined ? undefined : decodeLease(key, current.body);
+      const now = Date.now();
+      let generation: number;
+      if (lease === undefined) generation = 1;
+      else if (lease.owner === this.ctx.hostId && lease.generation === this.state.generation && !lease.released) generation = lease.generation;
+      else if (leaseIsLive(lease, now) && lease.owner !== this.ctx.hostId) throw new LeaseHeldError(this.name, lease);
+      else generation = lease.generation + 1;
+      const next: Lease = {
+        format: 1, volume: this.name, owner: this.ctx.hostId, generation,
+        expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
+      };
+      const body = encodeLease(next);
+      try {
+        const etag = await this.ctx.store.put(key, body, current === undefined ? { ifNoneMatch: '*' } : { ifMatch: current.etag });
+        return { bumped: this.adopt(generation, etag, now) };
+      } catch (err) {
+        if (!isPreconditionFailed(err)) throw err;
+        const after = await this.ctx.store.get(key);
+        if (after !== undefined && after.body.equals(body)) return { bumped: this.adopt(generation, after.etag, now) };
+        // Someone else wrote the lease meanwhile: look again.
+      }
+    }
+    throw new Error(`volume ${this.name}: the lease keeps changing under this host; try again`);
+  }
+
+  private adopt(generation: number, etag: string, now: number): boolean {
+    const bumped = generation !== this.state.generation;
+    this.state.generation = generation;
+    this.state.leaseEtag = etag;
+    this.state.leaseExpires = now + this.ctx.leaseTtlMs;
+    this.save();
+    return bumped;
+  }
+
+  /** Renew a held lease when a third of its time is left; losing it makes the volume read-only. */
+  async renewIfDue(now: number): Promise<void> {
+    const state = this.state;
+    if (state.generation === 0 || this.renewing) return;
+    if ((state.leaseExpires ?? 0) - now > (this.ctx.leaseTtlMs * 2) / 3) return;
+    this.renewing = true;
+    const key = leaseKey(this.name);
+    try {
+      const next: Lease = {
+        format: 1, volume: this.name, owner: this.ctx.hostId, generation: state.generation,
+        expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
+      };
+      const body = encodeLease(next);
+      let etag: string;
+      try {
+        etag = await this.ctx.store.put(key, body, state.leaseEtag === undefined ? { ifNoneMatch: '*' } : { ifMatch: state.leaseEtag });
+      } catch (err) {
+        if (!isPreconditionFailed(err)) throw err;
+        const current = await this.ctx.store.get(key);
+        if (current !== undefined && current.body.equals(body)) etag = current.etag;
+        else {
+          const lease = current === undefined ? undefined : decodeLease(key, current.body);
+          this.lapse(`the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
+          return;
+        }
+      }
+      state.leaseEtag = etag;
+      state.leaseExpires = now + this.ctx.leaseTtlMs;
+      if (!state.readOnly) this.volume.readOnly = false;
+      this.save();
+    } catch (err) {
+      // The store is unreachable: past the expiry another host may take the lease, so stop writing.
+      if ((state.leaseExpires ?? 0) <= Date.now() && !this.volume.readOnly) {
+        this.volume.readOnly = true;
+        this.ctx.log.error('lease expired without renewal; writes are refused until it is renewed', { volume: this.name, error: errorMessage(err) });
+      } else {
+        this.ctx.log.warn('lease renewal failed; retrying', { volume: this.name, error: errorMessage(err) });
+      }
+    } finally {
+      this.renewing = false;
+    }
+  }
+
+  private lapse(why: string): void {
+    this.state.readOnly = true;
+    this.state.generation = 0;
+    this.state.leaseEtag = undefined;
+    this.volume.readOnly = true;
+    this.save();
+    this.ctx.log.error('lost the lease: volume is read-only on this host', { volume: this.name, why });
+  }
+
+  /** Give the lease up (the volume becomes read-only here) so another host can promote. */
+  release(): Promise<{ generation: number }> {
+    return this.serial(async () => {
+      const generation = this.state.generation;
+      this.volume.readOnly = true;
+      this.state.readOnly = true;
+      if (generation > 0 && this.state.leaseEtag !== undefined) {
+        const now = new Date().toISOString();
+        const released: Lease = { format: 1, volume: this.name, owner: this.ctx.hostId, generation, expires: now, acquired: now, released: true };
+        try {
+          await this.ctx.store.put(leaseKey(this.name), encodeLease(released), { ifMatch: this.state.leaseEtag });
+        } catch (err) {
+          if (!isPreconditionFailed(err)) throw err;
+          // Already someone else's: nothing to give up.
+        }
+      }
+      this.state.generation = 0;
+      this.state.leaseEtag = undefined;
+      this.save();
+      this.ctx.log.info('released volume lease', { volume: this.name, generation });
+      return { generation };
+    });
+  }
+
+  // ---- promotion -----------------------------------------------------------------------
+
+  /**
+   * Become the writer: take the lease (once its holder released it or it expired), load
+   * the latest manifest, fence the previous holder, make the volume writable. Clients
+   * stay connected.
+   */
+  promote(): Promise<{ generation: number; sequence: number }> {
+    return this.serial(async () => {
+      if (!this.state.readOnly && this.state.generation > 0) return { generation: this.state.generation, sequence: this.volume.sequence };
+      if (this.volume.dirtyChunks > 0) {
+        throw new VolumeError('EINVAL', `volume ${this.name}: has local writes that are in no manifest; cannot promote over them`);
+      }
+      await this.acquire();
+      await this.refence();
+      this.state.readOnly = false;
+      this.volume.readOnly = false;
+      this.save();
+      this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence });
+      return { generation: this.state.generation, sequence: this.volume.sequence };
+    });
+  }
+
+  /**
+   * After taking the lease with a new generation: load the latest manifest (if it moved
+   * on, the volume takes its content) and rewrite it under the new generation, so the
+   * previous holder's next conditional write fails.
+   */
+  private async refence(): Promise<void> {
+    const key = manifestKey(this.name);
+    for (let attempt = 0; attempt < 5; attempt++) {
+      const current = await this.ctx.store.get(key);
+      if (current === undefined) {
+        this.state.manifestEtag = undefined;
+        return;
+      }
+      const manifest = decodeManifest(key, current.body);
+      if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
+        this.ctx.packIndex.add(manifestLocations(manifest));
+        await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
+      }
+      manifest.meta.generation = this.state.generation;
+      manifest.meta.host = this.ctx.hostId;
+      try {
+        this.state.manifestEtag = await this.ctx.store.put(key, encodeManifest(manifest, this.ctx.manifestCompression), { ifMatch: current.etag });
+        this.state.manifestSequence = manifest.meta.sequence;
+        this.save();
+        return;
+      } catch (err) {
+        if (!isPreconditionFailed(err)) throw err;
+        // The previous holder wrote once more before it noticed: load that one.
+      }
+    }
+    throw new Error(`volume ${this.name}: the manifest keeps changing; the previous holder is still writing`);
+  }
+
+  /** Whether the lease is held here (the volume may write). */
+  get holdsLease(): boolean {
+    return this.state.generation > 0;
+  }
+}
+
+/** chunk → block key of every mapped chunk of a manifest. */
+export function* manifestChunks(manifest: Manifest): Generator<[number, BlockKey]> {
+  const zeroKey = ZERO_ALLOCATED_HASH.toString('latin1');
+  for (let i = 0; i < manifest.chunks.length; i++) {
+    const block = manifest.chunkBlocks[i];
+    yield [manifest.chunks[i], block === ZERO_ALLOCATED_BLOCK ? zeroKey : blockKey(manifest.blocks[block].hash)];
+  }
+}
+
+/** Pack location of every block a manifest names, for the host pack index. */
+export function manifestLocations(manifest: Manifest): Array<[BlockKey, { pack: string; offset: number; length: number; rawLength: number; codec: Manifest['blocks'][number]['codec'] }]> {
+  return manifest.blocks.map((b) => [blockKey(b.hash), { pack: b.pack, offset: b.offset, length: b.length, rawLength: b.rawLength, codec: b.codec }]);
+}

@@ -1,0 +1,86 @@
+// Opening the object store named by the config's storage URL, and the start-up check that
+// it answers. Host code imports the object store from here.
+
+import { fileURLToPath } from 'node:url';
+import type { Logger } from '../log.js';
+import { FileObjectStore } from './file.js';
+import { S3ObjectStore, type S3Options } from './s3.js';
+import { ObjectStoreError, type ObjectStore } from './types.js';
+
+export * from './types.js';
+export { FileObjectStore, type FileStoreOptions } from './file.js';
+export { S3ObjectStore, S3_MAX_SOCKETS, type S3Options } from './s3.js';
+export { FaultyObjectStore, parseFaultSpec, withFaults, type FaultOptions, type InjectedFaults } from './faults.js';
+export { RetryingObjectStore, withRetries, type RetryOptions } from './retry.js';
+export { MeteredObjectStore, REQUEST_KINDS, withMetering, type StoreCounters } from './metered.js';
+export { keyProblem, MAX_KEY_BYTES, MAX_SEGMENT_BYTES } from './keys.js';
+
+/** The URL forms openObjectStore accepts, for error messages. */
+export const STORE_URL_FORMS = ['file:///absolute/path', 's3://bucket', 's3://bucket/key/prefix'] as const;
+
+/** The object probeObjectStore reads (DESIGN.md: Formats); its absence is fine. */
+export const PROBE_KEY = 'store.json';
+
+/** The URL with any user:password@ replaced, for messages. */
+function redact(url: string): string {
+  return url.replace(/^([a-z][a-z0-9+.-]*:\/\/)[^/@]*@/i, '$1***@');
+}
+
+/**
+ * The backend for `url`: `file:///abs/path` (a local folder) or `s3://bucket[/prefix]`
+ * (with `aws` for credentials, endpoint and timeouts). Anything else throws 'Invalid'
+ * naming the URL and the accepted forms. Opening makes no request; see probeObjectStore.
+ */
+export function openObjectStore(url: string, aws: S3Options, log?: Logger): ObjectStore {
+  const invalid = (why: string) =>
+    new ObjectStoreError('Invalid', `object store URL ${JSON.stringify(redact(url))}: ${why}; use ${STORE_URL_FORMS.join(' or ')}`);
+  if (/^file:/i.test(url)) {
+    let root: string;
+    try {
+      root = fileURLToPath(url);
+    } catch (err) {
+      throw invalid(`not a local absolute path (${(err as Error).message})`);
+    }
+    return new FileObjectStore(root, { log: log?.child('file-store') });
+  }
+  if (/^s3:/i.test(url)) {
+    const match = /^s3:\/\/([^/?#@]+)(?:\/([^?#]*))?$/i.exec(url);
+    if (!match) throw invalid('expected s3://bucket or s3://bucket/prefix');
+    return new S3ObjectStore(match[1], match[2] ?? '', aws, log);
+  }
+  throw invalid('unsupported scheme');
+}
+
+/**
+ * One cheap request at start-up (a 1-byte range read of store.json, present or not) so that
+ * a wrong endpoint, bucket or credentials fails at once with a clear message instead of at
+ * the first drain. A range GET rather than a HEAD: S3 answers a HEAD without an error body,
+ * so a missing bucket would read as a missing key.
+ */
+export async function probeObjectStore(store: ObjectStore): Promise<void> {
+  try {
+    await store.getRange(PROBE_KEY, 0, 1);
+  } catch (err) {
+    if (!(err instanceof ObjectStoreError)) throw err;
+    const where = `object store ${store.description}`;
+    switch (err.code) {
+      case 'Unavailable':
+        throw new ObjectStoreError('Unavailable', `${where} is unreachable: ${err.message}`, { cause: err });
+      case 'NoSuchBucket':
+        throw new ObjectStoreError('NoSuchBucket', `${where}: ${missingWhat(store.description)} does not exist`, { cause: err });
+      case 'AccessDenied':
+        throw new ObjectStoreError('AccessDenied', `${where}: access denied (check the credentials and the bucket policy): ${err.message}`, {
+          cause: err,
+        });
+      default:
+        throw new ObjectStoreError(err.code, `${where}: ${err.message}`, { cause: err });
+    }
+  }
+}
+
+/** "bucket B" or "folder /path", from a store's description. */
+function missingWhat(description: string): string {
+  if (description.startsWith('s3://')) return `bucket ${description.slice('s3://'.length).split('/')[0]}`;
+  if (description.startsWith('file://')) return `folder ${fileURLToPath(description)}`;
+  return 'the bucket or folder';
+}

@@ -1,0 +1,95 @@
+// Request, error and byte counters for metrics (updraft_store_requests_total{kind} etc.).
+// Stack it under withRetries (withRetries(withMetering(backend))) so every attempt that
+// reaches the store is counted, not just every call.
+
+import type { ObjectInfo, ObjectStore, PutOptions, RequestKind, StoredObject } from './types.js';
+
+export interface StoreCounters {
+  /** Requests started, by kind. */
+  requests: Record<RequestKind, number>;
+  /** Requests that threw, by kind (a lost conditional put included). */
+  errors: Record<RequestKind, number>;
+  /** Body bytes sent by puts (every attempt, stored or not). */
+  bytesUp: number;
+  /** Body bytes received by get and getRange. */
+  bytesDown: number;
+}
+
+export const REQUEST_KINDS: readonly RequestKind[] = ['get', 'get_range', 'put', 'head', 'list', 'delete'];
+
+function zeroes(): Record<RequestKind, number> {
+  return { get: 0, get_range: 0, put: 0, head: 0, list: 0, delete: 0 };
+}
+
+/** A store that counts the requests, errors and bytes of the store below it. */
+export class MeteredObjectStore implements ObjectStore {
+  readonly description: string;
+  private readonly requests = zeroes();
+  private readonly errors = zeroes();
+  private bytesUp = 0;
+  private bytesDown = 0;
+
+  constructor(private readonly inner: ObjectStore) {
+    this.description = inner.description;
+  }
+
+  /** A copy of the counters as they are now. */
+  counters(): StoreCounters {
+    return { requests: { ...this.requests }, errors: { ...this.errors }, bytesUp: this.bytesUp, bytesDown: this.bytesDown };
+  }
+
+  /** inner.get, counted; its body's bytes count as down. */
+  async get(key: string): Promise<StoredObject | undefined> {
+    const object = await this.count('get', () => this.inner.get(key));
+    if (object) this.bytesDown += object.body.length;
+    return object;
+  }
+
+  /** inner.getRange, counted; the bytes returned count as down. */
+  async getRange(key: string, offset: number, length: number): Promise<Buffer | undefined> {
+    const bytes = await this.count('get_range', () => this.inner.getRange(key, offset, length));
+    if (bytes) this.bytesDown += bytes.length;
+    return bytes;
+  }
+
+  /** inner.put, counted; the body's bytes count as up whether or not it is stored. */
+  put(key: string, body: Buffer, options?: PutOptions): Promise<string> {
+    this.bytesUp += body.length;
+    return this.count('put', () => this.inner.put(key, body, options));
+  }
+
+  /** inner.head, counted. */
+  head(key: string): Promise<ObjectInfo | undefined> {
+    return this.count('head', () => this.inner.head(key));
+  }
+
+  /** inner.list, counted once however many pages the backend reads. */
+  list(prefix: string): Promise<ObjectInfo[]> {
+    return this.count('list', () => this.inner.list(prefix));
+  }
+
+  /** inner.delete, counted. */
+  delete(key: string): Promise<void> {
+    return this.count('delete', () => this.inner.delete(key));
+  }
+
+  /** Closes the inner store. */
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+
+  private async count<T>(kind: RequestKind, request: () => Promise<T>): Promise<T> {
+    this.requests[kind]++;
+    try {
+      return await request();
+    } catch (err) {
+      this.errors[kind]++;
+      throw err;
+    }
+  }
+}
+
+/** Wraps store with counters; read them with counters(). */
+export function withMetering(store: ObjectStore): MeteredObjectStore {
+  return new MeteredObjectStore(store);
+}

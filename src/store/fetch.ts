@@ -1,0 +1,101 @@
+// Cold reads (DESIGN.md: Paths, Read): a block that is not on this host is fetched with
+// its whole pack, one GET; every block of the pack is verified against its name and put
+// into the cache, so the neighbours a reader wants next are already here. Concurrent
+// requests for one pack share one GET; read-ahead runs a bounded number of packs ahead.
+import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
+import { errorMessage, type Logger } from '../log.js';
+import type { ObjectStore } from '../objectstore/types.js';
+import type { BlockFetcher } from '../volume/volume.js';
+import { FormatError } from './errors.js';
+import { decodePackIndex, packKey, unpackBlock, verifyPackId } from './pack.js';
+import type { PackIndex } from './pack-index.js';
+
+/** GETs of a pack that fails verification (a truncated or corrupted body) before giving up. */
+const VERIFY_ATTEMPTS = 3;
+/** Packs fetched ahead of sequential readers at once, host-wide. */
+const MAX_PREFETCH_PACKS = 8;
+
+export interface FetchCounters {
+  packsFetched: number;
+  blocksFetched: number;
+  bytesFetched: number;
+  verifyFailures: number;
+  prefetchedPacks: number;
+}
+
+export class PackFetcher implements BlockFetcher {
+  readonly counters: FetchCounters = { packsFetched: 0, blocksFetched: 0, bytesFetched: 0, verifyFailures: 0, prefetchedPacks: 0 };
+  private readonly inflight = new Map<string, Promise<void>>();
+  private prefetching = 0;
+
+  constructor(
+    private readonly store: ObjectStore,
+    private readonly index: PackIndex,
+    private readonly cache: BlockCache,
+    readonly blocksPerPack: number,
+    private readonly log: Logger,
+  ) {}
+
+  knows(key: BlockKey): boolean {
+    return this.index.has(key);
+  }
+
+  async fetch(keys: readonly BlockKey[]): Promise<void> {
+    const packs = new Set<string>();
+    for (const key of keys) {
+      const location = this.index.get(key);
+      if (location === undefined) throw new Error(`block ${keyHex(key)} is neither on this host nor in any pack it knows of`);
+      packs.add(location.pack);
+    }
+    await Promise.all([...packs].map((id) => this.fetchPack(id)));
+  }
+
+  prefetch(keys: readonly BlockKey[]): void {
+    const packs = new Set<string>();
+    for (const key of keys) {
+      const location = this.index.get(key);
+      if (location !== undefined && !this.inflight.has(location.pack)) packs.add(location.pack);
+    }
+    for (const id of packs) {
+      if (this.prefetching >= MAX_PREFETCH_PACKS) return;
+      this.prefetching++;
+      this.counters.prefetchedPacks++;
+      this.fetchPack(id)
+        .catch((err) => this.log.warn('read-ahead fetch failed', { pack: packKey(id), error: errorMessage(err) }))
+        .finally(() => this.prefetching--);
+    }
+  }
+
+  private fetchPack(id: string): Promise<void> {
+    let work = this.inflight.get(id);
+    if (work === undefined) {
+      work = this.load(id).finally(() => this.inflight.delete(id));
+      this.inflight.set(id, work);
+    }
+    return work;
+  }
+
+  private async load(id: string): Promise<void> {
+    const key = packKey(id);
+    for (let attempt = 1; ; attempt++) {
+      const object = await this.store.get(key);
+      if (object === undefined) throw new Error(`pack ${key} is missing from the store ${this.store.description}`);
+      try {
+        verifyPackId(key, object.body);
+        const entries = decodePackIndex(key, object.body);
+        // Verify every block before any is cached: a pack is used whole or not at all.
+        const blocks = entries.map((entry) => unpackBlock(key, object.body, entry));
+        for (let i = 0; i < entries.length; i++) this.cache.putFromStore(blockKey(entries[i].hash), blocks[i]);
+        this.counters.packsFetched++;
+        this.counters.blocksFetched += entries.length;
+        this.counters.bytesFetched += object.body.length;
+        return;
+      } catch (err) {
+        if (!(err instanceof FormatError)) throw err;
+        this.counters.verifyFailures++;
+        if (attempt >= VERIFY_ATTEMPTS) throw new Error(`${err.message} (after ${attempt} GETs)`);
+        this.log.warn('pack failed verification; fetching it again', { key, attempt, error: err.message });
+      }
+    }
+  }
+}

@@ -1,0 +1,127 @@
+// A real MinIO server for the s3:// tests: the binary scripts/setup-minio.sh builds into
+// the test cache, on 127.0.0.1 with a free port, a fresh data folder and one bucket.
+// There is no skipping: without the binary the test fails and says how to build it.
+
+import { spawn, type ChildProcess } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
+import { freePort, removeDir, scratchDir } from './daemon.js';
+import { killTree, tail } from './tools.js';
+
+const READY_TIMEOUT_MS = 30_000;
+
+export interface Minio {
+  /** e.g. http://127.0.0.1:40123 */
+  endpoint: string;
+  accessKeyId: string;
+  secretAccessKey: string;
+  /** A bucket created at start. */
+  bucket: string;
+  region: string;
+  /** s3://BUCKET/PREFIX with a fresh prefix. */
+  url: string;
+  /** MinIO's output so far (last 64 KiB). */
+  log(): string;
+  /** SIGKILL the server, wait for it to exit, remove its data folder. */
+  stop(): Promise<void>;
+}
+
+/** Where setup-minio.sh puts the binary. */
+export function minioBinary(): string {
+  const cache = process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache', 'updraft-test');
+  return path.join(cache, 'bin', 'minio');
+}
+
+/** The MinIO binary's path; throws (failing the test) when it has not been built. */
+export function requireMinio(): string {
+  const binary = minioBinary();
+  try {
+    accessSync(binary, constants.X_OK);
+  } catch {
+    throw new Error(`MinIO is not built: ${binary} is missing. Run \`bash scripts/setup-minio.sh\` (needs Go; takes 5-15 minutes once).`);
+  }
+  return binary;
+}
+
+/** Starts MinIO, waits for /minio/health/live, creates the bucket. */
+export async function startMinio(): Promise<Minio> {
+  const binary = requireMinio();
+  const dataDir = await scratchDir('updraft-minio-');
+  const port = await freePort();
+  const consolePort = await freePort();
+  const endpoint = `http://127.0.0.1:${port}`;
+  const accessKeyId = 'updraft-test';
+  const secretAccessKey = 'updraft-test-secret';
+  const bucket = 'updraft-test';
+  const region = 'us-east-1';
+
+  const child: ChildProcess = spawn(
+    binary,
+    ['server', '--quiet', '--address', `127.0.0.1:${port}`, '--console-address', `127.0.0.1:${consolePort}`, path.join(dataDir, 'data')],
+    {
+      env: {
+        ...process.env,
+        MINIO_ROOT_USER: accessKeyId,
+        MINIO_ROOT_PASSWORD: secretAccessKey,
+        MINIO_BROWSER: 'off',
+        MINIO_UPDATE: 'off',
+        MINIO_REGION: region,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      detached: true,
+    },
+  );
+  let output = '';
+  const remember = (chunk: Buffer) => {
+    output = (output + chunk.toString('utf8')).slice(-65536);
+  };
+  child.stdout!.on('data', remember);
+  child.stderr!.on('data', remember);
+  const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
+  const onExit = () => killTree(child.pid);
+  process.once('exit', onExit);
+
+  const stop = async () => {
+    process.removeListener('exit', onExit);
+    if (child.exitCode === null && child.signalCode === null) killTree(child.pid);
+    await exited;
+    await removeDir(dataDir);
+  };
+
+  try {
+    const deadline = Date.now() + READY_TIMEOUT_MS;
+    for (;;) {
+      if (child.exitCode !== null || child.signalCode !== null) throw new Error(`minio exited before it was ready`);
+      try {
+        const res = await fetch(`${endpoint}/minio/health/live`, { signal: AbortSignal.timeout(1000) });
+        if (res.ok) break;
+      } catch {
+        // Not listening yet.
+      }
+      if (Date.now() > deadline) throw new Error(`minio not live at ${endpoint} after ${READY_TIMEOUT_MS} ms`);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    const client = new S3Client({ endpoint, region, forcePathStyle: true, credentials: { accessKeyId, secretAccessKey } });
+    try {
+      await client.send(new CreateBucketCommand({ Bucket: bucket }));
+    } finally {
+      client.destroy();
+    }
+  } catch (err) {
+    await stop();
+    throw new Error(`${(err as Error).message}\n--- minio output (tail) ---\n${tail(output, 30)}`, { cause: err });
+  }
+
+  return {
+    endpoint,
+    accessKeyId,
+    secretAccessKey,
+    bucket,
+    region,
+    url: `s3://${bucket}/t-${Date.now().toString(36)}`,
+    log: () => output,
+    stop,
+  };
+}

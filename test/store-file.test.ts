@@ -1,0 +1,277 @@
+// Volumes in the embedded file:// object store: the portability suite, plus flush modes,
+// dedup across volumes, faults, corruption and bad objects. Every host is a real daemon;
+// data goes through the NBD test client.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import {
+  CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, storeRequests, waitFor,
+  withLogs, writeRandom,
+} from './harness/cluster.js';
+import { startDaemon } from './harness/daemon.js';
+import { NbdCommandError } from './harness/nbd-client.js';
+import { definePortabilityTests } from './harness/portability.js';
+
+const TIMEOUT = 180_000;
+
+definePortabilityTests(fileStore, 'file://');
+
+/** Every file under the store's packs/ folder. */
+function packFiles(storeDir: string): string[] {
+  const root = path.join(storeDir, 'packs');
+  if (!fs.existsSync(root)) return [];
+  const out: string[] = [];
+  for (const prefix of fs.readdirSync(root)) {
+    for (const name of fs.readdirSync(path.join(root, prefix))) {
+      if (/^[0-9a-f]{32}$/.test(name)) out.push(path.join(root, prefix, name));
+    }
+  }
+  return out;
+}
+
+test('demand mode: 256 MiB written, read back and deleted on one host makes zero PUTs to the store', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a', { volumes: { seal_idle_ms: 100 } });
+    await withLogs([a], async () => {
+      await createVolume(a, 'quiet', 512);
+      const putsBefore = await storeRequests(a, 'put');
+      const c = await connect(a, 'quiet');
+      const data = await writeRandom(c, 0, 256 * MiB);
+      await c.flush();
+      // Let it seal (idle) so the blocks exist, then read everything back.
+      await waitFor('sealing', async () => (await exportInfo(a, 'quiet')).dirty_bytes === 0, 30_000);
+      assert.ok((await readAll(c, 0, 256 * MiB)).equals(data));
+      await c.disconnect();
+      const r = await a.api('DELETE', '/api/exports/quiet');
+      assert.equal(r.status, 200, r.text);
+      assert.equal((await storeRequests(a, 'put')) - putsBefore, 0, 'a demand-mode volume made PUTs');
+      assert.equal(packFiles(path.join(cluster.dir, 'store')).length, 0);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('continuous mode: the store catches up after writes stop; after SIGKILL another host reads it all', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const intervals = { continuous_block_interval_ms: 500, continuous_manifest_interval_ms: 2000 };
+    const a = await cluster.start('host-a', { volumes: intervals, host: { lease_ttl_s: 3 } });
+    const b = await cluster.start('host-b');
+    await withLogs([a, b], async () => {
+      await createVolume(a, 'steady', 64, { flush_mode: 'continuous' });
+      const c = await connect(a, 'steady');
+      const first = await writeRandom(c, 0, 16 * MiB);
+      const started = Date.now();
+      await waitFor('the manifest to reach the last write', async () => {
+        const info = await exportInfo(a, 'steady');
+        return info.manifest_sequence === info.sequence;
+      }, 15_000);
+      const caughtUpMs = Date.now() - started;
+      assert.ok(caughtUpMs < 10_000, `took ${caughtUpMs} ms`);
+      // Switch to demand at run time: later writes stay local.
+      const switched = await a.api('POST', '/api/exports/steady/flush-mode', { flush_mode: 'demand' });
+      assert.equal(switched.status, 200, switched.text);
+      assert.equal(switched.json.flush_mode, 'demand');
+      const puts = await storeRequests(a, 'put');
+      await c.write(32 * MiB, Buffer.alloc(CHUNK, 3));
+      await new Promise((r) => setTimeout(r, 1500));
+      assert.equal((await storeRequests(a, 'put')) - puts <= 1, true, 'demand mode uploaded (beyond a lease renewal)');
+      await a.kill9();
+      const cb = await connect(b, 'steady');
+      assert.ok((await readAll(cb, 0, 16 * MiB)).equals(first), 'data flushed continuously is not all in the store');
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('dedup: two volumes with the same 256 MiB drain to about one copy; a third host fetches each pack once', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      await createVolume(a, 'twin-1', 512);
+      await createVolume(a, 'twin-2', 512);
+      const data = randomBytes(256 * MiB);
+      for (const name of ['twin-1', 'twin-2']) {
+        const c = await connect(a, name);
+        for (let at = 0; at < data.length; at += 4 * MiB) await c.write(at, data.subarray(at, at + 4 * MiB));
+        await c.flush();
+        await c.disconnect();
+      }
+      const d1 = await drain(a, 'twin-1');
+      const d2 = await drain(a, 'twin-2');
+      assert.equal(d2.packs_uploaded, 0, 'the second volume uploaded blocks the first already had');
+      const packs = packFiles(path.join(cluster.dir, 'store'));
+      const stored = packs.reduce((sum, f) => sum + fs.statSync(f).size, 0);
+      assert.equal(packs.length, d1.packs_uploaded);
+      assert.ok(stored < 256 * MiB * 1.05, `store holds ${stored} bytes for 256 MiB of unique data`);
+      assert.ok(stored > 256 * MiB * 0.95, `store holds only ${stored} bytes (random data does not compress)`);
+      const c3 = await cluster.start('host-c');
+      const packGets = await storeRequests(c3, 'get');
+      for (const name of ['twin-1', 'twin-2']) {
+        const c = await connect(c3, name);
+        assert.ok((await readAll(c, 0, 256 * MiB, 4 * MiB)).equals(data), `${name} differs on host C`);
+        await c.disconnect();
+      }
+      const fetched = await metric(c3, 'updraft_store_packs_fetched_total');
+      assert.equal(fetched, packs.length, `host C fetched ${fetched} packs; the store has ${packs.length}`);
+      // GETs: the packs once each, plus one manifest and one lease per volume.
+      assert.ok((await storeRequests(c3, 'get')) - packGets <= packs.length + 4);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('faults: drain under errors, latency and lost replies succeeds or reports an error; the manifest never names a missing pack', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const faults = 'seed=11,error=0.15,server_error=0.05,latency=3,jitter=3,lost_put=0.15,truncate=0.1';
+    const a = await cluster.start('host-a', {}, { UPDRAFT_STORE_FAULTS: faults });
+    const b = await cluster.start('host-b', {}, { UPDRAFT_STORE_FAULTS: 'seed=5,error=0.1,truncate=0.2,latency=2' });
+    await withLogs([a, b], async () => {
+      await createVolume(a, 'shaky', 64);
+      const c = await connect(a, 'shaky');
+      const data = await writeRandom(c, 0, 32 * MiB);
+      await c.disconnect();
+      let ok = false;
+      let failures = 0;
+      for (let attempt = 0; attempt < 10 && !ok; attempt++) {
+        const r = await a.api('POST', '/api/exports/shaky/drain');
+        if (r.status === 200) ok = true;
+        else {
+          failures++;
+          assert.ok(r.status >= 500 && r.status < 600 || r.status === 409, `drain failed with ${r.status}: ${r.text}`);
+          assert.equal(typeof r.json.error, 'string');
+        }
+      }
+      assert.ok(ok, `drain never succeeded (${failures} failures)`);
+      assert.ok((await storeRequests(a)) > 0);
+      // Invariant 2, checked from the outside: B reads every byte through truncated bodies and errors.
+      const cb = await connect(b, 'shaky');
+      assert.ok((await readAll(cb, 0, 32 * MiB)).equals(data));
+      await cb.disconnect();
+      assert.ok((await metric(b, 'updraft_store_verify_failures_total')) > 0, 'truncated pack bodies were not detected');
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('a corrupted pack is EIO on read (named in the log); the volume keeps serving its other chunks', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a', { servers: { nbd: { blocks_per_pack: 4 } } });
+    const b = await cluster.start('host-b', { servers: { nbd: { blocks_per_pack: 4 } } });
+    await withLogs([a, b], async () => {
+      await createVolume(a, 'rot', 64);
+      const c = await connect(a, 'rot');
+      const data = await writeRandom(c, 0, 4 * MiB); // 32 chunks: 8 packs of 4
+      await c.disconnect();
+      await drain(a, 'rot');
+      const packs = packFiles(path.join(cluster.dir, 'store'));
+      assert.equal(packs.length, 8);
+      // Flip one byte in the middle of every pack but... just one of them.
+      const victim = packs[0];
+      const body = fs.readFileSync(victim);
+      body[body.length - 100] ^= 0xff;
+      fs.writeFileSync(victim, body);
+      const cb = await connect(b, 'rot');
+      let eio = 0;
+      let good = 0;
+      for (let chunk = 0; chunk < 32; chunk++) {
+        try {
+          const got = await cb.read(chunk * CHUNK, CHUNK);
+          assert.ok(got.equals(data.subarray(chunk * CHUNK, (chunk + 1) * CHUNK)), `chunk ${chunk} read wrong data`);
+          good++;
+        } catch (err) {
+          assert.ok(err instanceof NbdCommandError && err.code === 'EIO', String(err));
+          eio++;
+        }
+      }
+      assert.equal(eio, 4, 'the 4 chunks of the corrupted pack should fail');
+      assert.equal(good, 28);
+      assert.match(b.log(), new RegExp(`packs/${path.basename(path.dirname(victim))}/${path.basename(victim)}`));
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('bad objects in the store: a malformed manifest or lease gives a clear error naming the key', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const storeDir = path.join(cluster.dir, 'store');
+    fs.mkdirSync(path.join(storeDir, 'volumes', 'junk'), { recursive: true });
+    fs.writeFileSync(path.join(storeDir, 'volumes', 'junk', 'manifest'), 'this is not a manifest');
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      const r = await a.api('PUT', '/api/exports/junk', { size_gb: 0.0625 });
+      assert.equal(r.status, 502, r.text);
+      assert.match(r.json.error, /volumes\/junk\/manifest/);
+      // Over NBD the export is refused, and the daemon keeps serving.
+      await assert.rejects(connect(a, 'junk'));
+      assert.equal((await a.api('GET', '/healthz')).status, 200);
+      // A good volume whose lease object is garbage.
+      await createVolume(a, 'leasy', 64);
+      const c = await connect(a, 'leasy');
+      await c.write(0, Buffer.alloc(CHUNK, 1));
+      await c.disconnect();
+      await drain(a, 'leasy');
+      fs.writeFileSync(path.join(storeDir, 'volumes', 'leasy', 'lease'), '{"format":1,"owner":42}');
+      const b = await cluster.start('host-b');
+      const woke = await b.api('PUT', '/api/exports/leasy', { size_gb: 0.0625 });
+      assert.equal(woke.status, 502, woke.text);
+      assert.match(woke.json.error, /volumes\/leasy\/lease/);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('a wrong storage URL or an unreachable endpoint fails start-up with a clear message', { timeout: TIMEOUT }, async () => {
+  await assert.rejects(
+    startDaemon({ toml: { storage: { url: 's3://no-such-bucket-here/x' }, aws: { endpoint: 'http://127.0.0.1:1', allow_http: true, force_path_style: true, access_key_id: 'k', secret_access_key: 's' } } }),
+    (err: Error) => /unreachable|127\.0\.0\.1:1|ECONNREFUSED/.test(err.message),
+  );
+  await assert.rejects(
+    startDaemon({ toml: { storage: { url: 'file:///proc/definitely/not/here' } } }),
+    (err: Error) => /\/proc\/definitely\/not\/here/.test(err.message),
+  );
+});
+
+test('DELETE refuses while a client is attached, then ?force=true disconnects it; the store keeps the drained data', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      await createVolume(a, 'gone/soon', 64);
+      const c = await connect(a, 'gone/soon');
+      const data = await writeRandom(c, 0, 2 * MiB);
+      await drain(a, 'gone/soon');
+      const refused = await a.api('DELETE', '/api/exports/gone%2Fsoon');
+      assert.equal(refused.status, 409, refused.text);
+      const forced = await a.api('DELETE', '/api/exports/gone%2Fsoon?force=true');
+      assert.equal(forced.status, 200, forced.text);
+      assert.equal(forced.json.disconnected, 1);
+      await assert.rejects(c.read(0, 4096));
+      assert.equal((await a.api('GET', '/api/exports/gone%2Fsoon')).status, 404);
+      // Asked again, the host wakes it from the store, writable (the lease was released).
+      const again = await connect(a, 'gone/soon');
+      assert.ok((await readAll(again, 0, 2 * MiB)).equals(data));
+      await again.write(0, Buffer.alloc(4096, 5));
+      await again.disconnect();
+      const bad = await a.api('DELETE', '/api/exports/gone%2Fsoon?force=maybe');
+      assert.equal(bad.status, 400, bad.text);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
