@@ -10,7 +10,7 @@ import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, storeRequests, waitFor,
   withLogs, writeRandom,
 } from './harness/cluster.js';
-import { startDaemon } from './harness/daemon.js';
+import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 import { definePortabilityTests } from './harness/portability.js';
 
@@ -241,10 +241,15 @@ test('a wrong storage URL or an unreachable endpoint fails start-up with a clear
     startDaemon({ toml: { storage: { url: 's3://no-such-bucket-here/x' }, aws: { endpoint: 'http://127.0.0.1:1', allow_http: true, force_path_style: true, access_key_id: 'k', secret_access_key: 's' } } }),
     (err: Error) => /unreachable|127\.0\.0\.1:1|ECONNREFUSED/.test(err.message),
   );
-  await assert.rejects(
-    startDaemon({ toml: { storage: { url: 'file:///proc/definitely/not/here' } } }),
-    (err: Error) => /\/proc\/definitely\/not\/here/.test(err.message),
-  );
+  // A store folder that cannot be created: its parent is a file.
+  const dir = await scratchDir('updraft-badstore-');
+  try {
+    fs.writeFileSync(path.join(dir, 'a-file'), 'x');
+    const url = `file://${path.join(dir, 'a-file', 'store')}`;
+    await assert.rejects(startDaemon({ toml: { storage: { url } } }), (err: Error) => err.message.includes(`cannot create folder ${path.join(dir, 'a-file', 'store')}`));
+  } finally {
+    await removeDir(dir);
+  }
 });
 
 test('DELETE refuses while a client is attached, then ?force=true disconnects it; the store keeps the drained data', { timeout: TIMEOUT }, async () => {

@@ -99,7 +99,9 @@ function describe(err: unknown): string {
   const status = e.$metadata?.httpStatusCode;
   let text = errorMessage(err);
   if (Array.isArray(e.errors) && e.errors.length > 0) text = e.errors.map(errorMessage).join('; ');
-  const label = [e.name && e.name !== 'Error' ? e.name : undefined, e.code && e.code !== e.name ? e.code : undefined, status ? `HTTP ${status}` : undefined]
+  // A HEAD answer has no body, so the SDK can only say "Unknown"/"UnknownError".
+  if (text === 'UnknownError') text = 'no error details (HEAD answers carry no body)';
+  const label = [e.name && e.name !== 'Error' && e.name !== 'Unknown' ? e.name : undefined, e.code && e.code !== e.name ? e.code : undefined, status ? `HTTP ${status}` : undefined]
     .filter(Boolean)
     .join(' ');
   return label ? `${label}: ${text || '(no message)'}` : text;
