@@ -280,3 +280,90 @@ test('DELETE refuses while a client is attached, then ?force=true disconnects it
     await cluster.cleanup();
   }
 });
+
+test('the dirty budget uploads changed blocks in demand mode without writing a manifest', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      const created = await createVolume(a, 'budgeted', 128, { dirty_budget_gb: 16 / 1024 });
+      assert.equal(created.dirty_budget_gb, 16 / 1024);
+      const c = await connect(a, 'budgeted');
+      await writeRandom(c, 0, 48 * MiB);
+      await waitFor('packs uploaded under the dirty budget', async () => packFiles(path.join(cluster.dir, 'store')).length > 0, 20_000);
+      await c.disconnect();
+      const info = await exportInfo(a, 'budgeted');
+      assert.equal(info.manifest_sequence, -1, 'the budget wrote a manifest');
+      assert.ok(!fs.existsSync(path.join(cluster.dir, 'store', 'volumes', 'budgeted', 'manifest')));
+      assert.match(a.log(), /dirty budget exceeded/);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('fencing: a holder whose lease was taken over cannot write the manifest again and turns read-only', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b');
+    await withLogs([a, b], async () => {
+      await createVolume(a, 'split', 64);
+      const c = await connect(a, 'split');
+      await c.write(0, Buffer.alloc(CHUNK, 1));
+      await drain(a, 'split');
+      // A is cut off from the store and its lease runs out: simulate the expiry in the store.
+      const leaseFile = path.join(cluster.dir, 'store', 'volumes', 'split', 'lease');
+      const lease = JSON.parse(fs.readFileSync(leaseFile, 'utf8'));
+      fs.writeFileSync(leaseFile, JSON.stringify({ ...lease, expires: new Date(Date.now() - 1000).toISOString() }));
+      const cb = await connect(b, 'split');
+      const promoted = await b.api('POST', '/api/exports/split/promote');
+      assert.equal(promoted.status, 200, promoted.text);
+      assert.equal(promoted.json.generation, lease.generation + 1);
+      await cb.write(CHUNK, Buffer.alloc(CHUNK, 2));
+      await drain(b, 'split');
+      // A still believes it holds the lease: its next manifest write is refused and it stops writing.
+      await c.write(0, Buffer.alloc(CHUNK, 3));
+      const stale = await a.api('POST', '/api/exports/split/drain');
+      assert.equal(stale.status, 409, stale.text);
+      assert.match(stale.json.error, /another host/);
+      await assert.rejects(c.write(0, Buffer.alloc(4096)), (err: unknown) => err instanceof NbdCommandError && err.code === 'EPERM');
+      assert.equal((await exportInfo(a, 'split')).read_only, true);
+      // The store has B's data, not A's late write.
+      const d = await cluster.start('host-d');
+      const cd = await connect(d, 'split');
+      assert.ok((await cd.read(0, CHUNK)).equals(Buffer.alloc(CHUNK, 1)));
+      assert.ok((await cd.read(CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK, 2)));
+      await cd.disconnect();
+      await cb.disconnect();
+      c.close();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('the store API validates paths and bodies: 404 for unknown exports, 400 for bad bodies', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      for (const action of ['drain', 'promote', 'release', 'flush-mode']) {
+        const r = await a.api('POST', `/api/exports/nope/${action}`, action === 'flush-mode' ? { flush_mode: 'demand' } : undefined);
+        assert.equal(r.status, 404, `${action}: ${r.text}`);
+      }
+      await createVolume(a, 'valid', 64);
+      for (const body of [{}, { flush_mode: 'sometimes' }, { flush_mode: 'demand', extra: 1 }, { flush_mode: 'continuous', dirty_budget_gb: -1 }]) {
+        const r = await a.api('POST', '/api/exports/valid/flush-mode', body);
+        assert.equal(r.status, 400, `${JSON.stringify(body)}: ${r.text}`);
+        assert.match(r.json.error, /body/);
+      }
+      const bad = await a.api('PUT', '/api/exports/valid2', { size_gb: 1, flush_mode: 'never' });
+      assert.equal(bad.status, 400, bad.text);
+      const badName = await a.api('POST', '/api/exports/..%2Fetc/drain');
+      assert.equal(badName.status, 400, badName.text);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});

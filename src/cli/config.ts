@@ -13,7 +13,7 @@ import { errorMessage } from '../log.js';
 
 export interface Config {
   cache: { dir: string; diskSizeGb: number; memorySizeGb: number };
-  storage: { url: string; compression: string };
+  storage: { url: string; compression: string; readAheadPacks: number };
   aws: {
     accessKeyId: string;
     secretAccessKey: string;
@@ -76,6 +76,8 @@ memory_size_gb = 1.0
 url = "file://./.updraft/store"
 # Compression of blocks in packs: "lz4", "none" or "zstd-1" to "zstd-19".
 compression = "lz4"
+# Packs a sequential reader keeps fetched ahead of itself (0 turns read-ahead off).
+read_ahead_packs = 2
 
 [aws]
 # Credentials and endpoint for an s3:// storage url. Empty values use the AWS SDK's
@@ -253,6 +255,7 @@ const STORAGE = {
     'lz4',
     '"lz4", "none" or "zstd-N" with N from 1 to 19',
   ),
+  read_ahead_packs: setting(z.number().int().min(0).max(64), 2, 'an integer from 0 to 64'),
 };
 
 const AWS = {
@@ -515,7 +518,7 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
   const { nbd, http } = servers;
   return {
     cache: { dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb },
-    storage: { url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression },
+    storage: { url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs },
     aws: {
       accessKeyId: aws.access_key_id,
       secretAccessKey: aws.secret_access_key,

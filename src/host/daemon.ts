@@ -80,6 +80,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       compression: parseCompression(config.storage.compression),
       manifestCompression: parseCompression('zstd-3'),
       blocksPerPack: nbdConfig.blocksPerPack,
+      readAheadPacks: config.storage.readAheadPacks,
       hostId: config.host.id,
       leaseTtlMs: config.host.leaseTtlS * 1000,
       flushMode: config.volumes.flushMode,

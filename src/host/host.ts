@@ -35,6 +35,8 @@ export interface HostOptions {
   compression: Compression;
   manifestCompression: Compression;
   blocksPerPack: number;
+  /** Packs fetched ahead of a sequential reader; 0 turns read-ahead off. */
+  readAheadPacks: number;
   /** This host's id in leases; "" generates one and keeps it in the cache dir. */
   hostId: string;
   leaseTtlMs: number;
@@ -115,7 +117,7 @@ export class Host {
       log.child('cache'),
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
-    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.blocksPerPack, log.child('fetch'));
+    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
     this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.blocksPerPack, log.child('upload'));
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {

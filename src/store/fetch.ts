@@ -32,7 +32,8 @@ export class PackFetcher implements BlockFetcher {
     private readonly store: ObjectStore,
     private readonly index: PackIndex,
     private readonly cache: BlockCache,
-    readonly blocksPerPack: number,
+    /** Chunks kept fetched ahead of a sequential reader: read_ahead_packs × blocks_per_pack. */
+    readonly readAheadChunks: number,
     private readonly log: Logger,
   ) {}
 

@@ -75,8 +75,8 @@ export interface BlockFetcher {
   prefetch(keys: readonly BlockKey[]): void;
   /** Whether the store holds this block (the host pack index names its pack). */
   knows(key: BlockKey): boolean;
-  /** The read-ahead unit: blocks per pack. */
-  readonly blocksPerPack: number;
+  /** Chunks a sequential reader keeps fetched ahead of itself; 0: no read-ahead. */
+  readonly readAheadChunks: number;
 }
 
 /** A volume's block map at one sequence, with references held until release(). */
@@ -391,9 +391,10 @@ export class Volume {
     return missing;
   }
 
-  /** Keep two packs' worth of chunks ahead of a sequential reader fetched. */
+  /** Keep `read_ahead_packs` packs' worth of chunks ahead of a sequential reader fetched. */
   private readAhead(end: number): void {
-    const window = 2 * this.fetcher!.blocksPerPack;
+    const window = this.fetcher!.readAheadChunks;
+    if (window === 0) return;
     const chunk = Math.floor(end / this.blockSize);
     if (chunk + window / 2 < this.prefetchedUntil) return;
     const from = Math.max(chunk, this.prefetchedUntil + 1);

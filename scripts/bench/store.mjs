@@ -1,0 +1,197 @@
+#!/usr/bin/env node
+// The object-store part of `npm run bench` (scripts/bench.sh, part "store"):
+//
+//   drain    a volume with BENCH_STORE_SIZE (1 GiB) written sequentially by fio (random,
+//            incompressible data, nothing sealed yet) is drained to MinIO on loopback:
+//            MB/s of volume data, packs, bytes and store requests per GiB.
+//   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
+//            with BENCH_STORE_LATENCY_MS (20) injected on every store request
+//            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = 2) and without (0).
+//
+// Prints "store KEY VALUE" lines on stdout (bench.sh appends them to its results).
+// Needs the MinIO binary scripts/setup-minio.sh builds. Every process started here is
+// stopped by its pid; the scratch folder is removed.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const MAIN = path.join(ROOT, 'dist/src/cli/main.js');
+const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache/updraft-test'), 'bin/minio');
+const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
+const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
+const MiB = 1024 * 1024;
+
+const children = new Set();
+const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'updraft-bench-store-'));
+const say = (s) => process.stderr.write(`bench store: ${s}\n`);
+const record = (key, value) => process.stdout.write(`store ${key} ${value}\n`);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function freePort() {
+  const server = net.createServer();
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  const { port } = server.address();
+  await new Promise((r) => server.close(r));
+  return port;
+}
+
+function start(cmd, args, opts = {}) {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
+  const log = fs.createWriteStream(opts.logFile ?? '/dev/null');
+  child.stdout.pipe(log);
+  child.stderr.pipe(log);
+  children.add(child);
+  child.once('exit', () => children.delete(child));
+  return child;
+}
+
+async function stop(child, signal = 'SIGTERM') {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill(signal);
+  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+async function waitUrl(url, child, timeoutMs = 30_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`${url}: the process exited (${child.exitCode})`);
+    try {
+      if ((await fetch(url)).ok) return;
+    } catch {}
+    await sleep(50);
+  }
+  throw new Error(`${url} not ready after ${timeoutMs} ms`);
+}
+
+async function api(base, method, p, body) {
+  const r = await fetch(base + p, {
+    method,
+    headers: body === undefined ? {} : { 'content-type': 'application/json' },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await r.text();
+  if (!r.ok) throw new Error(`${method} ${p}: ${r.status} ${text}`);
+  return text ? JSON.parse(text) : null;
+}
+
+async function metric(base, name, labels = {}) {
+  const text = await (await fetch(base + '/metrics')).text();
+  let total = 0;
+  for (const line of text.split('\n')) {
+    const m = /^([a-z_]+)(\{([^}]*)\})? (\S+)$/.exec(line);
+    if (!m || m[1] !== name) continue;
+    const have = Object.fromEntries((m[3] ?? '').split(',').filter(Boolean).map((kv) => [kv.split('=')[0], kv.split('=')[1].slice(1, -1)]));
+    if (Object.entries(labels).every(([k, v]) => have[k] === v)) total += Number(m[4]);
+  }
+  return total;
+}
+
+async function fio(args) {
+  const child = start('fio', [...args, '--output-format=json']);
+  let out = '';
+  child.stdout.on('data', (d) => (out += d));
+  const code = await new Promise((r) => child.once('exit', r));
+  if (code !== 0) throw new Error(`fio ${args.join(' ')} exited ${code}`);
+  return JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+}
+
+async function daemon(name, minio, extraToml = '', env = {}) {
+  const dir = path.join(scratch, name);
+  fs.mkdirSync(dir, { recursive: true });
+  const http = await freePort();
+  const toml = `
+[cache]
+dir = "${dir}/cache"
+disk_size_gb = 8
+memory_size_gb = 1
+[storage]
+url = "s3://${minio.bucket}/bench"
+${extraToml}
+[aws]
+access_key_id = "${minio.key}"
+secret_access_key = "${minio.secret}"
+endpoint = "${minio.endpoint}"
+allow_http = true
+force_path_style = true
+[host]
+id = "${name}"
+[servers.nbd]
+unix_socket = "${dir}/nbd.sock"
+auto_create_size_gb = 0
+[servers.http]
+address = "127.0.0.1:${http}"
+[volumes]
+seal_idle_ms = 600000
+`;
+  fs.writeFileSync(path.join(dir, 'updraft.toml'), toml);
+  const child = start(process.execPath, [MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], {
+    env: { ...process.env, ...env },
+    logFile: path.join(dir, 'daemon.log'),
+  });
+  const url = `http://127.0.0.1:${http}`;
+  await waitUrl(url + '/healthz', child);
+  return { child, url, uri: (v) => `nbd+unix:///${v}?socket=${dir}/nbd.sock` };
+}
+
+async function main() {
+  if (!fs.existsSync(MINIO)) throw new Error(`${MINIO} is missing: run scripts/setup-minio.sh`);
+  const port = await freePort();
+  const minio = { endpoint: `http://127.0.0.1:${port}`, key: 'bench', secret: 'bench-secret-key', bucket: 'updraft-bench' };
+  const minioProc = start(MINIO, ['server', '--quiet', '--address', `127.0.0.1:${port}`, '--console-address', `127.0.0.1:${await freePort()}`, path.join(scratch, 'minio')], {
+    env: { ...process.env, MINIO_ROOT_USER: minio.key, MINIO_ROOT_PASSWORD: minio.secret },
+  });
+  await waitUrl(`${minio.endpoint}/minio/health/live`, minioProc);
+  const s3 = new S3Client({ endpoint: minio.endpoint, region: 'us-east-1', forcePathStyle: true, credentials: { accessKeyId: minio.key, secretAccessKey: minio.secret } });
+  await s3.send(new CreateBucketCommand({ Bucket: minio.bucket }));
+  s3.destroy();
+
+  // ---- drain ----
+  const a = await daemon('host-a', minio);
+  const volume = 'bench-drain';
+  await api(a.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+  say(`writing ${SIZE_MIB} MiB with fio`);
+  await fio(['--name=fill', '--ioengine=nbd', `--uri=${a.uri(volume)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${SIZE_MIB}M`, '--refill_buffers', '--end_fsync=1']);
+  const putsBefore = await metric(a.url, 'updraft_store_requests_total');
+  say('draining');
+  const t0 = performance.now();
+  const drained = await api(a.url, 'POST', `/api/exports/${volume}/drain`);
+  const seconds = (performance.now() - t0) / 1000;
+  const requests = (await metric(a.url, 'updraft_store_requests_total')) - putsBefore;
+  record('drain_size_mib', SIZE_MIB);
+  record('drain_seconds', seconds.toFixed(2));
+  record('drain_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds).toFixed(0));
+  record('drain_packs', drained.packs_uploaded);
+  record('drain_bytes_uploaded', drained.bytes_uploaded);
+  record('drain_requests_per_gib', ((requests * 1024) / SIZE_MIB).toFixed(0));
+  say(`drain: ${seconds.toFixed(2)} s, ${drained.packs_uploaded} packs, ${requests} requests`);
+  await stop(a.child, 'SIGKILL'); // its lease stays; the readers below are read-only, which reading needs not mind
+
+  // ---- cold sequential reads ----
+  for (const [label, packs] of [['readahead', 2], ['no_readahead', 0]]) {
+    const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` });
+    await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+    const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
+    const job = await fio(['--name=cold', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=read', '--bs=1M', '--iodepth=1', `--size=${SIZE_MIB}M`]);
+    const gets = (await metric(b.url, 'updraft_store_requests_total', { kind: 'get' })) - gets0;
+    record(`cold_read_${label}_mb_s`, (job.read.bw_bytes / 1e6).toFixed(0));
+    record(`cold_read_${label}_gets`, gets);
+    say(`cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs`);
+    await stop(b.child);
+  }
+  record('latency_ms', LATENCY_MS);
+}
+
+try {
+  await main();
+} finally {
+  for (const child of children) await stop(child, 'SIGKILL');
+  fs.rmSync(scratch, { recursive: true, force: true });
+}
