@@ -132,7 +132,8 @@ address = "127.0.0.1:${http}"
 seal_idle_ms = 600000
 `;
   fs.writeFileSync(path.join(dir, 'updraft.toml'), toml);
-  const child = start(process.execPath, [MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], {
+  const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const child = start(process.execPath, [...nodeArgs, MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], {
     env: { ...process.env, ...env },
     logFile: path.join(dir, 'daemon.log'),
   });
@@ -172,7 +173,7 @@ async function main() {
   record('drain_bytes_uploaded', drained.bytes_uploaded);
   record('drain_requests_per_gib', ((requests * 1024) / SIZE_MIB).toFixed(0));
   say(`drain: ${seconds.toFixed(2)} s, ${drained.packs_uploaded} packs, ${requests} requests`);
-  await stop(a.child, 'SIGKILL'); // its lease stays; the readers below are read-only, which reading needs not mind
+  await stop(a.child); // its lease stays: the readers below are read-only, which reading does not mind
 
   // ---- cold sequential reads ----
   for (const [label, packs] of [['readahead', 2], ['no_readahead', 0]]) {
@@ -191,7 +192,15 @@ async function main() {
 
 try {
   await main();
+} catch (err) {
+  if (process.env.BENCH_KEEP) say(`keeping ${scratch}`);
+  throw err;
 } finally {
+  if (process.env.BENCH_KEEP) {
+    say(`logs in ${scratch}`);
+    for (const child of children) await stop(child, 'SIGKILL');
+    process.exit(0);
+  }
   for (const child of children) await stop(child, 'SIGKILL');
   fs.rmSync(scratch, { recursive: true, force: true });
 }

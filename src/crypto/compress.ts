@@ -8,17 +8,38 @@
 //   codec 2  zstd  one zstd frame (content size in the frame header, no frame checksum:
 //                  blocks are verified by their hash)
 //
-// Throughput on this machine (Intel Xeon, 2 vCPU, Node 20; scripts/bench of this change:
-// 128 KiB blocks, one thread, MB/s of raw data; "text" is compressible log-like text):
+// Measured (one thread, 128 KiB blocks, MB/s of raw data, best of 3-5 runs; a shared
+// 2-vCPU Firecracker VM under load, Node 20 — expect 2-3x more on an idle server):
 //
-//   codec    compress random  decompress random  compress text  decompress text  text ratio
-//   lz4           (see the commit message and the formats report for the measured figures)
+//   per block        compress  decompress  stored/raw   (text = JS sources, binary = ELF)
+//   lz4    text         250-420   1100-1600   0.29
+//   lz4    binary       140-320   1200-1400   0.58
+//   lz4    random       175-1500   (none)     1.00
+//   zstd-1 text         340-370    760-1060   0.20
+//   zstd-1 binary       200-330    370-820    0.45
+//   zstd-3 text         100-330    170-1130   0.19
+//   zstd-3 binary        95-220    230-770    0.42
+//   zstd-3 random      2500-4000   (none)     1.00
+//   zstd-9 text          26-60     450-1230   0.17
 //
-// Everything here is synchronous and runs on the calling thread: a 128 KiB block takes
-// well under a millisecond with lz4 and zstd-3. Callers that compress many blocks at once
-// (a pack upload) may move the work to a worker.
+//   whole packs (encodePack of 25 blocks; verifyPackId + decodePackIndex + unpackBlock ×25)
+//   lz4    text/binary/random   encode 200/120/140   read 810/780/1210
+//   zstd-1 text/binary/random   encode 240/210/920   read 610/590/1160
+//   zstd-3 text/binary/random   encode 180/150/780   read 580/430/1330
+//   none                        encode 850-1150      read 1190-1280
+//
+// lz4 is slower than it should be here: lz4-napi has no API that writes into a caller's
+// buffer, so every call allocates a fresh output of compressBound size, and on this VM
+// first-touch pages are expensive (lz4 on random data runs at 1500 MB/s when the heap is
+// collected between rounds, 175 MB/s when it is not). zstd-napi compresses into a reused
+// scratch buffer and does not have the problem.
+//
+// Everything here is synchronous and runs on the calling thread (about 0.1-1 ms per
+// block). Callers that compress many blocks at once (a pack upload) may move the work
+// to a worker thread.
 import { compressSync as lz4CompressSync, uncompressSync as lz4UncompressSync } from 'lz4-napi';
 import zstd from 'zstd-napi/binding.js';
+import { errorMessage } from '../log.js';
 
 export const CODEC_NONE = 0;
 export const CODEC_LZ4 = 1;
@@ -74,9 +95,12 @@ export function codecName(codec: number): string {
 // sharing them (and the scratch buffers below) between callers is safe.
 let zstdCompressContext: zstd.CCtx | undefined;
 let zstdDecompressContext: zstd.DCtx | undefined;
+// Scratch buffers only grow up to block size: a larger input (a manifest body) gets a
+// buffer of its own, so that one big manifest does not pin megabytes for the process's life.
+const SCRATCH_MAX = MAX_BLOCK_BYTES + 64 * 1024;
 let zstdScratch = Buffer.alloc(0);
 // lz4-napi's block API reads the raw length from a 4-byte little-endian prefix; we store
-// the pure LZ4 block and put the prefix back in this scratch buffer to decompress.
+// the pure LZ4 block and put the prefix back in front of it to decompress.
 let lz4Scratch = Buffer.alloc(0);
 
 /**
@@ -95,12 +119,19 @@ export function compressBlock(c: Compression, raw: Buffer): { codec: CodecId; da
     }
     case CODEC_ZSTD: {
       const bound = zstd.compressBound(raw.length);
-      if (zstdScratch.length < bound) zstdScratch = Buffer.allocUnsafe(bound);
+      let out: Buffer;
+      if (bound > SCRATCH_MAX) {
+        out = Buffer.allocUnsafe(bound);
+      } else {
+        if (zstdScratch.length < bound) zstdScratch = Buffer.allocUnsafe(bound);
+        out = zstdScratch;
+      }
       zstdCompressContext ??= new zstd.CCtx();
-      const length = zstdCompressContext.compress(zstdScratch, raw, c.level);
+      const length = zstdCompressContext.compress(out, raw, c.level);
       if (length >= raw.length) return { codec: CODEC_NONE, data: raw };
-      // Copy out of the scratch buffer: exactly the compressed size, nothing retained.
-      return { codec: CODEC_ZSTD, data: Buffer.from(zstdScratch.subarray(0, length)) };
+      // Out of the scratch buffer: copy exactly the compressed bytes. A buffer of its own
+      // is short-lived (it goes to a PUT), so a view of it will do.
+      return { codec: CODEC_ZSTD, data: out === zstdScratch ? Buffer.from(out.subarray(0, length)) : out.subarray(0, length) };
     }
     default:
       throw new Error(`compress: ${codecName(c.codec)} (compression ${JSON.stringify(c.name)})`);
@@ -108,14 +139,14 @@ export function compressBlock(c: Compression, raw: Buffer): { codec: CodecId; da
 }
 
 /**
- * Decompress `data` written with `codec` into exactly `rawLength` bytes (at most
- * `maxRawLength`: a block by default; a manifest body passes its own bound). Throws an Error
+ * Decompress `data` written with `codec` into exactly `rawLength` bytes. Throws an Error
  * on an unknown codec, a codec error, or any other output length. CODEC_NONE returns
- * `data` itself (after checking its length).
+ * `data` itself (after checking its length). `maxLength` bounds the allocation a bad
+ * length field can cause: a block by default; a manifest reader passes its own bound.
  */
-export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number, maxRawLength = MAX_BLOCK_BYTES): Buffer {
-  if (!Number.isInteger(rawLength) || rawLength < 0 || rawLength > maxRawLength) {
-    throw new Error(`decompress: raw length ${rawLength} is outside 0..${maxRawLength}`);
+export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number, maxLength = MAX_BLOCK_BYTES): Buffer {
+  if (!Number.isInteger(rawLength) || rawLength < 0 || rawLength > maxLength) {
+    throw new Error(`raw length ${rawLength} is outside 0..${maxLength}`);
   }
   switch (codec) {
     case CODEC_NONE:
@@ -123,14 +154,20 @@ export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number,
       return data;
     case CODEC_LZ4: {
       const need = 4 + data.length;
-      if (lz4Scratch.length < need) lz4Scratch = Buffer.allocUnsafe(Math.max(need, 64 * 1024));
-      lz4Scratch.writeUInt32LE(rawLength, 0);
-      data.copy(lz4Scratch, 4);
+      let prefixed: Buffer;
+      if (need > SCRATCH_MAX) {
+        prefixed = Buffer.allocUnsafe(need);
+      } else {
+        if (lz4Scratch.length < need) lz4Scratch = Buffer.allocUnsafe(Math.max(need, 256 * 1024));
+        prefixed = lz4Scratch;
+      }
+      prefixed.writeUInt32LE(rawLength, 0);
+      data.copy(prefixed, 4);
       let raw: Buffer;
       try {
-        raw = lz4UncompressSync(lz4Scratch.subarray(0, need));
+        raw = lz4UncompressSync(prefixed.subarray(0, need));
       } catch (err) {
-        throw new Error(`lz4: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+        throw new Error(`lz4: ${errorMessage(err)}`, { cause: err });
       }
       if (raw.length !== rawLength) throw new Error(`lz4: decompressed to ${raw.length} bytes, expected ${rawLength}`);
       return raw;
@@ -142,12 +179,12 @@ export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number,
       try {
         length = zstdDecompressContext.decompress(raw, data);
       } catch (err) {
-        throw new Error(`zstd: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+        throw new Error(`zstd: ${errorMessage(err)}`, { cause: err });
       }
       if (length !== rawLength) throw new Error(`zstd: decompressed to ${length} bytes, expected ${rawLength}`);
       return raw;
     }
     default:
-      throw new Error(`decompress: ${codecName(codec)}`);
+      throw new Error(codecName(codec));
   }
 }

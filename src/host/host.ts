@@ -491,6 +491,7 @@ export class Host {
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });
     await this.cache.close();
+    await this.packIndex.sync();
     this.packIndex.close();
     await this.options.store.close();
   }

@@ -164,6 +164,10 @@ export class S3ObjectStore implements ObjectStore {
           ? { accessKeyId: options.accessKeyId, secretAccessKey: options.secretAccessKey }
           : undefined,
       maxAttempts: 1,
+      // Packs and manifests carry their own BLAKE3 checks; the SDK's default CRC32 of
+      // every body (computed in JavaScript) cost more CPU than the rest of an upload.
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
       requestHandler: new NodeHttpHandler({
         connectionTimeout,
         requestTimeout,

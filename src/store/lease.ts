@@ -1,52 +1,62 @@
-// Lease object (DESIGN.md: Formats, `volumes/{name}/lease`): which host may write a
-// volume, its generation (bumped on every change of hands, for fencing) and expiry.
+// Leases (DESIGN.md: Words, lease; Formats, `volumes/{name}/lease`): JSON saying which
+// host may write a volume until when, with a generation number for fencing (Invariant 4).
+// JSON because operators read it with `aws s3 cp … -`; small, so pretty-printed.
 import * as z from 'zod';
 import { FormatError } from './errors.js';
+import { countField, fieldProblem, isoTimeField, volumeNameField } from './fields.js';
+import { errorMessage } from '../log.js';
 
 export interface Lease {
   format: 1;
   volume: string;
   /** Host id of the holder. */
   owner: string;
+  /** Bumped by every new holder; a writer with an older generation is fenced. */
   generation: number;
-  /** ISO time after which another host may take the lease. */
+  /** ISO time after which the lease is free unless renewed. */
   expires: string;
+  /** ISO time the holder took the lease. */
   acquired: string;
-  /** Given up by its holder: free at once. */
+  /** Set when the holder gave the lease up before it expired. */
   released?: boolean;
 }
 
-const isoTime = z.string().refine((s) => !Number.isNaN(Date.parse(s)), 'not an ISO time');
-
-const LeaseSchema = z.strictObject({
+const LEASE_SCHEMA = z.object({
   format: z.literal(1),
-  volume: z.string().min(1),
+  volume: volumeNameField,
   owner: z.string().min(1),
-  generation: z.number().int().min(1),
-  expires: isoTime,
-  acquired: isoTime,
+  generation: countField,
+  expires: isoTimeField,
+  acquired: isoTimeField,
   released: z.boolean().optional(),
 });
 
-export function encodeLease(lease: Lease): Buffer {
-  return Buffer.from(JSON.stringify(lease) + '\n');
+export function encodeLease(l: Lease): Buffer {
+  const parsed = LEASE_SCHEMA.safeParse(l);
+  if (!parsed.success) throw new Error(`encodeLease ${l?.volume}: ${fieldProblem(parsed.error)}`);
+  return Buffer.from(JSON.stringify(l, null, 2) + '\n');
 }
 
+/** Parse and validate a lease. Throws FormatError naming `key` and the bad field. */
 export function decodeLease(key: string, body: Buffer): Lease {
-  let parsed: unknown;
+  let value: unknown;
   try {
-    parsed = JSON.parse(body.toString('utf8'));
+    value = JSON.parse(body.toString('utf8'));
   } catch (err) {
-    throw new FormatError(key, `lease ${key} is not JSON: ${(err as Error).message}`);
+    throw new FormatError(key, `lease ${key}: not JSON: ${errorMessage(err)}`, { cause: err });
   }
-  const result = LeaseSchema.safeParse(parsed);
-  if (!result.success) {
-    const problems = result.error.issues.map((i) => `${i.path.join('.') || '(object)'}: ${i.message}`).join('; ');
-    throw new FormatError(key, `lease ${key} is not a valid lease: ${problems}`);
+  const parsed = LEASE_SCHEMA.safeParse(value);
+  if (!parsed.success) throw new FormatError(key, `lease ${key}: ${fieldProblem(parsed.error)}`);
+  const lease: Lease = parsed.data;
+  // A lease copied to another volume's key must not grant that volume.
+  const match = /^volumes\/(.+)\/lease$/.exec(key);
+  if (match && match[1] !== lease.volume) {
+    throw new FormatError(key, `lease ${key}: field volume: names volume ${JSON.stringify(lease.volume)}, not ${JSON.stringify(match[1])}`);
   }
-  return result.data as Lease;
+  return lease;
 }
 
-export function leaseIsLive(lease: Lease, now: number): boolean {
-  return !lease.released && Date.parse(lease.expires) > now;
+/** Whether the lease still holds at `now` (ms since the epoch). */
+export function leaseIsLive(l: Lease, now: number): boolean {
+  return !l.released && Date.parse(l.expires) > now;
 }

@@ -1,57 +1,93 @@
-// Manifest format (DESIGN.md: manifest, Formats): a volume's block map plus the pack
-// location of every block it names, so any host can serve the volume from the manifest
-// and the packs alone (invariant 2). Little-endian:
+// Manifests (DESIGN.md: Words, manifest; Formats, `volumes/{name}/manifest` and
+// `volumes/{name}/checkpoints/{checkpoint}`): a volume's block map plus the pack location
+// of every block it names. Self-contained: any host can serve the volume from the
+// manifest and the packs alone, without a pack index. Holes are absent, so the size grows
+// with the mapped chunks, never with the volume size.
 //
-//   header, 40 bytes
-//     0   magic "UPDMANI1"                 8
-//     8   version u16 = 1                  2
-//     10  codec u8 (of the body)           1
-//     11  cipher u8 (0 = none)             1
-//     12  rawBodyLength u32                4
-//     16  storedBodyLength u32             4
-//     20  reserved                         4
-//     24  BLAKE3(stored body), 16 bytes
-//   body (compressed as a whole)
-//     u32 length + UTF-8 JSON meta
-//     packs:  u32 count, count × 16-byte pack id
-//     blocks: u32 count, count × 32 bytes { hash 16, pack index u32 (codec in its top
-//             byte, so the index is < 2^24), offset u32, length u32, rawLength u32 }
-//     chunks: u32 count, count × 8 bytes { chunk u32, block u32 } ascending by chunk;
-//             block 0xFFFFFFFF = allocated zeros (never stored); holes are absent
+// Layout, all integers little-endian:
 //
-// Its size grows with the mapped chunks, never with the volume size.
-import { blake3 } from '@napi-rs/blake-hash';
-import { compressBlock, decompressBlock, type CodecId, type Compression } from '../crypto/compress.js';
-import { HASH_BYTES } from '../crypto/hash.js';
+//   offset  size  field
+//   0       8     magic "UPDMANI1"
+//   8       2     version u16 = 1
+//   10      1     codec u8: compression of the body (crypto/compress.ts; 0 none, 1 lz4, 2 zstd)
+//   11      1     cipher u8: 0 = none (other values reserved for encryption; refused)
+//   12      4     rawBodyLength u32: body bytes after decompression
+//   16      4     storedBodyLength u32: body bytes as stored (= object size - 36)
+//   20      16    checksum: BLAKE3(bytes 0..20 ‖ stored body)[0..16]
+//   36      storedBodyLength  the body, compressed with `codec`
+//
+// The body, before compression:
+//
+//   u32 metaLength, metaLength bytes of UTF-8 JSON (ManifestMeta)
+//   u32 packCount,  packCount × 16 bytes: pack ids (raw bytes of the 32 hex digits)
+//   u32 blockCount, blockCount × 36 bytes, one per distinct block:
+//                     0 16 hash; 16 u32 pack (index into the pack table); 20 u32 offset;
+//                     24 u32 length; 28 u32 rawLength; 32 u8 codec; 33 3 reserved (0)
+//   u32 chunkCount, chunkCount × 8 bytes: u32 chunk, u32 block (index into the block
+//                   table, or 0xFFFFFFFF: zero, allocated — ZERO_ALLOCATED_HASH, never
+//                   stored); sorted by chunk, each chunk once
+//
+// Size and time, measured with 1,000,000 mapped chunks of distinct random blocks in
+// 40,000 packs (the worst case: nothing dedups, hashes do not compress), on a loaded
+// 2-vCPU VM: raw body 44.6 MB (44.6 bytes per chunk); stored 20.3 MB with zstd-3,
+// 26.2 MB zstd-1, 34.1 MB lz4. Encode 0.6 s + compression (zstd-3: 0.85-1.4 s in all),
+// decode 0.7 s + decompression (zstd-3: 0.95-1.9 s), ManifestBuilder 3.9 s for the
+// million setChunk calls (Map inserts of block keys and chunk indices dominate).
+import { Blake3Hasher } from '@napi-rs/blake-hash';
+import * as z from 'zod';
+import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock } from '../crypto/compress.js';
+import type { CodecId, Compression } from '../crypto/compress.js';
+import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH } from '../crypto/hash.js';
+import { blockKey } from '../blocks/cache.js';
+import type { BlockKey } from '../blocks/cache.js';
+import { volumeNameProblem } from '../volume/names.js';
 import { FormatError } from './errors.js';
+import { countField, fieldProblem, isoTimeField, volumeNameField } from './fields.js';
+import { PACK_ENTRY_BYTES, PACK_HEADER_BYTES } from './pack.js';
+import type { PackLocation } from './pack-index.js';
+import { errorMessage } from '../log.js';
 
-const MAGIC = Buffer.from('UPDMANI1');
-const VERSION = 1;
-const HEADER_BYTES = 40;
-const BLOCK_BYTES = 32;
-const CHUNK_BYTES = 8;
-const MAX_PACKS = 1 << 24;
-/** A manifest body larger than this is refused before it is decompressed. */
-const MAX_BODY_BYTES = 1 << 30;
-
+export const MANIFEST_MAGIC = Buffer.from('UPDMANI1');
+export const MANIFEST_VERSION = 1;
+export const MANIFEST_HEADER_BYTES = 36;
+/** Block value of a chunk that reads as zeros but is reported allocated (ZERO_ALLOCATED_HASH). */
 export const ZERO_ALLOCATED_BLOCK = 0xffffffff;
+
+const CIPHER_NONE = 0;
+const CHECKSUM_AT = 20;
+const CHECKSUM_BYTES = 16;
+const PACK_ID_BYTES = 16;
+const BLOCK_ENTRY_BYTES = 36;
+const CHUNK_ENTRY_BYTES = 8;
+const PACK_ID = /^[0-9a-f]{32}$/;
+/** Bodies are u32-sized; Node 20 buffers stop at 4 GiB too. */
+const MAX_BODY_BYTES = 0xffffffff;
+/** Smallest offset of a block in a pack: after the header and one index entry. */
+const MIN_BLOCK_OFFSET = PACK_HEADER_BYTES + PACK_ENTRY_BYTES;
+const MIN_BLOCK_SIZE = 4096;
+const HASH_SLAB = 4096;
 
 export interface ManifestMeta {
   format: 1;
   name: string;
+  /** Volume size in bytes. */
   size: number;
   blockSize: number;
-  /** The volume's sequence at the snapshot. */
+  /** The volume's sequence at the cut this manifest records. */
   sequence: number;
-  /** Lease generation of the writer (fencing). */
+  /** Lease generation of the writer. */
   generation: number;
+  /** Host id of the writer. */
   host: string;
+  /** ISO time of writing. */
   created: string;
+  /** Set on a fork: the volume and sequence it was forked from. */
   parent?: { name: string; sequence: number };
 }
 
 export interface ManifestBlock {
   hash: Buffer;
+  /** Pack id, 32 hex digits. */
   pack: string;
   offset: number;
   length: number;
@@ -61,206 +97,361 @@ export interface ManifestBlock {
 
 export interface Manifest {
   meta: ManifestMeta;
+  /** Mapped chunk indices, ascending, each once. Holes are absent. */
   chunks: Uint32Array;
-  /** Index into blocks, or ZERO_ALLOCATED_BLOCK. */
+  /** Per chunk (same index as `chunks`): index into `blocks`, or ZERO_ALLOCATED_BLOCK. */
   chunkBlocks: Uint32Array;
   blocks: ManifestBlock[];
 }
 
+function assertVolumeName(name: string): void {
+  const problem = volumeNameProblem(name);
+  if (problem) throw new Error(problem);
+}
+
 export function manifestKey(volume: string): string {
+  assertVolumeName(volume);
   return `volumes/${volume}/manifest`;
 }
+
 export function leaseKey(volume: string): string {
+  assertVolumeName(volume);
   return `volumes/${volume}/lease`;
 }
+
+/** Checkpoint names follow the volume name rules, in one segment (no '/'). */
 export function checkpointKey(volume: string, checkpoint: string): string {
+  assertVolumeName(volume);
+  const problem = volumeNameProblem(checkpoint)?.replace('volume name', 'checkpoint name');
+  if (problem) throw new Error(problem);
+  if (checkpoint.includes('/')) throw new Error(`checkpoint name ${JSON.stringify(checkpoint)} has a '/'`);
   return `volumes/${volume}/checkpoints/${checkpoint}`;
 }
 
-function digest(data: Buffer): Buffer {
-  return blake3(data).subarray(0, HASH_BYTES);
+const META_SCHEMA = z.object({
+  format: z.literal(1),
+  name: volumeNameField,
+  size: countField,
+  blockSize: z
+    .number()
+    .int()
+    .refine((n) => n >= MIN_BLOCK_SIZE && n <= MAX_BLOCK_BYTES && (n & (n - 1)) === 0, `expected a power of two from ${MIN_BLOCK_SIZE} to ${MAX_BLOCK_BYTES}`),
+  sequence: countField,
+  generation: countField,
+  host: z.string().min(1),
+  created: isoTimeField,
+  parent: z.object({ name: volumeNameField, sequence: countField }).optional(),
+});
+
+/**
+ * 1 for ZERO_HASH, 2 for ZERO_ALLOCATED_HASH, 0 for the name of a stored block. Plain JS:
+ * a manifest holds a million of these and a native Buffer.equals per hash costs more.
+ */
+function zeroNameOf(hash: Uint8Array): 0 | 1 | 2 {
+  for (let i = 0; i < HASH_BYTES - 1; i++) if (hash[i] !== 0) return 0;
+  return hash[HASH_BYTES - 1] === 0 ? 1 : hash[HASH_BYTES - 1] === 1 ? 2 : 0;
+}
+if (zeroNameOf(ZERO_HASH) !== 1 || zeroNameOf(ZERO_ALLOCATED_HASH) !== 2) {
+  throw new Error('manifest: zeroNameOf does not match the zero names in crypto/hash.ts');
 }
 
-/** Collects chunk → block with locations, storing each distinct block once. */
-export class ManifestBuilder {
-  private readonly chunkList: number[] = [];
-  private readonly chunkBlockList: number[] = [];
-  private readonly blocks: ManifestBlock[] = [];
-  private readonly blockIndex = new Map<string, number>();
-
-  constructor(private readonly meta: ManifestMeta) {}
-
-  setChunk(chunk: number, hash: Buffer | 'zero-allocated', location?: Omit<ManifestBlock, 'hash'>): void {
-    let block: number;
-    if (hash === 'zero-allocated') block = ZERO_ALLOCATED_BLOCK;
-    else {
-      const name = hash.toString('latin1');
-      let index = this.blockIndex.get(name);
-      if (index === undefined) {
-        if (location === undefined) throw new Error(`manifest ${this.meta.name}: block ${hash.toString('hex')} has no pack location`);
-        index = this.blocks.length;
-        this.blocks.push({ hash: Buffer.from(hash), ...location });
-        this.blockIndex.set(name, index);
-      }
-      block = index;
-    }
-    this.chunkList.push(chunk);
-    this.chunkBlockList.push(block);
-  }
-
-  build(): Manifest {
-    const order = this.chunkList.map((_, i) => i).sort((x, y) => this.chunkList[x] - this.chunkList[y]);
-    return {
-      meta: { ...this.meta },
-      chunks: Uint32Array.from(order, (i) => this.chunkList[i]),
-      chunkBlocks: Uint32Array.from(order, (i) => this.chunkBlockList[i]),
-      blocks: this.blocks,
-    };
-  }
+function chunkCountOf(meta: ManifestMeta): number {
+  return Math.ceil(meta.size / meta.blockSize);
 }
 
+/** Why the block cannot be in a manifest, or undefined. */
+function blockProblem(block: ManifestBlock, blockSize: number): string | undefined {
+  const { hash, offset, length, rawLength, codec } = block;
+  if (hash.length !== HASH_BYTES) return `has a ${hash.length}-byte hash`;
+  if (zeroNameOf(hash) !== 0) return 'is a zero name (never stored)';
+  if (codec !== CODEC_NONE && codec !== CODEC_LZ4 && codec !== CODEC_ZSTD) return `has ${codecName(codec)}`;
+  // Blocks are whole chunks (bytes past the end of the volume are zeros), so a block of
+  // another size comes from a volume with another block size and cannot be mapped here.
+  if (rawLength !== blockSize) return `has raw length ${rawLength}; the volume's block size is ${blockSize}`;
+  if (!Number.isInteger(length) || length < 1) return `has length ${length}`;
+  if (codec === CODEC_NONE && length !== rawLength) return `is stored uncompressed in ${length} bytes but its raw length is ${rawLength}`;
+  if (!Number.isInteger(offset) || offset < MIN_BLOCK_OFFSET || offset + length > 0xffffffff) return `has offset ${offset} (length ${length}), outside a pack`;
+  return undefined;
+}
+
+/**
+ * Lay out and compress a manifest. Asserts what decodeManifest checks: valid meta,
+ * chunks ascending and unique and inside the volume, every block index valid, every
+ * block a stored block with a location.
+ */
 export function encodeManifest(m: Manifest, compression: Compression): Buffer {
-  const { meta } = m;
-  const chunkLimit = Math.ceil(meta.size / meta.blockSize);
-  const packIds: string[] = [];
+  const parsed = META_SCHEMA.safeParse(m.meta);
+  if (!parsed.success) throw new Error(`encodeManifest ${m.meta?.name}: meta ${fieldProblem(parsed.error)}`);
+  const { meta, chunks, chunkBlocks, blocks } = m;
+  const what = `encodeManifest ${meta.name}`;
+  if (chunks.length !== chunkBlocks.length) throw new Error(`${what}: ${chunks.length} chunks but ${chunkBlocks.length} chunk blocks`);
+  const chunkCount = chunkCountOf(meta);
+  for (let i = 0; i < chunks.length; i++) {
+    if (i > 0 && chunks[i] <= chunks[i - 1]) throw new Error(`${what}: chunk ${chunks[i]} after chunk ${chunks[i - 1]} (chunks must ascend, each once)`);
+    if (chunks[i] >= chunkCount) throw new Error(`${what}: chunk ${chunks[i]} is past the end of the volume (${chunkCount} chunks)`);
+    const block = chunkBlocks[i];
+    if (block !== ZERO_ALLOCATED_BLOCK && block >= blocks.length) throw new Error(`${what}: chunk ${chunks[i]} names block ${block} of ${blocks.length}`);
+  }
+
   const packIndex = new Map<string, number>();
-  for (const b of m.blocks) {
-    if (!packIndex.has(b.pack)) {
-      packIndex.set(b.pack, packIds.length);
-      packIds.push(b.pack);
+  const packs: string[] = [];
+  for (const block of blocks) {
+    const problem = blockProblem(block, meta.blockSize);
+    if (problem) throw new Error(`${what}: block ${block.hash.toString('hex')} ${problem}`);
+    if (!packIndex.has(block.pack)) {
+      if (!PACK_ID.test(block.pack)) {
+        throw new Error(`${what}: block ${block.hash.toString('hex')} names pack ${JSON.stringify(block.pack)}, not 32 lowercase hex digits`);
+      }
+      packIndex.set(block.pack, packs.length);
+      packs.push(block.pack);
     }
   }
-  if (packIds.length >= MAX_PACKS) throw new Error(`manifest ${meta.name}: ${packIds.length} packs is more than one manifest holds`);
-  const metaBytes = Buffer.from(JSON.stringify(meta));
-  const rawLength = 4 + metaBytes.length + 4 + packIds.length * 16 + 4 + m.blocks.length * BLOCK_BYTES + 4 + m.chunks.length * CHUNK_BYTES;
-  const raw = Buffer.alloc(rawLength);
-  let at = raw.writeUInt32LE(metaBytes.length, 0);
-  at += metaBytes.copy(raw, at);
-  at = raw.writeUInt32LE(packIds.length, at);
-  for (const id of packIds) at += Buffer.from(id, 'hex').copy(raw, at);
-  at = raw.writeUInt32LE(m.blocks.length, at);
-  for (const b of m.blocks) {
-    b.hash.copy(raw, at, 0, HASH_BYTES);
-    raw.writeUInt32LE(packIndex.get(b.pack)! | (b.codec << 24), at + 16);
-    raw.writeUInt32LE(b.offset, at + 20);
-    raw.writeUInt32LE(b.length, at + 24);
-    raw.writeUInt32LE(b.rawLength, at + 28);
-    at += BLOCK_BYTES;
+
+  const metaJson = Buffer.from(JSON.stringify(parsed.data));
+  const rawLength =
+    4 + metaJson.length + 4 + packs.length * PACK_ID_BYTES + 4 + blocks.length * BLOCK_ENTRY_BYTES + 4 + chunks.length * CHUNK_ENTRY_BYTES;
+  if (rawLength > MAX_BODY_BYTES) throw new Error(`${what}: the body would be ${rawLength} bytes; at most ${MAX_BODY_BYTES}`);
+  const raw = Buffer.allocUnsafe(rawLength);
+  let at = raw.writeUInt32LE(metaJson.length, 0);
+  at += metaJson.copy(raw, at);
+  at = raw.writeUInt32LE(packs.length, at);
+  for (const pack of packs) at += raw.write(pack, at, 'hex');
+  at = raw.writeUInt32LE(blocks.length, at);
+  for (const block of blocks) {
+    raw.set(block.hash, at);
+    raw.writeUInt32LE(packIndex.get(block.pack)!, at + 16);
+    raw.writeUInt32LE(block.offset, at + 20);
+    raw.writeUInt32LE(block.length, at + 24);
+    raw.writeUInt32LE(block.rawLength, at + 28);
+    raw[at + 32] = block.codec;
+    raw[at + 33] = raw[at + 34] = raw[at + 35] = 0;
+    at += BLOCK_ENTRY_BYTES;
   }
-  at = raw.writeUInt32LE(m.chunks.length, at);
-  let previous = -1;
-  for (let i = 0; i < m.chunks.length; i++) {
-    const chunk = m.chunks[i];
-    const block = m.chunkBlocks[i];
-    if (chunk <= previous || chunk >= chunkLimit) throw new Error(`manifest ${meta.name}: chunk ${chunk} is out of order or past the end`);
-    if (block !== ZERO_ALLOCATED_BLOCK && block >= m.blocks.length) throw new Error(`manifest ${meta.name}: chunk ${chunk} names block ${block} of ${m.blocks.length}`);
-    previous = chunk;
-    raw.writeUInt32LE(chunk, at);
-    raw.writeUInt32LE(block, at + 4);
-    at += CHUNK_BYTES;
+  at = raw.writeUInt32LE(chunks.length, at);
+  for (let i = 0; i < chunks.length; i++) {
+    raw.writeUInt32LE(chunks[i], at);
+    raw.writeUInt32LE(chunkBlocks[i], at + 4);
+    at += CHUNK_ENTRY_BYTES;
   }
-  const { codec, data } = compressBlock(compression, raw);
-  const header = Buffer.alloc(HEADER_BYTES);
-  MAGIC.copy(header, 0);
-  header.writeUInt16LE(VERSION, 8);
-  header[10] = codec;
-  header[11] = 0;
-  header.writeUInt32LE(raw.length, 12);
-  header.writeUInt32LE(data.length, 16);
-  digest(data).copy(header, 24);
-  return Buffer.concat([header, data]);
+  if (at !== rawLength) throw new Error(`${what}: wrote ${at} body bytes, planned ${rawLength}`);
+
+  const stored = compressBlock(compression, raw);
+  const out = Buffer.allocUnsafe(MANIFEST_HEADER_BYTES + stored.data.length);
+  MANIFEST_MAGIC.copy(out, 0);
+  out.writeUInt16LE(MANIFEST_VERSION, 8);
+  out.writeUInt8(stored.codec, 10);
+  out.writeUInt8(CIPHER_NONE, 11);
+  out.writeUInt32LE(rawLength, 12);
+  out.writeUInt32LE(stored.data.length, 16);
+  stored.data.copy(out, MANIFEST_HEADER_BYTES);
+  manifestChecksum(out).copy(out, CHECKSUM_AT);
+  return out;
 }
 
+function manifestChecksum(body: Buffer): Buffer {
+  return new Blake3Hasher()
+    .update(body.subarray(0, CHECKSUM_AT))
+    .update(body.subarray(MANIFEST_HEADER_BYTES))
+    .digestBuffer()
+    .subarray(0, CHECKSUM_BYTES);
+}
+
+/** Validate and decode a manifest (or checkpoint). Throws FormatError naming `key`. */
 export function decodeManifest(key: string, body: Buffer): Manifest {
-  const bad = (why: string): never => {
-    throw new FormatError(key, `manifest ${key}: ${why}`);
-  };
-  if (body.length < HEADER_BYTES) bad(`${body.length} bytes is shorter than the header`);
-  if (!body.subarray(0, 8).equals(MAGIC)) bad('bad magic (not an updraft manifest)');
+  const fail = (what: string, cause?: unknown) => new FormatError(key, `manifest ${key}: ${what}`, cause === undefined ? undefined : { cause });
+  if (body.length < MANIFEST_HEADER_BYTES) throw fail(`truncated: ${body.length} bytes, the header alone is ${MANIFEST_HEADER_BYTES}`);
+  if (!body.subarray(0, 8).equals(MANIFEST_MAGIC)) {
+    throw fail(`bad magic ${JSON.stringify(body.toString('latin1', 0, 8))}, expected "UPDMANI1" (not a manifest)`);
+  }
   const version = body.readUInt16LE(8);
-  if (version !== VERSION) bad(`format version ${version} is not supported (this build reads ${VERSION})`);
-  const codec = body[10];
-  if (codec > 2) bad(`unknown codec ${codec}`);
-  if (body[11] !== 0) bad(`cipher ${body[11]} is not supported by this build (0 = none)`);
-  const rawLength = body.readUInt32LE(12);
+  if (version !== MANIFEST_VERSION) throw fail(`format version ${version}; this reader knows version ${MANIFEST_VERSION}`);
   const storedLength = body.readUInt32LE(16);
-  if (storedLength !== body.length - HEADER_BYTES) bad(`body is ${body.length - HEADER_BYTES} bytes, the header says ${storedLength}`);
-  if (rawLength > MAX_BODY_BYTES) bad(`raw body length ${rawLength} is too large`);
-  const stored = body.subarray(HEADER_BYTES);
-  if (!digest(stored).equals(body.subarray(24, 40))) bad('checksum mismatch (corrupted)');
+  if (storedLength !== body.length - MANIFEST_HEADER_BYTES) {
+    throw fail(`the header says ${storedLength} stored body bytes, the object has ${body.length - MANIFEST_HEADER_BYTES} (truncated or corrupt)`);
+  }
+  if (!manifestChecksum(body).equals(body.subarray(CHECKSUM_AT, CHECKSUM_AT + CHECKSUM_BYTES))) throw fail('checksum mismatch (corrupt)');
+  const cipher = body.readUInt8(11);
+  if (cipher !== CIPHER_NONE) throw fail(`cipher ${cipher} is not supported (this reader knows only 0, unencrypted)`);
+  const codec = body.readUInt8(10);
+  if (codec !== CODEC_NONE && codec !== CODEC_LZ4 && codec !== CODEC_ZSTD) throw fail(`body compressed with ${codecName(codec)}`);
+  const rawLength = body.readUInt32LE(12);
   let raw: Buffer;
   try {
-    raw = decompressBlock(codec as CodecId, stored, rawLength, MAX_BODY_BYTES);
+    raw = decompressBlock(codec, body.subarray(MANIFEST_HEADER_BYTES), rawLength, MAX_BODY_BYTES);
   } catch (err) {
-    return bad(`body does not decompress: ${(err as Error).message}`);
+    throw fail(`body does not decompress (${codecName(codec)}): ${errorMessage(err)}`, err);
   }
+
   let at = 0;
-  const need = (n: number, what: string) => {
-    if (at + n > raw.length) bad(`${what} runs past the end of the body`);
+  const table = (name: string, entryBytes: number): number => {
+    if (at + 4 > raw.length) throw fail(`body ends before the ${name} count (at byte ${at} of ${raw.length})`);
+    const n = raw.readUInt32LE(at);
+    at += 4;
+    if (at + n * entryBytes > raw.length) throw fail(`${name} of ${n} entries runs past the end of the body (${at} + ${n * entryBytes} > ${raw.length} bytes)`);
+    return n;
   };
-  need(4, 'meta length');
-  const metaLength = raw.readUInt32LE(at);
-  at += 4;
-  need(metaLength, 'meta');
-  let meta: ManifestMeta;
+
+  const metaLength = table('meta', 1);
+  let metaValue: unknown;
   try {
-    meta = JSON.parse(raw.toString('utf8', at, at + metaLength));
+    metaValue = JSON.parse(raw.toString('utf8', at, at + metaLength));
   } catch (err) {
-    return bad(`meta is not JSON: ${(err as Error).message}`);
+    throw fail(`meta is not JSON: ${errorMessage(err)}`, err);
   }
   at += metaLength;
-  checkMeta(meta, bad);
-  need(4, 'pack count');
-  const packCount = raw.readUInt32LE(at);
-  at += 4;
-  need(packCount * 16, 'pack table');
-  const packs: string[] = [];
-  for (let i = 0; i < packCount; i++, at += 16) packs.push(raw.toString('hex', at, at + 16));
-  need(4, 'block count');
-  const blockCount = raw.readUInt32LE(at);
-  at += 4;
-  need(blockCount * BLOCK_BYTES, 'block table');
-  const blocks: ManifestBlock[] = new Array(blockCount);
-  for (let i = 0; i < blockCount; i++, at += BLOCK_BYTES) {
-    const packWord = raw.readUInt32LE(at + 16);
-    const pack = packWord & 0xffffff;
-    const blockCodec = packWord >>> 24;
-    if (pack >= packCount) bad(`block ${i} names pack ${pack} of ${packCount}`);
-    if (blockCodec > 2) bad(`block ${i} has unknown codec ${blockCodec}`);
-    blocks[i] = {
-      hash: Buffer.from(raw.subarray(at, at + HASH_BYTES)), pack: packs[pack], offset: raw.readUInt32LE(at + 20),
-      length: raw.readUInt32LE(at + 24), rawLength: raw.readUInt32LE(at + 28), codec: blockCodec as CodecId,
-    };
+  const parsed = META_SCHEMA.safeParse(metaValue);
+  if (!parsed.success) throw fail(`meta ${fieldProblem(parsed.error)}`);
+  const meta: ManifestMeta = parsed.data;
+
+  const packCount = table('pack table', PACK_ID_BYTES);
+  const packs: string[] = new Array(packCount);
+  for (let i = 0; i < packCount; i++) {
+    packs[i] = raw.toString('hex', at, at + PACK_ID_BYTES);
+    at += PACK_ID_BYTES;
   }
-  need(4, 'chunk count');
-  const chunkCount = raw.readUInt32LE(at);
-  at += 4;
-  need(chunkCount * CHUNK_BYTES, 'chunk table');
-  const chunks = new Uint32Array(chunkCount);
-  const chunkBlocks = new Uint32Array(chunkCount);
-  const chunkLimit = Math.ceil(meta.size / meta.blockSize);
-  let previous = -1;
-  for (let i = 0; i < chunkCount; i++, at += CHUNK_BYTES) {
+
+  const blockCount = table('block table', BLOCK_ENTRY_BYTES);
+  // All hashes in one allocation: the blocks must not keep the whole raw body alive.
+  const hashes = Buffer.allocUnsafe(blockCount * HASH_BYTES);
+  const blocks: ManifestBlock[] = new Array(blockCount);
+  for (let i = 0; i < blockCount; i++) {
+    for (let b = 0; b < HASH_BYTES; b++) hashes[i * HASH_BYTES + b] = raw[at + b];
+    const hash = hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
+    const pack = raw.readUInt32LE(at + 16);
+    if (pack >= packCount) throw fail(`block ${i} (${hash.toString('hex')}) names pack ${pack} of ${packCount}`);
+    if (raw[at + 33] !== 0 || raw[at + 34] !== 0 || raw[at + 35] !== 0) throw fail(`block ${i} (${hash.toString('hex')}) has nonzero reserved bytes`);
+    const block: ManifestBlock = {
+      hash,
+      pack: packs[pack],
+      offset: raw.readUInt32LE(at + 20),
+      length: raw.readUInt32LE(at + 24),
+      rawLength: raw.readUInt32LE(at + 28),
+      codec: raw[at + 32] as CodecId,
+    };
+    const problem = blockProblem(block, meta.blockSize);
+    if (problem) throw fail(`block ${i} (${hash.toString('hex')}) ${problem}`);
+    blocks[i] = block;
+    at += BLOCK_ENTRY_BYTES;
+  }
+
+  const chunkCount = chunkCountOf(meta);
+  const mapped = table('chunk table', CHUNK_ENTRY_BYTES);
+  const chunks = new Uint32Array(mapped);
+  const chunkBlocks = new Uint32Array(mapped);
+  for (let i = 0; i < mapped; i++) {
     const chunk = raw.readUInt32LE(at);
     const block = raw.readUInt32LE(at + 4);
-    if (chunk <= previous) bad(`chunk table is not ascending at entry ${i} (chunk ${chunk})`);
-    if (chunk >= chunkLimit) bad(`chunk ${chunk} is past the end of the ${meta.size}-byte volume`);
-    if (block !== ZERO_ALLOCATED_BLOCK && block >= blockCount) bad(`chunk ${chunk} names block ${block} of ${blockCount}`);
+    if (i > 0 && chunk <= chunks[i - 1]) throw fail(`chunk table entry ${i}: chunk ${chunk} after chunk ${chunks[i - 1]} (must ascend, each once)`);
+    if (chunk >= chunkCount) {
+      throw fail(`chunk table entry ${i}: chunk ${chunk} is past the end of the volume (${chunkCount} chunks of ${meta.blockSize} bytes)`);
+    }
+    if (block !== ZERO_ALLOCATED_BLOCK && block >= blockCount) throw fail(`chunk table entry ${i}: chunk ${chunk} names block ${block} of ${blockCount}`);
     chunks[i] = chunk;
     chunkBlocks[i] = block;
-    previous = chunk;
+    at += CHUNK_ENTRY_BYTES;
   }
-  if (at !== raw.length) bad(`${raw.length - at} bytes after the chunk table`);
+  if (at !== raw.length) throw fail(`${raw.length - at} bytes after the chunk table`);
   return { meta, chunks, chunkBlocks, blocks };
 }
 
-function checkMeta(meta: ManifestMeta, bad: (why: string) => never): void {
-  if (meta === null || typeof meta !== 'object') bad('meta is not an object');
-  if (meta.format !== 1) bad(`meta.format ${String(meta.format)} is not 1`);
-  if (typeof meta.name !== 'string' || meta.name === '') bad('meta.name is not a volume name');
-  for (const field of ['size', 'blockSize', 'sequence', 'generation'] as const) {
-    if (!Number.isSafeInteger(meta[field]) || meta[field] < 0) bad(`meta.${field} ${String(meta[field])} is not a whole number`);
+/**
+ * Collects a volume's chunks into a Manifest: blocks deduplicated by hash, chunks sorted,
+ * blocks and packs numbered in order of first use (so a sequentially written volume
+ * gives runs of the same pack and rising offsets, which compress well).
+ */
+export class ManifestBuilder {
+  private readonly chunkBlock = new Map<number, number>();
+  private readonly blockIndex = new Map<BlockKey, number>();
+  private readonly blocks: ManifestBlock[] = [];
+  private readonly chunkCount: number;
+  /** Copies of the hashes, HASH_SLAB at a time: one allocation per 4096 blocks. */
+  private hashSlab = Buffer.alloc(0);
+  private hashSlabUsed = 0;
+  private lastPack = '';
+
+  constructor(private readonly meta: ManifestMeta) {
+    const parsed = META_SCHEMA.safeParse(meta);
+    if (!parsed.success) throw new Error(`ManifestBuilder ${meta?.name}: meta ${fieldProblem(parsed.error)}`);
+    // Chunk indices are u32 in the format.
+    this.chunkCount = Math.min(chunkCountOf(meta), 0xffffffff);
   }
-  if (meta.size <= 0 || meta.blockSize <= 0) bad('meta.size and meta.blockSize must be positive');
-  if (typeof meta.host !== 'string' || typeof meta.created !== 'string') bad('meta.host and meta.created must be strings');
+
+  /**
+   * Map `chunk` to a block. ZERO_HASH makes the chunk a hole (absent); ZERO_ALLOCATED_HASH
+   * or 'zero-allocated' maps it to zeros, allocated; any other hash needs its pack
+   * location the first time the builder sees it. Setting a chunk again replaces it.
+   */
+  setChunk(chunk: number, hash: Buffer | 'zero-allocated', location?: PackLocation): void {
+    if (!Number.isInteger(chunk) || chunk < 0 || chunk >= this.chunkCount) {
+      throw new Error(`ManifestBuilder ${this.meta.name}: chunk ${chunk} is outside the volume (${this.chunkCount} chunks)`);
+    }
+    const zero = hash === 'zero-allocated' ? 2 : zeroNameOf(hash);
+    if (zero === 2) {
+      this.chunkBlock.set(chunk, ZERO_ALLOCATED_BLOCK);
+      return;
+    }
+    if (zero === 1) {
+      this.chunkBlock.delete(chunk);
+      return;
+    }
+    const name = hash as Buffer;
+    if (name.length !== HASH_BYTES) throw new Error(`ManifestBuilder ${this.meta.name}: chunk ${chunk}: a ${name.length}-byte hash`);
+    const key = blockKey(name);
+    let index = this.blockIndex.get(key);
+    if (index === undefined) {
+      if (!location) throw new Error(`ManifestBuilder ${this.meta.name}: chunk ${chunk}: block ${name.toString('hex')} has no pack location`);
+      const block: ManifestBlock = {
+        hash: this.copyHash(name),
+        pack: location.pack,
+        offset: location.offset,
+        length: location.length,
+        rawLength: location.rawLength,
+        codec: location.codec,
+      };
+      const problem = blockProblem(block, this.meta.blockSize);
+      if (problem) throw new Error(`ManifestBuilder ${this.meta.name}: chunk ${chunk}: block ${name.toString('hex')} ${problem}`);
+      if (location.pack !== this.lastPack) {
+        if (!PACK_ID.test(location.pack)) {
+          throw new Error(`ManifestBuilder ${this.meta.name}: block ${name.toString('hex')} names pack ${JSON.stringify(location.pack)}`);
+        }
+        this.lastPack = location.pack;
+      }
+      index = this.blocks.length;
+      this.blocks.push(block);
+      this.blockIndex.set(key, index);
+    }
+    this.chunkBlock.set(chunk, index);
+  }
+
+  private copyHash(hash: Buffer): Buffer {
+    if (this.hashSlabUsed === this.hashSlab.length) {
+      this.hashSlab = Buffer.allocUnsafe(HASH_SLAB * HASH_BYTES);
+      this.hashSlabUsed = 0;
+    }
+    const at = this.hashSlabUsed;
+    for (let b = 0; b < HASH_BYTES; b++) this.hashSlab[at + b] = hash[b];
+    this.hashSlabUsed += HASH_BYTES;
+    return this.hashSlab.subarray(at, at + HASH_BYTES);
+  }
+
+  /** The manifest of the chunks set so far. Blocks no chunk names any more are left out. */
+  build(): Manifest {
+    const chunks = Uint32Array.from(this.chunkBlock.keys()).sort();
+    const chunkBlocks = new Uint32Array(chunks.length);
+    const renumbered = new Int32Array(this.blocks.length).fill(-1);
+    const blocks: ManifestBlock[] = [];
+    for (let i = 0; i < chunks.length; i++) {
+      const old = this.chunkBlock.get(chunks[i])!;
+      if (old === ZERO_ALLOCATED_BLOCK) {
+        chunkBlocks[i] = ZERO_ALLOCATED_BLOCK;
+        continue;
+      }
+      if (renumbered[old] < 0) {
+        renumbered[old] = blocks.length;
+        blocks.push(this.blocks[old]);
+      }
+      chunkBlocks[i] = renumbered[old];
+    }
+    return { meta: structuredClone(this.meta), chunks, chunkBlocks, blocks };
+  }
 }
