@@ -10,6 +10,10 @@
 #               seal_idle_ms = 2000), then the restart time with that many volumes.
 #   3. flush    1 GiB of random 4 KiB writes (fio, QD32, no fsync), then one NBD FLUSH
 #               timed by scripts/bench/flush-latency.mjs; the same on the reference.
+#   4. store    scripts/bench/store.mjs against MinIO on loopback: drain throughput of
+#               1 GiB (unsealed, and sealed beforehand), store requests per GiB, cold
+#               sequential read of a woken volume with 20 ms injected store latency, with
+#               and without read-ahead (needs the binary scripts/setup-minio.sh builds).
 # Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
@@ -17,7 +21,8 @@
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush)                    BENCH_JSON        results file
+#   BENCH_PARTS (compare,memory,flush,store)              BENCH_JSON        results file
+#   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_MEM_VOLUMES (100)  BENCH_MEM_WRITE (64M)  BENCH_MEM_PARALLEL (4)  BENCH_FLUSH_SIZE (1G)
 # Results: a table at the end, and JSON in BENCH_JSON (default bench-results.json in the
 # scratch dir), copied to ./bench-results.json.
@@ -31,7 +36,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush}
+PARTS=${BENCH_PARTS:-compare,memory,flush,store}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -267,6 +272,13 @@ if has_part flush; then
 fi
 
 # ---- results ----------------------------------------------------------------------
+# ---- 4. object store: drain and cold reads ------------------------------------------
+if has_part store; then
+  say "store: drain to MinIO and cold sequential reads with injected latency"
+  run_child "$SCRATCH/store.lines" node "$HERE/store.mjs" || die "store bench failed"
+  cat "$SCRATCH/store.lines" >> "$LINES"
+fi
+
 record run elapsed_s $(($(date +%s) - STARTED_AT))
 record run loadavg_end "$(cut -d" " -f1-3 /proc/loadavg | tr " " /)"
 mkdir -p "$(dirname "$JSON_OUT")"

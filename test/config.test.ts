@@ -23,7 +23,7 @@ function problemsOf(text: string, env: NodeJS.ProcessEnv = {}): readonly string[
 function defaultsAt(baseDir: string): Config {
   return {
     cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1 },
-    storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4', readAheadPacks: 2 },
+    storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4', readAheadPacks: 8 },
     aws: { accessKeyId: '', secretAccessKey: '', endpoint: '', defaultRegion: 'us-east-1', allowHttp: false, forcePathStyle: false },
     host: { id: '', leaseTtlS: 30 },
     servers: {

@@ -1,12 +1,14 @@
 #!/usr/bin/env node
 // The object-store part of `npm run bench` (scripts/bench.sh, part "store"):
 //
-//   drain    a volume with BENCH_STORE_SIZE (1 GiB) written sequentially by fio (random,
-//            incompressible data, nothing sealed yet) is drained to MinIO on loopback:
+//   drain    a volume with BENCH_STORE_SIZE_MIB (1024) written sequentially by fio (random,
+//            incompressible data) is drained to MinIO on loopback at once (the drain seals
+//            it too), and a second one after it was sealed while idle (upload only):
 //            MB/s of volume data, packs, bytes and store requests per GiB.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
-//            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = 2) and without (0).
+//            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
+//            default 8, the config default) and without (0).
 //
 // Prints "store KEY VALUE" lines on stdout (bench.sh appends them to its results).
 // Needs the MinIO binary scripts/setup-minio.sh builds. Every process started here is
@@ -129,7 +131,7 @@ auto_create_size_gb = 0
 [servers.http]
 address = "127.0.0.1:${http}"
 [volumes]
-seal_idle_ms = 600000
+seal_idle_ms = 2000
 `;
   fs.writeFileSync(path.join(dir, 'updraft.toml'), toml);
   const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
@@ -173,10 +175,30 @@ async function main() {
   record('drain_bytes_uploaded', drained.bytes_uploaded);
   record('drain_requests_per_gib', ((requests * 1024) / SIZE_MIB).toFixed(0));
   say(`drain: ${seconds.toFixed(2)} s, ${drained.packs_uploaded} packs, ${requests} requests`);
+
+  // The same amount again, but sealed (and written back) before the drain, as a volume that
+  // went idle before being drained would be: the drain is then upload only.
+  const sealed = 'bench-drain-sealed';
+  await api(a.url, 'PUT', `/api/exports/${sealed}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+  await fio(['--name=fill2', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${SIZE_MIB}M`, '--refill_buffers', '--end_fsync=1']);
+  for (;;) {
+    const info = await api(a.url, 'GET', `/api/exports/${sealed}`);
+    if (info.dirty_bytes === 0) break;
+    await sleep(250);
+  }
+  await sleep(5000); // the idle write-back commits the seal and syncs the slab
+  const t1 = performance.now();
+  const drained2 = await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
+  const seconds2 = (performance.now() - t1) / 1000;
+  record('drain_sealed_seconds', seconds2.toFixed(2));
+  record('drain_sealed_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds2).toFixed(0));
+  say(`drain of a sealed volume: ${seconds2.toFixed(2)} s, ${drained2.packs_uploaded} packs`);
   await stop(a.child); // its lease stays: the readers below are read-only, which reading does not mind
 
   // ---- cold sequential reads ----
-  for (const [label, packs] of [['readahead', 2], ['no_readahead', 0]]) {
+  const readAhead = Number(process.env.BENCH_READ_AHEAD_PACKS || 8);
+  record('read_ahead_packs', readAhead);
+  for (const [label, packs] of [['readahead', readAhead], ['no_readahead', 0]]) {
     const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` });
     await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
     const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });

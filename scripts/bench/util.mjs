@@ -157,7 +157,7 @@ switch (cmd) {
       (result[section] ??= {})[key] = value(rest.join(' '));
     }
     if (compareFile && fs.existsSync(compareFile)) result.compare = JSON.parse(fs.readFileSync(compareFile, 'utf8'));
-    const order = ['config', 'compare', 'memory', 'flush', 'run'];
+    const order = ['config', 'compare', 'memory', 'flush', 'store', 'run'];
     const sorted = Object.fromEntries([...order.filter((k) => k in result), ...Object.keys(result).filter((k) => !order.includes(k))].map((k) => [k, result[k]]));
     fs.writeFileSync(outFile, JSON.stringify(sorted, null, 2) + '\n');
     break;
@@ -216,6 +216,14 @@ switch (cmd) {
       lines.push(`  ${'write IOPS'.padEnd(10)} ${fmt(f.candidate_write_iops).padStart(12)} ${fmt(f.reference_write_iops).padStart(12)}`);
       lines.push(`  ${'FLUSH'.padEnd(10)} ${(fmt(f.candidate_flush_ms, 1) + 'ms').padStart(12)} ${(fmt(f.reference_flush_ms, 1) + 'ms').padStart(12)}`);
       lines.push(`  ${'2nd FLUSH'.padEnd(10)} ${(fmt(f.candidate_second_flush_ms, 2) + 'ms').padStart(12)} ${(fmt(f.reference_second_flush_ms, 2) + 'ms').padStart(12)}`);
+    }
+    const st = r.store;
+    if (st) {
+      lines.push('', `object store (MinIO on loopback, ${st.drain_size_mib} MiB of incompressible data)`);
+      lines.push(`  drain, unsealed (drain seals too)  ${fmt(st.drain_mb_s).padStart(8)} MB/s  (${fmt(st.drain_seconds, 2)}s, ${st.drain_packs} packs, ${st.drain_requests_per_gib} requests per GiB)`);
+      lines.push(`  drain, sealed beforehand           ${fmt(st.drain_sealed_mb_s).padStart(8)} MB/s  (${fmt(st.drain_sealed_seconds, 2)}s)`);
+      lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, read-ahead ${st.read_ahead_packs} packs ${fmt(st.cold_read_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_readahead_gets} GETs)`);
+      lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, no read-ahead    ${fmt(st.cold_read_no_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_no_readahead_gets} GETs)`);
     }
     if (r.run?.elapsed_s !== undefined) lines.push('', `total bench time ${r.run.elapsed_s}s; load average before ${r.run.loadavg_start ?? '-'}, after ${r.run.loadavg_end ?? '-'} (${r.config?.cpus} CPUs)`);
     out(lines.join('\n'));

@@ -77,7 +77,7 @@ url = "file://./.updraft/store"
 # Compression of blocks in packs: "lz4", "none" or "zstd-1" to "zstd-19".
 compression = "lz4"
 # Packs a sequential reader keeps fetched ahead of itself (0 turns read-ahead off).
-read_ahead_packs = 2
+read_ahead_packs = 8
 
 [aws]
 # Credentials and endpoint for an s3:// storage url. Empty values use the AWS SDK's
@@ -255,7 +255,7 @@ const STORAGE = {
     'lz4',
     '"lz4", "none" or "zstd-N" with N from 1 to 19',
   ),
-  read_ahead_packs: setting(z.number().int().min(0).max(64), 2, 'an integer from 0 to 64'),
+  read_ahead_packs: setting(z.number().int().min(0).max(64), 8, 'an integer from 0 to 64'),
 };
 
 const AWS = {

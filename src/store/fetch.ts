@@ -13,7 +13,7 @@ import type { PackIndex } from './pack-index.js';
 /** GETs of a pack that fails verification (a truncated or corrupted body) before giving up. */
 const VERIFY_ATTEMPTS = 3;
 /** Packs fetched ahead of sequential readers at once, host-wide. */
-const MAX_PREFETCH_PACKS = 8;
+const MAX_PREFETCH_PACKS = 16;
 
 export interface FetchCounters {
   packsFetched: number;
