@@ -362,6 +362,13 @@ test('the store API validates paths and bodies: 404 for unknown exports, 400 for
       assert.equal(bad.status, 400, bad.text);
       const badName = await a.api('POST', '/api/exports/..%2Fetc/drain');
       assert.equal(badName.status, 400, badName.text);
+      // A name whose keys would collide with another volume's lease or manifest.
+      for (const name of ['valid%2Flease', 'valid%2Fmanifest', 'x%2Fcheckpoints%2Fy']) {
+        const r = await a.api('PUT', `/api/exports/${name}`, { size_gb: 0.0625 });
+        assert.equal(r.status, 400, `${name}: ${r.text}`);
+        assert.match(r.json.error, /reserved/);
+      }
+      assert.equal((await a.api('PUT', '/api/exports/lease%2Fok', { size_gb: 0.0625 })).status, 201);
     });
   } finally {
     await cluster.cleanup();

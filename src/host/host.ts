@@ -280,6 +280,8 @@ export class Host {
         throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
       }
       this.packIndex.add(manifestLocations(manifest).filter(([k]) => !this.packIndex.has(k)));
+      // The local journal will name these blocks: where to find them must survive a crash too.
+      await this.packIndex.sync();
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
       const volume = await Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);

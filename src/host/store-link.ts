@@ -265,15 +265,20 @@ export class StoreLink {
     }
   }
 
-  /** Stop writing: the volume is read-only here from now on. */
+  /** Another host writes the manifest now: stop writing and say so. */
   private fence(why: string): never {
+    this.stopWriting('fenced: volume is read-only on this host', why);
+    throw new FencedError(this.name, why);
+  }
+
+  /** The volume is read-only here from now on (until promoted again). */
+  private stopWriting(message: string, why: string): void {
     this.state.readOnly = true;
     this.state.generation = 0;
     this.state.leaseEtag = undefined;
     this.volume.readOnly = true;
     this.save();
-    this.ctx.log.error('fenced: volume is read-only on this host', { volume: this.name, why });
-    throw new FencedError(this.name, why);
+    this.ctx.log.error(message, { volume: this.name, why });
   }
 
   // ---- lease -------------------------------------------------------------------------
@@ -351,7 +356,7 @@ export class StoreLink {
         if (current !== undefined && current.body.equals(body)) etag = current.etag;
         else {
           const lease = current === undefined ? undefined : decodeLease(key, current.body);
-          this.lapse(`the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
+          this.stopWriting('lost the lease: volume is read-only on this host', `the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
           return;
         }
       }
@@ -370,15 +375,6 @@ export class StoreLink {
     } finally {
       this.renewing = false;
     }
-  }
-
-  private lapse(why: string): void {
-    this.state.readOnly = true;
-    this.state.generation = 0;
-    this.state.leaseEtag = undefined;
-    this.volume.readOnly = true;
-    this.save();
-    this.ctx.log.error('lost the lease: volume is read-only on this host', { volume: this.name, why });
   }
 
   /** Give the lease up (the volume becomes read-only here) so another host can promote. */
@@ -444,6 +440,7 @@ export class StoreLink {
       const manifest = decodeManifest(key, current.body);
       if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
         this.ctx.packIndex.add(manifestLocations(manifest));
+        await this.ctx.packIndex.sync();
         await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
       }
       manifest.meta.generation = this.state.generation;

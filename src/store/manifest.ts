@@ -43,7 +43,7 @@ import type { BlockKey } from '../blocks/cache.js';
 import { volumeNameProblem } from '../volume/names.js';
 import { FormatError } from './errors.js';
 import { countField, fieldProblem, isoTimeField, volumeNameField } from './fields.js';
-import { PACK_ENTRY_BYTES, PACK_HEADER_BYTES } from './pack.js';
+import { PACK_ENTRY_BYTES, PACK_HEADER_BYTES, PACK_ID } from './pack.js';
 import type { PackLocation } from './pack-index.js';
 import { errorMessage } from '../log.js';
 
@@ -59,7 +59,6 @@ const CHECKSUM_BYTES = 16;
 const PACK_ID_BYTES = 16;
 const BLOCK_ENTRY_BYTES = 36;
 const CHUNK_ENTRY_BYTES = 8;
-const PACK_ID = /^[0-9a-f]{32}$/;
 /** Bodies are u32-sized; Node 20 buffers stop at 4 GiB too. */
 const MAX_BODY_BYTES = 0xffffffff;
 /** Smallest offset of a block in a pack: after the header and one index entry. */

@@ -37,6 +37,7 @@ import { HASH_BYTES } from '../crypto/hash.js';
 import type { BlockKey } from '../blocks/cache.js';
 import { errorMessage, type Logger } from '../log.js';
 import { FormatError } from './errors.js';
+import { PACK_ID } from './pack.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const fsync = promisify(fs.fsync);
@@ -55,7 +56,6 @@ const READ_RECORDS = 65536;
 const REWRITE_RECORDS = 16384;
 /** Dead records below this never trigger a rewrite: a small file is not worth it. */
 const COMPACT_MIN_DEAD = 4096;
-const PACK_ID = /^[0-9a-f]{32}$/;
 const NO_PACK = 0xffffffff;
 
 export interface PackLocation {

@@ -40,7 +40,8 @@ export const MAX_PACK_BLOCKS = 65535;
 const CIPHER_NONE = 0;
 const CHECKSUM_AT = 16;
 const CHECKSUM_BYTES = 16;
-const PACK_ID = /^[0-9a-f]{32}$/;
+/** A pack id: 32 lowercase hex digits (16 bytes of BLAKE3). */
+export const PACK_ID = /^[0-9a-f]{32}$/;
 const PACK_KEY = /^packs\/([0-9a-f]{2})\/([0-9a-f]{32})$/;
 
 export interface PackBlock {
