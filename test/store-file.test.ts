@@ -13,6 +13,8 @@ import {
 import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 import { definePortabilityTests } from './harness/portability.js';
+import { decodeManifest } from '../src/store/manifest.js';
+import { packKey, verifyPackId } from '../src/store/pack.js';
 
 const TIMEOUT = 180_000;
 
@@ -153,6 +155,15 @@ test('faults: drain under errors, latency and lost replies succeeds or reports a
       }
       assert.ok(ok, `drain never succeeded (${failures} failures)`);
       assert.ok((await storeRequests(a)) > 0);
+      // Invariant 2, read straight from the store: every pack the manifest names is there, whole.
+      const storeDir = path.join(cluster.dir, 'store');
+      const manifest = decodeManifest('volumes/shaky/manifest', fs.readFileSync(path.join(storeDir, 'volumes', 'shaky', 'manifest')));
+      assert.ok(manifest.blocks.length >= 256, `the manifest names ${manifest.blocks.length} blocks`);
+      for (const pack of new Set(manifest.blocks.map((b) => b.pack))) {
+        const file = path.join(storeDir, packKey(pack));
+        assert.ok(fs.existsSync(file), `the manifest names pack ${packKey(pack)}, which is not in the store`);
+        verifyPackId(packKey(pack), fs.readFileSync(file));
+      }
       // Invariant 2, checked from the outside: B reads every byte through truncated bodies and errors.
       const cb = await connect(b, 'shaky');
       assert.ok((await readAll(cb, 0, 32 * MiB)).equals(data));

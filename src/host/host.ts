@@ -390,7 +390,7 @@ export class Host {
           continue;
         }
       }
-      if (link.changedBytes - link.changedBytesAtUpload > link.state.dirtyBudgetBytes) {
+      if (volume.storeDirtyBytes > link.state.dirtyBudgetBytes) {
         this.log.info('dirty budget exceeded: uploading changed blocks', { volume: link.name, budget: link.state.dirtyBudgetBytes });
         link.uploadBlocks().catch((err) => this.log.error('dirty budget: block upload failed', { volume: link.name, error: errorMessage(err) }));
       }

@@ -88,8 +88,6 @@ export class StoreLink {
   private tail: Promise<unknown> = Promise.resolve();
   private renewing = false;
   busy = false;
-  /** Write and zero bytes counted when blocks last went up (for the dirty budget). */
-  changedBytesAtUpload: number;
   sequenceAtUpload = -1;
   lastUploadAt = Date.now();
   lastUploadMs = 0;
@@ -101,7 +99,6 @@ export class StoreLink {
     private readonly ctx: StoreContext,
   ) {
     volume.readOnly = state.readOnly;
-    this.changedBytesAtUpload = this.changedBytes;
   }
 
   /** The link of a volume opened from local state (defaults when it never touched the store). */
@@ -123,11 +120,6 @@ export class StoreLink {
 
   get name(): string {
     return this.volume.name;
-  }
-
-  /** Bytes written or zeroed since the volume opened. */
-  get changedBytes(): number {
-    return this.volume.stats.ops.write.bytes + this.volume.stats.ops.zero.bytes;
   }
 
   /** Persist the state (atomic: temp file, fsync, rename). */
@@ -173,6 +165,7 @@ export class StoreLink {
     if (this.state.readOnly) throw new FencedError(this.name, 'the volume is read-only on this host');
     const snapshot = await this.volume.snapshot();
     const snapshotted = performance.now();
+    let stored = false;
     try {
       // The local journal must not fall behind what the store is told: flush it (disk)
       // while the blocks go up (CPU and network), and both before the manifest.
@@ -203,6 +196,7 @@ export class StoreLink {
       const etag = await this.putManifest(encodeManifest(builder.build(), this.ctx.manifestCompression));
       this.state.manifestSequence = snapshot.sequence;
       this.lastManifestAt = Date.now();
+      stored = true;
       this.save();
       this.ctx.log.info('drained volume', {
         volume: this.name, sequence: snapshot.sequence, chunks: snapshot.chunks.length, packs: uploaded.packs,
@@ -218,7 +212,7 @@ export class StoreLink {
         duration_ms: Math.round(performance.now() - started),
       };
     } finally {
-      snapshot.release();
+      snapshot.release(stored);
     }
   }
 
@@ -228,18 +222,19 @@ export class StoreLink {
       if (this.state.readOnly) return;
       const started = performance.now();
       const snapshot = await this.volume.snapshot();
+      let stored = false;
       try {
         await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
         this.noteUpload(snapshot.sequence, performance.now() - started);
+        stored = true;
       } finally {
-        snapshot.release();
+        snapshot.release(stored);
       }
     });
   }
 
   private noteUpload(sequence: number, ms: number): void {
     this.sequenceAtUpload = sequence;
-    this.changedBytesAtUpload = this.changedBytes;
     this.lastUploadAt = Date.now();
     this.lastUploadMs = ms;
   }

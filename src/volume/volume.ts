@@ -86,8 +86,11 @@ export interface VolumeSnapshot {
   blockSize: number;
   /** chunk → block, ascending by chunk; ZERO_ALLOCATED_KEY for allocated zeros, holes absent. */
   chunks: Array<[number, BlockKey]>;
-  /** Drop the references that kept the snapshot's local blocks from being freed. */
-  release(): void;
+  /**
+   * Drop the references that kept the snapshot's local blocks from being freed.
+   * `stored`: the snapshot reached the store, so its changes no longer count as dirty.
+   */
+  release(stored: boolean): void;
 }
 
 export interface VolumeContext {
@@ -135,6 +138,8 @@ export class Volume {
   private overlaySectors = 0;
   /** Chunks whose state changed since the last journal commit. */
   private journalDirty = new Set<number>();
+  /** Chunks changed since the last snapshot that went to the store (the dirty budget's measure). */
+  private storeDirty = new Set<number>();
   /** Blocks replaced in the map; released once the replacement is durable. */
   private pendingUnref: BlockKey[] = [];
   private sizeDirty = false;
@@ -304,6 +309,10 @@ export class Volume {
   get mappedChunks(): number {
     return this.map.count;
   }
+  /** Bytes of chunks changed since the last snapshot that reached the store (at most). */
+  get storeDirtyBytes(): number {
+    return this.storeDirty.size * this.blockSize;
+  }
 
   private addOverlay(chunk: number, mask: Uint8Array): void {
     this.overlay.set(chunk, mask);
@@ -334,6 +343,7 @@ export class Volume {
     const previous = this.map.set(chunk, key);
     if (previous !== undefined && previous !== ZERO_ALLOCATED_KEY) this.pendingUnref.push(previous);
     this.journalDirty.add(chunk);
+    this.storeDirty.add(chunk);
   }
 
   // ---- checks at the edge -----------------------------------------------------------
@@ -624,6 +634,7 @@ export class Volume {
       if (seal !== undefined) for (let s = first; s <= last; s++) seal.written[s >>> 3] |= 1 << (s & 7);
     }
     this.journalDirty.add(chunk);
+    this.storeDirty.add(chunk);
   }
 
   private readSector(chunk: number, mask: Uint8Array, sector: number, dst: Buffer, dstOffset: number): void {
@@ -827,6 +838,8 @@ export class Volume {
       }
     }
     const chunks = [...this.map.entries()].sort((a, b) => a[0] - b[0]);
+    const changed = this.storeDirty;
+    this.storeDirty = new Set();
     const held: BlockKey[] = [];
     for (const [, key] of chunks) if (key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
     let released = false;
@@ -835,10 +848,11 @@ export class Volume {
       size: this.size,
       blockSize: this.blockSize,
       chunks,
-      release: () => {
+      release: (stored: boolean) => {
         if (released) return;
         released = true;
         for (const key of held) this.cache.unref(key);
+        if (!stored) for (const chunk of changed) this.storeDirty.add(chunk);
       },
     };
   }
