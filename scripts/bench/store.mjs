@@ -5,6 +5,9 @@
 //            incompressible data) is drained to MinIO on loopback at once (the drain seals
 //            it too), and a second one after it was sealed while idle (upload only):
 //            MB/s of volume data, packs, bytes and store requests per GiB.
+//   migrate  the write pause of a live migration: A drains (64 MiB written since its
+//            last drain), releases; host M, attached read-only, promotes; M's connected
+//            client writes.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
@@ -20,6 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
+import { NbdClient } from '../../dist/test/harness/nbd-client.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const MAIN = path.join(ROOT, 'dist/src/cli/main.js');
@@ -141,7 +145,7 @@ seal_idle_ms = 2000
   });
   const url = `http://127.0.0.1:${http}`;
   await waitUrl(url + '/healthz', child);
-  return { child, url, uri: (v) => `nbd+unix:///${v}?socket=${dir}/nbd.sock` };
+  return { child, url, socket: `${dir}/nbd.sock`, uri: (v) => `nbd+unix:///${v}?socket=${dir}/nbd.sock` };
 }
 
 async function main() {
@@ -193,6 +197,32 @@ async function main() {
   record('drain_sealed_seconds', seconds2.toFixed(2));
   record('drain_sealed_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds2).toFixed(0));
   say(`drain of a sealed volume: ${seconds2.toFixed(2)} s, ${drained2.packs_uploaded} packs`);
+  // ---- live migration: the write pause ----
+  // Host M attaches the sealed volume read-only while A writes on; then A drains, releases,
+  // M promotes and M's already-connected client writes. The pause is from the start of
+  // A's final drain to that write's reply.
+  const m = await daemon('host-m', minio);
+  await api(m.url, 'PUT', `/api/exports/${sealed}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+  const client = await NbdClient.connect({ path: m.socket, exportName: sealed });
+  await fio(['--name=more', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', '--size=64M', '--refill_buffers']);
+  const p0 = performance.now();
+  const final = await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
+  const p1 = performance.now();
+  await api(a.url, 'POST', `/api/exports/${sealed}/release`);
+  const p2 = performance.now();
+  await api(m.url, 'POST', `/api/exports/${sealed}/promote`);
+  const p3 = performance.now();
+  await client.write(0, Buffer.alloc(4096, 1));
+  const p4 = performance.now();
+  record('migration_pause_ms', (p4 - p0).toFixed(0));
+  record('migration_final_drain_ms', (p1 - p0).toFixed(0));
+  record('migration_final_drain_packs', final.packs_uploaded);
+  record('migration_release_ms', (p2 - p1).toFixed(0));
+  record('migration_promote_ms', (p3 - p2).toFixed(0));
+  say(`migration pause ${(p4 - p0).toFixed(0)} ms (final drain ${(p1 - p0).toFixed(0)} ms, ${final.packs_uploaded} packs; release ${(p2 - p1).toFixed(0)} ms; promote ${(p3 - p2).toFixed(0)} ms)`);
+  client.close();
+  await stop(m.child);
+
   await stop(a.child); // its lease stays: the readers below are read-only, which reading does not mind
 
   // ---- cold sequential reads ----
