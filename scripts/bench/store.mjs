@@ -5,9 +5,9 @@
 //            incompressible data) is drained to MinIO on loopback at once (the drain seals
 //            it too), and a second one after it was sealed while idle (upload only):
 //            MB/s of volume data, packs, bytes and store requests per GiB.
-//   migrate  the write pause of a live migration: A drains (64 MiB written since its
-//            last drain), releases; host M, attached read-only, promotes; M's connected
-//            client writes.
+//   migrate  the write pause of a live migration: A drains the bulk while writable, then
+//            (8 MiB of random 64 KiB writes later) releases: writes refused, final drain,
+//            lease released; host M, attached read-only, promotes; M's client writes.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
@@ -184,7 +184,8 @@ async function main() {
   // went idle before being drained would be: the drain is then upload only.
   const sealed = 'bench-drain-sealed';
   await api(a.url, 'PUT', `/api/exports/${sealed}`, { size_gb: (2 * SIZE_MIB) / 1024 });
-  await fio(['--name=fill2', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${SIZE_MIB}M`, '--refill_buffers', '--end_fsync=1']);
+  // randrepeat=0: other random data than the first volume (which would all dedup).
+  await fio(['--name=fill2', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${SIZE_MIB}M`, '--refill_buffers', '--randrepeat=0', '--end_fsync=1']);
   for (;;) {
     const info = await api(a.url, 'GET', `/api/exports/${sealed}`);
     if (info.dirty_bytes === 0) break;
@@ -198,28 +199,29 @@ async function main() {
   record('drain_sealed_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds2).toFixed(0));
   say(`drain of a sealed volume: ${seconds2.toFixed(2)} s, ${drained2.packs_uploaded} packs`);
   // ---- live migration: the write pause ----
-  // Host M attaches the sealed volume read-only while A writes on; then A drains, releases,
-  // M promotes and M's already-connected client writes. The pause is from the start of
-  // A's final drain to that write's reply.
+  // Host M attaches the sealed volume read-only; A writes on and drains the bulk while
+  // still writable; then A writes a little more and releases (writes refused, final
+  // drain of the delta, lease released); M promotes and its already-connected client
+  // writes. The pause runs from the release call to that write's reply.
   const m = await daemon('host-m', minio);
   await api(m.url, 'PUT', `/api/exports/${sealed}`, { size_gb: (2 * SIZE_MIB) / 1024 });
   const client = await NbdClient.connect({ path: m.socket, exportName: sealed });
-  await fio(['--name=more', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', '--size=64M', '--refill_buffers']);
+  const more = (mib) => fio(['--name=more', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
+  await more(64);
+  await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
+  await more(8);
   const p0 = performance.now();
-  const final = await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
+  const released = await api(a.url, 'POST', `/api/exports/${sealed}/release`);
   const p1 = performance.now();
-  await api(a.url, 'POST', `/api/exports/${sealed}/release`);
-  const p2 = performance.now();
   await api(m.url, 'POST', `/api/exports/${sealed}/promote`);
-  const p3 = performance.now();
+  const p2 = performance.now();
   await client.write(0, Buffer.alloc(4096, 1));
-  const p4 = performance.now();
-  record('migration_pause_ms', (p4 - p0).toFixed(0));
-  record('migration_final_drain_ms', (p1 - p0).toFixed(0));
-  record('migration_final_drain_packs', final.packs_uploaded);
-  record('migration_release_ms', (p2 - p1).toFixed(0));
-  record('migration_promote_ms', (p3 - p2).toFixed(0));
-  say(`migration pause ${(p4 - p0).toFixed(0)} ms (final drain ${(p1 - p0).toFixed(0)} ms, ${final.packs_uploaded} packs; release ${(p2 - p1).toFixed(0)} ms; promote ${(p3 - p2).toFixed(0)} ms)`);
+  const p3 = performance.now();
+  record('migration_pause_ms', (p3 - p0).toFixed(0));
+  record('migration_release_ms', (p1 - p0).toFixed(0));
+  record('migration_final_drain_packs', released.drained?.packs_uploaded ?? 0);
+  record('migration_promote_ms', (p2 - p1).toFixed(0));
+  say(`migration pause ${(p3 - p0).toFixed(0)} ms (release with final drain ${(p1 - p0).toFixed(0)} ms, ${released.drained?.packs_uploaded ?? 0} packs; promote ${(p2 - p1).toFixed(0)} ms)`);
   client.close();
   await stop(m.child);
 

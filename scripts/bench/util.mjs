@@ -222,7 +222,7 @@ switch (cmd) {
       lines.push('', `object store (MinIO on loopback, ${st.drain_size_mib} MiB of incompressible data)`);
       lines.push(`  drain, unsealed (drain seals too)  ${fmt(st.drain_mb_s).padStart(8)} MB/s  (${fmt(st.drain_seconds, 2)}s, ${st.drain_packs} packs, ${st.drain_requests_per_gib} requests per GiB)`);
       lines.push(`  drain, sealed beforehand           ${fmt(st.drain_sealed_mb_s).padStart(8)} MB/s  (${fmt(st.drain_sealed_seconds, 2)}s)`);
-      lines.push(`  live migration write pause         ${fmt(st.migration_pause_ms).padStart(8)} ms  (final drain ${st.migration_final_drain_ms} ms with ${st.migration_final_drain_packs} packs, release ${st.migration_release_ms} ms, promote ${st.migration_promote_ms} ms)`);
+      lines.push(`  live migration write pause         ${fmt(st.migration_pause_ms).padStart(8)} ms  (release with its final drain of ${st.migration_final_drain_packs} packs ${st.migration_release_ms} ms, promote ${st.migration_promote_ms} ms)`);
       lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, read-ahead ${st.read_ahead_packs} packs ${fmt(st.cold_read_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_readahead_gets} GETs)`);
       lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, no read-ahead    ${fmt(st.cold_read_no_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_no_readahead_gets} GETs)`);
     }

@@ -338,7 +338,7 @@ export class Host {
     return this.linkOf(name).promote();
   }
 
-  release(name: string): Promise<{ generation: number }> {
+  release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
     this.checkOpen();
     return this.linkOf(name).release();
   }

@@ -372,11 +372,24 @@ export class StoreLink {
     }
   }
 
-  /** Give the lease up (the volume becomes read-only here) so another host can promote. */
-  release(): Promise<{ generation: number }> {
+  /**
+   * Give the volume up so another host can promote it: refuse writes from now on, drain
+   * what changed since the last manifest (so no acknowledged write stays behind), then
+   * release the lease. If the final drain fails the volume stays writable here.
+   */
+  release(): Promise<{ generation: number; drained?: DrainResult }> {
     return this.serial(async () => {
       const generation = this.state.generation;
+      let drained: DrainResult | undefined;
       this.volume.readOnly = true;
+      if (generation > 0 && !this.state.readOnly && this.volume.sequence !== this.state.manifestSequence) {
+        try {
+          drained = await this.drainNow();
+        } catch (err) {
+          this.volume.readOnly = this.state.readOnly;
+          throw err;
+        }
+      }
       this.state.readOnly = true;
       if (generation > 0 && this.state.leaseEtag !== undefined) {
         const now = new Date().toISOString();
@@ -391,8 +404,8 @@ export class StoreLink {
       this.state.generation = 0;
       this.state.leaseEtag = undefined;
       this.save();
-      this.ctx.log.info('released volume lease', { volume: this.name, generation });
-      return { generation };
+      this.ctx.log.info('released volume lease', { volume: this.name, generation, final_drain_sequence: drained?.sequence });
+      return { generation, ...(drained === undefined ? {} : { drained }) };
     });
   }
 
