@@ -8,8 +8,9 @@ import { FencedError, LeaseHeldError } from '../host/store-link.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { ObjectStoreError } from '../objectstore/types.js';
+import { ExistsError, MissingError } from '../store/catalog.js';
 import { FormatError } from '../store/errors.js';
-import { volumeNameProblem } from '../volume/names.js';
+import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
 import { Metrics } from './metrics.js';
 
@@ -30,6 +31,14 @@ const FlushModeBody = z.strictObject({
 
 const DeleteQuery = z.strictObject({ force: z.enum(['true', 'false']).optional() });
 
+const ForkBody = z.strictObject({
+  target: z.string().min(1).max(200),
+  mode: z.enum(['consistent', 'lazy']).default('consistent'),
+  checkpoint: z.string().min(1).max(100).optional(),
+});
+
+const CheckpointBody = z.strictObject({ name: z.string().min(1).max(100) });
+
 function summary(v: ReturnType<Host['list']>[number]) {
   return {
     name: v.name, size: v.size, size_gb: v.size / GIB, clients: v.clients, read_only: v.readOnly,
@@ -46,7 +55,8 @@ function bodyProblem(error: z.ZodError): string {
 /** The HTTP status for an error from the host: the client's fault, a conflict, or the store's. */
 function statusOf(err: unknown): number | undefined {
   if (err instanceof VolumeError) return err.code === 'ESHUTDOWN' ? 503 : err.code === 'EPERM' ? 409 : 400;
-  if (err instanceof LeaseHeldError || err instanceof FencedError) return 409;
+  if (err instanceof LeaseHeldError || err instanceof FencedError || err instanceof ExistsError) return 409;
+  if (err instanceof MissingError) return 404;
   if (err instanceof FormatError) return 502;
   if (err instanceof ObjectStoreError) return err.code === 'PreconditionFailed' ? 409 : err.code === 'Invalid' ? 400 : 503;
   return undefined;
@@ -144,6 +154,44 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
   action('drain', (name) => host.drain(name));
   action('promote', (name) => host.promote(name));
   action('release', (name) => host.release(name));
+  // A lazy fork or a fork from a checkpoint reads the store only: the source need not be open here.
+  app.post<{ Params: { name: string } }>('/api/exports/:name/fork', async (request, reply) => {
+    const name = nameOf(request.params.name);
+    const body = ForkBody.safeParse(request.body ?? {});
+    if (!body.success) return fail(reply, 400, bodyProblem(body.error));
+    const target = nameOf(body.data.target);
+    if (body.data.checkpoint !== undefined) {
+      const problem = checkpointNameProblem(body.data.checkpoint);
+      if (problem) return fail(reply, 400, problem);
+    }
+    if (body.data.mode === 'consistent' && body.data.checkpoint === undefined && !host.get(name)) {
+      return fail(reply, 404, `no export named ${name} on this host (a lazy fork reads the store)`);
+    }
+    const result = await host.fork(name, target, { mode: body.data.mode, checkpoint: body.data.checkpoint });
+    return reply.code(201).send(result);
+  });
+
+  action('checkpoints', async (name, raw) => {
+    const body = CheckpointBody.safeParse(raw ?? {});
+    if (!body.success) throw Object.assign(new Error(bodyProblem(body.error)), { statusCode: 400 });
+    const problem = checkpointNameProblem(body.data.name);
+    if (problem) throw Object.assign(new Error(problem), { statusCode: 400 });
+    return host.createCheckpoint(name, body.data.name);
+  });
+
+  app.get<{ Params: { name: string } }>('/api/exports/:name/checkpoints', async (request) => {
+    const name = nameOf(request.params.name);
+    return host.listCheckpoints(name);
+  });
+
+  app.delete<{ Params: { name: string; cp: string } }>('/api/exports/:name/checkpoints/:cp', async (request, reply) => {
+    const name = nameOf(request.params.name);
+    const problem = checkpointNameProblem(request.params.cp);
+    if (problem) return fail(reply, 400, problem);
+    if (!(await host.deleteCheckpoint(name, request.params.cp))) return fail(reply, 404, `volume ${name} has no checkpoint ${request.params.cp}`);
+    return { name, checkpoint: request.params.cp, deleted: true };
+  });
+
   action('flush-mode', async (name, raw) => {
     const body = FlushModeBody.safeParse(raw ?? {});
     if (!body.success) throw Object.assign(new Error(bodyProblem(body.error)), { statusCode: 400 });

@@ -15,7 +15,8 @@ import { PackFetcher } from '../store/fetch.js';
 import { decodeManifest, manifestKey } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
-import { volumeNameProblem } from '../volume/names.js';
+import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
+import { deleteCheckpoint, ExistsError, lazyFork, listCheckpoints, MissingError, readManifest, type CheckpointInfo } from '../store/catalog.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { LeaseHeldError, manifestChunks, manifestLocations, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
 
@@ -136,6 +137,8 @@ export class Host {
     const host = new Host(options, log);
     const started = performance.now();
     fs.mkdirSync(host.volumesRoot, { recursive: true });
+    // Checkpoint exports are opened again on demand; what a previous run left is stale.
+    fs.rmSync(path.join(options.cacheDir, 'checkpoints'), { recursive: true, force: true });
     for (const dir of findVolumeDirs(host.volumesRoot)) {
       const t0 = performance.now();
       try {
@@ -191,6 +194,8 @@ export class Host {
 
   /** An open volume by a client-supplied name, which is checked first. */
   peek(name: string): Volume | undefined {
+    if (this.volumes.has(name)) return this.volumes.get(name);
+    if (splitCheckpointExport(name)) return undefined;
     const problem = volumeNameProblem(name);
     if (problem) throw new VolumeError('EINVAL', problem);
     return this.volumes.get(name);
@@ -205,10 +210,12 @@ export class Host {
    * is on. Undefined when the name is unknown and auto-create is off.
    */
   async openForClient(name: string): Promise<Volume | undefined> {
-    const problem = volumeNameProblem(name);
-    if (problem) throw new VolumeError('EINVAL', problem);
     const open = this.volumes.get(name);
     if (open) return open;
+    const checkpoint = splitCheckpointExport(name);
+    if (checkpoint) return this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
+    const problem = volumeNameProblem(name);
+    if (problem) throw new VolumeError('EINVAL', problem);
     const woken = await this.wake(name);
     if (woken) return woken;
     if (this.options.autoCreateBytes <= 0) return undefined;
@@ -341,6 +348,90 @@ export class Host {
   release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
     this.checkOpen();
     return this.linkOf(name).release();
+  }
+
+  /**
+   * Fork `source` to a new volume `target` (DESIGN.md: Fork). Consistent: a snapshot of
+   * the open source at its current sequence. Lazy: a copy of the source's last manifest
+   * (or of a checkpoint) in the store, without the source's host. The target then opens
+   * here at once, sharing every cached block with its parent.
+   */
+  async fork(
+    source: string,
+    target: string,
+    opts: { mode: 'consistent' | 'lazy'; checkpoint?: string },
+  ): Promise<{ target: string; sequence: number; mode: string; duration_ms: number }> {
+    this.checkOpen();
+    const started = performance.now();
+    for (const name of [source, target]) {
+      const problem = volumeNameProblem(name);
+      if (problem) throw new VolumeError('EINVAL', problem);
+    }
+    if (this.volumes.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
+      throw new ExistsError(`volume ${target} already exists`);
+    }
+    let sequence: number;
+    if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
+      const link = this.links.get(source);
+      if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
+      sequence = (await link.fork(target)).sequence;
+    } else {
+      sequence = (await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint)).sequence;
+    }
+    await this.wake(target);
+    const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
+    this.log.info('forked volume', { source, ...result, checkpoint: opts.checkpoint });
+    return result;
+  }
+
+  /** Take an immutable checkpoint of an open volume. */
+  async createCheckpoint(volume: string, checkpoint: string): Promise<{ checkpoint: string; sequence: number }> {
+    this.checkOpen();
+    const problem = checkpointNameProblem(checkpoint);
+    if (problem) throw new VolumeError('EINVAL', problem);
+    return this.linkOf(volume).checkpoint(checkpoint);
+  }
+
+  listCheckpoints(volume: string): Promise<CheckpointInfo[]> {
+    return listCheckpoints(this.options.store, volume);
+  }
+
+  async deleteCheckpoint(volume: string, checkpoint: string): Promise<boolean> {
+    const problem = checkpointNameProblem(checkpoint);
+    if (problem) throw new VolumeError('EINVAL', problem);
+    return deleteCheckpoint(this.options.store, volume, checkpoint);
+  }
+
+  /**
+   * Serve checkpoint CHECKPOINT of VOLUME read-only as the export VOLUME@CHECKPOINT. Kept
+   * under its own folder; it is not recovered at start-up (it is opened again on demand).
+   */
+  private async openCheckpoint(exportName: string, volume: string, checkpoint: string): Promise<Volume | undefined> {
+    const problem = volumeNameProblem(volume) ?? checkpointNameProblem(checkpoint);
+    if (problem) throw new VolumeError('EINVAL', problem);
+    return this.once(exportName, async () => {
+      let manifest;
+      try {
+        manifest = (await readManifest(this.options.store, volume, checkpoint)).manifest;
+      } catch (err) {
+        if (err instanceof MissingError) return undefined;
+        throw err;
+      }
+      this.packIndex.add(manifestLocations(manifest).filter(([k]) => !this.packIndex.has(k)));
+      await this.packIndex.sync();
+      const dir = path.join(this.options.cacheDir, 'checkpoints', ...volume.split('/'), checkpoint, '@');
+      fs.rmSync(dir, { recursive: true, force: true });
+      const meta = manifest.meta;
+      const served = await Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
+      const link = new StoreLink(served, { format: 1, ...this.defaults, readOnly: true, generation: 0, manifestSequence: meta.sequence }, this.storeCtx);
+      this.links.set(exportName, link);
+      this.volumes.set(exportName, served);
+      this.log.info('serving checkpoint read-only', { volume, checkpoint, sequence: meta.sequence });
+      return served;
+    }).catch((err) => {
+      if (err instanceof Error && /vanished while opening/.test(err.message)) return undefined;
+      throw err;
+    });
   }
 
   setVolumeSettings(name: string, settings: VolumeSettings): void {

@@ -15,11 +15,12 @@ import { ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK, type Manifest } from '../store/manifest.js';
+import { createManifest } from '../store/catalog.js';
+import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK, type Manifest } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
-import { syncDir, Volume, VolumeError } from '../volume/volume.js';
+import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 
 export type FlushMode = 'demand' | 'continuous';
 
@@ -161,27 +162,60 @@ export class StoreLink {
   }
 
   private async drainNow(): Promise<DrainResult> {
-    const started = performance.now();
     if (this.state.readOnly) throw new FencedError(this.name, 'the volume is read-only on this host');
+    const captured = await this.capture(async (snapshot) => {
+      await this.ensureLease();
+      return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
+    });
+    try {
+      const etag = await this.putManifest(encodeManifest(captured.manifest, this.ctx.manifestCompression));
+      this.state.manifestSequence = captured.sequence;
+      this.lastManifestAt = Date.now();
+      captured.stored();
+      this.save();
+      const ms = performance.now() - captured.started;
+      this.ctx.log.info('drained volume', {
+        volume: this.name, sequence: captured.sequence, chunks: captured.manifest.chunks.length, packs: captured.uploaded.packs,
+        bytes: captured.uploaded.bytes, snapshot_ms: Math.round(captured.snapshotMs), upload_ms: Math.round(captured.uploadMs),
+        manifest_ms: Math.round(ms - captured.snapshotMs - captured.uploadMs),
+      });
+      return {
+        sequence: captured.sequence,
+        manifest_etag: etag,
+        packs_uploaded: captured.uploaded.packs,
+        bytes_uploaded: captured.uploaded.bytes,
+        blocks_uploaded: captured.uploaded.blocks,
+        duration_ms: Math.round(ms),
+      };
+    } finally {
+      captured.release();
+    }
+  }
+
+  /**
+   * Snapshot at the current sequence, upload the blocks no pack holds (the local journal
+   * flushed meanwhile) and build a manifest of it. `identity` names the manifest (the
+   * volume itself, a fork or a checkpoint) once the blocks are up. The caller writes the
+   * manifest, then calls stored() if it reached the store, and release() in any case.
+   */
+  private async capture(identity: (snapshot: VolumeSnapshot) => Promise<{ name: string; generation: number; sequence: number; parent?: { name: string; sequence: number } }>) {
+    const started = performance.now();
     const snapshot = await this.volume.snapshot();
-    const snapshotted = performance.now();
+    const snapshotMs = performance.now() - started;
     let stored = false;
     try {
       // The local journal must not fall behind what the store is told: flush it (disk)
       // while the blocks go up (CPU and network), and both before the manifest.
-      let flushed = 0;
       const [uploaded] = await Promise.all([
         this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key)),
-        this.volume.flush().then(() => {
-          flushed = performance.now();
-        }),
+        this.volume.flush(),
       ]);
-      const uploadedAt = performance.now();
-      this.noteUpload(snapshot.sequence, uploadedAt - started);
-      await this.ensureLease();
+      const uploadMs = performance.now() - started - snapshotMs;
+      this.noteUpload(snapshot.sequence, uploadMs);
+      const id = await identity(snapshot);
       const builder = new ManifestBuilder({
-        format: 1, name: this.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: snapshot.sequence,
-        generation: this.state.generation, host: this.ctx.hostId, created: new Date().toISOString(),
+        format: 1, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
+        generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
       });
       for (const [chunk, key] of snapshot.chunks) {
         if (key === ZERO_ALLOCATED_KEY) {
@@ -193,27 +227,51 @@ export class StoreLink {
         if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
         builder.setChunk(chunk, keyBytes(key), location);
       }
-      const etag = await this.putManifest(encodeManifest(builder.build(), this.ctx.manifestCompression));
-      this.state.manifestSequence = snapshot.sequence;
-      this.lastManifestAt = Date.now();
-      stored = true;
-      this.save();
-      this.ctx.log.info('drained volume', {
-        volume: this.name, sequence: snapshot.sequence, chunks: snapshot.chunks.length, packs: uploaded.packs,
-        bytes: uploaded.bytes, snapshot_ms: Math.round(snapshotted - started), flush_ms: Math.round(flushed - snapshotted),
-        upload_ms: Math.round(uploadedAt - snapshotted), manifest_ms: Math.round(performance.now() - uploadedAt),
-      });
       return {
-        sequence: snapshot.sequence,
-        manifest_etag: etag,
-        packs_uploaded: uploaded.packs,
-        bytes_uploaded: uploaded.bytes,
-        blocks_uploaded: uploaded.blocks,
-        duration_ms: Math.round(performance.now() - started),
+        manifest: builder.build(), sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
+        stored: () => {
+          stored = true;
+        },
+        release: () => snapshot.release(stored),
       };
-    } finally {
-      snapshot.release(stored);
+    } catch (err) {
+      snapshot.release(false);
+      throw err;
     }
+  }
+
+  /**
+   * Consistent fork: the volume at its current sequence (writers not paused) becomes a new
+   * volume `target` in the store. Fails with ExistsError if the target exists.
+   */
+  fork(target: string): Promise<{ sequence: number; etag: string }> {
+    return this.serial(async () => {
+      const captured = await this.capture(async (snapshot) => ({
+        name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
+      }));
+      try {
+        const etag = await createManifest(this.ctx.store, manifestKey(target), captured.manifest, this.ctx.manifestCompression);
+        return { sequence: captured.sequence, etag };
+      } finally {
+        // The source's own manifest did not move: its changes still count as dirty.
+        captured.release();
+      }
+    });
+  }
+
+  /** An immutable checkpoint of the volume at its current sequence. ExistsError if the name is taken. */
+  checkpoint(checkpoint: string): Promise<{ checkpoint: string; sequence: number }> {
+    return this.serial(async () => {
+      const captured = await this.capture(async (snapshot) => ({
+        name: this.name, generation: this.state.generation, sequence: snapshot.sequence,
+      }));
+      try {
+        await createManifest(this.ctx.store, checkpointKey(this.name, checkpoint), captured.manifest, this.ctx.manifestCompression);
+        return { checkpoint, sequence: captured.sequence };
+      } finally {
+        captured.release();
+      }
+    });
   }
 
   /** Upload the blocks of a fresh snapshot without writing a manifest (continuous mode, dirty budget). */

@@ -25,3 +25,19 @@ export function volumeNameProblem(name: string): string | undefined {
   }
   return undefined;
 }
+
+/** Why `name` is not a valid checkpoint name (one segment of a volume name), or undefined. */
+export function checkpointNameProblem(name: string): string | undefined {
+  if (typeof name !== 'string' || name.length === 0) return 'checkpoint name is empty';
+  if (name.length > 100) return `checkpoint name is ${name.length} characters; at most 100 are allowed`;
+  if (name === '.' || name === '..') return `checkpoint name ${JSON.stringify(name)} is not allowed`;
+  if (!SEGMENT.test(name)) return `checkpoint name ${JSON.stringify(name)} has a character outside [A-Za-z0-9._-]`;
+  return undefined;
+}
+
+/** An export name VOLUME@CHECKPOINT (a checkpoint served read-only), split; undefined for a plain name. */
+export function splitCheckpointExport(name: string): { volume: string; checkpoint: string } | undefined {
+  const at = name.lastIndexOf('@');
+  if (at < 0) return undefined;
+  return { volume: name.slice(0, at), checkpoint: name.slice(at + 1) };
+}

@@ -1,0 +1,92 @@
+// Manifest-level operations on the store that need no volume and no daemon (DESIGN.md:
+// Fork, lazy; checkpoints): a fork is a copy of a manifest under another name, a
+// checkpoint an immutable manifest beside the volume's. No block is ever copied.
+import type { Compression } from '../crypto/compress.js';
+import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
+import { checkpointKey, decodeManifest, encodeManifest, manifestKey, type Manifest } from './manifest.js';
+
+/** The target already exists (a manifest under its name). */
+export class ExistsError extends Error {
+  override name = 'ExistsError';
+}
+
+/** The source (manifest or checkpoint) is not in the store. */
+export class MissingError extends Error {
+  override name = 'MissingError';
+}
+
+/** The manifest a fork or checkpoint is read from: the volume's, or one of its checkpoints. */
+export function sourceKey(volume: string, checkpoint?: string): string {
+  return checkpoint === undefined ? manifestKey(volume) : checkpointKey(volume, checkpoint);
+}
+
+/** Read and decode a volume's manifest or checkpoint; MissingError when absent. */
+export async function readManifest(store: ObjectStore, volume: string, checkpoint?: string): Promise<{ manifest: Manifest; etag: string }> {
+  const key = sourceKey(volume, checkpoint);
+  const object = await store.get(key);
+  if (object === undefined) {
+    throw new MissingError(
+      checkpoint === undefined
+        ? `volume ${volume} has no manifest in the store ${store.description} (it was never drained)`
+        : `volume ${volume} has no checkpoint ${checkpoint} in the store ${store.description}`,
+    );
+  }
+  return { manifest: decodeManifest(key, object.body), etag: object.etag };
+}
+
+/** Write `manifest` as `target`'s manifest, only if the target does not exist yet. */
+export async function createManifest(store: ObjectStore, key: string, manifest: Manifest, compression: Compression): Promise<string> {
+  const body = encodeManifest(manifest, compression);
+  try {
+    return await store.put(key, body, { ifNoneMatch: '*' });
+  } catch (err) {
+    if (!isPreconditionFailed(err)) throw err;
+    // A retried put whose first attempt landed: the object is what was sent.
+    const current = await store.get(key);
+    if (current !== undefined && current.body.equals(body)) return current.etag;
+    throw new ExistsError(`${key} already exists in the store`);
+  }
+}
+
+/**
+ * Lazy fork: copy the source's last manifest (or a checkpoint) in the store to `target`,
+ * without asking the source's host. Returns the sequence the target starts from.
+ */
+export async function lazyFork(
+  store: ObjectStore,
+  source: string,
+  target: string,
+  compression: Compression,
+  checkpoint?: string,
+): Promise<{ sequence: number; etag: string }> {
+  const { manifest } = await readManifest(store, source, checkpoint);
+  const sequence = manifest.meta.sequence;
+  manifest.meta = {
+    ...manifest.meta, name: target, generation: 0, host: manifest.meta.host, created: new Date().toISOString(),
+    parent: { name: source, sequence },
+  };
+  const etag = await createManifest(store, manifestKey(target), manifest, compression);
+  return { sequence, etag };
+}
+
+export interface CheckpointInfo {
+  name: string;
+  size: number;
+  created: string;
+}
+
+/** A volume's checkpoints, by name. */
+export async function listCheckpoints(store: ObjectStore, volume: string): Promise<CheckpointInfo[]> {
+  const prefix = `${checkpointKey(volume, 'x').slice(0, -1)}`;
+  const objects = await store.list(prefix);
+  return objects
+    .map((o) => ({ name: o.key.slice(prefix.length), size: o.size, created: o.lastModified.toISOString() }))
+    .filter((c) => c.name !== '' && !c.name.includes('/'));
+}
+
+export async function deleteCheckpoint(store: ObjectStore, volume: string, checkpoint: string): Promise<boolean> {
+  const key = checkpointKey(volume, checkpoint);
+  if ((await store.head(key)) === undefined) return false;
+  await store.delete(key);
+  return true;
+}

@@ -1,0 +1,160 @@
+// Forks and checkpoints through the real daemon: a consistent fork under a running writer
+// equals the source at the returned sequence; source and fork diverge independently;
+// forks of forks, across hosts, after the source is deleted; checkpoints served
+// read-only as VOLUME@CHECKPOINT; bad requests.
+import assert from 'node:assert/strict';
+import { randomBytes, randomInt } from 'node:crypto';
+import { test } from 'node:test';
+import {
+  connect, createVolume, drain, exportInfo, fileStore, MiB, readAll, startCluster, withLogs, writeRandom,
+} from './harness/cluster.js';
+import { NbdCommandError } from './harness/nbd-client.js';
+
+const TIMEOUT = 180_000;
+const SIZE = 64 * MiB;
+const PIECE = 64 * 1024;
+
+function apply(model: Buffer, log: Array<[number, Buffer]>, count: number): Buffer {
+  const out = Buffer.from(model);
+  for (let i = 0; i < count; i++) log[i][1].copy(out, log[i][0]);
+  return out;
+}
+
+test('a consistent fork under a running writer equals the source at the returned sequence; both diverge independently', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b');
+    await withLogs([a, b], async () => {
+      await createVolume(a, 'src', SIZE / MiB);
+      const c = await connect(a, 'src');
+      const base = Buffer.alloc(SIZE);
+      (await writeRandom(c, 0, 16 * MiB)).copy(base, 0);
+      await c.flush();
+      const baseSequence = (await exportInfo(a, 'src')).sequence;
+      // One writer, one request at a time: write k moves the sequence to baseSequence + k.
+      const log: Array<[number, Buffer]> = [];
+      let forkDone = false;
+      let after = 0;
+      const writer = (async () => {
+        while (!forkDone || after < 20) {
+          const offset = randomInt(0, SIZE / PIECE) * PIECE;
+          const data = randomBytes(PIECE);
+          await c.write(offset, data);
+          log.push([offset, data]);
+          if (forkDone) after++;
+        }
+      })();
+      while (log.length < 50) await new Promise((r) => setTimeout(r, 5));
+      const r = await a.api('POST', '/api/exports/src/fork', { target: 'src-fork', mode: 'consistent' });
+      forkDone = true;
+      await writer;
+      assert.equal(r.status, 201, r.text);
+      const k = r.json.sequence - baseSequence;
+      assert.ok(k >= 50 && k <= log.length, `fork at sequence ${r.json.sequence}: ${k} of ${log.length} writes`);
+      const cf = await connect(a, 'src-fork');
+      const forked = await readAll(cf, 0, SIZE);
+      assert.ok(forked.equals(apply(base, log, k)), `the fork is not the source after exactly ${k} writes`);
+      const sourceNow = apply(base, log, log.length);
+      assert.ok((await readAll(c, 0, SIZE)).equals(sourceNow), 'the source lost writes');
+      // Independent: a write on either side does not show on the other.
+      await cf.write(0, Buffer.alloc(PIECE, 0xaa));
+      await c.write(PIECE, Buffer.alloc(PIECE, 0xbb));
+      assert.ok((await c.read(0, PIECE)).equals(sourceNow.subarray(0, PIECE)));
+      assert.ok((await cf.read(PIECE, PIECE)).equals(forked.subarray(PIECE, 2 * PIECE)));
+      // Fork of the fork, then the source is deleted: both forks stay whole.
+      const ff = await a.api('POST', '/api/exports/src-fork/fork', { target: 'src-fork-2' });
+      assert.equal(ff.status, 201, ff.text);
+      await c.disconnect();
+      assert.equal((await a.api('DELETE', '/api/exports/src?force=true')).status, 200);
+      const cff = await connect(a, 'src-fork-2');
+      const expectedFork = Buffer.from(forked);
+      Buffer.alloc(PIECE, 0xaa).copy(expectedFork, 0);
+      assert.ok((await readAll(cff, 0, SIZE)).equals(expectedFork), 'the fork of the fork differs');
+      await cff.disconnect();
+      // Another host wakes the first fork from the store as it was forked.
+      const cb = await connect(b, 'src-fork');
+      assert.ok((await readAll(cb, 0, SIZE)).equals(forked) || (await exportInfo(b, 'src-fork')).read_only, 'host B sees another fork');
+      assert.ok((await readAll(cb, 0, SIZE)).equals(forked), 'host B reads the fork differently');
+      await cb.disconnect();
+      await cf.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('lazy fork copies the last manifest without the source host; checkpoints are immutable, listed, served read-only and forkable', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b');
+    await withLogs([a, b], async () => {
+      await createVolume(a, 'base', SIZE / MiB);
+      const c = await connect(a, 'base');
+      const v1 = await writeRandom(c, 0, 8 * MiB);
+      const drained = await drain(a, 'base');
+      const cp = await a.api('POST', '/api/exports/base/checkpoints', { name: 'golden' });
+      assert.equal(cp.status, 200, cp.text);
+      assert.equal(cp.json.sequence, drained.sequence);
+      const again = await a.api('POST', '/api/exports/base/checkpoints', { name: 'golden' });
+      assert.equal(again.status, 409, again.text);
+      await c.write(0, Buffer.alloc(MiB, 0x11)); // after the drain and the checkpoint
+      // Host B forks lazily from the store: it sees the drained state, not the later write.
+      const lazy = await b.api('POST', '/api/exports/base/fork', { target: 'base-lazy', mode: 'lazy' });
+      assert.equal(lazy.status, 201, lazy.text);
+      assert.equal(lazy.json.sequence, drained.sequence);
+      const cl = await connect(b, 'base-lazy');
+      assert.ok((await readAll(cl, 0, 8 * MiB)).equals(v1));
+      await cl.write(0, Buffer.alloc(4096, 1)); // writable: a new, unleased volume
+      await cl.disconnect();
+      // The checkpoint: listed, served read-only, forked.
+      const list = await a.api('GET', '/api/exports/base/checkpoints');
+      assert.deepEqual(list.json.map((x: { name: string }) => x.name), ['golden']);
+      const ccp = await connect(b, 'base@golden');
+      assert.ok((await readAll(ccp, 0, 8 * MiB)).equals(v1));
+      await assert.rejects(ccp.write(0, Buffer.alloc(4096)), (err: unknown) => err instanceof NbdCommandError && err.code === 'EPERM');
+      await ccp.disconnect();
+      const fromCp = await b.api('POST', '/api/exports/base/fork', { target: 'from-golden', checkpoint: 'golden' });
+      assert.equal(fromCp.status, 201, fromCp.text);
+      const cg = await connect(b, 'from-golden');
+      assert.ok((await readAll(cg, 0, 8 * MiB)).equals(v1));
+      await cg.disconnect();
+      const del = await a.api('DELETE', '/api/exports/base/checkpoints/golden');
+      assert.equal(del.status, 200, del.text);
+      assert.equal((await a.api('DELETE', '/api/exports/base/checkpoints/golden')).status, 404);
+      assert.deepEqual((await a.api('GET', '/api/exports/base/checkpoints')).json, []);
+      await c.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('fork and checkpoint bad input: an existing target is 409, a missing source 404, bad checkpoint names 400', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      await createVolume(a, 'one', 64);
+      await createVolume(a, 'two', 64);
+      const exists = await a.api('POST', '/api/exports/one/fork', { target: 'two' });
+      assert.equal(exists.status, 409, exists.text);
+      const missing = await a.api('POST', '/api/exports/nope/fork', { target: 'three' });
+      assert.equal(missing.status, 404, missing.text);
+      const missingLazy = await a.api('POST', '/api/exports/nope/fork', { target: 'three', mode: 'lazy' });
+      assert.equal(missingLazy.status, 404, missingLazy.text);
+      for (const name of ['a/b', '..', '.', 'x y', '']) {
+        const r = await a.api('POST', '/api/exports/one/checkpoints', { name });
+        assert.equal(r.status, 400, `${JSON.stringify(name)}: ${r.text}`);
+      }
+      const badTarget = await a.api('POST', '/api/exports/one/fork', { target: '../x' });
+      assert.equal(badTarget.status, 400, badTarget.text);
+      const badMode = await a.api('POST', '/api/exports/one/fork', { target: 'x', mode: 'eager' });
+      assert.equal(badMode.status, 400, badMode.text);
+      assert.equal((await a.api('DELETE', '/api/exports/one/checkpoints/a%20b')).status, 400, 'a checkpoint name with a space');
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
