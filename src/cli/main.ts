@@ -47,6 +47,101 @@ async function run(file: string | undefined): Promise<void> {
   await runDaemon(config, log);
 }
 
+/** The config a command works with: -c FILE, else ./updraft.toml if there is one, else the defaults. */
+function configFor(file: string | undefined) {
+  return loadConfig(file ?? (existsSync(DEFAULT_CONFIG_FILE) ? DEFAULT_CONFIG_FILE : undefined));
+}
+
+/** A request to the running daemon's HTTP API ([servers.http] address); its JSON answer. */
+async function callDaemon(file: string | undefined, method: string, path: string, body?: unknown): Promise<unknown> {
+  const config = configFor(file);
+  const address = config.servers.http.address;
+  if (!address) throw new UsageError('[servers.http] address is empty: the daemon has no HTTP API to ask (use --offline where offered)');
+  const url = `http://${address}${path}`;
+  let response: Response;
+  try {
+    response = await fetch(url, {
+      method,
+      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(10 * 60_000),
+    });
+  } catch (err) {
+    throw new Error(`cannot reach the daemon at ${url}: ${errorMessage((err as Error).cause ?? err)} (is \`updraft run\` running?)`);
+  }
+  const text = await response.text();
+  const json = text ? (JSON.parse(text) as { error?: string }) : null;
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${json?.error ?? text}`);
+  return json;
+}
+
+const exportPath = (name: string) => `/api/exports/${encodeURIComponent(name)}`;
+const print = (value: unknown): void => {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+};
+
+/** Offline work on the store named by the config, with no daemon. */
+async function withStore<T>(file: string | undefined, work: (ctx: Awaited<ReturnType<typeof offlineStore>>) => Promise<T>): Promise<T> {
+  const ctx = await offlineStore(file);
+  try {
+    return await work(ctx);
+  } finally {
+    await ctx.store.close();
+  }
+}
+
+async function offlineStore(file: string | undefined) {
+  const config = configFor(file);
+  const log = createLogger('updraft', (process.env.UPDRAFT_LOG_LEVEL as 'warn' | undefined) ?? 'warn');
+  const [{ openStore }, { probeObjectStore }, { parseCompression }] = await Promise.all([
+    import('../host/store-stack.js'),
+    import('../objectstore/index.js'),
+    import('../crypto/compress.js'),
+  ]);
+  const { store } = openStore(config, log);
+  await probeObjectStore(store);
+  return {
+    config, store,
+    compression: parseCompression(config.storage.compression),
+    manifestCompression: parseCompression('zstd-3'),
+  };
+}
+
+async function bless(image: string, opts: { name: string; config?: string }): Promise<void> {
+  const { volumeNameProblem } = await import('../volume/names.js');
+  const problem = volumeNameProblem(opts.name);
+  if (problem) throw new UsageError(problem);
+  if (!existsSync(image)) throw new UsageError(`image ${image}: no such file`);
+  const { blessImage } = await import('../store/image.js');
+  const { SingleBar, Presets } = (await import('cli-progress')).default;
+  const tty = process.stderr.isTTY === true;
+  const bar = tty
+    ? new SingleBar({ format: 'bless [{bar}] {percentage}% | {read}/{total} MiB | {rate} MiB/s | uploaded {up} MiB | dedup {dedup} chunks', hideCursor: true }, Presets.shades_classic)
+    : undefined;
+  const started = performance.now();
+  let lastLine = 0;
+  const result = await withStore(opts.config, async (ctx) => {
+    return blessImage({
+      store: ctx.store, file: image, name: opts.name, blockSize: ctx.config.servers.nbd.blockSize,
+      compression: ctx.compression, manifestCompression: ctx.manifestCompression, blocksPerPack: ctx.config.servers.nbd.blocksPerPack,
+      progress: (p) => {
+        const mib = (n: number) => (n / 1048576).toFixed(1);
+        const rate = mib(p.bytesRead / Math.max(0.001, (performance.now() - started) / 1000));
+        const values = { read: mib(p.bytesRead), total: mib(p.totalBytes), rate, up: mib(p.bytesUploaded), dedup: p.dedupChunks };
+        if (bar) {
+          if (!bar.isActive) bar.start(p.totalBytes, 0, values);
+          bar.update(p.bytesRead, values);
+        } else if (p.bytesRead === p.totalBytes || performance.now() - lastLine > 2000) {
+          lastLine = performance.now();
+          process.stderr.write(`bless: ${values.read}/${values.total} MiB read, ${rate} MiB/s, ${values.up} MiB uploaded, ${values.dedup} chunks deduplicated\n`);
+        }
+      },
+    });
+  });
+  bar?.stop();
+  print({ ...result, duration_ms: Math.round(performance.now() - started) });
+}
+
 function program(version: string): Command {
   const updraft = new Command('updraft')
     .description('Serve virtual disks over NBD: local-SSD writes, object-store portability, instant forks')
@@ -67,6 +162,79 @@ function program(version: string): Command {
     .description('run the daemon in the foreground')
     .option('-c, --config <file>', `config file (default: ./${DEFAULT_CONFIG_FILE} if it exists, else the built-in defaults)`)
     .action((opts: { config?: string }) => run(opts.config));
+
+  updraft
+    .command('fork')
+    .description('fork volume SOURCE to a new volume TARGET (through the running daemon, or --offline on the store)')
+    .argument('<source>', 'the volume to fork')
+    .argument('<target>', 'the new volume')
+    .option('-c, --config <file>', 'config file (for the daemon address and the store)')
+    .option('--lazy', 'copy the last manifest in the store instead of snapshotting the running source', false)
+    .option('--checkpoint <name>', 'fork from this checkpoint of SOURCE')
+    .option('--offline', 'no daemon: lazy fork directly on the store', false)
+    .action(async (source: string, target: string, opts: { config?: string; lazy: boolean; checkpoint?: string; offline: boolean }) => {
+      if (opts.offline) {
+        const { volumeNameProblem } = await import('../volume/names.js');
+        const problem = volumeNameProblem(source) ?? volumeNameProblem(target);
+        if (problem) throw new UsageError(problem);
+        const { lazyFork } = await import('../store/catalog.js');
+        const started = performance.now();
+        const result = await withStore(opts.config, async (ctx) => {
+          if ((await ctx.store.head(`volumes/${target}/manifest`)) !== undefined) throw new Error(`volume ${target} already exists in the store`);
+          return lazyFork(ctx.store, source, target, ctx.manifestCompression, opts.checkpoint);
+        });
+        print({ target, sequence: result.sequence, mode: 'lazy', duration_ms: Math.round(performance.now() - started) });
+        return;
+      }
+      print(await callDaemon(opts.config, 'POST', `${exportPath(source)}/fork`, {
+        target, mode: opts.lazy ? 'lazy' : 'consistent', ...(opts.checkpoint ? { checkpoint: opts.checkpoint } : {}),
+      }));
+    });
+
+  const checkpoint = updraft.command('checkpoint').description('checkpoints of a volume (through the running daemon)');
+  checkpoint
+    .command('create')
+    .argument('<volume>')
+    .argument('<name>')
+    .option('-c, --config <file>', 'config file (for the daemon address)')
+    .description('take an immutable checkpoint of VOLUME now')
+    .action(async (volume: string, name: string, opts: { config?: string }) => print(await callDaemon(opts.config, 'POST', `${exportPath(volume)}/checkpoints`, { name })));
+  checkpoint
+    .command('list')
+    .argument('<volume>')
+    .option('-c, --config <file>', 'config file (for the daemon address)')
+    .description("list VOLUME's checkpoints")
+    .action(async (volume: string, opts: { config?: string }) => print(await callDaemon(opts.config, 'GET', `${exportPath(volume)}/checkpoints`)));
+  checkpoint
+    .command('delete')
+    .argument('<volume>')
+    .argument('<name>')
+    .option('-c, --config <file>', 'config file (for the daemon address)')
+    .description('delete a checkpoint')
+    .action(async (volume: string, name: string, opts: { config?: string }) =>
+      print(await callDaemon(opts.config, 'DELETE', `${exportPath(volume)}/checkpoints/${encodeURIComponent(name)}`)));
+
+  updraft
+    .command('bless')
+    .description('import a raw disk image (or any file) into the store as volume NAME, offline; zero chunks and blocks already stored are skipped')
+    .argument('<image>', 'the image file')
+    .requiredOption('--name <name>', 'the volume to create')
+    .option('-c, --config <file>', 'config file (for the store)')
+    .action((image: string, opts: { name: string; config?: string }) => bless(image, opts));
+
+  updraft
+    .command('dump')
+    .description('write volume NAME (its last manifest in the store) out as a sparse raw image, offline')
+    .argument('<name>', 'the volume')
+    .argument('<file>', 'the image file to write')
+    .option('--checkpoint <name>', 'dump this checkpoint instead')
+    .option('-c, --config <file>', 'config file (for the store)')
+    .action(async (name: string, file: string, opts: { checkpoint?: string; config?: string }) => {
+      const { dumpImage } = await import('../store/image.js');
+      const started = performance.now();
+      const result = await withStore(opts.config, (ctx) => dumpImage({ store: ctx.store, name, checkpoint: opts.checkpoint, file }));
+      print({ name, file, ...result, duration_ms: Math.round(performance.now() - started) });
+    });
 
   updraft
     .command('version')
