@@ -4,9 +4,11 @@
 // read-only as VOLUME@CHECKPOINT; bad requests.
 import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { test } from 'node:test';
 import {
-  connect, createVolume, drain, exportInfo, fileStore, MiB, readAll, startCluster, withLogs, writeRandom,
+  connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, waitFor, withLogs, writeRandom,
 } from './harness/cluster.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 
@@ -153,6 +155,60 @@ test('fork and checkpoint bad input: an existing target is 409, a missing source
       const badMode = await a.api('POST', '/api/exports/one/fork', { target: 'x', mode: 'eager' });
       assert.equal(badMode.status, 400, badMode.text);
       assert.equal((await a.api('DELETE', '/api/exports/one/checkpoints/a%20b')).status, 400, 'a checkpoint name with a space');
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('boot hot set: the chunks read after attach are recorded; a fork woken on an empty host fetches them up front and boots with fewer on-demand fetches', { timeout: TIMEOUT }, async (t) => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      await createVolume(a, 'os', SIZE / MiB);
+      const c = await connect(a, 'os');
+      const data = await writeRandom(c, 0, 48 * MiB);
+      await drain(a, 'os');
+      // A "boot": 40 scattered chunks in a shuffled order (no read-ahead), over most packs.
+      const chunks = Array.from({ length: 40 }, (_, i) => (i * 9) % 384).sort(() => Math.random() - 0.5);
+      const boot = async (client: Awaited<ReturnType<typeof connect>>) => {
+        const t0 = performance.now();
+        for (const chunk of chunks) {
+          const got = await client.read(chunk * 128 * 1024, 128 * 1024);
+          assert.ok(got.equals(data.subarray(chunk * 128 * 1024, (chunk + 1) * 128 * 1024)), `chunk ${chunk} differs`);
+        }
+        return performance.now() - t0;
+      };
+      // Without a hot set: a fork taken before any recording, booted on an empty host.
+      assert.equal((await a.api('POST', '/api/exports/os/fork', { target: 'os-cold', mode: 'lazy' })).status, 201);
+      const b = await cluster.start('host-b');
+      const cb = await connect(b, 'os-cold');
+      const coldMs = await boot(cb);
+      const coldDemand = await metric(b, 'updraft_store_demand_packs_total');
+      await cb.disconnect();
+      // Record the boot on the source (its first read starts the window), then fork it.
+      const armed = await a.api('POST', '/api/exports/os/boot-record', { seconds: 1 });
+      assert.equal(armed.status, 200, armed.text);
+      await boot(c);
+      const bootset = path.join(cluster.dir, 'store', 'volumes', 'os', 'bootset');
+      await waitFor('the boot hot set in the store', async () => fs.existsSync(bootset), 10_000);
+      assert.deepEqual(JSON.parse(fs.readFileSync(bootset, 'utf8')).chunks, [...chunks].sort((x, y) => x - y));
+      assert.equal((await a.api('POST', '/api/exports/os/fork', { target: 'os-hot', mode: 'lazy' })).status, 201);
+      const h = await cluster.start('host-c');
+      const ch = await connect(h, 'os-hot');
+      await waitFor('the hot set fetch', async () => /fetched the boot hot set/.test(h.log()), 10_000);
+      const hotMs = await boot(ch);
+      const hotDemand = await metric(h, 'updraft_store_demand_packs_total');
+      const hotsetPacks = await metric(h, 'updraft_store_hotset_packs_total');
+      await ch.disconnect();
+      await c.disconnect();
+      t.diagnostic(`boot read of 40 chunks: ${coldMs.toFixed(0)} ms with ${coldDemand} on-demand pack fetches; with the hot set ${hotMs.toFixed(0)} ms, ${hotDemand} on demand (${hotsetPacks} fetched up front)`);
+      assert.ok(coldDemand >= 10, `the cold boot fetched only ${coldDemand} packs on demand`);
+      assert.ok(hotsetPacks >= 10);
+      assert.ok(hotDemand < coldDemand, `hot set: ${hotDemand} on-demand fetches, without: ${coldDemand}`);
+      const bad = await a.api('POST', '/api/exports/os/boot-record', { seconds: 0 });
+      assert.equal(bad.status, 400, bad.text);
     });
   } finally {
     await cluster.cleanup();

@@ -39,6 +39,8 @@ const ForkBody = z.strictObject({
 
 const CheckpointBody = z.strictObject({ name: z.string().min(1).max(100) });
 
+const BootRecordBody = z.strictObject({ seconds: z.number().positive().max(600) });
+
 function summary(v: ReturnType<Host['list']>[number]) {
   return {
     name: v.name, size: v.size, size_gb: v.size / GIB, clients: v.clients, read_only: v.readOnly,
@@ -190,6 +192,12 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     if (problem) return fail(reply, 400, problem);
     if (!(await host.deleteCheckpoint(name, request.params.cp))) return fail(reply, 404, `volume ${name} has no checkpoint ${request.params.cp}`);
     return { name, checkpoint: request.params.cp, deleted: true };
+  });
+
+  action('boot-record', async (name, raw) => {
+    const body = BootRecordBody.safeParse(raw ?? {});
+    if (!body.success) throw Object.assign(new Error(bodyProblem(body.error)), { statusCode: 400 });
+    return host.recordBoot(name, body.data.seconds);
   });
 
   action('flush-mode', async (name, raw) => {

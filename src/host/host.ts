@@ -16,7 +16,9 @@ import { decodeManifest, manifestKey } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
-import { deleteCheckpoint, ExistsError, lazyFork, listCheckpoints, MissingError, readManifest, type CheckpointInfo } from '../store/catalog.js';
+import {
+  deleteCheckpoint, ExistsError, lazyFork, listCheckpoints, MissingError, readBootSet, readManifest, writeBootSet, type CheckpointInfo,
+} from '../store/catalog.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { LeaseHeldError, manifestChunks, manifestLocations, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
 
@@ -311,6 +313,7 @@ export class Host {
       this.log.info('woke volume from the store', {
         volume: name, size: meta.size, chunks: manifest.chunks.length, sequence: meta.sequence, writable,
       });
+      void this.fetchBootSet(volume, manifest);
       return volume;
     })();
     this.opening.set(name, work);
@@ -382,6 +385,38 @@ export class Host {
     const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
     this.log.info('forked volume', { source, ...result, checkpoint: opts.checkpoint });
     return result;
+  }
+
+  /**
+   * While the client boots: fetch the blocks of the volume's boot hot set (or its
+   * parent's) in parallel, before the guest asks for them.
+   */
+  private async fetchBootSet(volume: Volume, manifest: Parameters<typeof readBootSet>[1]): Promise<void> {
+    try {
+      const set = await readBootSet(this.options.store, manifest);
+      if (set === undefined) return;
+      const keys = volume.missingBlocksOf(set.chunks);
+      const started = performance.now();
+      await this.fetcher.fetch(keys, 'hotset');
+      this.log.info('fetched the boot hot set', { volume: volume.name, from: set.volume, chunks: set.chunks.length, blocks: keys.length, ms: Math.round(performance.now() - started) });
+    } catch (err) {
+      this.log.warn('boot hot set fetch failed; blocks come on demand', { volume: volume.name, error: errorMessage(err) });
+    }
+  }
+
+  /**
+   * Record the chunks read in the `seconds` after the next read (the guest's boot) and
+   * store them beside the manifest as the volume's boot hot set.
+   */
+  recordBoot(name: string, seconds: number): { volume: string; seconds: number } {
+    const volume = this.volumes.get(name);
+    if (!volume) throw new MissingError(`no volume ${name} on this host`);
+    volume.recordBoot(seconds, (chunks) => {
+      writeBootSet(this.options.store, { format: 1, volume: name, blockSize: volume.blockSize, seconds, chunks })
+        .then(() => this.log.info('stored the boot hot set', { volume: name, chunks: chunks.length }))
+        .catch((err) => this.log.error('cannot store the boot hot set', { volume: name, error: errorMessage(err) }));
+    });
+    return { volume: name, seconds };
   }
 
   /** Take an immutable checkpoint of an open volume. */

@@ -90,3 +90,42 @@ export async function deleteCheckpoint(store: ObjectStore, volume: string, check
   await store.delete(key);
   return true;
 }
+
+/** A volume's boot hot set: the chunks its guest read first after attaching. */
+export interface BootSet {
+  format: 1;
+  volume: string;
+  blockSize: number;
+  seconds: number;
+  chunks: number[];
+}
+
+export function bootSetKey(volume: string): string {
+  return `volumes/${volume}/bootset`;
+}
+
+export async function writeBootSet(store: ObjectStore, set: BootSet): Promise<void> {
+  await store.put(bootSetKey(set.volume), Buffer.from(JSON.stringify(set) + '\n'));
+}
+
+/** The boot hot set of a volume, or of the nearest ancestor that has one (forks share their parent's). */
+export async function readBootSet(store: ObjectStore, manifest: Manifest): Promise<BootSet | undefined> {
+  const names = [manifest.meta.name, ...(manifest.meta.parent ? [manifest.meta.parent.name] : [])];
+  for (const name of names) {
+    const key = bootSetKey(name);
+    const object = await store.get(key);
+    if (object === undefined) continue;
+    let set: BootSet;
+    try {
+      set = JSON.parse(object.body.toString('utf8')) as BootSet;
+    } catch (err) {
+      throw new Error(`boot set ${key} is not JSON: ${(err as Error).message}`);
+    }
+    if (set.format !== 1 || !Array.isArray(set.chunks) || !set.chunks.every((c) => Number.isSafeInteger(c) && c >= 0)) {
+      throw new Error(`boot set ${key} is not a format 1 boot set`);
+    }
+    if (set.blockSize !== manifest.meta.blockSize) return undefined;
+    return set;
+  }
+  return undefined;
+}

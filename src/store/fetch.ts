@@ -17,6 +17,10 @@ const MAX_PREFETCH_PACKS = 16;
 
 export interface FetchCounters {
   packsFetched: number;
+  /** Pack GETs a read (or an unaligned write) had to wait for. */
+  demandPacks: number;
+  /** Pack GETs started from a volume's boot hot set. */
+  hotsetPacks: number;
   blocksFetched: number;
   bytesFetched: number;
   verifyFailures: number;
@@ -24,7 +28,9 @@ export interface FetchCounters {
 }
 
 export class PackFetcher implements BlockFetcher {
-  readonly counters: FetchCounters = { packsFetched: 0, blocksFetched: 0, bytesFetched: 0, verifyFailures: 0, prefetchedPacks: 0 };
+  readonly counters: FetchCounters = {
+    packsFetched: 0, demandPacks: 0, hotsetPacks: 0, blocksFetched: 0, bytesFetched: 0, verifyFailures: 0, prefetchedPacks: 0,
+  };
   private readonly inflight = new Map<string, Promise<void>>();
   private prefetching = 0;
 
@@ -41,14 +47,22 @@ export class PackFetcher implements BlockFetcher {
     return this.index.has(key);
   }
 
-  async fetch(keys: readonly BlockKey[]): Promise<void> {
+  async fetch(keys: readonly BlockKey[], reason: 'demand' | 'hotset' = 'demand'): Promise<void> {
     const packs = new Set<string>();
     for (const key of keys) {
       const location = this.index.get(key);
       if (location === undefined) throw new Error(`block ${keyHex(key)} is neither on this host nor in any pack it knows of`);
       packs.add(location.pack);
     }
-    await Promise.all([...packs].map((id) => this.fetchPack(id)));
+    await Promise.all(
+      [...packs].map((id) => {
+        if (!this.inflight.has(id)) {
+          if (reason === 'demand') this.counters.demandPacks++;
+          else this.counters.hotsetPacks++;
+        }
+        return this.fetchPack(id);
+      }),
+    );
   }
 
   prefetch(keys: readonly BlockKey[]): void {

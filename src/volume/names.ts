@@ -2,12 +2,12 @@
 // '/'-separated segments; no empty, '.' or '..' segment. Checked before a name
 // reaches a path or an object key.
 //
-// A volume's objects live under volumes/{name}/ as manifest, lease and checkpoints/, so
+// A volume's objects live under volumes/{name}/ as manifest, lease, bootset and checkpoints/, so
 // no segment after the first may be one of those names: volume "a/lease" would keep its
 // manifest at volumes/a/lease/manifest, where volume "a" keeps its lease.
 
 const SEGMENT = /^[A-Za-z0-9._-]+$/;
-const RESERVED_SEGMENTS = new Set(['manifest', 'lease', 'checkpoints']);
+const RESERVED_SEGMENTS = new Set(['manifest', 'lease', 'checkpoints', 'bootset']);
 export const MAX_VOLUME_NAME = 200;
 
 /** Why `name` is not a valid volume name, or undefined when it is. */
@@ -18,7 +18,7 @@ export function volumeNameProblem(name: string): string | undefined {
   for (const [i, segment] of segments.entries()) {
     if (segment === '') return `volume name ${JSON.stringify(name)} has an empty segment`;
     if (i > 0 && RESERVED_SEGMENTS.has(segment)) {
-      return `volume name ${JSON.stringify(name)} has a '${segment}' segment after the first; manifest, lease and checkpoints are reserved there`;
+      return `volume name ${JSON.stringify(name)} has a '${segment}' segment after the first; manifest, lease, bootset and checkpoints are reserved there`;
     }
     if (segment === '.' || segment === '..') return `volume name ${JSON.stringify(name)} has a '${segment}' segment`;
     if (!SEGMENT.test(segment)) return `volume name ${JSON.stringify(name)} has a character outside [A-Za-z0-9._-/]`;

@@ -69,8 +69,11 @@ interface VolumeIdentity {
  * volume asks for blocks by name; it never sees a pack or the store.
  */
 export interface BlockFetcher {
-  /** Fetch these blocks into the block cache; throws an Error naming the block and pack on failure. */
-  fetch(keys: readonly BlockKey[]): Promise<void>;
+  /**
+   * Fetch these blocks into the block cache; throws an Error naming the block and pack on
+   * failure. `reason` only labels the fetch for metrics (a read waiting, or a boot hot set).
+   */
+  fetch(keys: readonly BlockKey[], reason?: 'demand' | 'hotset'): Promise<void>;
   /** Start fetching in the background (read-ahead); failures are logged, not thrown. */
   prefetch(keys: readonly BlockKey[]): void;
   /** Whether the store holds this block (the host pack index names its pack). */
@@ -159,6 +162,8 @@ export class Volume {
   private readonly fetcher: BlockFetcher | undefined;
   /** Read-ahead: where a sequential reader would read next, and the chunk fetched up to. */
   private nextReadOffset = -1;
+  /** A boot recording: the chunks read within windowMs of the first read after it was armed. */
+  private bootRecord: { windowMs: number; started: number; chunks: Set<number>; done: (chunks: number[]) => void } | undefined;
   private prefetchedUntil = -1;
 
   private constructor(
@@ -364,6 +369,7 @@ export class Volume {
    * ones from the store. Also drives read-ahead for a sequential reader.
    */
   readReady(offset: number, length: number): Promise<void> | undefined {
+    if (this.bootRecord !== undefined) this.recordBootRead(offset, length);
     if (this.fetcher === undefined) return undefined;
     const sequential = offset === this.nextReadOffset;
     this.nextReadOffset = offset + length;
@@ -386,6 +392,45 @@ export class Volume {
     const missingLast = last !== first ? this.missingBlocks(last * bs, bs) : undefined;
     if (missing === undefined && missingLast === undefined) return undefined;
     return this.fetchBlocks([...(missing ?? []), ...(missingLast ?? [])]);
+  }
+
+  /**
+   * Record which chunks are read during the `seconds` after the next read (the guest's
+   * boot), then hand the list to `done`. One recording at a time.
+   */
+  recordBoot(seconds: number, done: (chunks: number[]) => void): void {
+    if (this.bootRecord !== undefined) throw new VolumeError('EINVAL', `volume ${this.name}: a boot recording is already running`);
+    this.bootRecord = { windowMs: seconds * 1000, started: 0, chunks: new Set(), done };
+  }
+
+  private recordBootRead(offset: number, length: number): void {
+    const record = this.bootRecord!;
+    const now = Date.now();
+    if (record.started === 0) {
+      record.started = now;
+      setTimeout(() => this.finishBootRecord(record), record.windowMs).unref();
+    } else if (now - record.started > record.windowMs) {
+      this.finishBootRecord(record);
+      return;
+    }
+    const last = Math.floor((offset + length - 1) / this.blockSize);
+    for (let chunk = Math.floor(offset / this.blockSize); chunk <= last; chunk++) record.chunks.add(chunk);
+  }
+
+  private finishBootRecord(record: NonNullable<Volume['bootRecord']>): void {
+    if (this.bootRecord !== record) return;
+    this.bootRecord = undefined;
+    record.done([...record.chunks].sort((a, b) => a - b));
+  }
+
+  /** The blocks of these chunks that are not on this host (for a boot hot set fetch). */
+  missingBlocksOf(chunks: readonly number[]): BlockKey[] {
+    const out = new Set<BlockKey>();
+    for (const chunk of chunks) {
+      const key = this.map.get(chunk);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY && !this.cache.has(key)) out.add(key);
+    }
+    return [...out];
   }
 
   /** Blocks of the range's chunks that are neither local nor shadowed by the overlay. */
