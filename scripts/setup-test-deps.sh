@@ -25,6 +25,8 @@ checks=(
   "fusermount3 fuse3"
   "losetup util-linux"
   "openssl openssl"
+  "qemu-system-x86_64 qemu-system-x86"
+  "debugfs e2fsprogs"
 )
 
 missing_packages() {
@@ -39,12 +41,15 @@ missing_packages() {
     fi
   done
   if ! fio_has_nbd_engine; then printf '%s\n' fio; fi
+  # The VM boot test: a static busybox for the guest's root filesystem, a kernel and initrd.
+  if ! dpkg -s busybox-static >/dev/null 2>&1; then printf '%s\n' busybox-static; fi
+  if ! compgen -G '/boot/vmlinuz-*' >/dev/null; then printf '%s\n' linux-image-amd64; fi
 }
 
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl)"
+  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64)"
   exit 0
 fi
 

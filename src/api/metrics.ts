@@ -54,6 +54,7 @@ export class Metrics {
     counter('updraft_store_packs_fetched_total', 'Packs fetched from the store for cold reads and read-ahead', [], () => [[{}, fetched.packsFetched]]);
     counter('updraft_store_prefetched_packs_total', 'Pack fetches started by read-ahead', [], () => [[{}, fetched.prefetchedPacks]]);
     counter('updraft_store_demand_packs_total', 'Pack fetches a read had to wait for (on-demand)', [], () => [[{}, fetched.demandPacks]]);
+    counter('updraft_store_read_waits_total', 'Reads (and unaligned writes) that waited for blocks from the store', [], () => [[{}, fetched.readWaits]]);
     counter('updraft_store_hotset_packs_total', 'Pack fetches started from a boot hot set', [], () => [[{}, fetched.hotsetPacks]]);
     counter('updraft_store_verify_failures_total', 'Packs that failed hash verification when fetched', [], () => [[{}, fetched.verifyFailures]]);
     gauge('updraft_pack_index_blocks', 'Blocks the host pack index knows a pack for', () => host.packIndex.size);

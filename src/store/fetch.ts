@@ -21,6 +21,8 @@ export interface FetchCounters {
   demandPacks: number;
   /** Pack GETs started from a volume's boot hot set. */
   hotsetPacks: number;
+  /** Reads (and unaligned writes) that had to wait for blocks from the store. */
+  readWaits: number;
   blocksFetched: number;
   bytesFetched: number;
   verifyFailures: number;
@@ -29,7 +31,7 @@ export interface FetchCounters {
 
 export class PackFetcher implements BlockFetcher {
   readonly counters: FetchCounters = {
-    packsFetched: 0, demandPacks: 0, hotsetPacks: 0, blocksFetched: 0, bytesFetched: 0, verifyFailures: 0, prefetchedPacks: 0,
+    packsFetched: 0, demandPacks: 0, hotsetPacks: 0, readWaits: 0, blocksFetched: 0, bytesFetched: 0, verifyFailures: 0, prefetchedPacks: 0,
   };
   private readonly inflight = new Map<string, Promise<void>>();
   private prefetching = 0;
@@ -48,6 +50,7 @@ export class PackFetcher implements BlockFetcher {
   }
 
   async fetch(keys: readonly BlockKey[], reason: 'demand' | 'hotset' = 'demand'): Promise<void> {
+    if (reason === 'demand') this.counters.readWaits++;
     const packs = new Set<string>();
     for (const key of keys) {
       const location = this.index.get(key);
