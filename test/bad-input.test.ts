@@ -695,10 +695,16 @@ describe('bad input never takes the daemon down', { timeout: 120_000 }, () => {
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
       await assertAlive('options never collected');
+      // The daemon stopped taking options once its replies went unread: most of the 9 MB is
+      // still queued on the client's side.
+      const unsent = conn.socket.writableLength;
+      assert.ok(unsent > 4 * MiB, `the daemon read all but ${(unsent / MiB).toFixed(1)} MiB of the options without its replies being read`);
     } finally {
       conn.destroy();
     }
-    assert.ok(peak < 192 * MiB, `daemon RSS grew by ${(peak / MiB).toFixed(0)} MiB for one client sending 9 MB of options without reading the replies`);
+    // RSS also counts garbage the collector has not reclaimed yet, which varies with the
+    // machine: this bound is a backstop, the check above is the backpressure itself.
+    assert.ok(peak < 320 * MiB, `daemon RSS grew by ${(peak / MiB).toFixed(0)} MiB for one client sending 9 MB of options without reading the replies`);
   });
 
   it('stays responsive and bounded for a client that sends many 32 MiB reads and never reads the replies', async () => {

@@ -8,6 +8,9 @@
 //   migrate  the write pause of a live migration: A drains the bulk while writable, then
 //            (8 MiB of random 64 KiB writes later) releases: writes refused, final drain,
 //            lease released; host M, attached read-only, promotes; M's client writes.
+//   fork     consistent and lazy fork latency (median of 3) of volumes with
+//            BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained, and the time from
+//            an NBD connect on another host to the first 4 KiB of a fork read back.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
@@ -30,6 +33,7 @@ const MAIN = path.join(ROOT, 'dist/src/cli/main.js');
 const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache/updraft-test'), 'bin/minio');
 const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
+const FORK_SIZES_MIB = (process.env.BENCH_FORK_SIZES_MIB || '256,1024,8192').split(',').map(Number);
 const MiB = 1024 * 1024;
 
 const children = new Set();
@@ -116,7 +120,7 @@ async function daemon(name, minio, extraToml = '', env = {}) {
   const toml = `
 [cache]
 dir = "${dir}/cache"
-disk_size_gb = 8
+disk_size_gb = 24
 memory_size_gb = 1
 [storage]
 url = "s3://${minio.bucket}/bench"
@@ -242,6 +246,39 @@ async function main() {
     await stop(b.child);
   }
   record('latency_ms', LATENCY_MS);
+
+  // ---- fork latency vs written size, and wake on another host ----
+  const f = await daemon('host-f', minio);
+  const g = await daemon('host-g', minio);
+  for (const mib of FORK_SIZES_MIB) {
+    const src = `fork-src-${mib}`;
+    await api(f.url, 'PUT', `/api/exports/${src}`, { size_gb: Math.max(1, (2 * mib) / 1024) });
+    say(`fork: writing ${mib} MiB`);
+    await fio(['--name=forksrc', '--ioengine=nbd', `--uri=${f.uri(src)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
+    await api(f.url, 'POST', `/api/exports/${src}/drain`);
+    const times = { consistent: [], lazy: [] };
+    for (let i = 0; i < 3; i++) {
+      for (const mode of ['consistent', 'lazy']) {
+        const t0 = performance.now();
+        await api(f.url, 'POST', `/api/exports/${src}/fork`, { target: `${src}-${mode}-${i}`, mode });
+        times[mode].push(performance.now() - t0);
+      }
+    }
+    const median = (xs) => xs.sort((x, y) => x - y)[xs.length >> 1];
+    record(`fork_consistent_${mib}mib_ms`, median(times.consistent).toFixed(0));
+    record(`fork_lazy_${mib}mib_ms`, median(times.lazy).toFixed(0));
+    // Another host: from the NBD connect to the first 4 KiB read back (the manifest GET,
+    // the local map, the lease, one pack).
+    const t1 = performance.now();
+    const client = await NbdClient.connect({ path: g.socket, exportName: `${src}-lazy-0` });
+    await client.read(0, 4096);
+    record(`wake_first_byte_${mib}mib_ms`, (performance.now() - t1).toFixed(0));
+    client.close();
+    say(`fork ${mib} MiB: consistent ${median(times.consistent).toFixed(0)} ms, lazy ${median(times.lazy).toFixed(0)} ms, wake to first byte ${(performance.now() - t1).toFixed(0)} ms`);
+  }
+  record('fork_sizes_mib', FORK_SIZES_MIB.join('/'));
+  await stop(f.child);
+  await stop(g.child);
 }
 
 try {

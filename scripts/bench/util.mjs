@@ -226,6 +226,12 @@ switch (cmd) {
       lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, read-ahead ${st.read_ahead_packs} packs ${fmt(st.cold_read_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_readahead_gets} GETs)`);
       lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, no read-ahead    ${fmt(st.cold_read_no_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_no_readahead_gets} GETs)`);
     }
+    if (st?.fork_sizes_mib) {
+      lines.push('', 'fork latency (median of 3; MinIO on loopback) and wake on another host to the first byte');
+      for (const mib of String(st.fork_sizes_mib).split('/')) {
+        lines.push(`  ${String(mib).padStart(5)} MiB written: consistent ${fmt(st[`fork_consistent_${mib}mib_ms`]).padStart(5)} ms, lazy ${fmt(st[`fork_lazy_${mib}mib_ms`]).padStart(5)} ms, wake to first byte ${fmt(st[`wake_first_byte_${mib}mib_ms`]).padStart(5)} ms`);
+      }
+    }
     if (r.run?.elapsed_s !== undefined) lines.push('', `total bench time ${r.run.elapsed_s}s; load average before ${r.run.loadavg_start ?? '-'}, after ${r.run.loadavg_end ?? '-'} (${r.config?.cpus} CPUs)`);
     out(lines.join('\n'));
     break;
