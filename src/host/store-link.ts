@@ -340,16 +340,17 @@ export class StoreLink {
   private async ensureLease(): Promise<void> {
     const margin = this.ctx.leaseTtlMs / 3;
     if (this.state.generation > 0 && (this.state.leaseExpires ?? 0) - Date.now() > margin) return;
-    const { bumped } = await this.acquire();
-    if (bumped && this.state.manifestEtag !== undefined) await this.refence();
+    const { bumped, first } = await this.acquire();
+    if (bumped && !first && this.state.manifestEtag !== undefined) await this.refence();
   }
 
   /**
    * Take or renew the lease with a conditional put. Returns whether the generation
-   * changed hands (a new holder must fence the previous one). Throws LeaseHeldError
+   * changed hands (a new holder must fence the previous one) and whether this is the
+   * volume's first lease ever (nobody to fence). Throws LeaseHeldError
    * when another host holds a live lease.
    */
-  private async acquire(): Promise<{ bumped: boolean }> {
+  private async acquire(): Promise<{ bumped: boolean; first: boolean }> {
     const key = leaseKey(this.name);
     for (let attempt = 0; attempt < 3; attempt++) {
       const current = await this.ctx.store.get(key);
@@ -367,11 +368,11 @@ export class StoreLink {
       const body = encodeLease(next);
       try {
         const etag = await this.ctx.store.put(key, body, current === undefined ? { ifNoneMatch: '*' } : { ifMatch: current.etag });
-        return { bumped: this.adopt(generation, etag, now) };
+        return { bumped: this.adopt(generation, etag, now), first: current === undefined };
       } catch (err) {
         if (!isPreconditionFailed(err)) throw err;
         const after = await this.ctx.store.get(key);
-        if (after !== undefined && after.body.equals(body)) return { bumped: this.adopt(generation, after.etag, now) };
+        if (after !== undefined && after.body.equals(body)) return { bumped: this.adopt(generation, after.etag, now), first: current === undefined };
         // Someone else wrote the lease meanwhile: look again.
       }
     }
@@ -480,8 +481,10 @@ export class StoreLink {
       if (this.volume.dirtyChunks > 0) {
         throw new VolumeError('EINVAL', `volume ${this.name}: has local writes that are in no manifest; cannot promote over them`);
       }
-      await this.acquire();
-      await this.refence();
+      // The very first lease of a volume (a new fork, a blessed image) has no previous
+      // holder to fence, and the manifest was just read: no rewrite needed.
+      const { first } = await this.acquire();
+      if (!first) await this.refence();
       this.state.readOnly = false;
       this.volume.readOnly = false;
       this.save();
