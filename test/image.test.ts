@@ -83,7 +83,7 @@ test('bless imports an image (zeros skipped, re-run uploads nothing), a second i
     // another image over it is refused, while a blessed image nobody took may be replaced.
     const live = await cli(['bless', file1, '--name', 'images/derived', '-c', config], cluster.dir);
     assert.equal(live.code, 1, live.stderr);
-    assert.match(live.stderr, /not made by bless/);
+    assert.match(live.stderr, /opened by a daemon/);
     const replaced = await cli(['bless', file2, '--name', 'images/base', '-c', config], cluster.dir);
     assert.equal(replaced.code, 0, replaced.stderr);
     assert.equal(replaced.json.bytesUploaded, 0);

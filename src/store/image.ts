@@ -15,7 +15,7 @@ import { blockHash, isAllZero } from '../crypto/hash.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';
 import { ExistsError, readManifest } from './catalog.js';
-import { decodeManifest, encodeManifest, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK } from './manifest.js';
+import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK } from './manifest.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, verifyPackId, type PackBlock } from './pack.js';
 import type { PackLocation } from './pack-index.js';
 
@@ -156,6 +156,10 @@ async function putBlessManifest(store: ObjectStore, name: string, body: Buffer):
   if (current.body.equals(body)) return { etag: current.etag, unchanged: true };
   if (decodeManifest(key, current.body).meta.host !== BLESS_HOST) {
     throw new ExistsError(`volume ${name} already exists in the store and was not made by bless; choose another name`);
+  }
+  // A daemon that ever took the volume (it holds or held its lease) may have written it since.
+  if ((await store.head(leaseKey(name))) !== undefined) {
+    throw new ExistsError(`volume ${name} has been opened by a daemon (it has a lease), so it is not made by bless any more; choose another name`);
   }
   return { etag: await store.put(key, body, { ifMatch: current.etag }), unchanged: false };
 }
