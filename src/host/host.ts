@@ -17,10 +17,11 @@ import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
 import {
-  deleteCheckpoint, ExistsError, lazyFork, listCheckpoints, MissingError, readBootSet, readManifest, writeBootSet, type CheckpointInfo,
+  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestChunks, MissingError, readBootSet, readManifest,
+  writeBootSet, type CheckpointInfo,
 } from '../store/catalog.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
-import { LeaseHeldError, manifestChunks, manifestLocations, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
+import { LeaseHeldError, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
 
 export interface HostOptions {
   /** Folder for the block cache and the volumes' local state. */
@@ -288,9 +289,7 @@ export class Host {
       if (meta.blockSize !== this.options.blockSize) {
         throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
       }
-      this.packIndex.add(manifestLocations(manifest).filter(([k]) => !this.packIndex.has(k)));
-      // The local journal will name these blocks: where to find them must survive a crash too.
-      await this.packIndex.sync();
+      await indexManifest(this.packIndex, manifest);
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
       const volume = await Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
@@ -452,8 +451,7 @@ export class Host {
         if (err instanceof MissingError) return undefined;
         throw err;
       }
-      this.packIndex.add(manifestLocations(manifest).filter(([k]) => !this.packIndex.has(k)));
-      await this.packIndex.sync();
+      await indexManifest(this.packIndex, manifest);
       const dir = path.join(this.options.cacheDir, 'checkpoints', ...volume.split('/'), checkpoint, '@');
       fs.rmSync(dir, { recursive: true, force: true });
       const meta = manifest.meta;

@@ -9,14 +9,13 @@
 // (invariant 4).
 import fs from 'node:fs';
 import path from 'node:path';
-import { blockKey, keyBytes, keyHex, type BlockKey } from '../blocks/cache.js';
+import { keyBytes, keyHex } from '../blocks/cache.js';
 import type { Compression } from '../crypto/compress.js';
-import { ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { createManifest } from '../store/catalog.js';
-import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK, type Manifest } from '../store/manifest.js';
+import { createManifest, indexManifest, manifestChunks } from '../store/catalog.js';
+import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
@@ -508,8 +507,7 @@ export class StoreLink {
       }
       const manifest = decodeManifest(key, current.body);
       if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
-        this.ctx.packIndex.add(manifestLocations(manifest));
-        await this.ctx.packIndex.sync();
+        await indexManifest(this.ctx.packIndex, manifest);
         await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
       }
       manifest.meta.generation = this.state.generation;
@@ -531,18 +529,4 @@ export class StoreLink {
   get holdsLease(): boolean {
     return this.state.generation > 0;
   }
-}
-
-/** chunk → block key of every mapped chunk of a manifest. */
-export function* manifestChunks(manifest: Manifest): Generator<[number, BlockKey]> {
-  const zeroKey = ZERO_ALLOCATED_HASH.toString('latin1');
-  for (let i = 0; i < manifest.chunks.length; i++) {
-    const block = manifest.chunkBlocks[i];
-    yield [manifest.chunks[i], block === ZERO_ALLOCATED_BLOCK ? zeroKey : blockKey(manifest.blocks[block].hash)];
-  }
-}
-
-/** Pack location of every block a manifest names, for the host pack index. */
-export function manifestLocations(manifest: Manifest): Array<[BlockKey, { pack: string; offset: number; length: number; rawLength: number; codec: Manifest['blocks'][number]['codec'] }]> {
-  return manifest.blocks.map((b) => [blockKey(b.hash), { pack: b.pack, offset: b.offset, length: b.length, rawLength: b.rawLength, codec: b.codec }]);
 }

@@ -1,9 +1,13 @@
 // Manifest-level operations on the store that need no volume and no daemon (DESIGN.md:
 // Fork, lazy; checkpoints): a fork is a copy of a manifest under another name, a
 // checkpoint an immutable manifest beside the volume's. No block is ever copied.
+import { blockKey, type BlockKey } from '../blocks/cache.js';
 import type { Compression } from '../crypto/compress.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
-import { checkpointKey, decodeManifest, encodeManifest, manifestKey, type Manifest } from './manifest.js';
+import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
+import { checkpointKey, decodeManifest, encodeManifest, manifestKey, ZERO_ALLOCATED_BLOCK, type Manifest } from './manifest.js';
+import type { EncodedPack } from './pack.js';
+import type { PackIndex, PackLocation } from './pack-index.js';
 
 /** The target already exists (a manifest under its name). */
 export class ExistsError extends Error {
@@ -13,6 +17,33 @@ export class ExistsError extends Error {
 /** The source (manifest or checkpoint) is not in the store. */
 export class MissingError extends Error {
   override name = 'MissingError';
+}
+
+/** chunk → block key of every mapped chunk of a manifest. */
+export function* manifestChunks(manifest: Manifest): Generator<[number, BlockKey]> {
+  for (let i = 0; i < manifest.chunks.length; i++) {
+    const block = manifest.chunkBlocks[i];
+    yield [manifest.chunks[i], block === ZERO_ALLOCATED_BLOCK ? ZERO_ALLOCATED_KEY : blockKey(manifest.blocks[block].hash)];
+  }
+}
+
+/** Pack location of every block a manifest names. */
+export function manifestLocations(manifest: Manifest): Array<[BlockKey, PackLocation]> {
+  return manifest.blocks.map((b) => [blockKey(b.hash), { pack: b.pack, offset: b.offset, length: b.length, rawLength: b.rawLength, codec: b.codec }]);
+}
+
+/** Pack location of every block of a pack just encoded. */
+export function packLocations(pack: EncodedPack): Array<[BlockKey, PackLocation]> {
+  return pack.entries.map((e) => [blockKey(e.hash), { pack: pack.id, offset: e.offset, length: e.length, rawLength: e.rawLength, codec: e.codec }]);
+}
+
+/**
+ * Record where a manifest's blocks are in the host pack index, durably: a local journal
+ * about to name these blocks must be able to find them after a crash.
+ */
+export async function indexManifest(index: PackIndex, manifest: Manifest): Promise<void> {
+  index.add(manifestLocations(manifest));
+  await index.sync();
 }
 
 /** The manifest a fork or checkpoint is read from: the volume's, or one of its checkpoints. */

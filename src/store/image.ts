@@ -14,7 +14,7 @@ import type { Compression } from '../crypto/compress.js';
 import { blockHash, isAllZero } from '../crypto/hash.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';
-import { ExistsError, readManifest } from './catalog.js';
+import { ExistsError, manifestLocations, packLocations, readManifest } from './catalog.js';
 import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK } from './manifest.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, verifyPackId, type PackBlock } from './pack.js';
 import type { PackLocation } from './pack-index.js';
@@ -52,10 +52,7 @@ export async function storeBlocks(store: ObjectStore): Promise<Map<BlockKey, Pac
     if (!object.key.endsWith('/manifest') && !object.key.includes('/checkpoints/')) continue;
     const body = await store.get(object.key);
     if (body === undefined) continue;
-    const manifest = decodeManifest(object.key, body.body);
-    for (const b of manifest.blocks) {
-      known.set(blockKey(b.hash), { pack: b.pack, offset: b.offset, length: b.length, rawLength: b.rawLength, codec: b.codec });
-    }
+    for (const [key, location] of manifestLocations(decodeManifest(object.key, body.body))) known.set(key, location);
   }
   return known;
 }
@@ -94,9 +91,7 @@ export async function blessImage(opts: {
       if (pending.length === 0) return;
       const pack = encodePack(pending, opts.compression);
       await store.put(pack.key, pack.body);
-      for (const e of pack.entries) {
-        known.set(blockKey(e.hash), { pack: pack.id, offset: e.offset, length: e.length, rawLength: e.rawLength, codec: e.codec });
-      }
+      for (const [key, location] of packLocations(pack)) known.set(key, location);
       packsUploaded++;
       progress.bytesUploaded += pack.body.length;
       pending = [];

@@ -3,13 +3,14 @@
 // to the pack index only once its pack is in the store, so a manifest built from the
 // index never names a missing pack (invariant 2). Two volumes uploading the same block
 // at once share one upload.
-import { blockKey, keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
+import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { Compression } from '../crypto/compress.js';
 import type { Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
+import { packLocations } from './catalog.js';
 import { encodePack, type PackBlock } from './pack.js';
-import type { PackIndex, PackLocation } from './pack-index.js';
+import type { PackIndex } from './pack-index.js';
 
 /** Packs in flight at once per upload. */
 const UPLOAD_CONCURRENCY = 8;
@@ -78,11 +79,7 @@ export class PackUploader {
     }
     const pack = encodePack(blocks, this.compression);
     await this.store.put(pack.key, pack.body);
-    const locations: Array<[BlockKey, PackLocation]> = pack.entries.map((entry) => [
-      blockKey(entry.hash),
-      { pack: pack.id, offset: entry.offset, length: entry.length, rawLength: entry.rawLength, codec: entry.codec },
-    ]);
-    this.index.add(locations);
+    this.index.add(packLocations(pack));
     this.cache.markInStore(group);
     result.packs++;
     result.blocks += group.length;
