@@ -105,7 +105,7 @@ export class Transmission {
 
     if (type === P.CMD_DISC) {
       this.disconnecting = true;
-      if (this.inflight === 0) this.socket.end();
+      this.endIfDisconnected();
       return;
     }
     const allowed = ALLOWED_FLAGS[type];
@@ -258,7 +258,7 @@ export class Transmission {
       .finally(() => {
         this.inflight--;
         this.uncork();
-        if (this.disconnecting && this.inflight === 0 && !this.closed) this.socket.end();
+        this.endIfDisconnected();
       });
   }
 
@@ -273,7 +273,7 @@ export class Transmission {
     ).finally(() => {
       this.inflight--;
       this.uncork();
-      if (this.disconnecting && this.inflight === 0 && !this.closed) this.socket.end();
+      this.endIfDisconnected();
     });
   }
 
@@ -350,6 +350,17 @@ export class Transmission {
     this.log.warn('closing connection: malformed request', { volume: this.volume.name, reason });
     this.close();
     this.socket.destroy();
+  }
+
+  /**
+   * After NBD_CMD_DISC, once the last reply is out: the client is detached before the
+   * connection ends, so a client that sees the close finds the export free.
+   */
+  private endIfDisconnected(): void {
+    if (!this.disconnecting || this.inflight > 0 || this.closed) return;
+    this.close();
+    this.uncork();
+    this.socket.end();
   }
 
   close(): void {
