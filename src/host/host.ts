@@ -12,7 +12,7 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
-import { decodeManifest, manifestKey } from '../store/manifest.js';
+import { decodeManifest, manifestKey, type Manifest } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
@@ -275,15 +275,23 @@ export class Host {
    * Wake a volume this host does not have from its manifest in the store: serve it at
    * once, blocks come lazily. Writable when the lease is free (or expired), read-only
    * while another host holds it. Undefined when the store has no such volume.
+   * `written` is a manifest this host has just written (a fork): no GET, no decode.
    */
-  async wake(name: string, settings: VolumeSettings = {}): Promise<Volume | undefined> {
+  async wake(name: string, settings: VolumeSettings = {}, written?: { manifest: Manifest; etag: string }): Promise<Volume | undefined> {
     const pending = this.opening.get(name);
     if (pending) return pending;
     const key = manifestKey(name);
     const work = (async () => {
-      const object = await this.options.store.get(key);
-      if (object === undefined) return undefined;
-      const manifest = decodeManifest(key, object.body);
+      const started = performance.now();
+      let manifest: Manifest;
+      let etag: string;
+      if (written) ({ manifest, etag } = written);
+      else {
+        const object = await this.options.store.get(key);
+        if (object === undefined) return undefined;
+        manifest = decodeManifest(key, object.body);
+        etag = object.etag;
+      }
       const meta = manifest.meta;
       if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
       if (meta.blockSize !== this.options.blockSize) {
@@ -295,7 +303,7 @@ export class Host {
       const volume = await Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
       const link = new StoreLink(
         volume,
-        { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: object.etag, manifestSequence: meta.sequence },
+        { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
         this.storeCtx,
       );
       link.save();
@@ -311,6 +319,7 @@ export class Host {
       }
       this.log.info('woke volume from the store', {
         volume: name, size: meta.size, chunks: manifest.chunks.length, sequence: meta.sequence, writable,
+        ms: Math.round(performance.now() - started),
       });
       void this.fetchBootSet(volume, manifest);
       return volume;
@@ -372,15 +381,16 @@ export class Host {
     if (this.volumes.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
       throw new ExistsError(`volume ${target} already exists`);
     }
-    let sequence: number;
+    let forked: { sequence: number; etag: string; manifest: Manifest };
     if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
       const link = this.links.get(source);
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
-      sequence = (await link.fork(target)).sequence;
+      forked = await link.fork(target);
     } else {
-      sequence = (await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint)).sequence;
+      forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint);
     }
-    await this.wake(target);
+    const sequence = forked.sequence;
+    await this.wake(target, {}, forked);
     const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
     this.log.info('forked volume', { source, ...result, checkpoint: opts.checkpoint });
     return result;

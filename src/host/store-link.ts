@@ -15,7 +15,7 @@ import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
 import { createManifest, indexManifest, manifestChunks } from '../store/catalog.js';
-import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder } from '../store/manifest.js';
+import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, type Manifest } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
@@ -243,14 +243,14 @@ export class StoreLink {
    * Consistent fork: the volume at its current sequence (writers not paused) becomes a new
    * volume `target` in the store. Fails with ExistsError if the target exists.
    */
-  fork(target: string): Promise<{ sequence: number; etag: string }> {
+  fork(target: string): Promise<{ sequence: number; etag: string; manifest: Manifest }> {
     return this.serial(async () => {
       const captured = await this.capture(async (snapshot) => ({
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
       }));
       try {
         const etag = await createManifest(this.ctx.store, manifestKey(target), captured.manifest, this.ctx.manifestCompression);
-        return { sequence: captured.sequence, etag };
+        return { sequence: captured.sequence, etag, manifest: captured.manifest };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
         captured.release();

@@ -28,8 +28,8 @@ export function* manifestChunks(manifest: Manifest): Generator<[number, BlockKey
 }
 
 /** Pack location of every block a manifest names. */
-export function manifestLocations(manifest: Manifest): Array<[BlockKey, PackLocation]> {
-  return manifest.blocks.map((b) => [blockKey(b.hash), { pack: b.pack, offset: b.offset, length: b.length, rawLength: b.rawLength, codec: b.codec }]);
+export function* manifestLocations(manifest: Manifest): Generator<[BlockKey, PackLocation]> {
+  for (const b of manifest.blocks) yield [blockKey(b.hash), { pack: b.pack, offset: b.offset, length: b.length, rawLength: b.rawLength, codec: b.codec }];
 }
 
 /** Pack location of every block of a pack just encoded. */
@@ -89,7 +89,7 @@ export async function lazyFork(
   target: string,
   compression: Compression,
   checkpoint?: string,
-): Promise<{ sequence: number; etag: string }> {
+): Promise<{ sequence: number; etag: string; manifest: Manifest }> {
   const { manifest } = await readManifest(store, source, checkpoint);
   const sequence = manifest.meta.sequence;
   manifest.meta = {
@@ -97,7 +97,7 @@ export async function lazyFork(
     parent: { name: source, sequence },
   };
   const etag = await createManifest(store, manifestKey(target), manifest, compression);
-  return { sequence, etag };
+  return { sequence, etag, manifest };
 }
 
 export interface CheckpointInfo {

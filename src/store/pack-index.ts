@@ -372,12 +372,15 @@ export class PackIndex {
     this.assertOpen();
     const changed: [BlockKey, PackLocation][] = [];
     for (const [key, loc] of entries) {
+      // A location already recorded was checked when it was added (waking a fork of a
+      // volume this host knows re-adds every block of the manifest).
+      if (this.sameLocation(key, loc)) continue;
       if (typeof key !== 'string' || key.length !== HASH_BYTES) {
         throw new Error(`pack index ${this.file}: add: block key of ${key.length} characters, expected ${HASH_BYTES}`);
       }
       const problem = locationProblem(loc);
       if (problem) throw new Error(`pack index ${this.file}: add: block ${Buffer.from(key, 'latin1').toString('hex')}: ${problem}`);
-      if (!this.sameLocation(key, loc)) changed.push([key, loc]);
+      changed.push([key, loc]);
     }
     if (changed.length === 0) return;
     const batch = Buffer.allocUnsafe(changed.length * RECORD_BYTES);

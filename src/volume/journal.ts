@@ -24,15 +24,21 @@ const CHECKSUM_BYTES = 16;
 
 export interface ChunkRecord {
   chunk: number;
-  hash: Uint8Array; // 16 bytes; all zero = no block
+  /** 16 bytes, or a block key (the same bytes as a latin1 string); all zero = no block. */
+  hash: Uint8Array | string;
   mask: Uint8Array; // mask_bytes; all zero = no overlay sectors
+}
+
+/** A record as read back from the file: the hash is always bytes. */
+export interface ReplayedRecord extends ChunkRecord {
+  hash: Uint8Array;
 }
 
 export interface JournalState {
   sequence: number;
   size: number;
   /** Final record per chunk, in journal order. */
-  chunks: Map<number, ChunkRecord>;
+  chunks: Map<number, ReplayedRecord>;
   batches: number;
   /** Bytes cut off the tail because the last batch was torn. */
   truncatedBytes: number;
@@ -131,8 +137,11 @@ export class Journal {
     batch.writeBigUInt64BE(BigInt(size), 16);
     let at = BATCH_HEADER_BYTES;
     for (const record of records) {
-      batch.writeBigUInt64BE(BigInt(record.chunk), at);
-      batch.set(record.hash, at + 8);
+      // u64 chunk as two u32 halves: no BigInt per record (a wake journals every chunk).
+      batch.writeUInt32BE(Math.floor(record.chunk / 0x100000000), at);
+      batch.writeUInt32BE(record.chunk >>> 0, at + 4);
+      if (typeof record.hash === 'string') batch.write(record.hash, at + 8, HASH_BYTES, 'latin1');
+      else batch.set(record.hash, at + 8);
       batch.set(record.mask, at + 8 + HASH_BYTES);
       at += this.recordBytes;
     }

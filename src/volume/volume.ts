@@ -1011,7 +1011,7 @@ export class Volume {
     const records: ChunkRecord[] = [];
     for (const [chunk, key] of this.map.entries()) {
       const mask = this.overlay.get(chunk);
-      records.push({ chunk, hash: keyBytes(key), mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask) });
+      records.push({ chunk, hash: key, mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask) });
     }
     for (const [chunk, mask] of this.overlay) {
       if (this.map.get(chunk) === undefined) records.push({ chunk, hash: ZERO_HASH, mask: Uint8Array.from(mask) });
