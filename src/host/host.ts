@@ -275,9 +275,15 @@ export class Host {
    * Wake a volume this host does not have from its manifest in the store: serve it at
    * once, blocks come lazily. Writable when the lease is free (or expired), read-only
    * while another host holds it. Undefined when the store has no such volume.
-   * `written` is a manifest this host has just written (a fork): no GET, no decode.
+   * `written` is a manifest this host has just written (a fork): no GET, no decode; and
+   * when `indexed`, its blocks are all in the host pack index already (a consistent fork
+   * built it from the index).
    */
-  async wake(name: string, settings: VolumeSettings = {}, written?: { manifest: Manifest; etag: string }): Promise<Volume | undefined> {
+  async wake(
+    name: string,
+    settings: VolumeSettings = {},
+    written?: { manifest: Manifest; etag: string; indexed?: boolean },
+  ): Promise<Volume | undefined> {
     const pending = this.opening.get(name);
     if (pending) return pending;
     const key = manifestKey(name);
@@ -297,7 +303,7 @@ export class Host {
       if (meta.blockSize !== this.options.blockSize) {
         throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
       }
-      await indexManifest(this.packIndex, manifest);
+      if (!written?.indexed) await indexManifest(this.packIndex, manifest);
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
       const volume = await Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
@@ -381,11 +387,11 @@ export class Host {
     if (this.volumes.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
       throw new ExistsError(`volume ${target} already exists`);
     }
-    let forked: { sequence: number; etag: string; manifest: Manifest };
+    let forked: { sequence: number; etag: string; manifest: Manifest; indexed?: boolean };
     if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
       const link = this.links.get(source);
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
-      forked = await link.fork(target);
+      forked = { ...(await link.fork(target)), indexed: true };
     } else {
       forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint);
     }

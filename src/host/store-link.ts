@@ -14,8 +14,8 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { createManifest, indexManifest, manifestChunks } from '../store/catalog.js';
-import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, type Manifest } from '../store/manifest.js';
+import { createManifest, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
+import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
@@ -212,22 +212,18 @@ export class StoreLink {
       const uploadMs = performance.now() - started - snapshotMs;
       this.noteUpload(snapshot.sequence, uploadMs);
       const id = await identity(snapshot);
-      const builder = new ManifestBuilder({
-        format: 1, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
+      const meta = {
+        format: 1 as const, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
         generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
-      });
-      for (const [chunk, key] of snapshot.chunks) {
-        if (key === ZERO_ALLOCATED_KEY) {
-          builder.setChunk(chunk, 'zero-allocated');
-          continue;
-        }
+      };
+      const manifest = manifestOfChunks(meta, snapshot.chunks, (key, chunk) => {
         const location = this.ctx.packIndex.get(key);
         // Invariant 2: the upload above put every block the manifest names into a pack.
         if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
-        builder.setChunk(chunk, keyBytes(key), location);
-      }
+        return location;
+      });
       return {
-        manifest: builder.build(), sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
+        manifest, sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
         stored: () => {
           stored = true;
         },
