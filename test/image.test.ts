@@ -104,6 +104,12 @@ test('bless of a missing file fails clearly and writes nothing; fork and checkpo
     assert.equal(storeBytes(storeDir, '.'), 0, 'bless of a missing file wrote to the store');
     const badName = await cli(['bless', config, '--name', '../x', '-c', config], cluster.dir);
     assert.equal(badName.code, 2, badName.stderr);
+    for (const seconds of ['0', '-1', 'soon', '601']) {
+      const badRecord = await cli(['bless', config, '--name', 'x', '--boot-record', seconds, '-c', config], cluster.dir);
+      assert.equal(badRecord.code, 2, badRecord.stderr);
+      assert.match(badRecord.stderr, /--boot-record/);
+    }
+    assert.equal(storeBytes(storeDir, '.'), 0, 'a refused bless wrote to the store');
 
     const a = await cluster.start('host-a');
     await withLogs([a], async () => {

@@ -8,7 +8,7 @@ import { FencedError, LeaseHeldError } from '../host/store-link.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { ObjectStoreError } from '../objectstore/types.js';
-import { ExistsError, MissingError } from '../store/catalog.js';
+import { ExistsError, MAX_BOOT_RECORD_SECONDS, MissingError } from '../store/catalog.js';
 import { FormatError } from '../store/errors.js';
 import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
@@ -39,7 +39,7 @@ const ForkBody = z.strictObject({
 
 const CheckpointBody = z.strictObject({ name: z.string().min(1).max(100) });
 
-const BootRecordBody = z.strictObject({ seconds: z.number().positive().max(600) });
+const BootRecordBody = z.strictObject({ seconds: z.number().positive().max(MAX_BOOT_RECORD_SECONDS) });
 
 function summary(v: ReturnType<Host['list']>[number]) {
   return {

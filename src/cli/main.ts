@@ -107,10 +107,15 @@ async function offlineStore(file: string | undefined) {
   };
 }
 
-async function bless(image: string, opts: { name: string; config?: string }): Promise<void> {
+async function bless(image: string, opts: { name: string; config?: string; bootRecord?: string }): Promise<void> {
   const { volumeNameProblem } = await import('../volume/names.js');
   const problem = volumeNameProblem(opts.name);
   if (problem) throw new UsageError(problem);
+  const { MAX_BOOT_RECORD_SECONDS } = await import('../store/catalog.js');
+  const bootSeconds = opts.bootRecord === undefined ? undefined : Number(opts.bootRecord);
+  if (bootSeconds !== undefined && !(Number.isFinite(bootSeconds) && bootSeconds > 0 && bootSeconds <= MAX_BOOT_RECORD_SECONDS)) {
+    throw new UsageError(`--boot-record ${JSON.stringify(opts.bootRecord)}: expected seconds, a number in (0, ${MAX_BOOT_RECORD_SECONDS}]`);
+  }
   if (!existsSync(image)) throw new UsageError(`image ${image}: no such file`);
   const { blessImage } = await import('../store/image.js');
   const { SingleBar, Presets } = (await import('cli-progress')).default;
@@ -121,7 +126,7 @@ async function bless(image: string, opts: { name: string; config?: string }): Pr
   const started = performance.now();
   let lastLine = 0;
   const result = await withStore(opts.config, async (ctx) => {
-    return blessImage({
+    const blessed = await blessImage({
       store: ctx.store, file: image, name: opts.name, blockSize: ctx.config.servers.nbd.blockSize,
       compression: ctx.compression, manifestCompression: ctx.manifestCompression, blocksPerPack: ctx.config.servers.nbd.blocksPerPack,
       progress: (p) => {
@@ -137,6 +142,10 @@ async function bless(image: string, opts: { name: string; config?: string }): Pr
         }
       },
     });
+    if (bootSeconds === undefined) return blessed;
+    const { writeBootSet } = await import('../store/catalog.js');
+    await writeBootSet(ctx.store, { format: 1, volume: opts.name, blockSize: ctx.config.servers.nbd.blockSize, seconds: bootSeconds, chunks: [], recording: true });
+    return { ...blessed, boot_record_seconds: bootSeconds };
   });
   bar?.stop();
   print({ ...result, duration_ms: Math.round(performance.now() - started) });
@@ -219,8 +228,9 @@ function program(version: string): Command {
     .description('import a raw disk image (or any file) into the store as volume NAME, offline; zero chunks and blocks already stored are skipped')
     .argument('<image>', 'the image file')
     .requiredOption('--name <name>', 'the volume to create')
+    .option('--boot-record <seconds>', "record the chunks read in the first SECONDS of the first boot of NAME or a fork of it, on whichever host wakes it, as NAME's boot hot set")
     .option('-c, --config <file>', 'config file (for the store)')
-    .action((image: string, opts: { name: string; config?: string }) => bless(image, opts));
+    .action((image: string, opts: { name: string; config?: string; bootRecord?: string }) => bless(image, opts));
 
   updraft
     .command('dump')

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
-import type { ObjectStore } from '../objectstore/types.js';
+import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeManifest, manifestKey, type Manifest } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
@@ -404,12 +404,19 @@ export class Host {
 
   /**
    * While the client boots: fetch the blocks of the volume's boot hot set (or its
-   * parent's) in parallel, before the guest asks for them.
+   * parent's) in parallel, before the guest asks for them. When the set is a recording
+   * request (`updraft bless --boot-record`), record this boot and answer the request.
    */
   private async fetchBootSet(volume: Volume, manifest: Parameters<typeof readBootSet>[1]): Promise<void> {
     try {
-      const set = await readBootSet(this.options.store, manifest);
-      if (set === undefined) return;
+      const found = await readBootSet(this.options.store, manifest);
+      if (found === undefined) return;
+      const { set, etag } = found;
+      if (set.recording) {
+        this.recordBootInto(volume, set.volume, set.seconds, etag);
+        this.log.info('recording the boot hot set requested at bless', { volume: volume.name, for: set.volume, seconds: set.seconds });
+        return;
+      }
       const keys = volume.missingBlocksOf(set.chunks);
       const started = performance.now();
       await this.fetcher.fetch(keys, 'hotset');
@@ -426,12 +433,20 @@ export class Host {
   recordBoot(name: string, seconds: number): { volume: string; seconds: number } {
     const volume = this.volumes.get(name);
     if (!volume) throw new MissingError(`no volume ${name} on this host`);
-    volume.recordBoot(seconds, (chunks) => {
-      writeBootSet(this.options.store, { format: 1, volume: name, blockSize: volume.blockSize, seconds, chunks })
-        .then(() => this.log.info('stored the boot hot set', { volume: name, chunks: chunks.length }))
-        .catch((err) => this.log.error('cannot store the boot hot set', { volume: name, error: errorMessage(err) }));
-    });
+    this.recordBootInto(volume, name, seconds);
     return { volume: name, seconds };
+  }
+
+  /** Record `volume`'s next boot as the boot set of `owner` (itself, or the image it was forked from). */
+  private recordBootInto(volume: Volume, owner: string, seconds: number, replacing?: string): void {
+    volume.recordBoot(seconds, (chunks) => {
+      writeBootSet(this.options.store, { format: 1, volume: owner, blockSize: volume.blockSize, seconds, chunks }, replacing)
+        .then(() => this.log.info('stored the boot hot set', { volume: owner, recorded_on: volume.name, chunks: chunks.length }))
+        .catch((err) => {
+          if (isPreconditionFailed(err)) this.log.info('another host answered the boot recording request first', { volume: owner });
+          else this.log.error('cannot store the boot hot set', { volume: owner, error: errorMessage(err) });
+        });
+    });
   }
 
   /** Take an immutable checkpoint of an open volume. */

@@ -156,25 +156,37 @@ export async function deleteCheckpoint(store: ObjectStore, volume: string, check
   return true;
 }
 
-/** A volume's boot hot set: the chunks its guest read first after attaching. */
+/**
+ * A volume's boot hot set: the chunks its guest read first after attaching. A set with
+ * `recording` and no chunks is a request (`updraft bless --boot-record`): the first host
+ * that wakes the volume, or a fork of it, records its first boot and replaces the request.
+ */
 export interface BootSet {
   format: 1;
   volume: string;
   blockSize: number;
   seconds: number;
   chunks: number[];
+  recording?: true;
 }
+
+/** Longest boot recording window: a boot hot set is the first minutes of a boot, not a workload. */
+export const MAX_BOOT_RECORD_SECONDS = 600;
 
 export function bootSetKey(volume: string): string {
   return `volumes/${volume}/bootset`;
 }
 
-export async function writeBootSet(store: ObjectStore, set: BootSet): Promise<void> {
-  await store.put(bootSetKey(set.volume), Buffer.from(JSON.stringify(set) + '\n'));
+/** Store a boot set; with `replacing`, only over that ETag (one host answers a recording request). */
+export async function writeBootSet(store: ObjectStore, set: BootSet, replacing?: string): Promise<void> {
+  await store.put(bootSetKey(set.volume), Buffer.from(JSON.stringify(set) + '\n'), replacing === undefined ? {} : { ifMatch: replacing });
 }
 
-/** The boot hot set of a volume, or of the nearest ancestor that has one (forks share their parent's). */
-export async function readBootSet(store: ObjectStore, manifest: Manifest): Promise<BootSet | undefined> {
+/**
+ * The boot hot set of a volume, or of the nearest ancestor that has one (forks share their
+ * parent's), with its ETag.
+ */
+export async function readBootSet(store: ObjectStore, manifest: Manifest): Promise<{ set: BootSet; etag: string } | undefined> {
   const names = [manifest.meta.name, ...(manifest.meta.parent ? [manifest.meta.parent.name] : [])];
   for (const name of names) {
     const key = bootSetKey(name);
@@ -186,11 +198,13 @@ export async function readBootSet(store: ObjectStore, manifest: Manifest): Promi
     } catch (err) {
       throw new Error(`boot set ${key} is not JSON: ${(err as Error).message}`);
     }
-    if (set.format !== 1 || !Array.isArray(set.chunks) || !set.chunks.every((c) => Number.isSafeInteger(c) && c >= 0)) {
-      throw new Error(`boot set ${key} is not a format 1 boot set`);
-    }
+    const valid =
+      set.format === 1 && set.volume === name && Number.isFinite(set.seconds) && set.seconds > 0 &&
+      Array.isArray(set.chunks) && set.chunks.every((c) => Number.isSafeInteger(c) && c >= 0) &&
+      (set.recording === undefined || set.recording === true);
+    if (!valid) throw new Error(`boot set ${key} is not a format 1 boot set of volume ${name}`);
     if (set.blockSize !== manifest.meta.blockSize) return undefined;
-    return set;
+    return { set, etag: object.etag };
   }
   return undefined;
 }
