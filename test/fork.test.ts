@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import {
-  connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, waitFor, withLogs, writeRandom,
+  connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, storeRequests, waitFor, withLogs, writeRandom,
 } from './harness/cluster.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 
@@ -209,6 +209,80 @@ test('boot hot set: the chunks read after attach are recorded; a fork woken on a
       assert.ok(hotDemand < coldDemand, `hot set: ${hotDemand} on-demand fetches, without: ${coldDemand}`);
       const bad = await a.api('POST', '/api/exports/os/boot-record', { seconds: 0 });
       assert.equal(bad.status, 400, bad.text);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+/**
+ * Writes the manifest of a volume with `chunks` chunks of distinct blocks straight into the
+ * store (no data: a fork never reads a block, and 8 GiB of real writes and uploads would
+ * take minutes here). The blocks name packs that do not exist; nothing below reads them.
+ */
+async function writeSyntheticVolume(storeDir: string, name: string, chunks: number): Promise<void> {
+  const { ManifestBuilder, encodeManifest, manifestKey } = await import('../src/store/manifest.js');
+  const { parseCompression } = await import('../src/crypto/compress.js');
+  const { openObjectStore } = await import('../src/objectstore/index.js');
+  const blockSize = 128 * 1024;
+  const builder = new ManifestBuilder({
+    format: 1, name, size: 16 * 1024 * MiB, blockSize, sequence: 1, generation: 0, host: 'test', created: new Date().toISOString(),
+  });
+  let pack = '';
+  for (let chunk = 0; chunk < chunks; chunk++) {
+    if (chunk % 25 === 0) pack = randomBytes(16).toString('hex');
+    builder.setChunk(chunk, randomBytes(16), { pack, offset: 4096 + (chunk % 25) * 70_000, length: 70_000, rawLength: blockSize, codec: 1 });
+  }
+  const store = openObjectStore(`file://${storeDir}`, {});
+  await store.put(manifestKey(name), encodeManifest(builder.build(), parseCompression('zstd')), { ifNoneMatch: '*' });
+}
+
+test('fork work does not grow with written data: a volume with 8 GiB mapped and one with 256 MiB take the same store requests, and one manifest each', { timeout: TIMEOUT }, async (t) => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      const storeDir = path.join(cluster.dir, 'store');
+      const sizes = { small: 2048, big: 65536 }; // 256 MiB and 8 GiB of 128 KiB chunks
+      const work: Record<string, Record<string, { requests: number; put: number; get: number; up: number; ms: number }>> = {};
+      for (const [label, chunks] of Object.entries(sizes)) {
+        await writeSyntheticVolume(storeDir, label, chunks);
+        // Open the source here and give it the same dirty data: 1 MiB of whole chunks.
+        const c = await connect(a, label);
+        await writeRandom(c, 0, MiB);
+        await c.flush();
+        work[label] = {};
+        for (const mode of ['lazy', 'consistent'] as const) {
+          const before = { requests: await storeRequests(a), put: await storeRequests(a, 'put'), get: await storeRequests(a, 'get'), up: await metric(a, 'updraft_store_bytes_total', { direction: 'up' }) };
+          const started = performance.now();
+          const r = await a.api('POST', `/api/exports/${label}/fork`, { target: `${label}-${mode}`, mode });
+          const ms = performance.now() - started;
+          assert.equal(r.status, 201, r.text);
+          work[label][mode] = {
+            requests: (await storeRequests(a)) - before.requests,
+            put: (await storeRequests(a, 'put')) - before.put,
+            get: (await storeRequests(a, 'get')) - before.get,
+            up: (await metric(a, 'updraft_store_bytes_total', { direction: 'up' })) - before.up,
+            ms,
+          };
+          assert.equal((await exportInfo(a, `${label}-${mode}`)).sequence >= 1, true);
+        }
+        await c.disconnect();
+      }
+      for (const mode of ['lazy', 'consistent'] as const) {
+        const small = work.small[mode];
+        const big = work.big[mode];
+        t.diagnostic(`${mode} fork: 256 MiB mapped ${small.ms.toFixed(0)} ms, 8 GiB mapped ${big.ms.toFixed(0)} ms (timing is the bench's job; requests and bytes are checked)`);
+        // GETs: the source manifest (lazy) and the boot hot set look-ups the wake starts in
+        // the background (they may land before or after the count is read): a few, never per block.
+        assert.equal(big.put, small.put, `${mode}: PUTs grew with the written data (${small.put} → ${big.put})`);
+        assert.ok(big.get <= 4 && small.get <= 4, `${mode}: GETs ${small.get} (256 MiB) and ${big.get} (8 GiB)`);
+        assert.ok(big.requests <= small.requests + 2, `${mode}: store requests grew with the written data (${small.requests} → ${big.requests})`);
+        // One manifest and, for a consistent fork, the one pack of the dirty MiB: never a block of the 8 GiB.
+        assert.ok(big.up < 4 * MiB, `${mode}: the 8 GiB fork sent ${big.up} bytes`);
+      }
+      // The first (lazy) fork of each wrote only its manifest; the consistent one also the dirty MiB's pack.
+      assert.ok(work.small.consistent.up >= MiB / 2, 'the consistent fork did not upload the dirty data');
     });
   } finally {
     await cluster.cleanup();

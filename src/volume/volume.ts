@@ -813,9 +813,13 @@ export class Volume {
     const state = this.sealing.get(chunk)!;
     try {
       const base = this.map.get(chunk);
-      if (base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base)) await this.fetchBlocks([base]);
+      // A chunk written whole seals without its base block (no store GET for it).
+      const baseMissing = (mask: Uint8Array) =>
+        popcount(mask) !== this.sectorsPerChunk && base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base);
+      if (baseMissing(this.overlay.get(chunk)!)) await this.fetchBlocks([base!]);
       if (state.invalid || this.closed) return false;
       const mask = Uint8Array.from(this.overlay.get(chunk)!);
+      if (baseMissing(mask)) return false; // the base left the cache meanwhile: a later seal tries again
       const bs = this.blockSize;
       const block = Buffer.allocUnsafe(bs);
       // Absent sectors come from the base block (memory or cache pread), present ones from the overlay.
@@ -872,7 +876,9 @@ export class Volume {
         continue;
       }
       const bases: BlockKey[] = [];
-      for (const chunk of this.overlay.keys()) {
+      for (const [chunk, mask] of this.overlay) {
+        // A chunk written whole seals without its base block.
+        if (popcount(mask) === this.sectorsPerChunk) continue;
         const key = this.map.get(chunk);
         if (key !== undefined && key !== ZERO_ALLOCATED_KEY && !this.cache.has(key)) bases.push(key);
       }
