@@ -13,7 +13,12 @@
 #   4. store    scripts/bench/store.mjs against MinIO on loopback: drain throughput of
 #               1 GiB (unsealed, and sealed beforehand), store requests per GiB, cold
 #               sequential read of a woken volume with 20 ms injected store latency, with
-#               and without read-ahead (needs the binary scripts/setup-minio.sh builds).
+#               and without read-ahead (needs the binary scripts/setup-minio.sh builds);
+#               fork latency vs written size and wake-on-another-host time to first byte.
+#   5. vm       scripts/bench/vm.mjs: boot time of the test microVM (qemu TCG) from a fork
+#               on a cold host, without and with the boot hot set recorded through
+#               `updraft bless --boot-record` (needs qemu-system-x86, linux-image-amd64,
+#               busybox-static; skipped without them).
 # Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
@@ -21,7 +26,7 @@
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush,store)              BENCH_JSON        results file
+#   BENCH_PARTS (compare,memory,flush,store,vm)  BENCH_VM_ROUNDS (2)              BENCH_JSON        results file
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_MEM_VOLUMES (100)  BENCH_MEM_WRITE (64M)  BENCH_MEM_PARALLEL (4)  BENCH_FLUSH_SIZE (1G)
 # Results: a table at the end, and JSON in BENCH_JSON (default bench-results.json in the
@@ -36,7 +41,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush,store}
+PARTS=${BENCH_PARTS:-compare,memory,flush,store,vm}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -271,7 +276,6 @@ if has_part flush; then
   rm -rf "$D_DIR"
 fi
 
-# ---- results ----------------------------------------------------------------------
 # ---- 4. object store: drain and cold reads ------------------------------------------
 if has_part store; then
   say "store: drain to MinIO and cold sequential reads with injected latency"
@@ -279,6 +283,14 @@ if has_part store; then
   cat "$SCRATCH/store.lines" >> "$LINES"
 fi
 
+# ---- 5. microVM boot from a cold host, with and without the boot hot set -------------
+if has_part vm; then
+  say "vm: boot time of the test VM from a fork on a cold host, without and with the boot hot set"
+  run_child "$SCRATCH/vm.lines" node "$HERE/vm.mjs" || die "vm bench failed"
+  cat "$SCRATCH/vm.lines" >> "$LINES"
+fi
+
+# ---- results ----------------------------------------------------------------------
 record run elapsed_s $(($(date +%s) - STARTED_AT))
 record run loadavg_end "$(cut -d" " -f1-3 /proc/loadavg | tr " " /)"
 mkdir -p "$(dirname "$JSON_OUT")"
