@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
@@ -38,6 +39,8 @@ export interface HostOptions {
   store: ObjectStore;
   compression: Compression;
   manifestCompression: Compression;
+  /** The store's block names and sealing (crypto/cipher.ts: PLAINTEXT or the unwrapped data key's). */
+  cipher: StoreCipher;
   blocksPerPack: number;
   /** Packs fetched ahead of a sequential reader; 0 turns read-ahead off. */
   readAheadPacks: number;
@@ -117,18 +120,20 @@ export class Host {
     this.volumesRoot = path.join(options.cacheDir, 'volumes');
     this.cache = BlockCache.open(
       path.join(options.cacheDir, 'blocks'),
-      { blockSize: options.blockSize, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
+      { blockSize: options.blockSize, namesId: options.cipher.namesId, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
       log.child('cache'),
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
-    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
-    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.blocksPerPack, log.child('upload'));
+    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.cipher, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
+    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.cipher, options.blocksPerPack, log.child('upload'));
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, log: log.child('store'),
     };
-    this.ctx = { cache: this.cache, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher };
+    this.ctx = {
+      cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
+    };
   }
 
   private get defaults(): { flushMode: FlushMode; dirtyBudgetBytes: number } {
@@ -283,7 +288,7 @@ export class Host {
     const work = (async () => {
       const object = await this.options.store.get(key);
       if (object === undefined) return undefined;
-      const manifest = decodeManifest(key, object.body);
+      const manifest = decodeManifest(key, object.body, this.options.cipher);
       const meta = manifest.meta;
       if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
       if (meta.blockSize !== this.options.blockSize) {
@@ -378,7 +383,7 @@ export class Host {
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
       sequence = (await link.fork(target)).sequence;
     } else {
-      sequence = (await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint)).sequence;
+      sequence = (await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint)).sequence;
     }
     await this.wake(target);
     const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
@@ -392,7 +397,7 @@ export class Host {
    */
   private async fetchBootSet(volume: Volume, manifest: Parameters<typeof readBootSet>[1]): Promise<void> {
     try {
-      const set = await readBootSet(this.options.store, manifest);
+      const set = await readBootSet(this.options.store, manifest, this.options.cipher);
       if (set === undefined) return;
       const keys = volume.missingBlocksOf(set.chunks);
       const started = performance.now();
@@ -411,7 +416,7 @@ export class Host {
     const volume = this.volumes.get(name);
     if (!volume) throw new MissingError(`no volume ${name} on this host`);
     volume.recordBoot(seconds, (chunks) => {
-      writeBootSet(this.options.store, { format: 1, volume: name, blockSize: volume.blockSize, seconds, chunks })
+      writeBootSet(this.options.store, { format: 1, volume: name, blockSize: volume.blockSize, seconds, chunks }, this.options.cipher)
         .then(() => this.log.info('stored the boot hot set', { volume: name, chunks: chunks.length }))
         .catch((err) => this.log.error('cannot store the boot hot set', { volume: name, error: errorMessage(err) }));
     });
@@ -446,7 +451,7 @@ export class Host {
     return this.once(exportName, async () => {
       let manifest;
       try {
-        manifest = (await readManifest(this.options.store, volume, checkpoint)).manifest;
+        manifest = (await readManifest(this.options.store, this.options.cipher, volume, checkpoint)).manifest;
       } catch (err) {
         if (err instanceof MissingError) return undefined;
         throw err;
