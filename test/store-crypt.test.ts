@@ -495,7 +495,7 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
     const cluster = await startCluster(makeStore);
     try {
       const a = await cluster.start('host-a', ENCRYPTED, ENV);
-      const volumes = ['t/block', 't/index', 't/swap', 't/manifest', 't/clean'];
+      const volumes = ['t/block', 't/index', 't/swap', 't/manif', 't/clean'];
       const data = new Map<string, Buffer>();
       await withLogs([a], async () => {
         for (const name of volumes) {
@@ -537,7 +537,7 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
         await store.put(p1, s1);
         await store.put(p2, s2);
         // The manifest: a flipped byte with its checksum made to match, and another volume's manifest copied over one.
-        const manifestKey = 'volumes/t/manifest/manifest';
+        const manifestKey = 'volumes/t/manif/manifest';
         await store.put(manifestKey, resealedManifest(flipped((await store.get(manifestKey))!.body, 36 + 24 + 10)));
         await store.put('volumes/t/copied/manifest', (await store.get('volumes/t/clean/manifest'))!.body);
       } finally {
@@ -554,7 +554,7 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
           if (pack === 0) assert.ok(ok > 0, `${name}: the untouched pack still reads`);
         }
         assert.match(b.log(), /request failed .*volume=t\/block.*pack packs\/[0-9a-f]{2}\/[0-9a-f]{32}/);
-        for (const name of ['t/manifest', 't/copied']) {
+        for (const name of ['t/manif', 't/copied']) {
           const r = await b.api('PUT', `/api/exports/${encodeURIComponent(name)}`, { size_gb: 8 / 1024 });
           assert.equal(r.status, 502, r.text);
           assert.match(r.json.error, new RegExp(`manifest volumes/${name}/manifest: does not decrypt with this store's key`));
