@@ -424,6 +424,18 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
         assert.ok(drained.packs_uploaded >= 1);
       });
 
+      // bless names blocks the same way: the image it imports is all in the store already,
+      // and blessing it again changes nothing (manifests compared decoded, not by bytes).
+      const encConfig = writeConfig(cluster, 'enc.toml', ENCRYPTED);
+      const blessed = await cli(['bless', imageFile, '--name', 'crypt/blessed', '-c', encConfig], cluster.dir, ENV);
+      assert.equal(blessed.code, 0, blessed.stderr);
+      assert.equal(blessed.json.newBlocks, 0, 'bless uploaded blocks the daemon had drained');
+      assert.ok(blessed.json.dedupChunks > 0);
+      const again = await cli(['bless', imageFile, '--name', 'crypt/blessed', '-c', encConfig], cluster.dir, ENV);
+      assert.equal(again.code, 0, again.stderr);
+      assert.equal(again.json.unchanged, true);
+      assert.equal(again.json.etag, blessed.json.etag);
+
       const store = openShared(cluster.store);
       try {
         const hashes: Buffer[] = [];

@@ -160,7 +160,7 @@ async function putBlessManifest(
   }
   // Compared decoded: a sealed body differs on every write (random nonces).
   const stored = decodeManifest(key, current.body, cipher);
-  if (sameManifest(key, stored, manifest)) return { etag: current.etag, unchanged: true };
+  if (sameManifest(stored, manifest, cipher)) return { etag: current.etag, unchanged: true };
   if (stored.meta.host !== BLESS_HOST) {
     throw new ExistsError(`volume ${name} already exists in the store and was not made by bless; choose another name`);
   }

@@ -42,7 +42,7 @@ import { Blake3Hasher } from '@napi-rs/blake-hash';
 import * as z from 'zod';
 import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock } from '../crypto/compress.js';
 import type { CodecId, Compression } from '../crypto/compress.js';
-import { OpenError, PLAINTEXT, SEAL_OVERHEAD, sealLabel, type StoreCipher } from '../crypto/cipher.js';
+import { OpenError, SEAL_OVERHEAD, sealLabel, type StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH } from '../crypto/hash.js';
 import { blockKey } from '../blocks/cache.js';
 import type { BlockKey } from '../blocks/cache.js';
@@ -195,6 +195,28 @@ function manifestLabel(header: Buffer, key: string): Buffer {
  * inside the volume, every block index valid, every block a stored block with a location.
  */
 export function encodeManifest(key: string, m: Manifest, compression: Compression, cipher: StoreCipher): Buffer {
+  const raw = manifestBody(m, cipher.overhead);
+  const what = `encodeManifest ${m.meta.name}`;
+  const stored = compressBlock(compression, raw);
+  const storedLength = stored.data.length + cipher.overhead;
+  if (storedLength > MAX_BODY_BYTES) throw new Error(`${what}: the stored body would be ${storedLength} bytes; at most ${MAX_BODY_BYTES}`);
+  const out = Buffer.allocUnsafe(MANIFEST_HEADER_BYTES + storedLength);
+  MANIFEST_MAGIC.copy(out, 0);
+  out.writeUInt16LE(MANIFEST_VERSION, 8);
+  out.writeUInt8(stored.codec, 10);
+  out.writeUInt8(cipher.id, 11);
+  out.writeUInt32LE(raw.length, 12);
+  out.writeUInt32LE(storedLength, 16);
+  cipher.sealInto(out.subarray(MANIFEST_HEADER_BYTES), stored.data, manifestLabel(out, key));
+  manifestChecksum(out).copy(out, CHECKSUM_AT);
+  return out;
+}
+
+/**
+ * The body of a manifest before compression, checked as encodeManifest promises.
+ * `overhead`: the seal overhead of the store's packs.
+ */
+function manifestBody(m: Manifest, overhead: number): Buffer {
   const parsed = META_SCHEMA.safeParse(m.meta);
   if (!parsed.success) throw new Error(`encodeManifest ${m.meta?.name}: meta ${fieldProblem(parsed.error)}`);
   const { meta, chunks, chunkBlocks, blocks } = m;
@@ -211,7 +233,7 @@ export function encodeManifest(key: string, m: Manifest, compression: Compressio
   const packIndex = new Map<string, number>();
   const packs: string[] = [];
   for (const block of blocks) {
-    const problem = blockProblem(block, meta.blockSize, cipher.overhead);
+    const problem = blockProblem(block, meta.blockSize, overhead);
     if (problem) throw new Error(`${what}: block ${block.hash.toString('hex')} ${problem}`);
     if (!packIndex.has(block.pack)) {
       if (!PACK_ID.test(block.pack)) {
@@ -249,30 +271,15 @@ export function encodeManifest(key: string, m: Manifest, compression: Compressio
     at += CHUNK_ENTRY_BYTES;
   }
   if (at !== rawLength) throw new Error(`${what}: wrote ${at} body bytes, planned ${rawLength}`);
-
-  const stored = compressBlock(compression, raw);
-  const storedLength = stored.data.length + cipher.overhead;
-  if (storedLength > MAX_BODY_BYTES) throw new Error(`${what}: the stored body would be ${storedLength} bytes; at most ${MAX_BODY_BYTES}`);
-  const out = Buffer.allocUnsafe(MANIFEST_HEADER_BYTES + storedLength);
-  MANIFEST_MAGIC.copy(out, 0);
-  out.writeUInt16LE(MANIFEST_VERSION, 8);
-  out.writeUInt8(stored.codec, 10);
-  out.writeUInt8(cipher.id, 11);
-  out.writeUInt32LE(rawLength, 12);
-  out.writeUInt32LE(storedLength, 16);
-  cipher.sealInto(out.subarray(MANIFEST_HEADER_BYTES), stored.data, manifestLabel(out, key));
-  manifestChecksum(out).copy(out, CHECKSUM_AT);
-  return out;
+  return raw;
 }
 
-const UNCOMPRESSED: Compression = { codec: CODEC_NONE, level: 0, name: 'none' };
-
 /**
- * Whether two manifests say the same thing. Their stored bodies cannot tell in an
- * encrypted store: every seal has a fresh random nonce.
+ * Whether two manifests of a store sealed with `cipher` say the same thing. Their stored
+ * bodies cannot tell in an encrypted store: every seal has a fresh random nonce.
  */
-export function sameManifest(key: string, a: Manifest, b: Manifest): boolean {
-  return encodeManifest(key, a, UNCOMPRESSED, PLAINTEXT).equals(encodeManifest(key, b, UNCOMPRESSED, PLAINTEXT));
+export function sameManifest(a: Manifest, b: Manifest, cipher: StoreCipher): boolean {
+  return manifestBody(a, cipher.overhead).equals(manifestBody(b, cipher.overhead));
 }
 
 function manifestChecksum(body: Buffer): Buffer {
