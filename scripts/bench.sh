@@ -19,6 +19,7 @@
 #               on a cold host, without and with the boot hot set recorded through
 #               `updraft bless --boot-record` (needs qemu-system-x86, linux-image-amd64,
 #               busybox-static; skipped without them).
+#               BENCH_STORE_ENCRYPTED=1 runs it on an encrypted store (encryption on vs off).
 # Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
@@ -28,6 +29,7 @@
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
 #   BENCH_PARTS (compare,memory,flush,store,vm)  BENCH_VM_ROUNDS (2)              BENCH_JSON        results file
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
+#   BENCH_STORE_ENCRYPTED (0)  BENCH_STORE_PARTS (drain,migrate,cold,fork)
 #   BENCH_MEM_VOLUMES (100)  BENCH_MEM_WRITE (64M)  BENCH_MEM_PARALLEL (4)  BENCH_FLUSH_SIZE (1G)
 # Results: a table at the end, and JSON in BENCH_JSON (default bench-results.json in the
 # scratch dir), copied to ./bench-results.json.

@@ -224,6 +224,7 @@ async function writeSyntheticVolume(storeDir: string, name: string, chunks: numb
   const { ManifestBuilder, encodeManifest, manifestKey } = await import('../src/store/manifest.js');
   const { parseCompression } = await import('../src/crypto/compress.js');
   const { openObjectStore } = await import('../src/objectstore/index.js');
+  const { PLAINTEXT } = await import('../src/crypto/cipher.js');
   const blockSize = 128 * 1024;
   const builder = new ManifestBuilder({
     format: 1, name, size: 16 * 1024 * MiB, blockSize, sequence: 1, generation: 0, host: 'test', created: new Date().toISOString(),
@@ -234,7 +235,7 @@ async function writeSyntheticVolume(storeDir: string, name: string, chunks: numb
     builder.setChunk(chunk, randomBytes(16), { pack, offset: 4096 + (chunk % 25) * 70_000, length: 70_000, rawLength: blockSize, codec: 1 });
   }
   const store = openObjectStore(`file://${storeDir}`, {});
-  await store.put(manifestKey(name), encodeManifest(builder.build(), parseCompression('zstd')), { ifNoneMatch: '*' });
+  await store.put(manifestKey(name), encodeManifest(manifestKey(name), builder.build(), parseCompression('zstd'), PLAINTEXT), { ifNoneMatch: '*' });
 }
 
 test('fork work does not grow with written data: a volume with 8 GiB mapped and one with 256 MiB take the same store requests, and one manifest each', { timeout: TIMEOUT }, async (t) => {

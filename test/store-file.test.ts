@@ -13,6 +13,7 @@ import {
 import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 import { definePortabilityTests } from './harness/portability.js';
+import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { decodeManifest } from '../src/store/manifest.js';
 import { packKey, verifyPackId } from '../src/store/pack.js';
 
@@ -158,7 +159,7 @@ test('faults: drain under errors, latency and lost replies succeeds or reports a
       assert.ok((await storeRequests(a)) > 0);
       // Invariant 2, read straight from the store: every pack the manifest names is there, whole.
       const storeDir = path.join(cluster.dir, 'store');
-      const manifest = decodeManifest('volumes/shaky/manifest', fs.readFileSync(path.join(storeDir, 'volumes', 'shaky', 'manifest')));
+      const manifest = decodeManifest('volumes/shaky/manifest', fs.readFileSync(path.join(storeDir, 'volumes', 'shaky', 'manifest')), PLAINTEXT);
       assert.ok(manifest.blocks.length >= 256, `the manifest names ${manifest.blocks.length} blocks`);
       for (const pack of new Set(manifest.blocks.map((b) => b.pack))) {
         const file = path.join(storeDir, packKey(pack));

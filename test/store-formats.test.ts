@@ -12,6 +12,7 @@ import { Blake3Hasher } from '@napi-rs/blake-hash';
 import { CODEC_LZ4, CODEC_NONE, CODEC_ZSTD, codecName, compressBlock, decompressBlock, parseCompression } from '../src/crypto/compress.js';
 import type { CodecId } from '../src/crypto/compress.js';
 import { ZERO_ALLOCATED_HASH, ZERO_HASH, blockHash } from '../src/crypto/hash.js';
+import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { blockKey } from '../src/blocks/cache.js';
 import { FormatError } from '../src/store/errors.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../src/store/lease.js';
@@ -241,25 +242,25 @@ describe('pack', () => {
   for (const c of [LZ4, ZSTD, NONE]) {
     test(`25 blocks round-trip with ${c.name}`, () => {
       const blocks = packBlocks(25);
-      const pack = encodePack(blocks, c);
+      const pack = encodePack(blocks, c, PLAINTEXT);
       assert.match(pack.id, /^[0-9a-f]{32}$/);
       assert.equal(pack.key, `packs/${pack.id.slice(0, 2)}/${pack.id}`);
       assert.equal(packIdFromKey(pack.key), pack.id);
       verifyPackId(pack.key, pack.body);
 
-      const entries = decodePackIndex(pack.key, pack.body);
+      const entries = decodePackIndex(pack.key, pack.body, PLAINTEXT);
       assert.deepEqual(entries, pack.entries);
       for (let i = 0; i < blocks.length; i++) {
         assert.deepEqual(entries[i].hash, blocks[i].hash);
         if (c.codec !== CODEC_NONE && i % 3 !== 0) assert.equal(entries[i].codec, c.codec);
         if (i % 3 === 0 || c.codec === CODEC_NONE) assert.equal(entries[i].codec, CODEC_NONE);
-        const block = unpackBlock(pack.key, pack.body, entries[i]);
+        const block = unpackBlock(pack.key, pack.body, entries[i], PLAINTEXT);
         assert.deepEqual(block, blocks[i].data);
         const ranged = Buffer.from(pack.body.subarray(entries[i].offset, entries[i].offset + entries[i].length));
-        assert.deepEqual(unpackRange(pack.key, ranged, entries[i]), blocks[i].data);
+        assert.deepEqual(unpackRange(pack.key, ranged, entries[i], PLAINTEXT), blocks[i].data);
       }
       // Blocks are fresh buffers: scribbling over the pack body leaves them alone.
-      const first = unpackBlock(pack.key, pack.body, entries[0]);
+      const first = unpackBlock(pack.key, pack.body, entries[0], PLAINTEXT);
       pack.body.fill(0);
       assert.deepEqual(first, blocks[0].data);
     });
@@ -270,21 +271,21 @@ describe('pack', () => {
       const data = textBlock(i);
       return { hash: blockHash(data), data };
     });
-    assert.ok(encodePack(blocks, LZ4).body.length < (25 * BLOCK) / 2);
+    assert.ok(encodePack(blocks, LZ4, PLAINTEXT).body.length < (25 * BLOCK) / 2);
   });
 
   test('the pack id is the hash of the body, and the same blocks make the same pack', () => {
     const blocks = packBlocks(4);
-    assert.equal(encodePack(blocks, LZ4).id, encodePack(blocks, LZ4).id);
-    assert.notEqual(encodePack(blocks, LZ4).id, encodePack(blocks, ZSTD).id);
+    assert.equal(encodePack(blocks, LZ4, PLAINTEXT).id, encodePack(blocks, LZ4, PLAINTEXT).id);
+    assert.notEqual(encodePack(blocks, LZ4, PLAINTEXT).id, encodePack(blocks, ZSTD, PLAINTEXT).id);
   });
 
   test('encodePack refuses what must never be stored', () => {
     const blocks = packBlocks(2);
-    assert.throws(() => encodePack([], LZ4), /0 blocks/);
-    assert.throws(() => encodePack([blocks[0], blocks[1], blocks[0]], LZ4), /given twice/);
-    assert.throws(() => encodePack([{ hash: blocks[1].hash, data: blocks[0].data }], LZ4), /does not match its hash/);
-    assert.throws(() => encodePack([{ hash: ZERO_HASH, data: Buffer.alloc(BLOCK) }], LZ4), /zero name/);
+    assert.throws(() => encodePack([], LZ4, PLAINTEXT), /0 blocks/);
+    assert.throws(() => encodePack([blocks[0], blocks[1], blocks[0]], LZ4, PLAINTEXT), /given twice/);
+    assert.throws(() => encodePack([{ hash: blocks[1].hash, data: blocks[0].data }], LZ4, PLAINTEXT), /does not match its hash/);
+    assert.throws(() => encodePack([{ hash: ZERO_HASH, data: Buffer.alloc(BLOCK) }], LZ4, PLAINTEXT), /zero name/);
   });
 
   test('pack keys', () => {
@@ -298,87 +299,87 @@ describe('pack', () => {
 
   describe('damage', () => {
     const blocks = packBlocks(25);
-    const pack = encodePack(blocks, LZ4);
+    const pack = encodePack(blocks, LZ4, PLAINTEXT);
     const { key, body } = pack;
     const dataStart = 32 + 25 * 32;
 
     test('a flipped byte in the header fails the checksum', () => {
       for (const at of [10, 11, 12, 16, 31]) {
-        assertFormatError(() => decodePackIndex(key, flipped(body, at)), key, /checksum mismatch|truncated/);
+        assertFormatError(() => decodePackIndex(key, flipped(body, at), PLAINTEXT), key, /checksum mismatch|truncated/);
       }
     });
 
     test('a flipped byte in the index fails the checksum', () => {
       for (const at of [32, 32 + 5 * 32 + 17, dataStart - 1]) {
-        assertFormatError(() => decodePackIndex(key, flipped(body, at)), key, /checksum mismatch/);
+        assertFormatError(() => decodePackIndex(key, flipped(body, at), PLAINTEXT), key, /checksum mismatch/);
       }
     });
 
     test('a flipped byte in block data is caught by the block hash and the pack id', () => {
       const entry = pack.entries[1]; // compressed with lz4
       const damaged = flipped(body, entry.offset + Math.floor(entry.length / 2));
-      assert.deepEqual(decodePackIndex(key, damaged), pack.entries); // the index is intact
-      assertFormatError(() => unpackBlock(key, damaged, entry), key, new RegExp(`block ${entry.hash.toString('hex')}`));
+      assert.deepEqual(decodePackIndex(key, damaged, PLAINTEXT), pack.entries); // the index is intact
+      assertFormatError(() => unpackBlock(key, damaged, entry, PLAINTEXT), key, new RegExp(`block ${entry.hash.toString('hex')}`));
       const plain = pack.entries[0]; // stored uncompressed
       assert.equal(plain.codec, CODEC_NONE);
       const damagedPlain = flipped(body, plain.offset + 100);
-      assertFormatError(() => unpackBlock(key, damagedPlain, plain), key, new RegExp(`block ${plain.hash.toString('hex')} is corrupt: its content hashes to`));
+      assertFormatError(() => unpackBlock(key, damagedPlain, plain, PLAINTEXT), key, new RegExp(`block ${plain.hash.toString('hex')} is corrupt: its content hashes to`));
       assertFormatError(() => verifyPackId(key, damaged), key, /hashes to [0-9a-f]{32}, not to its id/);
     });
 
     test('a truncated body is refused', () => {
       const short = body.subarray(0, body.length - 10);
-      assertFormatError(() => decodePackIndex(key, short), key, /index entry 24 .* runs past the end of the body/);
+      assertFormatError(() => decodePackIndex(key, short, PLAINTEXT), key, /index entry 24 .* runs past the end of the body/);
       assertFormatError(() => verifyPackId(key, short), key, /truncated or corrupt/);
-      assertFormatError(() => decodePackIndex(key, body.subarray(0, 100)), key, /truncated: the index of 25 blocks needs 832 bytes/);
-      assertFormatError(() => decodePackIndex(key, body.subarray(0, 20)), key, /truncated: 20 bytes/);
+      assertFormatError(() => decodePackIndex(key, body.subarray(0, 100), PLAINTEXT), key, /truncated: the index of 25 blocks needs 832 bytes/);
+      assertFormatError(() => decodePackIndex(key, body.subarray(0, 20), PLAINTEXT), key, /truncated: 20 bytes/);
       const last = pack.entries[24];
-      assertFormatError(() => unpackBlock(key, short, last), key, /runs past the end/);
+      assertFormatError(() => unpackBlock(key, short, last, PLAINTEXT), key, /runs past the end/);
     });
 
     test('a wrong magic, an unknown version and an unknown cipher are named', () => {
       const magic = Buffer.from(body);
       magic.write('UPDPACK2', 0);
-      assertFormatError(() => decodePackIndex(key, magic), key, /bad magic "UPDPACK2"/);
+      assertFormatError(() => decodePackIndex(key, magic, PLAINTEXT), key, /bad magic "UPDPACK2"/);
       const version = Buffer.from(body);
       version.writeUInt16LE(2, 8);
-      assertFormatError(() => decodePackIndex(key, resealPack(version)), key, /format version 2; this reader knows version 1/);
+      assertFormatError(() => decodePackIndex(key, resealPack(version), PLAINTEXT), key, /format version 2; this reader knows version 1/);
       const cipher = Buffer.from(body);
       cipher.writeUInt8(1, 10);
-      assertFormatError(() => decodePackIndex(key, resealPack(cipher)), key, /cipher 1 is not supported/);
+      assertFormatError(() => decodePackIndex(key, resealPack(cipher), PLAINTEXT), key, /is encrypted \(xchacha20-poly1305\), but this store is not encrypted: refused/);
       const flags = Buffer.from(body);
       flags.writeUInt8(4, 11);
-      assertFormatError(() => decodePackIndex(key, resealPack(flags)), key, /unknown flags 0x4/);
+      assertFormatError(() => decodePackIndex(key, resealPack(flags), PLAINTEXT), key, /unknown flags 0x4/);
     });
 
     test('an index that passes its checksum but points outside the body or overlaps is refused', () => {
       const pastEnd = Buffer.from(body);
       pastEnd.writeUInt32LE(pack.entries[24].offset + 1000, 32 + 24 * 32 + 16);
       const pastEndMessage = /index entry 24 \(block [0-9a-f]{32}\) runs past the end of the body \(offset \d+ \+ length \d+ > \d+ bytes\)/;
-      assertFormatError(() => decodePackIndex(key, resealPack(pastEnd)), key, pastEndMessage);
+      assertFormatError(() => decodePackIndex(key, resealPack(pastEnd), PLAINTEXT), key, pastEndMessage);
       const overlap = Buffer.from(body);
       overlap.writeUInt32LE(pack.entries[3].offset - 1, 32 + 4 * 32 + 16);
-      assertFormatError(() => decodePackIndex(key, resealPack(overlap)), key, /index entry 4 .* overlaps the previous block/);
+      assertFormatError(() => decodePackIndex(key, resealPack(overlap), PLAINTEXT), key, /index entry 4 .* overlaps the previous block/);
       const intoIndex = Buffer.from(body);
       intoIndex.writeUInt32LE(40, 32 + 16);
-      assertFormatError(() => decodePackIndex(key, resealPack(intoIndex)), key, /index entry 0 .* overlaps the index/);
+      assertFormatError(() => decodePackIndex(key, resealPack(intoIndex), PLAINTEXT), key, /index entry 0 .* overlaps the index/);
       const codec = Buffer.from(body);
       codec.writeUInt8(9, 32 + 2 * 32 + 28);
-      assertFormatError(() => decodePackIndex(key, resealPack(codec)), key, /index entry 2 .* unknown codec 9/);
+      assertFormatError(() => decodePackIndex(key, resealPack(codec), PLAINTEXT), key, /index entry 2 .* unknown codec 9/);
       const count = Buffer.from(body);
       count.writeUInt32LE(0, 12);
-      assertFormatError(() => decodePackIndex(key, resealPack(count)), key, /holds 0 blocks/);
+      assertFormatError(() => decodePackIndex(key, resealPack(count), PLAINTEXT), key, /holds 0 blocks/);
     });
 
     test('unpackBlock refuses a block whose content does not match the entry hash', () => {
       const entry = { ...pack.entries[2], hash: blocks[3].hash };
-      assertFormatError(() => unpackBlock(key, body, entry), key, new RegExp(`block ${blocks[3].hash.toString('hex')} is corrupt`));
+      assertFormatError(() => unpackBlock(key, body, entry, PLAINTEXT), key, new RegExp(`block ${blocks[3].hash.toString('hex')} is corrupt`));
     });
 
     test('unpackRange refuses a ranged GET of the wrong length', () => {
       const entry = pack.entries[5];
       const stored = body.subarray(entry.offset, entry.offset + entry.length - 1);
-      assertFormatError(() => unpackRange(key, stored, entry), key, new RegExp(`got ${entry.length - 1} stored bytes, the index says ${entry.length}`));
+      assertFormatError(() => unpackRange(key, stored, entry, PLAINTEXT), key, new RegExp(`got ${entry.length - 1} stored bytes, the index says ${entry.length}`));
     });
 
     test('verifyPackId refuses a key that is not a pack key', () => {
@@ -420,16 +421,16 @@ describe('manifest', () => {
     test(`round trip with ${c.name}, including zero-allocated chunks and a parent`, () => {
       const { manifest } = sampleManifest();
       const key = manifestKey(manifest.meta.name);
-      const body = encodeManifest(manifest, c);
+      const body = encodeManifest('volumes/v/manifest', manifest, c, PLAINTEXT);
       assert.equal(body.toString('latin1', 0, 8), 'UPDMANI1');
-      assert.deepEqual(decodeManifest(key, body), manifest);
+      assert.deepEqual(decodeManifest(key, body, PLAINTEXT), manifest);
     });
   }
 
   test('a manifest with no mapped chunks round-trips', () => {
     const empty = new ManifestBuilder(meta()).build();
     assert.equal(empty.chunks.length, 0);
-    const decoded = decodeManifest('volumes/v/manifest', encodeManifest(empty, ZSTD));
+    const decoded = decodeManifest('volumes/v/manifest', encodeManifest('volumes/v/manifest', empty, ZSTD, PLAINTEXT), PLAINTEXT);
     assert.deepEqual(decoded, empty);
   });
 
@@ -438,7 +439,7 @@ describe('manifest', () => {
       const builder = new ManifestBuilder(meta({ size }));
       const pack = randomPackId();
       for (let i = 0; i < chunks; i++) builder.setChunk(i * 8, blockHash(textBlock(i, 4096)), location(pack, i));
-      return encodeManifest(builder.build(), ZSTD).length;
+      return encodeManifest('volumes/v/manifest', builder.build(), ZSTD, PLAINTEXT).length;
     };
     const small = build(2 ** 30, 100); // 1 GiB
     const huge = build(2 ** 50, 100); // 1 PiB
@@ -459,15 +460,15 @@ describe('manifest', () => {
   test('encodeManifest refuses a manifest that would not decode', () => {
     const { manifest } = sampleManifest();
     const unsorted = { ...manifest, chunks: Uint32Array.from([1, 3, 4, 9, 5, 81919]) };
-    assert.throws(() => encodeManifest(unsorted, ZSTD), /chunk 5 after chunk 9/);
+    assert.throws(() => encodeManifest('volumes/v/manifest', unsorted, ZSTD, PLAINTEXT), /chunk 5 after chunk 9/);
     const pastEnd = { ...manifest, chunks: Uint32Array.from([1, 3, 4, 5, 9, 81920]) };
-    assert.throws(() => encodeManifest(pastEnd, ZSTD), /chunk 81920 is past the end of the volume \(81920 chunks\)/);
+    assert.throws(() => encodeManifest('volumes/v/manifest', pastEnd, ZSTD, PLAINTEXT), /chunk 81920 is past the end of the volume \(81920 chunks\)/);
     const badIndex = { ...manifest, chunkBlocks: Uint32Array.from([0, 1, 2, 3, 4, 5]) };
-    assert.throws(() => encodeManifest(badIndex, ZSTD), /names block 3 of 3/);
+    assert.throws(() => encodeManifest('volumes/v/manifest', badIndex, ZSTD, PLAINTEXT), /names block 3 of 3/);
     const badMeta = { ...manifest, meta: { ...manifest.meta, blockSize: 1000 } };
-    assert.throws(() => encodeManifest(badMeta, ZSTD), /field blockSize/);
+    assert.throws(() => encodeManifest('volumes/v/manifest', badMeta, ZSTD, PLAINTEXT), /field blockSize/);
     const zero = { ...manifest, blocks: [{ ...manifest.blocks[0], hash: ZERO_HASH }, ...manifest.blocks.slice(1)] };
-    assert.throws(() => encodeManifest(zero, ZSTD), /zero name/);
+    assert.throws(() => encodeManifest('volumes/v/manifest', zero, ZSTD, PLAINTEXT), /zero name/);
     assert.throws(() => new ManifestBuilder(meta()).setChunk(3, blockHash(textBlock(1))), /has no pack location/);
     assert.throws(() => new ManifestBuilder(meta()).setChunk(81920, 'zero-allocated'), /outside the volume/);
   });
@@ -475,39 +476,39 @@ describe('manifest', () => {
   describe('damage', () => {
     const key = 'volumes/tenant-a/vm-1/manifest';
     const { manifest, packs } = sampleManifest();
-    const body = encodeManifest(manifest, ZSTD);
+    const body = encodeManifest('volumes/v/manifest', manifest, ZSTD, PLAINTEXT);
 
     test('a flipped byte anywhere in header or body is caught', () => {
       for (const at of [10, 11, 12, 13, 20, 35, 36, 40, body.length - 1]) {
-        assertFormatError(() => decodeManifest(key, flipped(body, at)), key, /checksum mismatch/);
+        assertFormatError(() => decodeManifest(key, flipped(body, at), PLAINTEXT), key, /checksum mismatch/);
       }
       for (const at of [16, 17]) {
-        assertFormatError(() => decodeManifest(key, flipped(body, at)), key, /the header says \d+ stored body bytes, the object has \d+/);
+        assertFormatError(() => decodeManifest(key, flipped(body, at), PLAINTEXT), key, /the header says \d+ stored body bytes, the object has \d+/);
       }
     });
 
     test('a truncated object is refused', () => {
-      assertFormatError(() => decodeManifest(key, body.subarray(0, body.length - 1)), key, /truncated or corrupt/);
-      assertFormatError(() => decodeManifest(key, body.subarray(0, 30)), key, /truncated: 30 bytes/);
-      assertFormatError(() => decodeManifest(key, Buffer.alloc(0)), key, /truncated: 0 bytes/);
+      assertFormatError(() => decodeManifest(key, body.subarray(0, body.length - 1), PLAINTEXT), key, /truncated or corrupt/);
+      assertFormatError(() => decodeManifest(key, body.subarray(0, 30), PLAINTEXT), key, /truncated: 30 bytes/);
+      assertFormatError(() => decodeManifest(key, Buffer.alloc(0), PLAINTEXT), key, /truncated: 0 bytes/);
     });
 
     test('a wrong magic, an unknown version, cipher or codec are named', () => {
       const magic = Buffer.from(body);
       magic.write('UPDPACK1', 0);
-      assertFormatError(() => decodeManifest(key, magic), key, /bad magic "UPDPACK1"/);
+      assertFormatError(() => decodeManifest(key, magic, PLAINTEXT), key, /bad magic "UPDPACK1"/);
       const version = Buffer.from(body);
       version.writeUInt16LE(3, 8);
-      assertFormatError(() => decodeManifest(key, resealManifest(version)), key, /format version 3/);
+      assertFormatError(() => decodeManifest(key, resealManifest(version), PLAINTEXT), key, /format version 3/);
       const cipher = Buffer.from(body);
       cipher.writeUInt8(2, 11);
-      assertFormatError(() => decodeManifest(key, resealManifest(cipher)), key, /cipher 2 is not supported/);
+      assertFormatError(() => decodeManifest(key, resealManifest(cipher), PLAINTEXT), key, /is encrypted \(unknown cipher 2\), but this store is not encrypted/);
       const codec = Buffer.from(body);
       codec.writeUInt8(5, 10);
-      assertFormatError(() => decodeManifest(key, resealManifest(codec)), key, /unknown codec 5/);
+      assertFormatError(() => decodeManifest(key, resealManifest(codec), PLAINTEXT), key, /unknown codec 5/);
       const rawLength = Buffer.from(body);
       rawLength.writeUInt32LE(rawLength.readUInt32LE(12) + 1, 12);
-      assertFormatError(() => decodeManifest(key, resealManifest(rawLength)), key, /does not decompress \(zstd\)/);
+      assertFormatError(() => decodeManifest(key, resealManifest(rawLength), PLAINTEXT), key, /does not decompress \(zstd\)/);
     });
 
     test('the hand-assembled layout decodes as documented', () => {
@@ -516,7 +517,7 @@ describe('manifest', () => {
         [2, 0],
         [6, ZERO_ALLOCATED_BLOCK],
       ];
-      const decoded = decodeManifest(key, assembleManifest(JSON.stringify(meta()), [packs[0]], [blockEntry(h, 0, 64, 900, BLOCK, CODEC_LZ4)], chunks));
+      const decoded = decodeManifest(key, assembleManifest(JSON.stringify(meta()), [packs[0]], [blockEntry(h, 0, 64, 900, BLOCK, CODEC_LZ4)], chunks), PLAINTEXT);
       assert.deepEqual([...decoded.chunks], [2, 6]);
       assert.deepEqual([...decoded.chunkBlocks], [0, ZERO_ALLOCATED_BLOCK]);
       assert.deepEqual(decoded.blocks, [{ hash: h, pack: packs[0], offset: 64, length: 900, rawLength: BLOCK, codec: CODEC_LZ4 }]);
@@ -546,17 +547,17 @@ describe('manifest', () => {
         [assembleManifest(JSON.stringify({ ...meta(), host: undefined }), [], [], []), /meta field host/],
         [assembleManifest('{"format":1,', [], [], []), /meta is not JSON/],
       ];
-      for (const [damaged, pattern] of cases) assertFormatError(() => decodeManifest(key, damaged), key, pattern);
+      for (const [damaged, pattern] of cases) assertFormatError(() => decodeManifest(key, damaged, PLAINTEXT), key, pattern);
       // Tables that claim more entries than the body holds, and bytes after the last table.
       const counted = assembleManifest(json, [packs[0]], [good], [[2, 0]]);
       const chunkCountAt = counted.length - 8 - 4;
       counted.writeUInt32LE(2, chunkCountAt);
-      assertFormatError(() => decodeManifest(key, resealManifest(counted)), key, /chunk table of 2 entries runs past the end of the body/);
+      assertFormatError(() => decodeManifest(key, resealManifest(counted), PLAINTEXT), key, /chunk table of 2 entries runs past the end of the body/);
       const trailing = assembleManifest(json, [packs[0]], [good], [[2, 0]]);
       const longer = Buffer.concat([trailing, Buffer.from([0])]);
       longer.writeUInt32LE(longer.length - 36, 12);
       longer.writeUInt32LE(longer.length - 36, 16);
-      assertFormatError(() => decodeManifest(key, resealManifest(longer)), key, /1 bytes after the chunk table/);
+      assertFormatError(() => decodeManifest(key, resealManifest(longer), PLAINTEXT), key, /1 bytes after the chunk table/);
     });
   });
 });

@@ -16,6 +16,10 @@
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
 //            default 8, the config default) and without (0).
 //
+// BENCH_STORE_ENCRYPTED=1 runs every daemon on an encrypted store ([storage]
+// encryption_password), to compare drain and cold-read throughput with encryption on and off.
+// BENCH_STORE_PARTS (drain,migrate,cold,fork) picks parts; migrate and cold need drain.
+//
 // Prints "store KEY VALUE" lines on stdout (bench.sh appends them to its results).
 // Needs the MinIO binary scripts/setup-minio.sh builds. Every process started here is
 // stopped by its pid; the scratch folder is removed.
@@ -35,6 +39,8 @@ const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
 const FORK_SIZES_MIB = (process.env.BENCH_FORK_SIZES_MIB || '256,1024,8192').split(',').map(Number);
 const MiB = 1024 * 1024;
+const ENCRYPTED = process.env.BENCH_STORE_ENCRYPTED === '1';
+const PARTS = new Set((process.env.BENCH_STORE_PARTS || 'drain,migrate,cold,fork').split(','));
 
 const children = new Set();
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'updraft-bench-store-'));
@@ -124,6 +130,7 @@ disk_size_gb = 24
 memory_size_gb = 1
 [storage]
 url = "s3://${minio.bucket}/bench"
+${ENCRYPTED ? 'encryption_password = "${UPDRAFT_BENCH_PASSWORD}"' : ''}
 ${extraToml}
 [aws]
 access_key_id = "${minio.key}"
@@ -144,7 +151,7 @@ seal_idle_ms = 2000
   fs.writeFileSync(path.join(dir, 'updraft.toml'), toml);
   const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const child = start(process.execPath, [...nodeArgs, MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], {
-    env: { ...process.env, ...env },
+    env: { ...process.env, UPDRAFT_BENCH_PASSWORD: 'bench password', ...env },
     logFile: path.join(dir, 'daemon.log'),
   });
   const url = `http://127.0.0.1:${http}`;
@@ -164,6 +171,7 @@ async function main() {
   await s3.send(new CreateBucketCommand({ Bucket: minio.bucket }));
   s3.destroy();
 
+  record('encrypted', ENCRYPTED ? 1 : 0);
   // ---- drain ----
   const a = await daemon('host-a', minio);
   const volume = 'bench-drain';
@@ -203,49 +211,54 @@ async function main() {
   record('drain_sealed_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds2).toFixed(0));
   say(`drain of a sealed volume: ${seconds2.toFixed(2)} s, ${drained2.packs_uploaded} packs`);
   // ---- live migration: the write pause ----
-  // Host M attaches the sealed volume read-only; A writes on and drains the bulk while
-  // still writable; then A writes a little more and releases (writes refused, final
-  // drain of the delta, lease released); M promotes and its already-connected client
-  // writes. The pause runs from the release call to that write's reply.
-  const m = await daemon('host-m', minio);
-  await api(m.url, 'PUT', `/api/exports/${sealed}`, { size_gb: (2 * SIZE_MIB) / 1024 });
-  const client = await NbdClient.connect({ path: m.socket, exportName: sealed });
-  const more = (mib) => fio(['--name=more', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
-  await more(64);
-  await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
-  await more(8);
-  const p0 = performance.now();
-  const released = await api(a.url, 'POST', `/api/exports/${sealed}/release`);
-  const p1 = performance.now();
-  await api(m.url, 'POST', `/api/exports/${sealed}/promote`);
-  const p2 = performance.now();
-  await client.write(0, Buffer.alloc(4096, 1));
-  const p3 = performance.now();
-  record('migration_pause_ms', (p3 - p0).toFixed(0));
-  record('migration_release_ms', (p1 - p0).toFixed(0));
-  record('migration_final_drain_packs', released.drained?.packs_uploaded ?? 0);
-  record('migration_promote_ms', (p2 - p1).toFixed(0));
-  say(`migration pause ${(p3 - p0).toFixed(0)} ms (release with final drain ${(p1 - p0).toFixed(0)} ms, ${released.drained?.packs_uploaded ?? 0} packs; promote ${(p2 - p1).toFixed(0)} ms)`);
-  client.close();
-  await stop(m.child);
+  if (PARTS.has('migrate')) {
+    // Host M attaches the sealed volume read-only; A writes on and drains the bulk while
+    // still writable; then A writes a little more and releases (writes refused, final
+    // drain of the delta, lease released); M promotes and its already-connected client
+    // writes. The pause runs from the release call to that write's reply.
+    const m = await daemon('host-m', minio);
+    await api(m.url, 'PUT', `/api/exports/${sealed}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+    const client = await NbdClient.connect({ path: m.socket, exportName: sealed });
+    const more = (mib) => fio(['--name=more', '--ioengine=nbd', `--uri=${a.uri(sealed)}`, '--rw=randwrite', '--bs=64k', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
+    await more(64);
+    await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
+    await more(8);
+    const p0 = performance.now();
+    const released = await api(a.url, 'POST', `/api/exports/${sealed}/release`);
+    const p1 = performance.now();
+    await api(m.url, 'POST', `/api/exports/${sealed}/promote`);
+    const p2 = performance.now();
+    await client.write(0, Buffer.alloc(4096, 1));
+    const p3 = performance.now();
+    record('migration_pause_ms', (p3 - p0).toFixed(0));
+    record('migration_release_ms', (p1 - p0).toFixed(0));
+    record('migration_final_drain_packs', released.drained?.packs_uploaded ?? 0);
+    record('migration_promote_ms', (p2 - p1).toFixed(0));
+    say(`migration pause ${(p3 - p0).toFixed(0)} ms (release with final drain ${(p1 - p0).toFixed(0)} ms, ${released.drained?.packs_uploaded ?? 0} packs; promote ${(p2 - p1).toFixed(0)} ms)`);
+    client.close();
+    await stop(m.child);
+  }
 
   await stop(a.child); // its lease stays: the readers below are read-only, which reading does not mind
 
   // ---- cold sequential reads ----
-  const readAhead = Number(process.env.BENCH_READ_AHEAD_PACKS || 8);
-  record('read_ahead_packs', readAhead);
-  for (const [label, packs] of [['readahead', readAhead], ['no_readahead', 0]]) {
-    const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` });
-    await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
-    const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
-    const job = await fio(['--name=cold', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=read', '--bs=1M', '--iodepth=1', `--size=${SIZE_MIB}M`]);
-    const gets = (await metric(b.url, 'updraft_store_requests_total', { kind: 'get' })) - gets0;
-    record(`cold_read_${label}_mb_s`, (job.read.bw_bytes / 1e6).toFixed(0));
-    record(`cold_read_${label}_gets`, gets);
-    say(`cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs`);
-    await stop(b.child);
+  if (PARTS.has('cold')) {
+    const readAhead = Number(process.env.BENCH_READ_AHEAD_PACKS || 8);
+    record('read_ahead_packs', readAhead);
+    for (const [label, packs] of [['readahead', readAhead], ['no_readahead', 0]]) {
+      const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` });
+      await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+      const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
+      const job = await fio(['--name=cold', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=read', '--bs=1M', '--iodepth=1', `--size=${SIZE_MIB}M`]);
+      const gets = (await metric(b.url, 'updraft_store_requests_total', { kind: 'get' })) - gets0;
+      record(`cold_read_${label}_mb_s`, (job.read.bw_bytes / 1e6).toFixed(0));
+      record(`cold_read_${label}_gets`, gets);
+      say(`cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs`);
+      await stop(b.child);
+    }
+    record('latency_ms', LATENCY_MS);
   }
-  record('latency_ms', LATENCY_MS);
+  if (!PARTS.has('fork')) return;
 
   // ---- fork latency vs written size, and wake on another host ----
   const f = await daemon('host-f', minio);

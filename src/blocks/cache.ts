@@ -43,9 +43,18 @@ const SLOT_ENTRY_BYTES = 32;
 const SLOT_USED = 1;
 const SLOT_IN_STORE = 2;
 const SLOT_TABLE_MAGIC = Buffer.from('UPDSLOT1');
+/** Slot table header: magic(8), block size u32 BE, names id(16) at 12, zeros to 32. */
+const NAMES_ID_AT = 12;
+const NAMES_ID_BYTES = 16;
 
 export interface BlockCacheOptions {
   blockSize: number;
+  /**
+   * Which function names the blocks (crypto/cipher.ts: StoreCipher.namesId; all zero for
+   * plain BLAKE3). Fixed when the cache is created, like the block size: a cache of blocks
+   * named one way cannot serve a store that names them another way.
+   */
+  namesId: Buffer;
   diskBytes: number;
   memoryBytes: number;
 }
@@ -144,15 +153,16 @@ export class BlockCache {
       const header = Buffer.alloc(SLOT_ENTRY_BYTES);
       SLOT_TABLE_MAGIC.copy(header, 0);
       header.writeUInt32BE(opts.blockSize, 8);
+      opts.namesId.copy(header, NAMES_ID_AT, 0, NAMES_ID_BYTES);
       fs.writeSync(tableFd, header, 0, header.length, 0);
       fs.fsyncSync(tableFd);
     } else {
-      cache.loadTable();
+      cache.loadTable(opts.namesId);
     }
     return cache;
   }
 
-  private loadTable(): void {
+  private loadTable(namesId: Buffer): void {
     const table = fs.readFileSync(path.join(this.dir, 'blocks.slots'));
     if (table.length < SLOT_ENTRY_BYTES || !table.subarray(0, 8).equals(SLOT_TABLE_MAGIC)) {
       throw new Error(`block cache ${this.dir}: blocks.slots is not a slot table (bad magic)`);
@@ -162,6 +172,15 @@ export class BlockCache {
       throw new Error(
         `block cache ${this.dir} was created with block_size ${tableBlockSize}; the config says ${this.blockSize}. ` +
           'Use the same block_size or a new cache dir.',
+      );
+    }
+    // Caches from before encryption have zeros here: plain BLAKE3, as they were.
+    const tableNames = table.subarray(NAMES_ID_AT, NAMES_ID_AT + NAMES_ID_BYTES);
+    if (!tableNames.equals(namesId.subarray(0, NAMES_ID_BYTES))) {
+      const what = (id: Buffer) => (id.every((b) => b === 0) ? 'plain BLAKE3 (an unencrypted store)' : `the keyed BLAKE3 of an encrypted store (key id ${id.toString('hex')})`);
+      throw new Error(
+        `block cache ${this.dir} names blocks with ${what(tableNames)}; this store names them with ${what(namesId)}. ` +
+          'Use a new cache dir for this store.',
       );
     }
     const count = Math.floor(table.length / SLOT_ENTRY_BYTES) - 1;

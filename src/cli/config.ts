@@ -13,7 +13,7 @@ import { errorMessage } from '../log.js';
 
 export interface Config {
   cache: { dir: string; diskSizeGb: number; memorySizeGb: number };
-  storage: { url: string; compression: string; readAheadPacks: number };
+  storage: { url: string; compression: string; readAheadPacks: number; encryptionPassword: string };
   aws: {
     accessKeyId: string;
     secretAccessKey: string;
@@ -78,6 +78,11 @@ url = "file://./.updraft/store"
 compression = "lz4"
 # Packs a sequential reader keeps fetched ahead of itself (0 turns read-ahead off).
 read_ahead_packs = 8
+# Password of an encrypted store; "" for none. Set when the store is created, it encrypts
+# every block, index and manifest (XChaCha20-Poly1305, keyed BLAKE3 block names); it must
+# then be given on every start. Keep it out of this file: "\${UPDRAFT_PASSWORD}".
+# An existing store cannot be encrypted in place; change it with \`updraft change-password\`.
+encryption_password = ""
 
 [aws]
 # Credentials and endpoint for an s3:// storage url. Empty values use the AWS SDK's
@@ -256,6 +261,8 @@ const STORAGE = {
     '"lz4", "none" or "zstd-N" with N from 1 to 19',
   ),
   read_ahead_packs: setting(z.number().int().min(0).max(64), 8, 'an integer from 0 to 64'),
+  // Any string is accepted, so that a problem message never has to quote a password.
+  encryption_password: setting(z.string(), '', 'a string ("" for an unencrypted store); use ${UPDRAFT_PASSWORD}'),
 };
 
 const AWS = {
@@ -518,7 +525,10 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
   const { nbd, http } = servers;
   return {
     cache: { dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb },
-    storage: { url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs },
+    storage: {
+      url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs,
+      encryptionPassword: storage.encryption_password,
+    },
     aws: {
       accessKeyId: aws.access_key_id,
       secretAccessKey: aws.secret_access_key,

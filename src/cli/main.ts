@@ -93,18 +93,89 @@ async function withStore<T>(file: string | undefined, work: (ctx: Awaited<Return
 async function offlineStore(file: string | undefined) {
   const config = configFor(file);
   const log = createLogger('updraft', (process.env.UPDRAFT_LOG_LEVEL as 'warn' | undefined) ?? 'warn');
-  const [{ openStore }, { probeObjectStore }, { parseCompression }] = await Promise.all([
+  const [{ openStore }, { openStoreIdentity }, { parseCompression }] = await Promise.all([
     import('../host/store-stack.js'),
-    import('../objectstore/index.js'),
+    import('../store/identity.js'),
     import('../crypto/compress.js'),
   ]);
   const { store } = openStore(config, log);
-  await probeObjectStore(store);
-  return {
-    config, store,
-    compression: parseCompression(config.storage.compression),
-    manifestCompression: parseCompression('zstd-3'),
-  };
+  try {
+    const { cipher } = await openStoreIdentity(store, config.storage.encryptionPassword);
+    return {
+      config, store, cipher,
+      compression: parseCompression(config.storage.compression),
+      manifestCompression: parseCompression('zstd-3'),
+    };
+  } catch (err) {
+    await store.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+/** All of standard input, without the line break that ends it (a password piped or typed). */
+async function readStdinLine(): Promise<string> {
+  const parts: Buffer[] = [];
+  for await (const part of process.stdin) {
+    parts.push(part as Buffer);
+    // Typed at a terminal: the first line is the answer.
+    if (process.stdin.isTTY && (part as Buffer).includes(10)) break;
+  }
+  return Buffer.concat(parts).toString('utf8').split(/\r?\n/)[0];
+}
+
+async function changePasswordCommand(file: string | undefined): Promise<void> {
+  const config = configFor(file);
+  if (process.stdin.isTTY) process.stderr.write('new password: ');
+  const newPassword = await readStdinLine();
+  if (newPassword === '') throw new UsageError('no new password on standard input');
+  const log = createLogger('updraft', 'warn');
+  const [{ openStore }, { changePassword }] = await Promise.all([import('../host/store-stack.js'), import('../store/identity.js')]);
+  const { store } = openStore(config, log);
+  try {
+    const identity = await changePassword(store, config.storage.encryptionPassword, newPassword);
+    print({ store: store.description, id: identity.id, password_changed: identity.encryption?.password_changed, rewritten: ['store.json'] });
+    process.stderr.write('password changed; set [storage] encryption_password to the new password before the next start\n');
+  } finally {
+    await store.close();
+  }
+}
+
+async function statusCommand(file: string | undefined): Promise<void> {
+  const config = configFor(file);
+  const log = createLogger('updraft', 'warn');
+  const [{ openStore }, identityModule] = await Promise.all([import('../host/store-stack.js'), import('../store/identity.js')]);
+  const { describeEncryption, openStoreIdentity, readIdentity, StoreKeyError } = identityModule;
+  const { store } = openStore(config, log);
+  try {
+    const identity = await readIdentity(store);
+    const password = config.storage.encryptionPassword;
+    if (identity === undefined) {
+      print({
+        store: store.description, encrypted: false,
+        encryption: `no store.json yet: the first start creates the store ${password === '' ? 'unencrypted' : 'encrypted with the configured password'}`,
+      });
+      return;
+    }
+    let passwordState: string;
+    if (identity.encryption === null) passwordState = password === '' ? 'not needed' : 'set, but the store is not encrypted: the daemon refuses to start';
+    else if (password === '') passwordState = 'not set: the store is encrypted, the daemon refuses to start';
+    else {
+      try {
+        await openStoreIdentity(store, password);
+        passwordState = 'accepted';
+      } catch (err) {
+        if (!(err instanceof StoreKeyError)) throw err;
+        passwordState = `refused: ${err.message}`;
+      }
+    }
+    print({
+      store: store.description, id: identity.id, created: identity.created, encrypted: identity.encryption !== null,
+      encryption: describeEncryption(identity), password: passwordState,
+      ...(identity.encryption?.password_changed ? { password_changed: identity.encryption.password_changed } : {}),
+    });
+  } finally {
+    await store.close();
+  }
 }
 
 async function bless(image: string, opts: { name: string; config?: string; bootRecord?: string }): Promise<void> {
@@ -127,7 +198,7 @@ async function bless(image: string, opts: { name: string; config?: string; bootR
   let lastLine = 0;
   const result = await withStore(opts.config, async (ctx) => {
     const blessed = await blessImage({
-      store: ctx.store, file: image, name: opts.name, blockSize: ctx.config.servers.nbd.blockSize,
+      store: ctx.store, cipher: ctx.cipher, file: image, name: opts.name, blockSize: ctx.config.servers.nbd.blockSize,
       compression: ctx.compression, manifestCompression: ctx.manifestCompression, blocksPerPack: ctx.config.servers.nbd.blocksPerPack,
       progress: (p) => {
         const mib = (n: number) => (n / 1048576).toFixed(1);
@@ -144,7 +215,7 @@ async function bless(image: string, opts: { name: string; config?: string; bootR
     });
     if (bootSeconds === undefined) return blessed;
     const { writeBootSet } = await import('../store/catalog.js');
-    await writeBootSet(ctx.store, { format: 1, volume: opts.name, blockSize: ctx.config.servers.nbd.blockSize, seconds: bootSeconds, chunks: [], recording: true });
+    await writeBootSet(ctx.store, { format: 1, volume: opts.name, blockSize: ctx.config.servers.nbd.blockSize, seconds: bootSeconds, chunks: [], recording: true }, ctx.cipher);
     return { ...blessed, boot_record_seconds: bootSeconds };
   });
   bar?.stop();
@@ -190,7 +261,7 @@ function program(version: string): Command {
         const started = performance.now();
         const result = await withStore(opts.config, async (ctx) => {
           if ((await ctx.store.head(`volumes/${target}/manifest`)) !== undefined) throw new Error(`volume ${target} already exists in the store`);
-          return lazyFork(ctx.store, source, target, ctx.manifestCompression, opts.checkpoint);
+          return lazyFork(ctx.store, source, target, ctx.manifestCompression, ctx.cipher, opts.checkpoint);
         });
         print({ target, sequence: result.sequence, mode: 'lazy', duration_ms: Math.round(performance.now() - started) });
         return;
@@ -242,9 +313,21 @@ function program(version: string): Command {
     .action(async (name: string, file: string, opts: { checkpoint?: string; config?: string }) => {
       const { dumpImage } = await import('../store/image.js');
       const started = performance.now();
-      const result = await withStore(opts.config, (ctx) => dumpImage({ store: ctx.store, name, checkpoint: opts.checkpoint, file }));
+      const result = await withStore(opts.config, (ctx) => dumpImage({ store: ctx.store, cipher: ctx.cipher, name, checkpoint: opts.checkpoint, file }));
       print({ name, file, ...result, duration_ms: Math.round(performance.now() - started) });
     });
+
+  updraft
+    .command('status')
+    .description('say whether the store is encrypted, and whether the configured password opens it, offline')
+    .option('-c, --config <file>', 'config file (for the store and the password)')
+    .action((opts: { config?: string }) => statusCommand(opts.config));
+
+  updraft
+    .command('change-password')
+    .description('wrap the store\'s data key with a new password read from standard input (the old one is [storage] encryption_password); no data is rewritten')
+    .option('-c, --config <file>', 'config file (for the store and the current password)')
+    .action((opts: { config?: string }) => changePasswordCommand(opts.config));
 
   updraft
     .command('version')

@@ -1,4 +1,6 @@
-// Block names (DESIGN.md, Words: hash): BLAKE3 of the raw block, first 16 bytes.
+// Block names (DESIGN.md, Words: hash): BLAKE3 of the raw block, first 16 bytes; in an
+// encrypted store keyed BLAKE3 instead (crypto/cipher.ts: StoreCipher.blockHash), so the
+// host names blocks with the function its store's cipher gives it, never this one directly.
 // The all-zero chunk is never hashed or stored; it has a fixed well-known name.
 import { blake3 } from '@napi-rs/blake-hash';
 
@@ -13,7 +15,10 @@ export const ZERO_HASH: Buffer = Buffer.alloc(HASH_BYTES);
  */
 export const ZERO_ALLOCATED_HASH: Buffer = Buffer.from('00000000000000000000000000000001', 'hex');
 
-/** The 16-byte name of a block's content. */
+/** A function from a raw block to its 16-byte name. */
+export type BlockHasher = (block: Uint8Array) => Buffer;
+
+/** The 16-byte plain BLAKE3 name of a block's content (a plaintext store's names). */
 export function blockHash(block: Uint8Array): Buffer {
   return blake3(block).subarray(0, HASH_BYTES);
 }

@@ -7,7 +7,7 @@ import { describe } from '../nbd/handshake.js';
 import { NbdServer } from '../nbd/server.js';
 import { errorMessage, type Logger } from '../log.js';
 import { parseCompression } from '../crypto/compress.js';
-import { probeObjectStore } from '../objectstore/index.js';
+import { describeEncryption, openStoreIdentity, type OpenedStore } from '../store/identity.js';
 import { openStore } from './store-stack.js';
 
 const GB = 1024 ** 3;
@@ -19,12 +19,15 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   Buffer.poolSize = 256 * 1024;
   const nbdConfig = config.servers.nbd;
   const { store, metered } = openStore(config, log.child('store'));
+  let opened: OpenedStore;
   try {
-    await probeObjectStore(store);
+    // The start-up probe: reads store.json, unwraps the data key (or creates a new store).
+    opened = await openStoreIdentity(store, config.storage.encryptionPassword);
   } catch (err) {
     await store.close().catch(() => undefined);
     throw err;
   }
+  log.info(`store is ${describeEncryption(opened.identity)}`, { store: store.description, id: opened.identity.id, created: opened.created });
   const host = Host.open(
     {
       cacheDir: config.cache.dir,
@@ -37,6 +40,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       store,
       compression: parseCompression(config.storage.compression),
       manifestCompression: parseCompression('zstd-3'),
+      cipher: opened.cipher,
       blocksPerPack: nbdConfig.blocksPerPack,
       readAheadPacks: config.storage.readAheadPacks,
       hostId: config.host.id,
@@ -71,7 +75,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
     throw err;
   }
 
-  printAttachHelp(config, nbd.addresses());
+  printAttachHelp(config, nbd.addresses(), opened.cipher.id !== 0);
 
   await new Promise<void>((resolve) => {
     let stopping = false;
@@ -101,9 +105,9 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   });
 }
 
-function printAttachHelp(config: Config, addresses: string[]): void {
+function printAttachHelp(config: Config, addresses: string[], encrypted: boolean): void {
   const nbd = config.servers.nbd;
-  const lines = [`updraft is serving volumes from ${config.cache.dir} (store: ${config.storage.url})`];
+  const lines = [`updraft is serving volumes from ${config.cache.dir} (store: ${config.storage.url}, ${encrypted ? 'encrypted' : 'not encrypted'})`];
   if (nbd.unixSocket) lines.push(`  NBD unix socket  ${nbd.unixSocket}`);
   for (const a of addresses) if (!a.startsWith('/')) lines.push(`  NBD TCP          ${a}`);
   if (config.servers.http.address) lines.push(`  HTTP API         http://${config.servers.http.address}  (GET /api/exports, /metrics)`);

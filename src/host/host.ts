@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
@@ -38,6 +39,8 @@ export interface HostOptions {
   store: ObjectStore;
   compression: Compression;
   manifestCompression: Compression;
+  /** The store's block names and sealing (crypto/cipher.ts: PLAINTEXT or the unwrapped data key's). */
+  cipher: StoreCipher;
   blocksPerPack: number;
   /** Packs fetched ahead of a sequential reader; 0 turns read-ahead off. */
   readAheadPacks: number;
@@ -117,18 +120,20 @@ export class Host {
     this.volumesRoot = path.join(options.cacheDir, 'volumes');
     this.cache = BlockCache.open(
       path.join(options.cacheDir, 'blocks'),
-      { blockSize: options.blockSize, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
+      { blockSize: options.blockSize, namesId: options.cipher.namesId, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
       log.child('cache'),
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
-    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
-    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.blocksPerPack, log.child('upload'));
+    this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.cipher, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
+    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.cipher, options.blocksPerPack, log.child('upload'));
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, log: log.child('store'),
     };
-    this.ctx = { cache: this.cache, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher };
+    this.ctx = {
+      cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
+    };
   }
 
   private get defaults(): { flushMode: FlushMode; dirtyBudgetBytes: number } {
@@ -295,7 +300,7 @@ export class Host {
       else {
         const object = await this.options.store.get(key);
         if (object === undefined) return undefined;
-        manifest = decodeManifest(key, object.body);
+        manifest = decodeManifest(key, object.body, this.options.cipher);
         etag = object.etag;
       }
       const meta = manifest.meta;
@@ -393,7 +398,7 @@ export class Host {
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
       forked = { ...(await link.fork(target)), indexed: true };
     } else {
-      forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint);
+      forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint);
     }
     const sequence = forked.sequence;
     await this.wake(target, {}, forked);
@@ -409,7 +414,7 @@ export class Host {
    */
   private async fetchBootSet(volume: Volume, manifest: Parameters<typeof readBootSet>[1]): Promise<void> {
     try {
-      const found = await readBootSet(this.options.store, manifest);
+      const found = await readBootSet(this.options.store, manifest, this.options.cipher);
       if (found === undefined) return;
       const { set, etag } = found;
       if (set.recording) {
@@ -440,7 +445,7 @@ export class Host {
   /** Record `volume`'s next boot as the boot set of `owner` (itself, or the image it was forked from). */
   private recordBootInto(volume: Volume, owner: string, seconds: number, replacing?: string): void {
     volume.recordBoot(seconds, (chunks) => {
-      writeBootSet(this.options.store, { format: 1, volume: owner, blockSize: volume.blockSize, seconds, chunks }, replacing)
+      writeBootSet(this.options.store, { format: 1, volume: owner, blockSize: volume.blockSize, seconds, chunks }, this.options.cipher, replacing)
         .then(() => this.log.info('stored the boot hot set', { volume: owner, recorded_on: volume.name, chunks: chunks.length }))
         .catch((err) => {
           if (isPreconditionFailed(err)) this.log.info('another host answered the boot recording request first', { volume: owner });
@@ -477,7 +482,7 @@ export class Host {
     return this.once(exportName, async () => {
       let manifest;
       try {
-        manifest = (await readManifest(this.options.store, volume, checkpoint)).manifest;
+        manifest = (await readManifest(this.options.store, this.options.cipher, volume, checkpoint)).manifest;
       } catch (err) {
         if (err instanceof MissingError) return undefined;
         throw err;

@@ -10,6 +10,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { keyBytes, keyHex } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
@@ -50,6 +51,8 @@ export interface StoreContext {
   leaseTtlMs: number;
   /** Compression of manifest bodies. */
   manifestCompression: Compression;
+  /** Sealing of manifests (crypto/cipher.ts). */
+  cipher: StoreCipher;
   log: Logger;
 }
 
@@ -167,7 +170,7 @@ export class StoreLink {
       return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
     });
     try {
-      const etag = await this.putManifest(encodeManifest(captured.manifest, this.ctx.manifestCompression));
+      const etag = await this.putManifest(encodeManifest(manifestKey(this.name), captured.manifest, this.ctx.manifestCompression, this.ctx.cipher));
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
       captured.stored();
@@ -245,7 +248,7 @@ export class StoreLink {
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
       }));
       try {
-        const etag = await createManifest(this.ctx.store, manifestKey(target), captured.manifest, this.ctx.manifestCompression);
+        const etag = await createManifest(this.ctx.store, manifestKey(target), captured.manifest, this.ctx.manifestCompression, this.ctx.cipher);
         return { sequence: captured.sequence, etag, manifest: captured.manifest };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
@@ -261,7 +264,7 @@ export class StoreLink {
         name: this.name, generation: this.state.generation, sequence: snapshot.sequence,
       }));
       try {
-        await createManifest(this.ctx.store, checkpointKey(this.name, checkpoint), captured.manifest, this.ctx.manifestCompression);
+        await createManifest(this.ctx.store, checkpointKey(this.name, checkpoint), captured.manifest, this.ctx.manifestCompression, this.ctx.cipher);
         return { checkpoint, sequence: captured.sequence };
       } finally {
         captured.release();
@@ -501,7 +504,7 @@ export class StoreLink {
         this.state.manifestEtag = undefined;
         return;
       }
-      const manifest = decodeManifest(key, current.body);
+      const manifest = decodeManifest(key, current.body, this.ctx.cipher);
       if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
         await indexManifest(this.ctx.packIndex, manifest);
         await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
@@ -509,7 +512,7 @@ export class StoreLink {
       manifest.meta.generation = this.state.generation;
       manifest.meta.host = this.ctx.hostId;
       try {
-        this.state.manifestEtag = await this.ctx.store.put(key, encodeManifest(manifest, this.ctx.manifestCompression), { ifMatch: current.etag });
+        this.state.manifestEtag = await this.ctx.store.put(key, encodeManifest(key, manifest, this.ctx.manifestCompression, this.ctx.cipher), { ifMatch: current.etag });
         this.state.manifestSequence = manifest.meta.sequence;
         this.save();
         return;

@@ -18,8 +18,10 @@ export { keyProblem, MAX_KEY_BYTES, MAX_SEGMENT_BYTES } from './keys.js';
 /** The URL forms openObjectStore accepts, for error messages. */
 export const STORE_URL_FORMS = ['file:///absolute/path', 's3://bucket', 's3://bucket/key/prefix'] as const;
 
-/** The object probeObjectStore reads (DESIGN.md: Formats); its absence is fine. */
+/** The object probeObjectStore reads (DESIGN.md: Formats; store/identity.ts); its absence is fine. */
 export const PROBE_KEY = 'store.json';
+/** store.json is a few hundred bytes; the probe reads at most this much of it. */
+export const PROBE_MAX_BYTES = 64 * 1024;
 
 /** The URL with any user:password@ replaced, for messages. */
 function redact(url: string): string {
@@ -52,14 +54,15 @@ export function openObjectStore(url: string, aws: S3Options, log?: Logger): Obje
 }
 
 /**
- * One cheap request at start-up (a 1-byte range read of store.json, present or not) so that
- * a wrong endpoint, bucket or credentials fails at once with a clear message instead of at
+ * One cheap request at start-up (a range read of store.json, present or not) so that a
+ * wrong endpoint, bucket or credentials fails at once with a clear message instead of at
  * the first drain. A range GET rather than a HEAD: S3 answers a HEAD without an error body,
- * so a missing bucket would read as a missing key.
+ * so a missing bucket would read as a missing key. Returns the first PROBE_MAX_BYTES of
+ * store.json, or undefined when the store has none.
  */
-export async function probeObjectStore(store: ObjectStore): Promise<void> {
+export async function probeObjectStore(store: ObjectStore): Promise<Buffer | undefined> {
   try {
-    await store.getRange(PROBE_KEY, 0, 1);
+    return await store.getRange(PROBE_KEY, 0, PROBE_MAX_BYTES);
   } catch (err) {
     if (!(err instanceof ObjectStoreError)) throw err;
     const where = `object store ${store.description}`;

@@ -2,9 +2,11 @@
 // Fork, lazy; checkpoints): a fork is a copy of a manifest under another name, a
 // checkpoint an immutable manifest beside the volume's. No block is ever copied.
 import { blockKey, keyBytes, type BlockKey } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
+import { decodeBootSet, encodeBootSet } from './boot-set.js';
 import { checkpointKey, decodeManifest, encodeManifest, manifestKey, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
@@ -86,7 +88,7 @@ export function sourceKey(volume: string, checkpoint?: string): string {
 }
 
 /** Read and decode a volume's manifest or checkpoint; MissingError when absent. */
-export async function readManifest(store: ObjectStore, volume: string, checkpoint?: string): Promise<{ manifest: Manifest; etag: string }> {
+export async function readManifest(store: ObjectStore, cipher: StoreCipher, volume: string, checkpoint?: string): Promise<{ manifest: Manifest; etag: string }> {
   const key = sourceKey(volume, checkpoint);
   const object = await store.get(key);
   if (object === undefined) {
@@ -96,12 +98,12 @@ export async function readManifest(store: ObjectStore, volume: string, checkpoin
         : `volume ${volume} has no checkpoint ${checkpoint} in the store ${store.description}`,
     );
   }
-  return { manifest: decodeManifest(key, object.body), etag: object.etag };
+  return { manifest: decodeManifest(key, object.body, cipher), etag: object.etag };
 }
 
 /** Write `manifest` as `target`'s manifest, only if the target does not exist yet. */
-export async function createManifest(store: ObjectStore, key: string, manifest: Manifest, compression: Compression): Promise<string> {
-  const body = encodeManifest(manifest, compression);
+export async function createManifest(store: ObjectStore, key: string, manifest: Manifest, compression: Compression, cipher: StoreCipher): Promise<string> {
+  const body = encodeManifest(key, manifest, compression, cipher);
   try {
     return await store.put(key, body, { ifNoneMatch: '*' });
   } catch (err) {
@@ -122,15 +124,16 @@ export async function lazyFork(
   source: string,
   target: string,
   compression: Compression,
+  cipher: StoreCipher,
   checkpoint?: string,
 ): Promise<{ sequence: number; etag: string; manifest: Manifest }> {
-  const { manifest } = await readManifest(store, source, checkpoint);
+  const { manifest } = await readManifest(store, cipher, source, checkpoint);
   const sequence = manifest.meta.sequence;
   manifest.meta = {
     ...manifest.meta, name: target, generation: 0, host: manifest.meta.host, created: new Date().toISOString(),
     parent: { name: source, sequence },
   };
-  const etag = await createManifest(store, manifestKey(target), manifest, compression);
+  const etag = await createManifest(store, manifestKey(target), manifest, compression, cipher);
   return { sequence, etag, manifest };
 }
 
@@ -178,26 +181,22 @@ export function bootSetKey(volume: string): string {
 }
 
 /** Store a boot set; with `replacing`, only over that ETag (one host answers a recording request). */
-export async function writeBootSet(store: ObjectStore, set: BootSet, replacing?: string): Promise<void> {
-  await store.put(bootSetKey(set.volume), Buffer.from(JSON.stringify(set) + '\n'), replacing === undefined ? {} : { ifMatch: replacing });
+export async function writeBootSet(store: ObjectStore, set: BootSet, cipher: StoreCipher, replacing?: string): Promise<void> {
+  const key = bootSetKey(set.volume);
+  await store.put(key, encodeBootSet(key, set, cipher), replacing === undefined ? {} : { ifMatch: replacing });
 }
 
 /**
  * The boot hot set of a volume, or of the nearest ancestor that has one (forks share their
  * parent's), with its ETag.
  */
-export async function readBootSet(store: ObjectStore, manifest: Manifest): Promise<{ set: BootSet; etag: string } | undefined> {
+export async function readBootSet(store: ObjectStore, manifest: Manifest, cipher: StoreCipher): Promise<{ set: BootSet; etag: string } | undefined> {
   const names = [manifest.meta.name, ...(manifest.meta.parent ? [manifest.meta.parent.name] : [])];
   for (const name of names) {
     const key = bootSetKey(name);
     const object = await store.get(key);
     if (object === undefined) continue;
-    let set: BootSet;
-    try {
-      set = JSON.parse(object.body.toString('utf8')) as BootSet;
-    } catch (err) {
-      throw new Error(`boot set ${key} is not JSON: ${(err as Error).message}`);
-    }
+    const set = decodeBootSet(key, object.body, cipher) as BootSet;
     const valid =
       set.format === 1 && set.volume === name && Number.isFinite(set.seconds) && set.seconds > 0 &&
       Array.isArray(set.chunks) && set.chunks.every((c) => Number.isSafeInteger(c) && c >= 0) &&

@@ -3,6 +3,7 @@
 // into the cache, so the neighbours a reader wants next are already here. Concurrent
 // requests for one pack share one GET; read-ahead runs a bounded number of packs ahead.
 import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import type { BlockFetcher } from '../volume/volume.js';
@@ -40,6 +41,7 @@ export class PackFetcher implements BlockFetcher {
     private readonly store: ObjectStore,
     private readonly index: PackIndex,
     private readonly cache: BlockCache,
+    private readonly cipher: StoreCipher,
     /** Chunks kept fetched ahead of a sequential reader: read_ahead_packs × blocks_per_pack. */
     readonly readAheadChunks: number,
     private readonly log: Logger,
@@ -100,9 +102,9 @@ export class PackFetcher implements BlockFetcher {
       if (object === undefined) throw new Error(`pack ${key} is missing from the store ${this.store.description}`);
       try {
         verifyPackId(key, object.body);
-        const entries = decodePackIndex(key, object.body);
-        // Verify every block before any is cached: a pack is used whole or not at all.
-        const blocks = entries.map((entry) => unpackBlock(key, object.body, entry));
+        const entries = decodePackIndex(key, object.body, this.cipher);
+        // Verify (open) every block before any is cached: a pack is used whole or not at all.
+        const blocks = entries.map((entry) => unpackBlock(key, object.body, entry, this.cipher));
         for (let i = 0; i < entries.length; i++) this.cache.putFromStore(blockKey(entries[i].hash), blocks[i]);
         this.counters.packsFetched++;
         this.counters.blocksFetched += entries.length;

@@ -1,6 +1,7 @@
 // Raw images in and out of the store, with no daemon (`updraft bless`, `updraft dump`).
 //
-// bless: read a file chunk by chunk, skip all-zero chunks, name the rest by BLAKE3, upload
+// bless: read a file chunk by chunk, skip all-zero chunks, name the rest by the store's
+// block hash (BLAKE3, keyed in an encrypted store), upload
 // the blocks no pack in the store holds yet (25 to a pack), write the volume's manifest.
 // What the store already holds is learnt once, pack-level, from the manifests and
 // checkpoints in it, not with a request per block. The manifest is deterministic (its
@@ -10,12 +11,13 @@
 // dump: write a volume (or a checkpoint) back out as a sparse raw image, one GET per pack.
 import fs from 'node:fs';
 import { blockKey, keyBytes, type BlockKey } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
-import { blockHash, isAllZero } from '../crypto/hash.js';
+import { isAllZero } from '../crypto/hash.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';
 import { ExistsError, manifestLocations, packLocations, readManifest } from './catalog.js';
-import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, ZERO_ALLOCATED_BLOCK } from './manifest.js';
+import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, sameManifest, ZERO_ALLOCATED_BLOCK, type Manifest } from './manifest.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, verifyPackId, type PackBlock } from './pack.js';
 import type { PackLocation } from './pack-index.js';
 
@@ -46,13 +48,13 @@ export interface BlessResult {
 }
 
 /** Every block the store's manifests and checkpoints name, with its pack location. */
-export async function storeBlocks(store: ObjectStore): Promise<Map<BlockKey, PackLocation>> {
+export async function storeBlocks(store: ObjectStore, cipher: StoreCipher): Promise<Map<BlockKey, PackLocation>> {
   const known = new Map<BlockKey, PackLocation>();
   for (const object of await store.list('volumes/')) {
     if (!object.key.endsWith('/manifest') && !object.key.includes('/checkpoints/')) continue;
     const body = await store.get(object.key);
     if (body === undefined) continue;
-    for (const [key, location] of manifestLocations(decodeManifest(object.key, body.body))) known.set(key, location);
+    for (const [key, location] of manifestLocations(decodeManifest(object.key, body.body, cipher))) known.set(key, location);
   }
   return known;
 }
@@ -64,10 +66,11 @@ export async function blessImage(opts: {
   blockSize: number;
   compression: Compression;
   manifestCompression: Compression;
+  cipher: StoreCipher;
   blocksPerPack: number;
   progress?: (p: ImageProgress) => void;
 }): Promise<BlessResult> {
-  const { store, blockSize } = opts;
+  const { store, blockSize, cipher } = opts;
   let fd: number;
   try {
     fd = fs.openSync(opts.file, 'r');
@@ -80,7 +83,7 @@ export async function blessImage(opts: {
     const totalBytes = stat.size;
     if (totalBytes === 0) throw new Error(`image ${opts.file} is empty`);
     const size = Math.ceil(totalBytes / 4096) * 4096;
-    const known = await storeBlocks(store);
+    const known = await storeBlocks(store, cipher);
     const progress: ImageProgress = { bytesRead: 0, totalBytes, bytesUploaded: 0, dedupChunks: 0, zeroChunks: 0 };
     const chunkKeys: Array<[number, BlockKey]> = [];
     let pending: PackBlock[] = [];
@@ -89,7 +92,7 @@ export async function blessImage(opts: {
     let newBlocks = 0;
     const flushPack = async () => {
       if (pending.length === 0) return;
-      const pack = encodePack(pending, opts.compression);
+      const pack = encodePack(pending, opts.compression, cipher);
       await store.put(pack.key, pack.body);
       for (const [key, location] of packLocations(pack)) known.set(key, location);
       packsUploaded++;
@@ -108,7 +111,7 @@ export async function blessImage(opts: {
       progress.bytesRead = Math.min(totalBytes, position + filled);
       if (isAllZero(block)) progress.zeroChunks++;
       else {
-        const key = blockKey(blockHash(block));
+        const key = blockKey(cipher.blockHash(block));
         chunkKeys.push([chunk, key]);
         if (known.has(key) || pendingKeys.has(key)) progress.dedupChunks++;
         else {
@@ -125,8 +128,9 @@ export async function blessImage(opts: {
       format: 1, name: opts.name, size, blockSize, sequence: 0, generation: 0, host: BLESS_HOST, created: stat.mtime.toISOString(),
     });
     for (const [chunk, key] of chunkKeys) builder.setChunk(chunk, keyBytes(key), known.get(key)!);
-    const body = encodeManifest(builder.build(), opts.manifestCompression);
-    const { etag, unchanged } = await putBlessManifest(store, opts.name, body);
+    const manifest = builder.build();
+    const body = encodeManifest(manifestKey(opts.name), manifest, opts.manifestCompression, cipher);
+    const { etag, unchanged } = await putBlessManifest(store, cipher, opts.name, manifest, body);
     return {
       name: opts.name, size, chunks: chunkKeys.length, zeroChunks: progress.zeroChunks, newBlocks, dedupChunks: progress.dedupChunks,
       packsUploaded, bytesUploaded: progress.bytesUploaded, unchanged, etag,
@@ -137,7 +141,13 @@ export async function blessImage(opts: {
 }
 
 /** Create the manifest, or replace one bless wrote before; a live volume of that name is refused. */
-async function putBlessManifest(store: ObjectStore, name: string, body: Buffer): Promise<{ etag: string; unchanged: boolean }> {
+async function putBlessManifest(
+  store: ObjectStore,
+  cipher: StoreCipher,
+  name: string,
+  manifest: Manifest,
+  body: Buffer,
+): Promise<{ etag: string; unchanged: boolean }> {
   const key = manifestKey(name);
   const current = await store.get(key);
   if (current === undefined) {
@@ -148,8 +158,10 @@ async function putBlessManifest(store: ObjectStore, name: string, body: Buffer):
       throw new ExistsError(`volume ${name} appeared in the store while blessing; not replaced`);
     }
   }
-  if (current.body.equals(body)) return { etag: current.etag, unchanged: true };
-  if (decodeManifest(key, current.body).meta.host !== BLESS_HOST) {
+  // Compared decoded: a sealed body differs on every write (random nonces).
+  const stored = decodeManifest(key, current.body, cipher);
+  if (sameManifest(stored, manifest, cipher)) return { etag: current.etag, unchanged: true };
+  if (stored.meta.host !== BLESS_HOST) {
     throw new ExistsError(`volume ${name} already exists in the store and was not made by bless; choose another name`);
   }
   // A daemon that ever took the volume (it holds or held its lease) may have written it since.
@@ -162,12 +174,13 @@ async function putBlessManifest(store: ObjectStore, name: string, body: Buffer):
 /** Write a volume (or a checkpoint) out as a sparse raw image of its size. */
 export async function dumpImage(opts: {
   store: ObjectStore;
+  cipher: StoreCipher;
   name: string;
   checkpoint?: string;
   file: string;
   progress?: (bytes: number, total: number) => void;
 }): Promise<{ size: number; chunks: number; packs: number }> {
-  const { manifest } = await readManifest(opts.store, opts.name, opts.checkpoint);
+  const { manifest } = await readManifest(opts.store, opts.cipher, opts.name, opts.checkpoint);
   const { size, blockSize } = manifest.meta;
   const byPack = new Map<string, Array<[number, number]>>();
   for (let i = 0; i < manifest.chunks.length; i++) {
@@ -187,11 +200,11 @@ export async function dumpImage(opts: {
       const object = await opts.store.get(key);
       if (object === undefined) throw new Error(`pack ${key} named by volume ${opts.name} is missing from the store`);
       verifyPackId(key, object.body);
-      const entries = new Map(decodePackIndex(key, object.body).map((e) => [e.hash.toString('latin1'), e]));
+      const entries = new Map(decodePackIndex(key, object.body, opts.cipher).map((e) => [e.hash.toString('latin1'), e]));
       for (const [chunk, blockIndex] of chunks) {
         const entry = entries.get(manifest.blocks[blockIndex].hash.toString('latin1'));
         if (entry === undefined) throw new Error(`pack ${key} does not hold block ${manifest.blocks[blockIndex].hash.toString('hex')} of chunk ${chunk}`);
-        const data = unpackBlock(key, object.body, entry);
+        const data = unpackBlock(key, object.body, entry, opts.cipher);
         const position = chunk * blockSize;
         const length = Math.min(blockSize, size - position);
         fs.writeSync(fd, data, 0, length, position);

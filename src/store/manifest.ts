@@ -10,11 +10,16 @@
 //   0       8     magic "UPDMANI1"
 //   8       2     version u16 = 1
 //   10      1     codec u8: compression of the body (crypto/compress.ts; 0 none, 1 lz4, 2 zstd)
-//   11      1     cipher u8: 0 = none (other values reserved for encryption; refused)
+//   11      1     cipher u8 (crypto/cipher.ts): 0 none, 1 XChaCha20-Poly1305; a reader
+//                 refuses any cipher but its store's
 //   12      4     rawBodyLength u32: body bytes after decompression
 //   16      4     storedBodyLength u32: body bytes as stored (= object size - 36)
 //   20      16    checksum: BLAKE3(bytes 0..20 ‖ stored body)[0..16]
-//   36      storedBodyLength  the body, compressed with `codec`
+//   36      storedBodyLength  the body, compressed with `codec`, then (encrypted) sealed:
+//                 nonce(24) ‖ ciphertext ‖ tag(16), AAD "updraft manifest\0" ‖ bytes 0..20
+//                 ‖ the object key, so a manifest opens only under the key it was written
+//                 for (a checkpoint cannot stand in for the manifest, nor one volume's for
+//                 another's)
 //
 // The body, before compression:
 //
@@ -37,13 +42,14 @@ import { Blake3Hasher } from '@napi-rs/blake-hash';
 import * as z from 'zod';
 import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock } from '../crypto/compress.js';
 import type { CodecId, Compression } from '../crypto/compress.js';
+import { OpenError, SEAL_OVERHEAD, sealLabel, type StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH } from '../crypto/hash.js';
 import { blockKey } from '../blocks/cache.js';
 import type { BlockKey } from '../blocks/cache.js';
 import { volumeNameProblem } from '../volume/names.js';
 import { FormatError } from './errors.js';
 import { countField, fieldProblem, isoTimeField, volumeNameField } from './fields.js';
-import { PACK_ENTRY_BYTES, PACK_HEADER_BYTES, PACK_ID } from './pack.js';
+import { cipherMismatch, PACK_ENTRY_BYTES, PACK_HEADER_BYTES, PACK_ID } from './pack.js';
 import type { PackLocation } from './pack-index.js';
 import { errorMessage } from '../log.js';
 
@@ -53,7 +59,6 @@ export const MANIFEST_HEADER_BYTES = 36;
 /** Block value of a chunk that reads as zeros but is reported allocated (ZERO_ALLOCATED_HASH). */
 export const ZERO_ALLOCATED_BLOCK = 0xffffffff;
 
-const CIPHER_NONE = 0;
 const CHECKSUM_AT = 20;
 const CHECKSUM_BYTES = 16;
 const PACK_ID_BYTES = 16;
@@ -158,8 +163,12 @@ function chunkCountOf(meta: ManifestMeta): number {
   return Math.ceil(meta.size / meta.blockSize);
 }
 
-/** Why the block cannot be in a manifest, or undefined. */
-function blockProblem(block: ManifestBlock, blockSize: number): string | undefined {
+/**
+ * Why the block cannot be in a manifest, or undefined. `overhead`: the seal overhead of the
+ * store's packs (an uncompressed block is stored in rawLength + overhead bytes); undefined
+ * where the cipher is not known (ManifestBuilder), which accepts either.
+ */
+function blockProblem(block: ManifestBlock, blockSize: number, overhead: number | undefined): string | undefined {
   const { hash, offset, length, rawLength, codec } = block;
   if (hash.length !== HASH_BYTES) return `has a ${hash.length}-byte hash`;
   if (zeroNameOf(hash) !== 0) return 'is a zero name (never stored)';
@@ -167,18 +176,47 @@ function blockProblem(block: ManifestBlock, blockSize: number): string | undefin
   // Blocks are whole chunks (bytes past the end of the volume are zeros), so a block of
   // another size comes from a volume with another block size and cannot be mapped here.
   if (rawLength !== blockSize) return `has raw length ${rawLength}; the volume's block size is ${blockSize}`;
-  if (!Number.isInteger(length) || length < 1) return `has length ${length}`;
-  if (codec === CODEC_NONE && length !== rawLength) return `is stored uncompressed in ${length} bytes but its raw length is ${rawLength}`;
+  if (!Number.isInteger(length) || length <= (overhead ?? 0)) return `has length ${length}`;
+  if (codec === CODEC_NONE && (overhead === undefined ? length !== rawLength && length !== rawLength + SEAL_OVERHEAD : length !== rawLength + overhead)) {
+    return `is stored uncompressed in ${length} bytes but its raw length is ${rawLength}`;
+  }
   if (!Number.isInteger(offset) || offset < MIN_BLOCK_OFFSET || offset + length > 0xffffffff) return `has offset ${offset} (length ${length}), outside a pack`;
   return undefined;
 }
 
+/** The associated data of a sealed manifest body: the header before the checksum, and the object key. */
+function manifestLabel(header: Buffer, key: string): Buffer {
+  return sealLabel('manifest', header.subarray(0, CHECKSUM_AT), key);
+}
+
 /**
- * Lay out and compress a manifest. Asserts what decodeManifest checks: valid meta,
- * chunks ascending and unique and inside the volume, every block index valid, every
- * block a stored block with a location.
+ * Lay out, compress and (with an encrypting `cipher`) seal a manifest for the object
+ * `key`. Asserts what decodeManifest checks: valid meta, chunks ascending and unique and
+ * inside the volume, every block index valid, every block a stored block with a location.
  */
-export function encodeManifest(m: Manifest, compression: Compression): Buffer {
+export function encodeManifest(key: string, m: Manifest, compression: Compression, cipher: StoreCipher): Buffer {
+  const raw = manifestBody(m, cipher.overhead);
+  const what = `encodeManifest ${m.meta.name}`;
+  const stored = compressBlock(compression, raw);
+  const storedLength = stored.data.length + cipher.overhead;
+  if (storedLength > MAX_BODY_BYTES) throw new Error(`${what}: the stored body would be ${storedLength} bytes; at most ${MAX_BODY_BYTES}`);
+  const out = Buffer.allocUnsafe(MANIFEST_HEADER_BYTES + storedLength);
+  MANIFEST_MAGIC.copy(out, 0);
+  out.writeUInt16LE(MANIFEST_VERSION, 8);
+  out.writeUInt8(stored.codec, 10);
+  out.writeUInt8(cipher.id, 11);
+  out.writeUInt32LE(raw.length, 12);
+  out.writeUInt32LE(storedLength, 16);
+  cipher.sealInto(out.subarray(MANIFEST_HEADER_BYTES), stored.data, manifestLabel(out, key));
+  manifestChecksum(out).copy(out, CHECKSUM_AT);
+  return out;
+}
+
+/**
+ * The body of a manifest before compression, checked as encodeManifest promises.
+ * `overhead`: the seal overhead of the store's packs.
+ */
+function manifestBody(m: Manifest, overhead: number): Buffer {
   const parsed = META_SCHEMA.safeParse(m.meta);
   if (!parsed.success) throw new Error(`encodeManifest ${m.meta?.name}: meta ${fieldProblem(parsed.error)}`);
   const { meta, chunks, chunkBlocks, blocks } = m;
@@ -195,7 +233,7 @@ export function encodeManifest(m: Manifest, compression: Compression): Buffer {
   const packIndex = new Map<string, number>();
   const packs: string[] = [];
   for (const block of blocks) {
-    const problem = blockProblem(block, meta.blockSize);
+    const problem = blockProblem(block, meta.blockSize, overhead);
     if (problem) throw new Error(`${what}: block ${block.hash.toString('hex')} ${problem}`);
     if (!packIndex.has(block.pack)) {
       if (!PACK_ID.test(block.pack)) {
@@ -233,18 +271,15 @@ export function encodeManifest(m: Manifest, compression: Compression): Buffer {
     at += CHUNK_ENTRY_BYTES;
   }
   if (at !== rawLength) throw new Error(`${what}: wrote ${at} body bytes, planned ${rawLength}`);
+  return raw;
+}
 
-  const stored = compressBlock(compression, raw);
-  const out = Buffer.allocUnsafe(MANIFEST_HEADER_BYTES + stored.data.length);
-  MANIFEST_MAGIC.copy(out, 0);
-  out.writeUInt16LE(MANIFEST_VERSION, 8);
-  out.writeUInt8(stored.codec, 10);
-  out.writeUInt8(CIPHER_NONE, 11);
-  out.writeUInt32LE(rawLength, 12);
-  out.writeUInt32LE(stored.data.length, 16);
-  stored.data.copy(out, MANIFEST_HEADER_BYTES);
-  manifestChecksum(out).copy(out, CHECKSUM_AT);
-  return out;
+/**
+ * Whether two manifests of a store sealed with `cipher` say the same thing. Their stored
+ * bodies cannot tell in an encrypted store: every seal has a fresh random nonce.
+ */
+export function sameManifest(a: Manifest, b: Manifest, cipher: StoreCipher): boolean {
+  return manifestBody(a, cipher.overhead).equals(manifestBody(b, cipher.overhead));
 }
 
 function manifestChecksum(body: Buffer): Buffer {
@@ -255,8 +290,12 @@ function manifestChecksum(body: Buffer): Buffer {
     .subarray(0, CHECKSUM_BYTES);
 }
 
-/** Validate and decode a manifest (or checkpoint). Throws FormatError naming `key`. */
-export function decodeManifest(key: string, body: Buffer): Manifest {
+/**
+ * Validate, open (with an encrypting `cipher`) and decode the manifest (or checkpoint)
+ * stored under `key`. Throws FormatError naming `key`, also for a manifest sealed otherwise
+ * than `cipher` says or for another key.
+ */
+export function decodeManifest(key: string, body: Buffer, cipher: StoreCipher): Manifest {
   const fail = (what: string, cause?: unknown) => new FormatError(key, `manifest ${key}: ${what}`, cause === undefined ? undefined : { cause });
   if (body.length < MANIFEST_HEADER_BYTES) throw fail(`truncated: ${body.length} bytes, the header alone is ${MANIFEST_HEADER_BYTES}`);
   if (!body.subarray(0, 8).equals(MANIFEST_MAGIC)) {
@@ -269,14 +308,21 @@ export function decodeManifest(key: string, body: Buffer): Manifest {
     throw fail(`the header says ${storedLength} stored body bytes, the object has ${body.length - MANIFEST_HEADER_BYTES} (truncated or corrupt)`);
   }
   if (!manifestChecksum(body).equals(body.subarray(CHECKSUM_AT, CHECKSUM_AT + CHECKSUM_BYTES))) throw fail('checksum mismatch (corrupt)');
-  const cipher = body.readUInt8(11);
-  if (cipher !== CIPHER_NONE) throw fail(`cipher ${cipher} is not supported (this reader knows only 0, unencrypted)`);
+  const storedCipher = body.readUInt8(11);
+  if (storedCipher !== cipher.id) throw fail(cipherMismatch(storedCipher, cipher));
   const codec = body.readUInt8(10);
   if (codec !== CODEC_NONE && codec !== CODEC_LZ4 && codec !== CODEC_ZSTD) throw fail(`body compressed with ${codecName(codec)}`);
   const rawLength = body.readUInt32LE(12);
+  let compressed: Buffer;
+  try {
+    compressed = cipher.open(body.subarray(MANIFEST_HEADER_BYTES), manifestLabel(body, key));
+  } catch (err) {
+    if (!(err instanceof OpenError)) throw err;
+    throw fail(`does not decrypt with this store's key: ${err.message}`, err);
+  }
   let raw: Buffer;
   try {
-    raw = decompressBlock(codec, body.subarray(MANIFEST_HEADER_BYTES), rawLength, MAX_BODY_BYTES);
+    raw = decompressBlock(codec, compressed, rawLength, MAX_BODY_BYTES);
   } catch (err) {
     throw fail(`body does not decompress (${codecName(codec)}): ${errorMessage(err)}`, err);
   }
@@ -327,7 +373,7 @@ export function decodeManifest(key: string, body: Buffer): Manifest {
       rawLength: raw.readUInt32LE(at + 28),
       codec: raw[at + 32] as CodecId,
     };
-    const problem = blockProblem(block, meta.blockSize);
+    const problem = blockProblem(block, meta.blockSize, cipher.overhead);
     if (problem) throw fail(`block ${i} (${hash.toString('hex')}) ${problem}`);
     blocks[i] = block;
     at += BLOCK_ENTRY_BYTES;
@@ -407,7 +453,7 @@ export class ManifestBuilder {
         rawLength: location.rawLength,
         codec: location.codec,
       };
-      const problem = blockProblem(block, this.meta.blockSize);
+      const problem = blockProblem(block, this.meta.blockSize, undefined);
       if (problem) throw new Error(`ManifestBuilder ${this.meta.name}: chunk ${chunk}: block ${name.toString('hex')} ${problem}`);
       if (location.pack !== this.lastPack) {
         if (!PACK_ID.test(location.pack)) {

@@ -1,34 +1,44 @@
 // Packs (DESIGN.md: Words, pack; Formats, `packs/{xx}/{pack-id}`): one object in the
-// store holding up to 65535 blocks, each compressed on its own, and an index of them,
-// so that a reader can take one block out of a whole-pack GET or fetch one block with a
-// ranged GET of [offset, offset + length).
+// store holding up to 65535 blocks, each compressed (and in an encrypted store sealed) on
+// its own, and an index of them, so that a reader can take one block out of a whole-pack
+// GET or fetch one block with a ranged GET of [offset, offset + length).
 //
 // Layout, all integers little-endian:
 //
 //   offset  size  field
 //   0       8     magic "UPDPACK1"
 //   8       2     version u16 = 1
-//   10      1     cipher u8: 0 = none (other values reserved for encryption; refused)
+//   10      1     cipher u8 (crypto/cipher.ts): 0 none, 1 XChaCha20-Poly1305; a reader
+//                 refuses any cipher but its store's
 //   11      1     flags u8: 0 (reserved; a reader refuses other values)
 //   12      4     count u32: number of blocks, 1..65535
-//   16      16    checksum: BLAKE3(bytes 0..16 ‖ index)[0..16]
-//   32      32 × count  index, one entry per block:
-//                   0   16  hash: the block's name (blockHash of the raw block)
+//   16      16    checksum: BLAKE3(bytes 0..16 ‖ stored index)[0..16]
+//   32      the stored index: 32 × count bytes, sealed as a whole when encrypted (24-byte
+//           nonce in front, 16-byte tag behind; AAD "updraft pack index\0" ‖ bytes 0..16).
+//           One entry per block:
+//                   0   16  hash: the block's name (the store's block hash of the raw block)
 //                   16  4   offset u32: of the stored bytes, from the start of the pack
-//                   20  4   length u32: stored (compressed) bytes
+//                   20  4   length u32: stored bytes (compressed, plus 40 when sealed)
 //                   24  4   rawLength u32: bytes after decompression
 //                   28  1   codec u8 (crypto/compress.ts: 0 none, 1 lz4, 2 zstd)
 //                   29  3   reserved, 0
-//   32 + 32 × count  the stored blocks, back to back, in index order
+//   then the stored blocks, back to back, in index order. Encrypted, each is
+//   nonce(24) ‖ XChaCha20-Poly1305 of the compressed block ‖ tag(16), with AAD
+//   "updraft block\0" ‖ hash ‖ rawLength u32 ‖ codec u8: a block opens only where the
+//   index (or a manifest) names it by its own name, so blocks swapped between packs or
+//   within one fail to open. Compression comes before encryption.
 //
-// The checksum covers header and index, so a reader can trust the index of a pack it got
-// with a ranged GET of the first 32 + 32 × count bytes. Block bytes are covered by each
-// block's own hash (checked by unpackBlock/unpackRange), and the whole body by the pack
-// id: the first 16 bytes of BLAKE3 of the entire body, as 32 hex digits (verifyPackId).
+// The checksum covers header and stored index, so a reader can trust the index of a pack
+// it got with a ranged GET of its first bytes (when encrypted, opening the index proves
+// it too). Block bytes are covered by each block's own hash (checked by unpackBlock and
+// unpackRange after opening and decompressing), and the whole body by the pack id: the
+// first 16 bytes of BLAKE3 of the entire stored body, as 32 hex digits (verifyPackId);
+// for an encrypted pack that is a hash of ciphertext and says nothing of the content.
 import { blake3, Blake3Hasher } from '@napi-rs/blake-hash';
 import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock } from '../crypto/compress.js';
 import type { CodecId, Compression } from '../crypto/compress.js';
-import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH, blockHash } from '../crypto/hash.js';
+import { cipherName, cipherOverhead, OpenError, sealLabel, type StoreCipher } from '../crypto/cipher.js';
+import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH } from '../crypto/hash.js';
 import { FormatError } from './errors.js';
 import { errorMessage } from '../log.js';
 
@@ -37,7 +47,6 @@ export const PACK_VERSION = 1;
 export const PACK_HEADER_BYTES = 32;
 export const PACK_ENTRY_BYTES = 32;
 export const MAX_PACK_BLOCKS = 65535;
-const CIPHER_NONE = 0;
 const CHECKSUM_AT = 16;
 const CHECKSUM_BYTES = 16;
 /** A pack id: 32 lowercase hex digits (16 bytes of BLAKE3). */
@@ -45,7 +54,7 @@ export const PACK_ID = /^[0-9a-f]{32}$/;
 const PACK_KEY = /^packs\/([0-9a-f]{2})\/([0-9a-f]{32})$/;
 
 export interface PackBlock {
-  /** blockHash(data), 16 bytes. */
+  /** The store's block hash of data, 16 bytes. */
   hash: Buffer;
   /** The raw block. */
   data: Buffer;
@@ -56,7 +65,7 @@ export interface PackEntry {
   hash: Buffer;
   /** Of the stored bytes, from the start of the pack body. */
   offset: number;
-  /** Stored bytes. */
+  /** Stored bytes (compressed, plus the seal overhead when encrypted). */
   length: number;
   /** Bytes after decompression. */
   rawLength: number;
@@ -87,6 +96,20 @@ function isCodec(codec: number): codec is CodecId {
   return codec === CODEC_NONE || codec === CODEC_LZ4 || codec === CODEC_ZSTD;
 }
 
+/** The associated data of a pack's sealed index: the header fields before the checksum. */
+function indexLabel(body: Buffer): Buffer {
+  return sealLabel('pack index', body.subarray(0, CHECKSUM_AT));
+}
+
+/** The associated data of one sealed block: its name, raw length and codec. */
+export function blockLabel(entry: { hash: Buffer; rawLength: number; codec: CodecId }): Buffer {
+  const binding = Buffer.allocUnsafe(HASH_BYTES + 5);
+  entry.hash.copy(binding, 0, 0, HASH_BYTES);
+  binding.writeUInt32LE(entry.rawLength, HASH_BYTES);
+  binding.writeUInt8(entry.codec, HASH_BYTES + 4);
+  return sealLabel('block', binding);
+}
+
 function indexChecksum(body: Buffer, indexEnd: number): Buffer {
   return new Blake3Hasher()
     .update(body.subarray(0, CHECKSUM_AT))
@@ -96,17 +119,18 @@ function indexChecksum(body: Buffer, indexEnd: number): Buffer {
 }
 
 /**
- * Compress `blocks` one by one and lay them out as a pack. Asserts 1..65535 blocks, each
- * a 16-byte hash that is not a zero name and matches its data, no hash twice, and a body
- * that fits u32 offsets.
+ * Compress (then seal, with `cipher`) `blocks` one by one and lay them out as a pack.
+ * Asserts 1..65535 blocks, each a 16-byte hash that is not a zero name and matches its
+ * data under `cipher`'s block hash, no hash twice, and a body that fits u32 offsets.
  */
-export function encodePack(blocks: PackBlock[], compression: Compression): EncodedPack {
+export function encodePack(blocks: PackBlock[], compression: Compression, cipher: StoreCipher): EncodedPack {
   if (blocks.length < 1 || blocks.length > MAX_PACK_BLOCKS) {
     throw new Error(`encodePack: ${blocks.length} blocks; a pack holds 1 to ${MAX_PACK_BLOCKS}`);
   }
   const seen = new Set<string>();
   const stored: { codec: CodecId; data: Buffer }[] = new Array(blocks.length);
-  const dataStart = PACK_HEADER_BYTES + blocks.length * PACK_ENTRY_BYTES;
+  const indexBytes = blocks.length * PACK_ENTRY_BYTES;
+  const dataStart = PACK_HEADER_BYTES + indexBytes + cipher.overhead;
   let total = dataStart;
   for (let i = 0; i < blocks.length; i++) {
     const { hash, data } = blocks[i];
@@ -122,80 +146,99 @@ export function encodePack(blocks: PackBlock[], compression: Compression): Encod
     }
     // The last chance to catch a block that was corrupted in the cache before it becomes
     // the only copy; costs less than compressing it.
-    if (!blockHash(data).equals(hash)) {
-      throw new Error(`encodePack: block ${hex} does not match its hash (content hashes to ${blockHash(data).toString('hex')})`);
-    }
+    const actual = cipher.blockHash(data);
+    if (!actual.equals(hash)) throw new Error(`encodePack: block ${hex} does not match its hash (content hashes to ${actual.toString('hex')})`);
     stored[i] = compressBlock(compression, data);
-    total += stored[i].data.length;
+    total += stored[i].data.length + cipher.overhead;
   }
   if (total > 0xffffffff) throw new Error(`encodePack: ${blocks.length} blocks make a ${total}-byte pack; offsets are u32, so at most 4 GiB`);
 
   const body = Buffer.allocUnsafe(total);
   PACK_MAGIC.copy(body, 0);
   body.writeUInt16LE(PACK_VERSION, 8);
-  body.writeUInt8(CIPHER_NONE, 10);
+  body.writeUInt8(cipher.id, 10);
   body.writeUInt8(0, 11);
   body.writeUInt32LE(blocks.length, 12);
+  const index = Buffer.allocUnsafe(indexBytes);
   const entries: PackEntry[] = new Array(blocks.length);
   let offset = dataStart;
   for (let i = 0; i < blocks.length; i++) {
     const { codec, data } = stored[i];
-    const at = PACK_HEADER_BYTES + i * PACK_ENTRY_BYTES;
-    blocks[i].hash.copy(body, at);
-    body.writeUInt32LE(offset, at + 16);
-    body.writeUInt32LE(data.length, at + 20);
-    body.writeUInt32LE(blocks[i].data.length, at + 24);
-    body.writeUInt8(codec, at + 28);
-    body.fill(0, at + 29, at + PACK_ENTRY_BYTES);
-    data.copy(body, offset);
-    entries[i] = { hash: Buffer.from(blocks[i].hash), offset, length: data.length, rawLength: blocks[i].data.length, codec };
-    offset += data.length;
+    const length = data.length + cipher.overhead;
+    const at = i * PACK_ENTRY_BYTES;
+    blocks[i].hash.copy(index, at);
+    index.writeUInt32LE(offset, at + 16);
+    index.writeUInt32LE(length, at + 20);
+    index.writeUInt32LE(blocks[i].data.length, at + 24);
+    index.writeUInt8(codec, at + 28);
+    index.fill(0, at + 29, at + PACK_ENTRY_BYTES);
+    const entry: PackEntry = { hash: Buffer.from(blocks[i].hash), offset, length, rawLength: blocks[i].data.length, codec };
+    cipher.sealInto(body.subarray(offset, offset + length), data, blockLabel(entry));
+    entries[i] = entry;
+    offset += length;
   }
+  cipher.sealInto(body.subarray(PACK_HEADER_BYTES, dataStart), index, indexLabel(body));
   indexChecksum(body, dataStart).copy(body, CHECKSUM_AT);
   const id = blake3(body).toString('hex', 0, 16);
   return { id, key: packKey(id), body, entries };
 }
 
 /**
- * Validate a pack's header and index and return its entries (hashes are copies: they do
- * not keep `body` alive). `body` may be the whole pack or any prefix that holds every
- * block the index names. Throws FormatError naming `key`.
+ * Validate (and open, when encrypted) a pack's header and index and return its entries
+ * (hashes are copies: they do not keep `body` alive). `body` may be the whole pack or any
+ * prefix that holds every block the index names. Throws FormatError naming `key`, also
+ * for a pack sealed otherwise than `cipher` says (never mixed in one store).
  */
-export function decodePackIndex(key: string, body: Buffer): PackEntry[] {
+export function decodePackIndex(key: string, body: Buffer, cipher: StoreCipher): PackEntry[] {
   const fail = (what: string) => new FormatError(key, `pack ${key}: ${what}`);
   if (body.length < PACK_HEADER_BYTES) throw fail(`truncated: ${body.length} bytes, the header alone is ${PACK_HEADER_BYTES}`);
   if (!body.subarray(0, 8).equals(PACK_MAGIC)) throw fail(`bad magic ${JSON.stringify(body.toString('latin1', 0, 8))}, expected "UPDPACK1" (not a pack)`);
   const version = body.readUInt16LE(8);
   if (version !== PACK_VERSION) throw fail(`format version ${version}; this reader knows version ${PACK_VERSION}`);
   const count = body.readUInt32LE(12);
-  const dataStart = PACK_HEADER_BYTES + count * PACK_ENTRY_BYTES;
+  const indexEnd = (overhead: number) => PACK_HEADER_BYTES + count * PACK_ENTRY_BYTES + overhead;
+  const intact = (end: number) => end <= body.length && indexChecksum(body, end).equals(body.subarray(CHECKSUM_AT, CHECKSUM_AT + CHECKSUM_BYTES));
+  const stored = body.readUInt8(10);
+  // An intact pack of another cipher (a store must never be mixed) is named as such; a
+  // damaged cipher byte is only a checksum mismatch.
+  const storedOverhead = cipherOverhead(stored);
+  if (stored !== cipher.id && storedOverhead !== undefined && intact(indexEnd(storedOverhead))) throw fail(cipherMismatch(stored, cipher));
+  const dataStart = indexEnd(cipher.overhead);
   if (dataStart > body.length) throw fail(`truncated: the index of ${count} blocks needs ${dataStart} bytes, the body has ${body.length}`);
-  if (!indexChecksum(body, dataStart).equals(body.subarray(CHECKSUM_AT, CHECKSUM_AT + CHECKSUM_BYTES))) {
-    throw fail('header or index checksum mismatch (corrupt)');
-  }
-  const cipher = body.readUInt8(10);
-  if (cipher !== CIPHER_NONE) throw fail(`cipher ${cipher} is not supported (this reader knows only 0, unencrypted)`);
+  if (!intact(dataStart)) throw fail('header or index checksum mismatch (corrupt)');
+  if (stored !== cipher.id) throw fail(cipherMismatch(stored, cipher));
   const flags = body.readUInt8(11);
   if (flags !== 0) throw fail(`unknown flags 0x${flags.toString(16)}`);
   if (count < 1 || count > MAX_PACK_BLOCKS) throw fail(`holds ${count} blocks; a pack holds 1 to ${MAX_PACK_BLOCKS}`);
 
-  const hashes = Buffer.from(body.subarray(PACK_HEADER_BYTES, dataStart)); // one copy for all hashes
+  const storedIndex = body.subarray(PACK_HEADER_BYTES, dataStart);
+  let index: Buffer;
+  try {
+    index = cipher.open(storedIndex, indexLabel(body));
+  } catch (err) {
+    if (!(err instanceof OpenError)) throw err;
+    throw new FormatError(key, `pack ${key}: the index does not decrypt with this store's key: ${err.message}`, { cause: err });
+  }
+  // One copy for all hashes (an opened index is a fresh buffer already).
+  const hashes = index === storedIndex ? Buffer.from(index) : index;
   const entries: PackEntry[] = new Array(count);
   const seen = new Set<string>();
   let previousEnd = dataStart;
   for (let i = 0; i < count; i++) {
-    const at = PACK_HEADER_BYTES + i * PACK_ENTRY_BYTES;
-    const hash = hashes.subarray(i * PACK_ENTRY_BYTES, i * PACK_ENTRY_BYTES + HASH_BYTES);
-    const offset = body.readUInt32LE(at + 16);
-    const length = body.readUInt32LE(at + 20);
-    const rawLength = body.readUInt32LE(at + 24);
-    const codec = body.readUInt8(at + 28);
+    const at = i * PACK_ENTRY_BYTES;
+    const hash = hashes.subarray(at, at + HASH_BYTES);
+    const offset = hashes.readUInt32LE(at + 16);
+    const length = hashes.readUInt32LE(at + 20);
+    const rawLength = hashes.readUInt32LE(at + 24);
+    const codec = hashes.readUInt8(at + 28);
     const entry = `index entry ${i} (block ${hash.toString('hex')})`;
     if (!isCodec(codec)) throw fail(`${entry} has ${codecName(codec)}`);
-    if (body.readUInt8(at + 29) !== 0 || body.readUInt16LE(at + 30) !== 0) throw fail(`${entry} has nonzero reserved bytes`);
+    if (hashes.readUInt8(at + 29) !== 0 || hashes.readUInt16LE(at + 30) !== 0) throw fail(`${entry} has nonzero reserved bytes`);
     if (rawLength < 1 || rawLength > MAX_BLOCK_BYTES) throw fail(`${entry} has raw length ${rawLength}; blocks are 1 to ${MAX_BLOCK_BYTES} bytes`);
-    if (length < 1) throw fail(`${entry} has length 0`);
-    if (codec === CODEC_NONE && length !== rawLength) throw fail(`${entry} is stored uncompressed in ${length} bytes but its raw length is ${rawLength}`);
+    if (length <= cipher.overhead) throw fail(`${entry} has length ${length}`);
+    if (codec === CODEC_NONE && length !== rawLength + cipher.overhead) {
+      throw fail(`${entry} is stored uncompressed in ${length} bytes but its raw length is ${rawLength}`);
+    }
     if (offset < previousEnd) throw fail(`${entry} at offset ${offset} overlaps the ${i === 0 ? 'index' : `previous block (which ends at ${previousEnd})`}`);
     if (offset + length > body.length) throw fail(`${entry} runs past the end of the body (offset ${offset} + length ${length} > ${body.length} bytes)`);
     const name = hash.toString('latin1');
@@ -207,34 +250,49 @@ export function decodePackIndex(key: string, body: Buffer): PackEntry[] {
   return entries;
 }
 
+/** Why an object sealed with cipher `stored` cannot be read in a store whose cipher is `cipher`. */
+export function cipherMismatch(stored: number, cipher: StoreCipher): string {
+  if (cipher.id === 0) return `is encrypted (${cipherName(stored)}), but this store is not encrypted: refused (a store is never mixed)`;
+  if (stored === 0) return 'is not encrypted, but this store is: refused (an encrypted store never holds plaintext objects)';
+  return `is sealed with ${cipherName(stored)}; this store uses ${cipherName(cipher.id)}`;
+}
+
 /**
- * The raw block of `entry`, taken from the whole pack `body`, decompressed and checked
- * against its hash. Always a fresh buffer (never a view of `body`), so callers may keep it.
+ * The raw block of `entry`, taken from the whole pack `body`, opened, decompressed and
+ * checked against its hash. Always a fresh buffer (never a view of `body`), so callers may keep it.
  */
-export function unpackBlock(key: string, body: Buffer, entry: PackEntry): Buffer {
+export function unpackBlock(key: string, body: Buffer, entry: PackEntry, cipher: StoreCipher): Buffer {
   if (entry.offset + entry.length > body.length) {
     const where = `offset ${entry.offset} + length ${entry.length} > ${body.length} bytes`;
     throw new FormatError(key, `pack ${key}: block ${entry.hash.toString('hex')} runs past the end of the body (${where})`);
   }
-  return unpackRange(key, body.subarray(entry.offset, entry.offset + entry.length), entry);
+  return unpackRange(key, body.subarray(entry.offset, entry.offset + entry.length), entry, cipher);
 }
 
 /**
  * Like unpackBlock, given only the entry's stored bytes (a ranged GET of
- * [offset, offset + length)). Always returns a fresh buffer.
+ * [offset, offset + length)) and the entry (from the pack's index or a manifest). Always
+ * returns a fresh buffer.
  */
-export function unpackRange(key: string, stored: Buffer, entry: PackEntry): Buffer {
+export function unpackRange(key: string, stored: Buffer, entry: PackEntry, cipher: StoreCipher): Buffer {
   const hex = entry.hash.toString('hex');
   if (stored.length !== entry.length) {
     throw new FormatError(key, `pack ${key}: block ${hex}: got ${stored.length} stored bytes, the index says ${entry.length}`);
   }
+  let compressed: Buffer;
+  try {
+    compressed = cipher.open(stored, blockLabel(entry));
+  } catch (err) {
+    if (!(err instanceof OpenError)) throw err;
+    throw new FormatError(key, `pack ${key}: block ${hex} does not decrypt with this store's key: ${err.message}`, { cause: err });
+  }
   let raw: Buffer;
   try {
-    raw = decompressBlock(entry.codec, stored, entry.rawLength);
+    raw = decompressBlock(entry.codec, compressed, entry.rawLength);
   } catch (err) {
     throw new FormatError(key, `pack ${key}: block ${hex} does not decompress (${codecName(entry.codec)}): ${errorMessage(err)}`, { cause: err });
   }
-  const actual = blockHash(raw);
+  const actual = cipher.blockHash(raw);
   if (!actual.equals(entry.hash)) {
     throw new FormatError(key, `pack ${key}: block ${hex} is corrupt: its content hashes to ${actual.toString('hex')}`);
   }

@@ -4,6 +4,7 @@
 // index never names a missing pack (invariant 2). Two volumes uploading the same block
 // at once share one upload.
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import type { Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
@@ -30,6 +31,7 @@ export class PackUploader {
     private readonly index: PackIndex,
     private readonly cache: BlockCache,
     private readonly compression: Compression,
+    private readonly cipher: StoreCipher,
     private readonly blocksPerPack: number,
     private readonly log: Logger,
   ) {}
@@ -77,7 +79,7 @@ export class PackUploader {
       }
       blocks.push({ hash: keyBytes(key), data });
     }
-    const pack = encodePack(blocks, this.compression);
+    const pack = encodePack(blocks, this.compression, this.cipher);
     await this.store.put(pack.key, pack.body);
     this.index.add(packLocations(pack));
     this.cache.markInStore(group);

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { BlockCache, blockKey, keyBytes, keyHex, type BlockKey, type LocalSpace } from '../blocks/cache.js';
-import { blockHash, isAllZero, ZERO_HASH } from '../crypto/hash.js';
+import { isAllZero, ZERO_HASH, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { Journal, type ChunkRecord } from './journal.js';
@@ -98,6 +98,8 @@ export interface VolumeSnapshot {
 
 export interface VolumeContext {
   cache: BlockCache;
+  /** Names a sealed block: the store's block hash (plain or keyed BLAKE3, crypto/cipher.ts). */
+  blockHash: BlockHasher;
   log: Logger;
   fetcher?: BlockFetcher;
   /** Shared buffer of block_size bytes for unaligned writes (synchronous, so one suffices). */
@@ -158,6 +160,7 @@ export class Volume {
   private readonly space: LocalSpace;
   private readonly log: Logger;
   private readonly scratch: Buffer;
+  private readonly blockHash: BlockHasher;
   private readonly emptyMask: Uint8Array;
   private readonly fetcher: BlockFetcher | undefined;
   /** Read-ahead: where a sequential reader would read next, and the chunk fetched up to. */
@@ -185,6 +188,7 @@ export class Volume {
     this.space = ctx.cache.space;
     this.log = ctx.log;
     this.scratch = ctx.scratch;
+    this.blockHash = ctx.blockHash;
     this.fetcher = ctx.fetcher;
     this.emptyMask = new Uint8Array(this.maskBytes);
   }
@@ -841,7 +845,7 @@ export class Volume {
       if (chunkBytes < bs) block.fill(0, chunkBytes);
       let key: BlockKey | undefined;
       if (!isAllZero(block)) {
-        key = blockKey(blockHash(block));
+        key = blockKey(this.blockHash(block));
         const replacing = this.map.get(chunk) !== undefined;
         if (!this.cache.put(key, block, replacing)) return false;
       }
@@ -922,7 +926,7 @@ export class Volume {
     for (const [chunk, block] of built) {
       let key: BlockKey | undefined;
       if (block !== undefined) {
-        key = blockKey(blockHash(block));
+        key = blockKey(this.blockHash(block));
         if (!this.cache.put(key, block, this.map.get(chunk) !== undefined)) {
           throw new VolumeError('ENOSPC', `volume ${this.name}: snapshot: the block cache has no room for chunk ${chunk}`);
         }
