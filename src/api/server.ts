@@ -54,8 +54,14 @@ function summary(v: ReturnType<Host['list']>[number]) {
   };
 }
 
+/** Every problem zod found in a body, each led by the field it is about. */
 function bodyProblem(error: z.ZodError): string {
-  return `body: ${error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`;
+  const problems = error.issues.map((i) =>
+    i.code === 'unrecognized_keys'
+      ? i.keys.map((key) => `${[...i.path, key].join('.')}: not a field of this body`).join('; ')
+      : `${i.path.join('.') || '(body)'}: ${i.message}`,
+  );
+  return `body: ${problems.join('; ')}`;
 }
 
 /** The HTTP status for an error from the host: the client's fault, a conflict, or the store's. */
