@@ -21,6 +21,7 @@ import {
   RawConnection,
   encodeInfoRequest,
   encodeMetaContextRequest,
+  encodeOption,
   optionReplyName,
   rawSocket,
   type OptionReply,
@@ -381,6 +382,29 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
       assert.equal((await daemon.api('GET', '/api/exports/export-name-plain')).status, 404, 'NBD_OPT_EXPORT_NAME before TLS created its export');
       assert.match(daemon.log(), /NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS/);
       assert.match(daemon.log(), /did not set NBD_FLAG_C_FIXED_NEWSTYLE/);
+    });
+  });
+
+  test('a client that does not do TLS after the ACK, or sends options before it, is disconnected and the daemon serves on', async (t) => {
+    if (!requireTools(t, [TOOLS.nbdinfo, TOOLS.openssl])) return;
+    await withLog(daemon, async () => {
+      const garbage = await rawSocket({ ...daemon.tcp, stage: 'greeted' });
+      await garbage.sendOption(NBD_OPT.STARTTLS);
+      await expectOptionReply(garbage, NBD_OPT.STARTTLS, NBD_REP.ACK, 'NBD_OPT_STARTTLS');
+      await garbage.write(Buffer.from('this is not a TLS ClientHello, it is plaintext\r\n'));
+      assert.ok(await garbage.waitClosed(3000), 'a failed TLS handshake did not close the connection');
+      garbage.destroy();
+
+      // STARTTLS and GO in one write: the GO would be read as a TLS record.
+      const eager = await rawSocket({ ...daemon.tcp, stage: 'greeted' });
+      await eager.write(Buffer.concat([encodeOption(NBD_OPT.STARTTLS), encodeOption(NBD_OPT.GO, encodeInfoRequest('eager', []))]));
+      assert.ok(await eager.waitClosed(3000), 'options sent ahead of the STARTTLS reply did not close the connection');
+      eager.destroy();
+
+      assert.match(daemon.log(), /TLS handshake failed/);
+      assert.match(daemon.log(), /bytes after NBD_OPT_STARTTLS without waiting for its reply/);
+      const info = JSON.parse((await runOk('nbdinfo', ['--json', tlsUri(daemon, 'after-bad-tls')], { timeoutMs: TOOL_TIMEOUT_MS })).stdout);
+      assert.equal(info.TLS, true);
     });
   });
 
