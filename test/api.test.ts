@@ -284,6 +284,104 @@ test('PUT, GET and metrics on an invalid volume name are 400 with a JSON error a
   });
 });
 
+test('every route refuses an invalid volume name in its path with 400 and a JSON error, before it touches the host or the store', { timeout: TEST_TIMEOUT_MS }, async () => {
+  await withLog(async () => {
+    const exportNames = async () => ((await daemon.api('GET', '/api/exports')).json as Array<{ name: string }>).map((e) => e.name);
+    const before = await exportNames();
+    const routes: Array<[string, string, string | undefined]> = [
+      ['GET', '', undefined],
+      ['PUT', '', '{"size_gb":0.0625}'],
+      ['DELETE', '?force=true', undefined],
+      ['GET', '/metrics', undefined],
+      ['POST', '/drain', undefined],
+      ['POST', '/promote', undefined],
+      ['POST', '/release', undefined],
+      ['POST', '/fork', '{"target":"fork-of-bad","mode":"lazy"}'],
+      ['POST', '/checkpoints', '{"name":"cp"}'],
+      ['GET', '/checkpoints', undefined],
+      ['DELETE', '/checkpoints/cp', undefined],
+      ['POST', '/boot-record', '{"seconds":1}'],
+      ['POST', '/flush-mode', '{"flush_mode":"demand"}'],
+    ];
+    const problems: string[] = [];
+    for (const raw of ['..', 'a%2F..%2Fb', 'x%2Flease', '%2Flead', 'bad%20name', 'y'.repeat(201)]) {
+      for (const [method, suffix, body] of routes) {
+        const what = `${method} /api/exports/${raw.slice(0, 20)}${suffix}`;
+        try {
+          const response = await rawRequest(method, `/api/exports/${raw}${suffix}`, body);
+          assertJsonError(response, 400, what);
+          assert.match(response.json.error, /volume name/, `${what}: the error does not say the volume name is wrong`);
+        } catch (err) {
+          problems.push((err as Error).message.split('\n')[0].slice(0, 300));
+        }
+      }
+    }
+    assert.deepEqual(problems, [], 'invalid names not refused with 400');
+    assert.deepEqual(await exportNames(), before, 'an invalid name created an export');
+  });
+});
+
+test('every route that takes a JSON body refuses a bad one with 400 naming the field, and changes nothing', { timeout: TEST_TIMEOUT_MS }, async () => {
+  await withLog(async () => {
+    assert.equal((await daemon.api('PUT', path('bodies'), { size_gb: 0.0625 })).status, 201);
+    // [route suffix, body, the field the error must name]
+    const cases: Array<[string, string, string]> = [
+      ['/fork', '{}', 'target'],
+      ['/fork', '{"target":"../x"}', 'target'],
+      ['/fork', '{"target":"a/lease"}', 'target'],
+      ['/fork', '{"target":7}', 'target'],
+      ['/fork', `{"target":"${'t'.repeat(201)}"}`, 'target'],
+      ['/fork', '{"target":"ok-target","mode":"eager"}', 'mode'],
+      ['/fork', '{"target":"ok-target","checkpoint":"a/b"}', 'checkpoint'],
+      ['/fork', '{"target":"ok-target","checkpoint":""}', 'checkpoint'],
+      ['/fork', '{"target":"ok-target","colour":"blue"}', 'colour'],
+      ['/checkpoints', '{}', 'name'],
+      ['/checkpoints', '{"name":".."}', 'name'],
+      ['/checkpoints', '{"name":"x y"}', 'name'],
+      ['/checkpoints', `{"name":"${'c'.repeat(101)}"}`, 'name'],
+      ['/checkpoints', '{"name":["cp"]}', 'name'],
+      ['/boot-record', '{}', 'seconds'],
+      ['/boot-record', '{"seconds":0}', 'seconds'],
+      ['/boot-record', '{"seconds":601}', 'seconds'],
+      ['/boot-record', '{"seconds":"5"}', 'seconds'],
+      ['/flush-mode', '{"flush_mode":"sometimes"}', 'flush_mode'],
+      ['/flush-mode', '{"flush_mode":"demand","dirty_budget_gb":0}', 'dirty_budget_gb'],
+      ['/flush-mode', '{"flush_mode":"demand","dirty_budget_gb":1e12}', 'dirty_budget_gb'],
+      ['', '{"size_gb":1,"dirty_budget_gb":-1}', 'dirty_budget_gb'],
+      ['', '{"size_gb":1,"flush_mode":"never"}', 'flush_mode'],
+    ];
+    const problems: string[] = [];
+    for (const [suffix, body, field] of cases) {
+      const method = suffix === '' ? 'PUT' : 'POST';
+      const what = `${method} ${suffix || '(export)'} ${body.slice(0, 60)}`;
+      try {
+        const response = await rawRequest(method, path('bodies', suffix), body);
+        assertJsonError(response, 400, what);
+        assert.ok(response.json.error.includes(`${field}:`), `${what}: the error does not name ${field}: ${response.json.error}`);
+      } catch (err) {
+        problems.push((err as Error).message.split('\n')[0].slice(0, 300));
+      }
+    }
+    // Not JSON, or not an object: refused before any field is read.
+    for (const suffix of ['/fork', '/checkpoints', '/boot-record', '/flush-mode']) {
+      for (const body of ['{"target":', '[1]', '"text"', '42']) {
+        try {
+          assertJsonError(await rawRequest('POST', path('bodies', suffix), body), 400, `POST ${suffix} ${body}`);
+        } catch (err) {
+          problems.push((err as Error).message.split('\n')[0].slice(0, 300));
+        }
+      }
+    }
+    assert.deepEqual(problems, []);
+    const after = (await daemon.api('GET', path('bodies'))).json;
+    assert.equal(after.size, 64 * MiB);
+    assert.equal(after.flush_mode, 'demand');
+    assert.deepEqual((await daemon.api('GET', path('bodies', '/checkpoints'))).json, [], 'a refused body made a checkpoint');
+    const names = ((await daemon.api('GET', '/api/exports')).json as Array<{ name: string }>).map((e) => e.name);
+    assert.ok(!names.includes('ok-target') && !names.includes('x'), `a refused fork made a volume: ${JSON.stringify(names)}`);
+  });
+});
+
 test('the API takes volume names up to 200 characters, as NBD does: 101 to 200 (with "/" segments too) work, 201 is 400', { timeout: TEST_TIMEOUT_MS }, async () => {
   await withLog(async () => {
     const names = ['L'.repeat(101), 'M'.repeat(200), `tenant/${'v'.repeat(100)}/disk-${'d'.repeat(80)}`];

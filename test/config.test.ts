@@ -34,8 +34,11 @@ function defaultsAt(baseDir: string): Config {
         blockSize: 131072,
         blocksPerPack: 25,
         socketMode: 0o660,
+        tls: 'off',
+        tlsCert: '',
+        tlsKey: '',
       },
-      http: { address: '127.0.0.1:8080' },
+      http: { address: '127.0.0.1:8080', token: '' },
     },
     volumes: {
       sealIdleMs: 30000,
@@ -91,8 +94,8 @@ describe('template', () => {
         storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password'],
         aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
         host: ['id', 'lease_ttl_s'],
-        nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode'],
-        http: ['address'],
+        nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode', 'tls', 'tls_cert', 'tls_key'],
+        http: ['address', 'token'],
         volumes: [
           'seal_idle_ms',
           'seal_dirty_mb',
@@ -116,7 +119,7 @@ describe('template', () => {
 describe('unknown keys', () => {
   test('an unknown key is refused by its path, listing the known keys', () => {
     assert.deepEqual(problemsOf('[servers.nbd]\nblok_size = 65536\n'), [
-      'config: servers.nbd.blok_size = 65536 is not allowed: unknown key; the keys of [servers.nbd] are addresses, unix_socket, auto_create_size_gb, block_size, blocks_per_pack, socket_mode',
+      'config: servers.nbd.blok_size = 65536 is not allowed: unknown key; the keys of [servers.nbd] are addresses, unix_socket, auto_create_size_gb, block_size, blocks_per_pack, socket_mode, tls, tls_cert, tls_key',
     ]);
   });
 
@@ -242,9 +245,12 @@ describe('accepted values', () => {
 
 describe('environment variables', () => {
   test('${VAR} in a string value is replaced', () => {
-    const config = parseConfig('[cache]\ndir = "${DATA}/cache"\n[servers.http]\naddress = "${HOST}:9090"', BASE, { DATA: '/data', HOST: '0.0.0.0' });
+    const config = parseConfig('[cache]\ndir = "${DATA}/cache"\n[servers.http]\naddress = "${HOST}:9090"\ntoken = "${TOKEN}"', BASE, {
+      DATA: '/data', HOST: '0.0.0.0', TOKEN: 'a-token-of-24-characters',
+    });
     assert.equal(config.cache.dir, '/data/cache');
     assert.equal(config.servers.http.address, '0.0.0.0:9090');
+    assert.equal(config.servers.http.token, 'a-token-of-24-characters');
   });
 
   test('${VAR} in a list item is replaced', () => {
@@ -302,6 +308,52 @@ describe('paths', () => {
       assert.equal(err.message, `config: cannot read ${missing}: no such file`);
       return true;
     });
+  });
+});
+
+describe('access control', () => {
+  const TOKEN = 'x'.repeat(16);
+
+  test('a non-loopback HTTP address without a token is refused, naming servers.http.token', () => {
+    for (const address of ['0.0.0.0:8080', '10.1.2.3:8080', '[::]:8080', 'api.example.com:8080']) {
+      assert.deepEqual(problemsOf(`[servers.http]\naddress = "${address}"`), [
+        `config: servers.http.address = "${address}" is not a loopback address, so servers.http.token must be set (e.g. token = "\${UPDRAFT_API_TOKEN}"); without it anyone who reaches the port controls every volume`,
+      ]);
+    }
+  });
+
+  test('loopback addresses need no token; any address takes one', () => {
+    for (const address of ['127.0.0.1:8080', '127.9.9.9:1', '[::1]:8080', 'localhost:8080']) {
+      assert.equal(parseConfig(`[servers.http]\naddress = "${address}"`, BASE, {}).servers.http.token, '');
+    }
+    const open = parseConfig(`[servers.http]\naddress = "0.0.0.0:8080"\ntoken = "\${T}"`, BASE, { T: TOKEN });
+    assert.equal(open.servers.http.token, TOKEN);
+  });
+
+  test('a token shorter than 16 characters or with a space is refused without showing it', () => {
+    for (const token of ['short', 'has a space in it here']) {
+      assert.deepEqual(problemsOf(`[servers.http]\ntoken = "\${T}"`, { T: token }), [
+        'config: servers.http.token = (value hidden) is not allowed: "" or 16 to 4096 printable ASCII characters without spaces',
+      ]);
+    }
+  });
+
+  test('tls = "on" or "require" needs tls_cert and tls_key; a certificate needs its key', () => {
+    assert.deepEqual(problemsOf('[servers.nbd]\ntls = "require"'), [
+      'config: servers.nbd.tls = "require" needs servers.nbd.tls_cert (a PEM file)',
+      'config: servers.nbd.tls = "require" needs servers.nbd.tls_key (a PEM file)',
+    ]);
+    assert.deepEqual(problemsOf('[servers.nbd]\ntls_cert = "cert.pem"'), [
+      'config: servers.nbd.tls_cert is set but servers.nbd.tls_key is not; a certificate needs its key',
+    ]);
+    assert.deepEqual(problemsOf('[servers.nbd]\ntls = "yes"'), ['config: servers.nbd.tls = "yes" is not allowed: "off", "on" or "require"']);
+  });
+
+  test('TLS paths resolve against the config folder', () => {
+    const config = parseConfig('[servers.nbd]\ntls = "on"\ntls_cert = "tls/cert.pem"\ntls_key = "/etc/updraft/key.pem"', BASE, {});
+    assert.equal(config.servers.nbd.tls, 'on');
+    assert.equal(config.servers.nbd.tlsCert, join(BASE, 'tls/cert.pem'));
+    assert.equal(config.servers.nbd.tlsKey, '/etc/updraft/key.pem');
   });
 });
 

@@ -1,8 +1,10 @@
 // The HTTP API: health, the export inventory, create/grow/delete, drain, promotion and
-// release, flush modes, metrics. Every path and body is validated here; bad input gets
-// a 4xx with a JSON error, never a 500.
+// release, flush modes, metrics. With a token configured, every request is checked for
+// it before anything else. Every path and body is validated here; bad input gets a 4xx
+// with a JSON error, never a 500.
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import * as z from 'zod';
+import { secretMatcher } from '../crypto/secret.js';
 import type { Host } from '../host/host.js';
 import { FencedError, LeaseHeldError } from '../host/store-link.js';
 import { errorMessage, type Logger } from '../log.js';
@@ -10,6 +12,7 @@ import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { ObjectStoreError } from '../objectstore/types.js';
 import { ExistsError, MAX_BOOT_RECORD_SECONDS, MissingError } from '../store/catalog.js';
 import { FormatError } from '../store/errors.js';
+import { checkpointNameField, volumeNameField } from '../store/fields.js';
 import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
 import { Metrics } from './metrics.js';
@@ -31,13 +34,14 @@ const FlushModeBody = z.strictObject({
 
 const DeleteQuery = z.strictObject({ force: z.enum(['true', 'false']).optional() });
 
+// Names in bodies are checked by the schema, so a problem names its field.
 const ForkBody = z.strictObject({
-  target: z.string().min(1).max(200),
+  target: volumeNameField,
   mode: z.enum(['consistent', 'lazy']).default('consistent'),
-  checkpoint: z.string().min(1).max(100).optional(),
+  checkpoint: checkpointNameField.optional(),
 });
 
-const CheckpointBody = z.strictObject({ name: z.string().min(1).max(100) });
+const CheckpointBody = z.strictObject({ name: checkpointNameField });
 
 const BootRecordBody = z.strictObject({ seconds: z.number().positive().max(MAX_BOOT_RECORD_SECONDS) });
 
@@ -50,8 +54,14 @@ function summary(v: ReturnType<Host['list']>[number]) {
   };
 }
 
+/** Every problem zod found in a body, each led by the field it is about. */
 function bodyProblem(error: z.ZodError): string {
-  return `body: ${error.issues.map((i) => `${i.path.join('.') || '(body)'}: ${i.message}`).join('; ')}`;
+  const problems = error.issues.map((i) =>
+    i.code === 'unrecognized_keys'
+      ? i.keys.map((key) => `${[...i.path, key].join('.')}: not a field of this body`).join('; ')
+      : `${i.path.join('.') || '(body)'}: ${i.message}`,
+  );
+  return `body: ${problems.join('; ')}`;
 }
 
 /** The HTTP status for an error from the host: the client's fault, a conflict, or the store's. */
@@ -73,6 +83,8 @@ export interface ApiContext {
   store: MeteredObjectStore;
   /** Disconnect every NBD client of a volume; returns how many there were. */
   disconnect(volume: string): number;
+  /** The bearer token every request must carry ([servers.http] token); '' for none. */
+  token: string;
 }
 
 export async function startApi(ctx: ApiContext, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
@@ -88,6 +100,21 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     return fail(reply, status, err.message);
   });
   app.setNotFoundHandler((request, reply) => fail(reply, 404, `no route ${request.method} ${request.url}`));
+
+  if (ctx.token !== '') {
+    const matches = secretMatcher(ctx.token);
+    // onRequest runs before routing and body parsing: unknown routes and bodies get 401 too.
+    app.addHook('onRequest', async (request, reply) => {
+      const header = request.headers.authorization;
+      const presented = header === undefined ? undefined : /^Bearer ([\x21-\x7e]+)$/i.exec(header)?.[1];
+      if (presented !== undefined && matches(presented)) return;
+      // RFC 6750: no credentials is a bare challenge; wrong ones say invalid_token.
+      const why = header === undefined ? 'no Authorization header' : presented === undefined ? 'the Authorization header is not "Bearer TOKEN"' : 'the bearer token is wrong';
+      reply.header('www-authenticate', header === undefined ? 'Bearer realm="updraft"' : 'Bearer realm="updraft", error="invalid_token"');
+      log.debug('request refused: not authorized', { method: request.method, url: request.url, peer: request.ip, why });
+      return fail(reply, 401, `${why}: this API needs "Authorization: Bearer TOKEN" with [servers.http] token`);
+    });
+  }
 
   /** The volume name from the path; names with '/' arrive percent-encoded. */
   const nameOf = (raw: string): string => {
@@ -161,11 +188,7 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     const name = nameOf(request.params.name);
     const body = ForkBody.safeParse(request.body ?? {});
     if (!body.success) return fail(reply, 400, bodyProblem(body.error));
-    const target = nameOf(body.data.target);
-    if (body.data.checkpoint !== undefined) {
-      const problem = checkpointNameProblem(body.data.checkpoint);
-      if (problem) return fail(reply, 400, problem);
-    }
+    const target = body.data.target;
     if (body.data.mode === 'consistent' && body.data.checkpoint === undefined && !host.get(name)) {
       return fail(reply, 404, `no export named ${name} on this host (a lazy fork reads the store)`);
     }
@@ -176,8 +199,6 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
   action('checkpoints', async (name, raw) => {
     const body = CheckpointBody.safeParse(raw ?? {});
     if (!body.success) throw Object.assign(new Error(bodyProblem(body.error)), { statusCode: 400 });
-    const problem = checkpointNameProblem(body.data.name);
-    if (problem) throw Object.assign(new Error(problem), { statusCode: 400 });
     return host.createCheckpoint(name, body.data.name);
   });
 

@@ -31,8 +31,14 @@ export interface Config {
       blockSize: number;
       blocksPerPack: number;
       socketMode: number;
+      /** NBD_OPT_STARTTLS on TCP: 'off', 'on' (the client chooses) or 'require'. */
+      tls: 'off' | 'on' | 'require';
+      /** PEM files, absolute; '' when not set. */
+      tlsCert: string;
+      tlsKey: string;
     };
-    http: { address: string };
+    /** `token` '' means no token: then the address is a loopback one. */
+    http: { address: string; token: string };
   };
   volumes: {
     sealIdleMs: number;
@@ -121,10 +127,21 @@ block_size = 131072
 blocks_per_pack = 25
 # Permissions of the unix socket, in octal.
 socket_mode = "0660"
+# TLS for NBD over TCP (NBD_OPT_STARTTLS): "off", "on" (the client chooses) or "require"
+# (plaintext clients are refused). The unix socket offers TLS when it is on, never requires it.
+tls = "off"
+# Server certificate (PEM, with its chain) for TLS; needed unless tls = "off".
+tls_cert = ""
+# Private key (PEM) of tls_cert.
+tls_key = ""
 
 [servers.http]
 # Address of the HTTP API and Prometheus metrics, as "host:port"; "" disables HTTP.
+# Any address that is not loopback needs a token.
 address = "127.0.0.1:8080"
+# Bearer token every request must carry (Authorization: Bearer TOKEN), at least 16
+# characters; "" for none. Keep it out of the file: token = "\${UPDRAFT_API_TOKEN}".
+token = ""
 
 [volumes]
 # Seal a volume's dirty chunks after it has been idle this long, in milliseconds.
@@ -237,10 +254,16 @@ interface Setting<T extends z.ZodType> {
   allowed: string;
   /** the same for one item of a list */
   itemAllowed?: string;
+  /** a secret: problems never show its value */
+  secret?: boolean;
 }
 
 function setting<T extends z.ZodType>(schema: T, fallback: z.output<T>, allowed: string, itemAllowed?: string): Setting<T> {
   return { schema, fallback, allowed, itemAllowed };
+}
+
+function secretSetting<T extends z.ZodType>(schema: T, fallback: z.output<T>, allowed: string): Setting<T> {
+  return { schema, fallback, allowed, secret: true };
 }
 
 const CACHE = {
@@ -301,6 +324,9 @@ const NBD_SERVER = {
   ),
   blocks_per_pack: setting(z.number().int().min(1).max(1000), 25, 'an integer from 1 to 1000'),
   socket_mode: setting(z.string().regex(/^0?[0-7]{3}$/), '0660', 'permission bits as an octal string from "000" to "0777", e.g. "0660"'),
+  tls: setting(z.enum(['off', 'on', 'require']), 'off', '"off", "on" or "require"'),
+  tls_cert: setting(z.string(), '', 'a path to a PEM certificate, or ""'),
+  tls_key: setting(z.string(), '', 'a path to a PEM private key, or ""'),
 };
 
 const HTTP_SERVER = {
@@ -309,6 +335,8 @@ const HTTP_SERVER = {
     '127.0.0.1:8080',
     `"host:port" (${ADDRESS}), or "" to disable HTTP`,
   ),
+  // Printable ASCII without spaces: it travels in an HTTP header as it is.
+  token: secretSetting(z.string().regex(/^([\x21-\x7e]{16,4096})?$/), '', '"" or 16 to 4096 printable ASCII characters without spaces'),
 };
 
 const VOLUMES = {
@@ -441,7 +469,36 @@ function addIssue(problems: Problems, file: unknown, issue: z.core.$ZodIssue): v
       : 'nothing';
   const reason: unknown = issue.code === 'custom' ? issue.params?.reason : undefined;
   const detail = typeof reason === 'string' && reason !== '' ? ` (${reason})` : '';
-  problems.add(where, `config: ${where} = ${formatValue(valueAt(file, issue.path))} is not allowed: ${allowed}${detail}`);
+  const value = setting?.secret ? '(value hidden)' : formatValue(valueAt(file, issue.path));
+  problems.add(where, `config: ${where} = ${value} is not allowed: ${allowed}${detail}`);
+}
+
+/** Whether `host` (from parseHostPort) only ever reaches this machine. */
+export function isLoopbackHost(host: string): boolean {
+  if (isIPv4(host)) return host.startsWith('127.');
+  if (isIPv6(host)) return host === '::1' || /^::ffff:127\./i.test(host);
+  return host === 'localhost';
+}
+
+/** Problems that involve more than one key; the file has passed the schema. */
+function crossKeyProblems(file: ConfigFile, problems: Problems): void {
+  const { nbd, http } = file.servers;
+  if (http.address !== '' && http.token === '' && !isLoopbackHost(parseHostPort(http.address).host)) {
+    problems.add(
+      'servers.http.token',
+      `config: servers.http.address = ${formatValue(http.address)} is not a loopback address, so servers.http.token must be set ` +
+        '(e.g. token = "${UPDRAFT_API_TOKEN}"); without it anyone who reaches the port controls every volume',
+    );
+  }
+  if (nbd.tls !== 'off') {
+    for (const key of ['tls_cert', 'tls_key'] as const) {
+      if (nbd[key] === '') problems.add(`servers.nbd.${key}`, `config: servers.nbd.tls = ${formatValue(nbd.tls)} needs servers.nbd.${key} (a PEM file)`);
+    }
+  }
+  if ((nbd.tls_cert === '') !== (nbd.tls_key === '')) {
+    const [set, unset] = nbd.tls_cert === '' ? ['tls_key', 'tls_cert'] : ['tls_cert', 'tls_key'];
+    problems.add(`servers.nbd.${unset}`, `config: servers.nbd.${set} is set but servers.nbd.${unset} is not; a certificate needs its key`);
+  }
 }
 
 // ---- environment -----------------------------------------------------------------
@@ -546,8 +603,11 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
         blockSize: nbd.block_size,
         blocksPerPack: nbd.blocks_per_pack,
         socketMode: parseInt(nbd.socket_mode, 8),
+        tls: nbd.tls,
+        tlsCert: nbd.tls_cert === '' ? '' : resolve(baseDir, nbd.tls_cert),
+        tlsKey: nbd.tls_key === '' ? '' : resolve(baseDir, nbd.tls_key),
       },
-      http: { address: http.address },
+      http: { address: http.address, token: http.token },
     },
     volumes: {
       sealIdleMs: volumes.seal_idle_ms,
@@ -581,6 +641,8 @@ export function parseConfig(text: string, baseDir: string, env: NodeJS.ProcessEn
   const result = FILE_SCHEMA.safeParse(file);
   if (!result.success) {
     for (const issue of result.error.issues) addIssue(problems, file, issue);
+  } else {
+    crossKeyProblems(result.data, problems);
   }
   if (!result.success || problems.lines.length > 0) throw new ConfigError(problems.lines, source);
   return toConfig(result.data, resolve(baseDir));

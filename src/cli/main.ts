@@ -52,17 +52,23 @@ function configFor(file: string | undefined) {
   return loadConfig(file ?? (existsSync(DEFAULT_CONFIG_FILE) ? DEFAULT_CONFIG_FILE : undefined));
 }
 
-/** A request to the running daemon's HTTP API ([servers.http] address); its JSON answer. */
+/**
+ * A request to the running daemon's HTTP API ([servers.http] address, with its token);
+ * its JSON answer.
+ */
 async function callDaemon(file: string | undefined, method: string, path: string, body?: unknown): Promise<unknown> {
   const config = configFor(file);
-  const address = config.servers.http.address;
+  const { address, token } = config.servers.http;
   if (!address) throw new UsageError('[servers.http] address is empty: the daemon has no HTTP API to ask (use --offline where offered)');
   const url = `http://${address}${path}`;
+  const headers: Record<string, string> = {};
+  if (body !== undefined) headers['content-type'] = 'application/json';
+  if (token !== '') headers.authorization = `Bearer ${token}`;
   let response: Response;
   try {
     response = await fetch(url, {
       method,
-      headers: body === undefined ? {} : { 'content-type': 'application/json' },
+      headers,
       body: body === undefined ? undefined : JSON.stringify(body),
       signal: AbortSignal.timeout(10 * 60_000),
     });

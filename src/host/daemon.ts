@@ -1,5 +1,7 @@
 // `updraft run`: open the host, serve NBD and HTTP, print how to attach, and shut down
 // cleanly on SIGTERM/SIGINT (a second signal exits at once).
+import { readFileSync } from 'node:fs';
+import tls from 'node:tls';
 import type { Config } from '../cli/config.js';
 import { parseHostPort } from '../cli/config.js';
 import { startApi } from '../api/server.js';
@@ -18,6 +20,8 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   // only below poolSize / 2; the default 8 KiB pool would give each its own ArrayBuffer.
   Buffer.poolSize = 256 * 1024;
   const nbdConfig = config.servers.nbd;
+  // Before anything opens: a bad certificate is a start-up error, not a first-client one.
+  const nbdTls = loadNbdTls(nbdConfig);
   const { store, metered } = openStore(config, log.child('store'));
   let opened: OpenedStore;
   try {
@@ -62,19 +66,30 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       unixSocket: nbdConfig.unixSocket || undefined,
       socketMode: nbdConfig.socketMode,
       tcp: nbdConfig.addresses.map(parseHostPort),
+      tls: nbdTls,
     },
     log.child('nbd'),
   );
   let api: Awaited<ReturnType<typeof startApi>> | undefined;
   try {
     await nbd.listen();
-    if (config.servers.http.address) api = await startApi({ host, store: metered, disconnect: (name) => nbd.disconnect(name) }, parseHostPort(config.servers.http.address), log.child('http'));
+    if (config.servers.http.address) {
+      const context = { host, store: metered, disconnect: (name: string) => nbd.disconnect(name), token: config.servers.http.token };
+      api = await startApi(context, parseHostPort(config.servers.http.address), log.child('http'));
+    }
   } catch (err) {
     await nbd.close().catch(() => undefined);
     await host.close();
     throw err;
   }
 
+  if (nbdConfig.unixSocket && (nbdConfig.socketMode & 0o002) !== 0) {
+    log.warn('the NBD unix socket is writable by every local user: any of them can attach any volume', { socket_mode: nbdConfig.socketMode.toString(8) });
+  }
+  log.info('access control', {
+    http_token: config.servers.http.token === '' ? 'none (loopback only)' : 'required',
+    nbd_tls: nbdTls ? `${nbdTls.mode} on TCP, offered on the unix socket` : 'off',
+  });
   printAttachHelp(config, nbd.addresses(), opened.cipher.id !== 0);
 
   await new Promise<void>((resolve) => {
@@ -105,6 +120,26 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   });
 }
 
+/** The NBD TLS settings as a secure context; throws naming the setting that is wrong. */
+function loadNbdTls(nbd: Config['servers']['nbd']): { mode: 'on' | 'require'; context: tls.SecureContext } | undefined {
+  if (nbd.tls === 'off') return undefined;
+  const read = (key: string, file: string): Buffer => {
+    try {
+      return readFileSync(file);
+    } catch (err) {
+      throw new Error(`[servers.nbd] ${key} ${file}: cannot read it: ${errorMessage(err)}`);
+    }
+  };
+  const cert = read('tls_cert', nbd.tlsCert);
+  const key = read('tls_key', nbd.tlsKey);
+  try {
+    // proto.md (TLS versions): at least TLS 1.2.
+    return { mode: nbd.tls, context: tls.createSecureContext({ cert, key, minVersion: 'TLSv1.2' }) };
+  } catch (err) {
+    throw new Error(`[servers.nbd] tls_cert ${nbd.tlsCert} and tls_key ${nbd.tlsKey} are not a usable PEM certificate and key: ${errorMessage(err)}`);
+  }
+}
+
 function printAttachHelp(config: Config, addresses: string[], encrypted: boolean): void {
   const nbd = config.servers.nbd;
   const lines = [`updraft is serving volumes from ${config.cache.dir} (store: ${config.storage.url}, ${encrypted ? 'encrypted' : 'not encrypted'})`];
@@ -118,6 +153,8 @@ function printAttachHelp(config: Config, addresses: string[], encrypted: boolean
     lines.push(`  nbdinfo '${uri}'`, `  qemu-img info '${uri}'`, `  sudo nbd-client -unix ${nbd.unixSocket} /dev/nbd0 -N my-vm`);
   }
   const tcp = addresses.find((a) => !a.startsWith('/'));
-  if (tcp) lines.push(`  nbdinfo 'nbd://${tcp}/my-vm'`);
+  if (tcp && nbd.tls !== 'require') lines.push(`  nbdinfo 'nbd://${tcp}/my-vm'`);
+  // libnbd reads ca-cert.pem (the CA that signed tls_cert) from the tls-certificates folder.
+  if (tcp && nbd.tls !== 'off') lines.push(`  nbdinfo 'nbds://${tcp}/my-vm?tls-certificates=DIR_WITH_CA_CERT_PEM'`);
   process.stdout.write(lines.join('\n') + '\n');
 }

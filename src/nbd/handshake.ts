@@ -1,6 +1,7 @@
-// Fixed newstyle negotiation (proto.md: "Newstyle negotiation", "Option types").
-// Ends with an export chosen (NBD_OPT_EXPORT_NAME or NBD_OPT_GO) or the connection
-// closed. Every length is checked against our limits before anything is allocated.
+// Fixed newstyle negotiation (proto.md: "Newstyle negotiation", "Option types", "TLS
+// support"). Ends with an export chosen (NBD_OPT_EXPORT_NAME or NBD_OPT_GO) or the
+// connection closed. Every length is checked against our limits before anything is
+// allocated.
 import type { Socket } from 'node:net';
 import { VolumeError, type Volume } from '../volume/volume.js';
 import { ByteQueue } from './byte-queue.js';
@@ -21,6 +22,20 @@ export interface Negotiated {
   structured: boolean;
   /** Context id chosen for base:allocation, or 0 when not negotiated. */
   baseAllocationId: number;
+}
+
+/**
+ * How one connection treats TLS, in the spec's server modes: 'off' is NOTLS,
+ * 'on' is SELECTIVETLS with no TLS-only export (the client may upgrade), 'require' is
+ * FORCEDTLS (every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT waits for TLS).
+ */
+export interface TlsPolicy {
+  mode: 'off' | 'on' | 'require';
+  /**
+   * Upgrade the connection once the NBD_REP_ACK to NBD_OPT_STARTTLS is written;
+   * resolves with the TLS socket when the TLS handshake has succeeded.
+   */
+  startTls?: () => Promise<Socket>;
 }
 
 /** A protocol violation that ends the connection; the message goes to the log. */
@@ -46,7 +61,8 @@ class OptionReader {
 
   constructor(
     readonly queue: ByteQueue,
-    private readonly socket: Socket,
+    /** The socket options arrive on: the TLS socket once NBD_OPT_STARTTLS succeeded. */
+    public socket: Socket,
   ) {}
 
   onData(): void {
@@ -83,12 +99,16 @@ export class Handshake {
   private structured = false;
   private baseAllocationId = 0;
   private noZeroes = false;
+  /** True once NBD_OPT_STARTTLS succeeded: everything since went over TLS. */
+  private tlsActive = false;
   readonly reader: OptionReader;
 
   constructor(
-    private readonly socket: Socket,
+    /** Replaced by the TLS socket when NBD_OPT_STARTTLS succeeds. */
+    private socket: Socket,
     readonly queue: ByteQueue,
     private readonly catalog: ExportCatalog,
+    private readonly tls: TlsPolicy = { mode: 'off' },
   ) {
     this.reader = new OptionReader(queue, socket);
   }
@@ -106,6 +126,10 @@ export class Handshake {
       throw new ProtocolError(`client flags 0x${clientFlags.toString(16)} include bits this server does not know`);
     }
     this.noZeroes = (clientFlags & P.FLAG_C_NO_ZEROES) !== 0;
+    // proto.md: TLS needs fixed newstyle; without it the only way in is plaintext.
+    if (this.tls.mode === 'require' && (clientFlags & P.FLAG_C_FIXED_NEWSTYLE) === 0) {
+      throw new ProtocolError('client did not set NBD_FLAG_C_FIXED_NEWSTYLE, so it cannot negotiate the TLS this server requires');
+    }
 
     for (;;) {
       // A client that sends options without reading the replies waits until it does.
@@ -131,6 +155,12 @@ export class Handshake {
 
   /** null: keep negotiating; undefined: client aborted; otherwise the chosen export. */
   private async handleOption(option: number, data: Buffer): Promise<Negotiated | undefined | null> {
+    // FORCEDTLS: before TLS, only NBD_OPT_STARTTLS and NBD_OPT_ABORT are answered.
+    if (this.tls.mode === 'require' && !this.tlsActive && option !== P.OPT_STARTTLS && option !== P.OPT_ABORT) {
+      // NBD_OPT_EXPORT_NAME has no error reply: the spec's answer is to close.
+      if (option === P.OPT_EXPORT_NAME) throw new ProtocolError('NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a connection that requires TLS');
+      return this.error(option, P.REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+    }
     switch (option) {
       case P.OPT_EXPORT_NAME:
         return this.exportName(data);
@@ -160,10 +190,35 @@ export class Handshake {
       case P.OPT_SET_META_CONTEXT:
         return this.metaContext(option, data);
       case P.OPT_STARTTLS:
-        return this.error(option, P.REP_ERR_POLICY, 'TLS is not configured on this server');
+        return this.startTls(data);
       default:
         return this.error(option, P.REP_ERR_UNSUP, `option ${option} is not supported`);
     }
+  }
+
+  /** NBD_OPT_STARTTLS: acknowledge, then continue the negotiation over TLS. */
+  private async startTls(data: Buffer): Promise<null> {
+    const option = P.OPT_STARTTLS;
+    if (this.tlsActive) return this.error(option, P.REP_ERR_INVALID, 'TLS is already negotiated on this connection');
+    if (this.tls.mode === 'off' || !this.tls.startTls) return this.error(option, P.REP_ERR_POLICY, 'TLS is not configured on this server');
+    if (data.length !== 0) return this.error(option, P.REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+    // The client must wait for the ACK before its TLS handshake; plaintext bytes sent
+    // ahead of it cannot be told apart from TLS records.
+    if (this.queue.length !== 0) throw new ProtocolError(`client sent ${this.queue.length} bytes after NBD_OPT_STARTTLS without waiting for its reply`);
+    await new Promise<void>((resolve, reject) => {
+      this.socket.write(optionReply(option, P.REP_ACK), (err) => (err ? reject(new ProtocolError(`NBD_OPT_STARTTLS reply: ${err.message}`)) : resolve()));
+    });
+    try {
+      this.socket = await this.tls.startTls();
+    } catch (err) {
+      throw new ProtocolError(`TLS handshake failed: ${(err as Error).message}`);
+    }
+    this.reader.socket = this.socket;
+    this.tlsActive = true;
+    // proto.md: no negotiation state from before NBD_OPT_STARTTLS is kept.
+    this.structured = false;
+    this.baseAllocationId = 0;
+    return null;
   }
 
   private async exportName(data: Buffer): Promise<Negotiated> {
@@ -268,12 +323,7 @@ export class Handshake {
   }
 
   private reply(option: number, type: number, data: Buffer = Buffer.alloc(0)): void {
-    const header = Buffer.alloc(20);
-    header.writeBigUInt64BE(P.OPTION_REPLY_MAGIC, 0);
-    header.writeUInt32BE(option, 8);
-    header.writeUInt32BE(type, 12);
-    header.writeUInt32BE(data.length, 16);
-    this.socket.write(data.length ? Buffer.concat([header, data]) : header);
+    this.socket.write(optionReply(option, type, data));
   }
 
   /** Send an error reply with a human-readable message; negotiation continues. */
@@ -281,6 +331,16 @@ export class Handshake {
     this.reply(option, type, Buffer.from(message.slice(0, 1024)));
     return null;
   }
+}
+
+/** An option reply: magic, option, reply type, length, data. */
+function optionReply(option: number, type: number, data: Buffer = Buffer.alloc(0)): Buffer {
+  const header = Buffer.alloc(20);
+  header.writeBigUInt64BE(P.OPTION_REPLY_MAGIC, 0);
+  header.writeUInt32BE(option, 8);
+  header.writeUInt32BE(type, 12);
+  header.writeUInt32BE(data.length, 16);
+  return data.length ? Buffer.concat([header, data]) : header;
 }
 
 function infoString(type: number, text: string): Buffer {

@@ -1,10 +1,12 @@
-// NBD listeners (unix socket and TCP) and the life of one connection: negotiation,
-// then transmission, with the volume's client count kept in step.
+// NBD listeners (unix socket and TCP) and the life of one connection: negotiation
+// (upgraded to TLS on NBD_OPT_STARTTLS), then transmission, with the volume's client
+// count kept in step.
 import fs from 'node:fs';
 import net from 'node:net';
+import tls from 'node:tls';
 import { errorMessage, type Logger } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
-import { Handshake, ProtocolError, type ExportCatalog } from './handshake.js';
+import { Handshake, ProtocolError, type ExportCatalog, type TlsPolicy } from './handshake.js';
 import { Transmission } from './transmission.js';
 
 /** Unparsed negotiation bytes buffered before we stop reading from the client. */
@@ -15,6 +17,11 @@ export interface NbdServerOptions {
   /** Permissions of the unix socket file. */
   socketMode?: number;
   tcp?: Array<{ host: string; port: number }>;
+  /**
+   * TLS through NBD_OPT_STARTTLS. `mode` applies to TCP connections; on the unix socket,
+   * which its permissions guard, TLS is offered and never required.
+   */
+  tls?: { mode: 'on' | 'require'; context: tls.SecureContext };
   /** A client that has not finished negotiating by then is disconnected. */
   handshakeTimeoutMs?: number;
 }
@@ -39,14 +46,21 @@ export class NbdServer {
         if (await socketAnswers(unixSocket)) throw new Error(`NBD socket ${unixSocket} is in use by another process`);
         fs.unlinkSync(unixSocket); // left behind by a daemon that was killed
       }
-      await this.start({ path: unixSocket }, `unix:${unixSocket}`);
+      // Created owner-only, then opened up to socket_mode: never more open than configured.
+      const umask = process.umask(0o177);
+      try {
+        await this.start({ path: unixSocket }, `unix:${unixSocket}`, this.options.tls ? 'on' : 'off');
+      } finally {
+        process.umask(umask);
+      }
       fs.chmodSync(unixSocket, this.options.socketMode ?? 0o660);
     }
-    for (const address of tcp) await this.start({ host: address.host, port: address.port }, `tcp:${address.host}:${address.port}`);
+    const tcpMode = this.options.tls?.mode ?? 'off';
+    for (const address of tcp) await this.start({ host: address.host, port: address.port }, `tcp:${address.host}:${address.port}`, tcpMode);
   }
 
-  private start(listenOptions: net.ListenOptions, label: string): Promise<void> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket));
+  private start(listenOptions: net.ListenOptions, label: string, tlsMode: TlsPolicy['mode']): Promise<void> {
+    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket, tlsMode));
     this.servers.push(server);
     return new Promise((resolve, reject) => {
       server.once('error', (err) => reject(new Error(`NBD listen on ${label}: ${err.message}`)));
@@ -65,16 +79,20 @@ export class NbdServer {
     });
   }
 
-  private accept(socket: net.Socket): void {
+  /**
+   * One connection. `raw` is the TCP or unix socket; after NBD_OPT_STARTTLS, `socket` is
+   * the TLS socket wrapped around it. Destroying `raw` ends both.
+   */
+  private accept(raw: net.Socket, tlsMode: TlsPolicy['mode']): void {
     this.connections++;
-    this.sockets.add(socket);
-    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    this.sockets.add(raw);
+    const peer = raw.remoteAddress ? `${raw.remoteAddress}:${raw.remotePort}` : 'unix';
     const queue = new ByteQueue();
-    const handshake = new Handshake(socket, queue, this.catalog);
+    let socket = raw;
     let transmission: Transmission | undefined;
     let detach: (() => void) | undefined;
 
-    socket.on('data', (chunk) => {
+    const onData = (chunk: Buffer) => {
       queue.push(chunk);
       if (transmission) transmission.pump();
       else {
@@ -82,10 +100,31 @@ export class NbdServer {
         if (queue.length > MAX_NEGOTIATION_BACKLOG) socket.pause();
         handshake.reader.onData();
       }
-    });
-    socket.on('error', (err) => this.log.debug('connection error', { peer, error: err.message }));
-    socket.on('close', () => {
-      this.sockets.delete(socket);
+    };
+    const context = this.options.tls?.context;
+    const startTls = (): Promise<net.Socket> =>
+      new Promise((resolve, reject) => {
+        // From here on the TLS socket reads the connection; the raw one only sees it close.
+        raw.removeListener('data', onData);
+        const secure = new tls.TLSSocket(raw, { isServer: true, secureContext: context });
+        let handshaken = false;
+        secure.on('data', onData);
+        secure.once('secure', () => {
+          handshaken = true;
+          socket = secure;
+          resolve(secure);
+        });
+        secure.on('error', (err) => {
+          if (!handshaken) reject(err);
+          else this.log.debug('connection error', { peer, error: err.message });
+        });
+      });
+    const handshake = new Handshake(raw, queue, this.catalog, { mode: tlsMode, startTls: context ? startTls : undefined });
+
+    raw.on('data', onData);
+    raw.on('error', (err) => this.log.debug('connection error', { peer, error: err.message }));
+    raw.on('close', () => {
+      this.sockets.delete(raw);
       this.connections--;
       handshake.reader.fail(new ProtocolError('client disconnected during negotiation'));
       transmission?.close();
@@ -93,7 +132,7 @@ export class NbdServer {
     });
     const timer = setTimeout(() => {
       this.log.warn('closing connection: negotiation timed out', { peer });
-      socket.destroy();
+      raw.destroy();
     }, this.options.handshakeTimeoutMs ?? 30_000);
 
     handshake.run().then(
@@ -109,16 +148,16 @@ export class NbdServer {
         let attached = true;
         let sockets = this.attached.get(volume.name);
         if (!sockets) this.attached.set(volume.name, (sockets = new Set()));
-        sockets.add(socket);
+        sockets.add(raw);
         detach = () => {
           if (attached) {
             volume.clients--;
-            sockets.delete(socket);
+            sockets.delete(raw);
             if (sockets.size === 0 && this.attached.get(volume.name) === sockets) this.attached.delete(volume.name);
           }
           attached = false;
         };
-        this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured });
+        this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured, tls: socket !== raw });
         transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.());
         socket.resume();
         transmission.pump(); // requests may already be queued behind the last option
@@ -132,7 +171,7 @@ export class NbdServer {
         } else {
           this.log.error('negotiation failed unexpectedly', { peer, error: errorMessage(err) });
         }
-        socket.destroy();
+        raw.destroy();
       },
     );
   }

@@ -1,7 +1,7 @@
 // Zod schemas of the JSON fields the store formats share (lease, manifest meta), and the
 // one-line wording of a validation failure: "field generation: <what is wrong>".
 import * as z from 'zod';
-import { volumeNameProblem } from '../volume/names.js';
+import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 
 export const isoTimeField = z
   .string()
@@ -9,6 +9,11 @@ export const isoTimeField = z
 
 export const volumeNameField = z.string().superRefine((name, ctx) => {
   const problem = volumeNameProblem(name);
+  if (problem) ctx.addIssue({ code: 'custom', message: problem });
+});
+
+export const checkpointNameField = z.string().superRefine((name, ctx) => {
+  const problem = checkpointNameProblem(name);
   if (problem) ctx.addIssue({ code: 'custom', message: problem });
 });
 

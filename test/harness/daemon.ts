@@ -32,6 +32,8 @@ export interface StartDaemonOptions {
   env?: NodeJS.ProcessEnv;
   /** The daemon's JS entry point; default DAEMON_MAIN (the built `updraft` CLI). */
   main?: string;
+  /** Sent as "Authorization: Bearer TOKEN" by api() and the readiness probe ([servers.http] token). */
+  apiToken?: string;
 }
 
 export interface ApiResponse {
@@ -193,7 +195,7 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
     });
     const spawnError = new Promise<never>((_, reject) => proc.once('error', reject));
     try {
-      await Promise.race([waitHealthy(httpUrl, proc), spawnError]);
+      await Promise.race([waitHealthy(httpUrl, proc, opts.apiToken), spawnError]);
     } catch (err) {
       if (isRunning()) proc.kill('SIGKILL');
       await exited; // so the output below is complete
@@ -230,7 +232,7 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
     httpUrl,
     uri: (name) => `nbd+unix:///${encodeName(name)}?socket=${encodeURIComponent(socket)}`,
     tcpUri: (name) => `nbd://${tcp.host}:${tcp.port}/${encodeName(name)}`,
-    api: (method, urlPath, body) => apiCall(httpUrl, method, urlPath, body),
+    api: (method, urlPath, body) => apiCall(httpUrl, method, urlPath, body, opts.apiToken),
     async stop() {
       if (isRunning()) await signalAndWait('SIGTERM', STOP_GRACE_MS);
       else await exited;
@@ -264,11 +266,16 @@ function encodeName(name: string): string {
   return name.split('/').map(encodeURIComponent).join('/');
 }
 
-async function apiCall(httpUrl: string, method: string, urlPath: string, body?: unknown): Promise<ApiResponse> {
-  const init: RequestInit = { method, signal: AbortSignal.timeout(60_000) };
+/** The Authorization header for a token, or none. */
+function authorization(token: string | undefined): Record<string, string> {
+  return token === undefined ? {} : { authorization: `Bearer ${token}` };
+}
+
+async function apiCall(httpUrl: string, method: string, urlPath: string, body?: unknown, token?: string): Promise<ApiResponse> {
+  const init: RequestInit = { method, signal: AbortSignal.timeout(60_000), headers: authorization(token) };
   if (body !== undefined) {
     init.body = JSON.stringify(body);
-    init.headers = { 'content-type': 'application/json' };
+    init.headers = { ...authorization(token), 'content-type': 'application/json' };
   }
   const response = await fetch(httpUrl + urlPath, init);
   const text = await response.text();
@@ -284,7 +291,7 @@ async function apiCall(httpUrl: string, method: string, urlPath: string, body?: 
 }
 
 /** Polls GET /healthz until 200; rejects on timeout or when the process exits first. */
-async function waitHealthy(httpUrl: string, proc: ChildProcess): Promise<void> {
+async function waitHealthy(httpUrl: string, proc: ChildProcess, token: string | undefined): Promise<void> {
   const deadline = Date.now() + READY_TIMEOUT_MS;
   let lastProblem = 'no answer yet';
   while (Date.now() < deadline) {
@@ -292,7 +299,7 @@ async function waitHealthy(httpUrl: string, proc: ChildProcess): Promise<void> {
       throw new Error(`daemon exited early with ${proc.exitCode ?? proc.signalCode}`);
     }
     try {
-      const response = await fetch(`${httpUrl}/healthz`, { signal: AbortSignal.timeout(1000) });
+      const response = await fetch(`${httpUrl}/healthz`, { signal: AbortSignal.timeout(1000), headers: authorization(token) });
       await response.arrayBuffer();
       if (response.status === 200) return;
       lastProblem = `GET /healthz answered ${response.status}`;
