@@ -10,15 +10,17 @@ import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
+import type { PackRefcounts } from '../gc/refcounts.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
-import { decodeManifest, manifestKey } from '../store/manifest.js';
+import { decodeLease, leaseIsLive } from '../store/lease.js';
+import { decodeManifest, leaseKey, manifestKey } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
 import {
-  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestChunks, MissingError, readBootSet, readManifest,
-  writeBootSet, type CheckpointInfo,
+  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestChunks, MissingError, purgeVolume, readBootSet,
+  readManifest, writeBootSet, type CheckpointInfo,
 } from '../store/catalog.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { LeaseHeldError, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
@@ -48,6 +50,8 @@ export interface HostOptions {
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
   continuousManifestIntervalMs: number;
+  /** Pack refcounts (GC); undefined runs without them. */
+  refcounts?: PackRefcounts;
 }
 
 export interface VolumeSettings {
@@ -82,7 +86,7 @@ const WRITEBACK_IDLE_MS = 1000;
 const STORE_TICK_MS = 250;
 
 /** This host's lease identity: configured, or generated once and kept in the cache dir. */
-function hostIdentity(cacheDir: string, configured: string): string {
+export function hostIdentity(cacheDir: string, configured: string): string {
   if (configured !== '') return configured;
   const file = path.join(cacheDir, 'host-id');
   if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8').trim();
@@ -122,11 +126,11 @@ export class Host {
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
     this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
-    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.blocksPerPack, log.child('upload'));
+    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.blocksPerPack, log.child('upload'), options.refcounts);
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = { cache: this.cache, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher };
   }
@@ -378,7 +382,7 @@ export class Host {
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
       sequence = (await link.fork(target)).sequence;
     } else {
-      sequence = (await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint)).sequence;
+      sequence = (await lazyFork(this.options.store, source, target, this.options.manifestCompression, opts.checkpoint, this.options.refcounts)).sequence;
     }
     await this.wake(target);
     const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
@@ -433,7 +437,7 @@ export class Host {
   async deleteCheckpoint(volume: string, checkpoint: string): Promise<boolean> {
     const problem = checkpointNameProblem(checkpoint);
     if (problem) throw new VolumeError('EINVAL', problem);
-    return deleteCheckpoint(this.options.store, volume, checkpoint);
+    return deleteCheckpoint(this.options.store, volume, checkpoint, this.options.refcounts);
   }
 
   /**
@@ -543,6 +547,36 @@ export class Host {
     this.links.delete(name);
     await volume.destroy();
     this.log.info('removed volume', { volume: name });
+  }
+
+  /**
+   * Remove a volume from the store and from this host: stop serving it (no final drain:
+   * its content is being thrown away), then delete its manifest, checkpoints, lease and
+   * boot hot set and release its refcounts. Refused while another host holds its lease.
+   */
+  async purge(name: string): Promise<{ name: string; purged: true; local: boolean; checkpoints: number; packs_released: number }> {
+    this.checkOpen();
+    const problem = volumeNameProblem(name);
+    if (problem) throw new VolumeError('EINVAL', problem);
+    const key = leaseKey(name);
+    const leased = await this.options.store.get(key);
+    if (leased !== undefined) {
+      const lease = decodeLease(key, leased.body);
+      if (leaseIsLive(lease, Date.now()) && lease.owner !== this.hostId) throw new LeaseHeldError(name, lease);
+    }
+    const volume = this.volumes.get(name);
+    const link = this.links.get(name);
+    if (volume) {
+      this.volumes.delete(name);
+      this.links.delete(name);
+      // A drain or fork in flight finishes first, so no manifest write lands after the purge.
+      await link?.serial(async () => undefined);
+      await volume.destroy();
+    }
+    const { found, checkpoints, packsReleased } = await purgeVolume(this.options.store, name, this.options.refcounts);
+    if (!volume && !found) throw new MissingError(`no volume ${name} on this host or in the store ${this.options.store.description}`);
+    this.log.info('purged volume', { volume: name, local: volume !== undefined, checkpoints, packs_released: packsReleased });
+    return { name, purged: true, local: volume !== undefined, checkpoints, packs_released: packsReleased };
   }
 
   private sealTick(): void {

@@ -14,8 +14,9 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { createManifest, indexManifest, manifestChunks } from '../store/catalog.js';
-import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder } from '../store/manifest.js';
+import { packsOf, PacksGoneError, putCounted, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
+import { createObject, indexManifest, manifestChunks } from '../store/catalog.js';
+import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, type Manifest } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
@@ -50,6 +51,8 @@ export interface StoreContext {
   leaseTtlMs: number;
   /** Compression of manifest bodies. */
   manifestCompression: Compression;
+  /** Pack refcounts (GC); every manifest write goes through them when set. */
+  refcounts?: PackRefcounts;
   log: Logger;
 }
 
@@ -92,6 +95,8 @@ export class StoreLink {
   lastUploadAt = Date.now();
   lastUploadMs = 0;
   lastManifestAt = Date.now();
+  /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
+  private counted: CountedManifest | undefined;
 
   constructor(
     readonly volume: Volume,
@@ -167,7 +172,7 @@ export class StoreLink {
       return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
     });
     try {
-      const etag = await this.putManifest(encodeManifest(captured.manifest, this.ctx.manifestCompression));
+      const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
       captured.stored();
@@ -212,27 +217,43 @@ export class StoreLink {
       const uploadMs = performance.now() - started - snapshotMs;
       this.noteUpload(snapshot.sequence, uploadMs);
       const id = await identity(snapshot);
-      const builder = new ManifestBuilder({
-        format: 1, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
-        generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
-      });
-      for (const [chunk, key] of snapshot.chunks) {
-        if (key === ZERO_ALLOCATED_KEY) {
-          builder.setChunk(chunk, 'zero-allocated');
-          continue;
+      const build = (): Manifest => {
+        const builder = new ManifestBuilder({
+          format: 1, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
+          generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
+        });
+        for (const [chunk, key] of snapshot.chunks) {
+          if (key === ZERO_ALLOCATED_KEY) {
+            builder.setChunk(chunk, 'zero-allocated');
+            continue;
+          }
+          const location = this.ctx.packIndex.get(key);
+          // Invariant 2: the upload above put every block the manifest names into a pack.
+          if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
+          builder.setChunk(chunk, keyBytes(key), location);
         }
-        const location = this.ctx.packIndex.get(key);
-        // Invariant 2: the upload above put every block the manifest names into a pack.
-        if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
-        builder.setChunk(chunk, keyBytes(key), location);
-      }
-      return {
-        manifest: builder.build(), sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
+        return builder.build();
+      };
+      const captured = {
+        manifest: build(), sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
         stored: () => {
           stored = true;
         },
         release: () => snapshot.release(stored),
+        /**
+         * GC deleted these packs after the upload relied on them (the pack index still
+         * named them): forget them, upload their blocks again, build the manifest anew.
+         */
+        rebuild: async (gone: readonly string[]) => {
+          for (const pack of gone) this.ctx.packIndex.removePack(pack);
+          const again = await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
+          uploaded.packs += again.packs;
+          uploaded.blocks += again.blocks;
+          uploaded.bytes += again.bytes;
+          captured.manifest = build();
+        },
       };
+      return captured;
     } catch (err) {
       snapshot.release(false);
       throw err;
@@ -249,7 +270,8 @@ export class StoreLink {
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
       }));
       try {
-        const etag = await createManifest(this.ctx.store, manifestKey(target), captured.manifest, this.ctx.manifestCompression);
+        const key = manifestKey(target);
+        const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
         return { sequence: captured.sequence, etag };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
@@ -265,7 +287,8 @@ export class StoreLink {
         name: this.name, generation: this.state.generation, sequence: snapshot.sequence,
       }));
       try {
-        await createManifest(this.ctx.store, checkpointKey(this.name, checkpoint), captured.manifest, this.ctx.manifestCompression);
+        const key = checkpointKey(this.name, checkpoint);
+        await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
         return { checkpoint, sequence: captured.sequence };
       } finally {
         captured.release();
@@ -294,6 +317,31 @@ export class StoreLink {
     this.sequenceAtUpload = sequence;
     this.lastUploadAt = Date.now();
     this.lastUploadMs = ms;
+  }
+
+  /**
+   * Write a captured manifest at `key` with its packs counted (`own`: the volume's own
+   * manifest, whose counted packs this link remembers). When GC deleted a pack the upload
+   * relied on, its blocks go up again and the manifest is rebuilt (invariant 2).
+   */
+  private async writeCaptured(
+    captured: Awaited<ReturnType<StoreLink['capture']>>,
+    key: string,
+    put: (body: Buffer) => Promise<string>,
+    own: boolean,
+  ): Promise<string> {
+    for (let attempt = 1; ; attempt++) {
+      const body = encodeManifest(captured.manifest, this.ctx.manifestCompression);
+      try {
+        const { etag, counted } = await putCounted(this.ctx.refcounts, key, packsOf(captured.manifest.blocks), body, () => put(body), own ? this.counted : undefined);
+        if (own) this.counted = counted;
+        return etag;
+      } catch (err) {
+        if (!(err instanceof PacksGoneError) || attempt >= 3) throw err;
+        this.ctx.log.warn('packs were deleted by GC while the manifest was written; uploading their blocks again', { volume: this.name, key, packs: err.packs.length });
+        await captured.rebuild(err.packs);
+      }
+    }
   }
 
   /** Write the manifest, conditional on the last ETag this host knows (fencing). */
@@ -512,8 +560,11 @@ export class StoreLink {
       }
       manifest.meta.generation = this.state.generation;
       manifest.meta.host = this.ctx.hostId;
+      const body = encodeManifest(manifest, this.ctx.manifestCompression);
       try {
-        this.state.manifestEtag = await this.ctx.store.put(key, encodeManifest(manifest, this.ctx.manifestCompression), { ifMatch: current.etag });
+        const written = await putCounted(this.ctx.refcounts, key, packsOf(manifest.blocks), body, () => this.ctx.store.put(key, body, { ifMatch: current.etag }), this.counted);
+        this.state.manifestEtag = written.etag;
+        this.counted = written.counted;
         this.state.manifestSequence = manifest.meta.sequence;
         this.save();
         return;
