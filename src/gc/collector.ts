@@ -112,7 +112,7 @@ export class Collector {
     readonly settings: CollectorSettings,
     private readonly log: Logger,
     /** This host's pack index: a deleted pack leaves it before its object goes. */
-    private readonly packIndex?: PackIndex,
+    public packIndex?: PackIndex,
   ) {}
 
   private serial<T>(work: () => Promise<T>): Promise<T> {

@@ -298,9 +298,11 @@ export class PackRefcounts {
   /**
    * Resolve unfinished writes (all, or those of `key` / `host`) by reading their key in
    * the store: our body is there → commit; it is not and the PUT can no longer land →
-   * revert; otherwise leave it pending.
+   * revert; otherwise leave it pending. `settleMs` overrides the settle time: 0 at
+   * start-up for this host's own writes to a file:// store, which died with the process.
    */
-  async resolveIntents(filter: { key?: string; host?: string } = {}): Promise<{ committed: number; reverted: number; pending: number }> {
+  async resolveIntents(filter: { key?: string; host?: string; settleMs?: number } = {}): Promise<{ committed: number; reverted: number; pending: number }> {
+    const settleMs = filter.settleMs ?? this.settleMs;
     const rows = await this.db.tx((tx) =>
       tx.all<{ id: string; key: string; body_hash: string; created: number; added: string; dropped: string; host: string }>(
         `SELECT id, key, body_hash, host, created, added, dropped FROM gc_intents`,
@@ -318,7 +320,7 @@ export class PackRefcounts {
         });
         result.committed++;
         this.log.info('resolved an unfinished manifest write: it landed', { key: intent.key, host: intent.host });
-      } else if (this.now() - Number(intent.created) >= this.settleMs) {
+      } else if (this.now() - Number(intent.created) >= settleMs) {
         await this.db.tx(async (tx) => {
           if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
           await this.decrement(tx, words(intent.added));

@@ -47,9 +47,12 @@ function sqliteText(sql: string): string {
   return sql.replace(/\$(\d+)/g, '?$1');
 }
 
-/** Values as SQLite takes them: booleans are not bound. */
-function sqliteParams(params: readonly unknown[] | undefined): unknown[] {
-  return (params ?? []).map((p) => (typeof p === 'boolean' ? (p ? 1 : 0) : p));
+/** Values as better-sqlite3 binds ?1..?n: an object keyed by number (booleans as 0/1); none when there are none. */
+function sqliteParams(params: readonly unknown[] | undefined): [Record<number, unknown>] | [] {
+  if (params === undefined || params.length === 0) return [];
+  const bound: Record<number, unknown> = {};
+  params.forEach((p, i) => (bound[i + 1] = typeof p === 'boolean' ? (p ? 1 : 0) : p));
+  return [bound];
 }
 
 export class SqliteDatabase implements SqlDatabase {

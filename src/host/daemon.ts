@@ -8,10 +8,11 @@ import { NbdServer } from '../nbd/server.js';
 import { errorMessage, type Logger } from '../log.js';
 import { parseCompression } from '../crypto/compress.js';
 import { probeObjectStore } from '../objectstore/index.js';
+import { openGc } from '../gc/open.js';
 import { openStore } from './store-stack.js';
+import { Host, hostIdentity } from './host.js';
 
 const GB = 1024 ** 3;
-import { Host } from './host.js';
 
 export async function runDaemon(config: Config, log: Logger): Promise<void> {
   // Replies to 4 KiB reads (4 KiB + header) are carved from Node's shared allocation pool
@@ -19,8 +20,10 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   Buffer.poolSize = 256 * 1024;
   const nbdConfig = config.servers.nbd;
   const { store, metered } = openStore(config, log.child('store'));
+  let gc;
   try {
     await probeObjectStore(store);
+    gc = await openGc(config, store, hostIdentity(config.cache.dir, config.host.id), log.child('gc'));
   } catch (err) {
     await store.close().catch(() => undefined);
     throw err;
@@ -45,9 +48,13 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       dirtyBudgetBytes: Math.floor(config.volumes.dirtyBudgetGb * GB),
       continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,
       continuousManifestIntervalMs: config.volumes.continuousManifestIntervalMs,
+      refcounts: gc.refcounts,
+      scrubBlocksPerSecond: config.cache.scrubBlocksPerSecond,
     },
     log.child('host'),
   );
+  gc.collector.packIndex = host.packIndex;
+  gc.collector.start();
   const nbd = new NbdServer(
     {
       list: () => host.list().map((v) => ({ name: v.name, description: describe(v) })),
@@ -64,10 +71,18 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   let api: Awaited<ReturnType<typeof startApi>> | undefined;
   try {
     await nbd.listen();
-    if (config.servers.http.address) api = await startApi({ host, store: metered, disconnect: (name) => nbd.disconnect(name) }, parseHostPort(config.servers.http.address), log.child('http'));
+    if (config.servers.http.address) {
+      api = await startApi(
+        { host, store: metered, collector: gc.collector, disconnect: (name) => nbd.disconnect(name) },
+        parseHostPort(config.servers.http.address),
+        log.child('http'),
+      );
+    }
   } catch (err) {
     await nbd.close().catch(() => undefined);
+    await gc.collector.stop();
     await host.close();
+    await gc.close();
     throw err;
   }
 
@@ -88,7 +103,9 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
           const drained = await host.drainAll();
           log.info('drained volumes', { volumes: drained.length, failed: drained.filter((d) => d.error).length });
           await api?.close();
+          await gc.collector.stop();
           await host.close();
+          await gc.close();
           log.info('stopped cleanly');
         } catch (err) {
           log.error('shutdown failed', { error: errorMessage(err) });

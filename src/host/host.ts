@@ -52,6 +52,8 @@ export interface HostOptions {
   continuousManifestIntervalMs: number;
   /** Pack refcounts (GC); undefined runs without them. */
   refcounts?: PackRefcounts;
+  /** Background scrub of the disk cache: blocks re-hashed per second; 0 turns it off. */
+  scrubBlocksPerSecond?: number;
 }
 
 export interface VolumeSettings {
@@ -110,6 +112,7 @@ export class Host {
   private readonly ctx: VolumeContext;
   private readonly volumesRoot: string;
   private sealTimer: NodeJS.Timeout | undefined;
+  private scrubTimer: NodeJS.Timeout | undefined;
   private sealing = false;
   private readonly writingBack = new Set<Volume>();
   private closed = false;
@@ -173,6 +176,23 @@ export class Host {
     host.sealTimer.unref();
     host.storeTimer = setInterval(() => host.storeTick(), STORE_TICK_MS);
     host.storeTimer.unref();
+    const scrubRate = options.scrubBlocksPerSecond ?? 0;
+    if (scrubRate > 0) {
+      // A few blocks at a time, spread over the second: the scrub must never be felt by readers.
+      const steps = Math.min(10, scrubRate);
+      let scrubbing = false;
+      host.scrubTimer = setInterval(() => {
+        if (scrubbing || host.closed) return;
+        scrubbing = true;
+        host.cache
+          .scrubStep(Math.ceil(scrubRate / steps))
+          .catch((err) => log.error('cache scrub failed', { error: errorMessage(err) }))
+          .finally(() => {
+            scrubbing = false;
+          });
+      }, 1000 / steps);
+      host.scrubTimer.unref();
+    }
     return host;
   }
 
@@ -647,6 +667,7 @@ export class Host {
     this.closed = true;
     if (this.sealTimer) clearInterval(this.sealTimer);
     if (this.storeTimer) clearInterval(this.storeTimer);
+    if (this.scrubTimer) clearInterval(this.scrubTimer);
     await Promise.allSettled([...this.links.values()].map((link) => link.serial(async () => undefined)));
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });
