@@ -361,6 +361,22 @@ export class StoreLink {
         this.state.manifestEtag = current.etag;
         return current.etag;
       }
+      // Our own earlier write under this very lease generation, whose etag the state file
+      // did not get (the daemon died between the PUT and saving it): nobody else writes
+      // with this generation, so it is safe to write over it.
+      if (current !== undefined && this.state.generation > 0) {
+        const meta = decodeManifest(key, current.body).meta;
+        if (meta.host === this.ctx.hostId && meta.generation === this.state.generation) {
+          this.ctx.log.warn('the manifest in the store is our own unrecorded write (a crash after its PUT); writing over it', { volume: this.name, sequence: meta.sequence });
+          try {
+            const etag = await this.ctx.store.put(key, body, { ifMatch: current.etag });
+            this.state.manifestEtag = etag;
+            return etag;
+          } catch (again) {
+            if (!isPreconditionFailed(again)) throw again;
+          }
+        }
+      }
       this.fence('another host wrote its manifest');
     }
   }
