@@ -341,8 +341,9 @@ export function defineGcTests(backend: GcBackend): void {
   test(`${label}: a continuous flush that adds 2 packs touches the same few SQL rows with 1 and with 1,000 volumes registered`, { timeout: TIMEOUT }, async (t) => {
     const gc = await backend.gcToml(`rows${Date.now().toString(36)}`);
     const d = await startDaemon({
+      // Long intervals: the flush comes once the writes stop for a second, one per batch of 50 chunks.
       toml: baseToml({ ...gc, interval: '1h' }, {
-        volumes: { seal_idle_ms: 200, flush_mode: 'continuous', continuous_block_interval_ms: 200, continuous_manifest_interval_ms: 500 },
+        volumes: { seal_idle_ms: 200, flush_mode: 'continuous', continuous_block_interval_ms: 60_000, continuous_manifest_interval_ms: 60_000 },
       }),
     });
     try {
