@@ -14,6 +14,9 @@
 #               1 GiB (unsealed, and sealed beforehand), store requests per GiB, cold
 #               sequential read of a woken volume with 20 ms injected store latency, with
 #               and without read-ahead (needs the binary scripts/setup-minio.sh builds).
+#   5. gc       scripts/bench/gc.mjs: reconciliation time per 1,000 manifests (file:// and
+#               MinIO), deletion throughput, refcount update latency on SQLite and
+#               PostgreSQL (needs MinIO and Debian's postgresql package).
 # Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
@@ -21,7 +24,8 @@
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush,store)              BENCH_JSON        results file
+#   BENCH_PARTS (compare,memory,flush,store,gc)           BENCH_JSON        results file
+#   BENCH_GC_MANIFESTS (1000)  BENCH_GC_PACKS (500)
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_MEM_VOLUMES (100)  BENCH_MEM_WRITE (64M)  BENCH_MEM_PARALLEL (4)  BENCH_FLUSH_SIZE (1G)
 # Results: a table at the end, and JSON in BENCH_JSON (default bench-results.json in the
@@ -36,7 +40,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush,store}
+PARTS=${BENCH_PARTS:-compare,memory,flush,store,gc}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -277,6 +281,13 @@ if has_part store; then
   say "store: drain to MinIO and cold sequential reads with injected latency"
   run_child "$SCRATCH/store.lines" node "$HERE/store.mjs" || die "store bench failed"
   cat "$SCRATCH/store.lines" >> "$LINES"
+fi
+
+# ---- 5. gc: reconciliation, deletion, refcount updates -------------------------------
+if has_part gc; then
+  say "gc: reconciliation per 1,000 manifests, deletion throughput, refcount update latency"
+  run_child "$SCRATCH/gc.lines" node "$HERE/gc.mjs" || die "gc bench failed"
+  cat "$SCRATCH/gc.lines" >> "$LINES"
 fi
 
 record run elapsed_s $(($(date +%s) - STARTED_AT))
