@@ -184,14 +184,20 @@ export class Collector {
     result.intents_reverted = resolved.reverted;
     this.counters.intentsCommitted += resolved.committed;
     this.counters.intentsReverted += resolved.reverted;
-    const why = (await this.claim()) ?? ((await this.refcounts.meta('reconciled_at')) === undefined ? 'the database has not been reconciled with the store yet' : undefined);
-    if (why !== undefined) {
+    const cutoff = this.refcounts.now() - this.settings.gracePeriodMs;
+    // Nothing to delete: no claim either (a daemon that never stores a volume makes no PUT, invariant 5).
+    const idle = !(await this.refcounts.anyDeletable(cutoff));
+    const why = idle
+      ? undefined
+      : ((await this.claim()) ?? ((await this.refcounts.meta('reconciled_at')) === undefined ? 'the database has not been reconciled with the store yet' : undefined));
+    if (idle) {
+      this.warnedClaim = '';
+    } else if (why !== undefined) {
       if (this.warnedClaim !== why) this.log.warn('gc: not deleting', { why });
       this.warnedClaim = why;
       result.skipped = why;
     } else {
       this.warnedClaim = '';
-      const cutoff = this.refcounts.now() - this.settings.gracePeriodMs;
       if (dryRun) {
         result.deleted = await this.refcounts.deletable(cutoff, this.settings.maxDeletionsPerCycle);
         for (const id of result.deleted) this.log.info('gc dry run: would delete pack', { pack: packKey(id) });

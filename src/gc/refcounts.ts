@@ -368,6 +368,14 @@ export class PackRefcounts {
 
   // ---- deletion ---------------------------------------------------------------------
 
+  /** Whether a cycle with `cutoff` has anything to delete (or to finish deleting). */
+  async anyDeletable(cutoff: number): Promise<boolean> {
+    const rows = await this.db.tx((tx) =>
+      tx.all(`SELECT id FROM gc_packs WHERE state = 'deleting' OR (state = 'live' AND refs = 0 AND zero_since <= $1) LIMIT 1`, [cutoff]),
+    );
+    return rows.length > 0;
+  }
+
   /** Packs at refcount 0 since `cutoff` or earlier, oldest first (what a cycle would delete). */
   async deletable(cutoff: number, limit: number): Promise<string[]> {
     const rows = await this.db.tx((tx) =>
