@@ -324,14 +324,20 @@ export class Collector {
   /**
    * Run on a timer: a deletion cycle every `intervalMs` (the first soon after start),
    * reconciliation first when the last one (by any host sharing the database) is older
-   * than `reconcileIntervalMs` or there never was one.
+   * than `reconcileIntervalMs`, or there never was one and a pack is waiting for deletion.
    */
   start(): void {
     const tick = async () => {
       if (this.stopped) return;
       try {
         const last = await this.refcounts.meta('reconciled_at');
-        if (last === undefined || this.refcounts.now() - Number(last) >= this.settings.reconcileIntervalMs) {
+        const now = this.refcounts.now();
+        // The first reconciliation waits until there is something to delete: a host that
+        // only reads volumes never lists or reads the store's manifests for GC.
+        const due = last === undefined
+          ? await this.refcounts.anyDeletable(now - this.settings.gracePeriodMs)
+          : now - Number(last) >= this.settings.reconcileIntervalMs;
+        if (due) {
           // One host of a shared database wins the turn; the others just run their cycle.
           const next = String(this.refcounts.now());
           if (last === undefined || (await this.refcounts.setMeta('reconciled_at', last, next))) await this.reconcile();

@@ -348,7 +348,7 @@ export function defineGcTests(backend: GcBackend): void {
     });
     try {
       await withLogs([d], async () => {
-        await waitFor('the first reconciliation', async () => (await metric(d, 'updraft_gc_reconciliations_total')) >= 1);
+        await waitFor('the first GC cycle', async () => (await metric(d, 'updraft_gc_cycles_total')) >= 1);
         await api(d, 'PUT', '/api/exports/hot', { size_gb: 16 / 1024 }, 201);
         const c = await connect(d, 'hot');
         let next = 0;
