@@ -90,3 +90,48 @@ test('bad GC config: a bad grace period and a bad database_url fail start-up nam
     await removeDir(dir);
   }
 });
+
+test('updraft gc and updraft delete ask the running daemon, and work on the database directly when no daemon runs', { timeout: 120_000 }, async () => {
+  const d = await startDaemon({ toml: { host: { id: 'cli-host' }, volumes: { seal_idle_ms: 200 }, gc: { grace_period: '0s', interval: '1h' } } });
+  try {
+    await withLogs([d], async () => {
+      const cli = async (...args: string[]) => {
+        const r = await run(process.execPath, [DAEMON_MAIN, ...args, '-c', d.configPath], { timeoutMs: 60_000 });
+        assert.equal(r.code, 0, `updraft ${args.join(' ')}: ${r.stderr}`);
+        return JSON.parse(r.stdout);
+      };
+      for (const name of ['keep', 'doomed']) {
+        assert.equal((await d.api('PUT', `/api/exports/${name}`, { size_gb: 4 / 1024 })).status, 201);
+        const c = await connect(d, name);
+        await c.write(0, randomBytes(MiB));
+        await c.disconnect();
+        assert.equal((await d.api('POST', `/api/exports/${name}/drain`)).status, 200);
+      }
+      const keep = await readAll(await connect(d, 'keep'), 0, MiB);
+      // The daemon's own first cycle (1 s after start) has run: from here only the commands delete.
+      await waitFor('the first GC cycle', async () => (await metric(d, 'updraft_gc_cycles_total')) >= 1);
+      const purged = await cli('delete', 'doomed');
+      assert.equal(purged.purged, true);
+      assert.ok(purged.packs_released > 0, JSON.stringify(purged));
+      assert.equal((await d.api('GET', '/api/exports/doomed')).status, 404);
+      const dry = await cli('gc', '--reconcile', '--dry-run');
+      assert.equal(dry.reconcile.manifests, 1, JSON.stringify(dry));
+      assert.ok(dry.cycle.dry_run && dry.cycle.deleted.length > 0, JSON.stringify(dry));
+      assert.equal(await metric(d, 'updraft_gc_reconciliations_total'), 1, 'the command did not go through the daemon');
+      assert.equal((await storeAudit(path.join(d.dir, 'store'))).dead.length, dry.cycle.deleted.length, 'a dry run deleted something');
+      await d.stop();
+      // No daemon: the command opens the embedded database itself.
+      const offline = await cli('gc', '--reconcile');
+      assert.equal(offline.reconcile.manifests, 1);
+      assert.equal(offline.cycle.deleted.length, dry.cycle.deleted.length);
+      const audit = await storeAudit(path.join(d.dir, 'store'));
+      assert.deepEqual(audit.dead, []);
+      await d.restart();
+      const c = await connect(d, 'keep');
+      assert.ok((await readAll(c, 0, MiB)).equals(keep));
+      await c.disconnect();
+    });
+  } finally {
+    await d.cleanup();
+  }
+});

@@ -136,7 +136,7 @@ async function withGc<T>(
   return withStore(file, async (ctx) => {
     const [{ openGc }, { hostIdentity }] = await Promise.all([import('../gc/open.js'), import('../host/host.js')]);
     const log = createLogger('updraft', (process.env.UPDRAFT_LOG_LEVEL as 'warn' | undefined) ?? 'warn');
-    const gc = await openGc(ctx.config, ctx.store, hostIdentity(ctx.config.cache.dir, ctx.config.host.id), log.child('gc'));
+    const gc = await openGc(ctx.config, ctx.store, hostIdentity(ctx.config.cache.dir, ctx.config.host.id), log.child('gc'), { daemon: false });
     try {
       return await work(ctx, gc);
     } finally {

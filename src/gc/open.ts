@@ -24,19 +24,24 @@ export interface Gc {
 }
 
 /**
- * Open the refcount database named by `[gc] database_url` (creating the schema), and
- * resolve this host's own unfinished manifest writes (a crash left them): those that
- * landed are committed, the rest reverted (at once on file://: the process that wrote
- * them is gone; on s3:// once a PUT can no longer land).
+ * Open the refcount database named by `[gc] database_url` (creating the schema). The
+ * daemon (`daemon: true`) then resolves its own unfinished manifest writes (a crash left
+ * them): those that landed are committed, the rest reverted (at once on file://: the
+ * process that wrote them is gone; on s3:// once a PUT can no longer land). A command
+ * records its writes under its own id (host/cli-PID), so a daemon starting meanwhile
+ * never takes them for its own dead ones.
  */
-export async function openGc(config: Config, store: ObjectStore, hostId: string, log: Logger, packIndex?: PackIndex): Promise<Gc> {
+export async function openGc(config: Config, store: ObjectStore, hostId: string, log: Logger, opts: { daemon: boolean; packIndex?: PackIndex }): Promise<Gc> {
   const db = openGcDatabase(config.gc.databaseUrl, config.cache.dir, log);
   try {
     const settleMs = settleMsOf(config.storage.url);
-    const refcounts = await PackRefcounts.open(db, { hostId, store, settleMs, log });
-    const resolved = await refcounts.resolveIntents({ host: hostId, settleMs: config.storage.url.startsWith('file:') ? 0 : settleMs });
-    if (resolved.committed + resolved.reverted + resolved.pending > 0) log.info('resolved unfinished manifest writes of this host', { ...resolved });
-    const collector = new Collector(refcounts, store, config.gc, log, packIndex);
+    const writer = opts.daemon ? hostId : `${hostId}/cli-${process.pid}`;
+    const refcounts = await PackRefcounts.open(db, { hostId: writer, store, settleMs, log });
+    if (opts.daemon) {
+      const resolved = await refcounts.resolveIntents({ host: hostId, settleMs: config.storage.url.startsWith('file:') ? 0 : settleMs });
+      if (resolved.committed + resolved.reverted + resolved.pending > 0) log.info('resolved unfinished manifest writes of this host', { ...resolved });
+    }
+    const collector = new Collector(refcounts, store, config.gc, log, opts.packIndex);
     return {
       refcounts,
       collector,

@@ -23,7 +23,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   let gc;
   try {
     await probeObjectStore(store);
-    gc = await openGc(config, store, hostIdentity(config.cache.dir, config.host.id), log.child('gc'));
+    gc = await openGc(config, store, hostIdentity(config.cache.dir, config.host.id), log.child('gc'), { daemon: true });
   } catch (err) {
     await store.close().catch(() => undefined);
     throw err;
