@@ -20,6 +20,9 @@
 #               `updraft bless --boot-record` (needs qemu-system-x86, linux-image-amd64,
 #               busybox-static; skipped without them).
 #               BENCH_STORE_ENCRYPTED=1 runs it on an encrypted store (encryption on vs off).
+#   6. gc       scripts/bench/gc.mjs: reconciliation time per 1,000 manifests (file:// and
+#               MinIO), deletion throughput, refcount update latency on SQLite and
+#               PostgreSQL (needs MinIO and Debian's postgresql package).
 # Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
@@ -27,7 +30,8 @@
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush,store,vm)  BENCH_VM_ROUNDS (2)              BENCH_JSON        results file
+#   BENCH_PARTS (compare,memory,flush,store,vm,gc)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
+#   BENCH_GC_MANIFESTS (1000)  BENCH_GC_PACKS (500)
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_STORE_ENCRYPTED (0)  BENCH_STORE_PARTS (drain,migrate,cold,fork)
 #   BENCH_MEM_VOLUMES (100)  BENCH_MEM_WRITE (64M)  BENCH_MEM_PARALLEL (4)  BENCH_FLUSH_SIZE (1G)
@@ -43,7 +47,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush,store,vm}
+PARTS=${BENCH_PARTS:-compare,memory,flush,store,vm,gc}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -290,6 +294,13 @@ if has_part vm; then
   say "vm: boot time of the test VM from a fork on a cold host, without and with the boot hot set"
   run_child "$SCRATCH/vm.lines" node "$HERE/vm.mjs" || die "vm bench failed"
   cat "$SCRATCH/vm.lines" >> "$LINES"
+fi
+
+# ---- 6. gc: reconciliation, deletion, refcount updates -------------------------------
+if has_part gc; then
+  say "gc: reconciliation per 1,000 manifests, deletion throughput, refcount update latency"
+  run_child "$SCRATCH/gc.lines" node "$HERE/gc.mjs" || die "gc bench failed"
+  cat "$SCRATCH/gc.lines" >> "$LINES"
 fi
 
 # ---- results ----------------------------------------------------------------------

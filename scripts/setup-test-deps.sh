@@ -44,12 +44,14 @@ missing_packages() {
   # The VM boot test: a static busybox for the guest's root filesystem, a kernel and initrd.
   if ! dpkg -s busybox-static >/dev/null 2>&1; then printf '%s\n' busybox-static; fi
   if ! compgen -G '/boot/vmlinuz-*' >/dev/null; then printf '%s\n' linux-image-amd64; fi
+  # The GC tests on PostgreSQL: the server binaries (not on PATH; the tests find them there).
+  if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then printf '%s\n' postgresql; fi
 }
 
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64)"
+  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64 postgresql)"
   exit 0
 fi
 

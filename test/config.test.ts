@@ -22,7 +22,7 @@ function problemsOf(text: string, env: NodeJS.ProcessEnv = {}): readonly string[
 
 function defaultsAt(baseDir: string): Config {
   return {
-    cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1 },
+    cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1, scrubBlocksPerSecond: 20 },
     storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4', readAheadPacks: 8, encryptionPassword: '' },
     aws: { accessKeyId: '', secretAccessKey: '', endpoint: '', defaultRegion: 'us-east-1', allowHttp: false, forcePathStyle: false },
     host: { id: '', leaseTtlS: 30 },
@@ -47,6 +47,14 @@ function defaultsAt(baseDir: string): Config {
       dirtyBudgetGb: 5,
       continuousBlockIntervalMs: 5000,
       continuousManifestIntervalMs: 60000,
+    },
+    gc: {
+      databaseUrl: '',
+      gracePeriodMs: 24 * 3600 * 1000,
+      intervalMs: 600_000,
+      reconcileIntervalMs: 30 * 24 * 3600 * 1000,
+      maxDeletionsPerCycle: 1000,
+      dryRun: false,
     },
     baseDir,
   };
@@ -88,9 +96,10 @@ describe('template', () => {
         nbd: Object.keys(servers.nbd),
         http: Object.keys(servers.http),
         volumes: Object.keys(template.volumes),
+        gc: Object.keys(template.gc),
       },
       {
-        cache: ['dir', 'disk_size_gb', 'memory_size_gb'],
+        cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second'],
         storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password'],
         aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
         host: ['id', 'lease_ttl_s'],
@@ -104,6 +113,7 @@ describe('template', () => {
           'continuous_block_interval_ms',
           'continuous_manifest_interval_ms',
         ],
+        gc: ['database_url', 'grace_period', 'interval', 'reconcile_interval', 'max_deletions_per_cycle', 'dry_run'],
       },
     );
   });
@@ -125,7 +135,7 @@ describe('unknown keys', () => {
 
   test('an unknown section is refused by its name', () => {
     assert.deepEqual(problemsOf('[cach]\ndir = "x"\n'), [
-      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, host, servers, volumes',
+      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, host, servers, volumes, gc',
     ]);
   });
 
@@ -152,6 +162,11 @@ describe('bad values name the key, the value and what is allowed', () => {
     ['[servers.nbd]\nblocks_per_pack = 2.5', 'config: servers.nbd.blocks_per_pack = 2.5 is not allowed: an integer from 1 to 1000'],
     ['[servers.nbd]\nsocket_mode = "0999"', 'config: servers.nbd.socket_mode = "0999" is not allowed: permission bits as an octal string from "000" to "0777", e.g. "0660"'],
     ['[servers.nbd]\nauto_create_size_gb = "10"', 'config: servers.nbd.auto_create_size_gb = "10" is not allowed: a number of GB, 0 or more; 0 disables auto-create'],
+    ['[gc]\ngrace_period = "1 day"', 'config: gc.grace_period = "1 day" is not allowed: a duration: a number with a unit (ms, s, m, h, d) such as "24h", "90s", "1h30m" or "0s" (expected a number with a unit (ms, s, m, h, d), e.g. "24h", "90s", "1h30m", "0s")'],
+    ['[gc]\ngrace_period = "24"', 'config: gc.grace_period = "24" is not allowed: a duration: a number with a unit (ms, s, m, h, d) such as "24h", "90s", "1h30m" or "0s" (expected a number with a unit (ms, s, m, h, d), e.g. "24h", "90s", "1h30m", "0s")'],
+    ['[gc]\ninterval = "0s"', 'config: gc.interval = "0s" is not allowed: a duration: a number with a unit (ms, s, m, h, d) such as "24h", "90s", "1h30m" or "0s", at least 1s (shorter than 1s)'],
+    ['[gc]\ndatabase_url = "mysql://db/x"', 'config: gc.database_url = "mysql://db/x" is not allowed: "" (the embedded SQLite database in the cache folder) or "postgres://user:password@host:5432/database" (the scheme must be postgres:// or postgresql://)'],
+    ['[gc]\ndatabase_url = "postgres://"', 'config: gc.database_url = "postgres://" is not allowed: "" (the embedded SQLite database in the cache folder) or "postgres://user:password@host:5432/database" (no host (postgres://user:password@host:5432/database))'],
     ['[volumes]\nseal_idle_ms = -1', 'config: volumes.seal_idle_ms = -1 is not allowed: an integer number of milliseconds, 0 or more'],
     ['[volumes]\nseal_dirty_mb = 0', 'config: volumes.seal_dirty_mb = 0 is not allowed: a number of MB greater than 0'],
     ['servers = 3', 'config: servers = 3 is not allowed: a table ([servers])'],

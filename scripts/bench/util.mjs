@@ -157,7 +157,7 @@ switch (cmd) {
       (result[section] ??= {})[key] = value(rest.join(' '));
     }
     if (compareFile && fs.existsSync(compareFile)) result.compare = JSON.parse(fs.readFileSync(compareFile, 'utf8'));
-    const order = ['config', 'compare', 'memory', 'flush', 'store', 'run'];
+    const order = ['config', 'compare', 'memory', 'flush', 'store', 'gc', 'run'];
     const sorted = Object.fromEntries([...order.filter((k) => k in result), ...Object.keys(result).filter((k) => !order.includes(k))].map((k) => [k, result[k]]));
     fs.writeFileSync(outFile, JSON.stringify(sorted, null, 2) + '\n');
     break;
@@ -231,6 +231,14 @@ switch (cmd) {
       for (const mib of String(st.fork_sizes_mib).split('/')) {
         lines.push(`  ${String(mib).padStart(5)} MiB written: consistent ${fmt(st[`fork_consistent_${mib}mib_ms`]).padStart(5)} ms, lazy ${fmt(st[`fork_lazy_${mib}mib_ms`]).padStart(5)} ms, wake to first byte ${fmt(st[`wake_first_byte_${mib}mib_ms`]).padStart(5)} ms`);
       }
+    }
+    const g = r.gc;
+    if (g) {
+      lines.push('', 'gc: reconciliation per 1,000 manifests (empty refcount database / steady state), deletion, refcount updates');
+      lines.push(`  reconcile, file://  ${fmt(g.reconcile_file_empty_db_ms_per_1000).padStart(7)} ms / ${fmt(g.reconcile_file_steady_ms_per_1000).padStart(7)} ms`);
+      lines.push(`  reconcile, MinIO    ${fmt(g.reconcile_minio_empty_db_ms_per_1000).padStart(7)} ms / ${fmt(g.reconcile_minio_steady_ms_per_1000).padStart(7)} ms`);
+      lines.push(`  delete              ${fmt(g.delete_file_packs_per_s).padStart(7)} packs/s file://, ${fmt(g.delete_minio_packs_per_s)} packs/s MinIO`);
+      lines.push(`  refcount update     SQLite median ${g.refcount_sqlite_median_ms} ms (p99 ${g.refcount_sqlite_p99_ms}), PostgreSQL median ${g.refcount_postgres_median_ms} ms (p99 ${g.refcount_postgres_p99_ms})`);
     }
     if (r.run?.elapsed_s !== undefined) lines.push('', `total bench time ${r.run.elapsed_s}s; load average before ${r.run.loadavg_start ?? '-'}, after ${r.run.loadavg_end ?? '-'} (${r.config?.cpus} CPUs)`);
     out(lines.join('\n'));

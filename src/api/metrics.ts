@@ -2,6 +2,7 @@
 // counters and latency histograms are kept as plain numbers on the hot path
 // (volume/stats.ts) and rendered here in the text exposition format when scraped.
 import client from 'prom-client';
+import type { Collector } from '../gc/collector.js';
 import type { Host } from '../host/host.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { LATENCY_BUCKETS, OP_KINDS } from '../volume/stats.js';
@@ -12,6 +13,7 @@ export class Metrics {
   constructor(
     private readonly host: Host,
     store: MeteredObjectStore,
+    collector?: Collector,
   ) {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'updraft_' });
     const cache = host.cache;
@@ -58,6 +60,24 @@ export class Metrics {
     counter('updraft_store_hotset_packs_total', 'Pack fetches started from a boot hot set', [], () => [[{}, fetched.hotsetPacks]]);
     counter('updraft_store_verify_failures_total', 'Packs that failed hash verification when fetched', [], () => [[{}, fetched.verifyFailures]]);
     gauge('updraft_pack_index_blocks', 'Blocks the host pack index knows a pack for', () => host.packIndex.size);
+    counter('updraft_cache_scrubbed_blocks_total', 'Cached blocks re-hashed by the background scrub', [], () => [[{}, cache.counters.blocksScrubbed]]);
+    counter('updraft_cache_scrub_evictions_total', 'Cached blocks the scrub found corrupt and evicted', [], () => [[{}, cache.counters.scrubEvictions]]);
+    counter('updraft_cache_scrub_corrupt_pinned_total', 'Corrupt blocks the scrub found that only this host holds', [], () => [[{}, cache.counters.scrubCorruptPinned]]);
+    if (collector) {
+      const gc = collector.counters;
+      counter('updraft_gc_cycles_total', 'GC deletion cycles run', [], () => [[{}, gc.cycles]]);
+      counter('updraft_gc_packs_deleted_total', 'Packs GC deleted from the store', [], () => [[{}, gc.packsDeleted]]);
+      counter('updraft_gc_delete_failures_total', 'Pack deletions that failed (retried next cycle)', [], () => [[{}, gc.deleteFailures]]);
+      counter('updraft_gc_reconciliations_total', 'Reconciliations of refcounts with the store', [], () => [[{}, gc.reconciliations]]);
+      counter('updraft_gc_refcount_corrections_total', 'Pack refcounts reconciliation corrected', [], () => [[{}, gc.refcountCorrections]]);
+      counter('updraft_gc_manifest_corrections_total', 'Manifests whose counted packs reconciliation corrected', [], () => [[{}, gc.manifestCorrections]]);
+      counter('updraft_gc_packs_adopted_total', 'Packs in the store reconciliation found without a refcount row', [], () => [[{}, gc.packsAdopted]]);
+      counter('updraft_gc_intents_resolved_total', 'Unfinished manifest writes resolved, by outcome', ['outcome'], () => [
+        [{ outcome: 'committed' }, gc.intentsCommitted],
+        [{ outcome: 'reverted' }, gc.intentsReverted],
+      ]);
+      counter('updraft_gc_sql_rows_written_total', 'Rows changed in the refcount database by this process', [], () => [[{}, collector.refcounts.db.rowsWritten]]);
+    }
   }
 
   async text(): Promise<string> {

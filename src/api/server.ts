@@ -5,6 +5,9 @@
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import * as z from 'zod';
 import { secretMatcher } from '../crypto/secret.js';
+import type { Collector } from '../gc/collector.js';
+import { PacksGoneError, WritePendingError } from '../gc/refcounts.js';
+import { GcDatabaseError } from '../gc/sql.js';
 import type { Host } from '../host/host.js';
 import { FencedError, LeaseHeldError } from '../host/store-link.js';
 import { errorMessage, type Logger } from '../log.js';
@@ -32,7 +35,9 @@ const FlushModeBody = z.strictObject({
   dirty_budget_gb: z.number().positive().max(1024 * 1024).optional(),
 });
 
-const DeleteQuery = z.strictObject({ force: z.enum(['true', 'false']).optional() });
+const DeleteQuery = z.strictObject({ force: z.enum(['true', 'false']).optional(), purge: z.enum(['true', 'false']).optional() });
+
+const GcBody = z.strictObject({ reconcile: z.boolean().default(false), dry_run: z.boolean().optional() });
 
 // Names in bodies are checked by the schema, so a problem names its field.
 const ForkBody = z.strictObject({
@@ -67,7 +72,10 @@ function bodyProblem(error: z.ZodError): string {
 /** The HTTP status for an error from the host: the client's fault, a conflict, or the store's. */
 function statusOf(err: unknown): number | undefined {
   if (err instanceof VolumeError) return err.code === 'ESHUTDOWN' ? 503 : err.code === 'EPERM' ? 409 : 400;
-  if (err instanceof LeaseHeldError || err instanceof FencedError || err instanceof ExistsError) return 409;
+  if (err instanceof LeaseHeldError || err instanceof FencedError || err instanceof ExistsError || err instanceof WritePendingError) return 409;
+  if (err instanceof GcDatabaseError) return 503;
+  // A pack a manifest to be copied names is gone: the source is damaged (see `updraft scrub`).
+  if (err instanceof PacksGoneError) return 502;
   if (err instanceof MissingError) return 404;
   if (err instanceof FormatError) return 502;
   if (err instanceof ObjectStoreError) return err.code === 'PreconditionFailed' ? 409 : err.code === 'Invalid' ? 400 : 503;
@@ -81,6 +89,8 @@ function fail(reply: FastifyReply, status: number, message: string) {
 export interface ApiContext {
   host: Host;
   store: MeteredObjectStore;
+  /** The GC deletion worker and reconciliation; undefined when GC is off. */
+  collector?: Collector;
   /** Disconnect every NBD client of a volume; returns how many there were. */
   disconnect(volume: string): number;
   /** The bearer token every request must carry ([servers.http] token); '' for none. */
@@ -91,7 +101,7 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
   const { host, store } = ctx;
   // A 200-character name with '/' percent-encoded is up to ~600 characters in a path.
   const app = Fastify({ logger: false, bodyLimit: 64 * 1024, routerOptions: { maxParamLength: 1024 } });
-  const metrics = new Metrics(host, store);
+  const metrics = new Metrics(host, store, ctx.collector);
 
   app.setErrorHandler((err: { statusCode?: number; message: string }, _request, reply) => {
     const mapped = statusOf(err);
@@ -162,14 +172,26 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     const query = DeleteQuery.safeParse(request.query ?? {});
     if (!query.success) return fail(reply, 400, `query: ${query.error.issues.map((i) => `${i.path.join('.') || '(query)'}: ${i.message}`).join('; ')}`);
     const volume = host.get(name);
-    if (!volume) return fail(reply, 404, `no export named ${name}`);
+    const purge = query.data.purge === 'true';
+    // A purge also removes a volume that is only in the store.
+    if (!volume && !purge) return fail(reply, 404, `no export named ${name}`);
     const force = query.data.force === 'true';
-    if (volume.clients > 0 && !force) {
+    if (volume && volume.clients > 0 && !force) {
       return fail(reply, 409, `export ${name} has ${volume.clients} client(s) attached; detach them or add ?force=true`);
     }
     const disconnected = force ? ctx.disconnect(name) : 0;
+    if (purge) return { ...(await host.purge(name)), deleted: true, disconnected };
     await host.remove(name);
     return { name, deleted: true, disconnected };
+  });
+
+  app.post('/api/gc', async (request, reply) => {
+    const body = GcBody.safeParse(request.body ?? {});
+    if (!body.success) return fail(reply, 400, bodyProblem(body.error));
+    if (!ctx.collector) return fail(reply, 409, 'GC is off on this daemon');
+    const dryRun = body.data.dry_run;
+    if (body.data.reconcile) return ctx.collector.reconcile({ dryRun });
+    return { cycle: await ctx.collector.cycle({ dryRun }) };
   });
 
   /** POST /api/exports/:name/ACTION for an export that must exist here. */

@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { S3Fifo } from './s3fifo.js';
-import { HASH_BYTES } from '../crypto/hash.js';
+import { blockHash, HASH_BYTES } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 
 const fdatasync = promisify(fs.fdatasync);
@@ -67,6 +67,12 @@ export interface CacheCounters {
   diskEvictions: number;
   blocksWritten: number;
   dedupHits: number;
+  /** Blocks re-hashed by the background scrub. */
+  blocksScrubbed: number;
+  /** Blocks the scrub found corrupt and evicted (the store holds them; they are fetched again). */
+  scrubEvictions: number;
+  /** Corrupt blocks the scrub found that only this host holds (pinned): they cannot be repaired. */
+  scrubCorruptPinned: number;
 }
 
 interface Slot {
@@ -110,7 +116,10 @@ export class BlockCache {
   readonly space: LocalSpace;
   readonly counters: CacheCounters = {
     memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
+    blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0,
   };
+  /** Where the background scrub is in the slot map; restarted when it runs out. */
+  private scrubCursor: Iterator<BlockKey> | undefined;
   private readonly slots = new Map<BlockKey, Slot>();
   private readonly freeSlots: number[] = [];
   private highWater = 0;
@@ -407,6 +416,49 @@ export class BlockCache {
     }
     // The slot may have been evicted and reused while the read was in flight.
     return this.slots.get(key) === slot ? block : undefined;
+  }
+
+  /**
+   * Background scrub: read up to `count` more blocks from the disk tier and check each
+   * against its name (invariant 3: a bit flipped on the SSD must become a miss, never
+   * wrong data). A corrupt block the store holds is evicted and will be fetched again; a
+   * corrupt pinned block has no other copy and is reported. Returns the corrupt ones.
+   */
+  async scrubStep(count: number): Promise<BlockKey[]> {
+    const corrupt: BlockKey[] = [];
+    for (let i = 0; i < count; i++) {
+      let next = this.scrubCursor?.next();
+      if (next === undefined || next.done) {
+        this.scrubCursor = this.slots.keys();
+        next = this.scrubCursor.next();
+        if (next.done) break;
+      }
+      const key = next.value;
+      const slot = this.slots.get(key);
+      if (slot === undefined || this.writing.has(key)) continue;
+      const block = Buffer.allocUnsafe(this.blockSize);
+      let done = 0;
+      while (done < block.length) {
+        const { bytesRead } = await read(this.slabFd, block, done, block.length - done, slot.index * this.blockSize + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+      // Evicted or rewritten while the read was in flight: nothing to judge.
+      if (this.slots.get(key) !== slot || this.writing.has(key)) continue;
+      this.counters.blocksScrubbed++;
+      if (done === block.length && blockHash(block).toString('latin1') === key) continue;
+      corrupt.push(key);
+      if (slot.inStore) {
+        this.counters.scrubEvictions++;
+        this.diskPolicy.remove(key);
+        this.freeSlot(key, slot);
+        this.log.warn('cache scrub: a cached block does not match its hash; evicted (the store has it)', { block: keyHex(key), slot: slot.index });
+      } else {
+        this.counters.scrubCorruptPinned++;
+        this.log.error('cache scrub: a block only this host holds does not match its hash', { block: keyHex(key), slot: slot.index });
+      }
+    }
+    return corrupt;
   }
 
   private track(work: Promise<void>): void {

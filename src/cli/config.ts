@@ -12,7 +12,7 @@ import * as z from 'zod';
 import { errorMessage } from '../log.js';
 
 export interface Config {
-  cache: { dir: string; diskSizeGb: number; memorySizeGb: number };
+  cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number };
   storage: { url: string; compression: string; readAheadPacks: number; encryptionPassword: string };
   aws: {
     accessKeyId: string;
@@ -48,6 +48,15 @@ export interface Config {
     continuousBlockIntervalMs: number;
     continuousManifestIntervalMs: number;
   };
+  gc: {
+    /** "" for the embedded SQLite database in the cache folder, else a postgres:// URL. */
+    databaseUrl: string;
+    gracePeriodMs: number;
+    intervalMs: number;
+    reconcileIntervalMs: number;
+    maxDeletionsPerCycle: number;
+    dryRun: boolean;
+  };
   /** the folder relative paths were resolved against */
   baseDir: string;
 }
@@ -76,6 +85,9 @@ dir = "./.updraft/cache"
 disk_size_gb = 50.0
 # Memory tier of the block cache, in GB (0 turns it off).
 memory_size_gb = 1.0
+# Background scrub: cached blocks re-hashed per second; a block that fails is evicted
+# (fetched again from the store when read). 0 turns it off.
+scrub_blocks_per_second = 20
 
 [storage]
 # Object store for packs and manifests: "file://PATH" (a folder) or "s3://BUCKET/PREFIX".
@@ -159,6 +171,23 @@ continuous_block_interval_ms = 5000
 # Continuous mode: write the manifest this often while writes go on, in milliseconds
 # (and as soon as the blocks are up once writes stop).
 continuous_manifest_interval_ms = 60000
+
+[gc]
+# Pack refcounts: "" keeps them in an embedded SQLite database in the cache folder (one
+# host per store); "postgres://user:password@host:5432/db" shares one PostgreSQL
+# database between every host of a store. Use \${VAR} for the password.
+database_url = ""
+# A pack no manifest or checkpoint names is deleted once it has been unreferenced this
+# long: a duration such as "24h", "90s", "1h30m" or "0s".
+grace_period = "24h"
+# How often the daemon runs a deletion cycle.
+interval = "10m"
+# How often refcounts are reconciled with every manifest in the store (the safety net).
+reconcile_interval = "30d"
+# At most this many packs are deleted per cycle.
+max_deletions_per_cycle = 1000
+# Log what would be deleted, delete nothing.
+dry_run = false
 `;
 
 // ---- addresses -------------------------------------------------------------------
@@ -202,6 +231,41 @@ export function parseHostPort(address: string): { host: string; port: number } {
 function hostPortProblem(address: string): string | undefined {
   const parsed = splitHostPort(address);
   return typeof parsed === 'string' ? parsed : undefined;
+}
+
+// ---- durations -------------------------------------------------------------------
+
+const DURATION_UNITS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+const DURATION = /^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$/;
+
+/** Why `text` is not a duration such as "24h", "90s", "1h30m" or "0s", or undefined. */
+function durationProblem(text: string): string | undefined {
+  if (!DURATION.test(text)) return 'expected a number with a unit (ms, s, m, h, d), e.g. "24h", "90s", "1h30m", "0s"';
+  return parseDuration(text) > 10 * 365 * DURATION_UNITS.d ? 'longer than ten years' : undefined;
+}
+
+/** A duration string in milliseconds: "24h", "90s", "1h30m", "0s", "500ms". */
+export function parseDuration(text: string): number {
+  if (!DURATION.test(text)) throw new Error(`duration ${JSON.stringify(text)}: expected a number with a unit (ms, s, m, h, d), e.g. "24h", "90s", "0s"`);
+  let ms = 0;
+  for (const [, amount, unit] of text.matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d)/g)) ms += Number(amount) * DURATION_UNITS[unit];
+  return Math.round(ms);
+}
+
+// ---- gc database ------------------------------------------------------------------
+
+function databaseUrlProblem(url: string): string | undefined {
+  if (url === '') return undefined;
+  if (!/^postgres(ql)?:\/\//.test(url)) return 'the scheme must be postgres:// or postgresql://';
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    return 'not a URL';
+  }
+  if (parsed.hostname === '' && !parsed.searchParams.has('host')) return 'no host (postgres://user:password@host:5432/database)';
+  if (parsed.port !== '' && !(Number(parsed.port) >= 1 && Number(parsed.port) <= 65535)) return `port ${parsed.port} is not from 1 to 65535`;
+  return undefined;
 }
 
 // ---- storage ---------------------------------------------------------------------
@@ -270,6 +334,7 @@ const CACHE = {
   dir: setting(z.string().min(1), './.updraft/cache', 'a non-empty path'),
   disk_size_gb: setting(z.number().positive(), 50.0, 'a number of GB greater than 0'),
   memory_size_gb: setting(z.number().min(0), 1.0, 'a number of GB, 0 or more'),
+  scrub_blocks_per_second: setting(z.number().int().min(0).max(100000), 20, 'an integer from 0 (off) to 100000'),
 };
 
 const STORAGE = {
@@ -348,8 +413,31 @@ const VOLUMES = {
   continuous_manifest_interval_ms: setting(z.number().int().min(100), 60000, 'an integer number of milliseconds, 100 or more'),
 };
 
+const DURATION_ALLOWED = 'a duration: a number with a unit (ms, s, m, h, d) such as "24h", "90s", "1h30m" or "0s"';
+
+const GC = {
+  database_url: setting(
+    z.string().superRefine(problemCheck(databaseUrlProblem)),
+    '',
+    '"" (the embedded SQLite database in the cache folder) or "postgres://user:password@host:5432/database"',
+  ),
+  grace_period: setting(z.string().superRefine(problemCheck(durationProblem)), '24h', DURATION_ALLOWED),
+  interval: setting(
+    z.string().superRefine(problemCheck((t: string) => durationProblem(t) ?? (parseDuration(t) < 1000 ? 'shorter than 1s' : undefined))),
+    '10m',
+    `${DURATION_ALLOWED}, at least 1s`,
+  ),
+  reconcile_interval: setting(
+    z.string().superRefine(problemCheck((t: string) => durationProblem(t) ?? (parseDuration(t) < 1000 ? 'shorter than 1s' : undefined))),
+    '30d',
+    `${DURATION_ALLOWED}, at least 1s`,
+  ),
+  max_deletions_per_cycle: setting(z.number().int().min(1).max(1_000_000), 1000, 'an integer from 1 to 1000000'),
+  dry_run: setting(z.boolean(), false, 'true or false'),
+};
+
 const SETTINGS: Record<string, Setting<z.ZodType>> = {};
-for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES })) {
+for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES, gc: GC })) {
   for (const [key, value] of Object.entries(settings)) SETTINGS[`${table}.${key}`] = value;
 }
 
@@ -379,6 +467,7 @@ const FILE_SCHEMA = z.strictObject({
   host: tableOf(HOST),
   servers: table({ nbd: tableOf(NBD_SERVER), http: tableOf(HTTP_SERVER) }),
   volumes: tableOf(VOLUMES),
+  gc: tableOf(GC),
 });
 
 type ConfigFile = z.output<typeof FILE_SCHEMA>;
@@ -394,6 +483,7 @@ const TABLES: Record<string, readonly string[]> = {
   'servers.nbd': Object.keys(NBD_SERVER),
   'servers.http': Object.keys(HTTP_SERVER),
   volumes: Object.keys(VOLUMES),
+  gc: Object.keys(GC),
 };
 
 // ---- problems --------------------------------------------------------------------
@@ -578,10 +668,13 @@ function resolveStorageUrl(url: string, baseDir: string): string {
 }
 
 function toConfig(file: ConfigFile, baseDir: string): Config {
-  const { cache, storage, aws, host, servers, volumes } = file;
+  const { cache, storage, aws, host, servers, volumes, gc } = file;
   const { nbd, http } = servers;
   return {
-    cache: { dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb },
+    cache: {
+      dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb,
+      scrubBlocksPerSecond: cache.scrub_blocks_per_second,
+    },
     storage: {
       url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs,
       encryptionPassword: storage.encryption_password,
@@ -616,6 +709,14 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       dirtyBudgetGb: volumes.dirty_budget_gb,
       continuousBlockIntervalMs: volumes.continuous_block_interval_ms,
       continuousManifestIntervalMs: volumes.continuous_manifest_interval_ms,
+    },
+    gc: {
+      databaseUrl: gc.database_url,
+      gracePeriodMs: parseDuration(gc.grace_period),
+      intervalMs: parseDuration(gc.interval),
+      reconcileIntervalMs: parseDuration(gc.reconcile_interval),
+      maxDeletionsPerCycle: gc.max_deletions_per_cycle,
+      dryRun: gc.dry_run,
     },
     baseDir,
   };

@@ -15,6 +15,11 @@ class UsageError extends Error {
   override name = 'UsageError';
 }
 
+/** `updraft scrub` found damage: exit 1 after the report. */
+class ScrubFailed extends Error {
+  override name = 'ScrubFailed';
+}
+
 function packageVersion(): string {
   // Compiled to dist/src/cli/main.js; package.json is three folders up.
   const pkg = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -79,6 +84,22 @@ async function callDaemon(file: string | undefined, method: string, path: string
   const json = text ? (JSON.parse(text) as { error?: string }) : null;
   if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${json?.error ?? text}`);
   return json;
+}
+
+/**
+ * Whether a daemon with this config is running: its HTTP API answers /healthz. A command
+ * that works on the refcount database asks the daemon then instead of opening it beside it.
+ */
+async function daemonRunning(file: string | undefined): Promise<boolean> {
+  const address = configFor(file).servers.http.address;
+  if (!address) return false;
+  try {
+    const response = await fetch(`http://${address}/healthz`, { signal: AbortSignal.timeout(2000) });
+    await response.arrayBuffer();
+    return response.ok;
+  } catch {
+    return false;
+  }
 }
 
 const exportPath = (name: string) => `/api/exports/${encodeURIComponent(name)}`;
@@ -184,6 +205,23 @@ async function statusCommand(file: string | undefined): Promise<void> {
   }
 }
 
+/** Offline work that needs the refcount database too (no daemon running). */
+async function withGc<T>(
+  file: string | undefined,
+  work: (ctx: Awaited<ReturnType<typeof offlineStore>>, gc: Awaited<ReturnType<typeof import('../gc/open.js').openGc>>) => Promise<T>,
+): Promise<T> {
+  return withStore(file, async (ctx) => {
+    const [{ openGc }, { hostIdentity }] = await Promise.all([import('../gc/open.js'), import('../host/host.js')]);
+    const log = createLogger('updraft', (process.env.UPDRAFT_LOG_LEVEL as 'warn' | undefined) ?? 'warn');
+    const gc = await openGc(ctx.config, ctx.store, ctx.cipher, hostIdentity(ctx.config.cache.dir, ctx.config.host.id), log.child('gc'), { daemon: false });
+    try {
+      return await work(ctx, gc);
+    } finally {
+      await gc.close();
+    }
+  });
+}
+
 async function bless(image: string, opts: { name: string; config?: string; bootRecord?: string }): Promise<void> {
   const { volumeNameProblem } = await import('../volume/names.js');
   const problem = volumeNameProblem(opts.name);
@@ -202,8 +240,9 @@ async function bless(image: string, opts: { name: string; config?: string; bootR
     : undefined;
   const started = performance.now();
   let lastLine = 0;
-  const result = await withStore(opts.config, async (ctx) => {
+  const result = await withGc(opts.config, async (ctx, gc) => {
     const blessed = await blessImage({
+      refcounts: gc.refcounts,
       store: ctx.store, cipher: ctx.cipher, file: image, name: opts.name, blockSize: ctx.config.servers.nbd.blockSize,
       compression: ctx.compression, manifestCompression: ctx.manifestCompression, blocksPerPack: ctx.config.servers.nbd.blocksPerPack,
       progress: (p) => {
@@ -265,9 +304,9 @@ function program(version: string): Command {
         if (problem) throw new UsageError(problem);
         const { lazyFork } = await import('../store/catalog.js');
         const started = performance.now();
-        const result = await withStore(opts.config, async (ctx) => {
+        const result = await withGc(opts.config, async (ctx, gc) => {
           if ((await ctx.store.head(`volumes/${target}/manifest`)) !== undefined) throw new Error(`volume ${target} already exists in the store`);
-          return lazyFork(ctx.store, source, target, ctx.manifestCompression, ctx.cipher, opts.checkpoint);
+          return lazyFork(ctx.store, source, target, ctx.manifestCompression, ctx.cipher, opts.checkpoint, gc.refcounts);
         });
         print({ target, sequence: result.sequence, mode: 'lazy', duration_ms: Math.round(performance.now() - started) });
         return;
@@ -334,6 +373,74 @@ function program(version: string): Command {
     .description('wrap the store\'s data key with a new password read from standard input (the old one is [storage] encryption_password); no data is rewritten')
     .option('-c, --config <file>', 'config file (for the store and the current password)')
     .action((opts: { config?: string }) => changePasswordCommand(opts.config));
+
+  updraft
+    .command('gc')
+    .description('run one GC deletion cycle now (through the running daemon, else on the refcount database directly) and exit')
+    .option('-c, --config <file>', 'config file (for the daemon address, the store and the refcount database)')
+    .option('--reconcile', 'reconcile the refcounts with every manifest in the store first', false)
+    .option('--dry-run', 'log and print what would be deleted; delete nothing', false)
+    .action(async (opts: { config?: string; reconcile: boolean; dryRun: boolean }) => {
+      const body = { reconcile: opts.reconcile, ...(opts.dryRun ? { dry_run: true } : {}) };
+      if (await daemonRunning(opts.config)) {
+        print(await callDaemon(opts.config, 'POST', '/api/gc', body));
+        return;
+      }
+      print(await withGc(opts.config, async (_ctx, gc) => {
+        const dryRun = opts.dryRun || undefined;
+        return opts.reconcile ? gc.collector.reconcile({ dryRun }) : { cycle: await gc.collector.cycle({ dryRun }) };
+      }));
+    });
+
+  updraft
+    .command('delete')
+    .description("remove volume NAME from the store for good: its manifest, checkpoints, lease and boot hot set, and its refcounts (through the running daemon, else directly)")
+    .argument('<name>', 'the volume')
+    .option('-c, --config <file>', 'config file (for the daemon address, the store and the refcount database)')
+    .option('--force', 'disconnect clients attached to it on the daemon', false)
+    .action(async (name: string, opts: { config?: string; force: boolean }) => {
+      const { volumeNameProblem } = await import('../volume/names.js');
+      const problem = volumeNameProblem(name);
+      if (problem) throw new UsageError(problem);
+      if (await daemonRunning(opts.config)) {
+        print(await callDaemon(opts.config, 'DELETE', `${exportPath(name)}?purge=true${opts.force ? '&force=true' : ''}`));
+        return;
+      }
+      const [{ purgeVolume, MissingError }, { decodeLease, leaseIsLive }, { leaseKey }] = await Promise.all([
+        import('../store/catalog.js'), import('../store/lease.js'), import('../store/manifest.js'),
+      ]);
+      print(await withGc(opts.config, async (ctx, gc) => {
+        const leased = await ctx.store.get(leaseKey(name));
+        if (leased !== undefined) {
+          const lease = decodeLease(leaseKey(name), leased.body);
+          if (leaseIsLive(lease, Date.now())) {
+            throw new Error(`volume ${name} is leased by host ${lease.owner} until ${lease.expires}; delete it through that daemon (DELETE /api/exports/NAME?purge=true)`);
+          }
+        }
+        const result = await purgeVolume(ctx.store, name, gc.refcounts);
+        if (!result.found) throw new MissingError(`volume ${name} is not in the store ${ctx.store.description}`);
+        return { name, purged: true, checkpoints: result.checkpoints, packs_released: result.packsReleased };
+      }));
+    });
+
+  updraft
+    .command('scrub')
+    .description('read every pack any manifest or checkpoint names and verify every block; report missing or corrupt packs with the volumes that need them (exit 1 if any)')
+    .option('-c, --config <file>', 'config file (for the store)')
+    .action(async (opts: { config?: string }) => {
+      const { scrubStore } = await import('../gc/scrub.js');
+      const started = performance.now();
+      const report = await withStore(opts.config, (ctx) =>
+        scrubStore(ctx.store, ctx.cipher, (done, total) => {
+          if (done === total || done % 100 === 0) process.stderr.write(`scrub: ${done}/${total} packs verified\n`);
+        }));
+      for (const p of [...report.missing, ...report.corrupt]) {
+        process.stderr.write(`scrub: ${p.pack}: ${p.problem}; needed by ${p.needed_by.join(', ')}\n`);
+      }
+      for (const m of report.unreadable_manifests) process.stderr.write(`scrub: ${m.key}: ${m.problem}\n`);
+      print({ ...report, duration_ms: Math.round(performance.now() - started) });
+      if (!report.ok) throw new ScrubFailed(`${report.missing.length} missing and ${report.corrupt.length} corrupt pack(s), ${report.unreadable_manifests.length} unreadable manifest(s)`);
+    });
 
   updraft
     .command('version')

@@ -10,10 +10,11 @@ import { NbdServer } from '../nbd/server.js';
 import { errorMessage, type Logger } from '../log.js';
 import { parseCompression } from '../crypto/compress.js';
 import { describeEncryption, openStoreIdentity, type OpenedStore } from '../store/identity.js';
+import { openGc } from '../gc/open.js';
 import { openStore } from './store-stack.js';
+import { Host, hostIdentity } from './host.js';
 
 const GB = 1024 ** 3;
-import { Host } from './host.js';
 
 export async function runDaemon(config: Config, log: Logger): Promise<void> {
   // Replies to 4 KiB reads (4 KiB + header) are carved from Node's shared allocation pool
@@ -24,9 +25,11 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   const nbdTls = loadNbdTls(nbdConfig);
   const { store, metered } = openStore(config, log.child('store'));
   let opened: OpenedStore;
+  let gc;
   try {
     // The start-up probe: reads store.json, unwraps the data key (or creates a new store).
     opened = await openStoreIdentity(store, config.storage.encryptionPassword);
+    gc = await openGc(config, store, opened.cipher, hostIdentity(config.cache.dir, config.host.id), log.child('gc'), { daemon: true });
   } catch (err) {
     await store.close().catch(() => undefined);
     throw err;
@@ -53,9 +56,13 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       dirtyBudgetBytes: Math.floor(config.volumes.dirtyBudgetGb * GB),
       continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,
       continuousManifestIntervalMs: config.volumes.continuousManifestIntervalMs,
+      refcounts: gc.refcounts,
+      scrubBlocksPerSecond: config.cache.scrubBlocksPerSecond,
     },
     log.child('host'),
   );
+  gc.collector.packIndex = host.packIndex;
+  gc.collector.start();
   const nbd = new NbdServer(
     {
       list: () => host.list().map((v) => ({ name: v.name, description: describe(v) })),
@@ -74,12 +81,14 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   try {
     await nbd.listen();
     if (config.servers.http.address) {
-      const context = { host, store: metered, disconnect: (name: string) => nbd.disconnect(name), token: config.servers.http.token };
+      const context = { host, store: metered, collector: gc.collector, disconnect: (name: string) => nbd.disconnect(name), token: config.servers.http.token };
       api = await startApi(context, parseHostPort(config.servers.http.address), log.child('http'));
     }
   } catch (err) {
     await nbd.close().catch(() => undefined);
+    await gc.collector.stop();
     await host.close();
+    await gc.close();
     throw err;
   }
 
@@ -107,7 +116,9 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
           const drained = await host.drainAll();
           log.info('drained volumes', { volumes: drained.length, failed: drained.filter((d) => d.error).length });
           await api?.close();
+          await gc.collector.stop();
           await host.close();
+          await gc.close();
           log.info('stopped cleanly');
         } catch (err) {
           log.error('shutdown failed', { error: errorMessage(err) });

@@ -11,15 +11,17 @@ import { BlockCache } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
+import type { PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
-import { decodeManifest, manifestKey, type Manifest } from '../store/manifest.js';
+import { decodeLease, leaseIsLive } from '../store/lease.js';
+import { decodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
 import {
-  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestChunks, MissingError, readBootSet, readManifest,
-  writeBootSet, type CheckpointInfo,
+  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestChunks, MissingError, purgeVolume, readBootSet,
+  readManifest, writeBootSet, type CheckpointInfo,
 } from '../store/catalog.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { LeaseHeldError, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
@@ -51,6 +53,10 @@ export interface HostOptions {
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
   continuousManifestIntervalMs: number;
+  /** Pack refcounts (GC); undefined runs without them. */
+  refcounts?: PackRefcounts;
+  /** Background scrub of the disk cache: blocks re-hashed per second; 0 turns it off. */
+  scrubBlocksPerSecond?: number;
 }
 
 export interface VolumeSettings {
@@ -85,7 +91,7 @@ const WRITEBACK_IDLE_MS = 1000;
 const STORE_TICK_MS = 250;
 
 /** This host's lease identity: configured, or generated once and kept in the cache dir. */
-function hostIdentity(cacheDir: string, configured: string): string {
+export function hostIdentity(cacheDir: string, configured: string): string {
   if (configured !== '') return configured;
   const file = path.join(cacheDir, 'host-id');
   if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8').trim();
@@ -109,6 +115,7 @@ export class Host {
   private readonly ctx: VolumeContext;
   private readonly volumesRoot: string;
   private sealTimer: NodeJS.Timeout | undefined;
+  private scrubTimer: NodeJS.Timeout | undefined;
   private sealing = false;
   private readonly writingBack = new Set<Volume>();
   private closed = false;
@@ -125,11 +132,11 @@ export class Host {
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
     this.fetcher = new PackFetcher(options.store, this.packIndex, this.cache, options.cipher, options.readAheadPacks * options.blocksPerPack, log.child('fetch'));
-    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.cipher, options.blocksPerPack, log.child('upload'));
+    this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.cipher, options.blocksPerPack, log.child('upload'), options.refcounts);
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
@@ -174,6 +181,23 @@ export class Host {
     host.sealTimer.unref();
     host.storeTimer = setInterval(() => host.storeTick(), STORE_TICK_MS);
     host.storeTimer.unref();
+    const scrubRate = options.scrubBlocksPerSecond ?? 0;
+    if (scrubRate > 0) {
+      // A few blocks at a time, spread over the second: the scrub must never be felt by readers.
+      const steps = Math.min(10, scrubRate);
+      let scrubbing = false;
+      host.scrubTimer = setInterval(() => {
+        if (scrubbing || host.closed) return;
+        scrubbing = true;
+        host.cache
+          .scrubStep(Math.ceil(scrubRate / steps))
+          .catch((err) => log.error('cache scrub failed', { error: errorMessage(err) }))
+          .finally(() => {
+            scrubbing = false;
+          });
+      }, 1000 / steps);
+      host.scrubTimer.unref();
+    }
     return host;
   }
 
@@ -398,7 +422,7 @@ export class Host {
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
       forked = { ...(await link.fork(target)), indexed: true };
     } else {
-      forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint);
+      forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts);
     }
     const sequence = forked.sequence;
     await this.wake(target, {}, forked);
@@ -469,7 +493,7 @@ export class Host {
   async deleteCheckpoint(volume: string, checkpoint: string): Promise<boolean> {
     const problem = checkpointNameProblem(checkpoint);
     if (problem) throw new VolumeError('EINVAL', problem);
-    return deleteCheckpoint(this.options.store, volume, checkpoint);
+    return deleteCheckpoint(this.options.store, volume, checkpoint, this.options.refcounts);
   }
 
   /**
@@ -581,6 +605,36 @@ export class Host {
     this.log.info('removed volume', { volume: name });
   }
 
+  /**
+   * Remove a volume from the store and from this host: stop serving it (no final drain:
+   * its content is being thrown away), then delete its manifest, checkpoints, lease and
+   * boot hot set and release its refcounts. Refused while another host holds its lease.
+   */
+  async purge(name: string): Promise<{ name: string; purged: true; local: boolean; checkpoints: number; packs_released: number }> {
+    this.checkOpen();
+    const problem = volumeNameProblem(name);
+    if (problem) throw new VolumeError('EINVAL', problem);
+    const key = leaseKey(name);
+    const leased = await this.options.store.get(key);
+    if (leased !== undefined) {
+      const lease = decodeLease(key, leased.body);
+      if (leaseIsLive(lease, Date.now()) && lease.owner !== this.hostId) throw new LeaseHeldError(name, lease);
+    }
+    const volume = this.volumes.get(name);
+    const link = this.links.get(name);
+    if (volume) {
+      this.volumes.delete(name);
+      this.links.delete(name);
+      // A drain or fork in flight finishes first, so no manifest write lands after the purge.
+      await link?.serial(async () => undefined);
+      await volume.destroy();
+    }
+    const { found, checkpoints, packsReleased } = await purgeVolume(this.options.store, name, this.options.refcounts);
+    if (!volume && !found) throw new MissingError(`no volume ${name} on this host or in the store ${this.options.store.description}`);
+    this.log.info('purged volume', { volume: name, local: volume !== undefined, checkpoints, packs_released: packsReleased });
+    return { name, purged: true, local: volume !== undefined, checkpoints, packs_released: packsReleased };
+  }
+
   private sealTick(): void {
     if (this.closed) return;
     const now = Date.now();
@@ -649,6 +703,7 @@ export class Host {
     this.closed = true;
     if (this.sealTimer) clearInterval(this.sealTimer);
     if (this.storeTimer) clearInterval(this.storeTimer);
+    if (this.scrubTimer) clearInterval(this.scrubTimer);
     await Promise.allSettled([...this.links.values()].map((link) => link.serial(async () => undefined)));
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });

@@ -15,7 +15,8 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { createManifest, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
+import { packsOf, PacksGoneError, putCounted, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
+import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
@@ -53,6 +54,8 @@ export interface StoreContext {
   manifestCompression: Compression;
   /** Sealing of manifests (crypto/cipher.ts). */
   cipher: StoreCipher;
+  /** Pack refcounts (GC); every manifest write goes through them when set. */
+  refcounts?: PackRefcounts;
   log: Logger;
 }
 
@@ -95,6 +98,8 @@ export class StoreLink {
   lastUploadAt = Date.now();
   lastUploadMs = 0;
   lastManifestAt = Date.now();
+  /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
+  private counted: CountedManifest | undefined;
 
   constructor(
     readonly volume: Volume,
@@ -170,7 +175,7 @@ export class StoreLink {
       return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
     });
     try {
-      const etag = await this.putManifest(encodeManifest(manifestKey(this.name), captured.manifest, this.ctx.manifestCompression, this.ctx.cipher));
+      const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
       captured.stored();
@@ -215,23 +220,38 @@ export class StoreLink {
       const uploadMs = performance.now() - started - snapshotMs;
       this.noteUpload(snapshot.sequence, uploadMs);
       const id = await identity(snapshot);
-      const meta = {
-        format: 1 as const, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
-        generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
+      const build = (): Manifest => {
+        const meta = {
+          format: 1 as const, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
+          generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
+        };
+        return manifestOfChunks(meta, snapshot.chunks, (key, chunk) => {
+          const location = this.ctx.packIndex.get(key);
+          // Invariant 2: the upload above put every block the manifest names into a pack.
+          if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
+          return location;
+        });
       };
-      const manifest = manifestOfChunks(meta, snapshot.chunks, (key, chunk) => {
-        const location = this.ctx.packIndex.get(key);
-        // Invariant 2: the upload above put every block the manifest names into a pack.
-        if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
-        return location;
-      });
-      return {
-        manifest, sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
+      const captured = {
+        manifest: build(), sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
         stored: () => {
           stored = true;
         },
         release: () => snapshot.release(stored),
+        /**
+         * GC deleted these packs after the upload relied on them (the pack index still
+         * named them): forget them, upload their blocks again, build the manifest anew.
+         */
+        rebuild: async (gone: readonly string[]) => {
+          for (const pack of gone) this.ctx.packIndex.removePack(pack);
+          const again = await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
+          uploaded.packs += again.packs;
+          uploaded.blocks += again.blocks;
+          uploaded.bytes += again.bytes;
+          captured.manifest = build();
+        },
       };
+      return captured;
     } catch (err) {
       snapshot.release(false);
       throw err;
@@ -248,7 +268,8 @@ export class StoreLink {
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
       }));
       try {
-        const etag = await createManifest(this.ctx.store, manifestKey(target), captured.manifest, this.ctx.manifestCompression, this.ctx.cipher);
+        const key = manifestKey(target);
+        const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
         return { sequence: captured.sequence, etag, manifest: captured.manifest };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
@@ -264,7 +285,8 @@ export class StoreLink {
         name: this.name, generation: this.state.generation, sequence: snapshot.sequence,
       }));
       try {
-        await createManifest(this.ctx.store, checkpointKey(this.name, checkpoint), captured.manifest, this.ctx.manifestCompression, this.ctx.cipher);
+        const key = checkpointKey(this.name, checkpoint);
+        await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
         return { checkpoint, sequence: captured.sequence };
       } finally {
         captured.release();
@@ -295,6 +317,31 @@ export class StoreLink {
     this.lastUploadMs = ms;
   }
 
+  /**
+   * Write a captured manifest at `key` with its packs counted (`own`: the volume's own
+   * manifest, whose counted packs this link remembers). When GC deleted a pack the upload
+   * relied on, its blocks go up again and the manifest is rebuilt (invariant 2).
+   */
+  private async writeCaptured(
+    captured: Awaited<ReturnType<StoreLink['capture']>>,
+    key: string,
+    put: (body: Buffer) => Promise<string>,
+    own: boolean,
+  ): Promise<string> {
+    for (let attempt = 1; ; attempt++) {
+      const body = encodeManifest(key, captured.manifest, this.ctx.manifestCompression, this.ctx.cipher);
+      try {
+        const { etag, counted } = await putCounted(this.ctx.refcounts, key, packsOf(captured.manifest.blocks), body, () => put(body), own ? this.counted : undefined);
+        if (own) this.counted = counted;
+        return etag;
+      } catch (err) {
+        if (!(err instanceof PacksGoneError) || attempt >= 3) throw err;
+        this.ctx.log.warn('packs were deleted by GC while the manifest was written; uploading their blocks again', { volume: this.name, key, packs: err.packs.length });
+        await captured.rebuild(err.packs);
+      }
+    }
+  }
+
   /** Write the manifest, conditional on the last ETag this host knows (fencing). */
   private async putManifest(body: Buffer): Promise<string> {
     const key = manifestKey(this.name);
@@ -311,6 +358,22 @@ export class StoreLink {
       if (current !== undefined && current.body.equals(body)) {
         this.state.manifestEtag = current.etag;
         return current.etag;
+      }
+      // Our own earlier write under this very lease generation, whose etag the state file
+      // did not get (the daemon died between the PUT and saving it): nobody else writes
+      // with this generation, so it is safe to write over it.
+      if (current !== undefined && this.state.generation > 0) {
+        const meta = decodeManifest(key, current.body, this.ctx.cipher).meta;
+        if (meta.host === this.ctx.hostId && meta.generation === this.state.generation) {
+          this.ctx.log.warn('the manifest in the store is our own unrecorded write (a crash after its PUT); writing over it', { volume: this.name, sequence: meta.sequence });
+          try {
+            const etag = await this.ctx.store.put(key, body, { ifMatch: current.etag });
+            this.state.manifestEtag = etag;
+            return etag;
+          } catch (again) {
+            if (!isPreconditionFailed(again)) throw again;
+          }
+        }
       }
       this.fence('another host wrote its manifest');
     }
@@ -511,8 +574,11 @@ export class StoreLink {
       }
       manifest.meta.generation = this.state.generation;
       manifest.meta.host = this.ctx.hostId;
+      const body = encodeManifest(key, manifest, this.ctx.manifestCompression, this.ctx.cipher);
       try {
-        this.state.manifestEtag = await this.ctx.store.put(key, encodeManifest(key, manifest, this.ctx.manifestCompression, this.ctx.cipher), { ifMatch: current.etag });
+        const written = await putCounted(this.ctx.refcounts, key, packsOf(manifest.blocks), body, () => this.ctx.store.put(key, body, { ifMatch: current.etag }), this.counted);
+        this.state.manifestEtag = written.etag;
+        this.counted = written.counted;
         this.state.manifestSequence = manifest.meta.sequence;
         this.save();
         return;

@@ -4,10 +4,11 @@
 import { blockKey, keyBytes, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
+import { packsOf, putCounted, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
-import { checkpointKey, decodeManifest, encodeManifest, manifestKey, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
+import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
 
@@ -101,9 +102,24 @@ export async function readManifest(store: ObjectStore, cipher: StoreCipher, volu
   return { manifest: decodeManifest(key, object.body, cipher), etag: object.etag };
 }
 
-/** Write `manifest` as `target`'s manifest, only if the target does not exist yet. */
-export async function createManifest(store: ObjectStore, key: string, manifest: Manifest, compression: Compression, cipher: StoreCipher): Promise<string> {
+/**
+ * Write `manifest` at `key` (a new volume or checkpoint), only if the key does not exist
+ * yet, with its packs counted when GC is on.
+ */
+export async function createManifest(
+  store: ObjectStore,
+  key: string,
+  manifest: Manifest,
+  compression: Compression,
+  cipher: StoreCipher,
+  refcounts?: PackRefcounts,
+): Promise<string> {
   const body = encodeManifest(key, manifest, compression, cipher);
+  return (await putCounted(refcounts, key, packsOf(manifest.blocks), body, () => createObject(store, key, body))).etag;
+}
+
+/** Put `body` at `key` only if the key does not exist yet; ExistsError if it does. */
+export async function createObject(store: ObjectStore, key: string, body: Buffer): Promise<string> {
   try {
     return await store.put(key, body, { ifNoneMatch: '*' });
   } catch (err) {
@@ -126,6 +142,7 @@ export async function lazyFork(
   compression: Compression,
   cipher: StoreCipher,
   checkpoint?: string,
+  refcounts?: PackRefcounts,
 ): Promise<{ sequence: number; etag: string; manifest: Manifest }> {
   const { manifest } = await readManifest(store, cipher, source, checkpoint);
   const sequence = manifest.meta.sequence;
@@ -133,7 +150,7 @@ export async function lazyFork(
     ...manifest.meta, name: target, generation: 0, host: manifest.meta.host, created: new Date().toISOString(),
     parent: { name: source, sequence },
   };
-  const etag = await createManifest(store, manifestKey(target), manifest, compression, cipher);
+  const etag = await createManifest(store, manifestKey(target), manifest, compression, cipher, refcounts);
   return { sequence, etag, manifest };
 }
 
@@ -152,11 +169,25 @@ export async function listCheckpoints(store: ObjectStore, volume: string): Promi
     .filter((c) => c.name !== '' && !c.name.includes('/'));
 }
 
-export async function deleteCheckpoint(store: ObjectStore, volume: string, checkpoint: string): Promise<boolean> {
+/** Delete a checkpoint, then release its refcounts (a crash between the two only over-counts). */
+export async function deleteCheckpoint(store: ObjectStore, volume: string, checkpoint: string, refcounts?: PackRefcounts): Promise<boolean> {
   const key = checkpointKey(volume, checkpoint);
   if ((await store.head(key)) === undefined) return false;
   await store.delete(key);
+  await releaseManifest(refcounts, key);
   return true;
+}
+
+/** After deleting the object at `key`: drop its refcounts, unless a write of it is pending (reconciliation then does). */
+export async function releaseManifest(refcounts: PackRefcounts | undefined, key: string): Promise<number> {
+  if (refcounts === undefined) return 0;
+  try {
+    return await refcounts.removeManifest(key);
+  } catch (err) {
+    if (!(err instanceof WritePendingError)) throw err;
+    refcounts.log.warn('deleted while a write of it was pending; reconciliation releases its refcounts', { key });
+    return 0;
+  }
 }
 
 /**
@@ -206,4 +237,32 @@ export async function readBootSet(store: ObjectStore, manifest: Manifest, cipher
     return { set, etag: object.etag };
   }
   return undefined;
+}
+
+/**
+ * Remove a volume from the store (`DELETE …?purge=true`, `updraft delete`): its
+ * checkpoints and manifest, each object deleted before its refcounts are released (a
+ * crash between the two over-counts, which reconciliation repairs), then its lease and
+ * boot hot set. `found` is false when the store had neither manifest nor checkpoint.
+ */
+export async function purgeVolume(
+  store: ObjectStore,
+  volume: string,
+  refcounts?: PackRefcounts,
+): Promise<{ found: boolean; checkpoints: number; packsReleased: number }> {
+  let packsReleased = 0;
+  const checkpoints = await listCheckpoints(store, volume);
+  for (const checkpoint of checkpoints) {
+    const key = checkpointKey(volume, checkpoint.name);
+    await store.delete(key);
+    packsReleased += await releaseManifest(refcounts, key);
+  }
+  const key = manifestKey(volume);
+  const found = (await store.head(key)) !== undefined;
+  if (found) await store.delete(key);
+  // Also when the object was already gone: a purge interrupted after the delete.
+  packsReleased += await releaseManifest(refcounts, key);
+  await store.delete(leaseKey(volume));
+  await store.delete(bootSetKey(volume));
+  return { found: found || checkpoints.length > 0, checkpoints: checkpoints.length, packsReleased };
 }

@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import { blockKey, keyBytes, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
+import { packsOf, PacksGoneError, putCounted, type PackRefcounts } from '../gc/refcounts.js';
 import { isAllZero } from '../crypto/hash.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';
@@ -69,7 +70,23 @@ export async function blessImage(opts: {
   cipher: StoreCipher;
   blocksPerPack: number;
   progress?: (p: ImageProgress) => void;
+  /** Pack refcounts (GC): new packs get rows, the manifest's packs are counted. */
+  refcounts?: PackRefcounts;
 }): Promise<BlessResult> {
+  // A pack the store's manifests named may be deleted by GC while blessing (nothing
+  // names it any more): bless again without deduplicating against it.
+  const gone = new Set<string>();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await blessOnce(opts, gone);
+    } catch (err) {
+      if (!(err instanceof PacksGoneError) || attempt >= 3) throw err;
+      for (const pack of err.packs) gone.add(pack);
+    }
+  }
+}
+
+async function blessOnce(opts: Parameters<typeof blessImage>[0], gone: ReadonlySet<string>): Promise<BlessResult> {
   const { store, blockSize, cipher } = opts;
   let fd: number;
   try {
@@ -84,6 +101,7 @@ export async function blessImage(opts: {
     if (totalBytes === 0) throw new Error(`image ${opts.file} is empty`);
     const size = Math.ceil(totalBytes / 4096) * 4096;
     const known = await storeBlocks(store, cipher);
+    for (const [key, location] of known) if (gone.has(location.pack)) known.delete(key);
     const progress: ImageProgress = { bytesRead: 0, totalBytes, bytesUploaded: 0, dedupChunks: 0, zeroChunks: 0 };
     const chunkKeys: Array<[number, BlockKey]> = [];
     let pending: PackBlock[] = [];
@@ -93,6 +111,7 @@ export async function blessImage(opts: {
     const flushPack = async () => {
       if (pending.length === 0) return;
       const pack = encodePack(pending, opts.compression, cipher);
+      await opts.refcounts?.registerPack(pack.id);
       await store.put(pack.key, pack.body);
       for (const [key, location] of packLocations(pack)) known.set(key, location);
       packsUploaded++;
@@ -130,7 +149,8 @@ export async function blessImage(opts: {
     for (const [chunk, key] of chunkKeys) builder.setChunk(chunk, keyBytes(key), known.get(key)!);
     const manifest = builder.build();
     const body = encodeManifest(manifestKey(opts.name), manifest, opts.manifestCompression, cipher);
-    const { etag, unchanged } = await putBlessManifest(store, cipher, opts.name, manifest, body);
+    const { etag, unchanged } = await putBlessManifest(store, cipher, opts.name, manifest, body, (put) =>
+      putCounted(opts.refcounts, manifestKey(opts.name), packsOf(manifest.blocks), body, put).then((r) => r.etag));
     return {
       name: opts.name, size, chunks: chunkKeys.length, zeroChunks: progress.zeroChunks, newBlocks, dedupChunks: progress.dedupChunks,
       packsUploaded, bytesUploaded: progress.bytesUploaded, unchanged, etag,
@@ -147,12 +167,13 @@ async function putBlessManifest(
   name: string,
   manifest: Manifest,
   body: Buffer,
+  counted: (put: () => Promise<string>) => Promise<string>,
 ): Promise<{ etag: string; unchanged: boolean }> {
   const key = manifestKey(name);
   const current = await store.get(key);
   if (current === undefined) {
     try {
-      return { etag: await store.put(key, body, { ifNoneMatch: '*' }), unchanged: false };
+      return { etag: await counted(() => store.put(key, body, { ifNoneMatch: '*' })), unchanged: false };
     } catch (err) {
       if (!isPreconditionFailed(err)) throw err;
       throw new ExistsError(`volume ${name} appeared in the store while blessing; not replaced`);
@@ -168,7 +189,7 @@ async function putBlessManifest(
   if ((await store.head(leaseKey(name))) !== undefined) {
     throw new ExistsError(`volume ${name} has been opened by a daemon (it has a lease), so it is not made by bless any more; choose another name`);
   }
-  return { etag: await store.put(key, body, { ifMatch: current.etag }), unchanged: false };
+  return { etag: await counted(() => store.put(key, body, { ifMatch: current.etag })), unchanged: false };
 }
 
 /** Write a volume (or a checkpoint) out as a sparse raw image of its size. */

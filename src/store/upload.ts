@@ -6,6 +6,7 @@
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
+import type { PackRefcounts } from '../gc/refcounts.js';
 import type { Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
@@ -34,6 +35,8 @@ export class PackUploader {
     private readonly cipher: StoreCipher,
     private readonly blocksPerPack: number,
     private readonly log: Logger,
+    /** With GC on: every pack gets a refcount row before its PUT (an upload nothing names is collected). */
+    private readonly refcounts?: PackRefcounts,
   ) {}
 
   /** Upload every block of `keys` that no pack holds yet; returns what this call put. */
@@ -80,6 +83,7 @@ export class PackUploader {
       blocks.push({ hash: keyBytes(key), data });
     }
     const pack = encodePack(blocks, this.compression, this.cipher);
+    await this.refcounts?.registerPack(pack.id);
     await this.store.put(pack.key, pack.body);
     this.index.add(packLocations(pack));
     this.cache.markInStore(group);

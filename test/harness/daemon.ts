@@ -66,8 +66,13 @@ export interface Daemon {
   stop(): Promise<number | null>;
   /** SIGKILL and wait for exit: a crash. */
   kill9(): Promise<void>;
-  /** Stops the daemon if it runs, then starts it again on the same dir, config and ports. */
-  restart(): Promise<void>;
+  /**
+   * Stops the daemon if it runs, then starts it again on the same dir, config and ports;
+   * with `env`, that replaces the options' extra environment from now on.
+   */
+  restart(env?: NodeJS.ProcessEnv): Promise<void>;
+  /** Resolves when the process has exited (it may kill itself: UPDRAFT_CRASH_AT). */
+  exited(): Promise<void>;
   /** True while the process runs. */
   readonly running: boolean;
   /** The daemon's output (stdout and stderr, across restarts; last 1 MiB). */
@@ -154,7 +159,7 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
   const httpAddress = ((config.servers as TomlTable | undefined)?.http as TomlTable | undefined)?.address;
   const httpUrl = `http://${typeof httpAddress === 'string' ? httpAddress : `127.0.0.1:${httpPort}`}`;
   const logPath = path.join(dir, 'daemon.log');
-  const env = { ...process.env, ...opts.env };
+  let env = { ...process.env, ...opts.env };
   const main = opts.main ?? DAEMON_MAIN;
 
   let memoryLog = '';
@@ -242,11 +247,13 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
       await signalAndWait('SIGKILL', STOP_GRACE_MS);
       await exited;
     },
-    async restart() {
+    async restart(extraEnv) {
       if (isRunning()) await signalAndWait('SIGTERM', STOP_GRACE_MS);
       await exited;
+      if (extraEnv !== undefined) env = { ...process.env, ...extraEnv };
       await launch();
     },
+    exited: () => exited,
     get running() {
       return isRunning();
     },

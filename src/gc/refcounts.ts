@@ -1,0 +1,590 @@
+// Pack refcounts (DESIGN.md: gc/, invariant 6). A pack's refcount is the number of
+// manifests and checkpoints in the store that name at least one of its blocks. Every
+// manifest write applies its delta of packs (added, dropped), so the cost is O(packs
+// changed), never O(volumes).
+//
+// Tables (one schema for SQLite and PostgreSQL):
+//   gc_packs           id, refs, state ('live' | 'deleting'), zero_since (ms; set while refs = 0)
+//   gc_manifests       key → etag of the object whose packs are counted
+//   gc_manifest_packs  (key, pack): the packs counted for that key
+//   gc_intents         a manifest write between its increments and its PUT's outcome
+//   gc_meta            database id, last reconciliation
+//
+// A manifest write (`putCounted`):
+//   1. begin: one transaction increments the added packs (only 'live' rows: a pack being
+//      deleted refuses, and the writer uploads its blocks again) and records an intent
+//      (key, added, dropped, BLAKE3 of the body). Committed before the PUT.
+//   2. PUT the manifest (conditional).
+//   3. commit: one transaction deletes the intent, records the new etag, moves the
+//      counted rows, decrements the dropped packs. A definite failure (condition lost,
+//      target exists) reverts the increments instead; an ambiguous one (the store did not
+//      answer) leaves the intent.
+// Crash points: before 1 nothing changed; between 1 and 3 the intent holds the added
+// packs up (over-counting, which is safe); at start-up and in every deletion cycle an
+// intent is resolved by reading the key: the body is ours → step 3; it is not, and the
+// PUT can no longer land (older than the settle time) → revert. Dropped packs are only
+// decremented once the new manifest is in the store, so no crash point under-counts.
+//
+// One write per key at a time: `begin` refuses while another intent on the key is
+// unresolved, and removals skip keys with intents, so a key's counted packs cannot move
+// between begin and commit and the delta computed at begin stays exact.
+import crypto from 'node:crypto';
+import { blake3 } from '@napi-rs/blake-hash';
+import { errorMessage, type Logger } from '../log.js';
+import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
+import { placeholders, slices, type SqlDatabase, type SqlTx } from './sql.js';
+
+const SCHEMA = [
+  `CREATE TABLE IF NOT EXISTS gc_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`,
+  `CREATE TABLE IF NOT EXISTS gc_packs (id TEXT PRIMARY KEY, refs BIGINT NOT NULL, state TEXT NOT NULL, zero_since BIGINT)`,
+  `CREATE INDEX IF NOT EXISTS gc_packs_unreferenced ON gc_packs (zero_since) WHERE refs = 0`,
+  `CREATE TABLE IF NOT EXISTS gc_manifests (key TEXT PRIMARY KEY, etag TEXT NOT NULL)`,
+  `CREATE TABLE IF NOT EXISTS gc_manifest_packs (key TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (key, pack))`,
+  `CREATE INDEX IF NOT EXISTS gc_manifest_packs_pack ON gc_manifest_packs (pack)`,
+  `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
+     created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL)`,
+  `CREATE INDEX IF NOT EXISTS gc_intents_key ON gc_intents (key)`,
+];
+
+/** The packs counted for a manifest key, as of the object with `etag`. */
+export interface CountedManifest {
+  etag: string;
+  packs: ReadonlySet<string>;
+}
+
+/** A manifest write between begin and commit/abort. */
+export interface ManifestWrite {
+  id: string;
+  key: string;
+  packs: ReadonlySet<string>;
+  added: string[];
+  dropped: string[];
+}
+
+/** Packs a manifest would name that are being deleted or gone: upload their blocks again. */
+export class PacksGoneError extends Error {
+  override name = 'PacksGoneError';
+  constructor(
+    readonly key: string,
+    readonly packs: string[],
+  ) {
+    super(`${key}: ${packs.length} pack(s) it would name are being deleted or gone from the store (${packs.slice(0, 3).join(', ')}${packs.length > 3 ? ', …' : ''})`);
+  }
+}
+
+/** Another write of the same key has not been resolved yet (its PUT may still land). */
+export class WritePendingError extends Error {
+  override name = 'WritePendingError';
+}
+
+/** The 32-hex-digit BLAKE3 of a manifest body: identifies it in an intent. */
+export function bodyHash(body: Buffer): string {
+  return blake3(body).toString('hex', 0, 16);
+}
+
+/** Every pack a manifest's blocks are in. */
+export function packsOf(blocks: ReadonlyArray<{ pack: string }>): Set<string> {
+  const packs = new Set<string>();
+  for (const b of blocks) packs.add(b.pack);
+  return packs;
+}
+
+const EMPTY: ReadonlySet<string> = new Set();
+
+function words(text: string): string[] {
+  return text === '' ? [] : text.split(' ');
+}
+
+export interface RefcountOptions {
+  /** This host, recorded in intents. */
+  hostId: string;
+  /** The store manifests live in: intents are resolved by reading it. */
+  store: ObjectStore;
+  /** How long after an intent its PUT can no longer land (request timeout × attempts); 0 for file://. */
+  settleMs: number;
+  log: Logger;
+  now?: () => number;
+}
+
+export class PackRefcounts {
+  readonly now: () => number;
+  private constructor(
+    readonly db: SqlDatabase,
+    readonly databaseId: string,
+    private readonly options: RefcountOptions,
+  ) {
+    this.now = options.now ?? Date.now;
+  }
+
+  /** Create the schema if missing and return the refcounts of `db`. */
+  static async open(db: SqlDatabase, options: RefcountOptions): Promise<PackRefcounts> {
+    const create = () =>
+      db.tx(async (tx) => {
+        for (const statement of SCHEMA) await tx.run(statement);
+        await tx.run(`INSERT INTO gc_meta (name, value) VALUES ('database_id', $1) ON CONFLICT (name) DO NOTHING`, [crypto.randomUUID()]);
+        return (await tx.all<{ value: string }>(`SELECT value FROM gc_meta WHERE name = 'database_id'`))[0].value;
+      });
+    let id: string;
+    try {
+      id = await create();
+    } catch (err) {
+      // Two hosts creating the schema at once on PostgreSQL: one loses on the catalog; the tables exist now.
+      if ((err as { cause?: { code?: string } }).cause?.code !== '23505') throw err;
+      id = await create();
+    }
+    return new PackRefcounts(db, id, options);
+  }
+
+  get settleMs(): number {
+    return this.options.settleMs;
+  }
+
+  get log(): Logger {
+    return this.options.log;
+  }
+
+  // ---- packs ------------------------------------------------------------------------
+
+  /**
+   * Give a pack about to be uploaded a row (refcount 0, unreferenced since now), so an
+   * upload no manifest ever names is collected after the grace period. Waits while the
+   * pack is being deleted: its PUT must come after the deletion, not before.
+   */
+  async registerPack(id: string): Promise<void> {
+    const deadline = this.now() + 60_000;
+    for (;;) {
+      const n = await this.db.tx((tx) =>
+        tx.run(
+          `INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2)
+           ON CONFLICT (id) DO UPDATE SET zero_since = CASE WHEN gc_packs.refs = 0 THEN excluded.zero_since ELSE gc_packs.zero_since END
+           WHERE gc_packs.state = 'live'`,
+          [id, this.now()],
+        ),
+      );
+      if (n === 1) return;
+      if (this.now() > deadline) throw new Error(`pack ${id} has been in deletion for a minute; cannot upload it again (gc database ${this.db.description})`);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  }
+
+  /** +1 on every 'live' pack of `ids`; returns the ids that were not (deleting, or no row). */
+  private async increment(tx: SqlTx, ids: readonly string[]): Promise<string[]> {
+    const done = new Set<string>();
+    for (const part of slices(ids)) {
+      const rows = await tx.all<{ id: string }>(
+        `UPDATE gc_packs SET refs = refs + 1, zero_since = NULL WHERE state = 'live' AND id IN (${placeholders(part.length)}) RETURNING id`,
+        part,
+      );
+      for (const r of rows) done.add(r.id);
+    }
+    return ids.filter((id) => !done.has(id));
+  }
+
+  /** −1 on every pack of `ids`; one that reaches 0 is unreferenced from now. */
+  private async decrement(tx: SqlTx, ids: readonly string[]): Promise<void> {
+    const now = this.now();
+    for (const part of slices(ids)) {
+      await tx.run(
+        `UPDATE gc_packs SET refs = refs - 1, zero_since = CASE WHEN refs = 1 THEN $1 ELSE zero_since END
+         WHERE refs > 0 AND id IN (${placeholders(part.length, 2)})`,
+        [now, ...part],
+      );
+    }
+  }
+
+  /**
+   * Packs of `ids` with no row that are in the store get a live row (a store written
+   * before GC was on, or a database rebuilt); the rest are gone.
+   */
+  private async adoptOrGone(key: string, ids: string[]): Promise<string[]> {
+    const rows = await this.db.tx((tx) => tx.all<{ id: string; state: string }>(`SELECT id, state FROM gc_packs WHERE id IN (${placeholders(ids.length)})`, ids));
+    const state = new Map(rows.map((r) => [r.id, r.state]));
+    const gone: string[] = [];
+    for (const id of ids) {
+      if (state.get(id) === 'deleting') gone.push(id);
+      else if (!state.has(id)) {
+        if ((await this.options.store.head(`packs/${id.slice(0, 2)}/${id}`)) === undefined) gone.push(id);
+        else {
+          await this.db.tx((tx) => tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2) ON CONFLICT (id) DO NOTHING`, [id, this.now()]));
+          this.log.info('pack in the store had no refcount row; adopted it', { key, pack: id });
+        }
+      }
+    }
+    return gone;
+  }
+
+  // ---- manifest writes ----------------------------------------------------------------
+
+  /**
+   * Step 1 of a manifest write of `key` naming `packs`: increment what it adds, record
+   * the intent. `known` is the counted set the caller holds for the key (skips reading
+   * it back when the etag still matches). PacksGoneError names packs that are being
+   * deleted; WritePendingError says another write of the key is unresolved.
+   */
+  async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest): Promise<ManifestWrite> {
+    type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
+    for (let attempt = 0; ; attempt++) {
+      const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
+        const pending = await tx.all<{ id: string }>(`SELECT id FROM gc_intents WHERE key = $1`, [key]);
+        if (pending.length > 0) return { pending: true as const };
+        const row = (await tx.all<{ etag: string }>(`SELECT etag FROM gc_manifests WHERE key = $1`, [key]))[0];
+        let counted: ReadonlySet<string> = EMPTY;
+        if (row !== undefined) {
+          counted = known !== undefined && known.etag === row.etag
+            ? known.packs
+            : new Set((await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key])).map((r) => r.pack));
+        }
+        const added = [...packs].filter((p) => !counted.has(p)).sort();
+        const dropped = [...counted].filter((p) => !packs.has(p)).sort();
+        const missing = await this.increment(tx, added);
+        // Throwing rolls the increments back.
+        if (missing.length > 0) throw new MissingPacks(missing);
+        const write: ManifestWrite = { id: crypto.randomUUID(), key, packs, added, dropped };
+        await tx.run(
+          `INSERT INTO gc_intents (id, key, body_hash, host, created, added, dropped) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+          [write.id, key, hash, this.options.hostId, this.now(), added.join(' '), dropped.join(' ')],
+        );
+        return { write };
+      }).catch((err): Outcome => {
+        if (err instanceof MissingPacks) return { missing: err.packs };
+        throw err;
+      });
+      if ('write' in outcome) return outcome.write;
+      if (attempt >= 4) {
+        throw 'pending' in outcome
+          ? new WritePendingError(`${key}: an earlier write of it is unresolved (its PUT may still land); try again in ${Math.ceil(this.settleMs / 1000)} s`)
+          : new PacksGoneError(key, outcome.missing);
+      }
+      if ('pending' in outcome) {
+        const { pending } = await this.resolveIntents({ key });
+        if (pending > 0) await new Promise((resolve) => setTimeout(resolve, 100 * (attempt + 1)));
+      } else {
+        const gone = await this.adoptOrGone(key, outcome.missing);
+        if (gone.length > 0) throw new PacksGoneError(key, gone);
+      }
+    }
+  }
+
+  /** Step 3 after the PUT landed with `etag`: the key's counted packs are now `write.packs`. */
+  async commit(write: ManifestWrite, etag: string): Promise<CountedManifest> {
+    await this.db.tx(async (tx) => {
+      // Already resolved by someone who read the store and found this body: done.
+      if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [write.id])) === 0) return;
+      await this.applyCommit(tx, write.key, etag, write.added, write.dropped);
+    });
+    return { etag, packs: write.packs };
+  }
+
+  private async applyCommit(tx: SqlTx, key: string, etag: string, added: readonly string[], dropped: readonly string[]): Promise<void> {
+    await tx.run(`INSERT INTO gc_manifests (key, etag) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET etag = excluded.etag`, [key, etag]);
+    for (const part of slices(added)) {
+      const values = part.map((_, i) => `($1, $${i + 2})`).join(', ');
+      await tx.run(`INSERT INTO gc_manifest_packs (key, pack) VALUES ${values} ON CONFLICT (key, pack) DO NOTHING`, [key, ...part]);
+    }
+    for (const part of slices(dropped)) {
+      await tx.run(`DELETE FROM gc_manifest_packs WHERE key = $1 AND pack IN (${placeholders(part.length, 2)})`, [key, ...part]);
+    }
+    await this.decrement(tx, dropped);
+  }
+
+  /** The PUT definitely did not land: revert the increments. */
+  async abort(write: ManifestWrite): Promise<void> {
+    await this.db.tx(async (tx) => {
+      if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [write.id])) === 0) return;
+      await this.decrement(tx, write.added);
+    });
+  }
+
+  /**
+   * Resolve unfinished writes (all, or those of `key` / `host`) by reading their key in
+   * the store: our body is there → commit; it is not and the PUT can no longer land →
+   * revert; otherwise leave it pending. `settleMs` overrides the settle time: 0 at
+   * start-up for this host's own writes to a file:// store, which died with the process.
+   */
+  async resolveIntents(filter: { key?: string; host?: string; settleMs?: number } = {}): Promise<{ committed: number; reverted: number; pending: number }> {
+    const settleMs = filter.settleMs ?? this.settleMs;
+    const rows = await this.db.tx((tx) =>
+      tx.all<{ id: string; key: string; body_hash: string; created: number; added: string; dropped: string; host: string }>(
+        `SELECT id, key, body_hash, host, created, added, dropped FROM gc_intents`,
+      ),
+    );
+    const result = { committed: 0, reverted: 0, pending: 0 };
+    for (const intent of rows) {
+      if (filter.key !== undefined && intent.key !== filter.key) continue;
+      if (filter.host !== undefined && intent.host !== filter.host) continue;
+      const object = await this.options.store.get(intent.key);
+      if (object !== undefined && bodyHash(object.body) === intent.body_hash) {
+        await this.db.tx(async (tx) => {
+          if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
+          await this.applyCommit(tx, intent.key, object.etag, words(intent.added), words(intent.dropped));
+        });
+        result.committed++;
+        this.log.info('resolved an unfinished manifest write: it landed', { key: intent.key, host: intent.host });
+      } else if (this.now() - Number(intent.created) >= settleMs) {
+        await this.db.tx(async (tx) => {
+          if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
+          await this.decrement(tx, words(intent.added));
+        });
+        result.reverted++;
+        this.log.info('resolved an unfinished manifest write: it did not land; increments reverted', { key: intent.key, host: intent.host });
+      } else {
+        result.pending++;
+      }
+    }
+    return result;
+  }
+
+  /** The packs counted for `key`, if any. */
+  async counted(key: string): Promise<CountedManifest | undefined> {
+    return this.db.tx(async (tx) => {
+      const row = (await tx.all<{ etag: string }>(`SELECT etag FROM gc_manifests WHERE key = $1`, [key]))[0];
+      if (row === undefined) return undefined;
+      const packs = await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key]);
+      return { etag: row.etag, packs: new Set(packs.map((p) => p.pack)) };
+    });
+  }
+
+  /**
+   * The object at `key` was deleted from the store: drop what it counted. Call after the
+   * delete (a crash between the two over-counts). With `etag`, only if that version is
+   * what is counted. Returns the packs released; WritePendingError while a write of the
+   * key is unresolved.
+   */
+  async removeManifest(key: string, etag?: string): Promise<number> {
+    return this.db.tx(async (tx) => {
+      if ((await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0) {
+        throw new WritePendingError(`${key}: a write of it is in progress; its refcounts are left for reconciliation`);
+      }
+      const removed = etag === undefined
+        ? await tx.run(`DELETE FROM gc_manifests WHERE key = $1`, [key])
+        : await tx.run(`DELETE FROM gc_manifests WHERE key = $1 AND etag = $2`, [key, etag]);
+      if (removed === 0) return 0;
+      const packs = (await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key])).map((r) => r.pack);
+      await tx.run(`DELETE FROM gc_manifest_packs WHERE key = $1`, [key]);
+      await this.decrement(tx, packs);
+      return packs.length;
+    });
+  }
+
+  // ---- deletion ---------------------------------------------------------------------
+
+  /** Whether a cycle with `cutoff` has anything to delete (or to finish deleting). */
+  async anyDeletable(cutoff: number): Promise<boolean> {
+    const rows = await this.db.tx((tx) =>
+      tx.all(`SELECT id FROM gc_packs WHERE state = 'deleting' OR (state = 'live' AND refs = 0 AND zero_since <= $1) LIMIT 1`, [cutoff]),
+    );
+    return rows.length > 0;
+  }
+
+  /** Packs at refcount 0 since `cutoff` or earlier, oldest first (what a cycle would delete). */
+  async deletable(cutoff: number, limit: number): Promise<string[]> {
+    const rows = await this.db.tx((tx) =>
+      tx.all<{ id: string }>(
+        `SELECT id FROM gc_packs WHERE state = 'live' AND refs = 0 AND zero_since <= $1 ORDER BY zero_since LIMIT $2`,
+        [cutoff, limit],
+      ),
+    );
+    return rows.map((r) => r.id);
+  }
+
+  /**
+   * Mark up to `limit` deletable packs 'deleting' (from now on an increment refuses
+   * them) and return them with any left 'deleting' by an interrupted cycle. The
+   * condition is repeated outside the subquery: PostgreSQL re-checks it on the row
+   * after waiting for a writer that held it.
+   */
+  async claimDeletable(cutoff: number, limit: number): Promise<string[]> {
+    return this.db.tx(async (tx) => {
+      const leftover = await tx.all<{ id: string }>(`SELECT id FROM gc_packs WHERE state = 'deleting' LIMIT $1`, [limit]);
+      const room = limit - leftover.length;
+      const marked = room <= 0 ? [] : await tx.all<{ id: string }>(
+        `UPDATE gc_packs SET state = 'deleting'
+         WHERE state = 'live' AND refs = 0 AND zero_since <= $1
+           AND id IN (SELECT id FROM gc_packs WHERE state = 'live' AND refs = 0 AND zero_since <= $1 ORDER BY zero_since LIMIT $2)
+         RETURNING id`,
+        [cutoff, room],
+      );
+      return [...leftover, ...marked].map((r) => r.id);
+    });
+  }
+
+  /** The packs' objects are deleted: forget them. */
+  async forgetDeleted(ids: readonly string[]): Promise<void> {
+    await this.db.tx(async (tx) => {
+      for (const part of slices(ids)) await tx.run(`DELETE FROM gc_packs WHERE state = 'deleting' AND id IN (${placeholders(part.length)})`, part);
+    });
+  }
+
+  // ---- reconciliation ------------------------------------------------------------------
+
+  /** Every counted key and its etag. */
+  async countedKeys(): Promise<Map<string, string>> {
+    const rows = await this.db.tx((tx) => tx.all<{ key: string; etag: string }>(`SELECT key, etag FROM gc_manifests`));
+    return new Map(rows.map((r) => [r.key, r.etag]));
+  }
+
+  /** Keys with an unresolved write. */
+  async pendingKeys(): Promise<Set<string>> {
+    const rows = await this.db.tx((tx) => tx.all<{ key: string }>(`SELECT key FROM gc_intents`));
+    return new Set(rows.map((r) => r.key));
+  }
+
+  /** Every pack row. */
+  async packRows(): Promise<Map<string, { refs: number; state: string; zeroSince: number | null }>> {
+    const rows = await this.db.tx((tx) => tx.all<{ id: string; refs: number; state: string; zero_since: number | null }>(`SELECT id, refs, state, zero_since FROM gc_packs`));
+    return new Map(rows.map((r) => [r.id, { refs: Number(r.refs), state: r.state, zeroSince: r.zero_since === null ? null : Number(r.zero_since) }]));
+  }
+
+  /** Give packs in the store without a row one (refcount 0, unreferenced since `since`). Returns how many were added. */
+  async adoptPacks(packs: ReadonlyArray<{ id: string; since: number }>): Promise<number> {
+    return this.db.tx(async (tx) => {
+      let n = 0;
+      for (const p of packs) n += await tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2) ON CONFLICT (id) DO NOTHING`, [p.id, p.since]);
+      return n;
+    });
+  }
+
+  /**
+   * Make `key`'s counted packs exactly `packs` of the object with `etag`, if what is
+   * counted is still the version `expected` (undefined: nothing counted) and no write
+   * of the key is pending. Returns the packs added and dropped, or undefined if skipped.
+   */
+  async setCounted(key: string, expected: string | undefined, etag: string, packs: ReadonlySet<string>): Promise<{ added: string[]; dropped: string[] } | undefined> {
+    return this.db.tx(async (tx) => {
+      if ((await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0) return undefined;
+      const row = (await tx.all<{ etag: string }>(`SELECT etag FROM gc_manifests WHERE key = $1`, [key]))[0];
+      if (row?.etag !== expected) return undefined;
+      const counted = new Set((await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key])).map((r) => r.pack));
+      const added = [...packs].filter((p) => !counted.has(p)).sort();
+      const dropped = [...counted].filter((p) => !packs.has(p)).sort();
+      for (const id of added) {
+        await tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2) ON CONFLICT (id) DO NOTHING`, [id, this.now()]);
+      }
+      const refused = await this.increment(tx, added);
+      if (refused.length > 0) {
+        // A manifest in the store names a pack GC is deleting: invariant 2 is already broken.
+        this.log.error('a manifest names packs that are being deleted; `updraft scrub` reports what is lost', { key, packs: refused.join(' ') });
+      }
+      await this.applyCommit(tx, key, etag, added, dropped);
+      return { added, dropped };
+    });
+  }
+
+  /** Packs whose refcount differs from the counted keys plus pending intents naming them. */
+  async refcountDrift(): Promise<Array<{ id: string; refs: number; expected: number }>> {
+    return this.db.tx(async (tx) => {
+      const intents = await tx.all<{ added: string }>(`SELECT added FROM gc_intents`);
+      const held = new Map<string, number>();
+      for (const i of intents) for (const p of words(i.added)) held.set(p, (held.get(p) ?? 0) + 1);
+      const rows = await tx.all<{ id: string; refs: number; counted: number }>(
+        `SELECT id, refs, (SELECT count(*) FROM gc_manifest_packs m WHERE m.pack = gc_packs.id) AS counted FROM gc_packs WHERE state = 'live'`,
+      );
+      return rows
+        .map((r) => ({ id: r.id, refs: Number(r.refs), expected: Number(r.counted) + (held.get(r.id) ?? 0) }))
+        .filter((r) => r.refs !== r.expected);
+    });
+  }
+
+  /**
+   * Set a pack's refcount to what is counted for it, under its row lock: the count is
+   * one statement (one snapshot) taken after the lock, so a concurrent write of the pack
+   * is either wholly in it or waits. Returns the refcount before and after.
+   */
+  async fixRefcount(id: string): Promise<{ before: number; after: number } | undefined> {
+    return this.db.tx(async (tx) => {
+      const locked = await tx.all<{ refs: number }>(`UPDATE gc_packs SET refs = refs WHERE id = $1 AND state = 'live' RETURNING refs`, [id]);
+      if (locked.length === 0) return undefined;
+      const [{ n }] = await tx.all<{ n: number }>(
+        `SELECT (SELECT count(*) FROM gc_manifest_packs WHERE pack = $1) + (SELECT count(*) FROM gc_intents WHERE ' ' || added || ' ' LIKE $2) AS n`,
+        [id, `% ${id} %`],
+      );
+      const before = Number(locked[0].refs);
+      const after = Number(n);
+      if (before !== after) {
+        await tx.run(
+          `UPDATE gc_packs SET refs = $2, zero_since = CASE WHEN $2 = 0 THEN COALESCE(zero_since, $3) ELSE NULL END WHERE id = $1`,
+          [id, after, this.now()],
+        );
+      }
+      return { before, after };
+    });
+  }
+
+  /** A gc_meta value. */
+  async meta(name: string): Promise<string | undefined> {
+    const rows = await this.db.tx((tx) => tx.all<{ value: string }>(`SELECT value FROM gc_meta WHERE name = $1`, [name]));
+    return rows[0]?.value;
+  }
+
+  /** Set a gc_meta value if it is still `expected` (undefined: absent); false if someone else changed it. */
+  async setMeta(name: string, expected: string | undefined, value: string): Promise<boolean> {
+    return this.db.tx(async (tx) => {
+      const n = expected === undefined
+        ? await tx.run(`INSERT INTO gc_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING`, [name, value])
+        : await tx.run(`UPDATE gc_meta SET value = $3 WHERE name = $1 AND value = $2`, [name, expected, value]);
+      return n === 1;
+    });
+  }
+}
+
+/** Inside begin's transaction: packs the increment refused (rolls the transaction back). */
+class MissingPacks extends Error {
+  constructor(readonly packs: string[]) {
+    super(`${packs.length} packs refused the increment`);
+  }
+}
+
+/** Errors after which a manifest PUT certainly did not land (or landed with another body). */
+function definitelyNotStored(err: unknown): boolean {
+  if (isPreconditionFailed(err)) return true;
+  if (err instanceof ObjectStoreError) return err.code === 'Invalid' || err.code === 'AccessDenied' || err.code === 'NoSuchBucket';
+  // ExistsError, FencedError: a conditional put lost to another object.
+  return err instanceof Error && (err.name === 'ExistsError' || err.name === 'FencedError');
+}
+
+/**
+ * Write a manifest under refcounts: begin, `put` (which returns the new etag), commit,
+ * or abort when the put certainly failed. Without refcounts (GC off) just `put`.
+ */
+export async function putCounted(
+  refcounts: PackRefcounts | undefined,
+  key: string,
+  packs: ReadonlySet<string>,
+  body: Buffer,
+  put: () => Promise<string>,
+  known?: CountedManifest,
+): Promise<{ etag: string; counted?: CountedManifest }> {
+  if (refcounts === undefined) return { etag: await put() };
+  const write = await refcounts.begin(key, packs, bodyHash(body), known);
+  await crashPoint('manifest-put');
+  let etag: string;
+  try {
+    etag = await put();
+  } catch (err) {
+    if (definitelyNotStored(err)) await refcounts.abort(write);
+    else refcounts.log.warn('manifest write failed and may still land; its refcounts stay until it is resolved', { key, error: errorMessage(err) });
+    throw err;
+  }
+  await crashPoint('manifest-commit');
+  return { etag, counted: await refcounts.commit(write, etag) };
+}
+
+/**
+ * Test-only crash hook: with UPDRAFT_CRASH_AT=NAME[:N] the process kills itself with
+ * SIGKILL the Nth time (default 1st) it reaches crash point NAME. Lets a test stop the
+ * daemon between two steps of the refcount protocol, as a power cut would.
+ */
+const crashSpec = process.env.UPDRAFT_CRASH_AT;
+const crashCounts = new Map<string, number>();
+export async function crashPoint(name: string): Promise<void> {
+  if (crashSpec === undefined) return;
+  const [point, nth] = crashSpec.split(':');
+  if (point !== name) return;
+  const n = (crashCounts.get(name) ?? 0) + 1;
+  crashCounts.set(name, n);
+  if (n === Number(nth ?? 1)) {
+    process.stderr.write(`UPDRAFT_CRASH_AT: crashing at ${name} (#${n})\n`);
+    process.kill(process.pid, 'SIGKILL');
+    await new Promise(() => undefined);
+  }
+}

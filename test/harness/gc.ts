@@ -1,0 +1,394 @@
+// The GC behaviours every refcount database must show, run by gc-sqlite.test.ts (the
+// embedded default) and gc-postgres.test.ts (a real PostgreSQL server): a seeded random
+// lifecycle with GC running at a zero grace period, SIGKILL inside a manifest write's
+// refcount transaction and inside a deletion cycle, and the SQL cost of a flush with 1
+// and with 1,000 volumes registered.
+import { PLAINTEXT } from '../../src/crypto/cipher.js';
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { test } from 'node:test';
+import { PackRefcounts } from '../../src/gc/refcounts.js';
+import { openGcDatabase } from '../../src/gc/sql.js';
+import { createLogger } from '../../src/log.js';
+import { openObjectStore } from '../../src/objectstore/index.js';
+import { decodeManifest } from '../../src/store/manifest.js';
+import { packIdFromKey } from '../../src/store/pack.js';
+import { CHUNK, connect, metric, MiB, readAll, waitFor, withLogs } from './cluster.js';
+import { startDaemon, type Daemon, type TomlTable } from './daemon.js';
+import type { NbdClient } from './nbd-client.js';
+import { DAEMON_MAIN } from './daemon.js';
+import { run } from './tools.js';
+
+const TIMEOUT = 600_000;
+const SIZE = 2 * MiB;
+const CHUNKS = SIZE / CHUNK;
+
+export interface GcBackend {
+  label: string;
+  /** The [gc] keys that select this database, for a fresh database named `name`. */
+  gcToml(name: string): Promise<TomlTable>;
+}
+
+/** mulberry32: the same seed replays the same lifecycle. */
+export function prng(seed: number): () => number {
+  let state = seed >>> 0;
+  return () => {
+    state = (state + 0x6d2b79f5) | 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** What the store holds: packs named by a manifest or checkpoint (live), packs nothing names (dead), named packs that are missing. */
+export async function storeAudit(storeDir: string): Promise<{ manifests: number; packs: number; live: Set<string>; dead: string[]; missing: string[] }> {
+  const store = openObjectStore(`file://${storeDir}`, {});
+  try {
+    const live = new Set<string>();
+    let manifests = 0;
+    for (const o of await store.list('volumes/')) {
+      if (!/\/(manifest|checkpoints\/[^/]+)$/.test(o.key)) continue;
+      const object = await store.get(o.key);
+      if (object === undefined) continue;
+      manifests++;
+      for (const b of decodeManifest(o.key, object.body, PLAINTEXT).blocks) live.add(b.pack);
+    }
+    const packs = new Set((await store.list('packs/')).map((o) => packIdFromKey(o.key)!).filter(Boolean));
+    return {
+      manifests, packs: packs.size, live,
+      dead: [...packs].filter((p) => !live.has(p)),
+      missing: [...live].filter((p) => !packs.has(p)),
+    };
+  } finally {
+    await store.close();
+  }
+}
+
+async function api(d: Daemon, method: string, url: string, body?: unknown, expect = 200): Promise<any> {
+  const r = await d.api(method, url, body);
+  assert.equal(r.status, expect, `${method} ${url}: ${r.text}`);
+  return r.json;
+}
+
+const enc = encodeURIComponent;
+
+/** `updraft scrub -c CONFIG`: exit code and report. */
+export async function scrub(d: Daemon): Promise<{ code: number | null; report: any; stderr: string }> {
+  const r = await run(process.execPath, [DAEMON_MAIN, 'scrub', '-c', d.configPath], { timeoutMs: 120_000 });
+  return { code: r.code, report: r.stdout.trim() ? JSON.parse(r.stdout) : null, stderr: r.stderr };
+}
+
+function baseToml(gc: TomlTable, extra: TomlTable = {}): TomlTable {
+  return {
+    host: { id: 'gc-host' },
+    volumes: { seal_idle_ms: 200 },
+    servers: { nbd: { auto_create_size_gb: 0 } },
+    gc: { grace_period: '0s', interval: '1s', reconcile_interval: '1h', ...gc },
+    ...extra,
+  };
+}
+
+/** The volume in the model: what reads must return, locally and from the store. */
+interface Model {
+  live: Buffer;
+  /** The content of its manifest in the store, when it has one. */
+  stored?: Buffer;
+  open: boolean;
+  client?: NbdClient;
+  checkpoints: Map<string, Buffer>;
+}
+
+export function defineGcTests(backend: GcBackend): void {
+  const label = backend.label;
+
+  test(`${label}: 500+ seeded lifecycle events over 20+ volumes with GC at a zero grace period: every volume and checkpoint reads back, no dead pack is left`, { timeout: TIMEOUT }, async (t) => {
+    const seed = Number(process.env.UPDRAFT_GC_SEED ?? Math.floor(Math.random() * 2 ** 31));
+    t.diagnostic(`seed ${seed} (UPDRAFT_GC_SEED=${seed} replays it)`);
+    const rand = prng(seed);
+    const pick = <T>(items: T[]): T => items[Math.floor(rand() * items.length)];
+    const d = await startDaemon({ toml: baseToml(await backend.gcToml(`life${seed}`)) });
+    try {
+      await withLogs([d], async () => {
+        // Shared blocks, so volumes dedup against each other's packs (and GC races dedup).
+        const pool = Array.from({ length: 24 }, () => randomBytes(CHUNK));
+        const volumes = new Map<string, Model>();
+        let names = 0;
+        let checkpoints = 0;
+        const counts: Record<string, number> = {};
+        const openNames = () => [...volumes].filter(([, m]) => m.open).map(([n]) => n);
+        const closeClient = async (m: Model) => {
+          await m.client?.disconnect().catch(() => undefined);
+          m.client = undefined;
+        };
+        const clientOf = async (name: string, m: Model) => (m.client ??= await connect(d, name));
+        const create = async () => {
+          const name = `v${names++}`;
+          await api(d, 'PUT', `/api/exports/${name}`, { size_gb: SIZE / 1024 ** 3 }, 201);
+          volumes.set(name, { live: Buffer.alloc(SIZE), open: true, checkpoints: new Map() });
+        };
+        for (let i = 0; i < 20; i++) await create();
+        const events = 520;
+        for (let e = 0; e < events; e++) {
+          const roll = rand();
+          const open = openNames();
+          let kind: string;
+          if (roll < 0.04 && volumes.size < 40) {
+            kind = 'create';
+            await create();
+          } else if (roll < 0.42 && open.length > 0) {
+            kind = 'write';
+            const name = pick(open);
+            const m = volumes.get(name)!;
+            const c = await clientOf(name, m);
+            for (let n = 1 + Math.floor(rand() * 4); n > 0; n--) {
+              const chunk = Math.floor(rand() * CHUNKS);
+              const data = rand() < 0.7 ? pick(pool) : randomBytes(CHUNK);
+              await c.write(chunk * CHUNK, data);
+              data.copy(m.live, chunk * CHUNK);
+            }
+            if (rand() < 0.3) await c.flush();
+          } else if (roll < 0.6 && open.length > 0) {
+            kind = 'drain';
+            const name = pick(open);
+            await api(d, 'POST', `/api/exports/${name}/drain`);
+            volumes.get(name)!.stored = Buffer.from(volumes.get(name)!.live);
+          } else if (roll < 0.66 && open.length > 0) {
+            kind = 'fork';
+            const source = pick(open);
+            const target = `f${names++}`;
+            await api(d, 'POST', `/api/exports/${source}/fork`, { target }, 201);
+            const content = Buffer.from(volumes.get(source)!.live);
+            volumes.set(target, { live: content, stored: Buffer.from(content), open: true, checkpoints: new Map() });
+          } else if (roll < 0.7) {
+            const sources = [...volumes].filter(([, m]) => m.stored !== undefined).map(([n]) => n);
+            if (sources.length === 0) continue;
+            kind = 'lazy-fork';
+            const source = pick(sources);
+            const target = `f${names++}`;
+            await api(d, 'POST', `/api/exports/${source}/fork`, { target, mode: 'lazy' }, 201);
+            const content = Buffer.from(volumes.get(source)!.stored!);
+            volumes.set(target, { live: content, stored: Buffer.from(content), open: true, checkpoints: new Map() });
+          } else if (roll < 0.77 && open.length > 0) {
+            kind = 'checkpoint';
+            const name = pick(open);
+            const cp = `cp${checkpoints++}`;
+            await api(d, 'POST', `/api/exports/${name}/checkpoints`, { name: cp });
+            volumes.get(name)!.checkpoints.set(cp, Buffer.from(volumes.get(name)!.live));
+          } else if (roll < 0.8) {
+            const withCp = [...volumes].filter(([, m]) => m.checkpoints.size > 0).map(([n]) => n);
+            if (withCp.length === 0) continue;
+            kind = 'checkpoint-delete';
+            const name = pick(withCp);
+            const cp = pick([...volumes.get(name)!.checkpoints.keys()]);
+            await api(d, 'DELETE', `/api/exports/${name}/checkpoints/${cp}`);
+            volumes.get(name)!.checkpoints.delete(cp);
+          } else if (roll < 0.85 && open.length > 8) {
+            kind = 'delete';
+            const name = pick(open);
+            const m = volumes.get(name)!;
+            await closeClient(m);
+            await api(d, 'DELETE', `/api/exports/${name}`);
+            // A volume in the store is drained as it is released; one never stored is gone.
+            m.open = false;
+            if (m.stored !== undefined) m.stored = Buffer.from(m.live);
+            else if (m.checkpoints.size === 0) volumes.delete(name);
+          } else if (roll < 0.88) {
+            const closed = [...volumes].filter(([, m]) => !m.open && m.stored !== undefined).map(([n]) => n);
+            if (closed.length === 0) continue;
+            kind = 'wake';
+            const name = pick(closed);
+            await api(d, 'PUT', `/api/exports/${name}`, { size_gb: SIZE / 1024 ** 3 });
+            const m = volumes.get(name)!;
+            m.open = true;
+            m.live = Buffer.from(m.stored!);
+          } else if (roll < 0.93 && volumes.size > 20) {
+            kind = 'purge';
+            const name = pick([...volumes.keys()]);
+            const m = volumes.get(name)!;
+            await closeClient(m);
+            const r = await d.api('DELETE', `/api/exports/${name}?purge=true&force=true`);
+            // A volume neither open nor in the store (deleted before any drain, only checkpoints) still purges them.
+            assert.ok(r.status === 200, `purge ${name}: ${r.text}`);
+            volumes.delete(name);
+          } else {
+            kind = 'gc';
+            await api(d, 'POST', '/api/gc', { reconcile: rand() < 0.2 });
+          }
+          counts[kind] = (counts[kind] ?? 0) + 1;
+        }
+        const total = Object.values(counts).reduce((a, b) => a + b, 0);
+        t.diagnostic(`events: ${JSON.stringify(counts)} (${total}); volumes now ${volumes.size}`);
+        assert.ok(total >= 500, `only ${total} events ran`);
+        for (const m of volumes.values()) await closeClient(m);
+
+        // Reconcile and delete what is dead (grace 0): the store then holds exactly the live packs.
+        const gc = await api(d, 'POST', '/api/gc', { reconcile: true });
+        assert.equal(gc.cycle.skipped, undefined, JSON.stringify(gc));
+        const audit = await storeAudit(path.join(d.dir, 'store'));
+        assert.deepEqual(audit.missing, [], 'manifests name packs that are not in the store');
+        assert.deepEqual(audit.dead, [], 'packs no manifest or checkpoint names are left after reconciliation');
+        const deleted = await metric(d, 'updraft_gc_packs_deleted_total');
+        t.diagnostic(`store: ${audit.manifests} manifests and checkpoints, ${audit.packs} packs; GC deleted ${deleted} packs`);
+        assert.ok(deleted > 0, 'GC deleted nothing: the test proved nothing');
+        const scrubbed = await scrub(d);
+        assert.equal(scrubbed.code, 0, `scrub: ${scrubbed.stderr}`);
+
+        // Every surviving volume and checkpoint reads back exactly.
+        for (const [name, m] of volumes) {
+          if (!m.open && m.stored !== undefined) {
+            await api(d, 'PUT', `/api/exports/${name}`, { size_gb: SIZE / 1024 ** 3 });
+            m.live = m.stored;
+            m.open = true;
+          }
+          if (m.open) {
+            const c = await connect(d, name);
+            assert.ok((await readAll(c, 0, SIZE)).equals(m.live), `volume ${name} reads back differently`);
+            await c.disconnect();
+          }
+          for (const [cp, content] of m.checkpoints) {
+            const c = await connect(d, `${name}@${cp}`);
+            assert.ok((await readAll(c, 0, SIZE)).equals(content), `checkpoint ${name}@${cp} reads back differently`);
+            await c.disconnect();
+          }
+        }
+      });
+    } finally {
+      await d.cleanup();
+    }
+  });
+
+  /** Continuous volumes written (each write flushed) until the daemon kills itself at `point`. */
+  const crashTest = (title: string, points: string[], garbage: boolean) =>
+    test(`${label}: ${title}`, { timeout: TIMEOUT }, async (t) => {
+      const seed = Number(process.env.UPDRAFT_GC_SEED ?? Math.floor(Math.random() * 2 ** 31));
+      const rand = prng(seed);
+      for (const point of points) {
+        const nth = 1 + Math.floor(rand() * 4);
+        t.diagnostic(`seed ${seed}: SIGKILL at ${point} #${nth}`);
+        const gc = await backend.gcToml(`crash${seed}${point.replace(/-/g, '')}`);
+        const d = await startDaemon({
+          toml: baseToml(gc, { volumes: { seal_idle_ms: 200, flush_mode: 'continuous', continuous_block_interval_ms: 200, continuous_manifest_interval_ms: 400 } }),
+          env: { UPDRAFT_CRASH_AT: `${point}:${nth}` },
+        });
+        try {
+          await withLogs([d], async () => {
+            const names = ['c0', 'c1', 'c2', 'c3'];
+            const live = new Map<string, Buffer>();
+            // Chunks whose last write was not acknowledged when the daemon died: either content is right.
+            const unsure = new Map<string, Map<number, Buffer>>();
+            for (const name of names) {
+              await api(d, 'PUT', `/api/exports/${name}`, { size_gb: SIZE / 1024 ** 3 }, 201);
+              live.set(name, Buffer.alloc(SIZE));
+              unsure.set(name, new Map());
+            }
+            const clients = new Map<string, NbdClient>();
+            for (const name of names) clients.set(name, await connect(d, name));
+            const deadline = Date.now() + 60_000;
+            let round = 0;
+            while (d.running && Date.now() < deadline) {
+              for (const name of names) {
+                // Overwrite most chunks each round so the previous manifests' packs become garbage.
+                const chunks = garbage ? Array.from({ length: CHUNKS }, (_, i) => i).filter(() => rand() < 0.8) : [Math.floor(rand() * CHUNKS)];
+                for (const chunk of chunks) {
+                  const data = randomBytes(CHUNK);
+                  try {
+                    await clients.get(name)!.write(chunk * CHUNK, data);
+                    await clients.get(name)!.flush();
+                    data.copy(live.get(name)!, chunk * CHUNK);
+                  } catch {
+                    unsure.get(name)!.set(chunk, data);
+                    break;
+                  }
+                }
+                if (!d.running) break;
+              }
+              round++;
+              await new Promise((r) => setTimeout(r, 250 + rand() * 500));
+            }
+            await d.exited();
+            assert.match(d.log(), new RegExp(`crashing at ${point}`), `the daemon did not reach ${point} in ${round} rounds`);
+            await d.restart({});
+            const result = await api(d, 'POST', '/api/gc', { reconcile: true });
+            assert.equal(result.cycle.skipped, undefined, JSON.stringify(result));
+            // Nothing live lost, nothing dead left (grace 0): drain each volume, reconcile again, audit.
+            for (const name of names) await api(d, 'POST', `/api/exports/${name}/drain`);
+            await api(d, 'POST', '/api/gc', { reconcile: true });
+            const audit = await storeAudit(path.join(d.dir, 'store'));
+            assert.deepEqual(audit.missing, [], 'manifests name packs that are not in the store');
+            assert.deepEqual(audit.dead, [], 'dead packs are left after reconciliation');
+            assert.equal((await scrub(d)).code, 0);
+            for (const name of names) {
+              const c = await connect(d, name);
+              const got = await readAll(c, 0, SIZE);
+              await c.disconnect();
+              const want = live.get(name)!;
+              for (const [chunk, data] of unsure.get(name)!) {
+                if (got.subarray(chunk * CHUNK, (chunk + 1) * CHUNK).equals(data)) data.copy(want, chunk * CHUNK);
+              }
+              assert.ok(got.equals(want), `volume ${name} lost acknowledged writes across the crash at ${point}`);
+            }
+          });
+        } finally {
+          await d.cleanup();
+        }
+      }
+    });
+
+  crashTest('SIGKILL inside a continuous flush\'s refcount transaction (before and after the manifest PUT): restart, reconcile, nothing live lost, nothing dead left', ['manifest-put', 'manifest-commit'], false);
+  crashTest('SIGKILL inside a deletion cycle (between deletes, and before the rows are forgotten): restart, reconcile, nothing live lost, nothing dead left', ['pack-delete', 'pack-forget'], true);
+
+  test(`${label}: a continuous flush that adds 2 packs touches the same few SQL rows with 1 and with 1,000 volumes registered`, { timeout: TIMEOUT }, async (t) => {
+    const gc = await backend.gcToml(`rows${Date.now().toString(36)}`);
+    const d = await startDaemon({
+      // Long intervals: the flush comes once the writes stop for a second, one per batch of 50 chunks.
+      toml: baseToml({ ...gc, interval: '1h' }, {
+        volumes: { seal_idle_ms: 200, flush_mode: 'continuous', continuous_block_interval_ms: 60_000, continuous_manifest_interval_ms: 60_000 },
+      }),
+    });
+    try {
+      await withLogs([d], async () => {
+        await waitFor('the first GC cycle', async () => (await metric(d, 'updraft_gc_cycles_total')) >= 1);
+        await api(d, 'PUT', '/api/exports/hot', { size_gb: 16 / 1024 }, 201);
+        const c = await connect(d, 'hot');
+        let next = 0;
+        /** Write 50 new chunks (2 packs of 25) and wait for the continuous flush; the rows it wrote. */
+        const flushTwoPacks = async () => {
+          const before = await d.api('GET', '/api/exports/hot');
+          const rows0 = await metric(d, 'updraft_gc_sql_rows_written_total');
+          for (let i = 0; i < 50; i++) await c.write((next++ % 128) * CHUNK, randomBytes(CHUNK));
+          await c.flush();
+          const sequence = (await d.api('GET', '/api/exports/hot')).json.sequence;
+          await waitFor('the continuous flush', async () => (await d.api('GET', '/api/exports/hot')).json.manifest_sequence === sequence, 30_000);
+          assert.ok(sequence > before.json.sequence);
+          return (await metric(d, 'updraft_gc_sql_rows_written_total')) - rows0;
+        };
+        await flushTwoPacks(); // the first manifest of the volume (and its lease)
+        const alone = await flushTwoPacks();
+        // 999 more volumes' manifests in the same database, each naming 4 packs.
+        const db = openGcDatabase(typeof gc.database_url === 'string' ? gc.database_url : '', path.join(d.dir, 'cache'));
+        const store = openObjectStore(`file://${path.join(d.dir, 'store')}`, {});
+        const refcounts = await PackRefcounts.open(db, { hostId: 'filler', store, settleMs: 60_000, log: createLogger('test', 'error') });
+        const fillerPacks = Array.from({ length: 64 }, () => randomBytes(16).toString('hex'));
+        for (const p of fillerPacks) await refcounts.registerPack(p);
+        for (let i = 0; i < 999; i++) {
+          const packs = new Set(Array.from({ length: 4 }, (_, k) => fillerPacks[(i * 7 + k * 13) % fillerPacks.length]));
+          const w = await refcounts.begin(`volumes/filler-${i}/manifest`, packs, `hash${i}`);
+          await refcounts.commit(w, `etag${i}`);
+        }
+        assert.equal((await refcounts.countedKeys()).size, 1000);
+        await db.close();
+        await store.close();
+        const crowded = await flushTwoPacks();
+        t.diagnostic(`SQL rows written by a continuous flush adding 2 packs: ${alone} with 1 volume, ${crowded} with 1,000`);
+        // Pack rows (2 registered + 2 incremented), intent in and out, manifest etag, counted rows (2), lease-free: about 9.
+        assert.ok(alone >= 4 && alone <= 12, `${alone} rows for a flush adding 2 packs`);
+        assert.equal(crowded, alone, 'the rows a flush touches grew with the number of volumes');
+        await c.disconnect();
+      });
+    } finally {
+      await d.cleanup();
+    }
+  });
+}

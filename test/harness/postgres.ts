@@ -1,0 +1,120 @@
+// A real PostgreSQL server for the GC tests, from Debian's packages
+// (/usr/lib/postgresql/N/bin): initdb into a fresh folder, postgres on 127.0.0.1 with a
+// free port and a private socket folder, one database per call of `database()`. PostgreSQL
+// refuses to run as root, so when we are root the server runs as the `postgres` user (the
+// folder is handed to it). Stopped by its pid.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { chownSync, existsSync, readdirSync } from 'node:fs';
+import path from 'node:path';
+import pg from 'pg';
+import { freePort, removeDir, scratchDir } from './daemon.js';
+import { runOk, tail } from './tools.js';
+
+const READY_TIMEOUT_MS = 30_000;
+
+/** The folder of PostgreSQL's server binaries (the newest installed), or undefined. */
+export function postgresBin(): string | undefined {
+  const root = '/usr/lib/postgresql';
+  if (!existsSync(root)) return undefined;
+  const versions = readdirSync(root).filter((v) => existsSync(path.join(root, v, 'bin', 'postgres'))).sort((a, b) => Number(b) - Number(a));
+  return versions.length > 0 ? path.join(root, versions[0], 'bin') : undefined;
+}
+
+export interface Postgres {
+  /** postgres://updraft@127.0.0.1:PORT/ — add a database name. */
+  baseUrl: string;
+  port: number;
+  /** Create a fresh database; returns its URL. */
+  database(name: string): Promise<string>;
+  log(): string;
+  stop(): Promise<void>;
+}
+
+/** uid and gid of the `postgres` user when we are root (PostgreSQL will not run as root). */
+async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
+  if (process.getuid?.() !== 0) return undefined;
+  const uid = Number((await runOk('id', ['-u', 'postgres'], { timeoutMs: 5000 })).stdout.trim());
+  const gid = Number((await runOk('id', ['-g', 'postgres'], { timeoutMs: 5000 })).stdout.trim());
+  return { uid, gid };
+}
+
+export async function startPostgres(): Promise<Postgres> {
+  const bin = postgresBin();
+  if (bin === undefined) {
+    throw new Error('PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres); install the Debian package postgresql (scripts/setup-test-deps.sh does when root)');
+  }
+  const dir = await scratchDir('updraft-pg-');
+  const user = await serverUser();
+  if (user) chownSync(dir, user.uid, user.gid);
+  const data = path.join(dir, 'data');
+  const asServer = user ? { uid: user.uid, gid: user.gid } : {};
+  const env = { ...process.env, LC_ALL: 'C', LANG: 'C' };
+  await new Promise<void>((resolve, reject) => {
+    const init = spawn(path.join(bin, 'initdb'), ['-D', data, '-U', 'updraft', '--auth=trust', '-E', 'UTF8', '--no-sync'], { ...asServer, env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    init.stdout!.on('data', (c: Buffer) => (out += c.toString()));
+    init.stderr!.on('data', (c: Buffer) => (out += c.toString()));
+    init.once('error', reject);
+    init.once('close', (code) => (code === 0 ? resolve() : reject(new Error(`initdb exited ${code}:\n${tail(out, 20)}`))));
+  });
+  const port = await freePort();
+  let output = '';
+  const child: ChildProcess = spawn(
+    path.join(bin, 'postgres'),
+    ['-D', data, '-k', dir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'fsync=off', '-c', 'max_connections=200'],
+    { ...asServer, env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  child.stdout!.on('data', (c: Buffer) => (output = (output + c.toString()).slice(-65536)));
+  child.stderr!.on('data', (c: Buffer) => (output = (output + c.toString()).slice(-65536)));
+  const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
+  const onExit = () => {
+    if (child.pid !== undefined && child.exitCode === null) process.kill(child.pid, 'SIGKILL');
+  };
+  process.once('exit', onExit);
+  const stop = async () => {
+    process.removeListener('exit', onExit);
+    if (child.exitCode === null && child.signalCode === null && child.pid !== undefined) {
+      process.kill(child.pid, 'SIGINT'); // fast shutdown
+      const late = setTimeout(() => child.pid !== undefined && child.exitCode === null && process.kill(child.pid, 'SIGKILL'), 10_000);
+      await exited;
+      clearTimeout(late);
+    }
+    await removeDir(dir);
+  };
+  const baseUrl = `postgres://updraft@127.0.0.1:${port}/`;
+  try {
+    const deadline = Date.now() + READY_TIMEOUT_MS;
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`postgres exited with ${child.exitCode} before it was ready`);
+      const client = new pg.Client({ connectionString: `${baseUrl}postgres` });
+      try {
+        await client.connect();
+        await client.end();
+        break;
+      } catch {
+        await client.end().catch(() => undefined);
+      }
+      if (Date.now() > deadline) throw new Error(`postgres not ready on port ${port} after ${READY_TIMEOUT_MS} ms`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  } catch (err) {
+    await stop();
+    throw new Error(`${(err as Error).message}\n--- postgres output (tail) ---\n${tail(output, 30)}`, { cause: err });
+  }
+  return {
+    baseUrl,
+    port,
+    async database(name) {
+      const client = new pg.Client({ connectionString: `${baseUrl}postgres` });
+      await client.connect();
+      try {
+        await client.query(`CREATE DATABASE "${name.replace(/"/g, '')}"`);
+      } finally {
+        await client.end();
+      }
+      return `${baseUrl}${name}`;
+    },
+    log: () => output,
+    stop,
+  };
+}
