@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test, type TestContext } from 'node:test';
 import { removeDir, scratchDir, startDaemon, type Daemon } from './harness/daemon.js';
+import { withLogs } from './harness/cluster.js';
 import { TOOLS, commandLine, requireTools, run, tail } from './harness/tools.js';
 
 const MiB = 1024 * 1024;
@@ -71,15 +72,6 @@ async function exportMetrics(daemon: Daemon, name: string): Promise<any> {
   return response.json;
 }
 
-/** Adds the daemon's log tail to a failure. */
-async function withLog(daemon: Daemon, body: () => Promise<void>): Promise<void> {
-  try {
-    await body();
-  } catch (err) {
-    if (err instanceof Error) err.message += `\n--- daemon log (tail) ---\n${tail(daemon.log(), 30)}`;
-    throw err;
-  }
-}
 
 // One daemon for the plain workloads: sealing far off, so reads come from the overlay.
 let daemon: Daemon | undefined;
@@ -102,7 +94,7 @@ function plain(t: TestContext): { daemon: Daemon; cwd: string } | undefined {
 test('fio random 4 KiB writes at QD32 verify (crc32c)', { timeout: TEST_TIMEOUT_MS }, async (t) => {
   const env = plain(t);
   if (!env) return;
-  await withLog(env.daemon, async () => {
+  await withLogs([env.daemon], async () => {
     const result = await fio(env.cwd, [
       '--name=randwrite-4k', ...verifyArgs(env.daemon.uri('fio-randwrite')),
       '--rw=randwrite', '--bs=4k', '--iodepth=32', '--size=64M', '--do_verify=1',
@@ -115,7 +107,7 @@ test('fio random 4 KiB writes at QD32 verify (crc32c)', { timeout: TEST_TIMEOUT_
 test('fio sequential 1 MiB writes at QD8 verify (crc32c)', { timeout: TEST_TIMEOUT_MS }, async (t) => {
   const env = plain(t);
   if (!env) return;
-  await withLog(env.daemon, async () => {
+  await withLogs([env.daemon], async () => {
     const result = await fio(env.cwd, [
       '--name=write-1m', ...verifyArgs(env.daemon.uri('fio-seq')),
       '--rw=write', '--bs=1M', '--iodepth=8', '--size=128M', '--do_verify=1',
@@ -128,7 +120,7 @@ test('fio sequential 1 MiB writes at QD8 verify (crc32c)', { timeout: TEST_TIMEO
 test('fio random writes of 512 B to 1 MiB at 512-byte (sector-unaligned) offsets, QD16, verify (crc32c)', { timeout: TEST_TIMEOUT_MS }, async (t) => {
   const env = plain(t);
   if (!env) return;
-  await withLog(env.daemon, async () => {
+  await withLogs([env.daemon], async () => {
     const result = await fio(env.cwd, [
       '--name=bsrange', ...verifyArgs(env.daemon.uri('fio-bsrange')),
       '--rw=randwrite', '--bsrange=512-1M', '--blockalign=512', '--iodepth=16', '--size=64M', '--do_verify=1',
@@ -140,7 +132,7 @@ test('fio random writes of 512 B to 1 MiB at 512-byte (sector-unaligned) offsets
 test('fio mixed random reads and writes at QD1 verify (crc32c)', { timeout: TEST_TIMEOUT_MS }, async (t) => {
   const env = plain(t);
   if (!env) return;
-  await withLog(env.daemon, async () => {
+  await withLogs([env.daemon], async () => {
     const result = await fio(env.cwd, [
       '--name=randrw', ...verifyArgs(env.daemon.uri('fio-randrw')),
       '--rw=randrw', '--bs=4k', '--iodepth=1', '--size=64M', '--do_verify=1',
@@ -152,7 +144,7 @@ test('fio mixed random reads and writes at QD1 verify (crc32c)', { timeout: TEST
 test('two concurrent fio processes on disjoint halves of one export (unix socket and TCP) both verify', { timeout: TEST_TIMEOUT_MS }, async (t) => {
   const env = plain(t);
   if (!env) return;
-  await withLog(env.daemon, async () => {
+  await withLogs([env.daemon], async () => {
     const half = (name: string, uri: string, offset: string, bs: string) =>
       fio(env.cwd, [
         `--name=${name}`, ...verifyArgs(uri),
@@ -173,7 +165,7 @@ test('an export does not hold another export\'s data: fio verify_only of export 
   // Also shows the verify check above can fail: the same verify, pointed at other data, reports it.
   const env = plain(t);
   if (!env) return;
-  await withLog(env.daemon, async () => {
+  await withLogs([env.daemon], async () => {
     const job = ['--name=isolation', '--rw=randwrite', '--bs=4k', '--iodepth=16', '--size=16M'];
     const written = await fio(env.cwd, [...job, ...verifyArgs(env.daemon.uri('fio-iso-a')), '--do_verify=1']);
     assertVerified(written);
@@ -197,7 +189,7 @@ test('fio verify_only passes when every block is sealed (reads from the disk-tie
     await sealing.cleanup();
     await removeDir(cwd);
   });
-  await withLog(sealing, async () => {
+  await withLogs([sealing], async () => {
     const size = 64 * MiB;
     const chunks = size / (128 * 1024);
     const job = ['--name=sealed', ...verifyArgs(sealing.uri('fio-sealed')), '--rw=randwrite', '--bs=4k', '--iodepth=32', `--size=${size}`];

@@ -13,6 +13,7 @@ import tls from 'node:tls';
 import { after, before, describe, test } from 'node:test';
 import { stringify } from 'smol-toml';
 import { DAEMON_MAIN, freePort, removeDir, scratchDir, startDaemon, type Daemon, type TomlTable } from './harness/daemon.js';
+import { withLogs } from './harness/cluster.js';
 import {
   NBD_INFO,
   NBD_OPT,
@@ -26,7 +27,7 @@ import {
   rawSocket,
   type OptionReply,
 } from './harness/nbd-client.js';
-import { TOOLS, requireTools, run, runOk, tail, which } from './harness/tools.js';
+import { TOOLS, requireTools, run, runOk, which } from './harness/tools.js';
 
 const MiB = 1024 * 1024;
 const TOOL_TIMEOUT_MS = 60_000;
@@ -64,15 +65,6 @@ after(async () => {
   if (dir && !process.env.UPDRAFT_KEEP_TEST_DIRS) await removeDir(dir);
 });
 
-/** Runs body; a failure carries the daemon's log tail. */
-async function withLog(daemon: Daemon, body: () => Promise<void>): Promise<void> {
-  try {
-    await body();
-  } catch (err) {
-    if (err instanceof Error) err.message += `\n--- daemon log (tail) ---\n${tail(daemon.log(), 30)}`;
-    throw err;
-  }
-}
 
 /** `updraft ARGS` as a user runs it; resolves with its exit code and output. */
 function updraft(args: string[], env: NodeJS.ProcessEnv = {}) {
@@ -141,7 +133,7 @@ describe('the HTTP API with a token', { timeout: TEST_TIMEOUT_MS }, () => {
   ];
 
   test('a request without a token, with a wrong one or with another scheme is 401 with a JSON error and a Bearer challenge, on every route', async () => {
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const wrong: Array<[string, string | undefined]> = [
         ['no Authorization header', undefined],
         ['an empty bearer token', 'Bearer '],
@@ -170,7 +162,7 @@ describe('the HTTP API with a token', { timeout: TEST_TIMEOUT_MS }, () => {
   });
 
   test('the right token is 200 on the API, /healthz and /metrics; the scheme is case-insensitive', async () => {
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       for (const auth of [`Bearer ${TOKEN}`, `bearer ${TOKEN}`]) {
         const health = await request('GET', '/healthz', auth);
         assert.equal(health.status, 200, health.text);
@@ -186,7 +178,7 @@ describe('the HTTP API with a token', { timeout: TEST_TIMEOUT_MS }, () => {
   });
 
   test('the CLI sends the token from the config: checkpoint list works with it and is refused with a wrong one', async () => {
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       assert.equal((await daemon.api('PUT', '/api/exports/cli-vol', { size_gb: 0.0625 })).status, 201);
       const ok = await updraft(['checkpoint', 'list', 'cli-vol', '-c', daemon.configPath], { UPDRAFT_TEST_TOKEN: TOKEN });
       assert.equal(ok.code, 0, ok.stderr);
@@ -284,7 +276,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('nbdinfo over TLS with the CA the certificate was signed by reports TLS and the export', async (t) => {
     if (!requireTools(t, [TOOLS.nbdinfo, TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const result = await runOk('nbdinfo', ['--json', tlsUri(daemon, 'tls-info')], { timeoutMs: TOOL_TIMEOUT_MS });
       const info = JSON.parse(result.stdout);
       assert.equal(info.TLS, true, result.stdout);
@@ -295,7 +287,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('nbdcopy writes and reads back 24 MiB over TLS byte for byte, and qemu-img compares the export over TLS equal to the file', async (t) => {
     if (!requireTools(t, [TOOLS.nbdcopy, TOOLS.qemuImg, TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const source = path.join(daemon.dir, 'tls-source.img');
       const back = path.join(daemon.dir, 'tls-back.img');
       writeFileSync(source, randomBytes(24 * MiB));
@@ -318,7 +310,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('plaintext nbdinfo over TCP is refused and creates nothing', async (t) => {
     if (!requireTools(t, [TOOLS.nbdinfo, TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const result = await run('nbdinfo', [daemon.tcpUri('plain-refused')], { timeoutMs: TOOL_TIMEOUT_MS });
       assert.notEqual(result.code, 0, `plaintext nbdinfo succeeded: ${result.stdout}`);
       assert.equal((await daemon.api('GET', '/api/exports/plain-refused')).status, 404, 'a refused plaintext client created its export');
@@ -327,7 +319,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('before TLS every option but STARTTLS and ABORT gets NBD_REP_ERR_TLS_REQD, STARTTLS with data NBD_REP_ERR_INVALID; after TLS, a second STARTTLS is NBD_REP_ERR_INVALID and GO works', async (t) => {
     if (!requireTools(t, [TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const conn = await rawSocket({ ...daemon.tcp, stage: 'greeted' });
       try {
         const refused: Array<[number, Buffer | undefined]> = [
@@ -362,7 +354,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('NBD_OPT_EXPORT_NAME before TLS, and a client without fixed newstyle, are disconnected; NBD_OPT_ABORT is answered', async (t) => {
     if (!requireTools(t, [TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const exportName = await rawSocket({ ...daemon.tcp, stage: 'greeted' });
       await exportName.sendOption(NBD_OPT.EXPORT_NAME, Buffer.from('export-name-plain'));
       assert.ok(await exportName.waitClosed(3000), 'NBD_OPT_EXPORT_NAME before TLS did not close the connection');
@@ -387,7 +379,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('a client that does not do TLS after the ACK, or sends options before it, is disconnected and the daemon serves on', async (t) => {
     if (!requireTools(t, [TOOLS.nbdinfo, TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const garbage = await rawSocket({ ...daemon.tcp, stage: 'greeted' });
       await garbage.sendOption(NBD_OPT.STARTTLS);
       await expectOptionReply(garbage, NBD_OPT.STARTTLS, NBD_REP.ACK, 'NBD_OPT_STARTTLS');
@@ -410,7 +402,7 @@ describe('NBD with tls = "require"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('the unix socket, guarded by its mode (socket_mode = "0600" here), serves plaintext and TLS alike', async (t) => {
     if (!requireTools(t, [TOOLS.nbdinfo, TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       assert.equal((statSync(daemon.socket).mode & 0o777).toString(8), '600');
       const plain = JSON.parse((await runOk('nbdinfo', ['--json', daemon.uri('unix-vol')], { timeoutMs: TOOL_TIMEOUT_MS })).stdout);
       assert.equal(plain.TLS, false);
@@ -433,7 +425,7 @@ describe('NBD with tls = "on"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('nbdinfo is served over TCP both in plaintext and over TLS', async (t) => {
     if (!requireTools(t, [TOOLS.nbdinfo, TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const plain = JSON.parse((await runOk('nbdinfo', ['--json', daemon.tcpUri('both')], { timeoutMs: TOOL_TIMEOUT_MS })).stdout);
       assert.equal(plain.TLS, false);
       assert.equal(plain.exports[0]['export-size'], 256 * MiB);
@@ -445,7 +437,7 @@ describe('NBD with tls = "on"', { timeout: TEST_TIMEOUT_MS }, () => {
 
   test('options negotiated before STARTTLS are forgotten after it, as the spec requires: structured replies must be asked for again', async (t) => {
     if (!requireTools(t, [TOOLS.openssl])) return;
-    await withLog(daemon, async () => {
+    await withLogs([daemon], async () => {
       const conn = await rawSocket({ ...daemon.tcp, stage: 'greeted' });
       try {
         await conn.sendOption(NBD_OPT.STRUCTURED_REPLY);

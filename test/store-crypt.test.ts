@@ -21,7 +21,7 @@ import { decodeManifest, encodeManifest, ManifestBuilder } from '../src/store/ma
 import { decodePackIndex, encodePack, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
 import { connect, createVolume, drain, MiB, CHUNK, readAll, startCluster, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';
 import { DAEMON_MAIN, mergeToml, removeDir, scratchDir, type TomlTable } from './harness/daemon.js';
-import { startMinio, type Minio } from './harness/minio.js';
+import { minioStore, startMinio, type Minio } from './harness/minio.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 import { requireTools, run, runOk, TOOLS } from './harness/tools.js';
 
@@ -654,17 +654,5 @@ describe('MinIO', () => {
   after(async () => {
     await minio?.stop();
   });
-  defineEncryptedStoreTests((dir) => {
-    if (!minio) throw new Error('MinIO did not start');
-    return {
-      label: 's3://',
-      toml: {
-        storage: { url: `s3://${minio.bucket}/${path.basename(dir)}` },
-        aws: {
-          access_key_id: minio.accessKeyId, secret_access_key: minio.secretAccessKey, endpoint: minio.endpoint,
-          default_region: minio.region, allow_http: true, force_path_style: true,
-        },
-      },
-    };
-  }, 's3:// (MinIO)', 64);
+  defineEncryptedStoreTests((dir) => minioStore(minio, dir), 's3:// (MinIO)', 64);
 });

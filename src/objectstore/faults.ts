@@ -45,8 +45,8 @@ interface Fate {
 const RATE_KEYS = ['errorRate', 'serverErrorRate', 'truncateRate', 'lostPutRate'] as const;
 const DELAY_KEYS = ['latencyMs', 'latencyJitterMs'] as const;
 
-/** mulberry32: small, fast, and good enough to schedule faults. */
-function prng(seed: number): () => number {
+/** mulberry32: small, fast, and good enough to schedule faults (and seeded test runs). */
+export function prng(seed: number): () => number {
   let state = (seed % 2 ** 32) ^ Math.floor(seed / 2 ** 32);
   return () => {
     state = (state + 0x6d2b79f5) | 0;

@@ -3,6 +3,7 @@
 // lifecycle with GC running at a zero grace period, SIGKILL inside a manifest write's
 // refcount transaction and inside a deletion cycle, and the SQL cost of a flush with 1
 // and with 1,000 volumes registered.
+import { prng } from '../../src/objectstore/faults.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -28,18 +29,6 @@ export interface GcBackend {
   label: string;
   /** The [gc] keys that select this database, for a fresh database named `name`. */
   gcToml(name: string): Promise<TomlTable>;
-}
-
-/** mulberry32: the same seed replays the same lifecycle. */
-export function prng(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) | 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** What the store holds: packs named by a manifest or checkpoint (live), packs nothing names (dead), named packs that are missing. */

@@ -8,6 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { freePort, removeDir, scratchDir } from './daemon.js';
+import type { SharedStore } from './cluster.js';
 import { killTree, tail } from './tools.js';
 
 const READY_TIMEOUT_MS = 30_000;
@@ -123,5 +124,20 @@ export async function startMinio(): Promise<Minio> {
     url: `s3://${bucket}/t-${Date.now().toString(36)}`,
     log: () => output,
     stop,
+  };
+}
+
+/** A cluster's shared store on this MinIO: one prefix per cluster folder, so clusters never see each other's objects. */
+export function minioStore(minio: Minio | undefined, dir: string): SharedStore {
+  if (!minio) throw new Error('MinIO did not start');
+  return {
+    label: 's3://',
+    toml: {
+      storage: { url: `s3://${minio.bucket}/${path.basename(dir)}` },
+      aws: {
+        access_key_id: minio.accessKeyId, secret_access_key: minio.secretAccessKey, endpoint: minio.endpoint,
+        default_region: minio.region, allow_http: true, force_path_style: true,
+      },
+    },
   };
 }
