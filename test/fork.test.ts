@@ -218,7 +218,8 @@ test('boot hot set: the chunks read after attach are recorded; a fork woken on a
 /**
  * Writes the manifest of a volume with `chunks` chunks of distinct blocks straight into the
  * store (no data: a fork never reads a block, and 8 GiB of real writes and uploads would
- * take minutes here). The blocks name packs that do not exist; nothing below reads them.
+ * take minutes here). Its packs exist as objects, because GC refuses to count a pack that
+ * is not in the store, but hold no block: nothing below reads them.
  */
 async function writeSyntheticVolume(storeDir: string, name: string, chunks: number): Promise<void> {
   const { ManifestBuilder, encodeManifest, manifestKey } = await import('../src/store/manifest.js');
@@ -229,12 +230,16 @@ async function writeSyntheticVolume(storeDir: string, name: string, chunks: numb
   const builder = new ManifestBuilder({
     format: 1, name, size: 16 * 1024 * MiB, blockSize, sequence: 1, generation: 0, host: 'test', created: new Date().toISOString(),
   });
+  const { packKey } = await import('../src/store/pack.js');
+  const store = openObjectStore(`file://${storeDir}`, {});
   let pack = '';
   for (let chunk = 0; chunk < chunks; chunk++) {
-    if (chunk % 25 === 0) pack = randomBytes(16).toString('hex');
+    if (chunk % 25 === 0) {
+      pack = randomBytes(16).toString('hex');
+      await store.put(packKey(pack), Buffer.from('synthetic pack: never read\n'));
+    }
     builder.setChunk(chunk, randomBytes(16), { pack, offset: 4096 + (chunk % 25) * 70_000, length: 70_000, rawLength: blockSize, codec: 1 });
   }
-  const store = openObjectStore(`file://${storeDir}`, {});
   await store.put(manifestKey(name), encodeManifest(manifestKey(name), builder.build(), parseCompression('zstd'), PLAINTEXT), { ifNoneMatch: '*' });
 }
 
@@ -248,6 +253,9 @@ test('fork work does not grow with written data: a volume with 8 GiB mapped and 
       const work: Record<string, Record<string, { requests: number; put: number; get: number; up: number; ms: number }>> = {};
       for (const [label, chunks] of Object.entries(sizes)) {
         await writeSyntheticVolume(storeDir, label, chunks);
+        // GC learns the new manifest and its packs, as it would have from their uploads.
+        const reconciled = await a.api('POST', '/api/gc', { reconcile: true });
+        assert.equal(reconciled.status, 200, reconciled.text);
         // Open the source here and give it the same dirty data: 1 MiB of whole chunks.
         const c = await connect(a, label);
         await writeRandom(c, 0, MiB);
