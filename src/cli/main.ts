@@ -226,7 +226,7 @@ async function bless(image: string, opts: { name: string; config?: string; bootR
   const { volumeNameProblem } = await import('../volume/names.js');
   const problem = volumeNameProblem(opts.name);
   if (problem) throw new UsageError(problem);
-  const { MAX_BOOT_RECORD_SECONDS } = await import('../store/catalog.js');
+  const { MAX_BOOT_RECORD_SECONDS, writeBootSet } = await import('../store/catalog.js');
   const bootSeconds = opts.bootRecord === undefined ? undefined : Number(opts.bootRecord);
   if (bootSeconds !== undefined && !(Number.isFinite(bootSeconds) && bootSeconds > 0 && bootSeconds <= MAX_BOOT_RECORD_SECONDS)) {
     throw new UsageError(`--boot-record ${JSON.stringify(opts.bootRecord)}: expected seconds, a number in (0, ${MAX_BOOT_RECORD_SECONDS}]`);
@@ -259,7 +259,6 @@ async function bless(image: string, opts: { name: string; config?: string; bootR
       },
     });
     if (bootSeconds === undefined) return blessed;
-    const { writeBootSet } = await import('../store/catalog.js');
     await writeBootSet(ctx.store, { format: 1, volume: opts.name, blockSize: ctx.config.servers.nbd.blockSize, seconds: bootSeconds, chunks: [], recording: true }, ctx.cipher);
     return { ...blessed, boot_record_seconds: bootSeconds };
   });

@@ -813,17 +813,25 @@ export class Volume {
     return sealed;
   }
 
+  /**
+   * The base block a seal of `chunk` (overlay sectors `mask`) must read and this host does
+   * not hold, if any. A chunk written whole seals without its base: no store GET for it.
+   */
+  private absentBase(chunk: number, mask: Uint8Array): BlockKey | undefined {
+    if (popcount(mask) === this.sectorsPerChunk) return undefined;
+    const base = this.map.get(chunk);
+    return base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base) ? base : undefined;
+  }
+
   private async sealChunk(chunk: number): Promise<boolean> {
     const state = this.sealing.get(chunk)!;
     try {
-      const base = this.map.get(chunk);
-      // A chunk written whole seals without its base block (no store GET for it).
-      const baseMissing = (mask: Uint8Array) =>
-        popcount(mask) !== this.sectorsPerChunk && base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base);
-      if (baseMissing(this.overlay.get(chunk)!)) await this.fetchBlocks([base!]);
+      const base = this.absentBase(chunk, this.overlay.get(chunk)!);
+      if (base !== undefined) await this.fetchBlocks([base]);
       if (state.invalid || this.closed) return false;
       const mask = Uint8Array.from(this.overlay.get(chunk)!);
-      if (baseMissing(mask)) return false; // the base left the cache meanwhile: a later seal tries again
+      // The base is needed but left the cache meanwhile: a later seal tries again.
+      if (this.absentBase(chunk, mask) !== undefined) return false;
       const bs = this.blockSize;
       const block = Buffer.allocUnsafe(bs);
       // Absent sectors come from the base block (memory or cache pread), present ones from the overlay.
@@ -881,10 +889,8 @@ export class Volume {
       }
       const bases: BlockKey[] = [];
       for (const [chunk, mask] of this.overlay) {
-        // A chunk written whole seals without its base block.
-        if (popcount(mask) === this.sectorsPerChunk) continue;
-        const key = this.map.get(chunk);
-        if (key !== undefined && key !== ZERO_ALLOCATED_KEY && !this.cache.has(key)) bases.push(key);
+        const base = this.absentBase(chunk, mask);
+        if (base !== undefined) bases.push(base);
       }
       if (bases.length > 0) await this.fetchBlocks(bases);
       if (this.sealAllSync()) break;
