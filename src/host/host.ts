@@ -20,7 +20,7 @@ import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
 import {
-  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestChunks, MissingError, purgeVolume, readBootSet,
+  deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestBlockMap, MissingError, purgeVolume, readBootSet,
   readManifest, writeBootSet, type CheckpointInfo,
 } from '../store/catalog.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
@@ -335,7 +335,7 @@ export class Host {
       if (!written?.indexed) await indexManifest(this.packIndex, manifest);
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
-      const volume = await Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
+      const volume = Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
       const link = new StoreLink(
         volume,
         { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
@@ -422,7 +422,10 @@ export class Host {
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
       forked = { ...(await link.fork(target)), indexed: true };
     } else {
-      forked = await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts);
+      const copied = await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts);
+      // The source's current manifest, open here: its blocks are in the pack index already.
+      const indexed = opts.checkpoint === undefined && copied.sourceEtag === this.links.get(source)?.manifestEtag;
+      forked = { ...copied, indexed };
     }
     const sequence = forked.sequence;
     await this.wake(target, {}, forked);
@@ -515,7 +518,7 @@ export class Host {
       const dir = path.join(this.options.cacheDir, 'checkpoints', ...volume.split('/'), checkpoint, '@');
       fs.rmSync(dir, { recursive: true, force: true });
       const meta = manifest.meta;
-      const served = await Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, chunks: manifestChunks(manifest) }, this.ctx);
+      const served = Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
       const link = new StoreLink(served, { format: 1, ...this.defaults, readOnly: true, generation: 0, manifestSequence: meta.sequence }, this.storeCtx);
       this.links.set(exportName, link);
       this.volumes.set(exportName, served);

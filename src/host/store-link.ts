@@ -590,6 +590,14 @@ export class StoreLink {
     throw new Error(`volume ${this.name}: the manifest keeps changing; the previous holder is still writing`);
   }
 
+  /**
+   * ETag of the volume's manifest this host last wrote or loaded; every block it names is
+   * in the host pack index.
+   */
+  get manifestEtag(): string | undefined {
+    return this.state.manifestEtag;
+  }
+
   /** Whether the lease is held here (the volume may write). */
   get holdsLease(): boolean {
     return this.state.generation > 0;

@@ -195,8 +195,33 @@ function manifestLabel(header: Buffer, key: string): Buffer {
  * inside the volume, every block index valid, every block a stored block with a location.
  */
 export function encodeManifest(key: string, m: Manifest, compression: Compression, cipher: StoreCipher): Buffer {
-  const raw = manifestBody(m, cipher.overhead);
-  const what = `encodeManifest ${m.meta.name}`;
+  return sealManifest(key, manifestBody(m, cipher.overhead), compression, cipher);
+}
+
+/**
+ * A decoded manifest under another name (a lazy fork): the body `decodeManifest` gave with
+ * its meta replaced, the tables copied as they are, so nothing is laid out again per
+ * block. `meta` must describe the same volume (size and block size) as the body.
+ */
+export function relabelManifest(key: string, decoded: DecodedManifest, meta: ManifestMeta, compression: Compression, cipher: StoreCipher): Buffer {
+  const parsed = META_SCHEMA.safeParse(meta);
+  if (!parsed.success) throw new Error(`relabelManifest ${meta?.name}: meta ${fieldProblem(parsed.error)}`);
+  const old = decoded.manifest.meta;
+  if (parsed.data.size !== old.size || parsed.data.blockSize !== old.blockSize) {
+    throw new Error(`relabelManifest ${meta.name}: size ${parsed.data.size}/${parsed.data.blockSize} differs from the body's ${old.size}/${old.blockSize}`);
+  }
+  const metaJson = Buffer.from(JSON.stringify(parsed.data));
+  const tables = decoded.raw.subarray(decoded.tablesAt);
+  const raw = Buffer.allocUnsafe(4 + metaJson.length + tables.length);
+  raw.writeUInt32LE(metaJson.length, 0);
+  metaJson.copy(raw, 4);
+  tables.copy(raw, 4 + metaJson.length);
+  return sealManifest(key, raw, compression, cipher);
+}
+
+/** Compress, seal and frame a manifest body (the layout above) for the object `key`. */
+function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher): Buffer {
+  const what = `encodeManifest ${key}`;
   const stored = compressBlock(compression, raw);
   const storedLength = stored.data.length + cipher.overhead;
   if (storedLength > MAX_BODY_BYTES) throw new Error(`${what}: the stored body would be ${storedLength} bytes; at most ${MAX_BODY_BYTES}`);
@@ -296,6 +321,20 @@ function manifestChecksum(body: Buffer): Buffer {
  * than `cipher` says or for another key.
  */
 export function decodeManifest(key: string, body: Buffer, cipher: StoreCipher): Manifest {
+  return decodeManifestBody(key, body, cipher).manifest;
+}
+
+/** A decoded manifest with its body as opened: what relabelManifest copies. */
+export interface DecodedManifest {
+  manifest: Manifest;
+  /** The body after opening and decompression. */
+  raw: Buffer;
+  /** Where the tables start in `raw`, after the meta. */
+  tablesAt: number;
+}
+
+/** decodeManifest, keeping the opened body. */
+export function decodeManifestBody(key: string, body: Buffer, cipher: StoreCipher): DecodedManifest {
   const fail = (what: string, cause?: unknown) => new FormatError(key, `manifest ${key}: ${what}`, cause === undefined ? undefined : { cause });
   if (body.length < MANIFEST_HEADER_BYTES) throw fail(`truncated: ${body.length} bytes, the header alone is ${MANIFEST_HEADER_BYTES}`);
   if (!body.subarray(0, 8).equals(MANIFEST_MAGIC)) {
@@ -347,6 +386,7 @@ export function decodeManifest(key: string, body: Buffer, cipher: StoreCipher): 
   const parsed = META_SCHEMA.safeParse(metaValue);
   if (!parsed.success) throw fail(`meta ${fieldProblem(parsed.error)}`);
   const meta: ManifestMeta = parsed.data;
+  const tablesAt = at;
 
   const packCount = table('pack table', PACK_ID_BYTES);
   const packs: string[] = new Array(packCount);
@@ -396,7 +436,7 @@ export function decodeManifest(key: string, body: Buffer, cipher: StoreCipher): 
     at += CHUNK_ENTRY_BYTES;
   }
   if (at !== raw.length) throw fail(`${raw.length - at} bytes after the chunk table`);
-  return { meta, chunks, chunkBlocks, blocks };
+  return { manifest: { meta, chunks, chunkBlocks, blocks }, raw, tablesAt };
 }
 
 /**

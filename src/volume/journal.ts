@@ -12,6 +12,7 @@ import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { blake3 } from '@napi-rs/blake-hash';
 import { HASH_BYTES } from '../crypto/hash.js';
+import type { BlockMap } from './blockmap.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const fsync = promisify(fs.fsync);
@@ -64,13 +65,21 @@ export class Journal {
     return 8 + HASH_BYTES + this.maskBytes;
   }
 
-  /** Create a journal holding one batch with the initial size. Durable on return. */
-  static create(file: string, blockSize: number, maskBytes: number, size: number): Journal {
+  /**
+   * Create a journal holding one batch with the initial size, and `initial`'s chunks and
+   * sequence when given. Durable on return.
+   */
+  static create(file: string, blockSize: number, maskBytes: number, size: number, initial?: { map: BlockMap; sequence: number }): Journal {
     const fd = fs.openSync(file, 'w+');
     const header = Journal.header(blockSize, maskBytes);
     fs.writeSync(fd, header, 0, header.length, 0);
     const journal = new Journal(file, fd, maskBytes, HEADER_BYTES);
-    journal.appendSync([], 0, size);
+    if (initial === undefined) journal.appendSync([], 0, size);
+    else {
+      const batch = journal.encodeMap(initial.map, initial.sequence, size);
+      fs.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
+      journal.position += batch.length;
+    }
     fs.fsyncSync(fd);
     return journal;
   }
@@ -145,6 +154,43 @@ export class Journal {
       batch.set(record.mask, at + 8 + HASH_BYTES);
       at += this.recordBytes;
     }
+    blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
+    return batch;
+  }
+
+  /**
+   * One batch naming every chunk of `map` with no overlay sectors, encoded straight from
+   * its pages: a volume woken or forked from a manifest starts with tens of thousands of
+   * records, and this allocates nothing per record.
+   */
+  private encodeMap(map: BlockMap, sequence: number, size: number): Buffer {
+    const body = BATCH_HEADER_BYTES + map.count * this.recordBytes;
+    const batch = Buffer.alloc(body + CHECKSUM_BYTES);
+    batch.writeUInt32BE(BATCH_MAGIC, 0);
+    batch.writeUInt32BE(map.count, 4);
+    batch.writeBigUInt64BE(BigInt(sequence), 8);
+    batch.writeBigUInt64BE(BigInt(size), 16);
+    let at = BATCH_HEADER_BYTES;
+    let written = 0;
+    for (const [pageIndex, page] of map.pagesInOrder()) {
+      for (let from = 0; from < page.length; from += HASH_BYTES) {
+        let empty = true;
+        for (let i = 0; i < HASH_BYTES; i++) {
+          if (page[from + i] !== 0) {
+            empty = false;
+            break;
+          }
+        }
+        if (empty) continue;
+        if (++written > map.count) throw new Error(`journal ${this.path}: the block map holds more chunks than its count (${map.count})`);
+        const chunk = pageIndex * (page.length / HASH_BYTES) + from / HASH_BYTES;
+        batch.writeUInt32BE(Math.floor(chunk / 0x100000000), at);
+        batch.writeUInt32BE(chunk >>> 0, at + 4);
+        page.copy(batch, at + 8, from, from + HASH_BYTES);
+        at += this.recordBytes; // the mask stays zero: no overlay sectors
+      }
+    }
+    if (written !== map.count) throw new Error(`journal ${this.path}: the block map holds ${written} chunks, its count says ${map.count}`);
     blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
     return batch;
   }

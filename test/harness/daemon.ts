@@ -178,7 +178,9 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
 
   const launch = async () => {
     logFile = createWriteStream(logPath, { flags: 'a' });
-    const proc = spawn(process.execPath, [main, 'run', '-c', configPath], {
+    // UPDRAFT_TEST_NODE_ARGS: extra node flags for every daemon (e.g. --cpu-prof to profile one test).
+    const nodeArgs = (process.env.UPDRAFT_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    const proc = spawn(process.execPath, [...nodeArgs, main, 'run', '-c', configPath], {
       cwd: dir,
       env,
       stdio: ['ignore', 'pipe', 'pipe'],
