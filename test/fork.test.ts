@@ -293,6 +293,25 @@ test('fork work does not grow with written data: a volume with 8 GiB mapped and 
       }
       // The first (lazy) fork of each wrote only its manifest; the consistent one also the dirty MiB's pack.
       assert.ok(work.small.consistent.up >= MiB / 2, 'the consistent fork did not upload the dirty data');
+
+      // The consistent fork shares its parent's block map pages (1,024 chunks each) until
+      // one side writes one: 8 GiB mapped is 64 pages, and a write copies only its page.
+      const pages = async (name: string) => {
+        const r = await a.api('GET', `/api/exports/${encodeURIComponent(name)}/metrics`);
+        assert.equal(r.status, 200, r.text);
+        const m = r.json as { map_pages: number; map_pages_shared: number; mapped_chunks: number };
+        return { total: m.map_pages, shared: m.map_pages_shared, chunks: m.mapped_chunks };
+      };
+      assert.deepEqual(await pages('big-consistent'), { total: 64, shared: 64, chunks: 65536 });
+      const fork = await connect(a, 'big-consistent');
+      // A whole chunk (the synthetic packs hold no real blocks, so no base is read), on page 4.
+      await writeRandom(fork, 5000 * 128 * 1024, 128 * 1024);
+      await fork.flush();
+      await fork.disconnect();
+      // The write stays in the overlay until sealed; sealing maps the chunk and copies page 4 only.
+      await waitFor('the written page to be copied', async () => (await pages('big-consistent')).shared === 63);
+      assert.deepEqual(await pages('big-consistent'), { total: 64, shared: 63, chunks: 65536 });
+      assert.equal((await pages('big')).total, 64);
     });
   } finally {
     await cluster.cleanup();

@@ -261,7 +261,8 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     for (const [op, s] of Object.entries(volume.stats.ops)) ops[op] = { count: s.count, bytes: s.bytes, seconds: s.seconds };
     return {
       name, size: volume.size, clients: volume.clients, sequence: volume.sequence, dirty_bytes: volume.dirtyBytes,
-      dirty_chunks: volume.dirtyChunks, mapped_chunks: volume.mappedChunks, chunks_sealed: volume.stats.chunksSealed, ops,
+      dirty_chunks: volume.dirtyChunks, mapped_chunks: volume.mappedChunks, map_pages: volume.mapPages.total,
+      map_pages_shared: volume.mapPages.shared, chunks_sealed: volume.stats.chunksSealed, ops,
     };
   });
 

@@ -18,6 +18,7 @@ import { decodeLease, leaseIsLive } from '../store/lease.js';
 import { decodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
+import type { BlockMap } from '../volume/blockmap.js';
 import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from '../volume/names.js';
 import {
   deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestBlockMap, MissingError, purgeVolume, readBootSet,
@@ -311,7 +312,7 @@ export class Host {
   async wake(
     name: string,
     settings: VolumeSettings = {},
-    written?: { manifest: Manifest; etag: string; indexed?: boolean },
+    written?: { manifest: Manifest; etag: string; indexed?: boolean; map?: BlockMap },
   ): Promise<Volume | undefined> {
     const pending = this.opening.get(name);
     if (pending) return pending;
@@ -335,7 +336,8 @@ export class Host {
       if (!written?.indexed) await indexManifest(this.packIndex, manifest);
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
-      const volume = Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
+      const map = written?.map ?? manifestBlockMap(manifest);
+      const volume = Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map }, this.ctx);
       const link = new StoreLink(
         volume,
         { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
@@ -416,7 +418,7 @@ export class Host {
     if (this.volumes.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
       throw new ExistsError(`volume ${target} already exists`);
     }
-    let forked: { sequence: number; etag: string; manifest: Manifest; indexed?: boolean };
+    let forked: { sequence: number; etag: string; manifest: Manifest; indexed?: boolean; map?: BlockMap };
     if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
       const link = this.links.get(source);
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);

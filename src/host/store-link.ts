@@ -20,7 +20,7 @@ import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '.
 import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
-import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
+import { ZERO_ALLOCATED_KEY, type BlockMap } from '../volume/blockmap.js';
 import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 
 export type FlushMode = 'demand' | 'continuous';
@@ -205,9 +205,12 @@ export class StoreLink {
    * volume itself, a fork or a checkpoint) once the blocks are up. The caller writes the
    * manifest, then calls stored() if it reached the store, and release() in any case.
    */
-  private async capture(identity: (snapshot: VolumeSnapshot) => Promise<{ name: string; generation: number; sequence: number; parent?: { name: string; sequence: number } }>) {
+  private async capture(
+    identity: (snapshot: VolumeSnapshot) => Promise<{ name: string; generation: number; sequence: number; parent?: { name: string; sequence: number } }>,
+    options: { map?: boolean } = {},
+  ) {
     const started = performance.now();
-    const snapshot = await this.volume.snapshot();
+    const snapshot = await this.volume.snapshot(options);
     const snapshotMs = performance.now() - started;
     let stored = false;
     try {
@@ -233,7 +236,7 @@ export class StoreLink {
         });
       };
       const captured = {
-        manifest: build(), sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
+        manifest: build(), map: snapshot.map, sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
         stored: () => {
           stored = true;
         },
@@ -262,15 +265,16 @@ export class StoreLink {
    * Consistent fork: the volume at its current sequence (writers not paused) becomes a new
    * volume `target` in the store. Fails with ExistsError if the target exists.
    */
-  fork(target: string): Promise<{ sequence: number; etag: string; manifest: Manifest }> {
+  fork(target: string): Promise<{ sequence: number; etag: string; manifest: Manifest; map: BlockMap }> {
     return this.serial(async () => {
-      const captured = await this.capture(async (snapshot) => ({
-        name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
-      }));
+      const captured = await this.capture(
+        async (snapshot) => ({ name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence } }),
+        { map: true },
+      );
       try {
         const key = manifestKey(target);
         const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
-        return { sequence: captured.sequence, etag, manifest: captured.manifest };
+        return { sequence: captured.sequence, etag, manifest: captured.manifest, map: captured.map! };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
         captured.release();

@@ -1,7 +1,8 @@
 // A volume's block map: chunk index -> 16-byte block name. Sparse and paged: pages of
 // 1024 entries (16 KiB) exist only where something was written, so memory grows with
 // written chunks, not with the disk size, and a lookup is two array steps. An all-zero
-// entry means "no block" (reads as zeros).
+// entry means "no block" (reads as zeros). Pages are shared copy-on-write between a map
+// and its clones (a same-host fork), so a fork costs memory only for what it writes.
 import { HASH_BYTES, ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
 import type { BlockKey } from '../blocks/cache.js';
 
@@ -20,8 +21,47 @@ function isEmptyEntry(page: Buffer, at: number): boolean {
 export class BlockMap {
   private readonly pages = new Map<number, Buffer>();
   private readonly pageCounts = new Map<number, number>();
+  /**
+   * Pages this map shares with a clone (or the map it was cloned from): copied before
+   * this map changes them, so a fork holds only the pages it has written.
+   */
+  private readonly shared = new Set<number>();
   /** Chunks that name a block (or the allocated-zero sentinel). */
   count = 0;
+
+  /**
+   * A copy that shares every page with this map until either side writes it: O(pages)
+   * (64 for 8 GiB mapped), not O(chunks). A same-host fork's map.
+   */
+  clone(): BlockMap {
+    const copy = new BlockMap();
+    for (const [pageIndex, page] of this.pages) {
+      copy.pages.set(pageIndex, page);
+      this.shared.add(pageIndex);
+      copy.shared.add(pageIndex);
+    }
+    for (const [pageIndex, n] of this.pageCounts) copy.pageCounts.set(pageIndex, n);
+    copy.count = this.count;
+    return copy;
+  }
+
+  /** The page `pageIndex` (which exists), this map's own: copied first if it is shared. */
+  private ownPage(pageIndex: number): Buffer {
+    const page = this.pages.get(pageIndex)!;
+    if (!this.shared.has(pageIndex)) return page;
+    const own = Buffer.from(page);
+    this.pages.set(pageIndex, own);
+    this.shared.delete(pageIndex);
+    return own;
+  }
+
+  /** Pages in memory (16 KiB each), and how many of them are shared with clones. */
+  get pageCount(): number {
+    return this.pages.size;
+  }
+  get sharedPages(): number {
+    return this.shared.size;
+  }
 
   /** The block named by `chunk`, or undefined for a hole. */
   get(chunk: number): BlockKey | undefined {
@@ -41,20 +81,23 @@ export class BlockMap {
     if (page !== undefined && !isEmptyEntry(page, at)) previous = page.toString('latin1', at, at + HASH_BYTES);
     if (key === undefined) {
       if (previous === undefined) return undefined;
-      page!.fill(0, at, at + HASH_BYTES);
       this.count--;
       const left = this.pageCounts.get(pageIndex)! - 1;
       if (left === 0) {
         this.pages.delete(pageIndex);
         this.pageCounts.delete(pageIndex);
-      } else this.pageCounts.set(pageIndex, left);
+        this.shared.delete(pageIndex);
+      } else {
+        this.ownPage(pageIndex).fill(0, at, at + HASH_BYTES);
+        this.pageCounts.set(pageIndex, left);
+      }
       return previous;
     }
     if (page === undefined) {
       page = Buffer.alloc(PAGE_BYTES);
       this.pages.set(pageIndex, page);
       this.pageCounts.set(pageIndex, 0);
-    }
+    } else page = this.ownPage(pageIndex);
     page.write(key, at, HASH_BYTES, 'latin1');
     if (previous === undefined) {
       this.count++;
@@ -77,6 +120,7 @@ export class BlockMap {
     }
     const at = (chunk & PAGE_MASK) * HASH_BYTES;
     if (!isEmptyEntry(page, at)) throw new Error(`BlockMap.fillBytes: chunk ${chunk} is mapped already`);
+    page = this.ownPage(pageIndex);
     for (let i = 0; i < HASH_BYTES; i++) page[at + i] = bytes[offset + i];
     this.count++;
     this.pageCounts.set(pageIndex, this.pageCounts.get(pageIndex)! + 1);

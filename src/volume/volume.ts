@@ -89,6 +89,8 @@ export interface VolumeSnapshot {
   blockSize: number;
   /** chunk → block, ascending by chunk; ZERO_ALLOCATED_KEY for allocated zeros, holes absent. */
   chunks: Array<[number, BlockKey]>;
+  /** With `{ map: true }`: the block map at the cut, sharing its pages with the volume's (a same-host fork's map). */
+  map?: BlockMap;
   /**
    * Drop the references that kept the snapshot's local blocks from being freed.
    * `stored`: the snapshot reached the store, so its changes no longer count as dirty.
@@ -320,6 +322,10 @@ export class Volume {
   }
   get mappedChunks(): number {
     return this.map.count;
+  }
+  /** Block map pages in memory, and those shared copy-on-write with a same-host fork or its parent. */
+  get mapPages(): { total: number; shared: number } {
+    return { total: this.map.pageCount, shared: this.map.sharedPages };
   }
   /** Bytes of chunks changed since the last snapshot that reached the store (at most). */
   get storeDirtyBytes(): number {
@@ -882,7 +888,7 @@ export class Volume {
    * synchronously, so no write can land between sealing and copying the map. The
    * snapshot holds references on its local blocks until release().
    */
-  async snapshot(): Promise<VolumeSnapshot> {
+  async snapshot(options: { map?: boolean } = {}): Promise<VolumeSnapshot> {
     this.checkOpen();
     for (let round = 0; ; round++) {
       await Promise.allSettled(this.sealsInFlight);
@@ -902,6 +908,7 @@ export class Volume {
       }
     }
     const chunks = [...this.map.entries()]; // ascending chunks
+    const map = options.map ? this.map.clone() : undefined;
     const changed = this.storeDirty;
     this.storeDirty = new Set();
     const held: BlockKey[] = [];
@@ -912,6 +919,7 @@ export class Volume {
       size: this.size,
       blockSize: this.blockSize,
       chunks,
+      map,
       release: (stored: boolean) => {
         if (released) return;
         released = true;
