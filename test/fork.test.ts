@@ -126,7 +126,34 @@ test('lazy fork copies the last manifest without the source host; checkpoints ar
       assert.equal(del.status, 200, del.text);
       assert.equal((await a.api('DELETE', '/api/exports/base/checkpoints/golden')).status, 404);
       assert.deepEqual((await a.api('GET', '/api/exports/base/checkpoints')).json, []);
+
+      // A lazy fork on the source's own host copies the manifest body that host holds (no
+      // decode) and shares its block map page; it too is the drained state, not the later
+      // write, and it survives a kill -9 with its own write.
+      const local = await a.api('POST', '/api/exports/base/fork', { target: 'base-local', mode: 'lazy' });
+      assert.equal(local.status, 201, local.text);
+      assert.equal(local.json.sequence, drained.sequence);
+      const shared = (await a.api('GET', '/api/exports/base-local/metrics')).json;
+      assert.deepEqual([shared.map_pages, shared.map_pages_shared], [1, 1], 'the local lazy fork did not share the held block map');
+      const cloc = await connect(a, 'base-local');
+      assert.ok((await readAll(cloc, 0, 8 * MiB)).equals(v1));
+      await cloc.write(4 * MiB, Buffer.alloc(MiB, 0x22));
+      await cloc.flush();
+      await cloc.disconnect();
+      await c.flush();
       await c.disconnect();
+      await a.kill9();
+      await a.restart();
+      const forkNow = Buffer.from(v1);
+      Buffer.alloc(MiB, 0x22).copy(forkNow, 4 * MiB);
+      const cloc2 = await connect(a, 'base-local');
+      assert.ok((await readAll(cloc2, 0, 8 * MiB)).equals(forkNow), 'the local lazy fork after a restart');
+      await cloc2.disconnect();
+      const sourceNow = Buffer.from(v1);
+      Buffer.alloc(MiB, 0x11).copy(sourceNow, 0);
+      const c2 = await connect(a, 'base');
+      assert.ok((await readAll(c2, 0, 8 * MiB)).equals(sourceNow), 'the source after a restart');
+      await c2.disconnect();
     });
   } finally {
     await cluster.cleanup();

@@ -20,10 +20,15 @@ import {
   ManifestBuilder,
   ZERO_ALLOCATED_BLOCK,
   checkpointKey,
+  bodyPacks,
   decodeManifest,
+  decodeManifestBody,
   encodeManifest,
   leaseKey,
+  manifestBody,
   manifestKey,
+  patchManifestBody,
+  sealManifest,
   type Manifest,
   type ManifestMeta,
 } from '../src/store/manifest.js';
@@ -392,6 +397,78 @@ describe('pack', () => {
 // Manifests
 
 describe('manifest', () => {
+  test('an incremental manifest (base tables with changed chunks patched in) decodes to the same volume as a full layout', () => {
+    // A model: chunk -> [hash, location] | 'zero'. Rounds of random changes, each patched
+    // onto the previous body; every body decodes to exactly the model.
+    const chunkCount = 5000;
+    const m = meta({ size: chunkCount * BLOCK });
+    const model = new Map<number, [Buffer, PackLocation] | 'zero'>();
+    const builder = new ManifestBuilder(m);
+    let pack = randomPackId();
+    let inPack = 0;
+    const newBlock = (): [Buffer, PackLocation] => {
+      if (inPack === 25) [pack, inPack] = [randomPackId(), 0];
+      return [randomBytes(16), location(pack, inPack++)];
+    };
+    for (let c = 0; c < chunkCount; c += 3) {
+      const b = newBlock();
+      model.set(c, b);
+      builder.setChunk(c, b[0], b[1]);
+    }
+    const locations = new Map<string, PackLocation>();
+    for (const v of model.values()) if (v !== 'zero') locations.set(blockKey(v[0]), v[1]);
+    let raw = manifestBody(builder.build(), 0);
+    let appendedTotal = 0;
+    for (let round = 1; round <= 6; round++) {
+      const changed = new Map<number, string | undefined>();
+      for (let n = 0; n < 300; n++) {
+        const c = Math.floor(Math.random() * chunkCount);
+        const r = Math.random();
+        const existing = [...model.values()].filter((v): v is [Buffer, PackLocation] => v !== 'zero');
+        if (r < 0.2) {
+          model.delete(c); // a hole (trim), or nothing if it was one
+          changed.set(c, undefined);
+        } else if (r < 0.3) {
+          model.set(c, 'zero');
+          changed.set(c, blockKey(ZERO_ALLOCATED_HASH));
+        } else if (r < 0.5 && existing.length > 0) {
+          const b = existing[Math.floor(Math.random() * existing.length)]; // dedup: a block named elsewhere
+          model.set(c, b);
+          changed.set(c, blockKey(b[0]));
+        } else {
+          const b = newBlock();
+          model.set(c, b);
+          locations.set(blockKey(b[0]), b[1]);
+          changed.set(c, blockKey(b[0]));
+        }
+      }
+      const changes = [...changed].sort((a, b) => a[0] - b[0]);
+      const patched = patchManifestBody(raw, meta({ size: chunkCount * BLOCK, sequence: 42 + round }), changes, (key) => locations.get(key)!, 0);
+      appendedTotal += patched.appended;
+      raw = patched.raw;
+      const key = manifestKey('tenant-a/vm-1');
+      const body = sealManifest(key, raw, ZSTD, PLAINTEXT);
+      const decoded = decodeManifest(key, body, PLAINTEXT);
+      assert.equal(decoded.meta.sequence, 42 + round);
+      const got = new Map<number, string>();
+      for (let i = 0; i < decoded.chunks.length; i++) {
+        const b = decoded.chunkBlocks[i];
+        got.set(decoded.chunks[i], b === ZERO_ALLOCATED_BLOCK ? 'zero' : `${decoded.blocks[b].hash.toString('hex')}@${decoded.blocks[b].pack}:${decoded.blocks[b].offset}`);
+      }
+      const want = new Map<number, string>();
+      for (const [c, v] of model) want.set(c, v === 'zero' ? 'zero' : `${v[0].toString('hex')}@${v[1].pack}:${v[1].offset}`);
+      assert.deepEqual(got, want, `round ${round}`);
+      // Every pack a block names is in the pack table GC counts.
+      const packs = bodyPacks(raw);
+      for (const b of decoded.blocks) assert.ok(packs.has(b.pack));
+      assert.deepEqual(decodeManifestBody(key, body, PLAINTEXT).raw, raw);
+    }
+    assert.ok(appendedTotal > 0);
+    // Changes must ascend inside the volume.
+    assert.throws(() => patchManifestBody(raw, m, [[9, undefined], [3, undefined]], () => location(pack, 0), 0), /ascending/);
+    assert.throws(() => patchManifestBody(raw, m, [[chunkCount, undefined]], () => location(pack, 0), 0), /ascending, each once, below 5000/);
+  });
+
   function sampleManifest(): { manifest: Manifest; packs: string[] } {
     const packs = [randomPackId(), randomPackId()];
     const builder = new ManifestBuilder(meta({ parent: { name: 'golden/base', sequence: 7 } }));

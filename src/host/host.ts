@@ -15,7 +15,7 @@ import type { PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
-import { decodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
+import { decodeManifest, decodeManifestBody, leaseKey, manifestKey, type Manifest, type ManifestMeta } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
@@ -100,6 +100,21 @@ export function hostIdentity(cacheDir: string, configured: string): string {
   fs.mkdirSync(cacheDir, { recursive: true });
   fs.writeFileSync(file, id + '\n');
   return id;
+}
+
+/**
+ * A manifest this host has in hand (written by a fork, or just read): its meta and ETag,
+ * its opened body (the base of the volume's incremental manifests), and the decoded
+ * manifest where its blocks still need indexing (`indexed` false) or its block map
+ * building (no `map`).
+ */
+interface WrittenManifest {
+  meta: ManifestMeta;
+  etag: string;
+  raw: Buffer;
+  manifest?: Manifest;
+  indexed?: boolean;
+  map?: BlockMap;
 }
 
 export class Host {
@@ -312,31 +327,30 @@ export class Host {
   async wake(
     name: string,
     settings: VolumeSettings = {},
-    written?: { manifest: Manifest; etag: string; indexed?: boolean; map?: BlockMap },
+    written?: WrittenManifest,
   ): Promise<Volume | undefined> {
     const pending = this.opening.get(name);
     if (pending) return pending;
     const key = manifestKey(name);
     const work = (async () => {
       const started = performance.now();
-      let manifest: Manifest;
-      let etag: string;
-      if (written) ({ manifest, etag } = written);
+      let found: WrittenManifest;
+      if (written) found = written;
       else {
         const object = await this.options.store.get(key);
         if (object === undefined) return undefined;
-        manifest = decodeManifest(key, object.body, this.options.cipher);
-        etag = object.etag;
+        const { manifest, raw } = decodeManifestBody(key, object.body, this.options.cipher);
+        found = { meta: manifest.meta, manifest, raw, etag: object.etag };
       }
-      const meta = manifest.meta;
+      const { meta, etag } = found;
       if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
       if (meta.blockSize !== this.options.blockSize) {
         throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
       }
-      if (!written?.indexed) await indexManifest(this.packIndex, manifest);
+      if (!found.indexed) await indexManifest(this.packIndex, found.manifest!);
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
-      const map = written?.map ?? manifestBlockMap(manifest);
+      const map = found.map ?? manifestBlockMap(found.manifest!);
       const volume = Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map }, this.ctx);
       const link = new StoreLink(
         volume,
@@ -344,6 +358,7 @@ export class Host {
         this.storeCtx,
       );
       link.save();
+      link.setBase(volume.cloneMap(), found.raw, etag);
       this.links.set(name, link);
       this.volumes.set(name, volume);
       let writable = true;
@@ -355,10 +370,10 @@ export class Host {
         this.log.info('volume is leased by another host; serving it read-only', { volume: name, holder: err.lease.owner });
       }
       this.log.info('woke volume from the store', {
-        volume: name, size: meta.size, chunks: manifest.chunks.length, sequence: meta.sequence, writable,
+        volume: name, size: meta.size, chunks: volume.mappedChunks, sequence: meta.sequence, writable,
         ms: Math.round(performance.now() - started),
       });
-      void this.fetchBootSet(volume, manifest);
+      void this.fetchBootSet(volume, meta);
       return volume;
     })();
     this.opening.set(name, work);
@@ -418,16 +433,22 @@ export class Host {
     if (this.volumes.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
       throw new ExistsError(`volume ${target} already exists`);
     }
-    let forked: { sequence: number; etag: string; manifest: Manifest; indexed?: boolean; map?: BlockMap };
+    let forked: WrittenManifest & { sequence: number };
     if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
       const link = this.links.get(source);
       if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
       forked = { ...(await link.fork(target)), indexed: true };
     } else {
-      const copied = await lazyFork(this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts);
-      // The source's current manifest, open here: its blocks are in the pack index already.
-      const indexed = opts.checkpoint === undefined && copied.sourceEtag === this.links.get(source)?.manifestEtag;
-      forked = { ...copied, indexed };
+      const sourceLink = opts.checkpoint === undefined ? this.links.get(source) : undefined;
+      let known: { raw: Buffer; map: BlockMap } | undefined;
+      const copied = await lazyFork(
+        this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
+        (etag) => (known = sourceLink?.baseOf(etag))?.raw,
+      );
+      // The source's current manifest, open here: its blocks are in the pack index already,
+      // and its block map is at hand (shared copy-on-write, like a consistent fork's).
+      const indexed = known !== undefined || (sourceLink !== undefined && copied.sourceEtag === sourceLink.manifestEtag);
+      forked = { ...copied, indexed, map: known?.map.clone() };
     }
     const sequence = forked.sequence;
     await this.wake(target, {}, forked);
@@ -441,9 +462,9 @@ export class Host {
    * parent's) in parallel, before the guest asks for them. When the set is a recording
    * request (`updraft bless --boot-record`), record this boot and answer the request.
    */
-  private async fetchBootSet(volume: Volume, manifest: Parameters<typeof readBootSet>[1]): Promise<void> {
+  private async fetchBootSet(volume: Volume, meta: ManifestMeta): Promise<void> {
     try {
-      const found = await readBootSet(this.options.store, manifest, this.options.cipher);
+      const found = await readBootSet(this.options.store, meta, this.options.cipher);
       if (found === undefined) return;
       const { set, etag } = found;
       if (set.recording) {

@@ -9,7 +9,7 @@
 // (invariant 4).
 import fs from 'node:fs';
 import path from 'node:path';
-import { keyBytes, keyHex } from '../blocks/cache.js';
+import { keyBytes, keyHex, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
@@ -17,7 +17,10 @@ import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js'
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
 import { packsOf, PacksGoneError, putCounted, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
-import { checkpointKey, decodeManifest, encodeManifest, leaseKey, manifestKey, type Manifest } from '../store/manifest.js';
+import {
+  bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
+  type ManifestMeta,
+} from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 import { ZERO_ALLOCATED_KEY, type BlockMap } from '../volume/blockmap.js';
@@ -89,6 +92,16 @@ export class FencedError extends Error {
 
 const STATE_FILE = 'store.json';
 
+/**
+ * Whether an incremental manifest is worth it: the changes, and the blocks earlier patches
+ * left in the block table that no chunk may name any more, stay under a quarter of the
+ * base's blocks (or MIN_PATCHED_BLOCKS); past that a full layout drops the leftovers.
+ */
+function worthPatching(base: { raw: Buffer; appended: number }, changes: number): boolean {
+  return base.appended + changes <= Math.max(MIN_PATCHED_BLOCKS, bodyCounts(base.raw).blocks / 4);
+}
+const MIN_PATCHED_BLOCKS = 4096;
+
 export class StoreLink {
   /** Serializes drain, promotion, release and uploads of this volume. */
   private tail: Promise<unknown> = Promise.resolve();
@@ -98,6 +111,8 @@ export class StoreLink {
   lastUploadAt = Date.now();
   lastUploadMs = 0;
   lastManifestAt = Date.now();
+  /** The base of incremental manifests (see setBase); none after a restart until the first full one. */
+  private base: { map: BlockMap; raw: Buffer; appended: number; etag: string | undefined } | undefined;
   /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
   private counted: CountedManifest | undefined;
 
@@ -176,13 +191,14 @@ export class StoreLink {
     });
     try {
       const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
+      this.base = { map: captured.map, raw: captured.raw, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
       captured.stored();
       this.save();
       const ms = performance.now() - captured.started;
       this.ctx.log.info('drained volume', {
-        volume: this.name, sequence: captured.sequence, chunks: captured.manifest.chunks.length, packs: captured.uploaded.packs,
+        volume: this.name, sequence: captured.sequence, chunks: bodyCounts(captured.raw).chunks, changes: captured.changes, incremental: captured.incremental, packs: captured.uploaded.packs,
         bytes: captured.uploaded.bytes, snapshot_ms: Math.round(captured.snapshotMs), upload_ms: Math.round(captured.uploadMs),
         manifest_ms: Math.round(ms - captured.snapshotMs - captured.uploadMs),
       });
@@ -201,57 +217,68 @@ export class StoreLink {
 
   /**
    * Snapshot at the current sequence, upload the blocks no pack holds (the local journal
-   * flushed meanwhile) and build a manifest of it. `identity` names the manifest (the
-   * volume itself, a fork or a checkpoint) once the blocks are up. The caller writes the
-   * manifest, then calls stored() if it reached the store, and release() in any case.
+   * flushed meanwhile) and lay out a manifest body of it. `identity` names the manifest
+   * (the volume itself, a fork or a checkpoint) once the blocks are up. The caller writes
+   * the manifest, then calls stored() if it reached the store, and release() in any case.
+   *
+   * With a base (the volume's last manifest this host wrote or loaded) and few enough
+   * changes since, the body is incremental: the base's tables with the changed chunks
+   * patched in, so the work follows the chunks changed, not the chunks mapped.
    */
-  private async capture(
-    identity: (snapshot: VolumeSnapshot) => Promise<{ name: string; generation: number; sequence: number; parent?: { name: string; sequence: number } }>,
-    options: { map?: boolean } = {},
-  ) {
+  private async capture(identity: (snapshot: VolumeSnapshot) => Promise<{ name: string; generation: number; sequence: number; parent?: { name: string; sequence: number } }>) {
     const started = performance.now();
-    const snapshot = await this.volume.snapshot(options);
+    const base = this.base;
+    const snapshot = await this.volume.snapshot({ base: base?.map });
     const snapshotMs = performance.now() - started;
     let stored = false;
     try {
+      let patch = base !== undefined && snapshot.changes !== undefined && worthPatching(base, snapshot.changes.length);
+      const keysToUpload = () => (patch ? snapshot.changes!.map(([, key]) => key).filter((key) => key !== undefined) : snapshot.chunks.map(([, key]) => key));
       // The local journal must not fall behind what the store is told: flush it (disk)
       // while the blocks go up (CPU and network), and both before the manifest.
-      const [uploaded] = await Promise.all([
-        this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key)),
-        this.volume.flush(),
-      ]);
+      const [uploaded] = await Promise.all([this.ctx.uploader.upload(keysToUpload()), this.volume.flush()]);
       const uploadMs = performance.now() - started - snapshotMs;
       this.noteUpload(snapshot.sequence, uploadMs);
       const id = await identity(snapshot);
-      const build = (): Manifest => {
-        const meta = {
-          format: 1 as const, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
-          generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
-        };
-        return manifestOfChunks(meta, snapshot.chunks, (key, chunk) => {
-          const location = this.ctx.packIndex.get(key);
-          // Invariant 2: the upload above put every block the manifest names into a pack.
-          if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
-          return location;
-        });
+      const meta: ManifestMeta = {
+        format: 1, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
+        generation: id.generation, host: this.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
       };
+      const locate = (key: BlockKey, chunk: number) => {
+        const location = this.ctx.packIndex.get(key);
+        // Invariant 2: the upload above put every block the manifest names into a pack.
+        if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
+        return location;
+      };
+      const build = (): { raw: Buffer; appended: number } =>
+        patch
+          ? patchManifestBody(base!.raw, meta, snapshot.changes!, locate, this.ctx.cipher.overhead)
+          : { raw: manifestBody(manifestOfChunks(meta, snapshot.chunks, locate), this.ctx.cipher.overhead), appended: 0 };
+      const built = build();
       const captured = {
-        manifest: build(), map: snapshot.map, sequence: snapshot.sequence, uploaded, started, snapshotMs, uploadMs,
+        meta, raw: built.raw, appended: (patch ? base!.appended : 0) + built.appended, incremental: patch,
+        map: snapshot.map, sequence: snapshot.sequence, changes: snapshot.changes?.length, uploaded, started, snapshotMs, uploadMs,
         stored: () => {
           stored = true;
         },
         release: () => snapshot.release(stored),
         /**
          * GC deleted these packs after the upload relied on them (the pack index still
-         * named them): forget them, upload their blocks again, build the manifest anew.
+         * named them): forget them, upload their blocks again, lay out the whole manifest
+         * anew (the base may name the deleted packs too).
          */
         rebuild: async (gone: readonly string[]) => {
           for (const pack of gone) this.ctx.packIndex.removePack(pack);
-          const again = await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
+          this.base = undefined;
+          patch = false;
+          const again = await this.ctx.uploader.upload(keysToUpload());
           uploaded.packs += again.packs;
           uploaded.blocks += again.blocks;
           uploaded.bytes += again.bytes;
-          captured.manifest = build();
+          const rebuilt = build();
+          captured.raw = rebuilt.raw;
+          captured.appended = 0;
+          captured.incremental = false;
         },
       };
       return captured;
@@ -262,19 +289,35 @@ export class StoreLink {
   }
 
   /**
+   * The last manifest of this volume this host wrote or loaded, with the block map it
+   * records (a clone sharing the volume's pages): the base of incremental manifests.
+   */
+  setBase(map: BlockMap, raw: Buffer, etag: string | undefined): void {
+    this.base = { map, raw, appended: 0, etag };
+  }
+
+  /**
+   * The opened body and block map of this volume's manifest with `etag`, when it is the
+   * base this host holds (a same-host lazy fork copies it without decoding).
+   */
+  baseOf(etag: string): { raw: Buffer; map: BlockMap } | undefined {
+    const base = this.base;
+    return base !== undefined && base.etag === etag ? { raw: base.raw, map: base.map } : undefined;
+  }
+
+  /**
    * Consistent fork: the volume at its current sequence (writers not paused) becomes a new
    * volume `target` in the store. Fails with ExistsError if the target exists.
    */
-  fork(target: string): Promise<{ sequence: number; etag: string; manifest: Manifest; map: BlockMap }> {
+  fork(target: string): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; map: BlockMap }> {
     return this.serial(async () => {
-      const captured = await this.capture(
-        async (snapshot) => ({ name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence } }),
-        { map: true },
-      );
+      const captured = await this.capture(async (snapshot) => ({
+        name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
+      }));
       try {
         const key = manifestKey(target);
         const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
-        return { sequence: captured.sequence, etag, manifest: captured.manifest, map: captured.map! };
+        return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, map: captured.map };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
         captured.release();
@@ -303,10 +346,12 @@ export class StoreLink {
     return this.serial(async () => {
       if (this.state.readOnly) return;
       const started = performance.now();
-      const snapshot = await this.volume.snapshot();
+      // With a base, only the chunks changed since the last manifest can name blocks no pack holds.
+      const snapshot = await this.volume.snapshot({ base: this.base?.map });
       let stored = false;
       try {
-        await this.ctx.uploader.upload(snapshot.chunks.map(([, key]) => key));
+        const keys = snapshot.changes !== undefined ? snapshot.changes.map(([, key]) => key).filter((key) => key !== undefined) : snapshot.chunks.map(([, key]) => key);
+        await this.ctx.uploader.upload(keys);
         this.noteUpload(snapshot.sequence, performance.now() - started);
         stored = true;
       } finally {
@@ -333,9 +378,9 @@ export class StoreLink {
     own: boolean,
   ): Promise<string> {
     for (let attempt = 1; ; attempt++) {
-      const body = encodeManifest(key, captured.manifest, this.ctx.manifestCompression, this.ctx.cipher);
+      const body = sealManifest(key, captured.raw, this.ctx.manifestCompression, this.ctx.cipher);
       try {
-        const { etag, counted } = await putCounted(this.ctx.refcounts, key, packsOf(captured.manifest.blocks), body, () => put(body), own ? this.counted : undefined);
+        const { etag, counted } = await putCounted(this.ctx.refcounts, key, bodyPacks(captured.raw), body, () => put(body), own ? this.counted : undefined);
         if (own) this.counted = counted;
         return etag;
       } catch (err) {
@@ -571,11 +616,13 @@ export class StoreLink {
         this.state.manifestEtag = undefined;
         return;
       }
-      const manifest = decodeManifest(key, current.body, this.ctx.cipher);
+      const { manifest, raw } = decodeManifestBody(key, current.body, this.ctx.cipher);
       if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
         await indexManifest(this.ctx.packIndex, manifest);
         await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
+        this.setBase(this.volume.cloneMap(), raw, undefined);
       }
+      const base = this.base;
       manifest.meta.generation = this.state.generation;
       manifest.meta.host = this.ctx.hostId;
       const body = encodeManifest(key, manifest, this.ctx.manifestCompression, this.ctx.cipher);
@@ -583,6 +630,8 @@ export class StoreLink {
         const written = await putCounted(this.ctx.refcounts, key, packsOf(manifest.blocks), body, () => this.ctx.store.put(key, body, { ifMatch: current.etag }), this.counted);
         this.state.manifestEtag = written.etag;
         this.counted = written.counted;
+        // The same tables under the new generation: the base (if it was this manifest's) follows.
+        if (base !== undefined && (base.etag === undefined || base.etag === current.etag)) base.etag = written.etag;
         this.state.manifestSequence = manifest.meta.sequence;
         this.save();
         return;

@@ -9,7 +9,7 @@ import { packsOf, putCounted, WritePendingError, type PackRefcounts } from '../g
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
-import { checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestKey, relabelManifest, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
+import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestKey, relabelManifest, sealManifest, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
 
@@ -165,21 +165,26 @@ export async function lazyFork(
   cipher: StoreCipher,
   checkpoint?: string,
   refcounts?: PackRefcounts,
-): Promise<{ sequence: number; etag: string; manifest: Manifest; sourceEtag: string }> {
+  known?: (etag: string) => Buffer | undefined,
+): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; manifest?: Manifest; sourceEtag: string }> {
   const from = sourceKey(source, checkpoint);
   const object = await store.get(from);
   if (object === undefined) throw missingSource(store, source, checkpoint);
-  const decoded = decodeManifestBody(from, object.body, cipher);
-  const manifest = decoded.manifest;
-  const sequence = manifest.meta.sequence;
-  manifest.meta = {
-    ...manifest.meta, name: target, generation: 0, host: manifest.meta.host, created: new Date().toISOString(),
-    parent: { name: source, sequence },
+  // The body of this very manifest, when this host has it opened already (`known`), or decoded.
+  let manifest: Manifest | undefined;
+  let body = known?.(object.etag);
+  if (body === undefined) ({ manifest, raw: body } = decodeManifestBody(from, object.body, cipher));
+  const sourceMeta = bodyMeta(body);
+  const sequence = sourceMeta.sequence;
+  const meta: ManifestMeta = {
+    ...sourceMeta, name: target, generation: 0, host: sourceMeta.host, created: new Date().toISOString(), parent: { name: source, sequence },
   };
   const key = manifestKey(target);
-  const body = relabelManifest(key, decoded, manifest.meta, compression, cipher);
-  const etag = (await putCounted(refcounts, key, packsOf(manifest.blocks), body, () => createObject(store, key, body))).etag;
-  return { sequence, etag, manifest, sourceEtag: object.etag };
+  const raw = relabelManifest(body, meta);
+  const sealed = sealManifest(key, raw, compression, cipher);
+  const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
+  if (manifest !== undefined) manifest.meta = meta;
+  return { sequence, etag, meta, raw, manifest, sourceEtag: object.etag };
 }
 
 export interface CheckpointInfo {
@@ -249,8 +254,8 @@ export async function writeBootSet(store: ObjectStore, set: BootSet, cipher: Sto
  * The boot hot set of a volume, or of the nearest ancestor that has one (forks share their
  * parent's), with its ETag.
  */
-export async function readBootSet(store: ObjectStore, manifest: Manifest, cipher: StoreCipher): Promise<{ set: BootSet; etag: string } | undefined> {
-  const names = [manifest.meta.name, ...(manifest.meta.parent ? [manifest.meta.parent.name] : [])];
+export async function readBootSet(store: ObjectStore, meta: ManifestMeta, cipher: StoreCipher): Promise<{ set: BootSet; etag: string } | undefined> {
+  const names = [meta.name, ...(meta.parent ? [meta.parent.name] : [])];
   for (const name of names) {
     const key = bootSetKey(name);
     const object = await store.get(key);
@@ -261,7 +266,7 @@ export async function readBootSet(store: ObjectStore, manifest: Manifest, cipher
       Array.isArray(set.chunks) && set.chunks.every((c) => Number.isSafeInteger(c) && c >= 0) &&
       (set.recording === undefined || set.recording === true);
     if (!valid) throw new Error(`boot set ${key} is not a format 1 boot set of volume ${name}`);
-    if (set.blockSize !== manifest.meta.blockSize) return undefined;
+    if (set.blockSize !== meta.blockSize) return undefined;
     return { set, etag: object.etag };
   }
   return undefined;

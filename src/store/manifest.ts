@@ -199,28 +199,35 @@ export function encodeManifest(key: string, m: Manifest, compression: Compressio
 }
 
 /**
- * A decoded manifest under another name (a lazy fork): the body `decodeManifest` gave with
- * its meta replaced, the tables copied as they are, so nothing is laid out again per
- * block. `meta` must describe the same volume (size and block size) as the body.
+ * A manifest body (opened, as decodeManifestBody gives it or a host laid it out) under
+ * another name (a lazy fork): the body with its meta replaced, the tables copied as they are, so nothing is laid out again per
+ * block (sealManifest frames it). `meta` must describe the same volume (size and block
+ * size) as the body.
  */
-export function relabelManifest(key: string, decoded: DecodedManifest, meta: ManifestMeta, compression: Compression, cipher: StoreCipher): Buffer {
+export function relabelManifest(body: Buffer, meta: ManifestMeta): Buffer {
   const parsed = META_SCHEMA.safeParse(meta);
   if (!parsed.success) throw new Error(`relabelManifest ${meta?.name}: meta ${fieldProblem(parsed.error)}`);
-  const old = decoded.manifest.meta;
+  const old = bodyMeta(body);
   if (parsed.data.size !== old.size || parsed.data.blockSize !== old.blockSize) {
     throw new Error(`relabelManifest ${meta.name}: size ${parsed.data.size}/${parsed.data.blockSize} differs from the body's ${old.size}/${old.blockSize}`);
   }
   const metaJson = Buffer.from(JSON.stringify(parsed.data));
-  const tables = decoded.raw.subarray(decoded.tablesAt);
+  const tables = body.subarray(4 + body.readUInt32LE(0));
   const raw = Buffer.allocUnsafe(4 + metaJson.length + tables.length);
   raw.writeUInt32LE(metaJson.length, 0);
   metaJson.copy(raw, 4);
   tables.copy(raw, 4 + metaJson.length);
-  return sealManifest(key, raw, compression, cipher);
+  return raw;
+}
+
+/** The meta of a manifest body this host laid out or decoded. */
+export function bodyMeta(raw: Buffer): ManifestMeta {
+  const metaLength = raw.readUInt32LE(0);
+  return META_SCHEMA.parse(JSON.parse(raw.toString('utf8', 4, 4 + metaLength)));
 }
 
 /** Compress, seal and frame a manifest body (the layout above) for the object `key`. */
-function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher): Buffer {
+export function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher): Buffer {
   const what = `encodeManifest ${key}`;
   const stored = compressBlock(compression, raw);
   const storedLength = stored.data.length + cipher.overhead;
@@ -241,7 +248,7 @@ function sealManifest(key: string, raw: Buffer, compression: Compression, cipher
  * The body of a manifest before compression, checked as encodeManifest promises.
  * `overhead`: the seal overhead of the store's packs.
  */
-function manifestBody(m: Manifest, overhead: number): Buffer {
+export function manifestBody(m: Manifest, overhead: number): Buffer {
   const parsed = META_SCHEMA.safeParse(m.meta);
   if (!parsed.success) throw new Error(`encodeManifest ${m.meta?.name}: meta ${fieldProblem(parsed.error)}`);
   const { meta, chunks, chunkBlocks, blocks } = m;
@@ -297,6 +304,175 @@ function manifestBody(m: Manifest, overhead: number): Buffer {
   }
   if (at !== rawLength) throw new Error(`${what}: wrote ${at} body bytes, planned ${rawLength}`);
   return raw;
+}
+
+/** Where the tables of a manifest body (before compression) are, from its counts. */
+interface TableLayout {
+  packCount: number;
+  packsAt: number;
+  blockCount: number;
+  blocksAt: number;
+  chunkCount: number;
+  chunksAt: number;
+}
+
+/** The layout of a body this host laid out or already decoded (so its counts are trusted). */
+function tableLayout(raw: Buffer): TableLayout {
+  const tablesAt = 4 + raw.readUInt32LE(0);
+  const packCount = raw.readUInt32LE(tablesAt);
+  const packsAt = tablesAt + 4;
+  const blockCount = raw.readUInt32LE(packsAt + packCount * PACK_ID_BYTES);
+  const blocksAt = packsAt + packCount * PACK_ID_BYTES + 4;
+  const chunkCount = raw.readUInt32LE(blocksAt + blockCount * BLOCK_ENTRY_BYTES);
+  const chunksAt = blocksAt + blockCount * BLOCK_ENTRY_BYTES + 4;
+  if (chunksAt + chunkCount * CHUNK_ENTRY_BYTES !== raw.length) throw new Error(`manifest body: the tables end at ${chunksAt + chunkCount * CHUNK_ENTRY_BYTES}, the body at ${raw.length}`);
+  return { packCount, packsAt, blockCount, blocksAt, chunkCount, chunksAt };
+}
+
+/** The pack ids a manifest body's pack table names: the packs GC counts for it. */
+export function bodyPacks(raw: Buffer): Set<string> {
+  const { packCount, packsAt } = tableLayout(raw);
+  const packs = new Set<string>();
+  for (let i = 0; i < packCount; i++) packs.add(raw.toString('hex', packsAt + i * PACK_ID_BYTES, packsAt + (i + 1) * PACK_ID_BYTES));
+  return packs;
+}
+
+/** Mapped chunks and block table entries of a manifest body. */
+export function bodyCounts(raw: Buffer): { chunks: number; blocks: number } {
+  const { chunkCount, blockCount } = tableLayout(raw);
+  return { chunks: chunkCount, blocks: blockCount };
+}
+
+const ZERO_ALLOCATED_NAME: BlockKey = blockKey(ZERO_ALLOCATED_HASH);
+
+/**
+ * An incremental manifest (DESIGN.md: Fork): the body of `base` (an earlier manifest of
+ * the same volume, as laid out or decoded on this host) with `meta` and the chunks in
+ * `changes` (ascending, each once; a block name, the allocated-zero name, or undefined
+ * for a hole) changed. Everything else is copied as it is, so the work is the changes,
+ * a binary search each, and a copy of the tables. New blocks are appended to the block
+ * table (and their packs to the pack table); blocks that no chunk names any more stay
+ * until a full layout (`appended` counts them, an upper bound). The result is a complete,
+ * self-contained manifest like any other.
+ */
+export function patchManifestBody(
+  base: Buffer,
+  meta: ManifestMeta,
+  changes: ReadonlyArray<readonly [number, BlockKey | undefined]>,
+  locate: (key: BlockKey, chunk: number) => PackLocation,
+  overhead: number,
+): { raw: Buffer; appended: number } {
+  const parsed = META_SCHEMA.safeParse(meta);
+  if (!parsed.success) throw new Error(`patchManifestBody ${meta?.name}: meta ${fieldProblem(parsed.error)}`);
+  const what = `patchManifestBody ${meta.name}`;
+  const layout = tableLayout(base);
+  const chunkLimit = chunkCountOf(parsed.data);
+  const chunkAt = (i: number) => base.readUInt32LE(layout.chunksAt + i * CHUNK_ENTRY_BYTES);
+
+  // New blocks (each distinct name once) and the packs they add.
+  let packIndex: Map<string, number> | undefined;
+  const newPacks: string[] = [];
+  const packOf = (pack: string): number => {
+    if (packIndex === undefined) {
+      packIndex = new Map();
+      for (let i = 0; i < layout.packCount; i++) packIndex.set(base.toString('hex', layout.packsAt + i * PACK_ID_BYTES, layout.packsAt + (i + 1) * PACK_ID_BYTES), i);
+    }
+    let index = packIndex.get(pack);
+    if (index === undefined) {
+      if (!PACK_ID.test(pack)) throw new Error(`${what}: pack ${JSON.stringify(pack)} is not 32 lowercase hex digits`);
+      index = layout.packCount + newPacks.length;
+      packIndex.set(pack, index);
+      newPacks.push(pack);
+    }
+    return index;
+  };
+  const newBlocks: Array<{ hash: Buffer; pack: number; location: PackLocation }> = [];
+  const blockOf = new Map<BlockKey, number>();
+  const entries: Array<[number, number]> = []; // [chunk, block] of the changes that map a chunk
+  let previous = -1;
+  for (const [chunk, key] of changes) {
+    if (!Number.isInteger(chunk) || chunk <= previous || chunk >= chunkLimit) {
+      throw new Error(`${what}: change of chunk ${chunk} after chunk ${previous} (ascending, each once, below ${chunkLimit})`);
+    }
+    previous = chunk;
+    if (key === undefined) continue;
+    if (key === ZERO_ALLOCATED_NAME) {
+      entries.push([chunk, ZERO_ALLOCATED_BLOCK]);
+      continue;
+    }
+    let block = blockOf.get(key);
+    if (block === undefined) {
+      const location = locate(key, chunk);
+      const hash = Buffer.from(key, 'latin1');
+      const problem = blockProblem({ hash, ...location }, parsed.data.blockSize, overhead);
+      if (problem) throw new Error(`${what}: chunk ${chunk}: block ${hash.toString('hex')} ${problem}`);
+      block = layout.blockCount + newBlocks.length;
+      newBlocks.push({ hash, pack: packOf(location.pack), location });
+      blockOf.set(key, block);
+    }
+    entries.push([chunk, block]);
+  }
+
+  // The chunk table: runs of the old one copied between the changed chunks.
+  const out = Buffer.allocUnsafe((layout.chunkCount + entries.length) * CHUNK_ENTRY_BYTES);
+  let written = 0;
+  let from = 0; // next old entry to copy
+  let e = 0;
+  const copyOld = (until: number) => {
+    if (until > from) {
+      base.copy(out, written * CHUNK_ENTRY_BYTES, layout.chunksAt + from * CHUNK_ENTRY_BYTES, layout.chunksAt + until * CHUNK_ENTRY_BYTES);
+      written += until - from;
+      from = until;
+    }
+  };
+  for (const [chunk] of changes) {
+    // First old entry at or after `chunk` (binary search from `from`).
+    let lo = from;
+    let hi = layout.chunkCount;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (chunkAt(mid) < chunk) lo = mid + 1;
+      else hi = mid;
+    }
+    copyOld(lo);
+    if (from < layout.chunkCount && chunkAt(from) === chunk) from++; // replaced or removed
+    if (e < entries.length && entries[e][0] === chunk) {
+      out.writeUInt32LE(chunk, written * CHUNK_ENTRY_BYTES);
+      out.writeUInt32LE(entries[e][1], written * CHUNK_ENTRY_BYTES + 4);
+      written++;
+      e++;
+    }
+  }
+  copyOld(layout.chunkCount);
+  const chunkTable = out.subarray(0, written * CHUNK_ENTRY_BYTES);
+
+  const metaJson = Buffer.from(JSON.stringify(parsed.data));
+  const packCount = layout.packCount + newPacks.length;
+  const blockCount = layout.blockCount + newBlocks.length;
+  const rawLength = 4 + metaJson.length + 4 + packCount * PACK_ID_BYTES + 4 + blockCount * BLOCK_ENTRY_BYTES + 4 + chunkTable.length;
+  if (rawLength > MAX_BODY_BYTES) throw new Error(`${what}: the body would be ${rawLength} bytes; at most ${MAX_BODY_BYTES}`);
+  const raw = Buffer.allocUnsafe(rawLength);
+  let at = raw.writeUInt32LE(metaJson.length, 0);
+  at += metaJson.copy(raw, at);
+  at = raw.writeUInt32LE(packCount, at);
+  at += base.copy(raw, at, layout.packsAt, layout.packsAt + layout.packCount * PACK_ID_BYTES);
+  for (const pack of newPacks) at += raw.write(pack, at, 'hex');
+  at = raw.writeUInt32LE(blockCount, at);
+  at += base.copy(raw, at, layout.blocksAt, layout.blocksAt + layout.blockCount * BLOCK_ENTRY_BYTES);
+  for (const { hash, pack, location } of newBlocks) {
+    raw.set(hash, at);
+    raw.writeUInt32LE(pack, at + 16);
+    raw.writeUInt32LE(location.offset, at + 20);
+    raw.writeUInt32LE(location.length, at + 24);
+    raw.writeUInt32LE(location.rawLength, at + 28);
+    raw[at + 32] = location.codec;
+    raw[at + 33] = raw[at + 34] = raw[at + 35] = 0;
+    at += BLOCK_ENTRY_BYTES;
+  }
+  at = raw.writeUInt32LE(written, at);
+  at += chunkTable.copy(raw, at);
+  if (at !== rawLength) throw new Error(`${what}: wrote ${at} body bytes, planned ${rawLength}`);
+  return { raw, appended: newBlocks.length };
 }
 
 /**

@@ -55,6 +55,31 @@ export class BlockMap {
     return own;
   }
 
+  /**
+   * The chunks whose block differs from `base` (a clone this map was made from, or that
+   * was made from it), ascending, with their block here (undefined: a hole here). Pages
+   * still shared with `base` are skipped unread: a shared page is never changed in place,
+   * so the work is the pages written since the clone.
+   */
+  changesSince(base: BlockMap): Array<[number, BlockKey | undefined]> {
+    const indexes = new Set<number>([...this.pages.keys(), ...base.pages.keys()]);
+    const changes: Array<[number, BlockKey | undefined]> = [];
+    for (const pageIndex of [...indexes].sort((a, b) => a - b)) {
+      const mine = this.pages.get(pageIndex);
+      const theirs = base.pages.get(pageIndex);
+      if (mine === theirs) continue;
+      for (let i = 0; i < PAGE_CHUNKS; i++) {
+        const at = i * HASH_BYTES;
+        const here = mine !== undefined && !isEmptyEntry(mine, at);
+        const there = theirs !== undefined && !isEmptyEntry(theirs, at);
+        if (!here && !there) continue;
+        if (here && there && mine.compare(theirs, at, at + HASH_BYTES, at, at + HASH_BYTES) === 0) continue;
+        changes.push([pageIndex * PAGE_CHUNKS + i, here ? mine.toString('latin1', at, at + HASH_BYTES) : undefined]);
+      }
+    }
+    return changes;
+  }
+
   /** Pages in memory (16 KiB each), and how many of them are shared with clones. */
   get pageCount(): number {
     return this.pages.size;

@@ -7,7 +7,10 @@
 //   file   = header(16) batch*
 //   header = "UPDJRNL1" u32 block_size u32 mask_bytes
 //   batch  = "BTCH" u32 record_count u64 sequence u64 size records checksum(16)
+//          | "BMAP" u32 record_count u64 sequence u64 size map_records checksum(16)
 //   record = u64 chunk, hash(16), mask(mask_bytes)
+//   map_record = u64 chunk, hash(16): no overlay sectors (a volume created from a
+//            manifest starts with one BMAP batch of its whole block map, 24 bytes a chunk)
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { blake3 } from '@napi-rs/blake-hash';
@@ -19,6 +22,9 @@ const fsync = promisify(fs.fsync);
 
 const MAGIC = Buffer.from('UPDJRNL1');
 const BATCH_MAGIC = 0x42544348; // "BTCH"
+/** A batch of records with no overlay sectors, so no mask (a block map from a manifest). */
+const MAP_BATCH_MAGIC = 0x424d4150; // "BMAP"
+const MAP_RECORD_BYTES = 8 + HASH_BYTES;
 const HEADER_BYTES = 16;
 const BATCH_HEADER_BYTES = 24;
 const CHECKSUM_BYTES = 16;
@@ -106,22 +112,25 @@ export class Journal {
     const recordBytes = 8 + HASH_BYTES + maskBytes;
     const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), batches: 0, truncatedBytes: 0 };
     let at = HEADER_BYTES;
+    const noMask = Buffer.alloc(maskBytes);
     while (at + BATCH_HEADER_BYTES + CHECKSUM_BYTES <= data.length) {
-      if (data.readUInt32BE(at) !== BATCH_MAGIC) break;
+      const magic = data.readUInt32BE(at);
+      if (magic !== BATCH_MAGIC && magic !== MAP_BATCH_MAGIC) break;
+      const size = magic === BATCH_MAGIC ? recordBytes : MAP_RECORD_BYTES;
       const count = data.readUInt32BE(at + 4);
-      const end = at + BATCH_HEADER_BYTES + count * recordBytes;
+      const end = at + BATCH_HEADER_BYTES + count * size;
       if (end + CHECKSUM_BYTES > data.length) break;
       const sum = blake3(data.subarray(at, end)).subarray(0, CHECKSUM_BYTES);
       if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
       state.sequence = Number(data.readBigUInt64BE(at + 8));
       state.size = Number(data.readBigUInt64BE(at + 16));
-      for (let r = at + BATCH_HEADER_BYTES; r < end; r += recordBytes) {
+      for (let r = at + BATCH_HEADER_BYTES; r < end; r += size) {
         const chunk = Number(data.readBigUInt64BE(r));
-        // Copies: the records outlive the file buffer.
+        // Copies: the records outlive the file buffer (a map record's mask is the shared empty one).
         state.chunks.set(chunk, {
           chunk,
           hash: Buffer.from(data.subarray(r + 8, r + 8 + HASH_BYTES)),
-          mask: Buffer.from(data.subarray(r + 8 + HASH_BYTES, r + recordBytes)),
+          mask: magic === BATCH_MAGIC ? Buffer.from(data.subarray(r + 8 + HASH_BYTES, r + recordBytes)) : noMask,
         });
       }
       state.batches++;
@@ -164,9 +173,9 @@ export class Journal {
    * records, and this allocates nothing per record.
    */
   private encodeMap(map: BlockMap, sequence: number, size: number): Buffer {
-    const body = BATCH_HEADER_BYTES + map.count * this.recordBytes;
+    const body = BATCH_HEADER_BYTES + map.count * MAP_RECORD_BYTES;
     const batch = Buffer.alloc(body + CHECKSUM_BYTES);
-    batch.writeUInt32BE(BATCH_MAGIC, 0);
+    batch.writeUInt32BE(MAP_BATCH_MAGIC, 0);
     batch.writeUInt32BE(map.count, 4);
     batch.writeBigUInt64BE(BigInt(sequence), 8);
     batch.writeBigUInt64BE(BigInt(size), 16);
@@ -187,7 +196,7 @@ export class Journal {
         batch.writeUInt32BE(Math.floor(chunk / 0x100000000), at);
         batch.writeUInt32BE(chunk >>> 0, at + 4);
         page.copy(batch, at + 8, from, from + HASH_BYTES);
-        at += this.recordBytes; // the mask stays zero: no overlay sectors
+        at += MAP_RECORD_BYTES;
       }
     }
     if (written !== map.count) throw new Error(`journal ${this.path}: the block map holds ${written} chunks, its count says ${map.count}`);

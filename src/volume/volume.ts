@@ -87,10 +87,12 @@ export interface VolumeSnapshot {
   sequence: number;
   size: number;
   blockSize: number;
-  /** chunk → block, ascending by chunk; ZERO_ALLOCATED_KEY for allocated zeros, holes absent. */
-  chunks: Array<[number, BlockKey]>;
-  /** With `{ map: true }`: the block map at the cut, sharing its pages with the volume's (a same-host fork's map). */
-  map?: BlockMap;
+  /** chunk → block, ascending by chunk; ZERO_ALLOCATED_KEY for allocated zeros, holes absent (computed when first read). */
+  readonly chunks: Array<[number, BlockKey]>;
+  /** The block map at the cut, sharing its pages with the volume's (never written: a same-host fork's map, an incremental manifest's base). */
+  map: BlockMap;
+  /** With a `base`: the chunks changed since it, ascending (undefined block: a hole now). */
+  changes?: Array<[number, BlockKey | undefined]>;
   /**
    * Drop the references that kept the snapshot's local blocks from being freed.
    * `stored`: the snapshot reached the store, so its changes no longer count as dirty.
@@ -323,6 +325,11 @@ export class Volume {
   get mappedChunks(): number {
     return this.map.count;
   }
+  /** The block map now, sharing its pages copy-on-write: the base of the next incremental manifest. */
+  cloneMap(): BlockMap {
+    return this.map.clone();
+  }
+
   /** Block map pages in memory, and those shared copy-on-write with a same-host fork or its parent. */
   get mapPages(): { total: number; shared: number } {
     return { total: this.map.pageCount, shared: this.map.sharedPages };
@@ -886,9 +893,11 @@ export class Volume {
    * The volume at its current sequence, without pausing writers (DESIGN.md: snapshot).
    * Background seals first bring the overlay down; the cut itself seals what is left
    * synchronously, so no write can land between sealing and copying the map. The
-   * snapshot holds references on its local blocks until release().
+   * snapshot holds references on its local blocks until release(). With `base` (the map
+   * of the volume's last manifest, a clone of this volume's), it also lists the chunks
+   * changed since, and holds only their blocks.
    */
-  async snapshot(options: { map?: boolean } = {}): Promise<VolumeSnapshot> {
+  async snapshot(options: { base?: BlockMap } = {}): Promise<VolumeSnapshot> {
     this.checkOpen();
     for (let round = 0; ; round++) {
       await Promise.allSettled(this.sealsInFlight);
@@ -907,19 +916,24 @@ export class Volume {
         throw new VolumeError('EIO', `volume ${this.name}: snapshot: base blocks keep leaving the cache before the cut`);
       }
     }
-    const chunks = [...this.map.entries()]; // ascending chunks
-    const map = options.map ? this.map.clone() : undefined;
+    const map = this.map.clone();
+    const changes = options.base === undefined ? undefined : map.changesSince(options.base);
+    let chunks = changes === undefined ? [...map.entries()] : undefined;
     const changed = this.storeDirty;
     this.storeDirty = new Set();
+    // Blocks of chunks the base names are in the store already: only the rest need holding.
     const held: BlockKey[] = [];
-    for (const [, key] of chunks) if (key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
+    for (const [, key] of changes ?? chunks!) if (key !== undefined && key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
     let released = false;
     return {
       sequence: this.sequence,
       size: this.size,
       blockSize: this.blockSize,
-      chunks,
+      get chunks() {
+        return (chunks ??= [...map.entries()]);
+      },
       map,
+      changes,
       release: (stored: boolean) => {
         if (released) return;
         released = true;
