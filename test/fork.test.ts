@@ -137,6 +137,10 @@ test('lazy fork copies the last manifest without the source host; checkpoints ar
       assert.deepEqual([shared.map_pages, shared.map_pages_shared], [1, 1], 'the local lazy fork did not share the held block map');
       const cloc = await connect(a, 'base-local');
       assert.ok((await readAll(cloc, 0, 8 * MiB)).equals(v1));
+      // Its manifest (the held tables' compressed frame under the fork's meta) wakes elsewhere.
+      const cbl = await connect(b, 'base-local');
+      assert.ok((await readAll(cbl, 0, 8 * MiB)).equals(v1), 'host B reads the local lazy fork differently');
+      await cbl.disconnect();
       await cloc.write(4 * MiB, Buffer.alloc(MiB, 0x22));
       await cloc.flush();
       await cloc.disconnect();

@@ -28,7 +28,9 @@ import {
   manifestBody,
   manifestKey,
   patchManifestBody,
+  relabelManifest,
   sealManifest,
+  storedTablesFrame,
   type Manifest,
   type ManifestMeta,
 } from '../src/store/manifest.js';
@@ -447,7 +449,7 @@ describe('manifest', () => {
       appendedTotal += patched.appended;
       raw = patched.raw;
       const key = manifestKey('tenant-a/vm-1');
-      const body = sealManifest(key, raw, ZSTD, PLAINTEXT);
+      const body = sealManifest(key, raw, ZSTD, PLAINTEXT).body;
       const decoded = decodeManifest(key, body, PLAINTEXT);
       assert.equal(decoded.meta.sequence, 42 + round);
       const got = new Map<number, string>();
@@ -461,7 +463,17 @@ describe('manifest', () => {
       // Every pack a block names is in the pack table GC counts.
       const packs = bodyPacks(raw);
       for (const b of decoded.blocks) assert.ok(packs.has(b.pack));
-      assert.deepEqual(decodeManifestBody(key, body, PLAINTEXT).raw, raw);
+      const opened = decodeManifestBody(key, body, PLAINTEXT);
+      assert.deepEqual(opened.raw, raw);
+      // The tables' frame is found again and carries them under another meta (a lazy fork).
+      const frame = storedTablesFrame(opened, ZSTD);
+      assert.ok(frame !== undefined, 'the stored tables frame was not found');
+      const forkKey = manifestKey('tenant-b/fork');
+      const forkMeta = meta({ name: 'tenant-b/fork', size: chunkCount * BLOCK, parent: { name: 'tenant-a/vm-1', sequence: 42 + round } });
+      const forked = decodeManifest(forkKey, sealManifest(forkKey, relabelManifest(raw, forkMeta), ZSTD, PLAINTEXT, frame).body, PLAINTEXT);
+      assert.equal(forked.meta.name, 'tenant-b/fork');
+      assert.deepEqual([...forked.chunks], [...decoded.chunks]);
+      assert.deepEqual([...forked.chunkBlocks], [...decoded.chunkBlocks]);
     }
     assert.ok(appendedTotal > 0);
     // Changes must ascend inside the volume.

@@ -139,6 +139,17 @@ export function compressBlock(c: Compression, raw: Buffer): { codec: CodecId; da
   }
 }
 
+/**
+ * One zstd frame of `raw` at `level`, even where it does not shrink the bytes: a manifest
+ * body is stored as two frames (store/manifest.ts), which decompression reads as one.
+ */
+export function zstdFrame(raw: Buffer, level: number): Buffer {
+  const out = Buffer.allocUnsafe(zstd.compressBound(raw.length));
+  zstdCompressContext ??= new zstd.CCtx();
+  const length = zstdCompressContext.compress(out, raw, level);
+  return out.subarray(0, length);
+}
+
 /** Blocks at least this large are first judged by a sample (early abort). */
 const SAMPLE_FROM_BYTES = 32 * 1024;
 const SAMPLE_BYTES = 4096;

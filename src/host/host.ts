@@ -15,7 +15,7 @@ import type { PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
-import { decodeManifest, decodeManifestBody, leaseKey, manifestKey, type Manifest, type ManifestMeta } from '../store/manifest.js';
+import { decodeManifest, decodeManifestBody, leaseKey, manifestKey, storedTablesFrame, type Manifest, type ManifestMeta } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
@@ -112,6 +112,8 @@ interface WrittenManifest {
   meta: ManifestMeta;
   etag: string;
   raw: Buffer;
+  /** The tables' zstd frame of the stored body, when known (see sealManifest). */
+  tablesFrame?: Buffer;
   manifest?: Manifest;
   indexed?: boolean;
   map?: BlockMap;
@@ -339,8 +341,9 @@ export class Host {
       else {
         const object = await this.options.store.get(key);
         if (object === undefined) return undefined;
-        const { manifest, raw } = decodeManifestBody(key, object.body, this.options.cipher);
-        found = { meta: manifest.meta, manifest, raw, etag: object.etag };
+        const decoded = decodeManifestBody(key, object.body, this.options.cipher);
+        const { manifest, raw } = decoded;
+        found = { meta: manifest.meta, manifest, raw, tablesFrame: storedTablesFrame(decoded, this.options.manifestCompression), etag: object.etag };
       }
       const { meta, etag } = found;
       if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
@@ -358,7 +361,7 @@ export class Host {
         this.storeCtx,
       );
       link.save();
-      link.setBase(volume.cloneMap(), found.raw, etag);
+      link.setBase(volume.cloneMap(), found.raw, etag, found.tablesFrame);
       this.links.set(name, link);
       this.volumes.set(name, volume);
       let writable = true;
@@ -440,10 +443,10 @@ export class Host {
       forked = { ...(await link.fork(target)), indexed: true };
     } else {
       const sourceLink = opts.checkpoint === undefined ? this.links.get(source) : undefined;
-      let known: { raw: Buffer; map: BlockMap } | undefined;
+      let known: { raw: Buffer; tablesFrame?: Buffer; map: BlockMap } | undefined;
       const copied = await lazyFork(
         this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
-        (etag) => (known = sourceLink?.baseOf(etag))?.raw,
+        (etag) => (known = sourceLink?.baseOf(etag)),
       );
       // The source's current manifest, open here: its blocks are in the pack index already,
       // and its block map is at hand (shared copy-on-write, like a consistent fork's).

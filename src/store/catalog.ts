@@ -9,7 +9,7 @@ import { packsOf, putCounted, WritePendingError, type PackRefcounts } from '../g
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
-import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestKey, relabelManifest, sealManifest, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
+import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestKey, relabelManifest, sealManifest, storedTablesFrame, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
 
@@ -165,15 +165,21 @@ export async function lazyFork(
   cipher: StoreCipher,
   checkpoint?: string,
   refcounts?: PackRefcounts,
-  known?: (etag: string) => Buffer | undefined,
-): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; manifest?: Manifest; sourceEtag: string }> {
+  known?: (etag: string) => { raw: Buffer; tablesFrame?: Buffer } | undefined,
+): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tablesFrame?: Buffer; manifest?: Manifest; sourceEtag: string }> {
   const from = sourceKey(source, checkpoint);
   const object = await store.get(from);
   if (object === undefined) throw missingSource(store, source, checkpoint);
-  // The body of this very manifest, when this host has it opened already (`known`), or decoded.
+  // The body of this very manifest, when this host has it opened already (`known`, with
+  // its compressed tables), or decoded.
   let manifest: Manifest | undefined;
-  let body = known?.(object.etag);
-  if (body === undefined) ({ manifest, raw: body } = decodeManifestBody(from, object.body, cipher));
+  let held = known?.(object.etag);
+  if (held === undefined) {
+    const decoded = decodeManifestBody(from, object.body, cipher);
+    manifest = decoded.manifest;
+    held = { raw: decoded.raw, tablesFrame: storedTablesFrame(decoded, compression) };
+  }
+  const body = held.raw;
   const sourceMeta = bodyMeta(body);
   const sequence = sourceMeta.sequence;
   const meta: ManifestMeta = {
@@ -181,10 +187,10 @@ export async function lazyFork(
   };
   const key = manifestKey(target);
   const raw = relabelManifest(body, meta);
-  const sealed = sealManifest(key, raw, compression, cipher);
+  const { body: sealed, tablesFrame } = sealManifest(key, raw, compression, cipher, held.tablesFrame);
   const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
   if (manifest !== undefined) manifest.meta = meta;
-  return { sequence, etag, meta, raw, manifest, sourceEtag: object.etag };
+  return { sequence, etag, meta, raw, tablesFrame, manifest, sourceEtag: object.etag };
 }
 
 export interface CheckpointInfo {

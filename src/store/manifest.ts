@@ -40,7 +40,7 @@
 // million setChunk calls (Map inserts of block keys and chunk indices dominate).
 import { Blake3Hasher } from '@napi-rs/blake-hash';
 import * as z from 'zod';
-import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock } from '../crypto/compress.js';
+import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock, zstdFrame } from '../crypto/compress.js';
 import type { CodecId, Compression } from '../crypto/compress.js';
 import { OpenError, SEAL_OVERHEAD, sealLabel, type StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH } from '../crypto/hash.js';
@@ -195,7 +195,7 @@ function manifestLabel(header: Buffer, key: string): Buffer {
  * inside the volume, every block index valid, every block a stored block with a location.
  */
 export function encodeManifest(key: string, m: Manifest, compression: Compression, cipher: StoreCipher): Buffer {
-  return sealManifest(key, manifestBody(m, cipher.overhead), compression, cipher);
+  return sealManifest(key, manifestBody(m, cipher.overhead), compression, cipher).body;
 }
 
 /**
@@ -226,10 +226,22 @@ export function bodyMeta(raw: Buffer): ManifestMeta {
   return META_SCHEMA.parse(JSON.parse(raw.toString('utf8', 4, 4 + metaLength)));
 }
 
-/** Compress, seal and frame a manifest body (the layout above) for the object `key`. */
-export function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher): Buffer {
+/**
+ * Compress, seal and frame a manifest body (the layout above) for the object `key`. With
+ * zstd the body is stored as two frames, the meta's and the tables' (decompression runs
+ * through both), and the tables' frame is returned: a lazy fork of this manifest on this
+ * host passes it back as `tablesFrame` to put the same tables under its own meta without
+ * compressing them again.
+ */
+export function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher, tablesFrame?: Buffer): { body: Buffer; tablesFrame?: Buffer } {
   const what = `encodeManifest ${key}`;
-  const stored = compressBlock(compression, raw);
+  let stored: { codec: CodecId; data: Buffer };
+  let tables: Buffer | undefined;
+  if (compression.codec === CODEC_ZSTD) {
+    const tablesAt = 4 + raw.readUInt32LE(0);
+    tables = tablesFrame ?? zstdFrame(raw.subarray(tablesAt), compression.level);
+    stored = { codec: CODEC_ZSTD, data: Buffer.concat([zstdFrame(raw.subarray(0, tablesAt), compression.level), tables]) };
+  } else stored = compressBlock(compression, raw);
   const storedLength = stored.data.length + cipher.overhead;
   if (storedLength > MAX_BODY_BYTES) throw new Error(`${what}: the stored body would be ${storedLength} bytes; at most ${MAX_BODY_BYTES}`);
   const out = Buffer.allocUnsafe(MANIFEST_HEADER_BYTES + storedLength);
@@ -241,7 +253,19 @@ export function sealManifest(key: string, raw: Buffer, compression: Compression,
   out.writeUInt32LE(storedLength, 16);
   cipher.sealInto(out.subarray(MANIFEST_HEADER_BYTES), stored.data, manifestLabel(out, key));
   manifestChecksum(out).copy(out, CHECKSUM_AT);
-  return out;
+  return { body: out, tablesFrame: tables };
+}
+
+/**
+ * The tables' frame of a decoded manifest that sealManifest stored as two zstd frames at
+ * `compression`, found by compressing its meta again (zstd is deterministic) and checking
+ * that the stored bytes begin with exactly that frame; undefined otherwise.
+ */
+export function storedTablesFrame(decoded: DecodedManifest, compression: Compression): Buffer | undefined {
+  if (decoded.codec !== CODEC_ZSTD || compression.codec !== CODEC_ZSTD) return undefined;
+  const head = zstdFrame(decoded.raw.subarray(0, decoded.tablesAt), compression.level);
+  if (decoded.stored.length <= head.length || !decoded.stored.subarray(0, head.length).equals(head)) return undefined;
+  return Buffer.from(decoded.stored.subarray(head.length));
 }
 
 /**
@@ -503,6 +527,9 @@ export function decodeManifest(key: string, body: Buffer, cipher: StoreCipher): 
 /** A decoded manifest with its body as opened: what relabelManifest copies. */
 export interface DecodedManifest {
   manifest: Manifest;
+  /** The body as stored, opened (still compressed), and its codec. */
+  stored: Buffer;
+  codec: CodecId;
   /** The body after opening and decompression. */
   raw: Buffer;
   /** Where the tables start in `raw`, after the meta. */
@@ -612,7 +639,7 @@ export function decodeManifestBody(key: string, body: Buffer, cipher: StoreCiphe
     at += CHUNK_ENTRY_BYTES;
   }
   if (at !== raw.length) throw fail(`${raw.length - at} bytes after the chunk table`);
-  return { manifest: { meta, chunks, chunkBlocks, blocks }, raw, tablesAt };
+  return { manifest: { meta, chunks, chunkBlocks, blocks }, stored: compressed, codec, raw, tablesAt };
 }
 
 /**
