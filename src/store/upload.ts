@@ -84,7 +84,7 @@ export class PackUploader {
     }
     const pack = encodePack(blocks, this.compression, this.cipher);
     await this.refcounts?.registerPack(pack.id);
-    await this.store.put(pack.key, pack.body);
+    await this.store.put(pack.key, pack.body, { selfVerifying: true });
     this.index.add(packLocations(pack));
     this.cache.markInStore(group);
     result.packs++;
