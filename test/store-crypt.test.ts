@@ -18,7 +18,7 @@ import { decodeBootSet, encodeBootSet } from '../src/store/boot-set.js';
 import { FormatError } from '../src/store/errors.js';
 import { changePassword, openStoreIdentity, readIdentity, StoreKeyError } from '../src/store/identity.js';
 import { decodeManifest, encodeManifest, ManifestBuilder } from '../src/store/manifest.js';
-import { PackOpeners } from '../src/store/pack-open.js';
+import { PackThreads } from '../src/store/pack-threads.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
 import { connect, createVolume, drain, MiB, CHUNK, readAll, startCluster, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';
 import { DAEMON_MAIN, mergeToml, removeDir, scratchDir, type TomlTable } from './harness/daemon.js';
@@ -73,9 +73,9 @@ function resealedManifest(body: Buffer): Buffer {
   return copy;
 }
 
-describe('packs opened on worker threads (the cold-read path)', () => {
+describe('packs opened and encoded on worker threads (cold reads and uploads)', () => {
   const cipher = storeCipher(newDataKey());
-  const openers = new PackOpeners(cipher, 2);
+  const openers = new PackThreads(cipher, 2);
   after(() => openers.close());
 
   /** Asserts that `promise` rejects with a FormatError naming `key` whose message matches `pattern`. */
@@ -91,7 +91,7 @@ describe('packs opened on worker threads (the cold-read path)', () => {
 
   test('every block comes back with its name and content, whole packs handed over without a copy, small pooled ones copied', async () => {
     for (const [c, name] of [[cipher, 'encrypted'], [PLAINTEXT, 'plaintext']] as const) {
-      const own = c === cipher ? openers : new PackOpeners(PLAINTEXT, 1);
+      const own = c === cipher ? openers : new PackThreads(PLAINTEXT, 1);
       const blocks = packBlocks(c, 25, (i) => (i % 2 ? randomBytes(BLOCK) : textBlock(i)));
       const pack = encodePack(blocks, LZ4, c);
       const body = Buffer.from(pack.body);
@@ -109,6 +109,20 @@ describe('packs opened on worker threads (the cold-read path)', () => {
       assert.deepEqual(got.map((b) => b.data.toString()), tiny.map((b) => b.data.toString()));
       assert.equal(neighbour.toString(), 'still here');
       assert.ok(pooled.equals(small.body), 'a pooled body was detached');
+      if (own !== openers) await own.close();
+    }
+  });
+
+  test('a pack encoded on a thread opens in-thread to the same blocks, and a block that does not match its name is refused', async () => {
+    for (const [c, own] of [[cipher, openers], [PLAINTEXT, new PackThreads(PLAINTEXT, 1)]] as const) {
+      const blocks = packBlocks(c, 25, (i) => (i % 3 ? textBlock(i) : randomBytes(BLOCK)));
+      const pack = await own.encode(blocks, LZ4);
+      verifyPackId(pack.key, pack.body);
+      const entries = decodePackIndex(pack.key, pack.body, c);
+      assert.deepEqual(entries, pack.entries);
+      assert.ok(entries.every((entry, i) => unpackBlock(pack.key, pack.body, entry, c).equals(blocks[i].data)));
+      const wrong = blocks.map((b, i) => (i === 4 ? { hash: b.hash, data: textBlock(99) } : b));
+      await assert.rejects(own.encode(wrong, LZ4), /encodePack: block [0-9a-f]{32} does not match its hash/);
       if (own !== openers) await own.close();
     }
   });

@@ -110,7 +110,7 @@ const DATA_KEYS = new WeakMap<StoreCipher, Buffer>();
 
 /**
  * The data key `cipher` was made from (undefined for PLAINTEXT), so that a worker thread
- * can make the same cipher with storeCipher (store/pack-open.ts).
+ * can make the same cipher with storeCipher (store/pack-threads.ts).
  */
 export function cipherDataKey(cipher: StoreCipher): Buffer | undefined {
   if (cipher.id === CIPHER_NONE) return undefined;

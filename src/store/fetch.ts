@@ -2,14 +2,14 @@
 // its whole pack, one GET; every block of the pack is verified against its name and put
 // into the cache, so the neighbours a reader wants next are already here. Concurrent
 // requests for one pack share one GET; read-ahead runs a bounded number of packs ahead.
-// Packs are opened on worker threads (store/pack-open.ts), off the event loop.
+// Packs are opened on worker threads (store/pack-threads.ts), off the event loop.
 import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import type { BlockFetcher } from '../volume/volume.js';
 import { FormatError } from './errors.js';
-import { PackOpeners } from './pack-open.js';
+import { packThreads, type PackThreads } from './pack-threads.js';
 import { packKey } from './pack.js';
 import type { PackIndex } from './pack-index.js';
 
@@ -38,7 +38,7 @@ export class PackFetcher implements BlockFetcher {
   };
   private readonly inflight = new Map<string, Promise<void>>();
   private prefetching = 0;
-  private readonly openers: PackOpeners;
+  private readonly threads: PackThreads;
 
   constructor(
     private readonly store: ObjectStore,
@@ -49,7 +49,7 @@ export class PackFetcher implements BlockFetcher {
     readonly readAheadChunks: number,
     private readonly log: Logger,
   ) {
-    this.openers = new PackOpeners(cipher);
+    this.threads = packThreads(cipher);
   }
 
   knows(key: BlockKey): boolean {
@@ -108,7 +108,7 @@ export class PackFetcher implements BlockFetcher {
       const bytes = object.body.length;
       try {
         // Every block is verified (opened) before any is cached: a pack is used whole or not at all.
-        const blocks = await this.openers.open(key, object.body);
+        const blocks = await this.threads.open(key, object.body);
         for (const block of blocks) this.cache.putFromStore(blockKey(block.hash), block.data);
         this.counters.packsFetched++;
         this.counters.blocksFetched += blocks.length;
