@@ -755,12 +755,13 @@ test('s3://: a self-verifying put (a pack) is accepted by MinIO unsigned and rea
 
 /** An HTTP server on loopback that records each request's method, x-amz-content-sha256 and body, answering with `answer`. */
 async function recordingServer(t: TestContext, answer: (req: http.IncomingMessage, res: http.ServerResponse) => void) {
-  const seen: Array<{ method: string; sha256: string | undefined; body: Buffer }> = [];
+  const seen: Array<{ method: string; sha256: string | undefined; checksums: string[]; body: Buffer }> = [];
   const server = http.createServer((req, res) => {
     const chunks: Buffer[] = [];
     req.on('data', (c: Buffer) => chunks.push(c));
     req.on('end', () => {
-      seen.push({ method: req.method ?? '', sha256: req.headers['x-amz-content-sha256'] as string | undefined, body: Buffer.concat(chunks) });
+      const checksums = Object.keys(req.headers).filter((h) => h.includes('checksum'));
+      seen.push({ method: req.method ?? '', sha256: req.headers['x-amz-content-sha256'] as string | undefined, checksums, body: Buffer.concat(chunks) });
       answer(req, res);
     });
   });
@@ -775,7 +776,7 @@ async function recordingServer(t: TestContext, answer: (req: http.IncomingMessag
   return { store, seen };
 }
 
-test('s3://: only self-verifying puts skip the payload hash: they send UNSIGNED-PAYLOAD, others the SHA-256 of the body', async (t) => {
+test('s3://: only self-verifying puts skip the payload hash: they send UNSIGNED-PAYLOAD, others the SHA-256 of the body; no put computes a CRC32 checksum', async (t) => {
   const { store, seen } = await recordingServer(t, (_req, res) => {
     res.writeHead(200, { ETag: '"e"' });
     res.end();
@@ -791,6 +792,7 @@ test('s3://: only self-verifying puts skip the payload hash: they send UNSIGNED-
     ],
   );
   assert.ok(seen.every((r) => r.body.equals(body)));
+  assert.deepEqual(seen.flatMap((r) => r.checksums), [], 'the SDK sent flexible checksums (CRC32 in JavaScript)');
 });
 
 test('s3://: a GET body is read whole from many chunks, with or without Content-Length; a short one is Unavailable naming the key', async (t) => {
