@@ -5,7 +5,8 @@
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
+import http from 'node:http';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdir, readdir, utimes, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -738,4 +739,78 @@ test('parseFaultSpec reads every item and names a bad one', () => {
     );
   }
   assert.throws(() => withFaults({} as ObjectStore, { seed: 1, errorRate: 1.5 }), /errorRate/);
+});
+
+test('s3://: a self-verifying put (a pack) is accepted by MinIO unsigned and reads back whole; a conditional one still holds', async (t) => {
+  const store = await s3Store(t);
+  const body = randomBytes(3 * MiB + 17);
+  const etag = await store.put('packs/ab/abcdef', body, { selfVerifying: true });
+  const got = await store.get('packs/ab/abcdef');
+  assert.ok(got);
+  assert.ok(got.body.equals(body));
+  assert.equal(got.etag, etag);
+  assert.ok((await store.getRange('packs/ab/abcdef', MiB, 100))?.equals(body.subarray(MiB, MiB + 100)));
+  await rejectsWith(store.put('packs/ab/abcdef', body, { selfVerifying: true, ifNoneMatch: '*' }), 'PreconditionFailed', ['packs/ab/abcdef']);
+});
+
+/** An HTTP server on loopback that records each request's method, x-amz-content-sha256 and body, answering with `answer`. */
+async function recordingServer(t: TestContext, answer: (req: http.IncomingMessage, res: http.ServerResponse) => void) {
+  const seen: Array<{ method: string; sha256: string | undefined; checksums: string[]; body: Buffer }> = [];
+  const server = http.createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const checksums = Object.keys(req.headers).filter((h) => h.includes('checksum'));
+      seen.push({ method: req.method ?? '', sha256: req.headers['x-amz-content-sha256'] as string | undefined, checksums, body: Buffer.concat(chunks) });
+      answer(req, res);
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  const port = (server.address() as net.AddressInfo).port;
+  const store = openObjectStore('s3://bucket/p', { endpoint: `http://127.0.0.1:${port}`, allowHttp: true, accessKeyId: 'a', secretAccessKey: 'b' });
+  t.after(() => store.close());
+  return { store, seen };
+}
+
+test('s3://: only self-verifying puts skip the payload hash: they send UNSIGNED-PAYLOAD, others the SHA-256 of the body; no put computes a CRC32 checksum', async (t) => {
+  const { store, seen } = await recordingServer(t, (_req, res) => {
+    res.writeHead(200, { ETag: '"e"' });
+    res.end();
+  });
+  const body = randomBytes(200 * KiB);
+  await store.put('packs/ab/abcdef', body, { selfVerifying: true });
+  await store.put('volumes/a/manifest', body);
+  assert.deepEqual(
+    seen.map((r) => [r.method, r.sha256]),
+    [
+      ['PUT', 'UNSIGNED-PAYLOAD'],
+      ['PUT', createHash('sha256').update(body).digest('hex')],
+    ],
+  );
+  assert.ok(seen.every((r) => r.body.equals(body)));
+  assert.deepEqual(seen.flatMap((r) => r.checksums), [], 'the SDK sent flexible checksums (CRC32 in JavaScript)');
+});
+
+test('s3://: a GET body is read whole from many chunks, with or without Content-Length; a short one is Unavailable naming the key', async (t) => {
+  const body = randomBytes(MiB + 3);
+  const { store } = await recordingServer(t, (req, res) => {
+    const parts = [body.subarray(0, 1000), body.subarray(1000, 70_000), body.subarray(70_000)];
+    if (req.url?.includes('short')) {
+      res.writeHead(200, { 'Content-Length': String(body.length), ETag: '"e"' });
+      res.write(parts[0]);
+      setTimeout(() => res.socket?.destroy(), 50);
+      return;
+    }
+    res.writeHead(200, req.url?.includes('chunked') ? { ETag: '"e"' } : { 'Content-Length': String(body.length), ETag: '"e"' });
+    let i = 0;
+    const next = () => (i < parts.length ? res.write(parts[i++], () => setImmediate(next)) : res.end());
+    next();
+  });
+  assert.ok((await store.get('k/sized'))?.body.equals(body));
+  assert.ok((await store.get('k/chunked'))?.body.equals(body));
+  await rejectsWith(store.get('k/short'), 'Unavailable', ['k/short']);
 });

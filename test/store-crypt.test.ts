@@ -18,6 +18,7 @@ import { decodeBootSet, encodeBootSet } from '../src/store/boot-set.js';
 import { FormatError } from '../src/store/errors.js';
 import { changePassword, openStoreIdentity, readIdentity, StoreKeyError } from '../src/store/identity.js';
 import { decodeManifest, encodeManifest, ManifestBuilder } from '../src/store/manifest.js';
+import { PackThreads } from '../src/store/pack-threads.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
 import { connect, createVolume, drain, MiB, CHUNK, readAll, startCluster, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';
 import { DAEMON_MAIN, mergeToml, removeDir, scratchDir, type TomlTable } from './harness/daemon.js';
@@ -71,6 +72,80 @@ function resealedManifest(body: Buffer): Buffer {
   new Blake3Hasher().update(copy.subarray(0, 20)).update(copy.subarray(36)).digestBuffer().copy(copy, 20, 0, 16);
   return copy;
 }
+
+describe('packs opened and encoded on worker threads (cold reads and uploads)', () => {
+  const cipher = storeCipher(newDataKey());
+  const openers = new PackThreads(cipher, 2);
+  after(() => openers.close());
+
+  /** Asserts that `promise` rejects with a FormatError naming `key` whose message matches `pattern`. */
+  async function rejectsFormat(promise: Promise<unknown>, key: string, pattern: RegExp): Promise<void> {
+    await assert.rejects(promise, (err: unknown) => {
+      assert.ok(err instanceof FormatError, `expected a FormatError, got ${String(err)}`);
+      assert.equal(err.key, key);
+      assert.match(err.message, pattern);
+      assert.ok(err.message.includes(key), `the message names the object: ${err.message}`);
+      return true;
+    });
+  }
+
+  test('every block comes back with its name and content, whole packs handed over without a copy, small pooled ones copied', async () => {
+    for (const [c, name] of [[cipher, 'encrypted'], [PLAINTEXT, 'plaintext']] as const) {
+      const own = c === cipher ? openers : new PackThreads(PLAINTEXT, 1);
+      const blocks = packBlocks(c, 25, (i) => (i % 2 ? randomBytes(BLOCK) : textBlock(i)));
+      const pack = encodePack(blocks, LZ4, c);
+      const body = Buffer.from(pack.body);
+      const opened = await own.open(pack.key, body);
+      assert.deepEqual(opened.map((b) => b.hash.toString('hex')), blocks.map((b) => b.hash.toString('hex')), name);
+      assert.ok(opened.every((b, i) => b.data.equals(blocks[i].data)), `${name}: a block came back changed`);
+      assert.equal(body.length, 0, `${name}: the body was copied to the worker, not transferred`);
+      // A pack smaller than Buffer's pool slab shares its ArrayBuffer: it must be copied, the neighbours left intact.
+      const tiny = packBlocks(c, 2, (i) => textBlock(i, 300));
+      const small = encodePack(tiny, ZSTD, c);
+      const pooled = Buffer.from(small.body);
+      const neighbour = Buffer.from('still here');
+      assert.ok(pooled.buffer === neighbour.buffer || pooled.byteLength < pooled.buffer.byteLength, 'the small body is a view of a bigger buffer');
+      const got = await own.open(small.key, pooled);
+      assert.deepEqual(got.map((b) => b.data.toString()), tiny.map((b) => b.data.toString()));
+      assert.equal(neighbour.toString(), 'still here');
+      assert.ok(pooled.equals(small.body), 'a pooled body was detached');
+      if (own !== openers) await own.close();
+    }
+  });
+
+  test('a pack encoded on a thread opens in-thread to the same blocks, and a block that does not match its name is refused', async () => {
+    for (const [c, own] of [[cipher, openers], [PLAINTEXT, new PackThreads(PLAINTEXT, 1)]] as const) {
+      const blocks = packBlocks(c, 25, (i) => (i % 3 ? textBlock(i) : randomBytes(BLOCK)));
+      const pack = await own.encode(blocks, LZ4);
+      verifyPackId(pack.key, pack.body);
+      const entries = decodePackIndex(pack.key, pack.body, c);
+      assert.deepEqual(entries, pack.entries);
+      assert.ok(entries.every((entry, i) => unpackBlock(pack.key, pack.body, entry, c).equals(blocks[i].data)));
+      const wrong = blocks.map((b, i) => (i === 4 ? { hash: b.hash, data: textBlock(99) } : b));
+      await assert.rejects(own.encode(wrong, LZ4), /encodePack: block [0-9a-f]{32} does not match its hash/);
+      if (own !== openers) await own.close();
+    }
+  });
+
+  test('a tampered, truncated or foreign pack is a FormatError naming the key, from the worker as in-thread', async () => {
+    const blocks = packBlocks(cipher, 25, () => randomBytes(BLOCK));
+    const pack = encodePack(blocks, LZ4, cipher);
+    const indexEnd = 32 + 25 * 32 + SEAL_OVERHEAD;
+    await rejectsFormat(openers.open(pack.key, flipped(pack.body, pack.entries[3].offset + 5)), pack.key, /not to its id/);
+    await rejectsFormat(openers.open(pack.key, pack.body.subarray(0, pack.body.length - 9)), pack.key, /not to its id/);
+    const forged = forgedPack(flipped(pack.body, pack.entries[7].offset + 30), indexEnd);
+    await rejectsFormat(openers.open(forged.key, forged.body), forged.key, /block [0-9a-f]{32} does not decrypt with this store's key/);
+    const forgedIndex = forgedPack(flipped(pack.body, 40), indexEnd);
+    await rejectsFormat(openers.open(forgedIndex.key, forgedIndex.body), forgedIndex.key, /the index does not decrypt/);
+    const foreign = encodePack(packBlocks(PLAINTEXT, 3, (i) => textBlock(i)), LZ4, PLAINTEXT);
+    await rejectsFormat(openers.open(foreign.key, foreign.body), foreign.key, /is not encrypted, but this store is/);
+    const stranger = storeCipher(newDataKey());
+    const otherKey = encodePack(packBlocks(stranger, 3, (i) => textBlock(i)), LZ4, stranger);
+    await rejectsFormat(openers.open(otherKey.key, otherKey.body), otherKey.key, /does not decrypt/);
+    // The pool still works after failures.
+    assert.equal((await openers.open(pack.key, Buffer.from(pack.body))).length, 25);
+  });
+});
 
 describe('formats under a cipher', () => {
   const cipher = storeCipher(newDataKey());

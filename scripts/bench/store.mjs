@@ -56,6 +56,16 @@ async function freePort() {
   return port;
 }
 
+/**
+ * CPU seconds (user + system, every thread) a process has used so far, from
+ * /proc/PID/stat. Less sensitive than throughput to other work on a shared machine: it is
+ * what the daemon costs, not how long it waited for a core.
+ */
+function cpuSeconds(pid) {
+  const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in USER_HZ (100 on Linux)
+}
+
 function start(cmd, args, opts = {}) {
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
   const log = fs.createWriteStream(opts.logFile ?? '/dev/null');
@@ -181,8 +191,12 @@ async function main() {
   const putsBefore = await metric(a.url, 'updraft_store_requests_total');
   say('draining');
   const t0 = performance.now();
+  const cpu0 = [cpuSeconds(a.child.pid), cpuSeconds(minioProc.pid)];
   const drained = await api(a.url, 'POST', `/api/exports/${volume}/drain`);
   const seconds = (performance.now() - t0) / 1000;
+  const drainCpu = [cpuSeconds(a.child.pid) - cpu0[0], cpuSeconds(minioProc.pid) - cpu0[1]];
+  record('drain_cpu_s', drainCpu[0].toFixed(2));
+  record('drain_minio_cpu_s', drainCpu[1].toFixed(2));
   const requests = (await metric(a.url, 'updraft_store_requests_total')) - putsBefore;
   record('drain_size_mib', SIZE_MIB);
   record('drain_seconds', seconds.toFixed(2));
@@ -190,7 +204,7 @@ async function main() {
   record('drain_packs', drained.packs_uploaded);
   record('drain_bytes_uploaded', drained.bytes_uploaded);
   record('drain_requests_per_gib', ((requests * 1024) / SIZE_MIB).toFixed(0));
-  say(`drain: ${seconds.toFixed(2)} s, ${drained.packs_uploaded} packs, ${requests} requests`);
+  say(`drain: ${seconds.toFixed(2)} s, ${drained.packs_uploaded} packs, ${requests} requests; CPU ${drainCpu[0].toFixed(2)} s daemon, ${drainCpu[1].toFixed(2)} s MinIO`);
 
   // The same amount again, but sealed (and written back) before the drain, as a volume that
   // went idle before being drained would be: the drain is then upload only.
@@ -205,11 +219,15 @@ async function main() {
   }
   await sleep(5000); // the idle write-back commits the seal and syncs the slab
   const t1 = performance.now();
+  const cpu1 = [cpuSeconds(a.child.pid), cpuSeconds(minioProc.pid)];
   const drained2 = await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
   const seconds2 = (performance.now() - t1) / 1000;
+  const sealedCpu = [cpuSeconds(a.child.pid) - cpu1[0], cpuSeconds(minioProc.pid) - cpu1[1]];
+  record('drain_sealed_cpu_s', sealedCpu[0].toFixed(2));
+  record('drain_sealed_minio_cpu_s', sealedCpu[1].toFixed(2));
   record('drain_sealed_seconds', seconds2.toFixed(2));
   record('drain_sealed_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds2).toFixed(0));
-  say(`drain of a sealed volume: ${seconds2.toFixed(2)} s, ${drained2.packs_uploaded} packs`);
+  say(`drain of a sealed volume: ${seconds2.toFixed(2)} s, ${drained2.packs_uploaded} packs; CPU ${sealedCpu[0].toFixed(2)} s daemon, ${sealedCpu[1].toFixed(2)} s MinIO`);
   // ---- live migration: the write pause ----
   if (PARTS.has('migrate')) {
     // Host M attaches the sealed volume read-only; A writes on and drains the bulk while
@@ -249,11 +267,14 @@ async function main() {
       const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` });
       await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
       const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
+      const cpu = cpuSeconds(b.child.pid);
       const job = await fio(['--name=cold', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=read', '--bs=1M', '--iodepth=1', `--size=${SIZE_MIB}M`]);
       const gets = (await metric(b.url, 'updraft_store_requests_total', { kind: 'get' })) - gets0;
       record(`cold_read_${label}_mb_s`, (job.read.bw_bytes / 1e6).toFixed(0));
+      const readCpu = cpuSeconds(b.child.pid) - cpu;
       record(`cold_read_${label}_gets`, gets);
-      say(`cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs`);
+      record(`cold_read_${label}_cpu_s`, readCpu.toFixed(2));
+      say(`cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs; CPU ${readCpu.toFixed(2)} s daemon`);
       await stop(b.child);
     }
     record('latency_ms', LATENCY_MS);

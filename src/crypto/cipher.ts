@@ -102,6 +102,23 @@ export const PLAINTEXT: StoreCipher = {
   open: (sealed) => sealed,
 };
 
+/**
+ * The data key each encrypted store cipher was made from, for cipherDataKey. Kept out of
+ * the cipher object so it is never logged or serialised with it.
+ */
+const DATA_KEYS = new WeakMap<StoreCipher, Buffer>();
+
+/**
+ * The data key `cipher` was made from (undefined for PLAINTEXT), so that a worker thread
+ * can make the same cipher with storeCipher (store/pack-threads.ts).
+ */
+export function cipherDataKey(cipher: StoreCipher): Buffer | undefined {
+  if (cipher.id === CIPHER_NONE) return undefined;
+  const key = DATA_KEYS.get(cipher);
+  if (key === undefined) throw new Error('cipherDataKey: an encrypted cipher not made by storeCipher');
+  return key;
+}
+
 /** The cipher of an encrypted store, from its 32-byte data key. */
 export function storeCipher(dataKey: Buffer): StoreCipher {
   if (dataKey.length !== DATA_KEY_BYTES) throw new Error(`storeCipher: a ${dataKey.length}-byte data key; expected ${DATA_KEY_BYTES}`);
@@ -114,7 +131,7 @@ export function storeCipher(dataKey: Buffer): StoreCipher {
     sodium.randombytes_buf(nonce);
     sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(NONCE_BYTES), plain, aad, null, nonce, sealKey);
   };
-  return {
+  const cipher: StoreCipher = {
     id: CIPHER_XCHACHA20_POLY1305,
     overhead: SEAL_OVERHEAD,
     blockHash: (block) => Blake3Hasher.newKeyed(nameKey).update(block as Buffer).digestBuffer().subarray(0, HASH_BYTES),
@@ -136,6 +153,8 @@ export function storeCipher(dataKey: Buffer): StoreCipher {
       return plain;
     },
   };
+  DATA_KEYS.set(cipher, Buffer.from(dataKey));
+  return cipher;
 }
 
 /**

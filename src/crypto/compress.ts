@@ -35,8 +35,7 @@
 // scratch buffer and does not have the problem.
 //
 // Everything here is synchronous and runs on the calling thread (about 0.1-1 ms per
-// block). Callers that compress many blocks at once (a pack upload) may move the work
-// to a worker thread.
+// block). Pack uploads and cold reads call it on worker threads (store/pack-threads.ts).
 import { compressSync as lz4CompressSync, uncompressSync as lz4UncompressSync } from 'lz4-napi';
 import zstd from 'zstd-napi/binding.js';
 import { errorMessage } from '../log.js';

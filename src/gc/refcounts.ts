@@ -91,6 +91,15 @@ export function packsOf(blocks: ReadonlyArray<{ pack: string }>): Set<string> {
 
 const EMPTY: ReadonlySet<string> = new Set();
 
+/** A registerPack call waiting for its transaction. */
+interface PendingRegistration {
+  id: string;
+  /** Give up on a pack that stays in deletion past this (ms, the clock of `now`). */
+  deadline: number;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
 function words(text: string): string[] {
   return text === '' ? [] : text.split(' ');
 }
@@ -147,24 +156,67 @@ export class PackRefcounts {
 
   /**
    * Give a pack about to be uploaded a row (refcount 0, unreferenced since now), so an
-   * upload no manifest ever names is collected after the grace period. Waits while the
-   * pack is being deleted: its PUT must come after the deletion, not before.
+   * upload no manifest ever names is collected after the grace period. Resolves once the
+   * row is committed (durably: SQLite's commits are synced). Waits while the pack is being
+   * deleted: its PUT must come after the deletion, not before.
+   *
+   * Group commit: packs registered in the same turn of the event loop, or while a
+   * registration transaction runs, share the next transaction. A drain's uploads register
+   * a pack each; one synced SQLite commit per pack cost 0.9 s per GiB on the event loop.
    */
-  async registerPack(id: string): Promise<void> {
-    const deadline = this.now() + 60_000;
-    for (;;) {
-      const n = await this.db.tx((tx) =>
-        tx.run(
-          `INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2)
-           ON CONFLICT (id) DO UPDATE SET zero_since = CASE WHEN gc_packs.refs = 0 THEN excluded.zero_since ELSE gc_packs.zero_since END
-           WHERE gc_packs.state = 'live'`,
-          [id, this.now()],
-        ),
-      );
-      if (n === 1) return;
-      if (this.now() > deadline) throw new Error(`pack ${id} has been in deletion for a minute; cannot upload it again (gc database ${this.db.description})`);
-      await new Promise((resolve) => setTimeout(resolve, 50));
+  registerPack(id: string): Promise<void> {
+    return new Promise((resolve, reject) => this.queueRegistration({ id, deadline: this.now() + 60_000, resolve, reject }));
+  }
+
+  private queueRegistration(pending: PendingRegistration): void {
+    this.registrations.push(pending);
+    if (!this.registering) {
+      this.registering = true;
+      setImmediate(() => void this.registerWaiting());
     }
+  }
+
+  /** Registrations waiting for the next transaction, and whether one is scheduled or running. */
+  private registrations: PendingRegistration[] = [];
+  private registering = false;
+
+  /** One transaction for every waiting registration; then again while more came meanwhile. */
+  private async registerWaiting(): Promise<void> {
+    while (this.registrations.length > 0) {
+      const batch = this.registrations;
+      this.registrations = [];
+      let refused: PendingRegistration[];
+      try {
+        refused = await this.db.tx(async (tx) => {
+          const out: PendingRegistration[] = [];
+          const now = this.now();
+          for (const pending of batch) {
+            const n = await tx.run(
+              `INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2)
+               ON CONFLICT (id) DO UPDATE SET zero_since = CASE WHEN gc_packs.refs = 0 THEN excluded.zero_since ELSE gc_packs.zero_since END
+               WHERE gc_packs.state = 'live'`,
+              [pending.id, now],
+            );
+            if (n !== 1) out.push(pending);
+          }
+          return out;
+        });
+      } catch (err) {
+        for (const pending of batch) pending.reject(err);
+        continue;
+      }
+      const refusedSet = new Set(refused);
+      for (const pending of batch) if (!refusedSet.has(pending)) pending.resolve();
+      for (const pending of refused) {
+        if (this.now() > pending.deadline) {
+          pending.reject(new Error(`pack ${pending.id} has been in deletion for a minute; cannot upload it again (gc database ${this.db.description})`));
+        } else {
+          // Being deleted: ask again in a moment (the deletion worker finishes it, then the row is gone).
+          setTimeout(() => this.queueRegistration(pending), 50);
+        }
+      }
+    }
+    this.registering = false;
   }
 
   /** +1 on every 'live' pack of `ids`; returns the ids that were not (deleting, or no row). */

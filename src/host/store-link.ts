@@ -228,7 +228,17 @@ export class StoreLink {
   private async capture(identity: (snapshot: VolumeSnapshot) => Promise<{ name: string; generation: number; sequence: number; parent?: { name: string; sequence: number } }>) {
     const started = performance.now();
     const base = this.base;
-    const snapshot = await this.volume.snapshot({ base: base?.map });
+    // Blocks the snapshot seals go up while it seals the rest; upload() below then puts
+    // only what is left (and waits for packs still in flight), so the manifest still
+    // names only blocks in uploaded packs (invariant 2).
+    const early = this.ctx.uploader.early();
+    let snapshot: VolumeSnapshot;
+    try {
+      snapshot = await this.volume.snapshot({ base: base?.map, onSealed: (key) => early.add(key) });
+    } catch (err) {
+      await early.finish();
+      throw err;
+    }
     const snapshotMs = performance.now() - started;
     let stored = false;
     try {
@@ -236,7 +246,10 @@ export class StoreLink {
       const keysToUpload = () => (patch ? snapshot.changes!.map(([, key]) => key).filter((key) => key !== undefined) : snapshot.chunks.map(([, key]) => key));
       // The local journal must not fall behind what the store is told: flush it (disk)
       // while the blocks go up (CPU and network), and both before the manifest.
-      const [uploaded] = await Promise.all([this.ctx.uploader.upload(keysToUpload()), this.volume.flush()]);
+      const [earlyUploaded, uploaded] = await Promise.all([early.finish(), this.ctx.uploader.upload(keysToUpload()), this.volume.flush()]);
+      uploaded.packs += earlyUploaded.packs;
+      uploaded.blocks += earlyUploaded.blocks;
+      uploaded.bytes += earlyUploaded.bytes;
       const uploadMs = performance.now() - started - snapshotMs;
       this.noteUpload(snapshot.sequence, uploadMs);
       const id = await identity(snapshot);

@@ -25,6 +25,12 @@ export interface PutOptions {
   ifNoneMatch?: '*';
   /** Only replace this version: fail with PreconditionFailed if the etag differs or the key is gone. */
   ifMatch?: string;
+  /**
+   * The body proves itself to every reader (a pack: its key is BLAKE3 of the body, and each
+   * block is checked against its name), so s3:// sends it as UNSIGNED-PAYLOAD instead of
+   * signing a SHA-256 of every byte. Headers, key and length are signed as always.
+   */
+  selfVerifying?: boolean;
 }
 
 /** Kinds of request, as counted in metrics (updraft_store_requests_total{kind}). */

@@ -2,13 +2,15 @@
 // its whole pack, one GET; every block of the pack is verified against its name and put
 // into the cache, so the neighbours a reader wants next are already here. Concurrent
 // requests for one pack share one GET; read-ahead runs a bounded number of packs ahead.
+// Packs are opened on worker threads (store/pack-threads.ts), off the event loop.
 import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import type { BlockFetcher } from '../volume/volume.js';
 import { FormatError } from './errors.js';
-import { decodePackIndex, packKey, unpackBlock, verifyPackId } from './pack.js';
+import { packThreads, type PackThreads } from './pack-threads.js';
+import { packKey } from './pack.js';
 import type { PackIndex } from './pack-index.js';
 
 /** GETs of a pack that fails verification (a truncated or corrupted body) before giving up. */
@@ -36,16 +38,19 @@ export class PackFetcher implements BlockFetcher {
   };
   private readonly inflight = new Map<string, Promise<void>>();
   private prefetching = 0;
+  private readonly threads: PackThreads;
 
   constructor(
     private readonly store: ObjectStore,
     private readonly index: PackIndex,
     private readonly cache: BlockCache,
-    private readonly cipher: StoreCipher,
+    cipher: StoreCipher,
     /** Chunks kept fetched ahead of a sequential reader: read_ahead_packs × blocks_per_pack. */
     readonly readAheadChunks: number,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.threads = packThreads(cipher);
+  }
 
   knows(key: BlockKey): boolean {
     return this.index.has(key);
@@ -100,15 +105,14 @@ export class PackFetcher implements BlockFetcher {
     for (let attempt = 1; ; attempt++) {
       const object = await this.store.get(key);
       if (object === undefined) throw new Error(`pack ${key} is missing from the store ${this.store.description}`);
+      const bytes = object.body.length;
       try {
-        verifyPackId(key, object.body);
-        const entries = decodePackIndex(key, object.body, this.cipher);
-        // Verify (open) every block before any is cached: a pack is used whole or not at all.
-        const blocks = entries.map((entry) => unpackBlock(key, object.body, entry, this.cipher));
-        for (let i = 0; i < entries.length; i++) this.cache.putFromStore(blockKey(entries[i].hash), blocks[i]);
+        // Every block is verified (opened) before any is cached: a pack is used whole or not at all.
+        const blocks = await this.threads.open(key, object.body);
+        for (const block of blocks) this.cache.putFromStore(blockKey(block.hash), block.data);
         this.counters.packsFetched++;
-        this.counters.blocksFetched += entries.length;
-        this.counters.bytesFetched += object.body.length;
+        this.counters.blocksFetched += blocks.length;
+        this.counters.bytesFetched += bytes;
         return;
       } catch (err) {
         if (!(err instanceof FormatError)) throw err;

@@ -112,7 +112,7 @@ async function blessOnce(opts: Parameters<typeof blessImage>[0], gone: ReadonlyS
       if (pending.length === 0) return;
       const pack = encodePack(pending, opts.compression, cipher);
       await opts.refcounts?.registerPack(pack.id);
-      await store.put(pack.key, pack.body);
+      await store.put(pack.key, pack.body, { selfVerifying: true });
       for (const [key, location] of packLocations(pack)) known.set(key, location);
       packsUploaded++;
       progress.bytesUploaded += pack.body.length;

@@ -7,11 +7,12 @@ import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cach
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import type { PackRefcounts } from '../gc/refcounts.js';
-import type { Logger } from '../log.js';
+import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { packLocations } from './catalog.js';
-import { encodePack, type PackBlock } from './pack.js';
+import type { PackBlock } from './pack.js';
+import { packThreads, type PackThreads } from './pack-threads.js';
 import type { PackIndex } from './pack-index.js';
 
 /** Packs in flight at once per upload. */
@@ -26,6 +27,8 @@ export interface UploadResult {
 
 export class PackUploader {
   private readonly uploading = new Map<BlockKey, Promise<void>>();
+  /** Packs are encoded (hash check, compress, seal) on worker threads, off the event loop. */
+  private readonly threads: PackThreads;
 
   constructor(
     private readonly store: ObjectStore,
@@ -37,40 +40,97 @@ export class PackUploader {
     private readonly log: Logger,
     /** With GC on: every pack gets a refcount row before its PUT (an upload nothing names is collected). */
     private readonly refcounts?: PackRefcounts,
-  ) {}
+  ) {
+    this.threads = packThreads(cipher);
+  }
 
   /** Upload every block of `keys` that no pack holds yet; returns what this call put. */
   async upload(keys: Iterable<BlockKey>): Promise<UploadResult> {
-    const todo: BlockKey[] = [];
-    const others: Promise<void>[] = [];
-    const seen = new Set<BlockKey>();
-    for (const key of keys) {
-      if (key === ZERO_ALLOCATED_KEY || seen.has(key) || this.index.has(key)) continue;
-      seen.add(key);
-      const pending = this.uploading.get(key);
-      if (pending !== undefined) others.push(pending);
-      else todo.push(key);
-    }
     const result: UploadResult = { packs: 0, blocks: 0, bytes: 0 };
-    const groups: BlockKey[][] = [];
-    for (let i = 0; i < todo.length; i += this.blocksPerPack) groups.push(todo.slice(i, i + this.blocksPerPack));
-    let next = 0;
-    const worker = async () => {
-      while (next < groups.length) {
-        const group = groups[next++];
-        const work = this.uploadPack(group, result);
-        for (const key of group) this.uploading.set(key, work);
-        try {
-          await work;
-        } finally {
-          for (const key of group) if (this.uploading.get(key) === work) this.uploading.delete(key);
-        }
+    let wanted: Iterable<BlockKey> = keys;
+    // A second round uploads what another call was uploading and failed to (an early
+    // upload of a block that has since left the cache, say); by then it is ours to do.
+    for (let round = 0; round < 2; round++) {
+      const todo: BlockKey[] = [];
+      const others: Promise<void>[] = [];
+      const seen = new Set<BlockKey>();
+      for (const key of wanted) {
+        if (key === ZERO_ALLOCATED_KEY || seen.has(key) || this.index.has(key)) continue;
+        seen.add(key);
+        const pending = this.uploading.get(key);
+        if (pending !== undefined) others.push(pending);
+        else todo.push(key);
       }
-    };
-    await Promise.all(Array.from({ length: Math.min(UPLOAD_CONCURRENCY, groups.length) }, worker));
-    await Promise.all(others);
+      const groups: BlockKey[][] = [];
+      for (let i = 0; i < todo.length; i += this.blocksPerPack) groups.push(todo.slice(i, i + this.blocksPerPack));
+      let next = 0;
+      const worker = async () => {
+        while (next < groups.length) await this.startPack(groups[next++], result);
+      };
+      await Promise.all(Array.from({ length: Math.min(UPLOAD_CONCURRENCY, groups.length) }, worker));
+      const settled = await Promise.allSettled(others);
+      if (settled.every((s) => s.status === 'fulfilled')) break;
+      wanted = seen;
+      if (round === 1) throw (settled.find((s) => s.status === 'rejected') as PromiseRejectedResult).reason;
+    }
     if (result.packs > 0) await this.index.sync();
     return result;
+  }
+
+  /**
+   * Uploads blocks as they are named, a pack at a time, while the caller is still naming
+   * them: a drain uploads what its snapshot has sealed while the snapshot seals the rest.
+   * add() takes a block key; finish() stops (a partial pack is left to the caller's
+   * upload() of the whole snapshot, which also redoes anything that failed here) and
+   * returns what was put. upload() of the same keys waits for packs still in flight.
+   */
+  early(): { add(key: BlockKey): void; finish(): Promise<UploadResult> } {
+    const result: UploadResult = { packs: 0, blocks: 0, bytes: 0 };
+    const inFlight = new Set<Promise<void>>();
+    const queued: BlockKey[][] = [];
+    const added = new Set<BlockKey>();
+    let group: BlockKey[] = [];
+    let finished = false;
+    const startNext = () => {
+      while (!finished && inFlight.size < UPLOAD_CONCURRENCY && queued.length > 0) {
+        const work = this.startPack(queued.shift()!, result).catch((err) => {
+          this.log.debug('early pack upload failed; the drain uploads its blocks again', { error: errorMessage(err) });
+        });
+        inFlight.add(work);
+        void work.finally(() => {
+          inFlight.delete(work);
+          startNext();
+        });
+      }
+    };
+    return {
+      add: (key) => {
+        if (finished || key === ZERO_ALLOCATED_KEY || added.has(key) || this.index.has(key) || this.uploading.has(key)) return;
+        added.add(key);
+        group.push(key);
+        if (group.length < this.blocksPerPack) return;
+        queued.push(group);
+        group = [];
+        startNext();
+      },
+      finish: async () => {
+        finished = true;
+        while (inFlight.size > 0) await Promise.all(inFlight);
+        if (result.packs > 0) await this.index.sync();
+        return result;
+      },
+    };
+  }
+
+  /** Encode and upload one pack of `group`; upload() of any of its keys waits for it meanwhile. */
+  private async startPack(group: BlockKey[], result: UploadResult): Promise<void> {
+    const work = this.uploadPack(group, result);
+    for (const key of group) this.uploading.set(key, work);
+    try {
+      await work;
+    } finally {
+      for (const key of group) if (this.uploading.get(key) === work) this.uploading.delete(key);
+    }
   }
 
   private async uploadPack(group: BlockKey[], result: UploadResult): Promise<void> {
@@ -82,9 +142,9 @@ export class PackUploader {
       }
       blocks.push({ hash: keyBytes(key), data });
     }
-    const pack = encodePack(blocks, this.compression, this.cipher);
+    const pack = await this.threads.encode(blocks, this.compression);
     await this.refcounts?.registerPack(pack.id);
-    await this.store.put(pack.key, pack.body);
+    await this.store.put(pack.key, pack.body, { selfVerifying: true });
     this.index.add(packLocations(pack));
     this.cache.markInStore(group);
     result.packs++;

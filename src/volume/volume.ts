@@ -812,7 +812,7 @@ export class Volume {
    * in the overlay (and shadow the new block) when the seal commits. Returns the number
    * of chunks sealed; fewer than asked when the cache has no room.
    */
-  async seal(limit: number): Promise<number> {
+  async seal(limit: number, onSealed?: (key: BlockKey) => void): Promise<number> {
     if (this.closed || this.closing) return 0;
     const chunks: number[] = [];
     for (const chunk of this.overlay.keys()) {
@@ -821,7 +821,7 @@ export class Volume {
       this.sealing.set(chunk, { written: new Uint8Array(this.maskBytes), invalid: false });
       chunks.push(chunk);
     }
-    const work = Promise.all(chunks.map((chunk) => this.sealChunk(chunk)));
+    const work = Promise.all(chunks.map((chunk) => this.sealChunk(chunk, onSealed)));
     this.sealsInFlight.add(work);
     const results = await work.finally(() => this.sealsInFlight.delete(work));
     const sealed = results.filter((r) => r).length;
@@ -839,7 +839,7 @@ export class Volume {
     return base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base) ? base : undefined;
   }
 
-  private async sealChunk(chunk: number): Promise<boolean> {
+  private async sealChunk(chunk: number, onSealed?: (key: BlockKey) => void): Promise<boolean> {
     const state = this.sealing.get(chunk)!;
     try {
       const base = this.absentBase(chunk, this.overlay.get(chunk)!);
@@ -878,6 +878,7 @@ export class Volume {
       this.dropOverlay(chunk);
       if (!isEmpty(state.written)) this.addOverlay(chunk, state.written);
       this.remap(chunk, key);
+      if (key !== undefined) onSealed?.(key);
       return true;
     } catch (err) {
       this.log.error('cannot seal chunk; it stays in the overlay', { volume: this.name, chunk, error: (err as Error).message });
@@ -893,16 +894,18 @@ export class Volume {
    * The volume at its current sequence, without pausing writers (DESIGN.md: snapshot).
    * Background seals first bring the overlay down; the cut itself seals what is left
    * synchronously, so no write can land between sealing and copying the map. The
-   * snapshot holds references on its local blocks until release(). With `base` (the map
-   * of the volume's last manifest, a clone of this volume's), it also lists the chunks
-   * changed since, and holds only their blocks.
+   * snapshot holds references on its local blocks until release(). `onSealed` hears of
+   * each block the snapshot's background-style seals commit, so a drain can upload them
+   * while the rest is sealed (the snapshot's chunks are still the whole truth). With
+   * `base` (the map of the volume's last manifest, a clone of this volume's), it also
+   * lists the chunks changed since, and holds only their blocks.
    */
-  async snapshot(options: { base?: BlockMap } = {}): Promise<VolumeSnapshot> {
+  async snapshot(options: { base?: BlockMap; onSealed?: (key: BlockKey) => void } = {}): Promise<VolumeSnapshot> {
     this.checkOpen();
     for (let round = 0; ; round++) {
       await Promise.allSettled(this.sealsInFlight);
       if (this.overlay.size > SNAPSHOT_CUT_CHUNKS && round < SNAPSHOT_SEAL_ROUNDS) {
-        await this.seal(Infinity);
+        await this.seal(Infinity, options.onSealed);
         continue;
       }
       const bases: BlockKey[] = [];

@@ -16,7 +16,7 @@ import { openObjectStore } from '../../src/objectstore/index.js';
 import { decodeManifest } from '../../src/store/manifest.js';
 import { packIdFromKey } from '../../src/store/pack.js';
 import { CHUNK, connect, metric, MiB, readAll, waitFor, withLogs } from './cluster.js';
-import { startDaemon, type Daemon, type TomlTable } from './daemon.js';
+import { removeDir, scratchDir, startDaemon, type Daemon, type TomlTable } from './daemon.js';
 import type { NbdClient } from './nbd-client.js';
 import { DAEMON_MAIN } from './daemon.js';
 import { run } from './tools.js';
@@ -327,6 +327,46 @@ export function defineGcTests(backend: GcBackend): void {
 
   crashTest('SIGKILL inside a continuous flush\'s refcount transaction (before and after the manifest PUT): restart, reconcile, nothing live lost, nothing dead left', ['manifest-put', 'manifest-commit'], false);
   crashTest('SIGKILL inside a deletion cycle (between deletes, and before the rows are forgotten): restart, reconcile, nothing live lost, nothing dead left', ['pack-delete', 'pack-forget'], true);
+
+  test(`${label}: packs registered at once share one transaction; each call returns once its row is in, and one being deleted waits for the deletion`, { timeout: TIMEOUT }, async (t) => {
+    const gc = await backend.gcToml(`reg${Date.now().toString(36)}`);
+    const dir = await scratchDir('updraft-gc-register-');
+    const db = openGcDatabase(typeof gc.database_url === 'string' ? gc.database_url : '', dir);
+    const store = openObjectStore(`file://${dir}/store`, {});
+    t.after(async () => {
+      await db.close();
+      await store.close();
+      await removeDir(dir);
+    });
+    const refcounts = await PackRefcounts.open(db, { hostId: 'register', store, settleMs: 0, log: createLogger('test', 'error') });
+    const rows = (ids: string[]) =>
+      db.tx((tx) => tx.all<{ id: string; refs: number; state: string }>(`SELECT id, refs, state FROM gc_packs WHERE id IN (${ids.map((_, i) => `$${i + 1}`).join(', ')})`, ids));
+    const tx = db.tx.bind(db);
+    let transactions = 0;
+    db.tx = (work) => {
+      transactions++;
+      return tx(work);
+    };
+    const packs = Array.from({ length: 8 }, () => randomBytes(16).toString('hex'));
+    await Promise.all(packs.map((id) => refcounts.registerPack(id)));
+    assert.equal(transactions, 1, 'eight registrations at once took more than one transaction');
+    const got = await rows(packs);
+    assert.deepEqual(got.map((r) => [r.id, Number(r.refs), r.state]).sort(), packs.map((id) => [id, 0, 'live']).sort());
+
+    const deleting = randomBytes(16).toString('hex');
+    await db.tx((tx) => tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'deleting', 0)`, [deleting]));
+    let registered = false;
+    const waiting = refcounts.registerPack(deleting).then(() => {
+      registered = true;
+    });
+    const other = randomBytes(16).toString('hex');
+    await refcounts.registerPack(other);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(registered, false, 'a pack being deleted was registered before its deletion finished');
+    await db.tx((tx) => tx.run(`DELETE FROM gc_packs WHERE id = $1`, [deleting]));
+    await waiting;
+    assert.deepEqual((await rows([deleting, other])).map((r) => [r.id, r.state]).sort(), [[deleting, 'live'], [other, 'live']].sort());
+  });
 
   test(`${label}: a continuous flush that adds 2 packs touches the same few SQL rows with 1 and with 1,000 volumes registered`, { timeout: TIMEOUT }, async (t) => {
     const gc = await backend.gcToml(`rows${Date.now().toString(36)}`);
