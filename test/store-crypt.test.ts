@@ -20,7 +20,7 @@ import { changePassword, openStoreIdentity, readIdentity, StoreKeyError } from '
 import { decodeManifest, encodeManifest, ManifestBuilder } from '../src/store/manifest.js';
 import { PackThreads } from '../src/store/pack-threads.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
-import { connect, createVolume, drain, MiB, CHUNK, readAll, startCluster, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';
+import { connect, createVolume, drain, metric, MiB, CHUNK, readAll, startCluster, waitFor, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';
 import { DAEMON_MAIN, mergeToml, removeDir, scratchDir, type TomlTable } from './harness/daemon.js';
 import { minioStore, startMinio, type Minio } from './harness/minio.js';
 import { NbdCommandError } from './harness/nbd-client.js';
@@ -594,6 +594,10 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
           await c.disconnect();
           await drain(a, name);
         }
+        // The cache scrub checks blocks by the store's keyed names: untouched blocks pass.
+        await waitFor('the cache scrub to check blocks', async () => (await metric(a, 'updraft_cache_scrubbed_blocks_total')) >= 32);
+        assert.equal(await metric(a, 'updraft_cache_scrub_evictions_total'), 0, 'the scrub called sound blocks corrupt');
+        assert.equal(await metric(a, 'updraft_cache_scrub_corrupt_pinned_total'), 0, 'the scrub called sound blocks corrupt');
       });
       const store = openShared(cluster.store);
       try {

@@ -26,7 +26,7 @@ function setup() {
   const dir = mkdtempSync(join(tmpdir(), 'updraft-upload-'));
   dirs.push(dir);
   const log = createLogger('test', 'error');
-  const cache = BlockCache.open(join(dir, 'cache'), { blockSize: BLOCK, namesId: PLAINTEXT.namesId, diskBytes: 64 * 1024 * 1024, memoryBytes: 16 * 1024 * 1024 }, log);
+  const cache = BlockCache.open(join(dir, 'cache'), { blockSize: BLOCK, namesId: PLAINTEXT.namesId, blockHash: PLAINTEXT.blockHash, diskBytes: 64 * 1024 * 1024, memoryBytes: 16 * 1024 * 1024 }, log);
   const index = PackIndex.open(join(dir, 'packs.index'));
   mkdirSync(join(dir, 'store'));
   const store = withMetering(new FileObjectStore(join(dir, 'store')));

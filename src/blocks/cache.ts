@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { S3Fifo } from './s3fifo.js';
-import { blockHash, HASH_BYTES } from '../crypto/hash.js';
+import { HASH_BYTES, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 
 const fdatasync = promisify(fs.fdatasync);
@@ -55,6 +55,8 @@ export interface BlockCacheOptions {
    * named one way cannot serve a store that names them another way.
    */
   namesId: Buffer;
+  /** The function those names come from (StoreCipher.blockHash): what the scrub checks blocks against. */
+  blockHash: BlockHasher;
   diskBytes: number;
   memoryBytes: number;
 }
@@ -134,6 +136,8 @@ export class BlockCache {
   private tableTail: Promise<void> = Promise.resolve();
   private slabDirty = false;
   private syncing: Promise<void> | undefined;
+  /** How blocks are named here (plain or keyed BLAKE3): the scrub's check. */
+  private readonly blockHash: BlockHasher;
 
   private constructor(
     private readonly dir: string,
@@ -143,6 +147,7 @@ export class BlockCache {
     private readonly log: Logger,
   ) {
     this.blockSize = opts.blockSize;
+    this.blockHash = opts.blockHash;
     this.maxSlots = Math.max(1, Math.floor(opts.diskBytes / opts.blockSize));
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
@@ -446,7 +451,7 @@ export class BlockCache {
       // Evicted or rewritten while the read was in flight: nothing to judge.
       if (this.slots.get(key) !== slot || this.writing.has(key)) continue;
       this.counters.blocksScrubbed++;
-      if (done === block.length && blockHash(block).toString('latin1') === key) continue;
+      if (done === block.length && this.blockHash(block).toString('latin1') === key) continue;
       corrupt.push(key);
       if (slot.inStore) {
         this.counters.scrubEvictions++;

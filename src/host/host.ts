@@ -145,7 +145,7 @@ export class Host {
     this.volumesRoot = path.join(options.cacheDir, 'volumes');
     this.cache = BlockCache.open(
       path.join(options.cacheDir, 'blocks'),
-      { blockSize: options.blockSize, namesId: options.cipher.namesId, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
+      { blockSize: options.blockSize, namesId: options.cipher.namesId, blockHash: options.cipher.blockHash, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes },
       log.child('cache'),
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));
