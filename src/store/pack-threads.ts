@@ -1,17 +1,17 @@
-// Pack work on worker threads (store/pack-worker.ts). Opening a fetched pack (verify its
-// id, open its index and every block: decrypt, decompress, hash check) and encoding one
-// for upload (hash check, compress, seal, pack id) cost a few ms of CPU per 3.2 MB pack;
-// on the event loop that work competed with the NBD requests it was done for. The
-// threads make the store's cipher from its data key. Buffers are transferred, not
-// copied, where they own their memory.
+// Opening fetched packs on worker threads (store/pack-worker.ts). Verifying a pack
+// against its id and opening its index and every block (decrypt, decompress, hash check)
+// costs a few ms of CPU per 3.2 MB pack; on the event loop that work competed with the
+// NBD reads it was done for. The threads make the store's cipher from its data key. The
+// body is transferred, not copied, when it owns its memory; the blocks come back in one
+// transferred buffer. Encoding packs for upload was tried here too and measured slower
+// for encrypted drains on 2 cores (the copy to the thread, and one more thread competing
+// with sealing and MinIO), so uploads encode on the event loop (store/upload.ts).
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { cipherDataKey, type StoreCipher } from '../crypto/cipher.js';
-import type { Compression } from '../crypto/compress.js';
 import { HASH_BYTES } from '../crypto/hash.js';
 import { FormatError } from './errors.js';
-import { packKey, type EncodedPack, type PackBlock } from './pack.js';
-import type { EncodeJob, OpenJob, PackAnswer } from './pack-worker.js';
+import type { OpenJob, PackAnswer } from './pack-worker.js';
 
 /** Threads per pool: the cores left beside the event loop, at least 1, at most 4. */
 export const PACK_THREADS = Math.max(1, Math.min(4, os.availableParallelism() - 1));
@@ -22,12 +22,15 @@ export interface OpenedBlock {
   data: Buffer;
 }
 
+/** A thread's answer to a job that succeeded. */
+type Opened = Extract<PackAnswer, { blocks: Uint8Array }>;
+
 interface Pending {
-  /** Named in errors: the pack's key, or the pack being encoded. */
+  /** Named in errors: what the job was doing. */
   what: string;
   /** The object key a FormatError names. */
   key: string;
-  settle: (answer: PackAnswer) => void;
+  settle: (answer: Opened) => void;
   reject: (err: Error) => void;
 }
 
@@ -43,7 +46,7 @@ function ownsMemory(bytes: Buffer): boolean {
 
 const pools = new WeakMap<StoreCipher, PackThreads>();
 
-/** The one pool of a store cipher (a host's fetcher and uploader share it). */
+/** The one pool of a store cipher (every fetcher of a host shares it). */
 export function packThreads(cipher: StoreCipher): PackThreads {
   let pool = pools.get(cipher);
   if (pool === undefined) {
@@ -71,9 +74,8 @@ export class PackThreads {
    * be used afterwards (its memory may be handed to the thread).
    */
   async open(key: string, body: Buffer): Promise<OpenedBlock[]> {
-    const message: OpenJob = { op: 'open', job: this.nextJob++, key, body };
+    const message: OpenJob = { job: this.nextJob++, key, body };
     const answer = await this.run(message, key, `opening pack ${key}`, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
-    if (!('blocks' in answer)) throw new Error(`opening pack ${key}: the pack thread answered out of turn`);
     const hashes = Buffer.from(answer.hashes.buffer, answer.hashes.byteOffset, answer.hashes.byteLength);
     const blocks = Buffer.from(answer.blocks.buffer, answer.blocks.byteOffset, answer.blocks.byteLength);
     const opened: OpenedBlock[] = new Array(answer.lengths.length);
@@ -85,38 +87,15 @@ export class PackThreads {
     return opened;
   }
 
-  /** encodePack (store/pack.ts) of `blocks` on a thread: the same checks, errors and result. */
-  async encode(blocks: PackBlock[], compression: Compression): Promise<EncodedPack> {
-    let total = 0;
-    for (const block of blocks) total += block.data.length;
-    const hashes = Buffer.from(new ArrayBuffer(blocks.length * HASH_BYTES));
-    const raw = Buffer.from(new ArrayBuffer(total));
-    const lengths: number[] = new Array(blocks.length);
-    let at = 0;
-    for (let i = 0; i < blocks.length; i++) {
-      if (blocks[i].hash.length !== HASH_BYTES) throw new Error(`encodePack: block ${i} has a ${blocks[i].hash.length}-byte hash`);
-      blocks[i].hash.copy(hashes, i * HASH_BYTES);
-      blocks[i].data.copy(raw, at);
-      lengths[i] = blocks[i].data.length;
-      at += lengths[i];
-    }
-    const message: EncodeJob = { op: 'encode', job: this.nextJob++, hashes, blocks: raw, lengths, compression };
-    const answer = await this.run(message, '', `encoding a pack of ${blocks.length} blocks`, [hashes.buffer, raw.buffer]);
-    if (!('entries' in answer)) throw new Error('encoding a pack: the pack thread answered out of turn');
-    const body = Buffer.from(answer.body.buffer, answer.body.byteOffset, answer.body.byteLength);
-    const entries = answer.entries.map((entry, i) => ({ ...entry, hash: Buffer.from(blocks[i].hash) }));
-    return { id: answer.id, key: packKey(answer.id), body, entries };
-  }
-
   /** Stops the threads; the next job starts new ones. */
   async close(): Promise<void> {
     const threads = this.threads.splice(0);
     await Promise.all(threads.map((t) => t.worker.terminate()));
   }
 
-  private run(message: OpenJob | EncodeJob, key: string, what: string, transfer: ArrayBuffer[]): Promise<PackAnswer> {
+  private run(message: OpenJob, key: string, what: string, transfer: ArrayBuffer[]): Promise<Opened> {
     const thread = this.leastBusy();
-    return new Promise<PackAnswer>((settle, reject) => {
+    return new Promise<Opened>((settle, reject) => {
       thread.jobs.set(message.job, { what, key, settle, reject });
       if (thread.jobs.size === 1) thread.worker.ref();
       thread.worker.postMessage(message, transfer);
@@ -142,8 +121,7 @@ export class PackThreads {
       if (thread.jobs.size === 0) worker.unref();
       if (!('error' in answer)) pending.settle(answer);
       else if (answer.format) pending.reject(new FormatError(pending.key, answer.error));
-      // encodePack's own messages already say what failed ("encodePack: block … does not match its hash").
-      else pending.reject(new Error(answer.error.startsWith('encodePack:') ? answer.error : `${pending.what}: ${answer.error}`));
+      else pending.reject(new Error(`${pending.what}: ${answer.error}`));
     });
     const fail = (why: string) => {
       const index = this.threads.indexOf(thread);
