@@ -268,6 +268,18 @@ export function storedTablesFrame(decoded: DecodedManifest, compression: Compres
   return Buffer.from(decoded.stored.subarray(head.length));
 }
 
+/** One block table entry at `at` (the layout above); returns the offset after it. */
+function writeBlockEntry(raw: Buffer, at: number, hash: Uint8Array, pack: number, location: Omit<PackLocation, 'pack'>): number {
+  raw.set(hash, at);
+  raw.writeUInt32LE(pack, at + 16);
+  raw.writeUInt32LE(location.offset, at + 20);
+  raw.writeUInt32LE(location.length, at + 24);
+  raw.writeUInt32LE(location.rawLength, at + 28);
+  raw[at + 32] = location.codec;
+  raw[at + 33] = raw[at + 34] = raw[at + 35] = 0;
+  return at + BLOCK_ENTRY_BYTES;
+}
+
 /**
  * The body of a manifest before compression, checked as encodeManifest promises.
  * `overhead`: the seal overhead of the store's packs.
@@ -310,16 +322,7 @@ export function manifestBody(m: Manifest, overhead: number): Buffer {
   at = raw.writeUInt32LE(packs.length, at);
   for (const pack of packs) at += raw.write(pack, at, 'hex');
   at = raw.writeUInt32LE(blocks.length, at);
-  for (const block of blocks) {
-    raw.set(block.hash, at);
-    raw.writeUInt32LE(packIndex.get(block.pack)!, at + 16);
-    raw.writeUInt32LE(block.offset, at + 20);
-    raw.writeUInt32LE(block.length, at + 24);
-    raw.writeUInt32LE(block.rawLength, at + 28);
-    raw[at + 32] = block.codec;
-    raw[at + 33] = raw[at + 34] = raw[at + 35] = 0;
-    at += BLOCK_ENTRY_BYTES;
-  }
+  for (const block of blocks) at = writeBlockEntry(raw, at, block.hash, packIndex.get(block.pack)!, block);
   at = raw.writeUInt32LE(chunks.length, at);
   for (let i = 0; i < chunks.length; i++) {
     raw.writeUInt32LE(chunks[i], at);
@@ -483,16 +486,7 @@ export function patchManifestBody(
   for (const pack of newPacks) at += raw.write(pack, at, 'hex');
   at = raw.writeUInt32LE(blockCount, at);
   at += base.copy(raw, at, layout.blocksAt, layout.blocksAt + layout.blockCount * BLOCK_ENTRY_BYTES);
-  for (const { hash, pack, location } of newBlocks) {
-    raw.set(hash, at);
-    raw.writeUInt32LE(pack, at + 16);
-    raw.writeUInt32LE(location.offset, at + 20);
-    raw.writeUInt32LE(location.length, at + 24);
-    raw.writeUInt32LE(location.rawLength, at + 28);
-    raw[at + 32] = location.codec;
-    raw[at + 33] = raw[at + 34] = raw[at + 35] = 0;
-    at += BLOCK_ENTRY_BYTES;
-  }
+  for (const { hash, pack, location } of newBlocks) at = writeBlockEntry(raw, at, hash, pack, location);
   at = raw.writeUInt32LE(written, at);
   at += chunkTable.copy(raw, at);
   if (at !== rawLength) throw new Error(`${what}: wrote ${at} body bytes, planned ${rawLength}`);

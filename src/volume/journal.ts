@@ -51,6 +51,17 @@ export interface JournalState {
   truncatedBytes: number;
 }
 
+/** A batch buffer with its header written; `body` is where its checksum goes. */
+function batchOf(magic: number, count: number, recordBytes: number, sequence: number, size: number): { batch: Buffer; body: number } {
+  const body = BATCH_HEADER_BYTES + count * recordBytes;
+  const batch = Buffer.alloc(body + CHECKSUM_BYTES);
+  batch.writeUInt32BE(magic, 0);
+  batch.writeUInt32BE(count, 4);
+  batch.writeBigUInt64BE(BigInt(sequence), 8);
+  batch.writeBigUInt64BE(BigInt(size), 16);
+  return { batch, body };
+}
+
 export class Journal {
   private position: number;
 
@@ -147,12 +158,7 @@ export class Journal {
   }
 
   private encode(records: readonly ChunkRecord[], sequence: number, size: number): Buffer {
-    const body = BATCH_HEADER_BYTES + records.length * this.recordBytes;
-    const batch = Buffer.alloc(body + CHECKSUM_BYTES);
-    batch.writeUInt32BE(BATCH_MAGIC, 0);
-    batch.writeUInt32BE(records.length, 4);
-    batch.writeBigUInt64BE(BigInt(sequence), 8);
-    batch.writeBigUInt64BE(BigInt(size), 16);
+    const { batch, body } = batchOf(BATCH_MAGIC, records.length, this.recordBytes, sequence, size);
     let at = BATCH_HEADER_BYTES;
     for (const record of records) {
       // u64 chunk as two u32 halves: no BigInt per record (a wake journals every chunk).
@@ -173,12 +179,7 @@ export class Journal {
    * records, and this allocates nothing per record.
    */
   private encodeMap(map: BlockMap, sequence: number, size: number): Buffer {
-    const body = BATCH_HEADER_BYTES + map.count * MAP_RECORD_BYTES;
-    const batch = Buffer.alloc(body + CHECKSUM_BYTES);
-    batch.writeUInt32BE(MAP_BATCH_MAGIC, 0);
-    batch.writeUInt32BE(map.count, 4);
-    batch.writeBigUInt64BE(BigInt(sequence), 8);
-    batch.writeBigUInt64BE(BigInt(size), 16);
+    const { batch, body } = batchOf(MAP_BATCH_MAGIC, map.count, MAP_RECORD_BYTES, sequence, size);
     let at = BATCH_HEADER_BYTES;
     let written = 0;
     for (const [pageIndex, page] of map.pagesInOrder()) {
