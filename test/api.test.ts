@@ -256,35 +256,7 @@ test('PUT with a bad body is 400 with a JSON error and creates nothing', { timeo
   });
 });
 
-test('PUT, GET and metrics on an invalid volume name are 400 with a JSON error and create nothing', { timeout: TEST_TIMEOUT_MS }, async () => {
-  await withLog(async () => {
-    const exportNames = async () => ((await daemon.api('GET', '/api/exports')).json as Array<{ name: string }>).map((e) => e.name);
-    const before = await exportNames();
-    const rawNames = ['..', '.', 'a%2F..%2Fb', '%2E%2E', 'bad%20name', '%2Flead', 'trail%2F', 'a%2F%2Fb', 'semi%3Bcolon'];
-    // Every case is checked before the test fails, so one run shows all that are wrong.
-    const problems: string[] = [];
-    for (const raw of rawNames) {
-      const shown = raw.length > 40 ? `${raw.slice(0, 12)}…(${raw.length} chars)` : raw;
-      const valid = JSON.stringify({ size_gb: 0.0625 });
-      const requests: Array<[string, string, string | undefined]> = [
-        ['PUT', `/api/exports/${raw}`, valid],
-        ['GET', `/api/exports/${raw}`, undefined],
-        ['GET', `/api/exports/${raw}/metrics`, undefined],
-      ];
-      for (const [method, url, body] of requests) {
-        try {
-          assertJsonError(await rawRequest(method, url, body), 400, `${method} ${url.replace(raw, shown)}`);
-        } catch (err) {
-          problems.push((err as Error).message.split('\n')[0].slice(0, 300));
-        }
-      }
-    }
-    assert.deepEqual(problems, [], 'invalid names not refused with 400 and a JSON error');
-    assert.deepEqual(await exportNames(), before, 'an invalid name created an export');
-  });
-});
-
-test('every route refuses an invalid volume name in its path with 400 and a JSON error, before it touches the host or the store', { timeout: TEST_TIMEOUT_MS }, async () => {
+test('every route refuses an invalid volume name in its path with 400 and a JSON error naming it, and creates nothing', { timeout: TEST_TIMEOUT_MS }, async () => {
   await withLog(async () => {
     const exportNames = async () => ((await daemon.api('GET', '/api/exports')).json as Array<{ name: string }>).map((e) => e.name);
     const before = await exportNames();
@@ -304,7 +276,9 @@ test('every route refuses an invalid volume name in its path with 400 and a JSON
       ['POST', '/flush-mode', '{"flush_mode":"demand"}'],
     ];
     const problems: string[] = [];
-    for (const raw of ['..', 'a%2F..%2Fb', 'x%2Flease', '%2Flead', 'bad%20name', 'y'.repeat(201)]) {
+    const rawNames = ['..', '.', '%2E%2E', 'a%2F..%2Fb', 'x%2Flease', '%2Flead', 'trail%2F', 'a%2F%2Fb', 'bad%20name', 'semi%3Bcolon', 'y'.repeat(201)];
+    // Every case is checked before the test fails, so one run shows all that are wrong.
+    for (const raw of rawNames) {
       for (const [method, suffix, body] of routes) {
         const what = `${method} /api/exports/${raw.slice(0, 20)}${suffix}`;
         try {

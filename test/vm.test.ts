@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { fileStore, metric, startCluster, waitFor, withLogs } from './harness/cluster.js';
-import { DAEMON_MAIN, type Daemon } from './harness/daemon.js';
+import { DAEMON_MAIN } from './harness/daemon.js';
 import { requireTools, runOk, TOOLS } from './harness/tools.js';
 import { boot, buildRootImage, guestFile, GUEST_LINE, kernel } from './harness/vm.js';
 

@@ -15,7 +15,7 @@ import type { PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
-import { decodeManifest, decodeManifestBody, leaseKey, manifestKey, storedTablesFrame, type Manifest, type ManifestMeta } from '../store/manifest.js';
+import { decodeManifestBody, leaseKey, manifestKey, storedTablesFrame, type Manifest, type ManifestMeta } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';

@@ -9,7 +9,7 @@
 // (invariant 4).
 import fs from 'node:fs';
 import path from 'node:path';
-import { keyBytes, keyHex, type BlockKey } from '../blocks/cache.js';
+import { keyHex, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
@@ -23,7 +23,7 @@ import {
 } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
-import { ZERO_ALLOCATED_KEY, type BlockMap } from '../volume/blockmap.js';
+import type { BlockMap } from '../volume/blockmap.js';
 import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 
 export type FlushMode = 'demand' | 'continuous';

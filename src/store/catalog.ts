@@ -5,11 +5,11 @@ import { blockKey, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
-import { packsOf, putCounted, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
+import { putCounted, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
-import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestKey, relabelManifest, sealManifest, storedTablesFrame, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
+import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, leaseKey, manifestKey, relabelManifest, sealManifest, storedTablesFrame, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
 
@@ -50,7 +50,7 @@ export function manifestBlockMap(manifest: Manifest): BlockMap {
  * The manifest of a volume's chunks (ascending, each once, as a snapshot lists them),
  * with each block's pack location from `locate`. The inverse of manifestChunks. One Map
  * insert per distinct block and nothing per chunk but two array stores: a fork of a
- * volume with 8 GiB written builds 65,536 chunks. encodeManifest validates the result.
+ * volume with 8 GiB written builds 65,536 chunks. manifestBody validates the result.
  */
 export function manifestOfChunks(
   meta: ManifestMeta,
@@ -122,22 +122,6 @@ export async function readManifest(store: ObjectStore, cipher: StoreCipher, volu
   const object = await store.get(key);
   if (object === undefined) throw missingSource(store, volume, checkpoint);
   return { manifest: decodeManifest(key, object.body, cipher), etag: object.etag };
-}
-
-/**
- * Write `manifest` at `key` (a new volume or checkpoint), only if the key does not exist
- * yet, with its packs counted when GC is on.
- */
-export async function createManifest(
-  store: ObjectStore,
-  key: string,
-  manifest: Manifest,
-  compression: Compression,
-  cipher: StoreCipher,
-  refcounts?: PackRefcounts,
-): Promise<string> {
-  const body = encodeManifest(key, manifest, compression, cipher);
-  return (await putCounted(refcounts, key, packsOf(manifest.blocks), body, () => createObject(store, key, body))).etag;
 }
 
 /** Put `body` at `key` only if the key does not exist yet; ExistsError if it does. */

@@ -61,8 +61,6 @@ async function api(d: Daemon, method: string, url: string, body?: unknown, expec
   return r.json;
 }
 
-const enc = encodeURIComponent;
-
 /** `updraft scrub -c CONFIG`: exit code and report. */
 export async function scrub(d: Daemon): Promise<{ code: number | null; report: any; stderr: string }> {
   const r = await run(process.execPath, [DAEMON_MAIN, 'scrub', '-c', d.configPath], { timeoutMs: 120_000 });
