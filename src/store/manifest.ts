@@ -265,7 +265,9 @@ export function storedTablesFrame(decoded: DecodedManifest, compression: Compres
   if (decoded.codec !== CODEC_ZSTD || compression.codec !== CODEC_ZSTD) return undefined;
   const head = zstdFrame(decoded.raw.subarray(0, decoded.tablesAt), compression.level);
   if (decoded.stored.length <= head.length || !decoded.stored.subarray(0, head.length).equals(head)) return undefined;
-  return Buffer.from(decoded.stored.subarray(head.length));
+  // A view: the opened body is the manifest object's own buffer (or, encrypted, a fresh
+  // one), so it pins no more than the frame itself and its 36-byte header.
+  return decoded.stored.subarray(head.length);
 }
 
 /** One block table entry at `at` (the layout above); returns the offset after it. */
