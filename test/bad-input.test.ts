@@ -740,6 +740,33 @@ describe('bad input never takes the daemon down', { timeout: 120_000 }, () => {
     assert.deepEqual(problems, [], `one client that never reads its replies: ${problems.join('; ')}`);
   });
 
+  it('keeps its memory bounded for a client that reads thousands of different lengths', async () => {
+    // Large read replies come from a per-connection pool: one list per exact length once
+    // kept a buffer for every length a client ever read (about 1 GiB here).
+    const client = await NbdClient.connect({ ...target(), exportName: BAD });
+    const rssBefore = rssBytes(daemon.pid);
+    let peak = 0;
+    try {
+      const reads = 6000;
+      let next = 0;
+      const reader = async () => {
+        while (next < reads) {
+          next++;
+          const length = randomInt(64 * KiB, 256 * KiB);
+          const data = await client.read(0, length);
+          assert.ok(data.subarray(0, Math.min(length, MiB)).equals(badHead.subarray(0, Math.min(length, MiB))), `read of ${length} bytes returned other bytes`);
+          if (next % 500 === 0) peak = Math.max(peak, rssBytes(daemon.pid) - rssBefore);
+        }
+      };
+      await Promise.all(Array.from({ length: 8 }, reader));
+      peak = Math.max(peak, rssBytes(daemon.pid) - rssBefore);
+    } finally {
+      await client.disconnect();
+    }
+    await assertAlive('reads of many lengths');
+    assert.ok(peak < 192 * MiB, `daemon RSS grew by ${(peak / MiB).toFixed(0)} MiB over 6,000 reads of different lengths`);
+  });
+
   it('after all of that: the well-behaved client never failed, its data is right, and the log is clean', async () => {
     // Every raw connection is gone, so only the worker is attached.
     for (const conn of silent) conn.destroy();

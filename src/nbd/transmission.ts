@@ -27,9 +27,10 @@ const ALLOWED_FLAGS: Record<number, number> = {
 };
 
 const TWO_32 = 2 ** 32;
-/** Read replies at least this large are pooled (see replyBuffer). */
+/** Read replies at least this large are pooled (see replyBuffer), in classes of this many bytes. */
 const POOLED_REPLY_BYTES = 64 * 1024;
-const MAX_POOLED_REPLIES = 16;
+/** Bytes of idle reply buffers one connection keeps: QD8 of 1 MiB reads twice over. */
+const MAX_POOLED_BYTES = 16 * 1024 * 1024;
 /**
  * Reply bytes queued for one client before we stop serving its requests (pump). Not the
  * stream's 16 KiB mark: one 1 MiB read reply would stall the pipeline.
@@ -46,7 +47,9 @@ export class Transmission {
   private disconnecting = false;
   private closed = false;
   private corked = false;
+  /** Idle reply buffers by class size (a multiple of POOLED_REPLY_BYTES), MAX_POOLED_BYTES in all. */
   private readonly replyPool = new Map<number, Buffer[]>();
+  private pooledBytes = 0;
 
   constructor(
     private readonly socket: Socket,
@@ -171,7 +174,9 @@ export class Transmission {
 
   private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
-    const reply = this.replyBuffer(headerBytes + length);
+    const size = headerBytes + length;
+    const pooled = size >= POOLED_REPLY_BYTES ? this.replyBuffer(size) : undefined;
+    const reply = pooled === undefined ? Buffer.allocUnsafe(size) : pooled.subarray(0, size);
     this.volume.read(offset, length, reply, headerBytes);
     if (this.structured) {
       reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
@@ -189,28 +194,40 @@ export class Transmission {
       reply.writeUInt32BE(cookieLow, 12);
     }
     this.volume.stats.ops.read.observe((performance.now() - started) / 1000, length);
-    if (reply.length >= POOLED_REPLY_BYTES) this.sendPooled(reply);
+    if (pooled !== undefined) this.sendPooled(reply, pooled);
     else this.send(reply);
   }
 
   /**
    * Large read replies come from a small per-connection pool and go back to it once the
    * socket has written them: a 1 MiB Buffer per request would otherwise cost more in
-   * garbage collection than the read itself.
+   * garbage collection than the read itself. Buffers come in classes of 64 KiB steps, so
+   * a client reading many different lengths reuses a few classes instead of growing one
+   * list per length, and the pool never holds more than MAX_POOLED_BYTES.
    */
   private replyBuffer(size: number): Buffer {
-    if (size < POOLED_REPLY_BYTES) return Buffer.allocUnsafe(size);
-    const pool = this.replyPool.get(size);
-    return pool?.pop() ?? Buffer.allocUnsafe(size);
+    const bytes = Math.ceil(size / POOLED_REPLY_BYTES) * POOLED_REPLY_BYTES;
+    const buffer = this.replyPool.get(bytes)?.pop();
+    if (buffer === undefined) return Buffer.allocUnsafe(bytes);
+    this.pooledBytes -= bytes;
+    return buffer;
   }
 
-  private sendPooled(reply: Buffer): void {
+  private sendPooled(reply: Buffer, pooled: Buffer): void {
     if (this.closed) return;
     this.cork();
     this.socket.write(reply, () => {
-      let pool = this.replyPool.get(reply.length);
-      if (!pool) this.replyPool.set(reply.length, (pool = []));
-      if (pool.length < MAX_POOLED_REPLIES) pool.push(reply);
+      if (this.closed) return;
+      // Full: the client's read sizes changed; forget the old classes, keep the new one.
+      if (this.pooledBytes + pooled.length > MAX_POOLED_BYTES) {
+        this.replyPool.clear();
+        this.pooledBytes = 0;
+        if (pooled.length > MAX_POOLED_BYTES) return;
+      }
+      let pool = this.replyPool.get(pooled.length);
+      if (!pool) this.replyPool.set(pooled.length, (pool = []));
+      pool.push(pooled);
+      this.pooledBytes += pooled.length;
     });
   }
 
@@ -366,6 +383,8 @@ export class Transmission {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.replyPool.clear();
+    this.pooledBytes = 0;
     this.onClose();
   }
 }
