@@ -25,7 +25,7 @@ import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js'
 import { decodeManifest } from '../store/manifest.js';
 import { packIdFromKey, packKey } from '../store/pack.js';
 import type { PackIndex } from '../store/pack-index.js';
-import { crashPoint, packsOf, WritePendingError, type PackRefcounts } from './refcounts.js';
+import { crashPoint, eachLimit, packsOf, WritePendingError, type PackRefcounts } from './refcounts.js';
 
 /** The store object naming the refcount database that may delete packs from it. */
 export const CLAIM_KEY = 'gc.json';
@@ -89,13 +89,6 @@ export function isManifestKey(key: string): boolean {
 }
 
 /** Run `work` over `items`, `n` at a time. */
-async function eachLimit<T>(items: readonly T[], n: number, work: (item: T) => Promise<void>): Promise<void> {
-  let next = 0;
-  await Promise.all(Array.from({ length: Math.min(n, items.length) }, async () => {
-    while (next < items.length) await work(items[next++]);
-  }));
-}
-
 export class Collector {
   readonly counters: GcCounters = {
     cycles: 0, packsDeleted: 0, deleteFailures: 0, reconciliations: 0, refcountCorrections: 0, manifestCorrections: 0,

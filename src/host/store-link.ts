@@ -474,7 +474,7 @@ export class StoreLink {
    * volume's first lease ever (nobody to fence). Throws LeaseHeldError
    * when another host holds a live lease.
    */
-  private async acquire(): Promise<{ bumped: boolean; first: boolean }> {
+  private async acquire(): Promise<{ bumped: boolean; first: boolean; released: boolean }> {
     const key = leaseKey(this.name);
     for (let attempt = 0; attempt < 3; attempt++) {
       const current = await this.ctx.store.get(key);
@@ -492,11 +492,13 @@ export class StoreLink {
       const body = encodeLease(next);
       try {
         const etag = await this.ctx.store.put(key, body, current === undefined ? { ifNoneMatch: '*' } : { ifMatch: current.etag });
-        return { bumped: this.adopt(generation, etag, now), first: current === undefined };
+        return { bumped: this.adopt(generation, etag, now), first: current === undefined, released: lease?.released === true };
       } catch (err) {
         if (!isPreconditionFailed(err)) throw err;
         const after = await this.ctx.store.get(key);
-        if (after !== undefined && after.body.equals(body)) return { bumped: this.adopt(generation, after.etag, now), first: current === undefined };
+        if (after !== undefined && after.body.equals(body)) {
+          return { bumped: this.adopt(generation, after.etag, now), first: current === undefined, released: lease?.released === true };
+        }
         // Someone else wrote the lease meanwhile: look again.
       }
     }
@@ -606,15 +608,43 @@ export class StoreLink {
         throw new VolumeError('EINVAL', `volume ${this.name}: has local writes that are in no manifest; cannot promote over them`);
       }
       // The very first lease of a volume (a new fork, a blessed image) has no previous
-      // holder to fence, and the manifest was just read: no rewrite needed.
-      const { first } = await this.acquire();
-      if (!first) await this.refence();
+      // holder to fence, and the manifest was just read: no rewrite needed. Nor does a
+      // lease its holder released (a live migration): that host refuses writes and gave
+      // up its generation, so only the latest manifest is loaded; the rewrite (a PUT, and
+      // counting every pack of the volume in this host's refcounts) stays out of the pause.
+      const { first, released } = await this.acquire();
+      if (released) {
+        const latest = await this.loadLatest();
+        this.state.manifestEtag = latest?.current.etag;
+        this.state.manifestSequence = latest?.manifest.meta.sequence ?? -1;
+      } else if (!first) await this.refence();
       this.state.readOnly = false;
       this.volume.readOnly = false;
       this.save();
       this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence });
       return { generation: this.state.generation, sequence: this.volume.sequence };
     });
+  }
+
+  /**
+   * Load the volume's manifest in the store, if it moved on from what this host holds
+   * (the volume takes its content); undefined when there is none.
+   */
+  private async loadLatest() {
+    const key = manifestKey(this.name);
+    const current = await this.ctx.store.get(key);
+    if (current === undefined) {
+      this.state.manifestEtag = undefined;
+      return undefined;
+    }
+    const { manifest, raw } = decodeManifestBody(key, current.body, this.ctx.cipher);
+    if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
+      await indexManifest(this.ctx.packIndex, manifest);
+      await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
+      this.setBase(this.volume.cloneMap(), raw, current.etag);
+      this.counted = undefined;
+    }
+    return { current, manifest };
   }
 
   /**
@@ -625,17 +655,9 @@ export class StoreLink {
   private async refence(): Promise<void> {
     const key = manifestKey(this.name);
     for (let attempt = 0; attempt < 5; attempt++) {
-      const current = await this.ctx.store.get(key);
-      if (current === undefined) {
-        this.state.manifestEtag = undefined;
-        return;
-      }
-      const { manifest, raw } = decodeManifestBody(key, current.body, this.ctx.cipher);
-      if (current.etag !== this.state.manifestEtag || manifest.meta.sequence !== this.volume.sequence) {
-        await indexManifest(this.ctx.packIndex, manifest);
-        await this.volume.replaceContent({ size: manifest.meta.size, sequence: manifest.meta.sequence, chunks: manifestChunks(manifest) });
-        this.setBase(this.volume.cloneMap(), raw, undefined);
-      }
+      const latest = await this.loadLatest();
+      if (latest === undefined) return;
+      const { current, manifest } = latest;
       const base = this.base;
       manifest.meta.generation = this.state.generation;
       manifest.meta.host = this.ctx.hostId;

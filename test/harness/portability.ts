@@ -88,8 +88,11 @@ export function definePortabilityTests(store: (dir: string) => SharedStore, labe
         const released = await a.api('POST', `/api/exports/${encodeURIComponent(name)}/release`);
         assert.equal(released.status, 200, released.text);
         assert.ok(released.json.drained?.packs_uploaded > 0, `release did not drain the late writes: ${released.text}`);
+        const putsBefore = await storeRequests(b, 'put');
         const promoted = await b.api('POST', `/api/exports/${encodeURIComponent(name)}/promote`);
         assert.equal(promoted.status, 200, promoted.text);
+        // A released its generation: nobody to fence, so the promotion writes the lease and no manifest.
+        assert.equal((await storeRequests(b, 'put')) - putsBefore, 1, 'the promotion after a release put more than its lease');
         await cb.write(62 * MiB, Buffer.alloc(CHUNK, 9)); // same connection, no reconnect
         const pauseMs = performance.now() - pauseStart;
         t.diagnostic(`write pause (release with its final drain + promote + first write): ${pauseMs.toFixed(0)} ms`);
