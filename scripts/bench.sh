@@ -14,7 +14,8 @@
 #               1 GiB (unsealed, and sealed beforehand), store requests per GiB, cold
 #               sequential read of a woken volume with 20 ms injected store latency, with
 #               and without read-ahead (needs the binary scripts/setup-minio.sh builds);
-#               fork latency vs written size and wake-on-another-host time to first byte.
+#               fork latency vs written size (clean, and with 1 MiB dirty) and
+#               wake-on-another-host time to first byte.
 #   5. vm       scripts/bench/vm.mjs: boot time of the test microVM (qemu TCG) from a fork
 #               on a cold host, without and with the boot hot set recorded through
 #               `updraft bless --boot-record` (needs qemu-system-x86, linux-image-amd64,

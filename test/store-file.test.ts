@@ -15,7 +15,8 @@ import { NbdCommandError } from './harness/nbd-client.js';
 import { definePortabilityTests } from './harness/portability.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { decodeManifest } from '../src/store/manifest.js';
-import { packKey, verifyPackId } from '../src/store/pack.js';
+import { decodePackIndex, packKey, verifyPackId } from '../src/store/pack.js';
+import { blockHash } from '../src/crypto/hash.js';
 
 const TIMEOUT = 180_000;
 
@@ -294,21 +295,39 @@ test('DELETE refuses while a client is attached, then ?force=true disconnects it
   }
 });
 
-test('the dirty budget uploads changed blocks in demand mode without writing a manifest', { timeout: TIMEOUT }, async () => {
+test('the dirty budget uploads the oldest changed chunks in demand mode, without a manifest, until half the budget is left', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {
     const a = await cluster.start('host-a');
     await withLogs([a], async () => {
-      const created = await createVolume(a, 'budgeted', 128, { dirty_budget_gb: 16 / 1024 });
-      assert.equal(created.dirty_budget_gb, 16 / 1024);
+      const budget = 16 * MiB; // 128 chunks; an upload leaves the newest 64 dirty
+      const created = await createVolume(a, 'budgeted', 128, { dirty_budget_gb: budget / 1024 ** 3 });
+      assert.equal(created.dirty_budget_gb, budget / 1024 ** 3);
       const c = await connect(a, 'budgeted');
-      await writeRandom(c, 0, 48 * MiB);
-      await waitFor('packs uploaded under the dirty budget', async () => packFiles(path.join(cluster.dir, 'store')).length > 0, 20_000);
+      const written = 48 * MiB; // 384 chunks, written in order: chunk 0 is the oldest change
+      const data = await writeRandom(c, 0, written);
+      await c.flush();
       await c.disconnect();
+      const storeDir = path.join(cluster.dir, 'store');
+      await waitFor('the dirty budget to be met', async () => (await exportInfo(a, 'budgeted')).store_dirty_bytes <= budget, 20_000);
       const info = await exportInfo(a, 'budgeted');
+      assert.ok(info.store_dirty_bytes >= budget / 2, `the budget uploaded more than it had to: ${info.store_dirty_bytes} bytes left dirty`);
       assert.equal(info.manifest_sequence, -1, 'the budget wrote a manifest');
-      assert.ok(!fs.existsSync(path.join(cluster.dir, 'store', 'volumes', 'budgeted', 'manifest')));
-      assert.match(a.log(), /dirty budget exceeded/);
+      assert.ok(!fs.existsSync(path.join(storeDir, 'volumes', 'budgeted', 'manifest')));
+      assert.match(a.log(), /dirty budget exceeded: uploaded the oldest changed chunks/);
+      // Which chunks went up: the block names in every pack's index.
+      const uploaded = new Set<string>();
+      for (const file of packFiles(storeDir)) {
+        for (const entry of decodePackIndex(file, fs.readFileSync(file), PLAINTEXT)) uploaded.add(entry.hash.toString('hex'));
+      }
+      const isUp = (chunk: number) => uploaded.has(blockHash(data.subarray(chunk * CHUNK, (chunk + 1) * CHUNK)).toString('hex'));
+      const chunks = written / CHUNK;
+      const keep = budget / 2 / CHUNK;
+      // At most the budget is left dirty, and it is the newest changes: the oldest went first.
+      const missing = Array.from({ length: chunks - budget / CHUNK }, (_, i) => i).filter((chunk) => !isUp(chunk));
+      assert.deepEqual(missing, [], 'old changes were left behind');
+      const newest = Array.from({ length: keep }, (_, i) => chunks - keep + i).filter(isUp);
+      assert.deepEqual(newest, [], 'the newest changes were uploaded before older ones');
     });
   } finally {
     await cluster.cleanup();

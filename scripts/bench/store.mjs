@@ -9,8 +9,10 @@
 //            (8 MiB of random 64 KiB writes later) releases: writes refused, final drain,
 //            lease released; host M, attached read-only, promotes; M's client writes.
 //   fork     consistent and lazy fork latency (median of 3) of volumes with
-//            BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained, and the time from
-//            an NBD connect on another host to the first 4 KiB of a fork read back.
+//            BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained: right after the
+//            drain, and with the same 1 MiB rewritten before each fork (the same dirty
+//            data at every size); and the time from an NBD connect on another host to the
+//            first 4 KiB of a fork read back.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
@@ -24,6 +26,7 @@
 // Needs the MinIO binary scripts/setup-minio.sh builds. Every process started here is
 // stopped by its pid; the scratch folder is removed.
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -290,17 +293,26 @@ async function main() {
     say(`fork: writing ${mib} MiB`);
     await fio(['--name=forksrc', '--ioengine=nbd', `--uri=${f.uri(src)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
     await api(f.url, 'POST', `/api/exports/${src}/drain`);
-    const times = { consistent: [], lazy: [] };
-    for (let i = 0; i < 3; i++) {
-      for (const mode of ['consistent', 'lazy']) {
-        const t0 = performance.now();
-        await api(f.url, 'POST', `/api/exports/${src}/fork`, { target: `${src}-${mode}-${i}`, mode });
-        times[mode].push(performance.now() - t0);
+    // Clean: right after the drain. Dirty: with the same 1 MiB (8 whole chunks) rewritten
+    // before each fork, the same dirty data at every size, as the fork target is stated.
+    const times = { consistent: [], lazy: [], consistent_dirty: [], lazy_dirty: [] };
+    const writer = await NbdClient.connect({ path: f.socket, exportName: src });
+    for (const dirty of [false, true]) {
+      for (let i = 0; i < 3; i++) {
+        for (const mode of ['consistent', 'lazy']) {
+          if (dirty) {
+            await writer.write(0, crypto.randomBytes(MiB));
+            await writer.flush();
+          }
+          const t0 = performance.now();
+          await api(f.url, 'POST', `/api/exports/${src}/fork`, { target: `${src}-${mode}${dirty ? '-dirty' : ''}-${i}`, mode });
+          times[dirty ? `${mode}_dirty` : mode].push(performance.now() - t0);
+        }
       }
     }
+    writer.close();
     const median = (xs) => xs.sort((x, y) => x - y)[xs.length >> 1];
-    record(`fork_consistent_${mib}mib_ms`, median(times.consistent).toFixed(0));
-    record(`fork_lazy_${mib}mib_ms`, median(times.lazy).toFixed(0));
+    for (const [what, xs] of Object.entries(times)) record(`fork_${what}_${mib}mib_ms`, median(xs).toFixed(0));
     // Another host: from the NBD connect to the first 4 KiB read back (the manifest GET,
     // the local map, the lease, one pack).
     const t1 = performance.now();
@@ -308,7 +320,11 @@ async function main() {
     await client.read(0, 4096);
     record(`wake_first_byte_${mib}mib_ms`, (performance.now() - t1).toFixed(0));
     client.close();
-    say(`fork ${mib} MiB: consistent ${median(times.consistent).toFixed(0)} ms, lazy ${median(times.lazy).toFixed(0)} ms, wake to first byte ${(performance.now() - t1).toFixed(0)} ms`);
+    say(
+      `fork ${mib} MiB: consistent ${median(times.consistent).toFixed(0)} ms, lazy ${median(times.lazy).toFixed(0)} ms; ` +
+        `with 1 MiB dirty: consistent ${median(times.consistent_dirty).toFixed(0)} ms, lazy ${median(times.lazy_dirty).toFixed(0)} ms; ` +
+        `wake to first byte ${(performance.now() - t1).toFixed(0)} ms`,
+    );
   }
   record('fork_sizes_mib', FORK_SIZES_MIB.join('/'));
   await stop(f.child);

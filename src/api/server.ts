@@ -54,7 +54,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
   return {
     name: v.name, size: v.size, size_gb: v.size / GIB, clients: v.clients, read_only: v.readOnly,
     sequence: v.sequence, dirty_bytes: v.dirtyBytes, mapped_chunks: v.mappedChunks,
-    flush_mode: v.flushMode, dirty_budget_gb: v.dirtyBudgetBytes / GIB,
+    flush_mode: v.flushMode, dirty_budget_gb: v.dirtyBudgetBytes / GIB, store_dirty_bytes: v.storeDirtyBytes,
     lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
   };
 }

@@ -75,6 +75,8 @@ export interface VolumeSummary {
   mappedChunks: number;
   flushMode: FlushMode;
   dirtyBudgetBytes: number;
+  /** Bytes of chunks changed since they last went to the store: what the dirty budget bounds. */
+  storeDirtyBytes: number;
   leaseGeneration: number;
   manifestSequence: number;
 }
@@ -230,7 +232,7 @@ export class Host {
     return {
       name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
-      dirtyBudgetBytes: state.dirtyBudgetBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
+      dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
     };
   }
 
@@ -604,8 +606,11 @@ export class Host {
         }
       }
       if (volume.storeDirtyBytes > link.state.dirtyBudgetBytes) {
-        this.log.info('dirty budget exceeded: uploading changed blocks', { volume: link.name, budget: link.state.dirtyBudgetBytes });
-        link.uploadBlocks().catch((err) => this.log.error('dirty budget: block upload failed', { volume: link.name, error: errorMessage(err) }));
+        const dirty = volume.storeDirtyBytes;
+        link.uploadOldest().then(
+          (r) => r && this.log.info('dirty budget exceeded: uploaded the oldest changed chunks', { volume: link.name, budget: link.state.dirtyBudgetBytes, dirty, chunks: r.chunks, packs: r.packs }),
+          (err) => this.log.error('dirty budget: block upload failed', { volume: link.name, error: errorMessage(err) }),
+        );
       }
     }
   }

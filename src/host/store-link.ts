@@ -354,7 +354,7 @@ export class StoreLink {
     });
   }
 
-  /** Upload the blocks of a fresh snapshot without writing a manifest (continuous mode, dirty budget). */
+  /** Upload the blocks of a fresh snapshot without writing a manifest (continuous mode). */
   uploadBlocks(): Promise<void> {
     return this.serial(async () => {
       if (this.state.readOnly) return;
@@ -369,6 +369,28 @@ export class StoreLink {
         stored = true;
       } finally {
         snapshot.release(stored);
+      }
+    });
+  }
+
+  /**
+   * The dirty budget (demand mode too): upload the blocks of the chunks changed longest
+   * ago, until half the budget is left dirty, with no manifest. What is written most
+   * recently (and so most likely to be written again) stays local.
+   */
+  uploadOldest(): Promise<{ chunks: number; packs: number } | undefined> {
+    return this.serial(async () => {
+      if (this.state.readOnly) return undefined;
+      const keep = Math.floor(this.state.dirtyBudgetBytes / 2 / this.volume.blockSize);
+      const excess = this.volume.storeDirtyBytes / this.volume.blockSize - keep;
+      if (excess <= 0) return undefined;
+      const oldest = await this.volume.oldestChanges(excess);
+      try {
+        const uploaded = await this.ctx.uploader.upload(oldest.keys);
+        oldest.stored();
+        return { chunks: oldest.chunks, packs: uploaded.packs };
+      } finally {
+        oldest.release();
       }
     });
   }

@@ -147,8 +147,12 @@ export class Volume {
   private overlaySectors = 0;
   /** Chunks whose state changed since the last journal commit. */
   private journalDirty = new Set<number>();
-  /** Chunks changed since the last snapshot that went to the store (the dirty budget's measure). */
-  private storeDirty = new Set<number>();
+  /**
+   * Chunks changed since the last snapshot that went to the store (the dirty budget's
+   * measure), least recently changed first, each with the stamp of its last change.
+   */
+  private storeDirty = new Map<number, number>();
+  private storeDirtyClock = 0;
   /** Blocks replaced in the map; released once the replacement is durable. */
   private pendingUnref: BlockKey[] = [];
   private sizeDirty = false;
@@ -339,6 +343,52 @@ export class Volume {
     return this.storeDirty.size * this.blockSize;
   }
 
+  /**
+   * The dirty budget's upload: the `count` chunks changed longest ago, sealed (those
+   * written meanwhile wait for a later round) with their blocks held until `release`.
+   * `keys` are the blocks to upload; `stored()` says they reached the store, so the chunks
+   * not changed again since are no longer dirty.
+   */
+  async oldestChanges(count: number): Promise<{ chunks: number; keys: BlockKey[]; stored(): void; release(): void }> {
+    this.checkOpen();
+    const picked: Array<[number, number]> = [];
+    for (const entry of this.storeDirty) {
+      if (picked.length >= count) break;
+      picked.push(entry);
+    }
+    const unsealed = picked.map(([chunk]) => chunk).filter((chunk) => this.overlay.has(chunk));
+    if (unsealed.length > 0) {
+      await this.sealChunks(unsealed);
+      // Chunks a background seal had already taken: wait for it too.
+      await Promise.allSettled(this.sealsInFlight);
+    }
+    const keys: BlockKey[] = [];
+    const uploaded: Array<[number, number]> = [];
+    for (const entry of picked) {
+      const [chunk, stamp] = entry;
+      if (this.storeDirty.get(chunk) !== stamp || this.overlay.has(chunk)) continue;
+      const key = this.map.get(chunk);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY) {
+        if (!this.cache.ref(key)) continue;
+        keys.push(key);
+      }
+      uploaded.push(entry);
+    }
+    let released = false;
+    return {
+      chunks: uploaded.length,
+      keys,
+      stored: () => {
+        for (const [chunk, stamp] of uploaded) if (this.storeDirty.get(chunk) === stamp) this.storeDirty.delete(chunk);
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        for (const key of keys) this.cache.unref(key);
+      },
+    };
+  }
+
   private addOverlay(chunk: number, mask: Uint8Array): void {
     this.overlay.set(chunk, mask);
     const sectors = popcount(mask);
@@ -361,14 +411,25 @@ export class Volume {
     if (seal !== undefined) seal.invalid = true;
     this.dropOverlay(chunk);
     this.remap(chunk, key);
+    this.markStoreDirty(chunk);
   }
 
-  /** Point a chunk at a block (undefined: hole), releasing the old one after the next commit. */
+  /**
+   * Point a chunk at a block (undefined: hole), releasing the old one after the next
+   * commit. A seal's remap is not a new change: a chunk already dirty keeps its place in
+   * the dirty budget's order.
+   */
   private remap(chunk: number, key: BlockKey | undefined): void {
     const previous = this.map.set(chunk, key);
     if (previous !== undefined && previous !== ZERO_ALLOCATED_KEY) this.pendingUnref.push(previous);
     this.journalDirty.add(chunk);
-    this.storeDirty.add(chunk);
+    if (!this.storeDirty.has(chunk)) this.storeDirty.set(chunk, ++this.storeDirtyClock);
+  }
+
+  /** A change of `chunk`: it moves to the newest end of the dirty budget's order. */
+  private markStoreDirty(chunk: number): void {
+    this.storeDirty.delete(chunk);
+    this.storeDirty.set(chunk, ++this.storeDirtyClock);
   }
 
   // ---- checks at the edge -----------------------------------------------------------
@@ -699,7 +760,7 @@ export class Volume {
       if (seal !== undefined) for (let s = first; s <= last; s++) seal.written[s >>> 3] |= 1 << (s & 7);
     }
     this.journalDirty.add(chunk);
-    this.storeDirty.add(chunk);
+    this.markStoreDirty(chunk);
   }
 
   private readSector(chunk: number, mask: Uint8Array, sector: number, dst: Buffer, dstOffset: number): void {
@@ -813,11 +874,20 @@ export class Volume {
    * of chunks sealed; fewer than asked when the cache has no room.
    */
   async seal(limit: number, onSealed?: (key: BlockKey) => void): Promise<number> {
-    if (this.closed || this.closing) return 0;
     const chunks: number[] = [];
     for (const chunk of this.overlay.keys()) {
       if (chunks.length >= limit) break;
-      if (this.sealing.has(chunk)) continue;
+      if (!this.sealing.has(chunk)) chunks.push(chunk);
+    }
+    return this.sealChunks(chunks, onSealed);
+  }
+
+  /** Seal these overlay chunks (those not in the overlay or already being sealed are skipped). */
+  private async sealChunks(candidates: readonly number[], onSealed?: (key: BlockKey) => void): Promise<number> {
+    if (this.closed || this.closing) return 0;
+    const chunks: number[] = [];
+    for (const chunk of candidates) {
+      if (this.sealing.has(chunk) || !this.overlay.has(chunk)) continue;
       this.sealing.set(chunk, { written: new Uint8Array(this.maskBytes), invalid: false });
       chunks.push(chunk);
     }
@@ -923,7 +993,7 @@ export class Volume {
     const changes = options.base === undefined ? undefined : map.changesSince(options.base);
     let chunks = changes === undefined ? [...map.entries()] : undefined;
     const changed = this.storeDirty;
-    this.storeDirty = new Set();
+    this.storeDirty = new Map();
     // Blocks of chunks the base names are in the store already: only the rest need holding.
     const held: BlockKey[] = [];
     for (const [, key] of changes ?? chunks!) if (key !== undefined && key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
@@ -941,7 +1011,15 @@ export class Volume {
         if (released) return;
         released = true;
         for (const key of held) this.cache.unref(key);
-        if (!stored) for (const chunk of changed) this.storeDirty.add(chunk);
+        if (!stored) {
+          // Still dirty: the older changes go back in front of those made since the cut.
+          const since = this.storeDirty;
+          this.storeDirty = changed;
+          for (const [chunk, stamp] of since) {
+            changed.delete(chunk);
+            changed.set(chunk, stamp);
+          }
+        }
       },
     };
   }
