@@ -30,7 +30,8 @@ import {
   patchManifestBody,
   relabelManifest,
   sealManifest,
-  storedTablesFrame,
+  storedTables,
+  type StoredTables,
   type Manifest,
   type ManifestMeta,
 } from '../src/store/manifest.js';
@@ -421,6 +422,7 @@ describe('manifest', () => {
     for (const v of model.values()) if (v !== 'zero') locations.set(blockKey(v[0]), v[1]);
     let raw = manifestBody(builder.build(), 0);
     let appendedTotal = 0;
+    let lent: StoredTables | undefined;
     for (let round = 1; round <= 6; round++) {
       const changed = new Map<number, string | undefined>();
       for (let n = 0; n < 300; n++) {
@@ -449,7 +451,11 @@ describe('manifest', () => {
       appendedTotal += patched.appended;
       raw = patched.raw;
       const key = manifestKey('tenant-a/vm-1');
-      const body = sealManifest(key, raw, ZSTD, PLAINTEXT).body;
+      // Lent the last round's frames, the stored bytes are those of compressing everything anew.
+      const sealed = sealManifest(key, raw, ZSTD, PLAINTEXT, lent);
+      const body = sealed.body;
+      assert.ok(body.equals(sealManifest(key, raw, ZSTD, PLAINTEXT).body), `round ${round}: lent frames changed the stored bytes`);
+      lent = sealed.tables;
       const decoded = decodeManifest(key, body, PLAINTEXT);
       assert.equal(decoded.meta.sequence, 42 + round);
       const got = new Map<number, string>();
@@ -466,8 +472,9 @@ describe('manifest', () => {
       const opened = decodeManifestBody(key, body, PLAINTEXT);
       assert.deepEqual(opened.raw, raw);
       // The tables' frame is found again and carries them under another meta (a lazy fork).
-      const frame = storedTablesFrame(opened, ZSTD);
+      const frame = storedTables(opened, ZSTD);
       assert.ok(frame !== undefined, 'the stored tables frame was not found');
+      assert.ok(frame.frame.equals(sealed.tables!.frame));
       const forkKey = manifestKey('tenant-b/fork');
       const forkMeta = meta({ name: 'tenant-b/fork', size: chunkCount * BLOCK, parent: { name: 'tenant-a/vm-1', sequence: 42 + round } });
       const forked = decodeManifest(forkKey, sealManifest(forkKey, relabelManifest(raw, forkMeta), ZSTD, PLAINTEXT, frame).body, PLAINTEXT);
@@ -479,6 +486,35 @@ describe('manifest', () => {
     // Changes must ascend inside the volume.
     assert.throws(() => patchManifestBody(raw, m, [[9, undefined], [3, undefined]], () => location(pack, 0), 0), /ascending/);
     assert.throws(() => patchManifestBody(raw, m, [[chunkCount, undefined]], () => location(pack, 0), 0), /ascending, each once, below 5000/);
+  });
+
+  test('a manifest written again with a few chunks changed compresses only the segments they touch', () => {
+    // 65,536 chunks (8 GiB) of distinct blocks, 25 to a pack; then 8 chunks changed.
+    const chunkCount = 65536;
+    const builder = new ManifestBuilder(meta({ size: chunkCount * BLOCK }));
+    let pack = randomPackId();
+    for (let c = 0; c < chunkCount; c++) {
+      if (c % 25 === 0) pack = randomPackId();
+      builder.setChunk(c, randomBytes(16), location(pack, c % 25));
+    }
+    const key = manifestKey('tenant-a/vm-1');
+    const first = sealManifest(key, manifestBody(builder.build(), 0), ZSTD, PLAINTEXT);
+    const segments = first.tables!.segments!.size;
+    assert.ok(segments > 40, `${segments} segments`);
+    assert.equal(first.tables!.compressed, segments);
+    const fresh = randomPackId();
+    const changes: Array<[number, string]> = [100, 101, 20000, 20001, 40000, 50000, 65000, 65535].map((c) => [c, blockKey(randomBytes(16))]);
+    const locations = new Map(changes.map(([, k], i) => [k, location(fresh, i)]));
+    const patched = patchManifestBody(manifestBody(builder.build(), 0), meta({ size: chunkCount * BLOCK, sequence: 43 }), changes, (k) => locations.get(k)!, 0);
+    const second = sealManifest(key, patched.raw, ZSTD, PLAINTEXT, first.tables);
+    // The meta is its own frame; of the tables: the pack count and last pack segment, the
+    // block count and last block segment (appended to), the chunk count is unchanged, and
+    // the 6 chunk segments the 8 chunks fall in.
+    assert.ok(second.tables!.compressed <= 10, `${second.tables!.compressed} of ${second.tables!.segments!.size} segments compressed again for 8 changed chunks`);
+    assert.ok(second.body.equals(sealManifest(key, patched.raw, ZSTD, PLAINTEXT).body), 'lent frames changed the stored bytes');
+    const decoded = decodeManifest(key, second.body, PLAINTEXT);
+    assert.equal(decoded.chunks.length, chunkCount);
+    assert.equal(decoded.blocks[decoded.chunkBlocks[20000]].pack, fresh);
   });
 
   function sampleManifest(): { manifest: Manifest; packs: string[] } {

@@ -15,7 +15,7 @@ import type { PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
-import { decodeManifestBody, leaseKey, manifestKey, storedTablesFrame, type Manifest, type ManifestMeta } from '../store/manifest.js';
+import { decodeManifestBody, leaseKey, manifestKey, storedTables, type Manifest, type ManifestMeta, type StoredTables } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
@@ -115,7 +115,7 @@ interface WrittenManifest {
   etag: string;
   raw: Buffer;
   /** The tables' zstd frame of the stored body, when known (see sealManifest). */
-  tablesFrame?: Buffer;
+  tables?: StoredTables;
   manifest?: Manifest;
   indexed?: boolean;
   map?: BlockMap;
@@ -345,7 +345,7 @@ export class Host {
         if (object === undefined) return undefined;
         const decoded = decodeManifestBody(key, object.body, this.options.cipher);
         const { manifest, raw } = decoded;
-        found = { meta: manifest.meta, manifest, raw, tablesFrame: storedTablesFrame(decoded, this.options.manifestCompression), etag: object.etag };
+        found = { meta: manifest.meta, manifest, raw, tables: storedTables(decoded, this.options.manifestCompression), etag: object.etag };
       }
       const { meta, etag } = found;
       if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
@@ -363,7 +363,7 @@ export class Host {
         this.storeCtx,
       );
       link.save();
-      link.setBase(volume.cloneMap(), found.raw, etag, found.tablesFrame);
+      link.setBase(volume.cloneMap(), found.raw, etag, found.tables);
       this.links.set(name, link);
       this.volumes.set(name, volume);
       let writable = true;
@@ -445,7 +445,7 @@ export class Host {
       forked = { ...(await link.fork(target)), indexed: true };
     } else {
       const sourceLink = opts.checkpoint === undefined ? this.links.get(source) : undefined;
-      let known: { raw: Buffer; tablesFrame?: Buffer; map: BlockMap } | undefined;
+      let known: { raw: Buffer; tables?: StoredTables; map: BlockMap } | undefined;
       const copied = await lazyFork(
         this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
         (etag) => (known = sourceLink?.baseOf(etag)),

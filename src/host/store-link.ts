@@ -19,7 +19,7 @@ import { packsOf, PacksGoneError, putCounted, type CountedManifest, type PackRef
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
-  type ManifestMeta,
+  type ManifestMeta, type StoredTables,
 } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
@@ -112,7 +112,7 @@ export class StoreLink {
   lastUploadMs = 0;
   lastManifestAt = Date.now();
   /** The base of incremental manifests (see setBase); none after a restart until the first full one. */
-  private base: { map: BlockMap; raw: Buffer; tablesFrame?: Buffer; appended: number; etag: string | undefined } | undefined;
+  private base: { map: BlockMap; raw: Buffer; tables?: StoredTables; appended: number; etag: string | undefined } | undefined;
   /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
   private counted: CountedManifest | undefined;
 
@@ -191,7 +191,7 @@ export class StoreLink {
     });
     try {
       const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
-      this.base = { map: captured.map, raw: captured.raw, tablesFrame: captured.tablesFrame, appended: captured.appended, etag };
+      this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
       captured.stored();
@@ -269,7 +269,7 @@ export class StoreLink {
           : { raw: manifestBody(manifestOfChunks(meta, snapshot.chunks, locate), this.ctx.cipher.overhead), appended: 0 };
       const built = build();
       const captured = {
-        meta, raw: built.raw, tablesFrame: undefined as Buffer | undefined, appended: (patch ? base!.appended : 0) + built.appended, incremental: patch,
+        meta, raw: built.raw, tables: undefined as StoredTables | undefined, lend: base?.tables, appended: (patch ? base!.appended : 0) + built.appended, incremental: patch,
         map: snapshot.map, sequence: snapshot.sequence, changes: snapshot.changes?.length, uploaded, started, snapshotMs, uploadMs,
         stored: () => {
           stored = true;
@@ -305,24 +305,24 @@ export class StoreLink {
    * The last manifest of this volume this host wrote or loaded, with the block map it
    * records (a clone sharing the volume's pages): the base of incremental manifests.
    */
-  setBase(map: BlockMap, raw: Buffer, etag: string | undefined, tablesFrame?: Buffer): void {
-    this.base = { map, raw, tablesFrame, appended: 0, etag };
+  setBase(map: BlockMap, raw: Buffer, etag: string | undefined, tables?: StoredTables): void {
+    this.base = { map, raw, tables, appended: 0, etag };
   }
 
   /**
    * The opened body and block map of this volume's manifest with `etag`, when it is the
    * base this host holds (a same-host lazy fork copies it without decoding).
    */
-  baseOf(etag: string): { raw: Buffer; tablesFrame?: Buffer; map: BlockMap } | undefined {
+  baseOf(etag: string): { raw: Buffer; tables?: StoredTables; map: BlockMap } | undefined {
     const base = this.base;
-    return base !== undefined && base.etag === etag ? { raw: base.raw, tablesFrame: base.tablesFrame, map: base.map } : undefined;
+    return base !== undefined && base.etag === etag ? { raw: base.raw, tables: base.tables, map: base.map } : undefined;
   }
 
   /**
    * Consistent fork: the volume at its current sequence (writers not paused) becomes a new
    * volume `target` in the store. Fails with ExistsError if the target exists.
    */
-  fork(target: string): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tablesFrame?: Buffer; map: BlockMap }> {
+  fork(target: string): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; map: BlockMap }> {
     return this.serial(async () => {
       const captured = await this.capture(async (snapshot) => ({
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
@@ -330,7 +330,7 @@ export class StoreLink {
       try {
         const key = manifestKey(target);
         const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
-        return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, tablesFrame: captured.tablesFrame, map: captured.map };
+        return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, tables: captured.tables, map: captured.map };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
         captured.release();
@@ -413,8 +413,9 @@ export class StoreLink {
     own: boolean,
   ): Promise<string> {
     for (let attempt = 1; ; attempt++) {
-      const { body, tablesFrame } = sealManifest(key, captured.raw, this.ctx.manifestCompression, this.ctx.cipher);
-      captured.tablesFrame = tablesFrame;
+      // The base's frames are lent: only the segments the changes touched are compressed.
+      const { body, tables } = sealManifest(key, captured.raw, this.ctx.manifestCompression, this.ctx.cipher, captured.lend);
+      captured.tables = tables;
       try {
         const { etag, counted } = await putCounted(this.ctx.refcounts, key, bodyPacks(captured.raw), body, () => put(body), own ? this.counted : undefined);
         if (own) this.counted = counted;

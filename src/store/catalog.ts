@@ -9,7 +9,7 @@ import { putCounted, WritePendingError, type PackRefcounts } from '../gc/refcoun
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
-import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, leaseKey, manifestKey, relabelManifest, sealManifest, storedTablesFrame, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
+import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, leaseKey, manifestKey, relabelManifest, sealManifest, storedTables, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta, type StoredTables } from './manifest.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
 
@@ -149,8 +149,8 @@ export async function lazyFork(
   cipher: StoreCipher,
   checkpoint?: string,
   refcounts?: PackRefcounts,
-  known?: (etag: string) => { raw: Buffer; tablesFrame?: Buffer } | undefined,
-): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tablesFrame?: Buffer; manifest?: Manifest; sourceEtag: string }> {
+  known?: (etag: string) => { raw: Buffer; tables?: StoredTables } | undefined,
+): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; manifest?: Manifest; sourceEtag: string }> {
   const from = sourceKey(source, checkpoint);
   const object = await store.get(from);
   if (object === undefined) throw missingSource(store, source, checkpoint);
@@ -161,7 +161,7 @@ export async function lazyFork(
   if (held === undefined) {
     const decoded = decodeManifestBody(from, object.body, cipher);
     manifest = decoded.manifest;
-    held = { raw: decoded.raw, tablesFrame: storedTablesFrame(decoded, compression) };
+    held = { raw: decoded.raw, tables: storedTables(decoded, compression) };
   }
   const body = held.raw;
   const sourceMeta = bodyMeta(body);
@@ -171,10 +171,10 @@ export async function lazyFork(
   };
   const key = manifestKey(target);
   const raw = relabelManifest(body, meta);
-  const { body: sealed, tablesFrame } = sealManifest(key, raw, compression, cipher, held.tablesFrame);
+  const { body: sealed, tables } = sealManifest(key, raw, compression, cipher, held.tables);
   const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
   if (manifest !== undefined) manifest.meta = meta;
-  return { sequence, etag, meta, raw, tablesFrame, manifest, sourceEtag: object.etag };
+  return { sequence, etag, meta, raw, tables, manifest, sourceEtag: object.etag };
 }
 
 export interface CheckpointInfo {

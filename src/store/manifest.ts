@@ -227,20 +227,97 @@ export function bodyMeta(raw: Buffer): ManifestMeta {
 }
 
 /**
- * Compress, seal and frame a manifest body (the layout above) for the object `key`. With
- * zstd the body is stored as two frames, the meta's and the tables' (decompression runs
- * through both), and the tables' frame is returned: a lazy fork of this manifest on this
- * host passes it back as `tablesFrame` to put the same tables under its own meta without
- * compressing them again.
+ * The stored form of a body's tables (everything after the meta) with zstd: one frame per
+ * segment (see tableSegments), concatenated (decompression runs through every frame).
  */
-export function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher, tablesFrame?: Buffer): { body: Buffer; tablesFrame?: Buffer } {
+export interface StoredTables {
+  /** The raw tables these frames hold. */
+  raw: Buffer;
+  /** The frames, concatenated: what a relabelled body (a lazy fork) reuses whole. */
+  frame: Buffer;
+  /** Per segment key, its raw bytes and frame (views of `raw` and `frame`), when this host compressed them. */
+  segments?: Map<string, { raw: Buffer; frame: Buffer }>;
+  /** Segments the seal that made these compressed (the others were lent). */
+  compressed: number;
+}
+
+// Segments of the tables, each compressed on its own so that a manifest written again with
+// a few chunks changed (an incremental drain, a consistent fork) compresses only the
+// segments those chunks touch: the pack and block tables by entry index (a patch only
+// appends to them), the chunk table by chunk index (a changed chunk stays in its segment).
+// Measured on this 2-vCPU VM, 65,536 chunks of distinct blocks: one frame compressed the
+// 2.9 MB of tables in 11 ms at zstd-3; a few changed chunks now recompress 3 of about 50
+// segments.
+const SEGMENT_PACKS = 4096;
+const SEGMENT_BLOCKS = 2048;
+const SEGMENT_CHUNKS = 8192;
+
+/** The tables of `raw` (a body this host laid out or decoded) cut into keyed segments, in order. */
+function tableSegments(raw: Buffer): Array<{ key: string; raw: Buffer }> {
+  const layout = tableLayout(raw);
+  const out: Array<{ key: string; raw: Buffer }> = [];
+  const entries = (prefix: string, at: number, count: number, bytes: number, per: number) => {
+    out.push({ key: `${prefix}#`, raw: raw.subarray(at - 4, at) });
+    for (let i = 0; i < count; i += per) out.push({ key: `${prefix}${i / per}`, raw: raw.subarray(at + i * bytes, at + Math.min(count, i + per) * bytes) });
+  };
+  entries('p', layout.packsAt, layout.packCount, PACK_ID_BYTES, SEGMENT_PACKS);
+  entries('b', layout.blocksAt, layout.blockCount, BLOCK_ENTRY_BYTES, SEGMENT_BLOCKS);
+  out.push({ key: 'c#', raw: raw.subarray(layout.chunksAt - 4, layout.chunksAt) });
+  const chunkAt = (i: number) => raw.readUInt32LE(layout.chunksAt + i * CHUNK_ENTRY_BYTES);
+  for (let i = 0; i < layout.chunkCount; ) {
+    const segment = Math.floor(chunkAt(i) / SEGMENT_CHUNKS);
+    // First entry of a later segment (binary search: chunks ascend).
+    let lo = i + 1;
+    let hi = layout.chunkCount;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (chunkAt(mid) < (segment + 1) * SEGMENT_CHUNKS) lo = mid + 1;
+      else hi = mid;
+    }
+    out.push({ key: `c${segment}`, raw: raw.subarray(layout.chunksAt + i * CHUNK_ENTRY_BYTES, layout.chunksAt + lo * CHUNK_ENTRY_BYTES) });
+    i = lo;
+  }
+  return out;
+}
+
+/**
+ * Compress, seal and frame a manifest body (the layout above) for the object `key`. With
+ * zstd the meta and every segment of the tables are frames of their own; `previous` (the
+ * stored tables of an earlier body of this volume, or of the manifest a lazy fork copies)
+ * lends every frame whose raw bytes did not change, so only what changed is compressed.
+ * Returns the stored tables, to lend to the next write.
+ */
+export function sealManifest(key: string, raw: Buffer, compression: Compression, cipher: StoreCipher, previous?: StoredTables): { body: Buffer; tables?: StoredTables } {
   const what = `encodeManifest ${key}`;
   let stored: { codec: CodecId; data: Buffer };
-  let tables: Buffer | undefined;
+  let tables: StoredTables | undefined;
   if (compression.codec === CODEC_ZSTD) {
     const tablesAt = 4 + raw.readUInt32LE(0);
-    tables = tablesFrame ?? zstdFrame(raw.subarray(tablesAt), compression.level);
-    stored = { codec: CODEC_ZSTD, data: Buffer.concat([zstdFrame(raw.subarray(0, tablesAt), compression.level), tables]) };
+    const rawTables = raw.subarray(tablesAt);
+    const metaFrame = zstdFrame(raw.subarray(0, tablesAt), compression.level);
+    if (previous !== undefined && previous.segments === undefined && previous.raw.equals(rawTables)) {
+      // Frames of a manifest this host did not compress (a woken one): reused only whole.
+      stored = { codec: CODEC_ZSTD, data: Buffer.concat([metaFrame, previous.frame]) };
+      tables = { raw: rawTables, frame: stored.data.subarray(metaFrame.length), compressed: 0 };
+    } else {
+      const segments = tableSegments(raw);
+      let compressed = 0;
+      const frames = segments.map(({ key: segment, raw: bytes }) => {
+        const lent = previous?.segments?.get(segment);
+        if (lent !== undefined && lent.raw.equals(bytes)) return lent.frame;
+        compressed++;
+        return zstdFrame(bytes, compression.level);
+      });
+      stored = { codec: CODEC_ZSTD, data: Buffer.concat([metaFrame, ...frames]) };
+      const frame = stored.data.subarray(metaFrame.length);
+      const views = new Map<string, { raw: Buffer; frame: Buffer }>();
+      let at = 0;
+      for (let i = 0; i < segments.length; i++) {
+        views.set(segments[i].key, { raw: segments[i].raw, frame: frame.subarray(at, at + frames[i].length) });
+        at += frames[i].length;
+      }
+      tables = { raw: rawTables, frame, segments: views, compressed };
+    }
   } else stored = compressBlock(compression, raw);
   const storedLength = stored.data.length + cipher.overhead;
   if (storedLength > MAX_BODY_BYTES) throw new Error(`${what}: the stored body would be ${storedLength} bytes; at most ${MAX_BODY_BYTES}`);
@@ -253,21 +330,22 @@ export function sealManifest(key: string, raw: Buffer, compression: Compression,
   out.writeUInt32LE(storedLength, 16);
   cipher.sealInto(out.subarray(MANIFEST_HEADER_BYTES), stored.data, manifestLabel(out, key));
   manifestChecksum(out).copy(out, CHECKSUM_AT);
-  return { body: out, tablesFrame: tables };
+  return { body: out, tables };
 }
 
 /**
- * The tables' frame of a decoded manifest that sealManifest stored as two zstd frames at
+ * The stored tables of a decoded manifest that sealManifest stored with zstd at
  * `compression`, found by compressing its meta again (zstd is deterministic) and checking
- * that the stored bytes begin with exactly that frame; undefined otherwise.
+ * that the stored bytes begin with exactly that frame; undefined otherwise. Its segments
+ * are unknown, so it lends its frames only whole (a lazy fork of it).
  */
-export function storedTablesFrame(decoded: DecodedManifest, compression: Compression): Buffer | undefined {
+export function storedTables(decoded: DecodedManifest, compression: Compression): StoredTables | undefined {
   if (decoded.codec !== CODEC_ZSTD || compression.codec !== CODEC_ZSTD) return undefined;
   const head = zstdFrame(decoded.raw.subarray(0, decoded.tablesAt), compression.level);
   if (decoded.stored.length <= head.length || !decoded.stored.subarray(0, head.length).equals(head)) return undefined;
   // A view: the opened body is the manifest object's own buffer (or, encrypted, a fresh
-  // one), so it pins no more than the frame itself and its 36-byte header.
-  return decoded.stored.subarray(head.length);
+  // one), so it pins no more than the frames themselves and its 36-byte header.
+  return { raw: decoded.raw.subarray(decoded.tablesAt), frame: decoded.stored.subarray(head.length), compressed: 0 };
 }
 
 /** One block table entry at `at` (the layout above); returns the offset after it. */
