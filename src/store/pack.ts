@@ -123,7 +123,13 @@ function indexChecksum(body: Buffer, indexEnd: number): Buffer {
  * Asserts 1..65535 blocks, each a 16-byte hash that is not a zero name and matches its
  * data under `cipher`'s block hash, no hash twice, and a body that fits u32 offsets.
  */
-export function encodePack(blocks: PackBlock[], compression: Compression, cipher: StoreCipher): EncodedPack {
+export function encodePack(
+  blocks: PackBlock[],
+  compression: Compression,
+  cipher: StoreCipher,
+  /** Where the body goes: a buffer of exactly `bytes` (a view of a reused one, say). */
+  allocate: (bytes: number) => Buffer = Buffer.allocUnsafe,
+): EncodedPack {
   if (blocks.length < 1 || blocks.length > MAX_PACK_BLOCKS) {
     throw new Error(`encodePack: ${blocks.length} blocks; a pack holds 1 to ${MAX_PACK_BLOCKS}`);
   }
@@ -153,7 +159,8 @@ export function encodePack(blocks: PackBlock[], compression: Compression, cipher
   }
   if (total > 0xffffffff) throw new Error(`encodePack: ${blocks.length} blocks make a ${total}-byte pack; offsets are u32, so at most 4 GiB`);
 
-  const body = Buffer.allocUnsafe(total);
+  const body = allocate(total);
+  if (body.length !== total) throw new Error(`encodePack: a ${body.length}-byte body buffer for a ${total}-byte pack`);
   PACK_MAGIC.copy(body, 0);
   body.writeUInt16LE(PACK_VERSION, 8);
   body.writeUInt8(cipher.id, 10);

@@ -11,11 +11,13 @@ import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { packLocations } from './catalog.js';
-import { encodePack, type PackBlock } from './pack.js';
+import { encodePack, PACK_ENTRY_BYTES, PACK_HEADER_BYTES, type PackBlock } from './pack.js';
 import type { PackIndex } from './pack-index.js';
 
 /** Packs in flight at once per upload. */
 const UPLOAD_CONCURRENCY = 8;
+/** Idle pack body buffers kept for reuse: a drain's packs in flight, once over. */
+const MAX_IDLE_BODIES = 2 * UPLOAD_CONCURRENCY;
 
 export interface UploadResult {
   packs: number;
@@ -26,6 +28,12 @@ export interface UploadResult {
 
 export class PackUploader {
   private readonly uploading = new Map<BlockKey, Promise<void>>();
+  /**
+   * Pack body buffers whose PUT is over, for the next packs: a fresh 3 MB buffer per pack
+   * is memory the kernel maps and faults in anew, and garbage the collector chases (a GiB
+   * of it per GiB drained).
+   */
+  private readonly idleBodies: Buffer[] = [];
 
   constructor(
     private readonly store: ObjectStore,
@@ -117,6 +125,11 @@ export class PackUploader {
     };
   }
 
+  /** Bytes of the largest pack of blocksPerPack raw blocks: every body buffer is that big, so any can serve. */
+  private bodyBytes(): number {
+    return PACK_HEADER_BYTES + this.blocksPerPack * (PACK_ENTRY_BYTES + this.cache.blockSize + 2 * this.cipher.overhead) + this.cipher.overhead;
+  }
+
   /** Encode and upload one pack of `group`; upload() of any of its keys waits for it meanwhile. */
   private async startPack(group: BlockKey[], result: UploadResult): Promise<void> {
     const work = this.uploadPack(group, result);
@@ -139,9 +152,19 @@ export class PackUploader {
     }
     // On the event loop: encoding on the pack thread measured slower for encrypted drains
     // on 2 cores (the copy to the thread, and the thread competing with sealing and MinIO).
-    const pack = encodePack(blocks, this.compression, this.cipher);
-    await this.refcounts?.registerPack(pack.id);
-    await this.store.put(pack.key, pack.body, { selfVerifying: true });
+    let buffer: Buffer | undefined;
+    const pack = encodePack(blocks, this.compression, this.cipher, (bytes) => {
+      const i = this.idleBodies.findIndex((b) => b.length >= bytes);
+      buffer = i >= 0 ? this.idleBodies.splice(i, 1)[0] : Buffer.allocUnsafeSlow(Math.max(bytes, this.bodyBytes()));
+      return buffer.subarray(0, bytes);
+    });
+    try {
+      await this.refcounts?.registerPack(pack.id);
+      await this.store.put(pack.key, pack.body, { selfVerifying: true });
+    } finally {
+      // The store is done with the body once put() settles (a retried attempt included).
+      if (buffer !== undefined && this.idleBodies.length < MAX_IDLE_BODIES) this.idleBodies.push(buffer);
+    }
     this.index.add(packLocations(pack));
     this.cache.markInStore(group);
     result.packs++;
