@@ -178,6 +178,44 @@ test('faults: drain under errors, latency and lost replies succeeds or reports a
   }
 });
 
+test('a cached block whose bytes changed on disk while the daemon was down is fetched from the store again, never served', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    // No background scrub: the first read after the restart must be what finds it.
+    const a = await cluster.start('host-a', { cache: { scrub_blocks_per_second: 0 } });
+    await withLogs([a], async () => {
+      await createVolume(a, 'rotting', 16);
+      const c = await connect(a, 'rotting');
+      const data = await writeRandom(c, 0, 4 * CHUNK);
+      await c.flush();
+      await c.disconnect();
+      await drain(a, 'rotting');
+      await a.restart(); // the slot table is on disk now; the blocks are in the store
+      // A crash can leave a slot's table entry on disk without its bytes (or a reused
+      // slot's entry over another block's bytes): here, the bytes of chunk 2's block change.
+      const cacheDir = path.join(a.dir, 'cache', 'blocks');
+      const table = fs.readFileSync(path.join(cacheDir, 'blocks.slots'));
+      const name = blockHash(data.subarray(2 * CHUNK, 3 * CHUNK));
+      let slot = -1;
+      for (let at = 32; at + 32 <= table.length; at += 32) if (table.subarray(at, at + 16).equals(name)) slot = at / 32 - 1;
+      assert.ok(slot >= 0, 'the block of chunk 2 is in the slot table');
+      const slab = fs.openSync(path.join(cacheDir, 'blocks.slab'), 'r+');
+      fs.writeSync(slab, randomBytes(4096), 0, 4096, slot * CHUNK + 8192);
+      fs.closeSync(slab);
+      await a.restart();
+      const gets = await storeRequests(a, 'get');
+      const c2 = await connect(a, 'rotting');
+      assert.ok((await readAll(c2, 0, 4 * CHUNK)).equals(data), 'the volume read back other bytes than were written');
+      await c2.disconnect();
+      assert.equal(await metric(a, 'updraft_cache_verify_evictions_total'), 1);
+      assert.ok((await storeRequests(a, 'get')) > gets, 'the block was not fetched from the store again');
+      assert.match(a.log(), /does not match its name; dropped/);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('a corrupted pack is EIO on read (named in the log); the volume keeps serving its other chunks', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {

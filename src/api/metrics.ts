@@ -62,6 +62,7 @@ export class Metrics {
     gauge('updraft_pack_index_blocks', 'Blocks the host pack index knows a pack for', () => host.packIndex.size);
     counter('updraft_cache_scrubbed_blocks_total', 'Cached blocks re-hashed by the background scrub', [], () => [[{}, cache.counters.blocksScrubbed]]);
     counter('updraft_cache_scrub_evictions_total', 'Cached blocks the scrub found corrupt and evicted', [], () => [[{}, cache.counters.scrubEvictions]]);
+    counter('updraft_cache_verify_evictions_total', 'Cached blocks loaded at start-up whose first read found them not matching their name, dropped', [], () => [[{}, cache.counters.verifyEvictions]]);
     counter('updraft_cache_scrub_corrupt_pinned_total', 'Corrupt blocks the scrub found that only this host holds', [], () => [[{}, cache.counters.scrubCorruptPinned]]);
     if (collector) {
       const gc = collector.counters;

@@ -86,6 +86,8 @@ export interface StoreCipher {
   seal(plain: Buffer, aad: Buffer): Buffer;
   /** The plaintext of `sealed` (a plaintext store returns `sealed` itself); OpenError if it does not open. */
   open(sealed: Buffer, aad: Buffer): Buffer;
+  /** open() into `out`, which must be exactly sealed.length - overhead bytes. */
+  openInto(out: Buffer, sealed: Buffer, aad: Buffer): void;
 }
 
 /** A store without encryption: names are plain BLAKE3, nothing is sealed. */
@@ -100,6 +102,10 @@ export const PLAINTEXT: StoreCipher = {
   },
   seal: (plain) => plain,
   open: (sealed) => sealed,
+  openInto(out, sealed) {
+    if (out.length !== sealed.length) throw new Error(`openInto: ${out.length}-byte output for ${sealed.length} bytes`);
+    sealed.copy(out);
+  },
 };
 
 /**
@@ -131,6 +137,13 @@ export function storeCipher(dataKey: Buffer): StoreCipher {
     sodium.randombytes_buf(nonce);
     sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(out.subarray(NONCE_BYTES), plain, aad, null, nonce, sealKey);
   };
+  const openInto = (out: Buffer, sealed: Buffer, aad: Buffer): void => {
+    try {
+      sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(out, null, sealed.subarray(NONCE_BYTES), aad, sealed.subarray(0, NONCE_BYTES), sealKey);
+    } catch {
+      throw new OpenError('authentication failed (tampered, or sealed under another key or for another object)');
+    }
+  };
   const cipher: StoreCipher = {
     id: CIPHER_XCHACHA20_POLY1305,
     overhead: SEAL_OVERHEAD,
@@ -145,12 +158,13 @@ export function storeCipher(dataKey: Buffer): StoreCipher {
     open(sealed, aad) {
       if (sealed.length < SEAL_OVERHEAD) throw new OpenError(`${sealed.length} sealed bytes; a sealed thing has at least ${SEAL_OVERHEAD}`);
       const plain = Buffer.allocUnsafe(sealed.length - SEAL_OVERHEAD);
-      try {
-        sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(plain, null, sealed.subarray(NONCE_BYTES), aad, sealed.subarray(0, NONCE_BYTES), sealKey);
-      } catch {
-        throw new OpenError('authentication failed (tampered, or sealed under another key or for another object)');
-      }
+      openInto(plain, sealed, aad);
       return plain;
+    },
+    openInto(out, sealed, aad) {
+      if (sealed.length < SEAL_OVERHEAD) throw new OpenError(`${sealed.length} sealed bytes; a sealed thing has at least ${SEAL_OVERHEAD}`);
+      if (out.length !== sealed.length - SEAL_OVERHEAD) throw new Error(`openInto: ${out.length}-byte output for ${sealed.length} sealed bytes`);
+      openInto(out, sealed, aad);
     },
   };
   DATA_KEYS.set(cipher, Buffer.from(dataKey));

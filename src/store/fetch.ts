@@ -109,7 +109,7 @@ export class PackFetcher implements BlockFetcher {
       try {
         // Every block is verified (opened) before any is cached: a pack is used whole or not at all.
         const blocks = await this.threads.open(key, object.body);
-        for (const block of blocks) this.cache.putFromStore(blockKey(block.hash), block.data);
+        this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })));
         this.counters.packsFetched++;
         this.counters.blocksFetched += blocks.length;
         this.counters.bytesFetched += bytes;

@@ -7,7 +7,7 @@ import { PLAINTEXT, storeCipher } from '../crypto/cipher.js';
 import { HASH_BYTES } from '../crypto/hash.js';
 import { errorMessage } from '../log.js';
 import { FormatError } from './errors.js';
-import { decodePackIndex, unpackBlock, verifyPackId } from './pack.js';
+import { decodePackIndex, unpackInto, verifyPackId } from './pack.js';
 
 /** Open the whole pack `body` fetched from `key`. */
 export interface OpenJob {
@@ -37,11 +37,11 @@ function open({ job, key, body }: OpenJob): void {
   const lengths: number[] = new Array(entries.length);
   let at = 0;
   for (let i = 0; i < entries.length; i++) {
-    const raw = unpackBlock(key, pack, entries[i], cipher);
-    raw.copy(blocks, at);
+    const length = entries[i].rawLength;
+    unpackInto(key, pack, entries[i], cipher, blocks.subarray(at, at + length));
     entries[i].hash.copy(hashes, i * HASH_BYTES);
-    lengths[i] = raw.length;
-    at += raw.length;
+    lengths[i] = length;
+    at += length;
   }
   const answer: PackAnswer = { job, hashes, blocks, lengths };
   port!.postMessage(answer, [hashes.buffer, blocks.buffer]);

@@ -308,6 +308,35 @@ export function unpackRange(key: string, stored: Buffer, entry: PackEntry, ciphe
   return raw === stored ? Buffer.from(raw) : raw;
 }
 
+/**
+ * unpackBlock into `out` (exactly entry.rawLength bytes), so that a whole pack's blocks
+ * can be opened into one buffer: a block stored uncompressed is opened (copied, or
+ * decrypted) straight into `out`, with no buffer of its own.
+ */
+export function unpackInto(key: string, body: Buffer, entry: PackEntry, cipher: StoreCipher, out: Buffer): void {
+  if (out.length !== entry.rawLength) throw new Error(`unpackInto: a ${out.length}-byte output for a ${entry.rawLength}-byte block`);
+  if (entry.codec !== CODEC_NONE) {
+    unpackBlock(key, body, entry, cipher).copy(out);
+    return;
+  }
+  const hex = entry.hash.toString('hex');
+  if (entry.offset + entry.length > body.length) {
+    const where = `offset ${entry.offset} + length ${entry.length} > ${body.length} bytes`;
+    throw new FormatError(key, `pack ${key}: block ${hex} runs past the end of the body (${where})`);
+  }
+  // decodePackIndex checked that an uncompressed block's stored length is its raw length plus the seal.
+  try {
+    cipher.openInto(out, body.subarray(entry.offset, entry.offset + entry.length), blockLabel(entry));
+  } catch (err) {
+    if (!(err instanceof OpenError)) throw err;
+    throw new FormatError(key, `pack ${key}: block ${hex} does not decrypt with this store's key: ${err.message}`, { cause: err });
+  }
+  const actual = cipher.blockHash(out);
+  if (!actual.equals(entry.hash)) {
+    throw new FormatError(key, `pack ${key}: block ${hex} is corrupt: its content hashes to ${actual.toString('hex')}`);
+  }
+}
+
 /** Check that `body` hashes to the pack id in `key` (catches truncated and corrupt whole-pack GETs). */
 export function verifyPackId(key: string, body: Buffer): void {
   const id = packIdFromKey(key);

@@ -515,13 +515,14 @@ export class Volume {
   }
 
   /** Blocks of the range's chunks that are neither local nor shadowed by the overlay. */
-  private missingBlocks(offset: number, length: number): BlockKey[] | undefined {
+  private missingBlocks(offset: number, length: number, ahead = false): BlockKey[] | undefined {
     let missing: BlockKey[] | undefined;
     const bs = this.blockSize;
     const last = Math.floor((offset + length - 1) / bs);
     for (let chunk = Math.floor(offset / bs); chunk <= last; chunk++) {
       const key = this.map.get(chunk);
-      if (key === undefined || key === ZERO_ALLOCATED_KEY || this.cache.has(key)) continue;
+      // A block about to be read is checked now if it was loaded at start-up; read-ahead only asks.
+      if (key === undefined || key === ZERO_ALLOCATED_KEY || (ahead ? this.cache.has(key) : this.cache.usable(key))) continue;
       (missing ??= []).push(key);
     }
     return missing;
@@ -537,7 +538,7 @@ export class Volume {
     const to = Math.min(chunk + window, Math.ceil(this.size / this.blockSize) - 1);
     this.prefetchedUntil = to;
     if (from > to) return;
-    const ahead = this.missingBlocks(from * this.blockSize, (to - from + 1) * this.blockSize);
+    const ahead = this.missingBlocks(from * this.blockSize, (to - from + 1) * this.blockSize, true);
     if (ahead !== undefined) this.fetcher!.prefetch(ahead);
   }
 
