@@ -92,6 +92,11 @@ export class FencedError extends Error {
 
 const STATE_FILE = 'store.json';
 
+/** A block the manifest would name is in no pack the pack index knows (GC removed it). */
+class LocationGoneError extends Error {
+  override name = 'LocationGoneError';
+}
+
 /**
  * Whether an incremental manifest is worth it: the changes, and the blocks earlier patches
  * left in the block table that no chunk may name any more, stay under a quarter of the
@@ -260,14 +265,29 @@ export class StoreLink {
       const locate = (key: BlockKey, chunk: number) => {
         const location = this.ctx.packIndex.get(key);
         // Invariant 2: the upload above put every block the manifest names into a pack.
-        if (location === undefined) throw new Error(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
+        if (location === undefined) throw new LocationGoneError(`volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is in no pack after the upload`);
         return location;
       };
       const build = (): { raw: Buffer; appended: number } =>
         patch
           ? patchManifestBody(base!.raw, meta, snapshot.changes!, locate, this.ctx.cipher.overhead)
           : { raw: manifestBody(manifestOfChunks(meta, snapshot.chunks, locate), this.ctx.cipher.overhead), appended: 0 };
-      const built = build();
+      let built: { raw: Buffer; appended: number };
+      for (let attempt = 1; ; attempt++) {
+        try {
+          built = build();
+          break;
+        } catch (err) {
+          // GC took a pack the upload deduplicated against out of the pack index meanwhile
+          // (it is being deleted): upload what no pack holds now, and lay out again.
+          if (!(err instanceof LocationGoneError) || attempt >= 3) throw err;
+          this.ctx.log.warn('a block left the pack index during the drain (GC deleted its pack); uploading it again', { volume: this.name, error: err.message });
+          const again = await this.ctx.uploader.upload(keysToUpload());
+          uploaded.packs += again.packs;
+          uploaded.blocks += again.blocks;
+          uploaded.bytes += again.bytes;
+        }
+      }
       const captured = {
         meta, raw: built.raw, tables: undefined as StoredTables | undefined, lend: base?.tables, appended: (patch ? base!.appended : 0) + built.appended, incremental: patch,
         map: snapshot.map, sequence: snapshot.sequence, changes: snapshot.changes?.length, uploaded, started, snapshotMs, uploadMs,
