@@ -9,8 +9,8 @@
 //            (8 MiB of random 64 KiB writes later) releases: writes refused, final drain,
 //            lease released; host M, attached read-only, promotes; M's client writes.
 //   fork     consistent and lazy fork latency (median of 3) of volumes with
-//            BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained: right after the
-//            drain, and with the same 1 MiB rewritten before each fork (the same dirty
+//            BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained (then `sync`, so
+//            the kernel's writeback of that is not timed): right after the drain, and with the same 1 MiB rewritten before each fork (the same dirty
 //            data at every size); and the time from an NBD connect on another host to the
 //            first 4 KiB of a fork read back.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
@@ -293,6 +293,9 @@ async function main() {
     say(`fork: writing ${mib} MiB`);
     await fio(['--name=forksrc', '--ioengine=nbd', `--uri=${f.uri(src)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
     await api(f.url, 'POST', `/api/exports/${src}/drain`);
+    // The kernel writes back what the fill and the drain left dirty (up to 2 × 8 GiB)
+    // first: otherwise the forks time that writeback through their few fsyncs.
+    await new Promise((resolve, reject) => start('sync', []).once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`sync exited ${code}`)))));
     // Clean: right after the drain. Dirty: with the same 1 MiB (8 whole chunks) rewritten
     // before each fork, the same dirty data at every size, as the fork target is stated.
     const times = { consistent: [], lazy: [], consistent_dirty: [], lazy_dirty: [] };
