@@ -348,14 +348,23 @@ export class BlockCache {
       slot.unverified = undefined;
       return true;
     }
+    if (this.dropCorrupt(key, slot, 'block cache: a block loaded at start-up')) this.counters.verifyEvictions++;
+    return false;
+  }
+
+  /**
+   * A cached block whose bytes do not match its name (`what` found it): dropped when the
+   * store holds it (it is fetched again), reported when it is the only copy. Returns
+   * whether it was dropped.
+   */
+  private dropCorrupt(key: BlockKey, slot: Slot, what: string): boolean {
     if (slot.inStore) {
-      this.counters.verifyEvictions++;
       this.diskPolicy.remove(key);
       this.freeSlot(key, slot);
-      this.log.warn('block cache: a block loaded at start-up does not match its name; dropped (the store has it)', { block: keyHex(key), slot: slot.index });
-    } else {
-      this.log.error('block cache: a block only this host holds does not match its name; reads of it fail', { block: keyHex(key), slot: slot.index });
+      this.log.warn(`${what} does not match its name; dropped (the store has it)`, { block: keyHex(key), slot: slot.index });
+      return true;
     }
+    this.log.error(`${what} that only this host holds does not match its name; reads of it fail`, { block: keyHex(key), slot: slot.index });
     return false;
   }
 
@@ -559,15 +568,8 @@ export class BlockCache {
         continue;
       }
       corrupt.push(key);
-      if (slot.inStore) {
-        this.counters.scrubEvictions++;
-        this.diskPolicy.remove(key);
-        this.freeSlot(key, slot);
-        this.log.warn('cache scrub: a cached block does not match its hash; evicted (the store has it)', { block: keyHex(key), slot: slot.index });
-      } else {
-        this.counters.scrubCorruptPinned++;
-        this.log.error('cache scrub: a block only this host holds does not match its hash', { block: keyHex(key), slot: slot.index });
-      }
+      if (this.dropCorrupt(key, slot, 'cache scrub: a cached block')) this.counters.scrubEvictions++;
+      else this.counters.scrubCorruptPinned++;
     }
     return corrupt;
   }
