@@ -88,7 +88,6 @@ export function isManifestKey(key: string): boolean {
   return /^volumes\/.+\/(manifest|checkpoints\/[^/]+)$/.test(key);
 }
 
-/** Run `work` over `items`, `n` at a time. */
 export class Collector {
   readonly counters: GcCounters = {
     cycles: 0, packsDeleted: 0, deleteFailures: 0, reconciliations: 0, refcountCorrections: 0, manifestCorrections: 0,

@@ -22,7 +22,7 @@ import {
   type ManifestMeta, type StoredTables,
 } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
-import type { PackUploader } from '../store/upload.js';
+import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 
@@ -252,9 +252,12 @@ export class StoreLink {
       // The local journal must not fall behind what the store is told: flush it (disk)
       // while the blocks go up (CPU and network), and both before the manifest.
       const [earlyUploaded, uploaded] = await Promise.all([early.finish(), this.ctx.uploader.upload(keysToUpload()), this.volume.flush()]);
-      uploaded.packs += earlyUploaded.packs;
-      uploaded.blocks += earlyUploaded.blocks;
-      uploaded.bytes += earlyUploaded.bytes;
+      const count = (more: UploadResult) => {
+        uploaded.packs += more.packs;
+        uploaded.blocks += more.blocks;
+        uploaded.bytes += more.bytes;
+      };
+      count(earlyUploaded);
       const uploadMs = performance.now() - started - snapshotMs;
       this.noteUpload(snapshot.sequence, uploadMs);
       const id = await identity(snapshot);
@@ -282,10 +285,7 @@ export class StoreLink {
           // (it is being deleted): upload what no pack holds now, and lay out again.
           if (!(err instanceof LocationGoneError) || attempt >= 3) throw err;
           this.ctx.log.warn('a block left the pack index during the drain (GC deleted its pack); uploading it again', { volume: this.name, error: err.message });
-          const again = await this.ctx.uploader.upload(keysToUpload());
-          uploaded.packs += again.packs;
-          uploaded.blocks += again.blocks;
-          uploaded.bytes += again.bytes;
+          count(await this.ctx.uploader.upload(keysToUpload()));
         }
       }
       const captured = {
@@ -304,10 +304,7 @@ export class StoreLink {
           for (const pack of gone) this.ctx.packIndex.removePack(pack);
           this.base = undefined;
           patch = false;
-          const again = await this.ctx.uploader.upload(keysToUpload());
-          uploaded.packs += again.packs;
-          uploaded.blocks += again.blocks;
-          uploaded.bytes += again.bytes;
+          count(await this.ctx.uploader.upload(keysToUpload()));
           const rebuilt = build();
           captured.raw = rebuilt.raw;
           captured.appended = 0;
