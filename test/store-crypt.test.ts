@@ -10,7 +10,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { Blake3Hasher } from '@napi-rs/blake-hash';
 import { stringify } from 'smol-toml';
-import { PLAINTEXT, SEAL_OVERHEAD, storeCipher, newDataKey, type StoreCipher } from '../src/crypto/cipher.js';
+import { PLAINTEXT, SEAL_OVERHEAD, sealLabel, storeCipher, newDataKey, type StoreCipher } from '../src/crypto/cipher.js';
 import { parseCompression } from '../src/crypto/compress.js';
 import { blockHash } from '../src/crypto/hash.js';
 import { FileObjectStore, openObjectStore, type ObjectStore } from '../src/objectstore/index.js';
@@ -59,11 +59,11 @@ function flipped(body: Buffer, at: number): Buffer {
   return copy;
 }
 
-/** A pack body changed by an adversary who keeps it well-formed: its unkeyed checksum recomputed, stored under the id of the new body. */
+/** A pack body changed by an adversary who keeps it well-formed: its unkeyed checksum recomputed, stored under the id of the new header and index. */
 function forgedPack(body: Buffer, indexEnd: number): { key: string; body: Buffer } {
   const copy = Buffer.from(body);
   new Blake3Hasher().update(copy.subarray(0, 16)).update(copy.subarray(32, indexEnd)).digestBuffer().copy(copy, 16, 0, 16);
-  return { key: packKey(new Blake3Hasher().update(copy).digestBuffer().toString('hex', 0, 16)), body: copy };
+  return { key: packKey(new Blake3Hasher().update(copy.subarray(0, indexEnd)).digestBuffer().toString('hex', 0, 16)), body: copy };
 }
 
 /** The same for a manifest: checksum over bytes 0..20 and the stored body. */
@@ -117,8 +117,11 @@ describe('packs opened on worker threads (the cold-read path)', () => {
     const blocks = packBlocks(cipher, 25, () => randomBytes(BLOCK));
     const pack = encodePack(blocks, LZ4, cipher);
     const indexEnd = 32 + 25 * 32 + SEAL_OVERHEAD;
-    await rejectsFormat(openers.open(pack.key, flipped(pack.body, pack.entries[3].offset + 5)), pack.key, /not to its id/);
-    await rejectsFormat(openers.open(pack.key, pack.body.subarray(0, pack.body.length - 9)), pack.key, /not to its id/);
+    // A sealed pack's id names its header and index; its blocks prove themselves by their tags.
+    assert.equal(pack.body.readUInt16LE(8), 2, 'a sealed pack is version 2');
+    await rejectsFormat(openers.open(pack.key, flipped(pack.body, 40)), pack.key, /header and sealed index .* not to its id/);
+    await rejectsFormat(openers.open(pack.key, flipped(pack.body, pack.entries[3].offset + 5)), pack.key, /block [0-9a-f]{32} does not decrypt with this store's key/);
+    await rejectsFormat(openers.open(pack.key, pack.body.subarray(0, pack.body.length - 9)), pack.key, /index entry 24 .* runs past the end of the body/);
     const forged = forgedPack(flipped(pack.body, pack.entries[7].offset + 30), indexEnd);
     await rejectsFormat(openers.open(forged.key, forged.body), forged.key, /block [0-9a-f]{32} does not decrypt with this store's key/);
     const forgedIndex = forgedPack(flipped(pack.body, 40), indexEnd);
@@ -169,6 +172,23 @@ describe('formats under a cipher', () => {
     }
   });
 
+  test('a sealed pack of version 1 (named by its whole body, as written before version 2) still reads', () => {
+    const blocks = packBlocks(cipher, 5, (i) => textBlock(i));
+    const pack = encodePack(blocks, LZ4, cipher);
+    const indexEnd = 32 + 5 * 32 + SEAL_OVERHEAD;
+    // What an earlier writer made: version 1 in the header (bound to the index as its AAD), the id of every byte.
+    const old = Buffer.from(pack.body);
+    const index = cipher.open(old.subarray(32, indexEnd), sealLabel('pack index', pack.body.subarray(0, 16)));
+    old.writeUInt16LE(1, 8);
+    cipher.sealInto(old.subarray(32, indexEnd), index, sealLabel('pack index', old.subarray(0, 16)));
+    new Blake3Hasher().update(old.subarray(0, 16)).update(old.subarray(32, indexEnd)).digestBuffer().copy(old, 16, 0, 16);
+    const key = packKey(new Blake3Hasher().update(old).digestBuffer().toString('hex', 0, 16));
+    verifyPackId(key, old);
+    assertFormatError(() => verifyPackId(key, flipped(old, pack.entries[2].offset + 1)), key, /the \d+-byte body hashes to [0-9a-f]{32}, not to its id/);
+    const entries = decodePackIndex(key, old, cipher);
+    assert.deepEqual(entries.map((e) => unpackBlock(key, old, e, cipher)), blocks.map((b) => b.data));
+  });
+
   test('compression comes before encryption: a compressible block still shrinks', () => {
     const pack = encodePack(packBlocks(cipher, 25, (i) => textBlock(i)), LZ4, cipher);
     assert.ok(pack.body.length < (25 * BLOCK) / 4, `${pack.body.length} bytes for 25 text blocks`);
@@ -192,8 +212,11 @@ describe('formats under a cipher', () => {
         // Its neighbours still read.
         assert.deepEqual(unpackBlock(forged.key, forged.body, pack.entries[8], cipher), blocks[8].data);
       }
-      // An unforged flip is caught by the pack id already.
-      assertFormatError(() => verifyPackId(pack.key, flipped(pack.body, entry.offset + 3)), pack.key, /not to its id/);
+      // The pack id names the header and sealed index, not the sealed blocks (each has its tag):
+      // an unforged flip in the index is caught by the id already, one in a block by its tag.
+      assertFormatError(() => verifyPackId(pack.key, flipped(pack.body, indexEnd - 1)), pack.key, /not to its id/);
+      verifyPackId(pack.key, flipped(pack.body, entry.offset + 3));
+      assertFormatError(() => verifyPackId(pack.key, pack.body.subarray(0, indexEnd - 1)), pack.key, /truncated/);
     });
 
     test('a flipped byte in the sealed pack index: the index does not open', () => {

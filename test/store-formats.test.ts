@@ -350,8 +350,11 @@ describe('pack', () => {
       magic.write('UPDPACK2', 0);
       assertFormatError(() => decodePackIndex(key, magic, PLAINTEXT), key, /bad magic "UPDPACK2"/);
       const version = Buffer.from(body);
-      version.writeUInt16LE(2, 8);
-      assertFormatError(() => decodePackIndex(key, resealPack(version), PLAINTEXT), key, /format version 2; this reader knows version 1/);
+      version.writeUInt16LE(3, 8);
+      assertFormatError(() => decodePackIndex(key, resealPack(version), PLAINTEXT), key, /format version 3; this reader knows versions 1 and 2/);
+      const sealedVersion = Buffer.from(body);
+      sealedVersion.writeUInt16LE(2, 8);
+      assertFormatError(() => decodePackIndex(key, resealPack(sealedVersion), PLAINTEXT), key, /format version 2 \(sealed\) but its blocks are not sealed/);
       const cipher = Buffer.from(body);
       cipher.writeUInt8(1, 10);
       assertFormatError(() => decodePackIndex(key, resealPack(cipher), PLAINTEXT), key, /is encrypted \(xchacha20-poly1305\), but this store is not encrypted: refused/);
