@@ -40,7 +40,11 @@ const SCHEMA = [
   `CREATE INDEX IF NOT EXISTS gc_packs_unreferenced ON gc_packs (zero_since) WHERE refs = 0`,
   `CREATE TABLE IF NOT EXISTS gc_manifests (key TEXT PRIMARY KEY, etag TEXT NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS gc_manifest_packs (key TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (key, pack))`,
-  `CREATE INDEX IF NOT EXISTS gc_manifest_packs_pack ON gc_manifest_packs (pack)`,
+  // No index by pack: each manifest written adds its new packs' rows at random places in
+  // one, and a fork adds a row for every pack of its volume. Measured on SQLite, the rows
+  // of 30 forks of a volume of 2,622 packs: 18.5 ms a fork with it, 5.6 ms without. Only
+  // reconciliation counts by pack (one GROUP BY over the table, and a scan per drifted pack).
+  `DROP INDEX IF EXISTS gc_manifest_packs_pack`,
   `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
      created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL)`,
   `CREATE INDEX IF NOT EXISTS gc_intents_key ON gc_intents (key)`,
@@ -552,7 +556,9 @@ export class PackRefcounts {
       const held = new Map<string, number>();
       for (const i of intents) for (const p of words(i.added)) held.set(p, (held.get(p) ?? 0) + 1);
       const rows = await tx.all<{ id: string; refs: number; counted: number }>(
-        `SELECT id, refs, (SELECT count(*) FROM gc_manifest_packs m WHERE m.pack = gc_packs.id) AS counted FROM gc_packs WHERE state = 'live'`,
+        `SELECT p.id, p.refs, COALESCE(c.n, 0) AS counted FROM gc_packs p
+         LEFT JOIN (SELECT pack, count(*) AS n FROM gc_manifest_packs GROUP BY pack) c ON c.pack = p.id
+         WHERE p.state = 'live'`,
       );
       return rows
         .map((r) => ({ id: r.id, refs: Number(r.refs), expected: Number(r.counted) + (held.get(r.id) ?? 0) }))
