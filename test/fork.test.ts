@@ -164,6 +164,37 @@ test('lazy fork copies the last manifest without the source host; checkpoints ar
   }
 });
 
+test('a lazy fork killed with its folder made but not yet marked as published: the restart removes the folder and the fork wakes from the store', { timeout: TIMEOUT }, async () => {
+  // The target's folder is made while its manifest PUT is in flight; until the fork is
+  // registered it carries a mark, so a restart never serves (unleased) a volume the store may not have.
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a', {}, { UPDRAFT_CRASH_AT: 'fork-unmark:1' });
+    await withLogs([a], async () => {
+      await createVolume(a, 'src', SIZE / MiB);
+      const c = await connect(a, 'src');
+      const v1 = await writeRandom(c, 0, 4 * MiB);
+      await drain(a, 'src');
+      await c.disconnect();
+      await a.api('POST', '/api/exports/src/fork', { target: 'forked', mode: 'lazy' }).catch(() => undefined);
+      await a.exited();
+      assert.match(a.log(), /crashing at fork-unmark/);
+      await a.restart({});
+      assert.match(a.log(), /removing the folder of a fork that stopped before its manifest was written/);
+      const cf = await connect(a, 'forked');
+      assert.ok((await readAll(cf, 0, 4 * MiB)).equals(v1), 'the fork woken from the store reads differently');
+      const info = await exportInfo(a, 'forked');
+      assert.equal(info.read_only, false);
+      assert.ok(info.lease_generation >= 1, `the fork woke without its lease: ${JSON.stringify(info)}`);
+      await cf.write(0, Buffer.alloc(4096, 7));
+      await cf.flush();
+      await cf.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('fork and checkpoint bad input: an existing target is 409, a missing source 404, bad checkpoint names 400', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {

@@ -11,7 +11,7 @@ import { BlockCache } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
-import type { PackRefcounts } from '../gc/refcounts.js';
+import { crashPoint, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
@@ -119,7 +119,12 @@ interface WrittenManifest {
   manifest?: Manifest;
   indexed?: boolean;
   map?: BlockMap;
+  /** The volume's folder on this host, already being made from it (a lazy fork, while its PUT was in flight). */
+  local?: Promise<Volume>;
 }
+
+/** In a volume folder made before its manifest was written (a lazy fork in flight). */
+const UNPUBLISHED = 'unpublished';
 
 export class Host {
   readonly cache: BlockCache;
@@ -179,6 +184,12 @@ export class Host {
       try {
         if (!fs.existsSync(path.join(dir, 'journal'))) {
           log.warn('removing an unfinished volume create', { dir });
+          fs.rmSync(dir, { recursive: true, force: true });
+          continue;
+        }
+        if (fs.existsSync(path.join(dir, UNPUBLISHED))) {
+          // Nothing was served from it; if its manifest landed, the fork wakes from the store.
+          log.warn('removing the folder of a fork that stopped before its manifest was written', { dir });
           fs.rmSync(dir, { recursive: true, force: true });
           continue;
         }
@@ -290,7 +301,7 @@ export class Host {
     return { volume: await this.once(name, async () => {
       const dir = volumeDir(this.volumesRoot, name);
       if (fs.existsSync(path.join(dir, 'journal'))) throw new Error(`volume ${name}: local state exists but is not open`);
-      const volume = Volume.create(dir, name, size, this.options.blockSize, this.ctx);
+      const volume = await Volume.create(dir, name, size, this.options.blockSize, this.ctx);
       const link = new StoreLink(volume, { format: 1, ...this.defaults, ...settings, readOnly: false, generation: 0, manifestSequence: -1 }, this.storeCtx);
       link.save();
       this.links.set(name, link);
@@ -335,52 +346,83 @@ export class Host {
   ): Promise<Volume | undefined> {
     const pending = this.opening.get(name);
     if (pending) return pending;
+    return this.opened(name, this.wakeFrom(name, settings, written));
+  }
+
+  /** The work of wake(), for a caller that registered its opening itself (see opened). */
+  private async wakeFrom(name: string, settings: VolumeSettings, written?: WrittenManifest): Promise<Volume | undefined> {
     const key = manifestKey(name);
-    const work = (async () => {
-      const started = performance.now();
-      let found: WrittenManifest;
-      if (written) found = written;
-      else {
-        const object = await this.options.store.get(key);
-        if (object === undefined) return undefined;
-        const decoded = decodeManifestBody(key, object.body, this.options.cipher);
-        const { manifest, raw } = decoded;
-        found = { meta: manifest.meta, manifest, raw, tables: storedTables(decoded, this.options.manifestCompression), etag: object.etag };
-      }
-      const { meta, etag } = found;
-      if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
-      if (meta.blockSize !== this.options.blockSize) {
-        throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
-      }
-      if (!found.indexed) await indexManifest(this.packIndex, found.manifest!);
-      const dir = volumeDir(this.volumesRoot, name);
-      if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true }); // an unfinished wake
-      const map = found.map ?? manifestBlockMap(found.manifest!);
-      const volume = Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map }, this.ctx);
-      const link = new StoreLink(
-        volume,
-        { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
-        this.storeCtx,
-      );
-      link.save();
-      link.setBase(volume.cloneMap(), found.raw, etag, found.tables);
-      this.links.set(name, link);
-      this.volumes.set(name, volume);
-      let writable = true;
-      try {
-        await link.promote();
-      } catch (err) {
-        if (!(err instanceof LeaseHeldError)) throw err;
-        writable = false;
-        this.log.info('volume is leased by another host; serving it read-only', { volume: name, holder: err.lease.owner });
-      }
-      this.log.info('woke volume from the store', {
-        volume: name, size: meta.size, chunks: volume.mappedChunks, sequence: meta.sequence, writable,
-        ms: Math.round(performance.now() - started),
-      });
-      void this.fetchBootSet(volume, meta);
-      return volume;
-    })();
+    const started = performance.now();
+    let found: WrittenManifest;
+    if (written) found = written;
+    else {
+      const object = await this.options.store.get(key);
+      if (object === undefined) return undefined;
+      const decoded = decodeManifestBody(key, object.body, this.options.cipher);
+      const { manifest, raw } = decoded;
+      found = { meta: manifest.meta, manifest, raw, tables: storedTables(decoded, this.options.manifestCompression), etag: object.etag };
+    }
+    const { meta, etag } = found;
+    if (!found.indexed) await indexManifest(this.packIndex, found.manifest!);
+    const volume = await (found.local ?? this.createLocal(name, meta, found.map ?? manifestBlockMap(found.manifest!)));
+    const link = new StoreLink(
+      volume,
+      { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
+      this.storeCtx,
+    );
+    link.save();
+    if (found.local !== undefined) {
+      await crashPoint('fork-unmark');
+      // The fork's manifest is in the store now: its folder is a volume like any other.
+      fs.rmSync(path.join(volume.dir, UNPUBLISHED), { force: true });
+    }
+    link.setBase(volume.cloneMap(), found.raw, etag, found.tables);
+    this.links.set(name, link);
+    this.volumes.set(name, volume);
+    let writable = true;
+    try {
+      await link.promote();
+    } catch (err) {
+      if (!(err instanceof LeaseHeldError)) throw err;
+      writable = false;
+      this.log.info('volume is leased by another host; serving it read-only', { volume: name, holder: err.lease.owner });
+    }
+    this.log.info('woke volume from the store', {
+      volume: name, size: meta.size, chunks: volume.mappedChunks, sequence: meta.sequence, writable,
+      ms: Math.round(performance.now() - started),
+    });
+    void this.fetchBootSet(volume, meta);
+    return volume;
+  }
+
+  /**
+   * A volume's folder on this host, made from the content of its manifest (its block map
+   * taken over): what wake() serves. A folder left by an unfinished wake is replaced.
+   * `unpublished`: made before the manifest is written (a lazy fork), so it is marked,
+   * and a restart before wake() takes the mark off removes it instead of serving a volume
+   * the store may not have.
+   */
+  private async createLocal(name: string, meta: ManifestMeta, map: BlockMap, unpublished = false): Promise<Volume> {
+    const key = manifestKey(name);
+    if (meta.name !== name) throw new Error(`manifest ${key} names volume ${meta.name}, not ${name}`);
+    if (meta.blockSize !== this.options.blockSize) {
+      throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
+    }
+    const dir = volumeDir(this.volumesRoot, name);
+    if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true });
+    if (unpublished) {
+      // Before the journal, which makes the folder a volume; the directory sync after it covers both.
+      fs.mkdirSync(dir, { recursive: true });
+      fs.writeFileSync(path.join(dir, UNPUBLISHED), '');
+    }
+    return Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map }, this.ctx);
+  }
+
+  /**
+   * Register `work`, which opens volume `name`, so that every wake of the name meanwhile
+   * shares it; when it fails, undo the volume it registered.
+   */
+  private async opened(name: string, work: Promise<Volume | undefined>): Promise<Volume | undefined> {
     this.opening.set(name, work);
     try {
       return await work;
@@ -435,28 +477,44 @@ export class Host {
       const problem = volumeNameProblem(name);
       if (problem) throw new VolumeError('EINVAL', problem);
     }
-    if (this.volumes.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
+    if (this.volumes.has(target) || this.opening.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
       throw new ExistsError(`volume ${target} already exists`);
     }
-    let forked: WrittenManifest & { sequence: number };
-    if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
-      const link = this.links.get(source);
-      if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
-      forked = { ...(await link.fork(target)), indexed: true };
-    } else {
+    let sequence = 0;
+    // Registered as opening from the start: a client that connects to the target meanwhile waits for it.
+    await this.opened(target, (async () => {
+      if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
+        const link = this.links.get(source);
+        if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
+        const forked = await link.fork(target);
+        sequence = forked.sequence;
+        return this.wakeFrom(target, {}, { ...forked, indexed: true });
+      }
       const sourceLink = opts.checkpoint === undefined ? this.links.get(source) : undefined;
       let known: { raw: Buffer; tables?: StoredTables; map: BlockMap } | undefined;
-      const copied = await lazyFork(
-        this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
-        (etag) => (known = sourceLink?.baseOf(etag)),
-      );
-      // The source's current manifest, open here: its blocks are in the pack index already,
-      // and its block map is at hand (shared copy-on-write, like a consistent fork's).
-      const indexed = known !== undefined || (sourceLink !== undefined && copied.sourceEtag === sourceLink.manifestEtag);
-      forked = { ...copied, indexed, map: known?.map.clone() };
-    }
-    const sequence = forked.sequence;
-    await this.wake(target, {}, forked);
+      // The target's folder is made (its block map journaled and synced) while its manifest is written.
+      let local: Promise<Volume> | undefined;
+      try {
+        const copied = await lazyFork(
+          this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
+          (etag) => (known = sourceLink?.baseOf(etag)),
+          ({ meta, manifest }) => {
+            local = this.createLocal(target, meta, known?.map.clone() ?? manifestBlockMap(manifest!), true);
+            local.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
+          },
+        );
+        sequence = copied.sequence;
+        // The source's current manifest, open here: its blocks are in the pack index already,
+        // and its block map is at hand (shared copy-on-write, like a consistent fork's).
+        const indexed = known !== undefined || (sourceLink !== undefined && copied.sourceEtag === sourceLink.manifestEtag);
+        return await this.wakeFrom(target, {}, { ...copied, indexed, local });
+      } catch (err) {
+        // A folder made for a fork that failed before the volume was registered (opened() undoes a registered one).
+        const made = await local?.catch(() => undefined);
+        if (made !== undefined && this.volumes.get(target) !== made) await made.destroy().catch(() => undefined);
+        throw err;
+      }
+    })());
     const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
     this.log.info('forked volume', { source, ...result, checkpoint: opts.checkpoint });
     return result;
@@ -546,7 +604,7 @@ export class Host {
       const dir = path.join(this.options.cacheDir, 'checkpoints', ...volume.split('/'), checkpoint, '@');
       fs.rmSync(dir, { recursive: true, force: true });
       const meta = manifest.meta;
-      const served = Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
+      const served = await Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
       const link = new StoreLink(served, { format: 1, ...this.defaults, readOnly: true, generation: 0, manifestSequence: meta.sequence }, this.storeCtx);
       this.links.set(exportName, link);
       this.volumes.set(exportName, served);

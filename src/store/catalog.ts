@@ -150,6 +150,12 @@ export async function lazyFork(
   checkpoint?: string,
   refcounts?: PackRefcounts,
   known?: (etag: string) => { raw: Buffer; tables?: StoredTables } | undefined,
+  /**
+   * Called with the target's content just before its manifest is written, so that the
+   * caller can set up its copy of the target while the PUT is in flight (`manifest` is
+   * undefined when `known` had the body).
+   */
+  beside?: (target: { meta: ManifestMeta; manifest?: Manifest }) => void,
 ): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; manifest?: Manifest; sourceEtag: string }> {
   const from = sourceKey(source, checkpoint);
   const object = await store.get(from);
@@ -172,8 +178,9 @@ export async function lazyFork(
   const key = manifestKey(target);
   const raw = relabelManifest(body, meta);
   const { body: sealed, tables } = sealManifest(key, raw, compression, cipher, held.tables);
-  const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
   if (manifest !== undefined) manifest.meta = meta;
+  beside?.({ meta, manifest });
+  const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
   return { sequence, etag, meta, raw, tables, manifest, sourceEtag: object.etag };
 }
 

@@ -202,20 +202,18 @@ export class Volume {
   }
 
   /** Create a new, empty volume in `dir` (which must not hold one). Durable on return. */
-  static create(dir: string, name: string, size: number, blockSize: number, ctx: VolumeContext, initial?: { map: BlockMap; sequence: number }): Volume {
+  static async create(dir: string, name: string, size: number, blockSize: number, ctx: VolumeContext, initial?: { map: BlockMap; sequence: number }): Promise<Volume> {
     fs.mkdirSync(dir, { recursive: true });
     const identity: VolumeIdentity = { format: 1, name, blockSize, created: new Date().toISOString() };
     const sectors = blockSize >>> SECTOR_SHIFT;
     // The journal is written last: a folder without a valid journal is an unfinished create.
     const identityPath = path.join(dir, 'volume.json');
     fs.writeFileSync(identityPath + '.tmp', JSON.stringify(identity, null, 2) + '\n');
-    const tmpFd = fs.openSync(identityPath + '.tmp', 'r+');
-    fs.fsyncSync(tmpFd);
-    fs.closeSync(tmpFd);
+    await fsyncPath(identityPath + '.tmp');
     fs.renameSync(identityPath + '.tmp', identityPath);
     const overlayFd = fs.openSync(path.join(dir, 'overlay'), 'w+');
-    const journal = Journal.create(path.join(dir, 'journal'), blockSize, Math.max(1, sectors >>> 3), size, initial);
-    syncDir(dir);
+    const journal = await Journal.create(path.join(dir, 'journal'), blockSize, Math.max(1, sectors >>> 3), size, initial);
+    await fsyncPath(dir);
     const volume = new Volume(name, dir, identity, overlayFd, journal, size, initial?.sequence ?? 0, ctx);
     if (initial !== undefined) volume.map = initial.map;
     return volume;
@@ -236,7 +234,7 @@ export class Volume {
     name: string,
     content: { size: number; blockSize: number; sequence: number; map: BlockMap },
     ctx: VolumeContext,
-  ): Volume {
+  ): Promise<Volume> {
     return Volume.create(dir, name, content.size, content.blockSize, ctx, { map: content.map, sequence: content.sequence });
   }
 
@@ -1216,6 +1214,16 @@ function writeAllSync(fd: number, buffers: readonly Buffer[], position: number):
     if (n === totalLength(rest)) return;
     position += n;
     rest = remainder(rest, n);
+  }
+}
+
+/** fsync a file or folder by path, off the event loop. */
+async function fsyncPath(file: string): Promise<void> {
+  const handle = await fs.promises.open(file, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
   }
 }
 
