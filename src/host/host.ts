@@ -497,7 +497,7 @@ export class Host {
       try {
         const copied = await lazyFork(
           this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
-          (etag) => (known = sourceLink?.baseOf(etag)),
+          sourceLink && ((etag) => (known = sourceLink.baseOf(etag))),
           ({ meta, manifest }) => {
             local = this.createLocal(target, meta, known?.map.clone() ?? manifestBlockMap(manifest!), true);
             local.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
