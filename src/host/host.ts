@@ -483,25 +483,26 @@ export class Host {
     let sequence = 0;
     // Registered as opening from the start: a client that connects to the target meanwhile waits for it.
     await this.opened(target, (async () => {
-      if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
-        const link = this.links.get(source);
-        if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
-        const forked = await link.fork(target);
-        sequence = forked.sequence;
-        return this.wakeFrom(target, {}, { ...forked, indexed: true });
-      }
-      const sourceLink = opts.checkpoint === undefined ? this.links.get(source) : undefined;
-      let known: { raw: Buffer; tables?: StoredTables; map: BlockMap } | undefined;
       // The target's folder is made (its block map journaled and synced) while its manifest is written.
       let local: Promise<Volume> | undefined;
+      const makeLocal = (meta: ManifestMeta, map: BlockMap) => {
+        local = this.createLocal(target, meta, map, true);
+        local.catch(() => undefined); // awaited by wakeFrom or below; not an unhandled rejection meanwhile
+      };
       try {
+        if (opts.mode === 'consistent' && opts.checkpoint === undefined) {
+          const link = this.links.get(source);
+          if (!link) throw new MissingError(`no volume ${source} is open on this host (a lazy fork works from the store)`);
+          const forked = await link.fork(target, ({ meta, map }) => makeLocal(meta, map));
+          sequence = forked.sequence;
+          return await this.wakeFrom(target, {}, { ...forked, indexed: true, local });
+        }
+        const sourceLink = opts.checkpoint === undefined ? this.links.get(source) : undefined;
+        let known: { raw: Buffer; tables?: StoredTables; map: BlockMap } | undefined;
         const copied = await lazyFork(
           this.options.store, source, target, this.options.manifestCompression, this.options.cipher, opts.checkpoint, this.options.refcounts,
           sourceLink && ((etag) => (known = sourceLink.baseOf(etag))),
-          ({ meta, manifest }) => {
-            local = this.createLocal(target, meta, known?.map.clone() ?? manifestBlockMap(manifest!), true);
-            local.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
-          },
+          ({ meta, manifest }) => makeLocal(meta, known?.map.clone() ?? manifestBlockMap(manifest!)),
         );
         sequence = copied.sequence;
         // The source's current manifest, open here: its blocks are in the pack index already,

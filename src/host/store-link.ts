@@ -339,12 +339,17 @@ export class StoreLink {
    * Consistent fork: the volume at its current sequence (writers not paused) becomes a new
    * volume `target` in the store. Fails with ExistsError if the target exists.
    */
-  fork(target: string): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; map: BlockMap }> {
+  fork(
+    target: string,
+    /** Called with the target's content just before its manifest is written (the caller sets up its copy meanwhile). */
+    beside?: (content: { meta: ManifestMeta; map: BlockMap }) => void,
+  ): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; map: BlockMap }> {
     return this.serial(async () => {
       const captured = await this.capture(async (snapshot) => ({
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
       }));
       try {
+        beside?.({ meta: captured.meta, map: captured.map });
         const key = manifestKey(target);
         const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
         return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, tables: captured.tables, map: captured.map };
