@@ -180,7 +180,7 @@ test('a lazy fork killed with its folder made but not yet marked as published: t
       await a.exited();
       assert.match(a.log(), /crashing at fork-unmark/);
       await a.restart({});
-      assert.match(a.log(), /removing the folder of a fork that stopped before its manifest was written/);
+      assert.match(a.log(), /removing the folder of a fork that stopped before it was registered/);
       const cf = await connect(a, 'forked');
       assert.ok((await readAll(cf, 0, 4 * MiB)).equals(v1), 'the fork woken from the store reads differently');
       const info = await exportInfo(a, 'forked');

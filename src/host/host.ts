@@ -119,11 +119,11 @@ interface WrittenManifest {
   manifest?: Manifest;
   indexed?: boolean;
   map?: BlockMap;
-  /** The volume's folder on this host, already being made from it (a lazy fork, while its PUT was in flight). */
+  /** The volume's folder on this host, already being made from it (a fork, while its PUT was in flight). */
   local?: Promise<Volume>;
 }
 
-/** In a volume folder made before its manifest was written (a lazy fork in flight). */
+/** In a volume folder made before its manifest was written (a fork in flight). */
 const UNPUBLISHED = 'unpublished';
 
 export class Host {
@@ -189,7 +189,7 @@ export class Host {
         }
         if (fs.existsSync(path.join(dir, UNPUBLISHED))) {
           // Nothing was served from it; if its manifest landed, the fork wakes from the store.
-          log.warn('removing the folder of a fork that stopped before its manifest was written', { dir });
+          log.warn('removing the folder of a fork that stopped before it was registered', { dir });
           fs.rmSync(dir, { recursive: true, force: true });
           continue;
         }
@@ -398,7 +398,7 @@ export class Host {
   /**
    * A volume's folder on this host, made from the content of its manifest (its block map
    * taken over): what wake() serves. A folder left by an unfinished wake is replaced.
-   * `unpublished`: made before the manifest is written (a lazy fork), so it is marked,
+   * `unpublished`: made before the manifest is written (a fork), so it is marked,
    * and a restart before wake() takes the mark off removes it instead of serving a volume
    * the store may not have.
    */
