@@ -142,22 +142,32 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
   const ownDir = opts.dir === undefined;
   const dir = opts.dir ?? (await scratchDir('updraft-test-'));
   const socket = path.join(dir, 'nbd.sock');
-  const tcp = { host: '127.0.0.1', port: await freePort() };
-  const httpPort = await freePort();
-  const defaults: TomlTable = {
-    cache: { dir: path.join(dir, 'cache'), disk_size_gb: 4, memory_size_gb: 0.25 },
-    storage: { url: `file://${path.join(dir, 'store')}` },
-    servers: {
-      nbd: { unix_socket: socket, auto_create_size_gb: 1, addresses: [`${tcp.host}:${tcp.port}`] },
-      http: { address: `127.0.0.1:${httpPort}` },
-    },
-  };
-  const config = mergeToml(defaults, opts.toml ?? {});
+  const tcp = { host: '127.0.0.1', port: 0 };
   const configPath = path.join(dir, 'updraft.toml');
-  await writeFile(configPath, stringify(config) + '\n');
-
-  const httpAddress = ((config.servers as TomlTable | undefined)?.http as TomlTable | undefined)?.address;
-  const httpUrl = `http://${typeof httpAddress === 'string' ? httpAddress : `127.0.0.1:${httpPort}`}`;
+  let config: TomlTable = {};
+  let httpUrl = '';
+  /** Whether the config's listen addresses are the free ports picked here (not the test's own). */
+  let ownPorts = false;
+  const writeConfig = async () => {
+    tcp.port = await freePort();
+    const httpPort = await freePort();
+    const nbdAddresses = [`${tcp.host}:${tcp.port}`];
+    const defaults: TomlTable = {
+      cache: { dir: path.join(dir, 'cache'), disk_size_gb: 4, memory_size_gb: 0.25 },
+      storage: { url: `file://${path.join(dir, 'store')}` },
+      servers: {
+        nbd: { unix_socket: socket, auto_create_size_gb: 1, addresses: nbdAddresses },
+        http: { address: `127.0.0.1:${httpPort}` },
+      },
+    };
+    config = mergeToml(defaults, opts.toml ?? {});
+    await writeFile(configPath, stringify(config) + '\n');
+    const servers = config.servers as TomlTable | undefined;
+    const httpAddress = (servers?.http as TomlTable | undefined)?.address;
+    httpUrl = `http://${typeof httpAddress === 'string' ? httpAddress : `127.0.0.1:${httpPort}`}`;
+    ownPorts = httpAddress === `127.0.0.1:${httpPort}` && (servers?.nbd as TomlTable | undefined)?.addresses === nbdAddresses;
+  };
+  await writeConfig();
   const logPath = path.join(dir, 'daemon.log');
   let env = { ...process.env, ...opts.env };
   const main = opts.main ?? DAEMON_MAIN;
@@ -230,13 +240,17 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
   const daemon: Daemon = {
     dir,
     configPath,
-    config,
+    get config() {
+      return config;
+    },
     get pid() {
       return child?.pid ?? -1;
     },
     socket,
     tcp,
-    httpUrl,
+    get httpUrl() {
+      return httpUrl;
+    },
     uri: (name) => `nbd+unix:///${encodeName(name)}?socket=${encodeURIComponent(socket)}`,
     tcpUri: (name) => `nbd://${tcp.host}:${tcp.port}/${encodeName(name)}`,
     api: (method, urlPath, body) => apiCall(httpUrl, method, urlPath, body, opts.apiToken),
@@ -266,8 +280,18 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
     },
   };
 
-  await launch();
-  return daemon;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await launch();
+      return daemon;
+    } catch (err) {
+      // Another process took a port between freePort() and the daemon's bind (the ports
+      // come from the ephemeral range outgoing connections use too): new ports, once more.
+      if (attempt >= 3 || !ownPorts || !/EADDRINUSE/.test(memoryLog)) throw err;
+      memoryLog += `[harness] a listen port was taken meanwhile; starting again on other ports\n`;
+      await writeConfig();
+    }
+  }
 }
 
 /** Export names go into the URI path; keep '/' between segments. */
