@@ -103,8 +103,9 @@ async function readAt(handle: FileHandle, position: number, length: number): Pro
   return done === length ? out : out.subarray(0, done);
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  const handle = await open(dir, 'r');
+/** fsync a file or folder by path, off the event loop. */
+export async function fsyncPath(file: string): Promise<void> {
+  const handle = await open(file, 'r');
   try {
     await handle.sync();
   } finally {
@@ -219,7 +220,7 @@ export class FileObjectStore implements ObjectStore {
         etag = etagOf(await handle.stat({ bigint: true }));
         await rename(temp, file);
         renamed = true;
-        await fsyncDir(dir);
+        await fsyncPath(dir);
       } finally {
         await release();
       }
@@ -268,7 +269,7 @@ export class FileObjectStore implements ObjectStore {
       }
       try {
         await unlink(file);
-        await fsyncDir(dir);
+        await fsyncPath(dir);
       } catch (err) {
         // A folder of that name is not an object (some other keys start with "key/").
         if (!['ENOENT', 'ENOTDIR', 'EISDIR', 'EPERM'].includes(errnoCode(err) ?? '')) throw err;
@@ -357,7 +358,7 @@ export class FileObjectStore implements ObjectStore {
   private async syncNewDirs(dir: string, firstNewDir: string): Promise<void> {
     const stop = path.dirname(firstNewDir);
     for (let d = path.dirname(dir); ; d = path.dirname(d)) {
-      await fsyncDir(d);
+      await fsyncPath(d);
       if (d === stop || d === this.root || d === path.dirname(d)) break;
     }
   }

@@ -15,6 +15,7 @@ import { promisify } from 'node:util';
 import { BlockCache, blockKey, keyBytes, keyHex, type BlockKey, type LocalSpace } from '../blocks/cache.js';
 import { isAllZero, ZERO_HASH, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
+import { fsyncPath } from '../objectstore/file.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { Journal, type ChunkRecord } from './journal.js';
 import { VolumeStats } from './stats.js';
@@ -1214,16 +1215,6 @@ function writeAllSync(fd: number, buffers: readonly Buffer[], position: number):
     if (n === totalLength(rest)) return;
     position += n;
     rest = remainder(rest, n);
-  }
-}
-
-/** fsync a file or folder by path, off the event loop. */
-async function fsyncPath(file: string): Promise<void> {
-  const handle = await fs.promises.open(file, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
   }
 }
 
