@@ -160,22 +160,20 @@ export async function lazyFork(
   const from = sourceKey(source, checkpoint);
   // The body of this very manifest, when this host has it opened already (`known`, with
   // its compressed tables: a HEAD finds out, no 1.4 MB GET for 65,536 chunks), or decoded.
-  let held: { raw: Buffer; tables?: StoredTables } | undefined;
-  let sourceEtag: string | undefined;
+  let held: { raw: Buffer; tables?: StoredTables; etag: string } | undefined;
   if (known !== undefined) {
     const info = await store.head(from);
     if (info === undefined) throw missingSource(store, source, checkpoint);
-    held = known(info.etag);
-    if (held !== undefined) sourceEtag = info.etag;
+    const body = known(info.etag);
+    if (body !== undefined) held = { ...body, etag: info.etag };
   }
   let manifest: Manifest | undefined;
   if (held === undefined) {
     const object = await store.get(from);
     if (object === undefined) throw missingSource(store, source, checkpoint);
-    sourceEtag = object.etag;
     const decoded = decodeManifestBody(from, object.body, cipher);
     manifest = decoded.manifest;
-    held = { raw: decoded.raw, tables: storedTables(decoded, compression) };
+    held = { raw: decoded.raw, tables: storedTables(decoded, compression), etag: object.etag };
   }
   const body = held.raw;
   const sourceMeta = bodyMeta(body);
@@ -189,7 +187,7 @@ export async function lazyFork(
   if (manifest !== undefined) manifest.meta = meta;
   beside?.({ meta, manifest });
   const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
-  return { sequence, etag, meta, raw, tables, manifest, sourceEtag: sourceEtag! };
+  return { sequence, etag, meta, raw, tables, manifest, sourceEtag: held.etag };
 }
 
 export interface CheckpointInfo {
