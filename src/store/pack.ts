@@ -121,6 +121,11 @@ export function blockLabel(entry: { hash: Buffer; rawLength: number; codec: Code
   return sealLabel('block', binding);
 }
 
+/** Where the stored index of `count` blocks ends (and the blocks begin), `overhead` being its seal's. */
+function indexEnd(count: number, overhead: number): number {
+  return PACK_HEADER_BYTES + count * PACK_ENTRY_BYTES + overhead;
+}
+
 function indexChecksum(body: Buffer, indexEnd: number): Buffer {
   return new Blake3Hasher()
     .update(body.subarray(0, CHECKSUM_AT))
@@ -147,7 +152,7 @@ export function encodePack(
   const seen = new Set<string>();
   const stored: { codec: CodecId; data: Buffer }[] = new Array(blocks.length);
   const indexBytes = blocks.length * PACK_ENTRY_BYTES;
-  const dataStart = PACK_HEADER_BYTES + indexBytes + cipher.overhead;
+  const dataStart = indexEnd(blocks.length, cipher.overhead);
   let total = dataStart;
   for (let i = 0; i < blocks.length; i++) {
     const { hash, data } = blocks[i];
@@ -173,7 +178,8 @@ export function encodePack(
   const body = allocate(total);
   if (body.length !== total) throw new Error(`encodePack: a ${body.length}-byte body buffer for a ${total}-byte pack`);
   PACK_MAGIC.copy(body, 0);
-  body.writeUInt16LE(cipher.overhead > 0 ? PACK_VERSION_SEALED : PACK_VERSION, 8);
+  const sealed = cipher.overhead > 0;
+  body.writeUInt16LE(sealed ? PACK_VERSION_SEALED : PACK_VERSION, 8);
   body.writeUInt8(cipher.id, 10);
   body.writeUInt8(0, 11);
   body.writeUInt32LE(blocks.length, 12);
@@ -197,7 +203,7 @@ export function encodePack(
   }
   cipher.sealInto(body.subarray(PACK_HEADER_BYTES, dataStart), index, indexLabel(body));
   indexChecksum(body, dataStart).copy(body, CHECKSUM_AT);
-  const id = blake3(body.subarray(0, cipher.overhead > 0 ? dataStart : body.length)).toString('hex', 0, 16);
+  const id = blake3(body.subarray(0, sealed ? dataStart : body.length)).toString('hex', 0, 16);
   return { id, key: packKey(id), body, entries };
 }
 
@@ -216,14 +222,13 @@ export function decodePackIndex(key: string, body: Buffer, cipher: StoreCipher):
     throw fail(`format version ${version}; this reader knows versions ${PACK_VERSION} and ${PACK_VERSION_SEALED}`);
   }
   const count = body.readUInt32LE(12);
-  const indexEnd = (overhead: number) => PACK_HEADER_BYTES + count * PACK_ENTRY_BYTES + overhead;
   const intact = (end: number) => end <= body.length && indexChecksum(body, end).equals(body.subarray(CHECKSUM_AT, CHECKSUM_AT + CHECKSUM_BYTES));
   const stored = body.readUInt8(10);
   // An intact pack of another cipher (a store must never be mixed) is named as such; a
   // damaged cipher byte is only a checksum mismatch.
   const storedOverhead = cipherOverhead(stored);
-  if (stored !== cipher.id && storedOverhead !== undefined && intact(indexEnd(storedOverhead))) throw fail(cipherMismatch(stored, cipher));
-  const dataStart = indexEnd(cipher.overhead);
+  if (stored !== cipher.id && storedOverhead !== undefined && intact(indexEnd(count, storedOverhead))) throw fail(cipherMismatch(stored, cipher));
+  const dataStart = indexEnd(count, cipher.overhead);
   if (dataStart > body.length) throw fail(`truncated: the index of ${count} blocks needs ${dataStart} bytes, the body has ${body.length}`);
   if (!intact(dataStart)) throw fail('header or index checksum mismatch (corrupt)');
   if (stored !== cipher.id) throw fail(cipherMismatch(stored, cipher));
@@ -362,8 +367,7 @@ export function verifyPackId(key: string, body: Buffer): void {
   let named = body;
   let what = `the ${body.length}-byte body hashes`;
   if (body.length >= PACK_HEADER_BYTES && body.readUInt16LE(8) === PACK_VERSION_SEALED) {
-    const overhead = cipherOverhead(body.readUInt8(10)) ?? 0;
-    const end = PACK_HEADER_BYTES + body.readUInt32LE(12) * PACK_ENTRY_BYTES + overhead;
+    const end = indexEnd(body.readUInt32LE(12), cipherOverhead(body.readUInt8(10)) ?? 0);
     if (end > body.length) throw new FormatError(key, `pack ${key}: truncated: the header and sealed index need ${end} bytes, the body has ${body.length}`);
     named = body.subarray(0, end);
     what = `the header and sealed index (${end} bytes) hash`;
