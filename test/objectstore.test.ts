@@ -795,6 +795,38 @@ test('s3://: only self-verifying puts skip the payload hash: they send UNSIGNED-
   assert.deepEqual(seen.flatMap((r) => r.checksums), [], 'the SDK sent flexible checksums (CRC32 in JavaScript)');
 });
 
+test('s3://: a conditional put whose connection is reset reads the key by a HEAD: a condition that can no longer hold fails PreconditionFailed, one that still holds stays Unavailable', async (t) => {
+  // The server drops every PUT's connection unanswered (as MinIO sometimes does to a large
+  // body it refuses with 412); a HEAD of k/there answers etag "theirs", of anything else 404.
+  const methods: string[] = [];
+  const server = http.createServer((req, res) => {
+    methods.push(`${req.method} ${req.url?.split('?')[0]}`);
+    if (req.method === 'PUT') {
+      req.socket.destroy();
+      return;
+    }
+    res.writeHead(req.url?.includes('k/there') ? 200 : 404, { ETag: '"theirs"', 'Content-Length': '0' });
+    res.end();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  const store = openObjectStore('s3://bucket/p', { endpoint: `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`, allowHttp: true, accessKeyId: 'a', secretAccessKey: 'b' });
+  t.after(() => store.close());
+  const body = randomBytes(64 * KiB);
+  await rejectsWith(store.put('k/there', body, { ifNoneMatch: '*' }), 'PreconditionFailed', ['k/there', 'If-None-Match', 'HEAD']);
+  await rejectsWith(store.put('k/absent', body, { ifNoneMatch: '*' }), 'Unavailable', ['k/absent']);
+  await rejectsWith(store.put('k/there', body, { ifMatch: '"theirs"' }), 'Unavailable', ['k/there']);
+  await rejectsWith(store.put('k/there', body, { ifMatch: '"mine"' }), 'PreconditionFailed', ['k/there', '"mine"', 'HEAD']);
+  await rejectsWith(store.put('k/absent', body, { ifMatch: '"mine"' }), 'PreconditionFailed', ['k/absent', '"mine"']);
+  const heads = methods.filter((m) => m.startsWith('HEAD')).length;
+  await rejectsWith(store.put('k/there', body), 'Unavailable', ['k/there']);
+  assert.equal(heads, 5, 'one HEAD per failed conditional put');
+  assert.equal(methods.filter((m) => m.startsWith('HEAD')).length, 5, 'an unconditional put that failed made a HEAD');
+});
+
 test('s3://: a GET body is read whole from many chunks, with or without Content-Length; a short one is Unavailable naming the key', async (t) => {
   const body = randomBytes(MiB + 3);
   const { store } = await recordingServer(t, (req, res) => {

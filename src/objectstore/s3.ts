@@ -277,14 +277,17 @@ export class S3ObjectStore implements ObjectStore {
         { step: 'build', name: 'updraftUnsignedPayload' },
       );
     }
+    const condition = options?.ifNoneMatch ? 'the key exists (If-None-Match: *)' : `If-Match ${options?.ifMatch} does not match the current object`;
     try {
       const res = await this.client.send(command);
       if (res.ETag) return res.ETag;
     } catch (err) {
       const what = classify(err);
       if (what === 'PreconditionFailed' || (what === 'NotFound' && options?.ifMatch !== undefined)) {
-        const condition = options?.ifNoneMatch ? 'the key exists (If-None-Match: *)' : `If-Match ${options?.ifMatch} does not match the current object`;
         throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: ${condition}: ${describe(err)}`, err);
+      }
+      if (what === 'Unavailable' && (options?.ifNoneMatch !== undefined || options?.ifMatch !== undefined) && (await this.conditionFails(key, options))) {
+        throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: ${condition} (read by a HEAD after the put failed: ${describe(err)})`, err);
       }
       throw this.error('put', key, err);
     }
@@ -292,6 +295,27 @@ export class S3ObjectStore implements ObjectStore {
     const info = await this.head(key);
     if (!info) throw storeError('Unavailable', 'put', key, this.description, 'the put answered without an ETag and the key is gone');
     return info.etag;
+  }
+
+  /**
+   * Whether a conditional put that failed without an answer could no longer succeed, by a
+   * HEAD of the key. A server that refuses a large body's precondition answers 412 and
+   * closes the connection while the body is still being sent: the client then sees a reset
+   * (MinIO does this to a 3 MiB If-None-Match put now and then), not the 412. When the key
+   * is there (If-None-Match) or holds another etag (If-Match), trying again can only fail
+   * the same way, so the put fails 'PreconditionFailed' as a retried one would (the caller
+   * reads the key back to learn whether the object there is its own). When the HEAD fails
+   * too, or the condition still holds, the put stays 'Unavailable'.
+   */
+  private async conditionFails(key: string, options: PutOptions): Promise<boolean> {
+    let info: ObjectInfo | undefined;
+    try {
+      info = await this.head(key);
+    } catch {
+      return false;
+    }
+    if (options.ifNoneMatch !== undefined) return info !== undefined;
+    return info === undefined || info.etag !== options.ifMatch;
   }
 
   /** Size, ETag and Last-Modified (HeadObject), or undefined on 404 (the bucket's absence reads the same: HEAD has no error body). */
