@@ -183,21 +183,22 @@ export class Journal {
     const { batch, body } = batchOf(MAP_BATCH_MAGIC, map.count, MAP_RECORD_BYTES, sequence, size);
     let at = BATCH_HEADER_BYTES;
     let written = 0;
+    // A name (HASH_BYTES = 16) read and written as four words through DataViews: a Buffer.copy call per
+    // 16-byte name cost 8 ms of a fork of 65,536 chunks, with the event loop held (and the
+    // manifest PUT it runs beside waiting for it).
+    const out = new DataView(batch.buffer, batch.byteOffset, batch.byteLength);
     for (const [pageIndex, page] of map.pagesInOrder()) {
-      for (let from = 0; from < page.length; from += HASH_BYTES) {
-        let empty = true;
-        for (let i = 0; i < HASH_BYTES; i++) {
-          if (page[from + i] !== 0) {
-            empty = false;
-            break;
-          }
-        }
-        if (empty) continue;
+      const words = new DataView(page.buffer, page.byteOffset, page.byteLength);
+      for (let from = 0, chunk = pageIndex * (page.length / HASH_BYTES); from < page.length; from += HASH_BYTES, chunk++) {
+        const w0 = words.getUint32(from), w1 = words.getUint32(from + 4), w2 = words.getUint32(from + 8), w3 = words.getUint32(from + 12);
+        if ((w0 | w1 | w2 | w3) === 0) continue;
         if (++written > map.count) throw new Error(`journal ${this.path}: the block map holds more chunks than its count (${map.count})`);
-        const chunk = pageIndex * (page.length / HASH_BYTES) + from / HASH_BYTES;
-        batch.writeUInt32BE(Math.floor(chunk / 0x100000000), at);
-        batch.writeUInt32BE(chunk >>> 0, at + 4);
-        page.copy(batch, at + 8, from, from + HASH_BYTES);
+        out.setUint32(at, Math.floor(chunk / 0x100000000));
+        out.setUint32(at + 4, chunk >>> 0);
+        out.setUint32(at + 8, w0);
+        out.setUint32(at + 12, w1);
+        out.setUint32(at + 16, w2);
+        out.setUint32(at + 20, w3);
         at += MAP_RECORD_BYTES;
       }
     }
