@@ -305,7 +305,9 @@ function program(version: string): Command {
         const started = performance.now();
         const result = await withGc(opts.config, async (ctx, gc) => {
           if ((await ctx.store.head(`volumes/${target}/manifest`)) !== undefined) throw new Error(`volume ${target} already exists in the store`);
-          return lazyFork(ctx.store, source, target, ctx.manifestCompression, ctx.cipher, opts.checkpoint, gc.refcounts);
+          const forked = await lazyFork(ctx.store, source, target, ctx.manifestCompression, ctx.cipher, opts.checkpoint, gc.refcounts);
+          await forked.commit();
+          return forked;
         });
         print({ target, sequence: result.sequence, mode: 'lazy', duration_ms: Math.round(performance.now() - started) });
         return;

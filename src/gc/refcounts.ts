@@ -635,7 +635,28 @@ export async function putCounted(
   put: () => Promise<string>,
   known?: CountedManifest,
 ): Promise<{ etag: string; counted?: CountedManifest }> {
-  if (refcounts === undefined) return { etag: await put() };
+  const { etag, commit } = await putCountedThen(refcounts, key, packs, body, put, known);
+  return { etag, counted: await commit() };
+}
+
+/**
+ * putCounted up to the landed PUT; `commit` (step 3) is left to the caller, who runs it
+ * beside its next request (a new fork's commit of thousands of pack rows beside its lease
+ * PUT). Until it runs, the write is an intent like one whose host died after the PUT: a
+ * write of the key meanwhile resolves it from the store.
+ */
+export async function putCountedThen(
+  refcounts: PackRefcounts | undefined,
+  key: string,
+  packs: ReadonlySet<string>,
+  body: Buffer,
+  put: () => Promise<string>,
+  known?: CountedManifest,
+): Promise<{ etag: string; commit: () => Promise<CountedManifest | undefined> }> {
+  if (refcounts === undefined) {
+    const etag = await put();
+    return { etag, commit: async () => undefined };
+  }
   const write = await refcounts.begin(key, packs, bodyHash(body), known);
   await crashPoint('manifest-put');
   let etag: string;
@@ -646,8 +667,13 @@ export async function putCounted(
     else refcounts.log.warn('manifest write failed and may still land; its refcounts stay until it is resolved', { key, error: errorMessage(err) });
     throw err;
   }
-  await crashPoint('manifest-commit');
-  return { etag, counted: await refcounts.commit(write, etag) };
+  return {
+    etag,
+    commit: async () => {
+      await crashPoint('manifest-commit');
+      return refcounts.commit(write, etag);
+    },
+  };
 }
 
 /**

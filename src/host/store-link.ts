@@ -15,7 +15,7 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { packsOf, PacksGoneError, putCounted, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
+import { packsOf, PacksGoneError, putCounted, putCountedThen, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
@@ -343,7 +343,7 @@ export class StoreLink {
     target: string,
     /** Called with the target's content just before its manifest is written (the caller sets up its copy meanwhile). */
     beside?: (content: { meta: ManifestMeta; map: BlockMap }) => void,
-  ): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; map: BlockMap }> {
+  ): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; map: BlockMap; commit: () => Promise<unknown> }> {
     return this.serial(async () => {
       const captured = await this.capture(async (snapshot) => ({
         name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
@@ -351,8 +351,8 @@ export class StoreLink {
       try {
         beside?.({ meta: captured.meta, map: captured.map });
         const key = manifestKey(target);
-        const etag = await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
-        return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, tables: captured.tables, map: captured.map };
+        const { etag, commit } = await this.writeCapturedThen(captured, key, (body) => createObject(this.ctx.store, key, body), false);
+        return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, tables: captured.tables, map: captured.map, commit };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
         captured.release();
@@ -434,14 +434,25 @@ export class StoreLink {
     put: (body: Buffer) => Promise<string>,
     own: boolean,
   ): Promise<string> {
+    const { etag, commit } = await this.writeCapturedThen(captured, key, put, own);
+    const counted = await commit();
+    if (own) this.counted = counted;
+    return etag;
+  }
+
+  /** writeCaptured up to the landed PUT, with the refcount commit left to the caller (putCountedThen). */
+  private async writeCapturedThen(
+    captured: Awaited<ReturnType<StoreLink['capture']>>,
+    key: string,
+    put: (body: Buffer) => Promise<string>,
+    own: boolean,
+  ): Promise<{ etag: string; commit: () => Promise<CountedManifest | undefined> }> {
     for (let attempt = 1; ; attempt++) {
       // The base's frames are lent: only the segments the changes touched are compressed.
       const { body, tables } = sealManifest(key, captured.raw, this.ctx.manifestCompression, this.ctx.cipher, captured.lend);
       captured.tables = tables;
       try {
-        const { etag, counted } = await putCounted(this.ctx.refcounts, key, bodyPacks(captured.raw), body, () => put(body), own ? this.counted : undefined);
-        if (own) this.counted = counted;
-        return etag;
+        return await putCountedThen(this.ctx.refcounts, key, bodyPacks(captured.raw), body, () => put(body), own ? this.counted : undefined);
       } catch (err) {
         if (!(err instanceof PacksGoneError) || attempt >= 3) throw err;
         this.ctx.log.warn('packs were deleted by GC while the manifest was written; uploading their blocks again', { volume: this.name, key, packs: err.packs.length });

@@ -5,7 +5,7 @@ import { blockKey, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
-import { putCounted, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
+import { putCountedThen, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
@@ -139,7 +139,9 @@ export async function createObject(store: ObjectStore, key: string, body: Buffer
 
 /**
  * Lazy fork: copy the source's last manifest (or a checkpoint) in the store to `target`,
- * without asking the source's host. Returns the sequence the target starts from.
+ * without asking the source's host. Returns the sequence the target starts from, and
+ * `commit`, the refcount commit of the target's packs, which the caller must run (see
+ * putCountedThen: a host runs it beside the target's lease PUT).
  */
 export async function lazyFork(
   store: ObjectStore,
@@ -156,7 +158,7 @@ export async function lazyFork(
    * undefined when `known` had the body).
    */
   beside?: (target: { meta: ManifestMeta; manifest?: Manifest }) => void,
-): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; manifest?: Manifest; sourceEtag: string }> {
+): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; manifest?: Manifest; sourceEtag: string; commit: () => Promise<unknown> }> {
   const from = sourceKey(source, checkpoint);
   // The body of this very manifest, when this host has it opened already (`known`, with
   // its compressed tables: a HEAD finds out, no 1.4 MB GET for 65,536 chunks), or decoded.
@@ -186,8 +188,8 @@ export async function lazyFork(
   const { body: sealed, tables } = sealManifest(key, raw, compression, cipher, held.tables);
   if (manifest !== undefined) manifest.meta = meta;
   beside?.({ meta, manifest });
-  const etag = (await putCounted(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed))).etag;
-  return { sequence, etag, meta, raw, tables, manifest, sourceEtag: held.etag };
+  const { etag, commit } = await putCountedThen(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed));
+  return { sequence, etag, meta, raw, tables, manifest, sourceEtag: held.etag, commit };
 }
 
 export interface CheckpointInfo {
