@@ -236,27 +236,23 @@ export class PackRefcounts {
 
   /** +1 on every 'live' pack of `ids`; returns the ids that were not (deleting, or no row). */
   private async increment(tx: SqlTx, ids: readonly string[]): Promise<string[]> {
-    const done = new Set<string>();
-    for (const part of slices(ids)) {
-      const rows = await tx.all<{ id: string }>(
-        `UPDATE gc_packs SET refs = refs + 1, zero_since = NULL WHERE state = 'live' AND id IN (${placeholders(part.length)}) RETURNING id`,
-        part,
-      );
-      for (const r of rows) done.add(r.id);
-    }
+    if (ids.length === 0) return [];
+    const n = await tx.run(`UPDATE gc_packs SET refs = refs + 1, zero_since = NULL WHERE state = 'live' AND id IN (SELECT v FROM ${tx.rows(1)})`, [tx.list(ids)]);
+    if (n === ids.length) return [];
+    // Some were refused (the caller rolls the increments back): which.
+    const live = await tx.all<{ id: string }>(`SELECT id FROM gc_packs WHERE state = 'live' AND id IN (SELECT v FROM ${tx.rows(1)})`, [tx.list(ids)]);
+    const done = new Set(live.map((r) => r.id));
     return ids.filter((id) => !done.has(id));
   }
 
   /** −1 on every pack of `ids`; one that reaches 0 is unreferenced from now. */
   private async decrement(tx: SqlTx, ids: readonly string[]): Promise<void> {
-    const now = this.now();
-    for (const part of slices(ids)) {
-      await tx.run(
-        `UPDATE gc_packs SET refs = refs - 1, zero_since = CASE WHEN refs = 1 THEN $1 ELSE zero_since END
-         WHERE refs > 0 AND id IN (${placeholders(part.length, 2)})`,
-        [now, ...part],
-      );
-    }
+    if (ids.length === 0) return;
+    await tx.run(
+      `UPDATE gc_packs SET refs = refs - 1, zero_since = CASE WHEN refs = 1 THEN $1 ELSE zero_since END
+       WHERE refs > 0 AND id IN (SELECT v FROM ${tx.rows(2)})`,
+      [this.now(), tx.list(ids)],
+    );
   }
 
   /**
@@ -356,13 +352,11 @@ export class PackRefcounts {
 
   private async applyCommit(tx: SqlTx, key: string, etag: string, added: readonly string[], dropped: readonly string[]): Promise<void> {
     await tx.run(`INSERT INTO gc_manifests (key, etag) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET etag = excluded.etag`, [key, etag]);
-    for (const part of slices(added)) {
-      const values = part.map((_, i) => `($1, $${i + 2})`).join(', ');
-      await tx.run(`INSERT INTO gc_manifest_packs (key, pack) VALUES ${values} ON CONFLICT (key, pack) DO NOTHING`, [key, ...part]);
+    // WHERE true: SQLite's parser needs it between INSERT … SELECT and ON CONFLICT.
+    if (added.length > 0) {
+      await tx.run(`INSERT INTO gc_manifest_packs (key, pack) SELECT CAST($1 AS TEXT), v FROM ${tx.rows(2)} WHERE true ON CONFLICT (key, pack) DO NOTHING`, [key, tx.list(added)]);
     }
-    for (const part of slices(dropped)) {
-      await tx.run(`DELETE FROM gc_manifest_packs WHERE key = $1 AND pack IN (${placeholders(part.length, 2)})`, [key, ...part]);
-    }
+    if (dropped.length > 0) await tx.run(`DELETE FROM gc_manifest_packs WHERE key = $1 AND pack IN (SELECT v FROM ${tx.rows(2)})`, [key, tx.list(dropped)]);
     await this.decrement(tx, dropped);
   }
 

@@ -18,6 +18,14 @@ export interface SqlTx {
   all<T = Record<string, unknown>>(sql: string, params?: readonly unknown[]): Promise<T[]>;
   /** Run a write; returns the rows it changed. */
   run(sql: string, params?: readonly unknown[]): Promise<number>;
+  /**
+   * `values` as one bound parameter, read back as rows of column `v` by `rows(n)` (n is
+   * the parameter's number): SQLite json_each of a JSON array, PostgreSQL unnest of a
+   * text[]. One statement over a fork's 2,622 pack ids, where IN lists of 500 parameters
+   * each cost SQLite 9-11 ms (4-5 ms this way).
+   */
+  list(values: readonly string[]): unknown;
+  rows(n: number): string;
 }
 
 export interface SqlDatabase {
@@ -106,6 +114,8 @@ export class SqliteDatabase implements SqlDatabase {
       this.rowsWritten += changes;
       return changes;
     },
+    list: (values: readonly string[]) => JSON.stringify(values),
+    rows: (n: number) => `(SELECT value AS v FROM json_each($${n})) AS list`,
   };
 
   tx<T>(work: (tx: SqlTx) => Promise<T>): Promise<T> {
@@ -186,6 +196,8 @@ export class PostgresDatabase implements SqlDatabase {
           written += result.rowCount ?? 0;
           return result.rowCount ?? 0;
         },
+        list: (values: readonly string[]) => [...values],
+        rows: (n: number) => `(SELECT unnest($${n}::text[]) AS v) AS list`,
       };
       let broken = false;
       try {
