@@ -379,3 +379,38 @@ test('fork work does not grow with written data: a volume with 8 GiB mapped and 
     await cluster.cleanup();
   }
 });
+
+test('a fork to a name with a lease left by an earlier volume: its first lease put (made without a read) fails on it, the lease is read, and the fork takes the next generation', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      await createVolume(a, 'base', SIZE / MiB);
+      const c = await connect(a, 'base');
+      const data = await writeRandom(c, 0, 2 * MiB);
+      await drain(a, 'base');
+      // An expired lease of another host under the name, as a deleted volume's host may leave it.
+      const leaseDir = path.join(cluster.dir, 'store', 'volumes', 'reborn');
+      fs.mkdirSync(leaseDir, { recursive: true });
+      const past = new Date(Date.now() - 60_000).toISOString();
+      fs.writeFileSync(path.join(leaseDir, 'lease'), JSON.stringify({ format: 1, volume: 'reborn', owner: 'host-gone', generation: 7, expires: past, acquired: past }));
+      for (const [target, mode, generation] of [['fresh', 'lazy', 1], ['reborn', 'lazy', 8], ['fresh-consistent', 'consistent', 1]] as const) {
+        const r = await a.api('POST', '/api/exports/base/fork', { target, mode });
+        assert.equal(r.status, 201, r.text);
+        const info = await exportInfo(a, target);
+        assert.equal(info.lease_generation, generation, `${target}: ${JSON.stringify(info)}`);
+        const cf = await connect(a, target);
+        assert.ok((await readAll(cf, 0, 2 * MiB)).equals(data));
+        await cf.write(0, Buffer.alloc(4096, 7)); // writable: the lease is this host's
+        await cf.flush();
+        await cf.disconnect();
+      }
+      const lease = JSON.parse(fs.readFileSync(path.join(leaseDir, 'lease'), 'utf8'));
+      assert.notEqual(lease.owner, 'host-gone');
+      assert.equal(lease.generation, 8);
+      await c.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});

@@ -8,12 +8,13 @@
 //   migrate  the write pause of a live migration: A drains the bulk while writable, then
 //            (8 MiB of random 64 KiB writes later) releases: writes refused, final drain,
 //            lease released; host M, attached read-only, promotes; M's client writes.
-//   fork     consistent and lazy fork latency (median of 3) of volumes with
-//            BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained (then `sync`, so
-//            the kernel's writeback of that is not timed): right after the drain, and with the same 1 MiB rewritten before each fork (the same dirty
-//            data at every size); and the time from an NBD connect on another host to the
-//            first 4 KiB of a fork read back. Each size's volumes are then closed on both
-//            hosts (they stay in the store), so every size forks on hosts with nothing else open.
+//   fork     consistent and lazy fork latency (median of BENCH_FORK_ROUNDS, 5) of volumes
+//            with BENCH_FORK_SIZES_MIB (256,1024,8192) written and drained (then `sync`, so
+//            the kernel's writeback of that is not timed): right after the drain, and with
+//            the same 1 MiB rewritten before each fork (the same dirty data at every size),
+//            in rounds over every size in turn, each target deleted once timed; the ratio
+//            largest ÷ smallest size per kind; and the time from an NBD connect on another
+//            host to the first 4 KiB of a fork read back.
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
@@ -42,6 +43,7 @@ const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir()
 const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
 const FORK_SIZES_MIB = (process.env.BENCH_FORK_SIZES_MIB || '256,1024,8192').split(',').map(Number);
+const FORK_ROUNDS = Number(process.env.BENCH_FORK_ROUNDS || 5);
 const MiB = 1024 * 1024;
 const ENCRYPTED = process.env.BENCH_STORE_ENCRYPTED === '1';
 const PARTS = new Set((process.env.BENCH_STORE_PARTS || 'drain,migrate,cold,fork').split(','));
@@ -288,35 +290,47 @@ async function main() {
   // ---- fork latency vs written size, and wake on another host ----
   const f = await daemon('host-f', minio);
   const g = await daemon('host-g', minio);
+  const sources = [];
   for (const mib of FORK_SIZES_MIB) {
     const src = `fork-src-${mib}`;
     await api(f.url, 'PUT', `/api/exports/${src}`, { size_gb: Math.max(1, (2 * mib) / 1024) });
     say(`fork: writing ${mib} MiB`);
     await fio(['--name=forksrc', '--ioengine=nbd', `--uri=${f.uri(src)}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${mib}M`, '--refill_buffers', '--randrepeat=0']);
     await api(f.url, 'POST', `/api/exports/${src}/drain`);
-    // The kernel writes back what the fill and the drain left dirty (up to 2 × 8 GiB)
-    // first: otherwise the forks time that writeback through their few fsyncs.
-    await new Promise((resolve, reject) => start('sync', []).once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`sync exited ${code}`)))));
-    // Clean: right after the drain. Dirty: with the same 1 MiB (8 whole chunks) rewritten
-    // before each fork, the same dirty data at every size, as the fork target is stated.
-    const times = { consistent: [], lazy: [], consistent_dirty: [], lazy_dirty: [] };
-    const writer = await NbdClient.connect({ path: f.socket, exportName: src });
-    for (const dirty of [false, true]) {
-      for (let i = 0; i < 3; i++) {
+    sources.push({ mib, src, writer: await NbdClient.connect({ path: f.socket, exportName: src }) });
+  }
+  // The kernel writes back what the fills and the drains left dirty (up to 2 × 8 GiB)
+  // first: otherwise the forks time that writeback through their few fsyncs.
+  await new Promise((resolve, reject) => start('sync', []).once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`sync exited ${code}`)))));
+  // Rounds over every size in turn, so that a slow spell of this shared machine lands on
+  // all sizes alike rather than on whichever size was forking then. Clean: the source as
+  // drained. Dirty: with the same 1 MiB (8 whole chunks) rewritten before each fork, the
+  // same dirty data at every size, as the fork target is stated. Each target is deleted
+  // once timed (the first lazy one of each size after the wake below), so every fork
+  // runs beside the sources only.
+  const times = new Map(sources.map(({ mib }) => [mib, { consistent: [], lazy: [], consistent_dirty: [], lazy_dirty: [] }]));
+  for (let round = 0; round < FORK_ROUNDS; round++) {
+    for (const { mib, src, writer } of sources) {
+      for (const dirty of [false, true]) {
         for (const mode of ['consistent', 'lazy']) {
           if (dirty) {
             await writer.write(0, crypto.randomBytes(MiB));
             await writer.flush();
           }
+          const target = `${src}-${mode}${dirty ? '-dirty' : ''}-${round}`;
           const t0 = performance.now();
-          await api(f.url, 'POST', `/api/exports/${src}/fork`, { target: `${src}-${mode}${dirty ? '-dirty' : ''}-${i}`, mode });
-          times[dirty ? `${mode}_dirty` : mode].push(performance.now() - t0);
+          await api(f.url, 'POST', `/api/exports/${src}/fork`, { target, mode });
+          times.get(mib)[dirty ? `${mode}_dirty` : mode].push(performance.now() - t0);
+          if (round > 0 || mode !== 'lazy' || dirty) await api(f.url, 'DELETE', `/api/exports/${target}?force=true`);
         }
       }
     }
+  }
+  const median = (xs) => [...xs].sort((x, y) => x - y)[xs.length >> 1];
+  for (const { mib, src, writer } of sources) {
     writer.close();
-    const median = (xs) => xs.sort((x, y) => x - y)[xs.length >> 1];
-    for (const [what, xs] of Object.entries(times)) record(`fork_${what}_${mib}mib_ms`, median(xs).toFixed(0));
+    const t = times.get(mib);
+    for (const [what, xs] of Object.entries(t)) record(`fork_${what}_${mib}mib_ms`, median(xs).toFixed(0));
     // Another host: from the NBD connect to the first 4 KiB read back (the manifest GET,
     // the local map, the lease, one pack).
     const t1 = performance.now();
@@ -325,18 +339,23 @@ async function main() {
     const wakeMs = performance.now() - t1;
     record(`wake_first_byte_${mib}mib_ms`, wakeMs.toFixed(0));
     client.close();
-    // Each size forks on hosts with nothing of the previous sizes open (their volumes stay
-    // in the store): otherwise the 8 GiB forks run beside 24 earlier forks and 2 sources.
-    for (const [host, names] of [[g, [`${src}-lazy-0`]], [f, [src, ...Object.keys(times).flatMap((what) => [0, 1, 2].map((i) => `${src}-${what.replace('_', '-')}-${i}`))]]]) {
-      for (const name of names) await api(host.url, 'DELETE', `/api/exports/${name}?force=true`);
-    }
     say(
-      `fork ${mib} MiB: consistent ${median(times.consistent).toFixed(0)} ms, lazy ${median(times.lazy).toFixed(0)} ms; ` +
-        `with 1 MiB dirty: consistent ${median(times.consistent_dirty).toFixed(0)} ms, lazy ${median(times.lazy_dirty).toFixed(0)} ms; ` +
+      `fork ${mib} MiB (medians of ${FORK_ROUNDS}): consistent ${median(t.consistent).toFixed(0)} ms, lazy ${median(t.lazy).toFixed(0)} ms; ` +
+        `with 1 MiB dirty: consistent ${median(t.consistent_dirty).toFixed(0)} ms, lazy ${median(t.lazy_dirty).toFixed(0)} ms; ` +
         `wake to first byte ${wakeMs.toFixed(0)} ms`,
     );
   }
+  // Largest ÷ smallest written size, per kind of fork: the issue's "within 2×".
+  const [small, large] = [FORK_SIZES_MIB[0], FORK_SIZES_MIB[FORK_SIZES_MIB.length - 1]];
+  for (const what of ['consistent', 'lazy', 'consistent_dirty', 'lazy_dirty']) {
+    record(`fork_${what}_ratio`, (median(times.get(large)[what]) / median(times.get(small)[what])).toFixed(2));
+  }
+  for (const { src } of sources) {
+    await api(g.url, 'DELETE', `/api/exports/${src}-lazy-0?force=true`);
+    await api(f.url, 'DELETE', `/api/exports/${src}?force=true`);
+  }
   record('fork_sizes_mib', FORK_SIZES_MIB.join('/'));
+  record('fork_rounds', FORK_ROUNDS);
   await stop(f.child);
   await stop(g.child);
 }

@@ -227,13 +227,16 @@ switch (cmd) {
       lines.push(`  cold sequential read, ${st.latency_ms} ms store latency, no read-ahead    ${fmt(st.cold_read_no_readahead_mb_s).padStart(6)} MB/s  (${st.cold_read_no_readahead_gets} GETs)`);
     }
     if (st?.fork_sizes_mib) {
-      lines.push('', 'fork latency (median of 3; MinIO on loopback): right after a drain, and with the same 1 MiB dirty; wake on another host to the first byte');
+      lines.push('', `fork latency (median of ${st.fork_rounds ?? 3}; MinIO on loopback): right after a drain, and with the same 1 MiB dirty; wake on another host to the first byte`);
       for (const mib of String(st.fork_sizes_mib).split('/')) {
         lines.push(
           `  ${String(mib).padStart(5)} MiB written: consistent ${fmt(st[`fork_consistent_${mib}mib_ms`]).padStart(5)} ms, lazy ${fmt(st[`fork_lazy_${mib}mib_ms`]).padStart(5)} ms;` +
             ` 1 MiB dirty: consistent ${fmt(st[`fork_consistent_dirty_${mib}mib_ms`]).padStart(5)} ms, lazy ${fmt(st[`fork_lazy_dirty_${mib}mib_ms`]).padStart(5)} ms;` +
             ` wake to first byte ${fmt(st[`wake_first_byte_${mib}mib_ms`]).padStart(5)} ms`,
         );
+      }
+      if (st.fork_lazy_ratio !== undefined) {
+        lines.push(`  largest ÷ smallest: consistent ${st.fork_consistent_ratio}×, lazy ${st.fork_lazy_ratio}×; 1 MiB dirty: consistent ${st.fork_consistent_dirty_ratio}×, lazy ${st.fork_lazy_dirty_ratio}×`);
       }
     }
     const g = r.gc;

@@ -530,10 +530,13 @@ export class StoreLink {
    * volume's first lease ever (nobody to fence). Throws LeaseHeldError
    * when another host holds a live lease.
    */
-  private async acquire(): Promise<{ bumped: boolean; first: boolean; released: boolean }> {
+  private async acquire(fresh = false): Promise<{ bumped: boolean; first: boolean; released: boolean }> {
     const key = leaseKey(this.name);
     for (let attempt = 0; attempt < 3; attempt++) {
-      const current = await this.ctx.store.get(key);
+      // A volume this host just made (a fork) has no lease yet: the first try puts one
+      // with If-None-Match and no GET before it; a lease left there by an earlier volume of
+      // the name fails the condition and the next try reads it.
+      const current = fresh && attempt === 0 ? undefined : await this.ctx.store.get(key);
       const lease = current === undefined ? undefined : decodeLease(key, current.body);
       const now = Date.now();
       let generation: number;
@@ -657,7 +660,8 @@ export class StoreLink {
    * the latest manifest, fence the previous holder, make the volume writable. Clients
    * stay connected.
    */
-  promote(): Promise<{ generation: number; sequence: number }> {
+  /** `fresh`: the volume was just made here (a fork) and has no lease in the store yet, most likely. */
+  promote(fresh = false): Promise<{ generation: number; sequence: number }> {
     return this.serial(async () => {
       if (!this.state.readOnly && this.state.generation > 0) return { generation: this.state.generation, sequence: this.volume.sequence };
       if (this.volume.dirtyChunks > 0) {
@@ -668,7 +672,7 @@ export class StoreLink {
       // lease its holder released (a live migration): that host refuses writes and gave
       // up its generation, so only the latest manifest is loaded; the rewrite (a PUT, and
       // counting every pack of the volume in this host's refcounts) stays out of the pause.
-      const { first, released } = await this.acquire();
+      const { first, released } = await this.acquire(fresh);
       if (released) {
         const latest = await this.loadLatest();
         this.state.manifestEtag = latest?.current.etag;
