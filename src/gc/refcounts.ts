@@ -619,17 +619,11 @@ function definitelyNotStored(err: unknown): boolean {
 
 /**
  * Write a manifest under refcounts: begin, `put` (which returns the new etag), commit,
- * or abort when the put certainly failed. Without refcounts (GC off) just `put`.
+ * or abort when the put certainly failed. Without refcounts (GC off) just `put`. Takes
+ * putCountedThen's arguments.
  */
-export async function putCounted(
-  refcounts: PackRefcounts | undefined,
-  key: string,
-  packs: ReadonlySet<string>,
-  body: Buffer,
-  put: () => Promise<string>,
-  known?: CountedManifest,
-): Promise<{ etag: string; counted?: CountedManifest }> {
-  const { etag, commit } = await putCountedThen(refcounts, key, packs, body, put, known);
+export async function putCounted(...args: Parameters<typeof putCountedThen>): Promise<{ etag: string; counted?: CountedManifest }> {
+  const { etag, commit } = await putCountedThen(...args);
   return { etag, counted: await commit() };
 }
 
