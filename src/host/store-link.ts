@@ -658,9 +658,9 @@ export class StoreLink {
   /**
    * Become the writer: take the lease (once its holder released it or it expired), load
    * the latest manifest, fence the previous holder, make the volume writable. Clients
-   * stay connected.
+   * stay connected. `fresh`: the volume was just made here (a fork) and most likely has
+   * no lease in the store yet.
    */
-  /** `fresh`: the volume was just made here (a fork) and has no lease in the store yet, most likely. */
   promote(fresh = false): Promise<{ generation: number; sequence: number }> {
     return this.serial(async () => {
       if (!this.state.readOnly && this.state.generation > 0) return { generation: this.state.generation, sequence: this.volume.sequence };

@@ -183,9 +183,9 @@ export class Journal {
     const { batch, body } = batchOf(MAP_BATCH_MAGIC, map.count, MAP_RECORD_BYTES, sequence, size);
     let at = BATCH_HEADER_BYTES;
     let written = 0;
-    // A name (HASH_BYTES = 16) read and written as four words through DataViews: a Buffer.copy call per
-    // 16-byte name cost 8 ms of a fork of 65,536 chunks, with the event loop held (and the
-    // manifest PUT it runs beside waiting for it).
+    // A name (HASH_BYTES = 16) is read and written as four words through DataViews: a
+    // Buffer.copy call per name cost 8 ms of a fork of 65,536 chunks, with the event loop
+    // held (and the manifest PUT it runs beside waiting for it).
     const out = new DataView(batch.buffer, batch.byteOffset, batch.byteLength);
     for (const [pageIndex, page] of map.pagesInOrder()) {
       const words = new DataView(page.buffer, page.byteOffset, page.byteLength);
