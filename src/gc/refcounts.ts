@@ -32,7 +32,7 @@ import crypto from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
-import { placeholders, slices, type SqlDatabase, type SqlTx } from './sql.js';
+import type { SqlDatabase, SqlTx } from './sql.js';
 
 const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS gc_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`,
@@ -263,10 +263,7 @@ export class PackRefcounts {
    * transaction: one each cost a commit per pack (1.5 s of a promotion of 1 GiB).
    */
   private async adoptOrGone(key: string, ids: string[]): Promise<string[]> {
-    const rows: { id: string; state: string }[] = [];
-    for (const part of slices(ids)) {
-      rows.push(...(await this.db.tx((tx) => tx.all<{ id: string; state: string }>(`SELECT id, state FROM gc_packs WHERE id IN (${placeholders(part.length)})`, part))));
-    }
+    const rows = await this.db.tx((tx) => tx.all<{ id: string; state: string }>(`SELECT id, state FROM gc_packs WHERE id IN (SELECT v FROM ${tx.rows(1)})`, [tx.list(ids)]));
     const state = new Map(rows.map((r) => [r.id, r.state]));
     const gone = ids.filter((id) => state.get(id) === 'deleting');
     const unknown = ids.filter((id) => !state.has(id));
@@ -277,12 +274,10 @@ export class PackRefcounts {
     });
     if (adopted.length > 0) {
       const now = this.now();
-      await this.db.tx(async (tx) => {
-        for (const part of slices(adopted)) {
-          const values = part.map((_, i) => `($${i + 2}, 0, 'live', $1)`).join(', ');
-          await tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ${values} ON CONFLICT (id) DO NOTHING`, [now, ...part]);
-        }
-      });
+      // WHERE true: SQLite's parser needs it between INSERT … SELECT and ON CONFLICT.
+      await this.db.tx((tx) =>
+        tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) SELECT v, 0, 'live', CAST($1 AS BIGINT) FROM ${tx.rows(2)} WHERE true ON CONFLICT (id) DO NOTHING`, [now, tx.list(adopted)]),
+      );
       this.log.info('packs in the store had no refcount row; adopted them', { key, packs: adopted.length, first: adopted[0] });
     }
     return gone;
@@ -483,9 +478,8 @@ export class PackRefcounts {
 
   /** The packs' objects are deleted: forget them. */
   async forgetDeleted(ids: readonly string[]): Promise<void> {
-    await this.db.tx(async (tx) => {
-      for (const part of slices(ids)) await tx.run(`DELETE FROM gc_packs WHERE state = 'deleting' AND id IN (${placeholders(part.length)})`, part);
-    });
+    if (ids.length === 0) return;
+    await this.db.tx((tx) => tx.run(`DELETE FROM gc_packs WHERE state = 'deleting' AND id IN (SELECT v FROM ${tx.rows(1)})`, [tx.list(ids)]));
   }
 
   // ---- reconciliation ------------------------------------------------------------------

@@ -235,13 +235,3 @@ export function openGcDatabase(url: string, cacheDir: string, log?: Logger): Sql
   if (url === '') return new SqliteDatabase(path.join(cacheDir, EMBEDDED_FILE));
   return new PostgresDatabase(url, log);
 }
-
-/** `$from, $from+1, …` for an IN list of `n` values. */
-export function placeholders(n: number, from = 1): string {
-  return Array.from({ length: n }, (_, i) => `$${i + from}`).join(', ');
-}
-
-/** Values in slices small enough for an IN list (SQLite allows 32766 parameters, PostgreSQL 65535). */
-export function* slices<T>(values: readonly T[], size = 500): Generator<T[]> {
-  for (let i = 0; i < values.length; i += size) yield values.slice(i, i + size);
-}
