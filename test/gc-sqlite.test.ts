@@ -136,3 +136,59 @@ test('updraft gc and updraft delete ask the running daemon, and work on the data
     await d.cleanup();
   }
 });
+
+test('a refcount database of schema 1 (packs counted per key, an intent unresolved) is migrated to pack sets at start-up: nothing live lost, the intent reverted, counts exact', { timeout: 120_000 }, async () => {
+  const d = await startDaemon({ toml: { host: { id: 'migrate-host' }, volumes: { seal_idle_ms: 200 }, gc: { grace_period: '0s', interval: '1h' } } });
+  try {
+    await withLogs([d], async () => {
+      const content = new Map<string, Buffer>();
+      for (const name of ['keep', 'doomed']) {
+        assert.equal((await d.api('PUT', `/api/exports/${name}`, { size_gb: 4 / 1024 })).status, 201);
+        const c = await connect(d, name);
+        content.set(name, randomBytes(MiB));
+        await c.write(0, content.get(name)!);
+        await c.disconnect();
+        assert.equal((await d.api('POST', `/api/exports/${name}/drain`)).status, 200);
+      }
+      await d.stop();
+      // Back to schema 1: rows per key, no sets, no version; plus the intent of a write of
+      // a new key that died before its PUT, holding one of keep's packs up.
+      const Sqlite = (await import('better-sqlite3')).default;
+      const db = new Sqlite(path.join(d.dir, 'cache', 'gc.sqlite'));
+      const held = (db.prepare(`SELECT pack FROM gc_set_packs p JOIN gc_manifests m ON m.set_id = p.set_id WHERE m.key = 'volumes/keep/manifest' LIMIT 1`).get() as { pack: string }).pack;
+      db.exec(`
+        CREATE TABLE gc_manifest_packs (key TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (key, pack));
+        INSERT INTO gc_manifest_packs SELECT m.key, p.pack FROM gc_manifests m JOIN gc_set_packs p ON p.set_id = m.set_id;
+        DROP TABLE gc_set_packs; DROP TABLE gc_sets;
+        ALTER TABLE gc_manifests DROP COLUMN set_id; ALTER TABLE gc_intents DROP COLUMN set_id;
+        DELETE FROM gc_meta WHERE name = 'schema';
+        UPDATE gc_packs SET refs = refs + 1 WHERE id = '${held}';
+        INSERT INTO gc_intents (id, key, body_hash, host, created, added, dropped) VALUES ('lost', 'volumes/ghost/manifest', 'x', 'migrate-host', 0, '${held}', '');
+      `);
+      db.close();
+      await d.restart();
+      assert.match(d.log(), /migrated the refcount schema 1 -> 2/);
+      const gc = await d.api('POST', '/api/gc', { reconcile: true });
+      assert.equal(gc.status, 200, gc.text);
+      const r = gc.json.reconcile;
+      assert.deepEqual([r.manifests, r.manifest_corrections, r.set_corrections, r.refcount_corrections], [2, 0, 0, 0], JSON.stringify(r));
+      assert.deepEqual(gc.json.cycle.deleted, []);
+      for (const [name, data] of content) {
+        const c = await connect(d, name);
+        assert.ok((await readAll(c, 0, MiB)).equals(data), `${name} reads back differently after the migration`);
+        await c.disconnect();
+      }
+      assert.equal((await d.api('DELETE', '/api/exports/doomed?purge=true&force=true')).status, 200);
+      const after = await d.api('POST', '/api/gc', {});
+      assert.ok(after.json.cycle.deleted.length > 0, JSON.stringify(after.json));
+      assert.deepEqual((await storeAudit(path.join(d.dir, 'store'))).dead, []);
+      await d.stop();
+      const check = new Sqlite(path.join(d.dir, 'cache', 'gc.sqlite'));
+      assert.equal((check.prepare(`SELECT value FROM gc_meta WHERE name = 'schema'`).get() as { value: string }).value, '2');
+      assert.deepEqual(check.prepare(`SELECT id FROM gc_sets WHERE refs <> 1`).all(), []);
+      check.close();
+    });
+  } finally {
+    await d.cleanup();
+  }
+});

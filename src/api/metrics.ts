@@ -72,6 +72,7 @@ export class Metrics {
       counter('updraft_gc_reconciliations_total', 'Reconciliations of refcounts with the store', [], () => [[{}, gc.reconciliations]]);
       counter('updraft_gc_refcount_corrections_total', 'Pack refcounts reconciliation corrected', [], () => [[{}, gc.refcountCorrections]]);
       counter('updraft_gc_manifest_corrections_total', 'Manifests whose counted packs reconciliation corrected', [], () => [[{}, gc.manifestCorrections]]);
+      counter('updraft_gc_set_corrections_total', 'Pack sets whose holder count reconciliation corrected', [], () => [[{}, gc.setCorrections]]);
       counter('updraft_gc_packs_adopted_total', 'Packs in the store reconciliation found without a refcount row', [], () => [[{}, gc.packsAdopted]]);
       counter('updraft_gc_intents_resolved_total', 'Unfinished manifest writes resolved, by outcome', ['outcome'], () => [
         [{ outcome: 'committed' }, gc.intentsCommitted],

@@ -51,6 +51,8 @@ export interface GcCounters {
   refcountCorrections: number;
   /** Keys whose counted packs did not match their object, or whose object was gone. */
   manifestCorrections: number;
+  /** Pack sets whose holder count reconciliation corrected. */
+  setCorrections: number;
   /** Packs in the store that had no refcount row. */
   packsAdopted: number;
   intentsCommitted: number;
@@ -74,6 +76,8 @@ export interface ReconcileResult {
   live_packs: number;
   store_packs: number;
   manifest_corrections: number;
+  /** Pack sets whose holder count (keys and intents sharing them) was wrong. */
+  set_corrections: number;
   refcount_corrections: number;
   packs_adopted: number;
   unreadable_manifests: number;
@@ -90,7 +94,7 @@ export function isManifestKey(key: string): boolean {
 
 export class Collector {
   readonly counters: GcCounters = {
-    cycles: 0, packsDeleted: 0, deleteFailures: 0, reconciliations: 0, refcountCorrections: 0, manifestCorrections: 0,
+    cycles: 0, packsDeleted: 0, deleteFailures: 0, reconciliations: 0, refcountCorrections: 0, manifestCorrections: 0, setCorrections: 0,
     packsAdopted: 0, intentsCommitted: 0, intentsReverted: 0,
   };
   /** Cycles and reconciliations of this process take turns. */
@@ -235,7 +239,7 @@ export class Collector {
     const started = performance.now();
     const refcounts = this.refcounts;
     const result: ReconcileResult = {
-      manifests: 0, live_packs: 0, store_packs: 0, manifest_corrections: 0, refcount_corrections: 0, packs_adopted: 0,
+      manifests: 0, live_packs: 0, store_packs: 0, manifest_corrections: 0, set_corrections: 0, refcount_corrections: 0, packs_adopted: 0,
       unreadable_manifests: 0, duration_ms: 0,
     };
     const resolved = await refcounts.resolveIntents();
@@ -278,6 +282,10 @@ export class Collector {
         if (!(err instanceof WritePendingError)) throw err;
       }
     }
+    // Holder counts of pack sets first: a set released here changes pack refcounts.
+    result.set_corrections = await refcounts.fixSetHolders();
+    this.counters.setCorrections += result.set_corrections;
+    if (result.set_corrections > 0) this.log.warn('reconcile: pack sets held by a wrong count corrected', { sets: result.set_corrections });
     for (const drift of await refcounts.refcountDrift()) {
       const fixed = await refcounts.fixRefcount(drift.id);
       if (fixed === undefined || fixed.before === fixed.after) continue;

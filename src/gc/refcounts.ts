@@ -1,24 +1,35 @@
-// Pack refcounts (DESIGN.md: gc/, invariant 6). A pack's refcount is the number of
-// manifests and checkpoints in the store that name at least one of its blocks. Every
-// manifest write applies its delta of packs (added, dropped), so the cost is O(packs
-// changed), never O(volumes).
+// Pack refcounts (DESIGN.md: gc/, invariant 6). Every manifest and checkpoint in the
+// store is counted as a pack set: the packs its blocks are in. A pack's refcount is the
+// number of pack sets naming it (plus writes in flight that added it); a set is counted
+// once however many keys share it. Every manifest write applies its delta of packs
+// (added, dropped) to its key's set, so the cost is O(packs changed), never O(volumes);
+// a lazy fork shares its source's set, so it costs O(1) rows whatever the volume holds.
 //
 // Tables (one schema for SQLite and PostgreSQL):
-//   gc_packs           id, refs, state ('live' | 'deleting'), zero_since (ms; set while refs = 0)
-//   gc_manifests       key → etag of the object whose packs are counted
-//   gc_manifest_packs  (key, pack): the packs counted for that key
-//   gc_intents         a manifest write between its increments and its PUT's outcome
-//   gc_meta            database id, last reconciliation
+//   gc_packs       id, refs, state ('live' | 'deleting'), zero_since (ms; set while refs = 0)
+//   gc_manifests   key → etag of the object whose packs are counted, set_id of its set
+//   gc_sets        id, refs: the keys (gc_manifests rows) and intents that hold the set (an
+//                  intent that changes its key's own set in place does not: the row does)
+//   gc_set_packs   (set_id, pack): the packs of that set
+//   gc_intents     a manifest write between its increments and its PUT's outcome
+//   gc_meta        database id, schema version, last reconciliation
+//
+// A key's set is its own while no other key or intent holds it: a write then changes it
+// in place. A lazy fork whose source object is the one counted for the source key holds
+// the source's set (one increment of gc_sets.refs) instead of counting its packs again.
+// A write of a key whose set is shared starts a new set of its own (every pack +1, once);
+// the last reference to a set going releases it (its packs −1, its rows gone).
 //
 // A manifest write (`putCounted`):
 //   1. begin: one transaction increments the added packs (only 'live' rows: a pack being
-//      deleted refuses, and the writer uploads its blocks again) and records an intent
-//      (key, added, dropped, BLAKE3 of the body). Committed before the PUT.
+//      deleted refuses, and the writer uploads its blocks again), holds the set the key
+//      will count, and records an intent (key, set, added, dropped, BLAKE3 of the body).
+//      Committed before the PUT.
 //   2. PUT the manifest (conditional).
-//   3. commit: one transaction deletes the intent, records the new etag, moves the
-//      counted rows, decrements the dropped packs. A definite failure (condition lost,
-//      target exists) reverts the increments instead; an ambiguous one (the store did not
-//      answer) leaves the intent.
+//   3. commit: one transaction deletes the intent, records the new etag and set, moves
+//      the set's rows, decrements the dropped packs, lets go of a set the key left. A
+//      definite failure (condition lost, target exists) reverts the increments and the
+//      hold instead; an ambiguous one (the store did not answer) leaves the intent.
 // Crash points: before 1 nothing changed; between 1 and 3 the intent holds the added
 // packs up (over-counting, which is safe); at start-up and in every deletion cycle an
 // intent is resolved by reading the key: the body is ours → step 3; it is not, and the
@@ -27,27 +38,49 @@
 //
 // One write per key at a time: `begin` refuses while another intent on the key is
 // unresolved, and removals skip keys with intents, so a key's counted packs cannot move
-// between begin and commit and the delta computed at begin stays exact.
+// between begin and commit and the delta computed at begin stays exact. A set changed in
+// place is held by its key alone: a fork does not share the set of a key with a write in
+// flight, and begin locks the key's row (an UPDATE of it) so that the two cannot cross.
 import crypto from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import type { SqlDatabase, SqlTx } from './sql.js';
 
+/** The schema this code reads and writes, in gc_meta 'schema'. Version 1 counted packs per key (gc_manifest_packs). */
+const SCHEMA_VERSION = 2;
+
 const SCHEMA = [
-  `CREATE TABLE IF NOT EXISTS gc_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS gc_packs (id TEXT PRIMARY KEY, refs BIGINT NOT NULL, state TEXT NOT NULL, zero_since BIGINT)`,
   `CREATE INDEX IF NOT EXISTS gc_packs_unreferenced ON gc_packs (zero_since) WHERE refs = 0`,
-  `CREATE TABLE IF NOT EXISTS gc_manifests (key TEXT PRIMARY KEY, etag TEXT NOT NULL)`,
-  `CREATE TABLE IF NOT EXISTS gc_manifest_packs (key TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (key, pack))`,
+  `CREATE TABLE IF NOT EXISTS gc_manifests (key TEXT PRIMARY KEY, etag TEXT NOT NULL, set_id TEXT NOT NULL)`,
+  `CREATE TABLE IF NOT EXISTS gc_sets (id TEXT PRIMARY KEY, refs BIGINT NOT NULL)`,
   // No index by pack: each manifest written adds its new packs' rows at random places in
-  // one, and a fork adds a row for every pack of its volume. Measured on SQLite, the rows
-  // of 30 forks of a volume of 2,622 packs: 18.5 ms a fork with it, 5.6 ms without. Only
-  // reconciliation counts by pack (one GROUP BY over the table, and a scan per drifted pack).
-  `DROP INDEX IF EXISTS gc_manifest_packs_pack`,
-  `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
+  // one. Measured on SQLite (schema 1, rows per key), the rows of 30 forks of a volume of
+  // 2,622 packs: 18.5 ms a fork with it, 5.6 ms without. Only reconciliation counts by
+  // pack (one GROUP BY over the table, and a scan per drifted pack).
+  `CREATE TABLE IF NOT EXISTS gc_set_packs (set_id TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (set_id, pack))`,
+  `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, set_id TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
      created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL)`,
   `CREATE INDEX IF NOT EXISTS gc_intents_key ON gc_intents (key)`,
+];
+
+/**
+ * Schema 1 → 2, in one transaction: each key's rows become a set of its own named by
+ * the key (new sets get random UUIDs, so the names cannot meet), held by its row, or by
+ * the unresolved intents of a key with no row yet.
+ */
+const MIGRATE_1_TO_2 = [
+  `ALTER TABLE gc_manifests ADD COLUMN set_id TEXT`,
+  `UPDATE gc_manifests SET set_id = key`,
+  `ALTER TABLE gc_intents ADD COLUMN set_id TEXT`,
+  `UPDATE gc_intents SET set_id = key`,
+  `CREATE TABLE gc_sets (id TEXT PRIMARY KEY, refs BIGINT NOT NULL)`,
+  `INSERT INTO gc_sets (id, refs) SELECT key, 1 FROM gc_manifests`,
+  `INSERT INTO gc_sets (id, refs) SELECT key, count(*) FROM gc_intents i WHERE NOT EXISTS (SELECT 1 FROM gc_manifests m WHERE m.key = i.key) GROUP BY key`,
+  `CREATE TABLE gc_set_packs (set_id TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (set_id, pack))`,
+  `INSERT INTO gc_set_packs (set_id, pack) SELECT key, pack FROM gc_manifest_packs`,
+  `DROP TABLE gc_manifest_packs`,
 ];
 
 /** The packs counted for a manifest key, as of the object with `etag`. */
@@ -56,10 +89,15 @@ export interface CountedManifest {
   packs: ReadonlySet<string>;
 }
 
+/** SQL condition on an intent `i`: it holds its set (it is not a change of its key's own set in place). */
+const HOLDING_INTENT = `NOT EXISTS (SELECT 1 FROM gc_manifests m WHERE m.key = i.key AND m.set_id = i.set_id)`;
+
 /** A manifest write between begin and commit/abort. */
 export interface ManifestWrite {
   id: string;
   key: string;
+  /** The pack set the key counts once the write lands (held by the intent until then). */
+  set: string;
   packs: ReadonlySet<string>;
   added: string[];
   dropped: string[];
@@ -91,6 +129,13 @@ export function packsOf(blocks: ReadonlyArray<{ pack: string }>): Set<string> {
   const packs = new Set<string>();
   for (const b of blocks) packs.add(b.pack);
   return packs;
+}
+
+/** Whether two sets of packs hold the same ids. */
+export function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
+  if (a.size !== b.size) return false;
+  for (const id of a) if (!b.has(id)) return false;
+  return true;
 }
 
 const EMPTY: ReadonlySet<string> = new Set();
@@ -140,20 +185,34 @@ export class PackRefcounts {
     this.now = options.now ?? Date.now;
   }
 
-  /** Create the schema if missing and return the refcounts of `db`. */
+  /** Create the schema if missing (or migrate an older one) and return the refcounts of `db`. */
   static async open(db: SqlDatabase, options: RefcountOptions): Promise<PackRefcounts> {
     const create = () =>
       db.tx(async (tx) => {
+        await tx.run(`CREATE TABLE IF NOT EXISTS gc_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)`);
+        const meta = new Map((await tx.all<{ name: string; value: string }>(`SELECT name, value FROM gc_meta WHERE name IN ('database_id', 'schema')`)).map((r) => [r.name, r.value]));
+        // A database with an id and no schema version was made by schema 1.
+        const version = meta.has('schema') ? Number(meta.get('schema')) : meta.has('database_id') ? 1 : SCHEMA_VERSION;
+        if (!(version >= 1 && version <= SCHEMA_VERSION)) {
+          throw new Error(`gc database ${db.description}: schema version ${meta.get('schema')} is newer than this updraft reads (${SCHEMA_VERSION}); upgrade updraft`);
+        }
+        if (version === 1) {
+          for (const statement of MIGRATE_1_TO_2) await tx.run(statement);
+          options.log.info('gc database: migrated the refcount schema 1 -> 2 (pack sets)', { database: db.description });
+        }
         for (const statement of SCHEMA) await tx.run(statement);
         await tx.run(`INSERT INTO gc_meta (name, value) VALUES ('database_id', $1) ON CONFLICT (name) DO NOTHING`, [crypto.randomUUID()]);
+        await tx.run(`INSERT INTO gc_meta (name, value) VALUES ('schema', $1) ON CONFLICT (name) DO UPDATE SET value = excluded.value`, [String(SCHEMA_VERSION)]);
         return (await tx.all<{ value: string }>(`SELECT value FROM gc_meta WHERE name = 'database_id'`))[0].value;
       });
     let id: string;
     try {
       id = await create();
     } catch (err) {
-      // Two hosts creating the schema at once on PostgreSQL: one loses on the catalog; the tables exist now.
-      if ((err as { cause?: { code?: string } }).cause?.code !== '23505') throw err;
+      // Two hosts creating (or migrating) the schema at once on PostgreSQL: one loses on
+      // the catalog or on a column the other added; the tables are there now.
+      const code = (err as { cause?: { code?: string } }).cause?.code;
+      if (code !== '23505' && code !== '42701' && code !== '42P07') throw err;
       id = await create();
     }
     return new PackRefcounts(db, id, options);
@@ -283,38 +342,102 @@ export class PackRefcounts {
     return gone;
   }
 
+  // ---- pack sets ----------------------------------------------------------------------
+
+  /** Lock `key`'s row (an UPDATE of it, so that a concurrent begin or fork of the key waits) and read it. */
+  private async lockKey(tx: SqlTx, key: string): Promise<{ etag: string; set: string } | undefined> {
+    const row = (await tx.all<{ etag: string; set_id: string }>(`UPDATE gc_manifests SET etag = etag WHERE key = $1 RETURNING etag, set_id`, [key]))[0];
+    return row === undefined ? undefined : { etag: row.etag, set: row.set_id };
+  }
+
+  /** The packs of set `id`. */
+  private async setPacks(tx: SqlTx, id: string): Promise<Set<string>> {
+    return new Set((await tx.all<{ pack: string }>(`SELECT pack FROM gc_set_packs WHERE set_id = $1`, [id])).map((r) => r.pack));
+  }
+
+  /** One more holder (a key's row or an intent) of set `id`, which exists; returns its holders now. */
+  private async holdSet(tx: SqlTx, id: string): Promise<number> {
+    const rows = await tx.all<{ refs: number }>(`UPDATE gc_sets SET refs = refs + 1 WHERE id = $1 RETURNING refs`, [id]);
+    if (rows.length === 0) throw new Error(`gc database ${this.db.description}: pack set ${id} has no row`);
+    return Number(rows[0].refs);
+  }
+
+  /** A new set with no packs yet, held once (by the intent or row about to name it). */
+  private async newSet(tx: SqlTx): Promise<string> {
+    const id = crypto.randomUUID();
+    await tx.run(`INSERT INTO gc_sets (id, refs) VALUES ($1, 1)`, [id]);
+    return id;
+  }
+
+  /** One holder of set `id` fewer; the last one releases it: its packs −1, its rows gone. */
+  private async letGoSet(tx: SqlTx, id: string): Promise<void> {
+    const rows = await tx.all<{ refs: number }>(`UPDATE gc_sets SET refs = refs - 1 WHERE id = $1 RETURNING refs`, [id]);
+    if (rows.length > 0 && Number(rows[0].refs) > 0) return;
+    await this.releaseSet(tx, id);
+  }
+
+  private async releaseSet(tx: SqlTx, id: string): Promise<void> {
+    const packs = (await tx.all<{ pack: string }>(`DELETE FROM gc_set_packs WHERE set_id = $1 RETURNING pack`, [id])).map((r) => r.pack);
+    await tx.run(`DELETE FROM gc_sets WHERE id = $1`, [id]);
+    await this.decrement(tx, packs);
+  }
+
+  /**
+   * The set a write of `key` (whose row `row` is locked) changes, and the packs counted in
+   * it: the key's own set while nothing else holds it (held by the row alone); else a new
+   * one, empty, held once by the write (every pack of the write is then added to it).
+   */
+  private async setToWrite(tx: SqlTx, row: { etag: string; set: string } | undefined, known?: CountedManifest): Promise<{ set: string; counted: ReadonlySet<string>; fresh: boolean }> {
+    if (row !== undefined) {
+      const holders = Number((await tx.all<{ refs: number }>(`SELECT refs FROM gc_sets WHERE id = $1`, [row.set]))[0]?.refs ?? 0);
+      if (holders === 1) {
+        return { set: row.set, counted: known !== undefined && known.etag === row.etag ? known.packs : await this.setPacks(tx, row.set), fresh: false };
+      }
+    }
+    return { set: await this.newSet(tx), counted: EMPTY, fresh: true };
+  }
+
   // ---- manifest writes ----------------------------------------------------------------
 
   /**
    * Step 1 of a manifest write of `key` naming `packs`: increment what it adds, record
    * the intent. `known` is the counted set the caller holds for the key (skips reading
-   * it back when the etag still matches). PacksGoneError names packs that are being
-   * deleted; WritePendingError says another write of the key is unresolved.
+   * it back when the etag still matches). `share`: `packs` are exactly the packs of the
+   * object with `etag` at `key` (a lazy fork copies that object; a consistent fork or
+   * checkpoint uploaded nothing new): when that object is the one counted for its key and
+   * no write of it is in flight, the new key holds the same set and no pack is counted
+   * again. PacksGoneError names packs that are being deleted;
+   * WritePendingError says another write of the key is unresolved.
    */
-  async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest): Promise<ManifestWrite> {
+  async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest, share?: { key: string; etag: string }): Promise<ManifestWrite> {
     type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
     for (let attempt = 0; ; attempt++) {
       const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
         const pending = await tx.all<{ id: string }>(`SELECT id FROM gc_intents WHERE key = $1`, [key]);
         if (pending.length > 0) return { pending: true as const };
-        const row = (await tx.all<{ etag: string }>(`SELECT etag FROM gc_manifests WHERE key = $1`, [key]))[0];
-        let counted: ReadonlySet<string> = EMPTY;
-        if (row !== undefined) {
-          counted = known !== undefined && known.etag === row.etag
-            ? known.packs
-            : new Set((await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key])).map((r) => r.pack));
+        const row = await this.lockKey(tx, key);
+        const record = async (write: ManifestWrite) => {
+          await tx.run(
+            `INSERT INTO gc_intents (id, key, set_id, body_hash, host, created, added, dropped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
+            [write.id, key, write.set, hash, this.options.hostId, this.now(), write.added.join(' '), write.dropped.join(' ')],
+          );
+          return { write };
+        };
+        if (row === undefined && share !== undefined && share.key !== key) {
+          const source = await this.lockKey(tx, share.key);
+          const busy = source !== undefined && (await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [share.key])).length > 0;
+          if (source !== undefined && source.etag === share.etag && !busy) {
+            await this.holdSet(tx, source.set);
+            return record({ id: crypto.randomUUID(), key, set: source.set, packs, added: [], dropped: [] });
+          }
         }
+        const { set, counted } = await this.setToWrite(tx, row, known);
         const added = [...packs].filter((p) => !counted.has(p)).sort();
         const dropped = [...counted].filter((p) => !packs.has(p)).sort();
         const missing = await this.increment(tx, added);
-        // Throwing rolls the increments back.
+        // Throwing rolls the increments and the hold back.
         if (missing.length > 0) throw new MissingPacks(missing);
-        const write: ManifestWrite = { id: crypto.randomUUID(), key, packs, added, dropped };
-        await tx.run(
-          `INSERT INTO gc_intents (id, key, body_hash, host, created, added, dropped) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-          [write.id, key, hash, this.options.hostId, this.now(), added.join(' '), dropped.join(' ')],
-        );
-        return { write };
+        return record({ id: crypto.randomUUID(), key, set, packs, added, dropped });
       }).catch((err): Outcome => {
         if (err instanceof MissingPacks) return { missing: err.packs };
         throw err;
@@ -340,27 +463,41 @@ export class PackRefcounts {
     await this.db.tx(async (tx) => {
       // Already resolved by someone who read the store and found this body: done.
       if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [write.id])) === 0) return;
-      await this.applyCommit(tx, write.key, etag, write.added, write.dropped);
+      await this.applyCommit(tx, write.key, write.set, etag, write.added, write.dropped);
     });
     return { etag, packs: write.packs };
   }
 
-  private async applyCommit(tx: SqlTx, key: string, etag: string, added: readonly string[], dropped: readonly string[]): Promise<void> {
-    await tx.run(`INSERT INTO gc_manifests (key, etag) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET etag = excluded.etag`, [key, etag]);
+  /**
+   * `key` now counts set `set` as of `etag`, with `added` and `dropped` applied to the
+   * set's rows. A write to a set other than the row's held it; that hold passes to the
+   * row, and the set the row named before is let go.
+   */
+  private async applyCommit(tx: SqlTx, key: string, set: string, etag: string, added: readonly string[], dropped: readonly string[]): Promise<void> {
+    const before = (await tx.all<{ set_id: string }>(`SELECT set_id FROM gc_manifests WHERE key = $1`, [key]))[0]?.set_id;
+    await tx.run(`INSERT INTO gc_manifests (key, etag, set_id) VALUES ($1, $2, $3) ON CONFLICT (key) DO UPDATE SET etag = excluded.etag, set_id = excluded.set_id`, [key, etag, set]);
     // WHERE true: SQLite's parser needs it between INSERT … SELECT and ON CONFLICT.
     if (added.length > 0) {
-      await tx.run(`INSERT INTO gc_manifest_packs (key, pack) SELECT CAST($1 AS TEXT), v FROM ${tx.rows(2)} WHERE true ON CONFLICT (key, pack) DO NOTHING`, [key, tx.list(added)]);
+      await tx.run(`INSERT INTO gc_set_packs (set_id, pack) SELECT CAST($1 AS TEXT), v FROM ${tx.rows(2)} WHERE true ON CONFLICT (set_id, pack) DO NOTHING`, [set, tx.list(added)]);
     }
-    if (dropped.length > 0) await tx.run(`DELETE FROM gc_manifest_packs WHERE key = $1 AND pack IN (SELECT v FROM ${tx.rows(2)})`, [key, tx.list(dropped)]);
+    if (dropped.length > 0) await tx.run(`DELETE FROM gc_set_packs WHERE set_id = $1 AND pack IN (SELECT v FROM ${tx.rows(2)})`, [set, tx.list(dropped)]);
     await this.decrement(tx, dropped);
+    if (before !== undefined && before !== set) await this.letGoSet(tx, before);
   }
 
-  /** The PUT definitely did not land: revert the increments. */
+  /** The PUT definitely did not land: revert the increments and the hold. */
   async abort(write: ManifestWrite): Promise<void> {
     await this.db.tx(async (tx) => {
       if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [write.id])) === 0) return;
-      await this.decrement(tx, write.added);
+      await this.revert(tx, write.key, write.set, write.added);
     });
+  }
+
+  /** Undo begin's increments, and its hold of `set` unless that is the key's own set (changed in place, held by the row). */
+  private async revert(tx: SqlTx, key: string, set: string, added: readonly string[]): Promise<void> {
+    await this.decrement(tx, added);
+    const own = (await tx.all<{ set_id: string }>(`SELECT set_id FROM gc_manifests WHERE key = $1`, [key]))[0]?.set_id;
+    if (own !== set) await this.letGoSet(tx, set);
   }
 
   /**
@@ -372,8 +509,8 @@ export class PackRefcounts {
   async resolveIntents(filter: { key?: string; host?: string; settleMs?: number } = {}): Promise<{ committed: number; reverted: number; pending: number }> {
     const settleMs = filter.settleMs ?? this.settleMs;
     const rows = await this.db.tx((tx) =>
-      tx.all<{ id: string; key: string; body_hash: string; created: number; added: string; dropped: string; host: string }>(
-        `SELECT id, key, body_hash, host, created, added, dropped FROM gc_intents`,
+      tx.all<{ id: string; key: string; set_id: string; body_hash: string; created: number; added: string; dropped: string; host: string }>(
+        `SELECT id, key, set_id, body_hash, host, created, added, dropped FROM gc_intents`,
       ),
     );
     const result = { committed: 0, reverted: 0, pending: 0 };
@@ -384,14 +521,14 @@ export class PackRefcounts {
       if (object !== undefined && bodyHash(object.body) === intent.body_hash) {
         await this.db.tx(async (tx) => {
           if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
-          await this.applyCommit(tx, intent.key, object.etag, words(intent.added), words(intent.dropped));
+          await this.applyCommit(tx, intent.key, intent.set_id, object.etag, words(intent.added), words(intent.dropped));
         });
         result.committed++;
         this.log.info('resolved an unfinished manifest write: it landed', { key: intent.key, host: intent.host });
       } else if (this.now() - Number(intent.created) >= settleMs) {
         await this.db.tx(async (tx) => {
           if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
-          await this.decrement(tx, words(intent.added));
+          await this.revert(tx, intent.key, intent.set_id, words(intent.added));
         });
         result.reverted++;
         this.log.info('resolved an unfinished manifest write: it did not land; increments reverted', { key: intent.key, host: intent.host });
@@ -405,18 +542,17 @@ export class PackRefcounts {
   /** The packs counted for `key`, if any. */
   async counted(key: string): Promise<CountedManifest | undefined> {
     return this.db.tx(async (tx) => {
-      const row = (await tx.all<{ etag: string }>(`SELECT etag FROM gc_manifests WHERE key = $1`, [key]))[0];
+      const row = (await tx.all<{ etag: string; set_id: string }>(`SELECT etag, set_id FROM gc_manifests WHERE key = $1`, [key]))[0];
       if (row === undefined) return undefined;
-      const packs = await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key]);
-      return { etag: row.etag, packs: new Set(packs.map((p) => p.pack)) };
+      return { etag: row.etag, packs: await this.setPacks(tx, row.set_id) };
     });
   }
 
   /**
    * The object at `key` was deleted from the store: drop what it counted. Call after the
    * delete (a crash between the two over-counts). With `etag`, only if that version is
-   * what is counted. Returns the packs released; WritePendingError while a write of the
-   * key is unresolved.
+   * what is counted. Returns the packs it counted (released unless another key shares
+   * its set); WritePendingError while a write of the key is unresolved.
    */
   async removeManifest(key: string, etag?: string): Promise<number> {
     return this.db.tx(async (tx) => {
@@ -424,13 +560,13 @@ export class PackRefcounts {
         throw new WritePendingError(`${key}: a write of it is in progress; its refcounts are left for reconciliation`);
       }
       const removed = etag === undefined
-        ? await tx.run(`DELETE FROM gc_manifests WHERE key = $1`, [key])
-        : await tx.run(`DELETE FROM gc_manifests WHERE key = $1 AND etag = $2`, [key, etag]);
-      if (removed === 0) return 0;
-      const packs = (await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key])).map((r) => r.pack);
-      await tx.run(`DELETE FROM gc_manifest_packs WHERE key = $1`, [key]);
-      await this.decrement(tx, packs);
-      return packs.length;
+        ? await tx.all<{ set_id: string }>(`DELETE FROM gc_manifests WHERE key = $1 RETURNING set_id`, [key])
+        : await tx.all<{ set_id: string }>(`DELETE FROM gc_manifests WHERE key = $1 AND etag = $2 RETURNING set_id`, [key, etag]);
+      if (removed.length === 0) return 0;
+      const set = removed[0].set_id;
+      const [{ n }] = await tx.all<{ n: number }>(`SELECT count(*) AS n FROM gc_set_packs WHERE set_id = $1`, [set]);
+      await this.letGoSet(tx, set);
+      return Number(n);
     });
   }
 
@@ -519,25 +655,60 @@ export class PackRefcounts {
   async setCounted(key: string, expected: string | undefined, etag: string, packs: ReadonlySet<string>): Promise<{ added: string[]; dropped: string[] } | undefined> {
     return this.db.tx(async (tx) => {
       if ((await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0) return undefined;
-      const row = (await tx.all<{ etag: string }>(`SELECT etag FROM gc_manifests WHERE key = $1`, [key]))[0];
+      const row = await this.lockKey(tx, key);
       if (row?.etag !== expected) return undefined;
-      const counted = new Set((await tx.all<{ pack: string }>(`SELECT pack FROM gc_manifest_packs WHERE key = $1`, [key])).map((r) => r.pack));
+      const counted = row === undefined ? EMPTY : await this.setPacks(tx, row.set);
       const added = [...packs].filter((p) => !counted.has(p)).sort();
       const dropped = [...counted].filter((p) => !packs.has(p)).sort();
-      for (const id of added) {
-        await tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2) ON CONFLICT (id) DO NOTHING`, [id, this.now()]);
+      if (row !== undefined && row.etag === etag && added.length === 0 && dropped.length === 0) return { added, dropped };
+      // The key's own set changes in place; a shared one is left to its other holders.
+      const { set, fresh } = await this.setToWrite(tx, row, row && { etag: row.etag, packs: counted });
+      const add = fresh ? [...packs].sort() : added;
+      const drop = fresh ? [] : dropped;
+      if (add.length > 0) {
+        await tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) SELECT v, 0, 'live', CAST($1 AS BIGINT) FROM ${tx.rows(2)} WHERE true ON CONFLICT (id) DO NOTHING`, [this.now(), tx.list(add)]);
       }
-      const refused = await this.increment(tx, added);
+      const refused = await this.increment(tx, add);
       if (refused.length > 0) {
         // A manifest in the store names a pack GC is deleting: invariant 2 is already broken.
         this.log.error('a manifest names packs that are being deleted; `updraft scrub` reports what is lost', { key, packs: refused.join(' ') });
       }
-      await this.applyCommit(tx, key, etag, added, dropped);
+      await this.applyCommit(tx, key, set, etag, add, drop);
       return { added, dropped };
     });
   }
 
-  /** Packs whose refcount differs from the counted keys plus pending intents naming them. */
+  /**
+   * Sets whose holder count differs from the keys and intents naming them get the true
+   * count, under their row lock; one held by nothing is released. Returns how many were
+   * corrected.
+   */
+  async fixSetHolders(): Promise<number> {
+    const drifted = await this.db.tx((tx) =>
+      tx.all<{ id: string }>(
+        `SELECT s.id FROM gc_sets s
+         LEFT JOIN (SELECT set_id, count(*) AS n FROM gc_manifests GROUP BY set_id) m ON m.set_id = s.id
+         LEFT JOIN (SELECT set_id, count(*) AS n FROM gc_intents i WHERE ${HOLDING_INTENT} GROUP BY set_id) h ON h.set_id = s.id
+         WHERE s.refs <> COALESCE(m.n, 0) + COALESCE(h.n, 0)`,
+      ),
+    );
+    let fixed = 0;
+    for (const { id } of drifted) {
+      fixed += await this.db.tx(async (tx) => {
+        if ((await tx.all(`UPDATE gc_sets SET refs = refs WHERE id = $1 RETURNING refs`, [id])).length === 0) return 0;
+        const [{ n }] = await tx.all<{ n: number }>(
+          `SELECT (SELECT count(*) FROM gc_manifests WHERE set_id = $1) + (SELECT count(*) FROM gc_intents i WHERE set_id = $1 AND ${HOLDING_INTENT}) AS n`,
+          [id],
+        );
+        if (Number(n) === 0) await this.releaseSet(tx, id);
+        else await tx.run(`UPDATE gc_sets SET refs = $2 WHERE id = $1`, [id, Number(n)]);
+        return 1;
+      });
+    }
+    return fixed;
+  }
+
+  /** Packs whose refcount differs from the counted sets plus pending intents naming them. */
   async refcountDrift(): Promise<Array<{ id: string; refs: number; expected: number }>> {
     return this.db.tx(async (tx) => {
       const intents = await tx.all<{ added: string }>(`SELECT added FROM gc_intents`);
@@ -545,7 +716,7 @@ export class PackRefcounts {
       for (const i of intents) for (const p of words(i.added)) held.set(p, (held.get(p) ?? 0) + 1);
       const rows = await tx.all<{ id: string; refs: number; counted: number }>(
         `SELECT p.id, p.refs, COALESCE(c.n, 0) AS counted FROM gc_packs p
-         LEFT JOIN (SELECT pack, count(*) AS n FROM gc_manifest_packs GROUP BY pack) c ON c.pack = p.id
+         LEFT JOIN (SELECT pack, count(*) AS n FROM gc_set_packs GROUP BY pack) c ON c.pack = p.id
          WHERE p.state = 'live'`,
       );
       return rows
@@ -564,7 +735,7 @@ export class PackRefcounts {
       const locked = await tx.all<{ refs: number }>(`UPDATE gc_packs SET refs = refs WHERE id = $1 AND state = 'live' RETURNING refs`, [id]);
       if (locked.length === 0) return undefined;
       const [{ n }] = await tx.all<{ n: number }>(
-        `SELECT (SELECT count(*) FROM gc_manifest_packs WHERE pack = $1) + (SELECT count(*) FROM gc_intents WHERE ' ' || added || ' ' LIKE $2) AS n`,
+        `SELECT (SELECT count(*) FROM gc_set_packs WHERE pack = $1) + (SELECT count(*) FROM gc_intents WHERE ' ' || added || ' ' LIKE $2) AS n`,
         [id, `% ${id} %`],
       );
       const before = Number(locked[0].refs);
@@ -634,12 +805,14 @@ export async function putCountedThen(
   body: Buffer,
   put: () => Promise<string>,
   known?: CountedManifest,
+  /** The object whose packs are exactly `packs` (see PackRefcounts.begin). */
+  share?: { key: string; etag: string },
 ): Promise<{ etag: string; commit: () => Promise<CountedManifest | undefined> }> {
   if (refcounts === undefined) {
     const etag = await put();
     return { etag, commit: async () => undefined };
   }
-  const write = await refcounts.begin(key, packs, bodyHash(body), known);
+  const write = await refcounts.begin(key, packs, bodyHash(body), known, share);
   await crashPoint('manifest-put');
   let etag: string;
   try {

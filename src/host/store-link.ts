@@ -15,7 +15,7 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { packsOf, PacksGoneError, putCounted, putCountedThen, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
+import { packsOf, PacksGoneError, putCounted, putCountedThen, sameSet, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
@@ -451,8 +451,15 @@ export class StoreLink {
       // The base's frames are lent: only the segments the changes touched are compressed.
       const { body, tables } = sealManifest(key, captured.raw, this.ctx.manifestCompression, this.ctx.cipher, captured.lend);
       captured.tables = tables;
+      const packs = bodyPacks(captured.raw);
+      // A fork or checkpoint that names exactly the packs counted for this volume's manifest
+      // (nothing new was uploaded for it) shares their pack set: no pack is counted again.
+      const counted = this.counted;
+      const share = !own && counted !== undefined && counted.etag === this.state.manifestEtag && sameSet(packs, counted.packs)
+        ? { key: manifestKey(this.name), etag: counted.etag }
+        : undefined;
       try {
-        return await putCountedThen(this.ctx.refcounts, key, bodyPacks(captured.raw), body, () => put(body), own ? this.counted : undefined);
+        return await putCountedThen(this.ctx.refcounts, key, packs, body, () => put(body), own ? counted : undefined, share);
       } catch (err) {
         if (!(err instanceof PacksGoneError) || attempt >= 3) throw err;
         this.ctx.log.warn('packs were deleted by GC while the manifest was written; uploading their blocks again', { volume: this.name, key, packs: err.packs.length });

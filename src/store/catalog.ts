@@ -188,7 +188,8 @@ export async function lazyFork(
   const { body: sealed, tables } = sealManifest(key, raw, compression, cipher, held.tables);
   if (manifest !== undefined) manifest.meta = meta;
   beside?.({ meta, manifest });
-  const { etag, commit } = await putCountedThen(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed));
+  // The target's packs are the copied object's: counted as one more holder of its pack set.
+  const { etag, commit } = await putCountedThen(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed), undefined, { key: from, etag: held.etag });
   return { sequence, etag, meta, raw, tables, manifest, sourceEtag: held.etag, commit };
 }
 

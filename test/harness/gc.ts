@@ -1,8 +1,8 @@
 // The GC behaviours every refcount database must show, run by gc-sqlite.test.ts (the
 // embedded default) and gc-postgres.test.ts (a real PostgreSQL server): a seeded random
 // lifecycle with GC running at a zero grace period, SIGKILL inside a manifest write's
-// refcount transaction and inside a deletion cycle, and the SQL cost of a flush with 1
-// and with 1,000 volumes registered.
+// refcount transaction and inside a deletion cycle, the SQL cost of a flush with 1
+// and with 1,000 volumes registered, and a lazy fork's shared pack set.
 import { prng } from '../../src/objectstore/faults.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import assert from 'node:assert/strict';
@@ -216,6 +216,9 @@ export function defineGcTests(backend: GcBackend): void {
         // Reconcile and delete what is dead (grace 0): the store then holds exactly the live packs.
         const gc = await api(d, 'POST', '/api/gc', { reconcile: true });
         assert.equal(gc.cycle.skipped, undefined, JSON.stringify(gc));
+        // The counts kept write by write (forks sharing pack sets included) needed no correction, in any reconciliation.
+        const corrections = Object.fromEntries(await Promise.all(['manifest', 'set', 'refcount'].map(async (k) => [k, await metric(d, `updraft_gc_${k}_corrections_total`)])));
+        assert.deepEqual(corrections, { manifest: 0, set: 0, refcount: 0 }, 'reconciliation corrected counts kept write by write');
         const audit = await storeAudit(path.join(d.dir, 'store'));
         assert.deepEqual(audit.missing, [], 'manifests name packs that are not in the store');
         assert.deepEqual(audit.dead, [], 'packs no manifest or checkpoint names are left after reconciliation');
@@ -328,6 +331,80 @@ export function defineGcTests(backend: GcBackend): void {
 
   crashTest('SIGKILL inside a continuous flush\'s refcount transaction (before and after the manifest PUT): restart, reconcile, nothing live lost, nothing dead left', ['manifest-put', 'manifest-commit'], false);
   crashTest('SIGKILL inside a deletion cycle (between deletes, and before the rows are forgotten): restart, reconcile, nothing live lost, nothing dead left', ['pack-delete', 'pack-forget'], true);
+
+  test(`${label}: a lazy fork holds its source's pack set: the same few SQL rows for a source of 1 pack and of 10, and for a consistent fork with nothing new; the source's next drain and the deletes then release exactly`, { timeout: TIMEOUT }, async (t) => {
+    const gc = await backend.gcToml(`share${Date.now().toString(36)}`);
+    const d = await startDaemon({ toml: baseToml({ ...gc, interval: '1h' }) });
+    try {
+      await withLogs([d], async () => {
+        await waitFor('the first GC cycle', async () => (await metric(d, 'updraft_gc_cycles_total')) >= 1);
+        const content = new Map<string, Buffer>();
+        for (const [name, chunks] of [['small', 1], ['big', 250]] as const) {
+          await api(d, 'PUT', `/api/exports/${name}`, { size_gb: 32 / 1024 }, 201);
+          const c = await connect(d, name);
+          const data = randomBytes(chunks * CHUNK);
+          await c.write(0, data);
+          await c.flush();
+          await c.disconnect();
+          await api(d, 'POST', `/api/exports/${name}/drain`);
+          content.set(name, data);
+        }
+        const packsOf = async (name: string) => {
+          const store = openObjectStore(`file://${path.join(d.dir, 'store')}`, {});
+          const key = `volumes/${name}/manifest`;
+          const object = (await store.get(key))!;
+          await store.close();
+          return new Set(decodeManifest(key, object.body, PLAINTEXT).blocks.map((b) => b.pack));
+        };
+        assert.equal((await packsOf('small')).size, 1);
+        assert.equal((await packsOf('big')).size, 10);
+        const forkRows = async (source: string, target: string, mode: string) => {
+          const rows0 = await metric(d, 'updraft_gc_sql_rows_written_total');
+          await api(d, 'POST', `/api/exports/${source}/fork`, { target, mode }, 201);
+          return (await metric(d, 'updraft_gc_sql_rows_written_total')) - rows0;
+        };
+        const small = await forkRows('small', 'small-fork', 'lazy');
+        const big = await forkRows('big', 'big-fork', 'lazy');
+        // A consistent fork of a volume with nothing new since its drain names the same packs: it shares too.
+        const consistent = await forkRows('big', 'big-c', 'consistent');
+        t.diagnostic(`SQL rows written by a fork: lazy ${small} of a 1-pack volume, ${big} of a 10-pack volume; consistent ${consistent} of the 10-pack one`);
+        // Source row locked, set held, intent in and out, the target's row: about 5, none per pack.
+        assert.ok(small <= 8, `${small} rows for a lazy fork`);
+        assert.equal(big, small, 'the rows a lazy fork writes grew with the packs of its source');
+        assert.equal(consistent, small, 'a consistent fork with nothing new counted its packs again');
+
+        // The source changes: its next drain starts a set of its own; the fork's stays as it was.
+        const c = await connect(d, 'big');
+        await c.write(0, randomBytes(25 * CHUNK)); // a new first pack; the old one is the fork's alone
+        await c.flush();
+        await c.disconnect();
+        await api(d, 'POST', `/api/exports/big/drain`);
+        const result = await api(d, 'POST', '/api/gc', { reconcile: true });
+        assert.equal(result.reconcile.manifest_corrections, 0, JSON.stringify(result));
+        assert.equal(result.reconcile.set_corrections, 0, JSON.stringify(result));
+        assert.equal(result.reconcile.refcount_corrections, 0, JSON.stringify(result));
+        assert.deepEqual(result.cycle.deleted, [], 'GC deleted a pack the fork still names');
+        for (const name of ['big-fork', 'big-c']) {
+          const f = await connect(d, name);
+          assert.ok((await readAll(f, 0, 250 * CHUNK)).equals(content.get('big')!), `${name} reads back differently`);
+          await f.disconnect();
+        }
+
+        // Deleting the sources leaves the forks whole; deleting the forks then frees every pack.
+        for (const name of ['big', 'small']) assert.equal((await d.api('DELETE', `/api/exports/${name}?purge=true&force=true`)).status, 200);
+        const afterSources = await api(d, 'POST', '/api/gc', { reconcile: true });
+        assert.equal(afterSources.cycle.deleted.length, 1, `only big's new first pack is dead: ${JSON.stringify(afterSources.cycle)}`);
+        assert.deepEqual((await storeAudit(path.join(d.dir, 'store'))).dead, []);
+        for (const name of ['big-fork', 'big-c', 'small-fork']) assert.equal((await d.api('DELETE', `/api/exports/${name}?purge=true&force=true`)).status, 200);
+        const afterForks = await api(d, 'POST', '/api/gc', { reconcile: true });
+        assert.equal(afterForks.cycle.deleted.length, 11, JSON.stringify(afterForks.cycle));
+        const audit = await storeAudit(path.join(d.dir, 'store'));
+        assert.equal(audit.packs, 0, `packs left: ${audit.dead.join(' ')}`);
+      });
+    } finally {
+      await d.cleanup();
+    }
+  });
 
   test(`${label}: packs registered at once share one transaction; each call returns once its row is in, and one being deleted waits for the deletion`, { timeout: TIMEOUT }, async (t) => {
     const gc = await backend.gcToml(`reg${Date.now().toString(36)}`);
