@@ -489,7 +489,7 @@ export function defineGcTests(backend: GcBackend): void {
         await store.close();
         const crowded = await flushTwoPacks();
         t.diagnostic(`SQL rows written by a continuous flush adding 2 packs: ${alone} with 1 volume, ${crowded} with 1,000`);
-        // Pack rows (2 registered + 2 incremented), intent in and out, manifest etag, counted rows (2), lease-free: about 9.
+        // Pack rows (2 registered + 2 incremented), key row locked, intent in and out, manifest etag, set rows (2), lease-free: about 10.
         assert.ok(alone >= 4 && alone <= 12, `${alone} rows for a flush adding 2 packs`);
         assert.equal(crowded, alone, 'the rows a flush touches grew with the number of volumes');
         await c.disconnect();
