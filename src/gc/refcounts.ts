@@ -3,7 +3,7 @@
 // number of pack sets naming it (plus writes in flight that added it); a set is counted
 // once however many keys share it. Every manifest write applies its delta of packs
 // (added, dropped) to its key's set, so the cost is O(packs changed), never O(volumes);
-// a lazy fork shares its source's set, so it costs O(1) rows whatever the volume holds.
+// a fork shares its source's set, so it costs O(1) rows whatever the volume holds.
 //
 // Tables (one schema for SQLite and PostgreSQL):
 //   gc_packs       id, refs, state ('live' | 'deleting'), zero_since (ms; set while refs = 0)
@@ -16,7 +16,8 @@
 //
 // A key's set is its own while no other key or intent holds it: a write then changes it
 // in place. A lazy fork whose source object is the one counted for the source key holds
-// the source's set (one increment of gc_sets.refs) instead of counting its packs again.
+// the source's set (one increment of gc_sets.refs) instead of counting its packs again;
+// so does a consistent fork or checkpoint that names exactly the source's counted packs.
 // A write of a key whose set is shared starts a new set of its own (every pack +1, once);
 // the last reference to a set going releases it (its packs −1, its rows gone).
 //
