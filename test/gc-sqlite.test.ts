@@ -137,7 +137,7 @@ test('updraft gc and updraft delete ask the running daemon, and work on the data
   }
 });
 
-test('a refcount database of schema 1 (packs counted per key, an intent unresolved) is migrated to pack sets at start-up: nothing live lost, the intent reverted, counts exact', { timeout: 120_000 }, async () => {
+test('a refcount database of schema 1 (packs counted per key, an intent unresolved) is migrated to pack sets at start-up: nothing live lost, the intent reverted, counts exact; a wrong set holder count is corrected', { timeout: 120_000 }, async () => {
   const d = await startDaemon({ toml: { host: { id: 'migrate-host' }, volumes: { seal_idle_ms: 200 }, gc: { grace_period: '0s', interval: '1h' } } });
   try {
     await withLogs([d], async () => {
@@ -178,6 +178,15 @@ test('a refcount database of schema 1 (packs counted per key, an intent unresolv
         assert.ok((await readAll(c, 0, MiB)).equals(data), `${name} reads back differently after the migration`);
         await c.disconnect();
       }
+      // A set whose holder count is wrong (too high: its packs would never be freed) is put right by reconciliation.
+      await d.stop();
+      const drift = new Sqlite(path.join(d.dir, 'cache', 'gc.sqlite'));
+      drift.exec(`UPDATE gc_sets SET refs = refs + 3 WHERE id = (SELECT set_id FROM gc_manifests WHERE key = 'volumes/doomed/manifest')`);
+      drift.close();
+      await d.restart();
+      const fixed = await d.api('POST', '/api/gc', { reconcile: true });
+      assert.equal(fixed.json.reconcile.set_corrections, 1, JSON.stringify(fixed.json));
+      assert.equal(await metric(d, 'updraft_gc_set_corrections_total'), 1);
       assert.equal((await d.api('DELETE', '/api/exports/doomed?purge=true&force=true')).status, 200);
       const after = await d.api('POST', '/api/gc', {});
       assert.ok(after.json.cycle.deleted.length > 0, JSON.stringify(after.json));

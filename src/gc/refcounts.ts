@@ -696,11 +696,14 @@ export class PackRefcounts {
     let fixed = 0;
     for (const { id } of drifted) {
       fixed += await this.db.tx(async (tx) => {
-        if ((await tx.all(`UPDATE gc_sets SET refs = refs WHERE id = $1 RETURNING refs`, [id])).length === 0) return 0;
+        const locked = await tx.all<{ refs: number }>(`UPDATE gc_sets SET refs = refs WHERE id = $1 RETURNING refs`, [id]);
+        if (locked.length === 0) return 0;
         const [{ n }] = await tx.all<{ n: number }>(
           `SELECT (SELECT count(*) FROM gc_manifests WHERE set_id = $1) + (SELECT count(*) FROM gc_intents i WHERE set_id = $1 AND ${HOLDING_INTENT}) AS n`,
           [id],
         );
+        // Counted again under the lock: a write that moved meanwhile may have set it right.
+        if (Number(n) === Number(locked[0].refs)) return 0;
         if (Number(n) === 0) await this.releaseSet(tx, id);
         else await tx.run(`UPDATE gc_sets SET refs = $2 WHERE id = $1`, [id, Number(n)]);
         return 1;
