@@ -37,7 +37,9 @@ test('a microVM boots from a fork of a blessed image over NBD; its write lands i
     // for its first boot to be recorded as its hot set; images/busybox has none.
     const image = await buildRootImage(cluster.dir);
     await bless(cluster, image, 'images/busybox');
-    await bless(cluster, image, 'images/recorded', ['--boot-record', '20']);
+    // The window starts at the first read (qemu probing the disk as it starts), and the
+    // guest mounts its root 15-30 s later under TCG on a loaded machine: 60 s covers the boot.
+    await bless(cluster, image, 'images/recorded', ['--boot-record', '60']);
     const bootset = path.join(cluster.dir, 'store', 'volumes', 'images', 'recorded', 'bootset');
     assert.equal(JSON.parse(fs.readFileSync(bootset, 'utf8')).recording, true, 'bless --boot-record left no recording request');
     const a = await cluster.start('host-a');
@@ -58,7 +60,7 @@ test('a microVM boots from a fork of a blessed image over NBD; its write lands i
     await waitFor('the boot hot set of images/recorded', async () => {
       const set = JSON.parse(fs.readFileSync(bootset, 'utf8'));
       return set.recording === undefined && set.chunks.length > 0;
-    }, 60_000, 500);
+    }, 90_000, 500);
     await runOk(process.execPath, [DAEMON_MAIN, 'fork', 'images/recorded', 'vm/hot', '--offline', '-c', config], { timeoutMs: 60_000, cwd: cluster.dir });
     // Read-ahead off on both, so the comparison shows the hot set alone (with it on, read-ahead
     // of this small image already fetches most of what the boot reads).
