@@ -315,6 +315,16 @@ export class PackRefcounts {
     );
   }
 
+  /** A live row (refcount 0, unreferenced since now) for each pack of `ids` that has none. */
+  private async insertLive(tx: SqlTx, ids: readonly string[]): Promise<void> {
+    if (ids.length === 0) return;
+    // WHERE true: SQLite's parser needs it between INSERT … SELECT and ON CONFLICT.
+    await tx.run(
+      `INSERT INTO gc_packs (id, refs, state, zero_since) SELECT v, 0, 'live', CAST($1 AS BIGINT) FROM ${tx.rows(2)} WHERE true ON CONFLICT (id) DO NOTHING`,
+      [this.now(), tx.list(ids)],
+    );
+  }
+
   /**
    * Packs of `ids` with no row that are in the store get a live row (a store written
    * before GC was on, a database rebuilt, or another host's embedded database counted
@@ -333,11 +343,7 @@ export class PackRefcounts {
       else adopted.push(id);
     });
     if (adopted.length > 0) {
-      const now = this.now();
-      // WHERE true: SQLite's parser needs it between INSERT … SELECT and ON CONFLICT.
-      await this.db.tx((tx) =>
-        tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) SELECT v, 0, 'live', CAST($1 AS BIGINT) FROM ${tx.rows(2)} WHERE true ON CONFLICT (id) DO NOTHING`, [now, tx.list(adopted)]),
-      );
+      await this.db.tx((tx) => this.insertLive(tx, adopted));
       this.log.info('packs in the store had no refcount row; adopted them', { key, packs: adopted.length, first: adopted[0] });
     }
     return gone;
@@ -356,11 +362,16 @@ export class PackRefcounts {
     return new Set((await tx.all<{ pack: string }>(`SELECT pack FROM gc_set_packs WHERE set_id = $1`, [id])).map((r) => r.pack));
   }
 
-  /** One more holder (a key's row or an intent) of set `id`, which exists; returns its holders now. */
-  private async holdSet(tx: SqlTx, id: string): Promise<number> {
-    const rows = await tx.all<{ refs: number }>(`UPDATE gc_sets SET refs = refs + 1 WHERE id = $1 RETURNING refs`, [id]);
-    if (rows.length === 0) throw new Error(`gc database ${this.db.description}: pack set ${id} has no row`);
-    return Number(rows[0].refs);
+  /** One more holder (a key's row or an intent) of set `id`, which exists. */
+  private async holdSet(tx: SqlTx, id: string): Promise<void> {
+    if ((await tx.run(`UPDATE gc_sets SET refs = refs + 1 WHERE id = $1`, [id])) === 0) {
+      throw new Error(`gc database ${this.db.description}: pack set ${id} has no row`);
+    }
+  }
+
+  /** Whether a write of `key` is unresolved. */
+  private async writePending(tx: SqlTx, key: string): Promise<boolean> {
+    return (await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0;
   }
 
   /** A new set with no packs yet, held once (by the intent or row about to name it). */
@@ -414,8 +425,7 @@ export class PackRefcounts {
     type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
     for (let attempt = 0; ; attempt++) {
       const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
-        const pending = await tx.all<{ id: string }>(`SELECT id FROM gc_intents WHERE key = $1`, [key]);
-        if (pending.length > 0) return { pending: true as const };
+        if (await this.writePending(tx, key)) return { pending: true as const };
         const row = await this.lockKey(tx, key);
         const record = async (write: ManifestWrite) => {
           await tx.run(
@@ -426,8 +436,7 @@ export class PackRefcounts {
         };
         if (row === undefined && share !== undefined && share.key !== key) {
           const source = await this.lockKey(tx, share.key);
-          const busy = source !== undefined && (await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [share.key])).length > 0;
-          if (source !== undefined && source.etag === share.etag && !busy) {
+          if (source !== undefined && source.etag === share.etag && !(await this.writePending(tx, share.key))) {
             await this.holdSet(tx, source.set);
             return record({ id: crypto.randomUUID(), key, set: source.set, packs, added: [], dropped: [] });
           }
@@ -557,7 +566,7 @@ export class PackRefcounts {
    */
   async removeManifest(key: string, etag?: string): Promise<number> {
     return this.db.tx(async (tx) => {
-      if ((await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0) {
+      if (await this.writePending(tx, key)) {
         throw new WritePendingError(`${key}: a write of it is in progress; its refcounts are left for reconciliation`);
       }
       const removed = etag === undefined
@@ -655,7 +664,7 @@ export class PackRefcounts {
    */
   async setCounted(key: string, expected: string | undefined, etag: string, packs: ReadonlySet<string>): Promise<{ added: string[]; dropped: string[] } | undefined> {
     return this.db.tx(async (tx) => {
-      if ((await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0) return undefined;
+      if (await this.writePending(tx, key)) return undefined;
       const row = await this.lockKey(tx, key);
       if (row?.etag !== expected) return undefined;
       const counted = row === undefined ? EMPTY : await this.setPacks(tx, row.set);
@@ -666,9 +675,7 @@ export class PackRefcounts {
       const { set, fresh } = await this.setToWrite(tx, row, row && { etag: row.etag, packs: counted });
       const add = fresh ? [...packs].sort() : added;
       const drop = fresh ? [] : dropped;
-      if (add.length > 0) {
-        await tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) SELECT v, 0, 'live', CAST($1 AS BIGINT) FROM ${tx.rows(2)} WHERE true ON CONFLICT (id) DO NOTHING`, [this.now(), tx.list(add)]);
-      }
+      await this.insertLive(tx, add);
       const refused = await this.increment(tx, add);
       if (refused.length > 0) {
         // A manifest in the store names a pack GC is deleting: invariant 2 is already broken.
