@@ -12,7 +12,7 @@ import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { crashPoint, type PackRefcounts } from '../gc/refcounts.js';
-import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
+import { isPreconditionFailed, storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
 import { decodeManifestBody, leaseKey, manifestKey, storedTables, type Manifest, type ManifestMeta, type StoredTables } from '../store/manifest.js';
@@ -272,19 +272,25 @@ export class Host {
 
   /**
    * The volume to serve for an export name: an open one, or a new one when auto-create
-   * is on. Undefined when the name is unknown and auto-create is off.
+   * is on. Undefined when the name is unknown and auto-create is off. A name this host
+   * does not have is looked up in the store: when the store does not answer, this throws
+   * 'Unavailable' saying so (within [storage] request_deadline_s per store request).
    */
   async openForClient(name: string): Promise<Volume | undefined> {
     const open = this.volumes.get(name);
     if (open) return open;
     const checkpoint = splitCheckpointExport(name);
-    if (checkpoint) return this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
-    const problem = volumeNameProblem(name);
+    const problem = checkpoint ? undefined : volumeNameProblem(name);
     if (problem) throw new VolumeError('EINVAL', problem);
-    const woken = await this.wake(name);
-    if (woken) return woken;
-    if (this.options.autoCreateBytes <= 0) return undefined;
-    return (await this.create(name, this.options.autoCreateBytes)).volume;
+    try {
+      if (checkpoint) return await this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
+      const woken = await this.wake(name);
+      if (woken) return woken;
+      if (this.options.autoCreateBytes <= 0) return undefined;
+      return (await this.create(name, this.options.autoCreateBytes)).volume;
+    } catch (err) {
+      throw storeUnreachable(`volume ${name}: cannot open it on this host`, this.options.store.description, err);
+    }
   }
 
   /**
@@ -452,9 +458,14 @@ export class Host {
     return link;
   }
 
-  drain(name: string): Promise<DrainResult> {
+  /** Drain a volume; when the store does not answer, it fails saying so and the volume keeps its changes, writable. */
+  async drain(name: string): Promise<DrainResult> {
     this.checkOpen();
-    return this.linkOf(name).drain();
+    try {
+      return await this.linkOf(name).drain();
+    } catch (err) {
+      throw storeUnreachable(`volume ${name}: drain failed (its changes stay on this host; drain again once the store answers)`, this.options.store.description, err);
+    }
   }
 
   promote(name: string): Promise<{ generation: number; sequence: number }> {
