@@ -4,7 +4,7 @@
 // same faults. The daemon takes a spec from UPDRAFT_STORE_FAULTS (parseFaultSpec).
 
 import {
-  ObjectStoreError, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
+  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface FaultOptions {
@@ -152,7 +152,7 @@ export class FaultyObjectStore implements ObjectStore {
   }
 
   /** inner.list, after the drawn delay or fault. */
-  async list(prefix: string, options?: RequestOptions): Promise<ObjectInfo[]> {
+  async list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
     await this.begin('list', `prefix ${JSON.stringify(prefix)}`, options?.signal);
     return this.inner.list(prefix, options);
   }

@@ -2,7 +2,7 @@
 // Stack it under withRetries (withRetries(withMetering(backend))) so every attempt that
 // reaches the store is counted, not just every call.
 
-import type { ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
+import type { ListOptions, ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
 
 export interface StoreCounters {
   /** Requests started, by kind. */
@@ -64,7 +64,7 @@ export class MeteredObjectStore implements ObjectStore {
   }
 
   /** inner.list, counted once however many pages the backend reads. */
-  list(prefix: string, options?: RequestOptions): Promise<ObjectInfo[]> {
+  list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
     return this.count('list', () => this.inner.list(prefix, options));
   }
 

@@ -5,7 +5,7 @@
 
 import type { Logger } from '../log.js';
 import {
-  ObjectStoreError, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
+  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface RetryOptions {
@@ -17,8 +17,9 @@ export interface RetryOptions {
   maxDelayMs?: number;
   /**
    * A request, its retries and the waits between them included, fails 'Unavailable' once
-   * this long has passed ([storage] request_deadline_s). No retry starts that its wait
-   * would carry past it; the attempt still running then is aborted (its signal). Default 25000.
+   * this long has passed ([storage] request_deadline_s); for a listing, this long without
+   * a page. No retry starts that its wait would carry past it; the attempt still running
+   * then is aborted (its signal). Default 25000.
    */
   deadlineMs?: number;
   /** Each retry is logged here at warn. */
@@ -84,9 +85,17 @@ export class RetryingObjectStore implements ObjectStore {
     return this.retry('head', key, options, (signal) => this.inner.head(key, { signal }));
   }
 
-  /** inner.list, retried while it fails 'Unavailable' (from the first page again). */
-  list(prefix: string, options?: RequestOptions): Promise<ObjectInfo[]> {
-    return this.retry('list', `prefix ${JSON.stringify(prefix)}`, options, (signal) => this.inner.list(prefix, { signal }));
+  /** inner.list, retried while it fails 'Unavailable' (from the first page again); each page that arrives starts the deadline again. */
+  list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
+    return this.retry('list', `prefix ${JSON.stringify(prefix)}`, options, (signal, progress) =>
+      this.inner.list(prefix, {
+        signal,
+        onPage: () => {
+          progress();
+          options?.onPage?.();
+        },
+      }),
+    );
   }
 
   /** inner.delete, retried while it fails 'Unavailable' (deleting twice is harmless). */
@@ -102,18 +111,31 @@ export class RetryingObjectStore implements ObjectStore {
   /**
    * Runs `request` until it succeeds, fails with an error trying again cannot change, runs
    * out of attempts, or reaches the deadline. Every attempt gets the signal that aborts at
-   * the deadline (or when the caller's does); the request settles only after its attempt has.
+   * the deadline (or when the caller's does); the request settles only after its attempt
+   * has. `progress` (a listing's pages) starts the deadline again.
    */
-  private async retry<T>(op: RequestKind, key: string, options: RequestOptions | undefined, request: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  private async retry<T>(
+    op: RequestKind,
+    key: string,
+    options: RequestOptions | undefined,
+    request: (signal: AbortSignal, progress: () => void) => Promise<T>,
+  ): Promise<T> {
     const started = performance.now();
+    let since = started;
     const deadline = new AbortController();
-    const timer = setTimeout(() => deadline.abort(), this.deadlineMs);
+    let timer = setTimeout(() => deadline.abort(), this.deadlineMs);
+    const progress = () => {
+      if (deadline.signal.aborted) return;
+      since = performance.now();
+      clearTimeout(timer);
+      timer = setTimeout(() => deadline.abort(), this.deadlineMs);
+    };
     const signal = options?.signal ? AbortSignal.any([options.signal, deadline.signal]) : deadline.signal;
     const seconds = () => ((performance.now() - started) / 1000).toFixed(1);
     try {
       for (let attempt = 1; ; attempt++) {
         try {
-          return await request(signal);
+          return await request(signal, progress);
         } catch (err) {
           if (!(err instanceof ObjectStoreError) || err.code !== 'Unavailable') throw err;
           const attempts = `${attempt} attempt${attempt === 1 ? '' : 's'}`;
@@ -121,7 +143,7 @@ export class RetryingObjectStore implements ObjectStore {
           if (options?.signal?.aborted) throw gaveUp(err, `abandoned by the caller after ${attempts} in ${seconds()} s`);
           if (attempt >= this.attempts) throw gaveUp(err, `after ${attempts} in ${seconds()} s`);
           const delayMs = Math.random() * Math.min(this.maxDelayMs, this.baseDelayMs * 2 ** (attempt - 1));
-          if (performance.now() - started + delayMs >= this.deadlineMs) {
+          if (performance.now() - since + delayMs >= this.deadlineMs) {
             throw gaveUp(err, `no retry within the request deadline of ${this.deadlineMs / 1000} s; ${attempts}`);
           }
           this.log?.warn('object store request failed; retrying', {

@@ -20,7 +20,7 @@ import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { errorMessage, type Logger } from '../log.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
 import {
-  ObjectStoreError, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
+  ObjectStoreError, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type ListOptions, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface S3Options {
@@ -353,7 +353,7 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** Every object under prefix in key order, by ListObjectsV2 pages of up to 1000 keys. */
-  async list(prefix: string, options?: RequestOptions): Promise<ObjectInfo[]> {
+  async list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
     checkPrefix(prefix, this.description);
     const found: ObjectInfo[] = [];
     let token: string | undefined;
@@ -372,6 +372,7 @@ export class S3ObjectStore implements ObjectStore {
             lastModified: item.LastModified ?? new Date(0),
           });
         }
+        options?.onPage?.();
         token = res.IsTruncated ? res.NextContinuationToken : undefined;
       } while (token !== undefined);
     } catch (err) {

@@ -30,6 +30,11 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+export interface ListOptions extends RequestOptions {
+  /** Called as each page of the listing arrives: a long listing makes progress, so its deadline starts again. */
+  onPage?: () => void;
+}
+
 export interface PutOptions extends RequestOptions {
   /** Only create: fail with PreconditionFailed if the key exists (If-None-Match: *). */
   ifNoneMatch?: '*';
@@ -94,7 +99,7 @@ export interface ObjectStore {
   /** Size and etag, or undefined if the key does not exist. */
   head(key: string, options?: RequestOptions): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with prefix, in key order (the backend pages internally). */
-  list(prefix: string, options?: RequestOptions): Promise<ObjectInfo[]>;
+  list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]>;
   /** Remove key. Deleting a missing key is not an error. */
   delete(key: string, options?: RequestOptions): Promise<void>;
   /** Release sockets and timers. */
