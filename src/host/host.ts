@@ -282,14 +282,21 @@ export class Host {
     const checkpoint = splitCheckpointExport(name);
     const problem = checkpoint ? undefined : volumeNameProblem(name);
     if (problem) throw new VolumeError('EINVAL', problem);
-    try {
-      if (checkpoint) return await this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
+    return this.needingStore(`volume ${name}: cannot open it on this host`, async () => {
+      if (checkpoint) return this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
       const woken = await this.wake(name);
       if (woken) return woken;
       if (this.options.autoCreateBytes <= 0) return undefined;
       return (await this.create(name, this.options.autoCreateBytes)).volume;
+    });
+  }
+
+  /** `work`, with a failure to reach the store restated as "WHAT: the object store URL is unreachable: …". */
+  private async needingStore<T>(what: string, work: () => Promise<T>): Promise<T> {
+    try {
+      return await work();
     } catch (err) {
-      throw storeUnreachable(`volume ${name}: cannot open it on this host`, this.options.store.description, err);
+      throw storeUnreachable(what, this.options.store.description, err);
     }
   }
 
@@ -459,23 +466,22 @@ export class Host {
   }
 
   /** Drain a volume; when the store does not answer, it fails saying so and the volume keeps its changes, writable. */
-  async drain(name: string): Promise<DrainResult> {
+  drain(name: string): Promise<DrainResult> {
     this.checkOpen();
-    try {
-      return await this.linkOf(name).drain();
-    } catch (err) {
-      throw storeUnreachable(`volume ${name}: drain failed (its changes stay on this host; drain again once the store answers)`, this.options.store.description, err);
-    }
+    const link = this.linkOf(name);
+    return this.needingStore(`volume ${name}: drain failed (its changes stay on this host; drain again once the store answers)`, () => link.drain());
   }
 
   promote(name: string): Promise<{ generation: number; sequence: number }> {
     this.checkOpen();
-    return this.linkOf(name).promote();
+    const link = this.linkOf(name);
+    return this.needingStore(`volume ${name}: promotion failed`, () => link.promote());
   }
 
   release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
     this.checkOpen();
-    return this.linkOf(name).release();
+    const link = this.linkOf(name);
+    return this.needingStore(`volume ${name}: release failed`, () => link.release());
   }
 
   /**

@@ -20,7 +20,7 @@ import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { errorMessage, type Logger } from '../log.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
 import {
-  ObjectStoreError, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type ListOptions, type PutOptions, type RequestOptions, type StoredObject,
+  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface S3Options {
