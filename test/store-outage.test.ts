@@ -6,6 +6,7 @@
 // error reply); once the store is back everything catches up and no byte is lost.
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import {
   FileObjectStore, ObjectStoreError, openObjectStore, withFaults, withMetering, withRetries, type ListOptions, type ObjectStore,
@@ -16,7 +17,9 @@ import {
 import type { Daemon } from './harness/daemon.js';
 import { removeDir, scratchDir } from './harness/daemon.js';
 import { minioStore, startMinio, type Minio } from './harness/minio.js';
-import { NbdClient, NbdCommandError, NbdOptionError } from './harness/nbd-client.js';
+import { NbdClient, NbdCommandError, NbdOptionError, rawSocket, waitClosed } from './harness/nbd-client.js';
+import { createLogger } from '../src/log.js';
+import { NbdServer } from '../src/nbd/server.js';
 import { run, TOOLS, requireTools } from './harness/tools.js';
 
 /** Small bounds, so that the minutes of a real outage become seconds here; the settings are what bound the waits. */
@@ -311,4 +314,31 @@ test('a listing makes progress page by page: each page starts the request deadli
   const err = await rejection(withRetries(pagedStore(6, 600), { deadlineMs: 400 }).list(''));
   assert.ok(err instanceof ObjectStoreError && err.code === 'Unavailable', String(err));
   assert.match(err.message, /aborted at page 0 \(no answer within the request deadline of 0\.4 s; 1 attempt\)/);
+});
+
+test('nbd: the negotiation timeout does not run while the server opens a volume from the store; an idle client is still closed', async (t) => {
+  const dir = await scratchDir('updraft-outage-');
+  t.after(() => removeDir(dir));
+  const socket = path.join(dir, 'nbd.sock');
+  // Opening takes longer than the negotiation timeout, then finds the store unreachable.
+  const server = new NbdServer(
+    {
+      list: () => [],
+      peek: () => undefined,
+      open: async (name) => {
+        await new Promise((resolve) => setTimeout(resolve, 1500));
+        throw new ObjectStoreError('Unavailable', `volume ${name}: cannot open it on this host: the object store s3://b is unreachable: get volumes/${name}/manifest`);
+      },
+    },
+    { unixSocket: socket, handshakeTimeoutMs: 500 },
+    createLogger('test', 'error'),
+  );
+  await server.listen();
+  t.after(() => server.close());
+  const err = await rejection(NbdClient.connect({ path: socket, exportName: 'far' }));
+  assert.ok(err instanceof NbdOptionError, `expected an NBD option error, got ${String(err)}`);
+  assert.equal(err.code, 'NBD_REP_ERR_UNKNOWN');
+  assert.match(err.serverMessage, /volume far: cannot open it on this host: the object store s3:\/\/b is unreachable/);
+  const idle = await rawSocket({ path: socket, stage: 'greeted' });
+  assert.equal(await waitClosed(idle.socket, 30_000), true, 'a client that never chooses an export is closed');
 });

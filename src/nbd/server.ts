@@ -22,7 +22,7 @@ export interface NbdServerOptions {
    * which its permissions guard, TLS is offered and never required.
    */
   tls?: { mode: 'on' | 'require'; context: tls.SecureContext };
-  /** A client that has not finished negotiating by then is disconnected; time the server spends opening a volume does not count. */
+  /** A client that has not finished negotiating by then is disconnected; the time the server spends opening a volume does not count. */
   handshakeTimeoutMs?: number;
 }
 
@@ -119,20 +119,25 @@ export class NbdServer {
           else this.log.debug('connection error', { peer, error: err.message });
         });
       });
-    const negotiationMs = this.options.handshakeTimeoutMs ?? 30_000;
-    const armTimer = () =>
-      setTimeout(() => {
+    // The negotiation timeout is the client's time: it stops while the server opens a
+    // volume, which may wait on the store (bounded by [storage] request_deadline_s per
+    // request), and goes on with what was left (at least a second to read the reply).
+    let negotiationLeftMs = this.options.handshakeTimeoutMs ?? 30_000;
+    let armedAt = 0;
+    const armTimer = () => {
+      armedAt = performance.now();
+      return setTimeout(() => {
         this.log.warn('closing connection: negotiation timed out', { peer });
         raw.destroy();
-      }, negotiationMs);
+      }, Math.max(1000, negotiationLeftMs));
+    };
     let timer = armTimer();
-    // The negotiation timeout is the client's: it stops while the server opens a volume,
-    // which may wait on the store (bounded by [storage] request_deadline_s per request).
     const catalog: ExportCatalog = {
       list: () => this.catalog.list(),
       peek: (name) => this.catalog.peek(name),
       open: async (name) => {
         clearTimeout(timer);
+        negotiationLeftMs -= performance.now() - armedAt;
         try {
           return await this.catalog.open(name);
         } finally {
