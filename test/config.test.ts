@@ -23,7 +23,9 @@ function problemsOf(text: string, env: NodeJS.ProcessEnv = {}): readonly string[
 function defaultsAt(baseDir: string): Config {
   return {
     cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1, scrubBlocksPerSecond: 20 },
-    storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4', readAheadPacks: 8, encryptionPassword: '' },
+    storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4', readAheadPacks: 8, encryptionPassword: '',
+      requestTimeoutMs: 10_000, requestDeadlineMs: 25_000,
+    },
     aws: { accessKeyId: '', secretAccessKey: '', endpoint: '', defaultRegion: 'us-east-1', allowHttp: false, forcePathStyle: false },
     host: { id: '', leaseTtlS: 30 },
     servers: {
@@ -100,7 +102,7 @@ describe('template', () => {
       },
       {
         cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second'],
-        storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password'],
+        storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password', 'request_timeout_s', 'request_deadline_s'],
         aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
         host: ['id', 'lease_ttl_s'],
         nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode', 'tls', 'tls_cert', 'tls_key'],

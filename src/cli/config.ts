@@ -13,7 +13,16 @@ import { errorMessage } from '../log.js';
 
 export interface Config {
   cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number };
-  storage: { url: string; compression: string; readAheadPacks: number; encryptionPassword: string };
+  storage: {
+    url: string;
+    compression: string;
+    readAheadPacks: number;
+    encryptionPassword: string;
+    /** One attempt of an s3:// request: no answer (or a silent connection) this long fails it. */
+    requestTimeoutMs: number;
+    /** A store request with its retries fails by this long after it started. */
+    requestDeadlineMs: number;
+  };
   aws: {
     accessKeyId: string;
     secretAccessKey: string;
@@ -101,6 +110,12 @@ read_ahead_packs = 8
 # then be given on every start. Keep it out of this file: "\${UPDRAFT_PASSWORD}".
 # An existing store cannot be encrypted in place; change it with \`updraft change-password\`.
 encryption_password = ""
+# Seconds one attempt of an s3:// request may wait for an answer (or sit on a silent
+# connection) before it fails and is tried again.
+request_timeout_s = 10.0
+# Seconds after which a store request fails, its retries included: a read that needs the
+# store fails with EIO, a drain fails, a connection to a volume not on this host is refused.
+request_deadline_s = 25.0
 
 [aws]
 # Credentials and endpoint for an s3:// storage url. Empty values use the AWS SDK's
@@ -351,6 +366,8 @@ const STORAGE = {
   read_ahead_packs: setting(z.number().int().min(0).max(64), 8, 'an integer from 0 to 64'),
   // Any string is accepted, so that a problem message never has to quote a password.
   encryption_password: setting(z.string(), '', 'a string ("" for an unencrypted store); use ${UPDRAFT_PASSWORD}'),
+  request_timeout_s: setting(z.number().positive().max(3600), 10.0, 'a number of seconds greater than 0, at most 3600'),
+  request_deadline_s: setting(z.number().positive().max(3600), 25.0, 'a number of seconds greater than 0, at most 3600'),
 };
 
 const AWS = {
@@ -677,7 +694,8 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
     },
     storage: {
       url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs,
-      encryptionPassword: storage.encryption_password,
+      encryptionPassword: storage.encryption_password, requestTimeoutMs: Math.round(storage.request_timeout_s * 1000),
+      requestDeadlineMs: Math.round(storage.request_deadline_s * 1000),
     },
     aws: {
       accessKeyId: aws.access_key_id,

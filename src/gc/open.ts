@@ -11,11 +11,12 @@ import { openGcDatabase } from './sql.js';
 
 /**
  * How long after its intent a manifest PUT may still land: a file:// put is a local
- * rename, but a write in flight in another process must be given time; an s3:// put is
- * bounded by the request timeout (30 s) times the retry attempts (5) plus backoff.
+ * rename, but a write in flight in another process must be given time; this host gives
+ * an s3:// put up at [storage] request_deadline_s, but a stalled server may still apply
+ * one it received, so the settle time stays well past that.
  */
-function settleMsOf(storeUrl: string): number {
-  return storeUrl.startsWith('file:') ? 60_000 : 300_000;
+function settleMsOf(storage: Config['storage']): number {
+  return storage.url.startsWith('file:') ? 60_000 : Math.max(300_000, 2 * storage.requestDeadlineMs);
 }
 
 export interface Gc {
@@ -35,7 +36,7 @@ export interface Gc {
 export async function openGc(config: Config, store: ObjectStore, cipher: StoreCipher, hostId: string, log: Logger, opts: { daemon: boolean; packIndex?: PackIndex }): Promise<Gc> {
   const db = openGcDatabase(config.gc.databaseUrl, config.cache.dir, log);
   try {
-    const settleMs = settleMsOf(config.storage.url);
+    const settleMs = settleMsOf(config.storage);
     const writer = opts.daemon ? hostId : `${hostId}/cli-${process.pid}`;
     const refcounts = await PackRefcounts.open(db, { hostId: writer, store, settleMs, log });
     if (opts.daemon) {

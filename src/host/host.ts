@@ -12,7 +12,7 @@ import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { crashPoint, type PackRefcounts } from '../gc/refcounts.js';
-import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
+import { isPreconditionFailed, storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
 import { decodeManifestBody, leaseKey, manifestKey, storedTables, type Manifest, type ManifestMeta, type StoredTables } from '../store/manifest.js';
@@ -272,19 +272,32 @@ export class Host {
 
   /**
    * The volume to serve for an export name: an open one, or a new one when auto-create
-   * is on. Undefined when the name is unknown and auto-create is off.
+   * is on. Undefined when the name is unknown and auto-create is off. A name this host
+   * does not have is looked up in the store: when the store does not answer, this throws
+   * 'Unavailable' saying so (within [storage] request_deadline_s per store request).
    */
   async openForClient(name: string): Promise<Volume | undefined> {
     const open = this.volumes.get(name);
     if (open) return open;
     const checkpoint = splitCheckpointExport(name);
-    if (checkpoint) return this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
-    const problem = volumeNameProblem(name);
+    const problem = checkpoint ? undefined : volumeNameProblem(name);
     if (problem) throw new VolumeError('EINVAL', problem);
-    const woken = await this.wake(name);
-    if (woken) return woken;
-    if (this.options.autoCreateBytes <= 0) return undefined;
-    return (await this.create(name, this.options.autoCreateBytes)).volume;
+    return this.needingStore(`volume ${name}: cannot open it on this host`, async () => {
+      if (checkpoint) return this.openCheckpoint(name, checkpoint.volume, checkpoint.checkpoint);
+      const woken = await this.wake(name);
+      if (woken) return woken;
+      if (this.options.autoCreateBytes <= 0) return undefined;
+      return (await this.create(name, this.options.autoCreateBytes)).volume;
+    });
+  }
+
+  /** `work`, with a failure to reach the store restated as "WHAT: the object store URL is unreachable: …". */
+  private async needingStore<T>(what: string, work: () => Promise<T>): Promise<T> {
+    try {
+      return await work();
+    } catch (err) {
+      throw storeUnreachable(what, this.options.store.description, err);
+    }
   }
 
   /**
@@ -452,19 +465,23 @@ export class Host {
     return link;
   }
 
+  /** Drain a volume; when the store does not answer, it fails saying so and the volume keeps its changes, writable. */
   drain(name: string): Promise<DrainResult> {
     this.checkOpen();
-    return this.linkOf(name).drain();
+    const link = this.linkOf(name);
+    return this.needingStore(`volume ${name}: drain failed (its changes stay on this host; drain again once the store answers)`, () => link.drain());
   }
 
   promote(name: string): Promise<{ generation: number; sequence: number }> {
     this.checkOpen();
-    return this.linkOf(name).promote();
+    const link = this.linkOf(name);
+    return this.needingStore(`volume ${name}: promotion failed`, () => link.promote());
   }
 
   release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
     this.checkOpen();
-    return this.linkOf(name).release();
+    const link = this.linkOf(name);
+    return this.needingStore(`volume ${name}: release failed`, () => link.release());
   }
 
   /**

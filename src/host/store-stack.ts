@@ -12,7 +12,8 @@ import type { ObjectStore } from '../objectstore/types.js';
 /**
  * The object store stack: retries over metering (every attempt that reaches the store
  * is counted) over the optional fault injector (UPDRAFT_STORE_FAULTS, for tests and
- * benchmarks) over the backend.
+ * benchmarks) over the backend. Every request is bounded: an s3:// attempt by [storage]
+ * request_timeout_s, a request with its retries by request_deadline_s.
  */
 export function openStore(config: Config, log: Logger): { store: ObjectStore; metered: MeteredObjectStore } {
   const aws = config.aws;
@@ -34,6 +35,7 @@ export function openStore(config: Config, log: Logger): { store: ObjectStore; me
       region: aws.defaultRegion,
       allowHttp: aws.allowHttp,
       forcePathStyle: aws.forcePathStyle,
+      requestTimeoutMs: config.storage.requestTimeoutMs,
     },
     log,
   );
@@ -43,7 +45,7 @@ export function openStore(config: Config, log: Logger): { store: ObjectStore; me
     store = withFaults(store, parseFaultSpec(faults));
   }
   const metered = withMetering(store);
-  return { store: withRetries(metered, { log }), metered };
+  return { store: withRetries(metered, { log, deadlineMs: config.storage.requestDeadlineMs }), metered };
 }
 
 

@@ -3,6 +3,7 @@
 // connection closed. Every length is checked against our limits before anything is
 // allocated.
 import type { Socket } from 'node:net';
+import { isUnavailable } from '../objectstore/types.js';
 import { VolumeError, type Volume } from '../volume/volume.js';
 import { ByteQueue } from './byte-queue.js';
 import * as P from './protocol.js';
@@ -10,7 +11,11 @@ import * as P from './protocol.js';
 export interface ExportCatalog {
   /** Exports to show for NBD_OPT_LIST. */
   list(): Array<{ name: string; description: string }>;
-  /** The volume for an export name; undefined when unknown. Throws VolumeError for a bad name. */
+  /**
+   * The volume for an export name; undefined when unknown. Throws VolumeError for a bad
+   * name, an 'Unavailable' ObjectStoreError when the name must come from a store that
+   * does not answer.
+   */
   open(name: string): Promise<Volume | undefined>;
   /** An open volume, without creating one (NBD_OPT_INFO). Throws VolumeError for a bad name. */
   peek(name: string): Volume | undefined;
@@ -258,6 +263,8 @@ export class Handshake {
       volume = option === P.OPT_GO ? await this.catalog.open(name) : await this.catalog.peek(name);
     } catch (err) {
       if (err instanceof VolumeError) return this.error(option, P.REP_ERR_INVALID, err.message);
+      // proto.md: "The requested export is not available"; the message says why and that it may pass.
+      if (isUnavailable(err)) return this.error(option, P.REP_ERR_UNKNOWN, err.message);
       return this.error(option, P.REP_ERR_PLATFORM, (err as Error).message);
     }
     if (!volume) return this.error(option, P.REP_ERR_UNKNOWN, `no export named ${JSON.stringify(name)}`);

@@ -22,7 +22,7 @@ export interface NbdServerOptions {
    * which its permissions guard, TLS is offered and never required.
    */
   tls?: { mode: 'on' | 'require'; context: tls.SecureContext };
-  /** A client that has not finished negotiating by then is disconnected. */
+  /** A client that has not finished negotiating by then is disconnected; the time the server spends opening a volume does not count. */
   handshakeTimeoutMs?: number;
 }
 
@@ -119,7 +119,33 @@ export class NbdServer {
           else this.log.debug('connection error', { peer, error: err.message });
         });
       });
-    const handshake = new Handshake(raw, queue, this.catalog, { mode: tlsMode, startTls: context ? startTls : undefined });
+    // The negotiation timeout is the client's time: it stops while the server opens a
+    // volume, which may wait on the store (bounded by [storage] request_deadline_s per
+    // request), and goes on with what was left (at least a second to read the reply).
+    let negotiationLeftMs = this.options.handshakeTimeoutMs ?? 30_000;
+    let armedAt = 0;
+    const armTimer = () => {
+      armedAt = performance.now();
+      return setTimeout(() => {
+        this.log.warn('closing connection: negotiation timed out', { peer });
+        raw.destroy();
+      }, Math.max(1000, negotiationLeftMs));
+    };
+    let timer = armTimer();
+    const catalog: ExportCatalog = {
+      list: () => this.catalog.list(),
+      peek: (name) => this.catalog.peek(name),
+      open: async (name) => {
+        clearTimeout(timer);
+        negotiationLeftMs -= performance.now() - armedAt;
+        try {
+          return await this.catalog.open(name);
+        } finally {
+          timer = armTimer();
+        }
+      },
+    };
+    const handshake = new Handshake(raw, queue, catalog, { mode: tlsMode, startTls: context ? startTls : undefined });
 
     raw.on('data', onData);
     raw.on('error', (err) => this.log.debug('connection error', { peer, error: err.message }));
@@ -130,11 +156,6 @@ export class NbdServer {
       transmission?.close();
       detach?.();
     });
-    const timer = setTimeout(() => {
-      this.log.warn('closing connection: negotiation timed out', { peer });
-      raw.destroy();
-    }, this.options.handshakeTimeoutMs ?? 30_000);
-
     handshake.run().then(
       (negotiated) => {
         clearTimeout(timer);

@@ -3,13 +3,21 @@
 // request whatever happens, so the same seed and the same sequence of calls replay the
 // same faults. The daemon takes a spec from UPDRAFT_STORE_FAULTS (parseFaultSpec).
 
-import { ObjectStoreError, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type StoredObject } from './types.js';
+import {
+  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
+} from './types.js';
 
 export interface FaultOptions {
   /** Seeds the schedule; read once, when the wrapper is made. */
   seed: number;
   /** Probability that a request fails 'Unavailable' (a network error) before it reaches the store. */
   errorRate?: number;
+  /**
+   * Probability that a request gets no answer, as from a stopped server: it neither
+   * reaches the store nor settles until its signal aborts (then it fails 'Unavailable').
+   * Drawn from the same number as errorRate, so errorRate + hangRate must not exceed 1.
+   */
+  hangRate?: number;
   /** Probability that a request fails 'Unavailable' with a simulated 503, before it reaches the store. */
   serverErrorRate?: number;
   /** Delay added to every request, in ms. */
@@ -25,6 +33,7 @@ export interface FaultOptions {
 /** Faults injected so far, by kind. */
 export interface InjectedFaults {
   error: number;
+  hang: number;
   serverError: number;
   truncate: number;
   lostPut: number;
@@ -35,6 +44,7 @@ interface Fate {
   n: number;
   delayMs: number;
   error: boolean;
+  hang: boolean;
   serverError: boolean;
   truncate: boolean;
   /** Fraction of the body kept when truncated, in [0, 1). */
@@ -42,7 +52,7 @@ interface Fate {
   lostPut: boolean;
 }
 
-const RATE_KEYS = ['errorRate', 'serverErrorRate', 'truncateRate', 'lostPutRate'] as const;
+const RATE_KEYS = ['errorRate', 'hangRate', 'serverErrorRate', 'truncateRate', 'lostPutRate'] as const;
 const DELAY_KEYS = ['latencyMs', 'latencyJitterMs'] as const;
 
 /** mulberry32: small, fast, and good enough to schedule faults (and seeded test runs). */
@@ -57,8 +67,20 @@ export function prng(seed: number): () => number {
   };
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
+/** Resolves true after ms, or false as soon as signal aborts (at once if it has). */
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<boolean> {
+  if (signal?.aborted) return Promise.resolve(false);
+  return new Promise((resolve) => {
+    const aborted = () => {
+      clearTimeout(timer);
+      resolve(false);
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener('abort', aborted);
+      resolve(true);
+    }, ms);
+    signal?.addEventListener('abort', aborted, { once: true });
+  });
 }
 
 /** Throws 'Invalid' unless every rate is in [0, 1], every delay >= 0 and the seed a whole number. */
@@ -69,6 +91,7 @@ function checkFaultOptions(options: FaultOptions): void {
     const value = options[key];
     if (value !== undefined && !(value >= 0 && value <= 1)) throw bad(`${key} must be in [0, 1], not ${value}`);
   }
+  if ((options.errorRate ?? 0) + (options.hangRate ?? 0) > 1) throw bad(`errorRate + hangRate must not exceed 1, not ${options.errorRate} + ${options.hangRate}`);
   for (const key of DELAY_KEYS) {
     const value = options[key];
     if (value !== undefined && !(value >= 0 && Number.isFinite(value))) throw bad(`${key} must be >= 0 ms, not ${value}`);
@@ -82,7 +105,7 @@ export class FaultyObjectStore implements ObjectStore {
   readonly options: FaultOptions;
   /** Requests so far; the nth request takes the nth fate of the schedule. */
   requests = 0;
-  readonly injected: InjectedFaults = { error: 0, serverError: 0, truncate: 0, lostPut: 0 };
+  readonly injected: InjectedFaults = { error: 0, hang: 0, serverError: 0, truncate: 0, lostPut: 0 };
   private readonly random: () => number;
 
   constructor(
@@ -96,18 +119,18 @@ export class FaultyObjectStore implements ObjectStore {
   }
 
   /** inner.get, after the drawn delay or fault; the body may come back cut short. */
-  async get(key: string): Promise<StoredObject | undefined> {
-    const fate = await this.begin('get', key);
-    const object = await this.inner.get(key);
+  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+    const fate = await this.begin('get', key, options?.signal);
+    const object = await this.inner.get(key, options);
     if (!object || !fate.truncate || object.body.length === 0) return object;
     this.injected.truncate++;
     return { ...object, body: object.body.subarray(0, Math.floor(fate.keep * object.body.length)) };
   }
 
   /** inner.getRange, after the drawn delay or fault; the bytes may come back cut short. */
-  async getRange(key: string, offset: number, length: number): Promise<Buffer | undefined> {
-    const fate = await this.begin('get_range', key);
-    const bytes = await this.inner.getRange(key, offset, length);
+  async getRange(key: string, offset: number, length: number, options?: RequestOptions): Promise<Buffer | undefined> {
+    const fate = await this.begin('get_range', key, options?.signal);
+    const bytes = await this.inner.getRange(key, offset, length, options);
     if (!bytes || !fate.truncate || bytes.length === 0) return bytes;
     this.injected.truncate++;
     return bytes.subarray(0, Math.floor(fate.keep * bytes.length));
@@ -115,7 +138,7 @@ export class FaultyObjectStore implements ObjectStore {
 
   /** inner.put, after the drawn delay or fault; a "lost" put is stored, then reported as failed. */
   async put(key: string, body: Buffer, options?: PutOptions): Promise<string> {
-    const fate = await this.begin('put', key);
+    const fate = await this.begin('put', key, options?.signal);
     const etag = await this.inner.put(key, body, options);
     if (!fate.lostPut) return etag;
     this.injected.lostPut++;
@@ -123,21 +146,21 @@ export class FaultyObjectStore implements ObjectStore {
   }
 
   /** inner.head, after the drawn delay or fault. */
-  async head(key: string): Promise<ObjectInfo | undefined> {
-    await this.begin('head', key);
-    return this.inner.head(key);
+  async head(key: string, options?: RequestOptions): Promise<ObjectInfo | undefined> {
+    await this.begin('head', key, options?.signal);
+    return this.inner.head(key, options);
   }
 
   /** inner.list, after the drawn delay or fault. */
-  async list(prefix: string): Promise<ObjectInfo[]> {
-    await this.begin('list', `prefix ${JSON.stringify(prefix)}`);
-    return this.inner.list(prefix);
+  async list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
+    await this.begin('list', `prefix ${JSON.stringify(prefix)}`, options?.signal);
+    return this.inner.list(prefix, options);
   }
 
   /** inner.delete, after the drawn delay or fault. */
-  async delete(key: string): Promise<void> {
-    await this.begin('delete', key);
-    return this.inner.delete(key);
+  async delete(key: string, options?: RequestOptions): Promise<void> {
+    await this.begin('delete', key, options?.signal);
+    return this.inner.delete(key, options);
   }
 
   /** Closes the inner store; no faults here. */
@@ -145,21 +168,32 @@ export class FaultyObjectStore implements ObjectStore {
     return this.inner.close();
   }
 
-  /** Draws the request's fate (synchronously, so the schedule follows call order), waits its delay, throws its error if any. */
-  private async begin(op: RequestKind, key: string): Promise<Fate> {
+  /**
+   * Draws the request's fate (synchronously, so the schedule follows call order), waits its
+   * delay, throws its error if any; a hung request waits for its signal.
+   */
+  private async begin(op: RequestKind, key: string, signal: AbortSignal | undefined): Promise<Fate> {
     const o = this.options;
     const n = ++this.requests;
     // Always six draws, whatever the rates, so changing one rate does not shift the others' schedule.
+    const failure = this.random();
     const fate: Fate = {
       n,
-      error: this.random() < (o.errorRate ?? 0),
+      error: failure < (o.errorRate ?? 0),
+      hang: failure >= (o.errorRate ?? 0) && failure < (o.errorRate ?? 0) + (o.hangRate ?? 0),
       serverError: this.random() < (o.serverErrorRate ?? 0),
       delayMs: (o.latencyMs ?? 0) + this.random() * (o.latencyJitterMs ?? 0),
       truncate: this.random() < (o.truncateRate ?? 0),
       keep: this.random(),
       lostPut: this.random() < (o.lostPutRate ?? 0),
     };
-    if (fate.delayMs > 0) await sleep(fate.delayMs);
+    if (fate.delayMs > 0 && !(await sleep(fate.delayMs, signal))) throw this.fault(op, key, fate, 'abandoned by the caller during the injected latency');
+    if (fate.hang) {
+      this.injected.hang++;
+      // Unanswered until the caller gives up; without a signal, never.
+      await new Promise<void>((resolve) => (signal?.aborted ? resolve() : signal?.addEventListener('abort', () => resolve(), { once: true })));
+      throw this.fault(op, key, fate, 'no answer (injected hang), abandoned by the caller');
+    }
     if (fate.error) {
       this.injected.error++;
       throw this.fault(op, key, fate, 'connection reset');
@@ -184,6 +218,7 @@ export function withFaults(store: ObjectStore, options: FaultOptions): FaultyObj
 const SPEC_KEYS: Record<string, keyof FaultOptions> = {
   seed: 'seed',
   error: 'errorRate',
+  hang: 'hangRate',
   server_error: 'serverErrorRate',
   latency: 'latencyMs',
   jitter: 'latencyJitterMs',
@@ -192,7 +227,7 @@ const SPEC_KEYS: Record<string, keyof FaultOptions> = {
 };
 
 /**
- * Parses `seed=7,error=0.1,server_error=0.05,latency=20,jitter=5,truncate=0.02,lost_put=0.1`
+ * Parses `seed=7,error=0.1,hang=0.01,server_error=0.05,latency=20,jitter=5,truncate=0.02,lost_put=0.1`
  * (any subset, any order; seed defaults to 0). Throws 'Invalid' naming the bad item.
  */
 export function parseFaultSpec(spec: string): FaultOptions {

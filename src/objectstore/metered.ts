@@ -2,7 +2,7 @@
 // Stack it under withRetries (withRetries(withMetering(backend))) so every attempt that
 // reaches the store is counted, not just every call.
 
-import type { ObjectInfo, ObjectStore, PutOptions, RequestKind, StoredObject } from './types.js';
+import type { ListOptions, ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
 
 export interface StoreCounters {
   /** Requests started, by kind. */
@@ -39,15 +39,15 @@ export class MeteredObjectStore implements ObjectStore {
   }
 
   /** inner.get, counted; its body's bytes count as down. */
-  async get(key: string): Promise<StoredObject | undefined> {
-    const object = await this.count('get', () => this.inner.get(key));
+  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+    const object = await this.count('get', () => this.inner.get(key, options));
     if (object) this.bytesDown += object.body.length;
     return object;
   }
 
   /** inner.getRange, counted; the bytes returned count as down. */
-  async getRange(key: string, offset: number, length: number): Promise<Buffer | undefined> {
-    const bytes = await this.count('get_range', () => this.inner.getRange(key, offset, length));
+  async getRange(key: string, offset: number, length: number, options?: RequestOptions): Promise<Buffer | undefined> {
+    const bytes = await this.count('get_range', () => this.inner.getRange(key, offset, length, options));
     if (bytes) this.bytesDown += bytes.length;
     return bytes;
   }
@@ -59,18 +59,18 @@ export class MeteredObjectStore implements ObjectStore {
   }
 
   /** inner.head, counted. */
-  head(key: string): Promise<ObjectInfo | undefined> {
-    return this.count('head', () => this.inner.head(key));
+  head(key: string, options?: RequestOptions): Promise<ObjectInfo | undefined> {
+    return this.count('head', () => this.inner.head(key, options));
   }
 
   /** inner.list, counted once however many pages the backend reads. */
-  list(prefix: string): Promise<ObjectInfo[]> {
-    return this.count('list', () => this.inner.list(prefix));
+  list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
+    return this.count('list', () => this.inner.list(prefix, options));
   }
 
   /** inner.delete, counted. */
-  delete(key: string): Promise<void> {
-    return this.count('delete', () => this.inner.delete(key));
+  delete(key: string, options?: RequestOptions): Promise<void> {
+    return this.count('delete', () => this.inner.delete(key, options));
   }
 
   /** Closes the inner store. */

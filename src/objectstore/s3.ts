@@ -19,7 +19,9 @@ import {
 import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { errorMessage, type Logger } from '../log.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
-import { ObjectStoreError, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type StoredObject } from './types.js';
+import {
+  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
+} from './types.js';
 
 export interface S3Options {
   /** With secretAccessKey: static credentials. Without both: the SDK's default chain (env, profile, IMDS...). */
@@ -33,9 +35,13 @@ export interface S3Options {
   allowHttp?: boolean;
   /** Address buckets as endpoint/bucket rather than bucket.endpoint. Default: true when an endpoint is given. */
   forcePathStyle?: boolean;
-  /** A request fails 'Unavailable' if no response comes this long after it starts, or its socket is idle this long. Default 30000. */
+  /**
+   * A request fails 'Unavailable' if no response comes this long after it starts (waiting
+   * for a pooled socket included), or its socket is idle this long ([storage]
+   * request_timeout_s). Default 10000.
+   */
   requestTimeoutMs?: number;
-  /** A request fails 'Unavailable' if its TCP (and TLS) connection is not up within this. Default 5000. */
+  /** A request fails 'Unavailable' if its TCP (and TLS) connection is not up within this. Default 5000, at most requestTimeoutMs. */
   connectTimeoutMs?: number;
 }
 
@@ -54,6 +60,8 @@ const RETRYABLE_NAMES = new Set([
   'InternalError',
   'OperationAborted',
   'TimeoutError',
+  // The caller's signal aborted the request (the retry wrapper's deadline).
+  'AbortError',
 ]);
 const ACCESS_NAMES = new Set([
   'AccessDenied',
@@ -115,8 +123,17 @@ function describe(err: unknown): string {
  * longer is an error. The SDK's transformToByteArray collected chunks and concatenated
  * them in JavaScript: 1.1 s of CPU per GiB of cold reads.
  */
-async function readBody(body: GetObjectCommandOutput['Body'], length: number | undefined): Promise<Buffer> {
+async function readBody(body: GetObjectCommandOutput['Body'], length: number | undefined, signal: AbortSignal | undefined): Promise<Buffer> {
   if (!body) return Buffer.alloc(0);
+  if (body instanceof Readable && signal) {
+    // The caller gave up mid-body: stop reading from the socket.
+    const abort = () => body.destroy(Object.assign(new Error('the request was aborted while its body was read'), { name: 'AbortError' }));
+    if (signal.aborted) abort();
+    else {
+      signal.addEventListener('abort', abort, { once: true });
+      body.once('close', () => signal.removeEventListener('abort', abort));
+    }
+  }
   if (!(body instanceof Readable)) {
     const bytes = await body.transformToByteArray();
     return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -173,8 +190,8 @@ export class S3ObjectStore implements ObjectStore {
     if ((options.accessKeyId === undefined) !== (options.secretAccessKey === undefined)) {
       throw invalid('accessKeyId and secretAccessKey must be given together (or neither, for the default credential chain)');
     }
-    const requestTimeout = options.requestTimeoutMs ?? 30_000;
-    const connectionTimeout = options.connectTimeoutMs ?? 5_000;
+    const requestTimeout = options.requestTimeoutMs ?? 10_000;
+    const connectionTimeout = options.connectTimeoutMs ?? Math.min(5_000, requestTimeout);
     for (const [name, value] of [['requestTimeoutMs', requestTimeout], ['connectTimeoutMs', connectionTimeout]] as const) {
       if (!Number.isFinite(value) || value <= 0) throw invalid(`${name} must be a number of milliseconds > 0, not ${value}`);
     }
@@ -214,11 +231,12 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** The whole object (GetObject), or undefined on 404 NoSuchKey; NoSuchBucket throws. */
-  async get(key: string): Promise<StoredObject | undefined> {
+  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
     checkKey('get', key, this.description);
+    const signal = options?.signal;
     try {
-      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }));
-      const body = await readBody(res.Body, res.ContentLength);
+      const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), { abortSignal: signal });
+      const body = await readBody(res.Body, res.ContentLength, signal);
       this.checkLength('get', key, body, res.ContentLength);
       return { key, size: body.length, etag: res.ETag ?? '', lastModified: res.LastModified ?? new Date(0), body };
     } catch (err) {
@@ -228,16 +246,18 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** Bytes [offset, offset + length) by a Range GET, clipped to the end (416 past the end reads as empty); undefined on 404. */
-  async getRange(key: string, offset: number, length: number): Promise<Buffer | undefined> {
+  async getRange(key: string, offset: number, length: number, options?: RequestOptions): Promise<Buffer | undefined> {
     checkKey('get_range', key, this.description);
     checkRange(key, offset, length, this.description);
     // "bytes=a-(a-1)" is not a range; an empty read only needs to know the key exists.
-    if (length === 0) return (await this.head(key)) ? Buffer.alloc(0) : undefined;
+    if (length === 0) return (await this.head(key, options)) ? Buffer.alloc(0) : undefined;
+    const signal = options?.signal;
     try {
       const res = await this.client.send(
         new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key, Range: `bytes=${offset}-${offset + length - 1}` }),
+        { abortSignal: signal },
       );
-      const body = await readBody(res.Body, res.ContentLength);
+      const body = await readBody(res.Body, res.ContentLength, signal);
       this.checkLength('get_range', key, body, res.ContentLength);
       // A server that ignores Range sends the whole object with 200.
       if (res.$metadata.httpStatusCode === 200 && res.ContentRange === undefined) return body.subarray(offset, offset + length);
@@ -278,8 +298,9 @@ export class S3ObjectStore implements ObjectStore {
       );
     }
     const condition = options?.ifNoneMatch ? 'the key exists (If-None-Match: *)' : `If-Match ${options?.ifMatch} does not match the current object`;
+    const signal = options?.signal;
     try {
-      const res = await this.client.send(command);
+      const res = await this.client.send(command, { abortSignal: signal });
       if (res.ETag) return res.ETag;
     } catch (err) {
       const what = classify(err);
@@ -292,7 +313,7 @@ export class S3ObjectStore implements ObjectStore {
       throw this.error('put', key, err);
     }
     // Some S3-compatible servers leave ETag out of the PutObject answer.
-    const info = await this.head(key);
+    const info = await this.head(key, { signal });
     if (!info) throw storeError('Unavailable', 'put', key, this.description, 'the put answered without an ETag and the key is gone');
     return info.etag;
   }
@@ -305,12 +326,13 @@ export class S3ObjectStore implements ObjectStore {
    * is there (If-None-Match) or holds another etag (If-Match), trying again can only fail
    * the same way, so the put fails 'PreconditionFailed' as a retried one would (the caller
    * reads the key back to learn whether the object there is its own). When the HEAD fails
-   * too, or the condition still holds, the put stays 'Unavailable'.
+   * too, the caller gave up, or the condition still holds, the put stays 'Unavailable'.
    */
   private async conditionFails(key: string, options: PutOptions): Promise<boolean> {
+    if (options.signal?.aborted) return false;
     let info: ObjectInfo | undefined;
     try {
-      info = await this.head(key);
+      info = await this.head(key, { signal: options.signal });
     } catch {
       return false;
     }
@@ -319,10 +341,10 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** Size, ETag and Last-Modified (HeadObject), or undefined on 404 (the bucket's absence reads the same: HEAD has no error body). */
-  async head(key: string): Promise<ObjectInfo | undefined> {
+  async head(key: string, options?: RequestOptions): Promise<ObjectInfo | undefined> {
     checkKey('head', key, this.description);
     try {
-      const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }));
+      const res = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), { abortSignal: options?.signal });
       return { key, size: res.ContentLength ?? 0, etag: res.ETag ?? '', lastModified: res.LastModified ?? new Date(0) };
     } catch (err) {
       if (classify(err) === 'NotFound') return undefined;
@@ -331,7 +353,7 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** Every object under prefix in key order, by ListObjectsV2 pages of up to 1000 keys. */
-  async list(prefix: string): Promise<ObjectInfo[]> {
+  async list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
     checkPrefix(prefix, this.description);
     const found: ObjectInfo[] = [];
     let token: string | undefined;
@@ -339,6 +361,7 @@ export class S3ObjectStore implements ObjectStore {
       do {
         const res = await this.client.send(
           new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix + prefix, ContinuationToken: token }),
+          { abortSignal: options?.signal },
         );
         for (const item of res.Contents ?? []) {
           if (item.Key === undefined || !item.Key.startsWith(this.prefix)) continue;
@@ -349,6 +372,7 @@ export class S3ObjectStore implements ObjectStore {
             lastModified: item.LastModified ?? new Date(0),
           });
         }
+        options?.onPage?.();
         token = res.IsTruncated ? res.NextContinuationToken : undefined;
       } while (token !== undefined);
     } catch (err) {
@@ -358,10 +382,10 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** DeleteObject; S3 answers 204 for a missing key too. */
-  async delete(key: string): Promise<void> {
+  async delete(key: string, options?: RequestOptions): Promise<void> {
     checkKey('delete', key, this.description);
     try {
-      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }));
+      await this.client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), { abortSignal: options?.signal });
     } catch (err) {
       if (classify(err) === 'NotFound') return;
       throw this.error('delete', key, err);

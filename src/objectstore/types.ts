@@ -20,7 +20,22 @@ export interface StoredObject extends ObjectInfo {
   body: Buffer;
 }
 
-export interface PutOptions {
+/**
+ * What any request may carry. `signal`: the caller gives up when it aborts; the request
+ * then fails 'Unavailable' as soon as the backend can stop it (s3:// destroys its socket;
+ * file:// finishes the disk operation it is in). It settles only once the backend no
+ * longer reads a put's body.
+ */
+export interface RequestOptions {
+  signal?: AbortSignal;
+}
+
+export interface ListOptions extends RequestOptions {
+  /** Called as each page of the listing arrives: a long listing makes progress, so its deadline starts again. */
+  onPage?: () => void;
+}
+
+export interface PutOptions extends RequestOptions {
   /** Only create: fail with PreconditionFailed if the key exists (If-None-Match: *). */
   ifNoneMatch?: '*';
   /** Only replace this version: fail with PreconditionFailed if the etag differs or the key is gone. */
@@ -58,21 +73,35 @@ export function isPreconditionFailed(err: unknown): boolean {
   return err instanceof ObjectStoreError && err.code === 'PreconditionFailed';
 }
 
+/** Whether the store could not be reached or kept failing (network, timeout, 5xx after retries): it may answer later. */
+export function isUnavailable(err: unknown): err is ObjectStoreError {
+  return err instanceof ObjectStoreError && err.code === 'Unavailable';
+}
+
+/**
+ * An 'Unavailable' failure restated for the operation that needed the store:
+ * "WHAT: the object store STORE is unreachable: DETAIL". Any other error comes back as it is.
+ */
+export function storeUnreachable(what: string, store: string, err: unknown): unknown {
+  if (!isUnavailable(err)) return err;
+  return new ObjectStoreError('Unavailable', `${what}: the object store ${store} is unreachable: ${err.message}`, { cause: err });
+}
+
 export interface ObjectStore {
   /** A short description for logs and errors, e.g. `s3://bucket/prefix` (never credentials). */
   readonly description: string;
   /** The whole object, or undefined if the key does not exist. */
-  get(key: string): Promise<StoredObject | undefined>;
+  get(key: string, options?: RequestOptions): Promise<StoredObject | undefined>;
   /** Bytes [offset, offset + length) (clipped to the object's end), or undefined if the key does not exist. */
-  getRange(key: string, offset: number, length: number): Promise<Buffer | undefined>;
+  getRange(key: string, offset: number, length: number, options?: RequestOptions): Promise<Buffer | undefined>;
   /** Store body under key, atomically (readers see the old or the new object, never a part). Returns the new etag. */
   put(key: string, body: Buffer, options?: PutOptions): Promise<string>;
   /** Size and etag, or undefined if the key does not exist. */
-  head(key: string): Promise<ObjectInfo | undefined>;
+  head(key: string, options?: RequestOptions): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with prefix, in key order (the backend pages internally). */
-  list(prefix: string): Promise<ObjectInfo[]>;
+  list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]>;
   /** Remove key. Deleting a missing key is not an error. */
-  delete(key: string): Promise<void>;
+  delete(key: string, options?: RequestOptions): Promise<void>;
   /** Release sockets and timers. */
   close(): Promise<void>;
 }

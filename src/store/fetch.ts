@@ -6,7 +6,7 @@
 import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
-import type { ObjectStore } from '../objectstore/types.js';
+import { storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import type { BlockFetcher } from '../volume/volume.js';
 import { FormatError } from './errors.js';
 import { packThreads, type PackThreads } from './pack-threads.js';
@@ -103,7 +103,13 @@ export class PackFetcher implements BlockFetcher {
   private async load(id: string): Promise<void> {
     const key = packKey(id);
     for (let attempt = 1; ; attempt++) {
-      const object = await this.store.get(key);
+      let object;
+      try {
+        object = await this.store.get(key);
+      } catch (err) {
+        // Bounded by [storage] request_deadline_s: the read waiting for it fails with EIO.
+        throw storeUnreachable(`cold read of pack ${key}`, this.store.description, err);
+      }
       if (object === undefined) throw new Error(`pack ${key} is missing from the store ${this.store.description}`);
       const bytes = object.body.length;
       try {

@@ -23,8 +23,18 @@ export interface Minio {
   region: string;
   /** s3://BUCKET/PREFIX with a fresh prefix. */
   url: string;
+  /** Pid of the server process (changes on restart). */
+  readonly pid: number;
   /** MinIO's output so far (last 64 KiB). */
   log(): string;
+  /** SIGSTOP: the server keeps its port and accepts connections, but answers nothing (a hung store). */
+  pause(): void;
+  /** SIGCONT after pause(). */
+  resume(): void;
+  /** SIGKILL the server and wait for it to exit, keeping its data: the port refuses connections. */
+  kill(): Promise<void>;
+  /** Start the server again after kill(), on the same port and data; resolves once it is live. */
+  restart(): Promise<void>;
   /** SIGKILL the server, wait for it to exit, remove its data folder. */
   stop(): Promise<void>;
 }
@@ -58,43 +68,52 @@ export async function startMinio(): Promise<Minio> {
   const bucket = 'updraft-test';
   const region = 'us-east-1';
 
-  const child: ChildProcess = spawn(
-    binary,
-    ['server', '--quiet', '--address', `127.0.0.1:${port}`, '--console-address', `127.0.0.1:${consolePort}`, path.join(dataDir, 'data')],
-    {
-      env: {
-        ...process.env,
-        MINIO_ROOT_USER: accessKeyId,
-        MINIO_ROOT_PASSWORD: secretAccessKey,
-        MINIO_BROWSER: 'off',
-        MINIO_UPDATE: 'off',
-        MINIO_REGION: region,
-      },
-      stdio: ['ignore', 'pipe', 'pipe'],
-      detached: true,
-    },
-  );
+  let child: ChildProcess | undefined;
+  let exited: Promise<void> = Promise.resolve();
   let output = '';
   const remember = (chunk: Buffer) => {
     output = (output + chunk.toString('utf8')).slice(-65536);
   };
-  child.stdout!.on('data', remember);
-  child.stderr!.on('data', remember);
-  const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
-  const onExit = () => killTree(child.pid);
+  const onExit = () => killTree(child?.pid);
   process.once('exit', onExit);
-
+  const running = () => child !== undefined && child.exitCode === null && child.signalCode === null;
+  const kill = async () => {
+    if (running()) {
+      // A stopped process dies of SIGKILL too.
+      killTree(child!.pid);
+    }
+    await exited;
+  };
   const stop = async () => {
     process.removeListener('exit', onExit);
-    if (child.exitCode === null && child.signalCode === null) killTree(child.pid);
-    await exited;
+    await kill();
     await removeDir(dataDir);
   };
 
-  try {
+  const launch = async () => {
+    const proc: ChildProcess = spawn(
+      binary,
+      ['server', '--quiet', '--address', `127.0.0.1:${port}`, '--console-address', `127.0.0.1:${consolePort}`, path.join(dataDir, 'data')],
+      {
+        env: {
+          ...process.env,
+          MINIO_ROOT_USER: accessKeyId,
+          MINIO_ROOT_PASSWORD: secretAccessKey,
+          MINIO_BROWSER: 'off',
+          MINIO_UPDATE: 'off',
+          MINIO_REGION: region,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+        detached: true,
+      },
+    );
+    child = proc;
+    proc.stdout!.on('data', remember);
+    proc.stderr!.on('data', remember);
+    exited = new Promise<void>((resolve) => proc.once('close', () => resolve()));
     const deadline = Date.now() + READY_TIMEOUT_MS;
     for (;;) {
-      if (child.exitCode !== null || child.signalCode !== null) throw new Error(`minio exited before it was ready`);
+      if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`minio exited before it was ready`);
       try {
         const res = await fetch(`${endpoint}/minio/health/live`, { signal: AbortSignal.timeout(1000) });
         if (res.ok) break;
@@ -104,6 +123,10 @@ export async function startMinio(): Promise<Minio> {
       if (Date.now() > deadline) throw new Error(`minio not live at ${endpoint} after ${READY_TIMEOUT_MS} ms`);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
+  };
+
+  try {
+    await launch();
     const client = new S3Client({ endpoint, region, forcePathStyle: true, credentials: { accessKeyId, secretAccessKey } });
     try {
       await client.send(new CreateBucketCommand({ Bucket: bucket }));
@@ -122,7 +145,21 @@ export async function startMinio(): Promise<Minio> {
     bucket,
     region,
     url: `s3://${bucket}/t-${Date.now().toString(36)}`,
+    get pid() {
+      return child?.pid ?? -1;
+    },
     log: () => output,
+    pause: () => void process.kill(child!.pid!, 'SIGSTOP'),
+    resume: () => void process.kill(child!.pid!, 'SIGCONT'),
+    kill,
+    async restart() {
+      await kill();
+      try {
+        await launch();
+      } catch (err) {
+        throw new Error(`${(err as Error).message}\n--- minio output (tail) ---\n${tail(output, 30)}`, { cause: err });
+      }
+    },
     stop,
   };
 }
