@@ -113,6 +113,7 @@ test('a crash may lose an unflushed write, but the recovered value stays put', (
   h.read(0, 30, 31, w1); // w2 was not flushed: lost
   h.read(0, 32, 33, w1);
   assert.deepEqual(h.check().anomalies, []);
+  assert.equal(h.check().rolledBack, 1);
 
   // ... and it may survive as well.
   const kept = new H();
@@ -122,6 +123,7 @@ test('a crash may lose an unflushed write, but the recovered value stays put', (
   kept.faults.push({ kind: 'crash', host: 'a', at: 20 });
   kept.read(0, 30, 31, k2);
   assert.deepEqual(kept.check().anomalies, []);
+  assert.equal(kept.check().rolledBack, 0);
 
   // Flip-flop after recovery: first the old value, then the lost one.
   const flip = new H();
@@ -182,7 +184,7 @@ test('failover: only drained writes must survive; the paused holder\'s later wri
   ok.barrier('drain', 11, 12);
   ok.write(0, 13, 14, { client: 2 });
   ok.barrier('flush', 15, 16); // a local FLUSH does not put it in the store
-  ok.faults.push({ kind: 'failover', from: 'a', at: 20 });
+  ok.faults.push({ kind: 'failover', from: 'a', to: 'b', at: 20 });
   ok.write(0, 21, 900, { client: 2 }); // paused holder acks it after it resumed
   ok.read(0, 30, 31, w1, { host: 'b' });
   ok.read(0, 30, 31, 'zero', { host: 'a', client: 3 }); // the dead branch's reads are not checked
@@ -191,14 +193,14 @@ test('failover: only drained writes must survive; the paused holder\'s later wri
   const lost = new H();
   lost.write(0, 0, 10);
   lost.barrier('drain', 11, 12);
-  lost.faults.push({ kind: 'failover', from: 'a', at: 20 });
+  lost.faults.push({ kind: 'failover', from: 'a', to: 'b', at: 20 });
   lost.read(0, 30, 31, 'zero', { host: 'b' });
   assert.deepEqual(kinds(lost), ['lost-flushed-write']);
 
   const fenced = new H();
   fenced.write(0, 0, 10);
   fenced.barrier('drain', 11, 12);
-  fenced.faults.push({ kind: 'failover', from: 'a', at: 20 });
+  fenced.faults.push({ kind: 'failover', from: 'a', to: 'b', at: 20 });
   const late = fenced.write(0, 900, 901);
   fenced.read(0, 950, 951, late, { host: 'b' });
   assert.deepEqual(kinds(fenced), ['fenced-write-visible']);
@@ -208,7 +210,7 @@ test('handover: an acknowledged write must be on the new holder; the old one ack
   const ok = new H();
   const w1 = ok.write(0, 0, 10);
   ok.barrier('release', 11, 12);
-  ok.faults.push({ kind: 'handover', from: 'a', at: 12 });
+  ok.faults.push({ kind: 'handover', from: 'a', to: 'b', at: 12 });
   ok.write(0, 13, 14, {}, 'fail'); // EPERM on a
   const w2 = ok.write(0, 20, 21, { host: 'b', client: 2 });
   ok.read(0, 22, 23, w1); // a is a replica now: not required to be fresh
@@ -218,13 +220,26 @@ test('handover: an acknowledged write must be on the new holder; the old one ack
   const lost = new H();
   lost.write(0, 0, 10); // acked before the release, missing on b
   lost.barrier('release', 11, 12);
-  lost.faults.push({ kind: 'handover', from: 'a', at: 12 });
+  lost.faults.push({ kind: 'handover', from: 'a', to: 'b', at: 12 });
   lost.read(0, 20, 21, 'zero', { host: 'b' });
   assert.deepEqual(kinds(lost), ['stale-read']);
 
+  // Migrating back: the first host writes again, and must be fresh again.
+  const back = new H();
+  back.barrier('release', 11, 12);
+  back.faults.push({ kind: 'handover', from: 'a', to: 'b', at: 12 });
+  const b1 = back.write(0, 20, 21, { host: 'b' });
+  back.barrier('release', 22, 23, { host: 'b' });
+  back.faults.push({ kind: 'handover', from: 'b', to: 'a', at: 23 });
+  const a1 = back.write(0, 30, 31);
+  back.read(0, 40, 41, b1); // a is live again: stale
+  back.read(0, 42, 43, a1);
+  back.read(0, 44, 45, b1, { host: 'b' }); // b is a replica now
+  assert.deepEqual(kinds(back), ['stale-read']);
+
   const acked = new H();
   acked.barrier('release', 11, 12);
-  acked.faults.push({ kind: 'handover', from: 'a', at: 12 });
+  acked.faults.push({ kind: 'handover', from: 'a', to: 'b', at: 12 });
   acked.write(0, 13, 14);
   assert.deepEqual(kinds(acked), ['write-after-release']);
 });

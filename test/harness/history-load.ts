@@ -86,10 +86,11 @@ export class LoadClient {
   private conn: NbdClient | null = null;
   private connHost: Daemon | null = null;
   private stopped = false;
-  private paused = false;
-  private idle: Promise<void> = Promise.resolve();
-  private loop: Promise<void> | null = null;
-  /** Connections made, errors seen. */
+  private loops: Promise<void>[] = [];
+  private connecting: Promise<NbdClient | null> | null = null;
+  /** The host of each connection made. */
+  private readonly hostOf = new WeakMap<NbdClient, Daemon>();
+  /** Connections made. */
   connects = 0;
 
   constructor(
@@ -103,23 +104,24 @@ export class LoadClient {
     private readonly hostName: (d: Daemon) => string,
   ) {}
 
-  start(): void {
-    this.loop = this.run();
+  /** Starts `depth` operation streams pipelined on the one connection (replies may come out of order). */
+  start(depth = 2): void {
+    for (let i = 0; i < depth; i++) this.loops.push(this.run());
   }
 
-  /** Waits until the client's current operation is done and holds it still. */
-  async pause(): Promise<void> {
-    this.paused = true;
-    await this.idle;
+  /** Drops the connection when it is to another host than `want`: its operation in flight ends indeterminate. */
+  abandonOther(want: Daemon): void {
+    const conn = this.conn;
+    if (!conn || this.connHost === want) return;
+    this.conn = null;
+    this.connHost = null;
+    conn.close();
   }
 
-  resume(): void {
-    this.paused = false;
-  }
-
+  /** Stops the streams and disconnects; a second call does nothing more. */
   async stop(): Promise<void> {
     this.stopped = true;
-    await this.loop;
+    await Promise.all(this.loops);
     await this.drop(true);
   }
 
@@ -132,7 +134,13 @@ export class LoadClient {
     else conn.close();
   }
 
+  /** The connection to the current target; one connect at a time for all streams. */
   private async connection(): Promise<NbdClient | null> {
+    this.connecting ??= this.connect().finally(() => (this.connecting = null));
+    return this.connecting;
+  }
+
+  private async connect(): Promise<NbdClient | null> {
     const want = this.target();
     if (this.conn && (this.conn.broken || this.connHost !== want)) await this.drop(this.conn.broken === null);
     if (this.conn || !want) return this.conn;
@@ -140,6 +148,7 @@ export class LoadClient {
       const where = this.transport === 'unix' ? { path: want.socket } : { host: want.tcp.host, port: want.tcp.port };
       this.conn = await NbdClient.connect({ ...where, exportName: this.opts.volume, timeoutMs: 2000, commandTimeoutMs: 60_000 });
       this.connHost = want;
+      this.hostOf.set(this.conn, want);
       this.connects++;
     } catch {
       this.conn = null;
@@ -149,19 +158,9 @@ export class LoadClient {
 
   private async run(): Promise<void> {
     while (!this.stopped) {
-      if (this.paused) {
-        await sleep(5);
-        continue;
-      }
-      let release!: () => void;
-      this.idle = new Promise((resolve) => (release = resolve));
-      try {
-        const conn = await this.connection();
-        if (!conn) await sleep(20);
-        else await this.one(conn, this.hostName(this.connHost!));
-      } finally {
-        release();
-      }
+      const conn = await this.connection();
+      if (!conn) await sleep(20);
+      else await this.one(conn, this.hostName(this.hostOf.get(conn)!));
     }
   }
 
@@ -193,11 +192,8 @@ export class LoadClient {
       await done;
       this.recorder.finish(op, 'ok');
     } catch (err) {
-      if (err instanceof NbdCommandError) this.recorder.finish(op, 'fail', err.code);
-      else {
-        this.recorder.finish(op, 'info', (err as Error).message);
-        await this.drop();
-      }
+      // A refusal is definite; a connection that died leaves the operation open (the next connect replaces it).
+      this.recorder.finish(op, err instanceof NbdCommandError ? 'fail' : 'info', (err as Error).message);
     }
   }
 }

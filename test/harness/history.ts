@@ -66,10 +66,10 @@ export interface Op {
 export type Fault =
   /** SIGKILL of `host` (then a restart): what was flushed survives. */
   | { kind: 'crash'; host: string; at: number }
-  /** `from` was paused at `at` and another host promoted over its lease: what was drained survives. */
-  | { kind: 'failover'; from: string; at: number }
-  /** `from` answered its release at `at`; another host promotes: nothing is lost. */
-  | { kind: 'handover'; from: string; at: number };
+  /** `from` was paused at `at` and `to` promoted over its lease: what was drained survives. */
+  | { kind: 'failover'; from: string; to: string; at: number }
+  /** `from` answered its release at `at`; `to` promotes: nothing is lost. */
+  | { kind: 'handover'; from: string; to: string; at: number };
 
 export interface History {
   ops: Op[];
@@ -104,6 +104,8 @@ export interface CheckResult {
   readsChecked: number;
   /** Torn reads that overlapped a write of their sector (NBD promises no atomicity there). */
   tornConcurrent: number;
+  /** Sectors whose first read after a crash or failover returned an older value than the last write acknowledged before it (allowed when unflushed). */
+  rolledBack: number;
   anomalies: Anomaly[];
 }
 
@@ -185,11 +187,14 @@ export function checkHistory(history: History): CheckResult {
   const byId = new Map(history.ops.map((op) => [op.id, op]));
 
   // Where each op stands: live (the volume's lineage), replica (a released host's reads), dead (a paused holder's branch).
+  // The last move of the volume before an op decides: its host gave the volume up, or took it.
+  const moves = history.faults.filter((f): f is Extract<Fault, { kind: 'failover' | 'handover' }> => f.kind !== 'crash').sort((x, y) => x.at - y.at);
   const role = (op: Op): 'live' | 'replica' | 'dead' => {
     let r: 'live' | 'replica' | 'dead' = 'live';
-    for (const f of history.faults) {
-      if (f.kind === 'failover' && op.host === f.from && op.start >= f.at) return 'dead';
-      if (f.kind === 'handover' && op.host === f.from && op.start >= f.at) r = 'replica';
+    for (const f of moves) {
+      if (f.at > op.start) continue;
+      if (op.host === f.from) r = f.kind === 'failover' ? 'dead' : 'replica';
+      else if (op.host === f.to) r = 'live';
     }
     return r;
   };
@@ -223,10 +228,13 @@ export function checkHistory(history: History): CheckResult {
 
   let readsChecked = 0;
   let tornConcurrent = 0;
+  let rolledBack = 0;
   for (const [sector, { writes, reads }] of sectors) {
     const add = (kind: AnomalyKind, ops: Op[], message: string) => anomalies.push({ kind, sector, ops: ops.map((o) => o.id), message: `sector ${sector}: ${message}` });
     // Values the sector may hold at the start of each epoch, and why others were dropped.
     let candidates: Val[] = ['zero'];
+    /** The write acknowledged last in the epoch before (to count rollbacks). */
+    let lastAcked: Op | undefined;
     const dropped = new Map<Val, { why: 'flushed' | 'recovered'; by: Op | Val }>();
     for (let epoch = 0; epoch <= boundaries.length; epoch++) {
       const lo = epoch === 0 ? -Infinity : boundaries[epoch - 1].at;
@@ -277,6 +285,7 @@ export function checkHistory(history: History): CheckResult {
             add('unstable-read', [read, initialRead!], `after the fault, read r${initialRead!.id} returned ${nameOf(initial)} and read r${read.id} ${nameOf(v)}`);
             continue;
           }
+          if (initial === undefined && lastAcked !== undefined && v !== lastAcked) rolledBack++;
           initial = v;
           initialRead = read;
         }
@@ -303,9 +312,10 @@ export function checkHistory(history: History): CheckResult {
         else next.push(v);
       }
       candidates = next;
+      lastAcked = okWrites.filter((w) => w.start < fault.at).sort((x, y) => y.end - x.end)[0];
     }
   }
-  return { counts, readsChecked, tornConcurrent, anomalies };
+  return { counts, readsChecked, tornConcurrent, rolledBack, anomalies };
 }
 
 /** One line per anomaly kind with a count and the first example. */
@@ -313,7 +323,7 @@ export function summarize(result: CheckResult): string {
   const ops = Object.entries(result.counts).sort().map(([k, n]) => `${k}=${n}`).join(' ');
   const byKind = new Map<AnomalyKind, Anomaly[]>();
   for (const a of result.anomalies) byKind.set(a.kind, [...(byKind.get(a.kind) ?? []), a]);
-  const lines = [`ops ${ops}; reads checked ${result.readsChecked}; torn reads during a write ${result.tornConcurrent}; anomalies ${result.anomalies.length}`];
+  const lines = [`ops ${ops}; reads checked ${result.readsChecked}; torn reads during a write ${result.tornConcurrent}; rolled back by a fault ${result.rolledBack}; anomalies ${result.anomalies.length}`];
   for (const [kind, list] of byKind) lines.push(`  ${kind} x${list.length}: ${list[0].message}`);
   return lines.join('\n');
 }

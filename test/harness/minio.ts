@@ -27,6 +27,13 @@ export interface Minio {
   log(): string;
   /** SIGKILL the server, wait for it to exit, remove its data folder. */
   stop(): Promise<void>;
+  /** SIGSTOP / SIGCONT the server: a store that hangs, then answers again. */
+  pause(): void;
+  resume(): void;
+  /** SIGKILL the server and wait for it to exit; its data stays (a store that went away). */
+  kill(): Promise<void>;
+  /** Start a killed server again on the same port and data, once it is live. */
+  revive(): Promise<void>;
 }
 
 /** Where setup-minio.sh puts the binary. */
@@ -58,52 +65,65 @@ export async function startMinio(): Promise<Minio> {
   const bucket = 'updraft-test';
   const region = 'us-east-1';
 
-  const child: ChildProcess = spawn(
-    binary,
-    ['server', '--quiet', '--address', `127.0.0.1:${port}`, '--console-address', `127.0.0.1:${consolePort}`, path.join(dataDir, 'data')],
-    {
-      env: {
-        ...process.env,
-        MINIO_ROOT_USER: accessKeyId,
-        MINIO_ROOT_PASSWORD: secretAccessKey,
-        MINIO_BROWSER: 'off',
-        MINIO_UPDATE: 'off',
-        MINIO_REGION: region,
-      },
-      stdio: ['ignore', 'pipe', 'pipe'],
-      detached: true,
-    },
-  );
   let output = '';
   const remember = (chunk: Buffer) => {
     output = (output + chunk.toString('utf8')).slice(-65536);
   };
-  child.stdout!.on('data', remember);
-  child.stderr!.on('data', remember);
-  const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
+  let child!: ChildProcess;
+  let exited: Promise<void> = Promise.resolve();
   const onExit = () => killTree(child.pid);
   process.once('exit', onExit);
-
-  const stop = async () => {
-    process.removeListener('exit', onExit);
-    if (child.exitCode === null && child.signalCode === null) killTree(child.pid);
-    await exited;
-    await removeDir(dataDir);
+  const spawnServer = () => {
+    child = spawn(
+      binary,
+      ['server', '--quiet', '--address', `127.0.0.1:${port}`, '--console-address', `127.0.0.1:${consolePort}`, path.join(dataDir, 'data')],
+      {
+        env: {
+          ...process.env,
+          MINIO_ROOT_USER: accessKeyId,
+          MINIO_ROOT_PASSWORD: secretAccessKey,
+          MINIO_BROWSER: 'off',
+          MINIO_UPDATE: 'off',
+          MINIO_REGION: region,
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+        detached: true,
+      },
+    );
+    child.stdout!.on('data', remember);
+    child.stderr!.on('data', remember);
+    const proc = child;
+    exited = new Promise<void>((resolve) => proc.once('close', () => resolve()));
   };
-
-  try {
+  const running = () => child.exitCode === null && child.signalCode === null;
+  const waitLive = async () => {
     const deadline = Date.now() + READY_TIMEOUT_MS;
     for (;;) {
-      if (child.exitCode !== null || child.signalCode !== null) throw new Error(`minio exited before it was ready`);
+      if (!running()) throw new Error(`minio exited before it was ready`);
       try {
         const res = await fetch(`${endpoint}/minio/health/live`, { signal: AbortSignal.timeout(1000) });
-        if (res.ok) break;
+        if (res.ok) return;
       } catch {
         // Not listening yet.
       }
       if (Date.now() > deadline) throw new Error(`minio not live at ${endpoint} after ${READY_TIMEOUT_MS} ms`);
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
+  };
+  const kill = async () => {
+    if (running()) killTree(child.pid);
+    await exited;
+  };
+
+  const stop = async () => {
+    process.removeListener('exit', onExit);
+    await kill();
+    await removeDir(dataDir);
+  };
+
+  spawnServer();
+  try {
+    await waitLive();
     const client = new S3Client({ endpoint, region, forcePathStyle: true, credentials: { accessKeyId, secretAccessKey } });
     try {
       await client.send(new CreateBucketCommand({ Bucket: bucket }));
@@ -124,6 +144,18 @@ export async function startMinio(): Promise<Minio> {
     url: `s3://${bucket}/t-${Date.now().toString(36)}`,
     log: () => output,
     stop,
+    pause: () => void (running() && process.kill(child.pid!, 'SIGSTOP')),
+    resume: () => void (running() && process.kill(child.pid!, 'SIGCONT')),
+    kill,
+    async revive() {
+      if (running()) throw new Error('minio revive: the server is still running');
+      spawnServer();
+      try {
+        await waitLive();
+      } catch (err) {
+        throw new Error(`${(err as Error).message}\n--- minio output (tail) ---\n${tail(output, 30)}`, { cause: err });
+      }
+    },
   };
 }
 
