@@ -9,7 +9,9 @@
 //    the same before and after, and nothing A acknowledged after the pause shows on B;
 // 4. the store (MinIO) hangs (SIGSTOP) during a drain and goes away (SIGKILL) during
 //    another, comes back, and the volume then migrates to B;
-// 5. A releases the volume while its lease renewal is in flight (a proxy holds the PUT).
+// 5. A releases the volume while its lease renewal is in flight (a proxy holds the PUT);
+// 6. A drains while its lease renewal is held past the lease's margin: the drain renews
+//    the lease itself, and the late renewal must not take that for a lost lease.
 // Every run prints how many operations it checked and what it found; an anomaly fails it.
 
 import assert from 'node:assert/strict';
@@ -380,6 +382,45 @@ test('release while a lease renewal is in flight: the old holder acknowledges no
       await load.stop();
       await load.sweep(b);
       load.check(t, 'release during a lease renewal');
+    });
+  } finally {
+    await cluster.cleanup();
+    await proxy.close();
+  }
+});
+
+test('a drain renews the lease while the timer\'s renewal is held: the late renewal does not take the host\'s own lease for a lost one', { timeout: TIMEOUT }, async (t) => {
+  const m = minio!;
+  const upstream = new URL(m.endpoint);
+  const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
+  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  try {
+    const a = await cluster.start('host-a', { host: { lease_ttl_s: 3 }, aws: { endpoint: proxy.endpoint } });
+    await withLogs([a], async () => {
+      await createVolume(a, VOLUME, VOLUME_MIB);
+      const load = new Load(a, new Map([[a, 'a']]), SEED ^ 0x6);
+      t.after(() => load.stop()); // also when the test fails early
+      load.start();
+      await sleep(500);
+      assert.equal((await load.api(a, 'drain')).status, 200); // A takes the lease
+      let openGate!: () => void;
+      const gate = new Promise<void>((resolve) => (openGate = resolve));
+      let renewalHeld!: () => void;
+      const held = new Promise<void>((resolve) => (renewalHeld = resolve));
+      proxy.add({ match: /^PUT \S*\/lease[?\s]/, hold: () => gate, seen: renewalHeld });
+      await held;
+      await sleep(1200); // less than a third of the lease is left: the next drain renews it first
+      const drained = await load.api(a, 'drain');
+      assert.equal(drained.status, 200, drained.text);
+      openGate();
+      await sleep(1500);
+      const again = await load.api(a, 'drain');
+      assert.equal(again.status, 200, `a drain after the held renewal answered: ${again.text}`);
+      await load.stop();
+      await load.sweep(a);
+      const refused = load.recorder.ops.filter((op) => op.kind === 'write' && op.outcome === 'fail');
+      assert.deepEqual(refused.map((op) => `w${op.id} ${op.error}`), [], 'the host refused writes while it held the lease');
+      load.check(t, 'drain renews the lease beside a held renewal');
     });
   } finally {
     await cluster.cleanup();

@@ -608,6 +608,13 @@ export class StoreLink {
         if (current !== undefined && current.body.equals(body)) etag = current.etag;
         else {
           const lease = current === undefined ? undefined : decodeLease(key, current.body);
+          if (lease !== undefined && lease.owner === this.ctx.hostId && lease.generation === state.generation && !lease.released && !state.readOnly) {
+            // This host renewed it meanwhile (a drain's acquire): the lease is still ours.
+            state.leaseEtag = current!.etag;
+            state.leaseExpires = Date.parse(lease.expires);
+            this.save();
+            return;
+          }
           this.stopWriting('lost the lease: volume is read-only on this host', `the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
           return;
         }
