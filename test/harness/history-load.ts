@@ -78,9 +78,10 @@ export interface LoadOptions {
 }
 
 /**
- * One client: one operation at a time on one connection. Outcomes: a reply is `ok`; an
- * error reply is `fail` (the server refused: nothing happened); a connection that dies
- * first leaves a write `info` (it may have landed), and the client reconnects.
+ * One client: one connection, `depth` operations in flight on it. Outcomes: a reply is
+ * `ok`; an error reply is `fail` (the server refused: nothing happened); a connection that
+ * dies first leaves the operation `info` (a write may have landed), and the client
+ * reconnects to the host `target()` names.
  */
 export class LoadClient {
   private conn: NbdClient | null = null;
