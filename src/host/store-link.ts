@@ -111,6 +111,10 @@ export class StoreLink {
   /** Serializes drain, promotion, release and uploads of this volume. */
   private tail: Promise<unknown> = Promise.resolve();
   private renewing = false;
+  /** Settles once the lease renewal in flight (if any) has; a release waits for it. */
+  private renewal: Promise<void> = Promise.resolve();
+  /** A release runs: no renewal starts, and one in flight does not make the volume writable again. */
+  private releasing = false;
   busy = false;
   sequenceAtUpload = -1;
   lastUploadAt = Date.now();
@@ -583,9 +587,11 @@ export class StoreLink {
   /** Renew a held lease when a third of its time is left; losing it makes the volume read-only. */
   async renewIfDue(now: number): Promise<void> {
     const state = this.state;
-    if (state.generation === 0 || this.renewing) return;
+    if (state.generation === 0 || this.renewing || this.releasing) return;
     if ((state.leaseExpires ?? 0) - now > (this.ctx.leaseTtlMs * 2) / 3) return;
     this.renewing = true;
+    let settled!: () => void;
+    this.renewal = new Promise((resolve) => (settled = resolve));
     const key = leaseKey(this.name);
     try {
       const next: Lease = {
@@ -602,13 +608,20 @@ export class StoreLink {
         if (current !== undefined && current.body.equals(body)) etag = current.etag;
         else {
           const lease = current === undefined ? undefined : decodeLease(key, current.body);
+          if (lease !== undefined && lease.owner === this.ctx.hostId && lease.generation === state.generation && !lease.released && !state.readOnly) {
+            // This host renewed it meanwhile (a drain's acquire): the lease is still ours.
+            state.leaseEtag = current!.etag;
+            state.leaseExpires = Date.parse(lease.expires);
+            this.save();
+            return;
+          }
           this.stopWriting('lost the lease: volume is read-only on this host', `the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
           return;
         }
       }
       state.leaseEtag = etag;
       state.leaseExpires = now + this.ctx.leaseTtlMs;
-      if (!state.readOnly) this.volume.readOnly = false;
+      if (!state.readOnly && !this.releasing) this.volume.readOnly = false;
       this.save();
     } catch (err) {
       // The store is unreachable: past the expiry another host may take the lease, so stop writing.
@@ -620,6 +633,7 @@ export class StoreLink {
       }
     } finally {
       this.renewing = false;
+      settled();
     }
   }
 
@@ -630,9 +644,12 @@ export class StoreLink {
    */
   release(): Promise<{ generation: number; drained?: DrainResult }> {
     return this.serial(async () => {
+      this.releasing = true;
+      this.volume.readOnly = true;
+      // A renewal in flight settles first: it may change the lease's etag the release puts over.
+      await this.renewal;
       const generation = this.state.generation;
       let drained: DrainResult | undefined;
-      this.volume.readOnly = true;
       if (generation > 0 && !this.state.readOnly && this.volume.sequence !== this.state.manifestSequence) {
         try {
           drained = await this.drainNow();
@@ -657,6 +674,8 @@ export class StoreLink {
       this.save();
       this.ctx.log.info('released volume lease', { volume: this.name, generation, final_drain_sequence: drained?.sequence });
       return { generation, ...(drained === undefined ? {} : { drained }) };
+    }).finally(() => {
+      this.releasing = false;
     });
   }
 
