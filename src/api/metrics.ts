@@ -37,6 +37,12 @@ export class Metrics {
       [{ tier: 'memory' }, cache.counters.memoryHits],
       [{ tier: 'disk' }, cache.counters.diskHits],
     ]);
+    counter('updraft_fsync_failures_total', 'fdatasync calls of local state that failed, by file (each fails the volumes whose data it may have lost)', ['file'], () => [
+      [{ file: 'overlay' }, host.syncFailures.overlay],
+      [{ file: 'journal' }, host.syncFailures.journal],
+      [{ file: 'slab' }, cache.counters.syncFailures],
+    ]);
+    gauge('updraft_volumes_failed', 'Volumes refusing writes and flushes after a failed sync, until reopened', () => host.all().filter((v) => v.failed !== undefined).length);
     counter('updraft_cache_misses_total', 'Block reads the local cache could not serve', [], () => [[{}, cache.counters.misses]]);
     counter('updraft_cache_evictions_total', 'Blocks evicted, by tier', ['tier'], () => [
       [{ tier: 'memory' }, cache.counters.memoryEvictions],
@@ -121,6 +127,8 @@ export class Metrics {
     for (const v of volumes) lines.push(`updraft_volume_clients{volume="${v.name}"} ${v.clients}`);
     head('updraft_volume_chunks_sealed_total', 'counter', 'Overlay chunks sealed into blocks');
     for (const v of volumes) lines.push(`updraft_volume_chunks_sealed_total{volume="${v.name}"} ${v.stats.chunksSealed}`);
+    head('updraft_volume_failed', 'gauge', '1 when a failed sync of local state made the volume refuse writes and flushes until it is reopened');
+    for (const v of volumes) lines.push(`updraft_volume_failed{volume="${v.name}"} ${v.failed !== undefined ? 1 : 0}`);
     head('updraft_volume_read_only', 'gauge', '1 when this host may not write the volume (leased elsewhere, released or fenced)');
     for (const v of volumes) lines.push(`updraft_volume_read_only{volume="${v.name}"} ${v.readOnly ? 1 : 0}`);
     head('updraft_volume_lease_generation', 'gauge', 'Lease generation held here; 0 when none');

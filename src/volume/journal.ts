@@ -213,10 +213,25 @@ export class Journal {
     this.position += batch.length;
   }
 
-  /** Append one batch and make it durable. */
+  /**
+   * Append one batch and make it durable. When the sync fails the batch is cut off again:
+   * the page cache may still hold it after the kernel dropped it from the disk, and a
+   * journal reopened from the page cache must not replay a batch the disk does not have.
+   */
   async commit(records: readonly ChunkRecord[], sequence: number, size: number): Promise<void> {
+    const before = this.position;
     this.appendSync(records, sequence, size);
-    await fdatasync(this.fd);
+    try {
+      await fdatasync(this.fd);
+    } catch (err) {
+      this.position = before;
+      try {
+        fs.ftruncateSync(this.fd, before);
+      } catch (cut) {
+        throw new Error(`journal ${this.path}: fdatasync failed (${(err as Error).message}), and cutting the batch off failed too (${(cut as Error).message})`);
+      }
+      throw new Error(`journal ${this.path}: fdatasync: ${(err as Error).message}`);
+    }
   }
 
   /**
@@ -232,6 +247,9 @@ export class Journal {
       fs.writeSync(fd, header, 0, header.length, 0);
       fs.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
       await fsync(fd);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      throw new Error(`journal ${tmp}: compaction: ${(err as Error).message}`);
     } finally {
       fs.closeSync(fd);
     }

@@ -18,7 +18,7 @@ import type { Logger } from '../log.js';
 import { fsyncPath } from '../objectstore/file.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { Journal, type ChunkRecord } from './journal.js';
-import { VolumeStats } from './stats.js';
+import { SyncFailureCounts, VolumeStats } from './stats.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const read = promisify(fs.read);
@@ -109,6 +109,8 @@ export interface VolumeContext {
   fetcher?: BlockFetcher;
   /** Shared buffer of block_size bytes for unaligned writes (synchronous, so one suffices). */
   scratch: Buffer;
+  /** Host-wide count of failed syncs of volumes' overlays and journals (metrics). */
+  syncFailures?: SyncFailureCounts;
 }
 
 const ZERO_BLOCK_CACHE = new Map<number, Buffer>();
@@ -163,6 +165,14 @@ export class Volume {
   private flushTail: Promise<void> = Promise.resolve();
   private flushQueued: Promise<void> | undefined;
   private closed = false;
+  /**
+   * Why the volume failed: a sync of its local state failed, so data it acknowledged may be
+   * gone from the disk while the page cache still shows it, and a later sync would succeed
+   * without it. Writes, flushes and snapshots get EIO until the volume is reopened (its
+   * journal then gives the last state a FLUSH acknowledged); reads go on.
+   */
+  private failure: string | undefined;
+  private readonly syncFailures: SyncFailureCounts;
   /** Set when close or destroy begins: no new seal starts. */
   private closing = false;
   private readonly cache: BlockCache;
@@ -199,6 +209,7 @@ export class Volume {
     this.scratch = ctx.scratch;
     this.blockHash = ctx.blockHash;
     this.fetcher = ctx.fetcher;
+    this.syncFailures = ctx.syncFailures ?? new SyncFailureCounts();
     this.emptyMask = new Uint8Array(this.maskBytes);
   }
 
@@ -438,7 +449,26 @@ export class Volume {
   }
   private checkWritable(): void {
     this.checkOpen();
+    if (this.failure !== undefined) throw this.failedError();
     if (this.readOnly) throw new VolumeError('EPERM', `volume ${this.name} is read-only on this host`);
+  }
+
+  /** Why the volume failed (see `failure`); undefined while it is healthy. */
+  get failed(): string | undefined {
+    return this.failure;
+  }
+
+  private failedError(): VolumeError {
+    return new VolumeError('EIO', `volume ${this.name} has failed (${this.failure}); writes and flushes are refused until it is reopened`);
+  }
+
+  /** Enter the failed state (once) and return the error for the request that found it. */
+  private fail(reason: string): VolumeError {
+    if (this.failure === undefined) {
+      this.failure = reason;
+      this.log.error('volume failed: a sync of its local state failed; writes and flushes get EIO until it is reopened', { volume: this.name, reason });
+    }
+    return this.failedError();
   }
 
   // ---- read -------------------------------------------------------------------------
@@ -884,7 +914,7 @@ export class Volume {
 
   /** Seal these overlay chunks (those not in the overlay or already being sealed are skipped). */
   private async sealChunks(candidates: readonly number[], onSealed?: (key: BlockKey) => void): Promise<number> {
-    if (this.closed || this.closing) return 0;
+    if (this.closed || this.closing || this.failure !== undefined) return 0;
     const chunks: number[] = [];
     for (const chunk of candidates) {
       if (this.sealing.has(chunk) || !this.overlay.has(chunk)) continue;
@@ -972,6 +1002,7 @@ export class Volume {
    */
   async snapshot(options: { base?: BlockMap; onSealed?: (key: BlockKey) => void } = {}): Promise<VolumeSnapshot> {
     this.checkOpen();
+    if (this.failure !== undefined) throw this.failedError();
     for (let round = 0; ; round++) {
       await Promise.allSettled(this.sealsInFlight);
       if (this.overlay.size > SNAPSHOT_CUT_CHUNKS && round < SNAPSHOT_SEAL_ROUNDS) {
@@ -1094,6 +1125,7 @@ export class Volume {
   }
 
   private async flushNow(): Promise<void> {
+    if (this.failure !== undefined) throw this.failedError();
     if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty) return;
     const chunks = this.journalDirty;
     const unrefs = this.pendingUnref;
@@ -1106,15 +1138,30 @@ export class Volume {
     const live = this.journal.recordBytes * (this.map.count + this.overlay.size);
     const compact = this.journal.bytes > Math.max(4 << 20, 4 * live);
     const records = compact ? this.liveRecords() : [...chunks].map((c) => this.record(c));
+    const named: Array<[number, BlockKey]> = [];
+    for (const chunk of chunks) {
+      const key = this.map.get(chunk);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY) named.push([chunk, key]);
+    }
+    // A failed sync is never retried (the kernel may have dropped the pages and cleared
+    // the error): the volume fails instead, and FLUSH stays failed until it is reopened.
+    const [overlay, blocks] = await Promise.allSettled([fdatasync(this.overlayFd), this.cache.sync()]);
+    if (overlay.status === 'rejected') {
+      this.syncFailures.overlay++;
+      throw this.fail(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
+    }
+    // A failed slab sync loses only the pinned blocks it covered: this flush fails if it would name one.
+    for (const [chunk, key] of named) {
+      if (!this.cache.lostBlock(key)) continue;
+      const why = blocks.status === 'rejected' ? (blocks.reason as Error).message : 'an earlier sync of the block cache failed';
+      throw this.fail(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
+    }
     try {
-      await Promise.all([fdatasync(this.overlayFd), this.cache.sync()]);
       if (compact) await this.journal.rewrite(records, sequence, size, this.blockSize);
       else await this.journal.commit(records, sequence, size);
     } catch (err) {
-      for (const c of chunks) this.journalDirty.add(c);
-      this.pendingUnref.push(...unrefs);
-      this.sizeDirty = true;
-      throw new VolumeError('EIO', `volume ${this.name}: flush failed: ${(err as Error).message}`);
+      this.syncFailures.journal++;
+      throw this.fail(`flush: ${(err as Error).message}`);
     }
     for (const key of unrefs) this.cache.unref(key);
   }
@@ -1159,7 +1206,8 @@ export class Volume {
     this.closing = true;
     // Seals in progress read the overlay file; let them finish before it is closed.
     await Promise.allSettled(this.sealsInFlight);
-    await this.flush();
+    // A failed volume keeps its last good journal: what changed since is not written.
+    if (this.failure === undefined) await this.flush();
     this.closed = true;
     fs.closeSync(this.overlayFd);
     this.journal.close();
