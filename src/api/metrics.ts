@@ -4,6 +4,7 @@
 import client from 'prom-client';
 import type { Collector } from '../gc/collector.js';
 import type { Host } from '../host/host.js';
+import type { DeferredRequests } from '../nbd/deferred.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { LATENCY_BUCKETS, OP_KINDS } from '../volume/stats.js';
 
@@ -14,6 +15,7 @@ export class Metrics {
     private readonly host: Host,
     store: MeteredObjectStore,
     collector?: Collector,
+    deferred?: DeferredRequests,
   ) {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'updraft_' });
     const cache = host.cache;
@@ -33,6 +35,11 @@ export class Metrics {
     gauge('updraft_local_used_bytes', 'Local bytes that exist nowhere else: overlay sectors plus pinned blocks', () => cache.space.used);
     gauge('updraft_local_capacity_bytes', 'The disk budget for local-only data ([cache] disk_size_gb)', () => cache.space.capacity);
     gauge('updraft_volumes', 'Volumes open on this host', () => host.all().length);
+    if (deferred) {
+      gauge('updraft_nbd_deferred_requests', 'NBD requests waiting for blocks from the store or for a flush, every connection together', () => deferred.count);
+      gauge('updraft_nbd_deferred_requests_peak', `The most NBD requests deferred at once on this host (bound ${deferred.perHost})`, () => deferred.peak);
+      gauge('updraft_nbd_deferred_requests_connection_peak', `The most NBD requests one connection had deferred at once (bound ${deferred.perConnection})`, () => deferred.connectionPeak);
+    }
     counter('updraft_cache_hits_total', 'Block reads served from the cache, by tier', ['tier'], () => [
       [{ tier: 'memory' }, cache.counters.memoryHits],
       [{ tier: 'disk' }, cache.counters.diskHits],

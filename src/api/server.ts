@@ -18,6 +18,7 @@ import { FormatError } from '../store/errors.js';
 import { checkpointNameField, volumeNameField } from '../store/fields.js';
 import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
+import type { DeferredRequests } from '../nbd/deferred.js';
 import { Metrics } from './metrics.js';
 
 const GIB = 1024 ** 3;
@@ -96,13 +97,15 @@ export interface ApiContext {
   disconnect(volume: string): number;
   /** The bearer token every request must carry ([servers.http] token); '' for none. */
   token: string;
+  /** The NBD server's deferred requests (metrics). */
+  deferred?: DeferredRequests;
 }
 
 export async function startApi(ctx: ApiContext, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
   const { host, store } = ctx;
   // A 200-character name with '/' percent-encoded is up to ~600 characters in a path.
   const app = Fastify({ logger: false, bodyLimit: 64 * 1024, routerOptions: { maxParamLength: 1024 } });
-  const metrics = new Metrics(host, store, ctx.collector);
+  const metrics = new Metrics(host, store, ctx.collector, ctx.deferred);
 
   app.setErrorHandler((err: { statusCode?: number; message: string }, _request, reply) => {
     const mapped = statusOf(err);

@@ -7,6 +7,7 @@ import { errorMessage, type Logger } from '../log.js';
 import { VolumeError, type Volume, type VolumeErrorCode } from '../volume/volume.js';
 import type { OpKind } from '../volume/stats.js';
 import type { ByteQueue } from './byte-queue.js';
+import type { DeferredRequests } from './deferred.js';
 import type { Negotiated } from './handshake.js';
 import * as P from './protocol.js';
 
@@ -43,7 +44,11 @@ export class Transmission {
   private readonly volume: Volume;
   private readonly structured: boolean;
   private readonly baseAllocationId: number;
+  /** Requests deferred (waiting for the store or a flush); at most deferred.perConnection. */
   private inflight = 0;
+  /** Parsing stopped and the socket paused until a deferred request finishes. */
+  private heldBack = false;
+  private readonly wake = () => this.resumeIfRoom();
   private disconnecting = false;
   private closed = false;
   private corked = false;
@@ -57,6 +62,7 @@ export class Transmission {
     negotiated: Negotiated,
     private readonly log: Logger,
     private readonly onClose: () => void,
+    private readonly deferred: DeferredRequests,
   ) {
     this.volume = negotiated.volume;
     this.structured = negotiated.structured;
@@ -77,6 +83,11 @@ export class Transmission {
       // ('drain' resumes): queued replies stay bounded whatever it has already sent.
       if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) {
         this.socket.pause();
+        break;
+      }
+      // Deferred requests at their bound: no more parsing, no more reading, until one ends.
+      if (!this.deferred.hasRoom(this.inflight)) {
+        this.holdBack();
         break;
       }
       if (queue.peekUInt32(0) !== P.REQUEST_MAGIC) {
@@ -257,9 +268,38 @@ export class Transmission {
     this.ok(cookieHigh, cookieLow);
   }
 
+  private holdBack(): void {
+    this.socket.pause();
+    this.heldBack = true;
+    // Room on the connection comes back with its own requests; room on the host from any.
+    if (this.inflight < this.deferred.perConnection) this.deferred.waitForRoom(this.wake);
+  }
+
+  private resumeIfRoom(): void {
+    if (!this.heldBack || this.closed) return;
+    if (!this.deferred.hasRoom(this.inflight)) {
+      if (this.inflight < this.deferred.perConnection) this.deferred.waitForRoom(this.wake);
+      return;
+    }
+    this.heldBack = false;
+    this.socket.resume();
+    this.pump();
+  }
+
+  private defer(): void {
+    this.inflight++;
+    this.deferred.take(this.inflight);
+  }
+
+  private undefer(): void {
+    this.inflight--;
+    this.deferred.release();
+    this.resumeIfRoom();
+  }
+
   /** Serve a request once blocks it needs have arrived from the store. */
   private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void): void {
-    this.inflight++;
+    this.defer();
     fetching
       .then(
         () => {
@@ -273,14 +313,14 @@ export class Transmission {
         (err) => this.failed(cookieHigh, cookieLow, type, err),
       )
       .finally(() => {
-        this.inflight--;
+        this.undefer();
         this.uncork();
         this.endIfDisconnected();
       });
   }
 
   private wait(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): void {
-    this.inflight++;
+    this.defer();
     work.then(
       () => {
         this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
@@ -288,7 +328,7 @@ export class Transmission {
       },
       (err) => this.failed(cookieHigh, cookieLow, -1, err),
     ).finally(() => {
-      this.inflight--;
+      this.undefer();
       this.uncork();
       this.endIfDisconnected();
     });
@@ -383,6 +423,7 @@ export class Transmission {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.deferred.forget(this.wake);
     this.replyPool.clear();
     this.pooledBytes = 0;
     this.onClose();

@@ -1,0 +1,56 @@
+// Memory is bounded by configuration, not by a client's behaviour (DESIGN.md invariant 7).
+// Every host is a real daemon; data goes through the NBD test client.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { test } from 'node:test';
+import { CHUNK, createVolume, drain, fileStore, metric, startCluster, withLogs } from './harness/cluster.js';
+import { NbdClient } from './harness/nbd-client.js';
+
+const TIMEOUT = 600_000;
+/** src/nbd/deferred.ts: MAX_DEFERRED_PER_CONNECTION, MAX_DEFERRED_PER_HOST. */
+const PER_CONNECTION = 64;
+const PER_HOST = 1024;
+
+test('reads pipelined against cold blocks in a slow store stay within the deferred-request bounds, and all complete correctly', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    // One block a pack: every chunk is its own slow GET on the reading host.
+    const a = await cluster.start('host-a', { servers: { nbd: { blocks_per_pack: 1 } } });
+    const chunks = 32;
+    const data = randomBytes(chunks * CHUNK);
+    await withLogs([a], async () => {
+      await createVolume(a, 'cold', 64);
+      const writer = await NbdClient.connect({ path: a.socket, exportName: 'cold' });
+      await writer.write(0, data);
+      await writer.flush();
+      await writer.disconnect();
+      await drain(a, 'cold');
+    });
+    const b = await cluster.start('host-b', { storage: { read_ahead_packs: 0 } }, { UPDRAFT_STORE_FAULTS: 'seed=7,latency=1000' });
+    await withLogs([b], async () => {
+      // More connections than the host bound leaves room for at the connection bound.
+      const connections = 20;
+      const readsEach = 100;
+      const clients: NbdClient[] = [];
+      for (let i = 0; i < connections; i++) clients.push(await NbdClient.connect({ path: b.socket, exportName: 'cold', commandTimeoutMs: 300_000 }));
+      const reads: Array<Promise<void>> = [];
+      for (const [c, client] of clients.entries()) {
+        for (let r = 0; r < readsEach; r++) {
+          const offset = ((c * 7 + r) % chunks) * CHUNK + (r % 32) * 4096;
+          reads.push(client.read(offset, 4096).then((got) => assert.ok(got.equals(data.subarray(offset, offset + 4096)), `read at ${offset} returned other bytes`)));
+        }
+      }
+      await Promise.all(reads);
+      const connectionPeak = await metric(b, 'updraft_nbd_deferred_requests_connection_peak');
+      const hostPeak = await metric(b, 'updraft_nbd_deferred_requests_peak');
+      assert.ok(connectionPeak >= 1, 'reads of cold blocks were deferred');
+      assert.ok(connectionPeak <= PER_CONNECTION, `a connection deferred ${connectionPeak} requests; the bound is ${PER_CONNECTION}`);
+      assert.ok(hostPeak <= PER_HOST, `the host deferred ${hostPeak} requests; the bound is ${PER_HOST}`);
+      assert.equal(await metric(b, 'updraft_nbd_deferred_requests'), 0, 'nothing is left deferred');
+      for (const client of clients) await client.disconnect();
+      process.stdout.write(`# deferred peaks: ${connectionPeak} on one connection, ${hostPeak} on the host (${connections} x ${readsEach} reads of ${chunks} cold chunks)\n`);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
