@@ -1,8 +1,14 @@
 // Memory is bounded by configuration, not by a client's behaviour (DESIGN.md invariant 7).
 // Every host is a real daemon; data goes through the NBD test client.
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, randomFillSync } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
+import { BlockCache, blockKey } from '../src/blocks/cache.js';
+import { PLAINTEXT } from '../src/crypto/cipher.js';
+import { createLogger } from '../src/log.js';
 import { CHUNK, createVolume, drain, fileStore, metric, startCluster, withLogs } from './harness/cluster.js';
 import { NbdClient } from './harness/nbd-client.js';
 
@@ -52,5 +58,46 @@ test('reads pipelined against cold blocks in a slow store stay within the deferr
     });
   } finally {
     await cluster.cleanup();
+  }
+});
+
+test('the memory tier counts the bytes it keeps alive: a block cut from a decoded pack does not hold the whole pack', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-memtier-'));
+  try {
+    const block = 64 * 1024;
+    const memory = 16 * block;
+    const cache = BlockCache.open(join(dir, 'cache'), { blockSize: block, namesId: PLAINTEXT.namesId, blockHash: PLAINTEXT.blockHash, diskBytes: 256 * 1024 * 1024, memoryBytes: memory }, createLogger('test', 'error'));
+    const packs = 40;
+    const perPack = 25;
+    const wanted: Array<{ key: string; data: Buffer }> = [];
+    const scratch = Buffer.alloc(block);
+    for (let p = 0; p < packs; p++) {
+      // As the pack threads hand them over: every block a view into one buffer of the decoded pack.
+      const decoded = randomFillSync(Buffer.allocUnsafeSlow(perPack * block));
+      const blocks = [];
+      for (let i = 0; i < perPack; i++) {
+        const data = decoded.subarray(i * block, (i + 1) * block);
+        blocks.push({ key: blockKey(PLAINTEXT.blockHash(data)), data });
+      }
+      cache.putPackFromStore(blocks);
+      // The pack's last block is read twice while in memory: S3-FIFO keeps it once the rest of its pack is evicted.
+      const read = blocks[perPack - 1];
+      wanted.push({ key: read.key, data: Buffer.from(read.data) });
+      for (let r = 0; r < 2; r++) assert.ok(cache.readInto(read.key, 0, block, scratch, 0));
+    }
+    await cache.settle();
+    let inMemory = 0;
+    for (const first of wanted) {
+      const hits = cache.counters.memoryHits;
+      assert.ok(cache.readInto(first.key, 0, block, scratch, 0), 'every block is still on this host');
+      assert.ok(scratch.equals(first.data), 'and reads back as it was put');
+      if (cache.counters.memoryHits > hits) inMemory++;
+    }
+    assert.ok(inMemory > 1, `blocks of ${inMemory} packs are in the memory tier (the case where views would keep packs alive)`);
+    assert.ok(cache.memoryBytes <= memory, `the memory tier counts ${cache.memoryBytes} bytes; its setting is ${memory}`);
+    assert.ok(cache.memoryHeldBytes <= memory, `the memory tier keeps ${cache.memoryHeldBytes} bytes of buffers alive; its setting is ${memory}`);
+    await cache.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -61,6 +61,18 @@ export function keyHex(key: BlockKey): string {
   return keyBytes(key).toString('hex');
 }
 
+/** Whether a Buffer spans the whole of its underlying memory (not a view into a larger one). */
+function ownsItsMemory(block: Buffer): boolean {
+  return block.byteOffset === 0 && block.buffer.byteLength === block.byteLength;
+}
+
+/** A copy in memory of its own (never a slice of Node's shared pool). */
+function copyOf(block: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(block.length);
+  block.copy(copy);
+  return copy;
+}
+
 const SLOT_ENTRY_BYTES = 32;
 const SLOT_USED = 1;
 const SLOT_IN_STORE = 2;
@@ -284,6 +296,17 @@ export class BlockCache {
   }
   get memoryBytes(): number {
     return this.memoryPolicy.size;
+  }
+  /** Bytes of the buffers the memory tier keeps alive, each underlying buffer once. */
+  get memoryHeldBytes(): number {
+    const buffers = new Set<ArrayBufferLike>();
+    let bytes = 0;
+    for (const block of this.memory.values()) {
+      if (buffers.has(block.buffer)) continue;
+      buffers.add(block.buffer);
+      bytes += block.buffer.byteLength;
+    }
+    return bytes;
   }
   get pinnedBlocks(): number {
     return this.space.pinnedBytes / this.blockSize;
@@ -619,7 +642,9 @@ export class BlockCache {
 
   private admitToMemory(key: BlockKey, block: Buffer): void {
     if (this.memoryPolicy.capacity < this.blockSize || this.memory.has(key)) return;
-    this.memory.set(key, block);
+    // A view into a larger buffer (a block of a decoded pack) would keep all of it alive
+    // for as long as this one block stays: the memory tier holds a copy of just the block.
+    this.memory.set(key, ownsItsMemory(block) ? block : copyOf(block));
     this.memoryPolicy.insert(key, this.blockSize);
     while (this.memoryPolicy.overBudget()) {
       const victim = this.memoryPolicy.evict();
