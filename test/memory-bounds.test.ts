@@ -9,6 +9,8 @@ import { test } from 'node:test';
 import { BlockCache, blockKey } from '../src/blocks/cache.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { createLogger } from '../src/log.js';
+import { REWRITE_BATCH_RECORDS } from '../src/volume/journal.js';
+import { Volume } from '../src/volume/volume.js';
 import { CHUNK, createVolume, drain, fileStore, metric, startCluster, withLogs } from './harness/cluster.js';
 import { NbdClient } from './harness/nbd-client.js';
 
@@ -96,6 +98,59 @@ test('the memory tier counts the bytes it keeps alive: a block cut from a decode
     assert.ok(inMemory > 1, `blocks of ${inMemory} packs are in the memory tier (the case where views would keep packs alive)`);
     assert.ok(cache.memoryBytes <= memory, `the memory tier counts ${cache.memoryBytes} bytes; its setting is ${memory}`);
     assert.ok(cache.memoryHeldBytes <= memory, `the memory tier keeps ${cache.memoryHeldBytes} bytes of buffers alive; its setting is ${memory}`);
+    await cache.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a flush after a small change hands the journal only the change; compacting a large sparse volume holds a bounded batch at a time', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-journal-'));
+  try {
+    const bs = 128 * 1024;
+    const log = createLogger('test', 'error');
+    const cache = BlockCache.open(join(dir, 'cache'), { blockSize: bs, namesId: PLAINTEXT.namesId, blockHash: PLAINTEXT.blockHash, diskBytes: 64 * 1024 * 1024, memoryBytes: 0 }, log);
+    const ctx = { cache, blockHash: PLAINTEXT.blockHash, log, scratch: Buffer.alloc(bs) };
+    const mapped = 100_000;
+    // Every other chunk of a 25 GiB volume is allocated (zeroed without a hole): metadata only.
+    const volume = await Volume.create(join(dir, 'volume'), 'sparse', 2 * mapped * bs, bs, ctx);
+    const allocate = () => {
+      for (let i = 0; i < mapped; i++) volume.zero(2 * i * bs, bs, { noHole: true, fast: false });
+    };
+    allocate();
+    await volume.flush();
+    assert.equal(volume.mappedChunks, mapped);
+
+    let written = volume.journalStats.records;
+    const sector = Buffer.alloc(4096, 7);
+    for (let i = 0; i < 10; i++) {
+      volume.write((2 * i + 1) * bs, sector);
+      await volume.flush();
+      assert.equal(volume.journalStats.records - written, 1, 'a flush after a one-chunk change hands the journal one record');
+      written = volume.journalStats.records;
+    }
+
+    // Rewrite every allocated chunk until the journal is long enough to be compacted.
+    while (volume.journalStats.rewrites === 0) {
+      allocate();
+      await volume.flush();
+    }
+    const largest = volume.journalStats.largestRewriteBatch;
+    assert.ok(largest <= REWRITE_BATCH_RECORDS, `compaction encoded a batch of ${largest} records at once; the bound is ${REWRITE_BATCH_RECORDS}`);
+    written = volume.journalStats.records;
+    volume.write(3 * bs, sector);
+    await volume.flush();
+    assert.equal(volume.journalStats.records - written, 1, 'after compaction too');
+    await volume.close();
+
+    // The compacted journal is the whole state.
+    const reopened = Volume.load(join(dir, 'volume'), ctx);
+    assert.equal(reopened.mappedChunks, mapped);
+    assert.equal(reopened.dirtyChunks, 10);
+    const got = Buffer.alloc(4096);
+    reopened.read(3 * bs, 4096, got, 0);
+    assert.ok(got.equals(sector), 'an overlay sector survives compaction');
+    await reopened.close();
     await cache.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });

@@ -17,7 +17,7 @@ import { isAllZero, ZERO_HASH, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { fsyncPath } from '../objectstore/file.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
-import { Journal, type ChunkRecord } from './journal.js';
+import { Journal, type ChunkRecord, type JournalStats } from './journal.js';
 import { SyncFailureCounts, VolumeStats } from './stats.js';
 
 const fdatasync = promisify(fs.fdatasync);
@@ -278,7 +278,8 @@ export class Volume {
     const unrefs = this.pendingUnref;
     this.pendingUnref = [];
     this.journalDirty.clear();
-    await this.journal.rewrite(this.liveRecords(), this.sequence, this.size, this.blockSize);
+    const frozen = this.frozenState();
+    await this.journal.rewrite(frozen.map, frozen.overlay, this.sequence, this.size, this.blockSize);
     for (const key of unrefs) this.cache.unref(key);
   }
 
@@ -338,6 +339,10 @@ export class Volume {
   }
   get mappedChunks(): number {
     return this.map.count;
+  }
+  /** Records handed to the journal and its rewrites (the work of flushes and compaction). */
+  get journalStats(): Readonly<JournalStats> {
+    return this.journal.stats;
   }
   /** The block map now, sharing its pages copy-on-write: the base of the next incremental manifest. */
   cloneMap(): BlockMap {
@@ -1022,12 +1027,13 @@ export class Volume {
     }
     const map = this.map.clone();
     const changes = options.base === undefined ? undefined : map.changesSince(options.base);
-    let chunks = changes === undefined ? [...map.entries()] : undefined;
+    // The chunk list is made when a caller asks (a whole manifest), not for every snapshot.
+    let chunks: Array<[number, BlockKey]> | undefined;
     const changed = this.storeDirty;
     this.storeDirty = new Map();
     // Blocks of chunks the base names are in the store already: only the rest need holding.
     const held: BlockKey[] = [];
-    for (const [, key] of changes ?? chunks!) if (key !== undefined && key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
+    for (const [, key] of changes ?? map.entries()) if (key !== undefined && key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
     let released = false;
     return {
       sequence: this.sequence,
@@ -1137,7 +1143,10 @@ export class Volume {
     // Capture the state now: later writes land in the next batch.
     const live = this.journal.recordBytes * (this.map.count + this.overlay.size);
     const compact = this.journal.bytes > Math.max(4 << 20, 4 * live);
-    const records = compact ? this.liveRecords() : [...chunks].map((c) => this.record(c));
+    // A compaction writes the whole state from a frozen copy (the map's pages shared
+    // copy-on-write, the dirty chunks' masks copied); a commit writes the changed chunks.
+    const frozen = compact ? this.frozenState() : undefined;
+    const records = frozen === undefined ? [...chunks].map((c) => this.record(c)) : [];
     const named: Array<[number, BlockKey]> = [];
     for (const chunk of chunks) {
       const key = this.map.get(chunk);
@@ -1157,7 +1166,7 @@ export class Volume {
       throw this.fail(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
     }
     try {
-      if (compact) await this.journal.rewrite(records, sequence, size, this.blockSize);
+      if (frozen !== undefined) await this.journal.rewrite(frozen.map, frozen.overlay, sequence, size, this.blockSize);
       else await this.journal.commit(records, sequence, size);
     } catch (err) {
       this.syncFailures.journal++;
@@ -1176,16 +1185,11 @@ export class Volume {
     };
   }
 
-  private liveRecords(): ChunkRecord[] {
-    const records: ChunkRecord[] = [];
-    for (const [chunk, key] of this.map.entries()) {
-      const mask = this.overlay.get(chunk);
-      records.push({ chunk, hash: key, mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask) });
-    }
-    for (const [chunk, mask] of this.overlay) {
-      if (this.map.get(chunk) === undefined) records.push({ chunk, hash: ZERO_HASH, mask: Uint8Array.from(mask) });
-    }
-    return records;
+  /** The state a journal rewrite writes: O(pages) for the map, O(dirty chunks) for the overlay. */
+  private frozenState(): { map: BlockMap; overlay: Array<readonly [number, Uint8Array]> } {
+    const overlay: Array<readonly [number, Uint8Array]> = [];
+    for (const [chunk, mask] of this.overlay) overlay.push([chunk, Uint8Array.from(mask)]);
+    return { map: this.map.clone(), overlay };
   }
 
   // ---- lifecycle ------------------------------------------------------------------------
