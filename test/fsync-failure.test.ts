@@ -160,13 +160,22 @@ test('a failed sync of the block cache slab fails the volumes whose unflushed bl
     assert.ok((await metricValue(daemon, 'updraft_fsync_failures_total{file="slab"}')) >= 1, 'the failed slab sync is counted');
     assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 1, 'one volume failed');
 
-    for (const client of clients.splice(0)) client.close();
-    await daemon.restart();
+    // Reopen through the API (close, load from the journal), its client disconnected.
+    const reopened = await daemon.api('POST', '/api/exports/slab-a/reopen?force=true');
+    assert.equal(reopened.status, 200, reopened.text);
+    assert.equal(reopened.json.failed, false, 'the reopened volume is healthy');
+    assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 0, 'no volume is failed after the reopen');
     const a2 = await connect('slab-a');
     assert.deepEqual(await a2.read(0, CHUNK), flushedA, 'slab-a reopened at its last flushed state');
     assert.ok((await a2.read(CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK)), 'without the write whose flush failed');
-    await a2.write(2 * CHUNK, pattern(15, CHUNK));
+    const laterA = pattern(15, CHUNK);
+    await a2.write(2 * CHUNK, laterA);
     await a2.flush();
+
+    for (const client of clients.splice(0)) client.close();
+    await daemon.restart();
+    const a3 = await connect('slab-a');
+    assert.deepEqual(await a3.read(2 * CHUNK, CHUNK), laterA, 'slab-a kept the write flushed after the reopen across a restart');
     const b2 = await connect('slab-b');
     assert.deepEqual(await b2.read(CHUNK, CHUNK), laterB, 'slab-b kept its flushed write across the restart');
   } finally {

@@ -207,6 +207,17 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     });
 
   action('drain', (name) => host.drain(name));
+  // Close and load again from local state: how a failed volume comes back (or ?force=true, disconnecting its clients).
+  app.post<{ Params: { name: string }; Querystring: Record<string, string> }>('/api/exports/:name/reopen', async (request, reply) => {
+    const name = nameOf(request.params.name);
+    const volume = host.get(name);
+    if (!volume) return fail(reply, 404, `no export named ${name}`);
+    const force = request.query?.force === 'true';
+    if (volume.clients > 0 && !force) return fail(reply, 409, `export ${name} has ${volume.clients} client(s) attached; detach them or add ?force=true`);
+    const disconnected = force ? ctx.disconnect(name) : 0;
+    for (let waited = 0; host.get(name)!.clients > 0 && waited < 5000; waited += 10) await new Promise((resolve) => setTimeout(resolve, 10));
+    return { ...summary(host.summary(await host.reopen(name))), disconnected };
+  });
   action('promote', (name) => host.promote(name));
   action('release', (name) => host.release(name));
   // A lazy fork or a fork from a checkpoint reads the store only: the source need not be open here.

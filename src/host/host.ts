@@ -688,6 +688,28 @@ export class Host {
     }
   }
 
+  /**
+   * Close a volume and load it again from its folder, as a restart would: a failed volume
+   * (a sync of its local state failed) comes back at the last state a FLUSH acknowledged
+   * and takes writes again. Its clients must be gone (they would hold the closed volume).
+   */
+  async reopen(name: string): Promise<Volume> {
+    this.checkOpen();
+    const volume = this.volumes.get(name);
+    const link = this.links.get(name);
+    if (!volume || !link) throw new VolumeError('EINVAL', `no volume ${name}`);
+    if (volume.clients > 0) throw new VolumeError('EINVAL', `volume ${name}: cannot reopen with ${volume.clients} client(s) attached`);
+    return link.serial(async () => {
+      await volume.close();
+      const reopened = Volume.load(volume.dir, this.ctx);
+      volume.releaseHeld();
+      this.links.set(name, StoreLink.load(reopened, this.storeCtx, this.defaults));
+      this.volumes.set(name, reopened);
+      this.log.info('reopened volume', { volume: name, was_failed: volume.failed ?? false, sequence: reopened.sequence });
+      return reopened;
+    });
+  }
+
   async resize(name: string, size: number): Promise<Volume> {
     const volume = this.volumes.get(name);
     if (!volume) throw new VolumeError('EINVAL', `no volume ${name}`);

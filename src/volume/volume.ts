@@ -1228,6 +1228,15 @@ export class Volume {
     }
     // The folder goes first: once it is gone nothing can name these blocks again.
     fs.rmSync(this.dir, { recursive: true, force: true });
+    this.releaseHeld();
+  }
+
+  /**
+   * After close, once the folder was loaded again (a reopen): drop the block references
+   * and overlay bytes this instance held; the new one took its own from the journal.
+   */
+  releaseHeld(): void {
+    if (!this.closed) throw new Error(`volume ${this.name}: releaseHeld before close`);
     for (const [, key] of this.map.entries()) if (key !== ZERO_ALLOCATED_KEY) this.cache.unref(key);
     for (const key of this.pendingUnref) this.cache.unref(key);
     this.pendingUnref = [];
