@@ -2,7 +2,7 @@
 // masks, size and sequence. Append-only batches, each sealed with a checksum, written
 // by FLUSH; the last valid batch wins per chunk. A torn batch at the tail (crash while
 // appending) fails its checksum and is cut off on open. When the journal grows well
-// past the live state it is rewritten as one batch (compaction).
+// past the live state it is rewritten into a new file, a bounded batch at a time (compaction).
 //
 //   file   = header(16) batch*
 //   header = "UPDJRNL1" u32 block_size u32 mask_bytes
