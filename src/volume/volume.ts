@@ -1197,6 +1197,7 @@ export class Volume {
   /** Grow the volume; durable on return. Shrinking is refused. */
   async resize(size: number): Promise<void> {
     this.checkOpen();
+    if (this.failure !== undefined) throw this.failedError();
     if (size < this.size) throw new VolumeError('EINVAL', `volume ${this.name}: cannot shrink from ${this.size} to ${size} bytes`);
     if (size === this.size) return;
     this.size = size;
