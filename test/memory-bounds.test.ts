@@ -11,20 +11,24 @@ import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { createLogger } from '../src/log.js';
 import { REWRITE_BATCH_RECORDS } from '../src/volume/journal.js';
 import { Volume } from '../src/volume/volume.js';
-import { CHUNK, createVolume, drain, fileStore, metric, startCluster, withLogs } from './harness/cluster.js';
+import { CHUNK, createVolume, drain, fileStore, metric, MiB, startCluster, withLogs } from './harness/cluster.js';
 import { NbdClient } from './harness/nbd-client.js';
 
 const TIMEOUT = 600_000;
 /** src/nbd/deferred.ts: MAX_DEFERRED_PER_CONNECTION, MAX_DEFERRED_PER_HOST. */
 const PER_CONNECTION = 64;
 const PER_HOST = 1024;
+/** MAX_DEFERRED_BYTES_PER_CONNECTION; a request is parsed below it, so one write may go past. */
+const BYTES_PER_CONNECTION = 64 * MiB;
 
-test('reads pipelined against cold blocks in a slow store stay within the deferred-request bounds, and all complete correctly', { timeout: TIMEOUT }, async () => {
+test('reads and unaligned writes pipelined against cold blocks in a slow store stay within the deferred-request bounds, and all complete correctly', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {
     // One block a pack: every chunk is its own slow GET on the reading host.
     const a = await cluster.start('host-a', { servers: { nbd: { blocks_per_pack: 1 } } });
-    const chunks = 32;
+    // The readers use the first 32 chunks; the writers' edges are in the rest, cold until then.
+    const chunks = 256;
+    const readChunks = 32;
     const data = randomBytes(chunks * CHUNK);
     await withLogs([a], async () => {
       await createVolume(a, 'cold', 64);
@@ -44,7 +48,7 @@ test('reads pipelined against cold blocks in a slow store stay within the deferr
       const reads: Array<Promise<void>> = [];
       for (const [c, client] of clients.entries()) {
         for (let r = 0; r < readsEach; r++) {
-          const offset = ((c * 7 + r) % chunks) * CHUNK + (r % 32) * 4096;
+          const offset = ((c * 7 + r) % readChunks) * CHUNK + (r % 32) * 4096;
           reads.push(client.read(offset, 4096).then((got) => assert.ok(got.equals(data.subarray(offset, offset + 4096)), `read at ${offset} returned other bytes`)));
         }
       }
@@ -56,7 +60,27 @@ test('reads pipelined against cold blocks in a slow store stay within the deferr
       assert.ok(hostPeak <= PER_HOST, `the host deferred ${hostPeak} requests; the bound is ${PER_HOST}`);
       assert.equal(await metric(b, 'updraft_nbd_deferred_requests'), 0, 'nothing is left deferred');
       for (const client of clients) await client.disconnect();
-      process.stdout.write(`# deferred peaks: ${connectionPeak} on one connection, ${hostPeak} on the host (${connections} x ${readsEach} reads of ${chunks} cold chunks)\n`);
+      process.stdout.write(`# deferred peaks: ${connectionPeak} on one connection, ${hostPeak} on the host (${connections} x ${readsEach} reads of ${readChunks} cold chunks)\n`);
+
+      // Unaligned writes need their edge chunks' blocks first: each is deferred with its payload.
+      const fork = await b.api('POST', '/api/exports/cold/fork', { target: 'cold-w', mode: 'lazy' });
+      assert.equal(fork.status, 201, fork.text);
+      const writer = await NbdClient.connect({ path: b.socket, exportName: 'cold-w', commandTimeoutMs: 300_000 });
+      const piece = 4 * MiB;
+      const expected = Buffer.concat([data, Buffer.alloc(CHUNK)]);
+      const pieces = Array.from({ length: 7 }, () => randomBytes(piece));
+      const at = (k: number) => (k + 1) * piece + 512;
+      for (const [k, bytes] of pieces.entries()) bytes.copy(expected, at(k));
+      // 40 writes of 4 MiB, 160 MiB in all: the same bytes for the same place, so their order does not matter.
+      await Promise.all(Array.from({ length: 40 }, (_, i) => writer.write(at(i % 7), pieces[i % 7])));
+      const bytesPeak = await metric(b, 'updraft_nbd_deferred_bytes_connection_peak');
+      assert.ok(bytesPeak >= piece, 'unaligned writes were deferred with their payloads');
+      assert.ok(bytesPeak < BYTES_PER_CONNECTION + piece, `a connection deferred ${bytesPeak} bytes of writes; the bound is ${BYTES_PER_CONNECTION} plus one request`);
+      assert.equal(await metric(b, 'updraft_nbd_deferred_bytes'), 0, 'no payload is left deferred');
+      const got = await writer.read(0, 32 * MiB);
+      assert.ok(got.equals(expected.subarray(0, 32 * MiB)), 'the writes landed whole, around the cold blocks they were merged with');
+      await writer.disconnect();
+      process.stdout.write(`# deferred write bytes peak on one connection: ${bytesPeak}\n`);
     });
   } finally {
     await cluster.cleanup();

@@ -41,6 +41,9 @@ export class Metrics {
       gauge('updraft_nbd_deferred_requests', 'NBD requests waiting for blocks from the store or for a flush, every connection together', () => deferred.count);
       gauge('updraft_nbd_deferred_requests_peak', `The most NBD requests deferred at once on this host (bound ${deferred.perHost})`, () => deferred.peak);
       gauge('updraft_nbd_deferred_requests_connection_peak', `The most NBD requests one connection had deferred at once (bound ${deferred.perConnection})`, () => deferred.connectionPeak);
+      gauge('updraft_nbd_deferred_bytes', 'Write payload bytes held by deferred NBD requests, every connection together', () => deferred.bytes);
+      gauge('updraft_nbd_deferred_bytes_peak', `The most write payload bytes deferred at once on this host (bound ${deferred.bytesPerHost} plus one request)`, () => deferred.bytesPeak);
+      gauge('updraft_nbd_deferred_bytes_connection_peak', `The most write payload bytes one connection had deferred at once (bound ${deferred.bytesPerConnection} plus one request)`, () => deferred.connectionBytesPeak);
     }
     counter('updraft_cache_hits_total', 'Block reads served from the cache, by tier', ['tier'], () => [
       [{ tier: 'memory' }, cache.counters.memoryHits],

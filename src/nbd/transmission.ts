@@ -46,6 +46,8 @@ export class Transmission {
   private readonly baseAllocationId: number;
   /** Requests deferred (waiting for the store or a flush); at most deferred.perConnection. */
   private inflight = 0;
+  /** Write payload bytes the deferred requests hold. */
+  private inflightBytes = 0;
   /** Parsing stopped and the socket paused until a deferred request finishes. */
   private heldBack = false;
   private readonly wake = () => this.resumeIfRoom();
@@ -86,7 +88,7 @@ export class Transmission {
         break;
       }
       // Deferred requests at their bound: no more parsing, no more reading, until one ends.
-      if (!this.deferred.hasRoom(this.inflight)) {
+      if (!this.deferred.hasRoom(this.inflight, this.inflightBytes)) {
         this.holdBack();
         break;
       }
@@ -147,7 +149,7 @@ export class Transmission {
             return this.after(fetching, type, cookieHigh, cookieLow, () => {
               volume.write(offset, payload!);
               this.complete('write', cookieHigh, cookieLow, flags, length, started);
-            });
+            }, length);
           }
           volume.write(offset, payload!);
           return this.complete('write', cookieHigh, cookieLow, flags, length, started);
@@ -272,13 +274,18 @@ export class Transmission {
     this.socket.pause();
     this.heldBack = true;
     // Room on the connection comes back with its own requests; room on the host from any.
-    if (this.inflight < this.deferred.perConnection) this.deferred.waitForRoom(this.wake);
+    if (this.ownRoom()) this.deferred.waitForRoom(this.wake);
+  }
+
+  /** Whether this connection is below its own bounds (so only the host's can hold it back). */
+  private ownRoom(): boolean {
+    return this.inflight < this.deferred.perConnection && this.inflightBytes < this.deferred.bytesPerConnection;
   }
 
   private resumeIfRoom(): void {
     if (!this.heldBack || this.closed) return;
-    if (!this.deferred.hasRoom(this.inflight)) {
-      if (this.inflight < this.deferred.perConnection) this.deferred.waitForRoom(this.wake);
+    if (!this.deferred.hasRoom(this.inflight, this.inflightBytes)) {
+      if (this.ownRoom()) this.deferred.waitForRoom(this.wake);
       return;
     }
     this.heldBack = false;
@@ -286,20 +293,22 @@ export class Transmission {
     this.pump();
   }
 
-  private defer(): void {
+  private defer(bytes: number): void {
     this.inflight++;
-    this.deferred.take(this.inflight);
+    this.inflightBytes += bytes;
+    this.deferred.take(this.inflight, this.inflightBytes, bytes);
   }
 
-  private undefer(): void {
+  private undefer(bytes: number): void {
     this.inflight--;
-    this.deferred.release();
+    this.inflightBytes -= bytes;
+    this.deferred.release(bytes);
     this.resumeIfRoom();
   }
 
-  /** Serve a request once blocks it needs have arrived from the store. */
-  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void): void {
-    this.defer();
+  /** Serve a request once blocks it needs have arrived from the store; a write holds its `payloadBytes` meanwhile. */
+  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void, payloadBytes = 0): void {
+    this.defer(payloadBytes);
     fetching
       .then(
         () => {
@@ -313,14 +322,14 @@ export class Transmission {
         (err) => this.failed(cookieHigh, cookieLow, type, err),
       )
       .finally(() => {
-        this.undefer();
+        this.undefer(payloadBytes);
         this.uncork();
         this.endIfDisconnected();
       });
   }
 
   private wait(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): void {
-    this.defer();
+    this.defer(0);
     work.then(
       () => {
         this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
@@ -328,7 +337,7 @@ export class Transmission {
       },
       (err) => this.failed(cookieHigh, cookieLow, -1, err),
     ).finally(() => {
-      this.undefer();
+      this.undefer(0);
       this.uncork();
       this.endIfDisconnected();
     });
