@@ -137,6 +137,9 @@ test('a failed sync of the block cache slab fails the volumes whose unflushed bl
     await b.write(0, pattern(11, CHUNK));
     await b.flush();
     await waitUntil('both volumes sealed their first chunk', async () => (await sealed('slab-a')) >= 1 && (await sealed('slab-b')) >= 1);
+    // Commit the seals (slab synced) before the disk fails: those blocks are safe.
+    await a.flush();
+    await b.flush();
 
     await disk.fail();
     await a.write(CHUNK, pattern(12, CHUNK));
@@ -165,6 +168,8 @@ test('a failed sync of the block cache slab fails the volumes whose unflushed bl
     assert.equal(reopened.status, 200, reopened.text);
     assert.equal(reopened.json.failed, false, 'the reopened volume is healthy');
     assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 0, 'no volume is failed after the reopen');
+    // Pinned now: slab-a's first chunk, slab-b's two; the block the failed sync lost was let go with the old instance.
+    assert.equal(await metricValue(daemon, 'updraft_cache_pinned_blocks'), 3, 'the reopen released the blocks only the failed state held');
     const a2 = await connect('slab-a');
     assert.deepEqual(await a2.read(0, CHUNK), flushedA, 'slab-a reopened at its last flushed state');
     assert.ok((await a2.read(CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK)), 'without the write whose flush failed');

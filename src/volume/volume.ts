@@ -1154,23 +1154,28 @@ export class Volume {
     }
     // A failed sync is never retried (the kernel may have dropped the pages and cleared
     // the error): the volume fails instead, and FLUSH stays failed until it is reopened.
+    // The replaced blocks stay held; a reopen releases them with the rest (releaseHeld).
+    const failed = (reason: string) => {
+      this.pendingUnref.push(...unrefs);
+      return this.fail(reason);
+    };
     const [overlay, blocks] = await Promise.allSettled([fdatasync(this.overlayFd), this.cache.sync()]);
     if (overlay.status === 'rejected') {
       this.syncFailures.overlay++;
-      throw this.fail(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
+      throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
     }
     // A failed slab sync loses only the pinned blocks it covered: this flush fails if it would name one.
     for (const [chunk, key] of named) {
       if (!this.cache.lostBlock(key)) continue;
       const why = blocks.status === 'rejected' ? (blocks.reason as Error).message : 'an earlier sync of the block cache failed';
-      throw this.fail(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
+      throw failed(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
     }
     try {
       if (frozen !== undefined) await this.journal.rewrite(frozen.map, frozen.overlay, sequence, size, this.blockSize);
       else await this.journal.commit(records, sequence, size);
     } catch (err) {
       this.syncFailures.journal++;
-      throw this.fail(`flush: ${(err as Error).message}`);
+      throw failed(`flush: ${(err as Error).message}`);
     }
     for (const key of unrefs) this.cache.unref(key);
   }
