@@ -4,6 +4,7 @@
 import client from 'prom-client';
 import type { Collector } from '../gc/collector.js';
 import type { Host } from '../host/host.js';
+import type { DeferredRequests } from '../nbd/deferred.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { LATENCY_BUCKETS, OP_KINDS } from '../volume/stats.js';
 
@@ -14,6 +15,7 @@ export class Metrics {
     private readonly host: Host,
     store: MeteredObjectStore,
     collector?: Collector,
+    deferred?: DeferredRequests,
   ) {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'updraft_' });
     const cache = host.cache;
@@ -30,13 +32,29 @@ export class Metrics {
     gauge('updraft_cache_blocks', 'Blocks held in the local disk cache', () => cache.blockCount);
     gauge('updraft_cache_pinned_blocks', 'Cached blocks that are not in the object store yet (never evicted)', () => cache.pinnedBlocks);
     gauge('updraft_cache_memory_bytes', 'Bytes of blocks in the memory tier', () => cache.memoryBytes);
+    gauge('updraft_cache_memory_held_bytes', 'Bytes of the buffers the memory tier keeps alive (each underlying buffer once)', () => cache.memoryHeldBytes);
+    gauge('updraft_process_array_buffers_bytes', 'Bytes of ArrayBuffers and Buffers the process holds (process.memoryUsage().arrayBuffers)', () => process.memoryUsage().arrayBuffers);
     gauge('updraft_local_used_bytes', 'Local bytes that exist nowhere else: overlay sectors plus pinned blocks', () => cache.space.used);
     gauge('updraft_local_capacity_bytes', 'The disk budget for local-only data ([cache] disk_size_gb)', () => cache.space.capacity);
     gauge('updraft_volumes', 'Volumes open on this host', () => host.all().length);
+    if (deferred) {
+      gauge('updraft_nbd_deferred_requests', 'NBD requests waiting for blocks from the store or for a flush, every connection together', () => deferred.count);
+      gauge('updraft_nbd_deferred_requests_peak', `The most NBD requests deferred at once on this host (bound ${deferred.perHost})`, () => deferred.peak);
+      gauge('updraft_nbd_deferred_requests_connection_peak', `The most NBD requests one connection had deferred at once (bound ${deferred.perConnection})`, () => deferred.connectionPeak);
+      gauge('updraft_nbd_deferred_bytes', 'Write payload bytes held by deferred NBD requests, every connection together', () => deferred.bytes);
+      gauge('updraft_nbd_deferred_bytes_peak', `The most write payload bytes deferred at once on this host (bound ${deferred.bytesPerHost} plus one request)`, () => deferred.bytesPeak);
+      gauge('updraft_nbd_deferred_bytes_connection_peak', `The most write payload bytes one connection had deferred at once (bound ${deferred.bytesPerConnection} plus one request)`, () => deferred.connectionBytesPeak);
+    }
     counter('updraft_cache_hits_total', 'Block reads served from the cache, by tier', ['tier'], () => [
       [{ tier: 'memory' }, cache.counters.memoryHits],
       [{ tier: 'disk' }, cache.counters.diskHits],
     ]);
+    counter('updraft_fsync_failures_total', 'fdatasync calls of local state that failed, by file (each fails the volumes whose data it may have lost)', ['file'], () => [
+      [{ file: 'overlay' }, host.syncFailures.overlay],
+      [{ file: 'journal' }, host.syncFailures.journal],
+      [{ file: 'slab' }, cache.counters.syncFailures],
+    ]);
+    gauge('updraft_volumes_failed', 'Volumes refusing writes and flushes after a failed sync, until reopened', () => host.all().filter((v) => v.failed !== undefined).length);
     counter('updraft_cache_misses_total', 'Block reads the local cache could not serve', [], () => [[{}, cache.counters.misses]]);
     counter('updraft_cache_evictions_total', 'Blocks evicted, by tier', ['tier'], () => [
       [{ tier: 'memory' }, cache.counters.memoryEvictions],
@@ -121,6 +139,8 @@ export class Metrics {
     for (const v of volumes) lines.push(`updraft_volume_clients{volume="${v.name}"} ${v.clients}`);
     head('updraft_volume_chunks_sealed_total', 'counter', 'Overlay chunks sealed into blocks');
     for (const v of volumes) lines.push(`updraft_volume_chunks_sealed_total{volume="${v.name}"} ${v.stats.chunksSealed}`);
+    head('updraft_volume_failed', 'gauge', '1 when a failed sync of local state made the volume refuse writes and flushes until it is reopened');
+    for (const v of volumes) lines.push(`updraft_volume_failed{volume="${v.name}"} ${v.failed !== undefined ? 1 : 0}`);
     head('updraft_volume_read_only', 'gauge', '1 when this host may not write the volume (leased elsewhere, released or fenced)');
     for (const v of volumes) lines.push(`updraft_volume_read_only{volume="${v.name}"} ${v.readOnly ? 1 : 0}`);
     head('updraft_volume_lease_generation', 'gauge', 'Lease generation held here; 0 when none');

@@ -18,6 +18,7 @@ import { FormatError } from '../store/errors.js';
 import { checkpointNameField, volumeNameField } from '../store/fields.js';
 import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
+import type { DeferredRequests } from '../nbd/deferred.js';
 import { Metrics } from './metrics.js';
 
 const GIB = 1024 ** 3;
@@ -56,6 +57,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
     sequence: v.sequence, dirty_bytes: v.dirtyBytes, mapped_chunks: v.mappedChunks,
     flush_mode: v.flushMode, dirty_budget_gb: v.dirtyBudgetBytes / GIB, store_dirty_bytes: v.storeDirtyBytes,
     lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
+    failed: v.failed !== undefined, failure: v.failed ?? null,
   };
 }
 
@@ -95,13 +97,15 @@ export interface ApiContext {
   disconnect(volume: string): number;
   /** The bearer token every request must carry ([servers.http] token); '' for none. */
   token: string;
+  /** The NBD server's deferred requests (metrics). */
+  deferred?: DeferredRequests;
 }
 
 export async function startApi(ctx: ApiContext, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
   const { host, store } = ctx;
   // A 200-character name with '/' percent-encoded is up to ~600 characters in a path.
   const app = Fastify({ logger: false, bodyLimit: 64 * 1024, routerOptions: { maxParamLength: 1024 } });
-  const metrics = new Metrics(host, store, ctx.collector);
+  const metrics = new Metrics(host, store, ctx.collector, ctx.deferred);
 
   app.setErrorHandler((err: { statusCode?: number; message: string }, _request, reply) => {
     const mapped = statusOf(err);
@@ -203,6 +207,17 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     });
 
   action('drain', (name) => host.drain(name));
+  // Close and load again from local state: how a failed volume comes back (or ?force=true, disconnecting its clients).
+  app.post<{ Params: { name: string }; Querystring: Record<string, string> }>('/api/exports/:name/reopen', async (request, reply) => {
+    const name = nameOf(request.params.name);
+    const volume = host.get(name);
+    if (!volume) return fail(reply, 404, `no export named ${name}`);
+    const force = request.query?.force === 'true';
+    if (volume.clients > 0 && !force) return fail(reply, 409, `export ${name} has ${volume.clients} client(s) attached; detach them or add ?force=true`);
+    const disconnected = force ? ctx.disconnect(name) : 0;
+    for (let waited = 0; host.get(name)!.clients > 0 && waited < 5000; waited += 10) await new Promise((resolve) => setTimeout(resolve, 10));
+    return { ...summary(host.summary(await host.reopen(name))), disconnected };
+  });
   action('promote', (name) => host.promote(name));
   action('release', (name) => host.release(name));
   // A lazy fork or a fork from a checkpoint reads the store only: the source need not be open here.

@@ -61,6 +61,18 @@ export function keyHex(key: BlockKey): string {
   return keyBytes(key).toString('hex');
 }
 
+/** Whether a Buffer spans the whole of its underlying memory (not a view into a larger one). */
+function ownsItsMemory(block: Buffer): boolean {
+  return block.byteOffset === 0 && block.buffer.byteLength === block.byteLength;
+}
+
+/** A copy in memory of its own (never a slice of Node's shared pool). */
+function copyOf(block: Buffer): Buffer {
+  const copy = Buffer.allocUnsafeSlow(block.length);
+  block.copy(copy);
+  return copy;
+}
+
 const SLOT_ENTRY_BYTES = 32;
 const SLOT_USED = 1;
 const SLOT_IN_STORE = 2;
@@ -99,6 +111,8 @@ export interface CacheCounters {
   scrubCorruptPinned: number;
   /** Blocks loaded at start-up whose first read found them not matching their name, dropped (the store has them). */
   verifyEvictions: number;
+  /** fdatasync calls of the slab or slot table that failed. */
+  syncFailures: number;
 }
 
 interface Slot {
@@ -149,7 +163,7 @@ export class BlockCache {
   readonly space: LocalSpace;
   readonly counters: CacheCounters = {
     memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
-    blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0,
+    blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0, syncFailures: 0,
   };
   /** Scratch for verifySync. */
   private verifyBuffer: Buffer | undefined;
@@ -169,6 +183,14 @@ export class BlockCache {
   private tableTail: Promise<void> = Promise.resolve();
   private slabDirty = false;
   private syncing: Promise<void> | undefined;
+  /** Pinned blocks written to the slab since the last sync began: the ones a failed sync may lose. */
+  private unsynced = new Set<BlockKey>();
+  /**
+   * Pinned blocks whose slab write a failed sync covered: the kernel may have dropped them
+   * (a later sync succeeds without them), so no journal may name them (lostBlock). Cleared
+   * when the block's slot is freed; a restart reloads every slot as unverified.
+   */
+  private readonly lost = new Set<BlockKey>();
   /** How blocks are named here (plain or keyed BLAKE3): the scrub's check. */
   private readonly blockHash: BlockHasher;
 
@@ -274,6 +296,17 @@ export class BlockCache {
   }
   get memoryBytes(): number {
     return this.memoryPolicy.size;
+  }
+  /** Bytes of the buffers the memory tier keeps alive, each underlying buffer once. */
+  get memoryHeldBytes(): number {
+    const buffers = new Set<ArrayBufferLike>();
+    let bytes = 0;
+    for (const block of this.memory.values()) {
+      if (buffers.has(block.buffer)) continue;
+      buffers.add(block.buffer);
+      bytes += block.buffer.byteLength;
+    }
+    return bytes;
   }
   get pinnedBlocks(): number {
     return this.space.pinnedBytes / this.blockSize;
@@ -407,6 +440,7 @@ export class BlockCache {
     if (existing !== undefined) {
       this.counters.dedupHits++;
       existing.refs++;
+      if (this.lost.has(key)) this.rewriteLost(key, existing, block);
       return true;
     }
     if (!this.space.fits(this.blockSize, replacing)) return false;
@@ -415,6 +449,7 @@ export class BlockCache {
     const slot: Slot = { index, refs: 1, inStore: false };
     this.slots.set(key, slot);
     this.writing.set(key, block);
+    this.unsynced.add(key);
     this.space.pinnedBytes += this.blockSize;
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
@@ -434,6 +469,29 @@ export class BlockCache {
     this.track(write);
     this.admitToMemory(key, block);
     return true;
+  }
+
+  /** A block a failed sync may have lost is put again: write its slot anew from these bytes. */
+  private rewriteLost(key: BlockKey, slot: Slot, block: Buffer): void {
+    this.lost.delete(key);
+    this.unsynced.add(key);
+    this.writing.set(key, block);
+    this.slabDirty = true;
+    slot.unverified = undefined;
+    const write = (slot.writing ?? Promise.resolve())
+      .catch(() => undefined)
+      .then(() => writeAt(this.slabFd, block, slot.index * this.blockSize))
+      .then(
+        () => {
+          if (this.writing.get(key) === block) this.writing.delete(key);
+        },
+        (err) => {
+          this.log.error('block cache: slab rewrite of a block a failed sync lost failed; the block stays in memory', { slot: slot.index, error: err.message });
+          throw err;
+        },
+      );
+    slot.writing = write;
+    this.track(write);
   }
 
   /** Whether the object store holds this block (so it may be evicted here). */
@@ -584,7 +642,9 @@ export class BlockCache {
 
   private admitToMemory(key: BlockKey, block: Buffer): void {
     if (this.memoryPolicy.capacity < this.blockSize || this.memory.has(key)) return;
-    this.memory.set(key, block);
+    // A view into a larger buffer (a block of a decoded pack) would keep all of it alive
+    // for as long as this one block stays: the memory tier holds a copy of just the block.
+    this.memory.set(key, ownsItsMemory(block) ? block : copyOf(block));
     this.memoryPolicy.insert(key, this.blockSize);
     while (this.memoryPolicy.overBudget()) {
       const victim = this.memoryPolicy.evict();
@@ -614,6 +674,8 @@ export class BlockCache {
 
   private freeSlot(key: BlockKey, slot: Slot): void {
     this.slots.delete(key);
+    this.lost.delete(key);
+    this.unsynced.delete(key);
     if (this.writing.has(key)) this.writing.delete(key);
     this.memory.delete(key);
     this.memoryPolicy.remove(key);
@@ -656,20 +718,58 @@ export class BlockCache {
     while (this.syncing) await this.syncing;
     if (!this.slabDirty) return;
     this.slabDirty = false;
+    const covered = this.unsynced;
+    this.unsynced = new Set();
     this.syncing = (async () => {
       await Promise.all(this.inflight);
       await this.tableTail;
-      await fdatasync(this.slabFd);
-      await fdatasync(this.tableFd);
+      await this.syncFile(this.slabFd, 'blocks.slab');
+      await this.syncFile(this.tableFd, 'blocks.slots');
     })();
     try {
       await this.syncing;
     } catch (err) {
       this.slabDirty = true;
+      this.loseUnsynced(covered);
       throw err;
     } finally {
       this.syncing = undefined;
     }
+  }
+
+  private async syncFile(fd: number, file: string): Promise<void> {
+    try {
+      await fdatasync(fd);
+    } catch (err) {
+      this.counters.syncFailures++;
+      throw new Error(`block cache ${path.join(this.dir, file)}: fdatasync: ${(err as Error).message}`);
+    }
+  }
+
+  /**
+   * After a failed sync: the pinned blocks it covered (and those written while it ran)
+   * may be gone from the disk although the page cache still serves them. They are
+   * remembered as lost, and their slots are read back against their names (a mismatch is
+   * a miss, never wrong data).
+   */
+  private loseUnsynced(covered: Set<BlockKey>): void {
+    for (const set of [covered, this.unsynced]) {
+      for (const key of set) {
+        const slot = this.slots.get(key);
+        if (slot === undefined || slot.inStore) continue;
+        this.lost.add(key);
+        slot.unverified = true;
+      }
+    }
+    this.unsynced = new Set();
+    this.log.error('block cache: a sync of the slab failed; pinned blocks written since the last good sync may be lost, and volumes that would name them fail', {
+      dir: this.dir, blocks: this.lost.size,
+    });
+  }
+
+  /** Whether a failed sync may have lost this pinned block: a journal must not name it. */
+  lostBlock(key: BlockKey): boolean {
+    return this.lost.size > 0 && this.lost.has(key);
   }
 
   /** Wait for every queued slab and table write (before closing). */

@@ -81,7 +81,9 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   try {
     await nbd.listen();
     if (config.servers.http.address) {
-      const context = { host, store: metered, collector: gc.collector, disconnect: (name: string) => nbd.disconnect(name), token: config.servers.http.token };
+      const context = {
+        host, store: metered, collector: gc.collector, disconnect: (name: string) => nbd.disconnect(name), token: config.servers.http.token, deferred: nbd.deferred,
+      };
       api = await startApi(context, parseHostPort(config.servers.http.address), log.child('http'));
     }
   } catch (err) {

@@ -24,6 +24,7 @@ import {
   deleteCheckpoint, ExistsError, indexManifest, lazyFork, listCheckpoints, manifestBlockMap, MissingError, purgeVolume, readBootSet,
   readManifest, writeBootSet, type CheckpointInfo,
 } from '../store/catalog.js';
+import { SyncFailureCounts } from '../volume/stats.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { LeaseHeldError, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
 
@@ -79,6 +80,8 @@ export interface VolumeSummary {
   storeDirtyBytes: number;
   leaseGeneration: number;
   manifestSequence: number;
+  /** Why the volume refuses writes and flushes until it is reopened (a failed sync); undefined while healthy. */
+  failed: string | undefined;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -132,6 +135,8 @@ export class Host {
   readonly cache: BlockCache;
   readonly packIndex: PackIndex;
   readonly fetcher: PackFetcher;
+  /** Failed syncs of volumes' overlays and journals on this host (the cache counts the slab's). */
+  readonly syncFailures = new SyncFailureCounts();
   readonly uploader: PackUploader;
   readonly hostId: string;
   private readonly storeCtx: StoreContext;
@@ -167,6 +172,7 @@ export class Host {
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
+      syncFailures: this.syncFailures,
     };
   }
 
@@ -246,6 +252,7 @@ export class Host {
       name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
+      failed: v.failed,
     };
   }
 
@@ -698,6 +705,28 @@ export class Host {
     }
   }
 
+  /**
+   * Close a volume and load it again from its folder, as a restart would: a failed volume
+   * (a sync of its local state failed) comes back at the last state a FLUSH acknowledged
+   * and takes writes again. Its clients must be gone (they would hold the closed volume).
+   */
+  async reopen(name: string): Promise<Volume> {
+    this.checkOpen();
+    const volume = this.volumes.get(name);
+    const link = this.links.get(name);
+    if (!volume || !link) throw new VolumeError('EINVAL', `no volume ${name}`);
+    if (volume.clients > 0) throw new VolumeError('EINVAL', `volume ${name}: cannot reopen with ${volume.clients} client(s) attached`);
+    return link.serial(async () => {
+      await volume.close();
+      const reopened = Volume.load(volume.dir, this.ctx);
+      volume.releaseHeld();
+      this.links.set(name, StoreLink.load(reopened, this.storeCtx, this.defaults));
+      this.volumes.set(name, reopened);
+      this.log.info('reopened volume', { volume: name, was_failed: volume.failed ?? false, sequence: reopened.sequence });
+      return reopened;
+    });
+  }
+
   async resize(name: string, size: number): Promise<Volume> {
     const volume = this.volumes.get(name);
     if (!volume) throw new VolumeError('EINVAL', `no volume ${name}`);
@@ -776,7 +805,7 @@ export class Host {
    */
   private writeBackIdle(now: number): void {
     for (const volume of this.volumes.values()) {
-      if (!volume.unflushed || now - volume.lastWriteAt < WRITEBACK_IDLE_MS || this.writingBack.has(volume)) continue;
+      if (!volume.unflushed || volume.failed !== undefined || now - volume.lastWriteAt < WRITEBACK_IDLE_MS || this.writingBack.has(volume)) continue;
       this.writingBack.add(volume);
       volume
         .flush()

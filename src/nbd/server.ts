@@ -6,6 +6,7 @@ import net from 'node:net';
 import tls from 'node:tls';
 import { errorMessage, type Logger } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
+import { DeferredRequests } from './deferred.js';
 import { Handshake, ProtocolError, type ExportCatalog, type TlsPolicy } from './handshake.js';
 import { Transmission } from './transmission.js';
 
@@ -24,6 +25,8 @@ export interface NbdServerOptions {
   tls?: { mode: 'on' | 'require'; context: tls.SecureContext };
   /** A client that has not finished negotiating by then is disconnected; the time the server spends opening a volume does not count. */
   handshakeTimeoutMs?: number;
+  /** Bounds of deferred requests; default MAX_DEFERRED_PER_CONNECTION and MAX_DEFERRED_PER_HOST. */
+  deferred?: DeferredRequests;
 }
 
 export class NbdServer {
@@ -37,7 +40,12 @@ export class NbdServer {
     private readonly catalog: ExportCatalog,
     private readonly options: NbdServerOptions,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.deferred = options.deferred ?? new DeferredRequests();
+  }
+
+  /** Requests waiting for the store or a flush, every connection together (metrics). */
+  readonly deferred: DeferredRequests;
 
   async listen(): Promise<void> {
     const { unixSocket, tcp = [] } = this.options;
@@ -179,7 +187,7 @@ export class NbdServer {
           attached = false;
         };
         this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured, tls: socket !== raw });
-        transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.());
+        transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.(), this.deferred);
         socket.resume();
         transmission.pump(); // requests may already be queued behind the last option
       },

@@ -7,6 +7,7 @@ import { errorMessage, type Logger } from '../log.js';
 import { VolumeError, type Volume, type VolumeErrorCode } from '../volume/volume.js';
 import type { OpKind } from '../volume/stats.js';
 import type { ByteQueue } from './byte-queue.js';
+import type { DeferredRequests } from './deferred.js';
 import type { Negotiated } from './handshake.js';
 import * as P from './protocol.js';
 
@@ -43,7 +44,13 @@ export class Transmission {
   private readonly volume: Volume;
   private readonly structured: boolean;
   private readonly baseAllocationId: number;
+  /** Requests deferred (waiting for the store or a flush); at most deferred.perConnection. */
   private inflight = 0;
+  /** Write payload bytes the deferred requests hold. */
+  private inflightBytes = 0;
+  /** Parsing stopped and the socket paused until a deferred request finishes. */
+  private heldBack = false;
+  private readonly wake = () => this.resumeIfRoom();
   private disconnecting = false;
   private closed = false;
   private corked = false;
@@ -57,6 +64,7 @@ export class Transmission {
     negotiated: Negotiated,
     private readonly log: Logger,
     private readonly onClose: () => void,
+    private readonly deferred: DeferredRequests,
   ) {
     this.volume = negotiated.volume;
     this.structured = negotiated.structured;
@@ -77,6 +85,11 @@ export class Transmission {
       // ('drain' resumes): queued replies stay bounded whatever it has already sent.
       if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) {
         this.socket.pause();
+        break;
+      }
+      // Deferred requests at their bound: no more parsing, no more reading, until one ends.
+      if (!this.deferred.hasRoom(this.inflight, this.inflightBytes)) {
+        this.holdBack();
         break;
       }
       if (queue.peekUInt32(0) !== P.REQUEST_MAGIC) {
@@ -136,7 +149,7 @@ export class Transmission {
             return this.after(fetching, type, cookieHigh, cookieLow, () => {
               volume.write(offset, payload!);
               this.complete('write', cookieHigh, cookieLow, flags, length, started);
-            });
+            }, length);
           }
           volume.write(offset, payload!);
           return this.complete('write', cookieHigh, cookieLow, flags, length, started);
@@ -257,9 +270,45 @@ export class Transmission {
     this.ok(cookieHigh, cookieLow);
   }
 
-  /** Serve a request once blocks it needs have arrived from the store. */
-  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void): void {
+  private holdBack(): void {
+    this.socket.pause();
+    this.heldBack = true;
+    // Room on the connection comes back with its own requests; room on the host from any.
+    if (this.ownRoom()) this.deferred.waitForRoom(this.wake);
+  }
+
+  /** Whether this connection is below its own bounds (so only the host's can hold it back). */
+  private ownRoom(): boolean {
+    return this.inflight < this.deferred.perConnection && this.inflightBytes < this.deferred.bytesPerConnection;
+  }
+
+  private resumeIfRoom(): void {
+    if (!this.heldBack || this.closed) return;
+    if (!this.deferred.hasRoom(this.inflight, this.inflightBytes)) {
+      if (this.ownRoom()) this.deferred.waitForRoom(this.wake);
+      return;
+    }
+    this.heldBack = false;
+    this.socket.resume();
+    this.pump();
+  }
+
+  private defer(bytes: number): void {
     this.inflight++;
+    this.inflightBytes += bytes;
+    this.deferred.take(this.inflight, this.inflightBytes, bytes);
+  }
+
+  private undefer(bytes: number): void {
+    this.inflight--;
+    this.inflightBytes -= bytes;
+    this.deferred.release(bytes);
+    this.resumeIfRoom();
+  }
+
+  /** Serve a request once blocks it needs have arrived from the store; a write holds its `payloadBytes` meanwhile. */
+  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void, payloadBytes = 0): void {
+    this.defer(payloadBytes);
     fetching
       .then(
         () => {
@@ -273,14 +322,14 @@ export class Transmission {
         (err) => this.failed(cookieHigh, cookieLow, type, err),
       )
       .finally(() => {
-        this.inflight--;
+        this.undefer(payloadBytes);
         this.uncork();
         this.endIfDisconnected();
       });
   }
 
   private wait(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): void {
-    this.inflight++;
+    this.defer(0);
     work.then(
       () => {
         this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
@@ -288,7 +337,7 @@ export class Transmission {
       },
       (err) => this.failed(cookieHigh, cookieLow, -1, err),
     ).finally(() => {
-      this.inflight--;
+      this.undefer(0);
       this.uncork();
       this.endIfDisconnected();
     });
@@ -383,6 +432,7 @@ export class Transmission {
   close(): void {
     if (this.closed) return;
     this.closed = true;
+    this.deferred.forget(this.wake);
     this.replyPool.clear();
     this.pooledBytes = 0;
     this.onClose();

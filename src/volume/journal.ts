@@ -2,7 +2,7 @@
 // masks, size and sequence. Append-only batches, each sealed with a checksum, written
 // by FLUSH; the last valid batch wins per chunk. A torn batch at the tail (crash while
 // appending) fails its checksum and is cut off on open. When the journal grows well
-// past the live state it is rewritten as one batch (compaction).
+// past the live state it is rewritten into a new file, a bounded batch at a time (compaction).
 //
 //   file   = header(16) batch*
 //   header = "UPDJRNL1" u32 block_size u32 mask_bytes
@@ -14,7 +14,7 @@
 import fs from 'node:fs';
 import { promisify } from 'node:util';
 import { blake3 } from '@napi-rs/blake-hash';
-import { HASH_BYTES } from '../crypto/hash.js';
+import { HASH_BYTES, ZERO_HASH } from '../crypto/hash.js';
 import type { BlockMap } from './blockmap.js';
 
 const fdatasync = promisify(fs.fdatasync);
@@ -28,6 +28,11 @@ const MAP_RECORD_BYTES = 8 + HASH_BYTES;
 const HEADER_BYTES = 16;
 const BATCH_HEADER_BYTES = 24;
 const CHECKSUM_BYTES = 16;
+/**
+ * Records per batch when the journal is rewritten: a compaction of a large volume encodes
+ * and writes its state this many records at a time, so what it holds in memory is bounded.
+ */
+export const REWRITE_BATCH_RECORDS = 4096;
 
 export interface ChunkRecord {
   chunk: number;
@@ -62,8 +67,18 @@ function batchOf(magic: number, count: number, recordBytes: number, sequence: nu
   return { batch, body };
 }
 
+export interface JournalStats {
+  /** Records encoded into batches since the journal was opened. */
+  records: number;
+  /** Rewrites (compactions) since then. */
+  rewrites: number;
+  /** Records in the largest batch a rewrite encoded: what it held in memory at once. */
+  largestRewriteBatch: number;
+}
+
 export class Journal {
   private position: number;
+  readonly stats: JournalStats = { records: 0, rewrites: 0, largestRewriteBatch: 0 };
 
   private constructor(
     readonly path: string,
@@ -159,6 +174,7 @@ export class Journal {
   }
 
   private encode(records: readonly ChunkRecord[], sequence: number, size: number): Buffer {
+    this.stats.records += records.length;
     const { batch, body } = batchOf(BATCH_MAGIC, records.length, this.recordBytes, sequence, size);
     let at = BATCH_HEADER_BYTES;
     for (const record of records) {
@@ -207,31 +223,104 @@ export class Journal {
     return batch;
   }
 
+  /**
+   * The chunks of `map` as BMAP batches of at most REWRITE_BATCH_RECORDS records, encoded
+   * from its pages into one reused buffer: write each before taking the next.
+   */
+  private *mapBatches(map: BlockMap, sequence: number, size: number): Generator<{ batch: Buffer; records: number }> {
+    if (map.count === 0) return;
+    const { batch: buffer } = batchOf(MAP_BATCH_MAGIC, Math.min(map.count, REWRITE_BATCH_RECORDS), MAP_RECORD_BYTES, sequence, size);
+    const out = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
+    let records = 0;
+    let at = BATCH_HEADER_BYTES;
+    let written = 0;
+    const finish = () => {
+      buffer.writeUInt32BE(records, 4);
+      blake3(buffer.subarray(0, at)).copy(buffer, at, 0, CHECKSUM_BYTES);
+      const batch = { batch: buffer.subarray(0, at + CHECKSUM_BYTES), records };
+      this.stats.records += records;
+      records = 0;
+      at = BATCH_HEADER_BYTES;
+      return batch;
+    };
+    for (const [pageIndex, page] of map.pagesInOrder()) {
+      const words = new DataView(page.buffer, page.byteOffset, page.byteLength);
+      for (let from = 0, chunk = pageIndex * (page.length / HASH_BYTES); from < page.length; from += HASH_BYTES, chunk++) {
+        const w0 = words.getUint32(from), w1 = words.getUint32(from + 4), w2 = words.getUint32(from + 8), w3 = words.getUint32(from + 12);
+        if ((w0 | w1 | w2 | w3) === 0) continue;
+        written++;
+        out.setUint32(at, Math.floor(chunk / 0x100000000));
+        out.setUint32(at + 4, chunk >>> 0);
+        out.setUint32(at + 8, w0);
+        out.setUint32(at + 12, w1);
+        out.setUint32(at + 16, w2);
+        out.setUint32(at + 20, w3);
+        at += MAP_RECORD_BYTES;
+        if (++records === REWRITE_BATCH_RECORDS) yield finish();
+      }
+    }
+    if (records > 0) yield finish();
+    if (written !== map.count) throw new Error(`journal ${this.path}: the block map holds ${written} chunks, its count says ${map.count}`);
+  }
+
   private appendSync(records: readonly ChunkRecord[], sequence: number, size: number): void {
     const batch = this.encode(records, sequence, size);
     fs.writeSync(this.fd, batch, 0, batch.length, this.position);
     this.position += batch.length;
   }
 
-  /** Append one batch and make it durable. */
+  /**
+   * Append one batch and make it durable. When the sync fails the batch is cut off again:
+   * the page cache may still hold it after the kernel dropped it from the disk, and a
+   * journal reopened from the page cache must not replay a batch the disk does not have.
+   */
   async commit(records: readonly ChunkRecord[], sequence: number, size: number): Promise<void> {
+    const before = this.position;
     this.appendSync(records, sequence, size);
-    await fdatasync(this.fd);
+    try {
+      await fdatasync(this.fd);
+    } catch (err) {
+      this.position = before;
+      try {
+        fs.ftruncateSync(this.fd, before);
+      } catch (cut) {
+        throw new Error(`journal ${this.path}: fdatasync failed (${(err as Error).message}), and cutting the batch off failed too (${(cut as Error).message})`);
+      }
+      throw new Error(`journal ${this.path}: fdatasync: ${(err as Error).message}`);
+    }
   }
 
   /**
-   * Replace the journal with a single batch holding `records` (the whole live state):
-   * written to a new file, made durable, renamed over the old one.
+   * Replace the journal with the state `map` and `overlay` (chunk -> sector mask) give:
+   * written to a new file, made durable, renamed over the old one. The state goes in
+   * batches of REWRITE_BATCH_RECORDS records, every chunk of the map first and then the
+   * overlay's chunks with their masks (the last record of a chunk wins on replay). The
+   * caller hands in a frozen map (a clone) and its own copies of the masks.
    */
-  async rewrite(records: readonly ChunkRecord[], sequence: number, size: number, blockSize: number): Promise<void> {
+  async rewrite(map: BlockMap, overlay: ReadonlyArray<readonly [number, Uint8Array]>, sequence: number, size: number, blockSize: number): Promise<void> {
     const tmp = `${this.path}.compact`;
     const fd = fs.openSync(tmp, 'w');
+    this.stats.rewrites++;
     try {
       const header = Journal.header(blockSize, this.maskBytes);
-      const batch = this.encode(records, sequence, size);
       fs.writeSync(fd, header, 0, header.length, 0);
-      fs.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
+      let at = HEADER_BYTES;
+      const put = (batch: Buffer, records: number) => {
+        fs.writeSync(fd, batch, 0, batch.length, at);
+        at += batch.length;
+        this.stats.largestRewriteBatch = Math.max(this.stats.largestRewriteBatch, records);
+      };
+      for (const { batch, records } of this.mapBatches(map, sequence, size)) put(batch, records);
+      for (let from = 0; from < overlay.length; from += REWRITE_BATCH_RECORDS) {
+        const records = overlay.slice(from, from + REWRITE_BATCH_RECORDS).map(([chunk, mask]) => ({ chunk, hash: map.get(chunk) ?? ZERO_HASH, mask }));
+        put(this.encode(records, sequence, size), records.length);
+      }
+      // Open needs one batch at least: an empty state is one empty batch.
+      if (at === HEADER_BYTES) put(this.encode([], sequence, size), 0);
       await fsync(fd);
+    } catch (err) {
+      fs.rmSync(tmp, { force: true });
+      throw new Error(`journal ${tmp}: compaction: ${(err as Error).message}`);
     } finally {
       fs.closeSync(fd);
     }

@@ -32,3 +32,9 @@ export class VolumeStats {
   };
   chunksSealed = 0;
 }
+
+/** Failed fdatasync calls of volumes' local files, host-wide (the block cache counts its own). */
+export class SyncFailureCounts {
+  overlay = 0;
+  journal = 0;
+}

@@ -17,8 +17,8 @@ import { isAllZero, ZERO_HASH, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { fsyncPath } from '../objectstore/file.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
-import { Journal, type ChunkRecord } from './journal.js';
-import { VolumeStats } from './stats.js';
+import { Journal, type ChunkRecord, type JournalStats } from './journal.js';
+import { SyncFailureCounts, VolumeStats } from './stats.js';
 
 const fdatasync = promisify(fs.fdatasync);
 const read = promisify(fs.read);
@@ -109,6 +109,8 @@ export interface VolumeContext {
   fetcher?: BlockFetcher;
   /** Shared buffer of block_size bytes for unaligned writes (synchronous, so one suffices). */
   scratch: Buffer;
+  /** Host-wide count of failed syncs of volumes' overlays and journals (metrics). */
+  syncFailures?: SyncFailureCounts;
 }
 
 const ZERO_BLOCK_CACHE = new Map<number, Buffer>();
@@ -163,6 +165,14 @@ export class Volume {
   private flushTail: Promise<void> = Promise.resolve();
   private flushQueued: Promise<void> | undefined;
   private closed = false;
+  /**
+   * Why the volume failed: a sync of its local state failed, so data it acknowledged may be
+   * gone from the disk while the page cache still shows it, and a later sync would succeed
+   * without it. Writes, flushes and snapshots get EIO until the volume is reopened (its
+   * journal then gives the last state a FLUSH acknowledged); reads go on.
+   */
+  private failure: string | undefined;
+  private readonly syncFailures: SyncFailureCounts;
   /** Set when close or destroy begins: no new seal starts. */
   private closing = false;
   private readonly cache: BlockCache;
@@ -199,6 +209,7 @@ export class Volume {
     this.scratch = ctx.scratch;
     this.blockHash = ctx.blockHash;
     this.fetcher = ctx.fetcher;
+    this.syncFailures = ctx.syncFailures ?? new SyncFailureCounts();
     this.emptyMask = new Uint8Array(this.maskBytes);
   }
 
@@ -267,7 +278,8 @@ export class Volume {
     const unrefs = this.pendingUnref;
     this.pendingUnref = [];
     this.journalDirty.clear();
-    await this.journal.rewrite(this.liveRecords(), this.sequence, this.size, this.blockSize);
+    const frozen = this.frozenState();
+    await this.journal.rewrite(frozen.map, frozen.overlay, this.sequence, this.size, this.blockSize);
     for (const key of unrefs) this.cache.unref(key);
   }
 
@@ -327,6 +339,10 @@ export class Volume {
   }
   get mappedChunks(): number {
     return this.map.count;
+  }
+  /** Records handed to the journal and its rewrites (the work of flushes and compaction). */
+  get journalStats(): Readonly<JournalStats> {
+    return this.journal.stats;
   }
   /** The block map now, sharing its pages copy-on-write: the base of the next incremental manifest. */
   cloneMap(): BlockMap {
@@ -438,7 +454,26 @@ export class Volume {
   }
   private checkWritable(): void {
     this.checkOpen();
+    if (this.failure !== undefined) throw this.failedError();
     if (this.readOnly) throw new VolumeError('EPERM', `volume ${this.name} is read-only on this host`);
+  }
+
+  /** Why the volume failed (see `failure`); undefined while it is healthy. */
+  get failed(): string | undefined {
+    return this.failure;
+  }
+
+  private failedError(): VolumeError {
+    return new VolumeError('EIO', `volume ${this.name} has failed (${this.failure}); writes and flushes are refused until it is reopened`);
+  }
+
+  /** Enter the failed state (once) and return the error for the request that found it. */
+  private fail(reason: string): VolumeError {
+    if (this.failure === undefined) {
+      this.failure = reason;
+      this.log.error('volume failed: a sync of its local state failed; writes and flushes get EIO until it is reopened', { volume: this.name, reason });
+    }
+    return this.failedError();
   }
 
   // ---- read -------------------------------------------------------------------------
@@ -884,7 +919,7 @@ export class Volume {
 
   /** Seal these overlay chunks (those not in the overlay or already being sealed are skipped). */
   private async sealChunks(candidates: readonly number[], onSealed?: (key: BlockKey) => void): Promise<number> {
-    if (this.closed || this.closing) return 0;
+    if (this.closed || this.closing || this.failure !== undefined) return 0;
     const chunks: number[] = [];
     for (const chunk of candidates) {
       if (this.sealing.has(chunk) || !this.overlay.has(chunk)) continue;
@@ -972,6 +1007,7 @@ export class Volume {
    */
   async snapshot(options: { base?: BlockMap; onSealed?: (key: BlockKey) => void } = {}): Promise<VolumeSnapshot> {
     this.checkOpen();
+    if (this.failure !== undefined) throw this.failedError();
     for (let round = 0; ; round++) {
       await Promise.allSettled(this.sealsInFlight);
       if (this.overlay.size > SNAPSHOT_CUT_CHUNKS && round < SNAPSHOT_SEAL_ROUNDS) {
@@ -991,12 +1027,13 @@ export class Volume {
     }
     const map = this.map.clone();
     const changes = options.base === undefined ? undefined : map.changesSince(options.base);
-    let chunks = changes === undefined ? [...map.entries()] : undefined;
+    // The chunk list is made when a caller asks (a whole manifest), not for every snapshot.
+    let chunks: Array<[number, BlockKey]> | undefined;
     const changed = this.storeDirty;
     this.storeDirty = new Map();
     // Blocks of chunks the base names are in the store already: only the rest need holding.
     const held: BlockKey[] = [];
-    for (const [, key] of changes ?? chunks!) if (key !== undefined && key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
+    for (const [, key] of changes ?? map.entries()) if (key !== undefined && key !== ZERO_ALLOCATED_KEY && this.cache.ref(key)) held.push(key);
     let released = false;
     return {
       sequence: this.sequence,
@@ -1094,6 +1131,7 @@ export class Volume {
   }
 
   private async flushNow(): Promise<void> {
+    if (this.failure !== undefined) throw this.failedError();
     if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty) return;
     const chunks = this.journalDirty;
     const unrefs = this.pendingUnref;
@@ -1105,16 +1143,39 @@ export class Volume {
     // Capture the state now: later writes land in the next batch.
     const live = this.journal.recordBytes * (this.map.count + this.overlay.size);
     const compact = this.journal.bytes > Math.max(4 << 20, 4 * live);
-    const records = compact ? this.liveRecords() : [...chunks].map((c) => this.record(c));
+    // A compaction writes the whole state from a frozen copy (the map's pages shared
+    // copy-on-write, the dirty chunks' masks copied); a commit writes the changed chunks.
+    const frozen = compact ? this.frozenState() : undefined;
+    const records = frozen === undefined ? [...chunks].map((c) => this.record(c)) : [];
+    const named: Array<[number, BlockKey]> = [];
+    for (const chunk of chunks) {
+      const key = this.map.get(chunk);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY) named.push([chunk, key]);
+    }
+    // A failed sync is never retried (the kernel may have dropped the pages and cleared
+    // the error): the volume fails instead, and FLUSH stays failed until it is reopened.
+    // The replaced blocks stay held; a reopen releases them with the rest (releaseHeld).
+    const failed = (reason: string) => {
+      this.pendingUnref.push(...unrefs);
+      return this.fail(reason);
+    };
+    const [overlay, blocks] = await Promise.allSettled([fdatasync(this.overlayFd), this.cache.sync()]);
+    if (overlay.status === 'rejected') {
+      this.syncFailures.overlay++;
+      throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
+    }
+    // A failed slab sync loses only the pinned blocks it covered: this flush fails if it would name one.
+    for (const [chunk, key] of named) {
+      if (!this.cache.lostBlock(key)) continue;
+      const why = blocks.status === 'rejected' ? (blocks.reason as Error).message : 'an earlier sync of the block cache failed';
+      throw failed(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
+    }
     try {
-      await Promise.all([fdatasync(this.overlayFd), this.cache.sync()]);
-      if (compact) await this.journal.rewrite(records, sequence, size, this.blockSize);
+      if (frozen !== undefined) await this.journal.rewrite(frozen.map, frozen.overlay, sequence, size, this.blockSize);
       else await this.journal.commit(records, sequence, size);
     } catch (err) {
-      for (const c of chunks) this.journalDirty.add(c);
-      this.pendingUnref.push(...unrefs);
-      this.sizeDirty = true;
-      throw new VolumeError('EIO', `volume ${this.name}: flush failed: ${(err as Error).message}`);
+      this.syncFailures.journal++;
+      throw failed(`flush: ${(err as Error).message}`);
     }
     for (const key of unrefs) this.cache.unref(key);
   }
@@ -1129,16 +1190,11 @@ export class Volume {
     };
   }
 
-  private liveRecords(): ChunkRecord[] {
-    const records: ChunkRecord[] = [];
-    for (const [chunk, key] of this.map.entries()) {
-      const mask = this.overlay.get(chunk);
-      records.push({ chunk, hash: key, mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask) });
-    }
-    for (const [chunk, mask] of this.overlay) {
-      if (this.map.get(chunk) === undefined) records.push({ chunk, hash: ZERO_HASH, mask: Uint8Array.from(mask) });
-    }
-    return records;
+  /** The state a journal rewrite writes: O(pages) for the map, O(dirty chunks) for the overlay. */
+  private frozenState(): { map: BlockMap; overlay: Array<readonly [number, Uint8Array]> } {
+    const overlay: Array<readonly [number, Uint8Array]> = [];
+    for (const [chunk, mask] of this.overlay) overlay.push([chunk, Uint8Array.from(mask)]);
+    return { map: this.map.clone(), overlay };
   }
 
   // ---- lifecycle ------------------------------------------------------------------------
@@ -1146,6 +1202,7 @@ export class Volume {
   /** Grow the volume; durable on return. Shrinking is refused. */
   async resize(size: number): Promise<void> {
     this.checkOpen();
+    if (this.failure !== undefined) throw this.failedError();
     if (size < this.size) throw new VolumeError('EINVAL', `volume ${this.name}: cannot shrink from ${this.size} to ${size} bytes`);
     if (size === this.size) return;
     this.size = size;
@@ -1159,7 +1216,8 @@ export class Volume {
     this.closing = true;
     // Seals in progress read the overlay file; let them finish before it is closed.
     await Promise.allSettled(this.sealsInFlight);
-    await this.flush();
+    // A failed volume keeps its last good journal: what changed since is not written.
+    if (this.failure === undefined) await this.flush();
     this.closed = true;
     fs.closeSync(this.overlayFd);
     this.journal.close();
@@ -1176,6 +1234,15 @@ export class Volume {
     }
     // The folder goes first: once it is gone nothing can name these blocks again.
     fs.rmSync(this.dir, { recursive: true, force: true });
+    this.releaseHeld();
+  }
+
+  /**
+   * After close, once the folder was loaded again (a reopen): drop the block references
+   * and overlay bytes this instance held; the new one took its own from the journal.
+   */
+  releaseHeld(): void {
+    if (!this.closed) throw new Error(`volume ${this.name}: releaseHeld before close`);
     for (const [, key] of this.map.entries()) if (key !== ZERO_ALLOCATED_KEY) this.cache.unref(key);
     for (const key of this.pendingUnref) this.cache.unref(key);
     this.pendingUnref = [];

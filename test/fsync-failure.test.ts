@@ -1,0 +1,195 @@
+// A failed fdatasync is never followed by a successful FLUSH (DESIGN.md invariant 1).
+//
+// The volume's local state lives on a real ext4 filesystem whose disk fails writes on
+// command (harness/failing-disk.ts). On Linux a failed writeback drops the dirty pages
+// and reports EIO to one fdatasync; the next one succeeds without them. So after a FLUSH
+// got EIO, a later FLUSH must not succeed over the lost writes: the volume fails, writes
+// and flushes get EIO until it is reopened, reads go on, and the reopened volume is the
+// last state a FLUSH acknowledged.
+
+import assert from 'node:assert/strict';
+import fsp from 'node:fs/promises';
+import path from 'node:path';
+import { test } from 'node:test';
+import { removeDir, scratchDir, startDaemon, type Daemon } from './harness/daemon.js';
+import { canFailDisks, startFailingDisk, type FailingDisk } from './harness/failing-disk.js';
+import { NbdClient, NbdCommandError } from './harness/nbd-client.js';
+
+const VOLUME = 'fsyncgate';
+const CHUNK = 128 * 1024;
+
+function pattern(seed: number, length = 64 * 1024): Buffer {
+  const data = Buffer.alloc(length);
+  for (let i = 0; i < length; i += 4) data.writeUInt32LE((seed * 2654435761 + i) >>> 0, i);
+  return data;
+}
+
+async function metricValue(daemon: Daemon, series: string): Promise<number> {
+  const text = (await daemon.api('GET', '/metrics')).text;
+  const line = text.split('\n').find((l) => l.startsWith(series + ' '));
+  assert.ok(line !== undefined, `metric ${series} is exported`);
+  return Number(line.slice(series.length + 1));
+}
+
+async function expectEio(what: string, run: () => Promise<unknown>): Promise<void> {
+  try {
+    await run();
+  } catch (err) {
+    assert.ok(err instanceof NbdCommandError, `${what}: an NBD error reply, got ${(err as Error).message}`);
+    assert.equal(err.code, 'EIO', `${what}: EIO`);
+    return;
+  }
+  assert.fail(`${what} succeeded; it must fail with EIO after a failed fdatasync`);
+}
+
+test('a FLUSH after a failed fdatasync of the overlay gets EIO until the volume is reopened; reopened, it is the last flushed state', { timeout: 600_000 }, async (t) => {
+  if (!canFailDisks(t)) return;
+  let disk: FailingDisk | undefined;
+  let daemon: Daemon | undefined;
+  let client: NbdClient | undefined;
+  try {
+    disk = await startFailingDisk();
+    const cacheDir = path.join(disk.mountDir, 'cache');
+    // Seal never: the writes stay in the overlay, whose fdatasync is the one that fails.
+    daemon = await startDaemon({ toml: { cache: { dir: cacheDir }, volumes: { seal_idle_ms: 3_600_000 } } });
+    const connect = () => NbdClient.connect({ path: daemon!.socket, exportName: VOLUME });
+    client = await connect();
+
+    const flushed = pattern(1);
+    await client.write(0, flushed);
+    await client.flush();
+
+    await disk.fail();
+    await client.write(8 * CHUNK, pattern(2));
+    await expectEio('FLUSH while the disk fails writes', () => client!.flush());
+
+    await disk.heal();
+    // The kernel dropped the failed pages and cleared the error: a retried fdatasync would succeed.
+    await expectEio('FLUSH after the failed FLUSH, disk healthy again', () => client!.flush());
+    await expectEio('WRITE after the failed FLUSH, disk healthy again', () => client!.write(16 * CHUNK, pattern(3)));
+    await expectEio('FUA WRITE after the failed FLUSH', () => client!.write(16 * CHUNK, pattern(3), { fua: true }));
+    assert.deepEqual(await client.read(0, flushed.length), flushed, 'flushed data still reads back');
+
+    const view = (await daemon.api('GET', `/api/exports/${VOLUME}`)).json;
+    assert.equal(view.failed, true, 'the API view says the volume failed');
+    assert.match(view.failure, /fdatasync/, 'and why');
+    assert.equal(await metricValue(daemon, `updraft_volume_failed{volume="${VOLUME}"}`), 1, 'updraft_volume_failed is 1');
+    assert.ok((await metricValue(daemon, 'updraft_fsync_failures_total{file="overlay"}')) >= 1, 'the failed overlay sync is counted');
+    assert.match(daemon.log(), /volume failed: a sync of its local state failed/, 'the daemon logged the failure');
+
+    // Reopen: a restart recovers the volume from its journal's last good batch.
+    client.close();
+    client = undefined;
+    await daemon.restart();
+    client = await connect();
+    assert.deepEqual(await client.read(0, flushed.length), flushed, 'flushed data survives the reopen');
+    assert.ok((await client.read(8 * CHUNK, 64 * 1024)).equals(Buffer.alloc(64 * 1024)), 'the write whose FLUSH failed is not in the reopened volume');
+    const after = pattern(4);
+    await client.write(24 * CHUNK, after);
+    await client.flush();
+    assert.deepEqual(await client.read(24 * CHUNK, after.length), after, 'the reopened volume takes writes again');
+    assert.equal((await daemon.api('GET', `/api/exports/${VOLUME}`)).json.failed, false, 'the reopened volume is healthy');
+  } finally {
+    client?.close();
+    await daemon?.cleanup();
+    if (disk !== undefined) {
+      await disk.heal();
+      await disk.stop();
+    }
+  }
+});
+
+async function waitUntil(what: string, check: () => Promise<boolean>): Promise<void> {
+  const deadline = Date.now() + 60_000;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting until ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+test('a failed sync of the block cache slab fails the volumes whose unflushed blocks it may have lost, and only those', { timeout: 600_000 }, async (t) => {
+  if (!canFailDisks(t)) return;
+  let disk: FailingDisk | undefined;
+  let daemon: Daemon | undefined;
+  let volumesDir: string | undefined;
+  const clients: NbdClient[] = [];
+  try {
+    disk = await startFailingDisk();
+    // The block cache's slab on the failing disk; the volumes' overlays and journals elsewhere.
+    const cacheDir = path.join(disk.mountDir, 'cache');
+    volumesDir = await scratchDir('updraft-volumes-');
+    await fsp.mkdir(cacheDir);
+    await fsp.symlink(volumesDir, path.join(cacheDir, 'volumes'));
+    // Seal as soon as a volume is idle: its writes become blocks in the slab.
+    daemon = await startDaemon({ toml: { cache: { dir: cacheDir }, volumes: { seal_idle_ms: 200 } } });
+    const connect = async (name: string) => {
+      const client = await NbdClient.connect({ path: daemon!.socket, exportName: name });
+      clients.push(client);
+      return client;
+    };
+    const sealed = async (name: string) => (await daemon!.api('GET', `/api/exports/${name}/metrics`)).json.chunks_sealed as number;
+    const view = async (name: string) => (await daemon!.api('GET', `/api/exports/${name}`)).json;
+    const a = await connect('slab-a');
+    const b = await connect('slab-b');
+    const flushedA = pattern(10, CHUNK);
+    await a.write(0, flushedA);
+    await a.flush();
+    await b.write(0, pattern(11, CHUNK));
+    await b.flush();
+    await waitUntil('both volumes sealed their first chunk', async () => (await sealed('slab-a')) >= 1 && (await sealed('slab-b')) >= 1);
+    // Commit the seals (slab synced) before the disk fails: those blocks are safe.
+    await a.flush();
+    await b.flush();
+
+    await disk.fail();
+    await a.write(CHUNK, pattern(12, CHUNK));
+    // A seals the chunk into the slab; the flush that follows the seal finds the slab sync failed.
+    await waitUntil('volume slab-a failed', async () => (await view('slab-a')).failed === true);
+    assert.match((await view('slab-a')).failure, /may be lost/, 'slab-a failed because its flush would name a lost block');
+
+    await disk.heal();
+    await expectEio('FLUSH of the volume whose sealed block the failed slab sync covered', () => a.flush());
+    await expectEio('WRITE to it', () => a.write(2 * CHUNK, pattern(13, CHUNK)));
+    assert.deepEqual(await a.read(0, CHUNK), flushedA, 'its flushed data still reads back');
+
+    // B named no block the failed sync covered: it goes on, and its blocks go to the slab again.
+    const laterB = pattern(14, CHUNK);
+    await b.write(CHUNK, laterB);
+    await b.flush();
+    await waitUntil('slab-b sealed the new chunk', async () => (await sealed('slab-b')) >= 2);
+    await b.flush();
+    assert.deepEqual(await b.read(CHUNK, CHUNK), laterB, 'the healthy volume reads its write');
+    assert.equal((await view('slab-b')).failed, false, 'slab-b did not fail');
+    assert.ok((await metricValue(daemon, 'updraft_fsync_failures_total{file="slab"}')) >= 1, 'the failed slab sync is counted');
+    assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 1, 'one volume failed');
+
+    // Reopen through the API (close, load from the journal), its client disconnected.
+    const reopened = await daemon.api('POST', '/api/exports/slab-a/reopen?force=true');
+    assert.equal(reopened.status, 200, reopened.text);
+    assert.equal(reopened.json.failed, false, 'the reopened volume is healthy');
+    assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 0, 'no volume is failed after the reopen');
+    // Pinned now: slab-a's first chunk, slab-b's two; the block the failed sync lost was let go with the old instance.
+    assert.equal(await metricValue(daemon, 'updraft_cache_pinned_blocks'), 3, 'the reopen released the blocks only the failed state held');
+    const a2 = await connect('slab-a');
+    assert.deepEqual(await a2.read(0, CHUNK), flushedA, 'slab-a reopened at its last flushed state');
+    assert.ok((await a2.read(CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK)), 'without the write whose flush failed');
+    const laterA = pattern(15, CHUNK);
+    await a2.write(2 * CHUNK, laterA);
+    await a2.flush();
+
+    for (const client of clients.splice(0)) client.close();
+    await daemon.restart();
+    const a3 = await connect('slab-a');
+    assert.deepEqual(await a3.read(2 * CHUNK, CHUNK), laterA, 'slab-a kept the write flushed after the reopen across a restart');
+    const b2 = await connect('slab-b');
+    assert.deepEqual(await b2.read(CHUNK, CHUNK), laterB, 'slab-b kept its flushed write across the restart');
+  } finally {
+    for (const client of clients) client.close();
+    await daemon?.cleanup();
+    if (disk !== undefined) {
+      await disk.heal();
+      await disk.stop();
+    }
+    if (volumesDir !== undefined) await removeDir(volumesDir);
+  }
+});
