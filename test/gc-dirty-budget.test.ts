@@ -2,14 +2,16 @@
 // volume's oldest changed chunks as packs no manifest names yet, the block cache (small
 // here) evicts their blocks because the store has them, and GC (a one-second grace
 // period) runs meanwhile. The volume, never drained, must still read back what was
-// written and flushed.
+// written and flushed; once it is drained and the other volume removed, GC frees what
+// only the removed volume needed.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
-import { createVolume, metric, MiB, withLogs } from './harness/cluster.js';
+import { createVolume, drain, metric, MiB, waitFor, withLogs } from './harness/cluster.js';
 import { startDaemon } from './harness/daemon.js';
+import { storeAudit } from './harness/gc.js';
 import { requireTools, runOk, TOOLS } from './harness/tools.js';
 
 const TOOL_TIMEOUT_MS = 120_000;
@@ -48,6 +50,20 @@ test('a volume over its dirty budget keeps every flushed byte while a small cach
       const read = await readFile(back);
       assert.equal(read.length, 64 * MiB);
       assert.ok(read.subarray(0, written.length).equals(written), 'volume v reads back different bytes than were written and flushed');
+
+      // What the uploads held goes once nothing needs it: w removed from the host (never
+      // drained, so none of its packs is named), v drained (its manifest names its packs).
+      assert.equal((await d.api('DELETE', '/api/exports/w')).status, 200);
+      await drain(d, 'v');
+      await waitFor('GC to delete the packs only w needed', async () => {
+        await d.api('POST', '/api/gc', { reconcile: true });
+        return (await storeAudit(path.join(d.dir, 'store'))).dead.length === 0;
+      });
+      const audit = await storeAudit(path.join(d.dir, 'store'));
+      assert.deepEqual(audit.missing, []);
+      assert.ok(audit.live.size >= 48 / 3, `v's manifest names ${audit.live.size} packs`);
+      await runOk('nbdcopy', [d.uri('v'), back], { timeoutMs: TOOL_TIMEOUT_MS });
+      assert.ok((await readFile(back)).subarray(0, written.length).equals(written), 'volume v reads back differently after its drain and GC');
     });
   } finally {
     await d.cleanup();

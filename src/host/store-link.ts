@@ -223,13 +223,13 @@ export class StoreLink {
     });
     try {
       const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
+      // Every upload of this volume came before the snapshot (they take turns): the manifest names what is still needed.
+      await this.settleUploads();
       this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
       captured.stored();
       this.save();
-      // Every upload of this volume came before the snapshot (they take turns): the manifest names what is still needed.
-      await this.settleUploads();
       const ms = performance.now() - captured.started;
       this.ctx.log.info('drained volume', {
         volume: this.name, sequence: captured.sequence, chunks: bodyCounts(captured.raw).chunks, changes: captured.changes, incremental: captured.incremental, packs: captured.uploaded.packs,
