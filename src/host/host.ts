@@ -237,14 +237,15 @@ export class Host {
   /**
    * At start-up, before serving: let go of what this host's uploads held for volumes it no
    * longer has (removed while the daemon was down, or a crash between a removal's two
-   * steps). Those of the volumes it has stay held: their blocks may live only there.
+   * steps). Those of the volumes it has stay held: their blocks may live only there; so do
+   * those of a volume whose folder is still here but could not be recovered.
    */
   async releaseStrayUploads(): Promise<number> {
     const refcounts = this.options.refcounts;
     if (refcounts === undefined) return 0;
     let released = 0;
     for (const name of await refcounts.heldUploads(this.hostId)) {
-      if (this.volumes.has(name) || this.opening.has(name)) continue;
+      if (this.volumes.has(name) || this.opening.has(name) || fs.existsSync(volumeDir(this.volumesRoot, name))) continue;
       const packs = await refcounts.releaseUploads(uploadsKey(this.hostId, name));
       this.log.info('let go of packs held for the uploads of a volume this host no longer has', { volume: name, packs });
       released += packs;
