@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
-import { createVolume, drain, metric, MiB, waitFor, withLogs } from './harness/cluster.js';
+import { connect, createVolume, drain, exportInfo, metric, MiB, waitFor, withLogs, writeRandom } from './harness/cluster.js';
 import { startDaemon } from './harness/daemon.js';
 import { storeAudit } from './harness/gc.js';
 import { requireTools, runOk, TOOLS } from './harness/tools.js';
@@ -68,6 +68,39 @@ test('a volume over its dirty budget keeps every flushed byte across a SIGKILL w
       assert.ok(audit.live.size >= 48 / 3, `v's manifest names ${audit.live.size} packs`);
       await runOk('nbdcopy', [d.uri('v'), back], { timeoutMs: TOOL_TIMEOUT_MS });
       assert.ok((await readFile(back)).subarray(0, written.length).equals(written), 'volume v reads back differently after its drain and GC');
+    });
+  } finally {
+    await d.cleanup();
+  }
+});
+
+test('a volume removed from the host lets go of what its uploads held, also when the daemon dies between removing its folder and letting go', { timeout: 120_000 }, async () => {
+  const d = await startDaemon({
+    toml: { volumes: { seal_idle_ms: 200 }, gc: { grace_period: '0s', interval: '1s' } },
+    env: { UPDRAFT_CRASH_AT: 'volume-removed' },
+  });
+  try {
+    await withLogs([d], async () => {
+      const budget = 2 * MiB;
+      await createVolume(d, 'x', 16, { dirty_budget_gb: budget / 1024 ** 3 });
+      const c = await connect(d, 'x');
+      await writeRandom(c, 0, 8 * MiB);
+      await c.flush();
+      await c.disconnect();
+      await waitFor('the dirty budget upload', async () => (await exportInfo(d, 'x')).store_dirty_bytes <= budget);
+      // Held: GC runs (grace 0) and keeps them, though no manifest names them.
+      await d.api('POST', '/api/gc', { reconcile: true });
+      const held = await storeAudit(path.join(d.dir, 'store'));
+      assert.ok(held.packs > 0 && held.dead.length === held.packs, `x's uploads: ${held.packs} packs, ${held.dead.length} unnamed`);
+      await d.api('DELETE', '/api/exports/x').catch(() => undefined);
+      await d.exited();
+      assert.match(d.log(), /crashing at volume-removed/);
+      await d.restart({});
+      await waitFor('GC to delete what only the removed volume held', async () => {
+        await d.api('POST', '/api/gc', { reconcile: true });
+        return (await storeAudit(path.join(d.dir, 'store'))).packs === 0;
+      });
+      assert.match(d.log(), /let go of packs held for the uploads of a volume this host no longer has volume=x/);
     });
   } finally {
     await d.cleanup();

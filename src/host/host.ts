@@ -724,6 +724,7 @@ export class Host {
     await link?.serial(async () => undefined);
     await volume.destroy();
     // After the local copy is gone (a crash between the two: the next start lets go, see releaseStrayUploads).
+    await crashPoint('volume-removed');
     await this.options.refcounts?.releaseUploads(uploadsKey(this.hostId, name));
     this.log.info('removed volume', { volume: name });
   }
