@@ -15,8 +15,11 @@ import { FileObjectStore, withMetering } from '../src/objectstore/index.js';
 import { decodePackIndex, packIdFromKey } from '../src/store/pack.js';
 import { PackIndex } from '../src/store/pack-index.js';
 import { PackUploader } from '../src/store/upload.js';
+import { uploadsKey } from '../src/gc/refcounts.js';
 
 const BLOCK = 4096;
+/** The uploads key the packs are uploaded for (it holds them only with GC on, which these tests run without). */
+const HOLD = uploadsKey('test-host', 'v');
 const dirs: string[] = [];
 after(() => {
   for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
@@ -52,10 +55,10 @@ test('blocks named early go up in full packs; the upload of the whole snapshot p
   const { cache, index, store, uploader, block, stored } = setup();
   const blocks = Array.from({ length: 30 }, block);
   for (const b of blocks) assert.ok(cache.put(b.key, b.data));
-  const early = uploader.early();
+  const early = uploader.early(HOLD);
   for (const b of blocks.slice(0, 10)) early.add(b.key);
   early.add(blocks[3].key); // named twice (two chunks with the same content)
-  const [first, rest] = await Promise.all([early.finish(), uploader.upload(blocks.map((b) => b.key))]);
+  const [first, rest] = await Promise.all([early.finish(), uploader.upload(blocks.map((b) => b.key), HOLD)]);
   // 10 named early: two full packs of 4 went up; the partial third is left to upload().
   assert.deepEqual(first, { packs: 2, blocks: 8, bytes: first.bytes });
   assert.deepEqual({ packs: rest.packs, blocks: rest.blocks }, { packs: 6, blocks: 22 });
@@ -65,7 +68,7 @@ test('blocks named early go up in full packs; the upload of the whole snapshot p
   assert.ok(blocks.every((b) => index.has(b.key)));
   assert.equal(store.counters().requests.put, 8);
   // Nothing left to do: a second upload puts nothing.
-  assert.deepEqual(await uploader.upload(blocks.map((b) => b.key)), { packs: 0, blocks: 0, bytes: 0 });
+  assert.deepEqual(await uploader.upload(blocks.map((b) => b.key), HOLD), { packs: 0, blocks: 0, bytes: 0 });
 });
 
 test('an early pack that cannot be uploaded fails quietly; the upload of the snapshot puts its blocks', async () => {
@@ -73,10 +76,10 @@ test('an early pack that cannot be uploaded fails quietly; the upload of the sna
   const blocks = Array.from({ length: 4 }, block);
   // The last block is not in the cache yet: the early pack of all four fails.
   for (const b of blocks.slice(0, 3)) assert.ok(cache.put(b.key, b.data));
-  const early = uploader.early();
+  const early = uploader.early(HOLD);
   for (const b of blocks) early.add(b.key);
   assert.deepEqual(await early.finish(), { packs: 0, blocks: 0, bytes: 0 });
   assert.ok(cache.put(blocks[3].key, blocks[3].data));
-  assert.deepEqual((await uploader.upload(blocks.map((b) => b.key))).blocks, 4);
+  assert.deepEqual((await uploader.upload(blocks.map((b) => b.key), HOLD)).blocks, 4);
   assert.equal((await stored()).size, 4);
 });

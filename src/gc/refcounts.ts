@@ -37,6 +37,14 @@
 // PUT can no longer land (older than the settle time) → revert. Dropped packs are only
 // decremented once the new manifest is in the store, so no crash point under-counts.
 //
+// Uploads no manifest names yet (invariant 6): the packs a volume's uploads on a host make
+// or rely on (the dirty budget's, continuous mode's, a drain's before its manifest) are a
+// set held by the key `host/{host}/volumes/{name}/uploads` (etag 'held'), added in the
+// same transaction that registers each pack, so the cache may evict their blocks at once.
+// The set is let go once the volume's own manifest naming them is committed, or when the
+// volume leaves the host (removed, purged, or gone at a restart). No store object backs
+// such a key: reconciliation leaves it alone, and counts its packs like any set's.
+//
 // One write per key at a time: `begin` refuses while another intent on the key is
 // unresolved, and removals skip keys with intents, so a key's counted packs cannot move
 // between begin and commit and the delta computed at begin stays exact. A set changed in
@@ -141,9 +149,23 @@ export function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean
 
 const EMPTY: ReadonlySet<string> = new Set();
 
+/** The key holding the packs that `volume`'s uploads on host `hostId` made or rely on, until a manifest names them. */
+export function uploadsKey(hostId: string, volume: string): string {
+  return `${UPLOADS_PREFIX}${hostId}/volumes/${volume}/uploads`;
+}
+const UPLOADS_PREFIX = 'host/';
+const UPLOADS_ETAG = 'held';
+
+/** `text` for a LIKE pattern with ESCAPE '!'. */
+function likeLiteral(text: string): string {
+  return text.replace(/[!%_]/g, (c) => `!${c}`);
+}
+
 /** A registerPack call waiting for its transaction. */
 interface PendingRegistration {
   id: string;
+  /** The uploads key that holds the pack from its registration on (see uploadsKey). */
+  hold?: string;
   /** Give up on a pack that stays in deletion past this (ms, the clock of `now`). */
   deadline: number;
   resolve: () => void;
@@ -239,8 +261,8 @@ export class PackRefcounts {
    * registration transaction runs, share the next transaction. A drain's uploads register
    * a pack each; one synced SQLite commit per pack cost 0.9 s per GiB on the event loop.
    */
-  registerPack(id: string): Promise<void> {
-    return new Promise((resolve, reject) => this.queueRegistration({ id, deadline: this.now() + 60_000, resolve, reject }));
+  registerPack(id: string, hold?: string): Promise<void> {
+    return new Promise((resolve, reject) => this.queueRegistration({ id, hold, deadline: this.now() + 60_000, resolve, reject }));
   }
 
   private queueRegistration(pending: PendingRegistration): void {
@@ -266,6 +288,10 @@ export class PackRefcounts {
           const out: PendingRegistration[] = [];
           const now = this.now();
           for (const pending of batch) {
+            if (pending.hold !== undefined) {
+              if (!(await this.holdRegistered(tx, pending.hold, pending.id))) out.push(pending);
+              continue;
+            }
             const n = await tx.run(
               `INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'live', $2)
                ON CONFLICT (id) DO UPDATE SET zero_since = CASE WHEN gc_packs.refs = 0 THEN excluded.zero_since ELSE gc_packs.zero_since END
@@ -292,6 +318,112 @@ export class PackRefcounts {
       }
     }
     this.registering = false;
+  }
+
+  /**
+   * Inside a registration: pack `id` joins the set of uploads key `hold` (+1, a row made
+   * for it if it has none). False when it is being deleted (nothing changed then).
+   */
+  private async holdRegistered(tx: SqlTx, hold: string, id: string): Promise<boolean> {
+    const set = await this.uploadsSet(tx, hold);
+    if ((await tx.run(`INSERT INTO gc_set_packs (set_id, pack) VALUES ($1, $2) ON CONFLICT (set_id, pack) DO NOTHING`, [set, id])) === 0) return true;
+    const n = await tx.run(
+      `INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 1, 'live', NULL)
+       ON CONFLICT (id) DO UPDATE SET refs = gc_packs.refs + 1, zero_since = NULL WHERE gc_packs.state = 'live'`,
+      [id],
+    );
+    if (n === 1) return true;
+    await tx.run(`DELETE FROM gc_set_packs WHERE set_id = $1 AND pack = $2`, [set, id]);
+    return false;
+  }
+
+  /** The set of uploads key `key`, made (empty, held by the key's row) if it has none. */
+  private async uploadsSet(tx: SqlTx, key: string): Promise<string> {
+    const row = await this.lockKey(tx, key);
+    if (row !== undefined) return row.set;
+    const set = await this.newSet(tx);
+    if ((await tx.run(`INSERT INTO gc_manifests (key, etag, set_id) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING`, [key, UPLOADS_ETAG, set])) === 1) return set;
+    // Made meanwhile by another transaction (PostgreSQL waited for it): use that one.
+    await tx.run(`DELETE FROM gc_sets WHERE id = $1`, [set]);
+    const made = await this.lockKey(tx, key);
+    if (made === undefined) throw new Error(`gc database ${this.db.description}: ${key}: its row vanished while it was made`);
+    return made.set;
+  }
+
+  /**
+   * Add `packs` (already in the store: blocks an upload found there) to the set of
+   * uploads key `hold`. Returns the packs that are being deleted or gone from the store
+   * (nothing is held then): the caller uploads their blocks again.
+   */
+  async holdUploads(hold: string, packs: readonly string[]): Promise<string[]> {
+    if (packs.length === 0) return [];
+    for (let attempt = 0; ; attempt++) {
+      const missing = await this.db.tx(async (tx) => {
+        const set = await this.uploadsSet(tx, hold);
+        const added = (await tx.all<{ pack: string }>(
+          `INSERT INTO gc_set_packs (set_id, pack) SELECT CAST($1 AS TEXT), v FROM ${tx.rows(2)} WHERE true ON CONFLICT (set_id, pack) DO NOTHING RETURNING pack`,
+          [set, tx.list(packs)],
+        )).map((r) => r.pack);
+        const refused = await this.increment(tx, added);
+        // Throwing rolls the set's new rows and the increments back.
+        if (refused.length > 0) throw new MissingPacks(refused);
+        return [];
+      }).catch((err): string[] => {
+        if (err instanceof MissingPacks) return err.packs;
+        throw err;
+      });
+      if (missing.length === 0) return [];
+      const gone = await this.adoptOrGone(hold, missing);
+      if (gone.length > 0 || attempt >= 2) return gone.length > 0 ? gone : missing;
+    }
+  }
+
+  /**
+   * A manifest of the volume that names all it still needs is committed: let go of the
+   * packs uploads key `hold` holds, keeping its (empty) set for the next uploads. Returns
+   * how many packs it held.
+   */
+  async settleUploads(hold: string): Promise<number> {
+    return this.db.tx(async (tx) => {
+      const set = (await tx.all<{ set_id: string }>(`SELECT set_id FROM gc_manifests WHERE key = $1`, [hold]))[0]?.set_id;
+      if (set === undefined) return 0;
+      const packs = (await tx.all<{ pack: string }>(`DELETE FROM gc_set_packs WHERE set_id = $1 RETURNING pack`, [set])).map((r) => r.pack);
+      await this.decrement(tx, packs);
+      return packs.length;
+    });
+  }
+
+  /** The volume left the host (removed, purged): let go of uploads key `hold` and what it holds. Returns how many packs it held. */
+  async releaseUploads(hold: string): Promise<number> {
+    return this.db.tx(async (tx) => {
+      const removed = await tx.all<{ set_id: string }>(`DELETE FROM gc_manifests WHERE key = $1 RETURNING set_id`, [hold]);
+      if (removed.length === 0) return 0;
+      const [{ n }] = await tx.all<{ n: number }>(`SELECT count(*) AS n FROM gc_set_packs WHERE set_id = $1`, [removed[0].set_id]);
+      await this.letGoSet(tx, removed[0].set_id);
+      return Number(n);
+    });
+  }
+
+  /** The volumes whose uploads host `hostId` holds packs for. */
+  async heldUploads(hostId: string): Promise<string[]> {
+    const prefix = `${UPLOADS_PREFIX}${hostId}/volumes/`;
+    const rows = await this.db.tx((tx) => tx.all<{ key: string }>(`SELECT key FROM gc_manifests WHERE key LIKE $1 ESCAPE '!'`, [`${likeLiteral(prefix)}%/uploads`]));
+    return rows.map((r) => r.key.slice(prefix.length, -'/uploads'.length));
+  }
+
+  /** Let go of every host's uploads of `volume` (it is purged: its content is thrown away). Returns how many packs they held. */
+  async releaseUploadsOfVolume(volume: string): Promise<number> {
+    const rows = await this.db.tx((tx) =>
+      tx.all<{ key: string }>(`SELECT key FROM gc_manifests WHERE key LIKE $1 ESCAPE '!'`, [`${likeLiteral(UPLOADS_PREFIX)}%${likeLiteral(`/volumes/${volume}/uploads`)}`]),
+    );
+    let released = 0;
+    // A host id has no '/' (config: host.id), so only that segment may stand for the host.
+    const suffix = `/volumes/${volume}/uploads`;
+    for (const { key } of rows) {
+      if (key.slice(UPLOADS_PREFIX.length, -suffix.length).includes('/')) continue;
+      released += await this.releaseUploads(key);
+    }
+    return released;
   }
 
   /** +1 on every 'live' pack of `ids`; returns the ids that were not (deleting, or no row). */
@@ -630,9 +762,9 @@ export class PackRefcounts {
 
   // ---- reconciliation ------------------------------------------------------------------
 
-  /** Every counted key and its etag. */
+  /** Every counted manifest and checkpoint key and its etag (not the uploads keys, which no store object backs). */
   async countedKeys(): Promise<Map<string, string>> {
-    const rows = await this.db.tx((tx) => tx.all<{ key: string; etag: string }>(`SELECT key, etag FROM gc_manifests`));
+    const rows = await this.db.tx((tx) => tx.all<{ key: string; etag: string }>(`SELECT key, etag FROM gc_manifests WHERE key NOT LIKE $1`, [`${UPLOADS_PREFIX}%`]));
     return new Map(rows.map((r) => [r.key, r.etag]));
   }
 

@@ -62,6 +62,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
     log.child('host'),
   );
   gc.collector.packIndex = host.packIndex;
+  await host.releaseStrayUploads().catch((err) => log.error('cannot let go of packs held for volumes this host no longer has; they stay held', { error: errorMessage(err) }));
   gc.collector.start();
   const nbd = new NbdServer(
     {

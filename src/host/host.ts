@@ -11,7 +11,7 @@ import { BlockCache } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
-import { crashPoint, type PackRefcounts } from '../gc/refcounts.js';
+import { crashPoint, uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
 import { decodeLease, leaseIsLive } from '../store/lease.js';
@@ -238,6 +238,25 @@ export class Host {
       host.scrubTimer.unref();
     }
     return host;
+  }
+
+  /**
+   * At start-up, before serving: let go of what this host's uploads held for volumes it no
+   * longer has (removed while the daemon was down, or a crash between a removal's two
+   * steps). Those of the volumes it has stay held: their blocks may live only there; so do
+   * those of a volume whose folder is still here but could not be recovered.
+   */
+  async releaseStrayUploads(): Promise<number> {
+    const refcounts = this.options.refcounts;
+    if (refcounts === undefined) return 0;
+    let released = 0;
+    for (const name of await refcounts.heldUploads(this.hostId)) {
+      if (this.volumes.has(name) || this.opening.has(name) || fs.existsSync(volumeDir(this.volumesRoot, name))) continue;
+      const packs = await refcounts.releaseUploads(uploadsKey(this.hostId, name));
+      this.log.info('let go of packs held for the uploads of a volume this host no longer has', { volume: name, packs });
+      released += packs;
+    }
+    return released;
   }
 
   list(): VolumeSummary[] {
@@ -747,7 +766,12 @@ export class Host {
     if (link?.holdsLease) await link.release();
     this.volumes.delete(name);
     this.links.delete(name);
+    // A drain or upload in flight finishes first, so nothing is held for the volume after this.
+    await link?.serial(async () => undefined);
     await volume.destroy();
+    // After the local copy is gone (a crash between the two: the next start lets go, see releaseStrayUploads).
+    await crashPoint('volume-removed');
+    await this.options.refcounts?.releaseUploads(uploadsKey(this.hostId, name));
     this.log.info('removed volume', { volume: name });
   }
 

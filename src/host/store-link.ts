@@ -15,7 +15,7 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
-import { packsOf, PacksGoneError, putCounted, putCountedThen, sameSet, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
+import { packsOf, PacksGoneError, putCounted, putCountedThen, sameSet, uploadsKey, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
@@ -124,6 +124,11 @@ export class StoreLink {
   private base: { map: BlockMap; raw: Buffer; tables?: StoredTables; appended: number; etag: string | undefined } | undefined;
   /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
   private counted: CountedManifest | undefined;
+  /**
+   * Whether the volume's uploads key may hold packs (see uploads): set by every upload, and
+   * at start (a previous run may have left some), cleared once a manifest names them all.
+   */
+  private holdsUploads = true;
 
   constructor(
     readonly volume: Volume,
@@ -152,6 +157,28 @@ export class StoreLink {
 
   get name(): string {
     return this.volume.name;
+  }
+
+  /**
+   * The refcount key that holds the packs this volume's uploads on this host made (or,
+   * for the dirty budget, found) until its own manifest names them (invariant 6).
+   */
+  get uploads(): string {
+    return uploadsKey(this.ctx.hostId, this.name);
+  }
+
+  /**
+   * A manifest of the volume naming every block it had at its snapshot is committed: what
+   * its uploads held goes (the manifest holds what is still named). A failure only over-counts.
+   */
+  private async settleUploads(): Promise<void> {
+    if (!this.holdsUploads || this.ctx.refcounts === undefined) return;
+    try {
+      await this.ctx.refcounts.settleUploads(this.uploads);
+      this.holdsUploads = false;
+    } catch (err) {
+      this.ctx.log.warn('cannot let go of the packs held for uploads a manifest now names; they stay held until the next drain', { volume: this.name, key: this.uploads, error: errorMessage(err) });
+    }
   }
 
   /** Persist the state (atomic: temp file, fsync, rename). */
@@ -200,6 +227,8 @@ export class StoreLink {
     });
     try {
       const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
+      // Every upload of this volume came before the snapshot (they take turns): the manifest names what is still needed.
+      await this.settleUploads();
       this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
@@ -240,7 +269,8 @@ export class StoreLink {
     // Blocks the snapshot seals go up while it seals the rest; upload() below then puts
     // only what is left (and waits for packs still in flight), so the manifest still
     // names only blocks in uploaded packs (invariant 2).
-    const early = this.ctx.uploader.early();
+    this.holdsUploads = true;
+    const early = this.ctx.uploader.early(this.uploads);
     let snapshot: VolumeSnapshot;
     try {
       snapshot = await this.volume.snapshot({ base: base?.map, onSealed: (key) => early.add(key) });
@@ -255,7 +285,7 @@ export class StoreLink {
       const keysToUpload = () => (patch ? snapshot.changes!.map(([, key]) => key).filter((key) => key !== undefined) : snapshot.chunks.map(([, key]) => key));
       // The local journal must not fall behind what the store is told: flush it (disk)
       // while the blocks go up (CPU and network), and both before the manifest.
-      const [earlyUploaded, uploaded] = await Promise.all([early.finish(), this.ctx.uploader.upload(keysToUpload()), this.volume.flush()]);
+      const [earlyUploaded, uploaded] = await Promise.all([early.finish(), this.ctx.uploader.upload(keysToUpload(), this.uploads), this.volume.flush()]);
       const count = (more: UploadResult) => {
         uploaded.packs += more.packs;
         uploaded.blocks += more.blocks;
@@ -289,7 +319,7 @@ export class StoreLink {
           // (it is being deleted): upload what no pack holds now, and lay out again.
           if (!(err instanceof LocationGoneError) || attempt >= 3) throw err;
           this.ctx.log.warn('a block left the pack index during the drain (GC deleted its pack); uploading it again', { volume: this.name, error: err.message });
-          count(await this.ctx.uploader.upload(keysToUpload()));
+          count(await this.ctx.uploader.upload(keysToUpload(), this.uploads));
         }
       }
       const captured = {
@@ -308,7 +338,7 @@ export class StoreLink {
           for (const pack of gone) this.ctx.packIndex.removePack(pack);
           this.base = undefined;
           patch = false;
-          count(await this.ctx.uploader.upload(keysToUpload()));
+          count(await this.ctx.uploader.upload(keysToUpload(), this.uploads));
           const rebuilt = build();
           captured.raw = rebuilt.raw;
           captured.appended = 0;
@@ -390,7 +420,9 @@ export class StoreLink {
       let stored = false;
       try {
         const keys = snapshot.changes !== undefined ? snapshot.changes.map(([, key]) => key).filter((key) => key !== undefined) : snapshot.chunks.map(([, key]) => key);
-        await this.ctx.uploader.upload(keys);
+        this.holdsUploads = true;
+        // Only the changes' packs found in the store are held too (all chunks' would be O(volume)); the next manifest names the rest.
+        await this.ctx.uploader.upload(keys, this.uploads, { holdFound: snapshot.changes !== undefined });
         this.noteUpload(snapshot.sequence, performance.now() - started);
         stored = true;
       } finally {
@@ -412,7 +444,9 @@ export class StoreLink {
       if (excess <= 0) return undefined;
       const oldest = await this.volume.oldestChanges(excess);
       try {
-        const uploaded = await this.ctx.uploader.upload(oldest.keys);
+        this.holdsUploads = true;
+        // The chunks stop counting as dirty: every pack their blocks are in is held until a manifest names it.
+        const uploaded = await this.ctx.uploader.upload(oldest.keys, this.uploads, { holdFound: true });
         oldest.stored();
         return { chunks: oldest.chunks, packs: uploaded.packs };
       } finally {
@@ -672,6 +706,8 @@ export class StoreLink {
       this.state.generation = 0;
       this.state.leaseEtag = undefined;
       this.save();
+      // The final drain's manifest names everything: the next holder needs nothing held here.
+      if (this.volume.sequence === this.state.manifestSequence) await this.settleUploads();
       this.ctx.log.info('released volume lease', { volume: this.name, generation, final_drain_sequence: drained?.sequence });
       return { generation, ...(drained === undefined ? {} : { drained }) };
     }).finally(() => {

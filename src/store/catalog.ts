@@ -303,5 +303,7 @@ export async function purgeVolume(
   packsReleased += await releaseManifest(refcounts, key);
   await store.delete(leaseKey(volume));
   await store.delete(bootSetKey(volume));
+  // What any host's uploads of the volume held for a manifest to come: none will.
+  if (refcounts !== undefined) packsReleased += await refcounts.releaseUploadsOfVolume(volume);
   return { found: found || checkpoints.length > 0, checkpoints: checkpoints.length, packsReleased };
 }

@@ -3,6 +3,11 @@
 // to the pack index only once its pack is in the store, so a manifest built from the
 // index never names a missing pack (invariant 2). Two volumes uploading the same block
 // at once share one upload.
+//
+// With GC on, every upload is on behalf of a volume's uploads key (gc/refcounts.ts:
+// uploadsKey): each pack joins that key's set in the transaction that registers it,
+// before its PUT, so by the time the cache may evict its blocks (markInStore) GC will
+// not delete it until a manifest names it or the volume leaves the host (invariant 6).
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
@@ -43,12 +48,39 @@ export class PackUploader {
     private readonly cipher: StoreCipher,
     private readonly blocksPerPack: number,
     private readonly log: Logger,
-    /** With GC on: every pack gets a refcount row before its PUT (an upload nothing names is collected). */
+    /** With GC on: every pack gets a refcount row before its PUT, held by the uploads key it is uploaded for. */
     private readonly refcounts?: PackRefcounts,
   ) {}
 
-  /** Upload every block of `keys` that no pack holds yet; returns what this call put. */
-  async upload(keys: Iterable<BlockKey>): Promise<UploadResult> {
+  /**
+   * Upload every block of `keys` that no pack holds yet, into packs held by uploads key
+   * `hold`; returns what this call put. `holdFound`: the packs that already held some of
+   * `keys` are held by `hold` too (the caller counts those blocks as stored from now on);
+   * a pack GC is deleting meanwhile is forgotten and its blocks uploaded again.
+   */
+  async upload(keys: Iterable<BlockKey>, hold: string, opts: { holdFound?: boolean } = {}): Promise<UploadResult> {
+    const list = [...keys];
+    const result = await this.uploadMissing(list, hold);
+    if (!opts.holdFound || this.refcounts === undefined) return result;
+    for (let attempt = 1; ; attempt++) {
+      const packs = new Set<string>();
+      for (const key of list) {
+        const location = key === ZERO_ALLOCATED_KEY ? undefined : this.index.get(key);
+        if (location !== undefined) packs.add(location.pack);
+      }
+      const gone = await this.refcounts.holdUploads(hold, [...packs]);
+      if (gone.length === 0) return result;
+      if (attempt >= 3) throw new Error(`${hold}: ${gone.length} pack(s) holding its blocks keep being deleted by GC (${gone.slice(0, 3).join(', ')})`);
+      this.log.warn('packs holding uploaded blocks are being deleted by GC; uploading their blocks again', { hold, packs: gone.length });
+      for (const pack of gone) this.index.removePack(pack);
+      const more = await this.uploadMissing(list, hold);
+      result.packs += more.packs;
+      result.blocks += more.blocks;
+      result.bytes += more.bytes;
+    }
+  }
+
+  private async uploadMissing(keys: readonly BlockKey[], hold: string): Promise<UploadResult> {
     const result: UploadResult = { packs: 0, blocks: 0, bytes: 0 };
     let wanted: Iterable<BlockKey> = keys;
     // A second round uploads what another call was uploading and failed to (an early
@@ -68,7 +100,7 @@ export class PackUploader {
       for (let i = 0; i < todo.length; i += this.blocksPerPack) groups.push(todo.slice(i, i + this.blocksPerPack));
       let next = 0;
       const worker = async () => {
-        while (next < groups.length) await this.startPack(groups[next++], result);
+        while (next < groups.length) await this.startPack(groups[next++], result, hold);
       };
       await Promise.all(Array.from({ length: Math.min(UPLOAD_CONCURRENCY, groups.length) }, worker));
       const settled = await Promise.allSettled(others);
@@ -87,7 +119,7 @@ export class PackUploader {
    * upload() of the whole snapshot, which also redoes anything that failed here) and
    * returns what was put. upload() of the same keys waits for packs still in flight.
    */
-  early(): { add(key: BlockKey): void; finish(): Promise<UploadResult> } {
+  early(hold: string): { add(key: BlockKey): void; finish(): Promise<UploadResult> } {
     const result: UploadResult = { packs: 0, blocks: 0, bytes: 0 };
     const inFlight = new Set<Promise<void>>();
     const queued: BlockKey[][] = [];
@@ -96,7 +128,7 @@ export class PackUploader {
     let finished = false;
     const startNext = () => {
       while (!finished && inFlight.size < UPLOAD_CONCURRENCY && queued.length > 0) {
-        const work = this.startPack(queued.shift()!, result).catch((err) => {
+        const work = this.startPack(queued.shift()!, result, hold).catch((err) => {
           this.log.debug('early pack upload failed; the drain uploads its blocks again', { error: errorMessage(err) });
         });
         inFlight.add(work);
@@ -131,8 +163,8 @@ export class PackUploader {
   }
 
   /** Encode and upload one pack of `group`; upload() of any of its keys waits for it meanwhile. */
-  private async startPack(group: BlockKey[], result: UploadResult): Promise<void> {
-    const work = this.uploadPack(group, result);
+  private async startPack(group: BlockKey[], result: UploadResult, hold: string): Promise<void> {
+    const work = this.uploadPack(group, result, hold);
     for (const key of group) this.uploading.set(key, work);
     try {
       await work;
@@ -141,7 +173,7 @@ export class PackUploader {
     }
   }
 
-  private async uploadPack(group: BlockKey[], result: UploadResult): Promise<void> {
+  private async uploadPack(group: BlockKey[], result: UploadResult, hold: string): Promise<void> {
     const blocks: PackBlock[] = [];
     for (const key of group) {
       const data = await this.cache.readBlock(key);
@@ -159,13 +191,14 @@ export class PackUploader {
       return buffer.subarray(0, bytes);
     });
     try {
-      await this.refcounts?.registerPack(pack.id);
+      await this.refcounts?.registerPack(pack.id, hold);
       await this.store.put(pack.key, pack.body, { selfVerifying: true });
     } finally {
       // The store is done with the body once put() settles (a retried attempt included).
       if (buffer !== undefined && this.idleBodies.length < MAX_IDLE_BODIES) this.idleBodies.push(buffer);
     }
     this.index.add(packLocations(pack));
+    // Only now may the cache evict them: the pack is in the store and held (registerPack).
     this.cache.markInStore(group);
     result.packs++;
     result.blocks += group.length;

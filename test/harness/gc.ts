@@ -7,14 +7,16 @@ import { prng } from '../../src/objectstore/faults.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
-import { PackRefcounts } from '../../src/gc/refcounts.js';
+import { Collector } from '../../src/gc/collector.js';
+import { PackRefcounts, uploadsKey } from '../../src/gc/refcounts.js';
 import { openGcDatabase } from '../../src/gc/sql.js';
 import { createLogger } from '../../src/log.js';
 import { openObjectStore } from '../../src/objectstore/index.js';
 import { decodeManifest } from '../../src/store/manifest.js';
-import { packIdFromKey } from '../../src/store/pack.js';
+import { packIdFromKey, packKey } from '../../src/store/pack.js';
 import { CHUNK, connect, metric, MiB, readAll, waitFor, withLogs } from './cluster.js';
 import { removeDir, scratchDir, startDaemon, type Daemon, type TomlTable } from './daemon.js';
 import type { NbdClient } from './nbd-client.js';
@@ -212,6 +214,13 @@ export function defineGcTests(backend: GcBackend): void {
         t.diagnostic(`events: ${JSON.stringify(counts)} (${total}); volumes now ${volumes.size}`);
         assert.ok(total >= 500, `only ${total} events ran`);
         for (const m of volumes.values()) await closeClient(m);
+        // An open volume's uploads since its last manifest (a fork's or checkpoint's capture)
+        // stay held while it is served here: its drain names what it needs and lets go of the rest.
+        for (const [name, m] of volumes) {
+          if (!m.open) continue;
+          await api(d, 'POST', `/api/exports/${name}/drain`);
+          m.stored = Buffer.from(m.live);
+        }
 
         // Reconcile and delete what is dead (grace 0): the store then holds exactly the live packs.
         const gc = await api(d, 'POST', '/api/gc', { reconcile: true });
@@ -280,9 +289,31 @@ export function defineGcTests(backend: GcBackend): void {
             for (const name of names) clients.set(name, await connect(d, name));
             const deadline = Date.now() + 60_000;
             let round = 0;
+            /**
+             * A volume written, drained and purged: its packs become garbage at once. (Overwritten
+             * chunks alone make little: an incremental manifest keeps naming replaced blocks until
+             * its next full layout.) False once the daemon died on the way.
+             */
+            const churn = async (): Promise<boolean> => {
+              const name = `g${round}`;
+              try {
+                await api(d, 'PUT', `/api/exports/${name}`, { size_gb: SIZE / 1024 ** 3 }, 201);
+                const c = await connect(d, name);
+                for (let chunk = 0; chunk < 4; chunk++) await c.write(chunk * CHUNK, randomBytes(CHUNK));
+                await c.flush();
+                await c.disconnect();
+                await api(d, 'POST', `/api/exports/${name}/drain`);
+                await api(d, 'DELETE', `/api/exports/${name}?purge=true&force=true`);
+                return true;
+              } catch (err) {
+                await Promise.race([d.exited(), new Promise((r) => setTimeout(r, 5000))]);
+                if (d.running) throw err;
+                return false;
+              }
+            };
             while (d.running && Date.now() < deadline) {
               for (const name of names) {
-                // Overwrite most chunks each round so the previous manifests' packs become garbage.
+                // Overwrite most chunks each round (the garbage variant).
                 const chunks = garbage ? Array.from({ length: CHUNKS }, (_, i) => i).filter(() => rand() < 0.8) : [Math.floor(rand() * CHUNKS)];
                 for (const chunk of chunks) {
                   const data = randomBytes(CHUNK);
@@ -297,12 +328,17 @@ export function defineGcTests(backend: GcBackend): void {
                 }
                 if (!d.running) break;
               }
+              if (garbage && d.running && !(await churn())) break;
               round++;
               await new Promise((r) => setTimeout(r, 250 + rand() * 500));
             }
             await d.exited();
             assert.match(d.log(), new RegExp(`crashing at ${point}`), `the daemon did not reach ${point} in ${round} rounds`);
             await d.restart({});
+            // A churn volume the crash left behind goes as it would have.
+            for (const { name } of (await api(d, 'GET', '/api/exports')) as Array<{ name: string }>) {
+              if (!names.includes(name)) await api(d, 'DELETE', `/api/exports/${name}?purge=true&force=true`);
+            }
             const result = await api(d, 'POST', '/api/gc', { reconcile: true });
             assert.equal(result.cycle.skipped, undefined, JSON.stringify(result));
             // Nothing live lost, nothing dead left (grace 0): drain each volume, reconcile again, audit.
@@ -446,6 +482,101 @@ export function defineGcTests(backend: GcBackend): void {
     assert.deepEqual((await rows([deleting, other])).map((r) => [r.id, r.state]).sort(), [[deleting, 'live'], [other, 'live']].sort());
   });
 
+  test(`${label}: packs uploaded for a volume before any manifest names them outlive the grace period, reconciliation and a restart; a manifest naming them and then its successor, or the volume's removal or purge, let them go`, { timeout: TIMEOUT }, async (t) => {
+    const gc = await backend.gcToml(`held${Date.now().toString(36)}`);
+    const dir = await scratchDir('updraft-gc-held-');
+    await mkdir(path.join(dir, 'store'));
+    const url = typeof gc.database_url === 'string' ? gc.database_url : '';
+    const db = openGcDatabase(url, dir);
+    const store = openObjectStore(`file://${dir}/store`, {});
+    t.after(async () => {
+      await db.close();
+      await store.close();
+      await removeDir(dir);
+    });
+    const log = createLogger('test', 'error');
+    let clock = 1_000_000;
+    const open = () => PackRefcounts.open(db, { hostId: 'h1', store, settleMs: 0, log, now: () => clock });
+    let refcounts = await open();
+    const settings = { gracePeriodMs: 1000, intervalMs: 1000, reconcileIntervalMs: 3_600_000, maxDeletionsPerCycle: 100, dryRun: false };
+    const collector = () => new Collector(refcounts, store, PLAINTEXT, settings, log);
+    const pack = async () => {
+      const id = randomBytes(16).toString('hex');
+      await store.put(packKey(id), randomBytes(64));
+      return id;
+    };
+    const inStore = async (ids: string[]) => (await Promise.all(ids.map(async (id) => (await store.head(packKey(id))) !== undefined)));
+    const refs = async (id: string) => Number((await db.tx((tx) => tx.all<{ refs: number }>(`SELECT refs FROM gc_packs WHERE id = $1`, [id])))[0]?.refs);
+    const holdA = uploadsKey('h1', 'a');
+    const holdB = uploadsKey('h1', 'b');
+    const holdOther = uploadsKey('h2', 'b');
+
+    // Volume a's dirty budget uploads two packs and relies on a third another upload made; b
+    // uploads one on h1 and one on h2; one more upload is held by nothing.
+    const [a1, a2, shared, b1, b2, loose] = await Promise.all(Array.from({ length: 6 }, pack));
+    await Promise.all([refcounts.registerPack(a1, holdA), refcounts.registerPack(a2, holdA), refcounts.registerPack(b1, holdB), refcounts.registerPack(b2, holdOther)]);
+    await refcounts.registerPack(shared);
+    await refcounts.registerPack(loose);
+    assert.deepEqual(await refcounts.holdUploads(holdA, [a1, shared]), []);
+    assert.deepEqual([await refs(a1), await refs(a2), await refs(shared), await refs(b1), await refs(loose)], [1, 1, 1, 1, 0]);
+
+    // Past the grace period, reconciliation corrects nothing and the cycle takes only the unheld upload.
+    clock += 60_000;
+    const first = await collector().reconcile();
+    assert.deepEqual(
+      [first.reconcile.manifest_corrections, first.reconcile.set_corrections, first.reconcile.refcount_corrections, first.reconcile.packs_adopted],
+      [0, 0, 0, 0],
+      JSON.stringify(first.reconcile),
+    );
+    assert.deepEqual(first.cycle.deleted, [loose]);
+    assert.deepEqual(await inStore([a1, a2, shared, b1, b2, loose]), [true, true, true, true, true, false]);
+
+    // A restart finds what its host holds.
+    refcounts = await open();
+    assert.deepEqual((await refcounts.heldUploads('h1')).sort(), ['a', 'b']);
+    assert.deepEqual(await refcounts.heldUploads('h2'), ['b']);
+
+    // Volume a's manifest names its uploads; once it is committed the hold goes, the manifest keeps them.
+    const put = async (key: string, packs: string[], body: string) => refcounts.commit(await refcounts.begin(key, new Set(packs), body), `etag-${body}`);
+    await put('volumes/a/manifest', [a1, a2, shared], 'a-1');
+    assert.equal(await refcounts.settleUploads(holdA), 3);
+    clock += 60_000;
+    assert.deepEqual((await collector().cycle()).deleted, []);
+    assert.deepEqual([await refs(a1), await refs(a2), await refs(shared)], [1, 1, 1]);
+
+    // Its next manifest no longer names a1 and a2: they go after the grace period, not before.
+    const a3 = await pack();
+    await refcounts.registerPack(a3, holdA);
+    await put('volumes/a/manifest', [a3, shared], 'a-2');
+    assert.equal(await refcounts.settleUploads(holdA), 1);
+    assert.deepEqual((await collector().cycle()).deleted, [], 'packs went at once, without a grace period');
+    clock += 60_000;
+    assert.deepEqual((await collector().cycle()).deleted.sort(), [a1, a2].sort());
+    assert.deepEqual(await inStore([a1, a2, a3, shared]), [false, false, true, true]);
+
+    // A pack being deleted cannot be held: the caller uploads its blocks again.
+    const doomed = await pack();
+    await db.tx((tx) => tx.run(`INSERT INTO gc_packs (id, refs, state, zero_since) VALUES ($1, 0, 'deleting', 0)`, [doomed]));
+    assert.deepEqual(await refcounts.holdUploads(holdB, [b1, doomed]), [doomed]);
+    assert.equal(await refs(b1), 1, 'a refused hold changed a refcount');
+
+    // Volume b removed from h1 lets go of h1's hold only; a purge lets go of every host's.
+    assert.equal(await refcounts.releaseUploads(holdB), 1);
+    clock += 60_000;
+    assert.deepEqual((await collector().cycle()).deleted.filter((id) => id !== doomed), [b1]);
+    assert.deepEqual(await inStore([b2]), [true]);
+    assert.equal(await refcounts.releaseUploadsOfVolume('b'), 1);
+    clock += 60_000;
+    assert.deepEqual((await collector().cycle()).deleted, [b2]);
+    assert.deepEqual(await refcounts.heldUploads('h2'), []);
+    // Volume a leaves the host: its emptied hold goes too, and what its manifest names stays.
+    assert.equal(await refcounts.releaseUploads(holdA), 0);
+    assert.deepEqual(await refcounts.heldUploads('h1'), []);
+    assert.deepEqual([await refs(a3), await refs(shared)], [1, 1]);
+    const last = await collector().reconcile();
+    assert.equal(last.reconcile.set_corrections + last.reconcile.refcount_corrections, 0, JSON.stringify(last.reconcile));
+  });
+
   test(`${label}: a continuous flush that adds 2 packs touches the same few SQL rows with 1 and with 1,000 volumes registered`, { timeout: TIMEOUT }, async (t) => {
     const gc = await backend.gcToml(`rows${Date.now().toString(36)}`);
     const d = await startDaemon({
@@ -489,8 +620,10 @@ export function defineGcTests(backend: GcBackend): void {
         await store.close();
         const crowded = await flushTwoPacks();
         t.diagnostic(`SQL rows written by a continuous flush adding 2 packs: ${alone} with 1 volume, ${crowded} with 1,000`);
-        // Pack rows (2 registered + 2 incremented), key row locked, intent in and out, manifest etag, set rows (2), lease-free: about 10.
-        assert.ok(alone >= 4 && alone <= 12, `${alone} rows for a flush adding 2 packs`);
+        // Pack rows (2 registered + 2 incremented), key row locked, intent in and out, manifest etag, set rows (2), lease-free: about 10;
+        // and the volume's uploads holding the 2 packs from registration to the manifest's commit: its row locked, its set rows
+        // (2 in, 2 out), the 2 packs let go: about 18.
+        assert.ok(alone >= 4 && alone <= 20, `${alone} rows for a flush adding 2 packs`);
         assert.equal(crowded, alone, 'the rows a flush touches grew with the number of volumes');
         await c.disconnect();
       });
