@@ -7,10 +7,13 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { connect, metric, MiB, readAll, waitFor, withLogs } from './harness/cluster.js';
 import { DAEMON_MAIN, scratchDir, removeDir, startDaemon } from './harness/daemon.js';
+import { defineIntentTests } from './harness/gc-intents.js';
 import { defineGcTests, scrub, storeAudit } from './harness/gc.js';
 import { run } from './harness/tools.js';
 
-defineGcTests({ label: 'gc on SQLite', gcToml: async () => ({}) });
+const sqlite = { label: 'gc on SQLite', gcToml: async () => ({}) };
+defineGcTests(sqlite);
+defineIntentTests(sqlite);
 
 test('updraft scrub finds a corrupted and a missing pack and names the volumes and checkpoints that need them; the cache scrub evicts a corrupt cached block', { timeout: 180_000 }, async () => {
   const d = await startDaemon({ toml: { host: { id: 'scrub-host' }, cache: { scrub_blocks_per_second: 2000 }, volumes: { seal_idle_ms: 200 } } });
