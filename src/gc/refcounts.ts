@@ -37,9 +37,10 @@
 // packs up (over-counting, which is safe); at start-up and in every deletion cycle an
 // intent is resolved by reading the key: the body is ours → step 3; it is not, and the
 // PUT can no longer land → revert. It can no longer land once it is older than the
-// settle time, or at once when it was conditional on an etag the key no longer has: a
-// manifest body is never written twice (each names when it was laid out) and a file://
-// etag never comes back, so an etag that is gone stays gone. Dropped packs are only
+// settle time, or at once when it was conditional on an etag the key no longer has: an
+// s3:// etag is the body's MD5, and a key does not get the same manifest body again (each
+// names when it was laid out; bless's, the image file's mtime); a file:// etag never comes
+// back. So an etag that is gone stays gone. Dropped packs are only
 // decremented once the new manifest is in the store, so no crash point under-counts.
 //
 // Uploads no manifest names yet (invariant 6): the packs a volume's uploads on a host make
