@@ -63,7 +63,7 @@ test('continuous mode: the store catches up after writes stop; after SIGKILL ano
   const cluster = await startCluster(fileStore);
   try {
     const intervals = { continuous_block_interval_ms: 500, continuous_manifest_interval_ms: 2000 };
-    const a = await cluster.start('host-a', { volumes: intervals, host: { lease_ttl_s: 3 } });
+    const a = await cluster.start('host-a', { volumes: intervals, host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 } });
     const b = await cluster.start('host-b');
     await withLogs([a, b], async () => {
       await createVolume(a, 'steady', 64, { flush_mode: 'continuous' });

@@ -56,6 +56,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
     sequence: v.sequence, dirty_bytes: v.dirtyBytes, mapped_chunks: v.mappedChunks,
     flush_mode: v.flushMode, dirty_budget_gb: v.dirtyBudgetBytes / GIB, store_dirty_bytes: v.storeDirtyBytes,
     lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
+    ...(v.leaseLost === undefined ? {} : { lease_lost: v.leaseLost }),
   };
 }
 

@@ -52,6 +52,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       readAheadPacks: config.storage.readAheadPacks,
       hostId: config.host.id,
       leaseTtlMs: config.host.leaseTtlS * 1000,
+      clockSkewMarginMs: config.host.clockSkewMarginS * 1000,
       flushMode: config.volumes.flushMode,
       dirtyBudgetBytes: Math.floor(config.volumes.dirtyBudgetGb * GB),
       continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,

@@ -50,6 +50,8 @@ export interface HostOptions {
   /** This host's id in leases; "" generates one and keeps it in the cache dir. */
   hostId: string;
   leaseTtlMs: number;
+  /** How much earlier than a taker the holder of a lease considers it gone (StoreContext). */
+  clockSkewMarginMs: number;
   flushMode: FlushMode;
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
@@ -79,6 +81,8 @@ export interface VolumeSummary {
   storeDirtyBytes: number;
   leaseGeneration: number;
   manifestSequence: number;
+  /** Why this host stopped writing the volume (it lost the lease or was fenced); undefined while it may write. */
+  leaseLost?: string;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -163,7 +167,7 @@ export class Host {
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
@@ -246,6 +250,7 @@ export class Host {
       name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
+      ...(state.lostLease === undefined ? {} : { leaseLost: state.lostLease }),
     };
   }
 
@@ -653,7 +658,7 @@ export class Host {
     if (this.closed) return;
     const now = Date.now();
     for (const link of this.links.values()) {
-      void link.renewIfDue(now);
+      void link.renewIfDue();
       if (link.busy || link.state.readOnly) continue;
       const volume = link.volume;
       const changed = volume.sequence !== link.state.manifestSequence;

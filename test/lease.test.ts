@@ -1,0 +1,161 @@
+// Leases and fencing across hosts (DESIGN.md invariant 4): a host that lost the lease,
+// crashed mid-release or was paused across a promotion never writes over the new
+// holder's state, by any path; lease expiry is judged on one clock (the store's).
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import {
+  CHUNK, connect, createVolume, drain, exportInfo, fileStore, MiB, readAll, startCluster, waitFor, withLogs, writeRandom,
+} from './harness/cluster.js';
+import type { Daemon } from './harness/daemon.js';
+import { NbdCommandError } from './harness/nbd-client.js';
+
+const TIMEOUT = 180_000;
+
+/** Every object in a file:// store under `prefix` (a folder of it), by key, with a hash of its content. */
+function storeObjects(storeDir: string, prefix: string): Map<string, string> {
+  const out = new Map<string, string>();
+  const walk = (dir: string) => {
+    if (!fs.existsSync(dir)) return;
+    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+      const full = path.join(dir, entry.name);
+      if (entry.isDirectory()) walk(full);
+      // In-flight temp files of the file store are not objects.
+      else if (!entry.name.startsWith('.')) out.set(path.relative(storeDir, full), createHash('sha256').update(fs.readFileSync(full)).digest('hex'));
+    }
+  };
+  walk(path.join(storeDir, prefix));
+  return out;
+}
+
+const post = (d: Daemon, name: string, action: string, body?: unknown) => d.api('POST', `/api/exports/${encodeURIComponent(name)}/${action}`, body);
+
+test('a host that crashed between putting its released lease and saving it comes back read-only and never writes over the new holder', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b');
+    await withLogs([a, b], async () => {
+      const name = 'released-then-crashed';
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      await writeRandom(ca, 0, 2 * MiB);
+      await ca.flush();
+      await drain(a, name);
+      await ca.disconnect();
+      // B follows the volume read-only.
+      const cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).read_only, true);
+
+      // A dies right after the released lease reached the store, before it saved that locally.
+      await a.restart({ UPDRAFT_CRASH_AT: 'lease-released' });
+      const ca2 = await connect(a, name);
+      await writeRandom(ca2, 2 * MiB, MiB);
+      await ca2.flush();
+      await ca2.disconnect().catch(() => undefined);
+      await post(a, name, 'release').catch(() => undefined);
+      await a.exited();
+      assert.match(a.log(), /crashing at lease-released/);
+
+      // B takes over and writes on.
+      const promoted = await post(b, name, 'promote');
+      assert.equal(promoted.status, 200, promoted.text);
+      const bData = await writeRandom(cb, 4 * MiB, MiB);
+      await cb.flush();
+
+      // A restarts: it must not take its old generation for its own.
+      await a.restart({});
+      const ca3 = await connect(a, name);
+      await assert.rejects(ca3.write(0, Buffer.alloc(4096, 3)), (err: unknown) => err instanceof NbdCommandError && err.code === 'EPERM', 'the old holder accepted a write after its release');
+      await ca3.disconnect();
+      const stale = await post(a, name, 'drain');
+      assert.equal(stale.status, 409, `the old holder drained over the new holder's manifest: ${stale.text}`);
+      assert.equal((await exportInfo(a, name)).read_only, true);
+
+      // B is still the writer: its drain lands and its data is what a fresh reader sees.
+      await drain(b, name);
+      const c = await cluster.start('host-c');
+      const cc = await connect(c, name);
+      assert.ok((await readAll(cc, 4 * MiB, MiB)).equals(bData), "the store does not hold the new holder's writes");
+      await cc.disconnect();
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('a host paused (SIGSTOP) across another host\'s promotion writes nothing of the volume when it resumes: no manifest, checkpoint, fork or pack; it says it lost the lease', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  const storeDir = path.join(cluster.dir, 'store');
+  let paused: number | undefined;
+  try {
+    const ttl = { host: { lease_ttl_s: 4, clock_skew_margin_s: 1 } };
+    // Continuous flush catches the store up a second after writes stop, and not before.
+    const a = await cluster.start('host-a', { ...ttl, volumes: { continuous_block_interval_ms: 60_000, continuous_manifest_interval_ms: 60_000 } });
+    const b = await cluster.start('host-b', ttl);
+    await withLogs([a, b], async () => {
+      const name = 'paused-holder';
+      // Continuous flush: the resumed host finds writes the store has not got and would drain them.
+      await createVolume(a, name, 16, { flush_mode: 'continuous' });
+      const ca = await connect(a, name);
+      await writeRandom(ca, 0, 2 * MiB);
+      await ca.flush();
+      await drain(a, name);
+      const cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).read_only, true);
+
+      // A writes more (acknowledged, not in the store yet) and stops dead at once.
+      await writeRandom(ca, 4 * MiB, 4 * MiB);
+      await ca.flush();
+      paused = a.pid;
+      process.kill(a.pid, 'SIGSTOP');
+
+      // B waits out A's lease, promotes, writes and drains.
+      await waitFor('host B to promote once the paused lease expired', async () => (await post(b, name, 'promote')).status === 200, 60_000, 500);
+      const bData = await writeRandom(cb, 10 * MiB, CHUNK * 3);
+      await cb.flush();
+      await drain(b, name);
+      const served = await readAll(cb, 0, 16 * MiB);
+      const volumeBefore = storeObjects(storeDir, 'volumes');
+      const packsBefore = storeObjects(storeDir, 'packs');
+
+      process.kill(a.pid, 'SIGCONT');
+      paused = undefined;
+      // Every path that writes the volume (or a snapshot of it) to the store, at once.
+      const [checkpoint, fork, drained] = await Promise.all([
+        post(a, name, 'checkpoints', { name: 'stale' }),
+        post(a, name, 'fork', { target: 'stale-fork', mode: 'consistent' }),
+        post(a, name, 'drain'),
+      ]);
+      assert.equal(checkpoint.status, 409, `checkpoint on the paused host: ${checkpoint.text}`);
+      assert.equal(fork.status, 409, `consistent fork on the paused host: ${fork.text}`);
+      assert.equal(drained.status, 409, `drain on the paused host: ${drained.text}`);
+      await waitFor('host A to say it lost the lease', async () => /lost the lease/.test(a.log()) && (await exportInfo(a, name)).read_only === true);
+      await assert.rejects(ca.write(0, Buffer.alloc(4096, 5)), (err: unknown) => err instanceof NbdCommandError && err.code === 'EPERM');
+      // A few store ticks (continuous flush, dirty budget, renewal) pass on A.
+      await new Promise((r) => setTimeout(r, 1500));
+
+      // The lease is B's to renew meanwhile: it must still name B's generation.
+      const leaseKey = path.join('volumes', name, 'lease');
+      const lease = JSON.parse(fs.readFileSync(path.join(storeDir, leaseKey), 'utf8'));
+      assert.deepEqual([lease.owner, lease.generation, lease.released], ['host-b', 2, undefined]);
+      const withoutLease = (objects: Map<string, string>) => new Map([...objects].filter(([key]) => key !== leaseKey));
+      assert.deepEqual(withoutLease(storeObjects(storeDir, 'volumes')), withoutLease(volumeBefore), 'the paused host changed the volume\'s objects in the store');
+      assert.match((await exportInfo(a, name)).lease_lost, /taken by host host-b generation 2/);
+      assert.deepEqual([...storeObjects(storeDir, 'packs').keys()].filter((k) => !packsBefore.has(k)), [], 'the paused host uploaded packs after it lost the lease');
+      assert.ok((await readAll(cb, 0, 16 * MiB)).equals(served), 'what the new holder serves changed');
+      assert.ok((await readAll(cb, 10 * MiB, CHUNK * 3)).equals(bData));
+      // B is still the writer.
+      await cb.write(0, Buffer.alloc(4096, 6));
+      await drain(b, name);
+      await ca.disconnect().catch(() => undefined);
+      await cb.disconnect();
+    });
+  } finally {
+    if (paused !== undefined) process.kill(paused, 'SIGCONT');
+    await cluster.cleanup();
+  }
+});
