@@ -9,8 +9,13 @@ import { test } from 'node:test';
 import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, MiB, readAll, startCluster, waitFor, withLogs, writeRandom,
 } from './harness/cluster.js';
-import type { Daemon } from './harness/daemon.js';
+import { removeDir, scratchDir, type Daemon } from './harness/daemon.js';
 import { NbdCommandError } from './harness/nbd-client.js';
+import { PackRefcounts } from '../src/gc/refcounts.js';
+import { openGcDatabase } from '../src/gc/sql.js';
+import { createLogger } from '../src/log.js';
+import { clockKey, StoreClock } from '../src/objectstore/clock.js';
+import { openObjectStore } from '../src/objectstore/index.js';
 
 const TIMEOUT = 180_000;
 
@@ -144,7 +149,7 @@ test('a host paused (SIGSTOP) across another host\'s promotion writes nothing of
       assert.deepEqual([lease.owner, lease.generation, lease.released], ['host-b', 2, undefined]);
       const withoutLease = (objects: Map<string, string>) => new Map([...objects].filter(([key]) => key !== leaseKey));
       assert.deepEqual(withoutLease(storeObjects(storeDir, 'volumes')), withoutLease(volumeBefore), 'the paused host changed the volume\'s objects in the store');
-      assert.match((await exportInfo(a, name)).lease_lost, /taken by host host-b generation 2/);
+      assert.match((await exportInfo(a, name)).lease_lost, /another host took the lease: host host-b generation 2/);
       assert.deepEqual([...storeObjects(storeDir, 'packs').keys()].filter((k) => !packsBefore.has(k)), [], 'the paused host uploaded packs after it lost the lease');
       assert.ok((await readAll(cb, 0, 16 * MiB)).equals(served), 'what the new holder serves changed');
       assert.ok((await readAll(cb, 10 * MiB, CHUNK * 3)).equals(bData));
@@ -157,5 +162,62 @@ test('a host paused (SIGSTOP) across another host\'s promotion writes nothing of
   } finally {
     if (paused !== undefined) process.kill(paused, 'SIGCONT');
     await cluster.cleanup();
+  }
+});
+
+test('lease expiry is judged on the store\'s clock: a host whose clock runs a minute ahead does not take a lease whose holder (a minute behind) renews it, and takes it once it lapses', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const ttl = { host: { lease_ttl_s: 4, clock_skew_margin_s: 1 } };
+    const a = await cluster.start('host-a', ttl, { UPDRAFT_TEST_CLOCK_SKEW_MS: '-60000' });
+    const b = await cluster.start('host-b', ttl, { UPDRAFT_TEST_CLOCK_SKEW_MS: '60000' });
+    await withLogs([a, b], async () => {
+      const name = 'skewed';
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      await writeRandom(ca, 0, MiB);
+      await ca.flush();
+      await drain(a, name);
+      // By B's clock A's lease expired two minutes ago; by the store's it is live.
+      const cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).read_only, true, 'a host with a fast clock took a live lease');
+      await new Promise((r) => setTimeout(r, 2500)); // past a renewal of A's
+      const early = await post(b, name, 'promote');
+      assert.equal(early.status, 409, `promotion while the holder renews: ${early.text}`);
+      await ca.write(0, Buffer.alloc(4096, 1)); // A still writes
+      await ca.disconnect().catch(() => undefined);
+      // A dies: its lease lapses by the store's clock and B takes it.
+      await a.kill9();
+      await waitFor('host B to promote once the lease lapsed', async () => (await post(b, name, 'promote')).status === 200, 30_000, 250);
+      await cb.write(0, Buffer.alloc(4096, 2));
+      await drain(b, name);
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('a refcount intent ages on the store\'s clock: one recorded by a host whose clock is ten minutes slow is not reverted before its settle time', { timeout: TIMEOUT }, async () => {
+  const dir = await scratchDir('updraft-intent-clock-');
+  const store = openObjectStore(`file://${path.join(dir, 'store')}`, {});
+  fs.mkdirSync(path.join(dir, 'store'));
+  const db = openGcDatabase('', dir);
+  try {
+    const log = createLogger('test', 'error');
+    const settleMs = 60_000;
+    const slowClock = new StoreClock(store, clockKey('slow-host'));
+    const slow = await PackRefcounts.open(db, { hostId: 'slow-host', store, settleMs, log, now: () => Date.now() - 600_000, storeTime: () => slowClock.now() });
+    // An intent whose PUT never happened (yet): it may still land for settleMs.
+    await slow.begin('volumes/v/manifest', new Set(), '0'.repeat(32));
+    const otherClock = new StoreClock(store, clockKey('other-host'));
+    const other = await PackRefcounts.open(db, { hostId: 'other-host', store, settleMs, log, storeTime: () => otherClock.now() });
+    assert.deepEqual(await other.resolveIntents(), { committed: 0, reverted: 0, pending: 1 }, 'an intent younger than the settle time was judged by the writer\'s slow clock');
+    // Past the settle time (here: judged with none) it is reverted.
+    assert.deepEqual(await other.resolveIntents({ settleMs: 0 }), { committed: 0, reverted: 1, pending: 0 });
+  } finally {
+    await db.close();
+    await store.close();
+    await removeDir(dir);
   }
 });

@@ -3,6 +3,7 @@
 import type { Config } from '../cli/config.js';
 import type { Logger } from '../log.js';
 import type { StoreCipher } from '../crypto/cipher.js';
+import { clockKey, StoreClock } from '../objectstore/clock.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import type { PackIndex } from '../store/pack-index.js';
 import { Collector } from './collector.js';
@@ -37,7 +38,8 @@ export async function openGc(config: Config, store: ObjectStore, cipher: StoreCi
   try {
     const settleMs = settleMsOf(config.storage.url);
     const writer = opts.daemon ? hostId : `${hostId}/cli-${process.pid}`;
-    const refcounts = await PackRefcounts.open(db, { hostId: writer, store, settleMs, log });
+    const clock = new StoreClock(store, clockKey(opts.daemon ? hostId : 'cli'));
+    const refcounts = await PackRefcounts.open(db, { hostId: writer, store, settleMs, log, storeTime: () => clock.now() });
     if (opts.daemon) {
       const resolved = await refcounts.resolveIntents({ host: hostId, settleMs: config.storage.url.startsWith('file:') ? 0 : settleMs });
       if (resolved.committed + resolved.reverted + resolved.pending > 0) log.info('resolved unfinished manifest writes of this host', { ...resolved });

@@ -14,7 +14,8 @@ import { errorMessage, type Logger } from '../log.js';
 import { crashPoint, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
-import { decodeLease, leaseIsLive } from '../store/lease.js';
+import { decodeLease, leaseIsLiveAt } from '../store/lease.js';
+import { clockKey, StoreClock } from '../objectstore/clock.js';
 import { decodeManifestBody, leaseKey, manifestKey, storedTables, type Manifest, type ManifestMeta, type StoredTables } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
@@ -167,7 +168,7 @@ export class Host {
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
@@ -723,7 +724,9 @@ export class Host {
     const leased = await this.options.store.get(key);
     if (leased !== undefined) {
       const lease = decodeLease(key, leased.body);
-      if (leaseIsLive(lease, Date.now()) && lease.owner !== this.hostId) throw new LeaseHeldError(name, lease);
+      if (lease.owner !== this.hostId && !lease.released && leaseIsLiveAt(lease, leased.lastModified, (await this.storeCtx.clock.now()).earliest)) {
+        throw new LeaseHeldError(name, lease);
+      }
     }
     const volume = this.volumes.get(name);
     const link = this.links.get(name);

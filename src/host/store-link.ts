@@ -13,8 +13,9 @@ import { keyHex, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
+import type { StoreClock } from '../objectstore/clock.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
-import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
+import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../store/lease.js';
 import { crashPoint, packsOf, PacksGoneError, putCounted, putCountedThen, sameSet, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
@@ -63,6 +64,8 @@ export interface StoreContext {
    * and the rate difference between the holder's clock and the store's over one TTL.
    */
   clockSkewMarginMs: number;
+  /** The store's clock: a taker judges another host's lease on it (leaseIsLiveAt). */
+  clock: StoreClock;
   /** Compression of manifest bodies. */
   manifestCompression: Compression;
   /** Sealing of manifests (crypto/cipher.ts). */
@@ -612,7 +615,7 @@ export class StoreLink {
     if (lease.owner !== this.ctx.hostId || lease.generation !== this.state.generation || lease.released === true) {
       this.loseLease(op, lease.released === true && lease.owner === this.ctx.hostId
         ? `this host released generation ${lease.generation}`
-        : `the lease was taken by host ${lease.owner} generation ${lease.generation}`);
+        : `another host took the lease: host ${lease.owner} generation ${lease.generation}`);
     }
     // Still ours; renew it now if a third of it is left, so it outlives the write.
     if (this.leaseLeftMs() <= this.ctx.leaseTtlMs / 3 && !(await this.putRenewal(current.etag))) {
@@ -654,7 +657,9 @@ export class StoreLink {
       let generation: number;
       if (lease === undefined) generation = 1;
       else if (lease.owner === this.ctx.hostId && lease.generation === this.state.generation && !lease.released) generation = lease.generation;
-      else if (leaseIsLive(lease, now) && lease.owner !== this.ctx.hostId) throw new LeaseHeldError(this.name, lease);
+      else if (lease.owner !== this.ctx.hostId && !lease.released && leaseIsLiveAt(lease, current!.lastModified, (await this.ctx.clock.now()).earliest)) {
+        throw new LeaseHeldError(this.name, lease);
+      }
       else generation = lease.generation + 1;
       const next: Lease = {
         format: 1, volume: this.name, owner: this.ctx.hostId, generation,
@@ -749,7 +754,7 @@ export class StoreLink {
         const key = leaseKey(this.name);
         const current = await this.ctx.store.get(key);
         const lease = current === undefined ? undefined : decodeLease(key, current.body);
-        this.stopWriting('lost the lease: volume is read-only on this host', `the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
+        this.stopWriting('lost the lease: volume is read-only on this host', lease === undefined ? 'the lease is gone from the store' : `another host took the lease: host ${lease.owner} generation ${lease.generation}`);
       }
     } catch (err) {
       this.ctx.log.warn('lease renewal failed; retrying', { volume: this.name, error: errorMessage(err) });
