@@ -198,6 +198,45 @@ test('lease expiry is judged on the store\'s clock: a host whose clock runs a mi
   }
 });
 
+test('a holder cut off from the store stops taking writes clock_skew_margin_s before another host may take its lease', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const ttl = { host: { lease_ttl_s: 4, clock_skew_margin_s: 1 } };
+    // A reaches the shared store through a link the test can cut.
+    const link = path.join(cluster.dir, 'store-of-a');
+    fs.mkdirSync(path.join(cluster.dir, 'store'), { recursive: true });
+    fs.symlinkSync(path.join(cluster.dir, 'store'), link);
+    const a = await cluster.start('host-a', { ...ttl, storage: { url: `file://${link}` } });
+    const b = await cluster.start('host-b', ttl);
+    await withLogs([a, b], async () => {
+      const name = 'cut-off';
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      await writeRandom(ca, 0, MiB);
+      await ca.flush();
+      await drain(a, name);
+      const cb = await connect(b, name);
+      fs.unlinkSync(link);
+      // Each round looks at A first, then tries B: B may only win a round A had already lost.
+      let aWritable = true;
+      await waitFor('host B to promote once the lease lapsed', async () => {
+        aWritable = !(await exportInfo(a, name)).read_only;
+        const promoted = await post(b, name, 'promote');
+        if (promoted.status === 200) assert.equal(aWritable, false, 'host B took the lease while host A still took writes');
+        return promoted.status === 200;
+      }, 30_000, 100);
+      assert.match(a.log(), /lease not renewed in time; writes are refused/);
+      await assert.rejects(ca.write(0, Buffer.alloc(4096, 1)), (err: unknown) => err instanceof NbdCommandError && err.code === 'EPERM');
+      await cb.write(0, Buffer.alloc(4096, 2));
+      await drain(b, name);
+      ca.close();
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('a refcount intent ages on the store\'s clock: one recorded by a host whose clock is ten minutes slow is not reverted before its settle time', { timeout: TIMEOUT }, async () => {
   const dir = await scratchDir('updraft-intent-clock-');
   const store = openObjectStore(`file://${path.join(dir, 'store')}`, {});

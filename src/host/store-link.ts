@@ -734,7 +734,15 @@ export class StoreLink {
    */
   async renewIfDue(): Promise<void> {
     const state = this.state;
-    if (state.generation === 0 || this.renewing || this.releasing) return;
+    if (state.generation === 0 || this.releasing) return;
+    // Checked on every tick, also while a renewal hangs in retries.
+    const left = this.leaseLeftMs();
+    if (left <= 0 && !this.expired && !state.readOnly && this.leaseSentAt !== undefined) {
+      this.expired = true;
+      this.applyReadOnly();
+      this.ctx.log.error('lease not renewed in time; writes are refused until it is renewed', { volume: this.name });
+    }
+    if (this.renewing) return;
     this.renewing = true;
     try {
       if (state.releasing === true) {
@@ -743,12 +751,6 @@ export class StoreLink {
       }
       // Read-only with a generation: a promotion is between taking the lease and its manifest.
       if (state.readOnly) return;
-      const left = this.leaseLeftMs();
-      if (left <= 0 && !this.expired && this.leaseSentAt !== undefined) {
-        this.expired = true;
-        this.applyReadOnly();
-        this.ctx.log.error('lease not renewed in time; writes are refused until it is renewed', { volume: this.name });
-      }
       if (left > ((this.ctx.leaseTtlMs - this.ctx.clockSkewMarginMs) * 2) / 3) return;
       if (!(await this.putRenewal(state.leaseEtag))) {
         const key = leaseKey(this.name);
