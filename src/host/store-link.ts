@@ -3,10 +3,13 @@
 // and the state that says where this host stands, persisted beside the volume as
 // `store.json` so a restart needs no store request.
 //
-// Fencing: every manifest write is conditional on the ETag this host last wrote or
-// read. A host that takes the lease with a new generation rewrites the manifest at
-// once, so the previous holder's next conditional write fails and it stops writing
-// (invariant 4).
+// Fencing (invariant 4): every manifest write is conditional on the ETag this host last
+// wrote or read, and is preceded (after the snapshot is cut) by a read of the lease that
+// must still name this host and generation (checkWriter says why that order closes the
+// race). A host that takes the lease with a new generation rewrites the manifest at once,
+// so the previous holder's next conditional write fails and it stops writing. Lease
+// expiry is judged on the store's clock by takers and on the monotonic clock, less
+// `clock_skew_margin_s`, by the holder; no host's wall clock decides anything.
 import fs from 'node:fs';
 import path from 'node:path';
 import { keyHex, type BlockKey } from '../blocks/cache.js';
