@@ -237,6 +237,112 @@ test('a holder cut off from the store stops taking writes clock_skew_margin_s be
   }
 });
 
+/** Whether process `pid` is stopped (state T in /proc). */
+function stopped(pid: number): boolean {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).startsWith('T');
+}
+
+function leaseIn(storeDir: string, name: string): { owner: string; generation: number; released?: boolean } {
+  return JSON.parse(fs.readFileSync(path.join(storeDir, 'volumes', name, 'lease'), 'utf8'));
+}
+
+test('renewal racing an acquisition, the acquisition first: the holder frozen just before its renewal PUT resumes, fails its renewal and turns read-only', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  const storeDir = path.join(cluster.dir, 'store');
+  let frozen: number | undefined;
+  try {
+    const ttl = { host: { lease_ttl_s: 4, clock_skew_margin_s: 1 } };
+    const a = await cluster.start('host-a', ttl, { UPDRAFT_PAUSE_AT: 'lease-renew-put' });
+    const b = await cluster.start('host-b', ttl);
+    await withLogs([a, b], async () => {
+      const name = 'renew-late';
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      await writeRandom(ca, 0, MiB);
+      await ca.flush();
+      await drain(a, name);
+      frozen = a.pid;
+      await waitFor('host A to stop at its renewal PUT', async () => stopped(a.pid));
+      const cb = await connect(b, name);
+      await waitFor('host B to promote once the lease lapsed', async () => (await post(b, name, 'promote')).status === 200, 30_000, 250);
+      const bData = await writeRandom(cb, 2 * MiB, MiB);
+      await drain(b, name);
+      const before = storeObjects(storeDir, 'volumes');
+      process.kill(a.pid, 'SIGCONT');
+      frozen = undefined;
+      await waitFor('host A to say it lost the lease', async () => (await exportInfo(a, name)).lease_lost !== undefined);
+      assert.match((await exportInfo(a, name)).lease_lost, /another host took the lease: host host-b generation 2/);
+      await assert.rejects(ca.write(0, Buffer.alloc(4096, 1)), (err: unknown) => err instanceof NbdCommandError && err.code === 'EPERM');
+      assert.equal((await post(a, name, 'drain')).status, 409);
+      assert.deepEqual([leaseIn(storeDir, name).owner, leaseIn(storeDir, name).generation], ['host-b', 2]);
+      const manifestKey = path.join('volumes', name, 'manifest');
+      assert.equal(storeObjects(storeDir, 'volumes').get(manifestKey), before.get(manifestKey), 'the manifest changed after the old holder resumed');
+      assert.ok((await readAll(cb, 2 * MiB, MiB)).equals(bData));
+      ca.close();
+      await cb.disconnect();
+    });
+  } finally {
+    if (frozen !== undefined) process.kill(frozen, 'SIGCONT');
+    await cluster.cleanup();
+  }
+});
+
+test('renewal racing an acquisition, the renewal first: a taker frozen between reading the lapsed lease and its PUT loses to the holder\'s late renewal, and the holder writes on', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  const storeDir = path.join(cluster.dir, 'store');
+  const frozen = new Set<number>();
+  try {
+    const ttl = { host: { lease_ttl_s: 4, clock_skew_margin_s: 1 } };
+    const a = await cluster.start('host-a', ttl, { UPDRAFT_PAUSE_AT: 'lease-renew-put' });
+    const b = await cluster.start('host-b', ttl, { UPDRAFT_PAUSE_AT: 'lease-acquire-put' });
+    await withLogs([a, b], async () => {
+      const name = 'renew-first';
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      await writeRandom(ca, 0, MiB);
+      await ca.flush();
+      await drain(a, name);
+      frozen.add(a.pid);
+      await waitFor('host A to stop at its renewal PUT', async () => stopped(a.pid));
+      const cb = await connect(b, name);
+      // B judges the lease lapsed, and stops right before its conditional PUT.
+      let promote: Promise<{ status: number; text: string }> | undefined;
+      await waitFor('host B to stop at its acquisition PUT', async () => {
+        if (promote === undefined) {
+          const attempt = post(b, name, 'promote');
+          const settled = await Promise.race([attempt, new Promise<undefined>((r) => setTimeout(r, 300, undefined))]);
+          if (settled === undefined) promote = attempt;
+        }
+        return stopped(b.pid);
+      }, 30_000, 250);
+      frozen.add(b.pid);
+      // A's renewal lands first (the lease object is still the one it put).
+      process.kill(a.pid, 'SIGCONT');
+      frozen.delete(a.pid);
+      await waitFor('host A to renew and take writes again', async () => (await exportInfo(a, name)).read_only === false && leaseIn(storeDir, name).owner === 'host-a');
+      process.kill(b.pid, 'SIGCONT');
+      frozen.delete(b.pid);
+      const lost = await promote!;
+      assert.equal(lost.status, 409, `the taker won over a renewal that landed first: ${lost.text}`);
+      assert.equal((await exportInfo(b, name)).read_only, true);
+      assert.deepEqual([leaseIn(storeDir, name).owner, leaseIn(storeDir, name).generation], ['host-a', 1]);
+      const aData = await writeRandom(ca, 2 * MiB, MiB);
+      await drain(a, name);
+      assert.equal((await exportInfo(a, name)).lease_lost, undefined);
+      await ca.disconnect();
+      await cb.disconnect();
+      const c = await cluster.start('host-c');
+      const cc = await connect(c, name);
+      assert.ok((await readAll(cc, 2 * MiB, MiB)).equals(aData));
+      await cc.disconnect();
+    });
+  } finally {
+    for (const pid of frozen) process.kill(pid, 'SIGCONT');
+    await cluster.cleanup();
+  }
+});
+
 test('a refcount intent ages on the store\'s clock: one recorded by a host whose clock is ten minutes slow is not reverted before its settle time', { timeout: TIMEOUT }, async () => {
   const dir = await scratchDir('updraft-intent-clock-');
   const store = openObjectStore(`file://${path.join(dir, 'store')}`, {});

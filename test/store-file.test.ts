@@ -382,10 +382,12 @@ test('fencing: a holder whose lease was taken over cannot write the manifest aga
       const c = await connect(a, 'split');
       await c.write(0, Buffer.alloc(CHUNK, 1));
       await drain(a, 'split');
-      // A is cut off from the store and its lease runs out: simulate the expiry in the store.
+      // A is cut off from the store and its lease runs out: simulate the expiry in the store
+      // (expiry counts from the store's stamp of the lease: make it a minute old, twice the TTL).
       const leaseFile = path.join(cluster.dir, 'store', 'volumes', 'split', 'lease');
       const lease = JSON.parse(fs.readFileSync(leaseFile, 'utf8'));
-      fs.writeFileSync(leaseFile, JSON.stringify({ ...lease, expires: new Date(Date.now() - 1000).toISOString() }));
+      const stamped = new Date(Date.now() - 60_000);
+      fs.utimesSync(leaseFile, stamped, stamped);
       const cb = await connect(b, 'split');
       const promoted = await b.api('POST', '/api/exports/split/promote');
       assert.equal(promoted.status, 200, promoted.text);

@@ -108,6 +108,20 @@ export class FencedError extends Error {
 
 const STATE_FILE = 'store.json';
 
+/**
+ * Test-only pause hook: with UPDRAFT_PAUSE_AT=NAME the process stops itself (SIGSTOP) the
+ * first time it reaches pause point NAME, as a host frozen at that step would; the test
+ * resumes it with SIGCONT. Lets a test order two hosts' lease requests exactly.
+ */
+const pauseSpec = process.env.UPDRAFT_PAUSE_AT;
+let pausedOnce = false;
+function pausePoint(name: string): void {
+  if (pauseSpec !== name || pausedOnce) return;
+  pausedOnce = true;
+  process.stderr.write(`UPDRAFT_PAUSE_AT: stopping at ${name}\n`);
+  process.kill(process.pid, 'SIGSTOP');
+}
+
 /** A block the manifest would name is in no pack the pack index knows (GC removed it). */
 class LocationGoneError extends Error {
   override name = 'LocationGoneError';
@@ -161,9 +175,13 @@ export class StoreLink {
     this.volume.readOnly = this.state.readOnly || this.releasing || this.expired;
   }
 
-  /** Ms left of the held lease by this host's reckoning (margin taken off); -Infinity when unknown. */
+  /**
+   * Ms left of the held lease by this host's reckoning, margin taken off. After a restart,
+   * until its first renewal, it goes by the expiry it saved (its own wall clock when it
+   * sent that lease PUT, read again by the same clock); -Infinity when it saved none.
+   */
   private leaseLeftMs(now = performance.now()): number {
-    if (this.leaseSentAt === undefined) return -Infinity;
+    if (this.leaseSentAt === undefined) return (this.state.leaseExpires ?? -Infinity) - this.ctx.clockSkewMarginMs - Date.now();
     return this.leaseSentAt + this.ctx.leaseTtlMs - this.ctx.clockSkewMarginMs - now;
   }
 
@@ -669,6 +687,7 @@ export class StoreLink {
         expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
       };
       const body = encodeLease(next);
+      pausePoint('lease-acquire-put');
       const sent = performance.now();
       try {
         const etag = await this.ctx.store.put(key, body, current === undefined ? { ifNoneMatch: '*' } : { ifMatch: current.etag });
@@ -709,6 +728,7 @@ export class StoreLink {
       expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
     };
     const body = encodeLease(next);
+    pausePoint('lease-renew-put');
     const sent = performance.now();
     let etag: string;
     try {
@@ -740,7 +760,7 @@ export class StoreLink {
     if (state.generation === 0 || this.releasing) return;
     // Checked on every tick, also while a renewal hangs in retries.
     const left = this.leaseLeftMs();
-    if (left <= 0 && !this.expired && !state.readOnly && this.leaseSentAt !== undefined) {
+    if (left <= 0 && !this.expired && !state.readOnly && left !== -Infinity) {
       this.expired = true;
       this.applyReadOnly();
       this.ctx.log.error('lease not renewed in time; writes are refused until it is renewed', { volume: this.name });
@@ -754,7 +774,8 @@ export class StoreLink {
       }
       // Read-only with a generation: a promotion is between taking the lease and its manifest.
       if (state.readOnly) return;
-      if (left > ((this.ctx.leaseTtlMs - this.ctx.clockSkewMarginMs) * 2) / 3) return;
+      // A third of the TTL after the last lease PUT was sent (before the deadline: the margin is under a third).
+      if (left > (this.ctx.leaseTtlMs * 2) / 3 - this.ctx.clockSkewMarginMs) return;
       if (!(await this.putRenewal(state.leaseEtag))) {
         const key = leaseKey(this.name);
         const current = await this.ctx.store.get(key);
