@@ -141,6 +141,8 @@ export class StoreLink {
   /** Serializes drain, promotion, release and uploads of this volume. */
   private tail: Promise<unknown> = Promise.resolve();
   private renewing = false;
+  /** The lease renewal in flight (putRenewal). */
+  private renewal: Promise<boolean> | undefined;
   /** A release is under way: writes are refused even though the state still says writable. */
   private releasing = false;
   /** The holder's own deadline passed without a renewal: writes are refused until one lands. */
@@ -718,35 +720,55 @@ export class StoreLink {
 
   /**
    * Put the held lease again (same generation, a fresh expiry), conditional on `ifMatch`.
-   * False when the condition failed because the lease is not the one this host put.
+   * False when the lease in the store is no longer this host's generation. One at a time:
+   * a caller that finds a renewal in flight gets its outcome.
    */
-  private async putRenewal(ifMatch: string | undefined): Promise<boolean> {
+  private putRenewal(ifMatch: string | undefined): Promise<boolean> {
+    this.renewal ??= this.renewOnce(ifMatch).finally(() => {
+      this.renewal = undefined;
+    });
+    return this.renewal;
+  }
+
+  private async renewOnce(ifMatch: string | undefined): Promise<boolean> {
     const key = leaseKey(this.name);
-    const now = Date.now();
-    const next: Lease = {
-      format: 1, volume: this.name, owner: this.ctx.hostId, generation: this.state.generation,
-      expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
-    };
-    const body = encodeLease(next);
-    pausePoint('lease-renew-put');
-    const sent = performance.now();
-    let etag: string;
-    try {
-      etag = await this.ctx.store.put(key, body, ifMatch === undefined ? { ifNoneMatch: '*' } : { ifMatch });
-    } catch (err) {
-      if (!isPreconditionFailed(err)) throw err;
-      // A retried put whose first attempt landed ends here too: the lease is then exactly ours.
-      const current = await this.ctx.store.get(key);
-      if (current === undefined || !current.body.equals(body)) return false;
-      etag = current.etag;
+    for (let attempt = 0; ; attempt++) {
+      const now = Date.now();
+      const next: Lease = {
+        format: 1, volume: this.name, owner: this.ctx.hostId, generation: this.state.generation,
+        expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
+      };
+      const body = encodeLease(next);
+      pausePoint('lease-renew-put');
+      const sent = performance.now();
+      let etag: string;
+      try {
+        etag = await this.ctx.store.put(key, body, ifMatch === undefined ? { ifNoneMatch: '*' } : { ifMatch });
+      } catch (err) {
+        if (!isPreconditionFailed(err)) throw err;
+        const current = await this.ctx.store.get(key);
+        if (current === undefined) return false;
+        // A retried put whose first attempt landed ends here too: the lease is then exactly ours.
+        if (!current.body.equals(body)) {
+          // Still this host's generation (only this host writes it: a taker bumps it), put by
+          // a renewal whose ETag a crash kept from the state file: renew over it, once.
+          const lease = decodeLease(key, current.body);
+          if (attempt > 0 || lease.owner !== this.ctx.hostId || lease.generation !== this.state.generation || lease.released === true) return false;
+          ifMatch = current.etag;
+          continue;
+        }
+        etag = current.etag;
+      }
+      // Fenced or released meanwhile: that stands.
+      if (this.state.generation !== next.generation) return false;
+      this.state.leaseEtag = etag;
+      this.state.leaseExpires = now + this.ctx.leaseTtlMs;
+      this.leaseSentAt = sent;
+      this.expired = false;
+      this.applyReadOnly();
+      this.save();
+      return true;
     }
-    this.state.leaseEtag = etag;
-    this.state.leaseExpires = now + this.ctx.leaseTtlMs;
-    this.leaseSentAt = sent;
-    this.expired = false;
-    this.applyReadOnly();
-    this.save();
-    return true;
   }
 
   /**
