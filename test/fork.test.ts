@@ -394,6 +394,8 @@ test('a fork to a name with a lease left by an earlier volume: its first lease p
       fs.mkdirSync(leaseDir, { recursive: true });
       const past = new Date(Date.now() - 60_000).toISOString();
       fs.writeFileSync(path.join(leaseDir, 'lease'), JSON.stringify({ format: 1, volume: 'reborn', owner: 'host-gone', generation: 7, expires: past, acquired: past }));
+      // Expiry counts from the store's stamp of the lease: a minute old.
+      fs.utimesSync(path.join(leaseDir, 'lease'), new Date(Date.parse(past)), new Date(Date.parse(past)));
       for (const [target, mode, generation] of [['fresh', 'lazy', 1], ['reborn', 'lazy', 8], ['fresh-consistent', 'consistent', 1]] as const) {
         const r = await a.api('POST', '/api/exports/base/fork', { target, mode });
         assert.equal(r.status, 201, r.text);

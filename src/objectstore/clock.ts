@@ -16,8 +16,17 @@ import type { ObjectStore } from './types.js';
 /** Last-Modified over HTTP is whole seconds (truncated): a stamp S means [S, S + 1 s). */
 export const STAMP_RESOLUTION_MS = 1000;
 
-/** A sample older than this is taken again (drift of the monotonic clock against the store's). */
-const MAX_SAMPLE_AGE_MS = 60_000;
+/**
+ * A sample older than this is taken again. The monotonic clock drifts from the store's by
+ * parts per million, so an hour costs milliseconds, well inside the bounds' second.
+ */
+const MAX_SAMPLE_AGE_MS = 3_600_000;
+/**
+ * The monotonic clock stops while the machine is suspended: when the host's wall clock
+ * moved this much more (or less) than it since the sample, the sample is taken again. The
+ * wall clock only triggers a new reading here; it never enters one.
+ */
+const MAX_CLOCK_DISAGREEMENT_MS = 1000;
 
 /** The store's time now, ms since the epoch, as bounds: it is at least `earliest` and below `latest`. */
 export interface StoreTime {
@@ -26,7 +35,7 @@ export interface StoreTime {
 }
 
 export class StoreClock {
-  private sample: { stamp: number; sentAt: number; answeredAt: number } | undefined;
+  private sample: { stamp: number; sentAt: number; answeredAt: number; wallAt: number } | undefined;
   private sampling: Promise<void> | undefined;
 
   /** `key`: this reader's own object (one per host or command), e.g. clockKey(hostId). */
@@ -37,7 +46,7 @@ export class StoreClock {
 
   /** The store's time now; one put and one head when the last sample is missing or old. */
   async now(): Promise<StoreTime> {
-    if (this.sample === undefined || performance.now() - this.sample.answeredAt > MAX_SAMPLE_AGE_MS) {
+    if (this.stale()) {
       this.sampling ??= this.take().finally(() => {
         this.sampling = undefined;
       });
@@ -49,13 +58,20 @@ export class StoreClock {
     return { earliest: stamp + (now - answeredAt), latest: stamp + STAMP_RESOLUTION_MS + (now - sentAt) };
   }
 
+  private stale(): boolean {
+    const sample = this.sample;
+    if (sample === undefined) return true;
+    const monotonic = performance.now() - sample.answeredAt;
+    return monotonic > MAX_SAMPLE_AGE_MS || Math.abs(Date.now() - sample.wallAt - monotonic) > MAX_CLOCK_DISAGREEMENT_MS;
+  }
+
   private async take(): Promise<void> {
     const sentAt = performance.now();
     await this.store.put(this.key, Buffer.from(JSON.stringify({ format: 1, purpose: 'reads the store clock' }) + '\n'));
     const info = await this.store.head(this.key);
     const answeredAt = performance.now();
     if (info === undefined) throw new Error(`store clock: ${this.key} in ${this.store.description} is gone right after its put`);
-    this.sample = { stamp: info.lastModified.getTime(), sentAt, answeredAt };
+    this.sample = { stamp: info.lastModified.getTime(), sentAt, answeredAt, wallAt: Date.now() };
   }
 }
 
