@@ -21,6 +21,8 @@ function settleMsOf(storeUrl: string): number {
 
 export interface Gc {
   refcounts: PackRefcounts;
+  /** The store's clock intents are aged on; the daemon's host judges leases on the same one. */
+  clock: StoreClock;
   collector: Collector;
   close(): Promise<void>;
 }
@@ -47,6 +49,7 @@ export async function openGc(config: Config, store: ObjectStore, cipher: StoreCi
     const collector = new Collector(refcounts, store, cipher, config.gc, log, opts.packIndex);
     return {
       refcounts,
+      clock,
       collector,
       async close() {
         await collector.stop();

@@ -58,6 +58,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,
       continuousManifestIntervalMs: config.volumes.continuousManifestIntervalMs,
       refcounts: gc.refcounts,
+      storeClock: gc.clock,
       scrubBlocksPerSecond: config.cache.scrubBlocksPerSecond,
     },
     log.child('host'),

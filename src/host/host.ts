@@ -59,6 +59,8 @@ export interface HostOptions {
   continuousManifestIntervalMs: number;
   /** Pack refcounts (GC); undefined runs without them. */
   refcounts?: PackRefcounts;
+  /** The store's clock, shared with the refcounts (one sample for both); one of the host's own when absent. */
+  storeClock?: StoreClock;
   /** Background scrub of the disk cache: blocks re-hashed per second; 0 turns it off. */
   scrubBlocksPerSecond?: number;
 }
@@ -168,7 +170,7 @@ export class Host {
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: options.storeClock ?? new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
