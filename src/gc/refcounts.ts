@@ -431,8 +431,9 @@ export class PackRefcounts {
    */
   async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest, share?: { key: string; etag: string }): Promise<ManifestWrite> {
     type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
-    const created = this.options.storeTime === undefined ? this.now() : (await this.options.storeTime()).latest;
     for (let attempt = 0; ; attempt++) {
+      // Read outside the transaction (it may ask the store), for each attempt: the PUT follows it.
+      const created = this.options.storeTime === undefined ? this.now() : (await this.options.storeTime()).latest;
       const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
         if (await this.writePending(tx, key)) return { pending: true as const };
         const row = await this.lockKey(tx, key);
