@@ -318,9 +318,13 @@ test('renewal racing an acquisition, the renewal first: a taker frozen between r
       }, 30_000, 250);
       frozen.add(b.pid);
       // A's renewal lands first (the lease object is still the one it put).
+      const leaseFile = path.join(storeDir, 'volumes', name, 'lease');
+      const lapsed = fs.readFileSync(leaseFile, 'utf8');
       process.kill(a.pid, 'SIGCONT');
       frozen.delete(a.pid);
-      await waitFor('host A to renew and take writes again', async () => (await exportInfo(a, name)).read_only === false && leaseIn(storeDir, name).owner === 'host-a');
+      await waitFor('host A to renew its lease', async () => fs.readFileSync(leaseFile, 'utf8') !== lapsed);
+      assert.deepEqual([leaseIn(storeDir, name).owner, leaseIn(storeDir, name).generation], ['host-a', 1]);
+      await waitFor('host A to take writes again', async () => (await exportInfo(a, name)).read_only === false);
       process.kill(b.pid, 'SIGCONT');
       frozen.delete(b.pid);
       const lost = await promote!;
