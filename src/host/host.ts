@@ -14,7 +14,8 @@ import { errorMessage, type Logger } from '../log.js';
 import { crashPoint, uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
-import { decodeLease, leaseIsLive } from '../store/lease.js';
+import { decodeLease, leaseIsLiveAt } from '../store/lease.js';
+import { clockKey, StoreClock } from '../objectstore/clock.js';
 import { decodeManifestBody, leaseKey, manifestKey, storedTables, type Manifest, type ManifestMeta, type StoredTables } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
@@ -51,12 +52,16 @@ export interface HostOptions {
   /** This host's id in leases; "" generates one and keeps it in the cache dir. */
   hostId: string;
   leaseTtlMs: number;
+  /** How much earlier than a taker the holder of a lease considers it gone (StoreContext). */
+  clockSkewMarginMs: number;
   flushMode: FlushMode;
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
   continuousManifestIntervalMs: number;
   /** Pack refcounts (GC); undefined runs without them. */
   refcounts?: PackRefcounts;
+  /** The store's clock, shared with the refcounts (one sample for both); one of the host's own when absent. */
+  storeClock?: StoreClock;
   /** Background scrub of the disk cache: blocks re-hashed per second; 0 turns it off. */
   scrubBlocksPerSecond?: number;
 }
@@ -82,6 +87,8 @@ export interface VolumeSummary {
   manifestSequence: number;
   /** Why the volume refuses writes and flushes until it is reopened (a failed sync); undefined while healthy. */
   failed: string | undefined;
+  /** Why this host stopped writing the volume (it lost the lease or was fenced); undefined while it may write. */
+  leaseLost?: string;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -168,7 +175,7 @@ export class Host {
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: options.storeClock ?? new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
@@ -272,6 +279,7 @@ export class Host {
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
       failed: v.failed,
+      ...(state.lostLease === undefined ? {} : { leaseLost: state.lostLease }),
     };
   }
 
@@ -696,7 +704,7 @@ export class Host {
     if (this.closed) return;
     const now = Date.now();
     for (const link of this.links.values()) {
-      void link.renewIfDue(now);
+      void link.renewIfDue();
       if (link.busy || link.state.readOnly) continue;
       const volume = link.volume;
       const changed = volume.sequence !== link.state.manifestSequence;
@@ -788,7 +796,9 @@ export class Host {
     const leased = await this.options.store.get(key);
     if (leased !== undefined) {
       const lease = decodeLease(key, leased.body);
-      if (leaseIsLive(lease, Date.now()) && lease.owner !== this.hostId) throw new LeaseHeldError(name, lease);
+      if (lease.owner !== this.hostId && !lease.released && leaseIsLiveAt(lease, leased.lastModified, (await this.storeCtx.clock.now()).earliest)) {
+        throw new LeaseHeldError(name, lease);
+      }
     }
     const volume = this.volumes.get(name);
     const link = this.links.get(name);
