@@ -472,11 +472,6 @@ test('a manifest PUT that got no answer: once the store answers again, the volum
 });
 
 test('A killed between its release\'s lease PUT and the answer, then restarted; B promotes: A acknowledges no write after that', { timeout: TIMEOUT }, async (t) => {
-  if (!process.env.UPDRAFT_HISTORY_KNOWN_BUGS) {
-    // Set UPDRAFT_HISTORY_KNOWN_BUGS=1 to run it.
-    t.skip('known bug, the release crash window: a holder killed after its released lease landed restarts as the writer and acknowledges writes the promoted host never sees');
-    return;
-  }
   const m = minio!;
   const upstream = new URL(m.endpoint);
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
