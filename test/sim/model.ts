@@ -42,6 +42,8 @@ export class VolumeModel {
   home: number | undefined;
   /** A resize in flight when its host died or failed: the size the volume may have. */
   maybeSize = 0;
+  /** A purge was started: its local state may be gone. */
+  purging = false;
 
   constructor(
     readonly name: string,

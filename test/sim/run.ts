@@ -144,8 +144,12 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     for (const m of models.values()) {
       if (m.home !== slot.index) continue;
       const volume = slot.host!.get(m.name);
+      if (volume === undefined && m.purging) {
+        models.delete(m.name);
+        continue;
+      }
       if (volume === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} was not recovered at restart`);
-      if (volume.size === m.maybeSize && m.maybeSize > m.size) m.grow(m.maybeSize);
+      if (volume !== undefined && volume.size > m.size && volume.size <= m.maybeSize) m.grow(volume.size);
       if (volume.size !== m.size) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${m.size}`);
       await readAll(slot, m, volume);
       if (!slot.up) return;
@@ -330,7 +334,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     } else if (op < 0.58) {
       const size = model.size + BLOCK * pick([1, 2]);
       note(`resize ${model.name} to ${size} on ${slot.id}`);
-      model.maybeSize = size;
+      model.maybeSize = Math.max(model.maybeSize, size);
       const out = await drive(slot, () => host.resize(model.name, size));
       if (out.ok) model.grow(size);
       else if (!('died' in out)) note(`  resize failed: ${(out.error as Error).message}`);
@@ -415,6 +419,9 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         note(`  ${target.id} serves ${model.name} read-only`);
         return;
       }
+      // A resize that failed after changing the size in memory may have made it into the drain.
+      if (moved.size > model.size && moved.size <= model.maybeSize) model.grow(moved.size);
+      if (moved.size !== model.size) throw new Failure(`migrate ${model.name} ${slot.id} -> ${target.id}: the volume has size ${moved.size} there, ${model.size} here`);
       // The old host keeps its (read-only) folder until removed.
       await drive(slot, () => host.remove(model.name));
       model.home = target.index;
@@ -436,6 +443,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       crash(slot, power);
     } else if (op < 0.88) {
       note(`purge ${model.name} on ${slot.id}`);
+      model.purging = true;
       const out = await drive(slot, () => host.purge(model.name));
       if (out.ok) models.delete(model.name);
       else if (!('died' in out)) note(`  purge failed: ${(out.error as Error).message}`);
