@@ -1,13 +1,16 @@
 // One seed of the simulation: a random workload over the world's hosts, checked against
 // the reference model after every step. See docs/simulation.md.
 import { decodeManifestBody } from '../../src/store/manifest.js';
+import { leaseIsLive } from '../../src/store/lease.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import { injected, type InjectedFault } from '../../src/faults/injected.js';
 import { prng } from '../../src/objectstore/faults.js';
-import { packKey } from '../../src/store/pack.js';
+import { decodePackIndex, packKey } from '../../src/store/pack.js';
+import { blockKey, keyHex } from '../../src/blocks/cache.js';
+import { ZERO_ALLOCATED_KEY } from '../../src/volume/blockmap.js';
 import type { Volume } from '../../src/volume/volume.js';
 import { clock, runAs } from './clock.js';
-import { fillUnit, UNIT, VolumeModel } from './model.js';
+import { decodeUnit, fillUnit, UNIT, VolumeModel } from './model.js';
 import { BLOCK, LEASE_TTL_MS, MEMORY_BLOCKS, World, type Slot } from './world.js';
 
 export interface SimOptions {
@@ -40,18 +43,22 @@ const MAX_OP_MS = 120_000;
 export async function runSeed(opts: SimOptions): Promise<SimResult> {
   injected.clear();
   for (const f of opts.faults ?? []) injected.add(f);
-  const random = prng(opts.seed);
+  // The world (disk and store timing and faults) draws from one stream; each step's
+  // workload from its own, so dropping a step (shrinking) leaves the others' operations as they were.
+  const worldRandom = prng(opts.seed);
+  let random = worldRandom;
   const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)];
   const chance = (p: number) => random() < p;
   const fsyncErrors = chance(0.3);
-  const world = new World(random, {
+  const world = new World(worldRandom, {
     hosts: chance(0.5) ? 2 : 3,
     disk: { fsyncErrorRate: fsyncErrors ? 0.05 : 0, capacityBytes: chance(0.1) ? 40 * BLOCK : 1 << 30 },
     store: { errorRate: chance(0.5) ? 0.02 : 0, lostReplyRate: chance(0.5) ? 0.05 : 0, maxLatencyMs: pick([0, 5, 50]) },
     gracePeriodMs: pick([0, 1000, 30_000]),
     dirtyBudgetBytes: pick([2 * BLOCK, 4 * BLOCK, 1 << 30]),
+    diskBlocks: pick([16, 24, 48]),
   });
-  const trace: string[] = [];
+  const trace: string[] = [`#0 settings: ${JSON.stringify(world.settings)}`];
   const models = new Map<string, VolumeModel>();
   let nextWrite = 1;
   let nextName = 0;
@@ -117,7 +124,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (out.ok) break;
       const message = (out.error as Error).message;
       if (/simulated/.test(message) && attempt < 20) continue;
-      throw new Failure(`host ${slot.id}: read of volume ${model.name} at ${offset}+${length} failed: ${message}`);
+      const named = /block ([0-9a-f]{32}) is neither/.exec(message);
+      throw new Failure(`host ${slot.id}: read of volume ${model.name} at ${offset}+${length} failed: ${message}${named ? ` (${whereInStore(Buffer.from(named[1], 'hex').toString('latin1'))})` : ''}`);
     }
     const problem = model.check(offset / UNIT, buf);
     if (problem) throw new Failure(`host ${slot.id}: ${problem}`);
@@ -182,22 +190,57 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     }
   }
 
-  /** Invariant 4: manifests of a volume are only written by its lease holder. */
-  let historySeen = 0;
-  const holder = new Map<string, string>();
-  function setHolder(name: string, host: string): void {
-    checkWriters();
-    holder.set(name, host);
+  /**
+   * Invariant 6: every block a served volume names is on its host or in a pack in the
+   * store (GC never deleted a pack a live volume needs while the cache let the block go).
+   */
+  function checkBlocks(): void {
+    for (const m of served()) {
+      const slot = world.slots[m.home!];
+      const volume = slot.host!.get(m.name);
+      if (volume === undefined) continue;
+      for (const [chunk, key] of volume.cloneMap().entries()) {
+        if (key === ZERO_ALLOCATED_KEY || slot.host!.cache.has(key)) continue;
+        const location = slot.host!.packIndex.get(key);
+        if (location === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which is neither in the cache nor in any pack the host knows of (${whereInStore(key)})`);
+        const gone = world.bucket.deleted.get(packKey(location.pack));
+        if (!world.bucket.objects.has(packKey(location.pack))) {
+          throw new Failure(
+            `host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which left the cache, and its pack ${packKey(location.pack)} is not in the store` +
+              (gone ? ` (deleted by ${gone})` : ''),
+          );
+        }
+      }
+    }
   }
+
+  /** Which packs in the store hold block `key` (to tell a lost pack index entry from a lost block). */
+  function whereInStore(key: string): string {
+    const holders: string[] = [];
+    for (const [k, o] of world.bucket.objects) {
+      if (!k.startsWith('packs/')) continue;
+      try {
+        if (decodePackIndex(k, o.body, PLAINTEXT).some((e) => blockKey(e.hash) === key)) holders.push(k);
+      } catch {
+        // not a pack
+      }
+    }
+    const deleted = [...world.bucket.deleted.keys()].filter((k) => k.startsWith('packs/'));
+    return holders.length > 0 ? `the store holds it in ${holders.join(', ')}` : `no pack in the store holds it; packs deleted so far: ${deleted.length}`;
+  }
+
+  /**
+   * Invariant 4: only the lease holder changes a volume in the store: no manifest or
+   * checkpoint lands from a host while another host holds a live, unreleased lease.
+   */
+  let historySeen = 0;
   function checkWriters(): void {
     const history = world.bucket.history;
     for (; historySeen < history.length; historySeen++) {
       const h = history[historySeen];
-      const match = /^volumes\/(.+)\/(manifest|checkpoints\/.*)$/.exec(h.key);
-      if (!match || h.op !== 'put') continue;
-      const owner = holder.get(match[1]);
-      if (owner !== undefined && owner !== h.host) {
-        throw new Failure(`store: host ${h.host} wrote ${h.key} while host ${owner} holds the volume's lease`);
+      if (h.op !== 'put' || h.lease === undefined) continue;
+      if (h.lease.owner !== h.host && !h.lease.released && leaseIsLive(h.lease, h.at)) {
+        throw new Failure(`store: host ${h.host} wrote ${h.key} while host ${h.lease.owner} holds the volume's lease (generation ${h.lease.generation}, until ${h.lease.expires})`);
       }
     }
   }
@@ -212,18 +255,19 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       }
     }
     for (step = 1; step <= opts.steps; step++) {
-      // Every step draws the same numbers whether or not it is skipped, so the rest replays.
+      if (opts.skip?.has(step)) continue;
+      random = prng(opts.seed * 1_000_003 + step);
       const roll = random();
-      const skipped = opts.skip?.has(step) ?? false;
-      if (skipped) continue;
       await runStep(roll);
       checkStore();
+      checkBlocks();
       checkMemory();
       checkWriters();
     }
     return result();
   } catch (err) {
-    if (err instanceof Failure) return result({ step, message: err.message });
+    const faults = world.slots.map((sl) => `${sl.id}: ${JSON.stringify(sl.disk.counters)}`).join('; ');
+    if (err instanceof Failure) return result({ step, message: `${err.message}` + (process.env.UPDRAFT_SIM_COUNTERS ? ` [${faults}]` : '') });
     return result({ step, message: `simulation error: ${(err as Error).stack ?? String(err)}` });
   }
 
@@ -241,6 +285,19 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       }
       return;
     }
+    const orphans = [...models.values()].filter((m) => m.home !== undefined && !world.slots[m.home].up);
+    if (orphans.length > 0 && roll < 0.14 && up().length > 0) {
+      await failover(pick(orphans), pick(up()));
+      return;
+    }
+    const stale = up().flatMap((sl) => sl.host!.all().filter((v) => {
+      const m = models.get(v.name);
+      return m !== undefined && m.home !== sl.index && m.home !== undefined && world.slots[m.home].up;
+    }).map((v) => ({ slot: sl, name: v.name })));
+    if (stale.length > 0 && roll < 0.2) {
+      await staleDrain(pick(stale));
+      return;
+    }
     const volumes = served();
     if (volumes.length === 0 || roll < 0.05) {
       const slot = pick(up());
@@ -255,7 +312,6 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         models.set(name, m);
         // The volume's lease is taken at its first drain.
         checkWriters();
-        holder.delete(name);
       } else if (!('died' in out)) note(`  create failed: ${(out.error as Error).message}`);
       return;
     }
@@ -344,7 +400,6 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       model.snapshot(sequence);
       const out = await drive(slot, () => host.drain(model.name));
       if (out.ok) {
-        setHolder(model.name, slot.id);
         model.flushed();
       } else if (!('died' in out)) note(`  drain failed: ${(out.error as Error).message}`);
     } else if (op < 0.68) {
@@ -362,13 +417,11 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
           expected = candidates.at(-1);
           if (expected === undefined) throw new Failure(`fork ${name}: woke at sequence ${forked.sequence}, which no manifest of ${model.name} had`);
         } else if (!('died' in out)) {
-          setHolder(model.name, slot.id);
         }
         const m = new VolumeModel(name, forked.size, expected.length === forked.size / UNIT ? expected : padded(expected, forked.size / UNIT));
         m.home = target.index;
         m.snapshot(forked.sequence);
         models.set(name, m);
-        setHolder(name, target.id);
         if (lazy) {
           const candidates = model.snapshots.get(forked.sequence)!;
           await readAllAgainst(target, m, forked, candidates);
@@ -382,7 +435,6 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const out = await drive(slot, () => host.createCheckpoint(model.name, name));
       if (out.ok) {
         model.checkpoints.set(name, content);
-        setHolder(model.name, slot.id);
       } else if (!('died' in out)) note(`  checkpoint failed: ${(out.error as Error).message}`);
     } else if (op < 0.76 && up().length > 1) {
       const target = pick(up().filter((s) => s !== slot));
@@ -400,7 +452,6 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         return;
       }
       checkWriters();
-      holder.delete(model.name);
       model.flushed();
       if (!target.up) return;
       const open = target.host!.get(model.name);
@@ -425,7 +476,6 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       // The old host keeps its (read-only) folder until removed.
       await drive(slot, () => host.remove(model.name));
       model.home = target.index;
-      setHolder(model.name, target.id);
       await readAll(target, model, moved);
       model.settle(model.val);
     } else if (op < 0.8) {
@@ -452,6 +502,80 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       note(`time passes: ${ms} ms`);
       await clock.advance(ms);
     }
+  }
+
+  /**
+   * The volume's host is down: another host takes it over from the store (after the
+   * lease expired or was released). Its content is one of the volume's manifests.
+   */
+  async function failover(model: VolumeModel, target: Slot): Promise<void> {
+    note(`failover of ${model.name} (its host ${world.slots[model.home!].id} is down) to ${target.id}`);
+    const open = target.host!.get(model.name);
+    const out = await drive(target, async () => {
+      if (open !== undefined) await target.host!.promote(model.name);
+      else await target.host!.wake(model.name);
+      return target.host!.get(model.name);
+    });
+    if (!out.ok || !target.up) {
+      if (!out.ok && !('died' in out)) note(`  ${target.id} cannot take it: ${(out.error as Error).message}`);
+      return;
+    }
+    const volume = out.value;
+    if (volume === undefined) {
+      note(`  the store has no manifest of ${model.name}`);
+      return;
+    }
+    if (volume.readOnly) {
+      note(`  ${target.id} serves ${model.name} read-only (its lease is live)`);
+      return;
+    }
+    const candidates = model.snapshots.get(volume.sequence);
+    if (candidates === undefined) throw new Failure(`failover of ${model.name} to ${target.id}: it woke at sequence ${volume.sequence}, which no manifest of the volume had`);
+    model.home = target.index;
+    const m = new VolumeModel(model.name, volume.size);
+    await readAllAgainst(target, m, volume, candidates.map((c) => padded(c, volume.size / UNIT)));
+    model.size = volume.size;
+    model.settle(m.val);
+  }
+
+  /**
+   * A host that still has a volume another host now holds (it was migrated or failed
+   * over while this one was down) tries to drain it: it must be fenced, never write the
+   * volume's manifest (checkWriters).
+   */
+  async function staleDrain(target: { slot: Slot; name: string }): Promise<void> {
+    const { slot, name } = target;
+    note(`${slot.id}, which no longer holds ${name}, writes to it and drains it`);
+    const volume = slot.host!.get(name)!;
+    const out = await drive(slot, async () => {
+      if (!volume.readOnly) volume.write(0, payload(0, 8, nextWrite++));
+      return slot.host!.drain(name);
+    });
+    checkWriters();
+    if (out.ok && slot.up) {
+      // The holder's lease had lapsed, so this host took it (checkWriters passed): it is the volume's host now, with its own content.
+      note(`  the drain succeeded: ${slot.id} holds ${name} now`);
+      const model = models.get(name)!;
+      const buf = Buffer.alloc(volume.size);
+      const read = await drive(slot, async () => {
+        const ready = volume.readReady(0, volume.size);
+        if (ready) await ready;
+        volume.read(0, volume.size, buf, 0);
+      });
+      if (!read.ok) {
+        if (!('died' in read)) throw new Failure(`host ${slot.id}: read of volume ${name} after taking it failed: ${(read.error as Error).message}`);
+        return;
+      }
+      const content = new Int32Array(volume.size / UNIT);
+      for (let u = 0; u < content.length; u++) {
+        content[u] = decodeUnit(buf, u * UNIT, u);
+        if (content[u] < 0) throw new Failure(`host ${slot.id}: volume ${name} unit ${u} reads garbage after taking the volume`);
+      }
+      model.size = volume.size;
+      model.settle(content);
+      model.home = slot.index;
+      model.snapshot(volume.sequence);
+    } else if (!out.ok && !('died' in out)) note(`  refused: ${(out.error as Error).message}`);
   }
 
   /** A lazy fork's content is one of its source's manifests at that sequence. */

@@ -3,6 +3,7 @@
 // its own view, whose requests take a seeded virtual latency and may fail before
 // landing (Unavailable) or lose their reply after a put landed. A reply to a host that
 // crashed meanwhile is never delivered.
+import { decodeLease, type Lease } from '../../src/store/lease.js';
 import { ObjectStoreError, type ObjectInfo, type ObjectStore, type PutOptions, type StoredObject } from '../../src/objectstore/types.js';
 
 export interface StoreFaults {
@@ -24,7 +25,7 @@ export class SimBucket {
   readonly objects = new Map<string, Stored>();
   private nextEtag = 1;
   /** Every put and delete that landed, in order: key, the host that made it, what. */
-  readonly history: Array<{ key: string; host: string; op: 'put' | 'delete'; at: number }> = [];
+  readonly history: Array<{ key: string; host: string; op: 'put' | 'delete'; at: number; lease?: Lease }> = [];
 
   constructor(
     readonly random: () => number,
@@ -41,12 +42,21 @@ export class SimBucket {
     if (options?.ifMatch !== undefined && current?.etag !== options.ifMatch) throw new ObjectStoreError('PreconditionFailed', `put ${key}: etag differs (If-Match)`);
     const etag = `"e${this.nextEtag++}"`;
     this.objects.set(key, { body: Buffer.from(body), etag, lastModified: new Date() });
-    this.history.push({ key, host, op: 'put', at: Date.now() });
+    // The volume's lease when one of its manifests lands (invariant 4 is checked against it).
+    const volume = /^volumes\/(.+)\/(manifest|checkpoints\/.*)$/.exec(key)?.[1];
+    const lease = volume === undefined ? undefined : this.objects.get(`volumes/${volume}/lease`);
+    this.history.push({ key, host, op: 'put', at: Date.now(), lease: lease === undefined ? undefined : decodeLease(`volumes/${volume}/lease`, lease.body) });
     return etag;
   }
 
+  /** Who deleted a key last (for failure messages). */
+  readonly deleted = new Map<string, string>();
+
   remove(key: string, host: string): void {
-    if (this.objects.delete(key)) this.history.push({ key, host, op: 'delete', at: Date.now() });
+    if (this.objects.delete(key)) {
+      this.history.push({ key, host, op: 'delete', at: Date.now() });
+      this.deleted.set(key, `host ${host} at ${Date.now() - Date.UTC(2030, 0, 1)} ms`);
+    }
   }
 }
 

@@ -15,7 +15,6 @@ import { SimBucket, type StoreFaults } from './store.js';
 
 export const BLOCK = 65536;
 export const MEMORY_BLOCKS = 6;
-export const DISK_BLOCKS = 48;
 export const LEASE_TTL_MS = 10_000;
 
 /** Log lines of the hosts, kept for the failure report (the last ones only). */
@@ -52,6 +51,8 @@ export interface WorldSettings {
   store: StoreFaults;
   gracePeriodMs: number;
   dirtyBudgetBytes: number;
+  /** Blocks the disk tier of each cache holds. */
+  diskBlocks: number;
 }
 
 export class World {
@@ -91,7 +92,7 @@ export class World {
       const refcounts = await PackRefcounts.open(this.db, { hostId: slot.id, store, settleMs: 0, log: log.child('gc') });
       const host = Host.open(
         {
-          cacheDir: `/${slot.id}`, blockSize: BLOCK, diskBytes: DISK_BLOCKS * BLOCK, memoryBytes: MEMORY_BLOCKS * BLOCK, autoCreateBytes: 0,
+          cacheDir: `/${slot.id}`, blockSize: BLOCK, diskBytes: this.settings.diskBlocks * BLOCK, memoryBytes: MEMORY_BLOCKS * BLOCK, autoCreateBytes: 0,
           sealIdleMs: 300, sealDirtyBytes: 4 * BLOCK, store, compression: parseCompression('zstd'), manifestCompression: parseCompression('zstd'),
           cipher: PLAINTEXT, blocksPerPack: 4, readAheadPacks: 1, hostId: slot.id, leaseTtlMs: LEASE_TTL_MS, flushMode: 'demand',
           dirtyBudgetBytes: this.settings.dirtyBudgetBytes, continuousBlockIntervalMs: 1000, continuousManifestIntervalMs: 5000, refcounts,
