@@ -440,6 +440,16 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const target = pick(up().filter((s) => s !== slot));
       note(`migrate ${model.name} ${slot.id} -> ${target.id}`);
       model.snapshot(volume.sequence);
+      if (chance(0.15)) {
+        // The source dies somewhere in its release: before, during or after the lease PUT.
+        const at = Math.floor(random() * 60);
+        const power = chance(0.5);
+        clock.schedule(() => {
+          if (!slot.up) return;
+          note(`${power ? 'power cut' : 'SIGKILL'} of ${slot.id} during the release (+${at} ms)`);
+          crash(slot, power);
+        }, at);
+      }
       // A volume never drained holds no lease and release() stores nothing (its writes
       // would stay behind, read-only): drain it first, as an operator must.
       const first = host.link(model.name)!.state.generation === 0;
