@@ -4,7 +4,7 @@
 // start-up without a store request; a volume this host does not have is woken from its
 // manifest in the store.
 import crypto from 'node:crypto';
-import fs from 'node:fs';
+import { disk } from '../disk/disk.js';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
@@ -107,10 +107,10 @@ const STORE_TICK_MS = 250;
 export function hostIdentity(cacheDir: string, configured: string): string {
   if (configured !== '') return configured;
   const file = path.join(cacheDir, 'host-id');
-  if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8').trim();
+  if (disk.existsSync(file)) return disk.readFileSync(file, 'utf8').trim();
   const id = `${os.hostname().replace(/[^A-Za-z0-9._-]/g, '-').slice(0, 40)}-${crypto.randomBytes(4).toString('hex')}`;
-  fs.mkdirSync(cacheDir, { recursive: true });
-  fs.writeFileSync(file, id + '\n');
+  disk.mkdirSync(cacheDir, { recursive: true });
+  disk.writeFileSync(file, id + '\n');
   return id;
 }
 
@@ -191,21 +191,21 @@ export class Host {
   static open(options: HostOptions, log: Logger): Host {
     const host = new Host(options, log);
     const started = performance.now();
-    fs.mkdirSync(host.volumesRoot, { recursive: true });
+    disk.mkdirSync(host.volumesRoot, { recursive: true });
     // Checkpoint exports are opened again on demand; what a previous run left is stale.
-    fs.rmSync(path.join(options.cacheDir, 'checkpoints'), { recursive: true, force: true });
+    disk.rmSync(path.join(options.cacheDir, 'checkpoints'), { recursive: true, force: true });
     for (const dir of findVolumeDirs(host.volumesRoot)) {
       const t0 = performance.now();
       try {
-        if (!fs.existsSync(path.join(dir, 'journal'))) {
+        if (!disk.existsSync(path.join(dir, 'journal'))) {
           log.warn('removing an unfinished volume create', { dir });
-          fs.rmSync(dir, { recursive: true, force: true });
+          disk.rmSync(dir, { recursive: true, force: true });
           continue;
         }
-        if (fs.existsSync(path.join(dir, UNPUBLISHED))) {
+        if (disk.existsSync(path.join(dir, UNPUBLISHED))) {
           // Nothing was served from it; if its manifest landed, the fork wakes from the store.
           log.warn('removing the folder of a fork that stopped before it was registered', { dir });
-          fs.rmSync(dir, { recursive: true, force: true });
+          disk.rmSync(dir, { recursive: true, force: true });
           continue;
         }
         const volume = Volume.load(dir, host.ctx);
@@ -258,7 +258,7 @@ export class Host {
     if (refcounts === undefined) return 0;
     let released = 0;
     for (const name of await refcounts.heldUploads(this.hostId)) {
-      if (this.volumes.has(name) || this.opening.has(name) || fs.existsSync(volumeDir(this.volumesRoot, name))) continue;
+      if (this.volumes.has(name) || this.opening.has(name) || disk.existsSync(volumeDir(this.volumesRoot, name))) continue;
       const packs = await refcounts.releaseUploads(uploadsKey(this.hostId, name));
       this.log.info('let go of packs held for the uploads of a volume this host no longer has', { volume: name, packs });
       released += packs;
@@ -349,7 +349,7 @@ export class Host {
     if (woken) return { volume: woken, created: false };
     return { volume: await this.once(name, async () => {
       const dir = volumeDir(this.volumesRoot, name);
-      if (fs.existsSync(path.join(dir, 'journal'))) throw new Error(`volume ${name}: local state exists but is not open`);
+      if (disk.existsSync(path.join(dir, 'journal'))) throw new Error(`volume ${name}: local state exists but is not open`);
       const volume = await Volume.create(dir, name, size, this.options.blockSize, this.ctx);
       const link = new StoreLink(volume, { format: 1, ...this.defaults, ...settings, readOnly: false, generation: 0, manifestSequence: -1 }, this.storeCtx);
       link.save();
@@ -423,7 +423,7 @@ export class Host {
     if (found.local !== undefined) {
       await crashPoint('fork-unmark');
       // The fork's manifest is in the store now: its folder is a volume like any other.
-      fs.rmSync(path.join(volume.dir, UNPUBLISHED), { force: true });
+      disk.rmSync(path.join(volume.dir, UNPUBLISHED), { force: true });
     }
     link.setBase(volume.cloneMap(), found.raw, etag, found.tables);
     this.links.set(name, link);
@@ -463,11 +463,11 @@ export class Host {
       throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
     }
     const dir = volumeDir(this.volumesRoot, name);
-    if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true });
+    if (disk.existsSync(dir)) disk.rmSync(dir, { recursive: true, force: true });
     if (unpublished) {
       // Before the journal, which makes the folder a volume; the directory sync after it covers both.
-      fs.mkdirSync(dir, { recursive: true });
-      fs.writeFileSync(path.join(dir, UNPUBLISHED), '');
+      disk.mkdirSync(dir, { recursive: true });
+      disk.writeFileSync(path.join(dir, UNPUBLISHED), '');
     }
     return Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map }, this.ctx);
   }
@@ -661,7 +661,7 @@ export class Host {
       }
       await indexManifest(this.packIndex, manifest);
       const dir = path.join(this.options.cacheDir, 'checkpoints', ...volume.split('/'), checkpoint, '@');
-      fs.rmSync(dir, { recursive: true, force: true });
+      disk.rmSync(dir, { recursive: true, force: true });
       const meta = manifest.meta;
       const served = await Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
       const link = new StoreLink(served, { format: 1, ...this.defaults, readOnly: true, generation: 0, manifestSequence: meta.sequence }, this.storeCtx);
@@ -905,7 +905,7 @@ function findVolumeDirs(root: string): string[] {
   const out: string[] = [];
   const walk = (dir: string, depth: number) => {
     if (depth > 100) return;
-    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    for (const entry of disk.readdirSync(dir, { withFileTypes: true })) {
       if (!entry.isDirectory()) continue;
       const full = path.join(dir, entry.name);
       if (entry.name === '@') out.push(full);

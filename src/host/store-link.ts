@@ -10,7 +10,7 @@
 // so the previous holder's next conditional write fails and it stops writing. Lease
 // expiry is judged on the store's clock by takers and on the monotonic clock, less
 // `clock_skew_margin_s`, by the holder; no host's wall clock decides anything.
-import fs from 'node:fs';
+import { disk } from '../disk/disk.js';
 import path from 'node:path';
 import { keyHex, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
@@ -196,9 +196,9 @@ export class StoreLink {
   static load(volume: Volume, ctx: StoreContext, defaults: { flushMode: FlushMode; dirtyBudgetBytes: number }): StoreLink {
     const file = path.join(volume.dir, STATE_FILE);
     let state: StoreState;
-    if (fs.existsSync(file)) {
+    if (disk.existsSync(file)) {
       try {
-        state = JSON.parse(fs.readFileSync(file, 'utf8')) as StoreState;
+        state = JSON.parse(disk.readFileSync(file, 'utf8')) as StoreState;
         if (state.format !== 1) throw new Error(`format ${String(state.format)} is not 1`);
       } catch (err) {
         throw new Error(`volume ${volume.name}: ${file} is not a store state: ${errorMessage(err)}`);
@@ -238,14 +238,14 @@ export class StoreLink {
   /** Persist the state (atomic: temp file, fsync, rename). */
   save(): void {
     const file = path.join(this.volume.dir, STATE_FILE);
-    const fd = fs.openSync(file + '.tmp', 'w');
+    const fd = disk.openSync(file + '.tmp', 'w');
     try {
-      fs.writeSync(fd, JSON.stringify(this.state, null, 2) + '\n');
-      fs.fsyncSync(fd);
+      disk.writeSync(fd, JSON.stringify(this.state, null, 2) + '\n');
+      disk.fsyncSync(fd);
     } finally {
-      fs.closeSync(fd);
+      disk.closeSync(fd);
     }
-    fs.renameSync(file + '.tmp', file);
+    disk.renameSync(file + '.tmp', file);
     syncDir(this.volume.dir);
   }
 

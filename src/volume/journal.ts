@@ -11,14 +11,13 @@
 //   record = u64 chunk, hash(16), mask(mask_bytes)
 //   map_record = u64 chunk, hash(16): no overlay sectors (a volume created from a
 //            manifest starts with one BMAP batch of its whole block map, 24 bytes a chunk)
-import fs from 'node:fs';
-import { promisify } from 'node:util';
+import { disk } from '../disk/disk.js';
 import { blake3 } from '@napi-rs/blake-hash';
 import { HASH_BYTES, ZERO_HASH } from '../crypto/hash.js';
 import type { BlockMap } from './blockmap.js';
 
-const fdatasync = promisify(fs.fdatasync);
-const fsync = promisify(fs.fsync);
+const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+const fsync = (...args: Parameters<typeof disk.fsync>) => disk.fsync(...args);
 
 const MAGIC = Buffer.from('UPDJRNL1');
 const BATCH_MAGIC = 0x42544348; // "BTCH"
@@ -103,14 +102,14 @@ export class Journal {
    * fork's map is 1.5 MB for 8 GiB written, synced while its manifest PUT is in flight).
    */
   static async create(file: string, blockSize: number, maskBytes: number, size: number, initial?: { map: BlockMap; sequence: number }): Promise<Journal> {
-    const fd = fs.openSync(file, 'w+');
+    const fd = disk.openSync(file, 'w+');
     const header = Journal.header(blockSize, maskBytes);
-    fs.writeSync(fd, header, 0, header.length, 0);
+    disk.writeSync(fd, header, 0, header.length, 0);
     const journal = new Journal(file, fd, maskBytes, HEADER_BYTES);
     if (initial === undefined) journal.appendSync([], 0, size);
     else {
       const batch = journal.encodeMap(initial.map, initial.sequence, size);
-      fs.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
+      disk.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
       journal.position += batch.length;
     }
     await fsync(fd);
@@ -127,7 +126,7 @@ export class Journal {
 
   /** Open and replay. A torn tail batch is cut off (it was never acknowledged). */
   static open(file: string, blockSize: number): { journal: Journal; state: JournalState } {
-    const data = fs.readFileSync(file);
+    const data = disk.readFileSync(file);
     if (data.length < HEADER_BYTES || !data.subarray(0, 8).equals(MAGIC)) {
       throw new Error(`journal ${file}: not a volume journal (bad magic)`);
     }
@@ -165,10 +164,10 @@ export class Journal {
     }
     if (state.batches === 0) throw new Error(`journal ${file}: no valid batch (the volume was never created completely)`);
     state.truncatedBytes = data.length - at;
-    const fd = fs.openSync(file, 'r+');
+    const fd = disk.openSync(file, 'r+');
     if (state.truncatedBytes > 0) {
-      fs.ftruncateSync(fd, at);
-      fs.fsyncSync(fd);
+      disk.ftruncateSync(fd, at);
+      disk.fsyncSync(fd);
     }
     return { journal: new Journal(file, fd, maskBytes, at), state };
   }
@@ -265,7 +264,7 @@ export class Journal {
 
   private appendSync(records: readonly ChunkRecord[], sequence: number, size: number): void {
     const batch = this.encode(records, sequence, size);
-    fs.writeSync(this.fd, batch, 0, batch.length, this.position);
+    disk.writeSync(this.fd, batch, 0, batch.length, this.position);
     this.position += batch.length;
   }
 
@@ -282,7 +281,7 @@ export class Journal {
     } catch (err) {
       this.position = before;
       try {
-        fs.ftruncateSync(this.fd, before);
+        disk.ftruncateSync(this.fd, before);
       } catch (cut) {
         throw new Error(`journal ${this.path}: fdatasync failed (${(err as Error).message}), and cutting the batch off failed too (${(cut as Error).message})`);
       }
@@ -299,14 +298,14 @@ export class Journal {
    */
   async rewrite(map: BlockMap, overlay: ReadonlyArray<readonly [number, Uint8Array]>, sequence: number, size: number, blockSize: number): Promise<void> {
     const tmp = `${this.path}.compact`;
-    const fd = fs.openSync(tmp, 'w');
+    const fd = disk.openSync(tmp, 'w');
     this.stats.rewrites++;
     try {
       const header = Journal.header(blockSize, this.maskBytes);
-      fs.writeSync(fd, header, 0, header.length, 0);
+      disk.writeSync(fd, header, 0, header.length, 0);
       let at = HEADER_BYTES;
       const put = (batch: Buffer, records: number) => {
-        fs.writeSync(fd, batch, 0, batch.length, at);
+        disk.writeSync(fd, batch, 0, batch.length, at);
         at += batch.length;
         this.stats.largestRewriteBatch = Math.max(this.stats.largestRewriteBatch, records);
       };
@@ -319,24 +318,24 @@ export class Journal {
       if (at === HEADER_BYTES) put(this.encode([], sequence, size), 0);
       await fsync(fd);
     } catch (err) {
-      fs.rmSync(tmp, { force: true });
+      disk.rmSync(tmp, { force: true });
       throw new Error(`journal ${tmp}: compaction: ${(err as Error).message}`);
     } finally {
-      fs.closeSync(fd);
+      disk.closeSync(fd);
     }
-    fs.renameSync(tmp, this.path);
-    const dirFd = fs.openSync(this.path.slice(0, this.path.lastIndexOf('/')) || '.', 'r');
+    disk.renameSync(tmp, this.path);
+    const dirFd = disk.openSync(this.path.slice(0, this.path.lastIndexOf('/')) || '.', 'r');
     try {
       await fsync(dirFd);
     } finally {
-      fs.closeSync(dirFd);
+      disk.closeSync(dirFd);
     }
-    fs.closeSync(this.fd);
-    this.fd = fs.openSync(this.path, 'r+');
-    this.position = fs.fstatSync(this.fd).size;
+    disk.closeSync(this.fd);
+    this.fd = disk.openSync(this.path, 'r+');
+    this.position = disk.fstatSync(this.fd).size;
   }
 
   close(): void {
-    fs.closeSync(this.fd);
+    disk.closeSync(this.fd);
   }
 }
