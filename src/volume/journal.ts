@@ -110,8 +110,11 @@ export class Journal {
     return header;
   }
 
-  /** Open and replay. A torn tail batch is cut off (it was never acknowledged). */
-  static open(file: string, blockSize: number): { journal: Journal; state: JournalState } {
+  /**
+   * Open and replay. A torn tail batch is cut off (it was never acknowledged). `blockSize`
+   * and `maskBytes` are the volume's: a journal written with others is refused.
+   */
+  static open(file: string, blockSize: number, maskBytes: number): { journal: Journal; state: JournalState } {
     const data = fs.readFileSync(file);
     if (data.length < HEADER_BYTES || !data.subarray(0, 8).equals(MAGIC)) {
       throw new Error(`journal ${file}: not a volume journal (bad magic)`);
@@ -120,7 +123,10 @@ export class Journal {
     if (fileBlockSize !== blockSize) {
       throw new Error(`journal ${file}: written with block_size ${fileBlockSize}, volume says ${blockSize}`);
     }
-    const maskBytes = data.readUInt32BE(12);
+    const fileMaskBytes = data.readUInt32BE(12);
+    if (fileMaskBytes !== maskBytes) {
+      throw new Error(`journal ${file}: written with ${fileMaskBytes}-byte sector masks, the volume's ${blockSize}-byte chunks have ${maskBytes}`);
+    }
     const recordBytes = 8 + HASH_BYTES + maskBytes;
     const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), batches: 0, truncatedBytes: 0 };
     let at = HEADER_BYTES;
