@@ -162,7 +162,11 @@ export function runTarget(options: FuzzOptions): Promise<FuzzRun> {
     child.stderr.on('data', keep);
     child.on('error', reject);
     child.on('close', (code) => {
-      const executions = Number(/stat::number_of_executed_units:\s*(\d+)/.exec(output)?.[1] ?? /Done (\d+) runs/.exec(output)?.[1] ?? 0);
+      // The final stats of an async target can be cut off at exit; the last status line ("#N NEW ...") then says.
+      const statusLines = [...output.matchAll(/^#(\d+)\s/gm)];
+      const executions = Number(
+        /stat::number_of_executed_units:\s*(\d+)/.exec(output)?.[1] ?? (statusLines.length ? statusLines[statusLines.length - 1][1] : 0),
+      );
       const covered = [...output.matchAll(/\bcov: (\d+)/g)];
       const coverage = covered.length ? Number(covered[covered.length - 1][1]) : 0;
       const crashFile = fs.readdirSync(artifacts).find((f) => /^(crash|timeout|oom|leak)-/.test(f));

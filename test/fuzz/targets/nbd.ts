@@ -139,8 +139,12 @@ export async function fuzz(data: Buffer): Promise<void> {
     socket.push(Buffer.from(stream.subarray(at, at + piece)));
     await tick();
   }
-  // Let FLUSH and FUA finish, then hang up.
-  for (let round = 0; round < 20 && !socket.destroyed; round++) await new Promise((resolve) => setTimeout(resolve, 0));
+  // Let FLUSH and FUA finish (their syncs run on the thread pool), then hang up.
+  for (let round = 0, quiet = 0; round < 1000 && quiet < 10 && !socket.destroyed; round++) {
+    const before = socket.outputBytes;
+    await tick();
+    quiet = socket.outputBytes === before ? quiet + 1 : 0;
+  }
   socket.push(null);
   await closed;
   for (const volume of volumes.values()) await settle(volume);
