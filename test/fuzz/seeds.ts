@@ -150,6 +150,10 @@ function nbdSeeds(): Record<string, Buffer> {
     'structured-session-pieces': Buffer.concat([Buffer.from([7]), structured]),
     'simple-session': Buffer.concat([Buffer.from([0]), u32(0), option(P.OPT_EXPORT_NAME, Buffer.from('disk')), requests]),
     'read-only-session': Buffer.concat([Buffer.from([0]), flags, go('ro'), requests]),
+    // A client that sends 400 reads of the whole volume (106 MB of replies) and reads none of them.
+    'slow-reader': Buffer.concat([
+      Buffer.from([0x80]), flags, go('disk'), ...Array.from({ length: 400 }, (_, i) => request(P.CMD_READ, 0, i, 0, 4 * 65536 + 4096)),
+    ]),
     'refused-options': Buffer.concat([
       Buffer.from([0]), flags, option(P.OPT_STARTTLS), option(P.OPT_GO, name('no/such/..')), go('missing'), option(99, Buffer.from('x')), option(P.OPT_ABORT),
     ]),

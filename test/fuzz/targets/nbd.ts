@@ -2,13 +2,15 @@
 // fed a client's byte stream over an in-memory socket, through the same accept path a
 // TCP or unix connection takes, to two real volumes (one writable, one read-only).
 //
-// Input: byte 0 is the size of the pieces the stream arrives in (0: all at once), so
-// requests and options straddle receive chunks; the rest is what the client sends. Then
-// the client hangs up. Invariants:
+// Input: byte 0's low 7 bits are the size of the pieces the stream arrives in (0: all at
+// once), so requests and options straddle receive chunks; its high bit makes the client
+// read nothing until it has sent everything. The rest is what the client sends. Then the
+// client hangs up. Invariants:
 //   - nothing is thrown out of the server, no promise is rejected unhandled, and no
 //     negotiation or request fails "unexpectedly" (a non-protocol exception);
 //   - the server's output is a greeting, then well-formed option replies (an error type
 //     for what it refused), then an export reply or transmission replies with the right magic;
+//   - a client that does not read finds at most the server's stated bound of replies queued;
 //   - once the client is gone, neither volume still counts it as a client, and the
 //     volumes still serve a read (nothing was left half-done).
 import fs from 'node:fs';
@@ -27,8 +29,14 @@ import { Volume, VolumeError } from '../../../src/volume/volume.js';
 
 const BLOCK_SIZE = 65536;
 const VOLUME_BYTES = 4 * BLOCK_SIZE + 4096;
-/** Output bytes kept per connection: far more than a 16 KiB input can ask for, bounded all the same. */
-const MAX_OUTPUT_BYTES = 64 * 1024 * 1024;
+/** Output bytes kept per connection: bounded, as 16 KiB of reads of the whole volume would be 150 MB. */
+const MAX_OUTPUT_BYTES = 256 * 1024 * 1024;
+/**
+ * Reply bytes a client that reads nothing may find queued: the transmission phase's bound
+ * (MAX_QUEUED_REPLY_BYTES in transmission.ts, 64 MiB), the reply that crossed it, and the
+ * option replies of the negotiation.
+ */
+const MAX_QUEUED_BYTES = 64 * 1024 * 1024 + VOLUME_BYTES + 1024 * 1024;
 
 /** Log lines at warn and above; "unexpectedly" in one is a finding. */
 const problems: string[] = [];
@@ -71,22 +79,39 @@ const catalog: ExportCatalog = {
 };
 const server = new NbdServer(catalog, { handshakeTimeoutMs: 5000 }, log);
 
-/** The server's end of an in-memory connection: what it writes is kept; the client's bytes are pushed in. */
+/**
+ * The server's end of an in-memory connection: what it writes is kept; the client's bytes
+ * are pushed in. A slow client reads nothing until release(): the server's replies queue
+ * up in the socket (writableLength), as they do when a client does not read.
+ */
 class MemorySocket extends Duplex {
   readonly output: Buffer[] = [];
   outputBytes = 0;
+  /** The most bytes ever queued for the client. */
+  peakQueued = 0;
+  private held: (() => void) | undefined;
 
-  constructor() {
+  constructor(private slow: boolean) {
     super({ allowHalfOpen: false });
   }
 
   override _read(): void {}
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, done: (err?: Error) => void): void {
+    this.peakQueued = Math.max(this.peakQueued, this.writableLength);
     this.outputBytes += chunk.length;
     if (this.outputBytes > MAX_OUTPUT_BYTES) return done(new Error(`the server wrote more than ${MAX_OUTPUT_BYTES} bytes`));
     this.output.push(chunk);
-    done();
+    if (this.slow) this.held = () => done();
+    else done();
+  }
+
+  /** The client starts reading. */
+  release(): void {
+    this.slow = false;
+    const held = this.held;
+    this.held = undefined;
+    held?.();
   }
 }
 
@@ -130,9 +155,10 @@ async function settle(volume: Volume): Promise<void> {
 
 export async function fuzz(data: Buffer): Promise<void> {
   if (data.length === 0) return;
-  const piece = data[0] || data.length;
+  const slow = (data[0] & 0x80) !== 0;
+  const piece = data[0] & 0x7f || data.length;
   const stream = data.subarray(1);
-  const socket = new MemorySocket();
+  const socket = new MemorySocket(slow);
   const closed = new Promise((resolve) => socket.once('close', resolve));
   server['accept'](socket as never, 'off');
   for (let at = 0; at < stream.length; at += piece) {
@@ -140,10 +166,20 @@ export async function fuzz(data: Buffer): Promise<void> {
     await tick();
   }
   // Let FLUSH and FUA finish (their syncs run on the thread pool), then hang up.
-  for (let round = 0, quiet = 0; round < 1000 && quiet < 10 && !socket.destroyed; round++) {
-    const before = socket.outputBytes;
-    await tick();
-    quiet = socket.outputBytes === before ? quiet + 1 : 0;
+  const settleOutput = async () => {
+    for (let round = 0, quiet = 0; round < 1000 && quiet < 10 && !socket.destroyed; round++) {
+      const before = socket.outputBytes;
+      await tick();
+      quiet = socket.outputBytes === before ? quiet + 1 : 0;
+    }
+  };
+  await settleOutput();
+  if (slow) {
+    // Invariant 7: what a client that does not read makes the server queue is bounded.
+    socket.peakQueued = Math.max(socket.peakQueued, socket.writableLength);
+    if (socket.peakQueued > MAX_QUEUED_BYTES) throw new Error(`${socket.peakQueued} reply bytes queued for a client that does not read; at most ${MAX_QUEUED_BYTES}`);
+    socket.release();
+    await settleOutput();
   }
   socket.push(null);
   await closed;
