@@ -11,6 +11,7 @@ import { after, describe, test } from 'node:test';
 import { CODEC_LZ4, CODEC_ZSTD, compressBlock, decompressBlock, parseCompression } from '../src/crypto/compress.js';
 import { Journal } from '../src/volume/journal.js';
 import { ROOT, runTarget, TARGETS } from './fuzz/jazzer.js';
+import { nbdSlowReader } from './fuzz/seeds.js';
 
 /** Seconds of fuzzing per target in this test; a long pass is `npm run fuzz`. */
 const SECONDS = Number(process.env.UPDRAFT_FUZZ_SECONDS ?? 5);
@@ -34,6 +35,14 @@ describe('fuzz corpus replay', () => {
       }
     });
   }
+});
+
+describe('fuzz target checks', () => {
+  test('the NBD target holds the server to its bound of replies queued for a client that does not read', async () => {
+    const { fuzz } = (await import('./fuzz/targets/nbd.js')) as { fuzz: (data: Buffer) => Promise<void> };
+    // 400 reads of 266 KB: 106 MB of replies; the server stops serving past 64 MiB queued.
+    await fuzz(nbdSlowReader(400));
+  });
 });
 
 describe('fuzz findings', () => {

@@ -9,7 +9,9 @@
 //   - nothing is thrown out of the server, no promise is rejected unhandled, and no
 //     negotiation or request fails "unexpectedly" (a non-protocol exception);
 //   - the server's output is a greeting, then well-formed option replies (an error type
-//     for what it refused), then an export reply or transmission replies with the right magic;
+//     for what it refused), then an export reply, then transmission replies, each to a
+//     request the server took, and every request it took gets its reply (no hang) unless
+//     the server closed the connection;
 //   - a client that does not read finds at most the server's stated bound of replies queued;
 //   - once the client is gone, neither volume still counts it as a client, and the
 //     volumes still serve a read (nothing was left half-done).
@@ -24,12 +26,15 @@ import type { Fields, Logger } from '../../../src/log.js';
 import type { ExportCatalog } from '../../../src/nbd/handshake.js';
 import * as P from '../../../src/nbd/protocol.js';
 import { NbdServer } from '../../../src/nbd/server.js';
+import { Transmission } from '../../../src/nbd/transmission.js';
 import { volumeNameProblem } from '../../../src/volume/names.js';
 import { Volume, VolumeError } from '../../../src/volume/volume.js';
 
 const BLOCK_SIZE = 65536;
 const VOLUME_BYTES = 4 * BLOCK_SIZE + 4096;
-/** Output bytes kept per connection: bounded, as 16 KiB of reads of the whole volume would be 150 MB. */
+/** A request still without its reply this long after the client stopped sending is a hang (the run's limit is 10 s). */
+const REPLY_WAIT_MS = 3000;
+/** Output bytes per connection: bounded, though 16 KiB of reads of the whole volume ask for 150 MB. */
 const MAX_OUTPUT_BYTES = 256 * 1024 * 1024;
 /**
  * Reply bytes a client that reads nothing may find queued: the transmission phase's bound
@@ -85,11 +90,11 @@ const server = new NbdServer(catalog, { handshakeTimeoutMs: 5000 }, log);
  * up in the socket (writableLength), as they do when a client does not read.
  */
 class MemorySocket extends Duplex {
-  readonly output: Buffer[] = [];
   outputBytes = 0;
   /** The most bytes ever queued for the client. */
   peakQueued = 0;
   private held: (() => void) | undefined;
+  checker: ReplyChecker | undefined;
 
   constructor(private slow: boolean) {
     super({ allowHalfOpen: false });
@@ -101,7 +106,7 @@ class MemorySocket extends Duplex {
     this.peakQueued = Math.max(this.peakQueued, this.writableLength);
     this.outputBytes += chunk.length;
     if (this.outputBytes > MAX_OUTPUT_BYTES) return done(new Error(`the server wrote more than ${MAX_OUTPUT_BYTES} bytes`));
-    this.output.push(chunk);
+    this.checker!.feed(chunk);
     if (this.slow) this.held = () => done();
     else done();
   }
@@ -115,34 +120,124 @@ class MemorySocket extends Duplex {
   }
 }
 
-/** Check the server's output against the protocol; throws on the first thing out of place. */
-function checkOutput(out: Buffer, clientFlags: number): void {
-  if (out.length < 18 || out.readBigUInt64BE(0) !== P.NBDMAGIC || out.readBigUInt64BE(8) !== P.IHAVEOPT) {
-    throw new Error(`the server did not start with the newstyle greeting: ${out.subarray(0, 18).toString('hex')}`);
+/** A request the server parsed and served (recorded from Transmission's serve). */
+interface Served {
+  type: number;
+  cookie: string;
+  length: number;
+  answered: boolean;
+}
+
+/** Requests each connection's transmission served, in order. */
+const served = new WeakMap<object, Served[]>();
+const serve = Transmission.prototype['serve'];
+Transmission.prototype['serve'] = function (this: Transmission, header: Buffer, payload: Buffer[] | undefined) {
+  let list = served.get(this['socket']);
+  if (!list) served.set(this['socket'], (list = []));
+  list.push({ type: header.readUInt16BE(6), cookie: header.toString('hex', 8, 16), length: header.readUInt32BE(24), answered: false });
+  return serve.call(this, header, payload);
+};
+
+/**
+ * Reads the server's output as it is written and checks it against the protocol: the
+ * greeting, well-formed option replies, the export reply, then transmission replies each
+ * answering a request the server served. Throws on the first thing out of place.
+ */
+class ReplyChecker {
+  private phase: 'greeting' | 'options' | 'export' | 'transmission' = 'greeting';
+  /** Bytes not parsed yet: at most one header or option reply. */
+  private unparsed = Buffer.alloc(0);
+  /** Read payload bytes still to pass over. */
+  private skip = 0;
+  private lastAck = -1;
+  private offset = 0;
+
+  constructor(
+    private readonly clientFlags: number,
+    private readonly requests: () => Served[],
+  ) {}
+
+  /** Requests (other than NBD_CMD_DISC) still without their final reply. */
+  waiting(): Served[] {
+    return this.requests().filter((r) => !r.answered && r.type !== P.CMD_DISC);
   }
-  let at = 18;
-  let lastAck = -1;
-  while (at + 8 <= out.length && out.readBigUInt64BE(at) === P.OPTION_REPLY_MAGIC) {
-    if (at + 20 > out.length) throw new Error(`option reply header cut short at byte ${at}`);
-    const option = out.readUInt32BE(at + 8);
-    const type = out.readUInt32BE(at + 12);
-    const length = out.readUInt32BE(at + 16);
-    const known = [P.REP_ACK, P.REP_SERVER, P.REP_INFO, P.REP_META_CONTEXT].includes(type) || (type >= P.REP_ERR_UNSUP && type <= P.REP_ERR_TOO_BIG);
-    if (!known) throw new Error(`option ${option}: reply type 0x${type.toString(16)} is not one the spec defines`);
-    if (at + 20 + length > out.length) throw new Error(`option ${option}: reply of ${length} bytes cut short`);
-    lastAck = type === P.REP_ACK ? option : -1;
-    at += 20 + length;
+
+  feed(chunk: Buffer): void {
+    if (this.skip >= chunk.length) {
+      this.skip -= chunk.length;
+      this.offset += chunk.length;
+      return;
+    }
+    this.offset += this.skip;
+    this.unparsed = Buffer.concat([this.unparsed, chunk.subarray(this.skip)]);
+    this.skip = 0;
+    while (this.step());
   }
-  if (at === out.length) return;
-  if (lastAck !== P.OPT_GO) {
-    // NBD_OPT_EXPORT_NAME's reply: size, transmission flags, and 124 zeros unless the client said no.
-    const bytes = clientFlags & P.FLAG_C_NO_ZEROES ? 10 : 134;
-    if (at + bytes > out.length) throw new Error(`${out.length - at} bytes after the option replies are neither an option reply nor an export reply`);
-    at += bytes;
+
+  /** Parse one thing from `unparsed`; false when more bytes are needed. */
+  private step(): boolean {
+    const out = this.unparsed;
+    const at = this.offset;
+    const consume = (bytes: number, payload = 0) => {
+      this.unparsed = out.subarray(Math.min(bytes + payload, out.length));
+      this.skip = Math.max(0, bytes + payload - out.length);
+      this.offset += Math.min(bytes + payload, out.length);
+      return this.skip === 0;
+    };
+    switch (this.phase) {
+      case 'greeting':
+        if (out.length < 18) return false;
+        if (out.readBigUInt64BE(0) !== P.NBDMAGIC || out.readBigUInt64BE(8) !== P.IHAVEOPT) {
+          throw new Error(`the server did not start with the newstyle greeting: ${out.subarray(0, 18).toString('hex')}`);
+        }
+        this.phase = 'options';
+        return consume(18);
+      case 'options': {
+        if (out.length < 8) return false;
+        if (out.readBigUInt64BE(0) !== P.OPTION_REPLY_MAGIC) {
+          this.phase = this.lastAck === P.OPT_GO ? 'transmission' : 'export';
+          return true;
+        }
+        if (out.length < 20) return false;
+        const option = out.readUInt32BE(8);
+        const type = out.readUInt32BE(12);
+        const known = [P.REP_ACK, P.REP_SERVER, P.REP_INFO, P.REP_META_CONTEXT].includes(type) || (type >= P.REP_ERR_UNSUP && type <= P.REP_ERR_TOO_BIG);
+        if (!known) throw new Error(`option ${option}: reply at byte ${at} has type 0x${type.toString(16)}, which the spec does not define`);
+        if (out.length < 20 + out.readUInt32BE(16)) return false;
+        this.lastAck = type === P.REP_ACK ? option : -1;
+        return consume(20 + out.readUInt32BE(16));
+      }
+      case 'export': {
+        // NBD_OPT_EXPORT_NAME's reply: size, transmission flags, and 124 zeros unless the client said no.
+        const bytes = this.clientFlags & P.FLAG_C_NO_ZEROES ? 10 : 134;
+        if (out.length < bytes) return false;
+        this.phase = 'transmission';
+        return consume(bytes);
+      }
+      case 'transmission': {
+        if (out.length < 4) return false;
+        const magic = out.readUInt32BE(0);
+        if (magic === P.SIMPLE_REPLY_MAGIC) {
+          if (out.length < P.SIMPLE_REPLY_BYTES) return false;
+          const request = this.answer(out.toString('hex', 8, 16), true, at);
+          return consume(P.SIMPLE_REPLY_BYTES, out.readUInt32BE(4) === 0 && request.type === P.CMD_READ ? request.length : 0);
+        }
+        if (magic === P.STRUCTURED_REPLY_MAGIC) {
+          if (out.length < P.STRUCTURED_REPLY_BYTES) return false;
+          this.answer(out.toString('hex', 8, 16), (out.readUInt16BE(4) & P.REPLY_FLAG_DONE) !== 0, at);
+          return consume(P.STRUCTURED_REPLY_BYTES, out.readUInt32BE(16));
+        }
+        throw new Error(`transmission reply at byte ${at} has magic 0x${magic.toString(16)}`);
+      }
+    }
   }
-  if (at + 4 <= out.length) {
-    const magic = out.readUInt32BE(at);
-    if (magic !== P.SIMPLE_REPLY_MAGIC && magic !== P.STRUCTURED_REPLY_MAGIC) throw new Error(`first transmission reply has magic 0x${magic.toString(16)}`);
+
+  /** The served request a reply with `cookie` answers (the oldest waiting one). */
+  private answer(cookie: string, final: boolean, at: number): Served {
+    const request = this.requests().find((r) => r.cookie === cookie && !r.answered && r.type !== P.CMD_DISC);
+    if (!request) throw new Error(`the reply at byte ${at} has cookie ${cookie}, which no request waiting for a reply carries`);
+    if (final) request.answered = true;
+    return request;
   }
 }
 
@@ -159,32 +254,40 @@ export async function fuzz(data: Buffer): Promise<void> {
   const piece = data[0] & 0x7f || data.length;
   const stream = data.subarray(1);
   const socket = new MemorySocket(slow);
+  const checker = new ReplyChecker(stream.length >= 4 ? stream.readUInt32BE(0) : 0, () => served.get(socket) ?? []);
+  socket.checker = checker;
   const closed = new Promise((resolve) => socket.once('close', resolve));
   server['accept'](socket as never, 'off');
   for (let at = 0; at < stream.length; at += piece) {
     socket.push(Buffer.from(stream.subarray(at, at + piece)));
     await tick();
   }
-  // Let FLUSH and FUA finish (their syncs run on the thread pool), then hang up.
-  const settleOutput = async () => {
-    for (let round = 0, quiet = 0; round < 1000 && quiet < 10 && !socket.destroyed; round++) {
-      const before = socket.outputBytes;
-      await tick();
-      quiet = socket.outputBytes === before ? quiet + 1 : 0;
-    }
-  };
-  await settleOutput();
   if (slow) {
     // Invariant 7: what a client that does not read makes the server queue is bounded.
+    for (let round = 0, quiet = 0; round < 1000 && quiet < 10 && !socket.destroyed; round++) {
+      const before = socket.writableLength;
+      await tick();
+      quiet = socket.writableLength === before ? quiet + 1 : 0;
+    }
     socket.peakQueued = Math.max(socket.peakQueued, socket.writableLength);
     if (socket.peakQueued > MAX_QUEUED_BYTES) throw new Error(`${socket.peakQueued} reply bytes queued for a client that does not read; at most ${MAX_QUEUED_BYTES}`);
     socket.release();
-    await settleOutput();
+  }
+  // Every request the server took gets its reply (FLUSH and FUA once their syncs on the
+  // thread pool are done), unless the server closed the connection.
+  const waitingSince = Date.now();
+  for (let quiet = 0; quiet < 10 && !socket.destroyed; ) {
+    const before = socket.outputBytes;
+    await tick();
+    const waiting = checker.waiting();
+    quiet = socket.outputBytes === before && waiting.length === 0 ? quiet + 1 : 0;
+    if (waiting.length > 0 && Date.now() - waitingSince > REPLY_WAIT_MS) {
+      throw new Error(`no reply after ${REPLY_WAIT_MS} ms to ${waiting.length} requests: ${JSON.stringify(waiting.slice(0, 5))}`);
+    }
   }
   socket.push(null);
   await closed;
   for (const volume of volumes.values()) await settle(volume);
-  checkOutput(Buffer.concat(socket.output), stream.length >= 4 ? stream.readUInt32BE(0) : 0);
   // Still serving: a read of the whole volume goes through.
   for (const volume of volumes.values()) volume.read(0, VOLUME_BYTES, Buffer.alloc(VOLUME_BYTES), 0);
   if (problems.length > 0 || unhandled.length > 0) {
