@@ -73,7 +73,8 @@ describe('fuzz findings', () => {
   });
 });
 
-describe('fuzzing with Jazzer.js', () => {
+// Two targets at a time: each Jazzer process runs on one core.
+describe('fuzzing with Jazzer.js', { concurrency: 2 }, () => {
   for (const target of TARGETS) {
     test(`${target}: ${SECONDS} s of coverage-guided fuzzing find nothing`, async (t) => {
       const run = await runTarget({ target, seconds: SECONDS, workDir });
