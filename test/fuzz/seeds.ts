@@ -53,7 +53,7 @@ function manifestSeeds(): Record<string, Buffer> {
     'none': Buffer.concat([Buffer.from([2]), encodeManifest(key, manifest, parseCompression('none'), PLAINTEXT)]),
     'lz4': Buffer.concat([Buffer.from([2]), encodeManifest(key, manifest, parseCompression('lz4'), PLAINTEXT)]),
     'zstd': Buffer.concat([Buffer.from([6]), encodeManifest(key, manifest, parseCompression('zstd-3'), PLAINTEXT)]),
-    'encrypted': Buffer.concat([Buffer.from([0]), encodeManifest(key, manifest, parseCompression('lz4'), storeCipher(FUZZ_DATA_KEY))]),
+    'encrypted': Buffer.concat([Buffer.from([0x0a]), encodeManifest(key, manifest, parseCompression('lz4'), storeCipher(FUZZ_DATA_KEY))]),
   };
 }
 
@@ -65,7 +65,7 @@ function packSeeds(): Record<string, Buffer> {
     'none': Buffer.concat([Buffer.from([2]), packOf(small, 'none').body]),
     'lz4': Buffer.concat([Buffer.from([2]), packOf(small, 'lz4').body]),
     'zstd': Buffer.concat([Buffer.from([2]), packOf([...small, random], 'zstd-3').body]),
-    'encrypted': Buffer.concat([Buffer.from([0]), encodePack(small.map((data) => ({ hash: storeCipher(FUZZ_DATA_KEY).blockHash(data), data })), parseCompression('lz4'), storeCipher(FUZZ_DATA_KEY)).body]),
+    'encrypted': Buffer.concat([Buffer.from([0x12]), encodePack(small.map((data) => ({ hash: storeCipher(FUZZ_DATA_KEY).blockHash(data), data })), parseCompression('lz4'), storeCipher(FUZZ_DATA_KEY)).body]),
     'round-trip': Buffer.concat([Buffer.from([1 | (1 << 2), 3]), block(4, 3000)]),
   };
 }

@@ -4,16 +4,19 @@
 //   bit 1  (whole objects) the stored length and checksum are fixed up, so mutations of
 //          the codec, cipher and raw length fields get past the checksum
 //   bit 2  the round trip compresses with zstd instead of none
+//   bit 3  the store is encrypted (a fixed test key; the seeds hold a manifest sealed with it)
 // Any bytes decode to a Manifest or a FormatError naming the key; a decoded manifest
 // encodes and decodes to itself.
 import { Blake3Hasher } from '@napi-rs/blake-hash';
-import { PLAINTEXT } from '../../../src/crypto/cipher.js';
+import { PLAINTEXT, storeCipher } from '../../../src/crypto/cipher.js';
 import { parseCompression } from '../../../src/crypto/compress.js';
 import { FormatError } from '../../../src/store/errors.js';
 import { decodeManifest, encodeManifest, MANIFEST_HEADER_BYTES, MANIFEST_MAGIC } from '../../../src/store/manifest.js';
 import { refusedOr, sameValue } from '../expect.js';
+import { FUZZ_DATA_KEY } from '../seeds.js';
 
 const KEY = 'volumes/disk/manifest';
+const SEALED = storeCipher(FUZZ_DATA_KEY);
 const NONE = parseCompression('none');
 const ZSTD = parseCompression('zstd-1');
 
@@ -43,8 +46,9 @@ export function fuzz(data: Buffer): void {
     object = Buffer.from(data.subarray(1));
     if (mode & 2 && object.length >= MANIFEST_HEADER_BYTES) fixManifestHeader(object);
   }
-  const manifest = refusedOr(() => decodeManifest(KEY, object, PLAINTEXT), FormatError, KEY);
+  const cipher = mode & 8 ? SEALED : PLAINTEXT;
+  const manifest = refusedOr(() => decodeManifest(KEY, object, cipher), FormatError, KEY);
   if (manifest === undefined) return;
-  const again = decodeManifest(KEY, encodeManifest(KEY, manifest, mode & 4 ? ZSTD : NONE, PLAINTEXT), PLAINTEXT);
+  const again = decodeManifest(KEY, encodeManifest(KEY, manifest, mode & 4 ? ZSTD : NONE, cipher), cipher);
   sameValue(`manifest ${KEY}`, again, manifest);
 }

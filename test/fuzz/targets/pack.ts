@@ -3,23 +3,26 @@
 //          packed (bits 2-3 pick none, lz4 or zstd) and must all come back out unchanged
 //   bit 1  (decoding) the header and index checksum are fixed up, so mutations of the
 //          index reach the entry checks
+//   bit 4  (decoding) the store is encrypted (a fixed test key; the seeds hold a pack sealed with it)
 // Decoding: any bytes give the pack's entries, every one of which unpacks to its block or
 // to a FormatError, or a FormatError naming the key; nothing else is thrown.
 import { Blake3Hasher } from '@napi-rs/blake-hash';
-import { PLAINTEXT } from '../../../src/crypto/cipher.js';
+import { PLAINTEXT, storeCipher } from '../../../src/crypto/cipher.js';
 import { parseCompression } from '../../../src/crypto/compress.js';
 import { blockHash } from '../../../src/crypto/hash.js';
 import { FormatError } from '../../../src/store/errors.js';
 import { decodePackIndex, encodePack, PACK_ENTRY_BYTES, PACK_HEADER_BYTES, unpackBlock, verifyPackId, type PackBlock } from '../../../src/store/pack.js';
 import { refusedOr } from '../expect.js';
+import { FUZZ_DATA_KEY } from '../seeds.js';
 
 const KEY = 'packs/00/00000000000000000000000000000000';
+const SEALED = storeCipher(FUZZ_DATA_KEY);
 const COMPRESSIONS = [parseCompression('none'), parseCompression('lz4'), parseCompression('zstd-1'), parseCompression('lz4')];
 
-/** Write the header and index checksum of a plaintext pack whose index fits in `pack`. */
-export function fixPackChecksum(pack: Buffer): void {
+/** Write the header and index checksum of a pack whose index (sealed with `overhead` more bytes) fits in `pack`. */
+export function fixPackChecksum(pack: Buffer, overhead: number): void {
   if (pack.length < PACK_HEADER_BYTES) return;
-  const indexEnd = PACK_HEADER_BYTES + pack.readUInt32LE(12) * PACK_ENTRY_BYTES;
+  const indexEnd = PACK_HEADER_BYTES + pack.readUInt32LE(12) * PACK_ENTRY_BYTES + overhead;
   if (indexEnd > pack.length) return;
   new Blake3Hasher().update(pack.subarray(0, 16)).update(pack.subarray(PACK_HEADER_BYTES, indexEnd)).digestBuffer().copy(pack, 16, 0, 16);
 }
@@ -55,11 +58,12 @@ export function fuzz(data: Buffer): void {
   const mode = data[0];
   const rest = Buffer.from(data.subarray(1));
   if (mode & 1) return roundTrip(mode, rest);
-  if (mode & 2) fixPackChecksum(rest);
+  const cipher = mode & 0x10 ? SEALED : PLAINTEXT;
+  if (mode & 2) fixPackChecksum(rest, cipher.overhead);
   refusedOr(() => verifyPackId(KEY, rest), FormatError, KEY);
-  const entries = refusedOr(() => decodePackIndex(KEY, rest, PLAINTEXT), FormatError, KEY);
+  const entries = refusedOr(() => decodePackIndex(KEY, rest, cipher), FormatError, KEY);
   for (const entry of entries ?? []) {
-    const block = refusedOr(() => unpackBlock(KEY, rest, entry, PLAINTEXT), FormatError, KEY);
-    if (block !== undefined && !blockHash(block).equals(entry.hash)) throw new Error(`pack ${KEY}: a block unpacked that does not match its name`);
+    const block = refusedOr(() => unpackBlock(KEY, rest, entry, cipher), FormatError, KEY);
+    if (block !== undefined && !cipher.blockHash(block).equals(entry.hash)) throw new Error(`pack ${KEY}: a block unpacked that does not match its name`);
   }
 }
