@@ -74,6 +74,21 @@ describe('fuzz findings', () => {
 });
 
 // Two targets at a time: each Jazzer process runs on one core.
+describe('fuzz findings: the journal', () => {
+  test("a journal batch naming a chunk past the end of its volume is refused", async () => {
+    const file = path.join(workDir, 'journal-chunks');
+    const journal = await Journal.create(file, 65536, 2, 65536 * 4);
+    await journal.commit([{ chunk: 3, hash: Buffer.alloc(16, 1), mask: Buffer.alloc(2) }], 1, 65536 * 4);
+    journal.close();
+    assert.equal(Journal.open(file, 65536, 2).state.chunks.size, 1);
+    // 2^32 + 3: past the volume, and an alias of chunk 3 for a 32-bit page index.
+    const far = await Journal.create(file, 65536, 2, 65536 * 4);
+    await far.commit([{ chunk: 2 ** 32 + 3, hash: Buffer.alloc(16, 1), mask: Buffer.alloc(2) }], 1, 65536 * 4);
+    far.close();
+    assert.throws(() => Journal.open(file, 65536, 2), /^Error: journal .*journal-chunks: the batch at byte \d+ names chunk 4294967299, past the end of its 262144-byte volume$/);
+  });
+});
+
 describe('fuzzing with Jazzer.js', { concurrency: 2 }, () => {
   for (const target of TARGETS) {
     test(`${target}: ${SECONDS} s of coverage-guided fuzzing find nothing`, async (t) => {

@@ -142,8 +142,13 @@ export class Journal {
       if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
       state.sequence = Number(data.readBigUInt64BE(at + 8));
       state.size = Number(data.readBigUInt64BE(at + 16));
+      // A volume never shrinks: every chunk a batch names is inside the size it records.
+      const chunks = Math.ceil(state.size / blockSize);
       for (let r = at + BATCH_HEADER_BYTES; r < end; r += size) {
         const chunk = Number(data.readBigUInt64BE(r));
+        if (chunk >= chunks) {
+          throw new Error(`journal ${file}: the batch at byte ${at} names chunk ${data.readBigUInt64BE(r)}, past the end of its ${state.size}-byte volume`);
+        }
         // Copies: the records outlive the file buffer (a map record's mask is the shared empty one).
         state.chunks.set(chunk, {
           chunk,

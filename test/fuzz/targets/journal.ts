@@ -1,8 +1,9 @@
 // Fuzz target: a volume's metadata journal (volume/journal.ts). The first byte says how
 // the rest is used: bit 0 writes a valid header (magic, this volume's block size), bit 1
 // fixes up the checksum of every whole batch, so mutations reach the batch records. Any
-// file replays (a torn tail cut) or fails with an Error naming the file; a file it
-// replayed opens again to the same state with nothing cut.
+// file replays (a torn tail cut) or fails with an Error naming the file; what it replays
+// has the volume's sector mask size and chunks inside the volume; a file it replayed
+// opens again to the same state with nothing cut.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -42,6 +43,10 @@ export function fuzz(data: Buffer): void {
   const opened = refusedOr(() => Journal.open(FILE, BLOCK_SIZE, MASK_BYTES), Error, FILE);
   if (opened === undefined) return;
   opened.journal.close();
+  // A volume never shrinks, so every chunk a journal names is inside its final size.
+  for (const chunk of opened.state.chunks.keys()) {
+    if (chunk >= Math.ceil(opened.state.size / BLOCK_SIZE)) throw new Error(`journal ${FILE}: replayed chunk ${chunk} of a ${opened.state.size}-byte volume`);
+  }
   // A 64 KiB chunk has 16 sectors of 4 KiB: a 2-byte mask. Records of another mask size cannot be this volume's.
   if (opened.journal.maskBytes !== MASK_BYTES) throw new Error(`journal ${FILE}: opened with ${opened.journal.maskBytes}-byte sector masks for ${BLOCK_SIZE}-byte chunks`);
   const again = Journal.open(FILE, BLOCK_SIZE, MASK_BYTES);
