@@ -43,7 +43,7 @@ const MAX_OUTPUT_BYTES = 256 * 1024 * 1024;
  */
 const MAX_QUEUED_BYTES = 64 * 1024 * 1024 + VOLUME_BYTES + 1024 * 1024;
 
-/** Log lines at warn and above; "unexpectedly" in one is a finding. */
+/** Error log lines that say a negotiation or request failed "unexpectedly": findings. */
 const problems: string[] = [];
 const log: Logger = {
   debug: () => undefined,
