@@ -87,6 +87,15 @@ describe('fuzz findings: the journal', () => {
     far.close();
     assert.throws(() => Journal.open(file, 65536, 2), /^Error: journal .*journal-chunks: the batch at byte \d+ names chunk 4294967299, past the end of its 262144-byte volume$/);
   });
+
+  test('a journal whose volume shrinks from one batch to the next is refused', async () => {
+    const file = path.join(workDir, 'journal-size');
+    const journal = await Journal.create(file, 65536, 2, 65536 * 4);
+    await journal.commit([{ chunk: 3, hash: Buffer.alloc(16, 1), mask: Buffer.alloc(2) }], 1, 65536 * 4);
+    await journal.commit([], 2, 65536);
+    journal.close();
+    assert.throws(() => Journal.open(file, 65536, 2), /^Error: journal .*journal-size: the batch at byte \d+ records a 65536-byte volume, smaller than the 262144 bytes before it$/);
+  });
 });
 
 describe('fuzzing with Jazzer.js', { concurrency: 2 }, () => {

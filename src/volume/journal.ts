@@ -141,8 +141,13 @@ export class Journal {
       const sum = blake3(data.subarray(at, end)).subarray(0, CHECKSUM_BYTES);
       if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
       state.sequence = Number(data.readBigUInt64BE(at + 8));
-      state.size = Number(data.readBigUInt64BE(at + 16));
-      // A volume never shrinks: every chunk a batch names is inside the size it records.
+      const volumeSize = Number(data.readBigUInt64BE(at + 16));
+      // A volume never shrinks: no batch records a smaller size than the one before, and
+      // every chunk a batch names is inside the size it records.
+      if (volumeSize < state.size) {
+        throw new Error(`journal ${file}: the batch at byte ${at} records a ${volumeSize}-byte volume, smaller than the ${state.size} bytes before it`);
+      }
+      state.size = volumeSize;
       const chunks = Math.ceil(state.size / blockSize);
       for (let r = at + BATCH_HEADER_BYTES; r < end; r += size) {
         const chunk = Number(data.readBigUInt64BE(r));
