@@ -124,8 +124,11 @@ export class Journal {
     return header;
   }
 
-  /** Open and replay. A torn tail batch is cut off (it was never acknowledged). */
-  static open(file: string, blockSize: number): { journal: Journal; state: JournalState } {
+  /**
+   * Open and replay. A torn tail batch is cut off (it was never acknowledged). `blockSize`
+   * and `maskBytes` are the volume's: a journal written with others is refused.
+   */
+  static open(file: string, blockSize: number, maskBytes: number): { journal: Journal; state: JournalState } {
     const data = disk.readFileSync(file);
     if (data.length < HEADER_BYTES || !data.subarray(0, 8).equals(MAGIC)) {
       throw new Error(`journal ${file}: not a volume journal (bad magic)`);
@@ -134,7 +137,10 @@ export class Journal {
     if (fileBlockSize !== blockSize) {
       throw new Error(`journal ${file}: written with block_size ${fileBlockSize}, volume says ${blockSize}`);
     }
-    const maskBytes = data.readUInt32BE(12);
+    const fileMaskBytes = data.readUInt32BE(12);
+    if (fileMaskBytes !== maskBytes) {
+      throw new Error(`journal ${file}: written with ${fileMaskBytes}-byte sector masks, the volume's ${blockSize}-byte chunks have ${maskBytes}`);
+    }
     const recordBytes = 8 + HASH_BYTES + maskBytes;
     const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), batches: 0, truncatedBytes: 0 };
     let at = HEADER_BYTES;
@@ -149,9 +155,19 @@ export class Journal {
       const sum = blake3(data.subarray(at, end)).subarray(0, CHECKSUM_BYTES);
       if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
       state.sequence = Number(data.readBigUInt64BE(at + 8));
-      state.size = Number(data.readBigUInt64BE(at + 16));
+      const volumeSize = Number(data.readBigUInt64BE(at + 16));
+      // A volume never shrinks: no batch records a smaller size than the one before, and
+      // every chunk a batch names is inside the size it records.
+      if (volumeSize < state.size) {
+        throw new Error(`journal ${file}: the batch at byte ${at} records a ${volumeSize}-byte volume, smaller than the ${state.size} bytes before it`);
+      }
+      state.size = volumeSize;
+      const chunks = Math.ceil(state.size / blockSize);
       for (let r = at + BATCH_HEADER_BYTES; r < end; r += size) {
         const chunk = Number(data.readBigUInt64BE(r));
+        if (chunk >= chunks) {
+          throw new Error(`journal ${file}: the batch at byte ${at} names chunk ${data.readBigUInt64BE(r)}, past the end of its ${state.size}-byte volume`);
+        }
         // Copies: the records outlive the file buffer (a map record's mask is the shared empty one).
         state.chunks.set(chunk, {
           chunk,

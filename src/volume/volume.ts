@@ -112,6 +112,11 @@ export interface VolumeContext {
   syncFailures?: SyncFailureCounts;
 }
 
+/** Bytes of a chunk's sector presence mask: one bit per 4 KiB sector, at least one byte. */
+function maskBytesOf(blockSize: number): number {
+  return Math.max(1, (blockSize >>> SECTOR_SHIFT) >>> 3);
+}
+
 const ZERO_BLOCK_CACHE = new Map<number, Buffer>();
 function zeroBlock(size: number): Buffer {
   let block = ZERO_BLOCK_CACHE.get(size);
@@ -199,7 +204,7 @@ export class Volume {
   ) {
     this.blockSize = identity.blockSize;
     this.sectorsPerChunk = this.blockSize >>> SECTOR_SHIFT;
-    this.maskBytes = Math.max(1, this.sectorsPerChunk >>> 3);
+    this.maskBytes = maskBytesOf(this.blockSize);
     this.size = size;
     this.sequence = sequence;
     this.cache = ctx.cache;
@@ -216,14 +221,13 @@ export class Volume {
   static async create(dir: string, name: string, size: number, blockSize: number, ctx: VolumeContext, initial?: { map: BlockMap; sequence: number }): Promise<Volume> {
     disk.mkdirSync(dir, { recursive: true });
     const identity: VolumeIdentity = { format: 1, name, blockSize, created: new Date().toISOString() };
-    const sectors = blockSize >>> SECTOR_SHIFT;
     // The journal is written last: a folder without a valid journal is an unfinished create.
     const identityPath = path.join(dir, 'volume.json');
     disk.writeFileSync(identityPath + '.tmp', JSON.stringify(identity, null, 2) + '\n');
     await fsyncPath(identityPath + '.tmp');
     disk.renameSync(identityPath + '.tmp', identityPath);
     const overlayFd = disk.openSync(path.join(dir, 'overlay'), 'w+');
-    const journal = await Journal.create(path.join(dir, 'journal'), blockSize, Math.max(1, sectors >>> 3), size, initial);
+    const journal = await Journal.create(path.join(dir, 'journal'), blockSize, maskBytesOf(blockSize), size, initial);
     await fsyncPath(dir);
     const volume = new Volume(name, dir, identity, overlayFd, journal, size, initial?.sequence ?? 0, ctx);
     if (initial !== undefined) volume.map = initial.map;
@@ -294,7 +298,7 @@ export class Volume {
     if (identity.format !== 1 || typeof identity.name !== 'string' || typeof identity.blockSize !== 'number') {
       throw new Error(`volume folder ${dir}: volume.json is not a format 1 volume identity`);
     }
-    const { journal, state } = Journal.open(path.join(dir, 'journal'), identity.blockSize);
+    const { journal, state } = Journal.open(path.join(dir, 'journal'), identity.blockSize, maskBytesOf(identity.blockSize));
     const overlayFd = disk.openSync(path.join(dir, 'overlay'), 'r+');
     const volume = new Volume(identity.name, dir, identity, overlayFd, journal, state.size, state.sequence, ctx);
     let missing = 0;
