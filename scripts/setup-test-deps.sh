@@ -27,6 +27,7 @@ checks=(
   "openssl openssl"
   "qemu-system-x86_64 qemu-system-x86"
   "debugfs e2fsprogs"
+  "g++ g++"
 )
 
 missing_packages() {

@@ -27,7 +27,7 @@ function defaultsAt(baseDir: string): Config {
       requestTimeoutMs: 10_000, requestDeadlineMs: 25_000,
     },
     aws: { accessKeyId: '', secretAccessKey: '', endpoint: '', defaultRegion: 'us-east-1', allowHttp: false, forcePathStyle: false },
-    host: { id: '', leaseTtlS: 30 },
+    host: { id: '', leaseTtlS: 30, clockSkewMarginS: 3 },
     servers: {
       nbd: {
         addresses: [],
@@ -104,7 +104,7 @@ describe('template', () => {
         cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second'],
         storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password', 'request_timeout_s', 'request_deadline_s'],
         aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
-        host: ['id', 'lease_ttl_s'],
+        host: ['id', 'lease_ttl_s', 'clock_skew_margin_s'],
         nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode', 'tls', 'tls_cert', 'tls_key'],
         http: ['address', 'token'],
         volumes: [
@@ -353,6 +353,16 @@ describe('access control', () => {
         'config: servers.http.token = (value hidden) is not allowed: "" or 16 to 4096 printable ASCII characters without spaces',
       ]);
     }
+  });
+
+  test('the clock skew margin is less than a third of the lease TTL, so the holder renews before it stops writing', () => {
+    assert.equal(parseConfig('[host]\nlease_ttl_s = 4\nclock_skew_margin_s = 1.2', BASE, {}).host.clockSkewMarginS, 1.2);
+    assert.deepEqual(problemsOf('[host]\nlease_ttl_s = 6'), [
+      'config: host.clock_skew_margin_s = 3 is not less than a third of host.lease_ttl_s = 6; the holder would stop writing before it renews',
+    ]);
+    assert.deepEqual(problemsOf('[host]\nclock_skew_margin_s = 0'), [
+      'config: host.clock_skew_margin_s = 0 is not allowed: a number of seconds from 0.1 to 1200, less than a third of lease_ttl_s',
+    ]);
   });
 
   test('tls = "on" or "require" needs tls_cert and tls_key; a certificate needs its key', () => {

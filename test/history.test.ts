@@ -217,7 +217,7 @@ async function fileStoreState(storeDir: string): Promise<Record<string, string>>
 
 test('holder A paused across B\'s promotion: A changes nothing in the store after it resumes and its late writes never show on B', { timeout: TIMEOUT }, async (t) => {
   const cluster: Cluster = await startCluster(fileStore);
-  const ttl = { host: { lease_ttl_s: 3 } };
+  const ttl = { host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 } };
   let paused: Daemon | null = null;
   try {
     const a = await cluster.start('host-a', ttl);
@@ -287,7 +287,7 @@ test('store faults (MinIO hangs during a drain, then dies and comes back) under 
   const cluster = await startCluster((dir) => minioStore(minio, dir));
   const m = minio!;
   try {
-    const ttl = { host: { lease_ttl_s: 6 } };
+    const ttl = { host: { lease_ttl_s: 6, clock_skew_margin_s: 1 } };
     const a = await cluster.start('host-a', ttl);
     const b = await cluster.start('host-b', ttl);
     await withLogs([a, b], async () => {
@@ -348,7 +348,7 @@ test('release while a lease renewal is in flight: the old holder acknowledges no
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
   const cluster = await startCluster((dir) => minioStore(minio, dir));
   try {
-    const ttl = { host: { lease_ttl_s: 3 } };
+    const ttl = { host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 } };
     const a = await cluster.start('host-a', { ...ttl, aws: { endpoint: proxy.endpoint } });
     const b = await cluster.start('host-b', ttl);
     await withLogs([a, b], async () => {
@@ -396,7 +396,7 @@ test('a drain renews the lease while the timer\'s renewal is held: the late rene
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
   const cluster = await startCluster((dir) => minioStore(minio, dir));
   try {
-    const a = await cluster.start('host-a', { host: { lease_ttl_s: 3 }, aws: { endpoint: proxy.endpoint } });
+    const a = await cluster.start('host-a', { host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 }, aws: { endpoint: proxy.endpoint } });
     await withLogs([a], async () => {
       await createVolume(a, VOLUME, VOLUME_MIB);
       const load = new Load(a, new Map([[a, 'a']]), SEED ^ 0x6);
@@ -472,11 +472,6 @@ test('a manifest PUT that got no answer: once the store answers again, the volum
 });
 
 test('A killed between its release\'s lease PUT and the answer, then restarted; B promotes: A acknowledges no write after that', { timeout: TIMEOUT }, async (t) => {
-  if (!process.env.UPDRAFT_HISTORY_KNOWN_BUGS) {
-    // Set UPDRAFT_HISTORY_KNOWN_BUGS=1 to run it.
-    t.skip('known bug, the release crash window: a holder killed after its released lease landed restarts as the writer and acknowledges writes the promoted host never sees');
-    return;
-  }
   const m = minio!;
   const upstream = new URL(m.endpoint);
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });

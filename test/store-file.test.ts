@@ -63,7 +63,7 @@ test('continuous mode: the store catches up after writes stop; after SIGKILL ano
   const cluster = await startCluster(fileStore);
   try {
     const intervals = { continuous_block_interval_ms: 500, continuous_manifest_interval_ms: 2000 };
-    const a = await cluster.start('host-a', { volumes: intervals, host: { lease_ttl_s: 3 } });
+    const a = await cluster.start('host-a', { volumes: intervals, host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 } });
     const b = await cluster.start('host-b');
     await withLogs([a, b], async () => {
       await createVolume(a, 'steady', 64, { flush_mode: 'continuous' });
@@ -382,10 +382,12 @@ test('fencing: a holder whose lease was taken over cannot write the manifest aga
       const c = await connect(a, 'split');
       await c.write(0, Buffer.alloc(CHUNK, 1));
       await drain(a, 'split');
-      // A is cut off from the store and its lease runs out: simulate the expiry in the store.
+      // A is cut off from the store and its lease runs out: simulate the expiry in the store
+      // (expiry counts from the store's stamp of the lease: make it a minute old, twice the TTL).
       const leaseFile = path.join(cluster.dir, 'store', 'volumes', 'split', 'lease');
       const lease = JSON.parse(fs.readFileSync(leaseFile, 'utf8'));
-      fs.writeFileSync(leaseFile, JSON.stringify({ ...lease, expires: new Date(Date.now() - 1000).toISOString() }));
+      const stamped = new Date(Date.now() - 60_000);
+      fs.utimesSync(leaseFile, stamped, stamped);
       const cb = await connect(b, 'split');
       const promoted = await b.api('POST', '/api/exports/split/promote');
       assert.equal(promoted.status, 200, promoted.text);

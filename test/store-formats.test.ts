@@ -15,7 +15,7 @@ import { ZERO_ALLOCATED_HASH, ZERO_HASH, blockHash } from '../src/crypto/hash.js
 import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { blockKey } from '../src/blocks/cache.js';
 import { FormatError } from '../src/store/errors.js';
-import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../src/store/lease.js';
+import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../src/store/lease.js';
 import {
   ManifestBuilder,
   ZERO_ALLOCATED_BLOCK,
@@ -704,13 +704,15 @@ describe('lease', () => {
     acquired: '2025-06-01T12:00:00.000Z',
   };
 
-  test('round trip, and liveness by expiry and release', () => {
+  test('round trip, and liveness by release and by its TTL from the store\'s stamp (whole seconds), whatever its times say', () => {
     assert.deepEqual(decodeLease(key, encodeLease(lease)), lease);
     assert.deepEqual(decodeLease(key, encodeLease({ ...lease, released: true })), { ...lease, released: true });
-    const expires = Date.parse(lease.expires);
-    assert.equal(leaseIsLive(lease, expires - 1), true);
-    assert.equal(leaseIsLive(lease, expires), false);
-    assert.equal(leaseIsLive({ ...lease, released: true }, expires - 1000), false);
+    // Stamped by the store a day after the holder's clock said: the TTL (60 s) counts from the stamp.
+    const stamp = new Date(Date.parse(lease.acquired) + 86_400_000);
+    const end = stamp.getTime() + 1000 + 60_000;
+    assert.equal(leaseIsLiveAt(lease, stamp, end), true);
+    assert.equal(leaseIsLiveAt(lease, stamp, end + 1), false);
+    assert.equal(leaseIsLiveAt({ ...lease, released: true }, stamp, stamp.getTime()), false);
   });
 
   test('a bad lease is a FormatError naming the key and the field', () => {

@@ -205,7 +205,7 @@ test('a store that refuses connections (MinIO killed): the same failures, quickl
 });
 
 test('a lease cannot be renewed while the store hangs: past its expiry writes are refused; once the store answers the same lease is renewed and writes go on', async () => {
-  const holder = await cluster!.start('holder', { ...STORE_BOUNDS, host: { lease_ttl_s: 6 } });
+  const holder = await cluster!.start('holder', { ...STORE_BOUNDS, host: { lease_ttl_s: 6, clock_skew_margin_s: 1 } });
   await withLogs([holder], async () => {
     await createVolume(holder, 'leased', 4);
     const client = await connect(holder, 'leased');

@@ -58,6 +58,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
     flush_mode: v.flushMode, dirty_budget_gb: v.dirtyBudgetBytes / GIB, store_dirty_bytes: v.storeDirtyBytes,
     lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
     failed: v.failed !== undefined, failure: v.failed ?? null,
+    ...(v.leaseLost === undefined ? {} : { lease_lost: v.leaseLost }),
   };
 }
 

@@ -6,16 +6,15 @@
 // A block referenced by a volume and not yet in the object store is pinned: it is the
 // only copy, so it is never evicted. Blocks nobody references and no store holds are
 // garbage and their slot is freed at once.
-import fs from 'node:fs';
+import { disk } from '../disk/disk.js';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { S3Fifo } from './s3fifo.js';
 import { HASH_BYTES, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 
-const fdatasync = promisify(fs.fdatasync);
-const write = promisify(fs.write);
-const read = promisify(fs.read);
+const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+const write = (...args: Parameters<typeof disk.write>) => disk.write(...args);
+const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
 
 /** Write a whole buffer at a position through the thread pool. */
 async function writeAt(fd: number, buf: Buffer, position: number): Promise<void> {
@@ -26,7 +25,7 @@ async function writeAt(fd: number, buf: Buffer, position: number): Promise<void>
   }
 }
 
-const writev = promisify(fs.writev);
+const writev = (...args: Parameters<typeof disk.writev>) => disk.writev(...args);
 
 /** Write buffers back to back from a position through the thread pool (one pwritev, then the rest if short). */
 async function writevAt(fd: number, buffers: Buffer[], position: number): Promise<void> {
@@ -211,20 +210,27 @@ export class BlockCache {
 
   /** Open (or create) the cache in `dir` and load its slot table. */
   static open(dir: string, opts: BlockCacheOptions, log: Logger): BlockCache {
-    fs.mkdirSync(dir, { recursive: true });
+    disk.mkdirSync(dir, { recursive: true });
     const tablePath = path.join(dir, 'blocks.slots');
     const slabPath = path.join(dir, 'blocks.slab');
-    const fresh = !fs.existsSync(tablePath);
-    const tableFd = fs.openSync(tablePath, fresh ? 'w+' : 'r+');
-    const slabFd = fs.openSync(slabPath, fs.existsSync(slabPath) ? 'r+' : 'w+');
+    const fresh = !disk.existsSync(tablePath);
+    const tableFd = disk.openSync(tablePath, fresh ? 'w+' : 'r+');
+    const slabFd = disk.openSync(slabPath, disk.existsSync(slabPath) ? 'r+' : 'w+');
     const cache = new BlockCache(dir, slabFd, tableFd, opts, log);
     if (fresh) {
       const header = Buffer.alloc(SLOT_ENTRY_BYTES);
       SLOT_TABLE_MAGIC.copy(header, 0);
       header.writeUInt32BE(opts.blockSize, 8);
       opts.namesId.copy(header, NAMES_ID_AT, 0, NAMES_ID_BYTES);
-      fs.writeSync(tableFd, header, 0, header.length, 0);
-      fs.fsyncSync(tableFd);
+      disk.writeSync(tableFd, header, 0, header.length, 0);
+      disk.fsyncSync(tableFd);
+      // The new files' names must survive a power cut too, or a flushed volume names blocks that vanished.
+      const dirFd = disk.openSync(dir, 'r');
+      try {
+        disk.fsyncSync(dirFd);
+      } finally {
+        disk.closeSync(dirFd);
+      }
     } else {
       cache.loadTable(opts.namesId);
     }
@@ -232,7 +238,7 @@ export class BlockCache {
   }
 
   private loadTable(namesId: Buffer): void {
-    const table = fs.readFileSync(path.join(this.dir, 'blocks.slots'));
+    const table = disk.readFileSync(path.join(this.dir, 'blocks.slots'));
     if (table.length < SLOT_ENTRY_BYTES || !table.subarray(0, 8).equals(SLOT_TABLE_MAGIC)) {
       throw new Error(`block cache ${this.dir}: blocks.slots is not a slot table (bad magic)`);
     }
@@ -359,7 +365,7 @@ export class BlockCache {
     this.counters.diskHits++;
     this.diskPolicy.hit(key);
     const position = slot.index * this.blockSize + offset;
-    const n = fs.readSync(this.slabFd, dst, dstOffset, length, position);
+    const n = disk.readSync(this.slabFd, dst, dstOffset, length, position);
     if (n !== length) throw new Error(`block cache: short read of slot ${slot.index} (${n} of ${length} bytes)`);
     return true;
   }
@@ -371,7 +377,7 @@ export class BlockCache {
    */
   private verifySync(key: BlockKey, slot: Slot): boolean {
     const block = (this.verifyBuffer ??= Buffer.allocUnsafe(this.blockSize));
-    const n = fs.readSync(this.slabFd, block, 0, this.blockSize, slot.index * this.blockSize);
+    const n = disk.readSync(this.slabFd, block, 0, this.blockSize, slot.index * this.blockSize);
     return this.judge(key, slot, n === this.blockSize && this.blockHash(block).toString('latin1') === key);
   }
 
@@ -780,7 +786,7 @@ export class BlockCache {
 
   async close(): Promise<void> {
     await this.settle();
-    fs.closeSync(this.slabFd);
-    fs.closeSync(this.tableFd);
+    disk.closeSync(this.slabFd);
+    disk.closeSync(this.tableFd);
   }
 }

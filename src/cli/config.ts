@@ -31,7 +31,7 @@ export interface Config {
     allowHttp: boolean;
     forcePathStyle: boolean;
   };
-  host: { id: string; leaseTtlS: number };
+  host: { id: string; leaseTtlS: number; clockSkewMarginS: number };
   servers: {
     nbd: {
       addresses: string[];
@@ -140,6 +140,13 @@ force_path_style = false
 id = ""
 # How long a volume lease lasts without renewal, in seconds. The holder renews at a third of it.
 lease_ttl_s = 30
+# How many seconds before another host may judge a lease expired its holder stops taking
+# writes, unless renewed. Expiry is judged on the object store's clock (the lease object's
+# Last-Modified), the holder's deadline on its own monotonic clock from when it sent the
+# lease, so hosts' wall clocks never matter; the margin covers the store tick that notices
+# (a quarter second), event-loop stalls and the store's clock running at another rate
+# than the host's. Less than a third of lease_ttl_s.
+clock_skew_margin_s = 3
 
 [servers.nbd]
 # TCP addresses to serve NBD on, as "host:port", e.g. ["0.0.0.0:10809", "[::1]:10809"].
@@ -386,6 +393,7 @@ const AWS = {
 const HOST = {
   id: setting(z.string().regex(/^([A-Za-z0-9._-]{1,64})?$/), '', '"" or 1 to 64 characters of A-Z a-z 0-9 . _ -'),
   lease_ttl_s: setting(z.number().int().min(1).max(3600), 30, 'an integer number of seconds from 1 to 3600'),
+  clock_skew_margin_s: setting(z.number().min(0.1).max(1200), 3, 'a number of seconds from 0.1 to 1200, less than a third of lease_ttl_s'),
 };
 
 const ADDRESS = 'IPv4, [IPv6] or hostname; port from 1 to 65535';
@@ -602,6 +610,13 @@ function crossKeyProblems(file: ConfigFile, problems: Problems): void {
       if (nbd[key] === '') problems.add(`servers.nbd.${key}`, `config: servers.nbd.tls = ${formatValue(nbd.tls)} needs servers.nbd.${key} (a PEM file)`);
     }
   }
+  if (file.host.clock_skew_margin_s >= file.host.lease_ttl_s / 3) {
+    problems.add(
+      'host.clock_skew_margin_s',
+      `config: host.clock_skew_margin_s = ${file.host.clock_skew_margin_s} is not less than a third of host.lease_ttl_s = ${file.host.lease_ttl_s}; ` +
+        'the holder would stop writing before it renews',
+    );
+  }
   if ((nbd.tls_cert === '') !== (nbd.tls_key === '')) {
     const [set, unset] = nbd.tls_cert === '' ? ['tls_key', 'tls_cert'] : ['tls_cert', 'tls_key'];
     problems.add(`servers.nbd.${unset}`, `config: servers.nbd.${set} is set but servers.nbd.${unset} is not; a certificate needs its key`);
@@ -705,7 +720,7 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       allowHttp: aws.allow_http,
       forcePathStyle: aws.force_path_style,
     },
-    host: { id: host.id, leaseTtlS: host.lease_ttl_s },
+    host: { id: host.id, leaseTtlS: host.lease_ttl_s, clockSkewMarginS: host.clock_skew_margin_s },
     servers: {
       nbd: {
         addresses: nbd.addresses,

@@ -407,14 +407,14 @@ function program(version: string): Command {
         print(await callDaemon(opts.config, 'DELETE', `${exportPath(name)}?purge=true${opts.force ? '&force=true' : ''}`));
         return;
       }
-      const [{ purgeVolume, MissingError }, { decodeLease, leaseIsLive }, { leaseKey }] = await Promise.all([
-        import('../store/catalog.js'), import('../store/lease.js'), import('../store/manifest.js'),
+      const [{ purgeVolume, MissingError }, { decodeLease, leaseIsLiveAt }, { leaseKey }, { clockKey, StoreClock }] = await Promise.all([
+        import('../store/catalog.js'), import('../store/lease.js'), import('../store/manifest.js'), import('../objectstore/clock.js'),
       ]);
       print(await withGc(opts.config, async (ctx, gc) => {
         const leased = await ctx.store.get(leaseKey(name));
         if (leased !== undefined) {
           const lease = decodeLease(leaseKey(name), leased.body);
-          if (leaseIsLive(lease, Date.now())) {
+          if (!lease.released && leaseIsLiveAt(lease, leased.lastModified, (await new StoreClock(ctx.store, clockKey('cli')).now()).earliest)) {
             throw new Error(`volume ${name} is leased by host ${lease.owner} until ${lease.expires}; delete it through that daemon (DELETE /api/exports/NAME?purge=true)`);
           }
         }

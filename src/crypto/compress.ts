@@ -169,11 +169,32 @@ function looksIncompressible(raw: Buffer): boolean {
   return lz4CompressSync(sample).length - 4 >= sample.length * SAMPLE_MAX_RATIO;
 }
 
+/** An LZ4 block expands at most this many times (a match length byte of 255 is 255 output bytes), plus a few bytes. */
+const LZ4_MAX_EXPANSION = 255;
+
+/**
+ * The raw bytes the zstd frames of `data` declare (every frame written here states its
+ * content size). Throws for a frame that is damaged or does not say.
+ */
+function zstdContentSize(data: Buffer): number {
+  let total = 0;
+  for (let at = 0; at < data.length; ) {
+    const frame = data.subarray(at);
+    const size = zstd.getFrameContentSize(frame);
+    if (size === null) throw new Error(`the frame at byte ${at} does not state its content size`);
+    total += size;
+    at += zstd.findFrameCompressedSize(frame);
+  }
+  return total;
+}
+
 /**
  * Decompress `data` written with `codec` into exactly `rawLength` bytes. Throws an Error
  * on an unknown codec, a codec error, or any other output length. CODEC_NONE returns
  * `data` itself (after checking its length). `maxLength` bounds the allocation a bad
  * length field can cause: a block by default; a manifest reader passes its own bound.
+ * Within it, a `rawLength` the compressed bytes cannot produce is refused before anything
+ * is allocated for it.
  */
 export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number, maxLength = MAX_BLOCK_BYTES): Buffer {
   if (!Number.isInteger(rawLength) || rawLength < 0 || rawLength > maxLength) {
@@ -184,6 +205,9 @@ export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number,
       if (data.length !== rawLength) throw new Error(`stored ${data.length} bytes uncompressed, expected ${rawLength}`);
       return data;
     case CODEC_LZ4: {
+      if (rawLength > LZ4_MAX_EXPANSION * data.length + 64) {
+        throw new Error(`lz4: ${data.length} bytes cannot decompress to ${rawLength} (LZ4 expands at most ${LZ4_MAX_EXPANSION}-fold)`);
+      }
       const need = 4 + data.length;
       let prefixed: Buffer;
       if (need > SCRATCH_MAX) {
@@ -204,6 +228,13 @@ export function decompressBlock(codec: CodecId, data: Buffer, rawLength: number,
       return raw;
     }
     case CODEC_ZSTD: {
+      let declared: number;
+      try {
+        declared = zstdContentSize(data);
+      } catch (err) {
+        throw new Error(`zstd: ${errorMessage(err)}`, { cause: err });
+      }
+      if (declared !== rawLength) throw new Error(`zstd: the frames hold ${declared} bytes, expected ${rawLength}`);
       const raw = Buffer.allocUnsafe(rawLength);
       zstdDecompressContext ??= new zstd.DCtx();
       let length: number;

@@ -3,6 +3,7 @@
 import type { Config } from '../cli/config.js';
 import type { Logger } from '../log.js';
 import type { StoreCipher } from '../crypto/cipher.js';
+import { clockKey, StoreClock } from '../objectstore/clock.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import type { PackIndex } from '../store/pack-index.js';
 import { Collector } from './collector.js';
@@ -21,6 +22,8 @@ function settleMsOf(storage: Config['storage']): number {
 
 export interface Gc {
   refcounts: PackRefcounts;
+  /** The store's clock intents are aged on; the daemon's host judges leases on the same one. */
+  clock: StoreClock;
   collector: Collector;
   close(): Promise<void>;
 }
@@ -38,7 +41,8 @@ export async function openGc(config: Config, store: ObjectStore, cipher: StoreCi
   try {
     const settleMs = settleMsOf(config.storage);
     const writer = opts.daemon ? hostId : `${hostId}/cli-${process.pid}`;
-    const refcounts = await PackRefcounts.open(db, { hostId: writer, store, settleMs, log });
+    const clock = new StoreClock(store, clockKey(opts.daemon ? hostId : 'cli'));
+    const refcounts = await PackRefcounts.open(db, { hostId: writer, store, settleMs, log, storeTime: () => clock.now() });
     if (opts.daemon) {
       const resolved = await refcounts.resolveIntents({ host: hostId, settleMs: config.storage.url.startsWith('file:') ? 0 : settleMs });
       if (resolved.committed + resolved.reverted + resolved.pending > 0) log.info('resolved unfinished manifest writes of this host', { ...resolved });
@@ -46,6 +50,7 @@ export async function openGc(config: Config, store: ObjectStore, cipher: StoreCi
     const collector = new Collector(refcounts, store, cipher, config.gc, log, opts.packIndex);
     return {
       refcounts,
+      clock,
       collector,
       async close() {
         await collector.stop();

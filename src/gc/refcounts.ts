@@ -71,6 +71,7 @@
 import crypto from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
 import { errorMessage, type Logger } from '../log.js';
+import type { StoreTime } from '../objectstore/clock.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import type { SqlDatabase, SqlTx } from './sql.js';
 
@@ -220,6 +221,13 @@ export interface RefcountOptions {
   settleMs: number;
   log: Logger;
   now?: () => number;
+  /**
+   * The store's clock (objectstore/clock.ts), which intents' settle time is judged on: an
+   * intent records the latest the store's time can be at its start, and is reverted only
+   * once the earliest the store's time can be is a settle time past that, so a host whose
+   * own clock is off neither ages an intent early nor holds it forever. Without it, `now`.
+   */
+  storeTime?: () => Promise<StoreTime>;
 }
 
 /** HEADs in flight at once when packs without a row are adopted. */
@@ -606,6 +614,8 @@ export class PackRefcounts {
   async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest, share?: { key: string; etag: string }, condition?: PutCondition): Promise<ManifestWrite> {
     type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
     for (let attempt = 0; ; attempt++) {
+      // Read outside the transaction (it may ask the store), for each attempt: the PUT follows it.
+      const created = this.options.storeTime === undefined ? this.now() : (await this.options.storeTime()).latest;
       const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
         // The row first: two begins of the key take turns from here on.
         const row = await this.lockKey(tx, key);
@@ -613,7 +623,7 @@ export class PackRefcounts {
         const record = async (write: ManifestWrite) => {
           await tx.run(
             `INSERT INTO gc_intents (id, key, set_id, body_hash, host, created, added, dropped, put_condition) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
-            [write.id, key, write.set, hash, this.options.hostId, this.now(), write.added.join(' '), write.dropped.join(' '), condition ?? null],
+            [write.id, key, write.set, hash, this.options.hostId, created, write.added.join(' '), write.dropped.join(' '), condition ?? null],
           );
           return { write };
         };
@@ -725,6 +735,9 @@ export class PackRefcounts {
       ),
     );
     const result = { committed: 0, reverted: 0, pending: 0 };
+    // Read once, before the intents: the store's time only grows meanwhile, so this errs towards waiting.
+    // A settle time of 0 (the writer is known dead) needs no clock.
+    const now = rows.length === 0 || settleMs === 0 || this.options.storeTime === undefined ? this.now() : (await this.options.storeTime()).earliest;
     for (const intent of rows) {
       if (filter.key !== undefined && intent.key !== filter.key) continue;
       if (filter.host !== undefined && intent.host !== filter.host) continue;
@@ -742,7 +755,7 @@ export class PackRefcounts {
         this.log.info('resolved an unfinished manifest write: it landed', { key: intent.key, host: intent.host, superseded });
       } else if (
         (condition !== undefined && condition !== IF_NONE_MATCH && object?.etag !== condition) ||
-        this.now() - Number(intent.created) >= settleMs
+        settleMs === 0 || now - Number(intent.created) >= settleMs
       ) {
         const reverted = await this.db.tx(async (tx) => {
           if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return false;

@@ -4,7 +4,7 @@
 // start-up without a store request; a volume this host does not have is woken from its
 // manifest in the store.
 import crypto from 'node:crypto';
-import fs from 'node:fs';
+import { disk } from '../disk/disk.js';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
@@ -14,7 +14,8 @@ import { errorMessage, type Logger } from '../log.js';
 import { crashPoint, uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import { PackFetcher } from '../store/fetch.js';
-import { decodeLease, leaseIsLive } from '../store/lease.js';
+import { decodeLease, leaseIsLiveAt } from '../store/lease.js';
+import { clockKey, StoreClock } from '../objectstore/clock.js';
 import { decodeManifestBody, leaseKey, manifestKey, storedTables, type Manifest, type ManifestMeta, type StoredTables } from '../store/manifest.js';
 import { PackIndex } from '../store/pack-index.js';
 import { PackUploader } from '../store/upload.js';
@@ -51,12 +52,16 @@ export interface HostOptions {
   /** This host's id in leases; "" generates one and keeps it in the cache dir. */
   hostId: string;
   leaseTtlMs: number;
+  /** How much earlier than a taker the holder of a lease considers it gone (StoreContext). */
+  clockSkewMarginMs: number;
   flushMode: FlushMode;
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
   continuousManifestIntervalMs: number;
   /** Pack refcounts (GC); undefined runs without them. */
   refcounts?: PackRefcounts;
+  /** The store's clock, shared with the refcounts (one sample for both); one of the host's own when absent. */
+  storeClock?: StoreClock;
   /** Background scrub of the disk cache: blocks re-hashed per second; 0 turns it off. */
   scrubBlocksPerSecond?: number;
 }
@@ -82,6 +87,8 @@ export interface VolumeSummary {
   manifestSequence: number;
   /** Why the volume refuses writes and flushes until it is reopened (a failed sync); undefined while healthy. */
   failed: string | undefined;
+  /** Why this host stopped writing the volume (it lost the lease or was fenced); undefined while it may write. */
+  leaseLost?: string;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -100,10 +107,10 @@ const STORE_TICK_MS = 250;
 export function hostIdentity(cacheDir: string, configured: string): string {
   if (configured !== '') return configured;
   const file = path.join(cacheDir, 'host-id');
-  if (fs.existsSync(file)) return fs.readFileSync(file, 'utf8').trim();
+  if (disk.existsSync(file)) return disk.readFileSync(file, 'utf8').trim();
   const id = `${os.hostname().replace(/[^A-Za-z0-9._-]/g, '-').slice(0, 40)}-${crypto.randomBytes(4).toString('hex')}`;
-  fs.mkdirSync(cacheDir, { recursive: true });
-  fs.writeFileSync(file, id + '\n');
+  disk.mkdirSync(cacheDir, { recursive: true });
+  disk.writeFileSync(file, id + '\n');
   return id;
 }
 
@@ -168,7 +175,7 @@ export class Host {
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
-      leaseTtlMs: options.leaseTtlMs, manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
+      leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: options.storeClock ?? new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
@@ -184,21 +191,21 @@ export class Host {
   static open(options: HostOptions, log: Logger): Host {
     const host = new Host(options, log);
     const started = performance.now();
-    fs.mkdirSync(host.volumesRoot, { recursive: true });
+    disk.mkdirSync(host.volumesRoot, { recursive: true });
     // Checkpoint exports are opened again on demand; what a previous run left is stale.
-    fs.rmSync(path.join(options.cacheDir, 'checkpoints'), { recursive: true, force: true });
+    disk.rmSync(path.join(options.cacheDir, 'checkpoints'), { recursive: true, force: true });
     for (const dir of findVolumeDirs(host.volumesRoot)) {
       const t0 = performance.now();
       try {
-        if (!fs.existsSync(path.join(dir, 'journal'))) {
+        if (!disk.existsSync(path.join(dir, 'journal'))) {
           log.warn('removing an unfinished volume create', { dir });
-          fs.rmSync(dir, { recursive: true, force: true });
+          disk.rmSync(dir, { recursive: true, force: true });
           continue;
         }
-        if (fs.existsSync(path.join(dir, UNPUBLISHED))) {
+        if (disk.existsSync(path.join(dir, UNPUBLISHED))) {
           // Nothing was served from it; if its manifest landed, the fork wakes from the store.
           log.warn('removing the folder of a fork that stopped before it was registered', { dir });
-          fs.rmSync(dir, { recursive: true, force: true });
+          disk.rmSync(dir, { recursive: true, force: true });
           continue;
         }
         const volume = Volume.load(dir, host.ctx);
@@ -251,7 +258,7 @@ export class Host {
     if (refcounts === undefined) return 0;
     let released = 0;
     for (const name of await refcounts.heldUploads(this.hostId)) {
-      if (this.volumes.has(name) || this.opening.has(name) || fs.existsSync(volumeDir(this.volumesRoot, name))) continue;
+      if (this.volumes.has(name) || this.opening.has(name) || disk.existsSync(volumeDir(this.volumesRoot, name))) continue;
       const packs = await refcounts.releaseUploads(uploadsKey(this.hostId, name));
       this.log.info('let go of packs held for the uploads of a volume this host no longer has', { volume: name, packs });
       released += packs;
@@ -272,6 +279,7 @@ export class Host {
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
       failed: v.failed,
+      ...(state.lostLease === undefined ? {} : { leaseLost: state.lostLease }),
     };
   }
 
@@ -341,7 +349,7 @@ export class Host {
     if (woken) return { volume: woken, created: false };
     return { volume: await this.once(name, async () => {
       const dir = volumeDir(this.volumesRoot, name);
-      if (fs.existsSync(path.join(dir, 'journal'))) throw new Error(`volume ${name}: local state exists but is not open`);
+      if (disk.existsSync(path.join(dir, 'journal'))) throw new Error(`volume ${name}: local state exists but is not open`);
       const volume = await Volume.create(dir, name, size, this.options.blockSize, this.ctx);
       const link = new StoreLink(volume, { format: 1, ...this.defaults, ...settings, readOnly: false, generation: 0, manifestSequence: -1 }, this.storeCtx);
       link.save();
@@ -415,7 +423,7 @@ export class Host {
     if (found.local !== undefined) {
       await crashPoint('fork-unmark');
       // The fork's manifest is in the store now: its folder is a volume like any other.
-      fs.rmSync(path.join(volume.dir, UNPUBLISHED), { force: true });
+      disk.rmSync(path.join(volume.dir, UNPUBLISHED), { force: true });
     }
     link.setBase(volume.cloneMap(), found.raw, etag, found.tables);
     this.links.set(name, link);
@@ -455,11 +463,11 @@ export class Host {
       throw new Error(`manifest ${key} has block size ${meta.blockSize}; this host uses ${this.options.blockSize}`);
     }
     const dir = volumeDir(this.volumesRoot, name);
-    if (fs.existsSync(dir)) fs.rmSync(dir, { recursive: true, force: true });
+    if (disk.existsSync(dir)) disk.rmSync(dir, { recursive: true, force: true });
     if (unpublished) {
       // Before the journal, which makes the folder a volume; the directory sync after it covers both.
-      fs.mkdirSync(dir, { recursive: true });
-      fs.writeFileSync(path.join(dir, UNPUBLISHED), '');
+      disk.mkdirSync(dir, { recursive: true });
+      disk.writeFileSync(path.join(dir, UNPUBLISHED), '');
     }
     return Volume.createFrom(dir, name, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map }, this.ctx);
   }
@@ -653,7 +661,7 @@ export class Host {
       }
       await indexManifest(this.packIndex, manifest);
       const dir = path.join(this.options.cacheDir, 'checkpoints', ...volume.split('/'), checkpoint, '@');
-      fs.rmSync(dir, { recursive: true, force: true });
+      disk.rmSync(dir, { recursive: true, force: true });
       const meta = manifest.meta;
       const served = await Volume.createFrom(dir, exportName, { size: meta.size, blockSize: meta.blockSize, sequence: meta.sequence, map: manifestBlockMap(manifest) }, this.ctx);
       const link = new StoreLink(served, { format: 1, ...this.defaults, readOnly: true, generation: 0, manifestSequence: meta.sequence }, this.storeCtx);
@@ -696,7 +704,7 @@ export class Host {
     if (this.closed) return;
     const now = Date.now();
     for (const link of this.links.values()) {
-      void link.renewIfDue(now);
+      void link.renewIfDue();
       if (link.busy || link.state.readOnly) continue;
       const volume = link.volume;
       const changed = volume.sequence !== link.state.manifestSequence;
@@ -788,7 +796,9 @@ export class Host {
     const leased = await this.options.store.get(key);
     if (leased !== undefined) {
       const lease = decodeLease(key, leased.body);
-      if (leaseIsLive(lease, Date.now()) && lease.owner !== this.hostId) throw new LeaseHeldError(name, lease);
+      if (lease.owner !== this.hostId && !lease.released && leaseIsLiveAt(lease, leased.lastModified, (await this.storeCtx.clock.now()).earliest)) {
+        throw new LeaseHeldError(name, lease);
+      }
     }
     const volume = this.volumes.get(name);
     const link = this.links.get(name);
@@ -895,7 +905,7 @@ function findVolumeDirs(root: string): string[] {
   const out: string[] = [];
   const walk = (dir: string, depth: number) => {
     if (depth > 100) return;
-    for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    for (const entry of disk.readdirSync(dir, { withFileTypes: true })) {
       if (!entry.isDirectory()) continue;
       const full = path.join(dir, entry.name);
       if (entry.name === '@') out.push(full);

@@ -3,20 +3,24 @@
 // and the state that says where this host stands, persisted beside the volume as
 // `store.json` so a restart needs no store request.
 //
-// Fencing: every manifest write is conditional on the ETag this host last wrote or
-// read. A host that takes the lease with a new generation rewrites the manifest at
-// once, so the previous holder's next conditional write fails and it stops writing
-// (invariant 4).
-import fs from 'node:fs';
+// Fencing (invariant 4): every manifest write is conditional on the ETag this host last
+// wrote or read, and is preceded (after the snapshot is cut) by a read of the lease that
+// must still name this host and generation (checkWriter says why that order closes the
+// race). A host that takes the lease with a new generation rewrites the manifest at once,
+// so the previous holder's next conditional write fails and it stops writing. Lease
+// expiry is judged on the store's clock by takers and on the monotonic clock, less
+// `clock_skew_margin_s`, by the holder; no host's wall clock decides anything.
+import { disk } from '../disk/disk.js';
 import path from 'node:path';
 import { keyHex, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
+import type { StoreClock } from '../objectstore/clock.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
-import { decodeLease, encodeLease, leaseIsLive, type Lease } from '../store/lease.js';
+import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../store/lease.js';
 import {
-  IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, sameSet, uploadsKey, type CountedManifest, type PackRefcounts, type PutCondition,
+  crashPoint, IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, sameSet, uploadsKey, type CountedManifest, type PackRefcounts, type PutCondition,
 } from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
@@ -44,6 +48,10 @@ export interface StoreState {
   leaseExpires?: number;
   /** ETag of the manifest this host last wrote or loaded. */
   manifestEtag?: string;
+  /** A release put (or is about to put) the released lease; set until it finished. */
+  releasing?: boolean;
+  /** Why this host stopped writing the volume, when it lost the lease or was fenced (until promoted again). */
+  lostLease?: string;
   /** Sequence of that manifest; -1 before the first. */
   manifestSequence: number;
 }
@@ -55,6 +63,14 @@ export interface StoreContext {
   uploader: PackUploader;
   hostId: string;
   leaseTtlMs: number;
+  /**
+   * How much earlier than a taker may judge the lease expired its holder stops writing
+   * (`[host] clock_skew_margin_s`): covers the store tick that notices, event-loop stalls
+   * and the rate difference between the holder's clock and the store's over one TTL.
+   */
+  clockSkewMarginMs: number;
+  /** The store's clock: a taker judges another host's lease on it (leaseIsLiveAt). */
+  clock: StoreClock;
   /** Compression of manifest bodies. */
   manifestCompression: Compression;
   /** Sealing of manifests (crypto/cipher.ts). */
@@ -104,6 +120,20 @@ class OwnWriteFoundError extends ObjectStoreError {
   }
 }
 
+/**
+ * Test-only pause hook: with UPDRAFT_PAUSE_AT=NAME the process stops itself (SIGSTOP) the
+ * first time it reaches pause point NAME, as a host frozen at that step would; the test
+ * resumes it with SIGCONT. Lets a test order two hosts' lease requests exactly.
+ */
+const pauseSpec = process.env.UPDRAFT_PAUSE_AT;
+let pausedOnce = false;
+function pausePoint(name: string): void {
+  if (pauseSpec !== name || pausedOnce) return;
+  pausedOnce = true;
+  process.stderr.write(`UPDRAFT_PAUSE_AT: stopping at ${name}\n`);
+  process.kill(process.pid, 'SIGSTOP');
+}
+
 /** A block the manifest would name is in no pack the pack index knows (GC removed it). */
 class LocationGoneError extends Error {
   override name = 'LocationGoneError';
@@ -123,10 +153,19 @@ export class StoreLink {
   /** Serializes drain, promotion, release and uploads of this volume. */
   private tail: Promise<unknown> = Promise.resolve();
   private renewing = false;
-  /** Settles once the lease renewal in flight (if any) has; a release waits for it. */
-  private renewal: Promise<void> = Promise.resolve();
-  /** A release runs: no renewal starts, and one in flight does not make the volume writable again. */
+  /** The lease renewal in flight (putRenewal). */
+  private renewal: Promise<boolean> | undefined;
+  /** A release is under way: writes are refused even though the state still says writable. */
   private releasing = false;
+  /** The holder's own deadline passed without a renewal: writes are refused until one lands. */
+  private expired = false;
+  /**
+   * When the PUT of the lease this host holds was sent (performance.now(), a monotonic
+   * clock that no wall-clock step moves); undefined after a restart, until the first
+   * renewal. The store stamped the lease after this instant, so the lease cannot expire in
+   * the store's clock before this + TTL.
+   */
+  private leaseSentAt: number | undefined;
   busy = false;
   sequenceAtUpload = -1;
   lastUploadAt = Date.now();
@@ -150,13 +189,28 @@ export class StoreLink {
     volume.readOnly = state.readOnly;
   }
 
+  /** Writes are refused while the volume is not this host's, a release runs, or the lease lapsed here. */
+  private applyReadOnly(): void {
+    this.volume.readOnly = this.state.readOnly || this.releasing || this.expired;
+  }
+
+  /**
+   * Ms left of the held lease by this host's reckoning, margin taken off. After a restart,
+   * until its first renewal, it goes by the expiry it saved (its own wall clock when it
+   * sent that lease PUT, read again by the same clock); -Infinity when it saved none.
+   */
+  private leaseLeftMs(now = performance.now()): number {
+    if (this.leaseSentAt === undefined) return (this.state.leaseExpires ?? -Infinity) - this.ctx.clockSkewMarginMs - Date.now();
+    return this.leaseSentAt + this.ctx.leaseTtlMs - this.ctx.clockSkewMarginMs - now;
+  }
+
   /** The link of a volume opened from local state (defaults when it never touched the store). */
   static load(volume: Volume, ctx: StoreContext, defaults: { flushMode: FlushMode; dirtyBudgetBytes: number }): StoreLink {
     const file = path.join(volume.dir, STATE_FILE);
     let state: StoreState;
-    if (fs.existsSync(file)) {
+    if (disk.existsSync(file)) {
       try {
-        state = JSON.parse(fs.readFileSync(file, 'utf8')) as StoreState;
+        state = JSON.parse(disk.readFileSync(file, 'utf8')) as StoreState;
         if (state.format !== 1) throw new Error(`format ${String(state.format)} is not 1`);
       } catch (err) {
         throw new Error(`volume ${volume.name}: ${file} is not a store state: ${errorMessage(err)}`);
@@ -196,14 +250,14 @@ export class StoreLink {
   /** Persist the state (atomic: temp file, fsync, rename). */
   save(): void {
     const file = path.join(this.volume.dir, STATE_FILE);
-    const fd = fs.openSync(file + '.tmp', 'w');
+    const fd = disk.openSync(file + '.tmp', 'w');
     try {
-      fs.writeSync(fd, JSON.stringify(this.state, null, 2) + '\n');
-      fs.fsyncSync(fd);
+      disk.writeSync(fd, JSON.stringify(this.state, null, 2) + '\n');
+      disk.fsyncSync(fd);
     } finally {
-      fs.closeSync(fd);
+      disk.closeSync(fd);
     }
-    fs.renameSync(file + '.tmp', file);
+    disk.renameSync(file + '.tmp', file);
     syncDir(this.volume.dir);
   }
 
@@ -232,9 +286,9 @@ export class StoreLink {
   }
 
   private async drainNow(): Promise<DrainResult> {
-    if (this.state.readOnly) throw new FencedError(this.name, 'the volume is read-only on this host');
+    await this.checkBeforeUpload('drain', true);
     const captured = await this.capture(async (snapshot) => {
-      await this.ensureLease();
+      await this.checkWriter('drain', true);
       return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
     });
     try {
@@ -391,9 +445,11 @@ export class StoreLink {
     beside?: (content: { meta: ManifestMeta; map: BlockMap }) => void,
   ): Promise<{ sequence: number; etag: string; meta: ManifestMeta; raw: Buffer; tables?: StoredTables; map: BlockMap; commit: () => Promise<unknown> }> {
     return this.serial(async () => {
-      const captured = await this.capture(async (snapshot) => ({
-        name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence },
-      }));
+      await this.checkBeforeUpload('consistent fork', false);
+      const captured = await this.capture(async (snapshot) => {
+        await this.checkWriter('consistent fork', false);
+        return { name: target, generation: 0, sequence: snapshot.sequence, parent: { name: this.name, sequence: snapshot.sequence } };
+      });
       try {
         beside?.({ meta: captured.meta, map: captured.map });
         const key = manifestKey(target);
@@ -409,9 +465,11 @@ export class StoreLink {
   /** An immutable checkpoint of the volume at its current sequence. ExistsError if the name is taken. */
   checkpoint(checkpoint: string): Promise<{ checkpoint: string; sequence: number }> {
     return this.serial(async () => {
-      const captured = await this.capture(async (snapshot) => ({
-        name: this.name, generation: this.state.generation, sequence: snapshot.sequence,
-      }));
+      await this.checkBeforeUpload('checkpoint', false);
+      const captured = await this.capture(async (snapshot) => {
+        await this.checkWriter('checkpoint', false);
+        return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
+      });
       try {
         const key = checkpointKey(this.name, checkpoint);
         await this.writeCaptured(captured, key, () => IF_NONE_MATCH, (body) => createObject(this.ctx.store, key, body), false);
@@ -425,7 +483,7 @@ export class StoreLink {
   /** Upload the blocks of a fresh snapshot without writing a manifest (continuous mode). */
   uploadBlocks(): Promise<void> {
     return this.serial(async () => {
-      if (this.state.readOnly) return;
+      if (!this.mayUpload()) return;
       const started = performance.now();
       // With a base, only the chunks changed since the last manifest can name blocks no pack holds.
       const snapshot = await this.volume.snapshot({ base: this.base?.map });
@@ -450,7 +508,7 @@ export class StoreLink {
    */
   uploadOldest(): Promise<{ chunks: number; packs: number } | undefined> {
     return this.serial(async () => {
-      if (this.state.readOnly) return undefined;
+      if (!this.mayUpload()) return undefined;
       const keep = Math.floor(this.state.dirtyBudgetBytes / 2 / this.volume.blockSize);
       const excess = this.volume.storeDirtyBytes / this.volume.blockSize - keep;
       if (excess <= 0) return undefined;
@@ -465,6 +523,17 @@ export class StoreLink {
         oldest.release();
       }
     });
+  }
+
+  /**
+   * Whether background uploads (continuous blocks, the dirty budget) may run: the volume
+   * is writable here and, once leased, the lease has time left by this host's reckoning.
+   * Packs never change what a holder serves, but a host that lost the lease (or may have:
+   * paused past its deadline) puts nothing more until a renewal says it still holds it.
+   */
+  private mayUpload(): boolean {
+    if (this.state.readOnly || this.releasing) return false;
+    return this.state.generation === 0 || this.leaseLeftMs() > 0;
   }
 
   private noteUpload(sequence: number, ms: number): void {
@@ -570,19 +639,77 @@ export class StoreLink {
     this.state.readOnly = true;
     this.state.generation = 0;
     this.state.leaseEtag = undefined;
-    this.volume.readOnly = true;
+    this.state.lostLease = why;
+    this.leaseSentAt = undefined;
+    this.applyReadOnly();
     this.save();
     this.ctx.log.error(message, { volume: this.name, why });
   }
 
   // ---- lease -------------------------------------------------------------------------
 
-  /** Hold the lease before writing the manifest: take it if this host has none or it lapsed. */
-  private async ensureLease(): Promise<void> {
-    const margin = this.ctx.leaseTtlMs / 3;
-    if (this.state.generation > 0 && (this.state.leaseExpires ?? 0) - Date.now() > margin) return;
-    const { bumped, first } = await this.acquire();
-    if (bumped && !first && this.state.manifestEtag !== undefined) await this.refence();
+  /**
+   * Before this host writes the volume's manifest, or a snapshot of it (a checkpoint, a
+   * consistent fork), after the snapshot is cut: take or renew the lease when it is due,
+   * then read the lease object and require that it still names this host with its
+   * generation. Otherwise the volume becomes read-only here and FencedError is thrown.
+   *
+   * S3 has no write conditional on another object, so this check cannot be atomic with the
+   * write after it; what closes the race is its order with the manifest's If-Match. The
+   * check passing means no host took the lease before it, so the snapshot (cut earlier) is
+   * of the volume while this host was its only writer. A host that takes the lease after the
+   * check rewrites the manifest (refence) conditionally on the latest ETag before it accepts
+   * a write, so this host's If-Match write either lands first (and is what the new holder
+   * loads and builds on) or fails. A released lease is taken without that rewrite, but its
+   * releaser wrote `released` in the lease and saved read-only first, so its check fails
+   * from then on, across restarts. A checkpoint or fork is a new immutable name
+   * (If-None-Match): landing late, it holds the volume as this host held it, and overwrites
+   * nothing of the new holder.
+   */
+  private async checkWriter(op: string, take: boolean): Promise<void> {
+    if (this.state.readOnly) throw new FencedError(this.name, `${op}: the volume is read-only on this host`);
+    const key = leaseKey(this.name);
+    if (this.state.generation === 0) {
+      if (take) {
+        // The volume's first manifest from this host: take the lease (read, then a conditional put).
+        const { bumped, first } = await this.acquire();
+        if (bumped && !first && this.state.manifestEtag !== undefined) await this.refence();
+        return;
+      }
+      // Never leased here: nobody else may have leased the volume either.
+      const current = await this.ctx.store.get(key);
+      if (current === undefined) return;
+      const lease = decodeLease(key, current.body);
+      this.loseLease(op, `the lease names host ${lease.owner} generation ${lease.generation}`);
+    }
+    const current = await this.ctx.store.get(key);
+    const lease = current === undefined ? undefined : decodeLease(key, current.body);
+    if (current === undefined || lease === undefined) this.loseLease(op, 'the lease is gone from the store');
+    if (lease.owner !== this.ctx.hostId || lease.generation !== this.state.generation || lease.released === true) {
+      this.loseLease(op, lease.released === true && lease.owner === this.ctx.hostId
+        ? `this host released generation ${lease.generation}`
+        : `another host took the lease: host ${lease.owner} generation ${lease.generation}`);
+    }
+    // Still ours; renew it now if a third of it is left, so it outlives the write.
+    if (this.leaseLeftMs() <= this.ctx.leaseTtlMs / 3 && !(await this.putRenewal(current.etag))) {
+      this.loseLease(op, 'the lease changed while this host renewed it');
+    }
+  }
+
+  /**
+   * Before the blocks of a snapshot go up: a host whose lease time ran out by its own
+   * reckoning (it may have been paused past it) checks the lease first, so a host that
+   * lost it puts no packs either. checkWriter after the snapshot is what fences.
+   */
+  private async checkBeforeUpload(op: string, take: boolean): Promise<void> {
+    if (this.state.readOnly) throw new FencedError(this.name, `${op}: the volume is read-only on this host`);
+    if (this.state.generation > 0 && this.leaseLeftMs() <= 0) await this.checkWriter(op, take);
+  }
+
+  /** The lease is not this host's any more: stop writing, say so, and refuse `op`. */
+  private loseLease(op: string, why: string): never {
+    this.stopWriting('lost the lease: volume is read-only on this host', why);
+    throw new FencedError(this.name, `${op}: ${why}`);
   }
 
   /**
@@ -603,21 +730,25 @@ export class StoreLink {
       let generation: number;
       if (lease === undefined) generation = 1;
       else if (lease.owner === this.ctx.hostId && lease.generation === this.state.generation && !lease.released) generation = lease.generation;
-      else if (leaseIsLive(lease, now) && lease.owner !== this.ctx.hostId) throw new LeaseHeldError(this.name, lease);
+      else if (lease.owner !== this.ctx.hostId && !lease.released && leaseIsLiveAt(lease, current!.lastModified, (await this.ctx.clock.now()).earliest)) {
+        throw new LeaseHeldError(this.name, lease);
+      }
       else generation = lease.generation + 1;
       const next: Lease = {
         format: 1, volume: this.name, owner: this.ctx.hostId, generation,
         expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
       };
       const body = encodeLease(next);
+      pausePoint('lease-acquire-put');
+      const sent = performance.now();
       try {
         const etag = await this.ctx.store.put(key, body, current === undefined ? { ifNoneMatch: '*' } : { ifMatch: current.etag });
-        return { bumped: this.adopt(generation, etag, now), first: current === undefined, released: lease?.released === true };
+        return { bumped: this.adopt(generation, etag, now, sent), first: current === undefined, released: lease?.released === true };
       } catch (err) {
         if (!isPreconditionFailed(err)) throw err;
         const after = await this.ctx.store.get(key);
         if (after !== undefined && after.body.equals(body)) {
-          return { bumped: this.adopt(generation, after.etag, now), first: current === undefined, released: lease?.released === true };
+          return { bumped: this.adopt(generation, after.etag, now, sent), first: current === undefined, released: lease?.released === true };
         }
         // Someone else wrote the lease meanwhile: look again.
       }
@@ -625,65 +756,108 @@ export class StoreLink {
     throw new Error(`volume ${this.name}: the lease keeps changing under this host; try again`);
   }
 
-  private adopt(generation: number, etag: string, now: number): boolean {
+  private adopt(generation: number, etag: string, now: number, sent: number): boolean {
     const bumped = generation !== this.state.generation;
     this.state.generation = generation;
     this.state.leaseEtag = etag;
     this.state.leaseExpires = now + this.ctx.leaseTtlMs;
+    this.leaseSentAt = sent;
+    this.expired = false;
+    this.applyReadOnly();
     this.save();
     return bumped;
   }
 
-  /** Renew a held lease when a third of its time is left; losing it makes the volume read-only. */
-  async renewIfDue(now: number): Promise<void> {
-    const state = this.state;
-    if (state.generation === 0 || this.renewing || this.releasing) return;
-    if ((state.leaseExpires ?? 0) - now > (this.ctx.leaseTtlMs * 2) / 3) return;
-    this.renewing = true;
-    let settled!: () => void;
-    this.renewal = new Promise((resolve) => (settled = resolve));
+  /**
+   * Put the held lease again (same generation, a fresh expiry), conditional on `ifMatch`.
+   * False when the lease in the store is no longer this host's generation. One at a time:
+   * a caller that finds a renewal in flight gets its outcome.
+   */
+  private putRenewal(ifMatch: string | undefined): Promise<boolean> {
+    this.renewal ??= this.renewOnce(ifMatch).finally(() => {
+      this.renewal = undefined;
+    });
+    return this.renewal;
+  }
+
+  private async renewOnce(ifMatch: string | undefined): Promise<boolean> {
     const key = leaseKey(this.name);
-    try {
+    for (let attempt = 0; ; attempt++) {
+      const now = Date.now();
       const next: Lease = {
-        format: 1, volume: this.name, owner: this.ctx.hostId, generation: state.generation,
+        format: 1, volume: this.name, owner: this.ctx.hostId, generation: this.state.generation,
         expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
       };
       const body = encodeLease(next);
+      pausePoint('lease-renew-put');
+      const sent = performance.now();
       let etag: string;
       try {
-        etag = await this.ctx.store.put(key, body, state.leaseEtag === undefined ? { ifNoneMatch: '*' } : { ifMatch: state.leaseEtag });
+        etag = await this.ctx.store.put(key, body, ifMatch === undefined ? { ifNoneMatch: '*' } : { ifMatch });
       } catch (err) {
         if (!isPreconditionFailed(err)) throw err;
         const current = await this.ctx.store.get(key);
-        if (current !== undefined && current.body.equals(body)) etag = current.etag;
-        else {
-          const lease = current === undefined ? undefined : decodeLease(key, current.body);
-          if (lease !== undefined && lease.owner === this.ctx.hostId && lease.generation === state.generation && !lease.released && !state.readOnly) {
-            // This host renewed it meanwhile (a drain's acquire): the lease is still ours.
-            state.leaseEtag = current!.etag;
-            state.leaseExpires = Date.parse(lease.expires);
-            this.save();
-            return;
-          }
-          this.stopWriting('lost the lease: volume is read-only on this host', `the lease was taken by host ${lease?.owner ?? '(none)'} generation ${lease?.generation ?? 0}`);
-          return;
+        if (current === undefined) return false;
+        // A retried put whose first attempt landed ends here too: the lease is then exactly ours.
+        if (!current.body.equals(body)) {
+          // Still this host's generation (only this host writes it: a taker bumps it), put by
+          // a renewal whose ETag a crash kept from the state file: renew over it, once.
+          const lease = decodeLease(key, current.body);
+          if (attempt > 0 || lease.owner !== this.ctx.hostId || lease.generation !== this.state.generation || lease.released === true) return false;
+          ifMatch = current.etag;
+          continue;
         }
+        etag = current.etag;
       }
-      state.leaseEtag = etag;
-      state.leaseExpires = now + this.ctx.leaseTtlMs;
-      if (!state.readOnly && !this.releasing) this.volume.readOnly = false;
+      // Fenced or released meanwhile: that stands.
+      if (this.state.generation !== next.generation) return false;
+      this.state.leaseEtag = etag;
+      this.state.leaseExpires = now + this.ctx.leaseTtlMs;
+      this.leaseSentAt = sent;
+      this.expired = false;
+      this.applyReadOnly();
       this.save();
-    } catch (err) {
-      // The store is unreachable: past the expiry another host may take the lease, so stop writing.
-      if ((state.leaseExpires ?? 0) <= Date.now() && !this.volume.readOnly) {
-        this.volume.readOnly = true;
-        this.ctx.log.error('lease expired without renewal; writes are refused until it is renewed', { volume: this.name, error: errorMessage(err) });
-      } else {
-        this.ctx.log.warn('lease renewal failed; retrying', { volume: this.name, error: errorMessage(err) });
+      return true;
+    }
+  }
+
+  /**
+   * Renew a held lease once a third of its time has passed; losing it makes the volume
+   * read-only. Past this host's own deadline (the TTL less the skew margin, from when its
+   * last lease PUT was sent) writes are refused until a renewal lands. A release that
+   * stopped between its steps (a crash) is finished.
+   */
+  async renewIfDue(): Promise<void> {
+    const state = this.state;
+    if (state.generation === 0 || this.releasing) return;
+    // Checked on every tick, also while a renewal hangs in retries.
+    const left = this.leaseLeftMs();
+    if (left <= 0 && !this.expired && !state.readOnly && left !== -Infinity) {
+      this.expired = true;
+      this.applyReadOnly();
+      this.ctx.log.error('lease not renewed in time; writes are refused until it is renewed', { volume: this.name });
+    }
+    if (this.renewing) return;
+    this.renewing = true;
+    try {
+      if (state.releasing === true) {
+        await this.release();
+        return;
       }
+      // Read-only with a generation: a promotion is between taking the lease and its manifest.
+      if (state.readOnly) return;
+      // A third of the TTL after the last lease PUT was sent (before the deadline: the margin is under a third).
+      if (left > (this.ctx.leaseTtlMs * 2) / 3 - this.ctx.clockSkewMarginMs) return;
+      if (!(await this.putRenewal(state.leaseEtag))) {
+        const key = leaseKey(this.name);
+        const current = await this.ctx.store.get(key);
+        const lease = current === undefined ? undefined : decodeLease(key, current.body);
+        this.stopWriting('lost the lease: volume is read-only on this host', lease === undefined ? 'the lease is gone from the store' : `another host took the lease: host ${lease.owner} generation ${lease.generation}`);
+      }
+    } catch (err) {
+      this.ctx.log.warn('lease renewal failed; retrying', { volume: this.name, error: errorMessage(err) });
     } finally {
       this.renewing = false;
-      settled();
     }
   }
 
@@ -694,40 +868,43 @@ export class StoreLink {
    */
   release(): Promise<{ generation: number; drained?: DrainResult }> {
     return this.serial(async () => {
-      this.releasing = true;
-      this.volume.readOnly = true;
-      // A renewal in flight settles first: it may change the lease's etag the release puts over.
-      await this.renewal;
-      const generation = this.state.generation;
       let drained: DrainResult | undefined;
-      if (generation > 0 && !this.state.readOnly && this.volume.sequence !== this.state.manifestSequence) {
-        try {
-          drained = await this.drainNow();
-        } catch (err) {
-          this.volume.readOnly = this.state.readOnly;
-          throw err;
+      this.releasing = true;
+      try {
+        this.applyReadOnly();
+        // A renewal in flight settles first: it may change the lease's etag the release puts over.
+        await this.renewal?.catch(() => undefined);
+        const generation = this.state.generation;
+        if (generation > 0 && !this.state.readOnly && this.volume.sequence !== this.state.manifestSequence) drained = await this.drainNow();
+        // Read-only on disk before the lease says released: a crash after the lease PUT must
+        // not bring this host back as the writer of a generation the next holder took over.
+        this.state.readOnly = true;
+        this.state.releasing = true;
+        this.save();
+        if (generation > 0 && this.state.leaseEtag !== undefined) {
+          const now = new Date().toISOString();
+          const released: Lease = { format: 1, volume: this.name, owner: this.ctx.hostId, generation, expires: now, acquired: now, released: true };
+          try {
+            await this.ctx.store.put(leaseKey(this.name), encodeLease(released), { ifMatch: this.state.leaseEtag });
+          } catch (err) {
+            if (!isPreconditionFailed(err)) throw err;
+            // Already someone else's: nothing to give up.
+          }
+          await crashPoint('lease-released');
         }
+        this.state.generation = 0;
+        this.state.leaseEtag = undefined;
+        this.state.releasing = undefined;
+        this.leaseSentAt = undefined;
+        this.save();
+        // The final drain's manifest names everything: the next holder needs nothing held here.
+        if (this.volume.sequence === this.state.manifestSequence) await this.settleUploads();
+        this.ctx.log.info('released volume lease', { volume: this.name, generation, final_drain_sequence: drained?.sequence });
+        return { generation, ...(drained === undefined ? {} : { drained }) };
+      } finally {
+        this.releasing = false;
+        this.applyReadOnly();
       }
-      this.state.readOnly = true;
-      if (generation > 0 && this.state.leaseEtag !== undefined) {
-        const now = new Date().toISOString();
-        const released: Lease = { format: 1, volume: this.name, owner: this.ctx.hostId, generation, expires: now, acquired: now, released: true };
-        try {
-          await this.ctx.store.put(leaseKey(this.name), encodeLease(released), { ifMatch: this.state.leaseEtag });
-        } catch (err) {
-          if (!isPreconditionFailed(err)) throw err;
-          // Already someone else's: nothing to give up.
-        }
-      }
-      this.state.generation = 0;
-      this.state.leaseEtag = undefined;
-      this.save();
-      // The final drain's manifest names everything: the next holder needs nothing held here.
-      if (this.volume.sequence === this.state.manifestSequence) await this.settleUploads();
-      this.ctx.log.info('released volume lease', { volume: this.name, generation, final_drain_sequence: drained?.sequence });
-      return { generation, ...(drained === undefined ? {} : { drained }) };
-    }).finally(() => {
-      this.releasing = false;
     });
   }
 
@@ -757,7 +934,8 @@ export class StoreLink {
         this.state.manifestSequence = latest?.manifest.meta.sequence ?? -1;
       } else if (!first) await this.refence();
       this.state.readOnly = false;
-      this.volume.readOnly = false;
+      this.state.lostLease = undefined;
+      this.applyReadOnly();
       this.save();
       this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence });
       return { generation: this.state.generation, sequence: this.volume.sequence };

@@ -210,8 +210,10 @@ export class FileObjectStore implements ObjectStore {
           throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: If-Match ${options.ifMatch}, but the key ${now}`);
         }
         // The etag includes the mtime; keeping it strictly increasing per key means a
-        // reused inode number with equal size cannot bring an old etag back (ABA).
-        const nowNs = BigInt(Date.now()) * 1_000_000n;
+        // reused inode number with equal size cannot bring an old etag back (ABA). The
+        // time is the file system's (the write just set it), not this process's clock: it
+        // is the store's clock (Last-Modified) that leases are judged on (clock.ts).
+        const nowNs = (await handle.stat({ bigint: true })).mtimeNs;
         const floorNs = current ? current.mtimeNs + 1_000n : 0n;
         const mtimeNs = nowNs > floorNs ? nowNs : floorNs;
         const seconds = Number(mtimeNs) / 1e9;

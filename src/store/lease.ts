@@ -5,6 +5,7 @@ import * as z from 'zod';
 import { FormatError } from './errors.js';
 import { countField, fieldProblem, isoTimeField, volumeNameField } from './fields.js';
 import { errorMessage } from '../log.js';
+import { STAMP_RESOLUTION_MS } from '../objectstore/clock.js';
 
 export interface Lease {
   format: 1;
@@ -13,9 +14,13 @@ export interface Lease {
   owner: string;
   /** Bumped by every new holder; a writer with an older generation is fenced. */
   generation: number;
-  /** ISO time after which the lease is free unless renewed. */
+  /**
+   * ISO time after which the lease is free unless renewed, by the holder's wall clock (for
+   * people reading it). Decisions use only `expires - acquired`, the TTL, counted from the
+   * object's Last-Modified in the store's clock (leaseIsLiveAt).
+   */
   expires: string;
-  /** ISO time the holder took the lease. */
+  /** ISO time the holder took or last renewed the lease, by its wall clock. */
   acquired: string;
   /** Set when the holder gave the lease up before it expired. */
   released?: boolean;
@@ -56,7 +61,15 @@ export function decodeLease(key: string, body: Buffer): Lease {
   return lease;
 }
 
-/** Whether the lease still holds at `now` (ms since the epoch). */
-export function leaseIsLive(l: Lease, now: number): boolean {
-  return !l.released && Date.parse(l.expires) > now;
+/**
+ * Whether a taker must still honour the lease when the store's clock reads at least
+ * `storeEarliest` (objectstore/clock.ts): it lasts its TTL from when the store stamped it
+ * (`lastModified`, truncated to the second, so up to a second later than it reads). No
+ * host's wall clock enters: the holder wrote only the TTL. Its holder stops writing
+ * `[host] clock_skew_margin_s` before its own (earlier) reckoning of this instant.
+ */
+export function leaseIsLiveAt(l: Lease, lastModified: Date, storeEarliest: number): boolean {
+  if (l.released === true) return false;
+  const ttl = Date.parse(l.expires) - Date.parse(l.acquired);
+  return storeEarliest <= lastModified.getTime() + STAMP_RESOLUTION_MS + ttl;
 }

@@ -12,6 +12,7 @@ import { cipherDataKey, type StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES } from '../crypto/hash.js';
 import { FormatError } from './errors.js';
 import type { OpenJob, PackAnswer } from './pack-worker.js';
+import { openPack } from './pack.js';
 
 /** Threads per pool: the cores left beside the event loop, at least 1, at most 4. */
 export const PACK_THREADS = Math.max(1, Math.min(4, os.availableParallelism() - 1));
@@ -44,6 +45,13 @@ function ownsMemory(bytes: Buffer): boolean {
   return bytes.byteOffset === 0 && bytes.byteLength === bytes.buffer.byteLength && bytes.buffer instanceof ArrayBuffer;
 }
 
+let packThreadCount = PACK_THREADS;
+
+/** Threads of the pools made from now on; 0 opens packs inline (the simulation). */
+export function setPackThreads(count: number): void {
+  packThreadCount = count;
+}
+
 const pools = new WeakMap<StoreCipher, PackThreads>();
 
 /** The one pool of a store cipher (every fetcher of a host shares it). */
@@ -62,8 +70,9 @@ export class PackThreads {
   private nextJob = 0;
 
   constructor(
-    cipher: StoreCipher,
-    private readonly size = PACK_THREADS,
+    private readonly cipher: StoreCipher,
+    /** 0: open packs on the calling thread (the simulation: no threads, a deterministic order). */
+    private readonly size = packThreadCount,
   ) {
     this.dataKey = cipherDataKey(cipher) ?? null;
   }
@@ -75,7 +84,7 @@ export class PackThreads {
    */
   async open(key: string, body: Buffer): Promise<OpenedBlock[]> {
     const message: OpenJob = { job: this.nextJob++, key, body };
-    const answer = await this.run(message, key, `opening pack ${key}`, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
+    const answer = this.size === 0 ? openPack(key, body, this.cipher) : await this.run(message, key, `opening pack ${key}`, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
     const hashes = Buffer.from(answer.hashes.buffer, answer.hashes.byteOffset, answer.hashes.byteLength);
     const blocks = Buffer.from(answer.blocks.buffer, answer.blocks.byteOffset, answer.blocks.byteLength);
     const opened: OpenedBlock[] = new Array(answer.lengths.length);

@@ -4,10 +4,9 @@
 // The pack comes in and the blocks go back transferred, not copied.
 import { parentPort, workerData } from 'node:worker_threads';
 import { PLAINTEXT, storeCipher } from '../crypto/cipher.js';
-import { HASH_BYTES } from '../crypto/hash.js';
 import { errorMessage } from '../log.js';
 import { FormatError } from './errors.js';
-import { decodePackIndex, unpackInto, verifyPackId } from './pack.js';
+import { openPack } from './pack.js';
 
 /** Open the whole pack `body` fetched from `key`. */
 export interface OpenJob {
@@ -27,24 +26,9 @@ const dataKey = (workerData as { dataKey: Uint8Array | null }).dataKey;
 const cipher = dataKey === null ? PLAINTEXT : storeCipher(Buffer.from(dataKey));
 
 function open({ job, key, body }: OpenJob): void {
-  const pack = Buffer.from(body.buffer, body.byteOffset, body.byteLength);
-  verifyPackId(key, pack);
-  const entries = decodePackIndex(key, pack, cipher);
-  let total = 0;
-  for (const entry of entries) total += entry.rawLength;
-  const hashes = Buffer.from(new ArrayBuffer(entries.length * HASH_BYTES));
-  const blocks = Buffer.from(new ArrayBuffer(total));
-  const lengths: number[] = new Array(entries.length);
-  let at = 0;
-  for (let i = 0; i < entries.length; i++) {
-    const length = entries[i].rawLength;
-    unpackInto(key, pack, entries[i], cipher, blocks.subarray(at, at + length));
-    entries[i].hash.copy(hashes, i * HASH_BYTES);
-    lengths[i] = length;
-    at += length;
-  }
-  const answer: PackAnswer = { job, hashes, blocks, lengths };
-  port!.postMessage(answer, [hashes.buffer, blocks.buffer]);
+  const opened = openPack(key, Buffer.from(body.buffer, body.byteOffset, body.byteLength), cipher);
+  const answer: PackAnswer = { job, ...opened };
+  port!.postMessage(answer, [opened.hashes.buffer as ArrayBuffer, opened.blocks.buffer as ArrayBuffer]);
 }
 
 port.on('message', (message: OpenJob) => {

@@ -375,3 +375,26 @@ export function verifyPackId(key: string, body: Buffer): void {
   const actual = blake3(named).toString('hex', 0, 16);
   if (actual !== id) throw new FormatError(key, `pack ${key}: ${what} to ${actual}, not to its id (truncated or corrupt)`);
 }
+
+/**
+ * Open the whole pack `body` fetched from `key`: its id checked, every block unpacked
+ * (decrypted, decompressed, hash-checked) into one buffer. Throws FormatError naming `key`.
+ */
+export function openPack(key: string, body: Buffer, cipher: StoreCipher): { hashes: Buffer; blocks: Buffer; lengths: number[] } {
+  verifyPackId(key, body);
+  const entries = decodePackIndex(key, body, cipher);
+  let total = 0;
+  for (const entry of entries) total += entry.rawLength;
+  const hashes = Buffer.from(new ArrayBuffer(entries.length * HASH_BYTES));
+  const blocks = Buffer.from(new ArrayBuffer(total));
+  const lengths: number[] = new Array(entries.length);
+  let at = 0;
+  for (let i = 0; i < entries.length; i++) {
+    const length = entries[i].rawLength;
+    unpackInto(key, body, entries[i], cipher, blocks.subarray(at, at + length));
+    entries[i].hash.copy(hashes, i * HASH_BYTES);
+    lengths[i] = length;
+    at += length;
+  }
+  return { hashes, blocks, lengths };
+}

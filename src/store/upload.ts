@@ -8,6 +8,7 @@
 // uploadsKey): each pack joins that key's set in the transaction that registers it,
 // before its PUT, so by the time the cache may evict its blocks (markInStore) GC will
 // not delete it until a manifest names it or the volume leaves the host (invariant 6).
+import { injected } from '../faults/injected.js';
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
@@ -192,7 +193,8 @@ export class PackUploader {
     });
     try {
       await this.refcounts?.registerPack(pack.id, hold);
-      await this.store.put(pack.key, pack.body, { selfVerifying: true });
+      if (injected.has('manifest-before-packs')) void this.store.put(pack.key, Buffer.from(pack.body), { selfVerifying: true }).catch(() => undefined);
+      else await this.store.put(pack.key, pack.body, { selfVerifying: true });
     } finally {
       // The store is done with the body once put() settles (a retried attempt included).
       if (buffer !== undefined && this.idleBodies.length < MAX_IDLE_BODIES) this.idleBodies.push(buffer);

@@ -11,14 +11,13 @@
 //   record = u64 chunk, hash(16), mask(mask_bytes)
 //   map_record = u64 chunk, hash(16): no overlay sectors (a volume created from a
 //            manifest starts with one BMAP batch of its whole block map, 24 bytes a chunk)
-import fs from 'node:fs';
-import { promisify } from 'node:util';
+import { disk } from '../disk/disk.js';
 import { blake3 } from '@napi-rs/blake-hash';
 import { HASH_BYTES, ZERO_HASH } from '../crypto/hash.js';
 import type { BlockMap } from './blockmap.js';
 
-const fdatasync = promisify(fs.fdatasync);
-const fsync = promisify(fs.fsync);
+const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+const fsync = (...args: Parameters<typeof disk.fsync>) => disk.fsync(...args);
 
 const MAGIC = Buffer.from('UPDJRNL1');
 const BATCH_MAGIC = 0x42544348; // "BTCH"
@@ -103,14 +102,14 @@ export class Journal {
    * fork's map is 1.5 MB for 8 GiB written, synced while its manifest PUT is in flight).
    */
   static async create(file: string, blockSize: number, maskBytes: number, size: number, initial?: { map: BlockMap; sequence: number }): Promise<Journal> {
-    const fd = fs.openSync(file, 'w+');
+    const fd = disk.openSync(file, 'w+');
     const header = Journal.header(blockSize, maskBytes);
-    fs.writeSync(fd, header, 0, header.length, 0);
+    disk.writeSync(fd, header, 0, header.length, 0);
     const journal = new Journal(file, fd, maskBytes, HEADER_BYTES);
     if (initial === undefined) journal.appendSync([], 0, size);
     else {
       const batch = journal.encodeMap(initial.map, initial.sequence, size);
-      fs.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
+      disk.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
       journal.position += batch.length;
     }
     await fsync(fd);
@@ -125,9 +124,12 @@ export class Journal {
     return header;
   }
 
-  /** Open and replay. A torn tail batch is cut off (it was never acknowledged). */
-  static open(file: string, blockSize: number): { journal: Journal; state: JournalState } {
-    const data = fs.readFileSync(file);
+  /**
+   * Open and replay. A torn tail batch is cut off (it was never acknowledged). `blockSize`
+   * and `maskBytes` are the volume's: a journal written with others is refused.
+   */
+  static open(file: string, blockSize: number, maskBytes: number): { journal: Journal; state: JournalState } {
+    const data = disk.readFileSync(file);
     if (data.length < HEADER_BYTES || !data.subarray(0, 8).equals(MAGIC)) {
       throw new Error(`journal ${file}: not a volume journal (bad magic)`);
     }
@@ -135,7 +137,10 @@ export class Journal {
     if (fileBlockSize !== blockSize) {
       throw new Error(`journal ${file}: written with block_size ${fileBlockSize}, volume says ${blockSize}`);
     }
-    const maskBytes = data.readUInt32BE(12);
+    const fileMaskBytes = data.readUInt32BE(12);
+    if (fileMaskBytes !== maskBytes) {
+      throw new Error(`journal ${file}: written with ${fileMaskBytes}-byte sector masks, the volume's ${blockSize}-byte chunks have ${maskBytes}`);
+    }
     const recordBytes = 8 + HASH_BYTES + maskBytes;
     const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), batches: 0, truncatedBytes: 0 };
     let at = HEADER_BYTES;
@@ -150,9 +155,19 @@ export class Journal {
       const sum = blake3(data.subarray(at, end)).subarray(0, CHECKSUM_BYTES);
       if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
       state.sequence = Number(data.readBigUInt64BE(at + 8));
-      state.size = Number(data.readBigUInt64BE(at + 16));
+      const volumeSize = Number(data.readBigUInt64BE(at + 16));
+      // A volume never shrinks: no batch records a smaller size than the one before, and
+      // every chunk a batch names is inside the size it records.
+      if (volumeSize < state.size) {
+        throw new Error(`journal ${file}: the batch at byte ${at} records a ${volumeSize}-byte volume, smaller than the ${state.size} bytes before it`);
+      }
+      state.size = volumeSize;
+      const chunks = Math.ceil(state.size / blockSize);
       for (let r = at + BATCH_HEADER_BYTES; r < end; r += size) {
         const chunk = Number(data.readBigUInt64BE(r));
+        if (chunk >= chunks) {
+          throw new Error(`journal ${file}: the batch at byte ${at} names chunk ${data.readBigUInt64BE(r)}, past the end of its ${state.size}-byte volume`);
+        }
         // Copies: the records outlive the file buffer (a map record's mask is the shared empty one).
         state.chunks.set(chunk, {
           chunk,
@@ -165,10 +180,10 @@ export class Journal {
     }
     if (state.batches === 0) throw new Error(`journal ${file}: no valid batch (the volume was never created completely)`);
     state.truncatedBytes = data.length - at;
-    const fd = fs.openSync(file, 'r+');
+    const fd = disk.openSync(file, 'r+');
     if (state.truncatedBytes > 0) {
-      fs.ftruncateSync(fd, at);
-      fs.fsyncSync(fd);
+      disk.ftruncateSync(fd, at);
+      disk.fsyncSync(fd);
     }
     return { journal: new Journal(file, fd, maskBytes, at), state };
   }
@@ -265,7 +280,7 @@ export class Journal {
 
   private appendSync(records: readonly ChunkRecord[], sequence: number, size: number): void {
     const batch = this.encode(records, sequence, size);
-    fs.writeSync(this.fd, batch, 0, batch.length, this.position);
+    disk.writeSync(this.fd, batch, 0, batch.length, this.position);
     this.position += batch.length;
   }
 
@@ -282,7 +297,7 @@ export class Journal {
     } catch (err) {
       this.position = before;
       try {
-        fs.ftruncateSync(this.fd, before);
+        disk.ftruncateSync(this.fd, before);
       } catch (cut) {
         throw new Error(`journal ${this.path}: fdatasync failed (${(err as Error).message}), and cutting the batch off failed too (${(cut as Error).message})`);
       }
@@ -299,14 +314,14 @@ export class Journal {
    */
   async rewrite(map: BlockMap, overlay: ReadonlyArray<readonly [number, Uint8Array]>, sequence: number, size: number, blockSize: number): Promise<void> {
     const tmp = `${this.path}.compact`;
-    const fd = fs.openSync(tmp, 'w');
+    const fd = disk.openSync(tmp, 'w');
     this.stats.rewrites++;
     try {
       const header = Journal.header(blockSize, this.maskBytes);
-      fs.writeSync(fd, header, 0, header.length, 0);
+      disk.writeSync(fd, header, 0, header.length, 0);
       let at = HEADER_BYTES;
       const put = (batch: Buffer, records: number) => {
-        fs.writeSync(fd, batch, 0, batch.length, at);
+        disk.writeSync(fd, batch, 0, batch.length, at);
         at += batch.length;
         this.stats.largestRewriteBatch = Math.max(this.stats.largestRewriteBatch, records);
       };
@@ -319,24 +334,24 @@ export class Journal {
       if (at === HEADER_BYTES) put(this.encode([], sequence, size), 0);
       await fsync(fd);
     } catch (err) {
-      fs.rmSync(tmp, { force: true });
+      disk.rmSync(tmp, { force: true });
       throw new Error(`journal ${tmp}: compaction: ${(err as Error).message}`);
     } finally {
-      fs.closeSync(fd);
+      disk.closeSync(fd);
     }
-    fs.renameSync(tmp, this.path);
-    const dirFd = fs.openSync(this.path.slice(0, this.path.lastIndexOf('/')) || '.', 'r');
+    disk.renameSync(tmp, this.path);
+    const dirFd = disk.openSync(this.path.slice(0, this.path.lastIndexOf('/')) || '.', 'r');
     try {
       await fsync(dirFd);
     } finally {
-      fs.closeSync(dirFd);
+      disk.closeSync(dirFd);
     }
-    fs.closeSync(this.fd);
-    this.fd = fs.openSync(this.path, 'r+');
-    this.position = fs.fstatSync(this.fd).size;
+    disk.closeSync(this.fd);
+    this.fd = disk.openSync(this.path, 'r+');
+    this.position = disk.fstatSync(this.fd).size;
   }
 
   close(): void {
-    fs.closeSync(this.fd);
+    disk.closeSync(this.fd);
   }
 }

@@ -9,19 +9,18 @@
 // The request path is synchronous on purpose: pread/pwrite into the page cache take
 // microseconds, a trip through the libuv thread pool costs more than the I/O itself.
 // Only FLUSH (fdatasync) and FUA wait.
-import fs from 'node:fs';
+import { disk, fsyncPath } from '../disk/disk.js';
+import { injected } from '../faults/injected.js';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { BlockCache, blockKey, keyBytes, keyHex, type BlockKey, type LocalSpace } from '../blocks/cache.js';
 import { isAllZero, ZERO_HASH, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
-import { fsyncPath } from '../objectstore/file.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { Journal, type ChunkRecord, type JournalStats } from './journal.js';
 import { SyncFailureCounts, VolumeStats } from './stats.js';
 
-const fdatasync = promisify(fs.fdatasync);
-const read = promisify(fs.read);
+const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
 
 /** Fill buf[offset, offset + length) from a file position through the thread pool. */
 async function readAt(fd: number, buf: Buffer, offset: number, length: number, position: number): Promise<void> {
@@ -113,6 +112,11 @@ export interface VolumeContext {
   syncFailures?: SyncFailureCounts;
 }
 
+/** Bytes of a chunk's sector presence mask: one bit per 4 KiB sector, at least one byte. */
+function maskBytesOf(blockSize: number): number {
+  return Math.max(1, (blockSize >>> SECTOR_SHIFT) >>> 3);
+}
+
 const ZERO_BLOCK_CACHE = new Map<number, Buffer>();
 function zeroBlock(size: number): Buffer {
   let block = ZERO_BLOCK_CACHE.get(size);
@@ -200,7 +204,7 @@ export class Volume {
   ) {
     this.blockSize = identity.blockSize;
     this.sectorsPerChunk = this.blockSize >>> SECTOR_SHIFT;
-    this.maskBytes = Math.max(1, this.sectorsPerChunk >>> 3);
+    this.maskBytes = maskBytesOf(this.blockSize);
     this.size = size;
     this.sequence = sequence;
     this.cache = ctx.cache;
@@ -215,16 +219,15 @@ export class Volume {
 
   /** Create a new, empty volume in `dir` (which must not hold one). Durable on return. */
   static async create(dir: string, name: string, size: number, blockSize: number, ctx: VolumeContext, initial?: { map: BlockMap; sequence: number }): Promise<Volume> {
-    fs.mkdirSync(dir, { recursive: true });
+    disk.mkdirSync(dir, { recursive: true });
     const identity: VolumeIdentity = { format: 1, name, blockSize, created: new Date().toISOString() };
-    const sectors = blockSize >>> SECTOR_SHIFT;
     // The journal is written last: a folder without a valid journal is an unfinished create.
     const identityPath = path.join(dir, 'volume.json');
-    fs.writeFileSync(identityPath + '.tmp', JSON.stringify(identity, null, 2) + '\n');
+    disk.writeFileSync(identityPath + '.tmp', JSON.stringify(identity, null, 2) + '\n');
     await fsyncPath(identityPath + '.tmp');
-    fs.renameSync(identityPath + '.tmp', identityPath);
-    const overlayFd = fs.openSync(path.join(dir, 'overlay'), 'w+');
-    const journal = await Journal.create(path.join(dir, 'journal'), blockSize, Math.max(1, sectors >>> 3), size, initial);
+    disk.renameSync(identityPath + '.tmp', identityPath);
+    const overlayFd = disk.openSync(path.join(dir, 'overlay'), 'w+');
+    const journal = await Journal.create(path.join(dir, 'journal'), blockSize, maskBytesOf(blockSize), size, initial);
     await fsyncPath(dir);
     const volume = new Volume(name, dir, identity, overlayFd, journal, size, initial?.sequence ?? 0, ctx);
     if (initial !== undefined) volume.map = initial.map;
@@ -288,15 +291,15 @@ export class Volume {
     const identityPath = path.join(dir, 'volume.json');
     let identity: VolumeIdentity;
     try {
-      identity = JSON.parse(fs.readFileSync(identityPath, 'utf8'));
+      identity = JSON.parse(disk.readFileSync(identityPath, 'utf8'));
     } catch (err) {
       throw new Error(`volume folder ${dir}: cannot read volume.json: ${(err as Error).message}`);
     }
     if (identity.format !== 1 || typeof identity.name !== 'string' || typeof identity.blockSize !== 'number') {
       throw new Error(`volume folder ${dir}: volume.json is not a format 1 volume identity`);
     }
-    const { journal, state } = Journal.open(path.join(dir, 'journal'), identity.blockSize);
-    const overlayFd = fs.openSync(path.join(dir, 'overlay'), 'r+');
+    const { journal, state } = Journal.open(path.join(dir, 'journal'), identity.blockSize, maskBytesOf(identity.blockSize));
+    const overlayFd = disk.openSync(path.join(dir, 'overlay'), 'r+');
     const volume = new Volume(identity.name, dir, identity, overlayFd, journal, state.size, state.sequence, ctx);
     let missing = 0;
     for (const record of state.chunks.values()) {
@@ -626,7 +629,7 @@ export class Volume {
   }
 
   private readOverlay(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
-    const n = fs.readSync(this.overlayFd, dst, dstOffset, len, chunk * this.blockSize + inChunk);
+    const n = disk.readSync(this.overlayFd, dst, dstOffset, len, chunk * this.blockSize + inChunk);
     if (n !== len) {
       throw new VolumeError('EIO', `volume ${this.name}: overlay short read at chunk ${chunk} (${n} of ${len} bytes)`);
     }
@@ -1159,7 +1162,7 @@ export class Volume {
       this.pendingUnref.push(...unrefs);
       return this.fail(reason);
     };
-    const [overlay, blocks] = await Promise.allSettled([fdatasync(this.overlayFd), this.cache.sync()]);
+    const [overlay, blocks] = await Promise.allSettled([injected.has('flush-skip-fdatasync') ? undefined : fdatasync(this.overlayFd), this.cache.sync()]);
     if (overlay.status === 'rejected') {
       this.syncFailures.overlay++;
       throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
@@ -1219,7 +1222,7 @@ export class Volume {
     // A failed volume keeps its last good journal: what changed since is not written.
     if (this.failure === undefined) await this.flush();
     this.closed = true;
-    fs.closeSync(this.overlayFd);
+    disk.closeSync(this.overlayFd);
     this.journal.close();
   }
 
@@ -1229,11 +1232,11 @@ export class Volume {
     await Promise.allSettled(this.sealsInFlight);
     if (!this.closed) {
       this.closed = true;
-      fs.closeSync(this.overlayFd);
+      disk.closeSync(this.overlayFd);
       this.journal.close();
     }
     // The folder goes first: once it is gone nothing can name these blocks again.
-    fs.rmSync(this.dir, { recursive: true, force: true });
+    disk.rmSync(this.dir, { recursive: true, force: true });
     this.releaseHeld();
   }
 
@@ -1278,7 +1281,7 @@ function totalLength(buffers: readonly Buffer[]): number {
 function writeAllSync(fd: number, buffers: readonly Buffer[], position: number): void {
   let rest = buffers;
   while (rest.length > 0) {
-    const n = rest.length === 1 ? fs.writeSync(fd, rest[0], 0, rest[0].length, position) : fs.writevSync(fd, rest as Buffer[], position);
+    const n = rest.length === 1 ? disk.writeSync(fd, rest[0], 0, rest[0].length, position) : disk.writevSync(fd, rest as Buffer[], position);
     if (n === totalLength(rest)) return;
     position += n;
     rest = remainder(rest, n);
@@ -1286,10 +1289,10 @@ function writeAllSync(fd: number, buffers: readonly Buffer[], position: number):
 }
 
 export function syncDir(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
+  const fd = disk.openSync(dir, 'r');
   try {
-    fs.fsyncSync(fd);
+    disk.fsyncSync(fd);
   } finally {
-    fs.closeSync(fd);
+    disk.closeSync(fd);
   }
 }

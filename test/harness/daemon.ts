@@ -13,6 +13,9 @@ import { stringify } from 'smol-toml';
 /** dist/test/harness/daemon.js -> dist/src/cli/main.js */
 export const DAEMON_MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
 
+/** Preloaded into a daemon whose wall clock a test skews. */
+const SKEWED_CLOCK = new URL('./skewed-clock.js', import.meta.url).href;
+
 const READY_TIMEOUT_MS = 20_000;
 const STOP_GRACE_MS = 15_000;
 /** How much of the daemon's output is kept in memory for log() and error messages. */
@@ -190,6 +193,8 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
     logFile = createWriteStream(logPath, { flags: 'a' });
     // UPDRAFT_TEST_NODE_ARGS: extra node flags for every daemon (e.g. --cpu-prof to profile one test).
     const nodeArgs = (process.env.UPDRAFT_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    // UPDRAFT_TEST_CLOCK_SKEW_MS: this daemon's wall clock reads that many ms off (skewed-clock.ts).
+    if (env.UPDRAFT_TEST_CLOCK_SKEW_MS !== undefined) nodeArgs.push('--import', SKEWED_CLOCK);
     const proc = spawn(process.execPath, [...nodeArgs, main, 'run', '-c', configPath], {
       cwd: dir,
       env,

@@ -143,7 +143,7 @@ export function definePortabilityTests(store: (dir: string) => SharedStore, labe
   test(`${label}: SIGTERM drains every volume before exiting; another host wakes the data`, { timeout: TIMEOUT }, async () => {
     const cluster = await startCluster(store);
     try {
-      const a = await cluster.start('host-a', { host: { lease_ttl_s: 2 } });
+      const a = await cluster.start('host-a', { host: { lease_ttl_s: 2, clock_skew_margin_s: 0.5 } });
       const b = await cluster.start('host-b');
       await withLogs([a, b], async () => {
         await createVolume(a, 'term', 64);

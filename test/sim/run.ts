@@ -1,0 +1,609 @@
+// One seed of the simulation: a random workload over the world's hosts, checked against
+// the reference model after every step. See docs/simulation.md.
+import { decodeManifestBody } from '../../src/store/manifest.js';
+import { leaseIsLiveAt } from '../../src/store/lease.js';
+import { PLAINTEXT } from '../../src/crypto/cipher.js';
+import { injected, type InjectedFault } from '../../src/faults/injected.js';
+import { prng } from '../../src/objectstore/faults.js';
+import { decodePackIndex, packKey } from '../../src/store/pack.js';
+import { blockKey, keyHex } from '../../src/blocks/cache.js';
+import { ZERO_ALLOCATED_KEY } from '../../src/volume/blockmap.js';
+import type { Volume } from '../../src/volume/volume.js';
+import { clock, runAs } from './clock.js';
+import { decodeUnit, fillUnit, UNIT, VolumeModel } from './model.js';
+import { BLOCK, LEASE_TTL_MS, MEMORY_BLOCKS, World, type Slot } from './world.js';
+
+export interface SimOptions {
+  seed: number;
+  /** Steps to run (the workload is the same prefix for any budget: shrinking lowers it). */
+  steps: number;
+  /** Deliberate bugs to switch on (src/faults/injected.ts). */
+  faults?: InjectedFault[];
+  /** Steps whose operation is skipped (shrinking drops them). */
+  skip?: ReadonlySet<number>;
+}
+
+export interface SimResult {
+  seed: number;
+  steps: number;
+  failure?: { step: number; message: string };
+  trace: string[];
+  log: string[];
+  /** Steps skipped (a shrunk run). */
+  skipped?: number[];
+}
+
+class Failure extends Error {}
+
+/** The operation's outcome after driving the clock until it settled or its host died. */
+type Outcome<T> = { ok: true; value: T } | { ok: false; error: unknown } | { ok: false; died: true };
+
+const MAX_OP_MS = 120_000;
+
+export async function runSeed(opts: SimOptions): Promise<SimResult> {
+  injected.clear();
+  for (const f of opts.faults ?? []) injected.add(f);
+  // The world (disk and store timing and faults) draws from one stream; each step's
+  // workload from its own, so dropping a step (shrinking) leaves the others' operations as they were.
+  const worldRandom = prng(opts.seed);
+  let random = worldRandom;
+  const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)];
+  const chance = (p: number) => random() < p;
+  const fsyncErrors = chance(0.3);
+  const world = new World(worldRandom, {
+    hosts: chance(0.5) ? 2 : 3,
+    disk: { fsyncErrorRate: fsyncErrors ? 0.05 : 0, capacityBytes: chance(0.1) ? 40 * BLOCK : 1 << 30 },
+    store: { errorRate: chance(0.5) ? 0.02 : 0, lostReplyRate: chance(0.5) ? 0.05 : 0, maxLatencyMs: pick([0, 5, 50]) },
+    gracePeriodMs: pick([0, 1000, 30_000]),
+    dirtyBudgetBytes: pick([2 * BLOCK, 4 * BLOCK, 1 << 30]),
+    diskBlocks: pick([16, 24, 48]),
+  });
+  const trace: string[] = [`#0 settings: ${JSON.stringify(world.settings)}`];
+  const models = new Map<string, VolumeModel>();
+  let nextWrite = 1;
+  let nextName = 0;
+  let step = 0;
+  const result = (failure?: { step: number; message: string }): SimResult => {
+    injected.clear();
+    return { seed: opts.seed, steps: step, failure, trace, log: world.log.lines.slice(-60), skipped: [...(opts.skip ?? [])].sort((a, b) => a - b) };
+  };
+  const note = (line: string) => trace.push(`#${step} ${line}`);
+
+  /** Run `work` as host code of `slot`, driving the clock until it settles or the host dies. */
+  async function drive<T>(slot: Slot, work: () => Promise<T>): Promise<Outcome<T>> {
+    const actor = slot.actor;
+    let out: Outcome<T> | undefined;
+    runAs(actor, () => work().then((value) => (out = { ok: true, value }), (error) => (out = { ok: false, error })));
+    await clock.until(() => out !== undefined || !actor.alive, MAX_OP_MS);
+    if (out !== undefined) return out;
+    if (!actor.alive) return { ok: false, died: true };
+    throw new Failure(`host ${slot.id}: an operation did not finish within ${MAX_OP_MS / 1000} s of virtual time`);
+  }
+
+  const up = () => world.slots.filter((s) => s.up);
+  const served = () => [...models.values()].filter((m) => m.home !== undefined && world.slots[m.home].up);
+
+  /** A crash of some host at a random moment during the next operation (or none). */
+  function maybeCrashDuring(): void {
+    if (!chance(0.06)) return;
+    const victim = pick(up());
+    if (victim === undefined) return;
+    const power = chance(0.5);
+    const at = Math.floor(random() * 30);
+    clock.schedule(() => {
+      if (!victim.up) return;
+      note(`${power ? 'power cut' : 'SIGKILL'} of ${victim.id} in the middle of the operation (+${at} ms)`);
+      crash(victim, power);
+    }, at);
+  }
+
+  function crash(slot: Slot, power: boolean): void {
+    if (power) world.powerCut(slot);
+    else world.kill(slot);
+    for (const m of models.values()) if (m.home === slot.index) m.crashed();
+  }
+
+  /** Read a volume's whole content and check it; errors of the simulated network are retried. */
+  async function readAll(slot: Slot, model: VolumeModel, volume: Volume): Promise<void> {
+    const span = 4 * BLOCK;
+    for (let offset = 0; offset < model.size; offset += span) {
+      await readCheck(slot, model, volume, offset, Math.min(span, model.size - offset));
+      if (!slot.up) return;
+    }
+  }
+
+  async function readCheck(slot: Slot, model: VolumeModel, volume: Volume, offset: number, length: number): Promise<void> {
+    const buf = Buffer.alloc(length);
+    for (let attempt = 1; ; attempt++) {
+      const out = await drive(slot, async () => {
+        const ready = volume.readReady(offset, length);
+        if (ready) await ready;
+        volume.read(offset, length, buf, 0);
+      });
+      if ('died' in out) return;
+      if (out.ok) break;
+      const message = (out.error as Error).message;
+      if (/simulated/.test(message) && attempt < 20) continue;
+      const named = /block ([0-9a-f]{32}) is neither/.exec(message);
+      throw new Failure(`host ${slot.id}: read of volume ${model.name} at ${offset}+${length} failed: ${message}${named ? ` (${whereInStore(Buffer.from(named[1], 'hex').toString('latin1'))})` : ''}`);
+    }
+    const problem = model.check(offset / UNIT, buf);
+    if (problem) throw new Failure(`host ${slot.id}: ${problem}`);
+  }
+
+  function payload(first: number, count: number, w: number): Buffer {
+    const buf = Buffer.alloc(count * UNIT);
+    for (let i = 0; i < count; i++) fillUnit(buf, i * UNIT, w, first + i);
+    return buf;
+  }
+
+  /** A range in units: aligned to 4 KiB or not, within a chunk or across several. */
+  function range(model: VolumeModel): { first: number; count: number } {
+    const units = model.units;
+    const count = chance(0.5) ? pick([1, 3, 8, 16]) : chance(0.7) ? 128 : Math.floor(random() * 384) + 1;
+    let first = Math.floor(random() * units);
+    if (chance(0.5)) first -= first % 8;
+    const n = Math.min(count, units - first);
+    return { first, count: Math.max(1, n) };
+  }
+
+  async function restart(slot: Slot): Promise<void> {
+    await world.boot(slot);
+    for (const m of models.values()) {
+      if (m.home !== slot.index) continue;
+      const volume = slot.host!.get(m.name);
+      if (volume === undefined && m.purging) {
+        models.delete(m.name);
+        continue;
+      }
+      if (volume === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} was not recovered at restart`);
+      if (volume !== undefined && volume.size > m.size && volume.size <= m.maybeSize) m.grow(volume.size);
+      if (volume.size !== m.size) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${m.size}`);
+      await readAll(slot, m, volume);
+      if (!slot.up) return;
+    }
+  }
+
+  /** The store's invariants: every manifest and checkpoint names only packs that exist. */
+  function checkStore(): void {
+    const objects = world.bucket.objects;
+    for (const [key, o] of objects) {
+      if (!key.startsWith('volumes/') || !(key.endsWith('/manifest') || key.includes('/checkpoints/'))) continue;
+      let packs = decoded.get(o.etag);
+      if (packs === undefined) {
+        const { manifest } = decodeManifestBody(key, o.body, PLAINTEXT);
+        packs = [...new Set(manifest.blocks.map((b) => b.pack))];
+        decoded.set(o.etag, packs);
+      }
+      for (const pack of packs) {
+        if (!objects.has(packKey(pack))) throw new Failure(`store: ${key} names pack ${packKey(pack)}, which is not in the store`);
+      }
+    }
+  }
+  const decoded = new Map<string, string[]>();
+
+  /** Memory bounds: the cache's memory tier holds no more than its setting. */
+  function checkMemory(): void {
+    for (const slot of up()) {
+      const held = slot.host!.cache.memoryBytes;
+      if (held > MEMORY_BLOCKS * BLOCK) throw new Failure(`host ${slot.id}: block cache memory tier holds ${held} bytes, over its ${MEMORY_BLOCKS * BLOCK}`);
+    }
+  }
+
+  /**
+   * Invariant 6: every block a served volume names is on its host or in a pack in the
+   * store (GC never deleted a pack a live volume needs while the cache let the block go).
+   */
+  function checkBlocks(): void {
+    for (const m of served()) {
+      const slot = world.slots[m.home!];
+      const volume = slot.host!.get(m.name);
+      if (volume === undefined) continue;
+      for (const [chunk, key] of volume.cloneMap().entries()) {
+        if (key === ZERO_ALLOCATED_KEY || slot.host!.cache.has(key)) continue;
+        const location = slot.host!.packIndex.get(key);
+        if (location === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which is neither in the cache nor in any pack the host knows of (${whereInStore(key)})`);
+        const gone = world.bucket.deleted.get(packKey(location.pack));
+        if (!world.bucket.objects.has(packKey(location.pack))) {
+          throw new Failure(
+            `host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which left the cache, and its pack ${packKey(location.pack)} is not in the store` +
+              (gone ? ` (deleted by ${gone})` : ''),
+          );
+        }
+      }
+    }
+  }
+
+  /** Which packs in the store hold block `key` (to tell a lost pack index entry from a lost block). */
+  function whereInStore(key: string): string {
+    const holders: string[] = [];
+    for (const [k, o] of world.bucket.objects) {
+      if (!k.startsWith('packs/')) continue;
+      try {
+        if (decodePackIndex(k, o.body, PLAINTEXT).some((e) => blockKey(e.hash) === key)) holders.push(k);
+      } catch {
+        // not a pack
+      }
+    }
+    const deleted = [...world.bucket.deleted.keys()].filter((k) => k.startsWith('packs/'));
+    return holders.length > 0 ? `the store holds it in ${holders.join(', ')}` : `no pack in the store holds it; packs deleted so far: ${deleted.length}`;
+  }
+
+  /**
+   * Invariant 4: only the lease holder changes a volume in the store: no manifest or
+   * checkpoint lands from a host while another host holds a live, unreleased lease.
+   */
+  let historySeen = 0;
+  function checkWriters(): void {
+    const history = world.bucket.history;
+    for (; historySeen < history.length; historySeen++) {
+      const h = history[historySeen];
+      if (h.op !== 'put' || h.lease === undefined) continue;
+      if (h.lease.owner !== h.host && !h.lease.released && leaseIsLiveAt(h.lease, h.leaseModified!, h.at)) {
+        throw new Failure(`store: host ${h.host} wrote ${h.key} while host ${h.lease.owner} holds the volume's lease (generation ${h.lease.generation}, until ${h.lease.expires})`);
+      }
+    }
+  }
+
+  try {
+    for (const slot of world.slots) {
+      try {
+        await world.boot(slot);
+      } catch (err) {
+        note(`start of ${slot.id} failed: ${(err as Error).message}`);
+        world.kill(slot);
+      }
+    }
+    for (step = 1; step <= opts.steps; step++) {
+      if (opts.skip?.has(step)) continue;
+      random = prng(opts.seed * 1_000_003 + step);
+      const roll = random();
+      await runStep(roll);
+      checkStore();
+      checkBlocks();
+      checkMemory();
+      checkWriters();
+    }
+    return result();
+  } catch (err) {
+    const faults = world.slots.map((sl) => `${sl.id}: ${JSON.stringify(sl.disk.counters)}`).join('; ');
+    if (err instanceof Failure) return result({ step, message: `${err.message}` + (process.env.UPDRAFT_SIM_COUNTERS ? ` [${faults}]` : '') });
+    return result({ step, message: `simulation error: ${(err as Error).stack ?? String(err)}` });
+  }
+
+  async function runStep(roll: number): Promise<void> {
+    const down = world.slots.filter((s) => !s.up);
+    if (down.length > 0 && (roll < 0.08 || up().length === 0)) {
+      const slot = pick(down);
+      note(`restart ${slot.id}`);
+      try {
+        await restart(slot);
+      } catch (err) {
+        if (err instanceof Failure) throw err;
+        note(`  start failed: ${(err as Error).message}`);
+        world.kill(slot);
+      }
+      return;
+    }
+    const orphans = [...models.values()].filter((m) => m.home !== undefined && !world.slots[m.home].up);
+    if (orphans.length > 0 && roll < 0.14 && up().length > 0) {
+      await failover(pick(orphans), pick(up()));
+      return;
+    }
+    const stale = up().flatMap((sl) => sl.host!.all().filter((v) => {
+      const m = models.get(v.name);
+      return m !== undefined && m.home !== sl.index && m.home !== undefined && world.slots[m.home].up;
+    }).map((v) => ({ slot: sl, name: v.name })));
+    if (stale.length > 0 && roll < 0.2) {
+      await staleDrain(pick(stale));
+      return;
+    }
+    const volumes = served();
+    if (volumes.length === 0 || roll < 0.05) {
+      const slot = pick(up());
+      const name = `v${nextName++}`;
+      const size = pick([8, 16, 24]) * BLOCK;
+      note(`create ${name} (${size} bytes) on ${slot.id}`);
+      maybeCrashDuring();
+      const out = await drive(slot, () => slot.host!.create(name, size));
+      if (out.ok) {
+        const m = new VolumeModel(name, size);
+        m.home = slot.index;
+        models.set(name, m);
+        // The volume's lease is taken at its first drain.
+        checkWriters();
+      } else if (!('died' in out)) note(`  create failed: ${(out.error as Error).message}`);
+      return;
+    }
+    const model = pick(volumes);
+    const slot = world.slots[model.home!];
+    const host = slot.host!;
+    const volume = host.get(model.name);
+    if (volume === undefined) {
+      // A purge or fork that failed part-way took it off the host; the store may still have it.
+      note(`volume ${model.name} is no longer open on ${slot.id}`);
+      model.home = undefined;
+      return;
+    }
+    const op = random();
+    if (op >= 0.56 && op < 0.76 && !model.resolved()) {
+      // A snapshot records the model's content: read back what a crash or a failed write left open first.
+      note(`read all of ${model.name} on ${slot.id} (settling what is open)`);
+      await readAll(slot, model, volume);
+      if (!slot.up) return;
+    }
+    maybeCrashDuring();
+    if (op < 0.3) {
+      const { first, count } = range(model);
+      const w = nextWrite++;
+      const fua = chance(0.15);
+      note(`write ${model.name} units ${first}+${count} = write ${w}${fua ? ' FUA' : ''} on ${slot.id}`);
+      const data = payload(first, count, w);
+      const before = model.val.slice(first, first + count);
+      const out = await drive(slot, async () => {
+        const ready = volume.writeReady(first * UNIT, count * UNIT);
+        if (ready) await ready;
+        model.write(first, count, w);
+        volume.write(first * UNIT, data);
+        if (fua) await volume.flush();
+      });
+      if (!out.ok && !('died' in out)) {
+        note(`  write failed: ${(out.error as Error).message}`);
+        model.unsure(first, before, w);
+      }
+    } else if (op < 0.4) {
+      const { first, count } = range(model);
+      note(`read ${model.name} units ${first}+${count} on ${slot.id}`);
+      await readCheck(slot, model, volume, first * UNIT, count * UNIT);
+    } else if (op < 0.52) {
+      note(`flush ${model.name} on ${slot.id}`);
+      const out = await drive(slot, () => volume.flush());
+      if (out.ok) model.flushed();
+      else if (!('died' in out)) note(`  flush failed: ${(out.error as Error).message}`);
+    } else if (op < 0.56) {
+      const { first, count } = range(model);
+      const trim = chance(0.5);
+      note(`${trim ? 'trim' : 'write-zeroes'} ${model.name} units ${first}+${count} on ${slot.id}`);
+      const before = model.val.slice(first, first + count);
+      const out = await drive(slot, async () => {
+        if (!trim) {
+          const ready = volume.writeReady(first * UNIT, count * UNIT);
+          if (ready) await ready;
+        }
+        if (trim) {
+          // Whole chunks are discarded (read as zeros); partial edges are left as they are.
+          const chunkUnits = BLOCK / UNIT;
+          for (let c = Math.ceil(first / chunkUnits); c * chunkUnits < first + count; c++) {
+            const n = Math.min(chunkUnits, model.units - c * chunkUnits);
+            if (c * chunkUnits + n <= first + count) model.write(c * chunkUnits, n, 0);
+          }
+          volume.trim(first * UNIT, count * UNIT);
+        } else {
+          model.write(first, count, 0);
+          volume.zero(first * UNIT, count * UNIT, { noHole: chance(0.5), fast: false });
+        }
+      });
+      if (!out.ok && !('died' in out)) {
+        note(`  failed: ${(out.error as Error).message}`);
+        model.unsure(first, before, 0);
+      }
+    } else if (op < 0.58) {
+      const size = model.size + BLOCK * pick([1, 2]);
+      note(`resize ${model.name} to ${size} on ${slot.id}`);
+      model.maybeSize = Math.max(model.maybeSize, size);
+      const out = await drive(slot, () => host.resize(model.name, size));
+      if (out.ok) model.grow(size);
+      else if (!('died' in out)) note(`  resize failed: ${(out.error as Error).message}`);
+    } else if (op < 0.64) {
+      note(`drain ${model.name} on ${slot.id}`);
+      const sequence = volume.sequence;
+      model.snapshot(sequence);
+      const out = await drive(slot, () => host.drain(model.name));
+      if (out.ok) {
+        model.flushed();
+      } else if (!('died' in out)) note(`  drain failed: ${(out.error as Error).message}`);
+    } else if (op < 0.68) {
+      const name = `v${nextName++}`;
+      const lazy = chance(0.5);
+      const target = lazy ? pick(up()) : slot;
+      note(`fork ${model.name} -> ${name} (${lazy ? 'lazy' : 'consistent'}) on ${target.id}`);
+      const content = model.snapshot(volume.sequence);
+      const out = await drive(target, () => target.host!.fork(model.name, name, { mode: lazy ? 'lazy' : 'consistent' }));
+      if (out.ok && target.up) {
+        const forked = target.host!.get(name)!;
+        let expected: Int32Array | undefined = content;
+        if (lazy) {
+          const candidates = model.snapshots.get(forked.sequence) ?? [];
+          expected = candidates.at(-1);
+          if (expected === undefined) throw new Failure(`fork ${name}: woke at sequence ${forked.sequence}, which no manifest of ${model.name} had`);
+        } else if (!('died' in out)) {
+        }
+        const m = new VolumeModel(name, forked.size, expected.length === forked.size / UNIT ? expected : padded(expected, forked.size / UNIT));
+        m.home = target.index;
+        m.snapshot(forked.sequence);
+        models.set(name, m);
+        if (lazy) {
+          const candidates = model.snapshots.get(forked.sequence)!;
+          await readAllAgainst(target, m, forked, candidates);
+        } else await readAll(target, m, forked);
+      } else if (!out.ok && !("died" in out)) note(`  fork failed: ${(out.error as Error).message}`);
+    } else if (op < 0.71) {
+      const name = `c${nextName++}`;
+      note(`checkpoint ${model.name}@${name} on ${slot.id}`);
+      model.snapshot(volume.sequence);
+      const content = Int32Array.from(model.val);
+      const out = await drive(slot, () => host.createCheckpoint(model.name, name));
+      if (out.ok) {
+        model.checkpoints.set(name, content);
+      } else if (!('died' in out)) note(`  checkpoint failed: ${(out.error as Error).message}`);
+    } else if (op < 0.76 && up().length > 1) {
+      const target = pick(up().filter((s) => s !== slot));
+      note(`migrate ${model.name} ${slot.id} -> ${target.id}`);
+      model.snapshot(volume.sequence);
+      if (chance(0.15)) {
+        // The source dies somewhere in its release: before, during or after the lease PUT.
+        const at = Math.floor(random() * 60);
+        const power = chance(0.5);
+        clock.schedule(() => {
+          if (!slot.up) return;
+          note(`${power ? 'power cut' : 'SIGKILL'} of ${slot.id} during the release (+${at} ms)`);
+          crash(slot, power);
+        }, at);
+      }
+      // A volume never drained holds no lease and release() stores nothing (its writes
+      // would stay behind, read-only): drain it first, as an operator must.
+      const first = host.link(model.name)!.state.generation === 0;
+      const released = await drive(slot, async () => {
+        if (first) await host.drain(model.name);
+        return host.release(model.name);
+      });
+      if (!released.ok) {
+        if (!('died' in released)) note(`  release failed: ${(released.error as Error).message}`);
+        return;
+      }
+      checkWriters();
+      model.flushed();
+      if (!target.up) return;
+      const open = target.host!.get(model.name);
+      const out = await drive(target, async () => {
+        if (open !== undefined) await target.host!.promote(model.name);
+        else await target.host!.wake(model.name);
+        return target.host!.get(model.name);
+      });
+      if (!out.ok || !target.up) {
+        if (!out.ok && !('died' in out)) note(`  wake on ${target.id} failed: ${(out.error as Error).message}`);
+        return;
+      }
+      const moved = out.value;
+      if (moved === undefined) throw new Failure(`migrate ${model.name}: ${target.id} found no volume in the store`);
+      if (moved.readOnly) {
+        note(`  ${target.id} serves ${model.name} read-only`);
+        return;
+      }
+      // A resize that failed after changing the size in memory may have made it into the drain.
+      if (moved.size > model.size && moved.size <= model.maybeSize) model.grow(moved.size);
+      if (moved.size !== model.size) throw new Failure(`migrate ${model.name} ${slot.id} -> ${target.id}: the volume has size ${moved.size} there, ${model.size} here`);
+      // The old host keeps its (read-only) folder until removed.
+      await drive(slot, () => host.remove(model.name));
+      model.home = target.index;
+      await readAll(target, model, moved);
+      model.settle(model.val);
+    } else if (op < 0.8) {
+      note(`gc on ${slot.id}`);
+      const collector = slot.collector!;
+      const reconcile = chance(0.5);
+      const out = await drive(slot, (): Promise<unknown> => (reconcile ? collector.reconcile() : collector.cycle()));
+      if (!out.ok && !('died' in out)) note(`  gc failed: ${(out.error as Error).message}`);
+    } else if (op < 0.83) {
+      note(`read all of ${model.name} on ${slot.id}`);
+      await readAll(slot, model, volume);
+    } else if (op < 0.86) {
+      const power = chance(0.5);
+      note(`${power ? 'power cut' : 'SIGKILL'} of ${slot.id}`);
+      crash(slot, power);
+    } else if (op < 0.88) {
+      note(`purge ${model.name} on ${slot.id}`);
+      model.purging = true;
+      const out = await drive(slot, () => host.purge(model.name));
+      if (out.ok) models.delete(model.name);
+      else if (!('died' in out)) note(`  purge failed: ${(out.error as Error).message}`);
+    } else {
+      const ms = pick([50, 300, 1000, 3000, LEASE_TTL_MS + 1000]);
+      note(`time passes: ${ms} ms`);
+      await clock.advance(ms);
+    }
+  }
+
+  /**
+   * The volume's host is down: another host takes it over from the store (after the
+   * lease expired or was released). Its content is one of the volume's manifests.
+   */
+  async function failover(model: VolumeModel, target: Slot): Promise<void> {
+    note(`failover of ${model.name} (its host ${world.slots[model.home!].id} is down) to ${target.id}`);
+    const open = target.host!.get(model.name);
+    const out = await drive(target, async () => {
+      if (open !== undefined) await target.host!.promote(model.name);
+      else await target.host!.wake(model.name);
+      return target.host!.get(model.name);
+    });
+    if (!out.ok || !target.up) {
+      if (!out.ok && !('died' in out)) note(`  ${target.id} cannot take it: ${(out.error as Error).message}`);
+      return;
+    }
+    const volume = out.value;
+    if (volume === undefined) {
+      note(`  the store has no manifest of ${model.name}`);
+      return;
+    }
+    if (volume.readOnly) {
+      note(`  ${target.id} serves ${model.name} read-only (its lease is live)`);
+      return;
+    }
+    const candidates = model.snapshots.get(volume.sequence);
+    if (candidates === undefined) throw new Failure(`failover of ${model.name} to ${target.id}: it woke at sequence ${volume.sequence}, which no manifest of the volume had`);
+    model.home = target.index;
+    const m = new VolumeModel(model.name, volume.size);
+    await readAllAgainst(target, m, volume, candidates.map((c) => padded(c, volume.size / UNIT)));
+    model.size = volume.size;
+    model.settle(m.val);
+  }
+
+  /**
+   * A host that still has a volume another host now holds (it was migrated or failed
+   * over while this one was down) tries to drain it: it must be fenced, never write the
+   * volume's manifest (checkWriters).
+   */
+  async function staleDrain(target: { slot: Slot; name: string }): Promise<void> {
+    const { slot, name } = target;
+    note(`${slot.id}, which no longer holds ${name}, writes to it and drains it`);
+    const volume = slot.host!.get(name)!;
+    const out = await drive(slot, async () => {
+      if (!volume.readOnly) volume.write(0, payload(0, 8, nextWrite++));
+      return slot.host!.drain(name);
+    });
+    checkWriters();
+    if (out.ok && slot.up) {
+      // The holder's lease had lapsed, so this host took it (checkWriters passed): it is the volume's host now, with its own content.
+      note(`  the drain succeeded: ${slot.id} holds ${name} now`);
+      const model = models.get(name)!;
+      const buf = Buffer.alloc(volume.size);
+      const read = await drive(slot, async () => {
+        const ready = volume.readReady(0, volume.size);
+        if (ready) await ready;
+        volume.read(0, volume.size, buf, 0);
+      });
+      if (!read.ok) {
+        if (!('died' in read)) throw new Failure(`host ${slot.id}: read of volume ${name} after taking it failed: ${(read.error as Error).message}`);
+        return;
+      }
+      const content = new Int32Array(volume.size / UNIT);
+      for (let u = 0; u < content.length; u++) {
+        content[u] = decodeUnit(buf, u * UNIT, u);
+        if (content[u] < 0) throw new Failure(`host ${slot.id}: volume ${name} unit ${u} reads garbage after taking the volume`);
+      }
+      model.size = volume.size;
+      model.settle(content);
+      model.home = slot.index;
+      model.snapshot(volume.sequence);
+    } else if (!out.ok && !('died' in out)) note(`  refused: ${(out.error as Error).message}`);
+  }
+
+  /** A lazy fork's content is one of its source's manifests at that sequence. */
+  async function readAllAgainst(slot: Slot, m: VolumeModel, volume: Volume, candidates: Int32Array[]): Promise<void> {
+    for (let i = candidates.length - 1; i >= 0; i--) {
+      m.settle(padded(candidates[i], m.units));
+      try {
+        await readAll(slot, m, volume);
+        return;
+      } catch (err) {
+        if (!(err instanceof Failure) || i === 0) throw err;
+      }
+    }
+  }
+}
+
+function padded(content: Int32Array, units: number): Int32Array {
+  const out = new Int32Array(units);
+  out.set(content.subarray(0, Math.min(units, content.length)));
+  return out;
+}
