@@ -87,7 +87,7 @@ export function defineIntentTests(backend: GcBackend): void {
   const label = backend.label;
 
   test(`${label}: a manifest PUT that got no answer does not hold up the next write with its condition; once that lands, the earlier write is reverted for good and the counts are exact`, { timeout: TIMEOUT }, async (t) => {
-    const { store, refcounts, pack, refs, corrections } = await setup(t, backend, 'noanswer');
+    const { store, clock, refcounts, pack, refs, corrections } = await setup(t, backend, 'noanswer');
     const key = manifestKey('v');
     const [p1, p2, p3, p4] = await Promise.all(Array.from({ length: 4 }, pack));
     const e0 = await put(refcounts, store, key, [p1, p2], manifestOf('v', [p1, p2]), IF_NONE_MATCH);
@@ -113,6 +113,10 @@ export function defineIntentTests(backend: GcBackend): void {
     await put(refcounts, store, created, [p3], manifestOf('w', [p3]), IF_NONE_MATCH);
     assert.deepEqual(await refs([p2, p3]), [1, 1]);
     assert.deepEqual([...(await refcounts.pendingKeys())], [created]);
+    assert.deepEqual(await corrections(refcounts), { manifests: 0, sets: 0, refcounts: 0 });
+    clock.ms += SETTLE_MS;
+    assert.deepEqual(await refcounts.resolveIntents(), { committed: 0, reverted: 1, pending: 0 });
+    assert.deepEqual(await refs([p2, p3]), [0, 1]);
     assert.deepEqual(await corrections(refcounts), { manifests: 0, sets: 0, refcounts: 0 });
   });
 
