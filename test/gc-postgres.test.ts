@@ -5,6 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { DAEMON_MAIN, freePort, removeDir, scratchDir, startDaemon } from './harness/daemon.js';
+import { defineIntentTests } from './harness/gc-intents.js';
 import { defineGcTests } from './harness/gc.js';
 import { startPostgres, type Postgres } from './harness/postgres.js';
 import { run } from './harness/tools.js';
@@ -17,13 +18,15 @@ after(async () => {
   await postgres?.stop();
 });
 
-defineGcTests({
+const postgresBackend = {
   label: 'gc on PostgreSQL',
   async gcToml(name: string) {
     if (!postgres) throw new Error('PostgreSQL did not start');
     return { database_url: await postgres.database(name.toLowerCase().replace(/[^a-z0-9_]/g, '_')) };
   },
-});
+};
+defineGcTests(postgresBackend);
+defineIntentTests(postgresBackend);
 
 test('an unreachable PostgreSQL fails start-up and `updraft gc` with an error naming the database, without the password', { timeout: 60_000 }, async () => {
   const port = await freePort();

@@ -7,10 +7,13 @@ import path from 'node:path';
 import { test } from 'node:test';
 import { connect, metric, MiB, readAll, waitFor, withLogs } from './harness/cluster.js';
 import { DAEMON_MAIN, scratchDir, removeDir, startDaemon } from './harness/daemon.js';
+import { defineIntentTests } from './harness/gc-intents.js';
 import { defineGcTests, scrub, storeAudit } from './harness/gc.js';
 import { run } from './harness/tools.js';
 
-defineGcTests({ label: 'gc on SQLite', gcToml: async () => ({}) });
+const sqlite = { label: 'gc on SQLite', gcToml: async () => ({}) };
+defineGcTests(sqlite);
+defineIntentTests(sqlite);
 
 test('updraft scrub finds a corrupted and a missing pack and names the volumes and checkpoints that need them; the cache scrub evicts a corrupt cached block', { timeout: 180_000 }, async () => {
   const d = await startDaemon({ toml: { host: { id: 'scrub-host' }, cache: { scrub_blocks_per_second: 2000 }, volumes: { seal_idle_ms: 200 } } });
@@ -137,7 +140,7 @@ test('updraft gc and updraft delete ask the running daemon, and work on the data
   }
 });
 
-test('a refcount database of schema 1 (packs counted per key, an intent unresolved) is migrated to pack sets at start-up: nothing live lost, the intent reverted, counts exact; a wrong set holder count is corrected', { timeout: 120_000 }, async () => {
+test('a refcount database of schema 1 (packs counted per key, an intent unresolved) is migrated to pack sets (and intents with conditions) at start-up: nothing live lost, the intent reverted, counts exact; a wrong set holder count is corrected', { timeout: 120_000 }, async () => {
   const d = await startDaemon({ toml: { host: { id: 'migrate-host' }, volumes: { seal_idle_ms: 200 }, gc: { grace_period: '0s', interval: '1h' } } });
   try {
     await withLogs([d], async () => {
@@ -160,7 +163,7 @@ test('a refcount database of schema 1 (packs counted per key, an intent unresolv
         CREATE TABLE gc_manifest_packs (key TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (key, pack));
         INSERT INTO gc_manifest_packs SELECT m.key, p.pack FROM gc_manifests m JOIN gc_set_packs p ON p.set_id = m.set_id;
         DROP TABLE gc_set_packs; DROP TABLE gc_sets;
-        ALTER TABLE gc_manifests DROP COLUMN set_id; ALTER TABLE gc_intents DROP COLUMN set_id;
+        ALTER TABLE gc_manifests DROP COLUMN set_id; ALTER TABLE gc_intents DROP COLUMN set_id; ALTER TABLE gc_intents DROP COLUMN put_condition;
         DELETE FROM gc_meta WHERE name = 'schema';
         UPDATE gc_packs SET refs = refs + 1 WHERE id = '${held}';
         INSERT INTO gc_intents (id, key, body_hash, host, created, added, dropped) VALUES ('lost', 'volumes/ghost/manifest', 'x', 'migrate-host', 0, '${held}', '');
@@ -168,6 +171,7 @@ test('a refcount database of schema 1 (packs counted per key, an intent unresolv
       db.close();
       await d.restart();
       assert.match(d.log(), /migrated the refcount schema 1 -> 2/);
+      assert.match(d.log(), /migrated the refcount schema 2 -> 3/);
       const gc = await d.api('POST', '/api/gc', { reconcile: true });
       assert.equal(gc.status, 200, gc.text);
       const r = gc.json.reconcile;
@@ -193,7 +197,7 @@ test('a refcount database of schema 1 (packs counted per key, an intent unresolv
       assert.deepEqual((await storeAudit(path.join(d.dir, 'store'))).dead, []);
       await d.stop();
       const check = new Sqlite(path.join(d.dir, 'cache', 'gc.sqlite'));
-      assert.equal((check.prepare(`SELECT value FROM gc_meta WHERE name = 'schema'`).get() as { value: string }).value, '2');
+      assert.equal((check.prepare(`SELECT value FROM gc_meta WHERE name = 'schema'`).get() as { value: string }).value, '3');
       assert.deepEqual(check.prepare(`SELECT id FROM gc_sets WHERE refs <> 1`).all(), []);
       check.close();
     });

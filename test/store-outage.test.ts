@@ -17,6 +17,7 @@ import {
 import type { Daemon } from './harness/daemon.js';
 import { removeDir, scratchDir } from './harness/daemon.js';
 import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { startStoreProxy } from './harness/store-proxy.js';
 import { NbdClient, NbdCommandError, NbdOptionError, rawSocket, waitClosed } from './harness/nbd-client.js';
 import { createLogger } from '../src/log.js';
 import { NbdServer } from '../src/nbd/server.js';
@@ -341,4 +342,34 @@ test('nbd: the negotiation timeout does not run while the server opens a volume 
   assert.match(err.serverMessage, /volume far: cannot open it on this host: the object store s3:\/\/b is unreachable/);
   const idle = await rawSocket({ path: socket, stage: 'greeted' });
   assert.equal(await waitClosed(idle.socket, 30_000), true, 'a client that never chooses an export is closed');
+});
+
+test('a manifest PUT that landed but whose every answer was lost: the next drain counts it, writes over it and uploads no block again; another host reads every byte', async (t) => {
+  const upstream = new URL(minio!.endpoint);
+  const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
+  t.after(() => proxy.close());
+  const lossy = await cluster!.start('lossy', { ...STORE_BOUNDS, ...LONG_LEASE, aws: { endpoint: proxy.endpoint } });
+  await withLogs([lossy, reader], async () => {
+    const name = 'answer-lost';
+    const content = Buffer.alloc(4 * MiB);
+    await createVolume(lossy, name, 4);
+    (await writeAt(lossy, name, 0, 2 * MiB)).copy(content, 0);
+    await drain(lossy, name);
+    (await writeAt(lossy, name, 2 * MiB, 2 * MiB)).copy(content, 2 * MiB);
+    // The first attempt of the manifest PUT is carried out unheard; the retries, and the HEADs
+    // that would show the first one landed, get no answer either.
+    const manifestPut = /^PUT \S*\/manifest[?\s]/;
+    proxy.add({ match: manifestPut, answerLost: true });
+    proxy.add({ match: manifestPut, reset: true, times: 4 });
+    proxy.add({ match: /^HEAD \S*\/manifest[?\s]/, reset: true, times: 5 });
+    const cut = await lossy.api('POST', `/api/exports/${name}/drain`);
+    assert.equal(cut.status, 503, cut.text);
+    const again = await drain(lossy, name);
+    assert.equal(again.packs_uploaded, 0, 'the drain uploaded blocks its failed predecessor had already put in packs');
+    assert.equal(again.sequence, (await exportInfo(lossy, name)).sequence);
+    assert.match(lossy.log(), /the manifest in the store is our own unrecorded write/);
+    const copy = await connect(reader, name);
+    assert.ok((await readAll(copy, 0, content.length)).equals(content), 'the other host reads the drained volume');
+    await copy.disconnect();
+  });
 });

@@ -11,7 +11,9 @@
 //   gc_sets        id, refs: the keys (gc_manifests rows) and intents that hold the set (an
 //                  intent that changes its key's own set in place does not: the row does)
 //   gc_set_packs   (set_id, pack): the packs of that set
-//   gc_intents     a manifest write between its increments and its PUT's outcome
+//   gc_intents     a manifest write between its increments and its PUT's outcome, with the
+//                  condition its PUT carries (put_condition: the etag of If-Match, '*' for
+//                  If-None-Match; NULL for intents recorded before schema 3: unknown)
 //   gc_meta        database id, schema version, last reconciliation
 //
 // A key's set is its own while no other key or intent holds it: a write then changes it
@@ -34,7 +36,11 @@
 // Crash points: before 1 nothing changed; between 1 and 3 the intent holds the added
 // packs up (over-counting, which is safe); at start-up and in every deletion cycle an
 // intent is resolved by reading the key: the body is ours → step 3; it is not, and the
-// PUT can no longer land (older than the settle time) → revert. Dropped packs are only
+// PUT can no longer land → revert. It can no longer land once it is older than the
+// settle time, or at once when it was conditional on an etag the key no longer has: an
+// s3:// etag is the body's MD5, and a key does not get the same manifest body again (each
+// names when it was laid out; bless's, the image file's mtime); a file:// etag never comes
+// back. So an etag that is gone stays gone. Dropped packs are only
 // decremented once the new manifest is in the store, so no crash point under-counts.
 //
 // Uploads no manifest names yet (invariant 6): the packs a volume's uploads on a host make
@@ -45,11 +51,23 @@
 // volume leaves the host (removed, purged, or gone at a restart). No store object backs
 // such a key: reconciliation leaves it alone, and counts its packs like any set's.
 //
-// One write per key at a time: `begin` refuses while another intent on the key is
-// unresolved, and removals skip keys with intents, so a key's counted packs cannot move
-// between begin and commit and the delta computed at begin stays exact. A set changed in
-// place is held by its key alone: a fork does not share the set of a key with a write in
-// flight, and begin locks the key's row (an UPDATE of it) so that the two cannot cross.
+// One landing write per key at a time: a key's counted packs must not move between a
+// write's begin and its commit, or the delta computed at begin is wrong. A PUT with
+// condition C lands only while the object satisfies C, and whichever of two PUTs with the
+// same C lands first makes the other fail. So `begin` lets a write of a key proceed while
+// an earlier intent on it is unresolved only if both carry the same If-Match etag (at most
+// one of them lands: the delta of each is against the same counted packs, and the commit
+// of the one that lands reverts the other for good, in the same transaction), or the
+// earlier one is a create (If-None-Match, on a fresh set of its own, so its commit does not
+// depend on the key's counted packs: it lands only if the key is deleted first). Any other
+// intent on the key is resolved from the store first (a landed one is committed, and the
+// caller's next PUT is conditional on its etag); `begin` refuses while one may still land.
+// Over-counting meanwhile is safe: the earlier intent keeps its increments until reverted.
+// A create's intent is not reverted by a successor landing (the key may be deleted and its
+// PUT land after); it waits for the settle time. Removals skip keys with intents. A set
+// changed in place is held by its key alone: a fork does not share the set of a key with
+// a write in flight, and begin locks the key's row (an UPDATE of it) so that the two
+// cannot cross.
 import crypto from 'node:crypto';
 import { blake3 } from '@napi-rs/blake-hash';
 import { errorMessage, type Logger } from '../log.js';
@@ -57,8 +75,8 @@ import type { StoreTime } from '../objectstore/clock.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import type { SqlDatabase, SqlTx } from './sql.js';
 
-/** The schema this code reads and writes, in gc_meta 'schema'. Version 1 counted packs per key (gc_manifest_packs). */
-const SCHEMA_VERSION = 2;
+/** The schema this code reads and writes, in gc_meta 'schema'. Version 1 counted packs per key (gc_manifest_packs); 2 had no put_condition. */
+const SCHEMA_VERSION = 3;
 
 const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS gc_packs (id TEXT PRIMARY KEY, refs BIGINT NOT NULL, state TEXT NOT NULL, zero_since BIGINT)`,
@@ -71,7 +89,7 @@ const SCHEMA = [
   // pack (one GROUP BY over the table, and a scan per drifted pack).
   `CREATE TABLE IF NOT EXISTS gc_set_packs (set_id TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (set_id, pack))`,
   `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, set_id TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
-     created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL)`,
+     created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL, put_condition TEXT)`,
   `CREATE INDEX IF NOT EXISTS gc_intents_key ON gc_intents (key)`,
 ];
 
@@ -93,6 +111,9 @@ const MIGRATE_1_TO_2 = [
   `DROP TABLE gc_manifest_packs`,
 ];
 
+/** Schema 2 → 3: intents record their PUT's condition (unknown for those already there). */
+const MIGRATE_2_TO_3 = [`ALTER TABLE gc_intents ADD COLUMN put_condition TEXT`];
+
 /** The packs counted for a manifest key, as of the object with `etag`. */
 export interface CountedManifest {
   etag: string;
@@ -102,10 +123,24 @@ export interface CountedManifest {
 /** SQL condition on an intent `i`: it holds its set (it is not a change of its key's own set in place). */
 const HOLDING_INTENT = `NOT EXISTS (SELECT 1 FROM gc_manifests m WHERE m.key = i.key AND m.set_id = i.set_id)`;
 
+/**
+ * The condition a manifest PUT carries: the etag of its If-Match, or IF_NONE_MATCH for a
+ * create. An intent records it, and the PUT must carry exactly it: intents are resolved by it.
+ */
+export type PutCondition = string;
+export const IF_NONE_MATCH: PutCondition = '*';
+
+/** The put options that carry `condition`. */
+export function putOptionsOf(condition: PutCondition): { ifMatch: string } | { ifNoneMatch: '*' } {
+  return condition === IF_NONE_MATCH ? { ifNoneMatch: '*' } : { ifMatch: condition };
+}
+
 /** A manifest write between begin and commit/abort. */
 export interface ManifestWrite {
   id: string;
   key: string;
+  /** What its PUT is conditional on; undefined: unknown (it is resolved by the settle time only). */
+  condition?: PutCondition;
   /** The pack set the key counts once the write lands (held by the intent until then). */
   set: string;
   packs: ReadonlySet<string>;
@@ -230,6 +265,10 @@ export class PackRefcounts {
         if (version === 1) {
           for (const statement of MIGRATE_1_TO_2) await tx.run(statement);
           options.log.info('gc database: migrated the refcount schema 1 -> 2 (pack sets)', { database: db.description });
+        }
+        if (version <= 2) {
+          for (const statement of MIGRATE_2_TO_3) await tx.run(statement);
+          options.log.info('gc database: migrated the refcount schema 2 -> 3 (intents record their PUT condition)', { database: db.description });
         }
         for (const statement of SCHEMA) await tx.run(statement);
         await tx.run(`INSERT INTO gc_meta (name, value) VALUES ('database_id', $1) ON CONFLICT (name) DO NOTHING`, [crypto.randomUUID()]);
@@ -514,6 +553,15 @@ export class PackRefcounts {
     return (await tx.all(`SELECT id FROM gc_intents WHERE key = $1`, [key])).length > 0;
   }
 
+  /**
+   * Whether an unresolved write of `key` keeps a write with `condition` from beginning: any
+   * but a create, or one with the same If-Match etag (see the top of this file).
+   */
+  private async writeBlocking(tx: SqlTx, key: string, condition: PutCondition | undefined): Promise<boolean> {
+    const rows = await tx.all<{ put_condition: string | null }>(`SELECT put_condition FROM gc_intents WHERE key = $1`, [key]);
+    return rows.some((r) => r.put_condition !== IF_NONE_MATCH && (condition === undefined || condition === IF_NONE_MATCH || r.put_condition !== condition));
+  }
+
   /** A new set with no packs yet, held once (by the intent or row about to name it). */
   private async newSet(tx: SqlTx): Promise<string> {
     const id = crypto.randomUUID();
@@ -558,21 +606,24 @@ export class PackRefcounts {
    * object with `etag` at `key` (a lazy fork copies that object; a consistent fork or
    * checkpoint uploaded nothing new): when that object is the one counted for its key and
    * no write of it is in flight, the new key holds the same set and no pack is counted
-   * again. PacksGoneError names packs that are being deleted;
-   * WritePendingError says another write of the key is unresolved.
+   * again. `condition`: what the PUT will be conditional on (it must carry exactly that);
+   * an unresolved earlier write of the key lets this one begin if it cannot land on the
+   * same object (see the top of this file). PacksGoneError names packs that are being
+   * deleted; WritePendingError says another write of the key may still land.
    */
-  async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest, share?: { key: string; etag: string }): Promise<ManifestWrite> {
+  async begin(key: string, packs: ReadonlySet<string>, hash: string, known?: CountedManifest, share?: { key: string; etag: string }, condition?: PutCondition): Promise<ManifestWrite> {
     type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
     for (let attempt = 0; ; attempt++) {
       // Read outside the transaction (it may ask the store), for each attempt: the PUT follows it.
       const created = this.options.storeTime === undefined ? this.now() : (await this.options.storeTime()).latest;
       const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
-        if (await this.writePending(tx, key)) return { pending: true as const };
+        // The row first: two begins of the key take turns from here on.
         const row = await this.lockKey(tx, key);
+        if (await this.writeBlocking(tx, key, condition)) return { pending: true as const };
         const record = async (write: ManifestWrite) => {
           await tx.run(
-            `INSERT INTO gc_intents (id, key, set_id, body_hash, host, created, added, dropped) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
-            [write.id, key, write.set, hash, this.options.hostId, created, write.added.join(' '), write.dropped.join(' ')],
+            `INSERT INTO gc_intents (id, key, set_id, body_hash, host, created, added, dropped, put_condition) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+            [write.id, key, write.set, hash, this.options.hostId, created, write.added.join(' '), write.dropped.join(' '), condition ?? null],
           );
           return { write };
         };
@@ -580,16 +631,18 @@ export class PackRefcounts {
           const source = await this.lockKey(tx, share.key);
           if (source !== undefined && source.etag === share.etag && !(await this.writePending(tx, share.key))) {
             await this.holdSet(tx, source.set);
-            return record({ id: crypto.randomUUID(), key, set: source.set, packs, added: [], dropped: [] });
+            return record({ id: crypto.randomUUID(), key, condition, set: source.set, packs, added: [], dropped: [] });
           }
         }
-        const { set, counted } = await this.setToWrite(tx, row, known);
+        // A create counts its packs on a set of its own: its commit then does not depend on
+        // the key's counted packs, which a write passing its intent may change meanwhile.
+        const { set, counted } = condition === IF_NONE_MATCH ? { set: await this.newSet(tx), counted: EMPTY } : await this.setToWrite(tx, row, known);
         const added = [...packs].filter((p) => !counted.has(p)).sort();
         const dropped = [...counted].filter((p) => !packs.has(p)).sort();
         const missing = await this.increment(tx, added);
         // Throwing rolls the increments and the hold back.
         if (missing.length > 0) throw new MissingPacks(missing);
-        return record({ id: crypto.randomUUID(), key, set, packs, added, dropped });
+        return record({ id: crypto.randomUUID(), key, condition, set, packs, added, dropped });
       }).catch((err): Outcome => {
         if (err instanceof MissingPacks) return { missing: err.packs };
         throw err;
@@ -612,12 +665,27 @@ export class PackRefcounts {
 
   /** Step 3 after the PUT landed with `etag`: the key's counted packs are now `write.packs`. */
   async commit(write: ManifestWrite, etag: string): Promise<CountedManifest> {
-    await this.db.tx(async (tx) => {
+    const superseded = await this.db.tx(async (tx) => {
       // Already resolved by someone who read the store and found this body: done.
-      if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [write.id])) === 0) return;
+      if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [write.id])) === 0) return 0;
       await this.applyCommit(tx, write.key, write.set, etag, write.added, write.dropped);
+      return this.revertSuperseded(tx, write.key, write.condition);
     });
+    if (superseded > 0) this.log.info('earlier manifest writes with the same condition can no longer land; increments reverted', { key: write.key, writes: superseded });
     return { etag, packs: write.packs };
+  }
+
+  /**
+   * A write of `key` conditional on `condition` landed (and is committed): the other
+   * unresolved writes of the key with that If-Match etag can never land now (the etag is
+   * gone for good): revert them. Creates wait for the settle time (see the top of this
+   * file). Returns how many were reverted.
+   */
+  private async revertSuperseded(tx: SqlTx, key: string, condition: PutCondition | undefined): Promise<number> {
+    if (condition === undefined || condition === IF_NONE_MATCH) return 0;
+    const rows = await tx.all<{ set_id: string; added: string }>(`DELETE FROM gc_intents WHERE key = $1 AND put_condition = $2 RETURNING set_id, added`, [key, condition]);
+    for (const intent of rows) await this.revert(tx, key, intent.set_id, words(intent.added));
+    return rows.length;
   }
 
   /**
@@ -654,15 +722,16 @@ export class PackRefcounts {
 
   /**
    * Resolve unfinished writes (all, or those of `key` / `host`) by reading their key in
-   * the store: our body is there → commit; it is not and the PUT can no longer land →
+   * the store: our body is there → commit; it is not and the PUT can no longer land (the
+   * key no longer has the etag it was conditional on, or the settle time passed) →
    * revert; otherwise leave it pending. `settleMs` overrides the settle time: 0 at
    * start-up for this host's own writes to a file:// store, which died with the process.
    */
   async resolveIntents(filter: { key?: string; host?: string; settleMs?: number } = {}): Promise<{ committed: number; reverted: number; pending: number }> {
     const settleMs = filter.settleMs ?? this.settleMs;
     const rows = await this.db.tx((tx) =>
-      tx.all<{ id: string; key: string; set_id: string; body_hash: string; created: number; added: string; dropped: string; host: string }>(
-        `SELECT id, key, set_id, body_hash, host, created, added, dropped FROM gc_intents`,
+      tx.all<{ id: string; key: string; set_id: string; body_hash: string; created: number; added: string; dropped: string; host: string; put_condition: string | null }>(
+        `SELECT id, key, set_id, body_hash, host, created, added, dropped, put_condition FROM gc_intents`,
       ),
     );
     const result = { committed: 0, reverted: 0, pending: 0 };
@@ -673,20 +742,31 @@ export class PackRefcounts {
       if (filter.key !== undefined && intent.key !== filter.key) continue;
       if (filter.host !== undefined && intent.host !== filter.host) continue;
       const object = await this.options.store.get(intent.key);
+      const condition = intent.put_condition ?? undefined;
       if (object !== undefined && bodyHash(object.body) === intent.body_hash) {
-        await this.db.tx(async (tx) => {
-          if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
+        const superseded = await this.db.tx(async (tx) => {
+          if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return -1;
           await this.applyCommit(tx, intent.key, intent.set_id, object.etag, words(intent.added), words(intent.dropped));
+          return this.revertSuperseded(tx, intent.key, condition);
         });
+        if (superseded < 0) continue; // resolved meanwhile
         result.committed++;
-        this.log.info('resolved an unfinished manifest write: it landed', { key: intent.key, host: intent.host });
-      } else if (settleMs === 0 || now - Number(intent.created) >= settleMs) {
-        await this.db.tx(async (tx) => {
-          if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return;
+        result.reverted += superseded;
+        this.log.info('resolved an unfinished manifest write: it landed', { key: intent.key, host: intent.host, superseded });
+      } else if (
+        (condition !== undefined && condition !== IF_NONE_MATCH && object?.etag !== condition) ||
+        settleMs === 0 || now - Number(intent.created) >= settleMs
+      ) {
+        const reverted = await this.db.tx(async (tx) => {
+          if ((await tx.run(`DELETE FROM gc_intents WHERE id = $1`, [intent.id])) === 0) return false;
           await this.revert(tx, intent.key, intent.set_id, words(intent.added));
+          return true;
         });
+        if (!reverted) continue;
         result.reverted++;
-        this.log.info('resolved an unfinished manifest write: it did not land; increments reverted', { key: intent.key, host: intent.host });
+        this.log.info('resolved an unfinished manifest write: it did not land; increments reverted', {
+          key: intent.key, host: intent.host, why: object?.etag !== condition && condition !== undefined && condition !== IF_NONE_MATCH ? 'the etag it was conditional on is gone' : 'settle time passed',
+        });
       } else {
         result.pending++;
       }
@@ -959,6 +1039,8 @@ export async function putCountedThen(
   key: string,
   packs: ReadonlySet<string>,
   body: Buffer,
+  /** What `put` is conditional on: every PUT it sends carries exactly this (a different one is a new write). */
+  condition: PutCondition,
   put: () => Promise<string>,
   known?: CountedManifest,
   /** The object whose packs are exactly `packs` (see PackRefcounts.begin). */
@@ -968,7 +1050,7 @@ export async function putCountedThen(
     const etag = await put();
     return { etag, commit: async () => undefined };
   }
-  const write = await refcounts.begin(key, packs, bodyHash(body), known, share);
+  const write = await refcounts.begin(key, packs, bodyHash(body), known, share, condition);
   await crashPoint('manifest-put');
   let etag: string;
   try {

@@ -17,9 +17,11 @@ import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { StoreClock } from '../objectstore/clock.js';
-import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
+import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../store/lease.js';
-import { crashPoint, packsOf, PacksGoneError, putCounted, putCountedThen, sameSet, uploadsKey, type CountedManifest, type PackRefcounts } from '../gc/refcounts.js';
+import {
+  crashPoint, IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, sameSet, uploadsKey, type CountedManifest, type PackRefcounts, type PutCondition,
+} from '../gc/refcounts.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
@@ -107,6 +109,16 @@ export class FencedError extends Error {
 }
 
 const STATE_FILE = 'store.json';
+
+/**
+ * The manifest a conditional PUT lost to is this host's own earlier write (its etag was
+ * not recorded): write again, conditional on it. Nothing of the lost PUT landed.
+ */
+class OwnWriteFoundError extends ObjectStoreError {
+  constructor(volume: string, key: string) {
+    super('PreconditionFailed', `volume ${volume}: put ${key}: the manifest there is this host's own unrecorded write; writing again over it`);
+  }
+}
 
 /**
  * Test-only pause hook: with UPDRAFT_PAUSE_AT=NAME the process stops itself (SIGSTOP) the
@@ -280,7 +292,7 @@ export class StoreLink {
       return { name: this.name, generation: this.state.generation, sequence: snapshot.sequence };
     });
     try {
-      const etag = await this.writeCaptured(captured, manifestKey(this.name), (body) => this.putManifest(body), true);
+      const etag = await this.writeCaptured(captured, manifestKey(this.name), () => this.state.manifestEtag ?? IF_NONE_MATCH, (body, condition) => this.putManifest(body, condition), true);
       // Every upload of this volume came before the snapshot (they take turns): the manifest names what is still needed.
       await this.settleUploads();
       this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
@@ -441,7 +453,7 @@ export class StoreLink {
       try {
         beside?.({ meta: captured.meta, map: captured.map });
         const key = manifestKey(target);
-        const { etag, commit } = await this.writeCapturedThen(captured, key, (body) => createObject(this.ctx.store, key, body), false);
+        const { etag, commit } = await this.writeCapturedThen(captured, key, () => IF_NONE_MATCH, (body) => createObject(this.ctx.store, key, body), false);
         return { sequence: captured.sequence, etag, meta: captured.meta, raw: captured.raw, tables: captured.tables, map: captured.map, commit };
       } finally {
         // The source's own manifest did not move: its changes still count as dirty.
@@ -460,7 +472,7 @@ export class StoreLink {
       });
       try {
         const key = checkpointKey(this.name, checkpoint);
-        await this.writeCaptured(captured, key, (body) => createObject(this.ctx.store, key, body), false);
+        await this.writeCaptured(captured, key, () => IF_NONE_MATCH, (body) => createObject(this.ctx.store, key, body), false);
         return { checkpoint, sequence: captured.sequence };
       } finally {
         captured.release();
@@ -534,14 +546,16 @@ export class StoreLink {
    * Write a captured manifest at `key` with its packs counted (`own`: the volume's own
    * manifest, whose counted packs this link remembers). When GC deleted a pack the upload
    * relied on, its blocks go up again and the manifest is rebuilt (invariant 2).
+   * `condition` says what each attempt's PUT is conditional on, and `put` sends exactly that.
    */
   private async writeCaptured(
     captured: Awaited<ReturnType<StoreLink['capture']>>,
     key: string,
-    put: (body: Buffer) => Promise<string>,
+    condition: () => PutCondition,
+    put: (body: Buffer, condition: PutCondition) => Promise<string>,
     own: boolean,
   ): Promise<string> {
-    const { etag, commit } = await this.writeCapturedThen(captured, key, put, own);
+    const { etag, commit } = await this.writeCapturedThen(captured, key, condition, put, own);
     const counted = await commit();
     if (own) this.counted = counted;
     return etag;
@@ -551,10 +565,11 @@ export class StoreLink {
   private async writeCapturedThen(
     captured: Awaited<ReturnType<StoreLink['capture']>>,
     key: string,
-    put: (body: Buffer) => Promise<string>,
+    condition: () => PutCondition,
+    put: (body: Buffer, condition: PutCondition) => Promise<string>,
     own: boolean,
   ): Promise<{ etag: string; commit: () => Promise<CountedManifest | undefined> }> {
-    for (let attempt = 1; ; attempt++) {
+    for (let attempt = 1, moved = 0; ; attempt++) {
       // The base's frames are lent: only the segments the changes touched are compressed.
       const { body, tables } = sealManifest(key, captured.raw, this.ctx.manifestCompression, this.ctx.cipher, captured.lend);
       captured.tables = tables;
@@ -565,9 +580,12 @@ export class StoreLink {
       const share = !own && counted !== undefined && counted.etag === this.state.manifestEtag && sameSet(packs, counted.packs)
         ? { key: manifestKey(this.name), etag: counted.etag }
         : undefined;
+      const on = condition();
       try {
-        return await putCountedThen(this.ctx.refcounts, key, packs, body, () => put(body), own ? counted : undefined, share);
+        return await putCountedThen(this.ctx.refcounts, key, packs, body, on, () => put(body, on), own ? counted : undefined, share);
       } catch (err) {
+        // Our own earlier write is there: a new write, conditional on its etag (its intent is resolved first).
+        if (err instanceof OwnWriteFoundError && ++moved <= 3) continue;
         if (!(err instanceof PacksGoneError) || attempt >= 3) throw err;
         this.ctx.log.warn('packs were deleted by GC while the manifest was written; uploading their blocks again', { volume: this.name, key, packs: err.packs.length });
         await captured.rebuild(err.packs);
@@ -575,12 +593,14 @@ export class StoreLink {
     }
   }
 
-  /** Write the manifest, conditional on the last ETag this host knows (fencing). */
-  private async putManifest(body: Buffer): Promise<string> {
+  /**
+   * Write the manifest, conditional on `condition`: the last ETag this host knows
+   * (fencing). OwnWriteFoundError when the manifest is our own unrecorded write instead.
+   */
+  private async putManifest(body: Buffer, condition: PutCondition): Promise<string> {
     const key = manifestKey(this.name);
-    const known = this.state.manifestEtag;
     try {
-      const etag = await this.ctx.store.put(key, body, known === undefined ? { ifNoneMatch: '*' } : { ifMatch: known });
+      const etag = await this.ctx.store.put(key, body, putOptionsOf(condition));
       this.state.manifestEtag = etag;
       return etag;
     } catch (err) {
@@ -593,19 +613,15 @@ export class StoreLink {
         return current.etag;
       }
       // Our own earlier write under this very lease generation, whose etag the state file
-      // did not get (the daemon died between the PUT and saving it): nobody else writes
-      // with this generation, so it is safe to write over it.
+      // did not get (the daemon died between the PUT and saving it, or every reply to it
+      // was lost): nobody else writes with this generation, so it is safe to write over
+      // it. That PUT carries another condition, so it is a new write (see putCountedThen).
       if (current !== undefined && this.state.generation > 0) {
         const meta = decodeManifest(key, current.body, this.ctx.cipher).meta;
         if (meta.host === this.ctx.hostId && meta.generation === this.state.generation) {
-          this.ctx.log.warn('the manifest in the store is our own unrecorded write (a crash after its PUT); writing over it', { volume: this.name, sequence: meta.sequence });
-          try {
-            const etag = await this.ctx.store.put(key, body, { ifMatch: current.etag });
-            this.state.manifestEtag = etag;
-            return etag;
-          } catch (again) {
-            if (!isPreconditionFailed(again)) throw again;
-          }
+          this.ctx.log.warn('the manifest in the store is our own unrecorded write (a crash after its PUT, or its reply lost); writing over it', { volume: this.name, sequence: meta.sequence });
+          this.state.manifestEtag = current.etag;
+          throw new OwnWriteFoundError(this.name, key);
         }
       }
       this.fence('another host wrote its manifest');
@@ -963,7 +979,7 @@ export class StoreLink {
       manifest.meta.host = this.ctx.hostId;
       const body = encodeManifest(key, manifest, this.ctx.manifestCompression, this.ctx.cipher);
       try {
-        const written = await putCounted(this.ctx.refcounts, key, packsOf(manifest.blocks), body, () => this.ctx.store.put(key, body, { ifMatch: current.etag }), this.counted);
+        const written = await putCounted(this.ctx.refcounts, key, packsOf(manifest.blocks), body, current.etag, () => this.ctx.store.put(key, body, { ifMatch: current.etag }), this.counted);
         this.state.manifestEtag = written.etag;
         this.counted = written.counted;
         // The same tables under the new generation: the base (if it was this manifest's) follows.

@@ -5,7 +5,7 @@ import { blockKey, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
-import { putCountedThen, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
+import { IF_NONE_MATCH, putCountedThen, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
@@ -189,7 +189,7 @@ export async function lazyFork(
   if (manifest !== undefined) manifest.meta = meta;
   beside?.({ meta, manifest });
   // The target's packs are the copied object's: counted as one more holder of its pack set.
-  const { etag, commit } = await putCountedThen(refcounts, key, bodyPacks(raw), sealed, () => createObject(store, key, sealed), undefined, { key: from, etag: held.etag });
+  const { etag, commit } = await putCountedThen(refcounts, key, bodyPacks(raw), sealed, IF_NONE_MATCH, () => createObject(store, key, sealed), undefined, { key: from, etag: held.etag });
   return { sequence, etag, meta, raw, tables, manifest, sourceEtag: held.etag, commit };
 }
 

@@ -13,9 +13,9 @@ import fs from 'node:fs';
 import { blockKey, keyBytes, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
-import { packsOf, PacksGoneError, putCounted, type PackRefcounts } from '../gc/refcounts.js';
+import { IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putOptionsOf, type PackRefcounts, type PutCondition } from '../gc/refcounts.js';
 import { isAllZero } from '../crypto/hash.js';
-import type { ObjectStore } from '../objectstore/types.js';
+import type { ObjectStore, PutOptions } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';
 import { ExistsError, manifestLocations, packLocations, readManifest } from './catalog.js';
 import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, sameManifest, ZERO_ALLOCATED_BLOCK, type Manifest } from './manifest.js';
@@ -149,8 +149,8 @@ async function blessOnce(opts: Parameters<typeof blessImage>[0], gone: ReadonlyS
     for (const [chunk, key] of chunkKeys) builder.setChunk(chunk, keyBytes(key), known.get(key)!);
     const manifest = builder.build();
     const body = encodeManifest(manifestKey(opts.name), manifest, opts.manifestCompression, cipher);
-    const { etag, unchanged } = await putBlessManifest(store, cipher, opts.name, manifest, body, (put) =>
-      putCounted(opts.refcounts, manifestKey(opts.name), packsOf(manifest.blocks), body, put).then((r) => r.etag));
+    const { etag, unchanged } = await putBlessManifest(store, cipher, opts.name, manifest, body, (condition, put) =>
+      putCounted(opts.refcounts, manifestKey(opts.name), packsOf(manifest.blocks), body, condition, () => put(putOptionsOf(condition))).then((r) => r.etag));
     return {
       name: opts.name, size, chunks: chunkKeys.length, zeroChunks: progress.zeroChunks, newBlocks, dedupChunks: progress.dedupChunks,
       packsUploaded, bytesUploaded: progress.bytesUploaded, unchanged, etag,
@@ -167,13 +167,13 @@ async function putBlessManifest(
   name: string,
   manifest: Manifest,
   body: Buffer,
-  counted: (put: () => Promise<string>) => Promise<string>,
+  counted: (condition: PutCondition, put: (options: PutOptions) => Promise<string>) => Promise<string>,
 ): Promise<{ etag: string; unchanged: boolean }> {
   const key = manifestKey(name);
   const current = await store.get(key);
   if (current === undefined) {
     try {
-      return { etag: await counted(() => store.put(key, body, { ifNoneMatch: '*' })), unchanged: false };
+      return { etag: await counted(IF_NONE_MATCH, (options) => store.put(key, body, options)), unchanged: false };
     } catch (err) {
       if (!isPreconditionFailed(err)) throw err;
       throw new ExistsError(`volume ${name} appeared in the store while blessing; not replaced`);
@@ -189,7 +189,7 @@ async function putBlessManifest(
   if ((await store.head(leaseKey(name))) !== undefined) {
     throw new ExistsError(`volume ${name} has been opened by a daemon (it has a lease), so it is not made by bless any more; choose another name`);
   }
-  return { etag: await counted(() => store.put(key, body, { ifMatch: current.etag })), unchanged: false };
+  return { etag: await counted(current.etag, (options) => store.put(key, body, options)), unchanged: false };
 }
 
 /** Write a volume (or a checkpoint) out as a sparse raw image of its size. */

@@ -12,6 +12,8 @@ export interface ProxyRule {
   hold?: () => Promise<void>;
   /** Drop both sides of the connection instead of forwarding: the request gets no answer. */
   reset?: boolean;
+  /** Forward the request, then drop both sides as its answer arrives: it is carried out, and the client never hears so. */
+  answerLost?: boolean;
   /** How many requests the rule applies to (default 1). */
   times?: number;
   /** Resolves when the rule first applies. */
@@ -44,7 +46,11 @@ export async function startStoreProxy(upstream: { host: string; port: number }):
     };
     client.on('error', closeBoth).on('close', closeBoth);
     server.on('error', closeBoth).on('close', closeBoth);
-    server.on('data', (chunk) => client.write(chunk));
+    let answerLost = false;
+    server.on('data', (chunk) => {
+      if (answerLost) closeBoth();
+      else client.write(chunk);
+    });
     // Bytes from the client go up in order; a held request holds what follows it.
     let gate: Promise<void> = Promise.resolve();
     let queued = 0;
@@ -58,6 +64,7 @@ export async function startStoreProxy(upstream: { host: string; port: number }):
           closeBoth();
           return;
         }
+        if (rule.answerLost) answerLost = true;
         if (rule.hold) {
           const held = rule.hold();
           gate = gate.then(() => held);
