@@ -615,7 +615,7 @@ export class PackRefcounts {
     type Outcome = { write: ManifestWrite } | { pending: true } | { missing: string[] };
     for (let attempt = 0; ; attempt++) {
       // Read outside the transaction (it may ask the store), for each attempt: the PUT follows it.
-      const created = this.options.storeTime === undefined ? this.now() : (await this.options.storeTime()).latest;
+      const created = this.options.storeTime === undefined ? this.now() : Math.ceil((await this.options.storeTime()).latest);
       const outcome: Outcome = await this.db.tx<Outcome>(async (tx) => {
         // The row first: two begins of the key take turns from here on.
         const row = await this.lockKey(tx, key);
