@@ -9,7 +9,7 @@
 // (invariant 4).
 import fs from 'node:fs';
 import path from 'node:path';
-import { keyHex, type BlockKey } from '../blocks/cache.js';
+import { keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
@@ -51,6 +51,8 @@ export interface StoreContext {
   store: ObjectStore;
   packIndex: PackIndex;
   uploader: PackUploader;
+  /** The host's block cache: a block sealed while the store has it stays pinned until its pack is held. */
+  cache: BlockCache;
   hostId: string;
   leaseTtlMs: number;
   /** Compression of manifest bodies. */
@@ -92,6 +94,18 @@ export class FencedError extends Error {
 
 const STATE_FILE = 'store.json';
 
+/** A hold of a pack a block sealed by this volume is in (see StoreLink.holdSealed). */
+interface SealHold {
+  pack: string;
+  /** Committed in the volume's uploads set. */
+  held: boolean;
+  /** The pins of the blocks waiting for it (BlockCache.pinUntilHeld). */
+  settles: Array<(held: boolean) => void>;
+}
+
+/** Seal holds remembered since a cut (one per pack); past it the next settle keeps every pack. */
+const MAX_SEAL_HOLDS = 4096;
+
 /** A block the manifest would name is in no pack the pack index knows (GC removed it). */
 class LocationGoneError extends Error {
   override name = 'LocationGoneError';
@@ -129,6 +143,17 @@ export class StoreLink {
    * at start (a previous run may have left some), cleared once a manifest names them all.
    */
   private holdsUploads = true;
+  /**
+   * Packs this volume's seals hold (or are about to) in its uploads set since its last
+   * snapshot cut: the drain of that cut keeps them held, as its manifest does not name the
+   * blocks sealed after it. At most MAX_SEAL_HOLDS.
+   */
+  private sealHolds = new Map<string, SealHold>();
+  /** Seal holds forgotten past MAX_SEAL_HOLDS since the cut: the next settle lets go of nothing. */
+  private sealHoldsDropped = false;
+  /** Seal holds waiting for the next transaction (at most one per pack), and whether one is scheduled or running. */
+  private sealHoldQueue: SealHold[] = [];
+  private sealHolding: Promise<void> | undefined;
 
   constructor(
     readonly volume: Volume,
@@ -136,6 +161,7 @@ export class StoreLink {
     private readonly ctx: StoreContext,
   ) {
     volume.readOnly = state.readOnly;
+    if (ctx.refcounts !== undefined) volume.onSealedBlock = (key) => this.holdSealed(key);
   }
 
   /** The link of a volume opened from local state (defaults when it never touched the store). */
@@ -169,16 +195,94 @@ export class StoreLink {
 
   /**
    * A manifest of the volume naming every block it had at its snapshot is committed: what
-   * its uploads held goes (the manifest holds what is still named). A failure only over-counts.
+   * its uploads held goes (the manifest holds what is still named), but for the packs that
+   * blocks sealed since the cut are in. A failure only over-counts.
    */
   private async settleUploads(): Promise<void> {
-    if (!this.holdsUploads || this.ctx.refcounts === undefined) return;
+    if (!this.holdsUploads || this.ctx.refcounts === undefined || this.sealHoldsDropped) return;
     try {
-      await this.ctx.refcounts.settleUploads(this.uploads);
+      await this.ctx.refcounts.settleUploads(this.uploads, [...this.sealHolds.keys()]);
       this.holdsUploads = false;
     } catch (err) {
       this.ctx.log.warn('cannot let go of the packs held for uploads a manifest now names; they stay held until the next drain', { volume: this.name, key: this.uploads, error: errorMessage(err) });
     }
+  }
+
+  /**
+   * A seal put block `key` into the cache. When the store already has it (the pack index
+   * names its pack: a dedup hit against another volume's, a manifest's or another host's
+   * upload), nothing of this volume holds that pack yet: it joins the volume's uploads set
+   * (one transaction for the holds waiting), and the block stays pinned until the hold is
+   * committed. A pack being deleted cannot be held: it leaves the pack index and the block,
+   * pinned, is uploaded again by the next upload. Once held, a restart keeps the hold (it is
+   * in the refcount database; the volume's journal names the block) until a manifest of the
+   * volume names it; a crash before that leaves the block pinned (the cache's slot table).
+   *
+   * Blocks a volume did not seal need no hold: a volume woken from a manifest, and a fork
+   * on this host sharing its parent's cached blocks, name only blocks of a manifest that is
+   * counted (the fork's own, written before it is served, or the one a lazy fork copies).
+   */
+  private holdSealed(key: BlockKey): void {
+    const location = this.ctx.packIndex.get(key);
+    // In no pack: the block is pinned until an upload puts it in one.
+    if (location === undefined) return;
+    let hold = this.sealHolds.get(location.pack);
+    if (hold?.held) return;
+    const settle = this.ctx.cache.pinUntilHeld(key);
+    if (hold === undefined) {
+      if (this.sealHolds.size >= MAX_SEAL_HOLDS) {
+        // Forget committed ones (the next settle then keeps every pack): the map stays bounded.
+        for (const [pack, h] of this.sealHolds) if (h.held) this.sealHolds.delete(pack);
+        this.sealHoldsDropped = true;
+      }
+      hold = { pack: location.pack, held: false, settles: [] };
+      this.sealHolds.set(location.pack, hold);
+      this.sealHoldQueue.push(hold);
+      this.holdsUploads = true;
+      this.sealHolding ??= new Promise(setImmediate).then(() => this.commitSealHolds()).catch((err: unknown) => {
+        this.ctx.log.error('seal holds failed', { volume: this.name, key: this.uploads, error: errorMessage(err) });
+      });
+    }
+    if (settle !== undefined) hold.settles.push(settle);
+  }
+
+  /** One holdUploads transaction for the seal holds waiting; then again while more came meanwhile. */
+  private async commitSealHolds(): Promise<void> {
+    try {
+      await this.commitSealHoldBatches();
+    } finally {
+      this.sealHolding = undefined;
+    }
+  }
+
+  private async commitSealHoldBatches(): Promise<void> {
+    while (this.sealHoldQueue.length > 0) {
+      const batch = this.sealHoldQueue;
+      this.sealHoldQueue = [];
+      let gone: Set<string> | undefined;
+      try {
+        gone = new Set(await this.ctx.refcounts!.holdUploads(this.uploads, batch.map((h) => h.pack)));
+      } catch (err) {
+        this.ctx.log.warn('cannot hold the packs of blocks sealed while the store had them; the blocks stay pinned', {
+          volume: this.name, key: this.uploads, packs: batch.length, error: errorMessage(err),
+        });
+      }
+      if (gone !== undefined && gone.size > 0) {
+        this.ctx.log.warn('packs holding sealed blocks are being deleted by GC; the blocks stay pinned and are uploaded again', { volume: this.name, packs: gone.size });
+      }
+      for (const hold of batch) {
+        hold.held = gone !== undefined && !gone.has(hold.pack);
+        if (!hold.held && this.sealHolds.get(hold.pack) === hold) this.sealHolds.delete(hold.pack);
+        if (gone?.has(hold.pack)) this.ctx.packIndex.removePack(hold.pack);
+        for (const settle of hold.settles) settle(hold.held);
+        hold.settles = [];
+      }
+    }
+  }
+
+  /** Once the seal holds queued so far are committed (or refused): a removal lets go of the uploads set after them. */
+  async sealHoldsSettled(): Promise<void> {
+    while (this.sealHolding !== undefined) await this.sealHolding;
   }
 
   /** Persist the state (atomic: temp file, fsync, rename). */
@@ -278,6 +382,9 @@ export class StoreLink {
       await early.finish();
       throw err;
     }
+    // The cut: blocks sealed before it are in this snapshot, so a manifest of it names them.
+    this.sealHolds = new Map();
+    this.sealHoldsDropped = false;
     const snapshotMs = performance.now() - started;
     let stored = false;
     try {
