@@ -134,6 +134,21 @@ interface Slot {
    * pinned until they are committed, though the store has it.
    */
   holding?: number;
+  /** The volumes that sealed this block while no pack held it (noteSealer), until it is in the store. */
+  sealers?: Set<BlockSealer>;
+}
+
+/**
+ * A volume that seals blocks, as its store link knows it: an upload of a block it sealed
+ * while no pack held it holds that pack for it too (invariant 6).
+ */
+export interface BlockSealer {
+  /** The refcount key of the volume's uploads set. */
+  readonly hold: string;
+  /** The volume left the host: nothing is held for it any more. */
+  left: boolean;
+  /** An upload is holding `pack` for it (before the pack's PUT): its store link keeps it held past its next drain. */
+  holding(pack: string): void;
 }
 
 /**
@@ -508,7 +523,7 @@ export class BlockCache {
    * (the pack is being deleted), and the block stays pinned until an upload puts it in a
    * pack again. Undefined when the block is not here.
    */
-  pinUntilHeld(key: BlockKey): ((held: boolean) => void) | undefined {
+  pinUntilHeld(key: BlockKey, sealer: BlockSealer): ((held: boolean) => void) | undefined {
     const slot = this.slots.get(key);
     if (slot === undefined) return undefined;
     const wasPinned = !slot.inStore || slot.holding !== undefined;
@@ -525,12 +540,26 @@ export class BlockCache {
       if (settled || this.slots.get(key) !== slot) return;
       settled = true;
       if (--slot.holding! === 0) slot.holding = undefined;
-      if (!held) slot.inStore = false;
+      if (!held) {
+        slot.inStore = false;
+        (slot.sealers ??= new Set()).add(sealer);
+      }
       if (slot.inStore && slot.holding === undefined) {
         this.space.pinnedBytes -= this.blockSize;
         this.writeFlags(key, slot, SLOT_USED | SLOT_IN_STORE);
       }
     };
+  }
+
+  /** `sealer` sealed `key` while no pack holds it: the upload that puts it in a pack holds the pack for `sealer` too. */
+  noteSealer(key: BlockKey, sealer: BlockSealer): void {
+    const slot = this.slots.get(key);
+    if (slot !== undefined && !slot.inStore) (slot.sealers ??= new Set()).add(sealer);
+  }
+
+  /** The volumes that sealed `key` while no pack held it (noteSealer). */
+  sealersOf(key: BlockKey): ReadonlySet<BlockSealer> | undefined {
+    return this.slots.get(key)?.sealers;
   }
 
   /** Queue slot `key`'s table entry with `flags`, once its slab write has landed. */
@@ -610,6 +639,7 @@ export class BlockCache {
       const slot = this.slots.get(key);
       if (slot === undefined || slot.inStore) continue;
       slot.inStore = true;
+      slot.sealers = undefined;
       // A hold being taken keeps it pinned until it settles (pinUntilHeld).
       if (slot.holding !== undefined) continue;
       this.space.pinnedBytes -= this.blockSize;

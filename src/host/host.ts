@@ -770,7 +770,7 @@ export class Host {
     await link?.serial(async () => undefined);
     await volume.destroy();
     // No seal runs after destroy: the holds the last seals queued go in before the set is let go.
-    await link?.sealHoldsSettled();
+    await link?.leave();
     // After the local copy is gone (a crash between the two: the next start lets go, see releaseStrayUploads).
     await crashPoint('volume-removed');
     await this.options.refcounts?.releaseUploads(uploadsKey(this.hostId, name));
@@ -800,7 +800,7 @@ export class Host {
       // A drain or fork in flight finishes first, so no manifest write lands after the purge.
       await link?.serial(async () => undefined);
       await volume.destroy();
-      await link?.sealHoldsSettled();
+      await link?.leave();
     }
     const { found, checkpoints, packsReleased } = await purgeVolume(this.options.store, name, this.options.refcounts);
     if (!volume && !found) throw new MissingError(`no volume ${name} on this host or in the store ${this.options.store.description}`);

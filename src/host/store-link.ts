@@ -9,7 +9,7 @@
 // (invariant 4).
 import fs from 'node:fs';
 import path from 'node:path';
-import { keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
+import { keyHex, type BlockCache, type BlockKey, type BlockSealer } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
@@ -154,6 +154,8 @@ export class StoreLink {
   /** Seal holds waiting for the next transaction (at most one per pack), and whether one is scheduled or running. */
   private sealHoldQueue: SealHold[] = [];
   private sealHolding: Promise<void> | undefined;
+  /** This volume to the cache: an upload of a block it sealed while no pack held it holds the pack for it too. */
+  private readonly sealer: BlockSealer;
 
   constructor(
     readonly volume: Volume,
@@ -161,6 +163,7 @@ export class StoreLink {
     private readonly ctx: StoreContext,
   ) {
     volume.readOnly = state.readOnly;
+    this.sealer = { hold: uploadsKey(ctx.hostId, volume.name), left: false, holding: (pack) => this.noteSealHold(pack, true) };
     if (ctx.refcounts !== undefined) volume.onSealedBlock = (key) => this.holdSealed(key);
   }
 
@@ -195,8 +198,8 @@ export class StoreLink {
 
   /**
    * A manifest of the volume naming every block it had at its snapshot is committed: what
-   * its uploads held goes (the manifest holds what is still named), but for the packs that
-   * blocks sealed since the cut are in. A failure only over-counts.
+   * its uploads held goes (the manifest holds what is still named), but for the packs
+   * blocks sealed since the cut rely on. A failure only over-counts.
    */
   private async settleUploads(): Promise<void> {
     if (!this.holdsUploads || this.ctx.refcounts === undefined || this.sealHoldsDropped) return;
@@ -224,19 +227,16 @@ export class StoreLink {
    */
   private holdSealed(key: BlockKey): void {
     const location = this.ctx.packIndex.get(key);
-    // In no pack: the block is pinned until an upload puts it in one.
-    if (location === undefined) return;
+    // In no pack: the block is pinned until an upload puts it in one, which holds it for this volume too.
+    if (location === undefined) {
+      this.ctx.cache.noteSealer(key, this.sealer);
+      return;
+    }
     let hold = this.sealHolds.get(location.pack);
     if (hold?.held) return;
-    const settle = this.ctx.cache.pinUntilHeld(key);
+    const settle = this.ctx.cache.pinUntilHeld(key, this.sealer);
     if (hold === undefined) {
-      if (this.sealHolds.size >= MAX_SEAL_HOLDS) {
-        // Forget committed ones (the next settle then keeps every pack): the map stays bounded.
-        for (const [pack, h] of this.sealHolds) if (h.held) this.sealHolds.delete(pack);
-        this.sealHoldsDropped = true;
-      }
-      hold = { pack: location.pack, held: false, settles: [] };
-      this.sealHolds.set(location.pack, hold);
+      hold = this.noteSealHold(location.pack, false);
       this.sealHoldQueue.push(hold);
       this.holdsUploads = true;
       this.sealHolding ??= new Promise(setImmediate).then(() => this.commitSealHolds()).catch((err: unknown) => {
@@ -244,6 +244,22 @@ export class StoreLink {
       });
     }
     if (settle !== undefined) hold.settles.push(settle);
+  }
+
+  /**
+   * Pack `pack` is (`held`: by an upload of a block this volume sealed while in no pack) or
+   * is about to be held for a block sealed since the cut: the next settle keeps it.
+   */
+  private noteSealHold(pack: string, held: boolean): SealHold {
+    if (this.sealHolds.size >= MAX_SEAL_HOLDS) {
+      // Forget committed ones (the next settle then keeps every pack): the map stays bounded.
+      for (const [p, h] of this.sealHolds) if (h.held) this.sealHolds.delete(p);
+      this.sealHoldsDropped = true;
+    }
+    const hold: SealHold = { pack, held, settles: [] };
+    this.sealHolds.set(pack, hold);
+    this.holdsUploads = true;
+    return hold;
   }
 
   /** One holdUploads transaction for the seal holds waiting; then again while more came meanwhile. */
@@ -280,8 +296,13 @@ export class StoreLink {
     }
   }
 
-  /** Once the seal holds queued so far are committed (or refused): a removal lets go of the uploads set after them. */
-  async sealHoldsSettled(): Promise<void> {
+  /**
+   * The volume leaves the host: nothing more is held for it (uploads of blocks it sealed
+   * included), and this resolves once the seal holds queued so far are committed, so that
+   * its uploads set is let go of after them.
+   */
+  async leave(): Promise<void> {
+    this.sealer.left = true;
     while (this.sealHolding !== undefined) await this.sealHolding;
   }
 
