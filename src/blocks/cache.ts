@@ -5,8 +5,8 @@
 //           bounded by disk_size_gb, S3-FIFO over the slots that may be evicted.
 // A block referenced by a volume and not yet in the object store is pinned: it is the
 // only copy, so it is never evicted. So is one a volume sealed while the store had it,
-// until that volume's hold on its pack is committed (pinUntilHeld). Blocks nobody references and no store holds are
-// garbage and their slot is freed at once.
+// until that volume's hold on its pack is committed (pinUntilHeld). Blocks nobody
+// references and no store holds are garbage and their slot is freed at once.
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
@@ -134,8 +134,8 @@ interface Slot {
    * pinned until they are committed, though the store has it.
    */
   holding?: number;
-  /** The volumes that sealed this block while no pack held it (noteSealer), until it is in the store. */
-  sealers?: Set<BlockSealer>;
+  /** The volumes that sealed this block while no pack held it (noteSealer), until it is in the store; one is kept without a Set. */
+  sealers?: BlockSealer | Set<BlockSealer>;
 }
 
 /**
@@ -542,7 +542,7 @@ export class BlockCache {
       if (--slot.holding! === 0) slot.holding = undefined;
       if (!held) {
         slot.inStore = false;
-        (slot.sealers ??= new Set()).add(sealer);
+        this.addSealer(slot, sealer);
       }
       if (slot.inStore && slot.holding === undefined) {
         this.space.pinnedBytes -= this.blockSize;
@@ -554,12 +554,20 @@ export class BlockCache {
   /** `sealer` sealed `key` while no pack holds it: the upload that puts it in a pack holds the pack for `sealer` too. */
   noteSealer(key: BlockKey, sealer: BlockSealer): void {
     const slot = this.slots.get(key);
-    if (slot !== undefined && !slot.inStore) (slot.sealers ??= new Set()).add(sealer);
+    if (slot !== undefined && !slot.inStore) this.addSealer(slot, sealer);
+  }
+
+  private addSealer(slot: Slot, sealer: BlockSealer): void {
+    const sealers = slot.sealers;
+    if (sealers === undefined || sealers === sealer) slot.sealers = sealer;
+    else if (sealers instanceof Set) sealers.add(sealer);
+    else slot.sealers = new Set([sealers, sealer]);
   }
 
   /** The volumes that sealed `key` while no pack held it (noteSealer). */
-  sealersOf(key: BlockKey): ReadonlySet<BlockSealer> | undefined {
-    return this.slots.get(key)?.sealers;
+  sealersOf(key: BlockKey): Iterable<BlockSealer> {
+    const sealers = this.slots.get(key)?.sealers;
+    return sealers === undefined ? [] : sealers instanceof Set ? sealers : [sealers];
   }
 
   /** Queue slot `key`'s table entry with `flags`, once its slab write has landed. */

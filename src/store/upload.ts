@@ -8,6 +8,8 @@
 // uploadsKey): each pack joins that key's set in the transaction that registers it,
 // before its PUT, so by the time the cache may evict its blocks (markInStore) GC will
 // not delete it until a manifest names it or the volume leaves the host (invariant 6).
+// Other volumes that sealed the same blocks while no pack held them (BlockCache.sealersOf)
+// get the pack held in their uploads sets too, before the blocks count as stored.
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
@@ -195,7 +197,7 @@ export class PackUploader {
     const sealers = () => {
       const more: string[] = [];
       for (const key of group) {
-        for (const sealer of this.cache.sealersOf(key) ?? []) {
+        for (const sealer of this.cache.sealersOf(key)) {
           if (sealer.left || holds.has(sealer.hold)) continue;
           holds.add(sealer.hold);
           sealer.holding(pack.id);
