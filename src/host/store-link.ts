@@ -181,7 +181,13 @@ export class StoreLink {
     } else {
       state = { format: 1, ...defaults, readOnly: false, generation: 0, manifestSequence: -1 };
     }
-    return new StoreLink(volume, state, ctx);
+    const link = new StoreLink(volume, state, ctx);
+    // The cache forgot at the restart which volumes sealed its pinned blocks: one with changes
+    // since its last manifest notes itself on those it names (O(chunks mapped), as the journal's replay).
+    if (ctx.refcounts !== undefined && volume.sequence !== state.manifestSequence) {
+      for (const [, key] of volume.cloneMap().entries()) ctx.cache.noteSealer(key, link.sealer);
+    }
+    return link;
   }
 
   get name(): string {
