@@ -28,6 +28,8 @@ export function defineSealHoldTests(backend: GcBackend, baseToml: (gc: TomlTable
     const store = openObjectStore(`file://${path.join(d.dir, 'store')}`, {});
     try {
       await withLogs([d], async () => {
+        // From then on only the cycles asked for run (interval 1h).
+        await waitFor('the first GC cycle', async () => (await metric(d, 'updraft_gc_cycles_total')) >= 1);
         db = openGcDatabase(typeof gc.database_url === 'string' ? gc.database_url : '', path.join(d.dir, 'cache'));
         const refcounts = await PackRefcounts.open(db, { hostId: 'reader', store, settleMs: 60_000, log: createLogger('test', 'error') });
         const heldFor = async (volume: string) => [...((await refcounts.counted(uploadsKey(hostId, volume)))?.packs ?? [])].sort();
