@@ -737,6 +737,8 @@ export class Host {
     if (volume.clients > 0) throw new VolumeError('EINVAL', `volume ${name}: cannot reopen with ${volume.clients} client(s) attached`);
     return link.serial(async () => {
       await volume.close();
+      // The new link speaks for the volume from now on (it notes itself on the blocks it names).
+      await link.leave();
       const reopened = Volume.load(volume.dir, this.ctx);
       volume.releaseHeld();
       this.links.set(name, StoreLink.load(reopened, this.storeCtx, this.defaults));

@@ -303,9 +303,9 @@ export class StoreLink {
   }
 
   /**
-   * The volume leaves the host: nothing more is held for it (uploads of blocks it sealed
-   * included), and this resolves once the seal holds queued so far are committed, so that
-   * its uploads set is let go of after them.
+   * This link no longer speaks for the volume (it leaves the host, or a reopen replaced the
+   * link): uploads of blocks it sealed hold nothing more for it, and this resolves once the
+   * seal holds queued so far are committed, so that its uploads set is let go of after them.
    */
   async leave(): Promise<void> {
     this.sealer.left = true;
