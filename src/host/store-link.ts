@@ -154,6 +154,9 @@ export class StoreLink {
   /** Seal holds waiting for the next transaction (at most one per pack), and whether one is scheduled or running. */
   private sealHoldQueue: SealHold[] = [];
   private sealHolding: Promise<void> | undefined;
+  /** The holdUploads transaction of the seal holds running now, and a settle running (seal holds wait for it). */
+  private sealBatch: Promise<unknown> | undefined;
+  private settling: Promise<void> | undefined;
   /** This volume to the cache: an upload of a block it sealed while no pack held it holds the pack for it too. */
   private readonly sealer: BlockSealer;
 
@@ -208,12 +211,26 @@ export class StoreLink {
    * blocks sealed since the cut rely on. A failure only over-counts.
    */
   private async settleUploads(): Promise<void> {
-    if (!this.holdsUploads || this.ctx.refcounts === undefined || this.sealHoldsDropped) return;
+    const refcounts = this.ctx.refcounts;
+    if (!this.holdsUploads || refcounts === undefined || this.sealHoldsDropped) return;
+    const settle = async () => {
+      // The seal holds being committed go in first; those queued meanwhile wait for the settle.
+      await this.sealBatch?.catch(() => undefined);
+      const keep = new Set(this.sealHolds.keys());
+      await refcounts.settleUploads(this.uploads, [...keep]);
+      // Another volume's upload may have held a pack for this one while the settle ran: hold it again.
+      const since = [...this.sealHolds.keys()].filter((pack) => !keep.has(pack));
+      if (since.length > 0) await refcounts.holdUploads(this.uploads, since);
+    };
+    const run = settle();
+    this.settling = run;
     try {
-      await this.ctx.refcounts.settleUploads(this.uploads, [...this.sealHolds.keys()]);
+      await run;
       this.holdsUploads = false;
     } catch (err) {
       this.ctx.log.warn('cannot let go of the packs held for uploads a manifest now names; they stay held until the next drain', { volume: this.name, key: this.uploads, error: errorMessage(err) });
+    } finally {
+      this.settling = undefined;
     }
   }
 
@@ -279,11 +296,15 @@ export class StoreLink {
 
   private async commitSealHoldBatches(): Promise<void> {
     while (this.sealHoldQueue.length > 0) {
+      // A settle computed what it keeps: these go in after it.
+      while (this.settling !== undefined) await this.settling.catch(() => undefined);
       const batch = this.sealHoldQueue;
       this.sealHoldQueue = [];
       let gone: Set<string> | undefined;
       try {
-        gone = new Set(await this.ctx.refcounts!.holdUploads(this.uploads, batch.map((h) => h.pack)));
+        const holding = this.ctx.refcounts!.holdUploads(this.uploads, batch.map((h) => h.pack));
+        this.sealBatch = holding;
+        gone = new Set(await holding);
       } catch (err) {
         this.ctx.log.warn('cannot hold the packs of blocks sealed while the store had them; the blocks stay pinned', {
           volume: this.name, key: this.uploads, packs: batch.length, error: errorMessage(err),
