@@ -4,8 +4,9 @@
 //   disk:   a slab file of block_size slots plus a slot table (hash, flags) per slot,
 //           bounded by disk_size_gb, S3-FIFO over the slots that may be evicted.
 // A block referenced by a volume and not yet in the object store is pinned: it is the
-// only copy, so it is never evicted. Blocks nobody references and no store holds are
-// garbage and their slot is freed at once.
+// only copy, so it is never evicted. So is one a volume sealed while the store had it,
+// until that volume's hold on its pack is committed (pinUntilHeld). Blocks nobody
+// references and no store holds are garbage and their slot is freed at once.
 import { disk } from '../disk/disk.js';
 import path from 'node:path';
 import { S3Fifo } from './s3fifo.js';
@@ -127,6 +128,26 @@ interface Slot {
    * under a newer block's bytes; that read then misses instead of returning other data.
    */
   unverified?: true;
+  /**
+   * Holds on the store's copy being taken for volumes that sealed this block (pinUntilHeld):
+   * pinned until they are committed, though the store has it.
+   */
+  holding?: number;
+  /** The volumes that sealed this block while no pack held it (noteSealer), until it is in the store; one is kept without a Set. */
+  sealers?: BlockSealer | Set<BlockSealer>;
+}
+
+/**
+ * A volume that seals blocks, as its store link knows it: an upload of a block it sealed
+ * while no pack held it holds that pack for it too (invariant 6).
+ */
+export interface BlockSealer {
+  /** The refcount key of the volume's uploads set. */
+  readonly hold: string;
+  /** The volume left the host: nothing is held for it any more. */
+  left: boolean;
+  /** An upload is holding `pack` for it (before the pack's PUT): its store link keeps it held past its next drain. */
+  holding(pack: string): void;
 }
 
 /**
@@ -397,7 +418,7 @@ export class BlockCache {
    * whether it was dropped.
    */
   private dropCorrupt(key: BlockKey, slot: Slot, what: string): boolean {
-    if (slot.inStore) {
+    if (slot.inStore && slot.holding === undefined) {
       this.diskPolicy.remove(key);
       this.freeSlot(key, slot);
       this.log.warn(`${what} does not match its name; dropped (the store has it)`, { block: keyHex(key), slot: slot.index });
@@ -500,6 +521,67 @@ export class BlockCache {
     this.track(write);
   }
 
+  /**
+   * A volume sealed `key`, a block the store already holds, and is taking a hold on its
+   * pack (invariant 6: the store keeps it for that volume only once the hold is
+   * committed). Until the returned function is called the block is pinned, here and in the
+   * slot table, so a crash meanwhile leaves it pinned. `held` false: the hold was refused
+   * (the pack is being deleted), and the block stays pinned until an upload puts it in a
+   * pack again. Undefined when the block is not here.
+   */
+  pinUntilHeld(key: BlockKey, sealer: BlockSealer): ((held: boolean) => void) | undefined {
+    const slot = this.slots.get(key);
+    if (slot === undefined) return undefined;
+    const wasPinned = !slot.inStore || slot.holding !== undefined;
+    slot.holding = (slot.holding ?? 0) + 1;
+    if (!wasPinned) {
+      this.space.pinnedBytes += this.blockSize;
+      // The next sync (before a journal names the block) makes the pin durable.
+      this.slabDirty = true;
+      this.writeFlags(key, slot, SLOT_USED);
+    }
+    let settled = false;
+    return (held) => {
+      // Freed meanwhile: a block no store held that nothing names any more.
+      if (settled || this.slots.get(key) !== slot) return;
+      settled = true;
+      if (--slot.holding! === 0) slot.holding = undefined;
+      if (!held) {
+        slot.inStore = false;
+        this.addSealer(slot, sealer);
+      }
+      if (slot.inStore && slot.holding === undefined) {
+        this.space.pinnedBytes -= this.blockSize;
+        this.writeFlags(key, slot, SLOT_USED | SLOT_IN_STORE);
+      }
+    };
+  }
+
+  /** `sealer` sealed `key` while no pack holds it: the upload that puts it in a pack holds the pack for `sealer` too. */
+  noteSealer(key: BlockKey, sealer: BlockSealer): void {
+    const slot = this.slots.get(key);
+    if (slot !== undefined && !slot.inStore) this.addSealer(slot, sealer);
+  }
+
+  private addSealer(slot: Slot, sealer: BlockSealer): void {
+    const sealers = slot.sealers;
+    if (sealers === undefined || sealers === sealer) slot.sealers = sealer;
+    else if (sealers instanceof Set) sealers.add(sealer);
+    else slot.sealers = new Set([sealers, sealer]);
+  }
+
+  /** The volumes that sealed `key` while no pack held it (noteSealer). */
+  sealersOf(key: BlockKey): Iterable<BlockSealer> {
+    const sealers = this.slots.get(key)?.sealers;
+    return sealers === undefined ? [] : sealers instanceof Set ? sealers : [sealers];
+  }
+
+  /** Queue slot `key`'s table entry with `flags`, once its slab write has landed. */
+  private writeFlags(key: BlockKey, slot: Slot, flags: number): void {
+    const landed = (slot.writing ?? Promise.resolve()).catch(() => undefined);
+    this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, flags) : undefined)));
+  }
+
   /** Whether the object store holds this block (so it may be evicted here). */
   isInStore(key: BlockKey): boolean {
     return this.slots.get(key)?.inStore === true;
@@ -571,11 +653,12 @@ export class BlockCache {
       const slot = this.slots.get(key);
       if (slot === undefined || slot.inStore) continue;
       slot.inStore = true;
+      slot.sealers = undefined;
+      // A hold being taken keeps it pinned until it settles (pinUntilHeld).
+      if (slot.holding !== undefined) continue;
       this.space.pinnedBytes -= this.blockSize;
       unpinned++;
-      const index = slot.index;
-      const landed = (slot.writing ?? Promise.resolve()).catch(() => undefined);
-      this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(index, key, SLOT_USED | SLOT_IN_STORE) : undefined)));
+      this.writeFlags(key, slot, SLOT_USED | SLOT_IN_STORE);
     }
     return unpinned;
   }
@@ -667,7 +750,7 @@ export class BlockCache {
     // Full: evict a block the store holds (never a pinned one).
     const victim = this.diskPolicy.evict((key) => {
       const slot = this.slots.get(key);
-      return slot !== undefined && slot.inStore && !this.writing.has(key);
+      return slot !== undefined && slot.inStore && slot.holding === undefined && !this.writing.has(key);
     });
     if (victim === undefined) return undefined;
     const slot = this.slots.get(victim)!;

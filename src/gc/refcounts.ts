@@ -427,14 +427,18 @@ export class PackRefcounts {
 
   /**
    * A manifest of the volume that names all it still needs is committed: let go of the
-   * packs uploads key `hold` holds, keeping its (empty) set for the next uploads. Returns
-   * how many packs it held.
+   * packs uploads key `hold` holds, keeping its set for the next uploads, and in it the
+   * packs of `keep` (blocks the volume sealed after that manifest's cut rely on them).
+   * Returns how many packs it let go of.
    */
-  async settleUploads(hold: string): Promise<number> {
+  async settleUploads(hold: string, keep: readonly string[] = []): Promise<number> {
     return this.db.tx(async (tx) => {
       const set = (await tx.all<{ set_id: string }>(`SELECT set_id FROM gc_manifests WHERE key = $1`, [hold]))[0]?.set_id;
       if (set === undefined) return 0;
-      const packs = (await tx.all<{ pack: string }>(`DELETE FROM gc_set_packs WHERE set_id = $1 RETURNING pack`, [set])).map((r) => r.pack);
+      const packs = (keep.length === 0
+        ? await tx.all<{ pack: string }>(`DELETE FROM gc_set_packs WHERE set_id = $1 RETURNING pack`, [set])
+        : await tx.all<{ pack: string }>(`DELETE FROM gc_set_packs WHERE set_id = $1 AND pack NOT IN (SELECT v FROM ${tx.rows(2)}) RETURNING pack`, [set, tx.list(keep)])
+      ).map((r) => r.pack);
       await this.decrement(tx, packs);
       return packs.length;
     });

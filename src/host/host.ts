@@ -174,7 +174,7 @@ export class Host {
     this.uploader = new PackUploader(options.store, this.packIndex, this.cache, options.compression, options.cipher, options.blocksPerPack, log.child('upload'), options.refcounts);
     this.hostId = hostIdentity(options.cacheDir, options.hostId);
     this.storeCtx = {
-      store: options.store, packIndex: this.packIndex, uploader: this.uploader, hostId: this.hostId,
+      store: options.store, packIndex: this.packIndex, uploader: this.uploader, cache: this.cache, hostId: this.hostId,
       leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: options.storeClock ?? new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
     };
     this.ctx = {
@@ -745,6 +745,8 @@ export class Host {
     if (volume.clients > 0) throw new VolumeError('EINVAL', `volume ${name}: cannot reopen with ${volume.clients} client(s) attached`);
     return link.serial(async () => {
       await volume.close();
+      // The new link speaks for the volume from now on (it notes itself on the blocks it names).
+      await link.leave();
       const reopened = Volume.load(volume.dir, this.ctx);
       volume.releaseHeld();
       this.links.set(name, StoreLink.load(reopened, this.storeCtx, this.defaults));
@@ -777,6 +779,8 @@ export class Host {
     // A drain or upload in flight finishes first, so nothing is held for the volume after this.
     await link?.serial(async () => undefined);
     await volume.destroy();
+    // No seal runs after destroy: the holds the last seals queued go in before the set is let go.
+    await link?.leave();
     // After the local copy is gone (a crash between the two: the next start lets go, see releaseStrayUploads).
     await crashPoint('volume-removed');
     await this.options.refcounts?.releaseUploads(uploadsKey(this.hostId, name));
@@ -808,6 +812,7 @@ export class Host {
       // A drain or fork in flight finishes first, so no manifest write lands after the purge.
       await link?.serial(async () => undefined);
       await volume.destroy();
+      await link?.leave();
     }
     const { found, checkpoints, packsReleased } = await purgeVolume(this.options.store, name, this.options.refcounts);
     if (!volume && !found) throw new MissingError(`no volume ${name} on this host or in the store ${this.options.store.description}`);

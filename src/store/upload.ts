@@ -8,6 +8,8 @@
 // uploadsKey): each pack joins that key's set in the transaction that registers it,
 // before its PUT, so by the time the cache may evict its blocks (markInStore) GC will
 // not delete it until a manifest names it or the volume leaves the host (invariant 6).
+// Other volumes that sealed the same blocks while no pack held them (BlockCache.sealersOf)
+// get the pack held in their uploads sets too, before the blocks count as stored.
 import { injected } from '../faults/injected.js';
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
@@ -191,13 +193,31 @@ export class PackUploader {
       buffer = i >= 0 ? this.idleBodies.splice(i, 1)[0] : Buffer.allocUnsafeSlow(Math.max(bytes, this.bodyBytes()));
       return buffer.subarray(0, bytes);
     });
+    // Other volumes that sealed these blocks while no pack held them rely on this pack too: it is held for each.
+    const holds = new Set([hold]);
+    const sealers = () => {
+      const more: string[] = [];
+      for (const key of group) {
+        for (const sealer of this.cache.sealersOf(key)) {
+          if (sealer.left || holds.has(sealer.hold)) continue;
+          holds.add(sealer.hold);
+          sealer.holding(pack.id);
+          more.push(sealer.hold);
+        }
+      }
+      return more;
+    };
     try {
-      await this.refcounts?.registerPack(pack.id, hold);
+      await Promise.all([hold, ...sealers()].map((h) => this.refcounts?.registerPack(pack.id, h)));
       if (injected.has('manifest-before-packs')) void this.store.put(pack.key, Buffer.from(pack.body), { selfVerifying: true }).catch(() => undefined);
       else await this.store.put(pack.key, pack.body, { selfVerifying: true });
     } finally {
       // The store is done with the body once put() settles (a retried attempt included).
       if (buffer !== undefined && this.idleBodies.length < MAX_IDLE_BODIES) this.idleBodies.push(buffer);
+    }
+    // Seals meanwhile: held too before the blocks count as stored (the pack has its row now).
+    for (let more = sealers(); more.length > 0 && this.refcounts !== undefined; more = sealers()) {
+      await Promise.all(more.map((h) => this.refcounts!.registerPack(pack.id, h)));
     }
     this.index.add(packLocations(pack));
     // Only now may the cache evict them: the pack is in the store and held (registerPack).

@@ -179,6 +179,11 @@ export class Volume {
   private readonly syncFailures: SyncFailureCounts;
   /** Set when close or destroy begins: no new seal starts. */
   private closing = false;
+  /**
+   * Hears of each block a seal puts into the cache, at once (nothing can evict it before):
+   * the store link holds the pack of one the store already has (invariant 6).
+   */
+  onSealedBlock: ((key: BlockKey) => void) | undefined;
   private readonly cache: BlockCache;
   private readonly space: LocalSpace;
   private readonly log: Logger;
@@ -980,6 +985,7 @@ export class Volume {
         key = blockKey(this.blockHash(block));
         const replacing = this.map.get(chunk) !== undefined;
         if (!this.cache.put(key, block, replacing)) return false;
+        this.onSealedBlock?.(key);
       }
       // Commit, synchronously: sectors written since the seal began stay in the overlay.
       this.sealing.delete(chunk);
@@ -1082,6 +1088,7 @@ export class Volume {
         if (!this.cache.put(key, block, this.map.get(chunk) !== undefined)) {
           throw new VolumeError('ENOSPC', `volume ${this.name}: snapshot: the block cache has no room for chunk ${chunk}`);
         }
+        this.onSealedBlock?.(key);
       }
       const seal = this.sealing.get(chunk);
       if (seal !== undefined) seal.invalid = true;

@@ -2,7 +2,8 @@
 // embedded default) and gc-postgres.test.ts (a real PostgreSQL server): a seeded random
 // lifecycle with GC running at a zero grace period, SIGKILL inside a manifest write's
 // refcount transaction and inside a deletion cycle, the SQL cost of a flush with 1
-// and with 1,000 volumes registered, and a lazy fork's shared pack set.
+// and with 1,000 volumes registered, a lazy fork's shared pack set, and the holds of
+// blocks sealed while the store had them (gc-seal-holds.ts).
 import { prng } from '../../src/objectstore/faults.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import assert from 'node:assert/strict';
@@ -21,6 +22,7 @@ import { CHUNK, connect, metric, MiB, readAll, waitFor, withLogs } from './clust
 import { removeDir, scratchDir, startDaemon, type Daemon, type TomlTable } from './daemon.js';
 import type { NbdClient } from './nbd-client.js';
 import { DAEMON_MAIN } from './daemon.js';
+import { defineSealHoldTests } from './gc-seal-holds.js';
 import { run } from './tools.js';
 
 const TIMEOUT = 600_000;
@@ -91,6 +93,7 @@ interface Model {
 
 export function defineGcTests(backend: GcBackend): void {
   const label = backend.label;
+  defineSealHoldTests(backend, (gc) => baseToml(gc), 'gc-host');
 
   test(`${label}: 500+ seeded lifecycle events over 20+ volumes with GC at a zero grace period: every volume and checkpoint reads back, no dead pack is left`, { timeout: TIMEOUT }, async (t) => {
     const seed = Number(process.env.UPDRAFT_GC_SEED ?? Math.floor(Math.random() * 2 ** 31));
