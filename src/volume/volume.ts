@@ -1200,11 +1200,12 @@ export class Volume {
 
   /** Grow the volume; durable on return. Shrinking is refused. */
   async resize(size: number): Promise<void> {
-    this.checkOpen();
-    if (this.failure !== undefined) throw this.failedError();
+    this.checkWritable();
     if (size < this.size) throw new VolumeError('EINVAL', `volume ${this.name}: cannot shrink from ${this.size} to ${size} bytes`);
     if (size === this.size) return;
+    // A resize is a change like a write: the next drain or release must write a manifest.
     this.size = size;
+    this.sequence++;
     this.sizeDirty = true;
     await this.flush();
   }
