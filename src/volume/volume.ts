@@ -35,6 +35,8 @@ async function readAt(fd: number, buf: Buffer, offset: number, length: number, p
 /** A snapshot seals in the background until at most this many chunks are dirty, then cuts. */
 const SNAPSHOT_CUT_CHUNKS = 64;
 const SNAPSHOT_SEAL_ROUNDS = 4;
+/** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
+const READ_FETCH_ROUNDS = 8;
 
 export const SECTOR = 4096;
 const SECTOR_SHIFT = 12;
@@ -481,8 +483,20 @@ export class Volume {
    * Before a read: undefined when every block the range needs is on this host (the
    * common case, checked without allocating), else a promise that fetches the missing
    * ones from the store. Also drives read-ahead for a sequential reader.
+   *
+   * A block found here may leave the cache while the read waits for another pack, so
+   * after the promise the caller asks again with `round` (1, 2, ...) and reads in the
+   * same tick as an undefined answer. A round past READ_FETCH_ROUNDS is an EIO.
    */
-  readReady(offset: number, length: number): Promise<void> | undefined {
+  readReady(offset: number, length: number, round = 0): Promise<void> | undefined {
+    if (round > 0) {
+      const missing = this.fetcher === undefined ? undefined : this.missingBlocks(offset, length);
+      if (missing === undefined) return undefined;
+      if (round >= READ_FETCH_ROUNDS) {
+        throw new VolumeError('EIO', `volume ${this.name}: read at ${offset}+${length}: block ${keyHex(missing[0])} left the cache again after ${round} fetches`);
+      }
+      return this.fetchBlocks(missing);
+    }
     if (this.bootRecord !== undefined) this.recordBootRead(offset, length);
     if (this.fetcher === undefined) return undefined;
     const sequential = offset === this.nextReadOffset;

@@ -116,8 +116,12 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     const buf = Buffer.alloc(length);
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
-        const ready = volume.readReady(offset, length);
-        if (ready) await ready;
+        // Blocks evicted while the read waited are fetched again (Volume.readReady).
+        let ready = volume.readReady(offset, length);
+        for (let round = 1; ready; round++) {
+          await ready;
+          ready = volume.readReady(offset, length, round);
+        }
         volume.read(offset, length, buf, 0);
       });
       if ('died' in out) return;
@@ -568,8 +572,12 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const model = models.get(name)!;
       const buf = Buffer.alloc(volume.size);
       const read = await drive(slot, async () => {
-        const ready = volume.readReady(0, volume.size);
-        if (ready) await ready;
+        // Blocks evicted while the read waited are fetched again (Volume.readReady).
+        let ready = volume.readReady(0, volume.size);
+        for (let round = 1; ready; round++) {
+          await ready;
+          ready = volume.readReady(0, volume.size, round);
+        }
         volume.read(0, volume.size, buf, 0);
       });
       if (!read.ok) {
