@@ -520,7 +520,11 @@ export class BlockCache {
       run = undefined;
     };
     for (const { key, data } of blocks) {
-      if (this.slots.has(key)) continue;
+      const existing = this.slots.get(key);
+      if (existing !== undefined) {
+        if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) this.repairFromStore(key, existing, data);
+        if (this.slots.has(key)) continue;
+      }
       const index = this.allocateSlot();
       if (index === undefined) {
         this.admitToMemory(key, data);
@@ -543,6 +547,21 @@ export class BlockCache {
       }
     }
     flush();
+  }
+
+  /**
+   * A slot whose bytes do not match its name although a pack in the store holds the block
+   * (a power cut took its slab write and its in-store mark): it takes the fetched bytes.
+   */
+  private repairFromStore(key: BlockKey, slot: Slot, block: Buffer): void {
+    this.log.warn('block cache: a block that did not match its name is written again from the store', { block: keyHex(key), slot: slot.index });
+    this.rewriteLost(key, slot, block);
+    this.admitToMemory(key, block);
+    if (slot.inStore) return;
+    slot.inStore = true;
+    this.space.pinnedBytes -= this.blockSize;
+    const landed = slot.writing!.catch(() => undefined);
+    this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, SLOT_USED | SLOT_IN_STORE) : undefined)));
   }
 
   /** Write fetched blocks into consecutive slots from `first`, then their table entries. */
