@@ -902,7 +902,16 @@ export class StoreLink {
    */
   promote(fresh = false): Promise<{ generation: number; sequence: number }> {
     return this.serial(async () => {
-      if (!this.state.readOnly && this.state.generation > 0) return { generation: this.state.generation, sequence: this.volume.sequence };
+      if (!this.state.readOnly && this.state.generation > 0) {
+        // Held here by this host's own reckoning (a restart keeps it): another host may have
+        // taken the lease meanwhile, and this copy is then stale. Ask the store first.
+        try {
+          await this.checkWriter('promotion', false);
+          return { generation: this.state.generation, sequence: this.volume.sequence };
+        } catch (err) {
+          if (!(err instanceof FencedError)) throw err;
+        }
+      }
       if (this.volume.dirtyChunks > 0) {
         throw new VolumeError('EINVAL', `volume ${this.name}: has local writes that are in no manifest; cannot promote over them`);
       }
