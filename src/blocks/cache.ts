@@ -11,6 +11,7 @@ import path from 'node:path';
 import { S3Fifo } from './s3fifo.js';
 import { HASH_BYTES, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
+import { injected } from '../faults/injected.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 const write = (...args: Parameters<typeof disk.write>) => disk.write(...args);
@@ -224,15 +225,24 @@ export class BlockCache {
       opts.namesId.copy(header, NAMES_ID_AT, 0, NAMES_ID_BYTES);
       disk.writeSync(tableFd, header, 0, header.length, 0);
       disk.fsyncSync(tableFd);
-      // The new files' names must survive a power cut too, or a flushed volume names blocks that vanished.
+    } else {
+      cache.loadTable(opts.namesId);
+      // Slab and slot writes of a killed process may be in the page cache only: durable
+      // before a volume names those blocks again and a FLUSH with nothing dirty acks them.
+      if (!injected.has('recover-without-sync')) {
+        disk.fsyncSync(slabFd);
+        disk.fsyncSync(tableFd);
+      }
+    }
+    // The files' names must survive a power cut too (a start that failed before this left
+    // them in the page cache only), or a flushed volume names blocks that vanished.
+    if (fresh || !injected.has('recover-without-sync')) {
       const dirFd = disk.openSync(dir, 'r');
       try {
         disk.fsyncSync(dirFd);
       } finally {
         disk.closeSync(dirFd);
       }
-    } else {
-      cache.loadTable(opts.namesId);
     }
     return cache;
   }

@@ -29,6 +29,7 @@ import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
+import { injected } from '../faults/injected.js';
 
 export type FlushMode = 'demand' | 'continuous';
 
@@ -862,9 +863,12 @@ export class StoreLink {
         if (generation > 0 && !this.state.readOnly && this.volume.sequence !== this.state.manifestSequence) drained = await this.drainNow();
         // Read-only on disk before the lease says released: a crash after the lease PUT must
         // not bring this host back as the writer of a generation the next holder took over.
-        this.state.readOnly = true;
-        this.state.releasing = true;
-        this.save();
+        const saveAfterPut = injected.has('release-save-after-lease-put');
+        if (!saveAfterPut) {
+          this.state.readOnly = true;
+          this.state.releasing = true;
+          this.save();
+        }
         if (generation > 0 && this.state.leaseEtag !== undefined) {
           const now = new Date().toISOString();
           const released: Lease = { format: 1, volume: this.name, owner: this.ctx.hostId, generation, expires: now, acquired: now, released: true };
@@ -875,6 +879,10 @@ export class StoreLink {
             // Already someone else's: nothing to give up.
           }
           await crashPoint('lease-released');
+        }
+        if (saveAfterPut) {
+          this.state.readOnly = true;
+          this.save();
         }
         this.state.generation = 0;
         this.state.leaseEtag = undefined;
