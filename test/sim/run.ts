@@ -340,7 +340,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         return;
       }
       // What the restart recovered is what a FLUSH now acknowledges: it must survive a power cut.
-      if (slot.up && chance(0.3)) await flushThenPowerCut(slot);
+      if (slot.up && chance(0.5)) await flushThenPowerCut(slot);
       return;
     }
     const orphans = [...models.values()].filter((m) => m.home !== undefined && !world.slots[m.home].up);
@@ -418,6 +418,11 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const out = await drive(slot, () => volume.flush());
       if (out.ok) model.flushed();
       else if (!('died' in out)) note(`  flush failed: ${(out.error as Error).message}`);
+      // What the FLUSH acknowledged must survive a power cut right after it.
+      if (out.ok && slot.up && chance(0.1)) {
+        note(`power cut of ${slot.id} after the flush`);
+        crash(slot, true);
+      }
     } else if (op < 0.56) {
       const { first, count } = range(model);
       const trim = chance(0.5);
