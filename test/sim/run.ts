@@ -255,13 +255,16 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const volume = slot.host!.get(m.name);
       if (volume === undefined) continue;
       for (const [chunk, key] of volume.cloneMap().entries()) {
-        if (key === ZERO_ALLOCATED_KEY || slot.host!.cache.has(key)) continue;
+        // A block the cache holds pinned is safe; one it may evict (the store holds it) must be in a pack now.
+        const cached = slot.host!.cache.has(key);
+        if (key === ZERO_ALLOCATED_KEY || (cached && !slot.host!.cache.isInStore(key))) continue;
+        const where = cached ? 'which the cache may evict' : 'which left the cache';
         const location = slot.host!.packIndex.get(key);
-        if (location === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which is neither in the cache nor in any pack the host knows of (${whereInStore(key)})`);
+        if (location === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, ${where}, and no pack the host knows of holds it (${whereInStore(key)})`);
         const gone = world.bucket.deleted.get(packKey(location.pack));
         if (!world.bucket.objects.has(packKey(location.pack))) {
           throw new Failure(
-            `host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which left the cache, and its pack ${packKey(location.pack)} is not in the store` +
+            `host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, ${where}, and its pack ${packKey(location.pack)} is not in the store` +
               (gone ? ` (deleted by ${gone})` : ''),
           );
         }
