@@ -478,6 +478,9 @@ export class BlockCache {
         },
         (err) => {
           this.log.error('block cache: slab write failed; the block stays in memory', { slot: index, error: err.message });
+          // No journal may name it now (lostBlock): a sync after this one would not see the failure.
+          // A later put of the block writes it again (rewriteLost).
+          if (this.slots.get(key) === slot && !slot.inStore) this.lost.add(key);
           throw err;
         },
       );
@@ -503,6 +506,7 @@ export class BlockCache {
         },
         (err) => {
           this.log.error('block cache: slab rewrite of a block a failed sync lost failed; the block stays in memory', { slot: slot.index, error: err.message });
+          if (this.slots.get(key) === slot && !slot.inStore) this.lost.add(key);
           throw err;
         },
       );
