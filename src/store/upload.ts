@@ -126,9 +126,9 @@ export class PackUploader {
    * leaves the cache only once this host finds its pack again after a power cut.
    */
   private async markStored(keys: BlockKey[]): Promise<void> {
-    if (keys.length === 0) return;
+    // Also with nothing new: a caller counting on blocks the index already names needs them durable (a sync that failed is redone).
     await this.index.sync();
-    this.cache.markInStore(keys);
+    if (keys.length > 0) this.cache.markInStore(keys);
   }
 
   /**
