@@ -160,6 +160,13 @@ export class Volume {
   /** Blocks replaced in the map; released once the replacement is durable. */
   private pendingUnref: BlockKey[] = [];
   private sizeDirty = false;
+  /**
+   * The sequence the journal holds. A change that touches no chunk's record (a trim of a
+   * hole) still bumps the sequence: a flush commits it, or after a crash the volume could
+   * come back below a manifest's sequence and reuse its numbers (a release would skip the
+   * drain of a later write).
+   */
+  private journalSequence: number;
   /** Loaded from a folder a killed process may have left in the page cache: the next FLUSH syncs it all. */
   private recoveredUnsynced = false;
   /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */
@@ -206,6 +213,7 @@ export class Volume {
     this.maskBytes = Math.max(1, this.sectorsPerChunk >>> 3);
     this.size = size;
     this.sequence = sequence;
+    this.journalSequence = sequence;
     this.cache = ctx.cache;
     this.space = ctx.cache.space;
     this.log = ctx.log;
@@ -283,6 +291,7 @@ export class Volume {
     this.journalDirty.clear();
     const frozen = this.frozenState();
     await this.journal.rewrite(frozen.map, frozen.overlay, this.sequence, this.size, this.blockSize);
+    this.journalSequence = content.sequence;
     for (const key of unrefs) this.cache.unref(key);
   }
 
@@ -1150,7 +1159,7 @@ export class Volume {
 
   private async flushNow(): Promise<void> {
     if (this.failure !== undefined) throw this.failedError();
-    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced) return;
+    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced && this.sequence === this.journalSequence) return;
     this.recoveredUnsynced = false;
     const chunks = this.journalDirty;
     const unrefs = this.pendingUnref;
@@ -1202,6 +1211,7 @@ export class Volume {
       this.syncFailures.journal++;
       throw failed(`flush: ${(err as Error).message}`);
     }
+    this.journalSequence = Math.max(this.journalSequence, sequence);
     for (const key of unrefs) this.cache.unref(key);
   }
 
