@@ -5,74 +5,33 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import type { InjectedFault } from '../src/faults/injected.js';
-import { runSeed, type SimResult } from './sim/run.js';
+import { runSeed, type SimResult, type SimSettings } from './sim/run.js';
+import { BLOCK } from './sim/world.js';
 
 const SEEDS = Number(process.env.UPDRAFT_SIM_SEEDS ?? 500);
 const STEPS = 60;
-
-/**
- * Bugs the simulation found in this code, each by the failure it shows. Each seed in
- * KNOWN fails with its bug's message until the fix lands (then it passes and leaves the
- * list); any other failure fails the test.
- */
-const BUGS = {
-  // A resize does not bump the sequence: a release after it skips the drain and the other host serves the old size.
-  resizeNotDrained: /has size \d+ there, \d+ here|recovered with size \d+, expected \d+/,
-  // A FLUSH succeeds although a block it commits never reached the disk: after a failed
-  // fdatasync (fsyncgate) or a failed slab write (ENOSPC) the cache forgets the failure.
-  blockLostLocally: /neither on this host nor in any pack it knows of|neither in the cache nor in any pack the host knows of/,
-  // GC deletes a dirty-budget pack no manifest names after the grace period, while the cache evicted its blocks.
-  gcHole: /which left the cache, and its pack .* is not in the store|is missing from the store/,
-  // A read checked ready waits for one pack while the cache evicts another block it needs: EIO.
-  readEvicted: /of chunk \d+ is not on this host/,
-  // A checkpoint is written without the lease (after a release, or by a host that lost it).
-  checkpointWithoutLease: /wrote volumes\/\S+\/checkpoints\/\S+ while host/,
-  // A manifest is written over a live lease of another host.
-  manifestWithoutLease: /wrote volumes\/\S+\/manifest while host/,
-  // A write the model knows is durable (FLUSHed or in the store) does not read back after a crash or a move:
-  // 61, 284: a restart recovered unsynced state from the page cache and the next FLUSH had nothing to sync;
-  // 169: a promotion kept writes made on a stale copy that no manifest holds; 491: not classified yet.
-  flushedLost: /reads write \d+, expected write \d+|after a crash unit \d+ .* reads/,
-  // A host promoted over local content no manifest holds.
-  promotedOverLocal: /which no manifest of the volume had/,
-};
-type Bug = keyof typeof BUGS;
-const FAILING: Record<Bug, number[]> = {
-  resizeNotDrained: [18, 146, 195, 286, 291, 377, 379, 395],
-  blockLostLocally: [63, 210, 324],
-  gcHole: [447],
-  readEvicted: [126, 135, 232],
-  checkpointWithoutLease: [31, 81, 106, 255],
-  manifestWithoutLease: [],
-  flushedLost: [61, 169, 284, 491],
-  promotedOverLocal: [32, 84],
-};
-const KNOWN = new Map<number, RegExp>(Object.entries(FAILING).flatMap(([bug, seeds]) => seeds.map((seed): [number, RegExp] => [seed, BUGS[bug as Bug]])));
 
 function describeFailure(r: SimResult): string {
   return `seed ${r.seed} failed at step ${r.failure!.step}: ${r.failure!.message}\nreplay: npm run sim -- --seed ${r.seed} --steps ${r.steps}\n  ${r.trace.slice(-30).join('\n  ')}`;
 }
 
-/** The first seed that fails with `faults` on and passes with them off (the fault, not a known bug, made it fail). */
-async function firstFailure(faults: InjectedFault[], seeds: number): Promise<SimResult | undefined> {
+/** The first seed that fails with `faults` on and passes with them off (the fault made it fail). */
+async function firstFailure(faults: InjectedFault[], seeds: number, settings?: SimSettings): Promise<SimResult | undefined> {
   for (let seed = 1; seed <= seeds; seed++) {
-    const r = await runSeed({ seed, steps: STEPS, faults });
-    if (r.failure && (await runSeed({ seed, steps: STEPS })).failure === undefined) return r;
+    const r = await runSeed({ seed, steps: STEPS, faults, settings });
+    if (r.failure && (await runSeed({ seed, steps: STEPS, settings })).failure === undefined) return r;
   }
   return undefined;
 }
 
 describe('simulation', () => {
-  it(`${SEEDS} seeds of ${STEPS} steps keep every invariant (but the known bugs' seeds)`, async () => {
-    const unexpected: string[] = [];
+  it(`${SEEDS} seeds of ${STEPS} steps keep every invariant`, async () => {
+    const failed: string[] = [];
     for (let seed = 1; seed <= SEEDS; seed++) {
       const r = await runSeed({ seed, steps: STEPS });
-      const known = KNOWN.get(seed);
-      if (r.failure === undefined) continue;
-      if (known !== undefined && known.test(r.failure.message)) continue;
-      unexpected.push(describeFailure(r));
+      if (r.failure !== undefined) failed.push(describeFailure(r));
     }
-    assert.deepEqual(unexpected, []);
+    assert.deepEqual(failed, []);
   });
 
   it('replays a seed exactly', async () => {
@@ -90,6 +49,29 @@ describe('simulation', () => {
   it('catches a manifest written before its packs within 20 seeds', async () => {
     const r = await firstFailure(['manifest-before-packs'], 20);
     assert.ok(r, 'no seed failed with manifest-before-packs on');
-    assert.match(r.failure!.message, /names pack .* not in the store|is missing from the store/);
+    // Caught by the store check (a manifest names it) or the cache check (a block marked stored whose pack is not there yet).
+    assert.match(r.failure!.message, /names pack .* not in the store|is missing from the store|which the cache may evict, and its pack .* is not in the store/);
+  });
+
+  it('catches uploaded packs registered without the uploads hold within 30 seeds (grace 0, small dirty budget and cache)', async () => {
+    const r = await firstFailure(['gc-unheld-uploads'], 30, { gracePeriodMs: 0, dirtyBudgetBytes: 2 * BLOCK, diskBlocks: 16 });
+    assert.ok(r, 'no seed failed with gc-unheld-uploads on');
+    assert.match(r.failure!.message, /which the cache may evict, and (its pack .* is not in the store|no pack the host knows of holds it)|is missing from the store/);
+  });
+
+  it('catches a release that saves read-only only after its released-lease PUT within 40 seeds', async () => {
+    const r = await firstFailure(['release-save-after-lease-put'], 40);
+    assert.ok(r, 'no seed failed with release-save-after-lease-put on');
+    assert.match(r.failure!.message, /restarted as the writer of .* whose lease it released/);
+  });
+
+  it('catches a FLUSH retried with success after a failed fdatasync within 10 seeds (fsync errors 0.1)', async () => {
+    const r = await firstFailure(['fsync-retry-succeeds'], 10, { fsyncErrorRate: 0.1 });
+    assert.ok(r, 'no seed failed with fsync-retry-succeeds on');
+  });
+
+  it('catches a restart that serves page-cache state without syncing it within 150 seeds (no fsync errors)', async () => {
+    const r = await firstFailure(['recover-without-sync'], 150, { fsyncErrorRate: 0 });
+    assert.ok(r, 'no seed failed with recover-without-sync on');
   });
 });

@@ -12,6 +12,7 @@ import path from 'node:path';
 import { S3Fifo } from './s3fifo.js';
 import { HASH_BYTES, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
+import { injected } from '../faults/injected.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 const write = (...args: Parameters<typeof disk.write>) => disk.write(...args);
@@ -245,15 +246,24 @@ export class BlockCache {
       opts.namesId.copy(header, NAMES_ID_AT, 0, NAMES_ID_BYTES);
       disk.writeSync(tableFd, header, 0, header.length, 0);
       disk.fsyncSync(tableFd);
-      // The new files' names must survive a power cut too, or a flushed volume names blocks that vanished.
+    } else {
+      cache.loadTable(opts.namesId);
+      // Slab and slot writes of a killed process may be in the page cache only: durable
+      // before a volume names those blocks again and a FLUSH with nothing dirty acks them.
+      if (!injected.has('recover-without-sync')) {
+        disk.fsyncSync(slabFd);
+        disk.fsyncSync(tableFd);
+      }
+    }
+    // The files' names must survive a power cut too (a start that failed before this left
+    // them in the page cache only), or a flushed volume names blocks that vanished.
+    if (fresh || !injected.has('recover-without-sync')) {
       const dirFd = disk.openSync(dir, 'r');
       try {
         disk.fsyncSync(dirFd);
       } finally {
         disk.closeSync(dirFd);
       }
-    } else {
-      cache.loadTable(opts.namesId);
     }
     return cache;
   }
@@ -489,6 +499,9 @@ export class BlockCache {
         },
         (err) => {
           this.log.error('block cache: slab write failed; the block stays in memory', { slot: index, error: err.message });
+          // No journal may name it now (lostBlock): a sync after this one would not see the failure.
+          // A later put of the block writes it again (rewriteLost).
+          if (this.slots.get(key) === slot && !slot.inStore) this.lost.add(key);
           throw err;
         },
       );
@@ -514,6 +527,7 @@ export class BlockCache {
         },
         (err) => {
           this.log.error('block cache: slab rewrite of a block a failed sync lost failed; the block stays in memory', { slot: slot.index, error: err.message });
+          if (this.slots.get(key) === slot && !slot.inStore) this.lost.add(key);
           throw err;
         },
       );
@@ -602,7 +616,11 @@ export class BlockCache {
       run = undefined;
     };
     for (const { key, data } of blocks) {
-      if (this.slots.has(key)) continue;
+      const existing = this.slots.get(key);
+      if (existing !== undefined) {
+        if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) this.repairFromStore(key, existing, data);
+        if (this.slots.has(key)) continue;
+      }
       const index = this.allocateSlot();
       if (index === undefined) {
         this.admitToMemory(key, data);
@@ -625,6 +643,21 @@ export class BlockCache {
       }
     }
     flush();
+  }
+
+  /**
+   * A slot whose bytes do not match its name although a pack in the store holds the block
+   * (a power cut took its slab write and its in-store mark): it takes the fetched bytes.
+   */
+  private repairFromStore(key: BlockKey, slot: Slot, block: Buffer): void {
+    this.log.warn('block cache: a block that did not match its name is written again from the store', { block: keyHex(key), slot: slot.index });
+    this.rewriteLost(key, slot, block);
+    this.admitToMemory(key, block);
+    if (slot.inStore) return;
+    slot.inStore = true;
+    this.space.pinnedBytes -= this.blockSize;
+    const landed = slot.writing!.catch(() => undefined);
+    this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, SLOT_USED | SLOT_IN_STORE) : undefined)));
   }
 
   /** Write fetched blocks into consecutive slots from `first`, then their table entries. */

@@ -4,7 +4,15 @@ export type InjectedFault =
   /** FLUSH returns without the overlay's fdatasync. */
   | 'flush-skip-fdatasync'
   /** A drain writes its manifest before the packs holding its blocks are in the store. */
-  | 'manifest-before-packs';
+  | 'manifest-before-packs'
+  /** Recovery serves what a killed process left in the page cache without syncing it first. */
+  | 'recover-without-sync'
+  /** Uploaded packs are registered without the volume's uploads hold (GC may delete them before a manifest names them). */
+  | 'gc-unheld-uploads'
+  /** A release saves the volume read-only only after its released-lease PUT. */
+  | 'release-save-after-lease-put'
+  /** A failed fdatasync of the overlay leaves the volume healthy: its chunks stay dirty and the next FLUSH tries again. */
+  | 'fsync-retry-succeeds';
 
 /** The faults switched on (the simulation only). */
 export const injected = new Set<InjectedFault>();

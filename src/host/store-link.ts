@@ -31,6 +31,7 @@ import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
+import { injected } from '../faults/injected.js';
 
 export type FlushMode = 'demand' | 'continuous';
 
@@ -1033,9 +1034,12 @@ export class StoreLink {
         if (generation > 0 && !this.state.readOnly && this.volume.sequence !== this.state.manifestSequence) drained = await this.drainNow();
         // Read-only on disk before the lease says released: a crash after the lease PUT must
         // not bring this host back as the writer of a generation the next holder took over.
-        this.state.readOnly = true;
-        this.state.releasing = true;
-        this.save();
+        const saveAfterPut = injected.has('release-save-after-lease-put');
+        if (!saveAfterPut) {
+          this.state.readOnly = true;
+          this.state.releasing = true;
+          this.save();
+        }
         if (generation > 0 && this.state.leaseEtag !== undefined) {
           const now = new Date().toISOString();
           const released: Lease = { format: 1, volume: this.name, owner: this.ctx.hostId, generation, expires: now, acquired: now, released: true };
@@ -1046,6 +1050,10 @@ export class StoreLink {
             // Already someone else's: nothing to give up.
           }
           await crashPoint('lease-released');
+        }
+        if (saveAfterPut) {
+          this.state.readOnly = true;
+          this.save();
         }
         this.state.generation = 0;
         this.state.leaseEtag = undefined;
@@ -1073,7 +1081,16 @@ export class StoreLink {
    */
   promote(fresh = false): Promise<{ generation: number; sequence: number }> {
     return this.serial(async () => {
-      if (!this.state.readOnly && this.state.generation > 0) return { generation: this.state.generation, sequence: this.volume.sequence };
+      if (!this.state.readOnly && this.state.generation > 0) {
+        // Held here by this host's own reckoning (a restart keeps it): another host may have
+        // taken the lease meanwhile, and this copy is then stale. Ask the store first.
+        try {
+          await this.checkWriter('promotion', false);
+          return { generation: this.state.generation, sequence: this.volume.sequence };
+        } catch (err) {
+          if (!(err instanceof FencedError)) throw err;
+        }
+      }
       if (this.volume.dirtyChunks > 0) {
         throw new VolumeError('EINVAL', `volume ${this.name}: has local writes that are in no manifest; cannot promote over them`);
       }

@@ -140,7 +140,7 @@ export class Transmission {
         case P.CMD_READ: {
           const fetching = volume.readReady(offset, length);
           if (fetching === undefined) return this.read(cookieHigh, cookieLow, offset, length, started);
-          return this.after(fetching, type, cookieHigh, cookieLow, () => this.read(cookieHigh, cookieLow, offset, length, started));
+          return this.readAfter(fetching, 1, cookieHigh, cookieLow, offset, length, started);
         }
         case P.CMD_WRITE: {
           const fetching = volume.writeReady(offset, length);
@@ -307,6 +307,19 @@ export class Transmission {
   }
 
   /** Serve a request once blocks it needs have arrived from the store; a write holds its `payloadBytes` meanwhile. */
+  /**
+   * Read once `fetching` is done. A block the cache evicted while the read waited is
+   * fetched again (Volume.readReady bounds the rounds); the read runs in the same tick
+   * as the check that found every block here.
+   */
+  private readAfter(fetching: Promise<void>, round: number, cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
+    this.after(fetching, P.CMD_READ, cookieHigh, cookieLow, () => {
+      const again = this.volume.readReady(offset, length, round);
+      if (again === undefined) this.read(cookieHigh, cookieLow, offset, length, started);
+      else this.readAfter(again, round + 1, cookieHigh, cookieLow, offset, length, started);
+    });
+  }
+
   private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void, payloadBytes = 0): void {
     this.defer(payloadBytes);
     fetching

@@ -37,6 +37,7 @@ import type { BlockKey } from '../blocks/cache.js';
 import { errorMessage, type Logger } from '../log.js';
 import { FormatError } from './errors.js';
 import { PACK_ID } from './pack.js';
+import { injected } from '../faults/injected.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 const fsync = (...args: Parameters<typeof disk.fsync>) => disk.fsync(...args);
@@ -207,6 +208,8 @@ export class PackIndex {
   /** Records in the file (live and dead). */
   private records: number;
   private dirty = false;
+  /** A sync failed: the kernel may have dropped pages the file still shows, so the next sync rewrites the file. */
+  private syncFailed = false;
   private closed = false;
   private syncing: Promise<void> = Promise.resolve();
   /** While a rewrite runs: every record appended meanwhile, to be copied into the new file. */
@@ -268,6 +271,11 @@ export class PackIndex {
     if (corrupt > 0) {
       log?.error('pack index: dropped corrupt records; rewriting the file without them', { file, records: corrupt });
       this.rewriteSync();
+    } else if (!injected.has('recover-without-sync')) {
+      // What a killed process (or a start that failed) left in the page cache, the file's
+      // name included, is durable before the cache marks blocks as found in these packs.
+      disk.fsyncSync(fd);
+      fsyncDirSync(file);
     }
   }
 
@@ -445,18 +453,26 @@ export class PackIndex {
 
   private async syncNow(): Promise<void> {
     if (this.closed) return;
-    if (this.deadRecords >= COMPACT_MIN_DEAD && this.deadRecords > this.slots.size) {
+    if (this.syncFailed || (this.deadRecords >= COMPACT_MIN_DEAD && this.deadRecords > this.slots.size)) {
       try {
         await this.rewrite();
         return;
       } catch (err) {
+        // After a failed sync the old file may have lost records: only a rewrite makes them durable.
+        if (this.syncFailed) throw new Error(`pack index ${this.file}: rewrite after a failed sync: ${errorMessage(err)}`);
         // The old file still holds everything: make it durable and try again next time.
         this.log?.warn('pack index rewrite failed; keeping the old file', { file: this.file, error: errorMessage(err) });
       }
     }
     if (this.dirty && !this.closed) {
       this.dirty = false;
-      await fdatasync(this.fd);
+      try {
+        await fdatasync(this.fd);
+      } catch (err) {
+        this.syncFailed = true;
+        this.dirty = true;
+        throw new Error(`pack index ${this.file}: fdatasync: ${errorMessage(err)}`);
+      }
     }
   }
 
@@ -649,6 +665,7 @@ export class PackIndex {
       this.position = position;
       this.records = (position - HEADER_BYTES) / RECORD_BYTES;
       this.dirty = false;
+      this.syncFailed = false;
       this.log?.info('pack index rewritten', { file: this.file, entries: this.slots.size, bytes: position });
     } finally {
       this.appendedDuringRewrite = undefined;

@@ -85,6 +85,16 @@ export class PackUploader {
 
   private async uploadMissing(keys: readonly BlockKey[], hold: string): Promise<UploadResult> {
     const result: UploadResult = { packs: 0, blocks: 0, bytes: 0 };
+    const stored: BlockKey[] = [];
+    try {
+      await this.uploadRounds(keys, result, hold, stored);
+    } finally {
+      await this.markStored(stored);
+    }
+    return result;
+  }
+
+  private async uploadRounds(keys: readonly BlockKey[], result: UploadResult, hold: string, stored: BlockKey[]): Promise<void> {
     let wanted: Iterable<BlockKey> = keys;
     // A second round uploads what another call was uploading and failed to (an early
     // upload of a block that has since left the cache, say); by then it is ours to do.
@@ -103,7 +113,7 @@ export class PackUploader {
       for (let i = 0; i < todo.length; i += this.blocksPerPack) groups.push(todo.slice(i, i + this.blocksPerPack));
       let next = 0;
       const worker = async () => {
-        while (next < groups.length) await this.startPack(groups[next++], result, hold);
+        while (next < groups.length) await this.startPack(groups[next++], result, hold, stored);
       };
       await Promise.all(Array.from({ length: Math.min(UPLOAD_CONCURRENCY, groups.length) }, worker));
       const settled = await Promise.allSettled(others);
@@ -111,8 +121,16 @@ export class PackUploader {
       wanted = seen;
       if (round === 1) throw (settled.find((s) => s.status === 'rejected') as PromiseRejectedResult).reason;
     }
-    if (result.packs > 0) await this.index.sync();
-    return result;
+  }
+
+  /**
+   * Make the pack index durable, then let the cache evict the uploaded blocks: a block
+   * leaves the cache only once this host finds its pack again after a power cut.
+   */
+  private async markStored(keys: BlockKey[]): Promise<void> {
+    // Also with nothing new: a caller counting on blocks the index already names needs them durable (a sync that failed is redone).
+    await this.index.sync();
+    if (keys.length > 0) this.cache.markInStore(keys);
   }
 
   /**
@@ -124,6 +142,7 @@ export class PackUploader {
    */
   early(hold: string): { add(key: BlockKey): void; finish(): Promise<UploadResult> } {
     const result: UploadResult = { packs: 0, blocks: 0, bytes: 0 };
+    const stored: BlockKey[] = [];
     const inFlight = new Set<Promise<void>>();
     const queued: BlockKey[][] = [];
     const added = new Set<BlockKey>();
@@ -131,7 +150,7 @@ export class PackUploader {
     let finished = false;
     const startNext = () => {
       while (!finished && inFlight.size < UPLOAD_CONCURRENCY && queued.length > 0) {
-        const work = this.startPack(queued.shift()!, result, hold).catch((err) => {
+        const work = this.startPack(queued.shift()!, result, hold, stored).catch((err) => {
           this.log.debug('early pack upload failed; the drain uploads its blocks again', { error: errorMessage(err) });
         });
         inFlight.add(work);
@@ -154,7 +173,7 @@ export class PackUploader {
       finish: async () => {
         finished = true;
         while (inFlight.size > 0) await Promise.all(inFlight);
-        if (result.packs > 0) await this.index.sync();
+        await this.markStored(stored);
         return result;
       },
     };
@@ -166,8 +185,8 @@ export class PackUploader {
   }
 
   /** Encode and upload one pack of `group`; upload() of any of its keys waits for it meanwhile. */
-  private async startPack(group: BlockKey[], result: UploadResult, hold: string): Promise<void> {
-    const work = this.uploadPack(group, result, hold);
+  private async startPack(group: BlockKey[], result: UploadResult, hold: string, stored: BlockKey[]): Promise<void> {
+    const work = this.uploadPack(group, result, hold, stored);
     for (const key of group) this.uploading.set(key, work);
     try {
       await work;
@@ -176,7 +195,7 @@ export class PackUploader {
     }
   }
 
-  private async uploadPack(group: BlockKey[], result: UploadResult, hold: string): Promise<void> {
+  private async uploadPack(group: BlockKey[], result: UploadResult, hold: string, stored: BlockKey[]): Promise<void> {
     const blocks: PackBlock[] = [];
     for (const key of group) {
       const data = await this.cache.readBlock(key);
@@ -208,7 +227,7 @@ export class PackUploader {
       return more;
     };
     try {
-      await Promise.all([hold, ...sealers()].map((h) => this.refcounts?.registerPack(pack.id, h)));
+      await Promise.all([hold, ...sealers()].map((h) => this.refcounts?.registerPack(pack.id, injected.has('gc-unheld-uploads') ? undefined : h)));
       if (injected.has('manifest-before-packs')) void this.store.put(pack.key, Buffer.from(pack.body), { selfVerifying: true }).catch(() => undefined);
       else await this.store.put(pack.key, pack.body, { selfVerifying: true });
     } finally {
@@ -220,8 +239,8 @@ export class PackUploader {
       await Promise.all(more.map((h) => this.refcounts!.registerPack(pack.id, h)));
     }
     this.index.add(packLocations(pack));
-    // Only now may the cache evict them: the pack is in the store and held (registerPack).
-    this.cache.markInStore(group);
+    // The cache may evict them once the index is durable (markStored): the pack is in the store and held (registerPack).
+    stored.push(...group);
     result.packs++;
     result.blocks += group.length;
     result.bytes += pack.body.length;

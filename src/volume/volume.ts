@@ -35,6 +35,8 @@ async function readAt(fd: number, buf: Buffer, offset: number, length: number, p
 /** A snapshot seals in the background until at most this many chunks are dirty, then cuts. */
 const SNAPSHOT_CUT_CHUNKS = 64;
 const SNAPSHOT_SEAL_ROUNDS = 4;
+/** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
+const READ_FETCH_ROUNDS = 8;
 
 export const SECTOR = 4096;
 const SECTOR_SHIFT = 12;
@@ -163,6 +165,15 @@ export class Volume {
   /** Blocks replaced in the map; released once the replacement is durable. */
   private pendingUnref: BlockKey[] = [];
   private sizeDirty = false;
+  /**
+   * The sequence the journal holds. A change that touches no chunk's record (a trim of a
+   * hole) still bumps the sequence: a flush commits it, or after a crash the volume could
+   * come back below a manifest's sequence and reuse its numbers (a release would skip the
+   * drain of a later write).
+   */
+  private journalSequence: number;
+  /** Loaded from a folder a killed process may have left in the page cache: the next FLUSH syncs it all. */
+  private recoveredUnsynced = false;
   /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */
   private readonly sealing = new Map<number, { written: Uint8Array; invalid: boolean }>();
   private readonly sealsInFlight = new Set<Promise<unknown>>();
@@ -212,6 +223,7 @@ export class Volume {
     this.maskBytes = maskBytesOf(this.blockSize);
     this.size = size;
     this.sequence = sequence;
+    this.journalSequence = sequence;
     this.cache = ctx.cache;
     this.space = ctx.cache.space;
     this.log = ctx.log;
@@ -288,6 +300,7 @@ export class Volume {
     this.journalDirty.clear();
     const frozen = this.frozenState();
     await this.journal.rewrite(frozen.map, frozen.overlay, this.sequence, this.size, this.blockSize);
+    this.journalSequence = content.sequence;
     for (const key of unrefs) this.cache.unref(key);
   }
 
@@ -306,6 +319,9 @@ export class Volume {
     const { journal, state } = Journal.open(path.join(dir, 'journal'), identity.blockSize, maskBytesOf(identity.blockSize));
     const overlayFd = disk.openSync(path.join(dir, 'overlay'), 'r+');
     const volume = new Volume(identity.name, dir, identity, overlayFd, journal, state.size, state.sequence, ctx);
+    // A killed process may have left overlay writes and journal batches in the page cache
+    // only: the next FLUSH makes what was loaded durable, even with nothing dirty since.
+    volume.recoveredUnsynced = !injected.has('recover-without-sync');
     let missing = 0;
     for (const record of state.chunks.values()) {
       if (!isEmpty(record.hash)) {
@@ -339,7 +355,7 @@ export class Volume {
   }
   /** Whether anything changed since the last journal commit (a FLUSH would have work). */
   get unflushed(): boolean {
-    return this.journalDirty.size > 0 || this.sizeDirty;
+    return this.journalDirty.size > 0 || this.sizeDirty || this.recoveredUnsynced;
   }
   /** Replaced blocks waiting for a journal commit before they can be released. */
   get pendingReleases(): number {
@@ -490,8 +506,20 @@ export class Volume {
    * Before a read: undefined when every block the range needs is on this host (the
    * common case, checked without allocating), else a promise that fetches the missing
    * ones from the store. Also drives read-ahead for a sequential reader.
+   *
+   * A block found here may leave the cache while the read waits for another pack, so
+   * after the promise the caller asks again with `round` (1, 2, ...) and reads in the
+   * same tick as an undefined answer. A round past READ_FETCH_ROUNDS is an EIO.
    */
-  readReady(offset: number, length: number): Promise<void> | undefined {
+  readReady(offset: number, length: number, round = 0): Promise<void> | undefined {
+    if (round > 0) {
+      const missing = this.fetcher === undefined ? undefined : this.missingBlocks(offset, length);
+      if (missing === undefined) return undefined;
+      if (round >= READ_FETCH_ROUNDS) {
+        throw new VolumeError('EIO', `volume ${this.name}: read at ${offset}+${length}: block ${keyHex(missing[0])} left the cache again after ${round} fetches`);
+      }
+      return this.fetchBlocks(missing);
+    }
     if (this.bootRecord !== undefined) this.recordBootRead(offset, length);
     if (this.fetcher === undefined) return undefined;
     const sequential = offset === this.nextReadOffset;
@@ -1142,7 +1170,8 @@ export class Volume {
 
   private async flushNow(): Promise<void> {
     if (this.failure !== undefined) throw this.failedError();
-    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty) return;
+    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced && this.sequence === this.journalSequence) return;
+    this.recoveredUnsynced = false;
     const chunks = this.journalDirty;
     const unrefs = this.pendingUnref;
     this.journalDirty = new Set();
@@ -1170,6 +1199,12 @@ export class Volume {
       return this.fail(reason);
     };
     const [overlay, blocks] = await Promise.allSettled([injected.has('flush-skip-fdatasync') ? undefined : fdatasync(this.overlayFd), this.cache.sync()]);
+    if (overlay.status === 'rejected' && injected.has('fsync-retry-succeeds')) {
+      for (const chunk of chunks) this.journalDirty.add(chunk);
+      this.pendingUnref.push(...unrefs);
+      this.sizeDirty = true;
+      throw new VolumeError('EIO', `volume ${this.name}: flush: fdatasync of the overlay: ${(overlay.reason as Error).message}`);
+    }
     if (overlay.status === 'rejected') {
       this.syncFailures.overlay++;
       throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
@@ -1187,6 +1222,7 @@ export class Volume {
       this.syncFailures.journal++;
       throw failed(`flush: ${(err as Error).message}`);
     }
+    this.journalSequence = Math.max(this.journalSequence, sequence);
     for (const key of unrefs) this.cache.unref(key);
   }
 
@@ -1211,11 +1247,12 @@ export class Volume {
 
   /** Grow the volume; durable on return. Shrinking is refused. */
   async resize(size: number): Promise<void> {
-    this.checkOpen();
-    if (this.failure !== undefined) throw this.failedError();
+    this.checkWritable();
     if (size < this.size) throw new VolumeError('EINVAL', `volume ${this.name}: cannot shrink from ${this.size} to ${size} bytes`);
     if (size === this.size) return;
+    // A resize is a change like a write: the next drain or release must write a manifest.
     this.size = size;
+    this.sequence++;
     this.sizeDirty = true;
     await this.flush();
   }

@@ -45,7 +45,13 @@ class Inode {
 
   sync(): void {
     const durable = Buffer.alloc(this.size);
-    this.data.copy(durable, 0, 0, this.size);
+    this.durable.copy(durable, 0, 0, Math.min(this.durableSize, this.size));
+    // Only dirty pages reach the medium: a page a failed writeback dropped keeps its old bytes there.
+    for (const p of this.dirty) {
+      const start = p * PAGE;
+      const end = Math.min(start + PAGE, this.size);
+      if (end > start) this.data.copy(durable, start, start, end);
+    }
     this.durable = durable;
     this.durableSize = this.size;
     this.dirty.clear();

@@ -2,7 +2,7 @@
 // run the simulation; a failing seed prints its replay command and its shortest trace.
 import { parseArgs } from 'node:util';
 import type { InjectedFault } from '../../src/faults/injected.js';
-import { runSeed, type SimResult } from './run.js';
+import { runSeed, type SimResult, type SimSettings } from './run.js';
 import { shrink } from './shrink.js';
 
 const { values } = parseArgs({
@@ -13,15 +13,21 @@ const { values } = parseArgs({
     steps: { type: 'string', default: '60' },
     fault: { type: 'string', multiple: true, default: [] },
     skip: { type: 'string', default: '' },
+    set: { type: 'string', multiple: true, default: [] },
     'no-shrink': { type: 'boolean', default: false },
     verbose: { type: 'boolean', default: false },
   },
 });
 
 const steps = Number(values.steps);
+// `--set gracePeriodMs=0`: replace a drawn setting (SimSettings).
+const settings: SimSettings = Object.fromEntries((values.set as string[]).map((kv) => {
+  const [k, v] = kv.split('=');
+  return [k, Number(v)];
+}));
 const faults = values.fault as InjectedFault[];
 const report = (r: SimResult) => {
-  const faultArgs = faults.map((f) => ` --fault ${f}`).join('');
+  const faultArgs = faults.map((f) => ` --fault ${f}`).join('') + (values.set as string[]).map((kv) => ` --set ${kv}`).join('');
   process.stdout.write(`seed ${r.seed} FAILED at step ${r.failure!.step}: ${r.failure!.message}\n`);
   const skipArg = r.skipped && r.skipped.length > 0 ? ` --skip ${r.skipped.join(',')}` : '';
   process.stdout.write(`replay: npm run sim -- --seed ${r.seed} --steps ${r.steps}${skipArg}${faultArgs}\n`);
@@ -35,10 +41,10 @@ const started = realNow();
 let failed = 0;
 for (const seed of seeds) {
   const skip = new Set(values.skip === '' ? [] : values.skip.split(',').map(Number));
-  let r = await runSeed({ seed, steps, faults, skip });
+  let r = await runSeed({ seed, steps, faults, skip, settings });
   if (r.failure) {
     failed++;
-    if (!values['no-shrink'] && skip.size === 0) r = await shrink(r, faults);
+    if (!values['no-shrink'] && skip.size === 0) r = await shrink(r, faults, 200, settings);
     report(r);
   } else if (values.verbose) process.stdout.write(`seed ${seed} ok\n  ${r.trace.join('\n  ')}\n`);
 }

@@ -1,7 +1,7 @@
 // One seed of the simulation: a random workload over the world's hosts, checked against
 // the reference model after every step. See docs/simulation.md.
-import { decodeManifestBody } from '../../src/store/manifest.js';
-import { leaseIsLiveAt } from '../../src/store/lease.js';
+import { decodeManifestBody, leaseKey } from '../../src/store/manifest.js';
+import { decodeLease, leaseIsLiveAt } from '../../src/store/lease.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import { injected, type InjectedFault } from '../../src/faults/injected.js';
 import { prng } from '../../src/objectstore/faults.js';
@@ -21,6 +21,17 @@ export interface SimOptions {
   faults?: InjectedFault[];
   /** Steps whose operation is skipped (shrinking drops them). */
   skip?: ReadonlySet<number>;
+  /** Settings that replace what the seed drew (a teeth test aims the run at its fault). */
+  settings?: SimSettings;
+}
+
+/** The drawn settings a run may fix (see SimOptions.settings). */
+export interface SimSettings {
+  fsyncErrorRate?: number;
+  gracePeriodMs?: number;
+  dirtyBudgetBytes?: number;
+  diskBlocks?: number;
+  maxLatencyMs?: number;
 }
 
 export interface SimResult {
@@ -50,13 +61,23 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)];
   const chance = (p: number) => random() < p;
   const fsyncErrors = chance(0.3);
-  const world = new World(worldRandom, {
+  const fixed = opts.settings ?? {};
+  // Every draw is made whether or not a setting replaces it: the rest of the run stays the same.
+  const drawn = {
     hosts: chance(0.5) ? 2 : 3,
     disk: { fsyncErrorRate: fsyncErrors ? 0.05 : 0, capacityBytes: chance(0.1) ? 40 * BLOCK : 1 << 30 },
     store: { errorRate: chance(0.5) ? 0.02 : 0, lostReplyRate: chance(0.5) ? 0.05 : 0, maxLatencyMs: pick([0, 5, 50]) },
     gracePeriodMs: pick([0, 1000, 30_000]),
     dirtyBudgetBytes: pick([2 * BLOCK, 4 * BLOCK, 1 << 30]),
     diskBlocks: pick([16, 24, 48]),
+  };
+  const world = new World(worldRandom, {
+    ...drawn,
+    disk: { ...drawn.disk, fsyncErrorRate: fixed.fsyncErrorRate ?? drawn.disk.fsyncErrorRate },
+    store: { ...drawn.store, maxLatencyMs: fixed.maxLatencyMs ?? drawn.store.maxLatencyMs },
+    gracePeriodMs: fixed.gracePeriodMs ?? drawn.gracePeriodMs,
+    dirtyBudgetBytes: fixed.dirtyBudgetBytes ?? drawn.dirtyBudgetBytes,
+    diskBlocks: fixed.diskBlocks ?? drawn.diskBlocks,
   });
   const trace: string[] = [`#0 settings: ${JSON.stringify(world.settings)}`];
   const models = new Map<string, VolumeModel>();
@@ -116,8 +137,12 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     const buf = Buffer.alloc(length);
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
-        const ready = volume.readReady(offset, length);
-        if (ready) await ready;
+        // Blocks evicted while the read waited are fetched again (Volume.readReady).
+        let ready = volume.readReady(offset, length);
+        for (let round = 1; ready; round++) {
+          await ready;
+          ready = volume.readReady(offset, length, round);
+        }
         volume.read(offset, length, buf, 0);
       });
       if ('died' in out) return;
@@ -147,8 +172,22 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     return { first, count: Math.max(1, n) };
   }
 
+  async function flushThenPowerCut(slot: Slot): Promise<void> {
+    note(`  flush every volume of ${slot.id}, then a power cut`);
+    for (const m of models.values()) {
+      const volume = m.home === slot.index ? slot.host!.get(m.name) : undefined;
+      if (volume === undefined) continue;
+      const out = await drive(slot, () => volume.flush());
+      if (!slot.up) return;
+      if (out.ok) m.flushed();
+      else if (!('died' in out)) note(`  flush of ${m.name} failed: ${(out.error as Error).message}`);
+    }
+    crash(slot, true);
+  }
+
   async function restart(slot: Slot): Promise<void> {
     await world.boot(slot);
+    checkReleasedStayReadOnly(slot);
     for (const m of models.values()) {
       if (m.home !== slot.index) continue;
       const volume = slot.host!.get(m.name);
@@ -161,6 +200,22 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (volume.size !== m.size) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${m.size}`);
       await readAll(slot, m, volume);
       if (!slot.up) return;
+    }
+  }
+
+  /**
+   * Invariant 4 across a crash in a release: a host never comes back as the writer of a
+   * volume whose lease it released (another host may hold it by now).
+   */
+  function checkReleasedStayReadOnly(slot: Slot): void {
+    for (const volume of slot.host!.all()) {
+      const state = slot.host!.link(volume.name)?.state;
+      if (state === undefined || state.readOnly || state.generation === 0) continue;
+      const object = world.bucket.objects.get(leaseKey(volume.name));
+      const lease = object === undefined ? undefined : decodeLease(leaseKey(volume.name), object.body);
+      if (lease?.released === true && lease.owner === slot.id && lease.generation === state.generation) {
+        throw new Failure(`host ${slot.id}: restarted as the writer of ${volume.name} (generation ${lease.generation}), whose lease it released`);
+      }
     }
   }
 
@@ -200,13 +255,16 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const volume = slot.host!.get(m.name);
       if (volume === undefined) continue;
       for (const [chunk, key] of volume.cloneMap().entries()) {
-        if (key === ZERO_ALLOCATED_KEY || slot.host!.cache.has(key)) continue;
+        // A block the cache holds pinned is safe; one it may evict (the store holds it) must be in a pack now.
+        const cached = slot.host!.cache.has(key);
+        if (key === ZERO_ALLOCATED_KEY || (cached && !slot.host!.cache.isInStore(key))) continue;
+        const where = cached ? 'which the cache may evict' : 'which left the cache';
         const location = slot.host!.packIndex.get(key);
-        if (location === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which is neither in the cache nor in any pack the host knows of (${whereInStore(key)})`);
+        if (location === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, ${where}, and no pack the host knows of holds it (${whereInStore(key)})`);
         const gone = world.bucket.deleted.get(packKey(location.pack));
         if (!world.bucket.objects.has(packKey(location.pack))) {
           throw new Failure(
-            `host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, which left the cache, and its pack ${packKey(location.pack)} is not in the store` +
+            `host ${slot.id}: volume ${m.name} chunk ${chunk} names block ${keyHex(key)}, ${where}, and its pack ${packKey(location.pack)} is not in the store` +
               (gone ? ` (deleted by ${gone})` : ''),
           );
         }
@@ -282,7 +340,10 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         if (err instanceof Failure) throw err;
         note(`  start failed: ${(err as Error).message}`);
         world.kill(slot);
+        return;
       }
+      // What the restart recovered is what a FLUSH now acknowledges: it must survive a power cut.
+      if (slot.up && chance(0.5)) await flushThenPowerCut(slot);
       return;
     }
     const orphans = [...models.values()].filter((m) => m.home !== undefined && !world.slots[m.home].up);
@@ -357,9 +418,21 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       await readCheck(slot, model, volume, first * UNIT, count * UNIT);
     } else if (op < 0.52) {
       note(`flush ${model.name} on ${slot.id}`);
-      const out = await drive(slot, () => volume.flush());
+      let out = await drive(slot, () => volume.flush());
+      let retried = false;
+      if (!out.ok && !('died' in out) && slot.up) {
+        note(`  flush failed: ${(out.error as Error).message}`);
+        // A guest may retry: a FLUSH after a failed one must not succeed over writes the failed sync lost (invariant 1).
+        retried = true;
+        out = await drive(slot, () => volume.flush());
+        if (out.ok) note('  the retried flush succeeded');
+      }
       if (out.ok) model.flushed();
-      else if (!('died' in out)) note(`  flush failed: ${(out.error as Error).message}`);
+      // What the FLUSH acknowledged must survive a power cut right after it.
+      if (out.ok && slot.up && chance(retried ? 1 : 0.1)) {
+        note(`power cut of ${slot.id} after the flush`);
+        crash(slot, true);
+      }
     } else if (op < 0.56) {
       const { first, count } = range(model);
       const trim = chance(0.5);
@@ -449,6 +522,15 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
           note(`${power ? 'power cut' : 'SIGKILL'} of ${slot.id} during the release (+${at} ms)`);
           crash(slot, power);
         }, at);
+      } else if (chance(0.1)) {
+        // Or just as its released lease lands, before the answer.
+        const power = chance(0.5);
+        world.bucket.onLand = (key, body) => {
+          if (key !== leaseKey(model.name) || !slot.up || decodeLease(key, body).released !== true) return;
+          world.bucket.onLand = undefined;
+          note(`${power ? 'power cut' : 'SIGKILL'} of ${slot.id} as its released lease lands`);
+          crash(slot, power);
+        };
       }
       // A volume never drained holds no lease and release() stores nothing (its writes
       // would stay behind, read-only): drain it first, as an operator must.
@@ -457,6 +539,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         if (first) await host.drain(model.name);
         return host.release(model.name);
       });
+      world.bucket.onLand = undefined;
       if (!released.ok) {
         if (!('died' in released)) note(`  release failed: ${(released.error as Error).message}`);
         return;
@@ -568,8 +651,12 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const model = models.get(name)!;
       const buf = Buffer.alloc(volume.size);
       const read = await drive(slot, async () => {
-        const ready = volume.readReady(0, volume.size);
-        if (ready) await ready;
+        // Blocks evicted while the read waited are fetched again (Volume.readReady).
+        let ready = volume.readReady(0, volume.size);
+        for (let round = 1; ready; round++) {
+          await ready;
+          ready = volume.readReady(0, volume.size, round);
+        }
         volume.read(0, volume.size, buf, 0);
       });
       if (!read.ok) {

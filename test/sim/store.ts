@@ -46,8 +46,12 @@ export class SimBucket {
     const volume = /^volumes\/(.+)\/(manifest|checkpoints\/.*)$/.exec(key)?.[1];
     const lease = volume === undefined ? undefined : this.objects.get(`volumes/${volume}/lease`);
     this.history.push({ key, host, op: 'put', at: Date.now(), lease: lease === undefined ? undefined : decodeLease(`volumes/${volume}/lease`, lease.body), leaseModified: lease?.lastModified });
+    this.onLand?.(key, body, host);
     return etag;
   }
+
+  /** Called as a put lands, before its reply is sent (a crash there loses the reply). */
+  onLand: ((key: string, body: Buffer, host: string) => void) | undefined;
 
   /** Who deleted a key last (for failure messages). */
   readonly deleted = new Map<string, string>();
