@@ -206,6 +206,65 @@ test('failover: only drained writes must survive; the paused holder\'s later wri
   assert.deepEqual(kinds(fenced), ['fenced-write-visible']);
 });
 
+/** b wakes from a's drain of w1 (11-12); a drains w2 (30-40, answered before its pause at 50); b's reads before and at its promotion's answer. */
+function wokeBeforeLastDrain(promoted: number | undefined) {
+  const h = new H();
+  const w1 = h.write(0, 0, 10);
+  h.barrier('drain', 11, 12);
+  const w2 = h.write(0, 20, 21, { client: 2 });
+  h.barrier('drain', 30, 40);
+  h.faults.push({ kind: 'failover', from: 'a', to: 'b', at: 50, ...(promoted === undefined ? {} : { promoted }) });
+  h.write(0, 60, 61, { host: 'b', client: 3 }, 'fail'); // EPERM: b is read-only until promoted
+  h.read(0, 70, 71, w1, { host: 'b', client: 3 });
+  h.read(0, 195, 205, w1, { host: 'b', client: 4 }); // started before the answer at 200
+  return { h, w1, w2 };
+}
+
+test('failover: the new holder serves the manifest it woke from until its promotion answers; from then on it is checked', () => {
+  const ok = wokeBeforeLastDrain(200);
+  ok.h.read(0, 210, 211, ok.w2, { host: 'b', client: 3 });
+  assert.deepEqual(kinds(ok.h), []);
+
+  // Without the promotion's time b's replica reads count as the new holder's: w2 was drained, so w1 is lost.
+  const unset = wokeBeforeLastDrain(undefined);
+  unset.h.read(0, 210, 211, unset.w2, { host: 'b', client: 3 });
+  assert.deepEqual(kinds(unset.h), ['lost-flushed-write', 'lost-flushed-write']);
+
+  // Once the promotion answered, the drained w2 must be there.
+  const lost = wokeBeforeLastDrain(200);
+  lost.h.read(0, 210, 211, lost.w1, { host: 'b', client: 3 });
+  assert.deepEqual(kinds(lost.h), ['lost-flushed-write']);
+
+  // A drain answered only after the resume is no flush point: after its promotion b holds w1
+  // or w2, then keeps it; a replica read before does not pin which.
+  const late = (promoted: number | undefined) => {
+    const h = new H();
+    const w1 = h.write(0, 0, 10);
+    h.barrier('drain', 11, 12);
+    const w2 = h.write(0, 20, 21, { client: 2 });
+    h.barrier('drain', 30, 900);
+    h.faults.push({ kind: 'failover', from: 'a', to: 'b', at: 50, ...(promoted === undefined ? {} : { promoted }) });
+    h.read(0, 70, 71, w1, { host: 'b', client: 3 });
+    h.read(0, 210, 211, w2, { host: 'b', client: 3 });
+    return { h, w1 };
+  };
+  assert.deepEqual(kinds(late(200).h), []);
+  assert.deepEqual(kinds(late(undefined).h), ['unstable-read']);
+  const flips = late(200);
+  flips.h.read(0, 220, 221, flips.w1, { host: 'b', client: 4 });
+  assert.deepEqual(kinds(flips.h), ['unstable-read']);
+
+  // A replica read never shows what the paused holder wrote after its pause.
+  const fenced = new H();
+  fenced.write(0, 0, 10);
+  fenced.barrier('drain', 11, 12);
+  fenced.faults.push({ kind: 'failover', from: 'a', to: 'b', at: 50, promoted: 200 });
+  const dead = fenced.write(0, 60, 61);
+  fenced.read(0, 70, 71, dead, { host: 'b', client: 3 });
+  fenced.read(0, 72, 73, dead); // the paused holder's own branch: not checked
+  assert.deepEqual(kinds(fenced), ['fenced-write-visible']);
+});
+
 test('handover: an acknowledged write must be on the new holder; the old one acks nothing after its release', () => {
   const ok = new H();
   const w1 = ok.write(0, 0, 10);

@@ -26,7 +26,7 @@ import { after, before, test, type TestContext } from 'node:test';
 import { ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { createVolume, fileStore, startCluster, waitFor, withLogs, type Cluster } from './harness/cluster.js';
 import { startDaemon, type Daemon } from './harness/daemon.js';
-import { checkHistory, summarize, type OpKind } from './harness/history.js';
+import { checkHistory, summarize, type Fault, type OpKind } from './harness/history.js';
 import { LoadClient, Recorder, Rng, sleep, sweep, type Transport } from './harness/history-load.js';
 import { minioStore, startMinio, type Minio } from './harness/minio.js';
 import { startStoreProxy } from './harness/store-proxy.js';
@@ -241,10 +241,16 @@ test('holder A paused across B\'s promotion: A changes nothing in the store afte
       await sleep(rng.int(0, 40));
       process.kill(a.pid, 'SIGSTOP');
       paused = a;
-      load.recorder.fault({ kind: 'failover', from: 'a', to: 'b', at: load.recorder.now() });
+      const failover: Extract<Fault, { kind: 'failover' }> = { kind: 'failover', from: 'a', to: 'b', at: load.recorder.now() };
+      load.recorder.fault(failover);
       load.target = b;
       for (const c of load.clients) if (c !== stale) c.abandonOther(b); // a timed-out client gives up its connection to A
-      await waitFor('B promoted over the expired lease', async () => (await promote(b)).status === 200, 15_000, 250);
+      // Until the promotion answers, B's reads are a replica's (of the manifest it woke from).
+      await waitFor('B promoted over the expired lease', async () => {
+        if ((await promote(b)).status !== 200) return false;
+        failover.promoted = load.recorder.now();
+        return true;
+      }, 15_000, 250);
       await sleep(1500);
       const storeDir = path.join(cluster.dir, 'store');
       const before = await fileStoreState(storeDir);

@@ -19,7 +19,8 @@
 // - A failover (the holder paused, another host promoted over its lease) is the same with
 //   the store as the durable medium: only drains and releases flush. The paused holder's
 //   operations from its pause on are a dead branch: its writes are never visible on the
-//   new holder.
+//   new holder. Until the new holder's promotion answered, its reads are replica reads of
+//   the manifest it woke from (not required to be fresh, nor to agree with its reads after).
 // - A handover (release, then promote on the other host) loses nothing; the releasing
 //   host acknowledges no write once its release answered, and its reads from then on
 //   are replica reads (not required to be fresh).
@@ -67,10 +68,14 @@ export type Fault =
   /** SIGKILL of `host` (then a restart): what was flushed survives. */
   | { kind: 'crash'; host: string; at: number }
   /** `from` was paused at `at` and `to` promoted over its lease: what was drained survives. */
-  | { kind: 'failover'; from: string; to: string; at: number }
+  | { kind: 'failover'; from: string; to: string; at: number; promoted?: number }
   /** `from` answered its release at `at`; `to` promotes: nothing is lost. */
-  | { kind: 'handover'; from: string; to: string; at: number };
+  | { kind: 'handover'; from: string; to: string; at: number; promoted?: number };
 
+/**
+ * `promoted` (failover, handover): when `to`'s promotion answered. Reads on `to` that started
+ * before it are replica reads; unset, `to` is taken to write the volume from `at` on.
+ */
 export interface History {
   ops: Op[];
   faults: Fault[];
@@ -189,12 +194,14 @@ export function checkHistory(history: History): CheckResult {
   // Where each op stands: live (the volume's lineage), replica (a released host's reads), dead (a paused holder's branch).
   // The last move of the volume before an op decides: its host gave the volume up, or took it.
   const moves = history.faults.filter((f): f is Extract<Fault, { kind: 'failover' | 'handover' }> => f.kind !== 'crash').sort((x, y) => x.at - y.at);
+  // A read on the new holder before its promotion answered is served by the replica (the
+  // manifest it woke from); a write there that was acknowledged came after the promotion.
   const role = (op: Op): 'live' | 'replica' | 'dead' => {
     let r: 'live' | 'replica' | 'dead' = 'live';
     for (const f of moves) {
       if (f.at > op.start) continue;
       if (op.host === f.from) r = f.kind === 'failover' ? 'dead' : 'replica';
-      else if (op.host === f.to) r = 'live';
+      else if (op.host === f.to) r = op.kind === 'read' && f.promoted !== undefined && op.start < f.promoted ? 'replica' : 'live';
     }
     return r;
   };
@@ -269,7 +276,8 @@ export function checkHistory(history: History): CheckResult {
           v = w;
           if (w.start > read.end) { add('future-read', [read, w], `read r${read.id} (ended ${read.end}) returned ${nameOf(w)}, invoked at ${w.start}`); continue; }
           if (w.outcome === 'fail') { add('failed-write-read', [read, w], `read r${read.id} returned ${nameOf(w)}, which the daemon refused (${w.error ?? 'error'})`); continue; }
-          if (roles.get(w.id) === 'dead' && live) { add('fenced-write-visible', [read, w], `read r${read.id} on ${read.host} returned ${nameOf(w)}, written on the paused old holder after the failover`); continue; }
+          // Live reads, and replica reads on another host than the paused one (the new holder before its promotion answered).
+          if (roles.get(w.id) === 'dead' && (live || read.host !== w.host)) { add('fenced-write-visible', [read, w], `read r${read.id} on ${read.host} returned ${nameOf(w)}, written on the paused old holder after the failover`); continue; }
         }
         if (!live) continue;
         readsChecked++;
