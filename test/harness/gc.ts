@@ -234,9 +234,8 @@ export function defineGcTests(backend: GcBackend): void {
         const audit = await storeAudit(path.join(d.dir, 'store'));
         assert.deepEqual(audit.missing, [], 'manifests name packs that are not in the store');
         assert.deepEqual(audit.dead, [], 'packs no manifest or checkpoint names are left after reconciliation');
-        const deleted = await metric(d, 'updraft_gc_packs_deleted_total');
-        t.diagnostic(`store: ${audit.manifests} manifests and checkpoints, ${audit.packs} packs; GC deleted ${deleted} packs`);
-        assert.ok(deleted > 0, 'GC deleted nothing: the test proved nothing');
+        const deletedLive = await metric(d, 'updraft_gc_packs_deleted_total');
+        t.diagnostic(`store: ${audit.manifests} manifests and checkpoints, ${audit.packs} packs; GC deleted ${deletedLive} packs while volumes lived`);
         const scrubbed = await scrub(d);
         assert.equal(scrubbed.code, 0, `scrub: ${scrubbed.stderr}`);
 
@@ -258,6 +257,23 @@ export function defineGcTests(backend: GcBackend): void {
             await c.disconnect();
           }
         }
+
+        // Every volume purged (its checkpoints too): nothing names or holds a pack any more, so GC
+        // deletes every one. A run may free none while volumes live (blocks shared through the pool
+        // keep most packs named), so this is where every hold is shown to be let go of.
+        for (const name of volumes.keys()) {
+          const r = await d.api('DELETE', `/api/exports/${name}?purge=true&force=true`);
+          assert.ok(r.status === 200, `purge ${name}: ${r.text}`);
+        }
+        const freed = await api(d, 'POST', '/api/gc', { reconcile: true });
+        assert.equal(freed.cycle.skipped, undefined, JSON.stringify(freed));
+        const empty = await storeAudit(path.join(d.dir, 'store'));
+        assert.equal(empty.manifests, 0, 'manifests or checkpoints are left after every volume was purged');
+        assert.deepEqual(empty.dead, [], 'packs are left after every volume was purged: something still holds them');
+        const deleted = await metric(d, 'updraft_gc_packs_deleted_total');
+        t.diagnostic(`every volume purged: GC deleted ${deleted - deletedLive} packs more (${deleted} in all)`);
+        assert.ok(deleted - deletedLive >= audit.packs, `GC deleted ${deleted - deletedLive} packs after every volume was purged; the store held ${audit.packs}`);
+        assert.ok(deleted > 0, 'GC deleted nothing: the test proved nothing');
       });
     } finally {
       await d.cleanup();
