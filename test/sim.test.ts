@@ -53,8 +53,8 @@ describe('simulation', () => {
     assert.match(r.failure!.message, /names pack .* not in the store|is missing from the store|which the cache may evict, and its pack .* is not in the store/);
   });
 
-  it('catches uploaded packs registered without the uploads hold within 30 seeds (grace 0, small dirty budget and cache)', async () => {
-    const r = await firstFailure(['gc-unheld-uploads'], 30, { gracePeriodMs: 0, dirtyBudgetBytes: 2 * BLOCK, diskBlocks: 16 });
+  it('catches uploaded packs registered without the uploads hold within 50 seeds (grace 0, small dirty budget and cache)', async () => {
+    const r = await firstFailure(['gc-unheld-uploads'], 50, { gracePeriodMs: 0, dirtyBudgetBytes: 2 * BLOCK, diskBlocks: 16 });
     assert.ok(r, 'no seed failed with gc-unheld-uploads on');
     assert.match(r.failure!.message, /which the cache may evict, and (its pack .* is not in the store|no pack the host knows of holds it)|is missing from the store/);
   });
