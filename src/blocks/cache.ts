@@ -609,7 +609,7 @@ export class BlockCache {
    * and one slot table write per run, not 25 of each: 25 writers at once contended for
    * the slab's inode lock (a quarter of a cold read's CPU went to that and the copies).
    */
-  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>): void {
+  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): void {
     let run: { first: number; keys: BlockKey[]; data: Buffer[]; slots: Slot[] } | undefined;
     const flush = () => {
       if (run !== undefined) this.writeRun(run.first, run.keys, run.data, run.slots);
@@ -621,9 +621,12 @@ export class BlockCache {
         if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) this.repairFromStore(key, existing, data);
         if (this.slots.has(key)) continue;
       }
-      const index = this.allocateSlot();
+      // A pack's other blocks take only room that is free: evicting for them would push out
+      // the blocks a waiting read needs (fetched from other packs meanwhile).
+      const needed = wanted === undefined || wanted.has(key);
+      const index = this.allocateSlot(needed);
       if (index === undefined) {
-        this.admitToMemory(key, data);
+        if (needed) this.admitToMemory(key, data);
         continue;
       }
       const slot: Slot = { index, refs: 0, inStore: true };
@@ -776,10 +779,11 @@ export class BlockCache {
     }
   }
 
-  private allocateSlot(): number | undefined {
+  private allocateSlot(evict = true): number | undefined {
     const free = this.freeSlots.pop();
     if (free !== undefined) return free;
     if (this.highWater < this.maxSlots) return this.highWater++;
+    if (!evict) return undefined;
     // Full: evict a block the store holds (never a pinned one).
     const victim = this.diskPolicy.evict((key) => {
       const slot = this.slots.get(key);

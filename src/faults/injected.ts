@@ -7,6 +7,8 @@ export type InjectedFault =
   | 'manifest-before-packs'
   /** Recovery serves what a killed process left in the page cache without syncing it first. */
   | 'recover-without-sync'
+  /** Recovery syncs the overlay and journal a killed process left without writing them again (pages a failed fdatasync dropped stay unwritten). */
+  | 'recover-without-rewrite'
   /** Uploaded packs are registered without the volume's uploads hold (GC may delete them before a manifest names them). */
   | 'gc-unheld-uploads'
   /** A release saves the volume read-only only after its released-lease PUT. */

@@ -37,6 +37,8 @@ export class PackFetcher implements BlockFetcher {
     packsFetched: 0, demandPacks: 0, hotsetPacks: 0, readWaits: 0, blocksFetched: 0, bytesFetched: 0, verifyFailures: 0, prefetchedPacks: 0,
   };
   private readonly inflight = new Map<string, Promise<void>>();
+  /** Per pack in flight, the blocks a fetch waits for (none for read-ahead): at most the keys asked for. */
+  private readonly wanted = new Map<string, Set<BlockKey>>();
   private prefetching = 0;
   private readonly threads: PackThreads;
 
@@ -63,6 +65,12 @@ export class PackFetcher implements BlockFetcher {
       const location = this.index.get(key);
       if (location === undefined) throw new Error(`block ${keyHex(key)} is neither on this host nor in any pack it knows of`);
       packs.add(location.pack);
+    }
+    for (const key of keys) {
+      const pack = this.index.get(key)!.pack;
+      const wanted = this.wanted.get(pack);
+      if (wanted === undefined) this.wanted.set(pack, new Set([key]));
+      else wanted.add(key);
     }
     await Promise.all(
       [...packs].map((id) => {
@@ -94,7 +102,10 @@ export class PackFetcher implements BlockFetcher {
   private fetchPack(id: string): Promise<void> {
     let work = this.inflight.get(id);
     if (work === undefined) {
-      work = this.load(id).finally(() => this.inflight.delete(id));
+      work = this.load(id).finally(() => {
+        this.inflight.delete(id);
+        this.wanted.delete(id);
+      });
       this.inflight.set(id, work);
     }
     return work;
@@ -115,7 +126,8 @@ export class PackFetcher implements BlockFetcher {
       try {
         // Every block is verified (opened) before any is cached: a pack is used whole or not at all.
         const blocks = await this.threads.open(key, object.body);
-        this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })));
+        // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
+        this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
         this.counters.packsFetched++;
         this.counters.blocksFetched += blocks.length;
         this.counters.bytesFetched += bytes;

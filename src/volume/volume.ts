@@ -331,6 +331,7 @@ export class Volume {
       }
       if (!isEmpty(record.mask)) volume.addOverlay(record.chunk, record.mask);
     }
+    if (volume.recoveredUnsynced && !injected.has('recover-without-rewrite')) volume.redirtyOverlay();
     if (missing > 0) {
       ctx.log.error('volume names blocks that neither the local cache nor the store holds; reads of those chunks fail with EIO', {
         volume: identity.name, missing,
@@ -426,6 +427,39 @@ export class Volume {
         for (const key of keys) this.cache.unref(key);
       },
     };
+  }
+
+  /**
+   * Write the loaded overlay sectors back over themselves. A killed process whose overlay
+   * fdatasync failed left pages the kernel no longer writes (clean in the cache, old on the
+   * disk) and a sync now succeeds without them; written again, they are dirty, and the next
+   * FLUSH makes what this volume serves durable. Synchronous: nothing writes meanwhile.
+   */
+  private redirtyOverlay(): void {
+    const block = Buffer.allocUnsafe(this.blockSize);
+    const overlayPath = path.join(this.dir, 'overlay');
+    for (const [chunk, mask] of this.overlay) {
+      let at = 0;
+      while (at < this.sectorsPerChunk) {
+        const present = (mask[at >>> 3] & (1 << (at & 7))) !== 0;
+        let end = at + 1;
+        while (end < this.sectorsPerChunk && ((mask[end >>> 3] & (1 << (end & 7))) !== 0) === present) end++;
+        if (present) {
+          const offset = at << SECTOR_SHIFT;
+          const length = (end - at) << SECTOR_SHIFT;
+          const position = chunk * this.blockSize + offset;
+          const n = disk.readSync(this.overlayFd, block, offset, length, position);
+          // Past the file's end (an extension a power cut took) the sectors read as zeros.
+          block.fill(0, offset + n, offset + length);
+          try {
+            writeAllSync(this.overlayFd, [block.subarray(offset, offset + length)], position);
+          } catch (err) {
+            throw new Error(`volume ${this.name}: rewriting the loaded overlay ${overlayPath} at ${position}: ${(err as Error).message}`);
+          }
+        }
+        at = end;
+      }
+    }
   }
 
   private addOverlay(chunk: number, mask: Uint8Array): void {
@@ -1171,6 +1205,9 @@ export class Volume {
   private async flushNow(): Promise<void> {
     if (this.failure !== undefined) throw this.failedError();
     if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced && this.sequence === this.journalSequence) return;
+    // A loaded journal is written whole, as the overlay was at load: pages of it a killed
+    // process failed to sync would not be written by a sync of an appended batch.
+    const recovered = this.recoveredUnsynced && !injected.has('recover-without-rewrite');
     this.recoveredUnsynced = false;
     const chunks = this.journalDirty;
     const unrefs = this.pendingUnref;
@@ -1181,7 +1218,7 @@ export class Volume {
     const size = this.size;
     // Capture the state now: later writes land in the next batch.
     const live = this.journal.recordBytes * (this.map.count + this.overlay.size);
-    const compact = this.journal.bytes > Math.max(4 << 20, 4 * live);
+    const compact = recovered || this.journal.bytes > Math.max(4 << 20, 4 * live);
     // A compaction writes the whole state from a frozen copy (the map's pages shared
     // copy-on-write, the dirty chunks' masks copied); a commit writes the changed chunks.
     const frozen = compact ? this.frozenState() : undefined;
