@@ -346,15 +346,19 @@ function backgroundFio(daemon: Daemon, cwd: string, area: Range, seed: number): 
     '--name=background', '--ioengine=nbd', `--uri=${daemon.uri(VOLUME)}`, '--rw=randwrite', '--bsrange=4k-64k',
     '--iodepth=2', `--offset=${area.offset}`, `--size=${size}`, '--norandommap', '--time_based', '--runtime=120',
     `--randseed=${seed}`, '--end_fsync=0',
+    // The job as a thread of this process: a forked job process can outlive its parent's
+    // SIGKILL in a session of its own and keep the stderr pipe open.
+    '--thread',
   ];
-  // Its own process group, so the stop reaches anything it forks.
+  // Its own process group, so the stop reaches anything it starts.
   const child = spawn('fio', args, { cwd, stdio: ['ignore', 'ignore', 'pipe'], detached: true });
   let stderr = '';
   child.stderr!.on('data', (chunk: Buffer) => {
     stderr = (stderr + chunk.toString('utf8')).slice(-4096);
   });
   const exited = new Promise<string>((resolve) => {
-    child.once('close', (code, signal) => resolve(code !== null ? `exit ${code}` : `${signal}`));
+    // 'exit', not 'close': the process is gone even if something still holds its stderr.
+    child.once('exit', (code, signal) => resolve(code !== null ? `exit ${code}` : `${signal}`));
     child.once('error', (err) => resolve(`spawn failed: ${err.message}`));
   });
   const pid = child.pid ?? -1;
