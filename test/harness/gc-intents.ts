@@ -5,21 +5,17 @@
 // between a write's PUT and its commit resolves both without waiting for the settle time.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
-import path from 'node:path';
 import { test } from 'node:test';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import { CODEC_LZ4, parseCompression } from '../../src/crypto/compress.js';
 import { Collector } from '../../src/gc/collector.js';
 import { IF_NONE_MATCH, PackRefcounts, putCounted, putCountedThen, putOptionsOf, type PutCondition } from '../../src/gc/refcounts.js';
-import { openGcDatabase } from '../../src/gc/sql.js';
 import { createLogger } from '../../src/log.js';
-import { openObjectStore } from '../../src/objectstore/index.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../../src/objectstore/types.js';
 import { encodeManifest, manifestKey, ManifestBuilder } from '../../src/store/manifest.js';
 import { packKey } from '../../src/store/pack.js';
 import type { GcBackend } from './gc.js';
-import { removeDir, scratchDir } from './daemon.js';
+import { gcScratch } from './gc-scratch.js';
 
 const TIMEOUT = 120_000;
 const BLOCK = 128 * 1024;
@@ -28,16 +24,7 @@ const SETTLE_MS = 300_000;
 
 /** A refcount database and a file:// store for one test, with a clock the test moves. */
 async function setup(t: { after(fn: () => Promise<void>): void }, backend: GcBackend, name: string) {
-  const gc = await backend.gcToml(`${name}${Date.now().toString(36)}`);
-  const dir = await scratchDir(`updraft-gc-${name}-`);
-  await mkdir(path.join(dir, 'store'));
-  const db = openGcDatabase(typeof gc.database_url === 'string' ? gc.database_url : '', dir);
-  const store = openObjectStore(`file://${dir}/store`, {});
-  t.after(async () => {
-    await db.close();
-    await store.close();
-    await removeDir(dir);
-  });
+  const { db, store } = await gcScratch(t, backend, name);
   const log = createLogger('test', 'error');
   const clock = { ms: 1_000_000 };
   const open = () => PackRefcounts.open(db, { hostId: 'h1', store, settleMs: SETTLE_MS, log, now: () => clock.ms });

@@ -4,7 +4,6 @@
 // rely on.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import { PackRefcounts, uploadsKey } from '../../src/gc/refcounts.js';
@@ -12,9 +11,10 @@ import { openGcDatabase, type SqlDatabase } from '../../src/gc/sql.js';
 import { createLogger } from '../../src/log.js';
 import { openObjectStore } from '../../src/objectstore/index.js';
 import { CHUNK, connect, exportInfo, metric, MiB, readAll, waitFor, withLogs } from './cluster.js';
-import { removeDir, scratchDir, startDaemon, type TomlTable } from './daemon.js';
+import { startDaemon, type TomlTable } from './daemon.js';
 import type { GcBackend } from './gc.js';
 import { storeAudit } from './gc.js';
+import { gcScratch } from './gc-scratch.js';
 
 const TIMEOUT = 600_000;
 
@@ -84,16 +84,7 @@ export function defineSealHoldTests(backend: GcBackend, baseToml: (gc: TomlTable
   });
 
   test(`${label}: settling a volume's uploads keeps the packs it is told to keep (blocks sealed after the manifest's cut) and lets go of the rest`, { timeout: TIMEOUT }, async (t) => {
-    const gc = await backend.gcToml(`keep${Date.now().toString(36)}`);
-    const dir = await scratchDir('updraft-gc-keep-');
-    await mkdir(path.join(dir, 'store'));
-    const db = openGcDatabase(typeof gc.database_url === 'string' ? gc.database_url : '', dir);
-    const store = openObjectStore(`file://${dir}/store`, {});
-    t.after(async () => {
-      await db.close();
-      await store.close();
-      await removeDir(dir);
-    });
+    const { db, store } = await gcScratch(t, backend, 'keep');
     const refcounts = await PackRefcounts.open(db, { hostId: 'h1', store, settleMs: 0, log: createLogger('test', 'error') });
     const refs = async (id: string) => Number((await db.tx((tx) => tx.all<{ refs: number }>(`SELECT refs FROM gc_packs WHERE id = $1`, [id])))[0]?.refs);
     const hold = uploadsKey('h1', 'v');

@@ -8,7 +8,6 @@ import { prng } from '../../src/objectstore/faults.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import { Collector } from '../../src/gc/collector.js';
@@ -19,11 +18,12 @@ import { openObjectStore } from '../../src/objectstore/index.js';
 import { decodeManifest } from '../../src/store/manifest.js';
 import { packIdFromKey, packKey } from '../../src/store/pack.js';
 import { CHUNK, connect, metric, MiB, readAll, waitFor, withLogs } from './cluster.js';
-import { removeDir, scratchDir, startDaemon, type Daemon, type TomlTable } from './daemon.js';
+import { startDaemon, type Daemon, type TomlTable } from './daemon.js';
 import type { NbdClient } from './nbd-client.js';
 import { DAEMON_MAIN } from './daemon.js';
 import { defineSealHoldTests } from './gc-seal-holds.js';
 import { run } from './tools.js';
+import { gcScratch } from './gc-scratch.js';
 
 const TIMEOUT = 600_000;
 const SIZE = 2 * MiB;
@@ -462,15 +462,7 @@ export function defineGcTests(backend: GcBackend): void {
   });
 
   test(`${label}: packs registered at once share one transaction; each call returns once its row is in, and one being deleted waits for the deletion`, { timeout: TIMEOUT }, async (t) => {
-    const gc = await backend.gcToml(`reg${Date.now().toString(36)}`);
-    const dir = await scratchDir('updraft-gc-register-');
-    const db = openGcDatabase(typeof gc.database_url === 'string' ? gc.database_url : '', dir);
-    const store = openObjectStore(`file://${dir}/store`, {});
-    t.after(async () => {
-      await db.close();
-      await store.close();
-      await removeDir(dir);
-    });
+    const { db, store } = await gcScratch(t, backend, 'register');
     const refcounts = await PackRefcounts.open(db, { hostId: 'register', store, settleMs: 0, log: createLogger('test', 'error') });
     const rows = (ids: string[]) =>
       db.tx((tx) => tx.all<{ id: string; refs: number; state: string }>(`SELECT id, refs, state FROM gc_packs WHERE id IN (${ids.map((_, i) => `$${i + 1}`).join(', ')})`, ids));
@@ -502,17 +494,7 @@ export function defineGcTests(backend: GcBackend): void {
   });
 
   test(`${label}: packs uploaded for a volume before any manifest names them outlive the grace period, reconciliation and a restart; a manifest naming them and then its successor, or the volume's removal or purge, let them go`, { timeout: TIMEOUT }, async (t) => {
-    const gc = await backend.gcToml(`held${Date.now().toString(36)}`);
-    const dir = await scratchDir('updraft-gc-held-');
-    await mkdir(path.join(dir, 'store'));
-    const url = typeof gc.database_url === 'string' ? gc.database_url : '';
-    const db = openGcDatabase(url, dir);
-    const store = openObjectStore(`file://${dir}/store`, {});
-    t.after(async () => {
-      await db.close();
-      await store.close();
-      await removeDir(dir);
-    });
+    const { db, store } = await gcScratch(t, backend, 'held');
     const log = createLogger('test', 'error');
     let clock = 1_000_000;
     const open = () => PackRefcounts.open(db, { hostId: 'h1', store, settleMs: 0, log, now: () => clock });
