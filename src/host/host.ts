@@ -28,6 +28,7 @@ import {
 import { SyncFailureCounts } from '../volume/stats.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { LeaseHeldError, StoreLink, type DrainResult, type FlushMode, type StoreContext } from './store-link.js';
+import { HostEvents, recordingErrors } from './events.js';
 
 export interface HostOptions {
   /** Folder for the block cache and the volumes' local state. */
@@ -146,6 +147,8 @@ export class Host {
   readonly syncFailures = new SyncFailureCounts();
   readonly uploader: PackUploader;
   readonly hostId: string;
+  /** Recent drains, forks, checkpoints, migrations, promotions, fencing and errors (the dashboard's timeline). */
+  readonly events = new HostEvents();
   private readonly storeCtx: StoreContext;
   private readonly links = new Map<string, StoreLink>();
   private storeTimer: NodeJS.Timeout | undefined;
@@ -163,6 +166,7 @@ export class Host {
     readonly options: HostOptions,
     private readonly log: Logger,
   ) {
+    log = this.log = recordingErrors(log, this.events);
     this.volumesRoot = path.join(options.cacheDir, 'volumes');
     this.cache = BlockCache.open(
       path.join(options.cacheDir, 'blocks'),
@@ -503,19 +507,20 @@ export class Host {
   drain(name: string): Promise<DrainResult> {
     this.checkOpen();
     const link = this.linkOf(name);
-    return this.needingStore(`volume ${name}: drain failed (its changes stay on this host; drain again once the store answers)`, () => link.drain());
+    const drained = this.needingStore(`volume ${name}: drain failed (its changes stay on this host; drain again once the store answers)`, () => link.drain());
+    return this.events.track('drain', name, drained, (r) => `drained at sequence ${r.sequence}: ${r.packs_uploaded} packs, ${r.bytes_uploaded} bytes uploaded`);
   }
 
   promote(name: string): Promise<{ generation: number; sequence: number }> {
     this.checkOpen();
     const link = this.linkOf(name);
-    return this.needingStore(`volume ${name}: promotion failed`, () => link.promote());
+    return this.events.track('promotion', name, this.needingStore(`volume ${name}: promotion failed`, () => link.promote()), (r) => `promoted: this host writes it, generation ${r.generation}`);
   }
 
   release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
     this.checkOpen();
     const link = this.linkOf(name);
-    return this.needingStore(`volume ${name}: release failed`, () => link.release());
+    return this.events.track('migration', name, this.needingStore(`volume ${name}: release failed`, () => link.release()), (r) => `released the lease of generation ${r.generation} for another host to promote`);
   }
 
   /**
@@ -576,6 +581,7 @@ export class Host {
     })());
     const result = { target, sequence, mode: opts.checkpoint === undefined ? opts.mode : 'checkpoint', duration_ms: Math.round(performance.now() - started) };
     this.log.info('forked volume', { source, ...result, checkpoint: opts.checkpoint });
+    this.events.record('fork', source, `forked to ${target} (${result.mode}) at sequence ${sequence}`);
     return result;
   }
 
@@ -631,7 +637,7 @@ export class Host {
     this.checkOpen();
     const problem = checkpointNameProblem(checkpoint);
     if (problem) throw new VolumeError('EINVAL', problem);
-    return this.linkOf(volume).checkpoint(checkpoint);
+    return this.events.track('checkpoint', volume, this.linkOf(volume).checkpoint(checkpoint), (r) => `checkpoint ${r.checkpoint} at sequence ${r.sequence}`);
   }
 
   listCheckpoints(volume: string): Promise<CheckpointInfo[]> {
