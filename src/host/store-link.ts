@@ -17,6 +17,7 @@ import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { StoreClock } from '../objectstore/clock.js';
+import { onBehalfOf } from '../objectstore/metered.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../store/lease.js';
 import {
@@ -186,6 +187,8 @@ export class StoreLink {
   lastUploadAt = Date.now();
   lastUploadMs = 0;
   lastManifestAt = Date.now();
+  /** The last drain of this process: when it wrote the manifest, at which sequence. */
+  lastDrain: { at: number; sequence: number } | undefined;
   /** The base of incremental manifests (see setBase); none after a restart until the first full one. */
   private base: { map: BlockMap; raw: Buffer; tables?: StoredTables; appended: number; etag: string | undefined } | undefined;
   /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
@@ -416,14 +419,15 @@ export class StoreLink {
 
   /** Run `work` after every earlier operation on this link. */
   serial<T>(work: () => Promise<T>): Promise<T> {
-    const run = this.tail.then(async () => {
+    // Its store requests are this volume's (objectstore/metered.ts: per-volume cost).
+    const run = this.tail.then(() => onBehalfOf(this.name, async () => {
       this.busy = true;
       try {
         return await work();
       } finally {
         this.busy = false;
       }
-    });
+    }));
     this.tail = run.catch(() => undefined);
     return run;
   }
@@ -451,6 +455,7 @@ export class StoreLink {
       this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
       this.lastManifestAt = Date.now();
+      this.lastDrain = { at: this.lastManifestAt, sequence: captured.sequence };
       captured.stored();
       this.save();
       const ms = performance.now() - captured.started;
