@@ -97,6 +97,8 @@ export class Collector {
     cycles: 0, packsDeleted: 0, deleteFailures: 0, reconciliations: 0, refcountCorrections: 0, manifestCorrections: 0, setCorrections: 0,
     packsAdopted: 0, intentsCommitted: 0, intentsReverted: 0,
   };
+  /** The last deletion cycle of this process: when it ended and what it did. */
+  lastCycle: { at: number; deleted: number; failed: number; dryRun: boolean; skipped?: string; durationMs: number } | undefined;
   /** Cycles and reconciliations of this process take turns. */
   private tail: Promise<unknown> = Promise.resolve();
   private timer: NodeJS.Timeout | undefined;
@@ -206,6 +208,7 @@ export class Collector {
     }
     this.counters.cycles++;
     result.duration_ms = Math.round(performance.now() - started);
+    this.lastCycle = { at: Date.now(), deleted: result.deleted.length, failed: result.failed, dryRun, skipped: result.skipped, durationMs: result.duration_ms };
     if (result.deleted.length > 0 || result.failed > 0) {
       this.log.info('gc cycle', { deleted: result.deleted.length, failed: result.failed, dry_run: dryRun, ms: result.duration_ms });
     }

@@ -990,6 +990,12 @@ export class PackRefcounts {
     });
   }
 
+  /** Packs with a live row (referenced, or unreferenced within the grace period): what the store holds for GC. */
+  async livePacks(): Promise<number> {
+    const rows = await this.db.tx((tx) => tx.all<{ n: number | string }>(`SELECT count(*) AS n FROM gc_packs WHERE state = 'live'`));
+    return Number(rows[0]?.n ?? 0);
+  }
+
   /** A gc_meta value. */
   async meta(name: string): Promise<string | undefined> {
     const rows = await this.db.tx((tx) => tx.all<{ value: string }>(`SELECT value FROM gc_meta WHERE name = $1`, [name]));

@@ -352,6 +352,17 @@ export class PackIndex {
     return this.slots.size;
   }
 
+  /** The blocks indexed, with the bytes they take in their packs and as raw blocks: O(blocks). */
+  totals(): { blocks: number; bytes: number; rawBytes: number } {
+    let bytes = 0;
+    let rawBytes = 0;
+    for (const slot of this.slots.values()) {
+      bytes += this.lengthOf[slot];
+      rawBytes += this.rawLengthOf[slot];
+    }
+    return { blocks: this.slots.size, bytes, rawBytes };
+  }
+
   has(key: BlockKey): boolean {
     return this.slots.has(key);
   }

@@ -374,6 +374,14 @@ export class Volume {
     return this.map.clone();
   }
 
+  /**
+   * Every (chunk, block name) of the block map, by ascending chunk, read as the iteration
+   * goes (no copy): a walk spread over time sees a mix of old and new (usage estimates only).
+   */
+  blockNames(): IterableIterator<[number, BlockKey]> {
+    return this.map.entries();
+  }
+
   /** Block map pages in memory, and those shared copy-on-write with a same-host fork or its parent. */
   get mapPages(): { total: number; shared: number } {
     return { total: this.map.pageCount, shared: this.map.sharedPages };
