@@ -58,6 +58,7 @@ function defaultsAt(baseDir: string): Config {
       maxDeletionsPerCycle: 1000,
       dryRun: false,
     },
+    cost: { currency: 'USD', storageGbMonth: 0.023, putPer1000: 0.005, getPer1000: 0.0004, deletePer1000: 0 },
     baseDir,
   };
 }
@@ -99,6 +100,7 @@ describe('template', () => {
         http: Object.keys(servers.http),
         volumes: Object.keys(template.volumes),
         gc: Object.keys(template.gc),
+        cost: Object.keys(template.cost),
       },
       {
         cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second'],
@@ -116,6 +118,7 @@ describe('template', () => {
           'continuous_manifest_interval_ms',
         ],
         gc: ['database_url', 'grace_period', 'interval', 'reconcile_interval', 'max_deletions_per_cycle', 'dry_run'],
+        cost: ['currency', 'storage_gb_month', 'put_per_1000', 'get_per_1000', 'delete_per_1000'],
       },
     );
   });
@@ -137,7 +140,7 @@ describe('unknown keys', () => {
 
   test('an unknown section is refused by its name', () => {
     assert.deepEqual(problemsOf('[cach]\ndir = "x"\n'), [
-      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, host, servers, volumes, gc',
+      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, host, servers, volumes, gc, cost',
     ]);
   });
 

@@ -10,6 +10,7 @@ import { pathToFileURL } from 'node:url';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import * as z from 'zod';
 import { errorMessage } from '../log.js';
+import { S3_STANDARD_PRICES, type CostPrices } from '../host/cost.js';
 
 export interface Config {
   cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number };
@@ -66,6 +67,8 @@ export interface Config {
     maxDeletionsPerCycle: number;
     dryRun: boolean;
   };
+  /** Prices of the object store, for the cost figures (dashboard, API, metrics). */
+  cost: CostPrices;
   /** the folder relative paths were resolved against */
   baseDir: string;
 }
@@ -210,6 +213,20 @@ reconcile_interval = "30d"
 max_deletions_per_cycle = 1000
 # Log what would be deleted, delete nothing.
 dry_run = false
+
+[cost]
+# Prices of the object store, for the cost per volume and per host (dashboard, API,
+# metrics). The defaults are S3 Standard list prices, US East (N. Virginia).
+# Currency the prices are in.
+currency = "USD"
+# Per GB (10^9 bytes) stored for a month.
+storage_gb_month = 0.023
+# Per 1,000 PUT and LIST requests.
+put_per_1000 = 0.005
+# Per 1,000 GET and HEAD requests.
+get_per_1000 = 0.0004
+# Per 1,000 DELETE requests.
+delete_per_1000 = 0.0
 `;
 
 // ---- addresses -------------------------------------------------------------------
@@ -461,8 +478,17 @@ const GC = {
   dry_run: setting(z.boolean(), false, 'true or false'),
 };
 
+const PRICE = 'a price, 0 or more';
+const COST = {
+  currency: setting(z.string().regex(/^[A-Za-z]{1,8}$/), S3_STANDARD_PRICES.currency, '1 to 8 letters, e.g. "USD"'),
+  storage_gb_month: setting(z.number().min(0), S3_STANDARD_PRICES.storageGbMonth, PRICE),
+  put_per_1000: setting(z.number().min(0), S3_STANDARD_PRICES.putPer1000, PRICE),
+  get_per_1000: setting(z.number().min(0), S3_STANDARD_PRICES.getPer1000, PRICE),
+  delete_per_1000: setting(z.number().min(0), S3_STANDARD_PRICES.deletePer1000, PRICE),
+};
+
 const SETTINGS: Record<string, Setting<z.ZodType>> = {};
-for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES, gc: GC })) {
+for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES, gc: GC, cost: COST })) {
   for (const [key, value] of Object.entries(settings)) SETTINGS[`${table}.${key}`] = value;
 }
 
@@ -493,6 +519,7 @@ const FILE_SCHEMA = z.strictObject({
   servers: table({ nbd: tableOf(NBD_SERVER), http: tableOf(HTTP_SERVER) }),
   volumes: tableOf(VOLUMES),
   gc: tableOf(GC),
+  cost: tableOf(COST),
 });
 
 type ConfigFile = z.output<typeof FILE_SCHEMA>;
@@ -509,6 +536,7 @@ const TABLES: Record<string, readonly string[]> = {
   'servers.http': Object.keys(HTTP_SERVER),
   volumes: Object.keys(VOLUMES),
   gc: Object.keys(GC),
+  cost: Object.keys(COST),
 };
 
 // ---- problems --------------------------------------------------------------------
@@ -700,7 +728,7 @@ function resolveStorageUrl(url: string, baseDir: string): string {
 }
 
 function toConfig(file: ConfigFile, baseDir: string): Config {
-  const { cache, storage, aws, host, servers, volumes, gc } = file;
+  const { cache, storage, aws, host, servers, volumes, gc, cost } = file;
   const { nbd, http } = servers;
   return {
     cache: {
@@ -750,6 +778,10 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       reconcileIntervalMs: parseDuration(gc.reconcile_interval),
       maxDeletionsPerCycle: gc.max_deletions_per_cycle,
       dryRun: gc.dry_run,
+    },
+    cost: {
+      currency: cost.currency, storageGbMonth: cost.storage_gb_month, putPer1000: cost.put_per_1000, getPer1000: cost.get_per_1000,
+      deletePer1000: cost.delete_per_1000,
     },
     baseDir,
   };
