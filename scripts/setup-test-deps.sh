@@ -28,6 +28,7 @@ checks=(
   "qemu-system-x86_64 qemu-system-x86"
   "debugfs e2fsprogs"
   "g++ g++"
+  "chromium chromium"
 )
 
 missing_packages() {
@@ -52,7 +53,7 @@ missing_packages() {
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64 postgresql)"
+  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64 postgresql chromium)"
   exit 0
 fi
 

@@ -7,6 +7,7 @@ import type { Host } from '../host/host.js';
 import type { DeferredRequests } from '../nbd/deferred.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { LATENCY_BUCKETS, OP_KINDS } from '../volume/stats.js';
+import type { HostView } from './dashboard.js';
 
 export class Metrics {
   readonly registry = new client.Registry();
@@ -16,6 +17,7 @@ export class Metrics {
     store: MeteredObjectStore,
     collector?: Collector,
     deferred?: DeferredRequests,
+    private readonly view?: HostView,
   ) {
     client.collectDefaultMetrics({ register: this.registry, prefix: 'updraft_' });
     const cache = host.cache;
@@ -37,6 +39,12 @@ export class Metrics {
     gauge('updraft_local_used_bytes', 'Local bytes that exist nowhere else: overlay sectors plus pinned blocks', () => cache.space.used);
     gauge('updraft_local_capacity_bytes', 'The disk budget for local-only data ([cache] disk_size_gb)', () => cache.space.capacity);
     gauge('updraft_volumes', 'Volumes open on this host', () => host.all().length);
+    if (view) {
+      const currency = () => view.prices.currency;
+      gauge('updraft_stored_bytes', 'Pack bytes of every block in the host pack index (what the store keeps for this host)', () => view.usage.packIndexTotals().bytes);
+      gauge('updraft_cost_storage_per_month', `What a month of storing updraft_stored_bytes costs at the [cost] prices (${currency()})`, () => view.hostCost().storage_per_month);
+      gauge('updraft_cost_requests', `What the store requests since start cost at the [cost] prices (${currency()})`, () => view.hostCost().requests_cost);
+    }
     if (deferred) {
       gauge('updraft_nbd_deferred_requests', 'NBD requests waiting for blocks from the store or for a flush, every connection together', () => deferred.count);
       gauge('updraft_nbd_deferred_requests_peak', `The most NBD requests deferred at once on this host (bound ${deferred.perHost})`, () => deferred.peak);
@@ -145,6 +153,18 @@ export class Metrics {
     for (const v of volumes) lines.push(`updraft_volume_read_only{volume="${v.name}"} ${v.readOnly ? 1 : 0}`);
     head('updraft_volume_lease_generation', 'gauge', 'Lease generation held here; 0 when none');
     for (const v of volumes) lines.push(`updraft_volume_lease_generation{volume="${v.name}"} ${this.host.link(v.name)?.state.generation ?? 0}`);
+    if (this.view) {
+      this.view.usage.refresh();
+      const costs = volumes.map((v) => [v.name, this.view!.volumeCost(v.name), this.view!.usage.of(v.name)] as const);
+      head('updraft_volume_logical_bytes', 'gauge', 'Mapped chunks times block size: what the guest wrote, before dedup and compression');
+      for (const v of volumes) lines.push(`updraft_volume_logical_bytes{volume="${v.name}"} ${v.mappedChunks * v.blockSize}`);
+      head('updraft_volume_stored_bytes', 'gauge', 'Pack bytes of the distinct blocks the volume names that are in the store (absent before its first usage walk)');
+      for (const [name, , usage] of costs) if (usage) lines.push(`updraft_volume_stored_bytes{volume="${name}"} ${usage.storedBytes}`);
+      head('updraft_volume_cost_storage_per_month', 'gauge', 'What a month of storing the volume\'s stored bytes costs at the [cost] prices');
+      for (const [name, cost] of costs) lines.push(`updraft_volume_cost_storage_per_month{volume="${name}",currency="${cost.currency}"} ${cost.storage_per_month}`);
+      head('updraft_volume_cost_requests', 'gauge', 'What the store requests made for the volume since start cost at the [cost] prices');
+      for (const [name, cost] of costs) lines.push(`updraft_volume_cost_requests{volume="${name}",currency="${cost.currency}"} ${cost.requests_cost}`);
+    }
     head('updraft_volume_manifest_sequence', 'gauge', 'Sequence of the last manifest written or loaded; -1 before the first');
     for (const v of volumes) lines.push(`updraft_volume_manifest_sequence{volume="${v.name}"} ${this.host.link(v.name)?.state.manifestSequence ?? -1}`);
     return lines.join('\n') + '\n';

@@ -20,6 +20,8 @@ import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { VolumeError } from '../volume/volume.js';
 import type { DeferredRequests } from '../nbd/deferred.js';
 import { Metrics } from './metrics.js';
+import { HostView, isPageFile, registerDashboard } from './dashboard.js';
+import { S3_STANDARD_PRICES, type CostPrices } from '../host/cost.js';
 
 const GIB = 1024 ** 3;
 
@@ -100,13 +102,17 @@ export interface ApiContext {
   token: string;
   /** The NBD server's deferred requests (metrics). */
   deferred?: DeferredRequests;
+  /** Prices for the cost figures ([cost]); S3 Standard's when absent. */
+  prices?: CostPrices;
 }
 
 export async function startApi(ctx: ApiContext, address: { host: string; port: number }, log: Logger): Promise<FastifyInstance> {
   const { host, store } = ctx;
   // A 200-character name with '/' percent-encoded is up to ~600 characters in a path.
   const app = Fastify({ logger: false, bodyLimit: 64 * 1024, routerOptions: { maxParamLength: 1024 } });
-  const metrics = new Metrics(host, store, ctx.collector, ctx.deferred);
+  const dashboard = { host, store, collector: ctx.collector, prices: ctx.prices ?? S3_STANDARD_PRICES };
+  const view = new HostView(dashboard);
+  const metrics = new Metrics(host, store, ctx.collector, ctx.deferred, view);
 
   app.setErrorHandler((err: { statusCode?: number; message: string }, _request, reply) => {
     const mapped = statusOf(err);
@@ -120,6 +126,8 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     const matches = secretMatcher(ctx.token);
     // onRequest runs before routing and body parsing: unknown routes and bodies get 401 too.
     app.addHook('onRequest', async (request, reply) => {
+      // The dashboard's static files hold no data; the JSON they fetch carries the token.
+      if (isPageFile(request.method, request.url)) return;
       const header = request.headers.authorization;
       const presented = header === undefined ? undefined : /^Bearer ([\x21-\x7e]+)$/i.exec(header)?.[1];
       if (presented !== undefined && matches(presented)) return;
@@ -146,7 +154,10 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
   app.get<{ Params: { name: string } }>('/api/exports/:name', async (request, reply) => {
     const name = nameOf(request.params.name);
     const volume = host.get(name);
-    return volume ? summary(host.summary(volume)) : fail(reply, 404, `no export named ${name}`);
+    if (!volume) return fail(reply, 404, `no export named ${name}`);
+    view.usage.refresh();
+    const row = view.volumeRow(volume);
+    return { ...summary(host.summary(volume)), last_drain: row.last_drain, usage: row.usage, cost: row.cost };
   });
 
   app.put<{ Params: { name: string } }>('/api/exports/:name', async (request, reply) => {
@@ -230,8 +241,12 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     if (body.data.mode === 'consistent' && body.data.checkpoint === undefined && !host.get(name)) {
       return fail(reply, 404, `no export named ${name} on this host (a lazy fork reads the store)`);
     }
-    const result = await host.fork(name, target, { mode: body.data.mode, checkpoint: body.data.checkpoint });
-    return reply.code(201).send(result);
+    try {
+      return reply.code(201).send(await host.fork(name, target, { mode: body.data.mode, checkpoint: body.data.checkpoint }));
+    } catch (err) {
+      host.events.record('error', name, `fork to ${target} failed: ${errorMessage(err)}`);
+      throw err;
+    }
   });
 
   action('checkpoints', async (name, raw) => {
@@ -281,6 +296,8 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
       map_pages_shared: volume.mapPages.shared, chunks_sealed: volume.stats.chunksSealed, ops,
     };
   });
+
+  registerDashboard(app, dashboard, view);
 
   app.get('/metrics', async (_request, reply) => {
     reply.header('content-type', metrics.contentType);

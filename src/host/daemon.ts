@@ -86,6 +86,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
     if (config.servers.http.address) {
       const context = {
         host, store: metered, collector: gc.collector, disconnect: (name: string) => nbd.disconnect(name), token: config.servers.http.token, deferred: nbd.deferred,
+        prices: config.cost,
       };
       api = await startApi(context, parseHostPort(config.servers.http.address), log.child('http'));
     }
@@ -161,7 +162,7 @@ function printAttachHelp(config: Config, addresses: string[], encrypted: boolean
   const lines = [`updraft is serving volumes from ${config.cache.dir} (store: ${config.storage.url}, ${encrypted ? 'encrypted' : 'not encrypted'})`];
   if (nbd.unixSocket) lines.push(`  NBD unix socket  ${nbd.unixSocket}`);
   for (const a of addresses) if (!a.startsWith('/')) lines.push(`  NBD TCP          ${a}`);
-  if (config.servers.http.address) lines.push(`  HTTP API         http://${config.servers.http.address}  (GET /api/exports, /metrics)`);
+  if (config.servers.http.address) lines.push(`  HTTP API         http://${config.servers.http.address}  (GET /api/exports, /metrics; dashboard at /dashboard/)`);
   const auto = nbd.autoCreateSizeGb > 0 ? `created on first connect with ${nbd.autoCreateSizeGb} GB` : 'create it first: PUT /api/exports/NAME';
   lines.push('', `Attach a volume (export name = volume name; ${auto}):`);
   if (nbd.unixSocket) {

@@ -1,0 +1,202 @@
+// The dashboard in a real browser (headless Chromium from Debian, driven by
+// playwright-core): the page asks for the API token, then shows volumes created by NBD
+// clients, a drain, a fork and a checkpoint as they happen, at 1280 px and on a phone;
+// and it renders a host with 500 volumes (the time it takes is printed, not asserted).
+import assert from 'node:assert/strict';
+import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { chromium, type BrowserContext, type Page } from 'playwright-core';
+import { startDaemon, type Daemon } from './harness/daemon.js';
+import { NbdClient } from './harness/nbd-client.js';
+import { requireTools, runOk, TOOLS } from './harness/tools.js';
+
+const CHROMIUM = '/usr/bin/chromium';
+const TOKEN = 'dashboard-test-token-0123456789';
+const TIMEOUT = 600_000;
+const TOOL_TIMEOUT_MS = 120_000;
+/** How long the page may take to show a change (it polls every 2 s). */
+const SHOWN_MS = 20_000;
+
+/** A fresh Chromium profile under `dir` (Playwright's own browser download is not used). */
+async function openBrowser(dir: string, viewport: { width: number; height: number }): Promise<BrowserContext> {
+  return chromium.launchPersistentContext(path.join(dir, `chromium-profile-${viewport.width}`), {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport,
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync',
+    ],
+  });
+}
+
+function haveChromium(t: { skip(message: string): void }): boolean {
+  if (existsSync(CHROMIUM)) return true;
+  if (process.env.CI) assert.fail(`${CHROMIUM} is missing: install Debian's chromium package (scripts/setup-test-deps.sh)`);
+  t.skip(`${CHROMIUM} is missing (apt package chromium)`);
+  return false;
+}
+
+/** Open the dashboard and give it the token it asks for. */
+async function openDashboard(context: BrowserContext, d: Daemon): Promise<Page> {
+  const page = context.pages()[0] ?? (await context.newPage());
+  const problems: string[] = [];
+  page.on('pageerror', (err) => problems.push(err.message));
+  await page.goto(`${d.httpUrl}/`);
+  assert.equal(new URL(page.url()).pathname, '/dashboard/');
+  await page.locator('#token-form').waitFor({ state: 'visible', timeout: SHOWN_MS });
+  await page.fill('#token', TOKEN);
+  await page.click('#token-form button');
+  await page.locator('#main').waitFor({ state: 'visible', timeout: SHOWN_MS });
+  await page.locator('#token-form').waitFor({ state: 'hidden', timeout: SHOWN_MS });
+  assert.deepEqual(problems, [], 'the page threw');
+  return page;
+}
+
+/** Stop the daemon and remove its scratch dir but for the screenshots (and the daemon's log), which stay as the test's artifacts. */
+async function stopKeepingScreenshots(d: Daemon, t: { diagnostic(message: string): void }): Promise<void> {
+  await d.stop();
+  for (const entry of readdirSync(d.dir)) {
+    if (!entry.endsWith('.png') && !entry.endsWith('.log')) rmSync(path.join(d.dir, entry), { recursive: true, force: true });
+  }
+  t.diagnostic(`screenshots kept in ${d.dir}`);
+}
+
+const row = (page: Page, volume: string) => page.locator(`#volumes tr[data-volume="${volume}"]`);
+const cell = (page: Page, volume: string, field: string) => row(page, volume).locator(`td[data-field="${field}"]`);
+
+/** Waits until the page's element matching `selector` has text matching `pattern`. */
+async function shows(page: Page, selector: string, pattern: RegExp, what: string): Promise<void> {
+  try {
+    await page.waitForFunction(
+      ([sel, source, flags]) => [...document.querySelectorAll(sel)].some((el) => new RegExp(source, flags).test(el.textContent ?? '')),
+      [selector, pattern.source, pattern.flags] as const,
+      { timeout: SHOWN_MS },
+    );
+  } catch (err) {
+    const texts = await page.locator(selector).allTextContents().catch(() => []);
+    throw new Error(`${what}: the page never showed ${pattern} in ${selector} (it shows ${JSON.stringify(texts.slice(0, 5))}): ${(err as Error).message}`);
+  }
+}
+
+test('the dashboard shows volumes, a drain, a fork and a checkpoint as they happen, at 1280 px and on a phone', { timeout: TIMEOUT }, async (t) => {
+  if (!requireTools(t, [TOOLS.nbdcopy]) || !haveChromium(t)) return;
+  const d = await startDaemon({ toml: { servers: { http: { token: TOKEN } } }, apiToken: TOKEN });
+  let desktop: BrowserContext | undefined;
+  let phone: BrowserContext | undefined;
+  try {
+    // The data needs the token; the page itself does not.
+    assert.equal((await fetch(`${d.httpUrl}/api/dashboard`)).status, 401);
+    desktop = await openBrowser(d.dir, { width: 1280, height: 900 });
+    const page = await openDashboard(desktop, d);
+    await shows(page, '#events', /no events/, 'a fresh host');
+
+    // Two volumes made by an NBD client (auto-created on first connect).
+    const image = path.join(d.dir, 'image.raw');
+    const data = Buffer.alloc(4 << 20);
+    for (let i = 0; i < data.length; i += 4096) data.fill(i / 4096 % 251, i, i + 2048);
+    writeFileSync(image, data);
+    for (const name of ['vm-a', 'vm-c']) await runOk('nbdcopy', ['--flush', image, d.uri(name)], { timeoutMs: TOOL_TIMEOUT_MS });
+    await row(page, 'vm-a').waitFor({ timeout: SHOWN_MS });
+    await row(page, 'vm-c').waitFor({ timeout: SHOWN_MS });
+    await shows(page, '#volumes td[data-field="last-drain"]', /never/, 'a volume not drained yet');
+
+    // A client attached shows in the table.
+    const client = await NbdClient.connect({ path: d.socket, exportName: 'vm-a' });
+    try {
+      await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="clients"]', /^1$/, 'a client attached to vm-a');
+    } finally {
+      await client.disconnect();
+    }
+    await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="clients"]', /^0$/, 'the client detached');
+
+    // A drain: the event, and the volume's last drain at its sequence.
+    const drained = await d.api('POST', '/api/exports/vm-a/drain');
+    assert.equal(drained.status, 200, drained.text);
+    await shows(page, '#events li[data-kind="drain"][data-volume="vm-a"]', new RegExp(`sequence ${drained.json.sequence}\\b`), 'the drain event');
+    await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="last-drain"]', new RegExp(`^seq ${drained.json.sequence}, `), 'vm-a drained');
+    // What the store holds for it, and a cost.
+    await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="stored"]', /^[1-9][\d.]* (B|KiB|MiB)$/, 'vm-a stored bytes');
+    const exported = await d.api('GET', '/api/exports/vm-a');
+    assert.ok(exported.json.cost.stored_bytes > 0 && exported.json.cost.requests.put > 0, `vm-a cost in the API: ${exported.text}`);
+    await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="cost"]', /USD/, 'vm-a cost');
+    await shows(page, '[data-field="dedup-sub"]', /stored/, 'the host dedup figures');
+
+    // A fork: the event and the new volume's row, writable here with its own lease.
+    const forked = await d.api('POST', '/api/exports/vm-a/fork', { target: 'vm-b' });
+    assert.equal(forked.status, 201, forked.text);
+    await shows(page, '#events li[data-kind="fork"][data-volume="vm-a"]', /forked to vm-b/, 'the fork event');
+    await row(page, 'vm-b').waitFor({ timeout: SHOWN_MS });
+    await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="access"]', /^writable$/, 'vm-b writable');
+    await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="lease"]', /gen 1/, 'vm-b lease');
+
+    // A checkpoint, and a failed request (a fork onto a name that exists) as an error.
+    assert.equal((await d.api('POST', '/api/exports/vm-c/checkpoints', { name: 'before' })).status, 200);
+    await shows(page, '#events li[data-kind="checkpoint"][data-volume="vm-c"]', /checkpoint before/, 'the checkpoint event');
+    assert.equal((await d.api('POST', '/api/exports/vm-c/fork', { target: 'vm-b' })).status, 409);
+    await shows(page, '#events li[data-kind="error"][data-volume="vm-c"]', /fork to vm-b failed/, 'the failed fork');
+
+    // The charts are drawn (uPlot canvases) and the table fits: no sideways scrolling of the page.
+    assert.equal(await page.locator('.charts canvas').count() >= 3, true, 'three charts drawn');
+    assert.equal(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), true, 'the page scrolls sideways at 1280 px');
+    const wide = path.join(d.dir, 'dashboard-1280.png');
+    await page.screenshot({ path: wide, fullPage: true });
+    t.diagnostic(`screenshot: ${wide}`);
+
+    // A phone: the same content in one column; the table scrolls inside its own box.
+    phone = await openBrowser(d.dir, { width: 390, height: 844 });
+    const small = await openDashboard(phone, d);
+    await row(small, 'vm-b').waitFor({ timeout: SHOWN_MS });
+    await shows(small, '#events li[data-kind="fork"]', /forked to vm-b/, 'the fork event on a phone');
+    assert.equal(await small.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), true, 'the page scrolls sideways on a phone');
+    const cardWidths = await small.locator('.card').evaluateAll((cards) => cards.map((c) => c.getBoundingClientRect().right));
+    assert.ok(cardWidths.every((right) => right <= 390), `a card sticks out of the phone's screen: ${cardWidths}`);
+    const narrow = path.join(d.dir, 'dashboard-phone.png');
+    await small.screenshot({ path: narrow, fullPage: true });
+    t.diagnostic(`screenshot: ${narrow}`);
+    assert.equal(await cell(small, 'vm-a', 'name').textContent(), 'vm-a');
+  } finally {
+    await desktop?.close();
+    await phone?.close();
+    await stopKeepingScreenshots(d, t);
+  }
+});
+
+test('the dashboard renders a host with 500 volumes', { timeout: TIMEOUT }, async (t) => {
+  if (!haveChromium(t)) return;
+  const d = await startDaemon({ toml: { servers: { http: { token: TOKEN } } }, apiToken: TOKEN });
+  let browser: BrowserContext | undefined;
+  try {
+    const COUNT = 500;
+    for (let i = 0; i < COUNT; i += 25) {
+      await Promise.all(Array.from({ length: 25 }, (_, j) => d.api('PUT', `/api/exports/fleet-${String(i + j).padStart(3, '0')}`, { size_gb: 1 }).then((r) => {
+        assert.equal(r.status, 201, r.text);
+      })));
+    }
+    browser = await openBrowser(d.dir, { width: 1280, height: 900 });
+    const started = performance.now();
+    const page = await openDashboard(browser, d);
+    await page.waitForFunction((n) => document.querySelectorAll('#volumes tbody tr').length === n, COUNT, { timeout: 60_000 });
+    const firstMs = performance.now() - started;
+    // The next polls re-render the whole table; the page reports how long each took.
+    const renders: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      const before = await page.locator('#render-info').getAttribute('data-render-ms');
+      await page.waitForFunction((b) => document.querySelector('#render-info')?.getAttribute('data-render-ms') !== b, before, { timeout: SHOWN_MS });
+      renders.push(Number(await page.locator('#render-info').getAttribute('data-render-ms')));
+    }
+    const response = await d.api('GET', '/api/dashboard');
+    t.diagnostic(`500 volumes: token to full table ${firstMs.toFixed(0)} ms; re-render per poll ${renders.map((r) => r.toFixed(1)).join(', ')} ms; /api/dashboard ${response.text.length} bytes`);
+    assert.equal(response.json.volumes.length, COUNT);
+    // The filter narrows the table.
+    await page.fill('#filter', 'fleet-49');
+    await page.waitForFunction(() => document.querySelectorAll('#volumes tbody tr').length === 10, undefined, { timeout: SHOWN_MS });
+    const shot = path.join(d.dir, 'dashboard-500.png');
+    await page.screenshot({ path: shot });
+    t.diagnostic(`screenshot: ${shot}`);
+  } finally {
+    await browser?.close();
+    await stopKeepingScreenshots(d, t);
+  }
+});
