@@ -691,11 +691,11 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
 
         // status says so, and whether the configured password opens it.
         const good = writeConfig(cluster, 'good.toml', ENCRYPTED);
-        const status = await cli(['status', '-c', good], cluster.dir, ENV);
+        const status = await cli(['status', '--json', '-c', good], cluster.dir, ENV);
         assert.equal(status.code, 0, status.stderr);
         assert.equal(status.json.encrypted, true);
         assert.equal(status.json.password, 'accepted');
-        const noPassword = await cli(['status', '-c', writeConfig(cluster, 'none.toml', {})], cluster.dir);
+        const noPassword = await cli(['status', '--json', '-c', writeConfig(cluster, 'none.toml', {})], cluster.dir);
         assert.match(noPassword.json.password, /not set/);
 
         // change-password: the old one from the config, the new one on stdin.

@@ -7,6 +7,7 @@ import { dirname, resolve } from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { createLogger, errorMessage } from '../log.js';
 import { CONFIG_TEMPLATE, ConfigError, loadConfig } from './config.js';
+import { statusLines, volumeTable, type ExportRow, type HostSummary } from './show.js';
 
 const DEFAULT_CONFIG_FILE = 'updraft.toml';
 
@@ -167,7 +168,27 @@ async function changePasswordCommand(file: string | undefined): Promise<void> {
   }
 }
 
-async function statusCommand(file: string | undefined): Promise<void> {
+/** `updraft status`: the store (offline), then the running daemon's summary through its API. */
+async function statusCommand(file: string | undefined, json: boolean): Promise<void> {
+  const store = await storeStatus(file);
+  const address = configFor(file).servers.http.address;
+  const url = address ? `http://${address}` : '';
+  let host: HostSummary | undefined;
+  let problem: string | undefined;
+  if (!address) problem = '[servers.http] address is empty: the daemon has no HTTP API to ask';
+  else {
+    try {
+      host = (await callDaemon(file, 'GET', '/api/host')) as HostSummary;
+    } catch (err) {
+      problem = errorMessage(err);
+    }
+  }
+  if (json) print({ ...store, daemon: host === undefined ? null : { url, ...host }, ...(problem === undefined ? {} : { daemon_problem: problem }) });
+  else process.stdout.write(statusLines(store, { url, host, problem }));
+}
+
+/** Whether the store is encrypted and whether the configured password opens it (no daemon needed). */
+async function storeStatus(file: string | undefined): Promise<Record<string, unknown>> {
   const config = configFor(file);
   const log = createLogger('updraft', 'warn');
   const [{ openStore }, identityModule] = await Promise.all([import('../host/store-stack.js'), import('../store/identity.js')]);
@@ -177,11 +198,10 @@ async function statusCommand(file: string | undefined): Promise<void> {
     const identity = await readIdentity(store);
     const password = config.storage.encryptionPassword;
     if (identity === undefined) {
-      print({
+      return {
         store: store.description, encrypted: false,
         encryption: `no store.json yet: the first start creates the store ${password === '' ? 'unencrypted' : 'encrypted with the configured password'}`,
-      });
-      return;
+      };
     }
     let passwordState: string;
     if (identity.encryption === null) passwordState = password === '' ? 'not needed' : 'set, but the store is not encrypted: the daemon refuses to start';
@@ -195,11 +215,11 @@ async function statusCommand(file: string | undefined): Promise<void> {
         passwordState = `refused: ${err.message}`;
       }
     }
-    print({
+    return {
       store: store.description, id: identity.id, created: identity.created, encrypted: identity.encryption !== null,
       encryption: describeEncryption(identity), password: passwordState,
       ...(identity.encryption?.password_changed ? { password_changed: identity.encryption.password_changed } : {}),
-    });
+    };
   } finally {
     await store.close();
   }
@@ -365,9 +385,21 @@ function program(version: string): Command {
 
   updraft
     .command('status')
-    .description('say whether the store is encrypted, and whether the configured password opens it, offline')
-    .option('-c, --config <file>', 'config file (for the store and the password)')
-    .action((opts: { config?: string }) => statusCommand(opts.config));
+    .description("say whether the store is encrypted and whether the configured password opens it, and summarise the running daemon (volumes, cache, store, GC, dedup, cost)")
+    .option('-c, --config <file>', 'config file (for the store, the password, the daemon address and token)')
+    .option('--json', 'print JSON (the store fields, and `daemon`: GET /api/host, or null)', false)
+    .action((opts: { config?: string; json: boolean }) => statusCommand(opts.config, opts.json));
+
+  updraft
+    .command('ls')
+    .description('list the volumes of the running daemon as a table (through its HTTP API)')
+    .option('-c, --config <file>', 'config file (for the daemon address and token)')
+    .option('--json', 'print GET /api/exports as JSON', false)
+    .action(async (opts: { config?: string; json: boolean }) => {
+      const rows = (await callDaemon(opts.config, 'GET', '/api/exports')) as ExportRow[];
+      if (opts.json) print(rows);
+      else process.stdout.write(volumeTable(rows, configFor(opts.config).servers.nbd.blockSize));
+    });
 
   updraft
     .command('change-password')
