@@ -120,6 +120,13 @@ test('the dashboard shows volumes, a drain, a fork and a checkpoint as they happ
     await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="stored"]', /^[1-9][\d.]* (B|KiB|MiB)$/, 'vm-a stored bytes');
     const exported = await d.api('GET', '/api/exports/vm-a');
     assert.ok(exported.json.cost.stored_bytes > 0 && exported.json.cost.requests.put > 0, `vm-a cost in the API: ${exported.text}`);
+    // And as Prometheus gauges.
+    const metrics = (await d.api('GET', '/metrics')).text;
+    const gauge = (re: RegExp) => Number(re.exec(metrics)?.[1] ?? NaN);
+    assert.ok(gauge(/^updraft_volume_cost_storage_per_month\{volume="vm-a",currency="USD"\} (\S+)$/m) > 0, 'vm-a storage cost gauge');
+    assert.ok(gauge(/^updraft_volume_cost_requests\{volume="vm-a",currency="USD"\} (\S+)$/m) > 0, 'vm-a request cost gauge');
+    assert.ok(gauge(/^updraft_cost_storage_per_month (\S+)$/m) > 0, 'host storage cost gauge');
+    assert.equal(gauge(/^updraft_volume_stored_bytes\{volume="vm-a"\} (\S+)$/m), exported.json.usage.stored_bytes);
     await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="cost"]', /USD/, 'vm-a cost');
     await shows(page, '[data-field="dedup-sub"]', /stored/, 'the host dedup figures');
 
@@ -186,8 +193,17 @@ test('the dashboard renders a host with 500 volumes', { timeout: TIMEOUT }, asyn
       await page.waitForFunction((b) => document.querySelector('#render-info')?.getAttribute('data-render-ms') !== b, before, { timeout: SHOWN_MS });
       renders.push(Number(await page.locator('#render-info').getAttribute('data-render-ms')));
     }
-    const response = await d.api('GET', '/api/dashboard');
-    t.diagnostic(`500 volumes: token to full table ${firstMs.toFixed(0)} ms; re-render per poll ${renders.map((r) => r.toFixed(1)).join(', ')} ms; /api/dashboard ${response.text.length} bytes`);
+    const answers: number[] = [];
+    let response = await d.api('GET', '/api/dashboard');
+    for (let i = 0; i < 5; i++) {
+      const askedAt = performance.now();
+      response = await d.api('GET', '/api/dashboard');
+      answers.push(performance.now() - askedAt);
+    }
+    t.diagnostic(
+      `500 volumes: token to full table ${firstMs.toFixed(0)} ms; re-render per poll ${renders.map((r) => r.toFixed(1)).join(', ')} ms; ` +
+        `GET /api/dashboard ${answers.map((a) => a.toFixed(1)).join(', ')} ms, ${response.text.length} bytes`,
+    );
     assert.equal(response.json.volumes.length, COUNT);
     // The filter narrows the table.
     await page.fill('#filter', 'fleet-49');

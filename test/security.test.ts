@@ -126,6 +126,8 @@ describe('the HTTP API with a token', { timeout: TEST_TIMEOUT_MS }, () => {
     ['GET', '/metrics'],
     ['GET', '/api/exports'],
     ['GET', '/api/exports/secret-vol'],
+    ['GET', '/api/dashboard'],
+    ['GET', '/api/host'],
     ['PUT', '/api/exports/secret-vol', { size_gb: 0.0625 }],
     ['POST', '/api/exports/secret-vol/drain'],
     ['DELETE', '/api/exports/secret-vol?force=true'],
@@ -159,6 +161,23 @@ describe('the HTTP API with a token', { timeout: TEST_TIMEOUT_MS }, () => {
       assert.equal(list.status, 200, list.text);
       assert.deepEqual(list.json, [], 'a refused PUT created a volume');
     });
+  });
+
+  test("the dashboard's static files need no token and hold no volume data; what they fetch does", async () => {
+    assert.equal((await request('PUT', '/api/exports/page-probe-vol', `Bearer ${TOKEN}`, { size_gb: 0.0625 })).status, 201);
+    for (const route of ['/dashboard/', '/dashboard/app.js', '/dashboard/style.css', '/dashboard/uPlot.iife.min.js', '/dashboard/uPlot.min.css']) {
+      const r = await request('GET', route);
+      assert.equal(r.status, 200, `GET ${route} without a token: ${r.status} ${r.text.slice(0, 200)}`);
+      assert.ok(!r.text.includes('page-probe-vol'), `GET ${route} shows a volume name`);
+    }
+    assert.match((await request('GET', '/api/dashboard', `Bearer ${TOKEN}`)).text, /page-probe-vol/);
+    assert.equal((await request('DELETE', '/api/exports/page-probe-vol', `Bearer ${TOKEN}`)).status, 200);
+    // With a query or another method it is not a page file: the token is asked for.
+    assert.equal((await request('GET', '/dashboard/app.js?x=1')).status, 401);
+    assert.equal((await request('POST', '/dashboard/')).status, 401);
+    const redirect = await fetch(url() + '/', { redirect: 'manual' });
+    assert.equal(redirect.status, 302);
+    assert.equal(redirect.headers.get('location'), '/dashboard/');
   });
 
   test('the right token is 200 on the API, /healthz and /metrics; the scheme is case-insensitive', async () => {

@@ -4,7 +4,7 @@
 // the distinct blocks its block map names that are in a pack, as the host pack index
 // knows them. Walking a block map is O(mapped chunks), so the walk is spread over calls:
 // each refresh() reads at most CHUNKS_PER_REFRESH entries, and a volume is walked again
-// only once its sequence moved and RESCAN_MS passed.
+// only once its sequence or the pack index moved, and RESCAN_MS passed.
 import type { BlockKey } from '../blocks/cache.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import type { Volume } from '../volume/volume.js';
@@ -23,6 +23,8 @@ export interface VolumeUsage {
   sequence: number;
   /** When the walk finished, ms since the epoch. */
   at: number;
+  /** Blocks in the host pack index when the walk began (an upload or a GC deletion changes what is stored). */
+  indexBlocks: number;
 }
 
 /** Block map entries read per refresh(), every volume together. */
@@ -30,7 +32,7 @@ export const CHUNKS_PER_REFRESH = 131_072;
 /** Distinct blocks remembered while walking one volume; past it a block is counted each time it is named (an upper bound). */
 export const MAX_DISTINCT_PER_WALK = 262_144;
 /** A changed volume is walked again at most this often. */
-const RESCAN_MS = 10_000;
+const RESCAN_MS = 2_000;
 /** The pack index totals (O(blocks)) are summed again this often, or when the number of blocks changed. */
 const TOTALS_MS = 30_000;
 
@@ -85,7 +87,8 @@ export class UsageScanner {
     let pickAt = Infinity;
     for (const volume of volumes) {
       const last = this.done.get(volume.name);
-      if (last !== undefined && (last.sequence === volume.sequence || now - last.at < RESCAN_MS)) continue;
+      const moved = last === undefined || last.sequence !== volume.sequence || last.indexBlocks !== this.host.packIndex.size;
+      if (!moved || (last !== undefined && now - last.at < RESCAN_MS)) continue;
       const at = last?.at ?? -1;
       if (at < pickAt) {
         pick = volume;
@@ -97,7 +100,10 @@ export class UsageScanner {
       volume: pick,
       entries: pick.blockNames(),
       seen: new Set(),
-      usage: { logicalBytes: pick.mappedChunks * pick.blockSize, blocks: 0, storedBytes: 0, localBlocks: 0, sequence: pick.sequence, at: now },
+      usage: {
+        logicalBytes: pick.mappedChunks * pick.blockSize, blocks: 0, storedBytes: 0, localBlocks: 0, sequence: pick.sequence, at: now,
+        indexBlocks: this.host.packIndex.size,
+      },
     };
   }
 

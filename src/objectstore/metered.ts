@@ -65,11 +65,6 @@ export class MeteredObjectStore implements ObjectStore {
     return { ...(this.byVolume.get(volume) ?? zeroes()) };
   }
 
-  /** Stop counting for a volume this host no longer has. */
-  forgetVolume(volume: string): void {
-    this.byVolume.delete(volume);
-  }
-
   /** inner.get, counted; its body's bytes count as down. */
   async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
     const object = await this.count('get', key, () => this.inner.get(key, options));

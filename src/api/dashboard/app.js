@@ -206,7 +206,9 @@ function renderVolumes(data, rates) {
   for (const v of data.volumes) {
     if (filter && !v.name.includes(filter)) continue;
     const r = rates.get(v.name);
-    const lease = v.lease.generation > 0 ? `${v.lease.holder} gen ${v.lease.generation}` : v.lease.lost ? `lost: ${v.lease.lost}` : 'not held here';
+    const lease = v.lease.generation > 0 ? `${v.lease.holder} gen ${v.lease.generation}`
+      : v.lease.lost ? `lost: ${v.lease.lost}`
+      : v.read_only ? 'another host, or released' : 'none yet (not in the store)';
     const access = v.failed ? 'failed' : v.read_only ? 'read-only' : 'writable';
     const drain = v.last_drain ? `seq ${v.last_drain.sequence}, ${ago(v.last_drain.at)}` : v.manifest_sequence >= 0 ? `manifest seq ${v.manifest_sequence}` : 'never';
     const lat = (ms) => (ms === undefined ? '–' : ms < 1 ? `${(ms * 1000).toFixed(0)} µs` : `${ms.toFixed(1)} ms`);
