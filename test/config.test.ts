@@ -151,6 +151,11 @@ describe('unknown keys', () => {
   });
 });
 
+test('[cost] takes the prices of another store', () => {
+  const config = parseConfig('[cost]\ncurrency = "EUR"\nstorage_gb_month = 0.0059\nput_per_1000 = 0.0045\nget_per_1000 = 0.00036\ndelete_per_1000 = 0.0', BASE, {});
+  assert.deepEqual(config.cost, { currency: 'EUR', storageGbMonth: 0.0059, putPer1000: 0.0045, getPer1000: 0.00036, deletePer1000: 0 });
+});
+
 describe('bad values name the key, the value and what is allowed', () => {
   const cases: [toml: string, problem: string][] = [
     ['[servers.nbd]\nblock_size = 1000', 'config: servers.nbd.block_size = 1000 is not allowed: a power of two from 65536 to 4194304'],
@@ -174,6 +179,8 @@ describe('bad values name the key, the value and what is allowed', () => {
     ['[gc]\ndatabase_url = "postgres://"', 'config: gc.database_url = "postgres://" is not allowed: "" (the embedded SQLite database in the cache folder) or "postgres://user:password@host:5432/database" (no host (postgres://user:password@host:5432/database))'],
     ['[volumes]\nseal_idle_ms = -1', 'config: volumes.seal_idle_ms = -1 is not allowed: an integer number of milliseconds, 0 or more'],
     ['[volumes]\nseal_dirty_mb = 0', 'config: volumes.seal_dirty_mb = 0 is not allowed: a number of MB greater than 0'],
+    ['[cost]\nstorage_gb_month = -0.01', 'config: cost.storage_gb_month = -0.01 is not allowed: a price, 0 or more'],
+    ['[cost]\ncurrency = "US$"', 'config: cost.currency = "US$" is not allowed: 1 to 8 letters, e.g. "USD"'],
     ['servers = 3', 'config: servers = 3 is not allowed: a table ([servers])'],
     ['cache = 2024-01-02', 'config: cache = 2024-01-02 is not allowed: a table ([cache])'],
     [

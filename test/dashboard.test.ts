@@ -1,6 +1,6 @@
 // The dashboard in a real browser (headless Chromium from Debian, driven by
 // playwright-core): the page asks for the API token, then shows volumes created by NBD
-// clients, a drain, a fork and a checkpoint as they happen, at 1280 px and on a phone;
+// clients, a drain, a fork, a migration and a checkpoint as they happen, at 1280 px and on a phone;
 // and it renders a host with 500 volumes (the time it takes is printed, not asserted).
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
@@ -80,7 +80,7 @@ async function shows(page: Page, selector: string, pattern: RegExp, what: string
   }
 }
 
-test('the dashboard shows volumes, a drain, a fork and a checkpoint as they happen, at 1280 px and on a phone', { timeout: TIMEOUT }, async (t) => {
+test('the dashboard shows volumes, a drain, a fork, a migration and a checkpoint as they happen, at 1280 px and on a phone', { timeout: TIMEOUT }, async (t) => {
   if (!requireTools(t, [TOOLS.nbdcopy]) || !haveChromium(t)) return;
   const d = await startDaemon({ toml: { servers: { http: { token: TOKEN } } }, apiToken: TOKEN });
   let desktop: BrowserContext | undefined;
@@ -137,6 +137,17 @@ test('the dashboard shows volumes, a drain, a fork and a checkpoint as they happ
     await row(page, 'vm-b').waitFor({ timeout: SHOWN_MS });
     await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="access"]', /^writable$/, 'vm-b writable');
     await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="lease"]', /gen 1/, 'vm-b lease');
+
+    // A migration away (release) and back (promotion): read-only, then writable at the next generation.
+    const released = await d.api('POST', '/api/exports/vm-b/release');
+    assert.equal(released.status, 200, released.text);
+    await shows(page, '#events li[data-kind="migration"][data-volume="vm-b"]', /released the lease of generation 1/, 'the release');
+    await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="access"]', /^read-only$/, 'vm-b released');
+    const promoted = await d.api('POST', '/api/exports/vm-b/promote');
+    assert.equal(promoted.status, 200, promoted.text);
+    await shows(page, '#events li[data-kind="promotion"][data-volume="vm-b"]', new RegExp(`generation ${promoted.json.generation}$`), 'the promotion');
+    await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="lease"]', new RegExp(`gen ${promoted.json.generation}$`), 'vm-b promoted');
+    await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="access"]', /^writable$/, 'vm-b writable again');
 
     // A checkpoint, and a failed request (a fork onto a name that exists) as an error.
     assert.equal((await d.api('POST', '/api/exports/vm-c/checkpoints', { name: 'before' })).status, 200);
