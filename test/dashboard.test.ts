@@ -111,6 +111,14 @@ test('the dashboard shows volumes, a drain, a fork, a migration and a checkpoint
     }
     await shows(page, '#volumes tr[data-volume="vm-a"] td[data-field="clients"]', /^0$/, 'the client detached');
 
+    // A click on a row charts that volume; writes to it show as a write rate in its row.
+    await row(page, 'vm-a').click();
+    await page.locator('#volume-chart canvas').first().waitFor({ timeout: SHOWN_MS });
+    assert.match((await page.locator('#volume-chart figcaption').textContent()) ?? '', /^I\/O of vm-a/);
+    const writing = runOk('nbdcopy', ['--flush', image, d.uri('vm-a')], { timeoutMs: TOOL_TIMEOUT_MS });
+    await shows(page, '#volumes tr.selected[data-volume="vm-a"] td[data-field="write"]', /^(?!0\.0\/s)[\d.]+\/s · [\d.]+ (B|KiB|MiB)\/s$/, 'vm-a being written');
+    await writing;
+
     // A drain: the event, and the volume's last drain at its sequence.
     const drained = await d.api('POST', '/api/exports/vm-a/drain');
     assert.equal(drained.status, 200, drained.text);

@@ -20,6 +20,9 @@ const state = {
   charts: {},
   polling: false,
   rates: new Map(),
+  /** The volume whose own I/O chart is shown (a click on its row), and its points since. */
+  selected: undefined,
+  selectedSeries: { t: [], read: [], write: [], readLatency: [], writeLatency: [] },
 };
 
 const $ = (selector) => document.querySelector(selector);
@@ -142,6 +145,7 @@ function render(data, now) {
   renderHost(data, previous?.data, seconds);
   state.rates = rates;
   renderVolumes(data, rates);
+  if (state.selected !== undefined && previous && seconds > 0) pushSelected(now / 1000, rates.get(state.selected));
   renderEvents(data.events);
   if (previous && seconds > 0) {
     const sum = (o) => Object.values(o).reduce((a, b) => a + b, 0);
@@ -213,7 +217,7 @@ function renderVolumes(data, rates) {
     const drain = v.last_drain ? `seq ${v.last_drain.sequence}, ${ago(v.last_drain.at)}` : v.manifest_sequence >= 0 ? `manifest seq ${v.manifest_sequence}` : 'never';
     const lat = (ms) => (ms === undefined ? '–' : ms < 1 ? `${(ms * 1000).toFixed(0)} µs` : `${ms.toFixed(1)} ms`);
     rows.push(
-      `<tr data-volume="${escapeHtml(v.name)}" class="${access}">` +
+      `<tr data-volume="${escapeHtml(v.name)}" class="${access}${v.name === state.selected ? ' selected' : ''}">` +
         `<td data-field="name">${escapeHtml(v.name)}</td>` +
         `<td>${bytes(v.size)}</td>` +
         `<td>${bytes(v.mapped_bytes)}</td>` +
@@ -222,8 +226,8 @@ function renderVolumes(data, rates) {
         `<td data-field="access">${access}</td>` +
         `<td data-field="lease">${escapeHtml(lease)}</td>` +
         `<td data-field="clients">${v.clients}</td>` +
-        `<td>${r ? `${rate(r.readOps)} · ${bytes(r.readBytes)}/s` : '–'}</td>` +
-        `<td>${r ? `${rate(r.writeOps)} · ${bytes(r.writeBytes)}/s` : '–'}</td>` +
+        `<td data-field="read">${r ? `${rate(r.readOps)} · ${bytes(r.readBytes)}/s` : '–'}</td>` +
+        `<td data-field="write">${r ? `${rate(r.writeOps)} · ${bytes(r.writeBytes)}/s` : '–'}</td>` +
         `<td>${r ? `${lat(r.readLatency)} / ${lat(r.writeLatency)}` : '–'}</td>` +
         `<td data-field="last-drain">${escapeHtml(drain)}</td>` +
         `<td data-field="stored">${v.usage ? bytes(v.usage.stored_bytes) : '–'}</td>` +
@@ -277,6 +281,39 @@ function pushPoint(t, point) {
   state.charts['chart-cache'].setData([s.t, s.hit]);
 }
 
+/** Show the I/O of one volume in its own chart, from now on. */
+function select(name) {
+  state.selected = name;
+  const s = state.selectedSeries;
+  for (const key of Object.keys(s)) s[key] = [];
+  $('#volume-chart').hidden = false;
+  $('#volume-chart figcaption').textContent = `I/O of ${name}: MB/s, and mean latency in ms (right axis)`;
+  const id = 'chart-volume';
+  state.charts[id]?.destroy();
+  const opts = {
+    width: chartWidth(id), height: 160, legend: { live: false },
+    scales: { ms: {} },
+    axes: [{}, { size: 50 }, { side: 1, scale: 'ms', size: 50, grid: { show: false } }],
+    series: [
+      {}, { label: 'read MB/s', stroke: '#2b7bb9' }, { label: 'write MB/s', stroke: '#d9822b' },
+      { label: 'read ms', stroke: '#2b7bb9', dash: [4, 4], scale: 'ms' }, { label: 'write ms', stroke: '#d9822b', dash: [4, 4], scale: 'ms' },
+    ],
+  };
+  state.charts[id] = new uPlot(opts, [s.t, s.read, s.write, s.readLatency, s.writeLatency], document.getElementById(id));
+  if (state.previous) renderVolumes(state.previous.data, state.rates);
+}
+
+function pushSelected(t, r) {
+  const s = state.selectedSeries;
+  s.t.push(t);
+  s.read.push(r ? r.readBytes / 1e6 : null);
+  s.write.push(r ? r.writeBytes / 1e6 : null);
+  s.readLatency.push(r?.readLatency ?? null);
+  s.writeLatency.push(r?.writeLatency ?? null);
+  if (s.t.length > MAX_POINTS) for (const key of Object.keys(s)) s[key].shift();
+  state.charts['chart-volume'].setData([s.t, s.read, s.write, s.readLatency, s.writeLatency]);
+}
+
 function resizeCharts() {
   for (const [id, chart] of Object.entries(state.charts)) chart.setSize({ width: chartWidth(id), height: 160 });
 }
@@ -295,7 +332,13 @@ $('#filter').addEventListener('input', () => {
   if (state.previous) renderVolumes(state.previous.data, state.rates);
 });
 
-window.addEventListener('resize', resizeCharts);
+// The grid re-flows when the window changes or the volume chart appears: each chart follows its box.
+new ResizeObserver(resizeCharts).observe($('.charts'));
+
+$('#volumes tbody').addEventListener('click', (event) => {
+  const row = event.target.closest('tr[data-volume]');
+  if (row) select(row.dataset.volume);
+});
 
 void poll();
 setInterval(poll, POLL_MS);
