@@ -150,6 +150,9 @@ test('a host paused (SIGSTOP) across another host\'s promotion writes nothing of
       const withoutLease = (objects: Map<string, string>) => new Map([...objects].filter(([key]) => key !== leaseKey));
       assert.deepEqual(withoutLease(storeObjects(storeDir, 'volumes')), withoutLease(volumeBefore), 'the paused host changed the volume\'s objects in the store');
       assert.match((await exportInfo(a, name)).lease_lost, /another host took the lease: host host-b generation 2/);
+      // A's event timeline (the dashboard's) has it as fencing.
+      const events = (await a.api('GET', '/api/dashboard')).json.events as Array<{ kind: string; volume: string; message: string }>;
+      assert.ok(events.some((e) => e.kind === 'fencing' && e.volume === name && /another host took the lease: host host-b/.test(e.message)), JSON.stringify(events));
       assert.deepEqual([...storeObjects(storeDir, 'packs').keys()].filter((k) => !packsBefore.has(k)), [], 'the paused host uploaded packs after it lost the lease');
       assert.ok((await readAll(cb, 0, 16 * MiB)).equals(served), 'what the new holder serves changed');
       assert.ok((await readAll(cb, 10 * MiB, CHUNK * 3)).equals(bData));
