@@ -153,9 +153,10 @@ export class Metrics {
     for (const v of volumes) lines.push(`updraft_volume_read_only{volume="${v.name}"} ${v.readOnly ? 1 : 0}`);
     head('updraft_volume_lease_generation', 'gauge', 'Lease generation held here; 0 when none');
     for (const v of volumes) lines.push(`updraft_volume_lease_generation{volume="${v.name}"} ${this.host.link(v.name)?.state.generation ?? 0}`);
-    if (this.view) {
-      this.view.usage.refresh();
-      const costs = volumes.map((v) => [v.name, this.view!.volumeCost(v.name), this.view!.usage.of(v.name)] as const);
+    const view = this.view;
+    if (view) {
+      view.usage.refresh();
+      const costs = volumes.map((v) => [v.name, view.volumeCost(v.name), view.usage.of(v.name)] as const);
       head('updraft_volume_logical_bytes', 'gauge', 'Mapped chunks times block size: what the guest wrote, before dedup and compression');
       for (const v of volumes) lines.push(`updraft_volume_logical_bytes{volume="${v.name}"} ${v.mappedChunks * v.blockSize}`);
       head('updraft_volume_stored_bytes', 'gauge', 'Pack bytes of the distinct blocks the volume names that are in the store (absent before its first usage walk)');
