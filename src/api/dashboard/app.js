@@ -20,6 +20,8 @@ const state = {
   charts: {},
   polling: false,
   rates: new Map(),
+  /** The column the table is sorted by (SORT_KEYS), and which way. */
+  sort: { key: 'name', descending: false },
   /** The volume whose own I/O chart is shown (a click on its row), and its points since. */
   selected: undefined,
   selectedSeries: { t: [], read: [], write: [], readLatency: [], writeLatency: [] },
@@ -90,7 +92,7 @@ async function fetchDashboard() {
 }
 
 async function poll() {
-  if (state.polling) return;
+  if (state.polling || document.hidden) return;
   state.polling = true;
   try {
     const data = await fetchDashboard();
@@ -204,10 +206,35 @@ function renderHost(data, previous, seconds) {
   $('#prices').textContent = `prices: ${pr.storageGbMonth} ${pr.currency}/GB-month, ${pr.putPer1000}/1000 PUT, ${pr.getPer1000}/1000 GET`;
 }
 
+/** What a click on a column header sorts by (the page's state.sort names one). */
+const SORT_KEYS = {
+  name: (v) => v.name,
+  size: (v) => v.size,
+  mapped: (v) => v.mapped_bytes,
+  dirty: (v) => v.dirty_bytes,
+  clients: (v) => v.clients,
+  read: (v, r) => r?.readBytes ?? 0,
+  write: (v, r) => r?.writeBytes ?? 0,
+  stored: (v) => v.usage?.stored_bytes ?? -1,
+  'cost-month': (v) => v.cost.storage_per_month,
+  'cost-requests': (v) => v.cost.requests_cost,
+};
+
+function sorted(volumes, rates) {
+  const { key, descending } = state.sort;
+  const by = SORT_KEYS[key];
+  const keyed = volumes.map((v) => [by(v, rates.get(v.name)), v]);
+  keyed.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0) * (descending ? -1 : 1));
+  return keyed.map(([, v]) => v);
+}
+
 function renderVolumes(data, rates) {
   const filter = state.filter;
   const rows = [];
-  for (const v of data.volumes) {
+  for (const th of document.querySelectorAll('#volumes th[data-sort]')) {
+    th.dataset.order = th.dataset.sort === state.sort.key ? (state.sort.descending ? 'descending' : 'ascending') : '';
+  }
+  for (const v of sorted(data.volumes, rates)) {
     if (filter && !v.name.includes(filter)) continue;
     const r = rates.get(v.name);
     const lease = v.lease.generation > 0 ? `${v.lease.holder} gen ${v.lease.generation}`
@@ -232,7 +259,8 @@ function renderVolumes(data, rates) {
         `<td data-field="last-drain">${escapeHtml(drain)}</td>` +
         `<td data-field="stored">${v.usage ? bytes(v.usage.stored_bytes) : '–'}</td>` +
         `<td>${v.usage ? ratio(v.usage.logical_bytes, v.usage.stored_bytes) : '–'}</td>` +
-        `<td data-field="cost">${money(v.cost.storage_per_month + v.cost.requests_cost, v.cost.currency)}</td>` +
+        `<td data-field="cost-month">${money(v.cost.storage_per_month, v.cost.currency)}</td>` +
+        `<td data-field="cost-requests">${money(v.cost.requests_cost, v.cost.currency)}</td>` +
         '</tr>',
     );
   }
@@ -334,6 +362,20 @@ $('#filter').addEventListener('input', () => {
 
 // The grid re-flows when the window changes or the volume chart appears: each chart follows its box.
 new ResizeObserver(resizeCharts).observe($('.charts'));
+
+$('#volumes thead').addEventListener('click', (event) => {
+  const th = event.target.closest('th[data-sort]');
+  if (!th) return;
+  const key = th.dataset.sort;
+  // A number column starts with the largest; names start with A.
+  state.sort = { key, descending: state.sort.key === key ? !state.sort.descending : key !== 'name' };
+  if (state.previous) renderVolumes(state.previous.data, state.rates);
+});
+
+// A hidden tab does not poll; it catches up when shown again.
+document.addEventListener('visibilitychange', () => {
+  if (!document.hidden) void poll();
+});
 
 $('#volumes tbody').addEventListener('click', (event) => {
   const row = event.target.closest('tr[data-volume]');
