@@ -63,6 +63,12 @@ async function stopKeepingScreenshots(d: Daemon, t: { diagnostic(message: string
   t.diagnostic(`screenshots kept in ${d.dir}`);
 }
 
+/** Waits for the page's next poll to be rendered. */
+async function nextRender(page: Page): Promise<void> {
+  const before = Number(await page.locator('#render-info').getAttribute('data-renders'));
+  await page.waitForFunction((n) => Number(document.querySelector('#render-info')?.getAttribute('data-renders')) > n, before, { timeout: SHOWN_MS });
+}
+
 const row = (page: Page, volume: string) => page.locator(`#volumes tr[data-volume="${volume}"]`);
 const cell = (page: Page, volume: string, field: string) => row(page, volume).locator(`td[data-field="${field}"]`);
 
@@ -179,6 +185,9 @@ test('the dashboard shows volumes, a drain, a fork, a migration and a checkpoint
     assert.equal(await small.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), true, 'the page scrolls sideways on a phone');
     const cardWidths = await small.locator('.card').evaluateAll((cards) => cards.map((c) => c.getBoundingClientRect().right));
     assert.ok(cardWidths.every((right) => right <= 390), `a card sticks out of the phone's screen: ${cardWidths}`);
+    // Two more polls, so the charts have points in the screenshot.
+    await nextRender(small);
+    await nextRender(small);
     const narrow = path.join(d.dir, 'dashboard-phone.png');
     await small.screenshot({ path: narrow, fullPage: true });
     t.diagnostic(`screenshot: ${narrow}`);
@@ -209,8 +218,7 @@ test('the dashboard renders a host with 500 volumes', { timeout: TIMEOUT }, asyn
     // The next polls re-render the whole table; the page reports how long each took.
     const renders: number[] = [];
     for (let i = 0; i < 5; i++) {
-      const before = await page.locator('#render-info').getAttribute('data-render-ms');
-      await page.waitForFunction((b) => document.querySelector('#render-info')?.getAttribute('data-render-ms') !== b, before, { timeout: SHOWN_MS });
+      await nextRender(page);
       renders.push(Number(await page.locator('#render-info').getAttribute('data-render-ms')));
     }
     const answers: number[] = [];

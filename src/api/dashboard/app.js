@@ -111,6 +111,7 @@ async function poll() {
     const ms = performance.now() - started;
     $('#render-info').textContent = `${data.volumes.length} volumes, rendered in ${ms.toFixed(1)} ms`;
     $('#render-info').dataset.renderMs = ms.toFixed(2);
+    $('#render-info').dataset.renders = String(Number($('#render-info').dataset.renders ?? 0) + 1);
     $('#status').textContent = `updated ${new Date().toLocaleTimeString()}`;
     $('#status').classList.remove('error');
   } catch (err) {
