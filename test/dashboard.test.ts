@@ -192,6 +192,13 @@ test('the dashboard shows volumes, a drain, a fork, a migration and a checkpoint
     await small.screenshot({ path: narrow, fullPage: true });
     t.diagnostic(`screenshot: ${narrow}`);
     assert.equal(await cell(small, 'vm-a', 'name').textContent(), 'vm-a');
+
+    // The daemon restarts: the open page starts its timeline again with the new daemon's events.
+    await d.restart();
+    const again = await d.api('POST', '/api/exports/vm-c/drain');
+    assert.equal(again.status, 200, again.text);
+    await shows(page, '#events li[data-kind="drain"][data-volume="vm-c"]', new RegExp(`sequence ${again.json.sequence}\\b`), 'a drain after the restart');
+    assert.equal(await page.locator('#events li[data-kind="fork"]').count(), 0, 'events of the previous daemon still shown');
   } finally {
     await desktop?.close();
     await phone?.close();

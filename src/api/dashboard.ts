@@ -159,6 +159,8 @@ export function registerDashboard(app: FastifyInstance, ctx: DashboardContext, v
       host: await view.hostSummary(),
       volumes: host.all().sort((a, b) => a.name.localeCompare(b.name)).map((v) => view.volumeRow(v)),
       events: host.events.since(Number.isSafeInteger(after) && after >= 0 ? after : 0),
+      /** The id the next event will get: lower than what a page saw means the daemon restarted. */
+      events_next: host.events.nextId,
       prices: ctx.prices,
     };
   });

@@ -125,6 +125,15 @@ async function poll() {
 // ---- rendering --------------------------------------------------------------------
 
 function render(data, now) {
+  const last = state.previous?.data;
+  if (last && (data.host.uptime_s < last.host.uptime_s || data.events_next <= state.eventsAfter)) {
+    // The daemon restarted: its counters start from zero and its events from id 1 again
+    // (those in this answer were cut at the old id; the next poll fetches them all).
+    state.previous = undefined;
+    state.events = [];
+    state.eventsAfter = 0;
+    data.events = [];
+  }
   const previous = state.previous;
   const seconds = previous ? (now - previous.at) / 1000 : 0;
   const before = new Map(previous ? previous.data.volumes.map((v) => [v.name, v]) : []);
