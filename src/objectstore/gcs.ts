@@ -1,0 +1,351 @@
+// The gs:// backend: one Google Cloud Storage bucket, every key under an optional prefix,
+// through Google's Node.js client (@google-cloud/storage). The client's own retries are
+// off: retries belong to withRetries (retry.ts), as for every backend.
+//
+// The etag of an object is its generation (a decimal number GCS assigns on every write of
+// the key): conditional puts are `ifGenerationMatch=0` (create only) and
+// `ifGenerationMatch=G` (replace only generation G), the two conditions GCS enforces
+// atomically. lastModified is the object's `updated` time, which the store clock reads.
+//
+// The client library is loaded on the first request, so a daemon on another store never
+// pays for loading it.
+
+import type { File, FileMetadata, Storage } from '@google-cloud/storage';
+import { errorMessage } from '../log.js';
+import { abortError, checkEndpoint, readStream, startAttempt, untilAborted, type Attempt } from './cloud.js';
+import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
+import {
+  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
+} from './types.js';
+
+export interface GcsOptions {
+  /** A service account's JSON key file. Without it: the client's default chain (GOOGLE_APPLICATION_CREDENTIALS, gcloud, metadata server). */
+  serviceAccountKey?: string;
+  /** Another server, e.g. an emulator at `http://127.0.0.1:4443`; default Google's. Requests to it carry no credentials unless a key is given. */
+  endpoint?: string;
+  /** Allow a plain http:// endpoint (emulators; never across a network you do not own). Default false. */
+  allowHttp?: boolean;
+  /** An attempt fails 'Unavailable' when nothing moves for this long ([storage] request_timeout_s). Default 10000. */
+  requestTimeoutMs?: number;
+}
+
+/** Objects per page of a listing (the JSON API's maximum). */
+const LIST_PAGE = 1000;
+
+/** How a client error reads to us: a store error code, or the answers that are not errors. */
+type Classified = ObjectStoreErrorCode | 'NotFound' | 'RangeNotSatisfiable';
+
+interface ClientError {
+  name?: string;
+  code?: number | string;
+  message?: string;
+  response?: { status?: number };
+}
+
+/** Messages of google-auth-library when it has no usable credentials or the token endpoint refuses them. */
+const AUTH_MESSAGES = /invalid_grant|invalid_client|unauthorized_client|Could not load the default credentials|Could not refresh access token|private_key|client_email/i;
+
+function statusOf(err: unknown): number | undefined {
+  const e = (err ?? {}) as ClientError;
+  if (typeof e.code === 'number') return e.code;
+  return e.response?.status;
+}
+
+function classify(err: unknown): Classified {
+  const e = (err ?? {}) as ClientError;
+  const status = statusOf(err);
+  if (e.name === 'AbortError') return 'Unavailable';
+  if (status === 404) return 'NotFound';
+  if (status === 412) return 'PreconditionFailed';
+  if (status === 416) return 'RangeNotSatisfiable';
+  if (status === 401 || status === 403 || AUTH_MESSAGES.test(e.message ?? '')) return 'AccessDenied';
+  if (status === 408 || status === 429 || (status !== undefined && status >= 500)) return 'Unavailable';
+  // No HTTP answer: refused, reset, DNS, a timeout of the client's own.
+  if (status === undefined) return 'Unavailable';
+  return 'Invalid';
+}
+
+/** A 404 about the bucket rather than the object ("The specified bucket does not exist."). */
+function bucketMissing(err: unknown): boolean {
+  return /bucket/i.test(((err ?? {}) as ClientError).message ?? '') && !/no such object/i.test(((err ?? {}) as ClientError).message ?? '');
+}
+
+function describe(err: unknown): string {
+  const status = statusOf(err);
+  const text = errorMessage(err).split('\n')[0];
+  return status === undefined ? text : `HTTP ${status}: ${text}`;
+}
+
+/** A store in a GCS bucket under a key prefix (`gs://bucket/prefix`). */
+export class GcsObjectStore implements ObjectStore {
+  readonly description: string;
+  readonly bucket: string;
+  /** Prepended to every key: '' or ends with '/'. */
+  readonly prefix: string;
+  private readonly requestTimeoutMs: number;
+  private client: Promise<Storage> | undefined;
+
+  constructor(
+    bucket: string,
+    prefix: string,
+    private readonly options: GcsOptions = {},
+  ) {
+    const trimmed = prefix.replace(/^\/+|\/+$/g, '');
+    this.bucket = bucket;
+    this.prefix = trimmed === '' ? '' : `${trimmed}/`;
+    this.description = `gs://${bucket}${trimmed === '' ? '' : `/${trimmed}`}`;
+    const invalid = (why: string) => new ObjectStoreError('Invalid', `object store ${this.description}: ${why}`);
+    if (!/^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$/.test(bucket)) throw invalid(`bad bucket name ${JSON.stringify(bucket)}`);
+    const prefixProblem = trimmed === '' ? undefined : keyProblem(trimmed);
+    if (prefixProblem) throw invalid(`bad key prefix ${JSON.stringify(prefix)}: ${prefixProblem}`);
+    if (options.endpoint !== undefined) checkEndpoint(options.endpoint, options.allowHttp ?? false, invalid);
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    if (!Number.isFinite(this.requestTimeoutMs) || this.requestTimeoutMs <= 0) {
+      throw invalid(`requestTimeoutMs must be a number of milliseconds > 0, not ${this.requestTimeoutMs}`);
+    }
+  }
+
+  /** The client, made on first use. */
+  private storage(): Promise<Storage> {
+    this.client ??= import('@google-cloud/storage').then(
+      ({ Storage }) =>
+        new Storage({
+          apiEndpoint: this.options.endpoint?.replace(/\/+$/, ''),
+          keyFilename: this.options.serviceAccountKey,
+          // With a key, an endpoint other than Google's still gets a bearer token (a private gateway).
+          useAuthWithCustomEndpoint: this.options.serviceAccountKey !== undefined,
+          retryOptions: { autoRetry: false, maxRetries: 0 },
+          timeout: this.requestTimeoutMs,
+        }),
+    );
+    return this.client;
+  }
+
+  private async file(key: string): Promise<File> {
+    return (await this.storage()).bucket(this.bucket).file(this.prefix + key);
+  }
+
+  /** The whole object with the generation it was read at, or undefined when the key does not exist. */
+  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+    checkKey('get', key, this.description);
+    const read = await this.read('get', key, undefined, options);
+    if (read === undefined) return undefined;
+    const { body, headers } = read;
+    const generation = headers['x-goog-generation'];
+    if (typeof generation !== 'string' || generation === '') {
+      throw storeError('Invalid', 'get', key, this.description, 'the download answered without an x-goog-generation header');
+    }
+    const lastModified = typeof headers['last-modified'] === 'string' ? new Date(headers['last-modified']) : new Date(0);
+    return { key, size: body.length, etag: generation, lastModified, body };
+  }
+
+  /** Bytes [offset, offset + length) by a ranged download; 416 (past the end) reads as empty; undefined when the key does not exist. */
+  async getRange(key: string, offset: number, length: number, options?: RequestOptions): Promise<Buffer | undefined> {
+    checkKey('get_range', key, this.description);
+    checkRange(key, offset, length, this.description);
+    if (length === 0) return (await this.head(key, options)) ? Buffer.alloc(0) : undefined;
+    const read = await this.read('get_range', key, { start: offset, end: offset + length - 1 }, options);
+    if (read === undefined) return undefined;
+    // A server that ignores Range sends the whole object with 200.
+    if (read.status === 200 && read.body.length > length) return read.body.subarray(offset, offset + length);
+    return read.body;
+  }
+
+  /** One download: the body and the answer's headers, or undefined on 404 (an object's). */
+  private async read(
+    op: 'get' | 'get_range',
+    key: string,
+    range: { start: number; end: number } | undefined,
+    options: RequestOptions | undefined,
+  ): Promise<{ body: Buffer; headers: Record<string, unknown>; status: number } | undefined> {
+    const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
+    try {
+      const stream = (await this.file(key)).createReadStream({ validation: false, decompress: false, ...range });
+      let headers: Record<string, unknown> = {};
+      let status = 0;
+      stream.once('response', (res: { headers?: Record<string, unknown>; statusCode?: number; status?: number }) => {
+        attempt.touch();
+        headers = res.headers ?? {};
+        status = res.statusCode ?? res.status ?? 0;
+      });
+      const declared = () => (typeof headers['content-length'] === 'string' ? Number(headers['content-length']) : undefined);
+      const body = await readStream(stream, undefined, attempt);
+      const expected = declared();
+      if (expected !== undefined && Number.isSafeInteger(expected) && body.length !== expected) {
+        throw storeError('Unavailable', op, key, this.description, `truncated body: ${body.length} of ${expected} bytes`);
+      }
+      return { body, headers, status };
+    } catch (err) {
+      const what = classify(err);
+      if (what === 'NotFound' && !bucketMissing(err)) return undefined;
+      if (what === 'RangeNotSatisfiable') return { body: Buffer.alloc(0), headers: {}, status: 416 };
+      throw this.error(op, key, err, attempt);
+    } finally {
+      attempt.done();
+    }
+  }
+
+  /** A multipart upload with ifGenerationMatch (0: create only; G: replace generation G only); returns the new generation. */
+  async put(key: string, body: Buffer, options?: PutOptions): Promise<string> {
+    checkKey('put', key, this.description);
+    checkPutOptions(key, options, this.description);
+    if (!((body as unknown) instanceof Uint8Array)) throw storeError('Invalid', 'put', key, this.description, 'body must be a Buffer');
+    let ifGenerationMatch: number | undefined;
+    if (options?.ifNoneMatch) ifGenerationMatch = 0;
+    else if (options?.ifMatch !== undefined) {
+      // An etag that is not a generation can match no object here.
+      if (!/^[1-9][0-9]*$/.test(options.ifMatch)) {
+        throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: If-Match ${options.ifMatch} is not a generation of this store`);
+      }
+      ifGenerationMatch = Number(options.ifMatch);
+    }
+    const condition = options?.ifNoneMatch
+      ? 'the key exists (If-None-Match: *, sent as ifGenerationMatch=0)'
+      : `If-Match ${options?.ifMatch} is not the current object's generation (ifGenerationMatch)`;
+    const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
+    let generation: unknown;
+    try {
+      const file = await this.file(key);
+      await new Promise<void>((resolve, reject) => {
+        const stream = file.createWriteStream({
+          resumable: false,
+          validation: false,
+          contentType: 'application/octet-stream',
+          preconditionOpts: ifGenerationMatch === undefined ? undefined : { ifGenerationMatch },
+        });
+        const abort = () => stream.destroy(abortError(attempt));
+        attempt.signal.addEventListener('abort', abort, { once: true });
+        const settle = (err?: unknown) => {
+          attempt.signal.removeEventListener('abort', abort);
+          if (err) reject(err);
+          else resolve();
+        };
+        stream.on('progress', () => attempt.touch());
+        stream.once('error', settle);
+        stream.once('finish', () => settle());
+        if (attempt.signal.aborted) abort();
+        else stream.end(body);
+      });
+      generation = (file.metadata as FileMetadata | undefined)?.generation;
+    } catch (err) {
+      const what = classify(err);
+      if (what === 'PreconditionFailed' || (what === 'NotFound' && !bucketMissing(err) && ifGenerationMatch !== undefined)) {
+        throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: ${condition}: ${describe(err)}`, err);
+      }
+      if (what === 'Unavailable' && ifGenerationMatch !== undefined && (await this.conditionFails(key, options!))) {
+        throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: ${condition} (read by a metadata request after the put failed: ${describe(err)})`, err);
+      }
+      throw this.error('put', key, err, attempt);
+    } finally {
+      attempt.done();
+    }
+    if (generation === undefined || generation === null || String(generation) === '') {
+      throw storeError('Invalid', 'put', key, this.description, 'the upload answered without the object\'s generation');
+    }
+    return String(generation);
+  }
+
+  /**
+   * Whether a conditional put that failed without an answer could no longer succeed, read
+   * by a metadata request: the key is there (create only) or holds another generation. The
+   * caller then reads the key back to learn whether the object there is its own. Like
+   * s3.ts conditionFails.
+   */
+  private async conditionFails(key: string, options: PutOptions): Promise<boolean> {
+    if (options.signal?.aborted) return false;
+    let info: ObjectInfo | undefined;
+    try {
+      info = await this.head(key, { signal: options.signal });
+    } catch {
+      return false;
+    }
+    if (options.ifNoneMatch !== undefined) return info !== undefined;
+    return info === undefined || info.etag !== options.ifMatch;
+  }
+
+  /** Size, generation and update time of the object (its metadata), or undefined when the key does not exist. */
+  async head(key: string, options?: RequestOptions): Promise<ObjectInfo | undefined> {
+    checkKey('head', key, this.description);
+    const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
+    try {
+      const [metadata] = await untilAborted(attempt, (await this.file(key)).getMetadata());
+      return this.info(key, metadata);
+    } catch (err) {
+      if (classify(err) === 'NotFound' && !bucketMissing(err)) return undefined;
+      throw this.error('head', key, err, attempt);
+    } finally {
+      attempt.done();
+    }
+  }
+
+  /** Every object under prefix in key order, by pages of up to 1000 objects. */
+  async list(prefix: string, options?: ListOptions): Promise<ObjectInfo[]> {
+    checkPrefix(prefix, this.description);
+    const found: ObjectInfo[] = [];
+    let pageToken: string | undefined;
+    const where = `prefix ${JSON.stringify(prefix)}`;
+    do {
+      const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
+      try {
+        const [files, next] = await untilAborted(
+          attempt,
+          (await this.storage()).bucket(this.bucket).getFiles({ prefix: this.prefix + prefix, autoPaginate: false, maxResults: LIST_PAGE, pageToken }),
+        );
+        for (const file of files) {
+          if (!file.name.startsWith(this.prefix)) continue;
+          found.push(this.info(file.name.slice(this.prefix.length), file.metadata));
+        }
+        options?.onPage?.();
+        pageToken = (next as { pageToken?: string } | null | undefined)?.pageToken || undefined;
+      } catch (err) {
+        throw this.error('list', where, err, attempt);
+      } finally {
+        attempt.done();
+      }
+    } while (pageToken !== undefined);
+    // GCS lists in UTF-8 byte order already; sort so that the interface's order never depends on a server.
+    return found.sort((a, b) => Buffer.compare(Buffer.from(a.key), Buffer.from(b.key)));
+  }
+
+  /** Deletes the object; a missing key is not an error. */
+  async delete(key: string, options?: RequestOptions): Promise<void> {
+    checkKey('delete', key, this.description);
+    const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
+    try {
+      await untilAborted(attempt, (await this.file(key)).delete());
+    } catch (err) {
+      if (classify(err) === 'NotFound' && !bucketMissing(err)) return;
+      throw this.error('delete', key, err, attempt);
+    } finally {
+      attempt.done();
+    }
+  }
+
+  /** The client keeps no sockets of its own to close; nothing is pending once every request settled. */
+  async close(): Promise<void> {}
+
+  private info(key: string, metadata: FileMetadata): ObjectInfo {
+    const generation = metadata.generation;
+    if (generation === undefined || generation === null) {
+      throw storeError('Invalid', 'head', key, this.description, 'the object metadata has no generation');
+    }
+    return {
+      key,
+      size: Number(metadata.size ?? 0),
+      etag: String(generation),
+      lastModified: new Date(metadata.updated ?? 0),
+    };
+  }
+
+  /** The ObjectStoreError for a failed request; callers first take out the answers that are not errors. */
+  private error(op: string, key: string, err: unknown, attempt: Attempt): ObjectStoreError {
+    if (err instanceof ObjectStoreError) return err;
+    const what = classify(err);
+    // Left over, a 404 is about the bucket (a listing of a bucket that is not there, or a "bucket" message).
+    const code: ObjectStoreErrorCode = what === 'NotFound' ? 'NoSuchBucket' : what === 'RangeNotSatisfiable' ? 'Invalid' : what;
+    let detail = attempt.signal.aborted ? `${abortError(attempt).message}: ${describe(err)}` : describe(err);
+    if (code === 'NoSuchBucket') detail = `bucket ${this.bucket} does not exist: ${detail}`;
+    else if (code === 'AccessDenied') detail = `access denied: ${detail}`;
+    return storeError(code, op, key, this.description, detail, err);
+  }
+}
