@@ -81,7 +81,8 @@ function classify(err: unknown): Classified {
 
 function describe(err: unknown): string {
   const e = (err ?? {}) as ClientError;
-  const text = errorMessage(err).split('\n')[0];
+  // The answer to a HEAD (Get Blob Properties) has no body to explain it.
+  const text = errorMessage(err).split('\n')[0] || 'no error details (the answer to a HEAD has no body)';
   const label = [e.code, e.statusCode ? `HTTP ${e.statusCode}` : undefined].filter(Boolean).join(' ');
   return label ? `${label}: ${text}` : text;
 }

@@ -10,6 +10,7 @@
 // The client library is loaded on the first request, so a daemon on another store never
 // pays for loading it.
 
+import { readFile } from 'node:fs/promises';
 import type { File, FileMetadata, Storage } from '@google-cloud/storage';
 import { errorMessage } from '../log.js';
 import { abortError, checkEndpoint, readStream, startAttempt, untilAborted, type Attempt } from './cloud.js';
@@ -84,6 +85,8 @@ export class GcsObjectStore implements ObjectStore {
   readonly prefix: string;
   private readonly requestTimeoutMs: number;
   private client: Promise<Storage> | undefined;
+  /** A listing of the bucket answered: from now on a 404 of an object means the object is missing. */
+  private bucketSeen = false;
 
   constructor(
     bucket: string,
@@ -107,18 +110,66 @@ export class GcsObjectStore implements ObjectStore {
 
   /** The client, made on first use. */
   private storage(): Promise<Storage> {
-    this.client ??= import('@google-cloud/storage').then(
-      ({ Storage }) =>
-        new Storage({
-          apiEndpoint: this.options.endpoint?.replace(/\/+$/, ''),
-          keyFilename: this.options.serviceAccountKey,
-          // With a key, an endpoint other than Google's still gets a bearer token (a private gateway).
-          useAuthWithCustomEndpoint: this.options.serviceAccountKey !== undefined,
-          retryOptions: { autoRetry: false, maxRetries: 0 },
-          timeout: this.requestTimeoutMs,
-        }),
-    );
+    this.client ??= this.connect().catch((err: unknown) => {
+      this.client = undefined;
+      throw err;
+    });
     return this.client;
+  }
+
+  private async connect(): Promise<Storage> {
+    const credentials = this.options.serviceAccountKey === undefined ? undefined : await this.serviceAccount(this.options.serviceAccountKey);
+    const { Storage } = await import('@google-cloud/storage');
+    return new Storage({
+      apiEndpoint: this.options.endpoint?.replace(/\/+$/, ''),
+      credentials,
+      projectId: credentials?.project_id,
+      // With a key, an endpoint other than Google's still gets a bearer token (a private gateway).
+      useAuthWithCustomEndpoint: credentials !== undefined,
+      retryOptions: { autoRetry: false, maxRetries: 0 },
+      timeout: this.requestTimeoutMs,
+    });
+  }
+
+  /** The service account key file, read and checked: a key that cannot work fails 'AccessDenied' naming the file, never as an unreachable store. */
+  private async serviceAccount(file: string): Promise<{ client_email: string; private_key: string; project_id?: string }> {
+    const refuse = (why: string, cause?: unknown) =>
+      new ObjectStoreError('AccessDenied', `object store ${this.description}: service account key ${file}: ${why}`, cause === undefined ? undefined : { cause });
+    let text: string;
+    try {
+      text = await readFile(file, 'utf8');
+    } catch (err) {
+      throw refuse(`cannot read it: ${errorMessage(err)}`, err);
+    }
+    let key: { type?: unknown; client_email?: unknown; private_key?: unknown; project_id?: unknown };
+    try {
+      key = JSON.parse(text) as typeof key;
+    } catch (err) {
+      throw refuse('not JSON', err);
+    }
+    if (key === null || typeof key !== 'object' || key.type !== 'service_account') throw refuse('not a service account key (its "type" is not "service_account")');
+    if (typeof key.client_email !== 'string' || key.client_email === '') throw refuse('no client_email');
+    if (typeof key.private_key !== 'string' || !key.private_key.includes('PRIVATE KEY')) throw refuse('no private_key in PEM form');
+    return { client_email: key.client_email, private_key: key.private_key, project_id: typeof key.project_id === 'string' ? key.project_id : undefined };
+  }
+
+  /**
+   * Whether a failed request's 404 means the object is missing (rather than the bucket).
+   * GCS says "The specified bucket does not exist." when it is the bucket; an emulator may
+   * not, so the first 404 this store meets is settled by a one-object listing, which 404s
+   * only without the bucket (and needs no permission beyond storage.objects.list).
+   */
+  private async objectMissing(op: string, key: string, err: unknown, attempt: Attempt): Promise<boolean> {
+    if (classify(err) !== 'NotFound' || bucketMissing(err)) return false;
+    if (this.bucketSeen) return true;
+    try {
+      await untilAborted(attempt, (await this.storage()).bucket(this.bucket).getFiles({ prefix: this.prefix, autoPaginate: false, maxResults: 1 }));
+    } catch (listErr) {
+      if (classify(listErr) === 'NotFound') return false;
+      throw this.error(op, key, listErr, attempt);
+    }
+    this.bucketSeen = true;
+    return true;
   }
 
   private async file(key: string): Promise<File> {
@@ -177,7 +228,7 @@ export class GcsObjectStore implements ObjectStore {
       return { body, headers, status };
     } catch (err) {
       const what = classify(err);
-      if (what === 'NotFound' && !bucketMissing(err)) return undefined;
+      if (await this.objectMissing(op, key, err, attempt)) return undefined;
       if (what === 'RangeNotSatisfiable') return { body: Buffer.alloc(0), headers: {}, status: 416 };
       throw this.error(op, key, err, attempt);
     } finally {
@@ -229,7 +280,7 @@ export class GcsObjectStore implements ObjectStore {
       generation = (file.metadata as FileMetadata | undefined)?.generation;
     } catch (err) {
       const what = classify(err);
-      if (what === 'PreconditionFailed' || (what === 'NotFound' && !bucketMissing(err) && ifGenerationMatch !== undefined)) {
+      if (what === 'PreconditionFailed' || (ifGenerationMatch !== undefined && (await this.objectMissing('put', key, err, attempt)))) {
         throw storeError('PreconditionFailed', 'put', key, this.description, `precondition failed: ${condition}: ${describe(err)}`, err);
       }
       if (what === 'Unavailable' && ifGenerationMatch !== undefined && (await this.conditionFails(key, options!))) {
@@ -271,7 +322,7 @@ export class GcsObjectStore implements ObjectStore {
       const [metadata] = await untilAborted(attempt, (await this.file(key)).getMetadata());
       return this.info(key, metadata);
     } catch (err) {
-      if (classify(err) === 'NotFound' && !bucketMissing(err)) return undefined;
+      if (await this.objectMissing('head', key, err, attempt)) return undefined;
       throw this.error('head', key, err, attempt);
     } finally {
       attempt.done();
@@ -291,6 +342,7 @@ export class GcsObjectStore implements ObjectStore {
           attempt,
           (await this.storage()).bucket(this.bucket).getFiles({ prefix: this.prefix + prefix, autoPaginate: false, maxResults: LIST_PAGE, pageToken }),
         );
+        this.bucketSeen = true;
         for (const file of files) {
           if (!file.name.startsWith(this.prefix)) continue;
           found.push(this.info(file.name.slice(this.prefix.length), file.metadata));
@@ -314,7 +366,7 @@ export class GcsObjectStore implements ObjectStore {
     try {
       await untilAborted(attempt, (await this.file(key)).delete());
     } catch (err) {
-      if (classify(err) === 'NotFound' && !bucketMissing(err)) return;
+      if (await this.objectMissing('delete', key, err, attempt)) return;
       throw this.error('delete', key, err, attempt);
     } finally {
       attempt.done();
