@@ -242,7 +242,6 @@ export class AzureObjectStore implements ObjectStore {
       const res = await blob.upload(body, body.length, {
         abortSignal: attempt.signal,
         conditions: options?.ifNoneMatch ? { ifNoneMatch: '*' } : options?.ifMatch !== undefined ? { ifMatch: quoted(options.ifMatch) } : undefined,
-        onProgress: () => attempt.touch(),
       });
       if (!res.etag) throw storeError('Invalid', 'put', key, this.description, 'the upload answered without an ETag');
       return quoted(res.etag);

@@ -1,15 +1,15 @@
-// What the gs:// and az:// backends share. One attempt of a request: their clients have no
-// idle timeout of their own, so it fails once the caller's signal aborts, or when nothing
-// has happened for `[storage] request_timeout_s` (no answer, no body bytes going up or
-// coming down), the bound s3:// puts on its sockets.
+// What the gs:// and az:// backends share. One attempt of a request, bounded as s3:// bounds
+// its sockets: it fails once the caller's signal aborts, when no answer comes within
+// `[storage] request_timeout_s` of its start (a put's body sent included), or when a body
+// being read stays silent that long.
 
 import type { ObjectStoreError } from './types.js';
 
 /** The signal one attempt runs under, and what keeps it alive. */
 export interface Attempt {
-  /** Aborts when the caller gives up or the attempt has been idle for the timeout. */
+  /** Aborts when the caller gives up or the attempt has waited the timeout for an answer or for body bytes. */
   readonly signal: AbortSignal;
-  /** Something moved (an answer, a chunk of body): the idle timeout starts again. */
+  /** An answer or a chunk of a body arrived: the timeout starts again. */
   touch(): void;
   /** Why the signal aborted, for the error message: "timed out after N ms idle" or "aborted by the caller". */
   reason(): string;

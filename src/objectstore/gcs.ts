@@ -43,8 +43,10 @@ interface ClientError {
   response?: { status?: number };
 }
 
-/** Messages of google-auth-library when it has no usable credentials or the token endpoint refuses them. */
-const AUTH_MESSAGES = /invalid_grant|invalid_client|unauthorized_client|Could not load the default credentials|Could not refresh access token|private_key|client_email/i;
+/** OAuth errors of the token endpoint (an HTTP 400 or 401 of its own), e.g. a revoked or deleted service account key. */
+const TOKEN_REFUSED = /\b(invalid_grant|invalid_client|unauthorized_client)\b/;
+/** google-auth-library's messages when it finds no credentials to use (no HTTP answer at all). */
+const NO_CREDENTIALS = /Could not load the default credentials|Could not refresh access token|Unable to detect a Project Id/i;
 
 function statusOf(err: unknown): number | undefined {
   const e = (err ?? {}) as ClientError;
@@ -59,7 +61,9 @@ function classify(err: unknown): Classified {
   if (status === 404) return 'NotFound';
   if (status === 412) return 'PreconditionFailed';
   if (status === 416) return 'RangeNotSatisfiable';
-  if (status === 401 || status === 403 || AUTH_MESSAGES.test(e.message ?? '')) return 'AccessDenied';
+  if (status === 401 || status === 403) return 'AccessDenied';
+  if ((status === undefined || status === 400) && TOKEN_REFUSED.test(e.message ?? '')) return 'AccessDenied';
+  if (status === undefined && NO_CREDENTIALS.test(e.message ?? '')) return 'AccessDenied';
   if (status === 408 || status === 429 || (status !== undefined && status >= 500)) return 'Unavailable';
   // No HTTP answer: refused, reset, DNS, a timeout of the client's own.
   if (status === undefined) return 'Unavailable';
@@ -271,7 +275,6 @@ export class GcsObjectStore implements ObjectStore {
           if (err) reject(err);
           else resolve();
         };
-        stream.on('progress', () => attempt.touch());
         stream.once('error', settle);
         stream.once('finish', () => settle());
         if (attempt.signal.aborted) abort();
