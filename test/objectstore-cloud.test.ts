@@ -122,6 +122,35 @@ test('az://: a wrong account key is AccessDenied naming the container and the ac
   await rejectsWith(store.delete('k'), 'AccessDenied', ['delete k', denied]);
 });
 
+test('az://: without a key, the default Azure credential chain is asked; when it has no credentials the store is AccessDenied, not unreachable', async (t) => {
+  // Only the environment credential (no service principal in the environment), so nothing
+  // beyond loopback is asked; the endpoint's port is closed, so reaching it would read as unreachable.
+  const saved = process.env.AZURE_TOKEN_CREDENTIALS;
+  process.env.AZURE_TOKEN_CREDENTIALS = 'EnvironmentCredential';
+  t.after(() => {
+    if (saved === undefined) delete process.env.AZURE_TOKEN_CREDENTIALS;
+    else process.env.AZURE_TOKEN_CREDENTIALS = saved;
+  });
+  for (const name of ['AZURE_TENANT_ID', 'AZURE_CLIENT_ID', 'AZURE_CLIENT_SECRET', 'AZURE_CLIENT_CERTIFICATE_PATH', 'AZURE_USERNAME']) {
+    if (process.env[name] !== undefined) return t.skip(`${name} is set: the environment holds a service principal`);
+  }
+  const closed = net.createServer();
+  await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+  const port = (closed.address() as net.AddressInfo).port;
+  await new Promise<void>((resolve) => closed.close(() => resolve()));
+  const store = withRetries(openObjectStore('az://container/p', {}, undefined, { azure: { accountName: 'acct', endpoint: `https://127.0.0.1:${port}/acct` } }), { attempts: 3 });
+  t.after(() => store.close());
+  await rejectsWith(probeObjectStore(store), 'AccessDenied', [
+    'object store az://container/p: access denied',
+    'container container in storage account acct (by the default Azure credential chain)',
+    'EnvironmentCredential',
+  ]);
+  assert.throws(
+    () => openObjectStore('az://container/p', {}, undefined, { azure: { accountName: 'acct', endpoint: 'http://127.0.0.1:10000/acct', allowHttp: true } }),
+    (err: unknown) => err instanceof ObjectStoreError && err.code === 'Invalid' && err.message.includes('https://'),
+  );
+});
+
 test('az://: a missing container is NoSuchBucket naming it, and the probe says which', async (t) => {
   const az = await sharedAzurite();
   const store = openObjectStore('az://no-such-container/p', {}, undefined, { azure: { connectionString: az.connectionString, allowHttp: true } });

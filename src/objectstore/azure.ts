@@ -49,6 +49,7 @@ interface ClientError {
   code?: string;
   statusCode?: number;
   message?: string;
+  errors?: unknown[];
 }
 
 const ACCESS_CODES = new Set([
@@ -60,7 +61,10 @@ const ACCESS_CODES = new Set([
   'AuthorizationResourceTypeMismatch',
   'InsufficientAccountPermissions',
   'AccountIsDisabled',
+  // @azure/identity: the default credential chain found no credentials, or the token service refused them.
   'CredentialUnavailableError',
+  'AuthenticationError',
+  'AggregateAuthenticationError',
   'AuthenticationRequiredError',
 ]);
 
@@ -83,7 +87,9 @@ function classify(err: unknown): Classified {
 function describe(err: unknown): string {
   const e = (err ?? {}) as ClientError;
   // The answer to a HEAD (Get Blob Properties) has no body to explain it.
-  const text = errorMessage(err).split('\n')[0] || 'no error details (the answer to a HEAD has no body)';
+  let text = errorMessage(err).split('\n')[0] || 'no error details (the answer to a HEAD has no body)';
+  // The default credential chain's failure holds why each credential it tried failed.
+  if (Array.isArray(e.errors) && e.errors.length > 0) text += ` (${e.errors.map((inner) => errorMessage(inner).split('\n')[0]).join('; ')})`;
   const label = [e.code, e.statusCode ? `HTTP ${e.statusCode}` : undefined].filter(Boolean).join(' ');
   return label ? `${label}: ${text}` : text;
 }
@@ -147,6 +153,8 @@ export class AzureObjectStore implements ObjectStore {
       throw invalid('no account: give an account name (with a key, or for the default Azure credential chain), an endpoint, or a connection string');
     } else if (options.accountKey !== undefined && options.accountName === undefined) {
       throw invalid('an account key needs its account name');
+    } else if (options.accountKey === undefined && options.endpoint !== undefined && new URL(options.endpoint).protocol === 'http:') {
+      throw invalid(`the default Azure credential chain sends bearer tokens, which need an https:// endpoint, not ${options.endpoint}; give an account key or a connection string`);
     }
     this.account = options.accountName ?? '';
     this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
@@ -349,7 +357,10 @@ export class AzureObjectStore implements ObjectStore {
     let detail = attempt.signal.aborted ? `${abortError(attempt).message}: ${describe(err)}` : describe(err);
     const account = this.account ? ` in storage account ${this.account}` : '';
     if (code === 'NoSuchBucket') detail = `container ${this.container} does not exist${account}: ${detail}`;
-    else if (code === 'AccessDenied') detail = `access denied to container ${this.container}${account}: ${detail}`;
+    else if (code === 'AccessDenied') {
+      const how = this.options.connectionString === undefined && this.options.accountKey === undefined ? ' (by the default Azure credential chain)' : '';
+      detail = `access denied to container ${this.container}${account}${how}: ${detail}`;
+    }
     return storeError(code, op, key, this.description, detail, err);
   }
 }
