@@ -196,7 +196,7 @@ test('gs://, az://: a server that accepts and never answers is Unavailable after
   }
 });
 
-test('gs://, az://: an http endpoint without allowHttp is Invalid naming it; az:// without an account, or with a key and a connection string, is Invalid', () => {
+test('gs://, az://: an http endpoint without allowHttp is Invalid naming it; az:// without an account, with a key and a connection string, or with a garbled connection string, is Invalid', async () => {
   const endpoint = 'http://127.0.0.1:4443';
   const refused = (cloud: Parameters<typeof openObjectStore>[3], url: string, text: string) =>
     assert.throws(
@@ -211,6 +211,9 @@ test('gs://, az://: an http endpoint without allowHttp is Invalid naming it; az:
   refused({ azure: { connectionString: 'AccountName=acct;AccountKey=a2V5', accountKey: 'a2V5' } }, 'az://container/p', 'not both');
   refused({ azure: { accountName: 'acct' } }, 'az://Bad_Container/p', 'bad container name');
   refused({}, 'gs://Bad/p', 'bad bucket name');
+  const garbled = openObjectStore('az://container/p', {}, undefined, { azure: { connectionString: 'AccountKey=c2VjcmV0;no account here' } });
+  await rejectsWith(probeObjectStore(garbled), 'Invalid', ['object store az://container/p: the connection string cannot be used']);
+  await rejectsWith(garbled.get('k'), 'Invalid', ['connection string']);
   const gs = openObjectStore('gs://bucket/some/prefix/', {});
   assert.equal(gs.description, 'gs://bucket/some/prefix');
   const az = openObjectStore('azure://container/some/prefix', {}, undefined, { azure: { accountName: 'acct' } });

@@ -178,7 +178,12 @@ export class AzureObjectStore implements ObjectStore {
     const { accountName, accountKey, connectionString, endpoint } = this.options;
     let service: BlobServiceClient;
     if (connectionString !== undefined) {
-      service = blob.BlobServiceClient.fromConnectionString(connectionString, pipeline);
+      try {
+        service = blob.BlobServiceClient.fromConnectionString(connectionString, pipeline);
+      } catch (err) {
+        // Never quote the string: it holds the key or the SAS.
+        throw new ObjectStoreError('Invalid', `object store ${this.description}: the connection string cannot be used: ${errorMessage(err)}`, { cause: err });
+      }
       this.account = service.accountName;
     } else {
       const url = endpoint?.replace(/\/+$/, '') ?? `https://${accountName}.blob.core.windows.net`;
