@@ -215,7 +215,8 @@ export class GcsObjectStore implements ObjectStore {
   ): Promise<{ body: Buffer; headers: Record<string, unknown>; status: number } | undefined> {
     const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
     try {
-      const stream = (await this.file(key)).createReadStream({ validation: false, decompress: false, ...range });
+      // The client asks for gzip; an answer GCS compressed for the transfer is unpacked (and its length is the compressed one).
+      const stream = (await this.file(key)).createReadStream({ validation: false, decompress: true, ...range });
       let headers: Record<string, unknown> = {};
       let status = 0;
       stream.once('response', (res: { headers?: Record<string, unknown>; statusCode?: number; status?: number }) => {
@@ -223,7 +224,8 @@ export class GcsObjectStore implements ObjectStore {
         headers = res.headers ?? {};
         status = res.statusCode ?? res.status ?? 0;
       });
-      const declared = () => (typeof headers['content-length'] === 'string' ? Number(headers['content-length']) : undefined);
+      const declared = () =>
+        typeof headers['content-length'] === 'string' && [undefined, 'identity'].includes(headers['content-encoding'] as string | undefined) ? Number(headers['content-length']) : undefined;
       const body = await readStream(stream, undefined, attempt);
       const expected = declared();
       if (expected !== undefined && Number.isSafeInteger(expected) && body.length !== expected) {
