@@ -196,6 +196,37 @@ test('gs://, az://: a server that accepts and never answers is Unavailable after
   }
 });
 
+test('gs://, az://: a body cut short mid-transfer is Unavailable naming the key, never a short object', async (t) => {
+  const server = http.createServer((req, res) => {
+    req.resume();
+    res.writeHead(200, {
+      'Content-Length': String(MiB),
+      'Content-Type': 'application/octet-stream',
+      ETag: '"0x1"',
+      'Last-Modified': new Date().toUTCString(),
+      'x-goog-generation': '1',
+      'x-ms-blob-type': 'BlockBlob',
+    });
+    res.write(Buffer.alloc(1000, 7));
+    setTimeout(() => res.socket?.destroy(), 50);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  const endpoint = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+  const stores = [
+    openObjectStore('gs://bucket/p', {}, undefined, { gcs: { endpoint, allowHttp: true } }),
+    openObjectStore('az://container/p', {}, undefined, { azure: { accountName: 'acct', accountKey: 'a2V5', endpoint: `${endpoint}/acct`, allowHttp: true } }),
+  ];
+  for (const store of stores) {
+    t.after(() => store.close());
+    await rejectsWith(store.get('packs/ab/cut'), 'Unavailable', ['get packs/ab/cut', `on ${store.description}`]);
+    await rejectsWith(store.getRange('packs/ab/cut', 0, 4096), 'Unavailable', ['get_range packs/ab/cut']);
+  }
+});
+
 test('gs://, az://: an http endpoint without allowHttp is Invalid naming it; az:// without an account, with a key and a connection string, or with a garbled connection string, is Invalid', async () => {
   const endpoint = 'http://127.0.0.1:4443';
   const refused = (cloud: Parameters<typeof openObjectStore>[3], url: string, text: string) =>
