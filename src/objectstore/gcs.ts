@@ -9,6 +9,11 @@
 //
 // The client library is loaded on the first request, so a daemon on another store never
 // pays for loading it.
+//
+// Aborts: a download stops at once (its stream is destroyed, and its socket with it). The
+// client's transport cannot abort a request in flight, so an abandoned upload or metadata
+// request fails here at once but runs on until it answers or the client's own timeout
+// (request_timeout_s, the same bound) ends it; at most that long, its body stays held.
 
 import { readFile } from 'node:fs/promises';
 import type { File, FileMetadata, Storage } from '@google-cloud/storage';
