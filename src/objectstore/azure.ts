@@ -18,7 +18,7 @@
 
 import type { BlobServiceClient, ContainerClient, StoragePipelineOptions } from '@azure/storage-blob';
 import { errorMessage } from '../log.js';
-import { abortError, checkEndpoint, readStream, startAttempt, type Attempt } from './cloud.js';
+import { abortError, checkEndpoint, readStream, startAttempt, untilAborted, type Attempt } from './cloud.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
 import {
   ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
@@ -223,7 +223,7 @@ export class AzureObjectStore implements ObjectStore {
   ): Promise<{ body: Buffer; etag: string; lastModified: Date } | undefined> {
     const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
     try {
-      const blob = (await this.containerClient()).getBlobClient(blobName(this.prefix + key));
+      const blob = (await untilAborted(attempt, this.containerClient())).getBlobClient(blobName(this.prefix + key));
       const res = await blob.download(offset, count, { abortSignal: attempt.signal, maxRetryRequests: 0 });
       attempt.touch();
       const stream = res.readableStreamBody;
@@ -251,7 +251,7 @@ export class AzureObjectStore implements ObjectStore {
     const condition = options?.ifNoneMatch ? 'the key exists (If-None-Match: *)' : `If-Match ${options?.ifMatch} does not match the current blob`;
     const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
     try {
-      const blob = (await this.containerClient()).getBlockBlobClient(blobName(this.prefix + key));
+      const blob = (await untilAborted(attempt, this.containerClient())).getBlockBlobClient(blobName(this.prefix + key));
       const res = await blob.upload(body, body.length, {
         abortSignal: attempt.signal,
         conditions: options?.ifNoneMatch ? { ifNoneMatch: '*' } : options?.ifMatch !== undefined ? { ifMatch: quoted(options.ifMatch) } : undefined,
@@ -290,7 +290,7 @@ export class AzureObjectStore implements ObjectStore {
     checkKey('head', key, this.description);
     const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
     try {
-      const blob = (await this.containerClient()).getBlobClient(blobName(this.prefix + key));
+      const blob = (await untilAborted(attempt, this.containerClient())).getBlobClient(blobName(this.prefix + key));
       const res = await blob.getProperties({ abortSignal: attempt.signal });
       return { key, size: res.contentLength ?? 0, etag: quoted(res.etag), lastModified: res.lastModified ?? new Date(0) };
     } catch (err) {
@@ -310,7 +310,7 @@ export class AzureObjectStore implements ObjectStore {
     do {
       const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
       try {
-        const container = await this.containerClient();
+        const container = await untilAborted(attempt, this.containerClient());
         const page = await container
           .listBlobsFlat({ prefix: listPrefix(this.prefix + prefix), abortSignal: attempt.signal })
           .byPage({ continuationToken, maxPageSize: LIST_PAGE })
@@ -343,7 +343,7 @@ export class AzureObjectStore implements ObjectStore {
     checkKey('delete', key, this.description);
     const attempt = startAttempt(options?.signal, this.requestTimeoutMs);
     try {
-      await (await this.containerClient()).getBlobClient(blobName(this.prefix + key)).delete({ abortSignal: attempt.signal });
+      await (await untilAborted(attempt, this.containerClient())).getBlobClient(blobName(this.prefix + key)).delete({ abortSignal: attempt.signal });
     } catch (err) {
       if (classify(err) === 'NotFound') return;
       throw this.error('delete', key, err, attempt);
