@@ -27,6 +27,8 @@ function defaultsAt(baseDir: string): Config {
       requestTimeoutMs: 10_000, requestDeadlineMs: 25_000,
     },
     aws: { accessKeyId: '', secretAccessKey: '', endpoint: '', defaultRegion: 'us-east-1', allowHttp: false, forcePathStyle: false },
+    gcs: { serviceAccountKey: '', endpoint: '', allowHttp: false },
+    azure: { accountName: '', accountKey: '', connectionString: '', endpoint: '', allowHttp: false },
     host: { id: '', leaseTtlS: 30, clockSkewMarginS: 3 },
     servers: {
       nbd: {
@@ -95,6 +97,8 @@ describe('template', () => {
         cache: Object.keys(template.cache),
         storage: Object.keys(template.storage),
         aws: Object.keys(template.aws),
+        gcs: Object.keys(template.gcs),
+        azure: Object.keys(template.azure),
         host: Object.keys(template.host),
         nbd: Object.keys(servers.nbd),
         http: Object.keys(servers.http),
@@ -106,6 +110,8 @@ describe('template', () => {
         cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second'],
         storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password', 'request_timeout_s', 'request_deadline_s'],
         aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
+        gcs: ['service_account_key', 'endpoint', 'allow_http'],
+        azure: ['account_name', 'account_key', 'connection_string', 'endpoint', 'allow_http'],
         host: ['id', 'lease_ttl_s', 'clock_skew_margin_s'],
         nbd: ['addresses', 'unix_socket', 'auto_create_size_gb', 'block_size', 'blocks_per_pack', 'socket_mode', 'tls', 'tls_cert', 'tls_key'],
         http: ['address', 'token'],
@@ -140,7 +146,7 @@ describe('unknown keys', () => {
 
   test('an unknown section is refused by its name', () => {
     assert.deepEqual(problemsOf('[cach]\ndir = "x"\n'), [
-      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, host, servers, volumes, gc, cost',
+      'config: cach is not allowed: unknown section; the sections are cache, storage, aws, gcs, azure, host, servers, volumes, gc, cost',
     ]);
   });
 
@@ -201,11 +207,35 @@ describe('bad values name the key, the value and what is allowed', () => {
     ],
     [
       '[storage]\nurl = "http://example.com/store"',
-      'config: storage.url = "http://example.com/store" is not allowed: "file://PATH" (a relative or absolute folder) or "s3://BUCKET/PREFIX" (a valid S3 bucket name)',
+      'config: storage.url = "http://example.com/store" is not allowed: "file://PATH" (a relative or absolute folder), "s3://BUCKET/PREFIX", "gs://BUCKET/PREFIX" or "az://CONTAINER/PREFIX" (a valid bucket or container name)',
     ],
     [
       '[storage]\nurl = "s3://Bad_Bucket/prefix"',
-      'config: storage.url = "s3://Bad_Bucket/prefix" is not allowed: "file://PATH" (a relative or absolute folder) or "s3://BUCKET/PREFIX" (a valid S3 bucket name) (bucket name "Bad_Bucket" must be lowercase letters, digits, "." and "-", starting and ending with a letter or digit)',
+      'config: storage.url = "s3://Bad_Bucket/prefix" is not allowed: "file://PATH" (a relative or absolute folder), "s3://BUCKET/PREFIX", "gs://BUCKET/PREFIX" or "az://CONTAINER/PREFIX" (a valid bucket or container name) (bucket name "Bad_Bucket" must be lowercase letters, digits, "." and "-", starting and ending with a letter or digit)',
+    ],
+    [
+      '[storage]\nurl = "gs://Bad/prefix"',
+      'config: storage.url = "gs://Bad/prefix" is not allowed: "file://PATH" (a relative or absolute folder), "s3://BUCKET/PREFIX", "gs://BUCKET/PREFIX" or "az://CONTAINER/PREFIX" (a valid bucket or container name) (bucket name "Bad" must be lowercase letters, digits, "-", "_" and ".", starting and ending with a letter or digit)',
+    ],
+    [
+      '[storage]\nurl = "az://a--b/prefix"\n[azure]\naccount_name = "acct"',
+      'config: storage.url = "az://a--b/prefix" is not allowed: "file://PATH" (a relative or absolute folder), "s3://BUCKET/PREFIX", "gs://BUCKET/PREFIX" or "az://CONTAINER/PREFIX" (a valid bucket or container name) (container name "a--b" must be 3 to 63 lowercase letters, digits and single "-", starting and ending with a letter or digit)',
+    ],
+    [
+      '[storage]\nurl = "az://disks/prod"',
+      'config: storage.url = "az://disks/prod" needs azure.account_name (or azure.connection_string, or azure.endpoint)',
+    ],
+    [
+      '[azure]\naccount_key = "c2VjcmV0"',
+      'config: azure.account_key is set but azure.account_name is not; a key needs its account',
+    ],
+    [
+      '[azure]\naccount_name = "acct"\nconnection_string = "AccountName=acct;AccountKey=c2VjcmV0"',
+      'config: azure.connection_string names the account and its credentials; leave azure.account_name and azure.account_key empty',
+    ],
+    [
+      '[azure]\naccount_key = 5',
+      'config: azure.account_key = (value hidden) is not allowed: a string ("" for the default Azure credential chain)',
     ],
   ];
   for (const [toml, problem] of cases) {
@@ -267,6 +297,19 @@ describe('accepted values', () => {
 
   test('an s3:// url is kept as written', () => {
     assert.equal(parseConfig('[storage]\nurl = "s3://my-bucket.eu/updraft/prod"', BASE, {}).storage.url, 's3://my-bucket.eu/updraft/prod');
+  });
+
+  test('gs:// and az:// urls are kept as written; [gcs] and [azure] are read, a relative key path resolved against the file', () => {
+    const gs = parseConfig('[storage]\nurl = "gs://my_bucket.eu/updraft"\n[gcs]\nservice_account_key = "keys/sa.json"\nendpoint = "http://127.0.0.1:4443"\nallow_http = true', BASE, {});
+    assert.equal(gs.storage.url, 'gs://my_bucket.eu/updraft');
+    assert.deepEqual(gs.gcs, { serviceAccountKey: join(BASE, 'keys/sa.json'), endpoint: 'http://127.0.0.1:4443', allowHttp: true });
+    const az = parseConfig(
+      '[storage]\nurl = "azure://disks/prod"\n[azure]\naccount_name = "acct1"\naccount_key = "${KEY}"\nendpoint = "http://127.0.0.1:10000/acct1"',
+      BASE,
+      { KEY: 'c2VjcmV0' },
+    );
+    assert.equal(az.storage.url, 'azure://disks/prod');
+    assert.deepEqual(az.azure, { accountName: 'acct1', accountKey: 'c2VjcmV0', connectionString: '', endpoint: 'http://127.0.0.1:10000/acct1', allowHttp: false });
   });
 });
 

@@ -1,6 +1,7 @@
 // The object store (src/objectstore/): one conformance suite run against file:// (a temp
-// folder) and s3:// (a real MinIO, see harness/minio.ts), then what only one backend
-// has: cross-process locking of the file store, S3 errors and time limits, and the
+// folder), s3:// (a real MinIO, see harness/minio.ts), gs:// (fake-gcs-server, see
+// harness/fake-gcs.ts) and az:// (Azurite, see harness/azurite.ts), then what only one
+// backend has: cross-process locking of the file store, S3 errors and time limits, and the
 // fault, retry and metering wrappers.
 
 import assert from 'node:assert/strict';
@@ -15,6 +16,9 @@ import { after, test, type TestContext } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { scratchDir, removeDir } from './harness/daemon.js';
 import { startMinio, type Minio } from './harness/minio.js';
+import { startFakeGcs, type FakeGcs } from './harness/fake-gcs.js';
+import { startAzurite, type Azurite } from './harness/azurite.js';
+import { startStoreProxy } from './harness/store-proxy.js';
 import { requireRoot, requireTools, runOk, TOOLS } from './harness/tools.js';
 import {
   FileObjectStore,
@@ -26,6 +30,7 @@ import {
   withFaults,
   withMetering,
   withRetries,
+  keyProblem,
   type ObjectStore,
   type ObjectStoreErrorCode,
   type S3Options,
@@ -45,8 +50,23 @@ function sharedMinio(): Promise<Minio> {
   return minio;
 }
 
+let fakeGcs: Promise<FakeGcs> | undefined;
+let azurite: Promise<Azurite> | undefined;
+
+/** One fake-gcs-server and one Azurite for the whole file, each started by the first test that needs it. */
+function sharedFakeGcs(): Promise<FakeGcs> {
+  fakeGcs ??= startFakeGcs();
+  return fakeGcs;
+}
+function sharedAzurite(): Promise<Azurite> {
+  azurite ??= startAzurite();
+  return azurite;
+}
+
 after(async () => {
   if (minio) await (await minio.catch(() => undefined))?.stop();
+  if (fakeGcs) await (await fakeGcs.catch(() => undefined))?.stop();
+  if (azurite) await (await azurite.catch(() => undefined))?.stop();
 });
 
 function awsOf(m: Minio, extra: S3Options = {}): S3Options {
@@ -71,15 +91,55 @@ async function s3Store(t: TestContext, extra: S3Options = {}): Promise<ObjectSto
   return store;
 }
 
+/** A gs:// store on the shared fake-gcs-server under a fresh prefix; `endpoint` replaces the server's (a proxy in front of it). */
+async function gcsStore(t: TestContext, endpoint?: string): Promise<ObjectStore> {
+  const gcs = await sharedFakeGcs();
+  const store = openObjectStore(`gs://${gcs.bucket}/${freshPrefix()}`, {}, undefined, { gcs: { endpoint: endpoint ?? gcs.endpoint, allowHttp: true } });
+  t.after(() => store.close());
+  return store;
+}
+
+/** An az:// store on the shared Azurite under a fresh prefix; `endpoint` replaces Azurite's (a proxy in front of it). */
+async function azureStore(t: TestContext, endpoint?: string): Promise<ObjectStore> {
+  const az = await sharedAzurite();
+  const url = endpoint === undefined ? az.endpoint : `${endpoint}/${az.account}`;
+  const store = openObjectStore(`az://${az.container}/${freshPrefix()}`, {}, undefined, {
+    azure: { accountName: az.account, accountKey: az.key, endpoint: url, allowHttp: true },
+  });
+  t.after(() => store.close());
+  return store;
+}
+
 interface Backend {
   name: string;
   /** An empty store of this kind, closed and removed after the test. */
   open(t: TestContext): Promise<ObjectStore>;
+  /** Most keys one page of a listing holds, for a backend that pages. */
+  listPage?: number;
+  /** For a store behind an HTTP endpoint: the same store reached through `endpoint` (a proxy), and the real endpoint. */
+  viaProxy?: { upstream(): Promise<string>; open(t: TestContext, endpoint: string): Promise<ObjectStore> };
 }
 
 const BACKENDS: Backend[] = [
   { name: 'file://', open: fileStore },
-  { name: 's3:// (MinIO)', open: s3Store },
+  {
+    name: 's3:// (MinIO)',
+    open: s3Store,
+    listPage: 1000,
+    viaProxy: { upstream: async () => (await sharedMinio()).endpoint, open: (t, endpoint) => s3Store(t, { endpoint }) },
+  },
+  {
+    name: 'gs:// (fake-gcs-server)',
+    open: (t) => gcsStore(t),
+    listPage: 1000,
+    viaProxy: { upstream: async () => (await sharedFakeGcs()).endpoint, open: gcsStore },
+  },
+  {
+    name: 'az:// (Azurite)',
+    open: (t) => azureStore(t),
+    listPage: 1000,
+    viaProxy: { upstream: async () => new URL((await sharedAzurite()).endpoint).origin, open: azureStore },
+  },
 ];
 
 // ---------------------------------------------------------------------------
@@ -296,8 +356,10 @@ for (const backend of BACKENDS) {
     const keys = Array.from({ length: 1100 }, (_, i) => `many/${String(i).padStart(5, '0')}`);
     await inPool(32, keys.map((key) => () => store.put(key, Buffer.from(key))));
     await store.put('manz', Buffer.from('not under many/'));
-    const listed = await store.list('many/');
+    let pages = 0;
+    const listed = await store.list('many/', { onPage: () => pages++ });
     assert.equal(listed.length, keys.length);
+    if (backend.listPage) assert.ok(pages >= Math.ceil(keys.length / backend.listPage), `${pages} pages`);
     assert.deepEqual(
       listed.map((info) => info.key),
       keys,
@@ -322,6 +384,89 @@ for (const backend of BACKENDS) {
     const store = await backend.open(t);
     await probeObjectStore(store);
   });
+
+  test(`${name}: keys with every allowed character, alone, first and last in a segment, and at the length limits, round-trip and list`, { timeout: 120_000 }, async (t) => {
+    const store = await backend.open(t);
+    const printable = Array.from({ length: 0x7f - 0x20 }, (_, i) => String.fromCharCode(0x20 + i)).filter((c) => c !== '/');
+    const unicode = ['\u00a0', 'é', 'ß', '\u00ff', '\u0100', '日', '\u200b', '\ufeff', '\ufffd', '😀', '\u{10ffff}'];
+    const keys = new Set<string>([`all/${printable.join('')}`, `all/${unicode.join('')}`]);
+    for (const c of [...printable, ...unicode]) {
+      if (c !== '.') keys.add(`alone/${c}`);
+      keys.add(`first/${c}x`);
+      keys.add(`last/x${c}`);
+      keys.add(`mid/x${c}x/${c}${c}${c}`);
+    }
+    keys.add(`long/${'é'.repeat(100)}`); // a 200-byte segment
+    const segment = 'k'.repeat(199);
+    // 960 bytes: a cloud store's key prefix counts against its 1024-byte limit too.
+    keys.add(`${segment}/${segment}/${segment}/${segment}/${'z'.repeat(160)}`);
+    for (const key of keys) assert.equal(keyProblem(key), undefined, `the test's own key ${JSON.stringify(key)} is not valid`);
+    const all = [...keys];
+    await inPool(16, all.map((key) => () => store.put(key, Buffer.from(key))));
+    await inPool(16, all.map((key) => async () => {
+      assert.equal((await store.get(key))?.body.toString(), key, `get ${JSON.stringify(key)}`);
+      assert.equal((await store.head(key))?.size, Buffer.byteLength(key), `head ${JSON.stringify(key)}`);
+      assert.equal((await store.getRange(key, 1, 3))?.toString(), Buffer.from(key).subarray(1, 4).toString(), `get_range ${JSON.stringify(key)}`);
+    }));
+    assert.deepEqual((await store.list('')).map((i) => i.key), byteOrder(all));
+    assert.deepEqual((await store.list('last/x')).length, printable.length + unicode.length);
+    // Prefixes ending inside a segment, after a dot (MinIO refuses a listing of a "first/." prefix: a "." component).
+    assert.deepEqual((await store.list('mid/x.')).map((i) => i.key), ['mid/x.x/...']);
+    assert.deepEqual((await store.list('last/x.')).map((i) => i.key), ['last/x.']);
+    assert.deepEqual((await store.list('mid/x%x/%')).map((i) => i.key), ['mid/x%x/%%%']);
+    const etag = (await store.head('alone/?'))!.etag;
+    await store.put('alone/?', Buffer.from('again'), { ifMatch: etag });
+    await rejectsWith(store.put('alone/#', Buffer.from('x'), { ifNoneMatch: '*' }), 'PreconditionFailed', ['alone/#']);
+    await inPool(16, all.map((key) => () => store.delete(key)));
+    assert.deepEqual(await store.list(''), []);
+  });
+
+  test(`${name}: a 40 MiB object round-trips whole and by ranges at its start, middle and end`, { timeout: 120_000 }, async (t) => {
+    const store = await backend.open(t);
+    const body = randomBytes(40 * MiB + 3);
+    const etag = await store.put('packs/ff/large', body, { selfVerifying: true });
+    const got = await store.get('packs/ff/large');
+    assert.equal(got?.etag, etag);
+    assert.ok(got?.body.equals(body), 'the whole object differs');
+    for (const [offset, length] of [[0, MiB], [17 * MiB + 5, 3 * MiB], [40 * MiB - 7, 64 * KiB]]) {
+      assert.ok((await store.getRange('packs/ff/large', offset, length))?.equals(body.subarray(offset, offset + length)), `range ${offset}+${length}`);
+    }
+    assert.equal((await store.head('packs/ff/large'))?.size, body.length);
+  });
+
+  test(`${name}: a conditional put whose reply is lost after it landed: retried, it meets itself and fails PreconditionFailed; the object is the caller's`, async (t) => {
+    const inner = await backend.open(t);
+    const store = withRetries(withFaults(inner, { seed: 11, lostPutRate: 1 }), { attempts: 3, baseDelayMs: 1 });
+    await rejectsWith(store.put('v/lease', Buffer.from('create'), { ifNoneMatch: '*' }), 'PreconditionFailed', ['v/lease']);
+    const created = await inner.get('v/lease');
+    assert.equal(created?.body.toString(), 'create', 'the object there is our own');
+    await rejectsWith(store.put('v/lease', Buffer.from('replace'), { ifMatch: created!.etag }), 'PreconditionFailed', ['v/lease']);
+    const replaced = await inner.get('v/lease');
+    assert.equal(replaced?.body.toString(), 'replace');
+    assert.notEqual(replaced?.etag, created?.etag);
+  });
+
+  if (backend.viaProxy) {
+    const viaProxy = backend.viaProxy;
+    test(`${name}: a conditional put whose HTTP answer is lost on the wire fails PreconditionFailed once the key shows it landed, never 'Unavailable' forever`, async (t) => {
+      const upstream = new URL(await viaProxy.upstream());
+      const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
+      t.after(() => proxy.close());
+      const store = await viaProxy.open(t, proxy.endpoint);
+      const upload = /^(PUT|POST) /;
+      proxy.add({ match: upload, answerLost: true });
+      await rejectsWith(store.put('v/manifest', Buffer.from('first'), { ifNoneMatch: '*' }), 'PreconditionFailed', ['put', 'v/manifest']);
+      const first = await store.get('v/manifest');
+      assert.equal(first?.body.toString(), 'first', 'the put was carried out');
+      proxy.add({ match: upload, answerLost: true });
+      await rejectsWith(store.put('v/manifest', Buffer.from('second'), { ifMatch: first!.etag }), 'PreconditionFailed', ['put', 'v/manifest']);
+      assert.equal((await store.get('v/manifest'))?.body.toString(), 'second', 'the replacing put was carried out');
+      // A lost answer to a put whose condition still holds (nothing landed) stays Unavailable: a retry may succeed.
+      proxy.add({ match: upload, reset: true });
+      await rejectsWith(store.put('v/other', Buffer.from('x'), { ifNoneMatch: '*' }), 'Unavailable', ['put', 'v/other']);
+      assert.equal(await store.head('v/other'), undefined);
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------

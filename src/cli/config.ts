@@ -32,6 +32,10 @@ export interface Config {
     allowHttp: boolean;
     forcePathStyle: boolean;
   };
+  /** For a gs:// storage url; '' means unset. */
+  gcs: { serviceAccountKey: string; endpoint: string; allowHttp: boolean };
+  /** For an az:// (or azure://) storage url; '' means unset. */
+  azure: { accountName: string; accountKey: string; connectionString: string; endpoint: string; allowHttp: boolean };
   host: { id: string; leaseTtlS: number; clockSkewMarginS: number };
   servers: {
     nbd: {
@@ -102,7 +106,8 @@ memory_size_gb = 1.0
 scrub_blocks_per_second = 20
 
 [storage]
-# Object store for packs and manifests: "file://PATH" (a folder) or "s3://BUCKET/PREFIX".
+# Object store for packs and manifests: "file://PATH" (a folder), "s3://BUCKET/PREFIX",
+# "gs://BUCKET/PREFIX" (Google Cloud Storage) or "az://CONTAINER/PREFIX" (Azure Blob Storage).
 url = "file://./.updraft/store"
 # Compression of blocks in packs: "lz4", "none" or "zstd-1" to "zstd-19".
 compression = "lz4"
@@ -113,7 +118,7 @@ read_ahead_packs = 8
 # then be given on every start. Keep it out of this file: "\${UPDRAFT_PASSWORD}".
 # An existing store cannot be encrypted in place; change it with \`updraft change-password\`.
 encryption_password = ""
-# Seconds one attempt of an s3:// request may wait for an answer (or sit on a silent
+# Seconds one attempt of an s3://, gs:// or az:// request may wait for an answer (or sit on a silent
 # connection) before it fails and is tried again.
 request_timeout_s = 10.0
 # Seconds after which a store request fails, its retries included: a read that needs the
@@ -136,6 +141,34 @@ default_region = "us-east-1"
 allow_http = false
 # Address buckets as ENDPOINT/BUCKET instead of BUCKET.ENDPOINT (MinIO and most S3 clones need it).
 force_path_style = false
+
+[gcs]
+# Credentials and endpoint for a gs:// storage url (docs/stores.md lists the roles needed).
+
+# Path of a service account's JSON key file; "" uses the client's default chain
+# (GOOGLE_APPLICATION_CREDENTIALS, gcloud credentials, the metadata server).
+service_account_key = ""
+# Another endpoint, such as an emulator's "http://127.0.0.1:4443"; "" means Google's.
+endpoint = ""
+# Allow an http:// (unencrypted) endpoint.
+allow_http = false
+
+[azure]
+# Credentials and endpoint for an az:// storage url: an account name with its key, a
+# connection string, or an account name alone for the default Azure credential chain
+# (environment, managed identity, Azure CLI). Use \${VAR} to keep secrets out.
+
+# Storage account name.
+account_name = ""
+# Shared key of the account; "" for the default Azure credential chain.
+account_key = ""
+# A connection string instead of account_name and account_key.
+connection_string = ""
+# Blob service URL, such as an emulator's "http://127.0.0.1:10000/devstoreaccount1";
+# "" means https://ACCOUNT.blob.core.windows.net.
+endpoint = ""
+# Allow an http:// (unencrypted) endpoint.
+allow_http = false
 
 [host]
 # This host's identity in volume leases; "" generates one on first start and keeps it
@@ -311,6 +344,8 @@ function databaseUrlProblem(url: string): string | undefined {
 
 const FILE_SCHEME = 'file://';
 const S3_SCHEME = 's3://';
+const GCS_SCHEME = 'gs://';
+const AZURE_SCHEMES = ['az://', 'azure://'];
 
 /** Why `bucket` breaks the S3 bucket naming rules, or undefined when it follows them. */
 function s3BucketProblem(bucket: string): string | undefined {
@@ -327,13 +362,30 @@ function s3BucketProblem(bucket: string): string | undefined {
   return undefined;
 }
 
+/** Why `bucket` breaks the GCS bucket naming rules (3-63 characters, or up to 222 with dots). */
+function gcsBucketProblem(bucket: string): string | undefined {
+  if (!/^[a-z0-9][a-z0-9._-]*[a-z0-9]$/.test(bucket)) {
+    return `bucket name ${JSON.stringify(bucket)} must be lowercase letters, digits, "-", "_" and ".", starting and ending with a letter or digit`;
+  }
+  if (bucket.length < 3 || bucket.length > 222 || bucket.split('.').some((part) => part.length > 63)) return `bucket name ${JSON.stringify(bucket)} is not 3 to 63 characters (222 with dots)`;
+  return undefined;
+}
+
+/** Why `container` breaks the Azure container naming rules. */
+function azureContainerProblem(container: string): string | undefined {
+  if (!/^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$/.test(container)) {
+    return `container name ${JSON.stringify(container)} must be 3 to 63 lowercase letters, digits and single "-", starting and ending with a letter or digit`;
+  }
+  return undefined;
+}
+
 function storageUrlProblem(url: string): string | undefined {
   if (url.startsWith(FILE_SCHEME)) return url.length > FILE_SCHEME.length ? undefined : 'the path is empty';
-  if (url.startsWith(S3_SCHEME)) {
-    const rest = url.slice(S3_SCHEME.length);
-    const slash = rest.indexOf('/');
-    return s3BucketProblem(slash < 0 ? rest : rest.slice(0, slash));
-  }
+  const first = (rest: string) => (rest.indexOf('/') < 0 ? rest : rest.slice(0, rest.indexOf('/')));
+  if (url.startsWith(S3_SCHEME)) return s3BucketProblem(first(url.slice(S3_SCHEME.length)));
+  if (url.startsWith(GCS_SCHEME)) return gcsBucketProblem(first(url.slice(GCS_SCHEME.length)));
+  const azure = AZURE_SCHEMES.find((scheme) => url.startsWith(scheme));
+  if (azure) return azureContainerProblem(first(url.slice(azure.length)));
   return '';
 }
 
@@ -380,7 +432,7 @@ const STORAGE = {
   url: setting(
     z.string().superRefine(problemCheck(storageUrlProblem)),
     'file://./.updraft/store',
-    '"file://PATH" (a relative or absolute folder) or "s3://BUCKET/PREFIX" (a valid S3 bucket name)',
+    '"file://PATH" (a relative or absolute folder), "s3://BUCKET/PREFIX", "gs://BUCKET/PREFIX" or "az://CONTAINER/PREFIX" (a valid bucket or container name)',
   ),
   compression: setting(
     z.string().regex(/^(lz4|none|zstd-([1-9]|1[0-9]))$/),
@@ -405,6 +457,22 @@ const AWS = {
   default_region: setting(z.string().min(1), 'us-east-1', 'a region name such as "us-east-1"'),
   allow_http: setting(z.boolean(), false, 'true or false'),
   force_path_style: setting(z.boolean(), false, 'true or false'),
+};
+
+const ENDPOINT_URL = (url: string) => (url === '' || /^https?:\/\/[^/]+(\/[^?#]*)?$/.test(url) ? undefined : '');
+
+const GCS = {
+  service_account_key: setting(z.string(), '', 'a path to a JSON key file, or "" for the default credentials'),
+  endpoint: setting(z.string().superRefine(problemCheck(ENDPOINT_URL)), '', '"" or an http(s)://host:port URL'),
+  allow_http: setting(z.boolean(), false, 'true or false'),
+};
+
+const AZURE = {
+  account_name: setting(z.string().regex(/^([a-z0-9]{3,24})?$/), '', '"" or 3 to 24 lowercase letters and digits'),
+  account_key: secretSetting(z.string(), '', 'a string ("" for the default Azure credential chain)'),
+  connection_string: secretSetting(z.string(), '', 'a connection string, or ""'),
+  endpoint: setting(z.string().superRefine(problemCheck(ENDPOINT_URL)), '', '"" or an http(s)://host[:port][/ACCOUNT] URL'),
+  allow_http: setting(z.boolean(), false, 'true or false'),
 };
 
 const HOST = {
@@ -488,7 +556,7 @@ const COST = {
 };
 
 const SETTINGS: Record<string, Setting<z.ZodType>> = {};
-for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES, gc: GC, cost: COST })) {
+for (const [table, settings] of Object.entries({ cache: CACHE, storage: STORAGE, aws: AWS, gcs: GCS, azure: AZURE, host: HOST, 'servers.nbd': NBD_SERVER, 'servers.http': HTTP_SERVER, volumes: VOLUMES, gc: GC, cost: COST })) {
   for (const [key, value] of Object.entries(settings)) SETTINGS[`${table}.${key}`] = value;
 }
 
@@ -515,6 +583,8 @@ const FILE_SCHEMA = z.strictObject({
   cache: tableOf(CACHE),
   storage: tableOf(STORAGE),
   aws: tableOf(AWS),
+  gcs: tableOf(GCS),
+  azure: tableOf(AZURE),
   host: tableOf(HOST),
   servers: table({ nbd: tableOf(NBD_SERVER), http: tableOf(HTTP_SERVER) }),
   volumes: tableOf(VOLUMES),
@@ -530,6 +600,8 @@ const TABLES: Record<string, readonly string[]> = {
   cache: Object.keys(CACHE),
   storage: Object.keys(STORAGE),
   aws: Object.keys(AWS),
+  gcs: Object.keys(GCS),
+  azure: Object.keys(AZURE),
   host: Object.keys(HOST),
   servers: ['nbd', 'http'],
   'servers.nbd': Object.keys(NBD_SERVER),
@@ -645,6 +717,16 @@ function crossKeyProblems(file: ConfigFile, problems: Problems): void {
         'the holder would stop writing before it renews',
     );
   }
+  const { azure } = file;
+  if (azure.account_key !== '' && azure.account_name === '') {
+    problems.add('azure.account_key', 'config: azure.account_key is set but azure.account_name is not; a key needs its account');
+  }
+  if (azure.connection_string !== '' && (azure.account_key !== '' || azure.account_name !== '')) {
+    problems.add('azure.connection_string', 'config: azure.connection_string names the account and its credentials; leave azure.account_name and azure.account_key empty');
+  }
+  if (AZURE_SCHEMES.some((scheme) => file.storage.url.startsWith(scheme)) && azure.connection_string === '' && azure.account_name === '' && azure.endpoint === '') {
+    problems.add('azure.account_name', `config: storage.url = ${formatValue(file.storage.url)} needs azure.account_name (or azure.connection_string, or azure.endpoint)`);
+  }
   if ((nbd.tls_cert === '') !== (nbd.tls_key === '')) {
     const [set, unset] = nbd.tls_cert === '' ? ['tls_key', 'tls_cert'] : ['tls_cert', 'tls_key'];
     problems.add(`servers.nbd.${unset}`, `config: servers.nbd.${set} is set but servers.nbd.${unset} is not; a certificate needs its key`);
@@ -728,7 +810,7 @@ function resolveStorageUrl(url: string, baseDir: string): string {
 }
 
 function toConfig(file: ConfigFile, baseDir: string): Config {
-  const { cache, storage, aws, host, servers, volumes, gc, cost } = file;
+  const { cache, storage, aws, gcs, azure, host, servers, volumes, gc, cost } = file;
   const { nbd, http } = servers;
   return {
     cache: {
@@ -747,6 +829,15 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       defaultRegion: aws.default_region,
       allowHttp: aws.allow_http,
       forcePathStyle: aws.force_path_style,
+    },
+    gcs: {
+      serviceAccountKey: gcs.service_account_key === '' ? '' : resolve(baseDir, gcs.service_account_key),
+      endpoint: gcs.endpoint,
+      allowHttp: gcs.allow_http,
+    },
+    azure: {
+      accountName: azure.account_name, accountKey: azure.account_key, connectionString: azure.connection_string,
+      endpoint: azure.endpoint, allowHttp: azure.allow_http,
     },
     host: { id: host.id, leaseTtlS: host.lease_ttl_s, clockSkewMarginS: host.clock_skew_margin_s },
     servers: {

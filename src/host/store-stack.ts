@@ -12,7 +12,7 @@ import type { ObjectStore } from '../objectstore/types.js';
 /**
  * The object store stack: retries over metering (every attempt that reaches the store
  * is counted) over the optional fault injector (UPDRAFT_STORE_FAULTS, for tests and
- * benchmarks) over the backend. Every request is bounded: an s3:// attempt by [storage]
+ * benchmarks) over the backend. Every request is bounded: an attempt by [storage]
  * request_timeout_s, a request with its retries by request_deadline_s.
  */
 export function openStore(config: Config, log: Logger): { store: ObjectStore; metered: MeteredObjectStore } {
@@ -38,6 +38,22 @@ export function openStore(config: Config, log: Logger): { store: ObjectStore; me
       requestTimeoutMs: config.storage.requestTimeoutMs,
     },
     log,
+    {
+      gcs: {
+        serviceAccountKey: config.gcs.serviceAccountKey || undefined,
+        endpoint: config.gcs.endpoint || undefined,
+        allowHttp: config.gcs.allowHttp,
+        requestTimeoutMs: config.storage.requestTimeoutMs,
+      },
+      azure: {
+        accountName: config.azure.accountName || undefined,
+        accountKey: config.azure.accountKey || undefined,
+        connectionString: config.azure.connectionString || undefined,
+        endpoint: config.azure.endpoint || undefined,
+        allowHttp: config.azure.allowHttp,
+        requestTimeoutMs: config.storage.requestTimeoutMs,
+      },
+    },
   );
   const faults = process.env.UPDRAFT_STORE_FAULTS;
   if (faults) {

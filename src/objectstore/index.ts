@@ -5,18 +5,28 @@ import { fileURLToPath } from 'node:url';
 import type { Logger } from '../log.js';
 import { FileObjectStore } from './file.js';
 import { S3ObjectStore, type S3Options } from './s3.js';
+import { GcsObjectStore, type GcsOptions } from './gcs.js';
+import { AzureObjectStore, type AzureOptions } from './azure.js';
 import { ObjectStoreError, type ObjectStore } from './types.js';
 
 export * from './types.js';
 export { FileObjectStore, type FileStoreOptions } from './file.js';
 export { S3ObjectStore, S3_MAX_SOCKETS, type S3Options } from './s3.js';
+export { GcsObjectStore, type GcsOptions } from './gcs.js';
+export { AzureObjectStore, type AzureOptions } from './azure.js';
 export { FaultyObjectStore, parseFaultSpec, withFaults, type FaultOptions, type InjectedFaults } from './faults.js';
 export { RetryingObjectStore, withRetries, type RetryOptions } from './retry.js';
 export { MeteredObjectStore, REQUEST_KINDS, withMetering, type StoreCounters } from './metered.js';
 export { keyProblem, MAX_KEY_BYTES, MAX_SEGMENT_BYTES } from './keys.js';
 
 /** The URL forms openObjectStore accepts, for error messages. */
-export const STORE_URL_FORMS = ['file:///absolute/path', 's3://bucket', 's3://bucket/key/prefix'] as const;
+export const STORE_URL_FORMS = ['file:///absolute/path', 's3://bucket', 's3://bucket/key/prefix', 'gs://bucket/key/prefix', 'az://container/key/prefix'] as const;
+
+/** Credentials, endpoints and time limits of the gs:// and az:// backends ([gcs], [azure]). */
+export interface CloudOptions {
+  gcs?: GcsOptions;
+  azure?: AzureOptions;
+}
 
 /** The object probeObjectStore reads (DESIGN.md: Formats; store/identity.ts); its absence is fine. */
 export const PROBE_KEY = 'store.json';
@@ -29,11 +39,13 @@ function redact(url: string): string {
 }
 
 /**
- * The backend for `url`: `file:///abs/path` (a local folder) or `s3://bucket[/prefix]`
- * (with `aws` for credentials, endpoint and timeouts). Anything else throws 'Invalid'
- * naming the URL and the accepted forms. Opening makes no request; see probeObjectStore.
+ * The backend for `url`: `file:///abs/path` (a local folder), `s3://bucket[/prefix]` (with
+ * `aws` for credentials, endpoint and timeouts), `gs://bucket[/prefix]` (with `cloud.gcs`)
+ * or `az://container[/prefix]` (also `azure://`; with `cloud.azure`). Anything else throws
+ * 'Invalid' naming the URL and the accepted forms. Opening makes no request; see
+ * probeObjectStore.
  */
-export function openObjectStore(url: string, aws: S3Options, log?: Logger): ObjectStore {
+export function openObjectStore(url: string, aws: S3Options, log?: Logger, cloud: CloudOptions = {}): ObjectStore {
   const invalid = (why: string) =>
     new ObjectStoreError('Invalid', `object store URL ${JSON.stringify(redact(url))}: ${why}; use ${STORE_URL_FORMS.join(' or ')}`);
   if (/^file:/i.test(url)) {
@@ -49,6 +61,16 @@ export function openObjectStore(url: string, aws: S3Options, log?: Logger): Obje
     const match = /^s3:\/\/([^/?#@]+)(?:\/([^?#]*))?$/i.exec(url);
     if (!match) throw invalid('expected s3://bucket or s3://bucket/prefix');
     return new S3ObjectStore(match[1], match[2] ?? '', aws, log);
+  }
+  if (/^gs:/i.test(url)) {
+    const match = /^gs:\/\/([^/?#@]+)(?:\/([^?#]*))?$/i.exec(url);
+    if (!match) throw invalid('expected gs://bucket or gs://bucket/prefix');
+    return new GcsObjectStore(match[1], match[2] ?? '', cloud.gcs);
+  }
+  if (/^(az|azure):/i.test(url)) {
+    const match = /^(?:az|azure):\/\/([^/?#@]+)(?:\/([^?#]*))?$/i.exec(url);
+    if (!match) throw invalid('expected az://container or az://container/prefix');
+    return new AzureObjectStore(match[1], match[2] ?? '', cloud.azure);
   }
   throw invalid('unsupported scheme');
 }
@@ -81,9 +103,11 @@ export async function probeObjectStore(store: ObjectStore): Promise<Buffer | und
   }
 }
 
-/** "bucket B" or "folder /path", from a store's description. */
+/** "bucket B", "container C" or "folder /path", from a store's description. */
 function missingWhat(description: string): string {
   if (description.startsWith('s3://')) return `bucket ${description.slice('s3://'.length).split('/')[0]}`;
+  if (description.startsWith('gs://')) return `bucket ${description.slice('gs://'.length).split('/')[0]}`;
+  if (description.startsWith('az://')) return `container ${description.slice('az://'.length).split('/')[0]}`;
   if (description.startsWith('file://')) return `folder ${fileURLToPath(description)}`;
   return 'the bucket or folder';
 }
