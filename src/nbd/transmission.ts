@@ -37,6 +37,13 @@ const MAX_POOLED_BYTES = 16 * 1024 * 1024;
  * stream's 16 KiB mark: one 1 MiB read reply would stall the pipeline.
  */
 const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
+/**
+ * Sector-aligned writes at least this large go through the thread pool (Volume.writeLarge):
+ * the copy into the page cache overlaps with reading the next request.
+ */
+const LARGE_WRITE_BYTES = 256 * 1024;
+/** Reads at least this large read the overlay through the thread pool (Volume.readLarge). */
+const LARGE_READ_BYTES = 256 * 1024;
 /** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
 const MAX_OFFSET_HIGH = 2 ** 21;
 
@@ -151,6 +158,11 @@ export class Transmission {
               this.complete('write', cookieHigh, cookieLow, flags, length, started);
             }, length);
           }
+          if (length >= LARGE_WRITE_BYTES && (offset % 4096) === 0 && (length % 4096) === 0) {
+            return this.after(volume.writeLarge(offset, payload!), type, cookieHigh, cookieLow, () => {
+              this.complete('write', cookieHigh, cookieLow, flags, length, started);
+            }, length);
+          }
           volume.write(offset, payload!);
           return this.complete('write', cookieHigh, cookieLow, flags, length, started);
         }
@@ -190,7 +202,15 @@ export class Transmission {
     const size = headerBytes + length;
     const pooled = size >= POOLED_REPLY_BYTES ? this.replyBuffer(size) : undefined;
     const reply = pooled === undefined ? Buffer.allocUnsafe(size) : pooled.subarray(0, size);
+    if (length >= LARGE_READ_BYTES) {
+      const filling = this.volume.readLarge(offset, length, reply, headerBytes);
+      return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started));
+    }
     this.volume.read(offset, length, reply, headerBytes);
+    this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+  }
+
+  private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer | undefined, started: number): void {
     if (this.structured) {
       reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
       reply.writeUInt16BE(P.REPLY_FLAG_DONE, 4);

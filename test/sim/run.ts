@@ -8,7 +8,7 @@ import { prng } from '../../src/objectstore/faults.js';
 import { decodePackIndex, packKey } from '../../src/store/pack.js';
 import { blockKey, keyHex } from '../../src/blocks/cache.js';
 import { ZERO_ALLOCATED_KEY } from '../../src/volume/blockmap.js';
-import type { Volume } from '../../src/volume/volume.js';
+import { SECTOR, type Volume } from '../../src/volume/volume.js';
 import { clock, runAs } from './clock.js';
 import { decodeUnit, fillUnit, UNIT, VolumeModel } from './model.js';
 import { BLOCK, LEASE_TTL_MS, MEMORY_BLOCKS, World, type Slot } from './world.js';
@@ -135,6 +135,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
 
   async function readCheck(slot: Slot, model: VolumeModel, volume: Volume, offset: number, length: number): Promise<void> {
     const buf = Buffer.alloc(length);
+    // Half the reads take the overlay through the thread pool, as a large NBD read does.
+    const large = chance(0.5);
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
         // Blocks evicted while the read waited are fetched again (Volume.readReady).
@@ -143,7 +145,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
           await ready;
           ready = volume.readReady(offset, length, round);
         }
-        volume.read(offset, length, buf, 0);
+        if (large) await volume.readLarge(offset, length, buf, 0);
+        else volume.read(offset, length, buf, 0);
       });
       if ('died' in out) return;
       if (out.ok) break;
@@ -398,14 +401,17 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const { first, count } = range(model);
       const w = nextWrite++;
       const fua = chance(0.15);
-      note(`write ${model.name} units ${first}+${count} = write ${w}${fua ? ' FUA' : ''} on ${slot.id}`);
+      const large = (first * UNIT) % SECTOR === 0 && (count * UNIT) % SECTOR === 0 && chance(0.5);
+      note(`write ${model.name} units ${first}+${count} = write ${w}${fua ? ' FUA' : ''}${large ? ' (thread pool)' : ''} on ${slot.id}`);
       const data = payload(first, count, w);
       const before = model.val.slice(first, first + count);
       const out = await drive(slot, async () => {
         const ready = volume.writeReady(first * UNIT, count * UNIT);
         if (ready) await ready;
         model.write(first, count, w);
-        volume.write(first * UNIT, data);
+        // A sector-aligned write goes through the thread pool half the time, as a large NBD write does.
+        if (large) await volume.writeLarge(first * UNIT, [data]);
+        else volume.write(first * UNIT, data);
         if (fua) await volume.flush();
       });
       if (!out.ok && !('died' in out)) {
