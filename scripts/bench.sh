@@ -24,7 +24,7 @@
 #   6. gc       scripts/bench/gc.mjs: reconciliation time per 1,000 manifests (file:// and
 #               MinIO), deletion throughput, refcount update latency on SQLite and
 #               PostgreSQL (needs MinIO and Debian's postgresql package).
-# Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
+# Each part runs its own daemon (`node dist/src/cli/updraft.cjs run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
 #
@@ -42,7 +42,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE="$ROOT/scripts/bench"
 UTIL="$HERE/util.mjs"
-MAIN="$ROOT/dist/src/cli/main.js"
+MAIN="$ROOT/dist/src/cli/updraft.cjs"
 
 RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
