@@ -162,9 +162,17 @@ test('a flush after a small change hands the journal only the change; compacting
     const largest = volume.journalStats.largestRewriteBatch;
     assert.ok(largest <= REWRITE_BATCH_RECORDS, `compaction encoded a batch of ${largest} records at once; the bound is ${REWRITE_BATCH_RECORDS}`);
     written = volume.journalStats.records;
-    volume.write(3 * bs, sector);
+    // A sector of chunk 3 not written before: its mask changes.
+    volume.write(3 * bs + 4096, sector);
     await volume.flush();
     assert.equal(volume.journalStats.records - written, 1, 'after compaction too');
+    // A rewrite of sectors already in the overlay changes no record: the batch holds the sequence alone.
+    written = volume.journalStats.records;
+    const sequence = volume.sequence;
+    volume.write(3 * bs, sector);
+    await volume.flush();
+    assert.equal(volume.journalStats.records - written, 0, 'a rewrite of present sectors handed the journal a record');
+    assert.equal(volume.sequence, sequence + 1);
     await volume.close();
 
     // The compacted journal is the whole state.
@@ -174,6 +182,9 @@ test('a flush after a small change hands the journal only the change; compacting
     const got = Buffer.alloc(4096);
     reopened.read(3 * bs, 4096, got, 0);
     assert.ok(got.equals(sector), 'an overlay sector survives compaction');
+    reopened.read(3 * bs + 4096, 4096, got, 0);
+    assert.ok(got.equals(sector), 'a sector written after compaction survives a reopen');
+    assert.equal(reopened.sequence, sequence + 1, 'the sequence of a batch without records was not replayed');
     await reopened.close();
     await cache.close();
   } finally {
