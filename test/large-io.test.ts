@@ -5,6 +5,8 @@
 //     it: a SIGKILL right after its reply loses none of them;
 //   - a consistent fork taken while large writes are in flight holds every write answered
 //     before it, and each sector of the others is either old or new;
+//   - more FUA writes in flight than a connection may defer all succeed: a request's FUA
+//     wait stays in the slot its write took;
 //   - a connection closed with large writes in flight, or in the middle of a payload,
 //     leaves the daemon serving and the volume whole.
 import assert from 'node:assert/strict';
@@ -143,6 +145,37 @@ print(status, " ".join(str(i) for i in before))
     const src = await readRange(d.uri('src'), WRITES * MiB);
     for (let i = 0; i < WRITES; i++) {
       assert.ok(src.subarray(i * MiB, (i + 1) * MiB).every((b) => b === pattern(2, i)), `source write ${i} is not whole after the fork`);
+    }
+  } finally {
+    await d.cleanup();
+  }
+});
+
+test('100 FUA writes of 1 MiB in flight at once, past the 64 a connection may defer, all succeed and survive a SIGKILL', { timeout: TIMEOUT }, async (t) => {
+  if (!ready(t)) return;
+  const d = await daemonWithVolume('fua', 104);
+  try {
+    const out = await nbdsh(d.uri('fua'), `
+${PATTERN}
+cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray([pattern(3, i)]) * ${MiB}), i * ${MiB}, flags=nbd.CMD_FLAG_FUA) for i in range(100)]
+failed = []
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for i, c in enumerate(cookies):
+    try:
+        h.aio_command_completed(c)
+    except nbd.Error as e:
+        failed.append("%d: %s" % (i, e))
+print(len(failed))
+print("\\n".join(failed[:3]))
+`);
+    const [count, ...why] = out.trim().split('\n');
+    assert.equal(count, '0', `FUA writes failed: ${why.join(' | ')}`);
+    await d.kill9();
+    await d.restart();
+    const data = await readRange(d.uri('fua'), 100 * MiB);
+    for (let i = 0; i < 100; i++) {
+      assert.ok(data.subarray(i * MiB, (i + 1) * MiB).every((b) => b === pattern(3, i)), `FUA write ${i} is not whole after a SIGKILL`);
     }
   } finally {
     await d.cleanup();

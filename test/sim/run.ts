@@ -60,6 +60,10 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   let random = worldRandom;
   const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)];
   const chance = (p: number) => random() < p;
+  // Whether a write or read takes the thread-pool path: a stream of its own, so that adding
+  // that choice left every seed's workload as it was.
+  const ioPath = prng(opts.seed * 7_919 + 13);
+  const threadPool = () => ioPath() < 0.5;
   const fsyncErrors = chance(0.3);
   const fixed = opts.settings ?? {};
   // Every draw is made whether or not a setting replaces it: the rest of the run stays the same.
@@ -136,7 +140,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   async function readCheck(slot: Slot, model: VolumeModel, volume: Volume, offset: number, length: number): Promise<void> {
     const buf = Buffer.alloc(length);
     // Half the reads take the overlay through the thread pool, as a large NBD read does.
-    const large = chance(0.5);
+    const large = threadPool();
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
         // Blocks evicted while the read waited are fetched again (Volume.readReady).
@@ -401,7 +405,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const { first, count } = range(model);
       const w = nextWrite++;
       const fua = chance(0.15);
-      const large = (first * UNIT) % SECTOR === 0 && (count * UNIT) % SECTOR === 0 && chance(0.5);
+      const large = (first * UNIT) % SECTOR === 0 && (count * UNIT) % SECTOR === 0 && threadPool();
       note(`write ${model.name} units ${first}+${count} = write ${w}${fua ? ' FUA' : ''}${large ? ' (thread pool)' : ''} on ${slot.id}`);
       const data = payload(first, count, w);
       const before = model.val.slice(first, first + count);
