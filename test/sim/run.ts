@@ -435,7 +435,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         // A guest may retry: a FLUSH after a failed one must not succeed over writes the failed sync lost (invariant 1).
         retried = true;
         out = await drive(slot, () => volume.flush());
-        if (out.ok) note('  the retried flush succeeded');
+        // Invariant 1: a failed sync fails the volume, and FLUSH stays failed until it is reopened.
+        if (out.ok) throw new Failure(`host ${slot.id}: volume ${model.name}: a FLUSH succeeded right after a failed one, without a reopen`);
       }
       if (out.ok) model.flushed();
       // What the FLUSH acknowledged must survive a power cut right after it.
