@@ -10,6 +10,10 @@
 #               seal_idle_ms = 2000), then the restart time with that many volumes.
 #   3. flush    1 GiB of random 4 KiB writes (fio, QD32, no fsync), then one NBD FLUSH
 #               timed by scripts/bench/flush-latency.mjs; the same on the reference.
+#   3b. concurrency  scripts/bench/concurrency.sh: FLUSH after every 4 KiB write (fio --fsync=1)
+#               on one volume and on four at once, four VMs' random 70/30 I/O against one's,
+#               and one volume's read p99 beside a neighbour streaming 1 MiB writes; with the
+#               daemon's CPU seconds (all threads, and the event loop's), against nbdkit file.
 #   4. store    scripts/bench/store.mjs against MinIO on loopback: drain throughput of
 #               1 GiB (unsealed, and sealed beforehand), store requests per GiB, cold
 #               sequential read of a woken volume with 20 ms injected store latency, with
@@ -24,14 +28,14 @@
 #   6. gc       scripts/bench/gc.mjs: reconciliation time per 1,000 manifests (file:// and
 #               MinIO), deletion throughput, refcount update latency on SQLite and
 #               PostgreSQL (needs MinIO and Debian's postgresql package).
-# Each part runs its own daemon (`node dist/src/cli/main.js run -c updraft.toml`) in a
+# Each part runs its own daemon (`node dist/src/cli/updraft.cjs run -c updraft.toml`) in a
 # folder of one scratch directory, so one part's background sealing cannot disturb
 # another. Everything started here is stopped by its pid; the scratch dir is removed.
 #
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush,store,vm,gc)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
+#   BENCH_PARTS (compare,memory,flush,concurrency,store,vm,gc)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
 #   BENCH_GC_MANIFESTS (1000)  BENCH_GC_PACKS (500)
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_STORE_ENCRYPTED (0)  BENCH_STORE_PARTS (drain,migrate,cold,fork)
@@ -42,13 +46,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HERE="$ROOT/scripts/bench"
 UTIL="$HERE/util.mjs"
-MAIN="$ROOT/dist/src/cli/main.js"
+MAIN="$ROOT/dist/src/cli/updraft.cjs"
 
 RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush,store,vm,gc}
+PARTS=${BENCH_PARTS:-compare,memory,flush,concurrency,store,vm,gc}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -279,6 +283,18 @@ if has_part flush; then
   record flush reference_write_iops "$ref_iops"
   record flush reference_flush_ms "$ref_flush"
   record flush reference_second_flush_ms "$ref_flush2"
+  stop_daemon
+  rm -rf "$D_DIR"
+fi
+
+# ---- 3b. several VMs at once: FLUSH-heavy, mixed, and a streaming neighbour -----------
+if has_part concurrency; then
+  say "concurrency: fio --fsync=1 on 1 and 4 volumes, 4 volumes of random 70/30, read p99 beside a streaming writer"
+  new_daemon concurrency
+  start_daemon
+  run_child "$SCRATCH/concurrency.lines" bash "$HERE/concurrency.sh" --sock "$D_SOCK" --pid "$D_PID" --work "$SCRATCH" --runtime "$RUNTIME" \
+    || die "concurrency bench failed"
+  cat "$SCRATCH/concurrency.lines" >> "$LINES"
   stop_daemon
   rm -rf "$D_DIR"
 fi

@@ -18,6 +18,7 @@ checks=(
   "nbdinfo libnbd-bin"
   "nbdcopy libnbd-bin"
   "nbdfuse libnbd-bin"
+  "nbdsh python3-libnbd"
   "nbdkit nbdkit"
   "qemu-img qemu-utils"
   "mkfs.ext4 e2fsprogs"
@@ -53,7 +54,7 @@ missing_packages() {
 mapfile -t missing < <(missing_packages)
 
 if [ "${#missing[@]}" -eq 0 ]; then
-  echo "setup-test-deps: all test tools present (libnbd-bin nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64 postgresql chromium)"
+  echo "setup-test-deps: all test tools present (libnbd-bin python3-libnbd nbdkit fio+nbd qemu-utils e2fsprogs fuse3 util-linux openssl qemu-system-x86 busybox-static linux-image-amd64 postgresql chromium)"
   exit 0
 fi
 

@@ -81,6 +81,24 @@ test('reads and unaligned writes pipelined against cold blocks in a slow store s
       assert.ok(got.equals(expected.subarray(0, 32 * MiB)), 'the writes landed whole, around the cold blocks they were merged with');
       await writer.disconnect();
       process.stdout.write(`# deferred write bytes peak on one connection: ${bytesPeak}\n`);
+
+      // FUA writes waiting for cold blocks, more than a connection may defer: once their
+      // blocks arrive each waits for its flush in the slot its write took, not a second one.
+      const lazy = await b.api('POST', '/api/exports/cold/fork', { target: 'cold-fua', mode: 'lazy' });
+      assert.equal(lazy.status, 201, lazy.text);
+      const fua = await NbdClient.connect({ path: b.socket, exportName: 'cold-fua', commandTimeoutMs: 300_000 });
+      const small = randomBytes(512);
+      const fuaWrites = 2 * PER_CONNECTION;
+      const results = await Promise.allSettled(Array.from({ length: fuaWrites }, (_, i) => fua.write((i % chunks) * CHUNK + 1024, small, { fua: true })));
+      const refused = results.filter((r) => r.status === 'rejected').map((r) => String((r as PromiseRejectedResult).reason));
+      assert.deepEqual(refused.slice(0, 3), [], `${refused.length} of ${fuaWrites} FUA writes against cold blocks failed`);
+      for (const i of [0, 1, fuaWrites - 1]) {
+        const offset = (i % chunks) * CHUNK;
+        const want = Buffer.from(data.subarray(offset, offset + 4096));
+        small.copy(want, 1024);
+        assert.ok((await fua.read(offset, 4096)).equals(want), `FUA write ${i} did not land around its cold block`);
+      }
+      await fua.disconnect();
     });
   } finally {
     await cluster.cleanup();
@@ -162,9 +180,17 @@ test('a flush after a small change hands the journal only the change; compacting
     const largest = volume.journalStats.largestRewriteBatch;
     assert.ok(largest <= REWRITE_BATCH_RECORDS, `compaction encoded a batch of ${largest} records at once; the bound is ${REWRITE_BATCH_RECORDS}`);
     written = volume.journalStats.records;
-    volume.write(3 * bs, sector);
+    // A sector of chunk 3 not written before: its mask changes.
+    volume.write(3 * bs + 4096, sector);
     await volume.flush();
     assert.equal(volume.journalStats.records - written, 1, 'after compaction too');
+    // A rewrite of sectors already in the overlay changes no record: the batch holds the sequence alone.
+    written = volume.journalStats.records;
+    const sequence = volume.sequence;
+    volume.write(3 * bs, sector);
+    await volume.flush();
+    assert.equal(volume.journalStats.records - written, 0, 'a rewrite of present sectors handed the journal a record');
+    assert.equal(volume.sequence, sequence + 1);
     await volume.close();
 
     // The compacted journal is the whole state.
@@ -174,6 +200,9 @@ test('a flush after a small change hands the journal only the change; compacting
     const got = Buffer.alloc(4096);
     reopened.read(3 * bs, 4096, got, 0);
     assert.ok(got.equals(sector), 'an overlay sector survives compaction');
+    reopened.read(3 * bs + 4096, 4096, got, 0);
+    assert.ok(got.equals(sector), 'a sector written after compaction survives a reopen');
+    assert.equal(reopened.sequence, sequence + 1, 'the sequence of a batch without records was not replayed');
     await reopened.close();
     await cache.close();
   } finally {

@@ -38,7 +38,7 @@ import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { NbdClient } from '../../dist/test/harness/nbd-client.js';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const MAIN = path.join(ROOT, 'dist/src/cli/main.js');
+const MAIN = path.join(ROOT, 'dist/src/cli/updraft.cjs');
 const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache/updraft-test'), 'bin/minio');
 const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);

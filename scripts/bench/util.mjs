@@ -157,7 +157,7 @@ switch (cmd) {
       (result[section] ??= {})[key] = value(rest.join(' '));
     }
     if (compareFile && fs.existsSync(compareFile)) result.compare = JSON.parse(fs.readFileSync(compareFile, 'utf8'));
-    const order = ['config', 'compare', 'memory', 'flush', 'store', 'gc', 'run'];
+    const order = ['config', 'compare', 'memory', 'flush', 'concurrency', 'store', 'gc', 'run'];
     const sorted = Object.fromEntries([...order.filter((k) => k in result), ...Object.keys(result).filter((k) => !order.includes(k))].map((k) => [k, result[k]]));
     fs.writeFileSync(outFile, JSON.stringify(sorted, null, 2) + '\n');
     break;
@@ -216,6 +216,16 @@ switch (cmd) {
       lines.push(`  ${'write IOPS'.padEnd(10)} ${fmt(f.candidate_write_iops).padStart(12)} ${fmt(f.reference_write_iops).padStart(12)}`);
       lines.push(`  ${'FLUSH'.padEnd(10)} ${(fmt(f.candidate_flush_ms, 1) + 'ms').padStart(12)} ${(fmt(f.reference_flush_ms, 1) + 'ms').padStart(12)}`);
       lines.push(`  ${'2nd FLUSH'.padEnd(10)} ${(fmt(f.candidate_second_flush_ms, 2) + 'ms').padStart(12)} ${(fmt(f.reference_second_flush_ms, 2) + 'ms').padStart(12)}`);
+    }
+    const cc = r.concurrency;
+    if (cc) {
+      const us = (v) => `${fmt(v)}us`;
+      lines.push('', 'several VMs at once (reference: nbdkit file plugin, one sparse file per volume)');
+      for (const [key, what] of [['fsync_fresh', 'fsync=1, fresh volume'], ['fsync_written', 'fsync=1, written volume'], ['fsync_4', 'fsync=1, 4 volumes at once']]) {
+        lines.push(`  ${what.padEnd(27)} ${fmt(cc[`${key}_iops`]).padStart(7)} IOPS, FLUSH p50 ${us(cc[`${key}_flush_p50_us`]).padStart(8)}; reference ${fmt(cc[`${key}_reference_iops`]).padStart(6)} IOPS, ${us(cc[`${key}_reference_flush_p50_us`]).padStart(8)}; ratio ${fmt(cc[`${key}_ratio`], 2)}`);
+      }
+      lines.push(`  random 70/30 QD16: one volume ${fmt(cc.many_1_iops)} IOPS, four at once ${fmt(cc.many_4_iops)} IOPS (${fmt(cc.many_ratio, 2)}x); daemon CPU ${fmt(cc.many_4_cpu_s, 1)} s, event loop ${fmt(cc.many_4_event_loop_cpu_s, 1)} s`);
+      lines.push(`  4 KiB random read p99: alone ${us(cc.isolation_read_p99_alone_us)}, beside a 1 MiB QD8 writer ${us(cc.isolation_read_p99_beside_writer_us)} (${fmt(cc.isolation_ratio, 2)}x)`);
     }
     const st = r.store;
     if (st) {

@@ -160,6 +160,8 @@ export interface BlockSealer {
 export class LocalSpace {
   overlayBytes = 0;
   pinnedBytes = 0;
+  /** Overlay bytes of writes in flight on the thread pool, counted until their sectors are present. */
+  writingBytes = 0;
   readonly reserve: number;
   constructor(
     readonly capacity: number,
@@ -168,7 +170,7 @@ export class LocalSpace {
     this.reserve = Math.max(capacity * REWRITE_RESERVE, 4 * blockSize);
   }
   get used(): number {
-    return this.overlayBytes + this.pinnedBytes;
+    return this.overlayBytes + this.pinnedBytes + this.writingBytes;
   }
   /** Whether `extra` bytes of new local-only data fit; `rewrite` may use the reserve. */
   fits(extra: number, rewrite = false): boolean {
@@ -861,6 +863,15 @@ export class BlockCache {
     } finally {
       this.syncing = undefined;
     }
+  }
+
+  /**
+   * Make these blocks durable: a sync() when one of them was put since the last sync began,
+   * or while a sync runs (it may be the one covering them); otherwise they are durable already.
+   */
+  async syncFor(keys: readonly BlockKey[]): Promise<void> {
+    if (this.syncing === undefined && !keys.some((key) => this.unsynced.has(key))) return;
+    await this.sync();
   }
 
   private async syncFile(fd: number, file: string): Promise<void> {

@@ -37,6 +37,13 @@ const MAX_POOLED_BYTES = 16 * 1024 * 1024;
  * stream's 16 KiB mark: one 1 MiB read reply would stall the pipeline.
  */
 const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
+/**
+ * Sector-aligned writes at least this large go through the thread pool (Volume.writeLarge):
+ * the copy into the page cache overlaps with reading the next request.
+ */
+const LARGE_WRITE_BYTES = 256 * 1024;
+/** Reads at least this large read the overlay through the thread pool (Volume.readLarge). */
+const LARGE_READ_BYTES = 256 * 1024;
 /** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
 const MAX_OFFSET_HIGH = 2 ** 21;
 
@@ -148,33 +155,37 @@ export class Transmission {
             // The payload views point into the receive queue's chunks, which stay ours.
             return this.after(fetching, type, cookieHigh, cookieLow, () => {
               volume.write(offset, payload!);
-              this.complete('write', cookieHigh, cookieLow, flags, length, started);
+              return this.complete('write', cookieHigh, cookieLow, flags, length, started, true);
             }, length);
           }
+          if (length >= LARGE_WRITE_BYTES && (offset % 4096) === 0 && (length % 4096) === 0) {
+            const writing = volume.writeLarge(offset, payload!);
+            return this.after(writing, type, cookieHigh, cookieLow, () => this.complete('write', cookieHigh, cookieLow, flags, length, started, true), length);
+          }
           volume.write(offset, payload!);
-          return this.complete('write', cookieHigh, cookieLow, flags, length, started);
+          return void this.complete('write', cookieHigh, cookieLow, flags, length, started);
         }
         case P.CMD_FLUSH:
           return this.wait('flush', cookieHigh, cookieLow, volume.flush(), 0, started);
         case P.CMD_TRIM:
           volume.trim(offset, length);
-          return this.complete('trim', cookieHigh, cookieLow, flags, length, started);
+          return void this.complete('trim', cookieHigh, cookieLow, flags, length, started);
         case P.CMD_WRITE_ZEROES: {
-          const zero = () => {
+          const zero = (deferred: boolean) => {
             volume.zero(offset, length, {
               noHole: (flags & P.CMD_FLAG_NO_HOLE) !== 0,
               fast: (flags & P.CMD_FLAG_FAST_ZERO) !== 0,
             });
-            this.complete('zero', cookieHigh, cookieLow, flags, length, started);
+            return this.complete('zero', cookieHigh, cookieLow, flags, length, started, deferred);
           };
           const fetching = volume.writeReady(offset, length);
-          if (fetching === undefined) return zero();
-          return this.after(fetching, type, cookieHigh, cookieLow, zero);
+          if (fetching === undefined) return void zero(false);
+          return this.after(fetching, type, cookieHigh, cookieLow, () => zero(true));
         }
         case P.CMD_CACHE: {
           // A hint to bring the range onto this host: fetch its blocks from the store.
           const fetching = volume.readReady(offset, length);
-          if (fetching === undefined) return this.complete('cache', cookieHigh, cookieLow, 0, length, started);
+          if (fetching === undefined) return void this.complete('cache', cookieHigh, cookieLow, 0, length, started);
           return this.after(fetching, type, cookieHigh, cookieLow, () => this.complete('cache', cookieHigh, cookieLow, 0, length, started));
         }
         case P.CMD_BLOCK_STATUS:
@@ -185,12 +196,21 @@ export class Transmission {
     }
   }
 
-  private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
+  /** A large read goes through the thread pool unless `mayDefer` is false (it was deferred already). */
+  private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, mayDefer = true): void {
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
     const size = headerBytes + length;
     const pooled = size >= POOLED_REPLY_BYTES ? this.replyBuffer(size) : undefined;
     const reply = pooled === undefined ? Buffer.allocUnsafe(size) : pooled.subarray(0, size);
+    if (mayDefer && length >= LARGE_READ_BYTES) {
+      const filling = this.volume.readLarge(offset, length, reply, headerBytes);
+      return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started));
+    }
     this.volume.read(offset, length, reply, headerBytes);
+    this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+  }
+
+  private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer | undefined, started: number): void {
     if (this.structured) {
       reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
       reply.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
@@ -263,9 +283,16 @@ export class Transmission {
     this.send(reply);
   }
 
-  /** Reply to a command that changed data; with FUA, after it is durable. */
-  private complete(kind: OpKind, cookieHigh: number, cookieLow: number, flags: number, bytes: number, started: number): void {
-    if (flags & P.CMD_FLAG_FUA) return this.wait(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
+  /**
+   * Reply to a command that changed data; with FUA, after it is durable. A request already
+   * deferred (`deferred`) waits for the flush in its own slot: the returned promise, which
+   * after() holds the slot for. Otherwise the wait takes a slot of its own.
+   */
+  private complete(kind: OpKind, cookieHigh: number, cookieLow: number, flags: number, bytes: number, started: number, deferred = false): Promise<void> | void {
+    if (flags & P.CMD_FLAG_FUA) {
+      if (deferred) return this.replyAfter(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
+      return this.wait(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
+    }
     this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
     this.ok(cookieHigh, cookieLow);
   }
@@ -315,19 +342,21 @@ export class Transmission {
   private readAfter(fetching: Promise<void>, round: number, cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
     this.after(fetching, P.CMD_READ, cookieHigh, cookieLow, () => {
       const again = this.volume.readReady(offset, length, round);
-      if (again === undefined) this.read(cookieHigh, cookieLow, offset, length, started);
+      // Already deferred: read now, without a second deferral the bounds were not checked for.
+      if (again === undefined) this.read(cookieHigh, cookieLow, offset, length, started, false);
       else this.readAfter(again, round + 1, cookieHigh, cookieLow, offset, length, started);
     });
   }
 
-  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => void, payloadBytes = 0): void {
+  /** Serve once `fetching` is done; a serve that returns a promise keeps the slot until it settles. */
+  private after(fetching: Promise<void>, type: number, cookieHigh: number, cookieLow: number, serve: () => Promise<void> | void, payloadBytes = 0): void {
     this.defer(payloadBytes);
     fetching
       .then(
         () => {
           if (this.closed) return;
           try {
-            serve();
+            return serve();
           } catch (err) {
             this.failed(cookieHigh, cookieLow, type, err);
           }
@@ -343,17 +372,22 @@ export class Transmission {
 
   private wait(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): void {
     this.defer(0);
-    work.then(
+    this.replyAfter(kind, cookieHigh, cookieLow, work, bytes, started).finally(() => {
+      this.undefer(0);
+      this.uncork();
+      this.endIfDisconnected();
+    });
+  }
+
+  /** Reply once `work` settles: success, or its error. Never rejects. */
+  private replyAfter(kind: OpKind, cookieHigh: number, cookieLow: number, work: Promise<void>, bytes: number, started: number): Promise<void> {
+    return work.then(
       () => {
         this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
         this.ok(cookieHigh, cookieLow);
       },
       (err) => this.failed(cookieHigh, cookieLow, -1, err),
-    ).finally(() => {
-      this.undefer(0);
-      this.uncork();
-      this.endIfDisconnected();
-    });
+    );
   }
 
   private failed(cookieHigh: number, cookieLow: number, type: number, err: unknown): void {

@@ -32,6 +32,12 @@ const CHECKSUM_BYTES = 16;
  * and writes its state this many records at a time, so what it holds in memory is bounded.
  */
 export const REWRITE_BATCH_RECORDS = 4096;
+/**
+ * The file is zero-filled this far past its last batch. A batch then overwrites allocated,
+ * written blocks, so its fdatasync writes the data only, with no file-system metadata
+ * commit for a new size or extent. Replay stops at the zeros (no batch magic).
+ */
+const PREALLOCATE_BYTES = 1 << 20;
 
 export interface ChunkRecord {
   chunk: number;
@@ -77,6 +83,8 @@ export interface JournalStats {
 
 export class Journal {
   private position: number;
+  /** The file's length: zeros from position to here. */
+  private allocated: number;
   readonly stats: JournalStats = { records: 0, rewrites: 0, largestRewriteBatch: 0 };
 
   private constructor(
@@ -84,8 +92,10 @@ export class Journal {
     private fd: number,
     readonly maskBytes: number,
     position: number,
+    allocated = position,
   ) {
     this.position = position;
+    this.allocated = allocated;
   }
 
   get bytes(): number {
@@ -111,6 +121,7 @@ export class Journal {
       const batch = journal.encodeMap(initial.map, initial.sequence, size);
       disk.writeSync(fd, batch, 0, batch.length, HEADER_BYTES);
       journal.position += batch.length;
+      journal.allocated = journal.position;
     }
     await fsync(fd);
     return journal;
@@ -179,13 +190,16 @@ export class Journal {
       at = end + CHECKSUM_BYTES;
     }
     if (state.batches === 0) throw new Error(`journal ${file}: no valid batch (the volume was never created completely)`);
-    state.truncatedBytes = data.length - at;
+    // Zeros past the last batch are the preallocated space; anything else is a torn batch,
+    // cut off so that a later, shorter batch can never be followed by an older one on replay.
+    const preallocated = isZero(data.subarray(at));
+    state.truncatedBytes = preallocated ? 0 : data.length - at;
     const fd = disk.openSync(file, 'r+');
     if (state.truncatedBytes > 0) {
       disk.ftruncateSync(fd, at);
       disk.fsyncSync(fd);
     }
-    return { journal: new Journal(file, fd, maskBytes, at), state };
+    return { journal: new Journal(file, fd, maskBytes, at, preallocated ? data.length : at), state };
   }
 
   private encode(records: readonly ChunkRecord[], sequence: number, size: number): Buffer {
@@ -280,8 +294,20 @@ export class Journal {
 
   private appendSync(records: readonly ChunkRecord[], sequence: number, size: number): void {
     const batch = this.encode(records, sequence, size);
+    if (this.position + batch.length > this.allocated) this.preallocate(this.position + batch.length);
     disk.writeSync(this.fd, batch, 0, batch.length, this.position);
     this.position += batch.length;
+  }
+
+  /** Zero-fill the file from its end to past `end` (see PREALLOCATE_BYTES); durable with the next sync. */
+  private preallocate(end: number): void {
+    const from = Math.max(this.allocated, this.position);
+    const target = Math.ceil((end + 1) / PREALLOCATE_BYTES) * PREALLOCATE_BYTES;
+    const zeros = Buffer.alloc(Math.min(target - from, PREALLOCATE_BYTES));
+    for (let at = from; at < target; at += zeros.length) {
+      disk.writeSync(this.fd, zeros, 0, Math.min(zeros.length, target - at), at);
+    }
+    this.allocated = target;
   }
 
   /**
@@ -296,6 +322,7 @@ export class Journal {
       await fdatasync(this.fd);
     } catch (err) {
       this.position = before;
+      this.allocated = before;
       try {
         disk.ftruncateSync(this.fd, before);
       } catch (cut) {
@@ -349,9 +376,15 @@ export class Journal {
     disk.closeSync(this.fd);
     this.fd = disk.openSync(this.path, 'r+');
     this.position = disk.fstatSync(this.fd).size;
+    this.allocated = this.position;
   }
 
   close(): void {
     disk.closeSync(this.fd);
   }
+}
+
+function isZero(bytes: Buffer): boolean {
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+  return true;
 }

@@ -6,9 +6,10 @@
 //   overlay      sparse file; chunk i's written sectors at i × block_size
 //   journal      durable block map + overlay masks + size + sequence (journal.ts)
 //
-// The request path is synchronous on purpose: pread/pwrite into the page cache take
-// microseconds, a trip through the libuv thread pool costs more than the I/O itself.
-// Only FLUSH (fdatasync) and FUA wait.
+// Small requests are synchronous: pread/pwrite of a few sectors into the page cache take
+// microseconds, less than a trip through the libuv thread pool. Large aligned writes
+// (writeLarge) go through the pool, so the kernel's copy runs on another core while the
+// event loop reads the next request. FLUSH (fdatasync) and FUA wait.
 import { disk, fsyncPath } from '../disk/disk.js';
 import { injected } from '../faults/injected.js';
 import path from 'node:path';
@@ -21,6 +22,18 @@ import { SyncFailureCounts, VolumeStats } from './stats.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
+
+/** Write buffers back to back at a position through the thread pool (pwritev), finishing short writes. */
+async function writeAll(fd: number, buffers: readonly Buffer[], position: number): Promise<void> {
+  let rest = buffers as Buffer[];
+  while (rest.length > 0) {
+    const { bytesWritten } = await disk.writev(fd, rest, position);
+    if (bytesWritten === totalLength(rest)) return;
+    if (bytesWritten === 0) throw new Error(`pwritev at ${position} wrote nothing`);
+    position += bytesWritten;
+    rest = remainder(rest, bytesWritten);
+  }
+}
 
 /** Fill buf[offset, offset + length) from a file position through the thread pool. */
 async function readAt(fd: number, buf: Buffer, offset: number, length: number, position: number): Promise<void> {
@@ -177,6 +190,8 @@ export class Volume {
   /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */
   private readonly sealing = new Map<number, { written: Uint8Array; invalid: boolean }>();
   private readonly sealsInFlight = new Set<Promise<unknown>>();
+  /** Overlay reads and writes on the thread pool (readLarge, writeLarge); close and destroy wait for them before the fd goes. */
+  private readonly ioInFlight = new Set<Promise<unknown>>();
   private flushTail: Promise<void> = Promise.resolve();
   private flushQueued: Promise<void> | undefined;
   private closed = false;
@@ -356,7 +371,7 @@ export class Volume {
   }
   /** Whether anything changed since the last journal commit (a FLUSH would have work). */
   get unflushed(): boolean {
-    return this.journalDirty.size > 0 || this.sizeDirty || this.recoveredUnsynced;
+    return this.journalDirty.size > 0 || this.sizeDirty || this.recoveredUnsynced || this.sequence !== this.journalSequence;
   }
   /** Replaced blocks waiting for a journal commit before they can be released. */
   get pendingReleases(): number {
@@ -668,6 +683,36 @@ export class Volume {
   /** Copy [offset, offset + length) into dst at dstOffset. The caller checked the range. */
   read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
     this.checkOpen();
+    this.readRange(offset, length, dst, dstOffset, undefined);
+  }
+
+  /**
+   * A large read: as read(), but the overlay's runs are read through the thread pool, so
+   * the copy out of the page cache runs on another core. Which sectors come from where is
+   * decided now, and cached blocks are copied now; the overlay file's bytes of a sector
+   * never move, so the later preads read what an immediate one would have.
+   */
+  async readLarge(offset: number, length: number, dst: Buffer, dstOffset: number): Promise<void> {
+    this.checkOpen();
+    // Overlay runs as [file position, dst offset, length], adjacent ones merged into one pread.
+    const runs: number[] = [];
+    this.readRange(offset, length, dst, dstOffset, runs);
+    if (runs.length === 0) return;
+    const preads: Array<Promise<void>> = [];
+    for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
+    const all = Promise.all(preads);
+    this.ioInFlight.add(all);
+    try {
+      await all;
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: read of ${length} bytes at ${offset} from ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+    } finally {
+      this.ioInFlight.delete(all);
+    }
+  }
+
+  /** read() and readLarge(): overlay runs are read now, or noted in `runs` for the thread pool. */
+  private readRange(offset: number, length: number, dst: Buffer, dstOffset: number, runs: number[] | undefined): void {
     const bs = this.blockSize;
     while (length > 0) {
       const chunk = Math.floor(offset / bs);
@@ -675,7 +720,7 @@ export class Volume {
       const n = Math.min(length, bs - inChunk);
       const mask = this.overlay.get(chunk);
       if (mask === undefined) this.readBase(chunk, inChunk, n, dst, dstOffset);
-      else this.readMixed(chunk, mask, inChunk, n, dst, dstOffset);
+      else this.readMixed(chunk, mask, inChunk, n, dst, dstOffset, runs);
       offset += n;
       dstOffset += n;
       length -= n;
@@ -683,7 +728,7 @@ export class Volume {
   }
 
   /** Read part of a chunk whose overlay holds some sectors: runs of present / absent. */
-  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number): void {
+  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number, runs?: number[]): void {
     const end = inChunk + n;
     let at = inChunk;
     while (at < end) {
@@ -697,8 +742,15 @@ export class Volume {
       }
       if (runEnd > end) runEnd = end;
       const len = runEnd - at;
-      if (present) this.readOverlay(chunk, at, len, dst, dstOffset + (at - inChunk));
-      else this.readBase(chunk, at, len, dst, dstOffset + (at - inChunk));
+      const to = dstOffset + (at - inChunk);
+      if (!present) this.readBase(chunk, at, len, dst, to);
+      else if (runs === undefined) this.readOverlay(chunk, at, len, dst, to);
+      else {
+        const position = chunk * this.blockSize + at;
+        const last = runs.length - 3;
+        if (last >= 0 && runs[last] + runs[last + 2] === position && runs[last + 1] + runs[last + 2] === to) runs[last + 2] += len;
+        else runs.push(position, to, len);
+      }
       at = runEnd;
     }
   }
@@ -774,6 +826,37 @@ export class Volume {
     this.lastWriteAt = Date.now();
   }
 
+  /**
+   * A large sector-aligned write through the thread pool: the kernel copies the payload
+   * into the overlay on another core while the event loop serves other requests. Its
+   * sectors become present (and the sequence moves) only once the bytes are in the file,
+   * so no seal, snapshot or FLUSH counts a sector whose data has not landed; the write is
+   * acknowledged after that. Its new bytes count against the disk budget while in flight.
+   * A volume that failed or became read-only meanwhile refuses it (its sectors stay absent).
+   */
+  async writeLarge(offset: number, parts: readonly Buffer[]): Promise<void> {
+    this.checkWritable();
+    if (this.closing) throw new VolumeError('ESHUTDOWN', `volume ${this.name} is closing`);
+    const length = totalLength(parts);
+    if ((offset & (SECTOR - 1)) !== 0 || (length & (SECTOR - 1)) !== 0) {
+      throw new Error(`volume ${this.name}: writeLarge of ${offset}+${length} is not sector-aligned`);
+    }
+    const reserved = this.reserve(offset, length);
+    this.space.writingBytes += reserved;
+    const work = writeAll(this.overlayFd, parts, offset);
+    this.ioInFlight.add(work);
+    try {
+      await work;
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: write of ${length} bytes at ${offset} to ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+    } finally {
+      this.ioInFlight.delete(work);
+      this.space.writingBytes -= reserved;
+    }
+    this.checkWritable();
+    this.markWritten(offset, length);
+  }
+
   /** Mark the sectors of an aligned range present, once its bytes are in the overlay. */
   private markWritten(offset: number, length: number): void {
     if (this.closed) return;
@@ -795,7 +878,7 @@ export class Volume {
    * data that exists nowhere else. Checked before anything is written, so a write
    * applies whole or not at all.
    */
-  private reserve(offset: number, length: number): void {
+  private reserve(offset: number, length: number): number {
     let fresh = 0;
     let rewrite = true;
     let checkedChunk = -1;
@@ -824,6 +907,7 @@ export class Volume {
       });
       throw error;
     }
+    return fresh * SECTOR;
   }
 
   private writeChunk(chunk: number, inChunk: number, src: readonly Buffer[], n: number): void {
@@ -867,12 +951,13 @@ export class Volume {
     if (added > 0) {
       this.overlaySectors += added;
       this.space.overlayBytes += added * SECTOR;
+      // A rewrite of present sectors leaves the chunk's record as the journal has it.
+      this.journalDirty.add(chunk);
     }
     if (this.sealing.size > 0) {
       const seal = this.sealing.get(chunk);
       if (seal !== undefined) for (let s = first; s <= last; s++) seal.written[s >>> 3] |= 1 << (s & 7);
     }
-    this.journalDirty.add(chunk);
     this.markStoreDirty(chunk);
   }
 
@@ -1243,7 +1328,25 @@ export class Volume {
       this.pendingUnref.push(...unrefs);
       return this.fail(reason);
     };
-    const [overlay, blocks] = await Promise.allSettled([injected.has('flush-skip-fdatasync') ? undefined : fdatasync(this.overlayFd), this.cache.sync()]);
+    const syncOverlay = () => (injected.has('flush-skip-fdatasync') ? Promise.resolve() : fdatasync(this.overlayFd));
+    // No chunk's record changed (only present sectors were rewritten): the batch says nothing
+    // but the sequence, which may reach the disk before the data it counts (a sequence ahead of
+    // the data only makes a drain find nothing new), so both syncs run at once.
+    if (chunks.size === 0 && unrefs.length === 0 && frozen === undefined && !injected.has('fsync-retry-succeeds')) {
+      const [overlay, journal] = await Promise.allSettled([syncOverlay(), this.journal.commit([], sequence, size)]);
+      if (overlay.status === 'rejected') {
+        this.syncFailures.overlay++;
+        throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
+      }
+      if (journal.status === 'rejected') {
+        this.syncFailures.journal++;
+        throw failed(`flush: ${(journal.reason as Error).message}`);
+      }
+      this.journalSequence = Math.max(this.journalSequence, sequence);
+      return;
+    }
+    // The block cache is synced only when this batch names a block put since its last sync.
+    const [overlay, blocks] = await Promise.allSettled([syncOverlay(), this.cache.syncFor(named.map(([, key]) => key))]);
     if (overlay.status === 'rejected' && injected.has('fsync-retry-succeeds')) {
       for (const chunk of chunks) this.journalDirty.add(chunk);
       this.pendingUnref.push(...unrefs);
@@ -1306,8 +1409,8 @@ export class Volume {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closing = true;
-    // Seals in progress read the overlay file; let them finish before it is closed.
-    await Promise.allSettled(this.sealsInFlight);
+    // Seals and large reads and writes in progress use the overlay file: they finish before it is closed.
+    await Promise.allSettled([...this.sealsInFlight, ...this.ioInFlight]);
     // A failed volume keeps its last good journal: what changed since is not written.
     if (this.failure === undefined) await this.flush();
     this.closed = true;
@@ -1318,7 +1421,7 @@ export class Volume {
   /** Forget the volume on this host: drop its block references and remove its folder. */
   async destroy(): Promise<void> {
     this.closing = true;
-    await Promise.allSettled(this.sealsInFlight);
+    await Promise.allSettled([...this.sealsInFlight, ...this.ioInFlight]);
     if (!this.closed) {
       this.closed = true;
       disk.closeSync(this.overlayFd);

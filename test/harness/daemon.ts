@@ -10,8 +10,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'smol-toml';
 
-/** dist/test/harness/daemon.js -> dist/src/cli/main.js */
-export const DAEMON_MAIN = fileURLToPath(new URL('../../src/cli/main.js', import.meta.url));
+/** dist/test/harness/daemon.js -> dist/src/cli/updraft.cjs (the `updraft` command) */
+export const DAEMON_MAIN = fileURLToPath(new URL('../../src/cli/updraft.cjs', import.meta.url));
 
 /** Preloaded into a daemon whose wall clock a test skews. */
 const SKEWED_CLOCK = new URL('./skewed-clock.js', import.meta.url).href;

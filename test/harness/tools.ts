@@ -20,6 +20,7 @@ export const TOOLS = {
   nbdinfo: { cmd: 'nbdinfo', pkg: 'libnbd-bin' },
   nbdcopy: { cmd: 'nbdcopy', pkg: 'libnbd-bin' },
   nbdfuse: { cmd: 'nbdfuse', pkg: 'libnbd-bin' },
+  nbdsh: { cmd: 'nbdsh', pkg: 'python3-libnbd' },
   nbdkit: { cmd: 'nbdkit', pkg: 'nbdkit' },
   fio: { cmd: 'fio', pkg: 'fio' },
   qemuImg: { cmd: 'qemu-img', pkg: 'qemu-utils' },

@@ -8,7 +8,7 @@ import { prng } from '../../src/objectstore/faults.js';
 import { decodePackIndex, packKey } from '../../src/store/pack.js';
 import { blockKey, keyHex } from '../../src/blocks/cache.js';
 import { ZERO_ALLOCATED_KEY } from '../../src/volume/blockmap.js';
-import type { Volume } from '../../src/volume/volume.js';
+import { SECTOR, type Volume } from '../../src/volume/volume.js';
 import { clock, runAs } from './clock.js';
 import { decodeUnit, fillUnit, UNIT, VolumeModel } from './model.js';
 import { BLOCK, LEASE_TTL_MS, MEMORY_BLOCKS, World, type Slot } from './world.js';
@@ -60,6 +60,10 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   let random = worldRandom;
   const pick = <T>(items: readonly T[]): T => items[Math.floor(random() * items.length)];
   const chance = (p: number) => random() < p;
+  // Whether a write or read takes the thread-pool path: a stream of its own, so that adding
+  // that choice left every seed's workload as it was.
+  const ioPath = prng(opts.seed * 7_919 + 13);
+  const threadPool = () => ioPath() < 0.5;
   const fsyncErrors = chance(0.3);
   const fixed = opts.settings ?? {};
   // Every draw is made whether or not a setting replaces it: the rest of the run stays the same.
@@ -135,6 +139,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
 
   async function readCheck(slot: Slot, model: VolumeModel, volume: Volume, offset: number, length: number): Promise<void> {
     const buf = Buffer.alloc(length);
+    // Half the reads take the overlay through the thread pool, as a large NBD read does.
+    const large = threadPool();
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
         // Blocks evicted while the read waited are fetched again (Volume.readReady).
@@ -143,7 +149,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
           await ready;
           ready = volume.readReady(offset, length, round);
         }
-        volume.read(offset, length, buf, 0);
+        if (large) await volume.readLarge(offset, length, buf, 0);
+        else volume.read(offset, length, buf, 0);
       });
       if ('died' in out) return;
       if (out.ok) break;
@@ -398,14 +405,17 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const { first, count } = range(model);
       const w = nextWrite++;
       const fua = chance(0.15);
-      note(`write ${model.name} units ${first}+${count} = write ${w}${fua ? ' FUA' : ''} on ${slot.id}`);
+      const large = (first * UNIT) % SECTOR === 0 && (count * UNIT) % SECTOR === 0 && threadPool();
+      note(`write ${model.name} units ${first}+${count} = write ${w}${fua ? ' FUA' : ''}${large ? ' (thread pool)' : ''} on ${slot.id}`);
       const data = payload(first, count, w);
       const before = model.val.slice(first, first + count);
       const out = await drive(slot, async () => {
         const ready = volume.writeReady(first * UNIT, count * UNIT);
         if (ready) await ready;
         model.write(first, count, w);
-        volume.write(first * UNIT, data);
+        // A sector-aligned write goes through the thread pool half the time, as a large NBD write does.
+        if (large) await volume.writeLarge(first * UNIT, [data]);
+        else volume.write(first * UNIT, data);
         if (fua) await volume.flush();
       });
       if (!out.ok && !('died' in out)) {
@@ -425,7 +435,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         // A guest may retry: a FLUSH after a failed one must not succeed over writes the failed sync lost (invariant 1).
         retried = true;
         out = await drive(slot, () => volume.flush());
-        if (out.ok) note('  the retried flush succeeded');
+        // Invariant 1: a failed sync fails the volume, and FLUSH stays failed until it is reopened.
+        if (out.ok) throw new Failure(`host ${slot.id}: volume ${model.name}: a FLUSH succeeded right after a failed one, without a reopen`);
       }
       if (out.ok) model.flushed();
       // What the FLUSH acknowledged must survive a power cut right after it.
