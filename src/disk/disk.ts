@@ -4,6 +4,7 @@
 // VFS). The real one is node:fs itself: the synchronous calls stay synchronous (the
 // request path's pread/pwrite), the syncs stay on the thread pool.
 import fs from 'node:fs';
+import path from 'node:path';
 import { promisify } from 'node:util';
 
 /** A directory entry as readdir with file types returns it. */
@@ -85,4 +86,34 @@ export async function fsyncPath(file: string): Promise<void> {
   } finally {
     disk.closeSync(fd);
   }
+}
+
+/** fsync a directory, so that its creates, renames and unlinks are durable. */
+export function syncDirSync(dir: string): void {
+  const fd = disk.openSync(dir, 'r');
+  try {
+    disk.fsyncSync(fd);
+  } finally {
+    disk.closeSync(fd);
+  }
+}
+
+/**
+ * Replace `file` with `body`, atomically and durably: a temporary file written and
+ * fsynced, renamed over it, and its folder fsynced. A crash leaves the old or the new
+ * file, never a part of one.
+ */
+export function replaceFileSync(file: string, body: Buffer | string): void {
+  const tmp = `${file}.tmp`;
+  const fd = disk.openSync(tmp, 'w');
+  try {
+    const bytes = typeof body === 'string' ? Buffer.from(body) : body;
+    let done = 0;
+    while (done < bytes.length) done += disk.writeSync(fd, bytes, done, bytes.length - done, done);
+    disk.fsyncSync(fd);
+  } finally {
+    disk.closeSync(fd);
+  }
+  disk.renameSync(tmp, file);
+  syncDirSync(path.dirname(file));
 }

@@ -10,7 +10,7 @@
 // so the previous holder's next conditional write fails and it stops writing. Lease
 // expiry is judged on the store's clock by takers and on the monotonic clock, less
 // `clock_skew_margin_s`, by the holder; no host's wall clock decides anything.
-import { disk } from '../disk/disk.js';
+import { disk, replaceFileSync } from '../disk/disk.js';
 import path from 'node:path';
 import { keyHex, type BlockCache, type BlockKey, type BlockSealer } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
@@ -31,7 +31,7 @@ import {
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
-import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
+import { Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 import { injected } from '../faults/injected.js';
 
 export type FlushMode = 'demand' | 'continuous';
@@ -405,16 +405,7 @@ export class StoreLink {
 
   /** Persist the state (atomic: temp file, fsync, rename). */
   save(): void {
-    const file = path.join(this.volume.dir, STATE_FILE);
-    const fd = disk.openSync(file + '.tmp', 'w');
-    try {
-      disk.writeSync(fd, JSON.stringify(this.state, null, 2) + '\n');
-      disk.fsyncSync(fd);
-    } finally {
-      disk.closeSync(fd);
-    }
-    disk.renameSync(file + '.tmp', file);
-    syncDir(this.volume.dir);
+    replaceFileSync(path.join(this.volume.dir, STATE_FILE), JSON.stringify(this.state, null, 2) + '\n');
   }
 
   /** Run `work` after every earlier operation on this link. */
