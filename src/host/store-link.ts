@@ -19,7 +19,7 @@ import { errorMessage, type Logger } from '../log.js';
 import type { StoreClock } from '../objectstore/clock.js';
 import { onBehalfOf } from '../objectstore/metered.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
-import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../store/lease.js';
+import { decodeLease, encodeLease, leaseBody, leaseIsLiveAt, type Lease } from '../store/lease.js';
 import {
   crashPoint, IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, sameSet, uploadsKey, type CountedManifest, type PackRefcounts, type PutCondition,
 } from '../gc/refcounts.js';
@@ -886,11 +886,7 @@ export class StoreLink {
         throw new LeaseHeldError(this.name, lease);
       }
       else generation = lease.generation + 1;
-      const next: Lease = {
-        format: 1, volume: this.name, owner: this.ctx.hostId, generation,
-        expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
-      };
-      const body = encodeLease(next);
+      const body = encodeLease(leaseBody(this.name, this.ctx.hostId, generation, now, this.ctx.leaseTtlMs));
       pausePoint('lease-acquire-put');
       const sent = performance.now();
       try {
@@ -936,11 +932,8 @@ export class StoreLink {
     const key = leaseKey(this.name);
     for (let attempt = 0; ; attempt++) {
       const now = Date.now();
-      const next: Lease = {
-        format: 1, volume: this.name, owner: this.ctx.hostId, generation: this.state.generation,
-        expires: new Date(now + this.ctx.leaseTtlMs).toISOString(), acquired: new Date(now).toISOString(),
-      };
-      const body = encodeLease(next);
+      const generation = this.state.generation;
+      const body = encodeLease(leaseBody(this.name, this.ctx.hostId, generation, now, this.ctx.leaseTtlMs));
       pausePoint('lease-renew-put');
       const sent = performance.now();
       let etag: string;
@@ -962,7 +955,7 @@ export class StoreLink {
         etag = current.etag;
       }
       // Fenced or released meanwhile: that stands.
-      if (this.state.generation !== next.generation) return false;
+      if (this.state.generation !== generation) return false;
       this.state.leaseEtag = etag;
       this.state.leaseExpires = now + this.ctx.leaseTtlMs;
       this.leaseSentAt = sent;
@@ -1037,8 +1030,7 @@ export class StoreLink {
           this.save();
         }
         if (generation > 0 && this.state.leaseEtag !== undefined) {
-          const now = new Date().toISOString();
-          const released: Lease = { format: 1, volume: this.name, owner: this.ctx.hostId, generation, expires: now, acquired: now, released: true };
+          const released = leaseBody(this.name, this.ctx.hostId, generation, Date.now(), 0, true);
           try {
             await this.ctx.store.put(leaseKey(this.name), encodeLease(released), { ifMatch: this.state.leaseEtag });
           } catch (err) {

@@ -36,6 +36,17 @@ const LEASE_SCHEMA = z.object({
   released: z.boolean().optional(),
 });
 
+/**
+ * The lease `owner` writes for `volume` at `generation`, taken or renewed at `now` (its
+ * wall clock) for `ttlMs`; `released` when it gives the lease up (expiring at once).
+ */
+export function leaseBody(volume: string, owner: string, generation: number, now: number, ttlMs: number, released = false): Lease {
+  const at = new Date(now).toISOString();
+  const lease: Lease = { format: 1, volume, owner, generation, expires: released ? at : new Date(now + ttlMs).toISOString(), acquired: at };
+  if (released) lease.released = true;
+  return lease;
+}
+
 export function encodeLease(l: Lease): Buffer {
   const parsed = LEASE_SCHEMA.safeParse(l);
   if (!parsed.success) throw new Error(`encodeLease ${l?.volume}: ${fieldProblem(parsed.error)}`);
