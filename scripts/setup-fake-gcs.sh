@@ -24,32 +24,6 @@ if ! command -v go >/dev/null 2>&1; then
   exit 1
 fi
 
-mkdir -p "$bin"
-echo "setup-fake-gcs: building github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION with $(go version | cut -d' ' -f3) into $bin"
-
-started=$(date +%s)
-log=$(mktemp -t setup-fake-gcs.XXXXXX)
-GOBIN="$bin" GOFLAGS="${GOFLAGS:-} -trimpath" go install "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION" >"$log" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null || true' INT TERM
-while kill -0 "$pid" 2>/dev/null; do
-  for _ in $(seq 30); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "setup-fake-gcs: still building ($(($(date +%s) - started)) s elapsed)"
-  fi
-done
-status=0
-wait "$pid" || status=$?
-elapsed=$(($(date +%s) - started))
-
-if [ "$status" -ne 0 ] || [ ! -x "$server" ]; then
-  echo "setup-fake-gcs: FAILED after ${elapsed} s (go install exit $status); last lines of $log:" >&2
-  tail -n 30 "$log" | sed 's/^/  /' >&2
-  exit 1
-fi
-rm -f "$log"
-echo "$FAKE_GCS_VERSION" >"$server.version"
-echo "setup-fake-gcs: built $server from github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION in ${elapsed} s"
+# shellcheck source=go-build-cached.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-build-cached.sh"
+go_build_cached setup-fake-gcs github.com/fsouza/fake-gcs-server "$FAKE_GCS_VERSION" "$server"

@@ -25,34 +25,7 @@ if ! command -v go >/dev/null 2>&1; then
   exit 1
 fi
 
-mkdir -p "$bin"
-echo "setup-minio: building github.com/minio/minio@$MINIO_VERSION with $(go version | cut -d' ' -f3) into $bin"
 echo "setup-minio: this takes 5-15 minutes on a small machine; progress every 30 s"
-
-started=$(date +%s)
-log=$(mktemp -t setup-minio.XXXXXX)
-GOBIN="$bin" GOFLAGS="${GOFLAGS:-} -trimpath" go install "github.com/minio/minio@$MINIO_VERSION" >"$log" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null || true' INT TERM
-while kill -0 "$pid" 2>/dev/null; do
-  for _ in $(seq 30); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 1
-  done
-  if kill -0 "$pid" 2>/dev/null; then
-    echo "setup-minio: still building ($(($(date +%s) - started)) s elapsed)"
-  fi
-done
-status=0
-wait "$pid" || status=$?
-elapsed=$(($(date +%s) - started))
-
-if [ "$status" -ne 0 ] || [ ! -x "$minio" ]; then
-  echo "setup-minio: FAILED after ${elapsed} s (go install exit $status); last lines of $log:" >&2
-  tail -n 30 "$log" | sed 's/^/  /' >&2
-  exit 1
-fi
-rm -f "$log"
-# `minio --version` of a `go install` build says only DEVELOPMENT.GOGET; remember what it is.
-echo "$MINIO_VERSION" >"$minio.version"
-echo "setup-minio: built $minio from github.com/minio/minio@$MINIO_VERSION in ${elapsed} s"
+# shellcheck source=go-build-cached.sh
+source "$(dirname "${BASH_SOURCE[0]}")/go-build-cached.sh"
+go_build_cached setup-minio github.com/minio/minio "$MINIO_VERSION" "$minio"

@@ -21,6 +21,7 @@ import { errorMessage } from '../log.js';
 import { abortError, checkEndpoint, readStream, startAttempt, untilAborted, type Attempt } from './cloud.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
 import {
+  conditionNoLongerHolds,
   ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
 
@@ -273,16 +274,8 @@ export class AzureObjectStore implements ObjectStore {
   }
 
   /** Like s3.ts conditionFails: a conditional put that got no answer, read back by the blob's properties. */
-  private async conditionFails(key: string, options: PutOptions): Promise<boolean> {
-    if (options.signal?.aborted) return false;
-    let info: ObjectInfo | undefined;
-    try {
-      info = await this.head(key, { signal: options.signal });
-    } catch {
-      return false;
-    }
-    if (options.ifNoneMatch !== undefined) return info !== undefined;
-    return info === undefined || info.etag !== options.ifMatch;
+  private conditionFails(key: string, options: PutOptions): Promise<boolean> {
+    return conditionNoLongerHolds(this, key, options);
   }
 
   /** Size, ETag and Last-Modified (Get Blob Properties), or undefined when the key does not exist. */

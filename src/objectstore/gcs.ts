@@ -21,6 +21,7 @@ import { errorMessage } from '../log.js';
 import { abortError, checkEndpoint, readStream, startAttempt, untilAborted, type Attempt } from './cloud.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
 import {
+  conditionNoLongerHolds,
   ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
 
@@ -312,16 +313,8 @@ export class GcsObjectStore implements ObjectStore {
    * caller then reads the key back to learn whether the object there is its own. Like
    * s3.ts conditionFails.
    */
-  private async conditionFails(key: string, options: PutOptions): Promise<boolean> {
-    if (options.signal?.aborted) return false;
-    let info: ObjectInfo | undefined;
-    try {
-      info = await this.head(key, { signal: options.signal });
-    } catch {
-      return false;
-    }
-    if (options.ifNoneMatch !== undefined) return info !== undefined;
-    return info === undefined || info.etag !== options.ifMatch;
+  private conditionFails(key: string, options: PutOptions): Promise<boolean> {
+    return conditionNoLongerHolds(this, key, options);
   }
 
   /** Size, generation and update time of the object (its metadata), or undefined when the key does not exist. */

@@ -20,6 +20,7 @@ import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { errorMessage, type Logger } from '../log.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
 import {
+  conditionNoLongerHolds,
   ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
 
@@ -328,16 +329,8 @@ export class S3ObjectStore implements ObjectStore {
    * reads the key back to learn whether the object there is its own). When the HEAD fails
    * too, the caller gave up, or the condition still holds, the put stays 'Unavailable'.
    */
-  private async conditionFails(key: string, options: PutOptions): Promise<boolean> {
-    if (options.signal?.aborted) return false;
-    let info: ObjectInfo | undefined;
-    try {
-      info = await this.head(key, { signal: options.signal });
-    } catch {
-      return false;
-    }
-    if (options.ifNoneMatch !== undefined) return info !== undefined;
-    return info === undefined || info.etag !== options.ifMatch;
+  private conditionFails(key: string, options: PutOptions): Promise<boolean> {
+    return conditionNoLongerHolds(this, key, options);
   }
 
   /** Size, ETag and Last-Modified (HeadObject), or undefined on 404 (the bucket's absence reads the same: HEAD has no error body). */

@@ -105,3 +105,22 @@ export interface ObjectStore {
   /** Release sockets and timers. */
   close(): Promise<void>;
 }
+
+/**
+ * After a conditional put that got no answer: whether its condition can no longer hold,
+ * read by a HEAD. The key is there (create only) or holds another etag (If-Match): trying
+ * again can only fail the same way, so the put fails 'PreconditionFailed' as a retried one
+ * would (its caller reads the key back to learn whether the object there is its own). When
+ * the HEAD fails too, the caller gave up, or the condition still holds: false.
+ */
+export async function conditionNoLongerHolds(store: Pick<ObjectStore, 'head'>, key: string, options: PutOptions): Promise<boolean> {
+  if (options.signal?.aborted) return false;
+  let info: ObjectInfo | undefined;
+  try {
+    info = await store.head(key, { signal: options.signal });
+  } catch {
+    return false;
+  }
+  if (options.ifNoneMatch !== undefined) return info !== undefined;
+  return info === undefined || info.etag !== options.ifMatch;
+}
