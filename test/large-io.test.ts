@@ -42,6 +42,17 @@ async function readRange(uri: string, length: number): Promise<Buffer> {
   return r.stdoutBytes.subarray(0, length);
 }
 
+/** Assert that each MiB `i` of `data` (for `i` of `which`) is all byte `byteOf(i)`. */
+function assertWhole(data: Buffer, which: Iterable<number>, byteOf: (i: number) => number, what: string): void {
+  for (const i of which) {
+    const piece = data.subarray(i * MiB, (i + 1) * MiB);
+    const bad = piece.findIndex((b) => b !== byteOf(i));
+    assert.equal(bad, -1, `${what} ${i}: its byte ${bad} reads ${piece[bad]}, not ${byteOf(i)}`);
+  }
+}
+
+const range = (n: number): number[] => Array.from({ length: n }, (_, i) => i);
+
 function ready(t: TestContext): boolean {
   return requireTools(t, [TOOLS.nbdsh, TOOLS.nbdcopy]);
 }
@@ -85,12 +96,7 @@ sys.stdout.flush()
     await d.kill9();
     await d.restart();
     const data = await readRange(d.uri('flushed'), WRITES * MiB);
-    for (const i of answered) {
-      const piece = data.subarray(i * MiB, (i + 1) * MiB);
-      const want = pattern(1, i);
-      const bad = piece.findIndex((b) => b !== want);
-      assert.equal(bad, -1, `write ${i} was answered before the FLUSH, yet after a SIGKILL its byte ${bad} reads ${piece[bad]}, not ${want}`);
-    }
+    assertWhole(data, answered, (i) => pattern(1, i), 'after a SIGKILL, write answered before the FLUSH');
   } finally {
     await d.cleanup();
   }
@@ -143,9 +149,7 @@ print(status, " ".join(str(i) for i in before))
     }
     // The source holds the whole second round.
     const src = await readRange(d.uri('src'), WRITES * MiB);
-    for (let i = 0; i < WRITES; i++) {
-      assert.ok(src.subarray(i * MiB, (i + 1) * MiB).every((b) => b === pattern(2, i)), `source write ${i} is not whole after the fork`);
-    }
+    assertWhole(src, range(WRITES), (i) => pattern(2, i), 'after the fork, source write');
   } finally {
     await d.cleanup();
   }
@@ -174,9 +178,7 @@ print("\\n".join(failed[:3]))
     await d.kill9();
     await d.restart();
     const data = await readRange(d.uri('fua'), 100 * MiB);
-    for (let i = 0; i < 100; i++) {
-      assert.ok(data.subarray(i * MiB, (i + 1) * MiB).every((b) => b === pattern(3, i)), `FUA write ${i} is not whole after a SIGKILL`);
-    }
+    assertWhole(data, range(100), (i) => pattern(3, i), 'after a SIGKILL, FUA write');
   } finally {
     await d.cleanup();
   }
