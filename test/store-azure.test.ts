@@ -3,7 +3,7 @@
 // missing or whose credentials are refused does not start, saying why.
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
+import { assertRefusesToStart, removeDir, scratchDir, startDaemon } from './harness/daemon.js';
 import { azuriteStore, startAzurite, type Azurite } from './harness/azurite.js';
 import { definePortabilityTests } from './harness/portability.js';
 
@@ -17,20 +17,7 @@ after(async () => {
 
 definePortabilityTests((dir) => azuriteStore(azurite, dir), 'az:// (Azurite)');
 
-/** Asserts that a daemon with `toml` exits at start-up, its output holding every string of `mentions`. */
-async function refusesToStart(toml: Record<string, unknown>, mentions: string[]): Promise<void> {
-  const dir = await scratchDir('updraft-azure-start-');
-  try {
-    await assert.rejects(startDaemon({ dir, toml }), (err: unknown) => {
-      const message = (err as Error).message;
-      assert.match(message, /daemon exited early/, message);
-      for (const text of mentions) assert.ok(message.includes(text), `start-up failure does not mention ${JSON.stringify(text)}:\n${message}`);
-      return true;
-    });
-  } finally {
-    await removeDir(dir);
-  }
-}
+const refusesToStart = (toml: Record<string, unknown>, mentions: string[]) => assertRefusesToStart(toml, mentions, 'updraft-azure-start-');
 
 test('az://: a daemon whose container does not exist refuses to start, naming the store and the container', async () => {
   const az = azurite!;

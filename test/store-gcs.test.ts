@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
+import { assertRefusesToStart, removeDir, scratchDir } from './harness/daemon.js';
 import { fakeGcsStore, startFakeGcs, type FakeGcs } from './harness/fake-gcs.js';
 import { definePortabilityTests } from './harness/portability.js';
 
@@ -19,20 +19,7 @@ after(async () => {
 
 definePortabilityTests((dir) => fakeGcsStore(gcs, dir), 'gs:// (fake-gcs-server)');
 
-/** Asserts that a daemon with `toml` exits at start-up, its output holding every string of `mentions`. */
-async function refusesToStart(toml: Record<string, unknown>, mentions: string[]): Promise<void> {
-  const dir = await scratchDir('updraft-gcs-start-');
-  try {
-    await assert.rejects(startDaemon({ dir, toml }), (err: unknown) => {
-      const message = (err as Error).message;
-      assert.match(message, /daemon exited early/, message);
-      for (const text of mentions) assert.ok(message.includes(text), `start-up failure does not mention ${JSON.stringify(text)}:\n${message}`);
-      return true;
-    });
-  } finally {
-    await removeDir(dir);
-  }
-}
+const refusesToStart = (toml: Record<string, unknown>, mentions: string[]) => assertRefusesToStart(toml, mentions, 'updraft-gcs-start-');
 
 test('gs://: a daemon whose bucket does not exist refuses to start, naming the store and the bucket', async () => {
   await refusesToStart({ storage: { url: 'gs://no-such-bucket/prod' }, gcs: { endpoint: gcs!.endpoint, allow_http: true } }, [

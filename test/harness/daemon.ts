@@ -1,6 +1,7 @@
 // Runs the real `updraft run` daemon as a child process for integration tests: a fresh
 // directory, a config with free ports, readiness by /healthz, and a log kept on disk.
 
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createWriteStream, type WriteStream } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -347,4 +348,19 @@ async function waitHealthy(httpUrl: string, proc: ChildProcess, token: string | 
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
   throw new Error(`not healthy after ${READY_TIMEOUT_MS} ms: ${lastProblem}`);
+}
+
+/** Asserts that a daemon with `toml` exits at start-up, its output holding every string of `mentions`. */
+export async function assertRefusesToStart(toml: TomlTable, mentions: string[], prefix = 'updraft-start-'): Promise<void> {
+  const dir = await scratchDir(prefix);
+  try {
+    await assert.rejects(startDaemon({ dir, toml }), (err: unknown) => {
+      const message = (err as Error).message;
+      assert.match(message, /daemon exited early/, message);
+      for (const text of mentions) assert.ok(message.includes(text), `start-up failure does not mention ${JSON.stringify(text)}:\n${message}`);
+      return true;
+    });
+  } finally {
+    await removeDir(dir);
+  }
 }
