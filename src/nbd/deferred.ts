@@ -11,7 +11,7 @@ export const MAX_DEFERRED_PER_CONNECTION = 64;
 /** Deferred requests of every connection on the host together. */
 export const MAX_DEFERRED_PER_HOST = 1024;
 /**
- * Write payload bytes deferred requests may hold, per connection and per host. Checked
+ * Bytes deferred requests hold (write payloads, large reads' reply buffers), per connection and per host. Checked
  * before a request is parsed, so one request's payload (MAX_PAYLOAD) may go past it.
  */
 export const MAX_DEFERRED_BYTES_PER_CONNECTION = 64 * 1024 * 1024;
@@ -25,7 +25,7 @@ export class DeferredRequests {
   peak = 0;
   /** The most any one connection had deferred at once. */
   connectionPeak = 0;
-  /** Write payload bytes deferred now, every connection together, and the most at once (host; one connection). */
+  /** Bytes (write payloads, read replies) deferred now, every connection together, and the most at once (host; one connection). */
   bytes = 0;
   bytesPeak = 0;
   connectionBytesPeak = 0;

@@ -53,7 +53,7 @@ export class Transmission {
   private readonly baseAllocationId: number;
   /** Requests deferred (waiting for the store or a flush); at most deferred.perConnection. */
   private inflight = 0;
-  /** Write payload bytes the deferred requests hold. */
+  /** Bytes the deferred requests hold: write payloads and large reads' reply buffers. */
   private inflightBytes = 0;
   /** Parsing stopped and the socket paused until a deferred request finishes. */
   private heldBack = false;
@@ -203,8 +203,9 @@ export class Transmission {
     const pooled = size >= POOLED_REPLY_BYTES ? this.replyBuffer(size) : undefined;
     const reply = pooled === undefined ? Buffer.allocUnsafe(size) : pooled.subarray(0, size);
     if (mayDefer && length >= LARGE_READ_BYTES) {
+      // The reply buffer counts against the deferred bytes, as a write's payload does.
       const filling = this.volume.readLarge(offset, length, reply, headerBytes);
-      return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started));
+      return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started), length);
     }
     this.volume.read(offset, length, reply, headerBytes);
     this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
