@@ -6,7 +6,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { createLogger, errorMessage } from '../log.js';
-import { CONFIG_TEMPLATE, ConfigError, loadConfig } from './config.js';
+import { CONFIG_TEMPLATE, ConfigError, loadConfig } from '../config/config.js';
 
 const DEFAULT_CONFIG_FILE = 'updraft.toml';
 

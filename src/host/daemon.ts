@@ -2,8 +2,8 @@
 // cleanly on SIGTERM/SIGINT (a second signal exits at once).
 import { readFileSync } from 'node:fs';
 import tls from 'node:tls';
-import type { Config } from '../cli/config.js';
-import { parseHostPort } from '../cli/config.js';
+import type { Config } from '../config/config.js';
+import { parseHostPort } from '../config/config.js';
 import { startApi } from '../api/server.js';
 import { describe } from '../nbd/handshake.js';
 import { NbdServer } from '../nbd/server.js';
