@@ -48,7 +48,7 @@ async function run(file: string | undefined): Promise<void> {
   const log = createLogger('updraft');
   log.info('config loaded', { file: configFile === undefined ? '(defaults)' : resolve(configFile), base_dir: config.baseDir });
   // Loaded here so that `init` and `version` do not load the whole daemon.
-  const { runDaemon } = await import('../host/daemon.js');
+  const { runDaemon } = await import('./daemon.js');
   await runDaemon(config, log);
 }
 

@@ -1,5 +1,6 @@
 // `updraft run`: open the host, serve NBD and HTTP, print how to attach, and shut down
-// cleanly on SIGTERM/SIGINT (a second signal exits at once).
+// cleanly on SIGTERM/SIGINT (a second signal exits at once). The composition root: the
+// host and the NBD and HTTP servers on top of it are built here, so host/ imports neither.
 import { readFileSync } from 'node:fs';
 import tls from 'node:tls';
 import type { Config } from '../config/config.js';
@@ -11,8 +12,8 @@ import { errorMessage, type Logger } from '../log.js';
 import { parseCompression } from '../crypto/compress.js';
 import { describeEncryption, openStoreIdentity, type OpenedStore } from '../store/identity.js';
 import { openGc } from '../gc/open.js';
-import { openStore } from './store-stack.js';
-import { Host, hostIdentity } from './host.js';
+import { openStore } from '../host/store-stack.js';
+import { Host, hostIdentity } from '../host/host.js';
 
 const GB = 1024 ** 3;
 
