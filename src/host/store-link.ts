@@ -19,9 +19,10 @@ import { errorMessage, type Logger } from '../log.js';
 import type { StoreClock } from '../objectstore/clock.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../store/lease.js';
+import { sameSet, uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
 import {
-  crashPoint, IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, sameSet, uploadsKey, type CountedManifest, type PackRefcounts, type PutCondition,
-} from '../gc/refcounts.js';
+  IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, type CountedManifest, type PutCondition,
+} from '../store/counted.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
@@ -32,6 +33,7 @@ import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import { syncDir, Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 import { injected } from '../faults/injected.js';
+import { crashPoint } from '../faults/crash-points.js';
 
 export type FlushMode = 'demand' | 'continuous';
 
