@@ -87,9 +87,9 @@ const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS gc_manifests (key TEXT PRIMARY KEY, etag TEXT NOT NULL, set_id TEXT NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS gc_sets (id TEXT PRIMARY KEY, refs BIGINT NOT NULL)`,
   // No index by pack: each manifest written adds its new packs' rows at random places in
-  // one. Measured on SQLite (schema 1, rows per key), the rows of 30 forks of a volume of
-  // 2,622 packs: 18.5 ms a fork with it, 5.6 ms without. Only reconciliation counts by
-  // pack (one GROUP BY over the table, and a scan per drifted pack).
+  // one, which makes a fork's rows several times slower to write (docs/benchmarks.md).
+  // Only reconciliation counts by pack (one GROUP BY over the table, and a scan per
+  // drifted pack).
   `CREATE TABLE IF NOT EXISTS gc_set_packs (set_id TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (set_id, pack))`,
   `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, set_id TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
      created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL, put_condition TEXT)`,
@@ -250,7 +250,8 @@ export class PackRefcounts implements CountedWrites {
    *
    * Group commit: packs registered in the same turn of the event loop, or while a
    * registration transaction runs, share the next transaction. A drain's uploads register
-   * a pack each; one synced SQLite commit per pack cost 0.9 s per GiB on the event loop.
+   * a pack each, and one synced SQLite commit per pack would hold the event loop for most
+   * of a second per GiB (docs/benchmarks.md).
    */
   registerPack(id: string, hold?: string): Promise<void> {
     return new Promise((resolve, reject) => this.queueRegistration({ id, hold, deadline: this.now() + 60_000, resolve, reject }));
@@ -457,7 +458,7 @@ export class PackRefcounts implements CountedWrites {
    * before GC was on, a database rebuilt, or another host's embedded database counted
    * them: a promotion or wake on this host meets every pack of the volume this way); the
    * rest are gone. The HEADs go ADOPT_CONCURRENCY at a time and the rows in one
-   * transaction: one each cost a commit per pack (1.5 s of a promotion of 1 GiB).
+   * transaction, not a commit per pack (which made a promotion of 1 GiB wait seconds).
    */
   private async adoptOrGone(key: string, ids: string[]): Promise<string[]> {
     const rows = await this.db.tx((tx) => tx.all<{ id: string; state: string }>(`SELECT id, state FROM gc_packs WHERE id IN (SELECT v FROM ${tx.rows(1)})`, [tx.list(ids)]));
