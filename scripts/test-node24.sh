@@ -9,8 +9,8 @@
 #
 # Environment:
 #   UPDRAFT_NODE24_TESTS  test files to run, space-separated names such as `sim lease`;
-#                         `all` for every one. Default: every file but vm (the qemu boot,
-#                         the slowest file), to keep .ci/run's two runs within budget.
+#                         `all` for every one. Default: every file but vm (a VM booted
+#                         under qemu emulation), to keep .ci/run's two runs within budget.
 #   UPDRAFT_TEST_CACHE    where Node 24, the scratch copy and its node_modules are kept
 #                         between runs (default ~/.cache/updraft-test). node_modules is
 #                         installed again when package-lock.json or Node's version changes.
