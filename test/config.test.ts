@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { after, describe, test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import { parse as parseToml } from 'smol-toml';
-import { CONFIG_TEMPLATE, type Config, ConfigError, loadConfig, parseConfig, parseHostPort } from '../src/cli/config.js';
+import { CONFIG_TEMPLATE, type Config, ConfigError, loadConfig, parseConfig, parseHostPort } from '../src/config/config.js';
 
 const BASE = '/srv/updraft';
 

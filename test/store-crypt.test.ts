@@ -1,4 +1,4 @@
-// Store encryption (issue 6): the formats under a cipher (a ranged read of one block,
+// Store encryption: the formats under a cipher (a ranged read of one block,
 // tampering, splicing, a manifest moved to another key, mixing), store.json and its
 // passwords, and daemons on an encrypted file:// and MinIO store: no plaintext and no
 // plain BLAKE3 in the store, dedup across volumes, tampered objects read as EIO, wrong /

@@ -345,7 +345,7 @@ async function main() {
         `wake to first byte ${wakeMs.toFixed(0)} ms`,
     );
   }
-  // Largest ÷ smallest written size, per kind of fork: the issue's "within 2×".
+  // Largest ÷ smallest written size, per kind of fork: fork time should not grow with the data written.
   const [small, large] = [FORK_SIZES_MIB[0], FORK_SIZES_MIB[FORK_SIZES_MIB.length - 1]];
   for (const what of ['consistent', 'lazy', 'consistent_dirty', 'lazy_dirty']) {
     record(`fork_${what}_ratio`, (median(times.get(large)[what]) / median(times.get(small)[what])).toFixed(2));

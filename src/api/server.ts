@@ -6,7 +6,7 @@ import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import * as z from 'zod';
 import { secretMatcher } from '../crypto/secret.js';
 import type { Collector } from '../gc/collector.js';
-import { PacksGoneError, WritePendingError } from '../gc/refcounts.js';
+import { PacksGoneError, WritePendingError } from '../store/counted.js';
 import { GcDatabaseError } from '../gc/sql.js';
 import type { Host } from '../host/host.js';
 import { FencedError, LeaseHeldError } from '../host/store-link.js';

@@ -6,7 +6,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { Command, CommanderError } from 'commander';
 import { createLogger, errorMessage } from '../log.js';
-import { CONFIG_TEMPLATE, ConfigError, loadConfig } from './config.js';
+import { CONFIG_TEMPLATE, ConfigError, loadConfig } from '../config/config.js';
 import { statusLines, volumeTable, type ExportRow, type HostSummary } from './show.js';
 
 const DEFAULT_CONFIG_FILE = 'updraft.toml';
@@ -49,7 +49,7 @@ async function run(file: string | undefined): Promise<void> {
   const log = createLogger('updraft');
   log.info('config loaded', { file: configFile === undefined ? '(defaults)' : resolve(configFile), base_dir: config.baseDir });
   // Loaded here so that `init` and `version` do not load the whole daemon.
-  const { runDaemon } = await import('../host/daemon.js');
+  const { runDaemon } = await import('./daemon.js');
   await runDaemon(config, log);
 }
 

@@ -18,9 +18,7 @@
 // The cipher id is stored in every object's header (crypto/cipher ids below), so a reader
 // refuses an object sealed otherwise than its store says, with a clear error.
 //
-// Measured on this 2-vCPU VM (one thread, 128 KiB blocks): XChaCha20-Poly1305 seal
-// 1.1 GB/s, plain BLAKE3 2.4 GB/s, keyed BLAKE3 3.3 GB/s (one hasher per block); on the
-// AMD EPYC of 2026-12-02 the seal does 1.4-1.5 GB/s.
+// Seal and hash throughput: docs/benchmarks.md.
 import { Blake3Hasher } from '@napi-rs/blake-hash';
 import sodium from 'sodium-native';
 import { blockHash, HASH_BYTES, type BlockHasher } from './hash.js';

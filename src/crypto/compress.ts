@@ -8,35 +8,14 @@
 //   codec 2  zstd  one zstd frame (content size in the frame header, no frame checksum:
 //                  blocks are verified by their hash)
 //
-// Measured (one thread, 128 KiB blocks, MB/s of raw data, best of 3-5 runs; a shared
-// 2-vCPU Firecracker VM under load, Node 20 — expect 2-3x more on an idle server):
+// Throughput and ratios per codec and data kind: docs/benchmarks.md. lz4-napi has no API
+// that writes into a caller's buffer, so every call allocates a fresh output of
+// compressBound size, and first-touch pages of those are expensive; zstd-napi compresses
+// into a reused scratch buffer and does not have the problem.
 //
-//   per block        compress  decompress  stored/raw   (text = JS sources, binary = ELF)
-//   lz4    text         250-420   1100-1600   0.29
-//   lz4    binary       140-320   1200-1400   0.58
-//   lz4    random       175-1500   (none)     1.00
-//   zstd-1 text         340-370    760-1060   0.20
-//   zstd-1 binary       200-330    370-820    0.45
-//   zstd-3 text         100-330    170-1130   0.19
-//   zstd-3 binary        95-220    230-770    0.42
-//   zstd-3 random      2500-4000   (none)     1.00
-//   zstd-9 text          26-60     450-1230   0.17
-//
-//   whole packs (encodePack of 25 blocks; verifyPackId + decodePackIndex + unpackBlock ×25)
-//   lz4    text/binary/random   encode 200/120/140   read 810/780/1210
-//   zstd-1 text/binary/random   encode 240/210/920   read 610/590/1160
-//   zstd-3 text/binary/random   encode 180/150/780   read 580/430/1330
-//   none                        encode 850-1150      read 1190-1280
-//
-// lz4 is slower than it should be here: lz4-napi has no API that writes into a caller's
-// buffer, so every call allocates a fresh output of compressBound size, and on this VM
-// first-touch pages are expensive (lz4 on random data runs at 1500 MB/s when the heap is
-// collected between rounds, 175 MB/s when it is not). zstd-napi compresses into a reused
-// scratch buffer and does not have the problem.
-//
-// Everything here is synchronous and runs on the calling thread (about 0.1-1 ms per
-// block). Cold reads call it on worker threads (store/pack-threads.ts); pack uploads on
-// the event loop (measured faster there for encrypted drains on 2 cores).
+// Everything here is synchronous and runs on the calling thread. Cold reads call it on
+// worker threads (store/pack-threads.ts); pack uploads on the event loop (faster there
+// for encrypted drains on 2 cores).
 import { compressSync as lz4CompressSync, uncompressSync as lz4UncompressSync } from 'lz4-napi';
 import zstd from 'zstd-napi/binding.js';
 import { errorMessage } from '../log.js';
@@ -159,8 +138,8 @@ const SAMPLE_MAX_RATIO = 0.97;
 /**
  * Early abort: LZ4 over a 4 KiB sample from the middle of the block. Already-compressed or
  * encrypted data (media, packages, random) then skips the full compression, whose output
- * would be thrown away: measured on this machine, packs of random blocks encoded at
- * 140 MB/s with lz4 without this, because every attempt allocates a fresh output buffer.
+ * would be thrown away, and every lz4 attempt allocates a fresh output buffer
+ * (docs/benchmarks.md).
  */
 function looksIncompressible(raw: Buffer): boolean {
   if (raw.length < SAMPLE_FROM_BYTES) return false;

@@ -21,9 +21,9 @@ export interface KdfParams {
 }
 
 /**
- * Parameters for a new wrap: 3 passes over 64 MiB, about 0.4 s on this 2-vCPU VM, paid once
- * per daemon start and per offline command (libsodium's "moderate" is 3 × 256 MiB; 64 MiB
- * keeps a small host's start-up memory in bounds and is above OWASP's 19-46 MiB advice).
+ * Parameters for a new wrap: 3 passes over 64 MiB, paid once per daemon start and per
+ * offline command (its time: docs/benchmarks.md). libsodium's "moderate" is 3 × 256 MiB;
+ * 64 MiB keeps a small host's start-up memory in bounds and is above OWASP's 19-46 MiB advice.
  */
 export const DEFAULT_OPSLIMIT = 3;
 export const DEFAULT_MEMLIMIT = 64 * 1024 * 1024;

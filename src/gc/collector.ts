@@ -25,7 +25,9 @@ import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js'
 import { decodeManifest } from '../store/manifest.js';
 import { packIdFromKey, packKey } from '../store/pack.js';
 import type { PackIndex } from '../store/pack-index.js';
-import { crashPoint, eachLimit, packsOf, WritePendingError, type PackRefcounts } from './refcounts.js';
+import { crashPoint } from '../faults/crash-points.js';
+import { packsOf, WritePendingError } from '../store/counted.js';
+import { eachLimit, type PackRefcounts } from './refcounts.js';
 
 /** The store object naming the refcount database that may delete packs from it. */
 export const CLAIM_KEY = 'gc.json';

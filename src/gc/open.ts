@@ -1,6 +1,6 @@
 // GC for a daemon or a command, from the config: the refcount database (embedded SQLite
 // in the cache folder, or PostgreSQL), the refcounts over it, and the collector.
-import type { Config } from '../cli/config.js';
+import type { Config } from '../config/config.js';
 import type { Logger } from '../log.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import { clockKey, StoreClock } from '../objectstore/clock.js';

@@ -23,7 +23,7 @@
 // A write of a key whose set is shared starts a new set of its own (every pack +1, once);
 // the last reference to a set going releases it (its packs −1, its rows gone).
 //
-// A manifest write (`putCounted`):
+// A manifest write (`putCounted`, store/counted.ts):
 //   1. begin: one transaction increments the added packs (only 'live' rows: a pack being
 //      deleted refuses, and the writer uploads its blocks again), holds the set the key
 //      will count, and records an intent (key, set, added, dropped, BLAKE3 of the body).
@@ -69,10 +69,13 @@
 // a write in flight, and begin locks the key's row (an UPDATE of it) so that the two
 // cannot cross.
 import crypto from 'node:crypto';
-import { blake3 } from '@napi-rs/blake-hash';
 import { errorMessage, type Logger } from '../log.js';
 import type { StoreTime } from '../objectstore/clock.js';
-import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
+import type { ObjectStore } from '../objectstore/types.js';
+import {
+  bodyHash, IF_NONE_MATCH, PacksGoneError, WritePendingError,
+  type CountedManifest, type ManifestWrite, type PackRefcounts as CountedWrites, type PutCondition,
+} from '../store/counted.js';
 import type { SqlDatabase, SqlTx } from './sql.js';
 
 /** The schema this code reads and writes, in gc_meta 'schema'. Version 1 counted packs per key (gc_manifest_packs); 2 had no put_condition. */
@@ -84,9 +87,9 @@ const SCHEMA = [
   `CREATE TABLE IF NOT EXISTS gc_manifests (key TEXT PRIMARY KEY, etag TEXT NOT NULL, set_id TEXT NOT NULL)`,
   `CREATE TABLE IF NOT EXISTS gc_sets (id TEXT PRIMARY KEY, refs BIGINT NOT NULL)`,
   // No index by pack: each manifest written adds its new packs' rows at random places in
-  // one. Measured on SQLite (schema 1, rows per key), the rows of 30 forks of a volume of
-  // 2,622 packs: 18.5 ms a fork with it, 5.6 ms without. Only reconciliation counts by
-  // pack (one GROUP BY over the table, and a scan per drifted pack).
+  // one, which makes a fork's rows several times slower to write (docs/benchmarks.md).
+  // Only reconciliation counts by pack (one GROUP BY over the table, and a scan per
+  // drifted pack).
   `CREATE TABLE IF NOT EXISTS gc_set_packs (set_id TEXT NOT NULL, pack TEXT NOT NULL, PRIMARY KEY (set_id, pack))`,
   `CREATE TABLE IF NOT EXISTS gc_intents (id TEXT PRIMARY KEY, key TEXT NOT NULL, set_id TEXT NOT NULL, body_hash TEXT NOT NULL, host TEXT NOT NULL,
      created BIGINT NOT NULL, added TEXT NOT NULL, dropped TEXT NOT NULL, put_condition TEXT)`,
@@ -114,67 +117,8 @@ const MIGRATE_1_TO_2 = [
 /** Schema 2 → 3: intents record their PUT's condition (unknown for those already there). */
 const MIGRATE_2_TO_3 = [`ALTER TABLE gc_intents ADD COLUMN put_condition TEXT`];
 
-/** The packs counted for a manifest key, as of the object with `etag`. */
-export interface CountedManifest {
-  etag: string;
-  packs: ReadonlySet<string>;
-}
-
 /** SQL condition on an intent `i`: it holds its set (it is not a change of its key's own set in place). */
 const HOLDING_INTENT = `NOT EXISTS (SELECT 1 FROM gc_manifests m WHERE m.key = i.key AND m.set_id = i.set_id)`;
-
-/**
- * The condition a manifest PUT carries: the etag of its If-Match, or IF_NONE_MATCH for a
- * create. An intent records it, and the PUT must carry exactly it: intents are resolved by it.
- */
-export type PutCondition = string;
-export const IF_NONE_MATCH: PutCondition = '*';
-
-/** The put options that carry `condition`. */
-export function putOptionsOf(condition: PutCondition): { ifMatch: string } | { ifNoneMatch: '*' } {
-  return condition === IF_NONE_MATCH ? { ifNoneMatch: '*' } : { ifMatch: condition };
-}
-
-/** A manifest write between begin and commit/abort. */
-export interface ManifestWrite {
-  id: string;
-  key: string;
-  /** What its PUT is conditional on; undefined: unknown (it is resolved by the settle time only). */
-  condition?: PutCondition;
-  /** The pack set the key counts once the write lands (held by the intent until then). */
-  set: string;
-  packs: ReadonlySet<string>;
-  added: string[];
-  dropped: string[];
-}
-
-/** Packs a manifest would name that are being deleted or gone: upload their blocks again. */
-export class PacksGoneError extends Error {
-  override name = 'PacksGoneError';
-  constructor(
-    readonly key: string,
-    readonly packs: string[],
-  ) {
-    super(`${key}: ${packs.length} pack(s) it would name are being deleted or gone from the store (${packs.slice(0, 3).join(', ')}${packs.length > 3 ? ', …' : ''})`);
-  }
-}
-
-/** Another write of the same key has not been resolved yet (its PUT may still land). */
-export class WritePendingError extends Error {
-  override name = 'WritePendingError';
-}
-
-/** The 32-hex-digit BLAKE3 of a manifest body: identifies it in an intent. */
-export function bodyHash(body: Buffer): string {
-  return blake3(body).toString('hex', 0, 16);
-}
-
-/** Every pack a manifest's blocks are in. */
-export function packsOf(blocks: ReadonlyArray<{ pack: string }>): Set<string> {
-  const packs = new Set<string>();
-  for (const b of blocks) packs.add(b.pack);
-  return packs;
-}
 
 /** Whether two sets of packs hold the same ids. */
 export function sameSet(a: ReadonlySet<string>, b: ReadonlySet<string>): boolean {
@@ -241,7 +185,7 @@ export async function eachLimit<T>(items: readonly T[], n: number, work: (item: 
   }));
 }
 
-export class PackRefcounts {
+export class PackRefcounts implements CountedWrites {
   readonly now: () => number;
   private constructor(
     readonly db: SqlDatabase,
@@ -306,7 +250,8 @@ export class PackRefcounts {
    *
    * Group commit: packs registered in the same turn of the event loop, or while a
    * registration transaction runs, share the next transaction. A drain's uploads register
-   * a pack each; one synced SQLite commit per pack cost 0.9 s per GiB on the event loop.
+   * a pack each, and one synced SQLite commit per pack would hold the event loop for most
+   * of a second per GiB (docs/benchmarks.md).
    */
   registerPack(id: string, hold?: string): Promise<void> {
     return new Promise((resolve, reject) => this.queueRegistration({ id, hold, deadline: this.now() + 60_000, resolve, reject }));
@@ -513,7 +458,7 @@ export class PackRefcounts {
    * before GC was on, a database rebuilt, or another host's embedded database counted
    * them: a promotion or wake on this host meets every pack of the volume this way); the
    * rest are gone. The HEADs go ADOPT_CONCURRENCY at a time and the rows in one
-   * transaction: one each cost a commit per pack (1.5 s of a promotion of 1 GiB).
+   * transaction, not a commit per pack (which made a promotion of 1 GiB wait seconds).
    */
   private async adoptOrGone(key: string, ids: string[]): Promise<string[]> {
     const rows = await this.db.tx((tx) => tx.all<{ id: string; state: string }>(`SELECT id, state FROM gc_packs WHERE id IN (SELECT v FROM ${tx.rows(1)})`, [tx.list(ids)]));
@@ -1017,84 +962,5 @@ export class PackRefcounts {
 class MissingPacks extends Error {
   constructor(readonly packs: string[]) {
     super(`${packs.length} packs refused the increment`);
-  }
-}
-
-/** Errors after which a manifest PUT certainly did not land (or landed with another body). */
-function definitelyNotStored(err: unknown): boolean {
-  if (isPreconditionFailed(err)) return true;
-  if (err instanceof ObjectStoreError) return err.code === 'Invalid' || err.code === 'AccessDenied' || err.code === 'NoSuchBucket';
-  // ExistsError, FencedError: a conditional put lost to another object.
-  return err instanceof Error && (err.name === 'ExistsError' || err.name === 'FencedError');
-}
-
-/**
- * Write a manifest under refcounts: begin, `put` (which returns the new etag), commit,
- * or abort when the put certainly failed. Without refcounts (GC off) just `put`. Takes
- * putCountedThen's arguments.
- */
-export async function putCounted(...args: Parameters<typeof putCountedThen>): Promise<{ etag: string; counted?: CountedManifest }> {
-  const { etag, commit } = await putCountedThen(...args);
-  return { etag, counted: await commit() };
-}
-
-/**
- * putCounted up to the landed PUT; `commit` (step 3) is left to the caller, who runs it
- * beside its next request (a new fork's commit of thousands of pack rows beside its lease
- * PUT). Until it runs, the write is an intent like one whose host died after the PUT: a
- * write of the key meanwhile resolves it from the store.
- */
-export async function putCountedThen(
-  refcounts: PackRefcounts | undefined,
-  key: string,
-  packs: ReadonlySet<string>,
-  body: Buffer,
-  /** What `put` is conditional on: every PUT it sends carries exactly this (a different one is a new write). */
-  condition: PutCondition,
-  put: () => Promise<string>,
-  known?: CountedManifest,
-  /** The object whose packs are exactly `packs` (see PackRefcounts.begin). */
-  share?: { key: string; etag: string },
-): Promise<{ etag: string; commit: () => Promise<CountedManifest | undefined> }> {
-  if (refcounts === undefined) {
-    const etag = await put();
-    return { etag, commit: async () => undefined };
-  }
-  const write = await refcounts.begin(key, packs, bodyHash(body), known, share, condition);
-  await crashPoint('manifest-put');
-  let etag: string;
-  try {
-    etag = await put();
-  } catch (err) {
-    if (definitelyNotStored(err)) await refcounts.abort(write);
-    else refcounts.log.warn('manifest write failed and may still land; its refcounts stay until it is resolved', { key, error: errorMessage(err) });
-    throw err;
-  }
-  return {
-    etag,
-    commit: async () => {
-      await crashPoint('manifest-commit');
-      return refcounts.commit(write, etag);
-    },
-  };
-}
-
-/**
- * Test-only crash hook: with UPDRAFT_CRASH_AT=NAME[:N] the process kills itself with
- * SIGKILL the Nth time (default 1st) it reaches crash point NAME. Lets a test stop the
- * daemon between two steps of the refcount protocol, as a power cut would.
- */
-const crashSpec = process.env.UPDRAFT_CRASH_AT;
-const crashCounts = new Map<string, number>();
-export async function crashPoint(name: string): Promise<void> {
-  if (crashSpec === undefined) return;
-  const [point, nth] = crashSpec.split(':');
-  if (point !== name) return;
-  const n = (crashCounts.get(name) ?? 0) + 1;
-  crashCounts.set(name, n);
-  if (n === Number(nth ?? 1)) {
-    process.stderr.write(`UPDRAFT_CRASH_AT: crashing at ${name} (#${n})\n`);
-    process.kill(process.pid, 'SIGKILL');
-    await new Promise(() => undefined);
   }
 }

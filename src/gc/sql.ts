@@ -21,8 +21,8 @@ export interface SqlTx {
   /**
    * `values` as one bound parameter, read back as rows of column `v` by `rows(n)` (n is
    * the parameter's number): SQLite json_each of a JSON array, PostgreSQL unnest of a
-   * text[]. One statement over a fork's 2,622 pack ids, where IN lists of 500 parameters
-   * each cost SQLite 9-11 ms (4-5 ms this way).
+   * text[]. One statement over a fork's thousands of pack ids, about half the time of IN
+   * lists of 500 parameters each on SQLite (docs/benchmarks.md).
    */
   list(values: readonly string[]): unknown;
   rows(n: number): string;

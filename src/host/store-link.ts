@@ -20,9 +20,10 @@ import type { StoreClock } from '../objectstore/clock.js';
 import { onBehalfOf } from '../objectstore/metered.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseBody, leaseIsLiveAt, type Lease } from '../store/lease.js';
+import { sameSet, uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
 import {
-  crashPoint, IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, sameSet, uploadsKey, type CountedManifest, type PackRefcounts, type PutCondition,
-} from '../gc/refcounts.js';
+  IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, type CountedManifest, type PutCondition,
+} from '../store/counted.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
 import {
   bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
@@ -33,6 +34,7 @@ import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import { Volume, VolumeError, type VolumeSnapshot } from '../volume/volume.js';
 import { injected } from '../faults/injected.js';
+import { crashPoint } from '../faults/crash-points.js';
 
 export type FlushMode = 'demand' | 'continuous';
 

@@ -1,7 +1,7 @@
 // The object store a daemon or an offline command talks to, built from the config.
 import fs from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import type { Config } from '../cli/config.js';
+import type { Config } from '../config/config.js';
 import { errorMessage, type Logger } from '../log.js';
 import { openObjectStore } from '../objectstore/index.js';
 import { parseFaultSpec, withFaults } from '../objectstore/faults.js';

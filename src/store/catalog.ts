@@ -5,7 +5,7 @@ import { blockKey, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH } from '../crypto/hash.js';
-import { IF_NONE_MATCH, putCountedThen, WritePendingError, type PackRefcounts } from '../gc/refcounts.js';
+import { IF_NONE_MATCH, putCountedThen, WritePendingError, type PackRefcounts } from './counted.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import { blockKey, keyBytes, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
-import { IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putOptionsOf, type PackRefcounts, type PutCondition } from '../gc/refcounts.js';
+import { IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putOptionsOf, type PackRefcounts, type PutCondition } from './counted.js';
 import { isAllZero } from '../crypto/hash.js';
 import type { ObjectStore, PutOptions } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';

@@ -32,12 +32,8 @@
 //                   table, or 0xFFFFFFFF: zero, allocated — ZERO_ALLOCATED_HASH, never
 //                   stored); sorted by chunk, each chunk once
 //
-// Size and time, measured with 1,000,000 mapped chunks of distinct random blocks in
-// 40,000 packs (the worst case: nothing dedups, hashes do not compress), on a loaded
-// 2-vCPU VM: raw body 44.6 MB (44.6 bytes per chunk); stored 20.3 MB with zstd-3,
-// 26.2 MB zstd-1, 34.1 MB lz4. Encode 0.6 s + compression (zstd-3: 0.85-1.4 s in all),
-// decode 0.7 s + decompression (zstd-3: 0.95-1.9 s), ManifestBuilder 3.9 s for the
-// million setChunk calls (Map inserts of block keys and chunk indices dominate).
+// A manifest's body grows with its mapped chunks, not with the volume's size; its size and
+// encode/decode time for the worst case (nothing dedups): docs/benchmarks.md.
 import { Blake3Hasher } from '@napi-rs/blake-hash';
 import * as z from 'zod';
 import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock, zstdFrame } from '../crypto/compress.js';
@@ -245,9 +241,8 @@ export interface StoredTables {
 // a few chunks changed (an incremental drain, a consistent fork) compresses only the
 // segments those chunks touch: the pack and block tables by entry index (a patch only
 // appends to them), the chunk table by chunk index (a changed chunk stays in its segment).
-// Measured on this 2-vCPU VM, 65,536 chunks of distinct blocks: one frame compressed the
-// 2.9 MB of tables in 11 ms at zstd-3; a few changed chunks now recompress 3 of about 50
-// segments.
+// A few changed chunks recompress a few segments of about 50, not the whole tables
+// (docs/benchmarks.md).
 const SEGMENT_PACKS = 4096;
 const SEGMENT_BLOCKS = 2048;
 const SEGMENT_CHUNKS = 8192;

@@ -14,7 +14,7 @@ import { injected } from '../faults/injected.js';
 import { keyBytes, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
-import type { PackRefcounts } from '../gc/refcounts.js';
+import type { PackRefcounts } from './counted.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';

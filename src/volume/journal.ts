@@ -229,8 +229,8 @@ export class Journal {
     let at = BATCH_HEADER_BYTES;
     let written = 0;
     // A name (HASH_BYTES = 16) is read and written as four words through DataViews: a
-    // Buffer.copy call per name cost 8 ms of a fork of 65,536 chunks, with the event loop
-    // held (and the manifest PUT it runs beside waiting for it).
+    // Buffer.copy call per name is several times slower (docs/benchmarks.md), with the
+    // event loop held (and the manifest PUT it runs beside waiting for it).
     const out = new DataView(batch.buffer, batch.byteOffset, batch.byteLength);
     for (const [pageIndex, page] of map.pagesInOrder()) {
       const words = new DataView(page.buffer, page.byteOffset, page.byteLength);

@@ -5,7 +5,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { CONFIG_TEMPLATE } from '../../src/cli/config.js';
+import { CONFIG_TEMPLATE } from '../../src/config/config.js';
 import { PLAINTEXT, storeCipher } from '../../src/crypto/cipher.js';
 import { parseCompression } from '../../src/crypto/compress.js';
 import { blockHash } from '../../src/crypto/hash.js';

@@ -1,6 +1,6 @@
-// Fuzz target: the config parser (cli/config.ts). Any text yields a Config or a
+// Fuzz target: the config parser (config/config.ts). Any text yields a Config or a
 // ConfigError listing at least one problem, never another exception.
-import { ConfigError, parseConfig } from '../../../src/cli/config.js';
+import { ConfigError, parseConfig } from '../../../src/config/config.js';
 
 const ENV = { UPDRAFT_PASSWORD: 'secret', UPDRAFT_API_TOKEN: 'a-token-of-32-characters-exactly', EMPTY: '' };
 

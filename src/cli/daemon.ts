@@ -1,9 +1,10 @@
 // `updraft run`: open the host, serve NBD and HTTP, print how to attach, and shut down
-// cleanly on SIGTERM/SIGINT (a second signal exits at once).
+// cleanly on SIGTERM/SIGINT (a second signal exits at once). The composition root: the
+// host and the NBD and HTTP servers on top of it are built here, so host/ imports neither.
 import { readFileSync } from 'node:fs';
 import tls from 'node:tls';
-import type { Config } from '../cli/config.js';
-import { parseHostPort } from '../cli/config.js';
+import type { Config } from '../config/config.js';
+import { parseHostPort } from '../config/config.js';
 import { startApi } from '../api/server.js';
 import { describe } from '../nbd/handshake.js';
 import { NbdServer } from '../nbd/server.js';
@@ -11,8 +12,8 @@ import { errorMessage, type Logger } from '../log.js';
 import { parseCompression } from '../crypto/compress.js';
 import { describeEncryption, openStoreIdentity, type OpenedStore } from '../store/identity.js';
 import { openGc } from '../gc/open.js';
-import { openStore } from './store-stack.js';
-import { Host, hostIdentity } from './host.js';
+import { openStore } from '../host/store-stack.js';
+import { Host, hostIdentity } from '../host/host.js';
 
 const GB = 1024 ** 3;
 

@@ -10,7 +10,7 @@ import { pathToFileURL } from 'node:url';
 import { parse as parseToml, TomlError } from 'smol-toml';
 import * as z from 'zod';
 import { errorMessage } from '../log.js';
-import { S3_STANDARD_PRICES, type CostPrices } from '../host/cost.js';
+import { S3_STANDARD_PRICES, type CostPrices } from './prices.js';
 
 export interface Config {
   cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number };
