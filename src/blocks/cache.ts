@@ -9,6 +9,7 @@
 // references and no store holds are garbage and their slot is freed at once.
 import { disk } from '../disk/disk.js';
 import path from 'node:path';
+import { BlockArena } from './arena.js';
 import { S3Fifo } from './s3fifo.js';
 import { HASH_BYTES, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
@@ -60,18 +61,6 @@ export function keyBytes(key: BlockKey): Buffer {
 }
 export function keyHex(key: BlockKey): string {
   return keyBytes(key).toString('hex');
-}
-
-/** Whether a Buffer spans the whole of its underlying memory (not a view into a larger one). */
-function ownsItsMemory(block: Buffer): boolean {
-  return block.byteOffset === 0 && block.buffer.byteLength === block.byteLength;
-}
-
-/** A copy in memory of its own (never a slice of Node's shared pool). */
-function copyOf(block: Buffer): Buffer {
-  const copy = Buffer.allocUnsafeSlow(block.length);
-  block.copy(copy);
-  return copy;
 }
 
 const SLOT_ENTRY_BYTES = 32;
@@ -195,8 +184,11 @@ export class BlockCache {
   private highWater = 0;
   private readonly maxSlots: number;
   private readonly diskPolicy: S3Fifo<BlockKey>;
-  private readonly memory = new Map<BlockKey, Buffer>();
+  /** The memory tier: block → its slot in `arena`. */
+  private readonly memory = new Map<BlockKey, number>();
   private readonly memoryPolicy: S3Fifo<BlockKey>;
+  /** The memory tier's buffers: at most memoryBytes, in block_size slots. */
+  private readonly arena: BlockArena;
   /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
   private readonly writing = new Map<BlockKey, Buffer>();
   private readonly inflight = new Set<Promise<void>>();
@@ -228,6 +220,7 @@ export class BlockCache {
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
     this.memoryPolicy = new S3Fifo(opts.memoryBytes);
+    this.arena = new BlockArena(opts.blockSize, opts.memoryBytes);
   }
 
   /** Open (or create) the cache in `dir` and load its slot table. */
@@ -334,16 +327,9 @@ export class BlockCache {
   get memoryBytes(): number {
     return this.memoryPolicy.size;
   }
-  /** Bytes of the buffers the memory tier keeps alive, each underlying buffer once. */
+  /** Bytes of the buffers the memory tier keeps alive: its arena's, at most memoryBytes. */
   get memoryHeldBytes(): number {
-    const buffers = new Set<ArrayBufferLike>();
-    let bytes = 0;
-    for (const block of this.memory.values()) {
-      if (buffers.has(block.buffer)) continue;
-      buffers.add(block.buffer);
-      bytes += block.buffer.byteLength;
-    }
-    return bytes;
+    return this.arena.heldBytes;
   }
   get pinnedBlocks(): number {
     return this.space.pinnedBytes / this.blockSize;
@@ -371,11 +357,11 @@ export class BlockCache {
    * false when the block is not on this host.
    */
   readInto(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
-    const block = this.memory.get(key);
-    if (block !== undefined) {
+    const inMemory = this.memory.get(key);
+    if (inMemory !== undefined) {
       this.counters.memoryHits++;
       this.memoryPolicy.hit(key);
-      block.copy(dst, dstOffset, offset, offset + length);
+      this.arena.copyOut(inMemory, offset, length, dst, dstOffset);
       return true;
     }
     const slot = this.slots.get(key);
@@ -608,17 +594,23 @@ export class BlockCache {
    * (the usual case: a pack's blocks take slots in a row) are written with one pwritev
    * and one slot table write per run, not 25 of each: 25 writers at once contended for
    * the slab's inode lock (a quarter of a cold read's CPU went to that and the copies).
+   *
+   * The memory tier takes copies; the slab writes read `blocks` until the returned promise
+   * settles (it never rejects), after which the caller may reuse their buffer.
    */
-  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): void {
+  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): Promise<void> {
     let run: { first: number; keys: BlockKey[]; data: Buffer[]; slots: Slot[] } | undefined;
+    const writes: Promise<void>[] = [];
     const flush = () => {
-      if (run !== undefined) this.writeRun(run.first, run.keys, run.data, run.slots);
+      if (run !== undefined) writes.push(this.writeRun(run.first, run.keys, run.data, run.slots));
       run = undefined;
     };
     for (const { key, data } of blocks) {
       const existing = this.slots.get(key);
       if (existing !== undefined) {
-        if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) this.repairFromStore(key, existing, data);
+        if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) {
+          this.repairFromStore(key, existing, Buffer.from(data));
+        }
         if (this.slots.has(key)) continue;
       }
       // A pack's other blocks take only room that is free: evicting for them would push out
@@ -646,6 +638,7 @@ export class BlockCache {
       }
     }
     flush();
+    return Promise.all(writes).then(() => undefined);
   }
 
   /**
@@ -663,8 +656,11 @@ export class BlockCache {
     this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, SLOT_USED | SLOT_IN_STORE) : undefined)));
   }
 
-  /** Write fetched blocks into consecutive slots from `first`, then their table entries. */
-  private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[]): void {
+  /**
+   * Write fetched blocks into consecutive slots from `first`, then their table entries.
+   * Settles (never rejects) once nothing reads `data` any more: the caller's buffer is free.
+   */
+  private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[]): Promise<void> {
     const write = writevAt(this.slabFd, data, first * this.blockSize)
       .then(() => this.writeEntries(first, keys, SLOT_USED | SLOT_IN_STORE))
       .then(
@@ -672,11 +668,21 @@ export class BlockCache {
           for (let i = 0; i < keys.length; i++) if (this.writing.get(keys[i]) === data[i]) this.writing.delete(keys[i]);
         },
         (err) => {
-          this.log.error('block cache: slab write of fetched blocks failed; they stay in memory', { slot: first, blocks: keys.length, error: err.message });
+          // The store has them: they are dropped here (a later read fetches them again), and
+          // `data`, which the caller reuses, is not read from again.
+          this.log.error('block cache: slab write of fetched blocks failed; they are dropped', { slot: first, blocks: keys.length, error: err.message });
+          for (let i = 0; i < keys.length; i++) {
+            if (this.writing.get(keys[i]) !== data[i]) continue;
+            this.writing.delete(keys[i]);
+            if (this.slots.get(keys[i]) !== slots[i]) continue;
+            this.diskPolicy.remove(keys[i]);
+            this.freeSlot(keys[i], slots[i]);
+          }
         },
       );
     for (const slot of slots) slot.writing = write;
     this.track(write);
+    return write;
   }
 
   /**
@@ -699,10 +705,24 @@ export class BlockCache {
     return unpinned;
   }
 
+  /**
+   * The block if it is in memory (the memory tier, or a slab write in flight), without a
+   * copy: a view valid only until the caller next yields (the slot may then take another
+   * block). Undefined otherwise (readBlock reads it from the disk tier).
+   */
+  blockInMemory(key: BlockKey): Buffer | undefined {
+    const pending = this.writing.get(key);
+    if (pending !== undefined) return pending;
+    const inMemory = this.memory.get(key);
+    return inMemory === undefined ? undefined : this.arena.view(inMemory);
+  }
+
   /** The whole block, read through the thread pool; undefined when it is not on this host. */
   async readBlock(key: BlockKey): Promise<Buffer | undefined> {
-    const cached = this.memory.get(key) ?? this.writing.get(key);
-    if (cached !== undefined) return cached;
+    const pending = this.writing.get(key);
+    if (pending !== undefined) return pending;
+    const inMemory = this.memory.get(key);
+    if (inMemory !== undefined) return this.arena.copy(inMemory);
     const slot = this.slots.get(key);
     if (slot === undefined) return undefined;
     const block = Buffer.allocUnsafe(this.blockSize);
@@ -765,18 +785,34 @@ export class BlockCache {
     );
   }
 
+  /** Copy `block` into the memory tier (an arena slot: the caller keeps its buffer), evicting as needed. */
   private admitToMemory(key: BlockKey, block: Buffer): void {
-    if (this.memoryPolicy.capacity < this.blockSize || this.memory.has(key)) return;
-    // A view into a larger buffer (a block of a decoded pack) would keep all of it alive
-    // for as long as this one block stays: the memory tier holds a copy of just the block.
-    this.memory.set(key, ownsItsMemory(block) ? block : copyOf(block));
+    if (this.arena.capacity === 0 || block.length > this.blockSize || this.memory.has(key)) return;
+    let slot = this.arena.allocate();
+    while (slot === undefined) {
+      const victim = this.memoryPolicy.evict();
+      if (victim === undefined) return;
+      this.counters.memoryEvictions++;
+      this.dropFromMemory(victim);
+      slot = this.arena.allocate();
+    }
+    this.arena.fill(slot, block);
+    this.memory.set(key, slot);
     this.memoryPolicy.insert(key, this.blockSize);
     while (this.memoryPolicy.overBudget()) {
       const victim = this.memoryPolicy.evict();
       if (victim === undefined) break;
-      this.memory.delete(victim);
       this.counters.memoryEvictions++;
+      this.dropFromMemory(victim);
     }
+  }
+
+  /** Take `key` out of the memory tier's map and arena (its policy entry is the caller's). */
+  private dropFromMemory(key: BlockKey): void {
+    const slot = this.memory.get(key);
+    if (slot === undefined) return;
+    this.memory.delete(key);
+    this.arena.release(slot);
   }
 
   private allocateSlot(evict = true): number | undefined {
@@ -792,7 +828,7 @@ export class BlockCache {
     if (victim === undefined) return undefined;
     const slot = this.slots.get(victim)!;
     this.slots.delete(victim);
-    this.memory.delete(victim);
+    this.dropFromMemory(victim);
     this.memoryPolicy.remove(victim);
     this.counters.diskEvictions++;
     return slot.index;
@@ -803,7 +839,7 @@ export class BlockCache {
     this.lost.delete(key);
     this.unsynced.delete(key);
     if (this.writing.has(key)) this.writing.delete(key);
-    this.memory.delete(key);
+    this.dropFromMemory(key);
     this.memoryPolicy.remove(key);
     // The slot is reusable only once its own slab write (if any) and its cleared table
     // entry have landed; otherwise a late write could clobber the next block there.

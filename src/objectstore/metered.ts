@@ -2,7 +2,7 @@
 // Stack it under withRetries (withRetries(withMetering(backend))) so every attempt that
 // reaches the store is counted, not just every call.
 
-import type { ListOptions, ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
+import type { GetOptions, ListOptions, ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
 
 export interface StoreCounters {
   /** Requests started, by kind. */
@@ -39,7 +39,7 @@ export class MeteredObjectStore implements ObjectStore {
   }
 
   /** inner.get, counted; its body's bytes count as down. */
-  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+  async get(key: string, options?: GetOptions): Promise<StoredObject | undefined> {
     const object = await this.count('get', () => this.inner.get(key, options));
     if (object) this.bytesDown += object.body.length;
     return object;

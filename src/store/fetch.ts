@@ -2,21 +2,27 @@
 // its whole pack, one GET; every block of the pack is verified against its name and put
 // into the cache, so the neighbours a reader wants next are already here. Concurrent
 // requests for one pack share one GET; read-ahead runs a bounded number of packs ahead.
-// Packs are opened on worker threads (store/pack-threads.ts), off the event loop.
+// Packs are opened on worker threads (store/pack-threads.ts), off the event loop, from a
+// reused body buffer into a reused block buffer (store/pack-buffers.ts).
 import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import { storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import type { BlockFetcher } from '../volume/volume.js';
 import { FormatError } from './errors.js';
+import { PackBufferPool } from './pack-buffers.js';
 import { packThreads, type PackThreads } from './pack-threads.js';
-import { packKey } from './pack.js';
+import { packKey, PACK_HEADER_BYTES } from './pack.js';
 import type { PackIndex } from './pack-index.js';
 
 /** GETs of a pack that fails verification (a truncated or corrupted body) before giving up. */
 const VERIFY_ATTEMPTS = 3;
 /** Packs fetched ahead of sequential readers at once, host-wide. */
 const MAX_PREFETCH_PACKS = 16;
+/** Idle GET body buffers, and idle opened-block buffers, kept for reuse: one per pack read-ahead keeps in flight. */
+const MAX_IDLE_PACK_BUFFERS = MAX_PREFETCH_PACKS;
+/** A pack (or its opened blocks) larger than this gets a buffer of its own, not a reused one. */
+const MAX_POOLED_PACK_BYTES = 64 * 1024 * 1024;
 
 export interface FetchCounters {
   packsFetched: number;
@@ -41,6 +47,10 @@ export class PackFetcher implements BlockFetcher {
   private readonly wanted = new Map<string, Set<BlockKey>>();
   private prefetching = 0;
   private readonly threads: PackThreads;
+  /** GET bodies: at most MAX_IDLE_PACK_BUFFERS idle, each at most MAX_POOLED_PACK_BYTES. */
+  private readonly bodies = new PackBufferPool('pack body buffers', MAX_IDLE_PACK_BUFFERS, MAX_POOLED_PACK_BYTES);
+  /** Opened blocks, until their slab write lands: the same bounds. */
+  private readonly opened = new PackBufferPool('opened block buffers', MAX_IDLE_PACK_BUFFERS, MAX_POOLED_PACK_BYTES);
 
   constructor(
     private readonly store: ObjectStore,
@@ -115,24 +125,49 @@ export class PackFetcher implements BlockFetcher {
     const key = packKey(id);
     for (let attempt = 1; ; attempt++) {
       let object;
+      // The reused buffer the body is read into (the last attempt's, when the store retries).
+      let bodyBuffer: Buffer | undefined;
+      const into = (length: number): Buffer => {
+        if (length > MAX_POOLED_PACK_BYTES) return Buffer.allocUnsafe(length);
+        bodyBuffer = this.bodies.take(length);
+        return bodyBuffer.subarray(0, length);
+      };
       try {
-        object = await this.store.get(key);
+        object = await this.store.get(key, { into });
       } catch (err) {
         // Bounded by [storage] request_deadline_s: the read waiting for it fails with EIO.
         throw storeUnreachable(`cold read of pack ${key}`, this.store.description, err);
       }
       if (object === undefined) throw new Error(`pack ${key} is missing from the store ${this.store.description}`);
       const bytes = object.body.length;
+      // The header's block count sizes the buffer the blocks are opened into (a wrong count
+      // only means they are opened into a buffer of their own).
+      const count = bytes >= PACK_HEADER_BYTES ? object.body.readUInt32LE(12) : 0;
+      let out = count * this.cache.blockSize <= MAX_POOLED_PACK_BYTES ? this.opened.take(count * this.cache.blockSize) : undefined;
       try {
         // Every block is verified (opened) before any is cached: a pack is used whole or not at all.
-        const blocks = await this.threads.open(key, object.body);
+        let blocks;
+        try {
+          blocks = await this.threads.open(key, object.body, out);
+        } finally {
+          if (bodyBuffer !== undefined) this.bodies.give(bodyBuffer);
+        }
+        if (out !== undefined && blocks.length > 0 && blocks[0].data.buffer !== out.buffer) {
+          this.opened.give(out); // the blocks did not fit: they came back in a buffer of their own
+          out = undefined;
+        }
+        // From here the cache's slab writes read the opened blocks until they land (`written`).
+        const lent = out;
+        out = undefined;
         // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
-        this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
+        const written = this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
+        if (lent !== undefined) void written.then(() => this.opened.give(lent));
         this.counters.packsFetched++;
         this.counters.blocksFetched += blocks.length;
         this.counters.bytesFetched += bytes;
         return;
       } catch (err) {
+        if (out !== undefined) this.opened.give(out);
         if (!(err instanceof FormatError)) throw err;
         this.counters.verifyFailures++;
         if (attempt >= VERIFY_ATTEMPTS) throw new Error(`${err.message} (after ${attempt} GETs)`);

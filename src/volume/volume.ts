@@ -35,6 +35,8 @@ async function readAt(fd: number, buf: Buffer, offset: number, length: number, p
 /** A snapshot seals in the background until at most this many chunks are dirty, then cuts. */
 const SNAPSHOT_CUT_CHUNKS = 64;
 const SNAPSHOT_SEAL_ROUNDS = 4;
+/** Chunks one seal call reads and hashes at once: its chunk buffers in flight are at most this many blocks. */
+const SEAL_CONCURRENCY = 32;
 /** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
 const READ_FETCH_ROUNDS = 8;
 
@@ -996,10 +998,22 @@ export class Volume {
       this.sealing.set(chunk, { written: new Uint8Array(this.maskBytes), invalid: false });
       chunks.push(chunk);
     }
-    const work = Promise.all(chunks.map((chunk) => this.sealChunk(chunk, onSealed)));
+    let next = 0;
+    let sealed = 0;
+    const lane = async () => {
+      while (next < chunks.length) {
+        const chunk = chunks[next++];
+        // Waiting its turn, the chunk may have been trimmed, or the volume begun to close.
+        if (this.sealing.get(chunk)!.invalid || !this.overlay.has(chunk) || this.closed || this.closing || this.failure !== undefined) {
+          this.sealing.delete(chunk);
+          continue;
+        }
+        if (await this.sealChunk(chunk, onSealed)) sealed++;
+      }
+    };
+    const work = Promise.all(Array.from({ length: Math.min(SEAL_CONCURRENCY, chunks.length) }, lane));
     this.sealsInFlight.add(work);
-    const results = await work.finally(() => this.sealsInFlight.delete(work));
-    const sealed = results.filter((r) => r).length;
+    await work.finally(() => this.sealsInFlight.delete(work));
     this.stats.chunksSealed += sealed;
     return sealed;
   }
