@@ -327,6 +327,7 @@ async function main() {
     record('cold_rand_array_buffers_mb', arrayBuffers.toFixed(0));
     record('cold_rand_memory_tier_mb', tier.toFixed(0));
     say(`cold random: ArrayBuffers ${arrayBuffers.toFixed(0)} MB, memory tier ${tier.toFixed(0)} MB`);
+    if (process.env.BENCH_SMAPS) say(fs.readFileSync(`/proc/${b.child.pid}/smaps_rollup`, 'utf8'));
     record('cold_rand_memory_size_mb', (memoryGb * 1000).toFixed(0));
     record('cold_rand_iops', job.read.iops.toFixed(0));
     record('cold_rand_cpu_s', readCpu.toFixed(2));

@@ -19,8 +19,13 @@ import type { PackIndex } from './pack-index.js';
 const VERIFY_ATTEMPTS = 3;
 /** Packs fetched ahead of sequential readers at once, host-wide. */
 const MAX_PREFETCH_PACKS = 16;
-/** Idle GET body buffers, and idle opened-block buffers, kept for reuse: one per pack read-ahead keeps in flight. */
-const MAX_IDLE_PACK_BUFFERS = MAX_PREFETCH_PACKS;
+/**
+ * Packs loaded at once, host-wide, each from its GET until its blocks' slab writes land:
+ * what bounds the GET body and opened-block buffers in use (one of each per load).
+ */
+const MAX_PACK_LOADS = 24;
+/** Idle GET body buffers, and idle opened-block buffers, kept for reuse: all the loads at once can use. */
+const MAX_IDLE_PACK_BUFFERS = MAX_PACK_LOADS;
 /** A pack (or its opened blocks) larger than this gets a buffer of its own, not a reused one. */
 const MAX_POOLED_PACK_BYTES = 64 * 1024 * 1024;
 
@@ -46,6 +51,9 @@ export class PackFetcher implements BlockFetcher {
   /** Per pack in flight, the blocks a fetch waits for (none for read-ahead): at most the keys asked for. */
   private readonly wanted = new Map<string, Set<BlockKey>>();
   private prefetching = 0;
+  /** Pack loads running (at most MAX_PACK_LOADS), and the ones waiting for a turn. */
+  private loads = 0;
+  private readonly loadQueue: Array<() => void> = [];
   private readonly threads: PackThreads;
   /** GET bodies: at most MAX_IDLE_PACK_BUFFERS idle, each at most MAX_POOLED_PACK_BYTES. */
   private readonly bodies = new PackBufferPool('pack body buffers', MAX_IDLE_PACK_BUFFERS, MAX_POOLED_PACK_BYTES);
@@ -121,7 +129,35 @@ export class PackFetcher implements BlockFetcher {
     return work;
   }
 
+  /** Wait for one of the MAX_PACK_LOADS turns. */
+  private async startLoad(): Promise<void> {
+    if (this.loads < MAX_PACK_LOADS) {
+      this.loads++;
+      return;
+    }
+    // A turn is handed over by endLoad without dropping the count.
+    await new Promise<void>((resolve) => this.loadQueue.push(resolve));
+  }
+
+  private endLoad(): void {
+    const next = this.loadQueue.shift();
+    if (next !== undefined) next();
+    else this.loads--;
+  }
+
   private async load(id: string): Promise<void> {
+    await this.startLoad();
+    // Whether the turn ends when the blocks' slab writes land, rather than here.
+    let handedOff = false;
+    try {
+      await this.loadTurn(id, () => (handedOff = true));
+    } finally {
+      if (!handedOff) this.endLoad();
+    }
+  }
+
+  /** The body of load(), within a turn; `handOff` passes the end of the turn to the slab writes. */
+  private async loadTurn(id: string, handOff: () => void): Promise<void> {
     const key = packKey(id);
     for (let attempt = 1; ; attempt++) {
       let object;
@@ -159,9 +195,19 @@ export class PackFetcher implements BlockFetcher {
         // From here the cache's slab writes read the opened blocks until they land (`written`).
         const lent = out;
         out = undefined;
-        // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
-        const written = this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
-        if (lent !== undefined) void written.then(() => this.opened.give(lent));
+        handOff();
+        let written: Promise<void>;
+        try {
+          // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
+          written = this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
+        } catch (err) {
+          this.endLoad(); // `lent` is not reused: a slab write may have begun to read it
+          throw err;
+        }
+        void written.then(() => {
+          if (lent !== undefined) this.opened.give(lent);
+          this.endLoad();
+        });
         this.counters.packsFetched++;
         this.counters.blocksFetched += blocks.length;
         this.counters.bytesFetched += bytes;
