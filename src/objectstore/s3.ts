@@ -19,6 +19,7 @@ import {
 import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { errorMessage, type Logger } from '../log.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
+import { S3FastGet } from './s3-get.js';
 import {
   ObjectStoreError, type GetOptions, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
@@ -170,6 +171,8 @@ export class S3ObjectStore implements ObjectStore {
   /** Prepended to every key: '' or ends with '/'. */
   readonly prefix: string;
   private readonly client: S3Client;
+  /** Whole-object GETs over plain http:// with static credentials (s3-get.ts); undefined otherwise. */
+  private readonly fastGet: S3FastGet | undefined;
 
   constructor(bucket: string, prefix: string, options: S3Options = {}, log?: Logger) {
     const trimmed = prefix.replace(/^\/+|\/+$/g, '');
@@ -202,10 +205,28 @@ export class S3ObjectStore implements ObjectStore {
       if (!Number.isFinite(value) || value <= 0) throw invalid(`${name} must be a number of milliseconds > 0, not ${value}`);
     }
 
+    const region = options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1';
+    const endpoint = options.endpoint === undefined ? undefined : new URL(options.endpoint);
+    if (
+      endpoint?.protocol === 'http:' && (endpoint.pathname === '/' || endpoint.pathname === '') && (options.forcePathStyle ?? true) &&
+      options.accessKeyId !== undefined && options.secretAccessKey !== undefined
+    ) {
+      this.fastGet = new S3FastGet({
+        host: endpoint.hostname.replace(/^\[|\]$/g, ''),
+        port: endpoint.port === '' ? 80 : Number(endpoint.port),
+        pathPrefix: `/${bucket}/`,
+        region,
+        accessKeyId: options.accessKeyId,
+        secretAccessKey: options.secretAccessKey,
+        requestTimeoutMs: requestTimeout,
+        connectTimeoutMs: connectionTimeout,
+        maxSockets: S3_MAX_SOCKETS,
+      });
+    }
     const agentOptions = { keepAlive: true, maxSockets: S3_MAX_SOCKETS };
     const handlerLog = log?.child('s3');
     this.client = new S3Client({
-      region: options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1',
+      region,
       endpoint: options.endpoint,
       forcePathStyle: options.forcePathStyle ?? options.endpoint !== undefined,
       credentials:
@@ -240,6 +261,16 @@ export class S3ObjectStore implements ObjectStore {
   async get(key: string, options?: GetOptions): Promise<StoredObject | undefined> {
     checkKey('get', key, this.description);
     const signal = options?.signal;
+    if (this.fastGet?.handles(this.prefix + key)) {
+      let found;
+      try {
+        found = await this.fastGet.get(this.prefix + key, options?.into, signal);
+      } catch (err) {
+        // No answer, or a broken one: the network may come back (the caller's retries decide).
+        throw storeError('Unavailable', 'get', key, this.description, describe(err), err);
+      }
+      if (found !== 'sdk') return { key, size: found.body.length, etag: found.etag, lastModified: found.lastModified, body: found.body };
+    }
     try {
       const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), { abortSignal: signal });
       const body = await readBody(res.Body, res.ContentLength, signal, options?.into);
@@ -400,6 +431,7 @@ export class S3ObjectStore implements ObjectStore {
 
   /** Closes the pooled sockets. */
   async close(): Promise<void> {
+    this.fastGet?.close();
     this.client.destroy();
   }
 
