@@ -191,6 +191,8 @@ export class BlockCache {
   private readonly arena: BlockArena;
   /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
   private readonly writing = new Map<BlockKey, Buffer>();
+  /** Blocks put whose slab write reads their memory-tier copy: not evicted from memory until it lands. */
+  private readonly writingFromMemory = new Set<BlockKey>();
   private readonly inflight = new Set<Promise<void>>();
   /** Slot table writes, in order: a slot freed and reused must end with the newer entry. */
   private tableTail: Promise<void> = Promise.resolve();
@@ -452,9 +454,10 @@ export class BlockCache {
 
   /**
    * Store a sealed block and take a reference to it. A block already present (from any
-   * volume) is not written again. The cache takes ownership of `block`. The slab write
+   * volume) is not written again. The cache copies `block` (into the memory tier, or a
+   * buffer of its own without one), so the caller may reuse it at once. The slab write
    * runs in the thread pool, so a page-cache writeback stall never blocks the event
-   * loop; until it lands, reads are served from memory. Returns false when the disk
+   * loop; until it lands, reads are served from the copy, which stays in the memory tier. Returns false when the disk
    * budget has no room for a new pinned block (`replacing`: the block takes the place
    * of one that will be released, so it may use the rewrite reserve).
    */
@@ -463,7 +466,7 @@ export class BlockCache {
     if (existing !== undefined) {
       this.counters.dedupHits++;
       existing.refs++;
-      if (this.lost.has(key)) this.rewriteLost(key, existing, block);
+      if (this.lost.has(key)) this.rewriteLost(key, existing, Buffer.from(block));
       return true;
     }
     if (!this.space.fits(this.blockSize, replacing)) return false;
@@ -471,17 +474,23 @@ export class BlockCache {
     if (index === undefined) return false;
     const slot: Slot = { index, refs: 1, inStore: false };
     this.slots.set(key, slot);
-    this.writing.set(key, block);
+    // The slab write reads the memory tier's copy, which stays until it lands (admitToMemory's evictions skip it).
+    let data = this.admitToMemory(key, block);
+    if (data !== undefined) this.writingFromMemory.add(key);
+    else data = Buffer.from(block);
+    this.writing.set(key, data);
     this.unsynced.add(key);
     this.space.pinnedBytes += this.blockSize;
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
     this.counters.blocksWritten++;
-    const write = writeAt(this.slabFd, block, index * this.blockSize)
+    const write = writeAt(this.slabFd, data, index * this.blockSize)
       .then(() => this.writeEntry(index, key, SLOT_USED))
       .then(
         () => {
-          if (this.writing.get(key) === block) this.writing.delete(key);
+          if (this.writing.get(key) !== data) return;
+          this.writing.delete(key);
+          this.writingFromMemory.delete(key);
         },
         (err) => {
           this.log.error('block cache: slab write failed; the block stays in memory', { slot: index, error: err.message });
@@ -493,7 +502,6 @@ export class BlockCache {
       );
     slot.writing = write;
     this.track(write);
-    this.admitToMemory(key, block);
     return true;
   }
 
@@ -502,6 +510,7 @@ export class BlockCache {
     this.lost.delete(key);
     this.unsynced.add(key);
     this.writing.set(key, block);
+    this.writingFromMemory.delete(key); // written from `block` now
     this.slabDirty = true;
     slot.unverified = undefined;
     const write = (slot.writing ?? Promise.resolve())
@@ -719,8 +728,9 @@ export class BlockCache {
 
   /** The whole block, read through the thread pool; undefined when it is not on this host. */
   async readBlock(key: BlockKey): Promise<Buffer | undefined> {
+    // Copies: a memory tier slot, or a reused buffer of fetched blocks, may take another block meanwhile.
     const pending = this.writing.get(key);
-    if (pending !== undefined) return pending;
+    if (pending !== undefined) return Buffer.from(pending);
     const inMemory = this.memory.get(key);
     if (inMemory !== undefined) return this.arena.copy(inMemory);
     const slot = this.slots.get(key);
@@ -785,13 +795,20 @@ export class BlockCache {
     );
   }
 
-  /** Copy `block` into the memory tier (an arena slot: the caller keeps its buffer), evicting as needed. */
-  private admitToMemory(key: BlockKey, block: Buffer): void {
-    if (this.arena.capacity === 0 || block.length > this.blockSize || this.memory.has(key)) return;
+  /**
+   * Copy `block` into the memory tier (an arena slot: the caller keeps its buffer),
+   * evicting as needed, and return the copy there; undefined when the tier cannot take it.
+   * A block whose slab write reads its copy is not evicted until the write lands.
+   */
+  private admitToMemory(key: BlockKey, block: Buffer): Buffer | undefined {
+    if (this.arena.capacity === 0 || block.length > this.blockSize) return undefined;
+    const present = this.memory.get(key);
+    if (present !== undefined) return this.arena.view(present);
+    const evictable = (victim: BlockKey) => !this.writingFromMemory.has(victim);
     let slot = this.arena.allocate();
     while (slot === undefined) {
-      const victim = this.memoryPolicy.evict();
-      if (victim === undefined) return;
+      const victim = this.memoryPolicy.evict(evictable);
+      if (victim === undefined) return undefined;
       this.counters.memoryEvictions++;
       this.dropFromMemory(victim);
       slot = this.arena.allocate();
@@ -800,11 +817,14 @@ export class BlockCache {
     this.memory.set(key, slot);
     this.memoryPolicy.insert(key, this.blockSize);
     while (this.memoryPolicy.overBudget()) {
-      const victim = this.memoryPolicy.evict();
+      const victim = this.memoryPolicy.evict(evictable);
       if (victim === undefined) break;
       this.counters.memoryEvictions++;
       this.dropFromMemory(victim);
     }
+    // Over budget with every other block's copy in use by a slab write: this one goes instead.
+    if (!this.memory.has(key)) return undefined;
+    return this.arena.view(slot);
   }
 
   /** Take `key` out of the memory tier's map and arena (its policy entry is the caller's). */
@@ -839,6 +859,7 @@ export class BlockCache {
     this.lost.delete(key);
     this.unsynced.delete(key);
     if (this.writing.has(key)) this.writing.delete(key);
+    this.writingFromMemory.delete(key);
     this.dropFromMemory(key);
     this.memoryPolicy.remove(key);
     // The slot is reusable only once its own slab write (if any) and its cleared table

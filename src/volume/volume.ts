@@ -1001,6 +1001,8 @@ export class Volume {
     let next = 0;
     let sealed = 0;
     const lane = async () => {
+      // One chunk buffer per lane, reused: the cache copies what it keeps.
+      const scratch = Buffer.allocUnsafe(this.blockSize);
       while (next < chunks.length) {
         const chunk = chunks[next++];
         // Waiting its turn, the chunk may have been trimmed, or the volume begun to close.
@@ -1008,7 +1010,7 @@ export class Volume {
           this.sealing.delete(chunk);
           continue;
         }
-        if (await this.sealChunk(chunk, onSealed)) sealed++;
+        if (await this.sealChunk(chunk, scratch, onSealed)) sealed++;
       }
     };
     const work = Promise.all(Array.from({ length: Math.min(SEAL_CONCURRENCY, chunks.length) }, lane));
@@ -1028,7 +1030,7 @@ export class Volume {
     return base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base) ? base : undefined;
   }
 
-  private async sealChunk(chunk: number, onSealed?: (key: BlockKey) => void): Promise<boolean> {
+  private async sealChunk(chunk: number, block: Buffer, onSealed?: (key: BlockKey) => void): Promise<boolean> {
     const state = this.sealing.get(chunk)!;
     try {
       const base = this.absentBase(chunk, this.overlay.get(chunk)!);
@@ -1038,7 +1040,6 @@ export class Volume {
       // The base is needed but left the cache meanwhile: a later seal tries again.
       if (this.absentBase(chunk, mask) !== undefined) return false;
       const bs = this.blockSize;
-      const block = Buffer.allocUnsafe(bs);
       // Absent sectors come from the base block (memory or cache pread), present ones from the overlay.
       const runs: Array<[number, number]> = [];
       let at = 0;
@@ -1051,7 +1052,9 @@ export class Volume {
         at = end;
       }
       const position = chunk * bs;
-      await Promise.all(runs.map(([offset, length]) => readAt(this.overlayFd, block, offset, length, position + offset)));
+      // Every read settles before a failure is thrown: the lane's next chunk reuses `block`.
+      const reads = await Promise.allSettled(runs.map(([offset, length]) => readAt(this.overlayFd, block, offset, length, position + offset)));
+      for (const read of reads) if (read.status === 'rejected') throw read.reason;
       if (state.invalid || this.closed) return false;
       // Bytes past the end of a volume whose size is not a multiple of the block size are zero.
       const chunkBytes = Math.min(bs, Math.max(0, this.size - position));
