@@ -22,7 +22,7 @@ import { PackUploader } from '../src/store/upload.js';
 const BLOCK = 64 * 1024;
 const PER_PACK = 4;
 /** src/store/fetch.ts: MAX_PACK_LOADS. */
-const MAX_PACK_LOADS = 24;
+const MAX_PACK_LOADS = 16;
 
 /** The file store, but a GET's body goes where `into` says (as the s3:// backend does), slowly, and the bodies are counted. */
 function intoStore(inner: ObjectStore): { store: ObjectStore; buffers: Set<ArrayBufferLike>; peak: () => number } {

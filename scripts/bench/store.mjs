@@ -73,8 +73,14 @@ async function freePort() {
  * what the daemon costs, not how long it waited for a core.
  */
 function cpuSeconds(pid) {
+  const { user, system } = cpuSplit(pid);
+  return user + system;
+}
+
+/** cpuSeconds split into user and system (kernel) time. */
+function cpuSplit(pid) {
   const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in USER_HZ (100 on Linux)
+  return { user: Number(fields[11]) / 100, system: Number(fields[12]) / 100 }; // utime, stime in USER_HZ (100 on Linux)
 }
 
 /** The process's resident set now and at its peak (VmRSS, VmHWM), in MB. */
@@ -288,6 +294,7 @@ async function main() {
       await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
       const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
       const cpu = cpuSeconds(b.child.pid);
+      const split = cpuSplit(b.child.pid);
       const job = await fio(['--name=cold', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=read', '--bs=1M', '--iodepth=1', `--size=${SIZE_MIB}M`]);
       const gets = (await metric(b.url, 'updraft_store_requests_total', { kind: 'get' })) - gets0;
       record(`cold_read_${label}_mb_s`, (job.read.bw_bytes / 1e6).toFixed(0));
@@ -295,12 +302,14 @@ async function main() {
       record(`cold_read_${label}_gets`, gets);
       record(`cold_read_${label}_cpu_s`, readCpu.toFixed(2));
       record(`cold_read_${label}_cpu_s_per_gib`, ((readCpu * 1024) / SIZE_MIB).toFixed(2));
+      const after = cpuSplit(b.child.pid);
+      record(`cold_read_${label}_sys_s_per_gib`, (((after.system - split.system) * 1024) / SIZE_MIB).toFixed(2));
       const rss = rssMb(b.child.pid);
       record(`cold_read_${label}_rss_mb`, rss.rss.toFixed(0));
       record(`cold_read_${label}_peak_rss_mb`, rss.peak.toFixed(0));
       say(
         `cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs; CPU ${readCpu.toFixed(2)} s daemon ` +
-          `(${((readCpu * 1024) / SIZE_MIB).toFixed(2)} s/GiB); RSS ${rss.rss.toFixed(0)} MB, peak ${rss.peak.toFixed(0)} MB`,
+          `(${((readCpu * 1024) / SIZE_MIB).toFixed(2)} s/GiB, of it ${(((after.system - split.system) * 1024) / SIZE_MIB).toFixed(2)} s in the kernel); RSS ${rss.rss.toFixed(0)} MB, peak ${rss.peak.toFixed(0)} MB`,
       );
       await stop(b.child);
     }

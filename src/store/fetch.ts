@@ -23,7 +23,7 @@ const MAX_PREFETCH_PACKS = 16;
  * Packs loaded at once, host-wide, each from its GET until its blocks' slab writes land:
  * what bounds the GET body and opened-block buffers in use (one of each per load).
  */
-const MAX_PACK_LOADS = 24;
+const MAX_PACK_LOADS = 16;
 /** Idle GET body buffers, and idle opened-block buffers, kept for reuse: all the loads at once can use. */
 const MAX_IDLE_PACK_BUFFERS = MAX_PACK_LOADS;
 /** A pack (or its opened blocks) larger than this gets a buffer of its own, not a reused one. */
