@@ -457,9 +457,10 @@ export class BlockCache {
    * volume) is not written again. The cache copies `block` (into the memory tier, or a
    * buffer of its own without one), so the caller may reuse it at once. The slab write
    * runs in the thread pool, so a page-cache writeback stall never blocks the event
-   * loop; until it lands, reads are served from the copy, which stays in the memory tier. Returns false when the disk
-   * budget has no room for a new pinned block (`replacing`: the block takes the place
-   * of one that will be released, so it may use the rewrite reserve).
+   * loop; until it lands, reads are served from the copy, which stays in the memory
+   * tier. Returns false when the disk budget has no room for a new pinned block
+   * (`replacing`: the block takes the place of one that will be released, so it may use
+   * the rewrite reserve).
    */
   put(key: BlockKey, block: Buffer, replacing = false): boolean {
     const existing = this.slots.get(key);

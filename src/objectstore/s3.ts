@@ -119,8 +119,8 @@ function describe(err: unknown): string {
 
 /**
  * The bytes of a response body, read from the socket stream into one Buffer of
- * Content-Length bytes (`into`'s, or a new one: no chunk list, no second copy); without a length, chunks and one
- * concat. A body shorter than `length` comes back short (checkLength refuses it), one
+ * Content-Length bytes (`into`'s, or a new one: no chunk list, no second copy); without
+ * a length, chunks and one concat. A body shorter than `length` comes back short (checkLength refuses it), one
  * longer is an error. The SDK's transformToByteArray collected chunks and concatenated
  * them in JavaScript: 1.1 s of CPU per GiB of cold reads.
  */
