@@ -3,7 +3,8 @@
 #
 #   1. compare  nbd-compare (scripts/bench/nbd-compare.sh): fio's nbd engine against a
 #               fresh volume and against a reference (nbdkit file plugin over a sparse
-#               local file): randread, randwrite, randrw 70/30, seqwrite, seqread, lat.
+#               local file): randread, randwrite, randrw 70/30, seqwrite, seqread, lat;
+#               then the daemon's RSS (now and peak).
 #   2. memory   BENCH_MEM_VOLUMES (100) volumes of 1 GiB, 64 MiB written into each (fio,
 #               sequential 1 MiB writes, a few volumes at a time); the daemon's VmRSS with
 #               them all open and dirty, again once everything is sealed ([volumes]
@@ -201,6 +202,9 @@ if has_part compare; then
   run_child /dev/null bash "$HERE/nbd-compare.sh" --uri "nbd+unix:///bench?socket=$D_SOCK" --size "$SIZE" \
     --runtime "$RUNTIME" --rounds "$ROUNDS" --workloads "$WORKLOADS" --json "$SCRATCH/compare.json" --workdir "$SCRATCH" \
     || die "nbd-compare failed"
+  record compare rss_after_mib "$(rss_mib "$D_PID")"
+  record compare rss_peak_mib "$(rss_mib "$D_PID" VmHWM)"
+  echo "bench: compare: daemon RSS after $(rss_mib "$D_PID") MiB (peak $(rss_mib "$D_PID" VmHWM) MiB)" >&2
   stop_daemon
   rm -rf "$D_DIR"
 fi

@@ -22,7 +22,12 @@
 //
 // BENCH_STORE_ENCRYPTED=1 runs every daemon on an encrypted store ([storage]
 // encryption_password), to compare drain and cold-read throughput with encryption on and off.
-// BENCH_STORE_PARTS (drain,migrate,cold,fork) picks parts; migrate and cold need drain.
+//   coldrand a fresh host with a memory tier of BENCH_COLDRAND_MEMORY_GB (0.25) wakes that
+//            volume and fio reads 4 KiB at random (QD32) for BENCH_COLDRAND_SECONDS (60):
+//            IOPS, CPU and the daemon's RSS (idle, after, peak) against the memory tier.
+// Cold reads also print the daemon's CPU seconds per GiB and its RSS (now and peak).
+// BENCH_STORE_PARTS (drain,migrate,cold,fork; coldrand on request) picks parts; migrate,
+// cold and coldrand need drain.
 //
 // Prints "store KEY VALUE" lines on stdout (bench.sh appends them to its results).
 // Needs the MinIO binary scripts/setup-minio.sh builds. Every process started here is
@@ -68,8 +73,21 @@ async function freePort() {
  * what the daemon costs, not how long it waited for a core.
  */
 function cpuSeconds(pid) {
+  const { user, system } = cpuSplit(pid);
+  return user + system;
+}
+
+/** cpuSeconds split into user and system (kernel) time. */
+function cpuSplit(pid) {
   const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in USER_HZ (100 on Linux)
+  return { user: Number(fields[11]) / 100, system: Number(fields[12]) / 100 }; // utime, stime in USER_HZ (100 on Linux)
+}
+
+/** The process's resident set now and at its peak (VmRSS, VmHWM), in MB. */
+function rssMb(pid) {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (name) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(status)[1]);
+  return { rss: kb('VmRSS') / 1024, peak: kb('VmHWM') / 1024 };
 }
 
 function start(cmd, args, opts = {}) {
@@ -135,7 +153,7 @@ async function fio(args) {
   return JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
 }
 
-async function daemon(name, minio, extraToml = '', env = {}) {
+async function daemon(name, minio, extraToml = '', env = {}, memoryGb = 1) {
   const dir = path.join(scratch, name);
   fs.mkdirSync(dir, { recursive: true });
   const http = await freePort();
@@ -143,7 +161,7 @@ async function daemon(name, minio, extraToml = '', env = {}) {
 [cache]
 dir = "${dir}/cache"
 disk_size_gb = 24
-memory_size_gb = 1
+memory_size_gb = ${memoryGb}
 [storage]
 url = "s3://${minio.bucket}/bench"
 ${ENCRYPTED ? 'encryption_password = "${UPDRAFT_BENCH_PASSWORD}"' : ''}
@@ -198,10 +216,13 @@ async function main() {
   say('draining');
   const t0 = performance.now();
   const cpu0 = [cpuSeconds(a.child.pid), cpuSeconds(minioProc.pid)];
+  const sys0 = cpuSplit(a.child.pid).system;
   const drained = await api(a.url, 'POST', `/api/exports/${volume}/drain`);
   const seconds = (performance.now() - t0) / 1000;
   const drainCpu = [cpuSeconds(a.child.pid) - cpu0[0], cpuSeconds(minioProc.pid) - cpu0[1]];
   record('drain_cpu_s', drainCpu[0].toFixed(2));
+  record('drain_cpu_s_per_gib', ((drainCpu[0] * 1024) / SIZE_MIB).toFixed(2));
+  record('drain_sys_s_per_gib', (((cpuSplit(a.child.pid).system - sys0) * 1024) / SIZE_MIB).toFixed(2));
   record('drain_minio_cpu_s', drainCpu[1].toFixed(2));
   const requests = (await metric(a.url, 'updraft_store_requests_total')) - putsBefore;
   record('drain_size_mib', SIZE_MIB);
@@ -226,10 +247,13 @@ async function main() {
   await sleep(5000); // the idle write-back commits the seal and syncs the slab
   const t1 = performance.now();
   const cpu1 = [cpuSeconds(a.child.pid), cpuSeconds(minioProc.pid)];
+  const sys1 = cpuSplit(a.child.pid).system;
   const drained2 = await api(a.url, 'POST', `/api/exports/${sealed}/drain`);
   const seconds2 = (performance.now() - t1) / 1000;
   const sealedCpu = [cpuSeconds(a.child.pid) - cpu1[0], cpuSeconds(minioProc.pid) - cpu1[1]];
   record('drain_sealed_cpu_s', sealedCpu[0].toFixed(2));
+  record('drain_sealed_cpu_s_per_gib', ((sealedCpu[0] * 1024) / SIZE_MIB).toFixed(2));
+  record('drain_sealed_sys_s_per_gib', (((cpuSplit(a.child.pid).system - sys1) * 1024) / SIZE_MIB).toFixed(2));
   record('drain_sealed_minio_cpu_s', sealedCpu[1].toFixed(2));
   record('drain_sealed_seconds', seconds2.toFixed(2));
   record('drain_sealed_mb_s', ((SIZE_MIB * MiB) / 1e6 / seconds2).toFixed(0));
@@ -274,16 +298,57 @@ async function main() {
       await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
       const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
       const cpu = cpuSeconds(b.child.pid);
+      const split = cpuSplit(b.child.pid);
       const job = await fio(['--name=cold', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=read', '--bs=1M', '--iodepth=1', `--size=${SIZE_MIB}M`]);
       const gets = (await metric(b.url, 'updraft_store_requests_total', { kind: 'get' })) - gets0;
       record(`cold_read_${label}_mb_s`, (job.read.bw_bytes / 1e6).toFixed(0));
       const readCpu = cpuSeconds(b.child.pid) - cpu;
       record(`cold_read_${label}_gets`, gets);
       record(`cold_read_${label}_cpu_s`, readCpu.toFixed(2));
-      say(`cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs; CPU ${readCpu.toFixed(2)} s daemon`);
+      record(`cold_read_${label}_cpu_s_per_gib`, ((readCpu * 1024) / SIZE_MIB).toFixed(2));
+      const after = cpuSplit(b.child.pid);
+      record(`cold_read_${label}_sys_s_per_gib`, (((after.system - split.system) * 1024) / SIZE_MIB).toFixed(2));
+      const rss = rssMb(b.child.pid);
+      record(`cold_read_${label}_rss_mb`, rss.rss.toFixed(0));
+      record(`cold_read_${label}_peak_rss_mb`, rss.peak.toFixed(0));
+      say(
+        `cold read (${label}): ${(job.read.bw_bytes / 1e6).toFixed(0)} MB/s, ${gets} GETs; CPU ${readCpu.toFixed(2)} s daemon ` +
+          `(${((readCpu * 1024) / SIZE_MIB).toFixed(2)} s/GiB, of it ${(((after.system - split.system) * 1024) / SIZE_MIB).toFixed(2)} s in the kernel); RSS ${rss.rss.toFixed(0)} MB, peak ${rss.peak.toFixed(0)} MB`,
+      );
       await stop(b.child);
     }
     record('latency_ms', LATENCY_MS);
+  }
+
+  // ---- cold random 4 KiB reads: the memory tier's bound ----
+  if (PARTS.has('coldrand')) {
+    // A memory tier smaller than the volume, so that it fills and must evict; the RSS it
+    // ends with, against memory_size_gb.
+    const memoryGb = Number(process.env.BENCH_COLDRAND_MEMORY_GB || 0.25);
+    const b = await daemon('host-coldrand', minio, '', { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` }, memoryGb);
+    await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
+    const idle = rssMb(b.child.pid);
+    const cpu = cpuSeconds(b.child.pid);
+    const job = await fio([
+      '--name=coldrand', '--ioengine=nbd', `--uri=${b.uri(volume)}`, '--rw=randread', '--bs=4k', '--iodepth=32', `--size=${SIZE_MIB}M`,
+      `--runtime=${process.env.BENCH_COLDRAND_SECONDS || 60}`, '--time_based', '--randrepeat=0',
+    ]);
+    const readCpu = cpuSeconds(b.child.pid) - cpu;
+    const rss = rssMb(b.child.pid);
+    const arrayBuffers = (await metric(b.url, 'updraft_process_array_buffers_bytes')) / 1e6;
+    const tier = (await metric(b.url, 'updraft_cache_memory_held_bytes')) / 1e6;
+    record('cold_rand_array_buffers_mb', arrayBuffers.toFixed(0));
+    record('cold_rand_memory_tier_mb', tier.toFixed(0));
+    say(`cold random: ArrayBuffers ${arrayBuffers.toFixed(0)} MB, memory tier ${tier.toFixed(0)} MB`);
+    if (process.env.BENCH_SMAPS) say(fs.readFileSync(`/proc/${b.child.pid}/smaps_rollup`, 'utf8'));
+    record('cold_rand_memory_size_mb', (memoryGb * 1000).toFixed(0));
+    record('cold_rand_iops', job.read.iops.toFixed(0));
+    record('cold_rand_cpu_s', readCpu.toFixed(2));
+    record('cold_rand_idle_rss_mb', idle.rss.toFixed(0));
+    record('cold_rand_rss_mb', rss.rss.toFixed(0));
+    record('cold_rand_peak_rss_mb', rss.peak.toFixed(0));
+    say(`cold random 4 KiB reads (memory tier ${memoryGb} GB): ${job.read.iops.toFixed(0)} IOPS; CPU ${readCpu.toFixed(2)} s; RSS idle ${idle.rss.toFixed(0)} MB, after ${rss.rss.toFixed(0)} MB, peak ${rss.peak.toFixed(0)} MB`);
+    await stop(b.child);
   }
   if (!PARTS.has('fork')) return;
 

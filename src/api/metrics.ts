@@ -34,7 +34,7 @@ export class Metrics {
     gauge('updraft_cache_blocks', 'Blocks held in the local disk cache', () => cache.blockCount);
     gauge('updraft_cache_pinned_blocks', 'Cached blocks that are not in the object store yet (never evicted)', () => cache.pinnedBlocks);
     gauge('updraft_cache_memory_bytes', 'Bytes of blocks in the memory tier', () => cache.memoryBytes);
-    gauge('updraft_cache_memory_held_bytes', 'Bytes of the buffers the memory tier keeps alive (each underlying buffer once)', () => cache.memoryHeldBytes);
+    gauge('updraft_cache_memory_held_bytes', 'Bytes of the buffers the memory tier keeps (its arena of memory_size_gb, resident as far as it has filled)', () => cache.memoryHeldBytes);
     gauge('updraft_process_array_buffers_bytes', 'Bytes of ArrayBuffers and Buffers the process holds (process.memoryUsage().arrayBuffers)', () => process.memoryUsage().arrayBuffers);
     gauge('updraft_local_used_bytes', 'Local bytes that exist nowhere else: overlay sectors plus pinned blocks', () => cache.space.used);
     gauge('updraft_local_capacity_bytes', 'The disk budget for local-only data ([cache] disk_size_gb)', () => cache.space.capacity);

@@ -9,6 +9,7 @@
 // references and no store holds are garbage and their slot is freed at once.
 import { disk } from '../disk/disk.js';
 import path from 'node:path';
+import { BlockArena } from './arena.js';
 import { S3Fifo } from './s3fifo.js';
 import { HASH_BYTES, type BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
@@ -60,18 +61,6 @@ export function keyBytes(key: BlockKey): Buffer {
 }
 export function keyHex(key: BlockKey): string {
   return keyBytes(key).toString('hex');
-}
-
-/** Whether a Buffer spans the whole of its underlying memory (not a view into a larger one). */
-function ownsItsMemory(block: Buffer): boolean {
-  return block.byteOffset === 0 && block.buffer.byteLength === block.byteLength;
-}
-
-/** A copy in memory of its own (never a slice of Node's shared pool). */
-function copyOf(block: Buffer): Buffer {
-  const copy = Buffer.allocUnsafeSlow(block.length);
-  block.copy(copy);
-  return copy;
 }
 
 const SLOT_ENTRY_BYTES = 32;
@@ -197,10 +186,15 @@ export class BlockCache {
   private highWater = 0;
   private readonly maxSlots: number;
   private readonly diskPolicy: S3Fifo<BlockKey>;
-  private readonly memory = new Map<BlockKey, Buffer>();
+  /** The memory tier: block → its slot in `arena`. */
+  private readonly memory = new Map<BlockKey, number>();
   private readonly memoryPolicy: S3Fifo<BlockKey>;
+  /** The memory tier's buffers: at most memoryBytes, in block_size slots. */
+  private readonly arena: BlockArena;
   /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
   private readonly writing = new Map<BlockKey, Buffer>();
+  /** Blocks put whose slab write reads their memory-tier copy: not evicted from memory until it lands. */
+  private readonly writingFromMemory = new Set<BlockKey>();
   private readonly inflight = new Set<Promise<void>>();
   /** Slot table writes, in order: a slot freed and reused must end with the newer entry. */
   private tableTail: Promise<void> = Promise.resolve();
@@ -230,6 +224,7 @@ export class BlockCache {
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
     this.memoryPolicy = new S3Fifo(opts.memoryBytes);
+    this.arena = new BlockArena(opts.blockSize, opts.memoryBytes);
   }
 
   /** Open (or create) the cache in `dir` and load its slot table. */
@@ -336,16 +331,9 @@ export class BlockCache {
   get memoryBytes(): number {
     return this.memoryPolicy.size;
   }
-  /** Bytes of the buffers the memory tier keeps alive, each underlying buffer once. */
+  /** Bytes of the buffers the memory tier keeps alive: its arena's, at most memoryBytes. */
   get memoryHeldBytes(): number {
-    const buffers = new Set<ArrayBufferLike>();
-    let bytes = 0;
-    for (const block of this.memory.values()) {
-      if (buffers.has(block.buffer)) continue;
-      buffers.add(block.buffer);
-      bytes += block.buffer.byteLength;
-    }
-    return bytes;
+    return this.arena.heldBytes;
   }
   get pinnedBlocks(): number {
     return this.space.pinnedBytes / this.blockSize;
@@ -373,11 +361,11 @@ export class BlockCache {
    * false when the block is not on this host.
    */
   readInto(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
-    const block = this.memory.get(key);
-    if (block !== undefined) {
+    const inMemory = this.memory.get(key);
+    if (inMemory !== undefined) {
       this.counters.memoryHits++;
       this.memoryPolicy.hit(key);
-      block.copy(dst, dstOffset, offset, offset + length);
+      this.arena.copyOut(inMemory, offset, length, dst, dstOffset);
       return true;
     }
     const slot = this.slots.get(key);
@@ -468,18 +456,20 @@ export class BlockCache {
 
   /**
    * Store a sealed block and take a reference to it. A block already present (from any
-   * volume) is not written again. The cache takes ownership of `block`. The slab write
+   * volume) is not written again. The cache copies `block` (into the memory tier, or a
+   * buffer of its own without one), so the caller may reuse it at once. The slab write
    * runs in the thread pool, so a page-cache writeback stall never blocks the event
-   * loop; until it lands, reads are served from memory. Returns false when the disk
-   * budget has no room for a new pinned block (`replacing`: the block takes the place
-   * of one that will be released, so it may use the rewrite reserve).
+   * loop; until it lands, reads are served from the copy, which stays in the memory
+   * tier. Returns false when the disk budget has no room for a new pinned block
+   * (`replacing`: the block takes the place of one that will be released, so it may use
+   * the rewrite reserve).
    */
   put(key: BlockKey, block: Buffer, replacing = false): boolean {
     const existing = this.slots.get(key);
     if (existing !== undefined) {
       this.counters.dedupHits++;
       existing.refs++;
-      if (this.lost.has(key)) this.rewriteLost(key, existing, block);
+      if (this.lost.has(key)) this.rewriteLost(key, existing, Buffer.from(block));
       return true;
     }
     if (!this.space.fits(this.blockSize, replacing)) return false;
@@ -487,17 +477,23 @@ export class BlockCache {
     if (index === undefined) return false;
     const slot: Slot = { index, refs: 1, inStore: false };
     this.slots.set(key, slot);
-    this.writing.set(key, block);
+    // The slab write reads the memory tier's copy, which stays until it lands (admitToMemory's evictions skip it).
+    let data = this.admitToMemory(key, block);
+    if (data !== undefined) this.writingFromMemory.add(key);
+    else data = Buffer.from(block);
+    this.writing.set(key, data);
     this.unsynced.add(key);
     this.space.pinnedBytes += this.blockSize;
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
     this.counters.blocksWritten++;
-    const write = writeAt(this.slabFd, block, index * this.blockSize)
+    const write = writeAt(this.slabFd, data, index * this.blockSize)
       .then(() => this.writeEntry(index, key, SLOT_USED))
       .then(
         () => {
-          if (this.writing.get(key) === block) this.writing.delete(key);
+          if (this.writing.get(key) !== data) return;
+          this.writing.delete(key);
+          this.writingFromMemory.delete(key);
         },
         (err) => {
           this.log.error('block cache: slab write failed; the block stays in memory', { slot: index, error: err.message });
@@ -509,7 +505,6 @@ export class BlockCache {
       );
     slot.writing = write;
     this.track(write);
-    this.admitToMemory(key, block);
     return true;
   }
 
@@ -518,6 +513,7 @@ export class BlockCache {
     this.lost.delete(key);
     this.unsynced.add(key);
     this.writing.set(key, block);
+    this.writingFromMemory.delete(key); // written from `block` now
     this.slabDirty = true;
     slot.unverified = undefined;
     const write = (slot.writing ?? Promise.resolve())
@@ -610,17 +606,23 @@ export class BlockCache {
    * (the usual case: a pack's blocks take slots in a row) are written with one pwritev
    * and one slot table write per run, not 25 of each: 25 writers at once contended for
    * the slab's inode lock (a quarter of a cold read's CPU went to that and the copies).
+   *
+   * The memory tier takes copies; the slab writes read `blocks` until the returned promise
+   * settles (it never rejects), after which the caller may reuse their buffer.
    */
-  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): void {
+  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): Promise<void> {
     let run: { first: number; keys: BlockKey[]; data: Buffer[]; slots: Slot[] } | undefined;
+    const writes: Promise<void>[] = [];
     const flush = () => {
-      if (run !== undefined) this.writeRun(run.first, run.keys, run.data, run.slots);
+      if (run !== undefined) writes.push(this.writeRun(run.first, run.keys, run.data, run.slots));
       run = undefined;
     };
     for (const { key, data } of blocks) {
       const existing = this.slots.get(key);
       if (existing !== undefined) {
-        if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) this.repairFromStore(key, existing, data);
+        if (existing.unverified && !this.writing.has(key) && !this.verifySync(key, existing) && this.slots.get(key) === existing) {
+          this.repairFromStore(key, existing, Buffer.from(data));
+        }
         if (this.slots.has(key)) continue;
       }
       // A pack's other blocks take only room that is free: evicting for them would push out
@@ -648,6 +650,7 @@ export class BlockCache {
       }
     }
     flush();
+    return Promise.all(writes).then(() => undefined);
   }
 
   /**
@@ -665,8 +668,11 @@ export class BlockCache {
     this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, SLOT_USED | SLOT_IN_STORE) : undefined)));
   }
 
-  /** Write fetched blocks into consecutive slots from `first`, then their table entries. */
-  private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[]): void {
+  /**
+   * Write fetched blocks into consecutive slots from `first`, then their table entries.
+   * Settles (never rejects) once nothing reads `data` any more: the caller's buffer is free.
+   */
+  private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[]): Promise<void> {
     const write = writevAt(this.slabFd, data, first * this.blockSize)
       .then(() => this.writeEntries(first, keys, SLOT_USED | SLOT_IN_STORE))
       .then(
@@ -674,11 +680,21 @@ export class BlockCache {
           for (let i = 0; i < keys.length; i++) if (this.writing.get(keys[i]) === data[i]) this.writing.delete(keys[i]);
         },
         (err) => {
-          this.log.error('block cache: slab write of fetched blocks failed; they stay in memory', { slot: first, blocks: keys.length, error: err.message });
+          // The store has them: they are dropped here (a later read fetches them again), and
+          // `data`, which the caller reuses, is not read from again.
+          this.log.error('block cache: slab write of fetched blocks failed; they are dropped', { slot: first, blocks: keys.length, error: err.message });
+          for (let i = 0; i < keys.length; i++) {
+            if (this.writing.get(keys[i]) !== data[i]) continue;
+            this.writing.delete(keys[i]);
+            if (this.slots.get(keys[i]) !== slots[i]) continue;
+            this.diskPolicy.remove(keys[i]);
+            this.freeSlot(keys[i], slots[i]);
+          }
         },
       );
     for (const slot of slots) slot.writing = write;
     this.track(write);
+    return write;
   }
 
   /**
@@ -701,10 +717,25 @@ export class BlockCache {
     return unpinned;
   }
 
+  /**
+   * The block if it is in memory (the memory tier, or a slab write in flight), without a
+   * copy: a view valid only until the caller next yields (the slot may then take another
+   * block). Undefined otherwise (readBlock reads it from the disk tier).
+   */
+  blockInMemory(key: BlockKey): Buffer | undefined {
+    const pending = this.writing.get(key);
+    if (pending !== undefined) return pending;
+    const inMemory = this.memory.get(key);
+    return inMemory === undefined ? undefined : this.arena.view(inMemory);
+  }
+
   /** The whole block, read through the thread pool; undefined when it is not on this host. */
   async readBlock(key: BlockKey): Promise<Buffer | undefined> {
-    const cached = this.memory.get(key) ?? this.writing.get(key);
-    if (cached !== undefined) return cached;
+    // Copies: a memory tier slot, or a reused buffer of fetched blocks, may take another block meanwhile.
+    const pending = this.writing.get(key);
+    if (pending !== undefined) return Buffer.from(pending);
+    const inMemory = this.memory.get(key);
+    if (inMemory !== undefined) return this.arena.copy(inMemory);
     const slot = this.slots.get(key);
     if (slot === undefined) return undefined;
     const block = Buffer.allocUnsafe(this.blockSize);
@@ -767,18 +798,44 @@ export class BlockCache {
     );
   }
 
-  private admitToMemory(key: BlockKey, block: Buffer): void {
-    if (this.memoryPolicy.capacity < this.blockSize || this.memory.has(key)) return;
-    // A view into a larger buffer (a block of a decoded pack) would keep all of it alive
-    // for as long as this one block stays: the memory tier holds a copy of just the block.
-    this.memory.set(key, ownsItsMemory(block) ? block : copyOf(block));
+  /**
+   * Copy `block` into the memory tier (an arena slot: the caller keeps its buffer),
+   * evicting as needed, and return the copy there; undefined when the tier cannot take it.
+   * A block whose slab write reads its copy is not evicted until the write lands.
+   */
+  private admitToMemory(key: BlockKey, block: Buffer): Buffer | undefined {
+    if (this.arena.capacity === 0 || block.length > this.blockSize) return undefined;
+    const present = this.memory.get(key);
+    if (present !== undefined) return this.arena.view(present);
+    const evictable = (victim: BlockKey) => !this.writingFromMemory.has(victim);
+    let slot = this.arena.allocate();
+    while (slot === undefined) {
+      const victim = this.memoryPolicy.evict(evictable);
+      if (victim === undefined) return undefined;
+      this.counters.memoryEvictions++;
+      this.dropFromMemory(victim);
+      slot = this.arena.allocate();
+    }
+    this.arena.fill(slot, block);
+    this.memory.set(key, slot);
     this.memoryPolicy.insert(key, this.blockSize);
     while (this.memoryPolicy.overBudget()) {
-      const victim = this.memoryPolicy.evict();
+      const victim = this.memoryPolicy.evict(evictable);
       if (victim === undefined) break;
-      this.memory.delete(victim);
       this.counters.memoryEvictions++;
+      this.dropFromMemory(victim);
     }
+    // Over budget with every other block's copy in use by a slab write: this one goes instead.
+    if (!this.memory.has(key)) return undefined;
+    return this.arena.view(slot);
+  }
+
+  /** Take `key` out of the memory tier's map and arena (its policy entry is the caller's). */
+  private dropFromMemory(key: BlockKey): void {
+    const slot = this.memory.get(key);
+    if (slot === undefined) return;
+    this.memory.delete(key);
+    this.arena.release(slot);
   }
 
   private allocateSlot(evict = true): number | undefined {
@@ -794,7 +851,7 @@ export class BlockCache {
     if (victim === undefined) return undefined;
     const slot = this.slots.get(victim)!;
     this.slots.delete(victim);
-    this.memory.delete(victim);
+    this.dropFromMemory(victim);
     this.memoryPolicy.remove(victim);
     this.counters.diskEvictions++;
     return slot.index;
@@ -805,7 +862,8 @@ export class BlockCache {
     this.lost.delete(key);
     this.unsynced.delete(key);
     if (this.writing.has(key)) this.writing.delete(key);
-    this.memory.delete(key);
+    this.writingFromMemory.delete(key);
+    this.dropFromMemory(key);
     this.memoryPolicy.remove(key);
     // The slot is reusable only once its own slab write (if any) and its cleared table
     // entry have landed; otherwise a late write could clobber the next block there.

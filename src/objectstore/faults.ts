@@ -4,7 +4,7 @@
 // same faults. The daemon takes a spec from UPDRAFT_STORE_FAULTS (parseFaultSpec).
 
 import {
-  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
+  ObjectStoreError, type GetOptions, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface FaultOptions {
@@ -119,7 +119,7 @@ export class FaultyObjectStore implements ObjectStore {
   }
 
   /** inner.get, after the drawn delay or fault; the body may come back cut short. */
-  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+  async get(key: string, options?: GetOptions): Promise<StoredObject | undefined> {
     const fate = await this.begin('get', key, options?.signal);
     const object = await this.inner.get(key, options);
     if (!object || !fate.truncate || object.body.length === 0) return object;

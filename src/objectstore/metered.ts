@@ -5,7 +5,7 @@
 // (manifest, lease, checkpoints, boot set); the rest (cold-read pack fetches, GC) are the host's.
 
 import { AsyncLocalStorage } from 'node:async_hooks';
-import type { ListOptions, ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
+import type { GetOptions, ListOptions, ObjectInfo, ObjectStore, PutOptions, RequestKind, RequestOptions, StoredObject } from './types.js';
 
 export interface StoreCounters {
   /** Requests started, by kind. */
@@ -66,7 +66,7 @@ export class MeteredObjectStore implements ObjectStore {
   }
 
   /** inner.get, counted; its body's bytes count as down. */
-  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+  async get(key: string, options?: GetOptions): Promise<StoredObject | undefined> {
     const object = await this.count('get', key, () => this.inner.get(key, options));
     if (object) this.bytesDown += object.body.length;
     return object;

@@ -5,7 +5,7 @@
 
 import type { Logger } from '../log.js';
 import {
-  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
+  ObjectStoreError, type GetOptions, type ListOptions, type ObjectInfo, type ObjectStore, type PutOptions, type RequestKind, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface RetryOptions {
@@ -66,8 +66,8 @@ export class RetryingObjectStore implements ObjectStore {
   }
 
   /** inner.get, retried while it fails 'Unavailable'. */
-  get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
-    return this.retry('get', key, options, (signal) => this.inner.get(key, { signal }));
+  get(key: string, options?: GetOptions): Promise<StoredObject | undefined> {
+    return this.retry('get', key, options, (signal) => this.inner.get(key, { ...options, signal }));
   }
 
   /** inner.getRange, retried while it fails 'Unavailable'. */

@@ -19,9 +19,10 @@ import {
 import { NodeHttpHandler } from '@smithy/node-http-handler';
 import { errorMessage, type Logger } from '../log.js';
 import { checkKey, checkPrefix, checkPutOptions, checkRange, keyProblem, storeError } from './keys.js';
+import { S3FastGet } from './s3-get.js';
 import {
   conditionNoLongerHolds,
-  ObjectStoreError, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
+  ObjectStoreError, type GetOptions, type ListOptions, type ObjectInfo, type ObjectStore, type ObjectStoreErrorCode, type PutOptions, type RequestOptions, type StoredObject,
 } from './types.js';
 
 export interface S3Options {
@@ -119,12 +120,17 @@ function describe(err: unknown): string {
 
 /**
  * The bytes of a response body, read from the socket stream into one Buffer of
- * Content-Length bytes (no chunk list, no second copy); without a length, chunks and one
- * concat. A body shorter than `length` comes back short (checkLength refuses it), one
+ * Content-Length bytes (`into`'s, or a new one: no chunk list, no second copy); without
+ * a length, chunks and one concat. A body shorter than `length` comes back short (checkLength refuses it), one
  * longer is an error. The SDK's transformToByteArray collected chunks and concatenated
  * them in JavaScript: 1.1 s of CPU per GiB of cold reads.
  */
-async function readBody(body: GetObjectCommandOutput['Body'], length: number | undefined, signal: AbortSignal | undefined): Promise<Buffer> {
+async function readBody(
+  body: GetObjectCommandOutput['Body'],
+  length: number | undefined,
+  signal: AbortSignal | undefined,
+  into?: (length: number) => Buffer,
+): Promise<Buffer> {
   if (!body) return Buffer.alloc(0);
   if (body instanceof Readable && signal) {
     // The caller gave up mid-body: stop reading from the socket.
@@ -144,7 +150,8 @@ async function readBody(body: GetObjectCommandOutput['Body'], length: number | u
     for await (const chunk of body) chunks.push(chunk as Buffer);
     return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
   }
-  const out = Buffer.allocUnsafe(length);
+  const out = into?.(length) ?? Buffer.allocUnsafe(length);
+  if (out.length !== length) throw new Error(`a ${out.length}-byte buffer for a body of ${length} bytes`);
   let filled = 0;
   for await (const chunk of body) {
     const part = chunk as Buffer;
@@ -165,6 +172,8 @@ export class S3ObjectStore implements ObjectStore {
   /** Prepended to every key: '' or ends with '/'. */
   readonly prefix: string;
   private readonly client: S3Client;
+  /** Whole-object GETs over plain http:// with static credentials (s3-get.ts); undefined otherwise. */
+  private readonly fastGet: S3FastGet | undefined;
 
   constructor(bucket: string, prefix: string, options: S3Options = {}, log?: Logger) {
     const trimmed = prefix.replace(/^\/+|\/+$/g, '');
@@ -197,10 +206,28 @@ export class S3ObjectStore implements ObjectStore {
       if (!Number.isFinite(value) || value <= 0) throw invalid(`${name} must be a number of milliseconds > 0, not ${value}`);
     }
 
+    const region = options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1';
+    const endpoint = options.endpoint === undefined ? undefined : new URL(options.endpoint);
+    if (
+      endpoint?.protocol === 'http:' && (endpoint.pathname === '/' || endpoint.pathname === '') && (options.forcePathStyle ?? true) &&
+      options.accessKeyId !== undefined && options.secretAccessKey !== undefined
+    ) {
+      this.fastGet = new S3FastGet({
+        host: endpoint.hostname.replace(/^\[|\]$/g, ''),
+        port: endpoint.port === '' ? 80 : Number(endpoint.port),
+        pathPrefix: `/${bucket}/`,
+        region,
+        accessKeyId: options.accessKeyId,
+        secretAccessKey: options.secretAccessKey,
+        requestTimeoutMs: requestTimeout,
+        connectTimeoutMs: connectionTimeout,
+        maxSockets: S3_MAX_SOCKETS,
+      });
+    }
     const agentOptions = { keepAlive: true, maxSockets: S3_MAX_SOCKETS };
     const handlerLog = log?.child('s3');
     this.client = new S3Client({
-      region: options.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1',
+      region,
       endpoint: options.endpoint,
       forcePathStyle: options.forcePathStyle ?? options.endpoint !== undefined,
       credentials:
@@ -232,12 +259,22 @@ export class S3ObjectStore implements ObjectStore {
   }
 
   /** The whole object (GetObject), or undefined on 404 NoSuchKey; NoSuchBucket throws. */
-  async get(key: string, options?: RequestOptions): Promise<StoredObject | undefined> {
+  async get(key: string, options?: GetOptions): Promise<StoredObject | undefined> {
     checkKey('get', key, this.description);
     const signal = options?.signal;
+    if (this.fastGet?.handles(this.prefix + key)) {
+      let found;
+      try {
+        found = await this.fastGet.get(this.prefix + key, options?.into, signal);
+      } catch (err) {
+        // No answer, or a broken one: the network may come back (the caller's retries decide).
+        throw storeError('Unavailable', 'get', key, this.description, describe(err), err);
+      }
+      if (found !== 'sdk') return { key, size: found.body.length, etag: found.etag, lastModified: found.lastModified, body: found.body };
+    }
     try {
       const res = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), { abortSignal: signal });
-      const body = await readBody(res.Body, res.ContentLength, signal);
+      const body = await readBody(res.Body, res.ContentLength, signal, options?.into);
       this.checkLength('get', key, body, res.ContentLength);
       return { key, size: body.length, etag: res.ETag ?? '', lastModified: res.LastModified ?? new Date(0), body };
     } catch (err) {
@@ -387,6 +424,7 @@ export class S3ObjectStore implements ObjectStore {
 
   /** Closes the pooled sockets. */
   async close(): Promise<void> {
+    this.fastGet?.close();
     this.client.destroy();
   }
 

@@ -30,6 +30,14 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+export interface GetOptions extends RequestOptions {
+  /**
+   * Where a body of `length` bytes goes: a buffer of exactly that length (a view of a
+   * reused one, say) that the backend may read the body into. A backend may ignore it.
+   */
+  into?: (length: number) => Buffer;
+}
+
 export interface ListOptions extends RequestOptions {
   /** Called as each page of the listing arrives: a long listing makes progress, so its deadline starts again. */
   onPage?: () => void;
@@ -91,7 +99,7 @@ export interface ObjectStore {
   /** A short description for logs and errors, e.g. `s3://bucket/prefix` (never credentials). */
   readonly description: string;
   /** The whole object, or undefined if the key does not exist. */
-  get(key: string, options?: RequestOptions): Promise<StoredObject | undefined>;
+  get(key: string, options?: GetOptions): Promise<StoredObject | undefined>;
   /** Bytes [offset, offset + length) (clipped to the object's end), or undefined if the key does not exist. */
   getRange(key: string, offset: number, length: number, options?: RequestOptions): Promise<Buffer | undefined>;
   /** Store body under key, atomically (readers see the old or the new object, never a part). Returns the new etag. */

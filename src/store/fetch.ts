@@ -2,21 +2,32 @@
 // its whole pack, one GET; every block of the pack is verified against its name and put
 // into the cache, so the neighbours a reader wants next are already here. Concurrent
 // requests for one pack share one GET; read-ahead runs a bounded number of packs ahead.
-// Packs are opened on worker threads (store/pack-threads.ts), off the event loop.
+// Packs are opened on worker threads (store/pack-threads.ts), off the event loop, from a
+// reused body buffer into a reused block buffer (store/pack-buffers.ts).
 import { blockKey, keyHex, type BlockCache, type BlockKey } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import { storeUnreachable, type ObjectStore } from '../objectstore/types.js';
 import type { BlockFetcher } from '../volume/volume.js';
 import { FormatError } from './errors.js';
+import { PackBufferPool } from './pack-buffers.js';
 import { packThreads, type PackThreads } from './pack-threads.js';
-import { packKey } from './pack.js';
+import { packKey, PACK_HEADER_BYTES } from './pack.js';
 import type { PackIndex } from './pack-index.js';
 
 /** GETs of a pack that fails verification (a truncated or corrupted body) before giving up. */
 const VERIFY_ATTEMPTS = 3;
 /** Packs fetched ahead of sequential readers at once, host-wide. */
 const MAX_PREFETCH_PACKS = 16;
+/**
+ * Packs loaded at once, host-wide, each from its GET until its blocks' slab writes land:
+ * what bounds the GET body and opened-block buffers in use (one of each per load).
+ */
+const MAX_PACK_LOADS = 16;
+/** Idle GET body buffers, and idle opened-block buffers, kept for reuse: all the loads at once can use. */
+const MAX_IDLE_PACK_BUFFERS = MAX_PACK_LOADS;
+/** A pack (or its opened blocks) larger than this gets a buffer of its own, not a reused one. */
+const MAX_POOLED_PACK_BYTES = 64 * 1024 * 1024;
 
 export interface FetchCounters {
   packsFetched: number;
@@ -40,7 +51,14 @@ export class PackFetcher implements BlockFetcher {
   /** Per pack in flight, the blocks a fetch waits for (none for read-ahead): at most the keys asked for. */
   private readonly wanted = new Map<string, Set<BlockKey>>();
   private prefetching = 0;
+  /** Pack loads running (at most MAX_PACK_LOADS), and the ones waiting for a turn. */
+  private loads = 0;
+  private readonly loadQueue: Array<() => void> = [];
   private readonly threads: PackThreads;
+  /** GET bodies: at most MAX_IDLE_PACK_BUFFERS idle, each at most MAX_POOLED_PACK_BYTES. */
+  private readonly bodies = new PackBufferPool('pack body buffers', MAX_IDLE_PACK_BUFFERS, MAX_POOLED_PACK_BYTES);
+  /** Opened blocks, until their slab write lands: the same bounds. */
+  private readonly opened = new PackBufferPool('opened block buffers', MAX_IDLE_PACK_BUFFERS, MAX_POOLED_PACK_BYTES);
 
   constructor(
     private readonly store: ObjectStore,
@@ -111,28 +129,91 @@ export class PackFetcher implements BlockFetcher {
     return work;
   }
 
+  /** Wait for one of the MAX_PACK_LOADS turns. */
+  private async startLoad(): Promise<void> {
+    if (this.loads < MAX_PACK_LOADS) {
+      this.loads++;
+      return;
+    }
+    // A turn is handed over by endLoad without dropping the count.
+    await new Promise<void>((resolve) => this.loadQueue.push(resolve));
+  }
+
+  private endLoad(): void {
+    const next = this.loadQueue.shift();
+    if (next !== undefined) next();
+    else this.loads--;
+  }
+
   private async load(id: string): Promise<void> {
+    await this.startLoad();
+    // Whether the turn ends when the blocks' slab writes land, rather than here.
+    let handedOff = false;
+    try {
+      await this.loadTurn(id, () => (handedOff = true));
+    } finally {
+      if (!handedOff) this.endLoad();
+    }
+  }
+
+  /** The body of load(), within a turn; `handOff` passes the end of the turn to the slab writes. */
+  private async loadTurn(id: string, handOff: () => void): Promise<void> {
     const key = packKey(id);
     for (let attempt = 1; ; attempt++) {
       let object;
+      // The reused buffer the body is read into (the last attempt's, when the store retries).
+      let bodyBuffer: Buffer | undefined;
+      const into = (length: number): Buffer => {
+        if (length > MAX_POOLED_PACK_BYTES) return Buffer.allocUnsafe(length);
+        bodyBuffer = this.bodies.take(length);
+        return bodyBuffer.subarray(0, length);
+      };
       try {
-        object = await this.store.get(key);
+        object = await this.store.get(key, { into });
       } catch (err) {
         // Bounded by [storage] request_deadline_s: the read waiting for it fails with EIO.
         throw storeUnreachable(`cold read of pack ${key}`, this.store.description, err);
       }
       if (object === undefined) throw new Error(`pack ${key} is missing from the store ${this.store.description}`);
       const bytes = object.body.length;
+      // The header's block count sizes the buffer the blocks are opened into (a wrong count
+      // only means they are opened into a buffer of their own).
+      const count = bytes >= PACK_HEADER_BYTES ? object.body.readUInt32LE(12) : 0;
+      let out = count * this.cache.blockSize <= MAX_POOLED_PACK_BYTES ? this.opened.take(count * this.cache.blockSize) : undefined;
       try {
         // Every block is verified (opened) before any is cached: a pack is used whole or not at all.
-        const blocks = await this.threads.open(key, object.body);
-        // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
-        this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
+        let blocks;
+        try {
+          blocks = await this.threads.open(key, object.body, out);
+        } finally {
+          if (bodyBuffer !== undefined) this.bodies.give(bodyBuffer);
+        }
+        if (out !== undefined && blocks.length > 0 && blocks[0].data.buffer !== out.buffer) {
+          this.opened.give(out); // the blocks did not fit: they came back in a buffer of their own
+          out = undefined;
+        }
+        // From here the cache's slab writes read the opened blocks until they land (`written`).
+        const lent = out;
+        out = undefined;
+        handOff();
+        let written: Promise<void>;
+        try {
+          // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
+          written = this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
+        } catch (err) {
+          this.endLoad(); // `lent` is not reused: a slab write may have begun to read it
+          throw err;
+        }
+        void written.then(() => {
+          if (lent !== undefined) this.opened.give(lent);
+          this.endLoad();
+        });
         this.counters.packsFetched++;
         this.counters.blocksFetched += blocks.length;
         this.counters.bytesFetched += bytes;
         return;
       } catch (err) {
+        if (out !== undefined) this.opened.give(out);
         if (!(err instanceof FormatError)) throw err;
         this.counters.verifyFailures++;
         if (attempt >= VERIFY_ATTEMPTS) throw new Error(`${err.message} (after ${attempt} GETs)`);

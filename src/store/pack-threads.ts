@@ -80,13 +80,18 @@ export class PackThreads {
   /**
    * The blocks of the whole pack `body` fetched from `key`, each verified against its
    * name. Throws FormatError naming `key` if the body is not that pack. `body` must not
-   * be used afterwards (its memory may be handed to the thread).
+   * be used afterwards (its memory may be handed to the thread), unless it is on shared
+   * memory. The blocks are opened into `out` (a buffer on shared memory) when they fit,
+   * else into a buffer of their own.
    */
-  async open(key: string, body: Buffer): Promise<OpenedBlock[]> {
-    const message: OpenJob = { job: this.nextJob++, key, body };
-    const answer = this.size === 0 ? openPack(key, body, this.cipher) : await this.run(message, key, `opening pack ${key}`, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
+  async open(key: string, body: Buffer, out?: Buffer): Promise<OpenedBlock[]> {
+    const message: OpenJob = { job: this.nextJob++, key, body, out };
+    const answer =
+      this.size === 0 ? openPack(key, body, this.cipher, out) : await this.run(message, key, `opening pack ${key}`, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
     const hashes = Buffer.from(answer.hashes.buffer, answer.hashes.byteOffset, answer.hashes.byteLength);
-    const blocks = Buffer.from(answer.blocks.buffer, answer.blocks.byteOffset, answer.blocks.byteLength);
+    // Opened into `out`: the thread's view is of its own handle on out's shared memory.
+    const intoOut = out !== undefined && (answer.blocks.buffer === out.buffer || answer.blocks.buffer instanceof SharedArrayBuffer);
+    const blocks = intoOut ? out.subarray(0, answer.blocks.byteLength) : Buffer.from(answer.blocks.buffer, answer.blocks.byteOffset, answer.blocks.byteLength);
     const opened: OpenedBlock[] = new Array(answer.lengths.length);
     let at = 0;
     for (let i = 0; i < opened.length; i++) {

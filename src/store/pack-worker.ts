@@ -1,7 +1,9 @@
 // The worker thread of store/pack-threads.ts: opens whole fetched packs (verifyPackId,
 // decodePackIndex, unpackBlock of every block: decrypt, decompress, hash check) off the
 // event loop. workerData: { dataKey: Uint8Array | null }, the store cipher's data key.
-// The pack comes in and the blocks go back transferred, not copied.
+// The pack comes in and the blocks go back transferred, not copied; or, when the caller
+// lends a buffer on shared memory for them, the blocks are written there and only their
+// names and lengths go back.
 import { parentPort, workerData } from 'node:worker_threads';
 import { PLAINTEXT, storeCipher } from '../crypto/cipher.js';
 import { errorMessage } from '../log.js';
@@ -13,6 +15,8 @@ export interface OpenJob {
   job: number;
   key: string;
   body: Uint8Array;
+  /** Shared memory the blocks are opened into when they fit (a view of a SharedArrayBuffer). */
+  out?: Uint8Array;
 }
 
 export type PackAnswer =
@@ -25,10 +29,12 @@ if (port === null) throw new Error('store/pack-worker.js runs only as a worker t
 const dataKey = (workerData as { dataKey: Uint8Array | null }).dataKey;
 const cipher = dataKey === null ? PLAINTEXT : storeCipher(Buffer.from(dataKey));
 
-function open({ job, key, body }: OpenJob): void {
-  const opened = openPack(key, Buffer.from(body.buffer, body.byteOffset, body.byteLength), cipher);
+function open({ job, key, body, out }: OpenJob): void {
+  const into = out === undefined ? undefined : Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+  const opened = openPack(key, Buffer.from(body.buffer, body.byteOffset, body.byteLength), cipher, into);
   const answer: PackAnswer = { job, ...opened };
-  port!.postMessage(answer, [opened.hashes.buffer as ArrayBuffer, opened.blocks.buffer as ArrayBuffer]);
+  const shared = opened.blocks.buffer === into?.buffer;
+  port!.postMessage(answer, shared ? [opened.hashes.buffer as ArrayBuffer] : [opened.hashes.buffer as ArrayBuffer, opened.blocks.buffer as ArrayBuffer]);
 }
 
 port.on('message', (message: OpenJob) => {

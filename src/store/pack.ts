@@ -378,15 +378,16 @@ export function verifyPackId(key: string, body: Buffer): void {
 
 /**
  * Open the whole pack `body` fetched from `key`: its id checked, every block unpacked
- * (decrypted, decompressed, hash-checked) into one buffer. Throws FormatError naming `key`.
+ * (decrypted, decompressed, hash-checked) into one buffer: the start of `out` when the
+ * blocks fit there, else a new one. Throws FormatError naming `key`.
  */
-export function openPack(key: string, body: Buffer, cipher: StoreCipher): { hashes: Buffer; blocks: Buffer; lengths: number[] } {
+export function openPack(key: string, body: Buffer, cipher: StoreCipher, out?: Buffer): { hashes: Buffer; blocks: Buffer; lengths: number[] } {
   verifyPackId(key, body);
   const entries = decodePackIndex(key, body, cipher);
   let total = 0;
   for (const entry of entries) total += entry.rawLength;
   const hashes = Buffer.from(new ArrayBuffer(entries.length * HASH_BYTES));
-  const blocks = Buffer.from(new ArrayBuffer(total));
+  const blocks = out !== undefined && out.length >= total ? out.subarray(0, total) : Buffer.from(new ArrayBuffer(total));
   const lengths: number[] = new Array(entries.length);
   let at = 0;
   for (let i = 0; i < entries.length; i++) {

@@ -196,13 +196,27 @@ export class PackUploader {
   }
 
   private async uploadPack(group: BlockKey[], result: UploadResult, hold: string, stored: BlockKey[]): Promise<void> {
-    const blocks: PackBlock[] = [];
-    for (const key of group) {
-      const data = await this.cache.readBlock(key);
-      if (data === undefined) {
-        throw new Error(`block ${keyHex(key)} is neither in the store nor on this host; it cannot be uploaded`);
+    // Blocks in memory are taken in place, with nothing awaited between taking them and
+    // encoding (a memory tier slot may take another block once this yields); the others
+    // are read (copied) first. One that left memory meanwhile is read in the next round.
+    const read = new Map<BlockKey, Buffer>();
+    let blocks: PackBlock[] | undefined;
+    while (blocks === undefined) {
+      const taken: PackBlock[] = [];
+      const missing: BlockKey[] = [];
+      for (const key of group) {
+        const data = read.get(key) ?? this.cache.blockInMemory(key);
+        if (data === undefined) missing.push(key);
+        else taken.push({ hash: keyBytes(key), data });
       }
-      blocks.push({ hash: keyBytes(key), data });
+      if (missing.length === 0) blocks = taken;
+      for (const key of missing) {
+        const data = await this.cache.readBlock(key);
+        if (data === undefined) {
+          throw new Error(`block ${keyHex(key)} is neither in the store nor on this host; it cannot be uploaded`);
+        }
+        read.set(key, data);
+      }
     }
     // On the event loop: encoding on the pack thread measured slower for encrypted drains
     // on 2 cores (the copy to the thread, and the thread competing with sealing and MinIO).

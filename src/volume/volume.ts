@@ -48,6 +48,8 @@ async function readAt(fd: number, buf: Buffer, offset: number, length: number, p
 /** A snapshot seals in the background until at most this many chunks are dirty, then cuts. */
 const SNAPSHOT_CUT_CHUNKS = 64;
 const SNAPSHOT_SEAL_ROUNDS = 4;
+/** Chunks one seal call reads and hashes at once: its chunk buffers in flight are at most this many blocks. */
+const SEAL_CONCURRENCY = 32;
 /** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
 const READ_FETCH_ROUNDS = 8;
 
@@ -1089,10 +1091,24 @@ export class Volume {
       this.sealing.set(chunk, { written: new Uint8Array(this.maskBytes), invalid: false });
       chunks.push(chunk);
     }
-    const work = Promise.all(chunks.map((chunk) => this.sealChunk(chunk, onSealed)));
+    let next = 0;
+    let sealed = 0;
+    const lane = async () => {
+      // One chunk buffer per lane, reused: the cache copies what it keeps.
+      const scratch = Buffer.allocUnsafe(this.blockSize);
+      while (next < chunks.length) {
+        const chunk = chunks[next++];
+        // Waiting its turn, the chunk may have been trimmed, or the volume begun to close.
+        if (this.sealing.get(chunk)!.invalid || !this.overlay.has(chunk) || this.closed || this.closing || this.failure !== undefined) {
+          this.sealing.delete(chunk);
+          continue;
+        }
+        if (await this.sealChunk(chunk, scratch, onSealed)) sealed++;
+      }
+    };
+    const work = Promise.all(Array.from({ length: Math.min(SEAL_CONCURRENCY, chunks.length) }, lane));
     this.sealsInFlight.add(work);
-    const results = await work.finally(() => this.sealsInFlight.delete(work));
-    const sealed = results.filter((r) => r).length;
+    await work.finally(() => this.sealsInFlight.delete(work));
     this.stats.chunksSealed += sealed;
     return sealed;
   }
@@ -1107,7 +1123,7 @@ export class Volume {
     return base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base) ? base : undefined;
   }
 
-  private async sealChunk(chunk: number, onSealed?: (key: BlockKey) => void): Promise<boolean> {
+  private async sealChunk(chunk: number, block: Buffer, onSealed?: (key: BlockKey) => void): Promise<boolean> {
     const state = this.sealing.get(chunk)!;
     try {
       const base = this.absentBase(chunk, this.overlay.get(chunk)!);
@@ -1117,7 +1133,6 @@ export class Volume {
       // The base is needed but left the cache meanwhile: a later seal tries again.
       if (this.absentBase(chunk, mask) !== undefined) return false;
       const bs = this.blockSize;
-      const block = Buffer.allocUnsafe(bs);
       // Absent sectors come from the base block (memory or cache pread), present ones from the overlay.
       const runs: Array<[number, number]> = [];
       let at = 0;
@@ -1130,7 +1145,9 @@ export class Volume {
         at = end;
       }
       const position = chunk * bs;
-      await Promise.all(runs.map(([offset, length]) => readAt(this.overlayFd, block, offset, length, position + offset)));
+      // Every read settles before a failure is thrown: the lane's next chunk reuses `block`.
+      const reads = await Promise.allSettled(runs.map(([offset, length]) => readAt(this.overlayFd, block, offset, length, position + offset)));
+      for (const read of reads) if (read.status === 'rejected') throw read.reason;
       if (state.invalid || this.closed) return false;
       // Bytes past the end of a volume whose size is not a multiple of the block size are zero.
       const chunkBytes = Math.min(bs, Math.max(0, this.size - position));
