@@ -55,6 +55,8 @@ export class Transmission {
   private inflight = 0;
   /** Bytes the deferred requests hold: write payloads and large reads' reply buffers. */
   private inflightBytes = 0;
+  /** Reply bytes of large reads the thread pool is filling (they count as queued replies). */
+  private fillingReplyBytes = 0;
   /** Parsing stopped and the socket paused until a deferred request finishes. */
   private heldBack = false;
   private readonly wake = () => this.resumeIfRoom();
@@ -92,6 +94,11 @@ export class Transmission {
       // ('drain' resumes): queued replies stay bounded whatever it has already sent.
       if (this.socket.writableLength > MAX_QUEUED_REPLY_BYTES) {
         this.socket.pause();
+        break;
+      }
+      // Large reads being filled count as queued: their replies go out when they are done.
+      if (this.socket.writableLength + this.fillingReplyBytes > MAX_QUEUED_REPLY_BYTES) {
+        this.holdBack();
         break;
       }
       // Deferred requests at their bound: no more parsing, no more reading, until one ends.
@@ -204,7 +211,10 @@ export class Transmission {
     const reply = pooled === undefined ? Buffer.allocUnsafe(size) : pooled.subarray(0, size);
     if (mayDefer && length >= LARGE_READ_BYTES) {
       // The reply buffer counts against the deferred bytes, as a write's payload does.
-      const filling = this.volume.readLarge(offset, length, reply, headerBytes);
+      this.fillingReplyBytes += size;
+      const filling = this.volume.readLarge(offset, length, reply, headerBytes).finally(() => {
+        this.fillingReplyBytes -= size;
+      });
       return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started), length);
     }
     this.volume.read(offset, length, reply, headerBytes);
