@@ -226,27 +226,9 @@ export class Journal {
    */
   private encodeMap(map: BlockMap, sequence: number, size: number): Buffer {
     const { batch, body } = batchOf(MAP_BATCH_MAGIC, map.count, MAP_RECORD_BYTES, sequence, size);
-    let at = BATCH_HEADER_BYTES;
-    let written = 0;
-    // A name (HASH_BYTES = 16) is read and written as four words through DataViews: a
-    // Buffer.copy call per name is several times slower (docs/benchmarks.md), with the
-    // event loop held (and the manifest PUT it runs beside waiting for it).
-    const out = new DataView(batch.buffer, batch.byteOffset, batch.byteLength);
-    for (const [pageIndex, page] of map.pagesInOrder()) {
-      const words = new DataView(page.buffer, page.byteOffset, page.byteLength);
-      for (let from = 0, chunk = pageIndex * (page.length / HASH_BYTES); from < page.length; from += HASH_BYTES, chunk++) {
-        const w0 = words.getUint32(from), w1 = words.getUint32(from + 4), w2 = words.getUint32(from + 8), w3 = words.getUint32(from + 12);
-        if ((w0 | w1 | w2 | w3) === 0) continue;
-        if (++written > map.count) throw new Error(`journal ${this.path}: the block map holds more chunks than its count (${map.count})`);
-        out.setUint32(at, Math.floor(chunk / 0x100000000));
-        out.setUint32(at + 4, chunk >>> 0);
-        out.setUint32(at + 8, w0);
-        out.setUint32(at + 12, w1);
-        out.setUint32(at + 16, w2);
-        out.setUint32(at + 20, w3);
-        at += MAP_RECORD_BYTES;
-      }
-    }
+    const walk = new MapRecordWalk(map);
+    const written = walk.write(new DataView(batch.buffer, batch.byteOffset, batch.byteLength), BATCH_HEADER_BYTES, map.count);
+    if (walk.more()) throw new Error(`journal ${this.path}: the block map holds more chunks than its count (${map.count})`);
     if (written !== map.count) throw new Error(`journal ${this.path}: the block map holds ${written} chunks, its count says ${map.count}`);
     blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
     return batch;
@@ -260,35 +242,18 @@ export class Journal {
     if (map.count === 0) return;
     const { batch: buffer } = batchOf(MAP_BATCH_MAGIC, Math.min(map.count, REWRITE_BATCH_RECORDS), MAP_RECORD_BYTES, sequence, size);
     const out = new DataView(buffer.buffer, buffer.byteOffset, buffer.byteLength);
-    let records = 0;
-    let at = BATCH_HEADER_BYTES;
+    const walk = new MapRecordWalk(map);
     let written = 0;
-    const finish = () => {
+    for (;;) {
+      const records = walk.write(out, BATCH_HEADER_BYTES, REWRITE_BATCH_RECORDS);
+      if (records === 0) break;
+      written += records;
+      const at = BATCH_HEADER_BYTES + records * MAP_RECORD_BYTES;
       buffer.writeUInt32BE(records, 4);
       blake3(buffer.subarray(0, at)).copy(buffer, at, 0, CHECKSUM_BYTES);
-      const batch = { batch: buffer.subarray(0, at + CHECKSUM_BYTES), records };
       this.stats.records += records;
-      records = 0;
-      at = BATCH_HEADER_BYTES;
-      return batch;
-    };
-    for (const [pageIndex, page] of map.pagesInOrder()) {
-      const words = new DataView(page.buffer, page.byteOffset, page.byteLength);
-      for (let from = 0, chunk = pageIndex * (page.length / HASH_BYTES); from < page.length; from += HASH_BYTES, chunk++) {
-        const w0 = words.getUint32(from), w1 = words.getUint32(from + 4), w2 = words.getUint32(from + 8), w3 = words.getUint32(from + 12);
-        if ((w0 | w1 | w2 | w3) === 0) continue;
-        written++;
-        out.setUint32(at, Math.floor(chunk / 0x100000000));
-        out.setUint32(at + 4, chunk >>> 0);
-        out.setUint32(at + 8, w0);
-        out.setUint32(at + 12, w1);
-        out.setUint32(at + 16, w2);
-        out.setUint32(at + 20, w3);
-        at += MAP_RECORD_BYTES;
-        if (++records === REWRITE_BATCH_RECORDS) yield finish();
-      }
+      yield { batch: buffer.subarray(0, at + CHECKSUM_BYTES), records };
     }
-    if (records > 0) yield finish();
     if (written !== map.count) throw new Error(`journal ${this.path}: the block map holds ${written} chunks, its count says ${map.count}`);
   }
 
@@ -387,4 +352,72 @@ export class Journal {
 function isZero(bytes: Buffer): boolean {
   for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
   return true;
+}
+
+/**
+ * A walk of a block map's pages by ascending chunk that writes each chunk naming a block
+ * as a map record (u64 chunk, hash), resumable: the one page walk of encodeMap and
+ * mapBatches.
+ */
+class MapRecordWalk {
+  private readonly pages: Array<[number, Buffer]>;
+  private page = -1;
+  private words: DataView | undefined;
+  private length = 0;
+  private from = 0;
+  private chunk = 0;
+
+  constructor(map: BlockMap) {
+    this.pages = map.pagesInOrder();
+  }
+
+  /** Write the next named chunks, at most `max`, into `out` from byte `at`; returns how many (0: the walk is done). */
+  write(out: DataView, at: number, max: number): number {
+    let records = 0;
+    while (records < max) {
+      if (this.from >= this.length && !this.nextPage()) break;
+      // A name (HASH_BYTES = 16) is read and written as four words through DataViews: a
+      // Buffer.copy call per name is several times slower (docs/benchmarks.md), with the
+      // event loop held (and the manifest PUT it runs beside waiting for it).
+      const words = this.words!;
+      let from = this.from;
+      let chunk = this.chunk;
+      for (; from < this.length && records < max; from += HASH_BYTES, chunk++) {
+        const w0 = words.getUint32(from), w1 = words.getUint32(from + 4), w2 = words.getUint32(from + 8), w3 = words.getUint32(from + 12);
+        if ((w0 | w1 | w2 | w3) === 0) continue;
+        out.setUint32(at, Math.floor(chunk / 0x100000000));
+        out.setUint32(at + 4, chunk >>> 0);
+        out.setUint32(at + 8, w0);
+        out.setUint32(at + 12, w1);
+        out.setUint32(at + 16, w2);
+        out.setUint32(at + 20, w3);
+        at += MAP_RECORD_BYTES;
+        records++;
+      }
+      this.from = from;
+      this.chunk = chunk;
+    }
+    return records;
+  }
+
+  /** Whether a chunk naming a block is left (the walk moves past the holes before it). */
+  more(): boolean {
+    for (;;) {
+      if (this.from >= this.length && !this.nextPage()) return false;
+      const words = this.words!;
+      for (; this.from < this.length; this.from += HASH_BYTES, this.chunk++) {
+        if ((words.getUint32(this.from) | words.getUint32(this.from + 4) | words.getUint32(this.from + 8) | words.getUint32(this.from + 12)) !== 0) return true;
+      }
+    }
+  }
+
+  private nextPage(): boolean {
+    if (++this.page >= this.pages.length) return false;
+    const [pageIndex, page] = this.pages[this.page];
+    this.words = new DataView(page.buffer, page.byteOffset, page.byteLength);
+    this.length = page.length;
+    this.from = 0;
+    this.chunk = pageIndex * (page.length / HASH_BYTES);
+    return true;
+  }
 }

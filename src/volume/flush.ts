@@ -1,0 +1,166 @@
+// A volume's flush and recovery (DESIGN.md: Flush, Wake on the same host): FLUSH makes
+// every acknowledged write durable on local disk (overlay data and new blocks, then the
+// journal batch that names them); a volume loaded after a crash makes what it loaded
+// durable again.
+import path from 'node:path';
+import { keyBytes, keyHex, type BlockKey } from '../blocks/cache.js';
+import { ZERO_HASH } from '../crypto/hash.js';
+import { disk } from '../disk/disk.js';
+import { injected } from '../faults/injected.js';
+import { ZERO_ALLOCATED_KEY, type BlockMap } from './blockmap.js';
+import type { ChunkRecord } from './journal.js';
+import { writeAllSync } from './overlay-file.js';
+import { VolumeSeals } from './seal.js';
+import { SECTOR_SHIFT, sectorPresent, sectorRunEnd } from './sectors.js';
+import { VolumeError } from './state.js';
+
+const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+
+/** Flush and recovery of a volume. */
+export abstract class VolumeFlushes extends VolumeSeals {
+  /**
+   * Make every acknowledged write durable on local disk: overlay data and new blocks
+   * first, then the journal batch that names them. Callers that arrive while a flush
+   * is running share the next one.
+   */
+  flush(): Promise<void> {
+    if (this.flushQueued) return this.flushQueued;
+    const run = this.flushTail.then(() => {
+      this.flushQueued = undefined;
+      return this.flushNow();
+    });
+    this.flushQueued = run;
+    this.flushTail = run.catch(() => undefined);
+    return run;
+  }
+
+  private async flushNow(): Promise<void> {
+    if (this.failure !== undefined) throw this.failedError();
+    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced && this.sequence === this.journalSequence) return;
+    // A loaded journal is written whole, as the overlay was at load: pages of it a killed
+    // process failed to sync would not be written by a sync of an appended batch.
+    const recovered = this.recoveredUnsynced && !injected.has('recover-without-rewrite');
+    this.recoveredUnsynced = false;
+    const chunks = this.journalDirty;
+    const unrefs = this.pendingUnref;
+    this.journalDirty = new Set();
+    this.pendingUnref = [];
+    this.sizeDirty = false;
+    const sequence = this.sequence;
+    const size = this.size;
+    // Capture the state now: later writes land in the next batch.
+    const live = this.journal.recordBytes * (this.map.count + this.overlay.size);
+    const compact = recovered || this.journal.bytes > Math.max(4 << 20, 4 * live);
+    // A compaction writes the whole state from a frozen copy (the map's pages shared
+    // copy-on-write, the dirty chunks' masks copied); a commit writes the changed chunks.
+    const frozen = compact ? this.frozenState() : undefined;
+    const records = frozen === undefined ? [...chunks].map((c) => this.record(c)) : [];
+    const named: Array<[number, BlockKey]> = [];
+    for (const chunk of chunks) {
+      const key = this.map.get(chunk);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY) named.push([chunk, key]);
+    }
+    // A failed sync is never retried (the kernel may have dropped the pages and cleared
+    // the error): the volume fails instead, and FLUSH stays failed until it is reopened.
+    // The replaced blocks stay held; a reopen releases them with the rest (releaseHeld).
+    const failed = (reason: string) => {
+      this.pendingUnref.push(...unrefs);
+      return this.fail(reason);
+    };
+    const syncOverlay = () => (injected.has('flush-skip-fdatasync') ? Promise.resolve() : fdatasync(this.overlayFd));
+    // No chunk's record changed (only present sectors were rewritten): the batch says nothing
+    // but the sequence, which may reach the disk before the data it counts (a sequence ahead of
+    // the data only makes a drain find nothing new), so both syncs run at once.
+    if (chunks.size === 0 && unrefs.length === 0 && frozen === undefined && !injected.has('fsync-retry-succeeds')) {
+      const [overlay, journal] = await Promise.allSettled([syncOverlay(), this.journal.commit([], sequence, size)]);
+      if (overlay.status === 'rejected') {
+        this.syncFailures.overlay++;
+        throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
+      }
+      if (journal.status === 'rejected') {
+        this.syncFailures.journal++;
+        throw failed(`flush: ${(journal.reason as Error).message}`);
+      }
+      this.journalSequence = Math.max(this.journalSequence, sequence);
+      return;
+    }
+    // The block cache is synced only when this batch names a block put since its last sync.
+    const [overlay, blocks] = await Promise.allSettled([syncOverlay(), this.cache.syncFor(named.map(([, key]) => key))]);
+    if (overlay.status === 'rejected' && injected.has('fsync-retry-succeeds')) {
+      for (const chunk of chunks) this.journalDirty.add(chunk);
+      this.pendingUnref.push(...unrefs);
+      this.sizeDirty = true;
+      throw new VolumeError('EIO', `volume ${this.name}: flush: fdatasync of the overlay: ${(overlay.reason as Error).message}`);
+    }
+    if (overlay.status === 'rejected') {
+      this.syncFailures.overlay++;
+      throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
+    }
+    // A failed slab sync loses only the pinned blocks it covered: this flush fails if it would name one.
+    for (const [chunk, key] of named) {
+      if (!this.cache.lostBlock(key)) continue;
+      const why = blocks.status === 'rejected' ? (blocks.reason as Error).message : 'an earlier sync of the block cache failed';
+      throw failed(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
+    }
+    try {
+      if (frozen !== undefined) await this.journal.rewrite(frozen.map, frozen.overlay, sequence, size, this.blockSize);
+      else await this.journal.commit(records, sequence, size);
+    } catch (err) {
+      this.syncFailures.journal++;
+      throw failed(`flush: ${(err as Error).message}`);
+    }
+    this.journalSequence = Math.max(this.journalSequence, sequence);
+    for (const key of unrefs) this.cache.unref(key);
+  }
+
+  private record(chunk: number): ChunkRecord {
+    const key = this.map.get(chunk);
+    const mask = this.overlay.get(chunk);
+    return {
+      chunk,
+      hash: key === undefined ? ZERO_HASH : keyBytes(key),
+      mask: mask === undefined ? this.emptyMask : Uint8Array.from(mask),
+    };
+  }
+
+  /** The state a journal rewrite writes: O(pages) for the map, O(dirty chunks) for the overlay. */
+  protected frozenState(): { map: BlockMap; overlay: Array<readonly [number, Uint8Array]> } {
+    const overlay: Array<readonly [number, Uint8Array]> = [];
+    for (const [chunk, mask] of this.overlay) overlay.push([chunk, Uint8Array.from(mask)]);
+    return { map: this.map.clone(), overlay };
+  }
+
+  // ---- recovery ---------------------------------------------------------------------
+
+  /**
+   * Write the loaded overlay sectors back over themselves. A killed process whose overlay
+   * fdatasync failed left pages the kernel no longer writes (clean in the cache, old on the
+   * disk) and a sync now succeeds without them; written again, they are dirty, and the next
+   * FLUSH makes what this volume serves durable. Synchronous: nothing writes meanwhile.
+   */
+  protected redirtyOverlay(): void {
+    const block = Buffer.allocUnsafe(this.blockSize);
+    const overlayPath = path.join(this.dir, 'overlay');
+    for (const [chunk, mask] of this.overlay) {
+      let at = 0;
+      while (at < this.sectorsPerChunk) {
+        const present = sectorPresent(mask, at);
+        const end = sectorRunEnd(mask, at, this.sectorsPerChunk);
+        if (present) {
+          const offset = at << SECTOR_SHIFT;
+          const length = (end - at) << SECTOR_SHIFT;
+          const position = chunk * this.blockSize + offset;
+          const n = disk.readSync(this.overlayFd, block, offset, length, position);
+          // Past the file's end (an extension a power cut took) the sectors read as zeros.
+          block.fill(0, offset + n, offset + length);
+          try {
+            writeAllSync(this.overlayFd, [block.subarray(offset, offset + length)], position);
+          } catch (err) {
+            throw new Error(`volume ${this.name}: rewriting the loaded overlay ${overlayPath} at ${position}: ${(err as Error).message}`);
+          }
+        }
+        at = end;
+      }
+    }
+  }
+}

@@ -1,0 +1,269 @@
+// A volume's read path (DESIGN.md: Read): sectors present in the overlay come from the
+// overlay file, the rest from the block the block map names (zeros for a hole), fetched
+// from the store first when it is not on this host; read-ahead for a sequential reader,
+// boot recording, and base:allocation extents.
+import path from 'node:path';
+import { keyHex, type BlockKey } from '../blocks/cache.js';
+import { disk } from '../disk/disk.js';
+import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
+import { readAt } from './overlay-file.js';
+import { SECTOR, SECTOR_SHIFT, sectorPresent, sectorRunEnd } from './sectors.js';
+import { EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, VolumeError, VolumeState } from './state.js';
+
+/** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
+const READ_FETCH_ROUNDS = 8;
+
+/** The read path of a volume, on its state. */
+export abstract class VolumeReads extends VolumeState {
+  /**
+   * Before a read: undefined when every block the range needs is on this host (the
+   * common case, checked without allocating), else a promise that fetches the missing
+   * ones from the store. Also drives read-ahead for a sequential reader.
+   *
+   * A block found here may leave the cache while the read waits for another pack, so
+   * after the promise the caller asks again with `round` (1, 2, ...) and reads in the
+   * same tick as an undefined answer. A round past READ_FETCH_ROUNDS is an EIO.
+   */
+  readReady(offset: number, length: number, round = 0): Promise<void> | undefined {
+    if (round > 0) {
+      const missing = this.fetcher === undefined ? undefined : this.missingBlocks(offset, length);
+      if (missing === undefined) return undefined;
+      if (round >= READ_FETCH_ROUNDS) {
+        throw new VolumeError('EIO', `volume ${this.name}: read at ${offset}+${length}: block ${keyHex(missing[0])} left the cache again after ${round} fetches`);
+      }
+      return this.fetchBlocks(missing);
+    }
+    if (this.bootRecord !== undefined) this.recordBootRead(offset, length);
+    if (this.fetcher === undefined) return undefined;
+    const sequential = offset === this.nextReadOffset;
+    this.nextReadOffset = offset + length;
+    const missing = this.missingBlocks(offset, length);
+    if (sequential) this.readAhead(offset + length);
+    else this.prefetchedUntil = -1;
+    return missing === undefined ? undefined : this.fetchBlocks(missing);
+  }
+
+  /**
+   * Before an unaligned write (or a partial zero): the sectors it widens into come from
+   * the base block, which must be on this host.
+   */
+  writeReady(offset: number, length: number): Promise<void> | undefined {
+    if (this.fetcher === undefined || ((offset | length) & (SECTOR - 1)) === 0) return undefined;
+    const bs = this.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    const missing = this.missingBlocks(first * bs, bs);
+    const missingLast = last !== first ? this.missingBlocks(last * bs, bs) : undefined;
+    if (missing === undefined && missingLast === undefined) return undefined;
+    return this.fetchBlocks([...(missing ?? []), ...(missingLast ?? [])]);
+  }
+
+  /**
+   * Record which chunks are read during the `seconds` after the next read (the guest's
+   * boot), then hand the list to `done`. One recording at a time.
+   */
+  recordBoot(seconds: number, done: (chunks: number[]) => void): void {
+    if (this.bootRecord !== undefined) throw new VolumeError('EINVAL', `volume ${this.name}: a boot recording is already running`);
+    this.bootRecord = { windowMs: seconds * 1000, started: 0, chunks: new Set(), done };
+  }
+
+  private recordBootRead(offset: number, length: number): void {
+    const record = this.bootRecord!;
+    const now = Date.now();
+    if (record.started === 0) {
+      record.started = now;
+      setTimeout(() => this.finishBootRecord(record), record.windowMs).unref();
+    } else if (now - record.started > record.windowMs) {
+      this.finishBootRecord(record);
+      return;
+    }
+    const last = Math.floor((offset + length - 1) / this.blockSize);
+    for (let chunk = Math.floor(offset / this.blockSize); chunk <= last; chunk++) record.chunks.add(chunk);
+  }
+
+  private finishBootRecord(record: NonNullable<VolumeState['bootRecord']>): void {
+    if (this.bootRecord !== record) return;
+    this.bootRecord = undefined;
+    record.done([...record.chunks].sort((a, b) => a - b));
+  }
+
+  /** The blocks of these chunks that are not on this host (for a boot hot set fetch). */
+  missingBlocksOf(chunks: readonly number[]): BlockKey[] {
+    const out = new Set<BlockKey>();
+    for (const chunk of chunks) {
+      const key = this.map.get(chunk);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY && !this.cache.has(key)) out.add(key);
+    }
+    return [...out];
+  }
+
+  /** Blocks of the range's chunks that are neither local nor shadowed by the overlay. */
+  private missingBlocks(offset: number, length: number, ahead = false): BlockKey[] | undefined {
+    let missing: BlockKey[] | undefined;
+    const bs = this.blockSize;
+    const last = Math.floor((offset + length - 1) / bs);
+    for (let chunk = Math.floor(offset / bs); chunk <= last; chunk++) {
+      const key = this.map.get(chunk);
+      // A block about to be read is checked now if it was loaded at start-up; read-ahead only asks.
+      if (key === undefined || key === ZERO_ALLOCATED_KEY || (ahead ? this.cache.has(key) : this.cache.usable(key))) continue;
+      (missing ??= []).push(key);
+    }
+    return missing;
+  }
+
+  /** Keep `read_ahead_packs` packs' worth of chunks ahead of a sequential reader fetched. */
+  private readAhead(end: number): void {
+    const window = this.fetcher!.readAheadChunks;
+    if (window === 0) return;
+    const chunk = Math.floor(end / this.blockSize);
+    if (chunk + window / 2 < this.prefetchedUntil) return;
+    const from = Math.max(chunk, this.prefetchedUntil + 1);
+    const to = Math.min(chunk + window, Math.ceil(this.size / this.blockSize) - 1);
+    this.prefetchedUntil = to;
+    if (from > to) return;
+    const ahead = this.missingBlocks(from * this.blockSize, (to - from + 1) * this.blockSize, true);
+    if (ahead !== undefined) this.fetcher!.prefetch(ahead);
+  }
+
+  protected async fetchBlocks(keys: readonly BlockKey[]): Promise<void> {
+    if (this.fetcher === undefined) {
+      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(keys[0])} is not on this host`);
+    }
+    try {
+      await this.fetcher.fetch(keys);
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: ${(err as Error).message}`);
+    }
+  }
+
+  /** Copy [offset, offset + length) into dst at dstOffset. The caller checked the range. */
+  read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
+    this.checkOpen();
+    this.readRange(offset, length, dst, dstOffset, undefined);
+  }
+
+  /**
+   * A large read: as read(), but the overlay's runs are read through the thread pool, so
+   * the copy out of the page cache runs on another core. Which sectors come from where is
+   * decided now, and cached blocks are copied now; the overlay file's bytes of a sector
+   * never move, so the later preads read what an immediate one would have.
+   */
+  async readLarge(offset: number, length: number, dst: Buffer, dstOffset: number): Promise<void> {
+    this.checkOpen();
+    // Overlay runs as [file position, dst offset, length], adjacent ones merged into one pread.
+    const runs: number[] = [];
+    this.readRange(offset, length, dst, dstOffset, runs);
+    if (runs.length === 0) return;
+    const preads: Array<Promise<void>> = [];
+    for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
+    const all = Promise.all(preads);
+    this.ioInFlight.add(all);
+    try {
+      await all;
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: read of ${length} bytes at ${offset} from ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+    } finally {
+      this.ioInFlight.delete(all);
+    }
+  }
+
+  /** read() and readLarge(): overlay runs are read now, or noted in `runs` for the thread pool. */
+  private readRange(offset: number, length: number, dst: Buffer, dstOffset: number, runs: number[] | undefined): void {
+    const bs = this.blockSize;
+    while (length > 0) {
+      const chunk = Math.floor(offset / bs);
+      const inChunk = offset - chunk * bs;
+      const n = Math.min(length, bs - inChunk);
+      const mask = this.overlay.get(chunk);
+      if (mask === undefined) this.readBase(chunk, inChunk, n, dst, dstOffset);
+      else this.readMixed(chunk, mask, inChunk, n, dst, dstOffset, runs);
+      offset += n;
+      dstOffset += n;
+      length -= n;
+    }
+  }
+
+  /** Read part of a chunk whose overlay holds some sectors: runs of present / absent. */
+  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number, runs?: number[]): void {
+    const end = inChunk + n;
+    const endSector = (end + SECTOR - 1) >>> SECTOR_SHIFT;
+    let at = inChunk;
+    while (at < end) {
+      const sector = at >>> SECTOR_SHIFT;
+      const present = sectorPresent(mask, sector);
+      let runEnd = sectorRunEnd(mask, sector, endSector) << SECTOR_SHIFT;
+      if (runEnd > end) runEnd = end;
+      const len = runEnd - at;
+      const to = dstOffset + (at - inChunk);
+      if (!present) this.readBase(chunk, at, len, dst, to);
+      else if (runs === undefined) this.readOverlay(chunk, at, len, dst, to);
+      else {
+        const position = chunk * this.blockSize + at;
+        const last = runs.length - 3;
+        if (last >= 0 && runs[last] + runs[last + 2] === position && runs[last + 1] + runs[last + 2] === to) runs[last + 2] += len;
+        else runs.push(position, to, len);
+      }
+      at = runEnd;
+    }
+  }
+
+  protected readOverlay(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
+    const n = disk.readSync(this.overlayFd, dst, dstOffset, len, chunk * this.blockSize + inChunk);
+    if (n !== len) {
+      throw new VolumeError('EIO', `volume ${this.name}: overlay short read at chunk ${chunk} (${n} of ${len} bytes)`);
+    }
+  }
+
+  /** Read from the chunk's sealed block (zeros for a hole). */
+  protected readBase(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
+    const key = this.map.get(chunk);
+    if (key === undefined || key === ZERO_ALLOCATED_KEY) {
+      dst.fill(0, dstOffset, dstOffset + len);
+      return;
+    }
+    if (!this.cache.readInto(key, inChunk, len, dst, dstOffset)) {
+      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
+    }
+  }
+
+  // ---- extents ------------------------------------------------------------------------
+
+  /**
+   * base:allocation extents from `offset`, merged, at most `maxExtents` of them and at
+   * most `maxChunks` chunks examined (the spec lets a reply cover less than asked).
+   */
+  extents(offset: number, length: number, maxExtents = 1024, maxChunks = 1 << 16): Array<{ length: number; flags: number }> {
+    this.checkOpen();
+    const bs = this.blockSize;
+    const out: Array<{ length: number; flags: number }> = [];
+    const end = offset + length;
+    let examined = 0;
+    while (offset < end && examined < maxChunks) {
+      const chunk = Math.floor(offset / bs);
+      let stop: number;
+      let flags: number;
+      if (this.overlay.size === 0 && !this.map.pageHasBlocks(chunk)) {
+        // A whole page of holes: skip it in one step.
+        const pageEnd = (Math.floor(chunk / BlockMap.PAGE_CHUNKS) + 1) * BlockMap.PAGE_CHUNKS;
+        stop = Math.min(end, pageEnd * bs);
+        flags = EXTENT_HOLE;
+      } else {
+        stop = Math.min(end, (chunk + 1) * bs);
+        if (this.overlay.has(chunk)) flags = EXTENT_DATA;
+        else {
+          const key = this.map.get(chunk);
+          flags = key === undefined ? EXTENT_HOLE : key === ZERO_ALLOCATED_KEY ? EXTENT_ZERO : EXTENT_DATA;
+        }
+      }
+      examined++;
+      const last = out[out.length - 1];
+      if (last !== undefined && last.flags === flags) last.length += stop - offset;
+      else {
+        if (out.length >= maxExtents) break;
+        out.push({ length: stop - offset, flags });
+      }
+      offset = stop;
+    }
+    return out;
+  }
+}
