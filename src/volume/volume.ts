@@ -253,12 +253,3 @@ export class Volume extends VolumeFlushes {
     for (const chunk of [...this.overlay.keys()]) this.overlay.drop(chunk);
   }
 }
-
-export function syncDir(dir: string): void {
-  const fd = disk.openSync(dir, 'r');
-  try {
-    disk.fsyncSync(fd);
-  } finally {
-    disk.closeSync(fd);
-  }
-}
