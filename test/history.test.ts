@@ -24,7 +24,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test, type TestContext } from 'node:test';
 import { ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
-import { createVolume, fileStore, startCluster, waitFor, withLogs, type Cluster } from './harness/cluster.js';
+import { createVolume, fileStore, pauseOutsideStoreLocks, startCluster, waitFor, withLogs, type Cluster } from './harness/cluster.js';
 import { startDaemon, type Daemon } from './harness/daemon.js';
 import { checkHistory, summarize, type Fault, type OpKind } from './harness/history.js';
 import { LoadClient, Recorder, Rng, sleep, sweep, type Transport } from './harness/history-load.js';
@@ -193,39 +193,6 @@ test('migration A → B under load, SIGKILL of B, migration back to A: every ack
     await cluster.cleanup();
   }
 });
-
-/** Pids that hold a key lock of the file store in `storeDir` (a key's lock is the file `.~lock.NAME` beside it). */
-async function storeLockHolders(storeDir: string): Promise<Set<number>> {
-  const pids = new Set<number>();
-  const walk = async (dir: string): Promise<void> => {
-    for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
-      const full = path.join(dir, entry.name);
-      if (entry.isDirectory()) await walk(full);
-      else if (entry.name.startsWith('.~lock.')) {
-        const owner = JSON.parse(await readFile(full, 'utf8').catch(() => '{}')) as { pid?: number };
-        if (owner.pid !== undefined) pids.add(owner.pid);
-      }
-    }
-  };
-  await walk(storeDir);
-  return pids;
-}
-
-/**
- * SIGSTOP `pid` at a moment it holds none of the file store's key locks. The file store
- * serves a conditional put under its key's lock, so a client paused inside one is a paused
- * store (S3 does that on the server): nobody could put the lease or manifest until it
- * resumed. A pause that lands inside one is undone and tried again a moment later.
- */
-async function pauseOutsideStoreLocks(pid: number, storeDir: string): Promise<void> {
-  for (let attempt = 0; attempt < 500; attempt++) {
-    process.kill(pid, 'SIGSTOP');
-    if (!(await storeLockHolders(storeDir)).has(pid)) return;
-    process.kill(pid, 'SIGCONT');
-    await sleep(2);
-  }
-  throw new Error(`pid ${pid} held a lock of the file store ${storeDir} at each of 500 pauses`);
-}
 
 /** The store's objects of the volume (lease by owner and generation) and its pack keys, each with a content hash. */
 async function fileStoreState(storeDir: string): Promise<Record<string, string>> {

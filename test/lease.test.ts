@@ -7,6 +7,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { test } from 'node:test';
 import {
+  pauseOutsideStoreLocks,
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, MiB, readAll, startCluster, waitFor, withLogs, writeRandom,
 } from './harness/cluster.js';
 import { removeDir, scratchDir, type Daemon } from './harness/daemon.js';
@@ -116,7 +117,7 @@ test('a host paused (SIGSTOP) across another host\'s promotion writes nothing of
       await writeRandom(ca, 4 * MiB, 4 * MiB);
       await ca.flush();
       paused = a.pid;
-      process.kill(a.pid, 'SIGSTOP');
+      await pauseOutsideStoreLocks(a.pid, storeDir);
 
       // B waits out A's lease, promotes, writes and drains.
       await waitFor('host B to promote once the paused lease expired', async () => (await post(b, name, 'promote')).status === 200, 60_000, 500);

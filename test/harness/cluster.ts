@@ -2,6 +2,7 @@
 // migration tests. Each host has its own directory, cache, ports and host id.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { mergeToml, removeDir, scratchDir, startDaemon, type Daemon, type TomlTable } from './daemon.js';
 import { NbdClient } from './nbd-client.js';
@@ -148,3 +149,38 @@ export async function waitFor(what: string, check: () => Promise<boolean>, timeo
   }
   assert.fail(`timed out after ${timeoutMs} ms waiting for ${what}`);
 }
+
+/** Pids that hold a key lock of the file store in `storeDir` (a key's lock is the file `.~lock.NAME` beside it). */
+async function storeLockHolders(storeDir: string): Promise<Set<number>> {
+  const pids = new Set<number>();
+  const walk = async (dir: string): Promise<void> => {
+    for (const entry of await readdir(dir, { withFileTypes: true }).catch(() => [])) {
+      const full = path.join(dir, entry.name);
+      if (entry.isDirectory()) await walk(full);
+      else if (entry.name.startsWith('.~lock.')) {
+        const owner = JSON.parse(await readFile(full, 'utf8').catch(() => '{}')) as { pid?: number };
+        if (owner.pid !== undefined) pids.add(owner.pid);
+      }
+    }
+  };
+  await walk(storeDir);
+  return pids;
+}
+
+/**
+ * SIGSTOP `pid` at a moment it holds none of the file store's key locks. The file store
+ * serves a conditional put under its key's lock, so a client paused inside one is a paused
+ * store (S3 does that on the server): nobody could put the lease or manifest until it
+ * resumed. A pause that lands inside one is undone and tried again a moment later.
+ */
+export async function pauseOutsideStoreLocks(pid: number, storeDir: string): Promise<void> {
+  for (let attempt = 0; attempt < 500; attempt++) {
+    process.kill(pid, 'SIGSTOP');
+    if (!(await storeLockHolders(storeDir)).has(pid)) return;
+    process.kill(pid, 'SIGCONT');
+    await sleep(2);
+  }
+  throw new Error(`pid ${pid} held a lock of the file store ${storeDir} at each of 500 pauses`);
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
