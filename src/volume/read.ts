@@ -2,7 +2,6 @@
 // overlay file, the rest from the block the block map names (zeros for a hole), fetched
 // from the store first when it is not on this host; read-ahead for a sequential reader,
 // boot recording, and base:allocation extents.
-import path from 'node:path';
 import { keyHex, type BlockKey } from '../blocks/cache.js';
 import { disk } from '../disk/disk.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
@@ -156,15 +155,7 @@ export abstract class VolumeReads extends VolumeState {
     if (runs.length === 0) return;
     const preads: Array<Promise<void>> = [];
     for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
-    const all = Promise.all(preads);
-    this.ioInFlight.add(all);
-    try {
-      await all;
-    } catch (err) {
-      throw new VolumeError('EIO', `volume ${this.name}: read of ${length} bytes at ${offset} from ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
-    } finally {
-      this.ioInFlight.delete(all);
-    }
+    await this.overlayIo(Promise.all(preads), `read of ${length} bytes at ${offset} from`);
   }
 
   /** read() and readLarge(): overlay runs are read now, or noted in `runs` for the thread pool. */

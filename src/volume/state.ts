@@ -2,6 +2,7 @@
 // its block map and overlay, what is dirty towards the journal and the store, and the
 // changes and checks every path shares. The paths build on it, one file each:
 // read.ts, write.ts, seal.ts, flush.ts; volume.ts ties them into the Volume.
+import path from 'node:path';
 import type { BlockCache, BlockKey, LocalSpace } from '../blocks/cache.js';
 import type { BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
@@ -211,6 +212,21 @@ export abstract class VolumeState {
   }
 
   // ---- checks at the edge -----------------------------------------------------------
+
+  /**
+   * Await overlay I/O on the thread pool (`what`: "read of N bytes at X from"), counted in
+   * ioInFlight meanwhile so close and destroy wait for it; its failure is an EIO naming the file.
+   */
+  protected async overlayIo(work: Promise<unknown>, what: string): Promise<void> {
+    this.ioInFlight.add(work);
+    try {
+      await work;
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: ${what} ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+    } finally {
+      this.ioInFlight.delete(work);
+    }
+  }
 
   protected checkOpen(): void {
     if (this.closed) throw new VolumeError('ESHUTDOWN', `volume ${this.name} is closed`);

@@ -1,7 +1,6 @@
 // A volume's write path (DESIGN.md: Write): a write goes to the overlay file at its own
 // offset and marks its sectors present; no hashing. Zero and trim of whole chunks change
 // the block map only; partial ones write zeros into the overlay.
-import path from 'node:path';
 import { ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { totalLength, writeAll, writeAllSync } from './overlay-file.js';
 import { VolumeReads } from './read.js';
@@ -85,14 +84,9 @@ export abstract class VolumeWrites extends VolumeReads {
     }
     const reserved = this.reserve(offset, length);
     this.space.writingBytes += reserved;
-    const work = writeAll(this.overlayFd, parts, offset);
-    this.ioInFlight.add(work);
     try {
-      await work;
-    } catch (err) {
-      throw new VolumeError('EIO', `volume ${this.name}: write of ${length} bytes at ${offset} to ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+      await this.overlayIo(writeAll(this.overlayFd, parts, offset), `write of ${length} bytes at ${offset} to`);
     } finally {
-      this.ioInFlight.delete(work);
       this.space.writingBytes -= reserved;
     }
     this.checkWritable();
