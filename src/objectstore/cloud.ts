@@ -3,6 +3,7 @@
 // `[storage] request_timeout_s` of its start (a put's body sent included), or when a body
 // being read stays silent that long.
 
+import { collectBody } from './body.js';
 import type { ObjectStoreError } from './types.js';
 
 /** The signal one attempt runs under, and what keeps it alive. */
@@ -83,27 +84,7 @@ export async function readStream(body: NodeJS.ReadableStream & { destroy(err?: E
   if (attempt.signal.aborted) abort();
   attempt.signal.addEventListener('abort', abort, { once: true });
   try {
-    if (length === undefined) {
-      const chunks: Buffer[] = [];
-      for await (const chunk of body) {
-        attempt.touch();
-        chunks.push(chunk as Buffer);
-      }
-      return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
-    }
-    const out = Buffer.allocUnsafe(length);
-    let filled = 0;
-    for await (const chunk of body) {
-      attempt.touch();
-      const part = chunk as Buffer;
-      if (filled + part.length > length) {
-        body.destroy();
-        throw new Error(`the body is longer than its Content-Length of ${length} bytes`);
-      }
-      part.copy(out, filled);
-      filled += part.length;
-    }
-    return filled === length ? out : out.subarray(0, filled);
+    return await collectBody(body, length, undefined, () => attempt.touch());
   } finally {
     attempt.signal.removeEventListener('abort', abort);
   }

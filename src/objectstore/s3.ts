@@ -4,6 +4,7 @@
 // the fault wrapper. Works with AWS S3 and S3-compatible servers (MinIO) that support
 // conditional writes (If-None-Match / If-Match on PutObject).
 
+import { collectBody } from './body.js';
 import http from 'node:http';
 import https from 'node:https';
 import { Readable } from 'node:stream';
@@ -145,24 +146,10 @@ async function readBody(
     const bytes = await body.transformToByteArray();
     return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
-  if (length === undefined) {
-    const chunks: Buffer[] = [];
-    for await (const chunk of body) chunks.push(chunk as Buffer);
-    return chunks.length === 1 ? chunks[0] : Buffer.concat(chunks);
-  }
-  const out = into?.(length) ?? Buffer.allocUnsafe(length);
-  if (out.length !== length) throw new Error(`a ${out.length}-byte buffer for a body of ${length} bytes`);
-  let filled = 0;
-  for await (const chunk of body) {
-    const part = chunk as Buffer;
-    if (filled + part.length > length) {
-      body.destroy();
-      throw new Error(`the body is longer than its Content-Length of ${length} bytes`);
-    }
-    part.copy(out, filled);
-    filled += part.length;
-  }
-  return filled === length ? out : out.subarray(0, filled);
+  if (length === undefined) return collectBody(body, undefined);
+  const out = into?.(length);
+  if (out !== undefined && out.length !== length) throw new Error(`a ${out.length}-byte buffer for a body of ${length} bytes`);
+  return collectBody(body, length, out);
 }
 
 /** A store in an S3 bucket under a key prefix (`s3://bucket/prefix`). */
