@@ -51,6 +51,7 @@ function defaultsAt(baseDir: string): Config {
       dirtyBudgetGb: 5,
       continuousBlockIntervalMs: 5000,
       continuousManifestIntervalMs: 60000,
+      replicaFollowIntervalMs: 1000,
     },
     gc: {
       databaseUrl: '',
@@ -122,6 +123,7 @@ describe('template', () => {
           'dirty_budget_gb',
           'continuous_block_interval_ms',
           'continuous_manifest_interval_ms',
+          'replica_follow_interval_ms',
         ],
         gc: ['database_url', 'grace_period', 'interval', 'reconcile_interval', 'max_deletions_per_cycle', 'dry_run'],
         cost: ['currency', 'storage_gb_month', 'put_per_1000', 'get_per_1000', 'delete_per_1000'],

@@ -168,6 +168,15 @@ export class Metrics {
     }
     head('updraft_volume_manifest_sequence', 'gauge', 'Sequence of the last manifest written or loaded; -1 before the first');
     for (const v of volumes) lines.push(`updraft_volume_manifest_sequence{volume="${v.name}"} ${this.host.link(v.name)?.state.manifestSequence ?? -1}`);
+    const summaries = volumes.filter((v) => this.host.link(v.name) !== undefined).map((v) => this.host.summary(v));
+    head('updraft_volume_out_of_service', 'gauge', '1 when the local copy lost the lease with writes no manifest carries: new clients are refused');
+    for (const s of summaries) lines.push(`updraft_volume_out_of_service{volume="${s.name}"} ${s.outOfService === undefined ? 0 : 1}`);
+    head('updraft_volume_replica_lag_seconds', 'gauge', 'A replica following its writer: seconds since it last confirmed it serves the newest manifest in the store');
+    for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_lag_seconds{volume="${s.name}"} ${s.replica.lagSeconds.toFixed(3)}`);
+    head('updraft_volume_replica_behind_sequences', 'gauge', 'A replica following its writer: sequences between the newest manifest seen in the store and the state served');
+    for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_behind_sequences{volume="${s.name}"} ${s.replica.behindSequences}`);
+    head('updraft_volume_replica_manifests_applied_total', 'counter', 'A replica following its writer: newer manifests it took since the volume was opened here');
+    for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_manifests_applied_total{volume="${s.name}"} ${s.replica.manifestsApplied}`);
     return lines.join('\n') + '\n';
   }
 }

@@ -45,7 +45,7 @@ const GcBody = z.strictObject({ reconcile: z.boolean().default(false), dry_run: 
 // Names in bodies are checked by the schema, so a problem names its field.
 const ForkBody = z.strictObject({
   target: volumeNameField,
-  mode: z.enum(['consistent', 'lazy']).default('consistent'),
+  mode: z.enum(['consistent', 'lazy', 'local']).default('consistent'),
   checkpoint: checkpointNameField.optional(),
 });
 
@@ -61,6 +61,13 @@ function summary(v: ReturnType<Host['list']>[number]) {
     lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
     failed: v.failed !== undefined, failure: v.failed ?? null,
     ...(v.leaseLost === undefined ? {} : { lease_lost: v.leaseLost }),
+    ...(v.outOfService === undefined ? {} : { out_of_service: v.outOfService }),
+    ...(v.replica === undefined ? {} : {
+      replica: {
+        latest_sequence: v.replica.latestSequence, behind_sequences: v.replica.behindSequences, lag_seconds: v.replica.lagSeconds,
+        latest_written_at: v.replica.latestWrittenAt ?? null, manifests_applied: v.replica.manifestsApplied, error: v.replica.error ?? null,
+      },
+    }),
   };
 }
 
@@ -238,7 +245,7 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     const body = ForkBody.safeParse(request.body ?? {});
     if (!body.success) return fail(reply, 400, bodyProblem(body.error));
     const target = body.data.target;
-    if (body.data.mode === 'consistent' && body.data.checkpoint === undefined && !host.get(name)) {
+    if (body.data.mode !== 'lazy' && body.data.checkpoint === undefined && !host.get(name)) {
       return fail(reply, 404, `no export named ${name} on this host (a lazy fork reads the store)`);
     }
     try {

@@ -58,6 +58,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       dirtyBudgetBytes: Math.floor(config.volumes.dirtyBudgetGb * GB),
       continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,
       continuousManifestIntervalMs: config.volumes.continuousManifestIntervalMs,
+      replicaFollowIntervalMs: config.volumes.replicaFollowIntervalMs,
       refcounts: gc.refcounts,
       storeClock: gc.clock,
       scrubBlocksPerSecond: config.cache.scrubBlocksPerSecond,

@@ -66,6 +66,8 @@ export interface Config {
     dirtyBudgetGb: number;
     continuousBlockIntervalMs: number;
     continuousManifestIntervalMs: number;
+    /** How often a read-only replica checks its volume's manifest in the store; 0 turns following off. */
+    replicaFollowIntervalMs: number;
   };
   gc: {
     /** "" for the embedded SQLite database in the cache folder, else a postgres:// URL. */
@@ -225,6 +227,11 @@ const VOLUMES = {
   dirty_budget_gb: setting(z.number().positive(), 5.0, 'a number of GB greater than 0'),
   continuous_block_interval_ms: setting(z.number().int().min(100), 5000, 'an integer number of milliseconds, 100 or more'),
   continuous_manifest_interval_ms: setting(z.number().int().min(100), 60000, 'an integer number of milliseconds, 100 or more'),
+  replica_follow_interval_ms: setting(
+    z.number().int().refine((ms) => ms === 0 || ms >= 100),
+    1000,
+    'an integer number of milliseconds, 100 or more, or 0 to turn following off',
+  ),
 };
 
 const DURATION_ALLOWED = 'a duration: a number with a unit (ms, s, m, h, d) such as "24h", "90s", "1h30m" or "0s"';
@@ -565,6 +572,7 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       dirtyBudgetGb: volumes.dirty_budget_gb,
       continuousBlockIntervalMs: volumes.continuous_block_interval_ms,
       continuousManifestIntervalMs: volumes.continuous_manifest_interval_ms,
+      replicaFollowIntervalMs: volumes.replica_follow_interval_ms,
     },
     gc: {
       databaseUrl: gc.database_url,

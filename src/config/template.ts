@@ -141,6 +141,10 @@ continuous_block_interval_ms = 5000
 # Continuous mode: write the manifest this often while writes go on, in milliseconds
 # (and as soon as the blocks are up once writes stop).
 continuous_manifest_interval_ms = 60000
+# A volume served read-only here while another host writes it (a replica) checks the
+# volume's manifest in the store this often, in milliseconds, and serves a newer one at
+# once; 0 turns following off (the replica stays at the manifest it was woken from).
+replica_follow_interval_ms = 1000
 
 [gc]
 # Pack refcounts: "" keeps them in an embedded SQLite database in the cache folder (one

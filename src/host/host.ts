@@ -8,22 +8,34 @@ import { disk } from '../disk/disk.js';
 import { errorMessage, type Logger } from '../log.js';
 import { ExistsError, lazyFork, listCheckpoints, manifestBlockMap, MissingError, deleteCheckpoint, type CheckpointInfo } from '../store/catalog.js';
 import { manifestKey, type ManifestMeta, type StoredTables } from '../store/manifest.js';
-import type { BlockMap } from '../volume/blockmap.js';
+import { ZERO_ALLOCATED_KEY, type BlockMap } from '../volume/blockmap.js';
 import { checkpointNameProblem, volumeNameProblem } from '../volume/names.js';
 import { Volume, VolumeError } from '../volume/volume.js';
 import { recordBootInto } from './boot-set.js';
 import { findVolumeDirs, HostInventory, UNPUBLISHED, type HostOptions, type VolumeSettings } from './inventory.js';
 import { HostSchedulers } from './schedulers.js';
+import { ReplicaFollowers, type ReplicaLag } from './follow.js';
 import { StoreLink, type DrainResult } from './store-link.js';
 export { hostIdentity, type HostOptions, type VolumeSettings, type VolumeSummary } from './inventory.js';
 
 export class Host extends HostInventory {
   /** The sealer, writeback, store tick and cache scrub. */
   private readonly schedulers: HostSchedulers;
+  /** Read-only replicas following their writers' manifests. */
+  private readonly followers: ReplicaFollowers;
 
   private constructor(options: HostOptions, log: Logger) {
     super(options, log);
     this.schedulers = new HostSchedulers(options, this.log, this.volumes, this.links, this.cache);
+    this.followers = new ReplicaFollowers(
+      { store: options.store, cipher: options.cipher, manifestCompression: options.manifestCompression, packIndex: this.packIndex, intervalMs: options.replicaFollowIntervalMs ?? 0 },
+      this.links,
+      this.log.child('replica'),
+    );
+  }
+
+  protected override replicaLag(link: StoreLink): ReplicaLag | undefined {
+    return this.followers.lagOf(link);
   }
 
   /** Open the cache and recover every volume found under the cache dir. */
@@ -63,6 +75,7 @@ export class Host extends HostInventory {
       volumes: host.volumes.size, cached_blocks: blocks, freed_blocks: freed, ms: (performance.now() - started).toFixed(1),
     });
     host.schedulers.start(log);
+    host.followers.start();
     return host;
   }
 
@@ -95,7 +108,7 @@ export class Host extends HostInventory {
   async fork(
     source: string,
     target: string,
-    opts: { mode: 'consistent' | 'lazy'; checkpoint?: string },
+    opts: { mode: 'consistent' | 'lazy' | 'local'; checkpoint?: string },
   ): Promise<{ target: string; sequence: number; mode: string; duration_ms: number }> {
     this.checkOpen();
     const started = performance.now();
@@ -105,6 +118,14 @@ export class Host extends HostInventory {
     }
     if (this.volumes.has(target) || this.opening.has(target) || (await this.options.store.head(manifestKey(target))) !== undefined) {
       throw new ExistsError(`volume ${target} already exists`);
+    }
+    if (opts.mode === 'local') {
+      if (opts.checkpoint !== undefined) throw new VolumeError('EINVAL', `fork of ${source}: a local fork copies this host's copy, not a checkpoint`);
+      const sequence = await this.forkLocal(source, target);
+      const result = { target, sequence, mode: 'local', duration_ms: Math.round(performance.now() - started) };
+      this.log.info('forked volume', { source, ...result });
+      this.events.record('fork', source, `forked this host's copy to ${target} (local) at sequence ${sequence}`);
+      return result;
     }
     let sequence = 0;
     // Registered as opening from the start: a client that connects to the target meanwhile waits for it.
@@ -146,6 +167,41 @@ export class Host extends HostInventory {
     this.log.info('forked volume', { source, ...result, checkpoint: opts.checkpoint });
     this.events.record('fork', source, `forked to ${target} (${result.mode}) at sequence ${sequence}`);
     return result;
+  }
+
+  /**
+   * Local fork: this host's copy of `source` as it is here (its block map and the writes
+   * its overlay holds, sealed into blocks first) becomes a new volume `target` on this host,
+   * with no store request: how an operator inspects the writes of a copy out of service
+   * (follow.ts), which no manifest carries. The target is a new volume that never went to
+   * the store (writable, the host's default settings); a drain puts it there.
+   */
+  private async forkLocal(source: string, target: string): Promise<number> {
+    const volume = this.volumes.get(source);
+    const sourceLink = this.links.get(source);
+    if (!volume || !sourceLink) throw new MissingError(`no volume ${source} is open on this host (a local fork copies this host's copy)`);
+    let sequence = 0;
+    await this.opened(target, sourceLink.serial(async () => {
+      // Sealing is local: the source keeps its content, its overlay becomes blocks (pinned while no pack holds them).
+      const snapshot = await volume.snapshot();
+      try {
+        sequence = snapshot.sequence;
+        const dir = this.volumeDirOf(target);
+        if (disk.existsSync(dir)) throw new Error(`volume ${target}: local state exists but is not open`);
+        const map = snapshot.map.clone();
+        const forked = await Volume.createFrom(dir, target, { size: snapshot.size, blockSize: snapshot.blockSize, sequence, map }, this.ctx);
+        // Its blocks may exist on this host alone (sealed, never uploaded): the fork holds them as any volume does.
+        for (const [, key] of forked.blockNames()) if (key !== ZERO_ALLOCATED_KEY) this.cache.ref(key);
+        const link = new StoreLink(forked, { format: 1, ...this.defaults, readOnly: false, generation: 0, manifestSequence: -1 }, this.storeCtx);
+        link.save();
+        this.links.set(target, link);
+        this.volumes.set(target, forked);
+        return forked;
+      } finally {
+        snapshot.release(false);
+      }
+    }));
+    return sequence;
   }
 
   /**
@@ -206,6 +262,7 @@ export class Host extends HostInventory {
     if (this.closed) return;
     this.closed = true;
     this.schedulers.stop();
+    this.followers.stop();
     await Promise.allSettled([...this.links.values()].map((link) => link.serial(async () => undefined)));
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
-import type { Logger } from '../log.js';
+import { errorMessage, type Logger } from '../log.js';
 import { crashPoint } from '../faults/crash-points.js';
 import { uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
 import { storeUnreachable, type ObjectStore } from '../objectstore/types.js';
@@ -24,8 +24,9 @@ import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from 
 import { indexManifest, manifestBlockMap, MissingError, purgeVolume, readManifest } from '../store/catalog.js';
 import { SyncFailureCounts } from '../volume/stats.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
-import { LeaseHeldError, StoreLink, type FlushMode, type StoreContext } from './store-link.js';
+import { FencedError, LeaseHeldError, StoreLink, type FlushMode, type StoreContext } from './store-link.js';
 import { fetchBootSet, type BootSetContext } from './boot-set.js';
+import { outOfService, type ReplicaLag } from './follow.js';
 import { HostEvents, recordingErrors } from './events.js';
 
 export interface HostOptions {
@@ -57,6 +58,8 @@ export interface HostOptions {
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
   continuousManifestIntervalMs: number;
+  /** How often a read-only replica checks its manifest in the store (follow.ts); 0 or absent: it does not follow. */
+  replicaFollowIntervalMs?: number;
   /** Pack refcounts (GC); undefined runs without them. */
   refcounts?: PackRefcounts;
   /** The store's clock, shared with the refcounts (one sample for both); one of the host's own when absent. */
@@ -88,6 +91,10 @@ export interface VolumeSummary {
   failed: string | undefined;
   /** Why this host stopped writing the volume (it lost the lease or was fenced); undefined while it may write. */
   leaseLost?: string;
+  /** Why the local copy serves no new client (follow.ts: outOfService); undefined while in service. */
+  outOfService?: string;
+  /** How far behind the writer a replica following it is (follow.ts); undefined for any other volume. */
+  replica?: ReplicaLag;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -209,13 +216,26 @@ export abstract class HostInventory {
 
   summary(v: Volume): VolumeSummary {
     const state = this.links.get(v.name)!.state;
-    return {
+    const summary: VolumeSummary = {
       name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
       failed: v.failed,
       ...(state.lostLease === undefined ? {} : { leaseLost: state.lostLease }),
     };
+    const link = this.links.get(v.name)!;
+    const unserved = outOfService(link);
+    const replica = this.replicaLag(link);
+    return {
+      ...summary,
+      ...(unserved === undefined ? {} : { outOfService: unserved }),
+      ...(replica === undefined ? {} : { replica }),
+    };
+  }
+
+  /** How far behind its writer a replica is (the host's followers know); undefined here. */
+  protected replicaLag(_link: StoreLink): ReplicaLag | undefined {
+    return undefined;
   }
 
   link(name: string): StoreLink | undefined {
@@ -247,7 +267,7 @@ export abstract class HostInventory {
    */
   async openForClient(name: string): Promise<Volume | undefined> {
     const open = this.volumes.get(name);
-    if (open) return open;
+    if (open) return this.inService(open);
     const checkpoint = splitCheckpointExport(name);
     const problem = checkpoint ? undefined : volumeNameProblem(name);
     if (problem) throw new VolumeError('EINVAL', problem);
@@ -258,6 +278,21 @@ export abstract class HostInventory {
       if (this.options.autoCreateBytes <= 0) return undefined;
       return (await this.create(name, this.options.autoCreateBytes)).volume;
     });
+  }
+
+  /**
+   * An open volume a new client may have: a lease held here whose time ran out by this
+   * host's reckoning (a restart after a long stop) is settled first, renewed or found
+   * lost, so the client is never served a copy as writable that another host took over;
+   * a copy out of service (follow.ts) is refused with EPERM, saying why.
+   */
+  private async inService(volume: Volume): Promise<Volume> {
+    const link = this.links.get(volume.name);
+    if (link === undefined) return volume;
+    if (link.holdsLease && !link.state.readOnly) await link.renewIfDue();
+    const why = outOfService(link);
+    if (why !== undefined) throw new VolumeError('EPERM', `volume ${volume.name} is out of service on this host: ${why}`);
+    return volume;
   }
 
   /** `work`, with a failure to reach the store restated as "WHAT: the object store URL is unreachable: …". */
@@ -428,6 +463,11 @@ export abstract class HostInventory {
     }
   }
 
+  /** The folder of volume `name`'s local state on this host. */
+  protected volumeDirOf(name: string): string {
+    return volumeDir(this.volumesRoot, name);
+  }
+
   protected linkOf(name: string): StoreLink {
     const link = this.links.get(name);
     if (!link) throw new VolumeError('EINVAL', `no volume ${name}`);
@@ -506,7 +546,13 @@ export abstract class HostInventory {
     const volume = this.volumes.get(name);
     if (!volume) return;
     const link = this.links.get(name);
-    if (link?.holdsLease) await link.release();
+    if (link?.holdsLease) {
+      await link.release().catch((err: unknown) => {
+        // The lease is another host's now (found during the final drain): nothing to give up; the local copy goes.
+        if (!(err instanceof FencedError)) throw err;
+        this.log.warn('volume lost its lease before its removal; removing the local copy without a final drain', { volume: name, error: errorMessage(err) });
+      });
+    }
     this.volumes.delete(name);
     this.links.delete(name);
     // A drain or upload in flight finishes first, so nothing is held for the volume after this.

@@ -262,6 +262,8 @@ export class Handshake {
     try {
       volume = option === P.OPT_GO ? await this.catalog.open(name) : await this.catalog.peek(name);
     } catch (err) {
+      // A volume this host keeps out of service (it lost the lease with writes no manifest carries).
+      if (err instanceof VolumeError && err.code === 'EPERM') return this.error(option, P.REP_ERR_POLICY, err.message);
       if (err instanceof VolumeError) return this.error(option, P.REP_ERR_INVALID, err.message);
       // proto.md: "The requested export is not available"; the message says why and that it may pass.
       if (isUnavailable(err)) return this.error(option, P.REP_ERR_UNKNOWN, err.message);

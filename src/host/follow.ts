@@ -1,0 +1,194 @@
+// Replicas (DESIGN.md: replica): a volume served read-only on a host that does not hold
+// its lease follows the writer's manifests. Every `[volumes] replica_follow_interval_ms`
+// it HEADs the volume's manifest and, when the ETag moved, GETs it and serves the newer
+// block map; blocks come lazily, through the cold-read path. The swap of block maps is
+// one synchronous step on the event loop and a read takes every byte in the tick it is
+// served, so a read never mixes two manifests; an older manifest is never taken, so a
+// client never sees the volume go back.
+//
+// Also here: which local copies are out of service. A host that lost the lease while it
+// had writes no manifest carries (it was fenced, or it comes back after a failover) keeps
+// them on its disk for an operator to fork (mode "local") or delete, and serves them to
+// no new client: they are neither the volume's state in the store nor a state anyone
+// will build on.
+import type { StoreCipher } from '../crypto/cipher.js';
+import type { Compression } from '../crypto/compress.js';
+import { errorMessage, type Logger } from '../log.js';
+import type { ObjectStore } from '../objectstore/types.js';
+import { indexManifest, manifestChunks } from '../store/catalog.js';
+import { decodeManifestBody, manifestKey, storedTables } from '../store/manifest.js';
+import type { PackIndex } from '../store/pack-index.js';
+import type { StoreLink } from './store-link.js';
+
+/** How far a replica is behind the writer, as the API and metrics show it. */
+export interface ReplicaLag {
+  /** Sequence of the newest manifest of the volume this host has seen in the store. */
+  latestSequence: number;
+  /** Sequences between that manifest and the state served here (0 once caught up). */
+  behindSequences: number;
+  /** Seconds since this host last confirmed that it serves the newest manifest in the store. */
+  lagSeconds: number;
+  /** When the newest manifest seen was written, by the store's clock (its Last-Modified); absent until one was fetched. */
+  latestWrittenAt?: string;
+  /** Newer manifests taken since the volume was opened here. */
+  manifestsApplied: number;
+  /** Why the last check failed (the store did not answer, the manifest is gone); absent while checks succeed. */
+  error?: string;
+}
+
+/** One replica's following state (one per volume served read-only here). */
+interface Follow {
+  polling: boolean;
+  lastPollAt: number;
+  /** When a check last found the newest manifest served here (performance.now()). */
+  confirmedAt: number;
+  latestSequence: number;
+  latestWrittenAt?: Date;
+  applied: number;
+  error?: string;
+}
+
+/** How often the followers look for replicas due a check; the interval itself is the setting. */
+const FOLLOW_TICK_MS = 100;
+
+/**
+ * Whether the link's volume is a replica that follows the writer: read-only here with no
+ * lease, not releasing, at a manifest it loaded (a checkpoint export has none) and with no
+ * local change that no manifest carries (those stay, out of service: see outOfService).
+ */
+export function followsWriter(link: StoreLink): boolean {
+  const { state, volume } = link;
+  return state.readOnly && state.generation === 0 && state.releasing !== true && state.manifestEtag !== undefined &&
+    volume.dirtyChunks === 0 && volume.sequence === state.manifestSequence;
+}
+
+/**
+ * Why the volume is out of service on this host, or undefined: it lost the lease (or was
+ * fenced) while it had writes that no manifest in the store carries. New NBD clients are
+ * refused; the copy stays for a local fork or a delete.
+ */
+export function outOfService(link: StoreLink): string | undefined {
+  const { state, volume } = link;
+  if (state.lostLease === undefined || state.generation !== 0) return undefined;
+  if (volume.dirtyChunks === 0 && volume.sequence === state.manifestSequence) return undefined;
+  return `this host no longer holds the lease (${state.lostLease}) and its copy has writes no manifest in the store carries ` +
+    `(local sequence ${volume.sequence}, last manifest here ${state.manifestSequence}); not served: fork it with mode "local" to inspect them, or delete it`;
+}
+
+/** The host's replicas following their writers: one timer, at most one check per volume in flight. */
+export class ReplicaFollowers {
+  private readonly follows = new Map<StoreLink, Follow>();
+  private timer: NodeJS.Timeout | undefined;
+  private stopped = false;
+
+  constructor(
+    private readonly options: { store: ObjectStore; cipher: StoreCipher; manifestCompression: Compression; packIndex: PackIndex; intervalMs: number },
+    private readonly links: ReadonlyMap<string, StoreLink>,
+    private readonly log: Logger,
+  ) {}
+
+  start(): void {
+    if (this.options.intervalMs <= 0) return;
+    this.timer = setInterval(() => this.tick(), Math.min(FOLLOW_TICK_MS, this.options.intervalMs));
+    this.timer.unref();
+  }
+
+  stop(): void {
+    this.stopped = true;
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  /** The lag of a replica following its writer; undefined for a volume that is not one. */
+  lagOf(link: StoreLink): ReplicaLag | undefined {
+    if (!followsWriter(link)) return undefined;
+    const follow = this.follows.get(link);
+    const served = link.volume.sequence;
+    if (follow === undefined) return { latestSequence: served, behindSequences: 0, lagSeconds: 0, manifestsApplied: 0 };
+    return {
+      latestSequence: Math.max(follow.latestSequence, served),
+      behindSequences: Math.max(0, follow.latestSequence - served),
+      lagSeconds: Math.max(0, performance.now() - follow.confirmedAt) / 1000,
+      ...(follow.latestWrittenAt === undefined ? {} : { latestWrittenAt: follow.latestWrittenAt.toISOString() }),
+      manifestsApplied: follow.applied,
+      ...(follow.error === undefined ? {} : { error: follow.error }),
+    };
+  }
+
+  private tick(): void {
+    if (this.stopped) return;
+    const now = performance.now();
+    for (const link of this.follows.keys()) {
+      if (this.links.get(link.name) !== link || !followsWriter(link)) this.follows.delete(link);
+    }
+    for (const link of this.links.values()) {
+      if (!followsWriter(link)) continue;
+      let follow = this.follows.get(link);
+      if (follow === undefined) {
+        // It loaded the newest manifest it knew of when it was opened or last changed hands.
+        follow = { polling: false, lastPollAt: -Infinity, confirmedAt: now, latestSequence: link.volume.sequence, applied: 0 };
+        this.follows.set(link, follow);
+      }
+      if (follow.polling || now - follow.lastPollAt < this.options.intervalMs) continue;
+      follow.polling = true;
+      follow.lastPollAt = now;
+      const checked = follow;
+      this.check(link, checked, now)
+        .then(
+          () => {
+            checked.error = undefined;
+          },
+          (err: unknown) => {
+            if (checked.error === undefined) this.log.warn('replica: cannot check the manifest in the store; serving the state it has', { volume: link.name, error: errorMessage(err) });
+            checked.error = errorMessage(err);
+          },
+        )
+        .finally(() => {
+          checked.polling = false;
+        });
+    }
+  }
+
+  /** One check: HEAD the manifest; when its ETag moved, GET it and serve it if it is newer. */
+  private async check(link: StoreLink, follow: Follow, started: number): Promise<void> {
+    const { store, cipher } = this.options;
+    const key = manifestKey(link.name);
+    const info = await store.head(key);
+    if (info === undefined) throw new Error(`volume ${link.name}: follow: the manifest ${key} is gone from the store`);
+    if (info.etag === link.state.manifestEtag) {
+      follow.confirmedAt = started;
+      return;
+    }
+    const object = await store.get(key);
+    if (object === undefined) throw new Error(`volume ${link.name}: follow: the manifest ${key} is gone from the store`);
+    const decoded = decodeManifestBody(key, object.body, cipher);
+    const { manifest, raw } = decoded;
+    const sequence = manifest.meta.sequence;
+    if (sequence < link.volume.sequence) {
+      // Never back: a client that read the newer state must not see an older one.
+      this.log.warn('replica: the manifest in the store is older than the state served here; keeping it', {
+        volume: link.name, store_sequence: sequence, served_sequence: link.volume.sequence,
+      });
+      return;
+    }
+    follow.latestSequence = Math.max(follow.latestSequence, sequence);
+    follow.latestWrittenAt = object.lastModified;
+    await link.serial(async () => {
+      // Promoted, removed, closed or changed meanwhile: it is no replica to move on.
+      if (this.stopped || this.links.get(link.name) !== link || !followsWriter(link)) return;
+      const volume = link.volume;
+      if (sequence > volume.sequence) {
+        await indexManifest(this.options.packIndex, manifest);
+        // The block map is swapped in one step (no await before it in replaceContent); reads in flight keep the old one.
+        await volume.replaceContent({ size: manifest.meta.size, sequence, chunks: manifestChunks(manifest) });
+        link.setBase(volume.cloneMap(), raw, object.etag, storedTables(decoded, this.options.manifestCompression));
+        follow.applied++;
+        this.log.debug('replica: serving a newer manifest', { volume: link.name, sequence, etag: object.etag });
+      }
+      // The same sequence under another ETag: a new holder rewrote it under its generation.
+      link.state.manifestEtag = object.etag;
+      link.state.manifestSequence = volume.sequence;
+      link.save();
+      follow.confirmedAt = started;
+    });
+  }
+}

@@ -1,0 +1,205 @@
+// Replicas that follow the writer (DESIGN.md: replica): a volume served read-only on a
+// host that does not hold its lease takes each newer manifest of the writer. The writer
+// is under a steady write load and drains after each round of a pattern; the replica
+// reads all the round's chunks in one NBD read, over and over: no read mixes two rounds
+// (a torn view), the round never goes back, and the replica catches up after each drain.
+// Lag is reported in the API and the metrics. On the file:// store and on MinIO.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { after, before, test } from 'node:test';
+import {
+  CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, startCluster, waitFor, withLogs, type SharedStore,
+} from './harness/cluster.js';
+import { minioStore, startMinio, type Minio } from './harness/minio.js';
+
+const TIMEOUT = 600_000;
+const VOLUME = 'replica/follow';
+const VOLUME_MIB = 16;
+/** The round pattern covers these chunks at the start of the volume; the steady load writes past them. */
+const ROUND_CHUNKS = 16;
+const LOAD_FROM = 4 * MiB;
+const ROUNDS = 10;
+const FOLLOW_MS = 1000;
+
+/** Chunk `chunk` of round `round`: every 8 bytes say (round, chunk). */
+function roundChunk(round: number, chunk: number): Buffer {
+  const b = Buffer.alloc(CHUNK);
+  for (let at = 0; at < CHUNK; at += 8) {
+    b.writeUInt32LE(round, at);
+    b.writeUInt32LE(chunk, at + 4);
+  }
+  return b;
+}
+
+/** The round every chunk of `data` holds; fails naming the chunks when they disagree (a torn view) or a chunk is not a pattern. */
+function roundOf(data: Buffer): number {
+  const rounds: number[] = [];
+  for (let chunk = 0; chunk < ROUND_CHUNKS; chunk++) {
+    const part = data.subarray(chunk * CHUNK, (chunk + 1) * CHUNK);
+    const round = part.readUInt32LE(0);
+    // Round 0 is the volume before the first round: all zeros.
+    const expected = round === 0 && part.readUInt32LE(4) === 0 ? Buffer.alloc(CHUNK) : roundChunk(round, chunk);
+    assert.ok(part.equals(expected), `chunk ${chunk} is not a whole chunk of one round (starts with round ${round}, chunk ${part.readUInt32LE(4)})`);
+    rounds.push(round);
+  }
+  assert.ok(rounds.every((r) => r === rounds[0]), `one read mixed rounds across chunks (a torn view): ${rounds.join(',')}`);
+  return rounds[0];
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+}
+
+async function followUnderLoad(t: { diagnostic(message: string): void }, label: string, store: SharedStore | ((dir: string) => SharedStore)): Promise<void> {
+  const cluster = await startCluster(store);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b', { volumes: { replica_follow_interval_ms: FOLLOW_MS } });
+    await withLogs([a, b], async () => {
+      await createVolume(a, VOLUME, VOLUME_MIB);
+      const writer = await connect(a, VOLUME);
+      await writer.flush();
+      await drain(a, VOLUME);
+      const reader = await connect(b, VOLUME);
+      assert.equal((await exportInfo(b, VOLUME)).read_only, true);
+
+      // A steady write load on the writer, past the round chunks, for the whole test.
+      let loading = true;
+      let loadWrites = 0;
+      const load = (async () => {
+        const loadClient = await connect(a, VOLUME);
+        while (loading) {
+          const offset = LOAD_FROM + Math.floor(Math.random() * ((VOLUME_MIB * MiB - LOAD_FROM) / 65536)) * 65536;
+          await loadClient.write(offset, randomBytes(65536));
+          loadWrites++;
+        }
+        await loadClient.disconnect();
+      })();
+
+      // The replica reads every round chunk in one read, continuously.
+      let reading = true;
+      let reads = 0;
+      let lastRound = 0;
+      const roundsSeen = new Set<number>();
+      const readLoop = (async () => {
+        while (reading) {
+          const round = roundOf(await reader.read(0, ROUND_CHUNKS * CHUNK));
+          assert.ok(round >= lastRound, `the replica went back from round ${lastRound} to round ${round}`);
+          lastRound = round;
+          roundsSeen.add(round);
+          reads++;
+        }
+      })();
+
+      // The replica's sequence as the API shows it, sampled: never backwards; when it first reached each value.
+      let watching = true;
+      const seenAt: Array<{ sequence: number; at: number }> = [];
+      let lastSequence = -1;
+      const watch = (async () => {
+        while (watching) {
+          const sequence = (await exportInfo(b, VOLUME)).sequence as number;
+          assert.ok(sequence >= lastSequence, `the replica's sequence went back from ${lastSequence} to ${sequence}`);
+          if (sequence > lastSequence) seenAt.push({ sequence, at: performance.now() });
+          lastSequence = sequence;
+          await new Promise((resolve) => setTimeout(resolve, 20));
+        }
+      })();
+
+      const lags: number[] = [];
+      try {
+        for (let round = 1; round <= ROUNDS; round++) {
+          for (let chunk = 0; chunk < ROUND_CHUNKS; chunk++) await writer.write(chunk * CHUNK, roundChunk(round, chunk));
+          const drained = await drain(a, VOLUME);
+          const drainedAt = performance.now();
+          // The replica catches up: it serves this manifest (or a later one) eventually.
+          await waitFor(`the replica to reach sequence ${drained.sequence} (round ${round})`, async () => seenAt.some((s) => s.sequence >= drained.sequence), 60_000, 10);
+          lags.push(seenAt.find((s) => s.sequence >= drained.sequence)!.at - drainedAt);
+          // The reader meets the round too (its blocks come lazily from the store).
+          await waitFor(`the replica's reads to show round ${round}`, async () => lastRound >= round, 60_000, 10);
+        }
+      } finally {
+        loading = false;
+        reading = false;
+        watching = false;
+        await Promise.all([load, readLoop, watch]);
+      }
+      assert.ok(roundsSeen.has(ROUNDS), 'the reader saw the last round');
+      assert.ok(loadWrites > 0 && reads > ROUNDS, `load writes ${loadWrites}, replica reads ${reads}`);
+
+      // Lag in the API and the metrics, once caught up.
+      const info = await exportInfo(b, VOLUME);
+      assert.equal(info.read_only, true);
+      assert.ok(info.replica, `no replica field: ${JSON.stringify(info)}`);
+      assert.equal(info.replica.behind_sequences, 0);
+      assert.equal(info.replica.latest_sequence, info.sequence);
+      assert.equal(typeof info.replica.lag_seconds, 'number');
+      assert.ok(info.replica.manifests_applied >= 1, JSON.stringify(info.replica));
+      assert.equal(info.out_of_service, undefined);
+      assert.ok((await metric(b, 'updraft_volume_replica_manifests_applied_total', { volume: VOLUME })) >= 1);
+      assert.equal(await metric(b, 'updraft_volume_replica_behind_sequences', { volume: VOLUME }), 0);
+      assert.match((await b.api('GET', '/metrics')).text, /updraft_volume_replica_lag_seconds\{volume="replica\/follow"\} [0-9.]+/);
+      // The writer is no replica.
+      assert.equal((await exportInfo(a, VOLUME)).replica, undefined);
+
+      t.diagnostic(`${label}: catch-up after a drain, follow interval ${FOLLOW_MS} ms: median ${median(lags).toFixed(0)} ms, max ${Math.max(...lags).toFixed(0)} ms over ${lags.length} drains; ${reads} replica reads of ${ROUND_CHUNKS} chunks, ${loadWrites} load writes`);
+      await reader.disconnect();
+      await writer.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+}
+
+let minio: Minio | undefined;
+before(async () => {
+  minio = await startMinio();
+});
+after(async () => {
+  await minio?.stop();
+});
+
+test('a replica follows the writer on the file:// store: reads never mix manifests or go back, lag in the API and metrics', { timeout: TIMEOUT }, async (t) => {
+  await followUnderLoad(t, 'file://', fileStore);
+});
+
+test('a replica follows the writer on MinIO: reads never mix manifests or go back, lag in the API and metrics', { timeout: TIMEOUT }, async (t) => {
+  await followUnderLoad(t, 'MinIO', (dir) => minioStore(minio, dir));
+});
+
+test('a promoted replica writes and follows no more; the host that released the volume follows the new writer', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b', { volumes: { replica_follow_interval_ms: 200 } });
+    await withLogs([a, b], async () => {
+      const name = 'replica/promoted';
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      await ca.write(0, roundChunk(1, 0));
+      await drain(a, name);
+      const cb = await connect(b, name);
+      await ca.write(0, roundChunk(2, 0));
+      const second = await drain(a, name);
+      await waitFor('the replica to follow the second drain', async () => (await exportInfo(b, name)).sequence >= second.sequence);
+      assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(2, 0)));
+      const released = await a.api('POST', `/api/exports/${encodeURIComponent(name)}/release`);
+      assert.equal(released.status, 200, released.text);
+      const promoted = await b.api('POST', `/api/exports/${encodeURIComponent(name)}/promote`);
+      assert.equal(promoted.status, 200, promoted.text);
+      assert.equal((await exportInfo(b, name)).replica, undefined, 'a writer is no replica');
+      await cb.write(0, roundChunk(3, 0));
+      await cb.flush();
+      assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(3, 0)));
+      // The old writer, released, follows the new one.
+      const third = await drain(b, name);
+      await waitFor('the released host to follow the new writer', async () => (await exportInfo(a, name)).sequence >= third.sequence);
+      assert.ok((await ca.read(0, CHUNK)).equals(roundChunk(3, 0)));
+      assert.ok((await exportInfo(a, name)).replica, 'the released host is a replica now');
+      await ca.disconnect();
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
