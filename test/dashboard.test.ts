@@ -158,6 +158,8 @@ test('the dashboard shows volumes, a drain, a fork, a migration and a checkpoint
     assert.equal(released.status, 200, released.text);
     await shows(page, '#events li[data-kind="migration"][data-volume="vm-b"]', /released the lease of generation 1/, 'the release');
     await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="access"]', /^read-only$/, 'vm-b released');
+    // Released with everything drained, it follows the volume's manifests as a replica.
+    await shows(page, '#volumes tr[data-volume="vm-b"] td[data-field="lease"]', /^replica: 0 behind/, 'vm-b a replica');
     const promoted = await d.api('POST', '/api/exports/vm-b/promote');
     assert.equal(promoted.status, 200, promoted.text);
     await shows(page, '#events li[data-kind="promotion"][data-volume="vm-b"]', new RegExp(`generation ${promoted.json.generation}$`), 'the promotion');

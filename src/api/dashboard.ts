@@ -76,6 +76,8 @@ export class HostView {
       flush_mode: s.flushMode, read_only: s.readOnly, clients: s.clients, sequence: s.sequence, manifest_sequence: s.manifestSequence,
       lease: { holder: s.leaseGeneration > 0 ? host.hostId : null, generation: s.leaseGeneration, lost: s.leaseLost ?? null },
       failed: s.failed ?? null,
+      out_of_service: s.outOfService ?? null,
+      replica: s.replica === undefined ? null : { behind_sequences: s.replica.behindSequences, lag_seconds: s.replica.lagSeconds },
       last_drain: link?.lastDrain === undefined ? null : { at: new Date(link.lastDrain.at).toISOString(), sequence: link.lastDrain.sequence },
       io: { read: op('read'), write: op('write'), flush: op('flush') },
       usage: usage === undefined ? null : {

@@ -248,13 +248,14 @@ function renderVolumes(data, rates) {
     if (filter && !v.name.includes(filter)) continue;
     const r = rates.get(v.name);
     const lease = v.lease.generation > 0 ? `${v.lease.holder} gen ${v.lease.generation}`
+      : v.replica ? `replica: ${v.replica.behind_sequences} behind, confirmed ${v.replica.lag_seconds.toFixed(1)} s ago`
       : v.lease.lost ? `lost: ${v.lease.lost}`
       : v.read_only ? 'another host, or released' : 'none yet (not in the store)';
-    const access = v.failed ? 'failed' : v.read_only ? 'read-only' : 'writable';
+    const access = v.failed ? 'failed' : v.out_of_service ? 'out of service' : v.read_only ? 'read-only' : 'writable';
     const drain = v.last_drain ? `seq ${v.last_drain.sequence}, ${ago(v.last_drain.at)}` : v.manifest_sequence >= 0 ? `manifest seq ${v.manifest_sequence}` : 'never';
     const lat = (ms) => (ms === undefined ? '–' : ms < 1 ? `${(ms * 1000).toFixed(0)} µs` : `${ms.toFixed(1)} ms`);
     rows.push(
-      `<tr data-volume="${escapeHtml(v.name)}" class="${access}${v.name === state.selected ? ' selected' : ''}">` +
+      `<tr data-volume="${escapeHtml(v.name)}" class="${access.replaceAll(' ', '-')}${v.name === state.selected ? ' selected' : ''}">` +
         `<td data-field="name">${escapeHtml(v.name)}</td>` +
         `<td>${bytes(v.size)}</td>` +
         `<td>${bytes(v.mapped_bytes)}</td>` +
