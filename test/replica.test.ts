@@ -167,17 +167,20 @@ test('a replica follows the writer on MinIO: reads never mix manifests or go bac
   await followUnderLoad(t, 'MinIO', (dir) => minioStore(minio, dir));
 });
 
-test('a promoted replica writes and follows no more; the host that released the volume follows the new writer', { timeout: TIMEOUT }, async () => {
+test('a volume\'s own follow interval; a promoted replica writes and follows no more; the host that released the volume follows the new writer', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {
     const a = await cluster.start('host-a');
-    const b = await cluster.start('host-b', { volumes: { replica_follow_interval_ms: 200 } });
+    // B follows nothing by default: the volume, woken by PUT, sets its own interval.
+    const b = await cluster.start('host-b', { volumes: { replica_follow_interval_ms: 0 } });
     await withLogs([a, b], async () => {
       const name = 'replica/promoted';
       await createVolume(a, name, 8);
       const ca = await connect(a, name);
       await ca.write(0, roundChunk(1, 0));
       await drain(a, name);
+      const woken = await createVolume(b, name, 8, { replica_follow_interval_ms: 200 }, 200);
+      assert.equal(woken.replica?.follow_interval_ms, 200, JSON.stringify(woken));
       const cb = await connect(b, name);
       await ca.write(0, roundChunk(2, 0));
       const second = await drain(a, name);

@@ -31,6 +31,7 @@ const PutExportBody = z.strictObject({
   size_gb: z.number().positive().max(1024 * 1024),
   flush_mode: FLUSH_MODE.optional(),
   dirty_budget_gb: z.number().positive().max(1024 * 1024).optional(),
+  replica_follow_interval_ms: z.number().int().max(86_400_000).refine((ms) => ms === 0 || ms >= 100, 'an integer number of milliseconds, 100 or more, or 0 (no following)').optional(),
 });
 
 const FlushModeBody = z.strictObject({
@@ -66,6 +67,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
       replica: {
         latest_sequence: v.replica.latestSequence, behind_sequences: v.replica.behindSequences, lag_seconds: v.replica.lagSeconds,
         latest_written_at: v.replica.latestWrittenAt ?? null, manifests_applied: v.replica.manifestsApplied, error: v.replica.error ?? null,
+        follow_interval_ms: v.replica.intervalMs,
       },
     }),
   };
@@ -176,6 +178,7 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     const settings = {
       flushMode: body.data.flush_mode,
       dirtyBudgetBytes: body.data.dirty_budget_gb === undefined ? undefined : Math.floor(body.data.dirty_budget_gb * GIB),
+      replicaFollowIntervalMs: body.data.replica_follow_interval_ms,
     };
     const given = Object.fromEntries(Object.entries(settings).filter(([, v]) => v !== undefined));
     let existing = host.get(name);

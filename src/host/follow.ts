@@ -1,6 +1,6 @@
 // Replicas (DESIGN.md: replica): a volume served read-only on a host that does not hold
 // its lease follows the writer's manifests. Every `[volumes] replica_follow_interval_ms`
-// it HEADs the volume's manifest and, when the ETag moved, GETs it and serves the newer
+// (or the volume's own interval, set when it is woken by PUT) it HEADs the volume's manifest and, when the ETag moved, GETs it and serves the newer
 // block map; blocks come lazily, through the cold-read path. The swap of block maps is
 // one synchronous step on the event loop and a read takes every byte in the tick it is
 // served, so a read never mixes two manifests; an older manifest is never taken, so a
@@ -34,6 +34,8 @@ export interface ReplicaLag {
   manifestsApplied: number;
   /** Why the last check failed (the store did not answer, the manifest is gone); absent while checks succeed. */
   error?: string;
+  /** How often it checks: the volume's own interval, else the host's. */
+  intervalMs: number;
 }
 
 /** One replica's following state (one per volume served read-only here). */
@@ -48,7 +50,7 @@ interface Follow {
   error?: string;
 }
 
-/** How often the followers look for replicas due a check; the interval itself is the setting. */
+/** How often the followers look for replicas due a check; the interval itself is a setting (at least 100 ms). */
 const FOLLOW_TICK_MS = 100;
 
 /**
@@ -88,9 +90,14 @@ export class ReplicaFollowers {
   ) {}
 
   start(): void {
-    if (this.options.intervalMs <= 0) return;
-    this.timer = setInterval(() => this.tick(), Math.min(FOLLOW_TICK_MS, this.options.intervalMs));
+    // Also when the host's interval is 0: a volume may set its own.
+    this.timer = setInterval(() => this.tick(), FOLLOW_TICK_MS);
     this.timer.unref();
+  }
+
+  /** How often the link's volume checks its manifest as a replica; 0 when it does not follow. */
+  private intervalOf(link: StoreLink): number {
+    return link.state.replicaFollowIntervalMs ?? this.options.intervalMs;
   }
 
   stop(): void {
@@ -100,11 +107,13 @@ export class ReplicaFollowers {
 
   /** The lag of a replica following its writer; undefined for a volume that is not one. */
   lagOf(link: StoreLink): ReplicaLag | undefined {
-    if (!followsWriter(link)) return undefined;
+    const intervalMs = this.intervalOf(link);
+    if (intervalMs <= 0 || !followsWriter(link)) return undefined;
     const follow = this.follows.get(link);
     const served = link.volume.sequence;
-    if (follow === undefined) return { latestSequence: served, behindSequences: 0, lagSeconds: 0, manifestsApplied: 0 };
+    if (follow === undefined) return { latestSequence: served, behindSequences: 0, lagSeconds: 0, manifestsApplied: 0, intervalMs };
     return {
+      intervalMs,
       latestSequence: Math.max(follow.latestSequence, served),
       behindSequences: Math.max(0, follow.latestSequence - served),
       lagSeconds: Math.max(0, performance.now() - follow.confirmedAt) / 1000,
@@ -118,17 +127,18 @@ export class ReplicaFollowers {
     if (this.stopped) return;
     const now = performance.now();
     for (const link of this.follows.keys()) {
-      if (this.links.get(link.name) !== link || !followsWriter(link)) this.follows.delete(link);
+      if (this.links.get(link.name) !== link || !followsWriter(link) || this.intervalOf(link) <= 0) this.follows.delete(link);
     }
     for (const link of this.links.values()) {
-      if (!followsWriter(link)) continue;
+      const intervalMs = this.intervalOf(link);
+      if (intervalMs <= 0 || !followsWriter(link)) continue;
       let follow = this.follows.get(link);
       if (follow === undefined) {
         // It loaded the newest manifest it knew of when it was opened or last changed hands.
         follow = { polling: false, lastPollAt: -Infinity, confirmedAt: now, latestSequence: link.volume.sequence, applied: 0 };
         this.follows.set(link, follow);
       }
-      if (follow.polling || now - follow.lastPollAt < this.options.intervalMs) continue;
+      if (follow.polling || now - follow.lastPollAt < intervalMs) continue;
       follow.polling = true;
       follow.lastPollAt = now;
       const checked = follow;

@@ -72,6 +72,8 @@ export interface HostOptions {
 export interface VolumeSettings {
   flushMode?: FlushMode;
   dirtyBudgetBytes?: number;
+  /** As a replica, how often to check the manifest in the store (follow.ts); 0: it does not follow. */
+  replicaFollowIntervalMs?: number;
 }
 
 export interface VolumeSummary {

@@ -35,6 +35,8 @@ export interface StoreState {
   lostLease?: string;
   /** Sequence of that manifest; -1 before the first. */
   manifestSequence: number;
+  /** As a replica, how often to check the manifest in the store, when not the host's `replica_follow_interval_ms`; 0: it does not follow. */
+  replicaFollowIntervalMs?: number;
 }
 
 /** What the host shares with every link. */
