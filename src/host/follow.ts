@@ -77,7 +77,7 @@ export function outOfService(link: StoreLink): string | undefined {
     `(local sequence ${volume.sequence}, last manifest here ${state.manifestSequence}); not served: fork it with mode "local" to inspect them, or delete it`;
 }
 
-/** The host's replicas following their writers: one timer, at most one check per volume in flight. */
+/** The host's replicas following their writers: one timer, at most one check in flight and one entry per volume open here. */
 export class ReplicaFollowers {
   private readonly follows = new Map<StoreLink, Follow>();
   private timer: NodeJS.Timeout | undefined;
