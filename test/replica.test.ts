@@ -206,3 +206,44 @@ test('a volume\'s own follow interval; a promoted replica writes and follows no 
     await cluster.cleanup();
   }
 });
+
+test('a replica never goes back: a manifest gone from the store is reported, an older one (the name purged and made again) is ignored', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b', { volumes: { replica_follow_interval_ms: 200 } });
+    await withLogs([a, b], async () => {
+      const name = 'replica/again';
+      const path = `/api/exports/${encodeURIComponent(name)}`;
+      await createVolume(a, name, 8);
+      const ca = await connect(a, name);
+      for (let i = 0; i < 8; i++) await ca.write(0, roundChunk(5, 0));
+      const drained = await drain(a, name);
+      await ca.disconnect();
+      const cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).sequence, drained.sequence);
+
+      const purged = await a.api('DELETE', `${path}?purge=true`);
+      assert.equal(purged.status, 200, purged.text);
+      await waitFor('the replica to report the manifest gone', async () => /gone from the store/.test((await exportInfo(b, name)).replica?.error ?? ''));
+      assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(5, 0)), 'the replica serves what it had');
+
+      // The name again, at a lower sequence than the replica serves.
+      await createVolume(a, name, 8);
+      const again = await connect(a, name);
+      await again.write(0, roundChunk(6, 0));
+      const lower = await drain(a, name);
+      assert.ok(lower.sequence < drained.sequence, `${lower.sequence} < ${drained.sequence}`);
+      await again.disconnect();
+      await waitFor('the replica to see the older manifest', async () => /older than the state served here/.test(b.log()));
+      assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(5, 0)), 'the replica went back to an older manifest');
+      assert.equal((await exportInfo(b, name)).sequence, drained.sequence);
+      await cb.disconnect();
+
+      const removed = await b.api('DELETE', path);
+      assert.equal(removed.status, 200, removed.text);
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});

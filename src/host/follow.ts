@@ -148,8 +148,10 @@ export class ReplicaFollowers {
             checked.error = undefined;
           },
           (err: unknown) => {
-            if (checked.error === undefined) this.log.warn('replica: cannot check the manifest in the store; serving the state it has', { volume: link.name, error: errorMessage(err) });
-            checked.error = errorMessage(err);
+            // Logged when it starts or changes, not at every check.
+            const message = errorMessage(err);
+            if (checked.error !== message) this.log.warn('replica: the check of the manifest in the store failed; serving the state it has', { volume: link.name, error: message });
+            checked.error = message;
           },
         )
         .finally(() => {
@@ -174,11 +176,8 @@ export class ReplicaFollowers {
     const { manifest, raw } = decoded;
     const sequence = manifest.meta.sequence;
     if (sequence < link.volume.sequence) {
-      // Never back: a client that read the newer state must not see an older one.
-      this.log.warn('replica: the manifest in the store is older than the state served here; keeping it', {
-        volume: link.name, store_sequence: sequence, served_sequence: link.volume.sequence,
-      });
-      return;
+      // Never back: a client that read the newer state must not see an older one (reported once, as a failed check).
+      throw new Error(`volume ${link.name}: follow: the manifest ${key} (sequence ${sequence}) is older than the state served here (sequence ${link.volume.sequence}); the replica keeps serving its state`);
     }
     follow.latestSequence = Math.max(follow.latestSequence, sequence);
     follow.latestWrittenAt = object.lastModified;
