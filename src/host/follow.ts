@@ -89,8 +89,15 @@ export class ReplicaFollowers {
     private readonly log: Logger,
   ) {}
 
+  /**
+   * Start checking, once some volume may follow: the host's interval is set, or a volume
+   * has its own (the host calls this again when one gets it). Idempotent. No timer runs
+   * on a host where nothing follows.
+   */
   start(): void {
-    // Also when the host's interval is 0: a volume may set its own.
+    if (this.timer !== undefined || this.stopped) return;
+    const wanted = this.options.intervalMs > 0 || [...this.links.values()].some((link) => (link.state.replicaFollowIntervalMs ?? 0) > 0);
+    if (!wanted) return;
     this.timer = setInterval(() => this.tick(), FOLLOW_TICK_MS);
     this.timer.unref();
   }

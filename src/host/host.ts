@@ -39,6 +39,13 @@ export class Host extends HostInventory {
     return this.followers.lagOf(link);
   }
 
+  /** As HostInventory.create; a volume woken with its own follow interval starts the followers. */
+  override async create(name: string, size: number, settings: VolumeSettings = {}): Promise<{ volume: Volume; created: boolean }> {
+    const made = await super.create(name, size, settings);
+    this.followers.start();
+    return made;
+  }
+
   /** Open the cache and recover every volume found under the cache dir. */
   static open(options: HostOptions, log: Logger): Host {
     const host = new Host(options, log);
@@ -238,6 +245,7 @@ export class Host extends HostInventory {
     const link = this.linkOf(name);
     Object.assign(link.state, settings);
     link.save();
+    this.followers.start();
     this.log.info('volume settings changed', { volume: name, flush_mode: link.state.flushMode, dirty_budget_bytes: link.state.dirtyBudgetBytes });
   }
 

@@ -74,21 +74,6 @@ export class LeaseHolder {
     return this.leaseSentAt + this.ctx.leaseTtlMs - this.ctx.clockSkewMarginMs - now;
   }
 
-  /**
-   * At start-up: a lease whose time ran out by this host's reckoning while the daemon was
-   * down refuses writes at once, not from the first renewal tick (a client may connect
-   * before it); a renewal that lands makes the volume writable again, one that finds
-   * another holder keeps it read-only (lostLease).
-   */
-  lapseIfRunOut(): void {
-    const left = this.leftMs();
-    // -Infinity: no expiry was saved; renewIfDue decides once it asked the store.
-    if (this.state.generation === 0 || this.state.readOnly || left > 0 || left === -Infinity) return;
-    this.expired = true;
-    this.applyReadOnly();
-    this.ctx.log.warn('the lease ran out while the daemon was down; writes are refused until it is renewed', { volume: this.name, generation: this.state.generation });
-  }
-
   /** The generation was given up (a release): no lease is held here any more. */
   forget(): void {
     this.leaseSentAt = undefined;

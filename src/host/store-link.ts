@@ -72,7 +72,6 @@ export class StoreLink {
   static load(volume: Volume, ctx: StoreContext, defaults: { flushMode: FlushMode; dirtyBudgetBytes: number }): StoreLink {
     const state = loadStoreState(volume.name, volume.dir) ?? { format: 1, ...defaults, readOnly: false, generation: 0, manifestSequence: -1 };
     const link = new StoreLink(volume, state, ctx);
-    link.lease.lapseIfRunOut();
     // The cache forgot at the restart which volumes sealed its pinned blocks: one with changes
     // since its last manifest notes itself on those it names (O(chunks mapped), as the journal's replay).
     if (ctx.refcounts !== undefined && volume.sequence !== state.manifestSequence) {
