@@ -133,7 +133,8 @@ export class ReplicaFollowers {
   private tick(): void {
     if (this.stopped) return;
     const now = performance.now();
-    for (const link of this.follows.keys()) {
+    for (const [link, follow] of this.follows) {
+      if (follow.polling) continue;
       if (this.links.get(link.name) !== link || !followsWriter(link) || this.intervalOf(link) <= 0) this.follows.delete(link);
     }
     for (const link of this.links.values()) {
@@ -194,8 +195,18 @@ export class ReplicaFollowers {
       const volume = link.volume;
       if (sequence > volume.sequence) {
         await indexManifest(this.options.packIndex, manifest);
-        // The block map is swapped in one step (no await before it in replaceContent); reads in flight keep the old one.
-        await volume.replaceContent({ size: manifest.meta.size, sequence, chunks: manifestChunks(manifest) });
+        const before = { etag: link.state.manifestEtag, sequence: link.state.manifestSequence };
+        // The state names the manifest in the same step as the volume takes it: it is a replica throughout.
+        link.state.manifestEtag = object.etag;
+        link.state.manifestSequence = sequence;
+        try {
+          // The block map is swapped in one step (no await before it in replaceContent); reads in flight keep the old one.
+          await volume.replaceContent({ size: manifest.meta.size, sequence, chunks: manifestChunks(manifest) });
+        } catch (err) {
+          // Refused before the swap: the volume still serves the manifest it had.
+          if (volume.sequence !== sequence) Object.assign(link.state, { manifestEtag: before.etag, manifestSequence: before.sequence });
+          throw err;
+        }
         link.setBase(volume.cloneMap(), raw, object.etag, storedTables(decoded, this.options.manifestCompression));
         follow.applied++;
         this.log.debug('replica: serving a newer manifest', { volume: link.name, sequence, etag: object.etag });
