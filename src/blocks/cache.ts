@@ -195,6 +195,12 @@ export class BlockCache {
   private readonly writing = new Map<BlockKey, Buffer>();
   /** Blocks put whose slab write reads their memory-tier copy: not evicted from memory until it lands. */
   private readonly writingFromMemory = new Set<BlockKey>();
+  /**
+   * Blocks reads wait for while their packs are fetched (awaitBlocks), each with how many
+   * reads wait: neither tier evicts them for another block until the reads have them. At
+   * most the keys of the reads waiting; the memory tier still never exceeds its setting.
+   */
+  private readonly awaited = new Map<BlockKey, number>();
   private readonly inflight = new Set<Promise<void>>();
   /** Slot table writes, in order: a slot freed and reused must end with the newer entry. */
   private tableTail: Promise<void> = Promise.resolve();
@@ -594,6 +600,25 @@ export class BlockCache {
     this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, flags) : undefined)));
   }
 
+  /**
+   * A read waits for `keys` to be fetched: until the returned release is called, a block
+   * of them that is here is not evicted to make room for another (another pack's blocks
+   * would otherwise push out the ones fetched before them, round after round).
+   */
+  awaitBlocks(keys: readonly BlockKey[]): () => void {
+    for (const key of keys) this.awaited.set(key, (this.awaited.get(key) ?? 0) + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      for (const key of keys) {
+        const waiting = this.awaited.get(key)!;
+        if (waiting > 1) this.awaited.set(key, waiting - 1);
+        else this.awaited.delete(key);
+      }
+    };
+  }
+
   /** Whether the object store holds this block (so it may be evicted here). */
   isInStore(key: BlockKey): boolean {
     return this.slots.get(key)?.inStore === true;
@@ -614,7 +639,7 @@ export class BlockCache {
     let run: { first: number; keys: BlockKey[]; data: Buffer[]; slots: Slot[] } | undefined;
     const writes: Promise<void>[] = [];
     const flush = () => {
-      if (run !== undefined) writes.push(this.writeRun(run.first, run.keys, run.data, run.slots));
+      if (run !== undefined) writes.push(this.writeRun(run.first, run.keys, run.data, run.slots, wanted));
       run = undefined;
     };
     for (const { key, data } of blocks) {
@@ -671,8 +696,10 @@ export class BlockCache {
   /**
    * Write fetched blocks into consecutive slots from `first`, then their table entries.
    * Settles (never rejects) once nothing reads `data` any more: the caller's buffer is free.
+   * Should the write fail, the blocks leave the disk tier but the ones a read waits for
+   * (`wanted`; all for read-ahead) stay in the memory tier, so that read still finds them.
    */
-  private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[]): Promise<void> {
+  private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[], wanted: ReadonlySet<BlockKey> | undefined): Promise<void> {
     const write = writevAt(this.slabFd, data, first * this.blockSize)
       .then(() => this.writeEntries(first, keys, SLOT_USED | SLOT_IN_STORE))
       .then(
@@ -680,15 +707,19 @@ export class BlockCache {
           for (let i = 0; i < keys.length; i++) if (this.writing.get(keys[i]) === data[i]) this.writing.delete(keys[i]);
         },
         (err) => {
-          // The store has them: they are dropped here (a later read fetches them again), and
-          // `data`, which the caller reuses, is not read from again.
-          this.log.error('block cache: slab write of fetched blocks failed; they are dropped', { slot: first, blocks: keys.length, error: err.message });
+          // The store has them: they leave the disk tier (a later read fetches them again), and
+          // `data`, which the caller reuses, is not read from after this. The ones a read waits
+          // for stay in the memory tier: dropping them would leave that read nothing to take,
+          // fetch after fetch, while the disk stays full.
+          this.log.error('block cache: slab write of fetched blocks failed; they leave the disk tier', { slot: first, blocks: keys.length, error: err.message });
           for (let i = 0; i < keys.length; i++) {
             if (this.writing.get(keys[i]) !== data[i]) continue;
             this.writing.delete(keys[i]);
             if (this.slots.get(keys[i]) !== slots[i]) continue;
             this.diskPolicy.remove(keys[i]);
-            this.freeSlot(keys[i], slots[i]);
+            const needed = wanted === undefined || wanted.has(keys[i]);
+            this.freeSlot(keys[i], slots[i], needed);
+            if (needed) this.admitToMemory(keys[i], data[i]);
           }
         },
       );
@@ -801,13 +832,14 @@ export class BlockCache {
   /**
    * Copy `block` into the memory tier (an arena slot: the caller keeps its buffer),
    * evicting as needed, and return the copy there; undefined when the tier cannot take it.
-   * A block whose slab write reads its copy is not evicted until the write lands.
+   * A block whose slab write reads its copy is not evicted until the write lands, nor one
+   * a read waits for (awaitBlocks): with the tier full of those, the block is not taken.
    */
   private admitToMemory(key: BlockKey, block: Buffer): Buffer | undefined {
     if (this.arena.capacity === 0 || block.length > this.blockSize) return undefined;
     const present = this.memory.get(key);
     if (present !== undefined) return this.arena.view(present);
-    const evictable = (victim: BlockKey) => !this.writingFromMemory.has(victim);
+    const evictable = (victim: BlockKey) => !this.writingFromMemory.has(victim) && !this.awaited.has(victim);
     let slot = this.arena.allocate();
     while (slot === undefined) {
       const victim = this.memoryPolicy.evict(evictable);
@@ -846,7 +878,7 @@ export class BlockCache {
     // Full: evict a block the store holds (never a pinned one).
     const victim = this.diskPolicy.evict((key) => {
       const slot = this.slots.get(key);
-      return slot !== undefined && slot.inStore && slot.holding === undefined && !this.writing.has(key);
+      return slot !== undefined && slot.inStore && slot.holding === undefined && !this.writing.has(key) && !this.awaited.has(key);
     });
     if (victim === undefined) return undefined;
     const slot = this.slots.get(victim)!;
@@ -857,14 +889,17 @@ export class BlockCache {
     return slot.index;
   }
 
-  private freeSlot(key: BlockKey, slot: Slot): void {
+  /** Free `key`'s disk slot; its memory tier copy goes too unless `keepInMemory` (a block the store holds). */
+  private freeSlot(key: BlockKey, slot: Slot, keepInMemory = false): void {
     this.slots.delete(key);
     this.lost.delete(key);
     this.unsynced.delete(key);
     if (this.writing.has(key)) this.writing.delete(key);
     this.writingFromMemory.delete(key);
-    this.dropFromMemory(key);
-    this.memoryPolicy.remove(key);
+    if (!keepInMemory) {
+      this.dropFromMemory(key);
+      this.memoryPolicy.remove(key);
+    }
     // The slot is reusable only once its own slab write (if any) and its cleared table
     // entry have landed; otherwise a late write could clobber the next block there.
     const release = (slot.writing ?? Promise.resolve())
