@@ -27,7 +27,8 @@ import { packIdFromKey, packKey } from '../store/pack.js';
 import type { PackIndex } from '../store/pack-index.js';
 import { crashPoint } from '../faults/crash-points.js';
 import { packsOf, WritePendingError } from '../store/counted.js';
-import { eachLimit, type PackRefcounts } from './refcounts.js';
+import { eachLimit } from './each-limit.js';
+import type { PackRefcounts } from './refcounts.js';
 
 /** The store object naming the refcount database that may delete packs from it. */
 export const CLAIM_KEY = 'gc.json';

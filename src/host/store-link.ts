@@ -20,7 +20,9 @@ import type { StoreClock } from '../objectstore/clock.js';
 import { onBehalfOf } from '../objectstore/metered.js';
 import { isPreconditionFailed, ObjectStoreError, type ObjectStore } from '../objectstore/types.js';
 import { decodeLease, encodeLease, leaseBody, leaseIsLiveAt, type Lease } from '../store/lease.js';
-import { sameSet, uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
+import { sameSet } from '../gc/pack-sets.js';
+import type { PackRefcounts } from '../gc/refcounts.js';
+import { uploadsKey } from '../gc/uploads.js';
 import {
   IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, type CountedManifest, type PutCondition,
 } from '../store/counted.js';
