@@ -22,7 +22,7 @@
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
-import { decodeManifest } from '../store/manifest.js';
+import { decodeManifest } from '../store/manifest-decode.js';
 import { packIdFromKey, packKey } from '../store/pack.js';
 import type { PackIndex } from '../store/pack-index.js';
 import { crashPoint } from '../faults/crash-points.js';

@@ -4,7 +4,7 @@
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
-import { decodeManifest } from '../store/manifest.js';
+import { decodeManifest } from '../store/manifest-decode.js';
 import { decodePackIndex, packKey, unpackBlock, verifyPackId } from '../store/pack.js';
 import { isManifestKey } from './collector.js';
 import { eachLimit } from './each-limit.js';

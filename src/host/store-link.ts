@@ -27,10 +27,11 @@ import {
   IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, type CountedManifest, type PutCondition,
 } from '../store/counted.js';
 import { createObject, indexManifest, manifestChunks, manifestOfChunks } from '../store/catalog.js';
-import {
-  bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestBody, manifestKey, patchManifestBody, sealManifest,
-  type ManifestMeta, type StoredTables,
-} from '../store/manifest.js';
+import { checkpointKey, leaseKey, manifestKey, type ManifestMeta } from '../store/manifest.js';
+import { bodyCounts, bodyPacks, manifestBody } from '../store/manifest-body.js';
+import { decodeManifest, decodeManifestBody } from '../store/manifest-decode.js';
+import { patchManifestBody } from '../store/manifest-patch.js';
+import { encodeManifest, sealManifest, type StoredTables } from '../store/manifest-seal.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader, UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';

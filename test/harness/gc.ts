@@ -16,7 +16,7 @@ import { uploadsKey } from '../../src/gc/uploads.js';
 import { openGcDatabase } from '../../src/gc/sql.js';
 import { createLogger } from '../../src/log.js';
 import { openObjectStore } from '../../src/objectstore/index.js';
-import { decodeManifest } from '../../src/store/manifest.js';
+import { decodeManifest } from '../../src/store/manifest-decode.js';
 import { packIdFromKey, packKey } from '../../src/store/pack.js';
 import { CHUNK, connect, metric, MiB, readAll, waitFor, withLogs } from './cluster.js';
 import { startDaemon, type Daemon, type TomlTable } from './daemon.js';
