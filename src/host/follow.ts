@@ -16,7 +16,9 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { indexManifest, manifestChunks } from '../store/catalog.js';
-import { decodeManifestBody, manifestKey, storedTables } from '../store/manifest.js';
+import { decodeManifestBody } from '../store/manifest-decode.js';
+import { storedTables } from '../store/manifest-seal.js';
+import { manifestKey } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { StoreLink } from './store-link.js';
 
