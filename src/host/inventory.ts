@@ -9,7 +9,7 @@ import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
 import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
-import { errorMessage, type Logger } from '../log.js';
+import type { Logger } from '../log.js';
 import { crashPoint } from '../faults/crash-points.js';
 import type { PackRefcounts } from '../gc/refcounts.js';
 import { uploadsKey } from '../gc/uploads.js';
@@ -28,7 +28,7 @@ import { indexManifest, manifestBlockMap, MissingError, purgeVolume, readManifes
 import { SyncFailureCounts } from '../volume/stats.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
 import { StoreLink } from './store-link.js';
-import { FencedError, LeaseHeldError, type FlushMode, type StoreContext } from './store-state.js';
+import { LeaseHeldError, type FlushMode, type StoreContext } from './store-state.js';
 import { fetchBootSet, type BootSetContext } from './boot-set.js';
 import { outOfService, type ReplicaLag } from './follow.js';
 import { HostEvents, recordingErrors } from './events.js';
@@ -552,13 +552,7 @@ export abstract class HostInventory {
     const volume = this.volumes.get(name);
     if (!volume) return;
     const link = this.links.get(name);
-    if (link?.holdsLease) {
-      await link.release().catch((err: unknown) => {
-        // The lease is another host's now (found during the final drain): nothing to give up; the local copy goes.
-        if (!(err instanceof FencedError)) throw err;
-        this.log.warn('volume lost its lease before its removal; removing the local copy without a final drain', { volume: name, error: errorMessage(err) });
-      });
-    }
+    if (link?.holdsLease) await link.release();
     this.volumes.delete(name);
     this.links.delete(name);
     // A drain or upload in flight finishes first, so nothing is held for the volume after this.
