@@ -125,6 +125,7 @@ async function failover(store: (dir: string) => SharedStore): Promise<void> {
         assert.match(a.log(), /lost the lease: volume is read-only on this host/);
         // New clients are refused, saying why.
         await assert.rejects(connect(a, VOLUME), /out of service/);
+        assert.match(a.log(), /refused a client: the volume is out of service on this host .*no longer holds the lease/);
         // Nothing reaches the store from A for the volume.
         const stale = await post(a, VOLUME, 'drain');
         assert.equal(stale.status, 409, `the old holder drained: ${stale.text}`);

@@ -297,7 +297,10 @@ export abstract class HostInventory {
     if (link === undefined) return volume;
     if (link.holdsLease && !link.state.readOnly) await link.renewIfDue();
     const why = outOfService(link);
-    if (why !== undefined) throw new VolumeError('EPERM', `volume ${volume.name} is out of service on this host: ${why}`);
+    if (why !== undefined) {
+      this.log.warn('refused a client: the volume is out of service on this host', { volume: volume.name, why });
+      throw new VolumeError('EPERM', `volume ${volume.name} is out of service on this host: ${why}`);
+    }
     return volume;
   }
 
