@@ -1,7 +1,8 @@
 // Replicas (DESIGN.md: replica): a volume served read-only on a host that does not hold
 // its lease follows the writer's manifests. Every `[volumes] replica_follow_interval_ms`
-// (or the volume's own interval, set when it is woken by PUT) it HEADs the volume's manifest and, when the ETag moved, GETs it and serves the newer
-// block map; blocks come lazily, through the cold-read path. The swap of block maps is
+// (or the volume's own interval, set by the PUT that woke it) it HEADs the volume's
+// manifest and, when the ETag moved, GETs it and serves the newer block map; blocks
+// come lazily, through the cold-read path. The swap of block maps is
 // one synchronous step on the event loop and a read takes every byte in the tick it is
 // served, so a read never mixes two manifests; an older manifest is never taken, so a
 // client never sees the volume go back.
