@@ -122,10 +122,10 @@ async function failover(store: (dir: string) => SharedStore): Promise<void> {
         assert.match(info.out_of_service, /writes no manifest in the store carries/);
         assert.equal(info.replica, undefined, 'a copy out of service follows nobody');
         assert.equal(await metric(a, 'updraft_volume_out_of_service', { volume: VOLUME }), 1);
-        assert.match(a.log(), /lost the lease: volume is read-only on this host/);
+        await waitFor('the lost lease in the log', async () => /lost the lease: volume is read-only on this host/.test(a.log()));
         // New clients are refused, saying why.
         await assert.rejects(connect(a, VOLUME), /out of service/);
-        assert.match(a.log(), /refused a client: the volume is out of service on this host .*no longer holds the lease/);
+        await waitFor('the refusal in the log', async () => /refused a client: the volume is out of service on this host .*no longer holds the lease/.test(a.log()));
         // Nothing reaches the store from A for the volume.
         const stale = await post(a, VOLUME, 'drain');
         assert.equal(stale.status, 409, `the old holder drained: ${stale.text}`);

@@ -16,7 +16,7 @@ import type { StoreCipher } from '../crypto/cipher.js';
 import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
-import { indexManifest, manifestChunks } from '../store/catalog.js';
+import { indexManifest, manifestBlockMap } from '../store/catalog.js';
 import { decodeManifestBody } from '../store/manifest-decode.js';
 import { storedTables } from '../store/manifest-seal.js';
 import { manifestKey } from '../store/manifest.js';
@@ -203,8 +203,8 @@ export class ReplicaFollowers {
         link.state.manifestEtag = object.etag;
         link.state.manifestSequence = sequence;
         try {
-          // The block map is swapped in one step (no await before it in replaceContent); reads in flight keep the old one.
-          await volume.replaceContent({ size: manifest.meta.size, sequence, chunks: manifestChunks(manifest) });
+          // The block map is swapped in one step (no await before it in followManifest); reads in flight keep the old one.
+          await volume.followManifest({ size: manifest.meta.size, sequence, map: manifestBlockMap(manifest) });
         } catch (err) {
           // Refused before the swap: the volume still serves the manifest it had.
           if (volume.sequence !== sequence) Object.assign(link.state, { manifestEtag: before.etag, manifestSequence: before.sequence });

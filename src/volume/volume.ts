@@ -113,6 +113,35 @@ export class Volume extends VolumeFlushes {
     for (const key of unrefs) this.cache.unref(key);
   }
 
+  /**
+   * A replica takes a newer manifest of its writer (host/follow.ts): `content.map` (taken
+   * over) replaces the block map in one assignment, so a read, which takes all its bytes
+   * in one tick, sees the old map or the new one, never a mix. Only the chunks whose block
+   * changed are journaled; the blocks they no longer name are released once that is durable.
+   */
+  async followManifest(content: { size: number; sequence: number; map: BlockMap }): Promise<void> {
+    this.checkOpen();
+    if (this.overlay.size > 0 || this.sealing.size > 0) {
+      throw new VolumeError('EINVAL', `volume ${this.name}: cannot take a newer manifest with local writes pending`);
+    }
+    const previous = this.map;
+    const changes = content.map.changesSince(previous);
+    this.map = content.map;
+    if (content.size > this.size) {
+      this.size = content.size;
+      this.sizeDirty = true;
+    }
+    this.sequence = content.sequence;
+    this.prefetchedUntil = -1;
+    for (const [chunk, key] of changes) {
+      const old = previous.get(chunk);
+      if (old !== undefined && old !== ZERO_ALLOCATED_KEY) this.pendingUnref.push(old);
+      if (key !== undefined && key !== ZERO_ALLOCATED_KEY) this.cache.ref(key);
+      this.journalDirty.add(chunk);
+    }
+    await this.flush();
+  }
+
   /** Recover a volume from its folder: replay the journal, take block references. */
   static load(dir: string, ctx: VolumeContext): Volume {
     const identityPath = path.join(dir, 'volume.json');
