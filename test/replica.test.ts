@@ -167,7 +167,7 @@ test('a replica follows the writer on MinIO: reads never mix manifests or go bac
   await followUnderLoad(t, 'MinIO', (dir) => minioStore(minio, dir));
 });
 
-test('a volume\'s own follow interval; a promoted replica writes and follows no more; the host that released the volume follows the new writer', { timeout: TIMEOUT }, async () => {
+test('a volume\'s own follow interval; what a replica followed survives its SIGKILL; a promoted replica writes and follows no more; the host that released the volume follows the new writer', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {
     const a = await cluster.start('host-a');
@@ -181,10 +181,17 @@ test('a volume\'s own follow interval; a promoted replica writes and follows no 
       await drain(a, name);
       const woken = await createVolume(b, name, 8, { replica_follow_interval_ms: 200 }, 200);
       assert.equal(woken.replica?.follow_interval_ms, 200, JSON.stringify(woken));
-      const cb = await connect(b, name);
+      let cb = await connect(b, name);
       await ca.write(0, roundChunk(2, 0));
       const second = await drain(a, name);
       await waitFor('the replica to follow the second drain', async () => (await exportInfo(b, name)).sequence >= second.sequence);
+      assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(2, 0)));
+      // What it followed is in its journal: killed and restarted, it recovers that state from local disk.
+      await cb.disconnect();
+      await b.kill9();
+      await b.restart();
+      assert.match(b.log(), new RegExp(`recovered volume volume=replica/promoted .*sequence=${second.sequence} `));
+      cb = await connect(b, name);
       assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(2, 0)));
       const released = await a.api('POST', `/api/exports/${encodeURIComponent(name)}/release`);
       assert.equal(released.status, 200, released.text);
