@@ -9,7 +9,7 @@ import type { Collector } from '../gc/collector.js';
 import { PacksGoneError, WritePendingError } from '../store/counted.js';
 import { GcDatabaseError } from '../gc/sql.js';
 import type { Host } from '../host/host.js';
-import { FencedError, LeaseHeldError } from '../host/store-link.js';
+import { FencedError, LeaseHeldError } from '../host/store-state.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
 import { ObjectStoreError } from '../objectstore/types.js';

@@ -80,7 +80,7 @@ function errorText(message: string, fields: Fields | undefined): { volume: strin
 
 /**
  * `log` (and every child of it) recording each error line as an event as well: a lost
- * lease or fencing (store-link's "fenced: …", "lost the lease: …", "lease not renewed
+ * lease or fencing (lease-holder's "fenced: …", "lost the lease: …", "lease not renewed
  * …" lines) as 'fencing', anything else as 'error'.
  */
 export function recordingErrors(log: Logger, events: HostEvents): Logger {

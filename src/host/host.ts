@@ -14,7 +14,8 @@ import { Volume, VolumeError } from '../volume/volume.js';
 import { recordBootInto } from './boot-set.js';
 import { findVolumeDirs, HostInventory, UNPUBLISHED, type HostOptions, type VolumeSettings } from './inventory.js';
 import { HostSchedulers } from './schedulers.js';
-import { StoreLink, type DrainResult } from './store-link.js';
+import { StoreLink } from './store-link.js';
+import type { DrainResult } from './store-state.js';
 export { hostIdentity, type HostOptions, type VolumeSettings, type VolumeSummary } from './inventory.js';
 
 export class Host extends HostInventory {

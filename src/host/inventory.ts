@@ -24,7 +24,8 @@ import { checkpointNameProblem, splitCheckpointExport, volumeNameProblem } from 
 import { indexManifest, manifestBlockMap, MissingError, purgeVolume, readManifest } from '../store/catalog.js';
 import { SyncFailureCounts } from '../volume/stats.js';
 import { Volume, VolumeError, type VolumeContext } from '../volume/volume.js';
-import { LeaseHeldError, StoreLink, type FlushMode, type StoreContext } from './store-link.js';
+import { StoreLink } from './store-link.js';
+import { LeaseHeldError, type FlushMode, type StoreContext } from './store-state.js';
 import { fetchBootSet, type BootSetContext } from './boot-set.js';
 import { HostEvents, recordingErrors } from './events.js';
 
