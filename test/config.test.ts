@@ -48,6 +48,7 @@ function defaultsAt(baseDir: string): Config {
       sealIdleMs: 30000,
       sealDirtyMb: 4096,
       flushMode: 'demand',
+      durableFlushTimeoutMs: 30000,
       dirtyBudgetGb: 5,
       continuousBlockIntervalMs: 5000,
       continuousManifestIntervalMs: 60000,

@@ -25,7 +25,7 @@ import { S3_STANDARD_PRICES, type CostPrices } from '../host/cost.js';
 
 const GIB = 1024 ** 3;
 
-const FLUSH_MODE = z.enum(['demand', 'continuous']);
+const FLUSH_MODE = z.enum(['demand', 'continuous', 'durable']);
 
 const PutExportBody = z.strictObject({
   size_gb: z.number().positive().max(1024 * 1024),
@@ -61,6 +61,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
     lease_generation: v.leaseGeneration, manifest_sequence: v.manifestSequence,
     failed: v.failed !== undefined, failure: v.failed ?? null,
     ...(v.leaseLost === undefined ? {} : { lease_lost: v.leaseLost }),
+    ...(v.durableSequence === undefined ? {} : { durable_sequence: v.durableSequence }),
   };
 }
 

@@ -46,6 +46,7 @@ export interface DurableLogOptions {
   log: Logger;
 }
 
+export const DEFAULT_DURABLE_FLUSH_TIMEOUT_MS = 30_000;
 /** Pending bytes past which a volume's FLUSH drains rather than logs (a log object stays small). */
 const MAX_LOGGED_BYTES_PER_VOLUME = 32 << 20;
 /** Wait after a failed log PUT before the next (the FLUSHes waiting keep their own timeouts). */
@@ -115,12 +116,14 @@ export class DurableLog {
    * `link`'s volume is durable from now on: its changes are tracked and its FLUSHes wait
    * for the store. Changes made before (since its manifest) make its first FLUSH drain.
    */
-  attach(link: DurableLink): void {
+  attach(link: DurableLink, reset = false): void {
     const volume = link.volume;
-    if (this.volumes.get(link.name)?.link === link && volume.changes !== undefined) return;
+    const before = this.volumes.get(link.name);
+    if (!reset && before?.link === link && volume.changes === before.changes) return;
+    if (before !== undefined && before.link !== link) this.fail(before, 'the volume was opened again');
     const tracked: Tracked = {
       link, changes: new ChangedSectors(volume.blockSize), logged: link.manifestSequence,
-      untracked: volume.sequence !== link.manifestSequence, waiters: [], draining: false, loggedBytes: 0,
+      untracked: volume.sequence !== link.manifestSequence, waiters: before?.link === link ? before.waiters : [], draining: false, loggedBytes: 0,
     };
     this.volumes.set(link.name, tracked);
     volume.changes = tracked.changes;
@@ -207,7 +210,8 @@ export class DurableLog {
         }, RETRY_MS);
         return;
       }
-      if (this.again || waiting) this.kick();
+      // FLUSHes that came during this commit; a drain standing in for one kicks when it ends.
+      if (this.again) this.kick();
     });
   }
 

@@ -14,6 +14,7 @@ import { Volume, VolumeError } from '../volume/volume.js';
 import { recordBootInto } from './boot-set.js';
 import { findVolumeDirs, HostInventory, UNPUBLISHED, type HostOptions, type VolumeSettings } from './inventory.js';
 import { HostSchedulers } from './schedulers.js';
+import type { Replayed } from './replay.js';
 import { StoreLink } from './store-link.js';
 import type { DrainResult } from './store-state.js';
 export { hostIdentity, type HostOptions, type VolumeSettings, type VolumeSummary } from './inventory.js';
@@ -24,7 +25,7 @@ export class Host extends HostInventory {
 
   private constructor(options: HostOptions, log: Logger) {
     super(options, log);
-    this.schedulers = new HostSchedulers(options, this.log, this.volumes, this.links, this.cache);
+    this.schedulers = new HostSchedulers(options, this.log, this.volumes, this.links, this.cache, (name) => this.durableLog.loggedBytes(name));
   }
 
   /** Open the cache and recover every volume found under the cache dir. */
@@ -49,8 +50,10 @@ export class Host extends HostInventory {
           continue;
         }
         const volume = Volume.load(dir, host.ctx);
-        host.links.set(volume.name, StoreLink.load(volume, host.storeCtx, host.defaults));
+        const link = StoreLink.load(volume, host.storeCtx, host.defaults);
+        host.links.set(volume.name, link);
         host.volumes.set(volume.name, volume);
+        host.trackFlushMode(link);
         log.info('recovered volume', {
           volume: volume.name, size: volume.size, chunks: volume.mappedChunks, dirty_bytes: volume.dirtyBytes,
           sequence: volume.sequence, ms: (performance.now() - t0).toFixed(1),
@@ -75,10 +78,16 @@ export class Host extends HostInventory {
     return this.events.track('drain', name, drained, (r) => `drained at sequence ${r.sequence}: ${r.packs_uploaded} packs, ${r.bytes_uploaded} bytes uploaded`);
   }
 
-  promote(name: string): Promise<{ generation: number; sequence: number }> {
+  promote(name: string): Promise<{ generation: number; sequence: number; replayed?: Replayed }> {
     this.checkOpen();
     const link = this.linkOf(name);
-    return this.events.track('promotion', name, this.needingStore(`volume ${name}: promotion failed`, () => link.promote()), (r) => `promoted: this host writes it, generation ${r.generation}`);
+    const promoted = this.needingStore(`volume ${name}: promotion failed`, async () => {
+      const result = await link.promote();
+      this.trackFlushMode(link, true);
+      return result;
+    });
+    return this.events.track('promotion', name, promoted, (r) =>
+      `promoted: this host writes it, generation ${r.generation}` + (r.replayed === undefined ? '' : `; replayed ${r.replayed.records} log records up to sequence ${r.replayed.sequence}`));
   }
 
   release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
@@ -182,6 +191,7 @@ export class Host extends HostInventory {
     const link = this.linkOf(name);
     Object.assign(link.state, settings);
     link.save();
+    this.trackFlushMode(link);
     this.log.info('volume settings changed', { volume: name, flush_mode: link.state.flushMode, dirty_budget_bytes: link.state.dirtyBudgetBytes });
   }
 
@@ -207,6 +217,7 @@ export class Host extends HostInventory {
     if (this.closed) return;
     this.closed = true;
     this.schedulers.stop();
+    this.durableLog.close();
     await Promise.allSettled([...this.links.values()].map((link) => link.serial(async () => undefined)));
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });

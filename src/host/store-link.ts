@@ -24,6 +24,7 @@ import { injected } from '../faults/injected.js';
 import { crashPoint } from '../faults/crash-points.js';
 import { captureManifest, type CapturedManifest, type ManifestBase } from './capture.js';
 import { LeaseHolder } from './lease-holder.js';
+import { replayLog, type Replayed } from './replay.js';
 import { FencedError, loadStoreState, saveStoreState, type DrainResult, type FlushMode, type StoreContext, type StoreState } from './store-state.js';
 import { UploadsSet } from './uploads-set.js';
 
@@ -144,6 +145,7 @@ export class StoreLink {
       this.lastDrain = { at: this.lastManifestAt, sequence: captured.sequence };
       captured.stored();
       this.save();
+      this.ctx.onManifest?.(this.name, captured.sequence);
       const ms = performance.now() - captured.started;
       this.ctx.log.info('drained volume', {
         volume: this.name, sequence: captured.sequence, chunks: bodyCounts(captured.raw).chunks, changes: captured.changes, incremental: captured.incremental, packs: captured.uploaded.packs,
@@ -434,7 +436,7 @@ export class StoreLink {
    * stay connected. `fresh`: the volume was just made here (a fork) and most likely has
    * no lease in the store yet.
    */
-  promote(fresh = false): Promise<{ generation: number; sequence: number }> {
+  promote(fresh = false): Promise<{ generation: number; sequence: number; replayed?: Replayed }> {
     return this.serial(async () => {
       if (!this.state.readOnly && this.state.generation > 0) {
         // Held here by this host's own reckoning (a restart keeps it): another host may have
@@ -455,18 +457,47 @@ export class StoreLink {
       // up its generation, so only the latest manifest is loaded; the rewrite (a PUT, and
       // counting every pack of the volume in this host's refcounts) stays out of the pause.
       const { first, released } = await this.lease.acquire(fresh);
+      let replayed: Replayed | undefined;
       if (released) {
         const latest = await this.loadLatest();
         this.state.manifestEtag = latest?.current.etag;
         this.state.manifestSequence = latest?.manifest.meta.sequence ?? -1;
-      } else if (!first) await this.refence();
+      } else if (!first) {
+        replayed = await this.replay();
+        if (replayed === undefined) await this.refence();
+      }
       this.state.readOnly = false;
       this.state.lostLease = undefined;
       this.lease.applyReadOnly();
       this.save();
-      this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence });
-      return { generation: this.state.generation, sequence: this.volume.sequence };
+      this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence, replayed_records: replayed?.records });
+      return { generation: this.state.generation, sequence: this.volume.sequence, ...(replayed === undefined ? {} : { replayed }) };
     });
+  }
+
+  /**
+   * A durable holder that did not release the volume may have logged writes after its last
+   * manifest (host/replay.ts): apply them, then write a manifest of the result under this
+   * host's generation, conditional on the one loaded, before the volume takes a write (the
+   * previous holder is fenced by it as by refence). Undefined when there was nothing to replay.
+   */
+  private async replay(): Promise<Replayed | undefined> {
+    const latest = await this.loadLatest();
+    if (latest === undefined) return undefined;
+    this.state.manifestEtag = latest.current.etag;
+    this.state.manifestSequence = latest.manifest.meta.sequence;
+    this.volume.readOnly = false;
+    let replayed: Replayed | undefined;
+    try {
+      replayed = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta);
+      if (replayed === undefined) return undefined;
+      this.state.readOnly = false;
+      await this.drainNow();
+    } finally {
+      this.lease.applyReadOnly();
+    }
+    this.ctx.log.info('replayed the durable log of the previous holder', { volume: this.name, records: replayed.records, objects: replayed.objects, sequence: replayed.sequence });
+    return replayed;
   }
 
   /**
@@ -533,5 +564,23 @@ export class StoreLink {
   /** Whether the lease is held here (the volume may write). */
   get holdsLease(): boolean {
     return this.state.generation > 0;
+  }
+
+  /** Lease generation held here (0: none). */
+  get generation(): number {
+    return this.state.generation;
+  }
+
+  /** Sequence of the volume's last manifest this host wrote or loaded (-1: none). */
+  get manifestSequence(): number {
+    return this.state.manifestSequence;
+  }
+
+  /**
+   * Whether this host may put the volume's log records now: it holds the lease, by its own
+   * reckoning its deadline has not passed, and no release runs (as for background uploads).
+   */
+  mayLog(): boolean {
+    return !this.state.readOnly && !this.lease.releasing && this.state.generation > 0 && this.lease.leftMs() > 0;
   }
 }
