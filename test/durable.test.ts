@@ -229,6 +229,8 @@ test('a hung store: a durable FLUSH fails with EIO after durable_flush_timeout_m
         await assert.rejects(ca.flush(), (err: unknown) => err instanceof NbdCommandError && err.code === 'EIO', 'a FLUSH succeeded while the store hung');
         assert.ok(Date.now() - started < 10_000, 'the FLUSH was not bounded by durable_flush_timeout_ms');
         assert.ok((await ca.read(MiB, during.length)).equals(during), 'an acknowledged write is not readable while the store hangs');
+        // Past request_deadline_s: the log PUT in flight fails, and its sectors wait for the next one.
+        await sleep(4_000);
       } finally {
         minio!.resume();
       }
