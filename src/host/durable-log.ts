@@ -218,16 +218,16 @@ export class DurableLog {
   /** One group commit: a log object with every waiting volume's changes. False when its PUT failed. */
   private async commit(): Promise<boolean> {
     const carried: Array<{ tracked: Tracked; taken: ChangedSectors; entry: LogEntry }> = [];
+    let waitingForLease = false;
     for (const tracked of this.volumes.values()) {
       if (tracked.waiters.length === 0 || tracked.draining) continue;
       const { link } = tracked;
       if (!link.mayLog()) {
         // Never leased here yet: the drain takes the lease and writes the first manifest.
-        if (link.generation === 0 && !link.volume.readOnly) {
-          this.drainFor(tracked);
-          continue;
-        }
-        this.fail(tracked, 'this host does not hold the lease (or its lease ran out); the writes stay on this host');
+        if (link.generation === 0 && !link.volume.readOnly) this.drainFor(tracked);
+        // Held, but past this host's own deadline (a restart, a renewal late): wait for the renewal, within the FLUSH's timeout.
+        else if (link.generation > 0) waitingForLease = true;
+        else this.fail(tracked, 'this host does not hold the lease; the writes stay on this host');
         continue;
       }
       if (tracked.untracked || tracked.changes.bytes > MAX_LOGGED_BYTES_PER_VOLUME) {
@@ -250,7 +250,7 @@ export class DurableLog {
         this.fail(tracked, `reading the changed sectors failed: ${errorMessage(err)}`);
       }
     }
-    if (carried.length === 0) return true;
+    if (carried.length === 0) return !waitingForLease;
     const key = logKey(this.options.hostId, Date.now(), this.counter++);
     let body: Buffer;
     try {
@@ -277,7 +277,7 @@ export class DurableLog {
       tracked.loggedBytes += entry.extents.reduce((n, x) => n + (x.zero ? 0 : x.length), 0);
       this.settle(tracked, entry.sequence);
     }
-    return true;
+    return !waitingForLease;
   }
 
   /** The log entry of `link`'s volume at `sequence`: the data of the `taken` sectors, read now. */

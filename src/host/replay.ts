@@ -25,9 +25,10 @@ export interface Replayed {
 /**
  * Apply onto `volume` (holding the content of the manifest `meta`) the log entries its
  * writer put after it; undefined when there are none. The volume must be writable while
- * this runs; its sequence ends at the last entry's, and its local state is flushed.
+ * this runs; its sequence ends at the last entry's, and its local state is flushed. `keys`:
+ * the log objects read (once a manifest covers them, sweepLogObjects deletes them).
  */
-export async function replayLog(store: ObjectStore, cipher: StoreCipher, volume: Volume, meta: ManifestMeta): Promise<Replayed | undefined> {
+export async function replayLog(store: ObjectStore, cipher: StoreCipher, volume: Volume, meta: ManifestMeta): Promise<{ replayed: Replayed; keys: string[] } | undefined> {
   const { entries, keys } = await readVolumeLog(store, cipher, meta.host, volume.name, meta.generation, meta.sequence);
   if (entries.length === 0) return undefined;
   for (const entry of entries) {
@@ -41,5 +42,5 @@ export async function replayLog(store: ObjectStore, cipher: StoreCipher, volume:
   // The writer's numbering: a sequence the store has seen is not reused for other content.
   if (last > volume.sequence) volume.sequence = last;
   await volume.flush();
-  return { records: entries.length, objects: keys.length, sequence: volume.sequence };
+  return { replayed: { records: entries.length, objects: keys.length, sequence: volume.sequence }, keys };
 }

@@ -25,6 +25,8 @@ import { crashPoint } from '../faults/crash-points.js';
 import { captureManifest, type CapturedManifest, type ManifestBase } from './capture.js';
 import { LeaseHolder } from './lease-holder.js';
 import { replayLog, type Replayed } from './replay.js';
+import { storedManifestMeta, sweepLogObjects } from '../store/log.js';
+import { errorMessage } from '../log.js';
 import { FencedError, loadStoreState, saveStoreState, type DrainResult, type FlushMode, type StoreContext, type StoreState } from './store-state.js';
 import { UploadsSet } from './uploads-set.js';
 
@@ -487,16 +489,26 @@ export class StoreLink {
     this.state.manifestEtag = latest.current.etag;
     this.state.manifestSequence = latest.manifest.meta.sequence;
     this.volume.readOnly = false;
-    let replayed: Replayed | undefined;
+    let found: Awaited<ReturnType<typeof replayLog>>;
     try {
-      replayed = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta);
-      if (replayed === undefined) return undefined;
+      found = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta);
+      if (found === undefined) return undefined;
       this.state.readOnly = false;
       await this.drainNow();
+    } catch (err) {
+      // No write before the manifest of the replay is in the store: a promotion tried again replays again.
+      this.state.readOnly = true;
+      throw err;
     } finally {
       this.lease.applyReadOnly();
     }
+    const { replayed, keys } = found;
     this.ctx.log.info('replayed the durable log of the previous holder', { volume: this.name, records: replayed.records, objects: replayed.objects, sequence: replayed.sequence });
+    // The manifest covers them now: those of the previous holder's objects with nothing else to replay go.
+    sweepLogObjects(this.ctx.store, this.ctx.cipher, storedManifestMeta(this.ctx.store, this.ctx.cipher), keys).then(
+      (swept) => this.ctx.log.info('deleted the replayed log objects a manifest covers', { volume: this.name, deleted: swept.deleted.length, of: keys.length }),
+      (err: unknown) => this.ctx.log.warn('cannot delete replayed log objects; reconciliation will', { volume: this.name, error: errorMessage(err) }),
+    );
     return replayed;
   }
 

@@ -28,6 +28,7 @@ import { compressBlock, decompressBlock, type CodecId, type Compression } from '
 import { errorMessage } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { FormatError } from './errors.js';
+import { decodeManifest, manifestKey } from './manifest.js';
 import { cipherMismatch } from './pack.js';
 
 export const LOG_MAGIC = Buffer.from('UPDLOGR1');
@@ -275,4 +276,57 @@ export async function readVolumeLog(
 export function logEntryObsolete(entry: LogEntry, manifest: { generation: number; sequence: number } | undefined): boolean {
   if (manifest === undefined) return true;
   return manifest.generation > entry.generation || manifest.sequence >= entry.sequence;
+}
+
+/**
+ * Delete the log objects (all under `log/`, or `keys`) that can never be replayed again:
+ * every entry is obsolete (logEntryObsolete) by the volume's manifest in the store now.
+ * Obsolete stays obsolete (a manifest only moves on), so no age is needed. An object that
+ * does not decode is kept and counted: it is a replay's error to report, not to hide.
+ */
+export async function sweepLogObjects(
+  store: ObjectStore,
+  cipher: StoreCipher,
+  readManifestMeta: (volume: string) => Promise<{ generation: number; sequence: number } | undefined>,
+  keys?: readonly string[],
+): Promise<{ examined: number; deleted: string[]; unreadable: string[] }> {
+  const listed = keys ?? (await store.list(LOG_PREFIX)).map((o) => o.key);
+  const manifests = new Map<string, { generation: number; sequence: number } | undefined>();
+  const deleted: string[] = [];
+  const unreadable: string[] = [];
+  for (const key of listed) {
+    const object = await store.get(key);
+    if (object === undefined) continue;
+    let record: LogRecord;
+    try {
+      record = decodeLog(key, object.body, cipher);
+    } catch (err) {
+      if (!(err instanceof FormatError)) throw err;
+      unreadable.push(key);
+      continue;
+    }
+    let obsolete = true;
+    for (const entry of record.entries) {
+      if (!manifests.has(entry.volume)) manifests.set(entry.volume, await readManifestMeta(entry.volume));
+      if (!logEntryObsolete(entry, manifests.get(entry.volume))) {
+        obsolete = false;
+        break;
+      }
+    }
+    if (!obsolete) continue;
+    await store.delete(key);
+    deleted.push(key);
+  }
+  return { examined: listed.length, deleted, unreadable };
+}
+
+/** The generation and sequence of `volume`'s manifest in the store (undefined: none), for sweepLogObjects. */
+export function storedManifestMeta(store: ObjectStore, cipher: StoreCipher): (volume: string) => Promise<{ generation: number; sequence: number } | undefined> {
+  return async (volume) => {
+    const key = manifestKey(volume);
+    const object = await store.get(key);
+    if (object === undefined) return undefined;
+    const { meta } = decodeManifest(key, object.body, cipher);
+    return { generation: meta.generation, sequence: meta.sequence };
+  };
 }
