@@ -120,6 +120,7 @@ describe('template', () => {
           'seal_idle_ms',
           'seal_dirty_mb',
           'flush_mode',
+          'durable_flush_timeout_ms',
           'dirty_budget_gb',
           'continuous_block_interval_ms',
           'continuous_manifest_interval_ms',
