@@ -32,6 +32,12 @@ export interface DurableLink {
   readonly manifestSequence: number;
   /** Whether this host may write the volume's objects now: the lease is held, not past its deadline, no release under way. */
   mayLog(): boolean;
+  /** Whether the manifest in the store is this host's own under the lease it holds (records go only on top of it). */
+  readonly ownsManifest: boolean;
+  /** Sequences up to this may be in records this host put (0: none). */
+  readonly reservedSequence: number;
+  /** Reserve sequences up to `sequence` before a record carries it (durable on return). */
+  reserveSequence(sequence: number): void;
   /** Snapshot, upload, write the manifest (see StoreLink.drain). */
   drain(): Promise<{ sequence: number }>;
 }
@@ -120,6 +126,9 @@ export class DurableLog {
     const volume = link.volume;
     const before = this.volumes.get(link.name);
     if (!reset && before?.link === link && volume.changes === before.changes) return;
+    // Records of sequences past the local state may be in the store (local writes lost in a
+    // crash after they were logged): continue above them, so none is taken for a new write.
+    if (link.generation > 0 && link.reservedSequence > volume.sequence) volume.sequence = link.reservedSequence;
     if (before !== undefined && before.link !== link) this.fail(before, 'the volume was opened again');
     const tracked: Tracked = {
       link, changes: new ChangedSectors(volume.blockSize), logged: link.manifestSequence,
@@ -230,13 +239,14 @@ export class DurableLog {
         else this.fail(tracked, 'this host does not hold the lease; the writes stay on this host');
         continue;
       }
-      if (tracked.untracked || tracked.changes.bytes > MAX_LOGGED_BYTES_PER_VOLUME) {
+      if (tracked.untracked || !link.ownsManifest || tracked.changes.bytes > MAX_LOGGED_BYTES_PER_VOLUME) {
         this.drainFor(tracked);
         continue;
       }
       try {
         // The sequence first, then the data: the record holds every write up to it.
         const sequence = link.volume.sequence;
+        link.reserveSequence(sequence);
         const taken = tracked.changes.take();
         let entry: LogEntry;
         try {

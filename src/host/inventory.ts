@@ -519,6 +519,8 @@ export abstract class HostInventory {
     if (!volume) throw new VolumeError('EINVAL', `no volume ${name}`);
     checkSize(size);
     await volume.resize(size);
+    // A durable volume's new size is in the store before the answer, as a FLUSH's writes are.
+    await volume.durableFlush?.(volume.sequence);
     this.log.info('resized volume', { volume: name, size });
     return volume;
   }

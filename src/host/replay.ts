@@ -12,6 +12,7 @@ import type { ObjectStore } from '../objectstore/types.js';
 import { readVolumeLog } from '../store/log.js';
 import type { ManifestMeta } from '../store/manifest.js';
 import type { Volume } from '../volume/volume.js';
+import { injected } from '../faults/injected.js';
 
 export interface Replayed {
   /** Log entries applied. */
@@ -30,7 +31,7 @@ export interface Replayed {
  */
 export async function replayLog(store: ObjectStore, cipher: StoreCipher, volume: Volume, meta: ManifestMeta): Promise<{ replayed: Replayed; keys: string[] } | undefined> {
   const { entries, keys } = await readVolumeLog(store, cipher, meta.host, volume.name, meta.generation, meta.sequence);
-  if (entries.length === 0) return undefined;
+  if (entries.length === 0 || injected.has('durable-skip-replay')) return undefined;
   for (const entry of entries) {
     if (entry.size > volume.size) await volume.resize(entry.size);
     for (const extent of entry.extents) {

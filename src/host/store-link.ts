@@ -34,6 +34,9 @@ import { UploadsSet } from './uploads-set.js';
  * The manifest a conditional PUT lost to is this host's own earlier write (its etag was
  * not recorded): write again, conditional on it. Nothing of the lost PUT landed.
  */
+/** Sequences reserved for durable log records at a time (one store.json write per this many writes). */
+const RESERVE_STEP = 2 ** 20;
+
 class OwnWriteFoundError extends ObjectStoreError {
   constructor(volume: string, key: string) {
     super('PreconditionFailed', `volume ${volume}: put ${key}: the manifest there is this host's own unrecorded write; writing again over it`);
@@ -57,6 +60,12 @@ export class StoreLink {
   lastDrain: { at: number; sequence: number } | undefined;
   /** The base of incremental manifests (see setBase); none after a restart until the first full one. */
   base: ManifestBase | undefined;
+  /**
+   * The lease generation under which this host wrote the volume's manifest in the store
+   * (drain, refence); undefined after a restart, or when the manifest was loaded (a
+   * released lease taken): a durable log record is only written on top of one's own.
+   */
+  private manifestGeneration: number | undefined;
   /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
   private counted: CountedManifest | undefined;
 
@@ -143,6 +152,7 @@ export class StoreLink {
       await this.uploadsSet.settle();
       this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
+      this.manifestGeneration = this.state.generation;
       this.lastManifestAt = Date.now();
       this.lastDrain = { at: this.lastManifestAt, sequence: captured.sequence };
       captured.stored();
@@ -555,6 +565,7 @@ export class StoreLink {
         // The same tables under the new generation: the base (if it was this manifest's) follows.
         if (base !== undefined && (base.etag === undefined || base.etag === current.etag)) base.etag = written.etag;
         this.state.manifestSequence = manifest.meta.sequence;
+        this.manifestGeneration = this.state.generation;
         this.save();
         return;
       } catch (err) {
@@ -594,5 +605,30 @@ export class StoreLink {
    */
   mayLog(): boolean {
     return !this.state.readOnly && !this.lease.releasing && this.state.generation > 0 && this.lease.leftMs() > 0;
+  }
+
+  /**
+   * Whether the volume's manifest in the store is one this host wrote under the lease it
+   * holds: replay reads the log of the manifest's writer and generation, so records go on
+   * top of no other manifest (a first FLUSH otherwise drains).
+   */
+  get ownsManifest(): boolean {
+    return this.state.generation > 0 && this.manifestGeneration === this.state.generation;
+  }
+
+  /**
+   * Sequences up to this may be in log records this host put: after a restart the volume
+   * continues above it, so that a sequence a lost local write had is never reused by
+   * another write (replay would take the old record for the new history). 0: none.
+   */
+  get reservedSequence(): number {
+    return this.state.durableReserved ?? 0;
+  }
+
+  /** Make sequences up to `sequence` reserved (durable on return), in steps of RESERVE_STEP. */
+  reserveSequence(sequence: number): void {
+    if (sequence <= this.reservedSequence) return;
+    this.state.durableReserved = sequence + RESERVE_STEP;
+    this.save();
   }
 }

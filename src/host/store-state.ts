@@ -35,6 +35,8 @@ export interface StoreState {
   lostLease?: string;
   /** Sequence of that manifest; -1 before the first. */
   manifestSequence: number;
+  /** Durable mode: sequences up to this may be in log records this host put (see StoreLink.reserveSequence). */
+  durableReserved?: number;
 }
 
 /** What the host shares with every link. */
