@@ -284,7 +284,9 @@ test('boot hot set: the chunks read after attach are recorded; a fork woken on a
  * is not in the store, but hold no block: nothing below reads them.
  */
 async function writeSyntheticVolume(storeDir: string, name: string, chunks: number): Promise<void> {
-  const { ManifestBuilder, encodeManifest, manifestKey } = await import('../src/store/manifest.js');
+  const { manifestKey } = await import('../src/store/manifest.js');
+  const { ManifestBuilder } = await import('../src/store/manifest-builder.js');
+  const { encodeManifest } = await import('../src/store/manifest-seal.js');
   const { parseCompression } = await import('../src/crypto/compress.js');
   const { openObjectStore } = await import('../src/objectstore/index.js');
   const { PLAINTEXT } = await import('../src/crypto/cipher.js');

@@ -38,7 +38,7 @@ test('updraft scrub finds a corrupted and a missing pack and names the volumes a
       const packFile = (id: string) => path.join(d.dir, 'store', 'packs', id.slice(0, 2), id);
       const store = path.join(d.dir, 'store');
       const manifests = ['alpha/manifest', 'beta/manifest', 'alpha/checkpoints/gold'];
-      const { decodeManifest } = await import('../src/store/manifest.js');
+      const { decodeManifest } = await import('../src/store/manifest-decode.js');
       const { PLAINTEXT } = await import('../src/crypto/cipher.js');
       const packsOf = (key: string) => new Set(decodeManifest(key, fs.readFileSync(path.join(store, 'volumes', key)), PLAINTEXT).blocks.map((b) => b.pack));
       const sets = manifests.map(packsOf);

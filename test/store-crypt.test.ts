@@ -17,7 +17,9 @@ import { FileObjectStore, openObjectStore, type ObjectStore } from '../src/objec
 import { decodeBootSet, encodeBootSet } from '../src/store/boot-set.js';
 import { FormatError } from '../src/store/errors.js';
 import { changePassword, openStoreIdentity, readIdentity, StoreKeyError } from '../src/store/identity.js';
-import { decodeManifest, encodeManifest, ManifestBuilder } from '../src/store/manifest.js';
+import { ManifestBuilder } from '../src/store/manifest-builder.js';
+import { decodeManifest } from '../src/store/manifest-decode.js';
+import { encodeManifest } from '../src/store/manifest-seal.js';
 import { PackThreads } from '../src/store/pack-threads.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
 import { connect, createVolume, drain, metric, MiB, CHUNK, readAll, startCluster, waitFor, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';

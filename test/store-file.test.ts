@@ -14,7 +14,7 @@ import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 import { definePortabilityTests } from './harness/portability.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
-import { decodeManifest } from '../src/store/manifest.js';
+import { decodeManifest } from '../src/store/manifest-decode.js';
 import { decodePackIndex, packKey, verifyPackId } from '../src/store/pack.js';
 import { blockHash } from '../src/crypto/hash.js';
 

@@ -16,25 +16,12 @@ import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { blockKey } from '../src/blocks/cache.js';
 import { FormatError } from '../src/store/errors.js';
 import { decodeLease, encodeLease, leaseIsLiveAt, type Lease } from '../src/store/lease.js';
-import {
-  ManifestBuilder,
-  ZERO_ALLOCATED_BLOCK,
-  checkpointKey,
-  bodyPacks,
-  decodeManifest,
-  decodeManifestBody,
-  encodeManifest,
-  leaseKey,
-  manifestBody,
-  manifestKey,
-  patchManifestBody,
-  relabelManifest,
-  sealManifest,
-  storedTables,
-  type StoredTables,
-  type Manifest,
-  type ManifestMeta,
-} from '../src/store/manifest.js';
+import { ZERO_ALLOCATED_BLOCK, checkpointKey, leaseKey, manifestKey, type Manifest, type ManifestMeta } from '../src/store/manifest.js';
+import { bodyPacks, manifestBody, relabelManifest } from '../src/store/manifest-body.js';
+import { ManifestBuilder } from '../src/store/manifest-builder.js';
+import { decodeManifest, decodeManifestBody } from '../src/store/manifest-decode.js';
+import { patchManifestBody } from '../src/store/manifest-patch.js';
+import { encodeManifest, sealManifest, storedTables, type StoredTables } from '../src/store/manifest-seal.js';
 import { PackIndex, type PackLocation } from '../src/store/pack-index.js';
 import { decodePackIndex, encodePack, packIdFromKey, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
 

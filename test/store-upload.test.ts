@@ -15,7 +15,7 @@ import { FileObjectStore, withMetering } from '../src/objectstore/index.js';
 import { decodePackIndex, packIdFromKey } from '../src/store/pack.js';
 import { PackIndex } from '../src/store/pack-index.js';
 import { PackUploader } from '../src/store/upload.js';
-import { uploadsKey } from '../src/gc/refcounts.js';
+import { uploadsKey } from '../src/gc/uploads.js';
 
 const BLOCK = 4096;
 /** The uploads key the packs are uploaded for (it holds them only with GC on, which these tests run without). */

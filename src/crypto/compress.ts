@@ -120,7 +120,7 @@ export function compressBlock(c: Compression, raw: Buffer): { codec: CodecId; da
 
 /**
  * One zstd frame of `raw` at `level`, even where it does not shrink the bytes: a manifest
- * body is stored as two frames (store/manifest.ts), which decompression reads as one.
+ * body is stored as two frames (store/manifest-seal.ts), which decompression reads as one.
  */
 export function zstdFrame(raw: Buffer, level: number): Buffer {
   const out = Buffer.allocUnsafe(zstd.compressBound(raw.length));

@@ -22,13 +22,14 @@
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
-import { decodeManifest } from '../store/manifest.js';
+import { decodeManifest } from '../store/manifest-decode.js';
 import { storedManifestMeta, sweepLogObjects } from '../store/log.js';
 import { packIdFromKey, packKey } from '../store/pack.js';
 import type { PackIndex } from '../store/pack-index.js';
 import { crashPoint } from '../faults/crash-points.js';
 import { packsOf, WritePendingError } from '../store/counted.js';
-import { eachLimit, type PackRefcounts } from './refcounts.js';
+import { eachLimit } from './each-limit.js';
+import type { PackRefcounts } from './refcounts.js';
 
 /** The store object naming the refcount database that may delete packs from it. */
 export const CLAIM_KEY = 'gc.json';

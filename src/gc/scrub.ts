@@ -4,9 +4,10 @@
 import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
-import { decodeManifest } from '../store/manifest.js';
+import { decodeManifest } from '../store/manifest-decode.js';
 import { decodePackIndex, packKey, unpackBlock, verifyPackId } from '../store/pack.js';
 import { isManifestKey } from './collector.js';
+import { eachLimit } from './each-limit.js';
 
 export interface PackProblem {
   pack: string;
@@ -60,37 +61,33 @@ export async function scrubStore(store: ObjectStore, cipher: StoreCipher, progre
   }
   const packs = [...needed.keys()].sort();
   report.packs = packs.length;
-  let next = 0;
   let done = 0;
-  await Promise.all(Array.from({ length: Math.min(CONCURRENCY, packs.length) }, async () => {
-    while (next < packs.length) {
-      const pack = packs[next++];
-      const { hashes, users } = needed.get(pack)!;
-      const needed_by = [...users].sort();
-      const key = packKey(pack);
-      const object = await store.get(key);
-      if (object === undefined) {
-        report.missing.push({ pack: key, problem: 'missing from the store', needed_by });
-      } else {
-        report.bytes += object.body.length;
-        try {
-          verifyPackId(key, object.body);
-          const entries = decodePackIndex(key, object.body, cipher);
-          const held = new Set<string>();
-          for (const entry of entries) {
-            unpackBlock(key, object.body, entry, cipher);
-            held.add(entry.hash.toString('hex'));
-            report.blocks++;
-          }
-          const absent = [...hashes].filter((h) => !held.has(h));
-          if (absent.length > 0) throw new Error(`pack ${key} does not hold block ${absent[0]}${absent.length > 1 ? ` (and ${absent.length - 1} more)` : ''} that manifests name in it`);
-        } catch (err) {
-          report.corrupt.push({ pack: key, problem: errorMessage(err), needed_by });
+  await eachLimit(packs, CONCURRENCY, async (pack) => {
+    const { hashes, users } = needed.get(pack)!;
+    const needed_by = [...users].sort();
+    const key = packKey(pack);
+    const object = await store.get(key);
+    if (object === undefined) {
+      report.missing.push({ pack: key, problem: 'missing from the store', needed_by });
+    } else {
+      report.bytes += object.body.length;
+      try {
+        verifyPackId(key, object.body);
+        const entries = decodePackIndex(key, object.body, cipher);
+        const held = new Set<string>();
+        for (const entry of entries) {
+          unpackBlock(key, object.body, entry, cipher);
+          held.add(entry.hash.toString('hex'));
+          report.blocks++;
         }
+        const absent = [...hashes].filter((h) => !held.has(h));
+        if (absent.length > 0) throw new Error(`pack ${key} does not hold block ${absent[0]}${absent.length > 1 ? ` (and ${absent.length - 1} more)` : ''} that manifests name in it`);
+      } catch (err) {
+        report.corrupt.push({ pack: key, problem: errorMessage(err), needed_by });
       }
-      progress?.(++done, packs.length);
     }
-  }));
+    progress?.(++done, packs.length);
+  });
   report.missing.sort((a, b) => a.pack.localeCompare(b.pack));
   report.corrupt.sort((a, b) => a.pack.localeCompare(b.pack));
   report.ok = report.missing.length === 0 && report.corrupt.length === 0 && report.unreadable_manifests.length === 0;

@@ -3,7 +3,10 @@
 // chunks patched in when few enough changed, or a full layout.
 import { keyHex, type BlockKey } from '../blocks/cache.js';
 import { manifestOfChunks } from '../store/catalog.js';
-import { bodyCounts, manifestBody, patchManifestBody, type ManifestMeta, type StoredTables } from '../store/manifest.js';
+import type { ManifestMeta } from '../store/manifest.js';
+import { bodyCounts, manifestBody } from '../store/manifest-body.js';
+import { patchManifestBody } from '../store/manifest-patch.js';
+import type { StoredTables } from '../store/manifest-seal.js';
 import type { UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import type { Volume, VolumeSnapshot } from '../volume/volume.js';

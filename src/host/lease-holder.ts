@@ -201,6 +201,7 @@ export class LeaseHolder {
     throw new Error(`volume ${this.name}: the lease keeps changing under this host; try again`);
   }
 
+  /** Hold the lease of `generation` just put (sent at `sent`); whether the generation changed. */
   private adopt(generation: number, etag: string, now: number, sent: number): boolean {
     const bumped = generation !== this.state.generation;
     this.state.generation = generation;
@@ -253,12 +254,7 @@ export class LeaseHolder {
       }
       // Fenced or released meanwhile: that stands.
       if (this.state.generation !== generation) return false;
-      this.state.leaseEtag = etag;
-      this.state.leaseExpires = now + this.ctx.leaseTtlMs;
-      this.leaseSentAt = sent;
-      this.expired = false;
-      this.applyReadOnly();
-      this.owner.save();
+      this.adopt(generation, etag, now, sent);
       return true;
     }
   }

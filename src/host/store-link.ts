@@ -12,12 +12,13 @@
 import { onBehalfOf } from '../objectstore/metered.js';
 import { isPreconditionFailed, ObjectStoreError } from '../objectstore/types.js';
 import { encodeLease, leaseBody } from '../store/lease.js';
-import { sameSet } from '../gc/refcounts.js';
+import { sameSet } from '../gc/pack-sets.js';
 import { IF_NONE_MATCH, packsOf, PacksGoneError, putCounted, putCountedThen, putOptionsOf, type CountedManifest, type PutCondition } from '../store/counted.js';
 import { createObject, indexManifest, manifestChunks } from '../store/catalog.js';
-import {
-  bodyCounts, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, encodeManifest, leaseKey, manifestKey, sealManifest, type ManifestMeta, type StoredTables,
-} from '../store/manifest.js';
+import { checkpointKey, leaseKey, manifestKey, type ManifestMeta } from '../store/manifest.js';
+import { bodyCounts, bodyPacks } from '../store/manifest-body.js';
+import { decodeManifest, decodeManifestBody } from '../store/manifest-decode.js';
+import { encodeManifest, sealManifest, type StoredTables } from '../store/manifest-seal.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import { Volume, VolumeError } from '../volume/volume.js';
 import { injected } from '../faults/injected.js';

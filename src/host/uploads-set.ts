@@ -3,7 +3,8 @@
 // the volume names them.
 import { type BlockCache, type BlockKey, type BlockSealer } from '../blocks/cache.js';
 import { errorMessage, type Logger } from '../log.js';
-import { uploadsKey, type PackRefcounts } from '../gc/refcounts.js';
+import type { PackRefcounts } from '../gc/refcounts.js';
+import { uploadsKey } from '../gc/uploads.js';
 import type { PackIndex } from '../store/pack-index.js';
 
 /** A hold of a pack a block sealed by this volume is in (see UploadsSet.holdSealed). */

@@ -9,7 +9,10 @@ import { IF_NONE_MATCH, putCountedThen, WritePendingError, type PackRefcounts } 
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from '../volume/blockmap.js';
 import { decodeBootSet, encodeBootSet } from './boot-set.js';
-import { bodyMeta, bodyPacks, checkpointKey, decodeManifest, decodeManifestBody, leaseKey, manifestKey, relabelManifest, sealManifest, storedTables, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta, type StoredTables } from './manifest.js';
+import { checkpointKey, leaseKey, manifestKey, ZERO_ALLOCATED_BLOCK, type Manifest, type ManifestBlock, type ManifestMeta } from './manifest.js';
+import { bodyMeta, bodyPacks, relabelManifest } from './manifest-body.js';
+import { decodeManifest, decodeManifestBody } from './manifest-decode.js';
+import { sealManifest, storedTables, type StoredTables } from './manifest-seal.js';
 import type { EncodedPack } from './pack.js';
 import type { PackIndex, PackLocation } from './pack-index.js';
 

@@ -1,7 +1,8 @@
 // A manifest write under pack refcounts (invariant 6), as store/ performs it: begin
 // (count the packs it adds, record an intent), the conditional PUT, then commit, or abort
-// when the PUT certainly failed. The protocol, its tables and its crash points are
-// described at the top of gc/refcounts.ts, which implements PackRefcounts over SQL.
+// when the PUT certainly failed. The protocol and its crash points are described at the
+// top of gc/manifest-writes.ts (its tables in gc/schema.ts); gc/refcounts.ts implements
+// PackRefcounts over SQL.
 import { blake3 } from '@napi-rs/blake-hash';
 import { crashPoint } from '../faults/crash-points.js';
 import { errorMessage, type Logger } from '../log.js';

@@ -90,15 +90,21 @@ export class PackFetcher implements BlockFetcher {
       if (wanted === undefined) this.wanted.set(pack, new Set([key]));
       else wanted.add(key);
     }
-    await Promise.all(
-      [...packs].map((id) => {
-        if (!this.inflight.has(id)) {
-          if (reason === 'demand') this.counters.demandPacks++;
-          else this.counters.hotsetPacks++;
-        }
-        return this.fetchPack(id);
-      }),
-    );
+    // A read's blocks stay on the host until it has them all (a hot set is no read: it holds nothing).
+    const release = reason === 'demand' ? this.cache.awaitBlocks(keys) : undefined;
+    try {
+      await Promise.all(
+        [...packs].map((id) => {
+          if (!this.inflight.has(id)) {
+            if (reason === 'demand') this.counters.demandPacks++;
+            else this.counters.hotsetPacks++;
+          }
+          return this.fetchPack(id);
+        }),
+      );
+    } finally {
+      release?.();
+    }
   }
 
   prefetch(keys: readonly BlockKey[]): void {

@@ -18,7 +18,11 @@ import { isAllZero } from '../crypto/hash.js';
 import type { ObjectStore, PutOptions } from '../objectstore/types.js';
 import { isPreconditionFailed } from '../objectstore/types.js';
 import { ExistsError, manifestLocations, packLocations, readManifest } from './catalog.js';
-import { decodeManifest, encodeManifest, leaseKey, manifestKey, ManifestBuilder, sameManifest, ZERO_ALLOCATED_BLOCK, type Manifest } from './manifest.js';
+import { leaseKey, manifestKey, ZERO_ALLOCATED_BLOCK, type Manifest } from './manifest.js';
+import { sameManifest } from './manifest-body.js';
+import { ManifestBuilder } from './manifest-builder.js';
+import { decodeManifest } from './manifest-decode.js';
+import { encodeManifest } from './manifest-seal.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, verifyPackId, type PackBlock } from './pack.js';
 import type { PackLocation } from './pack-index.js';
 

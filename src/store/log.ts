@@ -28,7 +28,8 @@ import { compressBlock, decompressBlock, type CodecId, type Compression } from '
 import { errorMessage } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { FormatError } from './errors.js';
-import { decodeManifest, manifestKey } from './manifest.js';
+import { manifestKey } from './manifest.js';
+import { decodeManifest } from './manifest-decode.js';
 import { cipherMismatch } from './pack.js';
 
 export const LOG_MAGIC = Buffer.from('UPDLOGR1');

@@ -4,7 +4,7 @@
 // index never names a missing pack (invariant 2). Two volumes uploading the same block
 // at once share one upload.
 //
-// With GC on, every upload is on behalf of a volume's uploads key (gc/refcounts.ts:
+// With GC on, every upload is on behalf of a volume's uploads key (gc/uploads.ts:
 // uploadsKey): each pack joins that key's set in the transaction that registers it,
 // before its PUT, so by the time the cache may evict its blocks (markInStore) GC will
 // not delete it until a manifest names it or the volume leaves the host (invariant 6).

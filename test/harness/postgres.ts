@@ -1,6 +1,7 @@
-// A real PostgreSQL server for the GC tests, from Debian's packages
-// (/usr/lib/postgresql/N/bin): initdb into a fresh folder, postgres on 127.0.0.1 with a
-// free port and a private socket folder, one database per call of `database()`. PostgreSQL
+// A real PostgreSQL server from Debian's packages (/usr/lib/postgresql/N/bin): initdb into
+// a fresh folder (or a given data folder, e.g. on a filesystem on a volume), postgres on
+// 127.0.0.1 with a free port and a private socket folder, one database per call of
+// `database()`. PostgreSQL
 // refuses to run as root, so when we are root the server runs as the `postgres` user (the
 // folder is handed to it). Stopped by its pid.
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -24,6 +25,8 @@ export interface Postgres {
   /** postgres://updraft@127.0.0.1:PORT/ — add a database name. */
   baseUrl: string;
   port: number;
+  /** The postmaster's pid. */
+  pid: number;
   /** Create a fresh database; returns its URL. */
   database(name: string): Promise<string>;
   log(): string;
@@ -38,7 +41,14 @@ async function serverUser(): Promise<{ uid: number; gid: number } | undefined> {
   return { uid, gid };
 }
 
-export async function startPostgres(): Promise<Postgres> {
+export interface PostgresOptions {
+  /** The data folder: initdb'd when it holds no cluster yet, kept at stop. Default: a fresh one, removed at stop. */
+  data?: string;
+  /** fsync and synchronous commits (default off: the GC tests need speed, not durability). */
+  durable?: boolean;
+}
+
+export async function startPostgres(opts: PostgresOptions = {}): Promise<Postgres> {
   const bin = postgresBin();
   if (bin === undefined) {
     throw new Error('PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres); install the Debian package postgresql (scripts/setup-test-deps.sh does when root)');
@@ -46,11 +56,13 @@ export async function startPostgres(): Promise<Postgres> {
   const dir = await scratchDir('updraft-pg-');
   const user = await serverUser();
   if (user) chownSync(dir, user.uid, user.gid);
-  const data = path.join(dir, 'data');
+  const data = opts.data ?? path.join(dir, 'data');
+  if (user && opts.data !== undefined) chownSync(data, user.uid, user.gid);
+  const durability = opts.durable === true ? ['-c', 'fsync=on', '-c', 'synchronous_commit=on', '-c', 'full_page_writes=on'] : ['-c', 'fsync=off'];
   const asServer = user ? { uid: user.uid, gid: user.gid } : {};
   const env = { ...process.env, LC_ALL: 'C', LANG: 'C' };
-  await new Promise<void>((resolve, reject) => {
-    const init = spawn(path.join(bin, 'initdb'), ['-D', data, '-U', 'updraft', '--auth=trust', '-E', 'UTF8', '--no-sync'], { ...asServer, env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  if (!existsSync(path.join(data, 'PG_VERSION'))) await new Promise<void>((resolve, reject) => {
+    const init = spawn(path.join(bin, 'initdb'), ['-D', data, '-U', 'updraft', '--auth=trust', '-E', 'UTF8', ...(opts.durable === true ? [] : ['--no-sync'])], { ...asServer, env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     init.stdout!.on('data', (c: Buffer) => (out += c.toString()));
     init.stderr!.on('data', (c: Buffer) => (out += c.toString()));
@@ -61,7 +73,7 @@ export async function startPostgres(): Promise<Postgres> {
   let output = '';
   const child: ChildProcess = spawn(
     path.join(bin, 'postgres'),
-    ['-D', data, '-k', dir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', '-c', 'fsync=off', '-c', 'max_connections=200'],
+    ['-D', data, '-k', dir, '-p', String(port), '-c', 'listen_addresses=127.0.0.1', ...durability, '-c', 'max_connections=200'],
     { ...asServer, env, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] },
   );
   child.stdout!.on('data', (c: Buffer) => (output = (output + c.toString()).slice(-65536)));
@@ -104,6 +116,7 @@ export async function startPostgres(): Promise<Postgres> {
   return {
     baseUrl,
     port,
+    pid: child.pid!,
     async database(name) {
       const client = new pg.Client({ connectionString: `${baseUrl}postgres` });
       await client.connect();

@@ -1,6 +1,7 @@
 // One seed of the simulation: a random workload over the world's hosts, checked against
 // the reference model after every step. See docs/simulation.md.
-import { decodeManifestBody, leaseKey } from '../../src/store/manifest.js';
+import { leaseKey } from '../../src/store/manifest.js';
+import { decodeManifestBody } from '../../src/store/manifest-decode.js';
 import { decodeLease, leaseIsLiveAt } from '../../src/store/lease.js';
 import { PLAINTEXT } from '../../src/crypto/cipher.js';
 import { injected, type InjectedFault } from '../../src/faults/injected.js';

@@ -11,7 +11,9 @@ import { Blake3Hasher } from '@napi-rs/blake-hash';
 import { PLAINTEXT, storeCipher } from '../../../src/crypto/cipher.js';
 import { parseCompression } from '../../../src/crypto/compress.js';
 import { FormatError } from '../../../src/store/errors.js';
-import { decodeManifest, encodeManifest, MANIFEST_HEADER_BYTES, MANIFEST_MAGIC } from '../../../src/store/manifest.js';
+import { MANIFEST_HEADER_BYTES, MANIFEST_MAGIC } from '../../../src/store/manifest.js';
+import { decodeManifest } from '../../../src/store/manifest-decode.js';
+import { encodeManifest } from '../../../src/store/manifest-seal.js';
 import { refusedOr, sameValue } from '../expect.js';
 import { FUZZ_DATA_KEY } from '../seeds.js';
 

@@ -1,0 +1,428 @@
+// The block cache's state (blocks/cache.ts builds the cache on it): the memory tier
+// (blocks/memory-tier.ts), the disk tier's slots in the slab and slot table
+// (blocks/slab.ts) with its eviction policy, loading the table at start-up, checking a
+// loaded block against its name, and making the slab durable (sync, lost blocks).
+import path from 'node:path';
+import { disk } from '../disk/disk.js';
+import type { BlockHasher } from '../crypto/hash.js';
+import type { Logger } from '../log.js';
+import { keyHex, type BlockKey } from './block-key.js';
+import { LocalSpace } from './local-space.js';
+import { MemoryTier } from './memory-tier.js';
+import { S3Fifo } from './s3fifo.js';
+import { SLOT_IN_STORE, SLOT_USED, SlotTable, writeAt, type Slot } from './slab.js';
+
+const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+
+export interface BlockCacheOptions {
+  blockSize: number;
+  /**
+   * Which function names the blocks (crypto/cipher.ts: StoreCipher.namesId; all zero for
+   * plain BLAKE3). Fixed when the cache is created, like the block size: a cache of blocks
+   * named one way cannot serve a store that names them another way.
+   */
+  namesId: Buffer;
+  /** The function those names come from (StoreCipher.blockHash): what the scrub checks blocks against. */
+  blockHash: BlockHasher;
+  diskBytes: number;
+  memoryBytes: number;
+}
+
+export interface CacheCounters {
+  memoryHits: number;
+  diskHits: number;
+  misses: number;
+  memoryEvictions: number;
+  diskEvictions: number;
+  blocksWritten: number;
+  dedupHits: number;
+  /** Blocks re-hashed by the background scrub. */
+  blocksScrubbed: number;
+  /** Blocks the scrub found corrupt and evicted (the store holds them; they are fetched again). */
+  scrubEvictions: number;
+  /** Corrupt blocks the scrub found that only this host holds (pinned): they cannot be repaired. */
+  scrubCorruptPinned: number;
+  /** Blocks loaded at start-up whose first read found them not matching their name, dropped (the store has them). */
+  verifyEvictions: number;
+  /** fdatasync calls of the slab or slot table that failed. */
+  syncFailures: number;
+}
+
+/** The block cache's state: its two tiers, the slab and slot table, and their durability (BlockCache builds on it). */
+export abstract class CacheTiers {
+  readonly blockSize: number;
+  readonly space: LocalSpace;
+  readonly counters: CacheCounters = {
+    memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
+    blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0, syncFailures: 0,
+  };
+  /** Scratch for verifySync. */
+  private verifyBuffer: Buffer | undefined;
+  protected readonly slots = new Map<BlockKey, Slot>();
+  private readonly freeSlots: number[] = [];
+  private highWater = 0;
+  private readonly maxSlots: number;
+  protected readonly diskPolicy: S3Fifo<BlockKey>;
+  protected readonly memory: MemoryTier;
+  /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
+  protected readonly writing = new Map<BlockKey, Buffer>();
+  /** Blocks put whose slab write reads their memory-tier copy: not evicted from memory until it lands. */
+  protected readonly writingFromMemory = new Set<BlockKey>();
+  /**
+   * Blocks reads wait for while their packs are fetched (awaitBlocks), each with how many
+   * reads wait: neither tier evicts them for another block until the reads have them. At
+   * most the keys of the reads waiting; the memory tier still never exceeds its setting.
+   */
+  protected readonly awaited = new Map<BlockKey, number>();
+  private readonly inflight = new Set<Promise<void>>();
+  protected readonly table: SlotTable;
+  protected slabDirty = false;
+  private syncing: Promise<void> | undefined;
+  /** Pinned blocks written to the slab since the last sync began: the ones a failed sync may lose. */
+  protected unsynced = new Set<BlockKey>();
+  /**
+   * Pinned blocks whose slab write a failed sync covered: the kernel may have dropped them
+   * (a later sync succeeds without them), so no journal may name them (lostBlock). Cleared
+   * when the block's slot is freed; a restart reloads every slot as unverified.
+   */
+  protected readonly lost = new Set<BlockKey>();
+  /** How blocks are named here (plain or keyed BLAKE3): the scrub's check. */
+  protected readonly blockHash: BlockHasher;
+
+  protected constructor(
+    private readonly dir: string,
+    protected readonly slabFd: number,
+    tableFd: number,
+    opts: BlockCacheOptions,
+    protected readonly log: Logger,
+  ) {
+    this.blockSize = opts.blockSize;
+    this.blockHash = opts.blockHash;
+    this.maxSlots = Math.max(1, Math.floor(opts.diskBytes / opts.blockSize));
+    this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
+    this.diskPolicy = new S3Fifo(this.maxSlots);
+    this.memory = new MemoryTier(opts.blockSize, opts.memoryBytes, () => this.counters.memoryEvictions++);
+    this.table = new SlotTable(tableFd);
+  }
+
+  protected loadTable(namesId: Buffer): void {
+    const { table, count } = SlotTable.read(this.dir, this.blockSize, namesId);
+    for (let index = 0; index < count; index++) {
+      const flags = SlotTable.entryFlags(table, index);
+      if (!(flags & SLOT_USED) || index >= this.maxSlots) {
+        if (index < this.maxSlots) this.freeSlots.push(index);
+        continue;
+      }
+      const key = SlotTable.entryKey(table, index);
+      if (this.slots.has(key)) {
+        this.freeSlots.push(index); // a duplicate left by a crash between two table writes
+        continue;
+      }
+      this.slots.set(key, { index, refs: 0, inStore: (flags & SLOT_IN_STORE) !== 0, unverified: true });
+    }
+    this.highWater = Math.min(count, this.maxSlots);
+    // Free slots are reused lowest first so the slab stays compact.
+    this.freeSlots.reverse();
+  }
+
+  /**
+   * After every volume has taken its references at start-up: free the slots that no
+   * volume references and no store holds (left by a crash or by overwritten chunks),
+   * and let the rest enter the eviction policy.
+   */
+  finishStartup(): { blocks: number; freed: number } {
+    let freed = 0;
+    for (const [key, slot] of this.slots) {
+      if (slot.refs === 0 && !slot.inStore) {
+        this.freeSlot(key, slot);
+        freed++;
+        continue;
+      }
+      if (!slot.inStore) this.space.pinnedBytes += this.blockSize;
+      this.diskPolicy.insert(key, 1);
+    }
+    return { blocks: this.slots.size, freed };
+  }
+
+  get blockCount(): number {
+    return this.slots.size;
+  }
+  get memoryBytes(): number {
+    return this.memory.bytes;
+  }
+  /** Bytes of the buffers the memory tier keeps alive: its arena's, at most memoryBytes. */
+  get memoryHeldBytes(): number {
+    return this.memory.heldBytes;
+  }
+  get pinnedBlocks(): number {
+    return this.space.pinnedBytes / this.blockSize;
+  }
+
+  has(key: BlockKey): boolean {
+    return this.memory.has(key) || this.slots.has(key);
+  }
+
+  /**
+   * has(), and for a slot loaded at start-up and not read since, its check against its
+   * name now (verifySync): a read about to use the block fetches it again instead of
+   * failing on it.
+   */
+  usable(key: BlockKey): boolean {
+    if (this.memory.has(key)) return true;
+    const slot = this.slots.get(key);
+    if (slot === undefined) return false;
+    return !slot.unverified || this.writing.has(key) || this.verifySync(key, slot);
+  }
+
+  /**
+   * Copy `length` bytes at `offset` of block `key` into `dst`. Synchronous: the disk
+   * tier is read with pread, which the page cache serves in microseconds. Returns
+   * false when the block is not on this host.
+   */
+  readInto(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
+    if (this.memory.readInto(key, offset, length, dst, dstOffset)) {
+      this.counters.memoryHits++;
+      return true;
+    }
+    const slot = this.slots.get(key);
+    if (slot === undefined) {
+      this.counters.misses++;
+      return false;
+    }
+    const pending = this.writing.get(key);
+    if (pending !== undefined) {
+      this.counters.memoryHits++;
+      pending.copy(dst, dstOffset, offset, offset + length);
+      return true;
+    }
+    if (slot.unverified && !this.verifySync(key, slot)) {
+      this.counters.misses++;
+      return false;
+    }
+    this.counters.diskHits++;
+    this.diskPolicy.hit(key);
+    const position = slot.index * this.blockSize + offset;
+    const n = disk.readSync(this.slabFd, dst, dstOffset, length, position);
+    if (n !== length) throw new Error(`block cache: short read of slot ${slot.index} (${n} of ${length} bytes)`);
+    return true;
+  }
+
+  /**
+   * The first read of a slot loaded at start-up: whether its bytes match its name. One that
+   * does not is dropped if the store has it (the next read fetches it again), or kept and
+   * reported if it is the only copy (reads of it fail; nothing wrong is returned).
+   */
+  protected verifySync(key: BlockKey, slot: Slot): boolean {
+    const block = (this.verifyBuffer ??= Buffer.allocUnsafe(this.blockSize));
+    const n = disk.readSync(this.slabFd, block, 0, this.blockSize, slot.index * this.blockSize);
+    return this.judge(key, slot, n === this.blockSize && this.blockHash(block).toString('latin1') === key);
+  }
+
+  /** The verdict on a loaded slot's bytes (see verifySync). */
+  protected judge(key: BlockKey, slot: Slot, intact: boolean): boolean {
+    if (intact) {
+      slot.unverified = undefined;
+      return true;
+    }
+    if (this.dropCorrupt(key, slot, 'block cache: a block loaded at start-up')) this.counters.verifyEvictions++;
+    return false;
+  }
+
+  /**
+   * A cached block whose bytes do not match its name (`what` found it): dropped when the
+   * store holds it (it is fetched again), reported when it is the only copy. Returns
+   * whether it was dropped.
+   */
+  protected dropCorrupt(key: BlockKey, slot: Slot, what: string): boolean {
+    if (slot.inStore && slot.holding === undefined) {
+      this.diskPolicy.remove(key);
+      this.freeSlot(key, slot);
+      this.log.warn(`${what} does not match its name; dropped (the store has it)`, { block: keyHex(key), slot: slot.index });
+      return true;
+    }
+    this.log.error(`${what} that only this host holds does not match its name; reads of it fail`, { block: keyHex(key), slot: slot.index });
+    return false;
+  }
+
+  /** A block a failed sync may have lost is put again: write its slot anew from these bytes. */
+  protected rewriteLost(key: BlockKey, slot: Slot, block: Buffer): void {
+    this.lost.delete(key);
+    this.unsynced.add(key);
+    this.writing.set(key, block);
+    this.writingFromMemory.delete(key); // written from `block` now
+    this.slabDirty = true;
+    slot.unverified = undefined;
+    const write = (slot.writing ?? Promise.resolve())
+      .catch(() => undefined)
+      .then(() => writeAt(this.slabFd, block, slot.index * this.blockSize))
+      .then(
+        () => {
+          if (this.writing.get(key) === block) this.writing.delete(key);
+        },
+        (err) => {
+          this.log.error('block cache: slab rewrite of a block a failed sync lost failed; the block stays in memory', { slot: slot.index, error: err.message });
+          if (this.slots.get(key) === slot && !slot.inStore) this.lost.add(key);
+          throw err;
+        },
+      );
+    slot.writing = write;
+    this.track(write);
+  }
+
+  /** Queue slot `key`'s table entry with `flags`, once its slab write has landed. */
+  protected writeFlags(key: BlockKey, slot: Slot, flags: number): void {
+    const landed = (slot.writing ?? Promise.resolve()).catch(() => undefined);
+    this.track(landed.then(() => (this.slots.get(key) === slot ? this.writeEntry(slot.index, key, flags) : undefined)));
+  }
+
+  protected track(work: Promise<void>): void {
+    this.inflight.add(work);
+    work.then(
+      () => this.inflight.delete(work),
+      () => this.inflight.delete(work),
+    );
+  }
+
+  /**
+   * Copy `block` into the memory tier (an arena slot: the caller keeps its buffer),
+   * evicting as needed, and return the copy there; undefined when the tier cannot take it.
+   * A block whose slab write reads its copy is not evicted until the write lands, nor one
+   * a read waits for (awaitBlocks): with the tier full of those, the block is not taken.
+   */
+  protected admitToMemory(key: BlockKey, block: Buffer): Buffer | undefined {
+    return this.memory.admit(key, block, this.memoryEvictable);
+  }
+
+  private readonly memoryEvictable = (victim: BlockKey): boolean => !this.writingFromMemory.has(victim) && !this.awaited.has(victim);
+
+  protected allocateSlot(evict = true): number | undefined {
+    const free = this.freeSlots.pop();
+    if (free !== undefined) return free;
+    if (this.highWater < this.maxSlots) return this.highWater++;
+    if (!evict) return undefined;
+    // Full: evict a block the store holds (never a pinned one).
+    const victim = this.diskPolicy.evict((key) => {
+      const slot = this.slots.get(key);
+      return slot !== undefined && slot.inStore && slot.holding === undefined && !this.writing.has(key) && !this.awaited.has(key);
+    });
+    if (victim === undefined) return undefined;
+    const slot = this.slots.get(victim)!;
+    this.slots.delete(victim);
+    this.memory.remove(victim);
+    this.counters.diskEvictions++;
+    return slot.index;
+  }
+
+  /** Free `key`'s disk slot; its memory tier copy goes too unless `keepInMemory` (a block the store holds). */
+  protected freeSlot(key: BlockKey, slot: Slot, keepInMemory = false): void {
+    this.slots.delete(key);
+    this.lost.delete(key);
+    this.unsynced.delete(key);
+    if (this.writing.has(key)) this.writing.delete(key);
+    this.writingFromMemory.delete(key);
+    if (!keepInMemory) this.memory.remove(key);
+    // The slot is reusable only once its own slab write (if any) and its cleared table
+    // entry have landed; otherwise a late write could clobber the next block there.
+    const release = (slot.writing ?? Promise.resolve())
+      .catch(() => undefined)
+      .then(() => this.writeEntry(slot.index, undefined, 0))
+      .then(() => {
+        this.freeSlots.push(slot.index);
+      });
+    this.track(release);
+  }
+
+  /** Queue a slot table write; entries land in the order they were queued. */
+  protected writeEntry(index: number, key: BlockKey | undefined, flags: number): Promise<void> {
+    return this.writeEntries(index, [key], flags);
+  }
+
+  /** Queue the table entries of consecutive slots from `first` as one write. */
+  protected writeEntries(first: number, keys: ReadonlyArray<BlockKey | undefined>, flags: number): Promise<void> {
+    return this.table.writeEntries(first, keys, flags);
+  }
+
+  /**
+   * Make every block put so far durable (slab, then slot table). Volumes call this
+   * before committing a journal that names new blocks. Concurrent callers share one
+   * round of fdatasync calls.
+   */
+  async sync(): Promise<void> {
+    while (this.syncing) await this.syncing;
+    if (!this.slabDirty) return;
+    this.slabDirty = false;
+    const covered = this.unsynced;
+    this.unsynced = new Set();
+    this.syncing = (async () => {
+      await Promise.all(this.inflight);
+      await this.table.settled();
+      await this.syncFile(this.slabFd, 'blocks.slab');
+      await this.syncFile(this.table.fd, 'blocks.slots');
+    })();
+    try {
+      await this.syncing;
+    } catch (err) {
+      this.slabDirty = true;
+      this.loseUnsynced(covered);
+      throw err;
+    } finally {
+      this.syncing = undefined;
+    }
+  }
+
+  /**
+   * Make these blocks durable: a sync() when one of them was put since the last sync began,
+   * or while a sync runs (it may be the one covering them); otherwise they are durable already.
+   */
+  async syncFor(keys: readonly BlockKey[]): Promise<void> {
+    if (this.syncing === undefined && !keys.some((key) => this.unsynced.has(key))) return;
+    await this.sync();
+  }
+
+  private async syncFile(fd: number, file: string): Promise<void> {
+    try {
+      await fdatasync(fd);
+    } catch (err) {
+      this.counters.syncFailures++;
+      throw new Error(`block cache ${path.join(this.dir, file)}: fdatasync: ${(err as Error).message}`);
+    }
+  }
+
+  /**
+   * After a failed sync: the pinned blocks it covered (and those written while it ran)
+   * may be gone from the disk although the page cache still serves them. They are
+   * remembered as lost, and their slots are read back against their names (a mismatch is
+   * a miss, never wrong data).
+   */
+  private loseUnsynced(covered: Set<BlockKey>): void {
+    for (const set of [covered, this.unsynced]) {
+      for (const key of set) {
+        const slot = this.slots.get(key);
+        if (slot === undefined || slot.inStore) continue;
+        this.lost.add(key);
+        slot.unverified = true;
+      }
+    }
+    this.unsynced = new Set();
+    this.log.error('block cache: a sync of the slab failed; pinned blocks written since the last good sync may be lost, and volumes that would name them fail', {
+      dir: this.dir, blocks: this.lost.size,
+    });
+  }
+
+  /** Whether a failed sync may have lost this pinned block: a journal must not name it. */
+  lostBlock(key: BlockKey): boolean {
+    return this.lost.size > 0 && this.lost.has(key);
+  }
+
+  /** Wait for every queued slab and table write (before closing). */
+  async settle(): Promise<void> {
+    await Promise.allSettled(this.inflight);
+    await this.table.settled();
+  }
+
+  async close(): Promise<void> {
+    await this.settle();
+    disk.closeSync(this.slabFd);
+    disk.closeSync(this.table.fd);
+  }
+}
