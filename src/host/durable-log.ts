@@ -104,7 +104,11 @@ export interface DurableLogStats {
 
 export class DurableLog {
   private readonly volumes = new Map<string, Tracked>();
-  /** Log objects written by this host and not yet deleted, oldest first. */
+  /**
+   * Log objects written by this host that manifests do not cover yet, oldest first: at most
+   * the log PUTs since the volumes' last manifests (a durable volume is drained within
+   * `continuous_manifest_interval_ms` or 64 MiB logged); a volume that leaves drops its entries.
+   */
   private written: WrittenLog[] = [];
   private committing = false;
   private again = false;
@@ -147,6 +151,9 @@ export class DurableLog {
     link.volume.changes = undefined;
     link.volume.durableFlush = undefined;
     this.fail(tracked, why);
+    // Its records no longer wait for a manifest here: reconciliation deletes what no replay needs.
+    for (const log of this.written) log.entries.delete(link.name);
+    this.written = this.written.filter((log) => log.entries.size > 0);
   }
 
   /** The last sequence the store holds of `name` (logged or in a manifest); undefined when not durable here. */
