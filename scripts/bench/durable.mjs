@@ -86,12 +86,13 @@ async function api(base, method, p, body) {
   return text ? JSON.parse(text) : null;
 }
 
-async function metric(base, name) {
+/** Sum of a Prometheus series, over the samples whose labels include `label` (e.g. 'op="flush"') when given. */
+async function metric(base, name, label) {
   const text = await (await fetch(base + '/metrics')).text();
   let total = 0;
   for (const line of text.split('\n')) {
     const m = /^([a-z_]+)(\{[^}]*\})? (\S+)$/.exec(line);
-    if (m && m[1] === name) total += Number(m[3]);
+    if (m && m[1] === name && (label === undefined || (m[2] ?? '').includes(label))) total += Number(m[3]);
   }
   return total;
 }
@@ -193,7 +194,10 @@ async function main() {
   await volume(fast, 'qd32', 'durable');
   await volume(fast, 'demand', 'demand');
   const timed = ['--rw=randwrite', '--bs=4k', '--size=1G', '--time_based', `--runtime=${RUNTIME}`, '--randrepeat=0'];
-  const counters = async () => ({ requests: await metric(fast.url, 'updraft_store_requests_total'), puts: await metric(fast.url, 'updraft_durable_log_puts_total'), flushes: await metric(fast.url, 'updraft_durable_flushes_committed_total') });
+  const counters = async () => ({
+    requests: await metric(fast.url, 'updraft_store_requests_total'), puts: await metric(fast.url, 'updraft_durable_log_puts_total'),
+    flushes: await metric(fast.url, 'updraft_durable_flushes_committed_total'), nbdFlushes: await metric(fast.url, 'updraft_volume_ops_total', 'op="flush"'),
+  });
   for (const [key, vol, depth, fsync] of [['qd1', 'qd1', 1, 1], ['qd32', 'qd32', 32, 32], ['demand_qd32', 'demand', 32, 32]]) {
     const before = await counters();
     const r = await fio(['--name=' + key, '--ioengine=nbd', `--uri=${fast.uri(vol)}`, `--iodepth=${depth}`, `--fsync=${fsync}`, ...timed]);
@@ -203,6 +207,8 @@ async function main() {
     record(`${key}_flush_p99_ms`, r.p99.toFixed(2));
     record(`${key}_store_requests_per_gib`, (((after.requests - before.requests) * GiB) / r.bytes).toFixed(0));
     if (after.puts > before.puts) record(`${key}_flushes_per_log_put`, ((after.flushes - before.flushes) / (after.puts - before.puts)).toFixed(2));
+    // What fio sent: NBD FLUSHes per 4 KiB write.
+    record(`${key}_nbd_flushes_per_write`, ((after.nbdFlushes - before.nbdFlushes) / (r.bytes / 4096)).toFixed(3));
     say(`${key}: ${r.iops.toFixed(0)} IOPS, FLUSH p50 ${r.p50.toFixed(2)} ms p99 ${r.p99.toFixed(2)} ms, ${(((after.requests - before.requests) * GiB) / r.bytes).toFixed(0)} store requests per GiB`);
   }
   await stop(fast.child);

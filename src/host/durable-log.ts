@@ -104,6 +104,8 @@ export interface DurableLogStats {
 
 export class DurableLog {
   private readonly volumes = new Map<string, Tracked>();
+  /** The volumes with FLUSHes waiting: what a commit looks at (not every durable volume of the host). */
+  private readonly waiting = new Set<Tracked>();
   /**
    * Log objects written by this host that manifests do not cover yet, oldest first: at most
    * the log PUTs since the volumes' last manifests (a durable volume is drained within
@@ -139,6 +141,8 @@ export class DurableLog {
       untracked: volume.sequence !== link.manifestSequence, waiters: before?.link === link ? before.waiters : [], draining: false, loggedBytes: 0,
     };
     this.volumes.set(link.name, tracked);
+    if (before !== undefined) this.waiting.delete(before);
+    if (tracked.waiters.length > 0) this.waiting.add(tracked);
     volume.changes = tracked.changes;
     volume.durableFlush = (sequence) => this.flush(tracked, sequence);
   }
@@ -191,11 +195,13 @@ export class DurableLog {
         timer: setTimeout(() => {
           const i = tracked.waiters.indexOf(waiter);
           if (i >= 0) tracked.waiters.splice(i, 1);
+          if (tracked.waiters.length === 0) this.waiting.delete(tracked);
           reject(new VolumeError('EIO', `volume ${tracked.link.name}: durable flush: the store did not take the log within ${timeoutMs} ms` +
             (this.lastError === '' ? '' : `: ${this.lastError}`) + '; the writes stay on this host'));
         }, timeoutMs),
       };
       tracked.waiters.push(waiter);
+      this.waiting.add(tracked);
       this.kick();
     });
   }
@@ -218,8 +224,7 @@ export class DurableLog {
     this.again = false;
     void this.commit().then((ok) => {
       this.committing = false;
-      const waiting = [...this.volumes.values()].some((t) => t.waiters.length > 0);
-      if (!ok && waiting) {
+      if (!ok && this.waiting.size > 0) {
         this.retryTimer = setTimeout(() => {
           this.retryTimer = undefined;
           this.kick();
@@ -235,8 +240,8 @@ export class DurableLog {
   private async commit(): Promise<boolean> {
     const carried: Array<{ tracked: Tracked; taken: ChangedSectors; entry: LogEntry }> = [];
     let waitingForLease = false;
-    for (const tracked of this.volumes.values()) {
-      if (tracked.waiters.length === 0 || tracked.draining) continue;
+    for (const tracked of [...this.waiting]) {
+      if (tracked.draining) continue;
       const { link } = tracked;
       if (!link.mayLog()) {
         // Never leased here yet: the drain takes the lease and writes the first manifest.
@@ -341,6 +346,7 @@ export class DurableLog {
     const done = tracked.waiters.filter((w) => w.sequence <= tracked.logged);
     if (done.length === 0) return;
     tracked.waiters = tracked.waiters.filter((w) => w.sequence > tracked.logged);
+    if (tracked.waiters.length === 0) this.waiting.delete(tracked);
     this.stats.flushesCommitted += done.length;
     for (const w of done) w.resolve();
   }
@@ -348,6 +354,7 @@ export class DurableLog {
   private fail(tracked: Tracked, why: string): void {
     const waiters = tracked.waiters;
     tracked.waiters = [];
+    this.waiting.delete(tracked);
     for (const w of waiters) w.reject(new VolumeError('EIO', `volume ${tracked.link.name}: durable flush: ${why}`));
   }
 
