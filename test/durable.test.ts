@@ -141,6 +141,38 @@ for (const [label, store] of [['s3:// (MinIO)', (dir: string) => minioStore(mini
   });
 }
 
+test('a volume switched to durable at run time (POST flush-mode): its next FLUSH drains, later ones log, and a dead holder loses none of them', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a', SHORT_LEASE);
+    const b = await cluster.start('host-b', { ...SHORT_LEASE, volumes: { flush_mode: 'durable' } });
+    await withLogs([a, b], async () => {
+      const name = 'switched';
+      await createVolume(a, name, SIZE_MIB);
+      const ca = await connect(a, name);
+      const image = Buffer.alloc(SIZE_MIB * MiB);
+      await writeFlushedBatches(ca, image, 1);
+      assert.equal((await exportInfo(a, name)).flush_mode, 'demand');
+      const switched = await a.api('POST', `/api/exports/${name}/flush-mode`, { flush_mode: 'durable' });
+      assert.equal(switched.status, 200, switched.text);
+      const flushed = await writeFlushedBatches(ca, image, 3);
+      const info = await exportInfo(a, name);
+      assert.equal(info.flush_mode, 'durable');
+      assert.ok(info.durable_sequence >= info.manifest_sequence && info.durable_sequence > 0, JSON.stringify(info));
+      assert.ok(await metric(a, 'updraft_durable_log_puts_total') > 0, 'the FLUSHes after the first one put no log object');
+      await a.kill9();
+      fs.rmSync(path.join(a.dir, 'cache'), { recursive: true, force: true });
+      await sleep(5_000);
+      const cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).read_only, false);
+      assert.equal(sectorsDiffering(await readAll(cb, 0, SIZE_MIB * MiB), flushed), 0, 'B lost flushed writes of the switched volume');
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('a holder paused past its lease while another host promotes: its later FLUSHes fail, and its log records are never replayed', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   const storeDir = path.join(cluster.dir, 'store');
