@@ -36,9 +36,9 @@ after(async () => {
 });
 
 /**
- * Batches of writes (unaligned small ones, sector-sized ones, a zeroed and a trimmed range,
- * a large one), each followed by a FLUSH; returns the image as of the last FLUSH. A last
- * batch is written and not flushed (it need not survive).
+ * Batches of writes (unaligned small ones, sector-sized ones, a zeroed range, a large one),
+ * each followed by a FLUSH, then a write with FUA; returns the image as of that. A last
+ * write is neither flushed nor FUA (it need not survive).
  */
 async function writeFlushedBatches(client: NbdClient, image: Buffer, batches: number): Promise<Buffer> {
   const put = async (offset: number, data: Buffer) => {
@@ -55,6 +55,10 @@ async function writeFlushedBatches(client: NbdClient, image: Buffer, batches: nu
     await put(base + 700 * 1024, randomBytes(16 * 1024));
     await client.flush();
   }
+  // A write with FUA is durable on its own, as a FLUSH after it would make it.
+  const fua = randomBytes(4096);
+  await client.write(SIZE_MIB * MiB - 128 * 1024, fua, { fua: true });
+  fua.copy(image, SIZE_MIB * MiB - 128 * 1024);
   const flushed = Buffer.from(image);
   await put(SIZE_MIB * MiB - 64 * 1024, randomBytes(8192));
   return flushed;
