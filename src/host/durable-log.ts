@@ -246,6 +246,8 @@ export class DurableLog {
       if (!link.mayLog()) {
         // Never leased here yet: the drain takes the lease and writes the first manifest.
         if (link.generation === 0 && !link.volume.readOnly) this.drainFor(tracked);
+        // Read-only here with no write of this host pending (its content came from the store): nothing to put.
+        else if (link.generation === 0 && tracked.changes.size === 0 && !tracked.untracked) this.settle(tracked, link.volume.sequence);
         // Held, but past this host's own deadline (a restart, a renewal late): wait for the renewal, within the FLUSH's timeout.
         else if (link.generation > 0) waitingForLease = true;
         else this.fail(tracked, 'this host does not hold the lease; the writes stay on this host');
