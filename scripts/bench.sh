@@ -21,6 +21,10 @@
 #               and without read-ahead (needs the binary scripts/setup-minio.sh builds);
 #               fork latency vs written size (clean, and with 1 MiB dirty) and
 #               wake-on-another-host time to first byte.
+#   4b. durable scripts/bench/durable.mjs against MinIO on loopback: a durable volume's FLUSH
+#               p50/p99 with 20 ms injected store latency next to one 4 KiB PUT's in the same
+#               run; fio 4 KiB random writes QD1 --fsync=1 (durable), QD32 --fsync=32 (durable
+#               and demand); store requests per GiB written and FLUSHes per log PUT.
 #   5. vm       scripts/bench/vm.mjs: boot time of the test microVM (qemu TCG) from a fork
 #               on a cold host, without and with the boot hot set recorded through
 #               `updraft bless --boot-record` (needs qemu-system-x86, linux-image-amd64,
@@ -36,7 +40,7 @@
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush,concurrency,store,vm,gc)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
+#   BENCH_PARTS (compare,memory,flush,concurrency,store,durable,vm,gc)  BENCH_DURABLE_FLUSHES (200)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
 #   BENCH_GC_MANIFESTS (1000)  BENCH_GC_PACKS (500)
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_STORE_ENCRYPTED (0)  BENCH_STORE_PARTS (drain,migrate,cold,fork)
@@ -53,7 +57,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush,concurrency,store,vm,gc}
+PARTS=${BENCH_PARTS:-compare,memory,flush,concurrency,store,durable,vm,gc}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -308,6 +312,13 @@ if has_part store; then
   say "store: drain to MinIO and cold sequential reads with injected latency"
   run_child "$SCRATCH/store.lines" node "$HERE/store.mjs" || die "store bench failed"
   cat "$SCRATCH/store.lines" >> "$LINES"
+fi
+
+# ---- 4b. durable flush mode: FLUSH latency, fio with a FLUSH per write ---------------
+if has_part durable; then
+  say "durable: FLUSH latency with injected store latency, fio fsync on durable and demand volumes"
+  run_child "$SCRATCH/durable.lines" node "$HERE/durable.mjs" || die "durable bench failed"
+  cat "$SCRATCH/durable.lines" >> "$LINES"
 fi
 
 # ---- 5. microVM boot from a cold host, with and without the boot hot set -------------

@@ -75,6 +75,12 @@ describe('simulation', () => {
     assert.match(r.failure!.message, /restarted as the writer of .* whose lease it released/);
   });
 
+  it('catches a promotion that does not replay a durable volume\'s log within 120 seeds', async () => {
+    const r = await firstFailure(['durable-skip-replay'], 120);
+    assert.ok(r, 'no seed failed with durable-skip-replay on');
+    assert.match(r.failure!.message, /durable|expected write/);
+  });
+
   it('catches a FLUSH retried with success after a failed fdatasync within 10 seeds (fsync errors 0.1)', async () => {
     const r = await firstFailure(['fsync-retry-succeeds'], 10, { fsyncErrorRate: 0.1 });
     assert.ok(r, 'no seed failed with fsync-retry-succeeds on');

@@ -157,7 +157,7 @@ switch (cmd) {
       (result[section] ??= {})[key] = value(rest.join(' '));
     }
     if (compareFile && fs.existsSync(compareFile)) result.compare = JSON.parse(fs.readFileSync(compareFile, 'utf8'));
-    const order = ['config', 'compare', 'memory', 'flush', 'concurrency', 'store', 'gc', 'run'];
+    const order = ['config', 'compare', 'memory', 'flush', 'concurrency', 'store', 'durable', 'gc', 'run'];
     const sorted = Object.fromEntries([...order.filter((k) => k in result), ...Object.keys(result).filter((k) => !order.includes(k))].map((k) => [k, result[k]]));
     fs.writeFileSync(outFile, JSON.stringify(sorted, null, 2) + '\n');
     break;
@@ -226,6 +226,14 @@ switch (cmd) {
       }
       lines.push(`  random 70/30 QD16: one volume ${fmt(cc.many_1_iops)} IOPS, four at once ${fmt(cc.many_4_iops)} IOPS (${fmt(cc.many_ratio, 2)}x); daemon CPU ${fmt(cc.many_4_cpu_s, 1)} s, event loop ${fmt(cc.many_4_event_loop_cpu_s, 1)} s`);
       lines.push(`  4 KiB random read p99: alone ${us(cc.isolation_read_p99_alone_us)}, beside a 1 MiB QD8 writer ${us(cc.isolation_read_p99_beside_writer_us)} (${fmt(cc.isolation_ratio, 2)}x)`);
+    }
+    const du = r.durable;
+    if (du) {
+      lines.push('', `durable flush mode (MinIO on loopback)`);
+      lines.push(`  FLUSH after a 4 KiB write, ${du.latency_injected_ms} ms injected: p50 ${du.flush_p50_ms} ms, p99 ${du.flush_p99_ms} ms; one 4 KiB PUT p50 ${du.put_p50_ms} ms, p99 ${du.put_p99_ms} ms (${du.flush_to_put_p50_ratio}x)`);
+      for (const [key, what] of [['qd1', 'durable, QD1 fsync=1'], ['qd32', 'durable, QD32 fsync=32'], ['demand_qd32', 'demand, QD32 fsync=32']]) {
+        lines.push(`  ${what.padEnd(22)} ${fmt(du[`${key}_iops`]).padStart(6)} IOPS, FLUSH p50 ${du[`${key}_flush_p50_ms`]} ms p99 ${du[`${key}_flush_p99_ms`]} ms, ${du[`${key}_store_requests_per_gib`]} store requests per GiB${du[`${key}_flushes_per_log_put`] ? `, ${du[`${key}_flushes_per_log_put`]} FLUSHes per log PUT` : ''}`);
+      }
     }
     const st = r.store;
     if (st) {

@@ -6,6 +6,7 @@ import type { Collector } from '../gc/collector.js';
 import type { Host } from '../host/host.js';
 import type { DeferredRequests } from '../nbd/deferred.js';
 import type { MeteredObjectStore } from '../objectstore/metered.js';
+import { COMMIT_BUCKETS } from '../host/durable-log.js';
 import { LATENCY_BUCKETS, OP_KINDS } from '../volume/stats.js';
 import type { HostView } from './dashboard.js';
 
@@ -85,6 +86,14 @@ export class Metrics {
     counter('updraft_store_read_waits_total', 'Reads (and unaligned writes) that waited for blocks from the store', [], () => [[{}, fetched.readWaits]]);
     counter('updraft_store_hotset_packs_total', 'Pack fetches started from a boot hot set', [], () => [[{}, fetched.hotsetPacks]]);
     counter('updraft_store_verify_failures_total', 'Packs that failed hash verification when fetched', [], () => [[{}, fetched.verifyFailures]]);
+    const durable = host.durableLog.stats;
+    counter('updraft_durable_log_puts_total', 'Log objects put for durable volumes (one carries the FLUSHes of every durable volume waiting)', [], () => [[{}, durable.puts]]);
+    counter('updraft_durable_log_put_failures_total', 'Log object PUTs that failed (their changes go into the next one)', [], () => [[{}, durable.failedPuts]]);
+    counter('updraft_durable_log_bytes_total', 'Bytes of log objects put', [], () => [[{}, durable.bytes]]);
+    counter('updraft_durable_flushes_total', 'FLUSHes (and FUA writes) of durable volumes', [], () => [[{}, durable.flushes]]);
+    counter('updraft_durable_flushes_committed_total', 'FLUSHes acknowledged by a log PUT (divided by the PUTs: FLUSHes per PUT)', [], () => [[{}, durable.flushesCommitted]]);
+    counter('updraft_durable_log_objects_deleted_total', 'Log objects deleted once manifests covered them', [], () => [[{}, durable.deleted]]);
+    gauge('updraft_durable_log_objects', 'Log objects this host wrote that no manifest covers yet', () => host.durableLog.liveObjects);
     gauge('updraft_pack_index_blocks', 'Blocks the host pack index knows a pack for', () => host.packIndex.size);
     counter('updraft_cache_scrubbed_blocks_total', 'Cached blocks re-hashed by the background scrub', [], () => [[{}, cache.counters.blocksScrubbed]]);
     counter('updraft_cache_scrub_evictions_total', 'Cached blocks the scrub found corrupt and evicted', [], () => [[{}, cache.counters.scrubEvictions]]);
@@ -165,6 +174,20 @@ export class Metrics {
       for (const [name, cost] of costs) lines.push(`updraft_volume_cost_storage_per_month{volume="${name}",currency="${cost.currency}"} ${cost.storage_per_month}`);
       head('updraft_volume_cost_requests', 'gauge', 'What the store requests made for the volume since start cost at the [cost] prices');
       for (const [name, cost] of costs) lines.push(`updraft_volume_cost_requests{volume="${name}",currency="${cost.currency}"} ${cost.requests_cost}`);
+    }
+    head('updraft_durable_commit_seconds', 'histogram', 'A durable FLUSH\'s wait for the store: from its arrival until a log PUT (or a drain) holds its writes');
+    const stats = this.host.durableLog.stats;
+    let committed = 0;
+    COMMIT_BUCKETS.forEach((le, i) => {
+      committed += stats.latency[i];
+      lines.push(`updraft_durable_commit_seconds_bucket{le="${le}"} ${committed}`);
+    });
+    committed += stats.latency[COMMIT_BUCKETS.length];
+    lines.push(`updraft_durable_commit_seconds_bucket{le="+Inf"} ${committed}`, `updraft_durable_commit_seconds_sum ${stats.latencySum}`, `updraft_durable_commit_seconds_count ${committed}`);
+    head('updraft_volume_durable_sequence', 'gauge', 'A durable volume: the last sequence the store holds (logged or in a manifest)');
+    for (const v of volumes) {
+      const logged = this.host.durableLog.loggedSequence(v.name);
+      if (logged !== undefined) lines.push(`updraft_volume_durable_sequence{volume="${v.name}"} ${logged}`);
     }
     head('updraft_volume_manifest_sequence', 'gauge', 'Sequence of the last manifest written or loaded; -1 before the first');
     for (const v of volumes) lines.push(`updraft_volume_manifest_sequence{volume="${v.name}"} ${this.host.link(v.name)?.state.manifestSequence ?? -1}`);

@@ -25,7 +25,7 @@ import { S3_STANDARD_PRICES, type CostPrices } from '../host/cost.js';
 
 const GIB = 1024 ** 3;
 
-const FLUSH_MODE = z.enum(['demand', 'continuous']);
+const FLUSH_MODE = z.enum(['demand', 'continuous', 'durable']);
 
 const PutExportBody = z.strictObject({
   size_gb: z.number().positive().max(1024 * 1024),
@@ -70,6 +70,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
         follow_interval_ms: v.replica.intervalMs,
       },
     }),
+    ...(v.durableSequence === undefined ? {} : { durable_sequence: v.durableSequence }),
   };
 }
 

@@ -55,6 +55,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       leaseTtlMs: config.host.leaseTtlS * 1000,
       clockSkewMarginMs: config.host.clockSkewMarginS * 1000,
       flushMode: config.volumes.flushMode,
+      durableFlushTimeoutMs: config.volumes.durableFlushTimeoutMs,
       dirtyBudgetBytes: Math.floor(config.volumes.dirtyBudgetGb * GB),
       continuousBlockIntervalMs: config.volumes.continuousBlockIntervalMs,
       continuousManifestIntervalMs: config.volumes.continuousManifestIntervalMs,

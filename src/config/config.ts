@@ -62,7 +62,8 @@ export interface Config {
   volumes: {
     sealIdleMs: number;
     sealDirtyMb: number;
-    flushMode: 'demand' | 'continuous';
+    flushMode: 'demand' | 'continuous' | 'durable';
+    durableFlushTimeoutMs: number;
     dirtyBudgetGb: number;
     continuousBlockIntervalMs: number;
     continuousManifestIntervalMs: number;
@@ -223,7 +224,8 @@ const HTTP_SERVER = {
 const VOLUMES = {
   seal_idle_ms: setting(z.number().int().min(0), 30000, 'an integer number of milliseconds, 0 or more'),
   seal_dirty_mb: setting(z.number().positive(), 4096, 'a number of MB greater than 0'),
-  flush_mode: setting(z.enum(['demand', 'continuous']), 'demand', '"demand" or "continuous"'),
+  flush_mode: setting(z.enum(['demand', 'continuous', 'durable']), 'demand', '"demand", "continuous" or "durable"'),
+  durable_flush_timeout_ms: setting(z.number().int().min(100), 30000, 'an integer number of milliseconds, 100 or more'),
   dirty_budget_gb: setting(z.number().positive(), 5.0, 'a number of GB greater than 0'),
   continuous_block_interval_ms: setting(z.number().int().min(100), 5000, 'an integer number of milliseconds, 100 or more'),
   continuous_manifest_interval_ms: setting(z.number().int().min(100), 60000, 'an integer number of milliseconds, 100 or more'),
@@ -569,6 +571,7 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
       sealIdleMs: volumes.seal_idle_ms,
       sealDirtyMb: volumes.seal_dirty_mb,
       flushMode: volumes.flush_mode,
+      durableFlushTimeoutMs: volumes.durable_flush_timeout_ms,
       dirtyBudgetGb: volumes.dirty_budget_gb,
       continuousBlockIntervalMs: volumes.continuous_block_interval_ms,
       continuousManifestIntervalMs: volumes.continuous_manifest_interval_ms,

@@ -131,8 +131,13 @@ seal_idle_ms = 30000
 # Seal in the background when a volume has more dirty overlay data than this, in MB.
 seal_dirty_mb = 4096
 # Default flush mode of a new volume: "demand" (the store is touched only by drain, fork,
-# migration and the dirty budget) or "continuous" (blocks and manifest follow the writes).
+# migration and the dirty budget), "continuous" (blocks and manifest follow the writes) or
+# "durable" (a FLUSH is acknowledged once the store holds every write before it: a small
+# log object of the changed sectors, shared by the FLUSHes of every durable volume).
 flush_mode = "demand"
+# Durable mode: a FLUSH fails (EIO) when the store has not taken its writes this long
+# after it arrived, in milliseconds. The writes stay on this host.
+durable_flush_timeout_ms = 30000
 # Default dirty budget of a new volume, in GB: past it the oldest chunks not yet in the
 # store are uploaded, even in demand mode.
 dirty_budget_gb = 5.0

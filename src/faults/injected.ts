@@ -14,7 +14,9 @@ export type InjectedFault =
   /** A release saves the volume read-only only after its released-lease PUT. */
   | 'release-save-after-lease-put'
   /** A failed fdatasync of the overlay leaves the volume healthy: its chunks stay dirty and the next FLUSH tries again. */
-  | 'fsync-retry-succeeds';
+  | 'fsync-retry-succeeds'
+  /** A promotion finds no log to replay (a durable volume's flushed writes after its manifest are not applied). */
+  | 'durable-skip-replay';
 
 /** The faults switched on (the simulation only). */
 export const injected = new Set<InjectedFault>();

@@ -23,6 +23,7 @@ import type { StoreCipher } from '../crypto/cipher.js';
 import { errorMessage, type Logger } from '../log.js';
 import { isPreconditionFailed, type ObjectStore } from '../objectstore/types.js';
 import { decodeManifest } from '../store/manifest-decode.js';
+import { storedManifestMeta, sweepLogObjects } from '../store/log.js';
 import { packIdFromKey, packKey } from '../store/pack.js';
 import type { PackIndex } from '../store/pack-index.js';
 import { crashPoint } from '../faults/crash-points.js';
@@ -84,6 +85,8 @@ export interface ReconcileResult {
   refcount_corrections: number;
   packs_adopted: number;
   unreadable_manifests: number;
+  /** Log objects of durable volumes deleted because manifests cover every entry in them (their writer died or was fenced). */
+  log_objects_deleted: number;
   duration_ms: number;
 }
 
@@ -246,7 +249,7 @@ export class Collector {
     const refcounts = this.refcounts;
     const result: ReconcileResult = {
       manifests: 0, live_packs: 0, store_packs: 0, manifest_corrections: 0, set_corrections: 0, refcount_corrections: 0, packs_adopted: 0,
-      unreadable_manifests: 0, duration_ms: 0,
+      unreadable_manifests: 0, log_objects_deleted: 0, duration_ms: 0,
     };
     const resolved = await refcounts.resolveIntents();
     this.counters.intentsCommitted += resolved.committed;
@@ -324,6 +327,10 @@ export class Collector {
       // Until every manifest can be read, the live set is not known: no deletion.
       await refcounts.db.tx((tx) => tx.run(`DELETE FROM gc_meta WHERE name = 'reconciled_at'`));
     }
+    // Log objects are not packs: nothing counts them; those no replay can need any more go here.
+    const swept = await sweepLogObjects(this.store, this.cipher, storedManifestMeta(this.store, this.cipher));
+    result.log_objects_deleted = swept.deleted.length;
+    for (const key of swept.unreadable) this.log.error('reconcile: a log object does not decode; a promotion that needs it will fail', { key });
     this.counters.reconciliations++;
     result.duration_ms = Math.round(performance.now() - started);
     this.log.info('reconciled refcounts with the store', { ...result });

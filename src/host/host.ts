@@ -16,6 +16,7 @@ import { recordBootInto } from './boot-set.js';
 import { findVolumeDirs, HostInventory, UNPUBLISHED, type HostOptions, type VolumeSettings } from './inventory.js';
 import { HostSchedulers } from './schedulers.js';
 import { ReplicaFollowers, type ReplicaLag } from './follow.js';
+import type { Replayed } from './replay.js';
 import { StoreLink } from './store-link.js';
 import type { DrainResult } from './store-state.js';
 export { hostIdentity, type HostOptions, type VolumeSettings, type VolumeSummary } from './inventory.js';
@@ -28,7 +29,7 @@ export class Host extends HostInventory {
 
   private constructor(options: HostOptions, log: Logger) {
     super(options, log);
-    this.schedulers = new HostSchedulers(options, this.log, this.volumes, this.links, this.cache);
+    this.schedulers = new HostSchedulers(options, this.log, this.volumes, this.links, this.cache, (name) => this.durableLog.loggedBytes(name));
     this.followers = new ReplicaFollowers(
       { store: options.store, cipher: options.cipher, manifestCompression: options.manifestCompression, packIndex: this.packIndex, intervalMs: options.replicaFollowIntervalMs ?? 0 },
       this.links,
@@ -69,8 +70,10 @@ export class Host extends HostInventory {
           continue;
         }
         const volume = Volume.load(dir, host.ctx);
-        host.links.set(volume.name, StoreLink.load(volume, host.storeCtx, host.defaults));
+        const link = StoreLink.load(volume, host.storeCtx, host.defaults);
+        host.links.set(volume.name, link);
         host.volumes.set(volume.name, volume);
+        host.trackFlushMode(link);
         log.info('recovered volume', {
           volume: volume.name, size: volume.size, chunks: volume.mappedChunks, dirty_bytes: volume.dirtyBytes,
           sequence: volume.sequence, ms: (performance.now() - t0).toFixed(1),
@@ -96,10 +99,16 @@ export class Host extends HostInventory {
     return this.events.track('drain', name, drained, (r) => `drained at sequence ${r.sequence}: ${r.packs_uploaded} packs, ${r.bytes_uploaded} bytes uploaded`);
   }
 
-  promote(name: string): Promise<{ generation: number; sequence: number }> {
+  promote(name: string): Promise<{ generation: number; sequence: number; replayed?: Replayed }> {
     this.checkOpen();
     const link = this.linkOf(name);
-    return this.events.track('promotion', name, this.needingStore(`volume ${name}: promotion failed`, () => link.promote()), (r) => `promoted: this host writes it, generation ${r.generation}`);
+    const promoted = this.needingStore(`volume ${name}: promotion failed`, async () => {
+      const result = await link.promote();
+      this.trackFlushMode(link, true);
+      return result;
+    });
+    return this.events.track('promotion', name, promoted, (r) =>
+      `promoted: this host writes it, generation ${r.generation}` + (r.replayed === undefined ? '' : `; replayed ${r.replayed.records} log records up to sequence ${r.replayed.sequence}`));
   }
 
   release(name: string): Promise<{ generation: number; drained?: DrainResult }> {
@@ -247,6 +256,7 @@ export class Host extends HostInventory {
     Object.assign(link.state, settings);
     link.save();
     this.followers.start();
+    this.trackFlushMode(link);
     this.log.info('volume settings changed', { volume: name, flush_mode: link.state.flushMode, dirty_budget_bytes: link.state.dirtyBudgetBytes });
   }
 
@@ -273,6 +283,7 @@ export class Host extends HostInventory {
     this.closed = true;
     this.schedulers.stop();
     this.followers.stop();
+    this.durableLog.close();
     await Promise.allSettled([...this.links.values()].map((link) => link.serial(async () => undefined)));
     const results = await Promise.allSettled(this.all().map((v) => v.close()));
     for (const r of results) if (r.status === 'rejected') this.log.error('close failed', { error: errorMessage(r.reason) });

@@ -31,6 +31,7 @@ import { StoreLink } from './store-link.js';
 import { LeaseHeldError, type FlushMode, type StoreContext } from './store-state.js';
 import { fetchBootSet, type BootSetContext } from './boot-set.js';
 import { outOfService, type ReplicaLag } from './follow.js';
+import { DEFAULT_DURABLE_FLUSH_TIMEOUT_MS, DurableLog } from './durable-log.js';
 import { HostEvents, recordingErrors } from './events.js';
 
 export interface HostOptions {
@@ -59,6 +60,8 @@ export interface HostOptions {
   /** How much earlier than a taker the holder of a lease considers it gone (StoreContext). */
   clockSkewMarginMs: number;
   flushMode: FlushMode;
+  /** A durable volume's FLUSH fails (EIO) when the store has not taken its writes this long after it arrived. */
+  durableFlushTimeoutMs?: number;
   dirtyBudgetBytes: number;
   continuousBlockIntervalMs: number;
   continuousManifestIntervalMs: number;
@@ -101,6 +104,8 @@ export interface VolumeSummary {
   outOfService?: string;
   /** How far behind the writer a replica following it is (follow.ts); undefined for any other volume. */
   replica?: ReplicaLag;
+  /** A durable volume: the last sequence the store holds (logged or in a manifest). */
+  durableSequence?: number;
 }
 
 /** The folder holding a volume's local state: one folder per name segment, then '@'. */
@@ -155,6 +160,8 @@ export abstract class HostInventory {
   readonly hostId: string;
   /** Recent drains, forks, checkpoints, migrations, promotions, fencing and errors (the dashboard's timeline). */
   readonly events = new HostEvents();
+  /** The group-committed log of the durable volumes (durable-log.ts). */
+  readonly durableLog: DurableLog;
   protected readonly storeCtx: StoreContext;
   protected readonly links = new Map<string, StoreLink>();
   protected readonly volumes = new Map<string, Volume>();
@@ -183,12 +190,23 @@ export abstract class HostInventory {
     this.storeCtx = {
       store: options.store, packIndex: this.packIndex, uploader: this.uploader, cache: this.cache, hostId: this.hostId,
       leaseTtlMs: options.leaseTtlMs, clockSkewMarginMs: options.clockSkewMarginMs, clock: options.storeClock ?? new StoreClock(options.store, clockKey(this.hostId)), manifestCompression: options.manifestCompression, cipher: options.cipher, refcounts: options.refcounts, log: log.child('store'),
+      onManifest: (volume, sequence) => this.durableLog.manifestWritten(volume, sequence),
     };
+    this.durableLog = new DurableLog({
+      store: options.store, hostId: this.hostId, compression: options.compression, cipher: options.cipher,
+      flushTimeoutMs: options.durableFlushTimeoutMs ?? DEFAULT_DURABLE_FLUSH_TIMEOUT_MS, log: log.child('durable'),
+    });
     this.ctx = {
       cache: this.cache, blockHash: options.cipher.blockHash, log: log.child('volume'), scratch: Buffer.alloc(options.blockSize), fetcher: this.fetcher,
       syncFailures: this.syncFailures,
     };
     this.bootSets = { store: options.store, cipher: options.cipher, fetcher: this.fetcher, log };
+  }
+
+  /** A durable volume's FLUSHes wait for the store (its changes are tracked); any other's do not. `reset`: its content was replaced (a promotion). */
+  protected trackFlushMode(link: StoreLink, reset = false): void {
+    if (link.state.flushMode === 'durable') this.durableLog.attach(link, reset);
+    else this.durableLog.detach(link, 'the volume is not in durable flush mode any more');
   }
 
   protected get defaults(): { flushMode: FlushMode; dirtyBudgetBytes: number } {
@@ -228,6 +246,7 @@ export abstract class HostInventory {
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
       failed: v.failed,
       ...(state.lostLease === undefined ? {} : { leaseLost: state.lostLease }),
+      ...(state.flushMode === 'durable' ? { durableSequence: this.durableLog.loggedSequence(v.name) } : {}),
     };
     const link = this.links.get(v.name)!;
     const unserved = outOfService(link);
@@ -334,6 +353,7 @@ export abstract class HostInventory {
       link.save();
       this.links.set(name, link);
       this.volumes.set(name, volume);
+      this.trackFlushMode(link);
       this.log.info('created volume', { volume: name, size, flush_mode: link.state.flushMode });
       return volume;
     }), created: true };
@@ -420,6 +440,7 @@ export abstract class HostInventory {
     // request) is on its way, not before it.
     const committed = found.commit && new Promise(setImmediate).then(found.commit);
     const [writable] = await Promise.all([promoted, committed]);
+    this.trackFlushMode(link, true);
     this.log.info('woke volume from the store', {
       volume: name, size: meta.size, chunks: volume.mappedChunks, sequence: meta.sequence, writable,
       ms: Math.round(performance.now() - started),
@@ -531,7 +552,10 @@ export abstract class HostInventory {
       await link.leave();
       const reopened = Volume.load(volume.dir, this.ctx);
       volume.releaseHeld();
-      this.links.set(name, StoreLink.load(reopened, this.storeCtx, this.defaults));
+      this.durableLog.detach(link, 'the volume was reopened');
+      const relinked = StoreLink.load(reopened, this.storeCtx, this.defaults);
+      this.links.set(name, relinked);
+      this.trackFlushMode(relinked);
       this.volumes.set(name, reopened);
       this.log.info('reopened volume', { volume: name, was_failed: volume.failed ?? false, sequence: reopened.sequence });
       return reopened;
@@ -543,6 +567,8 @@ export abstract class HostInventory {
     if (!volume) throw new VolumeError('EINVAL', `no volume ${name}`);
     checkSize(size);
     await volume.resize(size);
+    // A durable volume's new size is in the store before the answer, as a FLUSH's writes are.
+    await volume.durableFlush?.(volume.sequence);
     this.log.info('resized volume', { volume: name, size });
     return volume;
   }
@@ -556,6 +582,7 @@ export abstract class HostInventory {
     if (!volume) return;
     const link = this.links.get(name);
     if (link?.holdsLease) await link.release();
+    if (link) this.durableLog.detach(link, 'the volume left this host');
     this.volumes.delete(name);
     this.links.delete(name);
     // A drain or upload in flight finishes first, so nothing is held for the volume after this.
@@ -589,6 +616,7 @@ export abstract class HostInventory {
     const volume = this.volumes.get(name);
     const link = this.links.get(name);
     if (volume) {
+      if (link) this.durableLog.detach(link, 'the volume was purged');
       this.volumes.delete(name);
       this.links.delete(name);
       // A drain or fork in flight finishes first, so no manifest write lands after the purge.

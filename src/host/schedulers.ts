@@ -1,6 +1,7 @@
 // The host's background work: the sealer (volumes' overlays into blocks under the seal
 // thresholds), writeback of volumes gone idle with unflushed writes, the store tick (lease
-// renewals, continuous flushing, the dirty budget) and the scrub of the disk cache.
+// renewals, continuous flushing, folding durable volumes' logs into manifests, the dirty
+// budget) and the scrub of the disk cache.
 import type { BlockCache } from '../blocks/cache.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { Volume } from '../volume/volume.js';
@@ -12,6 +13,8 @@ const SEAL_CHUNKS_PER_STEP = 32;
 /** A volume idle this long with unflushed writes is flushed in the background. */
 const WRITEBACK_IDLE_MS = 1000;
 const STORE_TICK_MS = 250;
+/** A durable volume whose log since its manifest holds this much is drained (its log objects then go). */
+const FOLD_LOGGED_BYTES = 64 << 20;
 
 /** The timers of the host's background work, over the host's volumes and their store links. */
 export class HostSchedulers {
@@ -29,6 +32,8 @@ export class HostSchedulers {
     private readonly volumes: ReadonlyMap<string, Volume>,
     private readonly links: ReadonlyMap<string, StoreLink>,
     private readonly cache: BlockCache,
+    /** Bytes a durable volume logged since its last manifest (DurableLog.loggedBytes). */
+    private readonly loggedBytes: (name: string) => number = () => 0,
   ) {}
 
   /** Start the timers (the host has recovered its volumes); `log` is the scrub's (the daemon's, not the host's event-recording one). */
@@ -86,6 +91,12 @@ export class HostSchedulers {
           link.uploadBlocks().catch((err) => this.log.error('continuous flush: block upload failed', { volume: link.name, error: errorMessage(err) }));
           continue;
         }
+      }
+      if (link.state.flushMode === 'durable' && changed && link.holdsLease &&
+        (now - link.lastManifestAt >= this.options.continuousManifestIntervalMs || this.loggedBytes(link.name) >= FOLD_LOGGED_BYTES)) {
+        // Fold the log into packs and a manifest: the log objects it covers are deleted.
+        link.drain().catch((err) => this.log.error('durable mode: drain of the log failed', { volume: link.name, error: errorMessage(err) }));
+        continue;
       }
       if (volume.storeDirtyBytes > link.state.dirtyBudgetBytes) {
         const dirty = volume.storeDirtyBytes;

@@ -25,6 +25,9 @@ import { injected } from '../faults/injected.js';
 import { crashPoint } from '../faults/crash-points.js';
 import { captureManifest, type CapturedManifest, type ManifestBase } from './capture.js';
 import { LeaseHolder } from './lease-holder.js';
+import { replayLog, type Replayed } from './replay.js';
+import { storedManifestMeta, sweepLogObjects } from '../store/log.js';
+import { errorMessage } from '../log.js';
 import { FencedError, loadStoreState, saveStoreState, type DrainResult, type FlushMode, type StoreContext, type StoreState } from './store-state.js';
 import { UploadsSet } from './uploads-set.js';
 
@@ -32,6 +35,9 @@ import { UploadsSet } from './uploads-set.js';
  * The manifest a conditional PUT lost to is this host's own earlier write (its etag was
  * not recorded): write again, conditional on it. Nothing of the lost PUT landed.
  */
+/** Sequences reserved for durable log records at a time (one store.json write per this many writes). */
+const RESERVE_STEP = 2 ** 20;
+
 class OwnWriteFoundError extends ObjectStoreError {
   constructor(volume: string, key: string) {
     super('PreconditionFailed', `volume ${volume}: put ${key}: the manifest there is this host's own unrecorded write; writing again over it`);
@@ -55,6 +61,12 @@ export class StoreLink {
   lastDrain: { at: number; sequence: number } | undefined;
   /** The base of incremental manifests (see setBase); none after a restart until the first full one. */
   base: ManifestBase | undefined;
+  /**
+   * The lease generation under which this host wrote the volume's manifest in the store
+   * (drain, refence); undefined after a restart, or when the manifest was loaded (a
+   * released lease taken): a durable log record is only written on top of one's own.
+   */
+  private manifestGeneration: number | undefined;
   /** The packs counted for this volume's manifest as of its etag (saves reading them back per write). */
   private counted: CountedManifest | undefined;
 
@@ -141,10 +153,12 @@ export class StoreLink {
       await this.uploadsSet.settle();
       this.base = { map: captured.map, raw: captured.raw, tables: captured.tables, appended: captured.appended, etag };
       this.state.manifestSequence = captured.sequence;
+      this.manifestGeneration = this.state.generation;
       this.lastManifestAt = Date.now();
       this.lastDrain = { at: this.lastManifestAt, sequence: captured.sequence };
       captured.stored();
       this.save();
+      this.ctx.onManifest?.(this.name, captured.sequence);
       const ms = performance.now() - captured.started;
       this.ctx.log.info('drained volume', {
         volume: this.name, sequence: captured.sequence, chunks: bodyCounts(captured.raw).chunks, changes: captured.changes, incremental: captured.incremental, packs: captured.uploaded.packs,
@@ -435,7 +449,7 @@ export class StoreLink {
    * stay connected. `fresh`: the volume was just made here (a fork) and most likely has
    * no lease in the store yet.
    */
-  promote(fresh = false): Promise<{ generation: number; sequence: number }> {
+  promote(fresh = false): Promise<{ generation: number; sequence: number; replayed?: Replayed }> {
     return this.serial(async () => {
       if (!this.state.readOnly && this.state.generation > 0) {
         // Held here by this host's own reckoning (a restart keeps it): another host may have
@@ -456,18 +470,57 @@ export class StoreLink {
       // up its generation, so only the latest manifest is loaded; the rewrite (a PUT, and
       // counting every pack of the volume in this host's refcounts) stays out of the pause.
       const { first, released } = await this.lease.acquire(fresh);
+      let replayed: Replayed | undefined;
       if (released) {
         const latest = await this.loadLatest();
         this.state.manifestEtag = latest?.current.etag;
         this.state.manifestSequence = latest?.manifest.meta.sequence ?? -1;
-      } else if (!first) await this.refence();
+      } else if (!first) {
+        replayed = await this.replay();
+        if (replayed === undefined) await this.refence();
+      }
       this.state.readOnly = false;
       this.state.lostLease = undefined;
       this.lease.applyReadOnly();
       this.save();
-      this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence });
-      return { generation: this.state.generation, sequence: this.volume.sequence };
+      this.ctx.log.info('promoted: this host now writes the volume', { volume: this.name, generation: this.state.generation, sequence: this.volume.sequence, replayed_records: replayed?.records });
+      return { generation: this.state.generation, sequence: this.volume.sequence, ...(replayed === undefined ? {} : { replayed }) };
     });
+  }
+
+  /**
+   * A durable holder that did not release the volume may have logged writes after its last
+   * manifest (host/replay.ts): apply them, then write a manifest of the result under this
+   * host's generation, conditional on the one loaded, before the volume takes a write (the
+   * previous holder is fenced by it as by refence). Undefined when there was nothing to replay.
+   */
+  private async replay(): Promise<Replayed | undefined> {
+    const latest = await this.loadLatest();
+    if (latest === undefined) return undefined;
+    this.state.manifestEtag = latest.current.etag;
+    this.state.manifestSequence = latest.manifest.meta.sequence;
+    this.volume.readOnly = false;
+    let found: Awaited<ReturnType<typeof replayLog>>;
+    try {
+      found = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta);
+      if (found === undefined) return undefined;
+      this.state.readOnly = false;
+      await this.drainNow();
+    } catch (err) {
+      // No write before the manifest of the replay is in the store: a promotion tried again replays again.
+      this.state.readOnly = true;
+      throw err;
+    } finally {
+      this.lease.applyReadOnly();
+    }
+    const { replayed, keys } = found;
+    this.ctx.log.info('replayed the durable log of the previous holder', { volume: this.name, records: replayed.records, objects: replayed.objects, sequence: replayed.sequence });
+    // The manifest covers them now: those of the previous holder's objects with nothing else to replay go.
+    sweepLogObjects(this.ctx.store, this.ctx.cipher, storedManifestMeta(this.ctx.store, this.ctx.cipher), keys).then(
+      (swept) => this.ctx.log.info('deleted the replayed log objects a manifest covers', { volume: this.name, deleted: swept.deleted.length, of: keys.length }),
+      (err: unknown) => this.ctx.log.warn('cannot delete replayed log objects; reconciliation will', { volume: this.name, error: errorMessage(err) }),
+    );
+    return replayed;
   }
 
   /**
@@ -513,6 +566,7 @@ export class StoreLink {
         // The same tables under the new generation: the base (if it was this manifest's) follows.
         if (base !== undefined && (base.etag === undefined || base.etag === current.etag)) base.etag = written.etag;
         this.state.manifestSequence = manifest.meta.sequence;
+        this.manifestGeneration = this.state.generation;
         this.save();
         return;
       } catch (err) {
@@ -534,5 +588,48 @@ export class StoreLink {
   /** Whether the lease is held here (the volume may write). */
   get holdsLease(): boolean {
     return this.state.generation > 0;
+  }
+
+  /** Lease generation held here (0: none). */
+  get generation(): number {
+    return this.state.generation;
+  }
+
+  /** Sequence of the volume's last manifest this host wrote or loaded (-1: none). */
+  get manifestSequence(): number {
+    return this.state.manifestSequence;
+  }
+
+  /**
+   * Whether this host may put the volume's log records now: it holds the lease, by its own
+   * reckoning its deadline has not passed, and no release runs (as for background uploads).
+   */
+  mayLog(): boolean {
+    return !this.state.readOnly && !this.lease.releasing && this.state.generation > 0 && this.lease.leftMs() > 0;
+  }
+
+  /**
+   * Whether the volume's manifest in the store is one this host wrote under the lease it
+   * holds: replay reads the log of the manifest's writer and generation, so records go on
+   * top of no other manifest (a first FLUSH otherwise drains).
+   */
+  get ownsManifest(): boolean {
+    return this.state.generation > 0 && this.manifestGeneration === this.state.generation;
+  }
+
+  /**
+   * Sequences up to this may be in log records this host put: after a restart the volume
+   * continues above it, so that a sequence a lost local write had is never reused by
+   * another write (replay would take the old record for the new history). 0: none.
+   */
+  get reservedSequence(): number {
+    return this.state.durableReserved ?? 0;
+  }
+
+  /** Make sequences up to `sequence` reserved (durable on return), in steps of RESERVE_STEP. */
+  reserveSequence(sequence: number): void {
+    if (sequence <= this.reservedSequence) return;
+    this.state.durableReserved = sequence + RESERVE_STEP;
+    this.save();
   }
 }

@@ -13,7 +13,7 @@ import type { PackRefcounts } from '../gc/refcounts.js';
 import type { PackIndex } from '../store/pack-index.js';
 import type { PackUploader } from '../store/upload.js';
 
-export type FlushMode = 'demand' | 'continuous';
+export type FlushMode = 'demand' | 'continuous' | 'durable';
 
 /** Where this host stands with a volume's objects in the store. */
 export interface StoreState {
@@ -37,6 +37,8 @@ export interface StoreState {
   manifestSequence: number;
   /** As a replica, how often to check the manifest in the store, when not the host's `replica_follow_interval_ms`; 0: it does not follow. */
   replicaFollowIntervalMs?: number;
+  /** Durable mode: sequences up to this may be in log records this host put (see StoreLink.reserveSequence). */
+  durableReserved?: number;
 }
 
 /** What the host shares with every link. */
@@ -62,6 +64,8 @@ export interface StoreContext {
   cipher: StoreCipher;
   /** Pack refcounts (GC); every manifest write goes through them when set. */
   refcounts?: PackRefcounts;
+  /** Hears of every manifest of a volume this host writes (a drain), with its sequence: the durable log lets go of what it covers. */
+  onManifest?: (volume: string, sequence: number) => void;
   log: Logger;
 }
 

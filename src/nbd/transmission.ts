@@ -173,7 +173,7 @@ export class Transmission {
           return void this.complete('write', cookieHigh, cookieLow, flags, length, started);
         }
         case P.CMD_FLUSH:
-          return this.wait('flush', cookieHigh, cookieLow, volume.flush(), 0, started);
+          return this.wait('flush', cookieHigh, cookieLow, volume.flushForClient(), 0, started);
         case P.CMD_TRIM:
           volume.trim(offset, length);
           return void this.complete('trim', cookieHigh, cookieLow, flags, length, started);
@@ -301,8 +301,8 @@ export class Transmission {
    */
   private complete(kind: OpKind, cookieHigh: number, cookieLow: number, flags: number, bytes: number, started: number, deferred = false): Promise<void> | void {
     if (flags & P.CMD_FLAG_FUA) {
-      if (deferred) return this.replyAfter(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
-      return this.wait(kind, cookieHigh, cookieLow, this.volume.flush(), bytes, started);
+      if (deferred) return this.replyAfter(kind, cookieHigh, cookieLow, this.volume.flushForClient(), bytes, started);
+      return this.wait(kind, cookieHigh, cookieLow, this.volume.flushForClient(), bytes, started);
     }
     this.volume.stats.ops[kind].observe((performance.now() - started) / 1000, bytes);
     this.ok(cookieHigh, cookieLow);

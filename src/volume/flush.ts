@@ -34,6 +34,17 @@ export abstract class VolumeFlushes extends VolumeSeals {
     return run;
   }
 
+  /**
+   * A client's FLUSH (or FUA): flush(), and on a durable volume also wait until the store
+   * holds every write acknowledged before it; both run at once.
+   */
+  flushForClient(): Promise<void> {
+    const durable = this.durableFlush;
+    if (durable === undefined) return this.flush();
+    const sequence = this.sequence;
+    return Promise.all([this.flush(), durable(sequence)]).then(() => undefined);
+  }
+
   private async flushNow(): Promise<void> {
     if (this.failure !== undefined) throw this.failedError();
     if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced && this.sequence === this.journalSequence) return;

@@ -7,6 +7,7 @@ import type { BlockCache, BlockKey, LocalSpace } from '../blocks/cache.js';
 import type { BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
+import type { ChangedSectors } from './changes.js';
 import type { Journal } from './journal.js';
 import { Overlay } from './overlay.js';
 import { maskBytesOf, SECTOR_SHIFT } from './sectors.js';
@@ -144,6 +145,13 @@ export abstract class VolumeState {
    * the store link holds the pack of one the store already has (invariant 6).
    */
   onSealedBlock: ((key: BlockKey) => void) | undefined;
+  /** The sectors changed since the store last took them (a durable volume's log); undefined when not tracked. */
+  changes: ChangedSectors | undefined;
+  /**
+   * A durable volume's second half of a client's FLUSH: resolves once the store holds every
+   * write up to `sequence` (the sequence when the FLUSH arrived); undefined otherwise.
+   */
+  durableFlush: ((sequence: number) => Promise<void>) | undefined;
   protected readonly cache: BlockCache;
   protected readonly space: LocalSpace;
   protected readonly log: Logger;

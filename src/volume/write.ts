@@ -63,6 +63,7 @@ export abstract class VolumeWrites extends VolumeReads {
       this.writeChunk(chunk, inChunk, views, n);
       done += n;
     }
+    this.changes?.add(offset, length);
     this.sequence++;
     this.lastWriteAt = Date.now();
   }
@@ -105,6 +106,7 @@ export abstract class VolumeWrites extends VolumeReads {
       this.setPresent(chunk, inChunk >>> SECTOR_SHIFT, (inChunk + n - 1) >>> SECTOR_SHIFT);
       offset += n;
     }
+    this.changes?.add(end - length, length);
     this.sequence++;
     this.lastWriteAt = Date.now();
   }
@@ -209,6 +211,7 @@ export abstract class VolumeWrites extends VolumeReads {
         this.writeChunk(piece.chunk, piece.inChunk, [zeros.subarray(0, piece.length)], piece.length);
       }
     }
+    this.changes?.add(offset, length);
     this.sequence++;
     this.lastWriteAt = Date.now();
   }
@@ -219,6 +222,7 @@ export abstract class VolumeWrites extends VolumeReads {
     for (const piece of this.pieces(offset, length)) {
       if (piece.whole) this.discardChunk(piece.chunk, undefined);
     }
+    this.changes?.add(offset, length);
     this.sequence++;
     this.lastWriteAt = Date.now();
   }

@@ -44,6 +44,8 @@ export class VolumeModel {
   maybeSize = 0;
   /** A purge was started: its local state may be gone. */
   purging = false;
+  /** Flush mode `durable`: its FLUSHes wait for the store, so the floor survives the loss of its host. */
+  durable = false;
 
   constructor(
     readonly name: string,

@@ -180,12 +180,27 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     return { first, count: Math.max(1, n) };
   }
 
+  /** A client's FLUSH: on a durable volume it also waits for the store (the floor then survives a lost host). */
+  const flushOf = (model: VolumeModel, volume: Volume) => (model.durable ? volume.flushForClient() : volume.flush());
+
+  /** A durable volume stays durable on the host that takes it over (the flush mode is the serving host's setting). */
+  function keepMode(slot: Slot, model: VolumeModel): void {
+    if (!model.durable || slot.host?.get(model.name) === undefined) return;
+    try {
+      runAs(slot.actor, () => slot.host!.setVolumeSettings(model.name, { flushMode: 'durable' }));
+    } catch (err) {
+      // The settings file's sync failed: the host serves the volume in its default mode, so its floor is local only from now on.
+      note(`  ${slot.id} cannot make ${model.name} durable: ${(err as Error).message}`);
+      model.durable = false;
+    }
+  }
+
   async function flushThenPowerCut(slot: Slot): Promise<void> {
     note(`  flush every volume of ${slot.id}, then a power cut`);
     for (const m of models.values()) {
       const volume = m.home === slot.index ? slot.host!.get(m.name) : undefined;
       if (volume === undefined) continue;
-      const out = await drive(slot, () => volume.flush());
+      const out = await drive(slot, () => flushOf(m, volume));
       if (!slot.up) return;
       if (out.ok) m.flushed();
       else if (!('died' in out)) note(`  flush of ${m.name} failed: ${(out.error as Error).message}`);
@@ -208,6 +223,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (volume.size !== m.size) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${m.size}`);
       await readAll(slot, m, volume);
       if (!slot.up) return;
+      // A durable volume continues above the sequences it may have logged: its next manifest is at this content.
+      if (m.durable && m.resolved()) m.snapshot(volume.sequence);
     }
   }
 
@@ -372,12 +389,17 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const slot = pick(up());
       const name = `v${nextName++}`;
       const size = pick([8, 16, 24]) * BLOCK;
-      note(`create ${name} (${size} bytes) on ${slot.id}`);
+      // A stream of its own: adding durable volumes left every seed's other draws as they were.
+      const durable = prng(opts.seed * 31 + step)() < 0.3;
+      note(`create ${name} (${size} bytes${durable ? ', durable' : ''}) on ${slot.id}`);
       maybeCrashDuring();
-      const out = await drive(slot, () => slot.host!.create(name, size));
+      const out = await drive(slot, () => slot.host!.create(name, size, durable ? { flushMode: 'durable' } : {}));
       if (out.ok) {
         const m = new VolumeModel(name, size);
+        m.durable = durable;
         m.home = slot.index;
+        // A durable volume's FLUSHes and background folds write manifests at any sequence: each one's content is recorded.
+        if (durable) m.snapshot(0);
         models.set(name, m);
         // The volume's lease is taken at its first drain.
         checkWriters();
@@ -417,27 +439,29 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         // A sector-aligned write goes through the thread pool half the time, as a large NBD write does.
         if (large) await volume.writeLarge(first * UNIT, [data]);
         else volume.write(first * UNIT, data);
-        if (fua) await volume.flush();
+        if (fua) await flushOf(model, volume);
       });
       if (!out.ok && !('died' in out)) {
         note(`  write failed: ${(out.error as Error).message}`);
         model.unsure(first, before, w);
-      }
+      } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
     } else if (op < 0.4) {
       const { first, count } = range(model);
       note(`read ${model.name} units ${first}+${count} on ${slot.id}`);
       await readCheck(slot, model, volume, first * UNIT, count * UNIT);
     } else if (op < 0.52) {
       note(`flush ${model.name} on ${slot.id}`);
-      let out = await drive(slot, () => volume.flush());
+      let out = await drive(slot, () => flushOf(model, volume));
       let retried = false;
       if (!out.ok && !('died' in out) && slot.up) {
         note(`  flush failed: ${(out.error as Error).message}`);
+        // A durable FLUSH may fail on the store alone (its writes wait for the next); a failed local sync fails the volume.
+        const local = volume.failed !== undefined;
         // A guest may retry: a FLUSH after a failed one must not succeed over writes the failed sync lost (invariant 1).
         retried = true;
-        out = await drive(slot, () => volume.flush());
+        out = await drive(slot, () => flushOf(model, volume));
         // Invariant 1: a failed sync fails the volume, and FLUSH stays failed until it is reopened.
-        if (out.ok) throw new Failure(`host ${slot.id}: volume ${model.name}: a FLUSH succeeded right after a failed one, without a reopen`);
+        if (out.ok && (local || !model.durable)) throw new Failure(`host ${slot.id}: volume ${model.name}: a FLUSH succeeded right after a failed one, without a reopen`);
       }
       if (out.ok) model.flushed();
       // What the FLUSH acknowledged must survive a power cut right after it.
@@ -471,7 +495,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (!out.ok && !('died' in out)) {
         note(`  failed: ${(out.error as Error).message}`);
         model.unsure(first, before, 0);
-      }
+      } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
     } else if (op < 0.58) {
       const size = model.size + BLOCK * pick([1, 2]);
       note(`resize ${model.name} to ${size} on ${slot.id}`);
@@ -479,6 +503,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       const out = await drive(slot, () => host.resize(model.name, size));
       if (out.ok) model.grow(size);
       else if (!('died' in out)) note(`  resize failed: ${(out.error as Error).message}`);
+      if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
     } else if (op < 0.64) {
       note(`drain ${model.name} on ${slot.id}`);
       const sequence = volume.sequence;
@@ -581,6 +606,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       // The old host keeps its (read-only) folder until removed.
       await drive(slot, () => host.remove(model.name));
       model.home = target.index;
+      keepMode(target, model);
       await readAll(target, model, moved);
       model.settle(model.val);
     } else if (op < 0.8) {
@@ -625,13 +651,35 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (!out.ok && !('died' in out)) note(`  ${target.id} cannot take it: ${(out.error as Error).message}`);
       return;
     }
-    const volume = out.value;
+    let volume = out.value;
     if (volume === undefined) {
       note(`  the store has no manifest of ${model.name}`);
       return;
     }
+    if (volume.readOnly && model.durable) {
+      // As an operator does: promote again once the dead holder's lease ran out.
+      note(`  the lease is live: ${LEASE_TTL_MS + 1000} ms pass, then ${target.id} promotes ${model.name}`);
+      await clock.advance(LEASE_TTL_MS + 1000);
+      if (!target.up) return;
+      const again = await drive(target, () => target.host!.promote(model.name));
+      if (!again.ok || !target.up) {
+        if (!again.ok && !('died' in again)) note(`  ${target.id} cannot take it: ${(again.error as Error).message}`);
+        return;
+      }
+      volume = target.host!.get(model.name)!;
+    }
     if (volume.readOnly) {
       note(`  ${target.id} serves ${model.name} read-only (its lease is live)`);
+      return;
+    }
+    if (model.durable) {
+      // The replayed log: every unit reads what its last acknowledged FLUSH had, or a later write (as after a crash).
+      if (volume.size > model.size && volume.size <= model.maybeSize) model.grow(volume.size);
+      if (volume.size !== model.size) throw new Failure(`failover of durable ${model.name} to ${target.id}: size ${volume.size}, expected ${model.size}`);
+      model.home = target.index;
+      keepMode(target, model);
+      await readAll(target, model, volume);
+      if (target.up && model.resolved()) model.snapshot(volume.sequence);
       return;
     }
     const candidates = model.snapshots.get(volume.sequence);
