@@ -230,8 +230,13 @@ export class BlockCache extends CacheTiers {
    *
    * The memory tier takes copies; the slab writes read `blocks` until the returned promise
    * settles (it never rejects), after which the caller may reuse their buffer.
+   *
+   * `stream`: fetched for a sequential reader (read-ahead). Such a block goes to the memory
+   * tier only, the first time: a stream reads most blocks once, and the store holds them.
+   * It is written to the slab when it is streamed again after leaving the memory tier
+   * (blocks/streamed-keys.ts), or when the memory tier cannot take it.
    */
-  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): Promise<void> {
+  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>, stream = false): Promise<void> {
     let run: { first: number; keys: BlockKey[]; data: Buffer[]; slots: Slot[] } | undefined;
     const writes: Promise<void>[] = [];
     const flush = () => {
@@ -246,6 +251,11 @@ export class BlockCache extends CacheTiers {
         }
         if (this.slots.has(key)) continue;
       }
+      if (stream && !this.streamed.take(key) && (this.memory.has(key) || this.admitToMemory(key, data, 1) !== undefined)) {
+        this.streamed.add(key);
+        this.counters.streamedToMemory++;
+        continue;
+      }
       // A pack's other blocks take only room that is free: evicting for them would push out
       // the blocks a waiting read needs (fetched from other packs meanwhile).
       const needed = wanted === undefined || wanted.has(key);
@@ -256,6 +266,7 @@ export class BlockCache extends CacheTiers {
       }
       const slot: Slot = { index, refs: 0, inStore: true };
       this.slots.set(key, slot);
+      this.counters.fetchedWritten++;
       this.writing.set(key, data);
       this.diskPolicy.insert(key, 1);
       this.slabDirty = true;
