@@ -15,6 +15,7 @@ import { parseCompression } from '../src/crypto/compress.js';
 import { createLogger } from '../src/log.js';
 import { FileObjectStore } from '../src/objectstore/index.js';
 import { PackFetcher } from '../src/store/fetch.js';
+import { packKey } from '../src/store/pack.js';
 import { PackIndex } from '../src/store/pack-index.js';
 import { packThreads } from '../src/store/pack-threads.js';
 import { PackUploader } from '../src/store/upload.js';
@@ -174,6 +175,43 @@ test('a block only this host holds is written to the slab and survives a reopen,
     assert.equal(reopened.counters.verifyEvictions, 0);
     assert.ok(blocks.every((b) => !reopened.has(b.key)), 'the streamed blocks were never written to the slab');
     await reopened.close();
+  } finally {
+    await packThreads(PLAINTEXT).close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a fetched plain pack is checked block by block: a truncated body, or another pack at its key, is refused', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-stream-admission-'));
+  try {
+    const { files, index, blocks } = await storeWithPacks(dir);
+    const packOf = (b: Block) => index.get(b.key)!.pack;
+    const first = blocks[0];
+    const other = blocks.find((b) => packOf(b) !== packOf(first))!;
+    const bodyOf = async (b: Block) => (await files.get(packKey(packOf(b))))!.body;
+    const firstBody = await bodyOf(first);
+    // Another pack's body at the first pack's key: every block in it checks out, but not the one wanted.
+    const swapped = Object.create(files) as FileObjectStore;
+    swapped.get = async (key: string) => (key === packKey(packOf(first)) ? { ...(await files.get(packKey(packOf(other))))!, body: await bodyOf(other) } : files.get(key));
+    const cache = BlockCache.open(join(dir, 'swapped'), { ...options, memoryBytes: 64 * BLOCK }, log);
+    const fetcher = new PackFetcher(swapped, index, cache, PLAINTEXT, 0, log);
+    await assert.rejects(fetcher.fetch([first.key]), /does not hold block [0-9a-f]+, which the pack index places there \(after 3 GETs\)/);
+    assert.equal(fetcher.counters.verifyFailures, 3);
+    assert.ok(!cache.has(first.key));
+    await cache.close();
+
+    // A body cut short inside its last block.
+    const truncated = Object.create(files) as FileObjectStore;
+    truncated.get = async (key: string) => {
+      const object = await files.get(key);
+      return key === packKey(packOf(first)) && object !== undefined ? { ...object, body: firstBody.subarray(0, firstBody.length - 100) } : object;
+    };
+    const cut = BlockCache.open(join(dir, 'truncated'), { ...options, memoryBytes: 64 * BLOCK }, log);
+    const cutFetcher = new PackFetcher(truncated, index, cut, PLAINTEXT, 0, log);
+    await assert.rejects(cutFetcher.fetch([first.key]), /runs past the end of the body/);
+    assert.equal(cutFetcher.counters.verifyFailures, 3);
+    assert.ok(!cut.has(first.key));
+    await cut.close();
   } finally {
     await packThreads(PLAINTEXT).close();
     rmSync(dir, { recursive: true, force: true });

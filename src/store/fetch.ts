@@ -199,6 +199,13 @@ export class PackFetcher implements BlockFetcher {
           this.opened.give(out); // the blocks did not fit: they came back in a buffer of their own
           out = undefined;
         }
+        const opened = blocks.map((block) => ({ key: blockKey(block.hash), data: block.data }));
+        // A body at this key that is another pack (its blocks each check out) lacks what the pack index placed in it.
+        const wanted = this.wanted.get(id);
+        if (wanted !== undefined && wanted.size > 0) {
+          const held = new Set(opened.map((block) => block.key));
+          for (const want of wanted) if (!held.has(want)) throw new FormatError(key, `pack ${key} does not hold block ${keyHex(want)}, which the pack index places there`);
+        }
         // From here the cache's slab writes read the opened blocks until they land (`written`).
         const lent = out;
         out = undefined;
@@ -206,7 +213,7 @@ export class PackFetcher implements BlockFetcher {
         let written: Promise<void>;
         try {
           // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
-          written = this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id), stream);
+          written = this.cache.putPackFromStore(opened, wanted, stream);
         } catch (err) {
           this.endLoad(); // `lent` is not reused: a slab write may have begun to read it
           throw err;
