@@ -144,7 +144,7 @@ test('demand fetches, and read-ahead with no memory tier, write fetched blocks t
   }
 });
 
-test('a block only this host holds is written to the slab and survives a reopen, beside a stream of fetched blocks', async () => {
+test('a block only this host holds is written to the slab, pinned, and survives a reopen, beside a stream of fetched blocks', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'updraft-stream-admission-'));
   try {
     const { files, index, blocks } = await storeWithPacks(dir);
@@ -153,6 +153,10 @@ test('a block only this host holds is written to the slab and survives a reopen,
     const fetcher = new PackFetcher(files, index, cache, PLAINTEXT, 8 * PER_PACK, log);
     await readAhead(fetcher, blocks.map((b) => b.key));
     assert.equal(cache.counters.streamedToMemory, blocks.length);
+    // Sealed with the bytes of a block read-ahead brought: the store holds it; written, not pinned.
+    assert.ok(cache.put(blocks[0].key, blocks[0].data));
+    assert.ok(cache.isInStore(blocks[0].key), 'a sealed block the memory tier had from the store is in the store');
+    assert.equal(cache.pinnedBlocks, 0);
     // Sealed here, in no pack: pinned, and the only copy.
     const sealed: Block[] = [];
     for (let i = 0; i < 4; i++) {
@@ -160,7 +164,7 @@ test('a block only this host holds is written to the slab and survives a reopen,
       sealed.push({ key: blockKey(PLAINTEXT.blockHash(data)), data });
       assert.ok(cache.put(sealed[i].key, data));
     }
-    assert.equal(cache.counters.blocksWritten, sealed.length);
+    assert.equal(cache.counters.blocksWritten, sealed.length + 1);
     assert.equal(cache.pinnedBlocks, sealed.length);
     await cache.sync();
     assert.ok(slabBytes(cacheDir) >= sealed.length * BLOCK, `the slab holds ${slabBytes(cacheDir)} bytes`);
@@ -173,7 +177,9 @@ test('a block only this host holds is written to the slab and survives a reopen,
     assertReadsBack(reopened, sealed);
     assert.equal(reopened.counters.diskHits, sealed.length);
     assert.equal(reopened.counters.verifyEvictions, 0);
-    assert.ok(blocks.every((b) => !reopened.has(b.key)), 'the streamed blocks were never written to the slab');
+    assert.ok(blocks.slice(1).every((b) => !reopened.has(b.key)), 'the streamed blocks were never written to the slab');
+    assert.ok(reopened.isInStore(blocks[0].key), 'the block sealed over a streamed one is in the slab, marked in the store');
+    assertReadsBack(reopened, blocks.slice(0, 1));
     await reopened.close();
   } finally {
     await packThreads(PLAINTEXT).close();

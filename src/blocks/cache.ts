@@ -105,10 +105,14 @@ export class BlockCache extends CacheTiers {
       if (this.lost.has(key)) this.rewriteLost(key, existing, Buffer.from(block));
       return true;
     }
-    if (!this.space.fits(this.blockSize, replacing)) return false;
+    // In the memory tier without a slot: fetched from the store (read-ahead keeps blocks there
+    // only), which holds it, as for a fetched block in the slab put again (not pinned; a
+    // sealing volume's hold on its pack pins it meanwhile: pinUntilHeld).
+    const inStore = this.memory.has(key);
+    if (!inStore && !this.space.fits(this.blockSize, replacing)) return false;
     const index = this.allocateSlot();
     if (index === undefined) return false;
-    const slot: Slot = { index, refs: 1, inStore: false };
+    const slot: Slot = { index, refs: 1, inStore };
     this.slots.set(key, slot);
     // The slab write reads the memory tier's copy, which stays until it lands (admitToMemory's evictions skip it).
     let data = this.admitToMemory(key, block);
@@ -116,12 +120,12 @@ export class BlockCache extends CacheTiers {
     else data = Buffer.from(block);
     this.writing.set(key, data);
     this.unsynced.add(key);
-    this.space.pinnedBytes += this.blockSize;
+    if (!inStore) this.space.pinnedBytes += this.blockSize;
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
     this.counters.blocksWritten++;
     const write = writeAt(this.slabFd, data, index * this.blockSize)
-      .then(() => this.writeEntry(index, key, SLOT_USED))
+      .then(() => this.writeEntry(index, key, inStore ? SLOT_USED | SLOT_IN_STORE : SLOT_USED))
       .then(
         () => {
           if (this.writing.get(key) !== data) return;
