@@ -143,7 +143,7 @@ test('PostgreSQL on a durable volume: the host dies with its cache mid-pgbench, 
     await a.kill9();
     t.diagnostic(`host A killed with ${committed} transactions committed`);
     // Everything of A's that still runs goes the way a dead host's would; its cache folder with it.
-    process.kill(pgA.pid, 'SIGKILL');
+    pgA.kill9();
     load.child.kill('SIGKILL');
     await load.done;
     await stopPgA();

@@ -145,11 +145,12 @@ for (const [label, store] of [['s3:// (MinIO)', (dir: string) => minioStore(mini
   });
 }
 
-test('a volume switched to durable at run time (POST flush-mode): its next FLUSH drains, later ones log, and a dead holder loses none of them', { timeout: TIMEOUT }, async () => {
+test('a volume switched to durable at run time (POST flush-mode): its next FLUSH drains, later ones log, a dead holder loses none of them, and the next host keeps it durable', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {
     const a = await cluster.start('host-a', SHORT_LEASE);
-    const b = await cluster.start('host-b', { ...SHORT_LEASE, volumes: { flush_mode: 'durable' } });
+    // B's own default is demand: the volume's mode comes with its manifest.
+    const b = await cluster.start('host-b', SHORT_LEASE);
     await withLogs([a, b], async () => {
       const name = 'switched';
       await createVolume(a, name, SIZE_MIB);
@@ -168,7 +169,9 @@ test('a volume switched to durable at run time (POST flush-mode): its next FLUSH
       fs.rmSync(path.join(a.dir, 'cache'), { recursive: true, force: true });
       await sleep(5_000);
       const cb = await connect(b, name);
-      assert.equal((await exportInfo(b, name)).read_only, false);
+      const onB = await exportInfo(b, name);
+      assert.equal(onB.read_only, false);
+      assert.equal(onB.flush_mode, 'durable', 'the volume came to host B in its own default mode, not in the durable mode its manifest names');
       assert.equal(sectorsDiffering(await readAll(cb, 0, SIZE_MIB * MiB), flushed), 0, 'B lost flushed writes of the switched volume');
       await cb.disconnect();
     });

@@ -18,7 +18,9 @@
 //   cold     a fresh host wakes that volume and fio reads it sequentially (1 MiB, QD1)
 //            with BENCH_STORE_LATENCY_MS (20) injected on every store request
 //            (UPDRAFT_STORE_FAULTS), with read-ahead (read_ahead_packs = BENCH_READ_AHEAD_PACKS,
-//            default 8, the config default) and without (0).
+//            default 8, the config default) and without (0); the daemon's memory tier is
+//            BENCH_COLD_MEMORY_GB (1): below the volume's size, the tier fills early and the
+//            rest of the read reuses its memory, as on a host that has run a while.
 //
 // BENCH_STORE_ENCRYPTED=1 runs every daemon on an encrypted store ([storage]
 // encryption_password), to compare drain and cold-read throughput with encryption on and off.
@@ -294,7 +296,8 @@ async function main() {
     const readAhead = Number(process.env.BENCH_READ_AHEAD_PACKS || 8);
     record('read_ahead_packs', readAhead);
     for (const [label, packs] of [['readahead', readAhead], ['no_readahead', 0]]) {
-      const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` });
+      const memoryGb = Number(process.env.BENCH_COLD_MEMORY_GB || 1);
+      const b = await daemon(`host-${label}`, minio, `read_ahead_packs = ${packs}`, { UPDRAFT_STORE_FAULTS: `seed=1,latency=${LATENCY_MS}` }, memoryGb);
       await api(b.url, 'PUT', `/api/exports/${volume}`, { size_gb: (2 * SIZE_MIB) / 1024 });
       const gets0 = await metric(b.url, 'updraft_store_requests_total', { kind: 'get' });
       const cpu = cpuSeconds(b.child.pid);

@@ -10,6 +10,7 @@ import { keyHex, type BlockKey } from './block-key.js';
 import { LocalSpace } from './local-space.js';
 import { MemoryTier } from './memory-tier.js';
 import { S3Fifo } from './s3fifo.js';
+import { StreamedKeys } from './streamed-keys.js';
 import { SLOT_IN_STORE, SLOT_USED, SlotTable, writeAt, type Slot } from './slab.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
@@ -46,6 +47,10 @@ export interface CacheCounters {
   verifyEvictions: number;
   /** fdatasync calls of the slab or slot table that failed. */
   syncFailures: number;
+  /** Fetched blocks a sequential reader streamed into the memory tier only, not written to the slab (the store holds them). */
+  streamedToMemory: number;
+  /** Fetched blocks written to the slab (with their slot table entries). */
+  fetchedWritten: number;
 }
 
 /** The block cache's state: its two tiers, the slab and slot table, and their durability (BlockCache builds on it). */
@@ -55,6 +60,7 @@ export abstract class CacheTiers {
   readonly counters: CacheCounters = {
     memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
     blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0, syncFailures: 0,
+    streamedToMemory: 0, fetchedWritten: 0,
   };
   /** Scratch for verifySync. */
   private verifyBuffer: Buffer | undefined;
@@ -64,6 +70,8 @@ export abstract class CacheTiers {
   private readonly maxSlots: number;
   protected readonly diskPolicy: S3Fifo<BlockKey>;
   protected readonly memory: MemoryTier;
+  /** Streamed blocks kept in memory only (blocks/streamed-keys.ts): at most 4 × the memory tier's blocks. */
+  protected readonly streamed: StreamedKeys;
   /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
   protected readonly writing = new Map<BlockKey, Buffer>();
   /** Blocks put whose slab write reads their memory-tier copy: not evicted from memory until it lands. */
@@ -102,6 +110,8 @@ export abstract class CacheTiers {
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
     this.memory = new MemoryTier(opts.blockSize, opts.memoryBytes, () => this.counters.memoryEvictions++);
+    // A block streamed again once the memory tier let it go is remembered for a few of its turnovers.
+    this.streamed = new StreamedKeys(Math.max(1024, 4 * Math.floor(opts.memoryBytes / opts.blockSize)));
     this.table = new SlotTable(tableFd);
   }
 
@@ -288,9 +298,10 @@ export abstract class CacheTiers {
    * evicting as needed, and return the copy there; undefined when the tier cannot take it.
    * A block whose slab write reads its copy is not evicted until the write lands, nor one
    * a read waits for (awaitBlocks): with the tier full of those, the block is not taken.
+   * `expectedReads`: reads already expected of it (read-ahead: one).
    */
-  protected admitToMemory(key: BlockKey, block: Buffer): Buffer | undefined {
-    return this.memory.admit(key, block, this.memoryEvictable);
+  protected admitToMemory(key: BlockKey, block: Buffer, expectedReads = 0): Buffer | undefined {
+    return this.memory.admit(key, block, this.memoryEvictable, expectedReads);
   }
 
   private readonly memoryEvictable = (victim: BlockKey): boolean => !this.writingFromMemory.has(victim) && !this.awaited.has(victim);

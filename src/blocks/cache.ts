@@ -105,10 +105,14 @@ export class BlockCache extends CacheTiers {
       if (this.lost.has(key)) this.rewriteLost(key, existing, Buffer.from(block));
       return true;
     }
-    if (!this.space.fits(this.blockSize, replacing)) return false;
+    // In the memory tier without a slot: fetched from the store (read-ahead keeps blocks there
+    // only), which holds it, as for a fetched block in the slab put again (not pinned; a
+    // sealing volume's hold on its pack pins it meanwhile: pinUntilHeld).
+    const inStore = this.memory.has(key);
+    if (!inStore && !this.space.fits(this.blockSize, replacing)) return false;
     const index = this.allocateSlot();
     if (index === undefined) return false;
-    const slot: Slot = { index, refs: 1, inStore: false };
+    const slot: Slot = { index, refs: 1, inStore };
     this.slots.set(key, slot);
     // The slab write reads the memory tier's copy, which stays until it lands (admitToMemory's evictions skip it).
     let data = this.admitToMemory(key, block);
@@ -116,12 +120,12 @@ export class BlockCache extends CacheTiers {
     else data = Buffer.from(block);
     this.writing.set(key, data);
     this.unsynced.add(key);
-    this.space.pinnedBytes += this.blockSize;
+    if (!inStore) this.space.pinnedBytes += this.blockSize;
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
     this.counters.blocksWritten++;
     const write = writeAt(this.slabFd, data, index * this.blockSize)
-      .then(() => this.writeEntry(index, key, SLOT_USED))
+      .then(() => this.writeEntry(index, key, inStore ? SLOT_USED | SLOT_IN_STORE : SLOT_USED))
       .then(
         () => {
           if (this.writing.get(key) !== data) return;
@@ -230,8 +234,13 @@ export class BlockCache extends CacheTiers {
    *
    * The memory tier takes copies; the slab writes read `blocks` until the returned promise
    * settles (it never rejects), after which the caller may reuse their buffer.
+   *
+   * `stream`: fetched for a sequential reader (read-ahead). Such a block goes to the memory
+   * tier only, the first time: a stream reads most blocks once, and the store holds them.
+   * It is written to the slab when it is streamed again after leaving the memory tier
+   * (blocks/streamed-keys.ts), or when the memory tier cannot take it.
    */
-  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>): Promise<void> {
+  putPackFromStore(blocks: ReadonlyArray<{ key: BlockKey; data: Buffer }>, wanted?: ReadonlySet<BlockKey>, stream = false): Promise<void> {
     let run: { first: number; keys: BlockKey[]; data: Buffer[]; slots: Slot[] } | undefined;
     const writes: Promise<void>[] = [];
     const flush = () => {
@@ -246,6 +255,11 @@ export class BlockCache extends CacheTiers {
         }
         if (this.slots.has(key)) continue;
       }
+      if (stream && !this.streamed.take(key) && (this.memory.has(key) || this.admitToMemory(key, data, 1) !== undefined)) {
+        this.streamed.add(key);
+        this.counters.streamedToMemory++;
+        continue;
+      }
       // A pack's other blocks take only room that is free: evicting for them would push out
       // the blocks a waiting read needs (fetched from other packs meanwhile).
       const needed = wanted === undefined || wanted.has(key);
@@ -256,6 +270,7 @@ export class BlockCache extends CacheTiers {
       }
       const slot: Slot = { index, refs: 0, inStore: true };
       this.slots.set(key, slot);
+      this.counters.fetchedWritten++;
       this.writing.set(key, data);
       this.diskPolicy.insert(key, 1);
       this.slabDirty = true;

@@ -59,8 +59,9 @@ export class MemoryTier {
    * Copy `block` into the tier (an arena slot: the caller keeps its buffer), evicting
    * blocks `evictable` allows as needed, and return the copy there; undefined when the
    * tier cannot take it (with it full of blocks that may not be evicted, it does not).
+   * `expectedReads`: reads already expected of it (see S3Fifo.insert).
    */
-  admit(key: BlockKey, block: Buffer, evictable: (victim: BlockKey) => boolean): Buffer | undefined {
+  admit(key: BlockKey, block: Buffer, evictable: (victim: BlockKey) => boolean, expectedReads = 0): Buffer | undefined {
     if (this.arena.capacity === 0 || block.length > this.blockSize) return undefined;
     const present = this.blocks.get(key);
     if (present !== undefined) return this.arena.view(present);
@@ -74,7 +75,7 @@ export class MemoryTier {
     }
     this.arena.fill(slot, block);
     this.blocks.set(key, slot);
-    this.policy.insert(key, this.blockSize);
+    this.policy.insert(key, this.blockSize, expectedReads);
     while (this.policy.overBudget()) {
       const victim = this.policy.evict(evictable);
       if (victim === undefined) break;

@@ -10,7 +10,7 @@ interface Entry {
 }
 
 /** A FIFO of keys with lazy deletion: removed keys stay queued and are skipped on pop. */
-class KeyQueue<K> {
+export class KeyQueue<K> {
   private items: (K | undefined)[] = [];
   private head = 0;
   push(key: K): void {
@@ -63,11 +63,15 @@ export class S3Fifo<K> {
     return true;
   }
 
-  /** Admit a key (not already present). The caller then evicts while `overBudget()`. */
-  insert(key: K, size: number): void {
+  /**
+   * Admit a key (not already present). The caller then evicts while `overBudget()`.
+   * `freq`: hits already expected (a block read-ahead fetched for a reader), so that it is
+   * not taken for a one-hit wonder before the reader gets to it.
+   */
+  insert(key: K, size: number, freq = 0): void {
     if (this.entries.has(key)) return;
     const toMain = this.ghost.delete(key);
-    this.entries.set(key, { size, freq: 0, inMain: toMain });
+    this.entries.set(key, { size, freq: Math.min(3, freq), inMain: toMain });
     if (toMain) {
       this.main.push(key);
       this.mainSize += size;

@@ -10,7 +10,7 @@ import type { StoredTables } from '../store/manifest-seal.js';
 import type { UploadResult } from '../store/upload.js';
 import type { BlockMap } from '../volume/blockmap.js';
 import type { Volume, VolumeSnapshot } from '../volume/volume.js';
-import type { StoreContext } from './store-state.js';
+import type { StoreContext, StoreState } from './store-state.js';
 import type { UploadsSet } from './uploads-set.js';
 
 /** A block the manifest would name is in no pack the pack index knows (GC removed it). */
@@ -43,6 +43,7 @@ export interface CaptureSource {
   readonly name: string;
   readonly volume: Volume;
   readonly ctx: StoreContext;
+  readonly state: StoreState;
   readonly uploadsSet: UploadsSet;
   base: ManifestBase | undefined;
   noteUpload(sequence: number, ms: number): void;
@@ -105,6 +106,7 @@ export async function captureManifest(link: CaptureSource, identity: (snapshot: 
     const meta: ManifestMeta = {
       format: 1, name: id.name, size: snapshot.size, blockSize: snapshot.blockSize, sequence: id.sequence,
       generation: id.generation, host: link.ctx.hostId, created: new Date().toISOString(), ...(id.parent ? { parent: id.parent } : {}),
+      flushMode: link.state.flushMode,
     };
     const locate = (key: BlockKey, chunk: number) => {
       const location = link.ctx.packIndex.get(key);

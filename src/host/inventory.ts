@@ -415,7 +415,8 @@ export abstract class HostInventory {
     const volume = await (found.local ?? this.createLocal(name, meta, found.map ?? manifestBlockMap(found.manifest!)));
     const link = new StoreLink(
       volume,
-      { format: 1, ...this.defaults, ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
+      // The manifest's flush mode travels with the volume (a durable volume stays durable on its next host).
+      { format: 1, ...this.defaults, ...(meta.flushMode === undefined ? {} : { flushMode: meta.flushMode }), ...settings, readOnly: true, generation: 0, manifestEtag: etag, manifestSequence: meta.sequence },
       this.storeCtx,
     );
     link.save();

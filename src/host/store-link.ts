@@ -558,6 +558,7 @@ export class StoreLink {
       const base = this.base;
       manifest.meta.generation = this.state.generation;
       manifest.meta.host = this.ctx.hostId;
+      manifest.meta.flushMode = this.state.flushMode;
       const body = encodeManifest(key, manifest, this.ctx.manifestCompression, this.ctx.cipher);
       try {
         const written = await putCounted(this.ctx.refcounts, key, packsOf(manifest.blocks), body, current.etag, () => this.ctx.store.put(key, body, { ifMatch: current.etag }), this.counted);

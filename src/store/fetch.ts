@@ -117,16 +117,17 @@ export class PackFetcher implements BlockFetcher {
       if (this.prefetching >= MAX_PREFETCH_PACKS) return;
       this.prefetching++;
       this.counters.prefetchedPacks++;
-      this.fetchPack(id)
+      this.fetchPack(id, true)
         .catch((err) => this.log.warn('read-ahead fetch failed', { pack: packKey(id), error: errorMessage(err) }))
         .finally(() => this.prefetching--);
     }
   }
 
-  private fetchPack(id: string): Promise<void> {
+  /** `stream`: for a sequential reader's read-ahead (its blocks go to the memory tier first: BlockCache.putPackFromStore). */
+  private fetchPack(id: string, stream = false): Promise<void> {
     let work = this.inflight.get(id);
     if (work === undefined) {
-      work = this.load(id).finally(() => {
+      work = this.load(id, stream).finally(() => {
         this.inflight.delete(id);
         this.wanted.delete(id);
       });
@@ -151,19 +152,19 @@ export class PackFetcher implements BlockFetcher {
     else this.loads--;
   }
 
-  private async load(id: string): Promise<void> {
+  private async load(id: string, stream: boolean): Promise<void> {
     await this.startLoad();
     // Whether the turn ends when the blocks' slab writes land, rather than here.
     let handedOff = false;
     try {
-      await this.loadTurn(id, () => (handedOff = true));
+      await this.loadTurn(id, () => (handedOff = true), stream);
     } finally {
       if (!handedOff) this.endLoad();
     }
   }
 
   /** The body of load(), within a turn; `handOff` passes the end of the turn to the slab writes. */
-  private async loadTurn(id: string, handOff: () => void): Promise<void> {
+  private async loadTurn(id: string, handOff: () => void, stream: boolean): Promise<void> {
     const key = packKey(id);
     for (let attempt = 1; ; attempt++) {
       let object;
@@ -198,6 +199,13 @@ export class PackFetcher implements BlockFetcher {
           this.opened.give(out); // the blocks did not fit: they came back in a buffer of their own
           out = undefined;
         }
+        const opened = blocks.map((block) => ({ key: blockKey(block.hash), data: block.data }));
+        // A body at this key that is another pack (its blocks each check out) lacks what the pack index placed in it.
+        const wanted = this.wanted.get(id);
+        if (wanted !== undefined && wanted.size > 0) {
+          const held = new Set(opened.map((block) => block.key));
+          for (const want of wanted) if (!held.has(want)) throw new FormatError(key, `pack ${key} does not hold block ${keyHex(want)}, which the pack index places there`);
+        }
         // From here the cache's slab writes read the opened blocks until they land (`written`).
         const lent = out;
         out = undefined;
@@ -205,7 +213,7 @@ export class PackFetcher implements BlockFetcher {
         let written: Promise<void>;
         try {
           // A fetch someone waits for admits to memory only what they wait for (read-ahead: all).
-          written = this.cache.putPackFromStore(blocks.map((block) => ({ key: blockKey(block.hash), data: block.data })), this.wanted.get(id));
+          written = this.cache.putPackFromStore(opened, wanted, stream);
         } catch (err) {
           this.endLoad(); // `lent` is not reused: a slab write may have begun to read it
           throw err;

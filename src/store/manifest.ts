@@ -82,6 +82,11 @@ export interface ManifestMeta {
   created: string;
   /** Set on a fork: the volume and sequence it was forked from. */
   parent?: { name: string; sequence: number };
+  /**
+   * The writer's flush mode: a host that wakes or promotes the volume keeps it unless told
+   * otherwise, so a durable volume stays durable across a failover. Absent in older manifests.
+   */
+  flushMode?: 'demand' | 'continuous' | 'durable';
 }
 
 export interface ManifestBlock {
@@ -141,6 +146,7 @@ export const META_SCHEMA = z.object({
   host: z.string().min(1),
   created: isoTimeField,
   parent: z.object({ name: volumeNameField, sequence: countField }).optional(),
+  flushMode: z.enum(['demand', 'continuous', 'durable']).optional(),
 });
 
 /** `meta` as META_SCHEMA parses it; throws naming `operation` and the volume otherwise. */

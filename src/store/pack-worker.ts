@@ -1,5 +1,5 @@
-// The worker thread of store/pack-threads.ts: opens whole fetched packs (verifyPackId,
-// decodePackIndex, unpackBlock of every block: decrypt, decompress, hash check) off the
+// The worker thread of store/pack-threads.ts: opens whole fetched packs (openPack: the id of a
+// sealed pack, decodePackIndex, unpackBlock of every block: decrypt, decompress, hash check) off the
 // event loop. workerData: { dataKey: Uint8Array | null }, the store cipher's data key.
 // The pack comes in and the blocks go back transferred, not copied; or, when the caller
 // lends a buffer on shared memory for them, the blocks are written there and only their

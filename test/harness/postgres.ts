@@ -5,7 +5,7 @@
 // refuses to run as root, so when we are root the server runs as the `postgres` user (the
 // folder is handed to it). Stopped by its pid.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chownSync, existsSync, readdirSync } from 'node:fs';
+import { chownSync, existsSync, readdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import pg from 'pg';
 import { freePort, removeDir, scratchDir } from './daemon.js';
@@ -25,8 +25,8 @@ export interface Postgres {
   /** postgres://updraft@127.0.0.1:PORT/ — add a database name. */
   baseUrl: string;
   port: number;
-  /** The postmaster's pid. */
-  pid: number;
+  /** SIGKILL the postmaster and every process it started, as a dead host's would all go. */
+  kill9(): void;
   /** Create a fresh database; returns its URL. */
   database(name: string): Promise<string>;
   log(): string;
@@ -46,6 +46,33 @@ export interface PostgresOptions {
   data?: string;
   /** fsync and synchronous commits (default off: the GC tests need speed, not durability). */
   durable?: boolean;
+}
+
+/** Every process below `pid` (from /proc/PID/task/TID/children). */
+function descendants(pid: number): number[] {
+  const found: number[] = [];
+  const walk = (parent: number) => {
+    let tasks: string[];
+    try {
+      tasks = readdirSync(`/proc/${parent}/task`);
+    } catch {
+      return;
+    }
+    for (const task of tasks) {
+      let children = '';
+      try {
+        children = readFileSync(`/proc/${parent}/task/${task}/children`, 'utf8');
+      } catch {
+        continue;
+      }
+      for (const child of children.split(' ').filter(Boolean).map(Number)) {
+        found.push(child);
+        walk(child);
+      }
+    }
+  };
+  walk(pid);
+  return found;
 }
 
 export async function startPostgres(opts: PostgresOptions = {}): Promise<Postgres> {
@@ -116,7 +143,16 @@ export async function startPostgres(opts: PostgresOptions = {}): Promise<Postgre
   return {
     baseUrl,
     port,
-    pid: child.pid!,
+    kill9() {
+      const pids = child.pid === undefined ? [] : [child.pid, ...descendants(child.pid)];
+      for (const pid of pids) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // Gone already.
+        }
+      }
+    },
     async database(name) {
       const client = new pg.Client({ connectionString: `${baseUrl}postgres` });
       await client.connect();
