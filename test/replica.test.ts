@@ -182,9 +182,14 @@ test('a volume\'s own follow interval; what a replica followed survives its SIGK
       const woken = await createVolume(b, name, 8, { replica_follow_interval_ms: 200 }, 200);
       assert.equal(woken.replica?.follow_interval_ms, 200, JSON.stringify(woken));
       let cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).flush_mode, 'demand');
+      // The writer's flush mode travels in its manifests to the replica.
+      const switched = await a.api('POST', `/api/exports/${encodeURIComponent(name)}/flush-mode`, { flush_mode: 'continuous' });
+      assert.equal(switched.status, 200, switched.text);
       await ca.write(0, roundChunk(2, 0));
       const second = await drain(a, name);
       await waitFor('the replica to follow the second drain', async () => (await exportInfo(b, name)).sequence >= second.sequence);
+      assert.equal((await exportInfo(b, name)).flush_mode, 'continuous');
       assert.ok((await cb.read(0, CHUNK)).equals(roundChunk(2, 0)));
       // What it followed is in its journal: killed and restarted, it recovers that state from local disk.
       await cb.disconnect();

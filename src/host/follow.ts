@@ -216,6 +216,8 @@ export class ReplicaFollowers {
       }
       // The same sequence under another ETag: a new holder rewrote it under its generation.
       link.state.manifestEtag = object.etag;
+      // The writer's flush mode travels in its manifests: a promotion here keeps it.
+      if (manifest.meta.flushMode !== undefined) link.state.flushMode = manifest.meta.flushMode;
       link.state.manifestSequence = volume.sequence;
       link.save();
       follow.confirmedAt = started;
