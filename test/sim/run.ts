@@ -183,7 +183,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   /** A client's FLUSH: on a durable volume it also waits for the store (the floor then survives a lost host). */
   const flushOf = (model: VolumeModel, volume: Volume) => (model.durable ? volume.flushForClient() : volume.flush());
 
-  /** A durable volume stays durable on the host that takes it over (the flush mode is the serving host's setting). */
+  /** A durable volume stays durable on the host that takes it over (its manifest says so; this makes sure of it). */
   function keepMode(slot: Slot, model: VolumeModel): void {
     if (!model.durable || slot.host?.get(model.name) === undefined) return;
     try {
@@ -530,6 +530,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         }
         const m = new VolumeModel(name, forked.size, expected.length === forked.size / UNIT ? expected : padded(expected, forked.size / UNIT));
         m.home = target.index;
+        // A fork takes its source's flush mode (from the manifest it is woken from).
+        m.durable = target.host!.summary(forked).flushMode === 'durable';
         m.snapshot(forked.sequence);
         models.set(name, m);
         if (lazy) {
