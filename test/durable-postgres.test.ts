@@ -15,12 +15,12 @@ import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, test, type TestContext } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import pg from 'pg';
 import { attach, isMounted, mount, processAlive, Undo } from './harness/block-device.js';
 import { connect, createVolume, drain, MiB, startCluster, waitFor, withLogs, type Cluster } from './harness/cluster.js';
 import { removeDir, type Daemon } from './harness/daemon.js';
-import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { minioForTests, minioStore } from './harness/minio.js';
 import { postgresBin, startPostgres, type Postgres } from './harness/postgres.js';
 import { TOOLS, requireRoot, requireTools, run, runOk, tail } from './harness/tools.js';
 
@@ -28,13 +28,7 @@ const VOLUME = 'pgdata';
 const SIZE = 512 * MiB;
 const TIMEOUT = 900_000;
 
-let minio: Minio | undefined;
-before(async () => {
-  minio = await startMinio();
-});
-after(async () => {
-  await minio?.stop();
-});
+const minio = minioForTests();
 
 /** pgbench as a child process (stopped by its pid at the end). */
 function pgbench(bin: string, port: number, args: string[]): { child: ChildProcess; output: () => string; done: Promise<number | null> } {
@@ -103,7 +97,7 @@ test('PostgreSQL on a durable volume: the host dies with its cache mid-pgbench, 
     return;
   }
   const undo = new Undo();
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
   undo.push('stop the hosts', () => cluster.cleanup());
   t.after(async () => {
     const problems = await undo.runAll();

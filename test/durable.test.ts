@@ -7,12 +7,12 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import {
   connect, createVolume, exportInfo, fileStore, metric, MiB, pauseOutsideStoreLocks, readAll, startCluster, waitFor, withLogs, type SharedStore,
 } from './harness/cluster.js';
 import { removeDir, type Daemon } from './harness/daemon.js';
-import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { minioForTests, minioStore } from './harness/minio.js';
 import { NbdCommandError, type NbdClient } from './harness/nbd-client.js';
 import { openObjectStore } from '../src/objectstore/index.js';
 import { encodeLog, logKey } from '../src/store/log.js';
@@ -27,13 +27,7 @@ const SHORT_LEASE = { host: { lease_ttl_s: 4, clock_skew_margin_s: 1 } };
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const post = (d: Daemon, name: string, action: string) => d.api('POST', `/api/exports/${encodeURIComponent(name)}/${action}`);
 
-let minio: Minio | undefined;
-before(async () => {
-  minio = await startMinio();
-});
-after(async () => {
-  await minio?.stop();
-});
+const minio = minioForTests();
 
 /**
  * Batches of writes (unaligned small ones, sector-sized ones, a zeroed range, a large one),
@@ -128,7 +122,7 @@ async function killTheHolder(store: SharedStore | ((dir: string) => SharedStore)
   }
 }
 
-for (const [label, store] of [['s3:// (MinIO)', (dir: string) => minioStore(minio, dir)], ['file://', fileStore]] as const) {
+for (const [label, store] of [['s3:// (MinIO)', (dir: string) => minioStore(minio(), dir)], ['file://', fileStore]] as const) {
   test(`${label}: a durable volume's flushed writes survive the holder's SIGKILL with its cache deleted; B promotes and replays the log, C wakes the same; a demand volume loses them`, { timeout: TIMEOUT }, async () => {
     const durable = await killTheHolder(store, 'durable');
     assert.ok(durable.puts > 0, 'the durable holder put no log object');
@@ -251,7 +245,7 @@ test('a holder paused past its lease while another host promotes: its later FLUS
 });
 
 test('a hung store: a durable FLUSH fails with EIO after durable_flush_timeout_ms, acknowledged writes stay readable, and once the store answers a FLUSH puts everything', { timeout: TIMEOUT }, async () => {
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
   try {
     const settings = {
       host: { lease_ttl_s: 8, clock_skew_margin_s: 2 },
@@ -267,7 +261,7 @@ test('a hung store: a durable FLUSH fails with EIO after durable_flush_timeout_m
       await ca.write(0, before);
       await ca.flush();
       const during = randomBytes(256 * 1024);
-      minio!.pause();
+      minio()!.pause();
       try {
         await ca.write(MiB, during);
         const started = Date.now();
@@ -277,7 +271,7 @@ test('a hung store: a durable FLUSH fails with EIO after durable_flush_timeout_m
         // Past request_deadline_s: the log PUT in flight fails, and its sectors wait for the next one.
         await sleep(4_000);
       } finally {
-        minio!.resume();
+        minio()!.resume();
       }
       await waitFor('a durable FLUSH to succeed once the store answers', () => ca.flush().then(() => true, () => false), 30_000, 500);
       assert.ok(await metric(a, 'updraft_durable_log_put_failures_total') > 0);
@@ -292,7 +286,7 @@ test('a hung store: a durable FLUSH fails with EIO after durable_flush_timeout_m
     });
   } finally {
     try {
-      minio?.resume();
+      minio()?.resume();
     } catch {
       // Not paused.
     }

@@ -9,12 +9,12 @@
 import assert from 'node:assert/strict';
 import { cp, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, waitFor, withLogs, writeRandom, type SharedStore,
 } from './harness/cluster.js';
 import type { Daemon } from './harness/daemon.js';
-import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { minioForTests, minioStore } from './harness/minio.js';
 import { openObjectStore } from '../src/objectstore/index.js';
 import type { ObjectStore } from '../src/objectstore/types.js';
 import { decodeLease } from '../src/store/lease.js';
@@ -161,20 +161,14 @@ async function failover(store: (dir: string) => SharedStore): Promise<void> {
   }
 }
 
-let minio: Minio | undefined;
-before(async () => {
-  minio = await startMinio();
-});
-after(async () => {
-  await minio?.stop();
-});
+const minio = minioForTests();
 
 test('failover on the file:// store: B promotes with the last manifest, C sees it, the old holder comes back out of service and writes nothing', { timeout: TIMEOUT }, async () => {
   await failover(fileStore);
 });
 
 test('failover on MinIO: B promotes with the last manifest, C sees it, the old holder comes back out of service and writes nothing', { timeout: TIMEOUT }, async () => {
-  await failover((dir) => minioStore(minio, dir));
+  await failover((dir) => minioStore(minio(), dir));
 });
 
 // CHUNK is the chunk the volume's regions are laid out in (every region is a whole number of them).

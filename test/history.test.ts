@@ -22,13 +22,13 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, test, type TestContext } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { createVolume, fileStore, pauseOutsideStoreLocks, startCluster, waitFor, withLogs, type Cluster } from './harness/cluster.js';
 import { startDaemon, type Daemon } from './harness/daemon.js';
 import { checkHistory, summarize, type Fault, type OpKind } from './harness/history.js';
 import { LoadClient, Recorder, Rng, sleep, sweep, type Transport } from './harness/history-load.js';
-import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { minioForTests, minioStore, type Minio } from './harness/minio.js';
 import { startStoreProxy } from './harness/store-proxy.js';
 
 const TIMEOUT = 120_000;
@@ -281,17 +281,11 @@ test('holder A paused across B\'s promotion: A changes nothing in the store afte
   }
 });
 
-let minio: Minio | undefined;
-before(async () => {
-  minio = await startMinio();
-});
-after(async () => {
-  await minio?.stop();
-});
+const minio = minioForTests();
 
 test('store faults (MinIO hangs during a drain, then dies and comes back) under load, then migration: nothing acknowledged is lost', { timeout: TIMEOUT }, async (t) => {
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
-  const m = minio!;
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
+  const m = minio()!;
   try {
     const ttl = { host: { lease_ttl_s: 6, clock_skew_margin_s: 1 } };
     const a = await cluster.start('host-a', ttl);
@@ -349,10 +343,10 @@ async function listKeys(m: Minio, dir: string): Promise<number> {
 }
 
 test('release while a lease renewal is in flight: the old holder acknowledges no write after its release', { timeout: TIMEOUT }, async (t) => {
-  const m = minio!;
+  const m = minio()!;
   const upstream = new URL(m.endpoint);
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
   try {
     const ttl = { host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 } };
     const a = await cluster.start('host-a', { ...ttl, aws: { endpoint: proxy.endpoint } });
@@ -397,10 +391,10 @@ test('release while a lease renewal is in flight: the old holder acknowledges no
 });
 
 test('a drain renews the lease while the timer\'s renewal is held: the late renewal does not take the host\'s own lease for a lost one', { timeout: TIMEOUT }, async (t) => {
-  const m = minio!;
+  const m = minio()!;
   const upstream = new URL(m.endpoint);
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
   try {
     const a = await cluster.start('host-a', { host: { lease_ttl_s: 3, clock_skew_margin_s: 0.5 }, aws: { endpoint: proxy.endpoint } });
     await withLogs([a], async () => {
@@ -441,10 +435,10 @@ test('a drain renews the lease while the timer\'s renewal is held: the late rene
 });
 
 test('a manifest PUT that got no answer: once the store answers again, the volume drains and migrates', { timeout: TIMEOUT }, async (t) => {
-  const m = minio!;
+  const m = minio()!;
   const upstream = new URL(m.endpoint);
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
   try {
     const a = await cluster.start('host-a', { aws: { endpoint: proxy.endpoint } });
     const b = await cluster.start('host-b');
@@ -483,10 +477,10 @@ test('a manifest PUT that got no answer: once the store answers again, the volum
 });
 
 test('A killed between its release\'s lease PUT and the answer, then restarted; B promotes: A acknowledges no write after that', { timeout: TIMEOUT }, async (t) => {
-  const m = minio!;
+  const m = minio()!;
   const upstream = new URL(m.endpoint);
   const proxy = await startStoreProxy({ host: upstream.hostname, port: Number(upstream.port) });
-  const cluster = await startCluster((dir) => minioStore(minio, dir));
+  const cluster = await startCluster((dir) => minioStore(minio(), dir));
   try {
     const a = await cluster.start('host-a', { aws: { endpoint: proxy.endpoint } });
     const b = await cluster.start('host-b');

@@ -6,11 +6,11 @@
 // Lag is reported in the API and the metrics. On the file:// store and on MinIO.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, startCluster, waitFor, withLogs, type SharedStore,
 } from './harness/cluster.js';
-import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { minioForTests, minioStore } from './harness/minio.js';
 
 const TIMEOUT = 600_000;
 const VOLUME = 'replica/follow';
@@ -151,20 +151,14 @@ async function followUnderLoad(t: { diagnostic(message: string): void }, label: 
   }
 }
 
-let minio: Minio | undefined;
-before(async () => {
-  minio = await startMinio();
-});
-after(async () => {
-  await minio?.stop();
-});
+const minio = minioForTests();
 
 test('a replica follows the writer on the file:// store: reads never mix manifests or go back, lag in the API and metrics', { timeout: TIMEOUT }, async (t) => {
   await followUnderLoad(t, 'file://', fileStore);
 });
 
 test('a replica follows the writer on MinIO: reads never mix manifests or go back, lag in the API and metrics', { timeout: TIMEOUT }, async (t) => {
-  await followUnderLoad(t, 'MinIO', (dir) => minioStore(minio, dir));
+  await followUnderLoad(t, 'MinIO', (dir) => minioStore(minio(), dir));
 });
 
 test('a volume\'s own follow interval; what a replica followed survives its SIGKILL; a promoted replica writes and follows no more; the host that released the volume follows the new writer', { timeout: TIMEOUT }, async () => {

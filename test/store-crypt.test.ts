@@ -24,7 +24,7 @@ import { PackThreads } from '../src/store/pack-threads.js';
 import { decodePackIndex, encodePack, packKey, unpackBlock, unpackRange, verifyPackId, type PackBlock } from '../src/store/pack.js';
 import { connect, createVolume, drain, metric, MiB, CHUNK, readAll, startCluster, waitFor, withLogs, writeRandom, type Cluster, type SharedStore } from './harness/cluster.js';
 import { DAEMON_MAIN, mergeToml, removeDir, scratchDir, type TomlTable } from './harness/daemon.js';
-import { minioStore, startMinio, type Minio } from './harness/minio.js';
+import { minioForTests, minioStore } from './harness/minio.js';
 import { NbdCommandError } from './harness/nbd-client.js';
 import { requireTools, run, runOk, TOOLS } from './harness/tools.js';
 
@@ -737,12 +737,6 @@ function defineEncryptedStoreTests(makeStore: (dir: string) => SharedStore, labe
 defineEncryptedStoreTests((dir) => ({ label: 'file://', toml: { storage: { url: `file://${path.join(dir, 'store')}` } } }), 'file://', 256);
 
 describe('MinIO', () => {
-  let minio: Minio | undefined;
-  before(async () => {
-    minio = await startMinio();
-  });
-  after(async () => {
-    await minio?.stop();
-  });
-  defineEncryptedStoreTests((dir) => minioStore(minio, dir), 's3:// (MinIO)', 64);
+  const minio = minioForTests();
+  defineEncryptedStoreTests((dir) => minioStore(minio(), dir), 's3:// (MinIO)', 64);
 });

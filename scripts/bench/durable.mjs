@@ -15,15 +15,14 @@
 // Prints "durable KEY VALUE" lines on stdout (bench.sh appends them to its results).
 // Needs the MinIO binary scripts/setup-minio.sh builds, and fio with the nbd engine.
 // Every process started here is stopped by its pid; the scratch folder is removed.
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CreateBucketCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { NbdClient } from '../../dist/test/harness/nbd-client.js';
+import { api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const MAIN = path.join(ROOT, 'dist/src/cli/updraft.cjs');
@@ -33,69 +32,11 @@ const FLUSHES = Number(process.env.BENCH_DURABLE_FLUSHES || 200);
 const RUNTIME = Number(process.env.BENCH_RUNTIME || 8);
 const GiB = 1024 ** 3;
 
-const children = new Set();
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'updraft-bench-durable-'));
 const say = (s) => process.stderr.write(`bench durable: ${s}\n`);
 const record = (key, value) => process.stdout.write(`durable ${key} ${value}\n`);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const pct = (sorted, p) => sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
-
-async function freePort() {
-  const server = net.createServer();
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const { port } = server.address();
-  await new Promise((r) => server.close(r));
-  return port;
-}
-
-function start(cmd, args, opts = {}) {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
-  const log = fs.createWriteStream(opts.logFile ?? '/dev/null');
-  child.stdout.pipe(log);
-  child.stderr.pipe(log);
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-async function stop(child, signal = 'SIGTERM') {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill(signal);
-  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-  await exited;
-  clearTimeout(timer);
-}
-
-async function waitUrl(url, child, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`${url}: the process exited (${child.exitCode})`);
-    try {
-      if ((await fetch(url)).ok) return;
-    } catch {}
-    await sleep(50);
-  }
-  throw new Error(`${url} not ready after ${timeoutMs} ms`);
-}
-
-async function api(base, method, p, body) {
-  const r = await fetch(base + p, { method, headers: body === undefined ? {} : { 'content-type': 'application/json' }, body: body === undefined ? undefined : JSON.stringify(body) });
-  const text = await r.text();
-  if (!r.ok) throw new Error(`${method} ${p}: ${r.status} ${text}`);
-  return text ? JSON.parse(text) : null;
-}
-
-/** Sum of a Prometheus series, over the samples whose labels include `label` (e.g. 'op="flush"') when given. */
-async function metric(base, name, label) {
-  const text = await (await fetch(base + '/metrics')).text();
-  let total = 0;
-  for (const line of text.split('\n')) {
-    const m = /^([a-z_]+)(\{[^}]*\})? (\S+)$/.exec(line);
-    if (m && m[1] === name && (label === undefined || (m[2] ?? '').includes(label))) total += Number(m[3]);
-  }
-  return total;
-}
 
 /** One fio run (nbd engine): IOPS, bytes written, and FLUSH (sync) latency p50/p99 in ms. */
 async function fio(args) {
@@ -196,7 +137,7 @@ async function main() {
   const timed = ['--rw=randwrite', '--bs=4k', '--size=1G', '--time_based', `--runtime=${RUNTIME}`, '--randrepeat=0'];
   const counters = async () => ({
     requests: await metric(fast.url, 'updraft_store_requests_total'), puts: await metric(fast.url, 'updraft_durable_log_puts_total'),
-    flushes: await metric(fast.url, 'updraft_durable_flushes_committed_total'), nbdFlushes: await metric(fast.url, 'updraft_volume_ops_total', 'op="flush"'),
+    flushes: await metric(fast.url, 'updraft_durable_flushes_committed_total'), nbdFlushes: await metric(fast.url, 'updraft_volume_ops_total', { op: 'flush' }),
   });
   for (const [key, vol, depth, fsync] of [['qd1', 'qd1', 1, 1], ['qd32', 'qd32', 32, 32], ['demand_qd32', 'demand', 32, 32]]) {
     const before = await counters();

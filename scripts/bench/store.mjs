@@ -34,15 +34,14 @@
 // Prints "store KEY VALUE" lines on stdout (bench.sh appends them to its results).
 // Needs the MinIO binary scripts/setup-minio.sh builds. Every process started here is
 // stopped by its pid; the scratch folder is removed.
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { NbdClient } from '../../dist/test/harness/nbd-client.js';
+import { api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const MAIN = path.join(ROOT, 'dist/src/cli/updraft.cjs');
@@ -55,19 +54,11 @@ const MiB = 1024 * 1024;
 const ENCRYPTED = process.env.BENCH_STORE_ENCRYPTED === '1';
 const PARTS = new Set((process.env.BENCH_STORE_PARTS || 'drain,migrate,cold,fork').split(','));
 
-const children = new Set();
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'updraft-bench-store-'));
 const say = (s) => process.stderr.write(`bench store: ${s}\n`);
 const record = (key, value) => process.stdout.write(`store ${key} ${value}\n`);
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-async function freePort() {
-  const server = net.createServer();
-  await new Promise((r) => server.listen(0, '127.0.0.1', r));
-  const { port } = server.address();
-  await new Promise((r) => server.close(r));
-  return port;
-}
 
 /**
  * CPU seconds (user + system, every thread) a process has used so far, from
@@ -90,60 +81,6 @@ function rssMb(pid) {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const kb = (name) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm').exec(status)[1]);
   return { rss: kb('VmRSS') / 1024, peak: kb('VmHWM') / 1024 };
-}
-
-function start(cmd, args, opts = {}) {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], ...opts });
-  const log = fs.createWriteStream(opts.logFile ?? '/dev/null');
-  child.stdout.pipe(log);
-  child.stderr.pipe(log);
-  children.add(child);
-  child.once('exit', () => children.delete(child));
-  return child;
-}
-
-async function stop(child, signal = 'SIGTERM') {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill(signal);
-  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-  await exited;
-  clearTimeout(timer);
-}
-
-async function waitUrl(url, child, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`${url}: the process exited (${child.exitCode})`);
-    try {
-      if ((await fetch(url)).ok) return;
-    } catch {}
-    await sleep(50);
-  }
-  throw new Error(`${url} not ready after ${timeoutMs} ms`);
-}
-
-async function api(base, method, p, body) {
-  const r = await fetch(base + p, {
-    method,
-    headers: body === undefined ? {} : { 'content-type': 'application/json' },
-    body: body === undefined ? undefined : JSON.stringify(body),
-  });
-  const text = await r.text();
-  if (!r.ok) throw new Error(`${method} ${p}: ${r.status} ${text}`);
-  return text ? JSON.parse(text) : null;
-}
-
-async function metric(base, name, labels = {}) {
-  const text = await (await fetch(base + '/metrics')).text();
-  let total = 0;
-  for (const line of text.split('\n')) {
-    const m = /^([a-z_]+)(\{([^}]*)\})? (\S+)$/.exec(line);
-    if (!m || m[1] !== name) continue;
-    const have = Object.fromEntries((m[3] ?? '').split(',').filter(Boolean).map((kv) => [kv.split('=')[0], kv.split('=')[1].slice(1, -1)]));
-    if (Object.entries(labels).every(([k, v]) => have[k] === v)) total += Number(m[4]);
-  }
-  return total;
 }
 
 async function fio(args) {

@@ -3,6 +3,7 @@
 // There is no skipping: without the binary the test fails and says how to build it.
 
 import { spawn, type ChildProcess } from 'node:child_process';
+import { after, before } from 'node:test';
 import { accessSync, constants } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -57,6 +58,21 @@ export function requireMinio(): string {
 }
 
 /** Starts MinIO, waits for /minio/health/live, creates the bucket. */
+/**
+ * One MinIO for a test file (or a describe block): started before its tests, stopped
+ * (by pid) after them. The getter gives it, undefined when it did not start.
+ */
+export function minioForTests(): () => Minio | undefined {
+  let minio: Minio | undefined;
+  before(async () => {
+    minio = await startMinio();
+  });
+  after(async () => {
+    await minio?.stop();
+  });
+  return () => minio;
+}
+
 export async function startMinio(): Promise<Minio> {
   const binary = requireMinio();
   const dataDir = await scratchDir('updraft-minio-');
