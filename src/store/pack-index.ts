@@ -666,14 +666,16 @@ export class PackIndex {
     // Until the rename is durable a power cut may bring back the old file, which lacks
     // what this rewrite made durable (the records a failed sync dropped, the appends since
     // the last sync): a failed directory fsync fails this sync, and the next one rewrites.
-    const dir = disk.openSync(path.dirname(this.file), 'r');
     try {
-      await fsync(dir);
+      const dir = disk.openSync(path.dirname(this.file), 'r');
+      try {
+        await fsync(dir);
+      } finally {
+        disk.closeSync(dir);
+      }
     } catch (err) {
       this.syncFailed = true;
       throw new Error(`pack index ${this.file}: fsync of its folder after the rewrite: ${errorMessage(err)}`);
-    } finally {
-      disk.closeSync(dir);
     }
     this.syncFailed = false;
     this.log?.info('pack index rewritten', { file: this.file, entries: this.slots.size, bytes: this.position });
