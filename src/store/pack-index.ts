@@ -656,8 +656,6 @@ export class PackIndex {
       this.position = position;
       this.records = (position - HEADER_BYTES) / RECORD_BYTES;
       this.dirty = false;
-      this.syncFailed = false;
-      this.log?.info('pack index rewritten', { file: this.file, entries: this.slots.size, bytes: position });
     } finally {
       this.appendedDuringRewrite = undefined;
       if (!swapped) {
@@ -665,11 +663,21 @@ export class PackIndex {
         disk.rmSync(tmp, { force: true });
       }
     }
-    const dir = disk.openSync(path.dirname(this.file), 'r');
+    // Until the rename is durable a power cut may bring back the old file, which lacks
+    // what this rewrite made durable (the records a failed sync dropped, the appends since
+    // the last sync): a failed directory fsync fails this sync, and the next one rewrites.
     try {
-      await fsync(dir);
-    } finally {
-      disk.closeSync(dir);
+      const dir = disk.openSync(path.dirname(this.file), 'r');
+      try {
+        await fsync(dir);
+      } finally {
+        disk.closeSync(dir);
+      }
+    } catch (err) {
+      this.syncFailed = true;
+      throw new Error(`pack index ${this.file}: fsync of its folder after the rewrite: ${errorMessage(err)}`);
     }
+    this.syncFailed = false;
+    this.log?.info('pack index rewritten', { file: this.file, entries: this.slots.size, bytes: this.position });
   }
 }
