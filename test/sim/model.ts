@@ -25,6 +25,9 @@ export function decodeUnit(src: Buffer, at: number, u: number): number {
   return w;
 }
 
+/** Per snapshot holding open units (-1): the writes each of them may hold in that manifest. */
+export const openInSnapshot = new WeakMap<Int32Array, Map<number, number[]>>();
+
 export class VolumeModel {
   /** What each unit reads now; -1 where a crash left it open which candidate survived. */
   val: Int32Array;
@@ -42,6 +45,12 @@ export class VolumeModel {
   home: number | undefined;
   /** A resize in flight when its host died or failed: the size the volume may have. */
   maybeSize = 0;
+  /**
+   * The size no crash can undo: that of the last acknowledged resize, FLUSH or drain (or
+   * of the store's copy taken). A resize that was never answered may have reached the
+   * journal without a sync: a restart can show it, and a later crash undo it.
+   */
+  sizeFloor: number;
   /** A purge was started: its local state may be gone. */
   purging = false;
   /** Flush mode `durable`: its FLUSHes wait for the store, so the floor survives the loss of its host. */
@@ -54,6 +63,7 @@ export class VolumeModel {
   ) {
     this.val = content ? Int32Array.from(content) : new Int32Array(size / UNIT);
     this.floor = Int32Array.from(this.val);
+    this.sizeFloor = size;
   }
 
   get units(): number {
@@ -82,6 +92,7 @@ export class VolumeModel {
 
   /** A FLUSH issued when the content was `at` succeeded (nothing was written meanwhile). */
   flushed(): void {
+    this.sizeFloor = this.size;
     for (let u = 0; u < this.val.length; u++) {
       if (this.val[u] < 0) continue; // never read back since a crash or a failed write: still open
       this.floor[u] = this.val[u];
@@ -102,15 +113,22 @@ export class VolumeModel {
     for (const u of this.open.keys()) this.val[u] = -1;
   }
 
-  /** The content is known again, exactly (the store's copy was taken). */
-  settle(content: Int32Array): void {
+  /**
+   * The content is known again (the store's copy was taken): exactly, except the units
+   * `content` leaves open (-1), which may read any of `open`'s candidates for them.
+   */
+  settle(content: Int32Array, open?: Map<number, number[]>): void {
     this.val = Int32Array.from(content);
     this.floor = Int32Array.from(content);
     this.since.clear();
     this.open.clear();
+    for (const [u, list] of open ?? []) if (u < this.val.length && this.val[u] < 0) this.open.set(u, list);
+    this.sizeFloor = this.size;
   }
 
-  grow(size: number): void {
+  /** The volume is `size` bytes now; `acknowledged`: by a resize that was answered, so no crash undoes it. */
+  grow(size: number, acknowledged = false): void {
+    if (acknowledged) this.sizeFloor = size;
     const next = new Int32Array(size / UNIT);
     next.set(this.val);
     const floor = new Int32Array(size / UNIT);
@@ -120,8 +138,37 @@ export class VolumeModel {
     this.size = size;
   }
 
+  /**
+   * A host recovered the volume after a crash with `size`: any size from the floor up to
+   * the largest resize attempted (an unanswered resize may or may not have landed).
+   * Returns false for a size the product never promised.
+   */
+  recovered(size: number): boolean {
+    if (size < this.sizeFloor || size > Math.max(this.size, this.maybeSize)) return false;
+    if (size > this.size) this.grow(size);
+    else if (size < this.size) this.shrink(size);
+    return true;
+  }
+
+  /** An unacknowledged resize was undone by a crash: the units past `size` are gone, none of them flushed. */
+  private shrink(size: number): void {
+    const units = size / UNIT;
+    for (let u = units; u < this.floor.length; u++) {
+      if (this.floor[u] !== 0) throw new Error(`model of ${this.name}: unit ${u} past the size floor ${this.sizeFloor} holds flushed write ${this.floor[u]}`);
+    }
+    this.val = this.val.slice(0, units);
+    this.floor = this.floor.slice(0, units);
+    for (const u of [...this.since.keys()]) if (u >= units) this.since.delete(u);
+    for (const u of [...this.open.keys()]) if (u >= units) this.open.delete(u);
+    this.size = size;
+  }
+
   snapshot(sequence: number): Int32Array {
     const copy = Int32Array.from(this.val);
+    // A unit left open (a failed write, a crash not read back yet) is in the manifest as any of its candidates.
+    const open = new Map<number, number[]>();
+    for (let u = 0; u < copy.length; u++) if (copy[u] < 0) open.set(u, this.open.get(u) ?? [this.floor[u]]);
+    if (open.size > 0) openInSnapshot.set(copy, open);
     const list = this.snapshots.get(sequence) ?? [];
     list.push(copy);
     this.snapshots.set(sequence, list);

@@ -11,7 +11,7 @@ import { blockKey, keyHex } from '../../src/blocks/cache.js';
 import { ZERO_ALLOCATED_KEY } from '../../src/volume/blockmap.js';
 import { SECTOR, type Volume } from '../../src/volume/volume.js';
 import { clock, runAs } from './clock.js';
-import { decodeUnit, fillUnit, UNIT, VolumeModel } from './model.js';
+import { decodeUnit, fillUnit, openInSnapshot, UNIT, VolumeModel } from './model.js';
 import { BLOCK, LEASE_TTL_MS, MEMORY_BLOCKS, World, type Slot } from './world.js';
 
 export interface SimOptions {
@@ -219,8 +219,9 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         continue;
       }
       if (volume === undefined) throw new Failure(`host ${slot.id}: volume ${m.name} was not recovered at restart`);
-      if (volume !== undefined && volume.size > m.size && volume.size <= m.maybeSize) m.grow(volume.size);
-      if (volume.size !== m.size) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${m.size}`);
+      // An unanswered resize may have landed unsynced: a restart may show it, and a power cut after it undo it again.
+      const size = m.size;
+      if (!m.recovered(volume.size)) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${size === m.sizeFloor ? size : `${m.sizeFloor} to ${Math.max(size, m.maybeSize)}`}`);
       await readAll(slot, m, volume);
       if (!slot.up) return;
       // A durable volume continues above the sequences it may have logged: its next manifest is at this content.
@@ -501,7 +502,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       note(`resize ${model.name} to ${size} on ${slot.id}`);
       model.maybeSize = Math.max(model.maybeSize, size);
       const out = await drive(slot, () => host.resize(model.name, size));
-      if (out.ok) model.grow(size);
+      if (out.ok) model.grow(size, true);
       else if (!('died' in out)) note(`  resize failed: ${(out.error as Error).message}`);
       if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
     } else if (op < 0.64) {
@@ -676,8 +677,11 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     }
     if (model.durable) {
       // The replayed log: every unit reads what its last acknowledged FLUSH had, or a later write (as after a crash).
-      if (volume.size > model.size && volume.size <= model.maybeSize) model.grow(volume.size);
-      if (volume.size !== model.size) throw new Failure(`failover of durable ${model.name} to ${target.id}: size ${volume.size}, expected ${model.size}`);
+      // Its size: that of its last acknowledged resize or FLUSH, or of a resize not answered (a restart may have shown it unsynced).
+      const size = model.size;
+      if (!model.recovered(volume.size)) throw new Failure(`failover of durable ${model.name} to ${target.id}: size ${volume.size}, expected ${size === model.sizeFloor ? size : `${model.sizeFloor} to ${Math.max(size, model.maybeSize)}`}`);
+      // The taker wrote a manifest of what it replayed: that size is in the store now.
+      model.grow(volume.size, true);
       model.home = target.index;
       keepMode(target, model);
       await readAll(target, model, volume);
@@ -688,7 +692,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     if (candidates === undefined) throw new Failure(`failover of ${model.name} to ${target.id}: it woke at sequence ${volume.sequence}, which no manifest of the volume had`);
     model.home = target.index;
     const m = new VolumeModel(model.name, volume.size);
-    await readAllAgainst(target, m, volume, candidates.map((c) => padded(c, volume.size / UNIT)));
+    await readAllAgainst(target, m, volume, candidates);
     model.size = volume.size;
     model.settle(m.val);
   }
@@ -740,9 +744,16 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   /** A lazy fork's content is one of its source's manifests at that sequence. */
   async function readAllAgainst(slot: Slot, m: VolumeModel, volume: Volume, candidates: Int32Array[]): Promise<void> {
     for (let i = candidates.length - 1; i >= 0; i--) {
-      m.settle(padded(candidates[i], m.units));
+      const open = openInSnapshot.get(candidates[i]);
+      m.settle(padded(candidates[i], m.units), open);
       try {
         await readAll(slot, m, volume);
+        // What a unit open in the manifest read is what the manifest holds.
+        for (const u of open?.keys() ?? []) {
+          if (u >= m.units || m.val[u] < 0) continue;
+          m.floor[u] = m.val[u];
+          m.open.delete(u);
+        }
         return;
       } catch (err) {
         if (!(err instanceof Failure) || i === 0) throw err;
