@@ -38,6 +38,8 @@ export class LeaseHolder {
   renewal: Promise<boolean> | undefined;
   /** A release is under way: writes are refused even though the state still says writable. */
   releasing = false;
+  /** A promotion is replaying the previous holder's log: clients' writes wait for its manifest. */
+  promoting = false;
   /** The holder's own deadline passed without a renewal: writes are refused until one lands. */
   private expired = false;
   /**
@@ -61,7 +63,7 @@ export class LeaseHolder {
 
   /** Writes are refused while the volume is not this host's, a release runs, or the lease lapsed here. */
   applyReadOnly(): void {
-    this.volume.readOnly = this.state.readOnly || this.releasing || this.expired;
+    this.volume.readOnly = this.state.readOnly || this.releasing || this.expired || this.promoting;
   }
 
   /**

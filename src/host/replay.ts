@@ -25,18 +25,26 @@ export interface Replayed {
 
 /**
  * Apply onto `volume` (holding the content of the manifest `meta`) the log entries its
- * writer put after it; undefined when there are none. The volume must be writable while
- * this runs; its sequence ends at the last entry's, and its local state is flushed. `keys`:
- * the log objects read (once a manifest covers them, sweepLogObjects deletes them).
+ * writer put after it; undefined when there are none. The volume stays read-only to its
+ * clients: `asWriter` makes it writable for exactly the call it runs (each write, zero and
+ * the synchronous start of a resize, where the volume checks it). Its sequence ends at the
+ * last entry's, and its local state is flushed. `keys`: the log objects read (once a
+ * manifest covers them, sweepLogObjects deletes them).
  */
-export async function replayLog(store: ObjectStore, cipher: StoreCipher, volume: Volume, meta: ManifestMeta): Promise<{ replayed: Replayed; keys: string[] } | undefined> {
+export async function replayLog(
+  store: ObjectStore,
+  cipher: StoreCipher,
+  volume: Volume,
+  meta: ManifestMeta,
+  asWriter: <T>(call: () => T) => T,
+): Promise<{ replayed: Replayed; keys: string[] } | undefined> {
   const { entries, keys } = await readVolumeLog(store, cipher, meta.host, volume.name, meta.generation, meta.sequence);
   if (entries.length === 0 || injected.has('durable-skip-replay')) return undefined;
   for (const entry of entries) {
-    if (entry.size > volume.size) await volume.resize(entry.size);
+    if (entry.size > volume.size) await asWriter(() => volume.resize(entry.size));
     for (const extent of entry.extents) {
-      if (extent.zero) volume.zero(extent.offset, extent.length, { noHole: false, fast: false });
-      else volume.write(extent.offset, extent.data!);
+      if (extent.zero) asWriter(() => volume.zero(extent.offset, extent.length, { noHole: false, fast: false }));
+      else asWriter(() => volume.write(extent.offset, extent.data!));
     }
   }
   const last = entries[entries.length - 1].sequence;

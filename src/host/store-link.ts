@@ -499,18 +499,30 @@ export class StoreLink {
     if (latest === undefined) return undefined;
     this.state.manifestEtag = latest.current.etag;
     this.state.manifestSequence = latest.manifest.meta.sequence;
-    this.volume.readOnly = false;
+    // No client write before the manifest of the replay is in the store (or before the
+    // refence, when there is nothing to replay): one taken meanwhile would be in no manifest.
+    this.lease.promoting = true;
+    this.lease.applyReadOnly();
+    const asWriter = <T>(call: () => T): T => {
+      this.volume.readOnly = false;
+      try {
+        return call();
+      } finally {
+        this.lease.applyReadOnly();
+      }
+    };
     let found: Awaited<ReturnType<typeof replayLog>>;
     try {
-      found = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta);
+      found = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta, asWriter);
       if (found === undefined) return undefined;
       this.state.readOnly = false;
       await this.drainNow();
     } catch (err) {
-      // No write before the manifest of the replay is in the store: a promotion tried again replays again.
+      // A promotion tried again replays again.
       this.state.readOnly = true;
       throw err;
     } finally {
+      this.lease.promoting = false;
       this.lease.applyReadOnly();
     }
     const { replayed, keys } = found;
