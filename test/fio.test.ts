@@ -195,8 +195,10 @@ test('fio verify_only passes when every block is sealed (reads from the disk-tie
     const job = ['--name=sealed', ...verifyArgs(sealing.uri('fio-sealed')), '--rw=randwrite', '--bs=4k', '--iodepth=32', `--size=${size}`];
 
     // Write and verify at once, with sealing interleaved: a chunk sealed more often than
-    // once was written again after a seal of it began.
-    const written = await fio(cwd, [...job, '--do_verify=1']);
+    // once was written again after a seal of it began. Two passes over the region, so that
+    // every chunk is written again after the first pass sealed it, however the sealer and
+    // the writes share a loaded machine.
+    const written = await fio(cwd, [...job, '--loops=2', '--do_verify=1']);
     assertVerified(written);
     const during = await exportMetrics(sealing, 'fio-sealed');
     assert.ok(
