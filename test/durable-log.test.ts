@@ -1,6 +1,6 @@
 // The durable log's parts without a daemon: the log object format (round trips, plain and
 // sealed; a torn or changed object is refused naming its key), the changed-sector set of a
-// volume, and which log objects the sweep deletes.
+// volume, which log objects the sweep deletes, and a replica's view of a log laid over reads.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { test } from 'node:test';
@@ -10,6 +10,7 @@ import { openObjectStore } from '../src/objectstore/index.js';
 import { FormatError } from '../src/store/errors.js';
 import { decodeLog, encodeLog, logKey, sweepLogObjects, type LogRecord } from '../src/store/log.js';
 import { ChangedSectors } from '../src/volume/changes.js';
+import { LogView, type ViewEntry } from '../src/volume/log-view.js';
 import { removeDir, scratchDir } from './harness/daemon.js';
 
 function record(volume = 'acme/vm-1', generation = 3, sequence = 42): LogRecord {
@@ -100,4 +101,49 @@ test('the sweep deletes log objects every entry of which a manifest covers (or a
   const swept = await sweepLogObjects(store, PLAINTEXT, async (v) => manifests[v]);
   assert.deepEqual(swept.deleted.sort(), [covered, stale, gone].sort());
   assert.deepEqual((await store.list('log/')).map((o) => o.key).sort(), [needed, ahead].sort());
+});
+
+test('a log view lays its entries over any read as applying them in sequence order would: later entries win, zeroed ranges, a short last sector, reads across chunks', () => {
+  const blockSize = 128 * 1024;
+  // A volume whose size ends mid-sector, so the last extent is cut short as a log commit cuts it.
+  const size = 3 * blockSize + 4096 * 5 + 1000;
+  const base = randomBytes(size);
+  const entries: ViewEntry[] = [];
+  const expected = Buffer.from(base);
+  const rng = (n: number) => Math.floor(Math.random() * n);
+  for (let sequence = 10; sequence < 40; sequence += 3) {
+    const extents = [];
+    for (let i = 0; i < 3; i++) {
+      const offset = rng(Math.ceil(size / 4096)) * 4096;
+      const length = Math.min(size - offset, (1 + rng(40)) * 4096);
+      if (rng(4) === 0) {
+        extents.push({ offset, length, zero: true });
+        expected.fill(0, offset, offset + length);
+      } else {
+        const data = randomBytes(length);
+        extents.push({ offset, length, zero: false, data });
+        data.copy(expected, offset);
+      }
+    }
+    entries.push({ sequence, extents });
+  }
+  const view = new LogView(entries, blockSize);
+  assert.equal(view.sequence, 37);
+  assert.equal(view.entries, entries.length);
+  for (let i = 0; i < 300; i++) {
+    const offset = rng(size);
+    const length = 1 + rng(Math.min(size - offset, 3 * blockSize));
+    const dst = Buffer.alloc(length + 16, 0xee);
+    base.copy(dst, 8, offset, offset + length);
+    view.patch(offset, length, dst, 8);
+    assert.ok(dst.subarray(8, 8 + length).equals(expected.subarray(offset, offset + length)), `read at ${offset}+${length} differs from the entries applied in order`);
+    assert.ok(dst.subarray(0, 8).every((b) => b === 0xee) && dst.subarray(8 + length).every((b) => b === 0xee), `read at ${offset}+${length} wrote outside its range`);
+  }
+  // Every chunk an entry touched, and only those, holds data in the view.
+  for (let chunk = 0; chunk * blockSize < size; chunk++) {
+    const touched = entries.some((e) => e.extents.some((x) => x.offset < (chunk + 1) * blockSize && x.offset + x.length > chunk * blockSize));
+    assert.equal(view.has(chunk), touched, `chunk ${chunk}`);
+  }
+  assert.throws(() => new LogView([{ sequence: 5, extents: [] }, { sequence: 4, extents: [] }], blockSize), /must ascend/);
+  assert.throws(() => new LogView([{ sequence: 5, extents: [{ offset: 512, length: 4096, zero: true }] }], blockSize), /does not start on a 4096-byte sector/);
 });

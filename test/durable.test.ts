@@ -90,6 +90,13 @@ async function killTheHolder(store: SharedStore | ((dir: string) => SharedStore)
       const cb = await connect(b, name);
       assert.equal((await exportInfo(b, name)).read_only, true);
       const flushed = await writeFlushedBatches(ca, image, 6);
+      if (mode === 'durable') {
+        // B follows the log as well as the manifests: it serves every FLUSHed write before A dies
+        // (the write after the last FUA, never flushed, is left out of the comparison).
+        const unflushed = (b: Buffer) => Buffer.from(b).fill(0, SIZE_MIB * MiB - 64 * 1024, SIZE_MIB * MiB - 56 * 1024);
+        await waitFor('B, following the log, to serve every FLUSHed write', async () =>
+          sectorsDiffering(unflushed(await readAll(cb, 0, SIZE_MIB * MiB)), unflushed(flushed)) === 0, 30_000, 200);
+      }
       const puts = await metric(a, 'updraft_durable_log_puts_total');
       await a.kill9();
       fs.rmSync(path.join(a.dir, 'cache'), { recursive: true, force: true });

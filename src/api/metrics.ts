@@ -200,6 +200,8 @@ export class Metrics {
     for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_lag_seconds{volume="${s.name}"} ${s.replica.lagSeconds.toFixed(3)}`);
     head('updraft_volume_replica_behind_sequences', 'gauge', 'A replica following its writer: sequences between the newest manifest seen in the store and the state served');
     for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_behind_sequences{volume="${s.name}"} ${s.replica.behindSequences}`);
+    head('updraft_volume_replica_log_bytes', 'gauge', 'A replica of a durable volume: bytes of its writer\'s log entries past the manifest that it serves');
+    for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_log_bytes{volume="${s.name}"} ${s.replica.log?.bytes ?? 0}`);
     head('updraft_volume_replica_manifests_applied_total', 'counter', 'A replica following its writer: newer manifests it took since the volume was opened here');
     for (const s of summaries) if (s.replica) lines.push(`updraft_volume_replica_manifests_applied_total{volume="${s.name}"} ${s.replica.manifestsApplied}`);
     return lines.join('\n') + '\n';

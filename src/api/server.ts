@@ -68,6 +68,7 @@ function summary(v: ReturnType<Host['list']>[number]) {
         latest_sequence: v.replica.latestSequence, behind_sequences: v.replica.behindSequences, lag_seconds: v.replica.lagSeconds,
         latest_written_at: v.replica.latestWrittenAt ?? null, manifests_applied: v.replica.manifestsApplied, error: v.replica.error ?? null,
         follow_interval_ms: v.replica.intervalMs,
+        log: v.replica.log === undefined ? null : { entries: v.replica.log.entries, bytes: v.replica.log.bytes, sequence: v.replica.log.sequence },
       },
     }),
     ...(v.durableSequence === undefined ? {} : { durable_sequence: v.durableSequence }),

@@ -5,7 +5,8 @@
 // come lazily, through the cold-read path. The swap of block maps is
 // one synchronous step on the event loop and a read takes every byte in the tick it is
 // served, so a read never mixes two manifests; an older manifest is never taken, so a
-// client never sees the volume go back.
+// client never sees the volume go back. A replica of a durable volume also serves the
+// entries its writer logged past that manifest (follow-log.ts), checked in the same round.
 //
 // Also here: which local copies are out of service. A host that lost the lease while it
 // had writes no manifest carries (it was fenced, or it comes back after a failover) keeps
@@ -17,19 +18,22 @@ import type { Compression } from '../crypto/compress.js';
 import { errorMessage, type Logger } from '../log.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { indexManifest, manifestBlockMap } from '../store/catalog.js';
-import { decodeManifestBody } from '../store/manifest-decode.js';
+import { decodeManifest, decodeManifestBody } from '../store/manifest-decode.js';
 import { storedTables } from '../store/manifest-seal.js';
 import { manifestKey } from '../store/manifest.js';
 import type { PackIndex } from '../store/pack-index.js';
+import { LOG_FOLLOW_MAX_BYTES, logForManifest, loggedSequence, readNewEntries, viewOf, writerLog, type WriterLog } from './follow-log.js';
 import type { StoreLink } from './store-link.js';
 
 /** How far a replica is behind the writer, as the API and metrics show it. */
 export interface ReplicaLag {
-  /** Sequence of the newest manifest of the volume this host has seen in the store. */
+  /** Sequence of the newest state of the volume this host has seen in the store: a manifest, or (durable volumes) a log entry. */
   latestSequence: number;
-  /** Sequences between that manifest and the state served here (0 once caught up). */
+  /** Sequences between that state and the state served here (0 once caught up). */
   behindSequences: number;
-  /** Seconds since this host last confirmed that it serves the newest manifest in the store. */
+  /** A durable volume: the writer's log served past the manifest (entries, bytes, the last entry's sequence). */
+  log?: { entries: number; bytes: number; sequence: number };
+  /** Seconds since this host last confirmed that it serves the newest state in the store. */
   lagSeconds: number;
   /** When the newest manifest seen was written, by the store's clock (its Last-Modified); absent until one was fetched. */
   latestWrittenAt?: string;
@@ -51,6 +55,8 @@ interface Follow {
   latestWrittenAt?: Date;
   applied: number;
   error?: string;
+  /** A durable volume: what it read of the log of its manifest's writer. */
+  log?: WriterLog;
 }
 
 /** How often the followers look for replicas due a check; the interval itself is a setting (at least 100 ms). */
@@ -120,12 +126,16 @@ export class ReplicaFollowers {
     const intervalMs = this.intervalOf(link);
     if (intervalMs <= 0 || !followsWriter(link)) return undefined;
     const follow = this.follows.get(link);
-    const served = link.volume.sequence;
-    if (follow === undefined) return { latestSequence: served, behindSequences: 0, lagSeconds: 0, manifestsApplied: 0, intervalMs };
+    const served = link.volume.servedSequence;
+    const view = link.volume.servedLog;
+    const log = view === undefined ? {} : { log: { entries: view.entries, bytes: view.bytes, sequence: view.sequence } };
+    if (follow === undefined) return { latestSequence: served, behindSequences: 0, lagSeconds: 0, manifestsApplied: 0, intervalMs, ...log };
+    const latest = Math.max(follow.latestSequence, loggedSequence(follow.log));
     return {
       intervalMs,
-      latestSequence: Math.max(follow.latestSequence, served),
-      behindSequences: Math.max(0, follow.latestSequence - served),
+      ...log,
+      latestSequence: Math.max(latest, served),
+      behindSequences: Math.max(0, latest - served),
       lagSeconds: Math.max(0, performance.now() - follow.confirmedAt) / 1000,
       ...(follow.latestWrittenAt === undefined ? {} : { latestWrittenAt: follow.latestWrittenAt.toISOString() }),
       manifestsApplied: follow.applied,
@@ -171,16 +181,20 @@ export class ReplicaFollowers {
     }
   }
 
-  /** One check: HEAD the manifest; when its ETag moved, GET it and serve it if it is newer. */
+  /** One check: the manifest, then (a durable volume) the writer's log past it. */
   private async check(link: StoreLink, follow: Follow, started: number): Promise<void> {
+    await this.checkManifest(link, follow);
+    if (link.state.flushMode === 'durable' && followsWriter(link)) await this.checkLog(link, follow);
+    follow.confirmedAt = started;
+  }
+
+  /** HEAD the manifest; when its ETag moved, GET it and serve it if it is newer. */
+  private async checkManifest(link: StoreLink, follow: Follow): Promise<void> {
     const { store, cipher } = this.options;
     const key = manifestKey(link.name);
     const info = await store.head(key);
     if (info === undefined) throw new Error(`volume ${link.name}: follow: the manifest ${key} is gone from the store`);
-    if (info.etag === link.state.manifestEtag) {
-      follow.confirmedAt = started;
-      return;
-    }
+    if (info.etag === link.state.manifestEtag) return;
     const object = await store.get(key);
     if (object === undefined) throw new Error(`volume ${link.name}: follow: the manifest ${key} is gone from the store`);
     const decoded = decodeManifestBody(key, object.body, cipher);
@@ -196,6 +210,8 @@ export class ReplicaFollowers {
       // Promoted, removed, closed or changed meanwhile: it is no replica to move on.
       if (this.stopped || this.links.get(link.name) !== link || !followsWriter(link)) return;
       const volume = link.volume;
+      // The writer's log entries past this manifest, served with it.
+      const log = logForManifest(follow.log, manifest.meta);
       if (sequence > volume.sequence) {
         await indexManifest(this.options.packIndex, manifest);
         const before = { etag: link.state.manifestEtag, sequence: link.state.manifestSequence };
@@ -203,8 +219,9 @@ export class ReplicaFollowers {
         link.state.manifestEtag = object.etag;
         link.state.manifestSequence = sequence;
         try {
-          // The block map is swapped in one step (no await before it in followManifest); reads in flight keep the old one.
-          await volume.followManifest({ size: manifest.meta.size, sequence, map: manifestBlockMap(manifest) });
+          // The block map (and the log view) is swapped in one step (no await before it in followManifest); reads in flight keep the old one.
+          const view = viewOf(log, sequence, Math.max(volume.size, manifest.meta.size), volume.blockSize);
+          await volume.followManifest({ size: manifest.meta.size, sequence, map: manifestBlockMap(manifest) }, view);
         } catch (err) {
           // Refused before the swap: the volume still serves the manifest it had.
           if (volume.sequence !== sequence) Object.assign(link.state, { manifestEtag: before.etag, manifestSequence: before.sequence });
@@ -213,14 +230,54 @@ export class ReplicaFollowers {
         link.setBase(volume.cloneMap(), raw, object.etag, storedTables(decoded, this.options.manifestCompression));
         follow.applied++;
         this.log.debug('replica: serving a newer manifest', { volume: link.name, sequence, etag: object.etag });
+      } else if (follow.log !== undefined || volume.servedLog !== undefined) {
+        // The same sequence under another ETag: a new holder rewrote it under its generation, and its log is another.
+        volume.setLogView(viewOf(log, volume.sequence, volume.size, volume.blockSize));
       }
+      follow.log = log;
       // The same sequence under another ETag: a new holder rewrote it under its generation.
       link.state.manifestEtag = object.etag;
       // The writer's flush mode travels in its manifests: a promotion here keeps it.
       if (manifest.meta.flushMode !== undefined) link.state.flushMode = manifest.meta.flushMode;
       link.state.manifestSequence = volume.sequence;
       link.save();
-      follow.confirmedAt = started;
+    });
+  }
+
+  /**
+   * A durable volume's replica: read the log objects its manifest's writer put since the
+   * last check and serve this volume's entries past the manifest. They are served only if
+   * the manifest did not move after the listing (follow-log.ts: then no entry between the
+   * manifest and them is missing); when it moved, the next check takes the manifest first.
+   */
+  private async checkLog(link: StoreLink, follow: Follow): Promise<void> {
+    const { store, cipher } = this.options;
+    const key = manifestKey(link.name);
+    let log = follow.log;
+    const etag = link.state.manifestEtag;
+    if (log === undefined) {
+      // Opened at this manifest: which writer and generation wrote it.
+      const object = await store.get(key);
+      if (object === undefined || object.etag !== etag) return;
+      const { meta } = decodeManifest(key, object.body, cipher);
+      log = follow.log = writerLog(meta.host, meta.generation);
+    }
+    const added = await readNewEntries(store, cipher, link.name, log, link.volume.sequence);
+    if (log.full) {
+      throw new Error(`volume ${link.name}: follow: the writer's log past the manifest is over ${LOG_FOLLOW_MAX_BYTES} bytes; the replica serves what it holds until the writer's next manifest`);
+    }
+    if (!added) return;
+    const info = await store.head(key);
+    if (info?.etag !== etag) return;
+    const taken = log;
+    await link.serial(async () => {
+      if (this.stopped || this.links.get(link.name) !== link || !followsWriter(link) || link.state.manifestEtag !== etag || follow.log !== taken) return;
+      const volume = link.volume;
+      const view = viewOf(taken, volume.sequence, volume.size, volume.blockSize);
+      if (view !== undefined && view.sequence > (volume.servedLog?.sequence ?? -1)) {
+        volume.setLogView(view);
+        this.log.debug('replica: serving the writer\'s log past the manifest', { volume: link.name, sequence: view.sequence, entries: view.entries });
+      }
     });
   }
 }

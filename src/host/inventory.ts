@@ -241,7 +241,7 @@ export abstract class HostInventory {
   summary(v: Volume): VolumeSummary {
     const state = this.links.get(v.name)!.state;
     const summary: VolumeSummary = {
-      name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.sequence,
+      name: v.name, size: v.size, clients: v.clients, readOnly: v.readOnly, sequence: v.servedSequence,
       dirtyBytes: v.dirtyBytes, mappedChunks: v.mappedChunks, flushMode: state.flushMode,
       dirtyBudgetBytes: state.dirtyBudgetBytes, storeDirtyBytes: v.storeDirtyBytes, leaseGeneration: state.generation, manifestSequence: state.manifestSequence,
       failed: v.failed,

@@ -479,6 +479,8 @@ export class StoreLink {
         replayed = await this.replay();
         if (replayed === undefined) await this.refence();
       }
+      // A writer serves its own writes: no view of a previous writer's log stays over them.
+      this.volume.setLogView(undefined);
       this.state.readOnly = false;
       this.state.lostLease = undefined;
       this.lease.applyReadOnly();
@@ -514,6 +516,8 @@ export class StoreLink {
     let found: Awaited<ReturnType<typeof replayLog>>;
     try {
       found = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta, asWriter);
+      // What a replica served of the log is in the overlay now (replay read it and any newer entry).
+      this.volume.setLogView(undefined);
       if (found === undefined) return undefined;
       this.state.readOnly = false;
       await this.drainNow();

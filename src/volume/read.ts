@@ -139,6 +139,7 @@ export abstract class VolumeReads extends VolumeState {
   read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
     this.checkOpen();
     this.readRange(offset, length, dst, dstOffset, undefined);
+    this.logView?.patch(offset, length, dst, dstOffset);
   }
 
   /**
@@ -149,13 +150,17 @@ export abstract class VolumeReads extends VolumeState {
    */
   async readLarge(offset: number, length: number, dst: Buffer, dstOffset: number): Promise<void> {
     this.checkOpen();
+    // The view the map was read under, laid over the overlay's bytes once they are in.
+    const view = this.logView;
     // Overlay runs as [file position, dst offset, length], adjacent ones merged into one pread.
     const runs: number[] = [];
     this.readRange(offset, length, dst, dstOffset, runs);
-    if (runs.length === 0) return;
-    const preads: Array<Promise<void>> = [];
-    for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
-    await this.overlayIo(Promise.all(preads), `read of ${length} bytes at ${offset} from`);
+    if (runs.length > 0) {
+      const preads: Array<Promise<void>> = [];
+      for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
+      await this.overlayIo(Promise.all(preads), `read of ${length} bytes at ${offset} from`);
+    }
+    view?.patch(offset, length, dst, dstOffset);
   }
 
   /** read() and readLarge(): overlay runs are read now, or noted in `runs` for the thread pool. */
@@ -233,14 +238,14 @@ export abstract class VolumeReads extends VolumeState {
       const chunk = Math.floor(offset / bs);
       let stop: number;
       let flags: number;
-      if (this.overlay.size === 0 && !this.map.pageHasBlocks(chunk)) {
+      if (this.overlay.size === 0 && this.logView === undefined && !this.map.pageHasBlocks(chunk)) {
         // A whole page of holes: skip it in one step.
         const pageEnd = (Math.floor(chunk / BlockMap.PAGE_CHUNKS) + 1) * BlockMap.PAGE_CHUNKS;
         stop = Math.min(end, pageEnd * bs);
         flags = EXTENT_HOLE;
       } else {
         stop = Math.min(end, (chunk + 1) * bs);
-        if (this.overlay.has(chunk)) flags = EXTENT_DATA;
+        if (this.overlay.has(chunk) || this.logView?.has(chunk) === true) flags = EXTENT_DATA;
         else {
           const key = this.map.get(chunk);
           flags = key === undefined ? EXTENT_HOLE : key === ZERO_ALLOCATED_KEY ? EXTENT_ZERO : EXTENT_DATA;

@@ -9,6 +9,7 @@ import type { Logger } from '../log.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import type { ChangedSectors } from './changes.js';
 import type { Journal } from './journal.js';
+import type { LogView } from './log-view.js';
 import { Overlay } from './overlay.js';
 import { maskBytesOf, SECTOR_SHIFT } from './sectors.js';
 import { SyncFailureCounts, VolumeStats } from './stats.js';
@@ -164,6 +165,11 @@ export abstract class VolumeState {
   /** A boot recording: the chunks read within windowMs of the first read after it was armed. */
   protected bootRecord: { windowMs: number; started: number; chunks: Set<number>; done: (chunks: number[]) => void } | undefined;
   protected prefetchedUntil = -1;
+  /**
+   * A replica of a durable volume: its writer's log entries newer than the served manifest,
+   * laid over the block map by every read (log-view.ts). Set only while the overlay is empty.
+   */
+  protected logView: LogView | undefined;
 
   protected constructor(
     readonly name: string,

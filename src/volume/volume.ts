@@ -21,6 +21,7 @@ import { blockKey, type BlockKey } from '../blocks/cache.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { VolumeFlushes } from './flush.js';
 import { Journal, type JournalStats } from './journal.js';
+import type { LogView } from './log-view.js';
 import { isEmpty, maskBytesOf } from './sectors.js';
 import { VolumeError, type VolumeContext, type VolumeIdentity } from './state.js';
 
@@ -119,14 +120,16 @@ export class Volume extends VolumeFlushes {
    * in one tick, sees the old map or the new one, never a mix. Only the chunks whose block
    * changed are journaled; the blocks they no longer name are released once that is durable.
    */
-  async followManifest(content: { size: number; sequence: number; map: BlockMap }): Promise<void> {
+  async followManifest(content: { size: number; sequence: number; map: BlockMap }, logView?: LogView): Promise<void> {
     this.checkOpen();
     if (this.overlay.size > 0 || this.sealing.size > 0) {
       throw new VolumeError('EINVAL', `volume ${this.name}: cannot take a newer manifest with local writes pending`);
     }
     const previous = this.map;
     const changes = content.map.changesSince(previous);
+    // The writer's log entries past the new manifest (if any) come with it, in the same step.
     this.map = content.map;
+    this.logView = logView;
     if (content.size > this.size) {
       this.size = content.size;
       this.sizeDirty = true;
@@ -140,6 +143,29 @@ export class Volume extends VolumeFlushes {
       this.journalDirty.add(chunk);
     }
     await this.flush();
+  }
+
+  /**
+   * Serve a replica's view of its writer's log over the block map (undefined: none), in one
+   * assignment. Only a volume with no local write takes one; a promotion drops it once the
+   * same entries are replayed into the overlay.
+   */
+  setLogView(view: LogView | undefined): void {
+    this.checkOpen();
+    if (view !== undefined && (this.overlay.size > 0 || this.sealing.size > 0)) {
+      throw new VolumeError('EINVAL', `volume ${this.name}: cannot serve its writer's log with local writes pending`);
+    }
+    this.logView = view;
+  }
+
+  /** The view of the writer's log served over the block map (a durable volume's replica), if any. */
+  get servedLog(): LogView | undefined {
+    return this.logView;
+  }
+
+  /** The sequence of the state served: the block map's, or the writer's log entry laid over it. */
+  get servedSequence(): number {
+    return Math.max(this.sequence, this.logView?.sequence ?? -1);
   }
 
   /** Recover a volume from its folder: replay the journal, take block references. */

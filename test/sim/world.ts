@@ -96,6 +96,8 @@ export class World {
           sealIdleMs: 300, sealDirtyBytes: 4 * BLOCK, store, compression: parseCompression('zstd'), manifestCompression: parseCompression('zstd'),
           cipher: PLAINTEXT, blocksPerPack: 4, readAheadPacks: 1, hostId: slot.id, leaseTtlMs: LEASE_TTL_MS, clockSkewMarginMs: 1000, flushMode: 'demand',
           dirtyBudgetBytes: this.settings.dirtyBudgetBytes, continuousBlockIntervalMs: 1000, continuousManifestIntervalMs: 5000, refcounts,
+          // Read-only copies follow their writers (a durable one its log too): failovers promote what a replica served.
+          replicaFollowIntervalMs: 1000,
         },
         log,
       );
