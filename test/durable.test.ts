@@ -11,7 +11,9 @@ import { test } from 'node:test';
 import {
   connect, createVolume, exportInfo, fileStore, metric, MiB, pauseOutsideStoreLocks, readAll, startCluster, waitFor, withLogs, type SharedStore,
 } from './harness/cluster.js';
-import { removeDir, type Daemon } from './harness/daemon.js';
+import { removeDir, scratchDir, type Daemon } from './harness/daemon.js';
+import { assertVerified, fio, verifyArgs } from './harness/fio.js';
+import { TOOLS, requireTools } from './harness/tools.js';
 import { minioForTests, minioStore } from './harness/minio.js';
 import { NbdCommandError, type NbdClient } from './harness/nbd-client.js';
 import { openObjectStore } from '../src/objectstore/index.js';
@@ -143,6 +145,62 @@ for (const [label, store] of [['s3:// (MinIO)', (dir: string) => minioStore(mini
     assert.equal(demand.puts, 0);
     assert.ok(demand.lostOnB > 0, 'a demand volume kept its flushed writes without the store: the run proves nothing');
     assert.equal(demand.promoted.replayed, undefined);
+  });
+}
+
+/**
+ * fio writes a durable volume on A with crc32c verify headers, a FLUSH after every 16
+ * writes and one at the end; B, a replica, verifies every block while A is still up
+ * (it follows A's log, not only its manifest). A is SIGKILLed and its cache deleted, B
+ * promotes once the lease runs out and verifies again, and so does C, woken from the store.
+ */
+async function fioThroughFailover(store: SharedStore | ((dir: string) => SharedStore)): Promise<void> {
+  const cluster = await startCluster(store);
+  const cwd = await scratchDir('updraft-durable-fio-');
+  try {
+    const settings = { ...SHORT_LEASE, volumes: { flush_mode: 'durable' } };
+    const a = await cluster.start('host-a', settings);
+    const b = await cluster.start('host-b', settings);
+    await withLogs([a, b], async () => {
+      const name = 'durable-fio';
+      await createVolume(a, name, SIZE_MIB * 2, { flush_mode: 'durable' });
+      // A manifest first, so B can open the volume as a replica.
+      const drained = await post(a, name, 'drain');
+      assert.equal(drained.status, 200, drained.text);
+      const cb = await connect(b, name);
+      assert.equal((await exportInfo(b, name)).read_only, true);
+      const job = ['--name=durable', '--rw=randwrite', '--bs=4k', '--iodepth=16', `--size=${SIZE_MIB}M`, '--fsync=16', '--end_fsync=1'];
+      const written = await fio(cwd, [...job, ...verifyArgs(a.uri(name)), '--do_verify=1']);
+      assertVerified(written);
+      assert.ok((await metric(a, 'updraft_durable_log_puts_total')) > 0, 'A put no log object');
+      const verifyOn = async (d: Daemon, what: string) => {
+        const verified = await fio(cwd, [...job, ...verifyArgs(d.uri(name)), '--verify_only']);
+        assert.equal(verified.code, 0, `fio's verify on ${what} failed\n${verified.output}`);
+        assert.equal(verified.jobs[0].error, 0, `fio's verify on ${what}: error ${verified.jobs[0].error}\n${verified.output}`);
+        assert.equal(verified.jobs[0].read.io_bytes, SIZE_MIB * MiB, `fio's verify on ${what} did not read every block\n${verified.output}`);
+      };
+      // No drain since the first: B serves the FLUSHed writes from A's log.
+      await waitFor('B to follow A\'s log up to its last FLUSH', async () => (await exportInfo(b, name)).replica?.behind_sequences === 0 && (await exportInfo(b, name)).replica?.log !== null, 30_000, 200);
+      await verifyOn(b, 'the replica B while A is up');
+      await a.kill9();
+      fs.rmSync(path.join(a.dir, 'cache'), { recursive: true, force: true });
+      await sleep(5_000);
+      await waitFor('B to promote the volume', async () => (await post(b, name, 'promote')).status === 200, 30_000, 500);
+      await verifyOn(b, 'B after promoting');
+      const c = await cluster.start('host-c', settings);
+      await verifyOn(c, 'C, woken from the store');
+      await cb.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+    await removeDir(cwd);
+  }
+}
+
+for (const [label, store] of [['s3:// (MinIO)', (dir: string) => minioStore(minio(), dir)], ['file://', fileStore]] as const) {
+  test(`${label}: fio writes a durable volume with verify and a FLUSH every 16 writes; the replica verifies before the holder dies, and after it promotes, and so does a third host`, { timeout: TIMEOUT }, async (t) => {
+    if (!requireTools(t, [TOOLS.fio])) return;
+    await fioThroughFailover(store);
   });
 }
 
