@@ -23,11 +23,10 @@
 //   then the data of every extent without the zero flag, in entry and extent order.
 // A str is a u16 byte length and UTF-8.
 import { blockHash } from '../crypto/hash.js';
-import { OpenError, sealLabel, type StoreCipher } from '../crypto/cipher.js';
-import { compressBlock, decompressBlock, type CodecId, type Compression } from '../crypto/compress.js';
-import { errorMessage } from '../log.js';
+import { sealLabel, type StoreCipher } from '../crypto/cipher.js';
+import { compressBlock, type CodecId, type Compression } from '../crypto/compress.js';
 import type { ObjectStore } from '../objectstore/types.js';
-import { FormatError } from './errors.js';
+import { FormatError, openSealedBody } from './errors.js';
 import { manifestKey } from './manifest.js';
 import { decodeManifest } from './manifest-decode.js';
 import { cipherMismatch } from './pack.js';
@@ -159,19 +158,7 @@ export function decodeLog(key: string, body: Buffer, cipher: StoreCipher): LogRe
   if (HEADER_BYTES + storedLength !== body.length) throw fail(`the header says ${storedLength} stored bytes, the object has ${body.length - HEADER_BYTES} (truncated or extended)`);
   const sealed = body.subarray(HEADER_BYTES);
   if (!blockHash(sealed).equals(body.subarray(CHECKSUM_AT, HEADER_BYTES))) throw fail('checksum mismatch (corrupt)');
-  let compressed: Buffer;
-  try {
-    compressed = cipher.open(sealed, sealLabel('log', body.subarray(0, AAD_BYTES), key));
-  } catch (err) {
-    if (!(err instanceof OpenError)) throw err;
-    throw fail(`does not decrypt with this store's key: ${err.message}`, err);
-  }
-  let raw: Buffer;
-  try {
-    raw = decompressBlock(codec, compressed, rawLength, MAX_LOG_PAYLOAD_BYTES);
-  } catch (err) {
-    throw fail(`payload: ${errorMessage(err)}`, err);
-  }
+  const { raw } = openSealedBody(key, `log object ${key}:`, cipher, sealed, sealLabel('log', body.subarray(0, AAD_BYTES), key), codec, rawLength, MAX_LOG_PAYLOAD_BYTES);
   return decodePayload(raw, fail);
 }
 

@@ -1,10 +1,10 @@
 // Reading a stored manifest (the layout: store/manifest.ts): every field checked before it
 // is trusted, so a corrupt, truncated or foreign object is a FormatError naming its key.
-import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, codecName, decompressBlock, type CodecId } from '../crypto/compress.js';
-import { OpenError, type StoreCipher } from '../crypto/cipher.js';
+import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, codecName, type CodecId } from '../crypto/compress.js';
+import type { StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES } from '../crypto/hash.js';
 import { errorMessage } from '../log.js';
-import { FormatError } from './errors.js';
+import { FormatError, openSealedBody } from './errors.js';
 import { fieldProblem } from './fields.js';
 import {
   BLOCK_ENTRY_BYTES, blockProblem, CHECKSUM_AT, CHECKSUM_BYTES, CHUNK_ENTRY_BYTES, chunkCountOf, MANIFEST_HEADER_BYTES, MANIFEST_MAGIC, MANIFEST_VERSION,
@@ -53,19 +53,7 @@ export function decodeManifestBody(key: string, body: Buffer, cipher: StoreCiphe
   const codec = body.readUInt8(10);
   if (codec !== CODEC_NONE && codec !== CODEC_LZ4 && codec !== CODEC_ZSTD) throw fail(`body compressed with ${codecName(codec)}`);
   const rawLength = body.readUInt32LE(12);
-  let compressed: Buffer;
-  try {
-    compressed = cipher.open(body.subarray(MANIFEST_HEADER_BYTES), manifestLabel(body, key));
-  } catch (err) {
-    if (!(err instanceof OpenError)) throw err;
-    throw fail(`does not decrypt with this store's key: ${err.message}`, err);
-  }
-  let raw: Buffer;
-  try {
-    raw = decompressBlock(codec, compressed, rawLength, MAX_BODY_BYTES);
-  } catch (err) {
-    throw fail(`body does not decompress (${codecName(codec)}): ${errorMessage(err)}`, err);
-  }
+  const { compressed, raw } = openSealedBody(key, `manifest ${key}:`, cipher, body.subarray(MANIFEST_HEADER_BYTES), manifestLabel(body, key), codec, rawLength, MAX_BODY_BYTES);
 
   let at = 0;
   const table = (name: string, entryBytes: number): number => {

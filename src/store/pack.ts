@@ -43,12 +43,11 @@
 //              cold, 40% of what sealing itself costs, and checked nothing a tag does not.
 // For an encrypted pack either is a hash of ciphertext and says nothing of the content.
 import { blake3, Blake3Hasher } from '@napi-rs/blake-hash';
-import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock, decompressBlock } from '../crypto/compress.js';
+import { CODEC_NONE, CODEC_LZ4, CODEC_ZSTD, MAX_BLOCK_BYTES, codecName, compressBlock } from '../crypto/compress.js';
 import type { CodecId, Compression } from '../crypto/compress.js';
 import { cipherName, cipherOverhead, OpenError, sealLabel, type StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES, ZERO_ALLOCATED_HASH, ZERO_HASH } from '../crypto/hash.js';
-import { FormatError } from './errors.js';
-import { errorMessage } from '../log.js';
+import { FormatError, openSealedBody } from './errors.js';
 
 export const PACK_MAGIC = Buffer.from('UPDPACK1');
 /** The version of a pack with no seals, named by its entire body. */
@@ -305,19 +304,7 @@ export function unpackRange(key: string, stored: Buffer, entry: PackEntry, ciphe
   if (stored.length !== entry.length) {
     throw new FormatError(key, `pack ${key}: block ${hex}: got ${stored.length} stored bytes, the index says ${entry.length}`);
   }
-  let compressed: Buffer;
-  try {
-    compressed = cipher.open(stored, blockLabel(entry));
-  } catch (err) {
-    if (!(err instanceof OpenError)) throw err;
-    throw new FormatError(key, `pack ${key}: block ${hex} does not decrypt with this store's key: ${err.message}`, { cause: err });
-  }
-  let raw: Buffer;
-  try {
-    raw = decompressBlock(entry.codec, compressed, entry.rawLength);
-  } catch (err) {
-    throw new FormatError(key, `pack ${key}: block ${hex} does not decompress (${codecName(entry.codec)}): ${errorMessage(err)}`, { cause: err });
-  }
+  const { raw } = openSealedBody(key, `pack ${key}: block ${hex}`, cipher, stored, blockLabel(entry), entry.codec, entry.rawLength);
   const actual = cipher.blockHash(raw);
   if (!actual.equals(entry.hash)) {
     throw new FormatError(key, `pack ${key}: block ${hex} is corrupt: its content hashes to ${actual.toString('hex')}`);
