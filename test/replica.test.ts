@@ -6,6 +6,8 @@
 // Lag is reported in the API and the metrics. On the file:// store and on MinIO.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import { test } from 'node:test';
 import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, startCluster, waitFor, withLogs, type SharedStore,
@@ -327,6 +329,16 @@ async function followDurable(t: { diagnostic(message: string): void }, label: st
       assert.equal(info.sequence, info.replica.log.sequence, 'the replica serves the sequence of the last log entry');
       assert.ok(info.sequence > info.manifest_sequence, `served ${info.sequence}, manifest ${info.manifest_sequence}`);
       assert.ok((await metric(b, 'updraft_volume_replica_log_bytes', { volume: name })) > 0);
+
+      if (cluster.store.label === 'file://') {
+        // A corrupt log object: the check fails naming it, the replica serves what it had, and goes on once it is gone.
+        const bad = path.join(cluster.dir, 'store', 'log', 'host-a', '999999999999999-00000000');
+        fs.writeFileSync(bad, 'not a log object');
+        await waitFor('the replica to report the corrupt log object', async () => /999999999999999-00000000/.test((await exportInfo(b, name)).replica?.error ?? ''));
+        assert.equal(roundOf(await reader.read(0, ROUND_CHUNKS * CHUNK)), ROUNDS);
+        fs.rmSync(bad);
+        await waitFor('the replica\'s check to succeed again', async () => (await exportInfo(b, name)).replica?.error === null);
+      }
 
       // The writer dies; the replica promotes once the lease runs out, with every FLUSHed round.
       await a.kill9();

@@ -55,35 +55,36 @@ function dataBytes(entries: readonly LogEntry[]): number {
 
 /**
  * Read the writer's log objects not read before and keep `volume`'s entries of the
- * writer's generation past `after`. Answers whether a new entry was kept. A corrupt object
- * fails the check (FormatError naming it): the replica keeps serving what it has.
+ * writer's generation past `after`. A corrupt object fails the check (FormatError naming
+ * it) and is read again at the next: the replica serves nothing past it meanwhile.
  */
-export async function readNewEntries(store: ObjectStore, cipher: StoreCipher, volume: string, log: WriterLog, after: number): Promise<boolean> {
+export async function readNewEntries(store: ObjectStore, cipher: StoreCipher, volume: string, log: WriterLog, after: number): Promise<void> {
   const listed = await store.list(logPrefixOf(log.host));
   const now = new Set(listed.map((o) => o.key));
   for (const key of log.seen) if (!now.has(key)) log.seen.delete(key);
-  let added = false;
-  for (const { key } of listed) {
-    if (log.seen.has(key)) continue;
-    if (log.bytes >= LOG_FOLLOW_MAX_BYTES) {
-      log.full = true;
-      break;
+  try {
+    for (const { key } of listed) {
+      if (log.seen.has(key)) continue;
+      if (log.bytes >= LOG_FOLLOW_MAX_BYTES) {
+        log.full = true;
+        break;
+      }
+      const object = await store.get(key);
+      // Deleted since the listing: a newer manifest covers it, and the next check takes that.
+      if (object === undefined) continue;
+      for (const entry of decodeLog(key, object.body, cipher).entries) {
+        if (entry.volume !== volume || entry.generation !== log.generation || entry.sequence <= after) continue;
+        // Copied out: the object may carry other volumes' data, which the replica must not hold on to.
+        const extents = entry.extents.map((x) => (x.zero ? x : { ...x, data: Buffer.from(x.data!) }));
+        log.entries.push({ ...entry, extents });
+        log.bytes += dataBytes([entry]);
+      }
+      log.seen.add(key);
     }
-    const object = await store.get(key);
-    // Deleted since the listing: a newer manifest covers it, and the next check takes that.
-    if (object === undefined) continue;
-    for (const entry of decodeLog(key, object.body, cipher).entries) {
-      if (entry.volume !== volume || entry.generation !== log.generation || entry.sequence <= after) continue;
-      // Copied out: the object may carry other volumes' data, which the replica must not hold on to.
-      const extents = entry.extents.map((x) => (x.zero ? x : { ...x, data: Buffer.from(x.data!) }));
-      log.entries.push({ ...entry, extents });
-      log.bytes += dataBytes([entry]);
-      added = true;
-    }
-    log.seen.add(key);
+  } finally {
+    // Entries read before a failure stay (their objects are not read again), in order.
+    log.entries.sort((a, b) => a.sequence - b.sequence);
   }
-  if (added) log.entries.sort((a, b) => a.sequence - b.sequence);
-  return added;
 }
 
 /** The newest sequence the writer logged that the replica read (or -1). */

@@ -262,22 +262,22 @@ export class ReplicaFollowers {
       const { meta } = decodeManifest(key, object.body, cipher);
       log = follow.log = writerLog(meta.host, meta.generation);
     }
-    const added = await readNewEntries(store, cipher, link.name, log, link.volume.sequence);
+    await readNewEntries(store, cipher, link.name, log, link.volume.sequence);
+    // Something read past what is served, and the manifest has not moved since the listing.
+    if (loggedSequence(log) > link.volume.servedSequence && (await store.head(key))?.etag === etag) {
+      const taken = log;
+      await link.serial(async () => {
+        if (this.stopped || this.links.get(link.name) !== link || !followsWriter(link) || link.state.manifestEtag !== etag || follow.log !== taken) return;
+        const volume = link.volume;
+        const view = viewOf(taken, volume.sequence, volume.size, volume.blockSize);
+        if (view !== undefined && view.sequence > (volume.servedLog?.sequence ?? -1)) {
+          volume.setLogView(view);
+          this.log.debug('replica: serving the writer\'s log past the manifest', { volume: link.name, sequence: view.sequence, entries: view.entries });
+        }
+      });
+    }
     if (log.full) {
       throw new Error(`volume ${link.name}: follow: the writer's log past the manifest is over ${LOG_FOLLOW_MAX_BYTES} bytes; the replica serves what it holds until the writer's next manifest`);
     }
-    if (!added) return;
-    const info = await store.head(key);
-    if (info?.etag !== etag) return;
-    const taken = log;
-    await link.serial(async () => {
-      if (this.stopped || this.links.get(link.name) !== link || !followsWriter(link) || link.state.manifestEtag !== etag || follow.log !== taken) return;
-      const volume = link.volume;
-      const view = viewOf(taken, volume.sequence, volume.size, volume.blockSize);
-      if (view !== undefined && view.sequence > (volume.servedLog?.sequence ?? -1)) {
-        volume.setLogView(view);
-        this.log.debug('replica: serving the writer\'s log past the manifest', { volume: link.name, sequence: view.sequence, entries: view.entries });
-      }
-    });
   }
 }
