@@ -12,7 +12,9 @@ import { test } from 'node:test';
 import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, startCluster, waitFor, withLogs, type SharedStore,
 } from './harness/cluster.js';
+import type { Daemon } from './harness/daemon.js';
 import { minioForTests, minioStore } from './harness/minio.js';
+import type { NbdClient } from './harness/nbd-client.js';
 
 const TIMEOUT = 600_000;
 const VOLUME = 'replica/follow';
@@ -53,6 +55,55 @@ function median(values: number[]): number {
   return sorted[Math.floor(sorted.length / 2)];
 }
 
+/** A steady write load of 64 KiB writes on the writer, over `span` bytes past the round chunks, until stopped. */
+function writeLoad(a: Daemon, name: string, span = VOLUME_MIB * MiB - LOAD_FROM) {
+  const state = { running: true, writes: 0 };
+  const done = (async () => {
+    const client = await connect(a, name);
+    while (state.running) {
+      await client.write(LOAD_FROM + Math.floor(Math.random() * (span / 65536)) * 65536, randomBytes(65536));
+      state.writes++;
+    }
+    await client.disconnect();
+  })();
+  return { state, stop: async () => {
+    state.running = false;
+    await done;
+  } };
+}
+
+/**
+ * The replica read continuously: every round chunk in one read (never two rounds in one,
+ * never a round older than the last), and its sequence in the API, sampled every 20 ms
+ * (never back; when it first reached each value), until stopped.
+ */
+function watchReplica(b: Daemon, name: string, reader: NbdClient) {
+  const state = { running: true, reads: 0, lastRound: 0, roundsSeen: new Set<number>(), seenAt: [] as Array<{ sequence: number; at: number }> };
+  const readLoop = (async () => {
+    while (state.running) {
+      const round = roundOf(await reader.read(0, ROUND_CHUNKS * CHUNK));
+      assert.ok(round >= state.lastRound, `the replica went back from round ${state.lastRound} to round ${round}`);
+      state.lastRound = round;
+      state.roundsSeen.add(round);
+      state.reads++;
+    }
+  })();
+  const watch = (async () => {
+    let lastSequence = -1;
+    while (state.running) {
+      const sequence = (await exportInfo(b, name)).sequence as number;
+      assert.ok(sequence >= lastSequence, `the replica's sequence went back from ${lastSequence} to ${sequence}`);
+      if (sequence > lastSequence) state.seenAt.push({ sequence, at: performance.now() });
+      lastSequence = sequence;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  })();
+  return { state, stop: async () => {
+    state.running = false;
+    await Promise.all([readLoop, watch]);
+  } };
+}
+
 async function followUnderLoad(t: { diagnostic(message: string): void }, label: string, store: SharedStore | ((dir: string) => SharedStore)): Promise<void> {
   const cluster = await startCluster(store);
   try {
@@ -66,47 +117,10 @@ async function followUnderLoad(t: { diagnostic(message: string): void }, label: 
       const reader = await connect(b, VOLUME);
       assert.equal((await exportInfo(b, VOLUME)).read_only, true);
 
-      // A steady write load on the writer, past the round chunks, for the whole test.
-      let loading = true;
-      let loadWrites = 0;
-      const load = (async () => {
-        const loadClient = await connect(a, VOLUME);
-        while (loading) {
-          const offset = LOAD_FROM + Math.floor(Math.random() * ((VOLUME_MIB * MiB - LOAD_FROM) / 65536)) * 65536;
-          await loadClient.write(offset, randomBytes(65536));
-          loadWrites++;
-        }
-        await loadClient.disconnect();
-      })();
-
-      // The replica reads every round chunk in one read, continuously.
-      let reading = true;
-      let reads = 0;
-      let lastRound = 0;
-      const roundsSeen = new Set<number>();
-      const readLoop = (async () => {
-        while (reading) {
-          const round = roundOf(await reader.read(0, ROUND_CHUNKS * CHUNK));
-          assert.ok(round >= lastRound, `the replica went back from round ${lastRound} to round ${round}`);
-          lastRound = round;
-          roundsSeen.add(round);
-          reads++;
-        }
-      })();
-
-      // The replica's sequence as the API shows it, sampled: never backwards; when it first reached each value.
-      let watching = true;
-      const seenAt: Array<{ sequence: number; at: number }> = [];
-      let lastSequence = -1;
-      const watch = (async () => {
-        while (watching) {
-          const sequence = (await exportInfo(b, VOLUME)).sequence as number;
-          assert.ok(sequence >= lastSequence, `the replica's sequence went back from ${lastSequence} to ${sequence}`);
-          if (sequence > lastSequence) seenAt.push({ sequence, at: performance.now() });
-          lastSequence = sequence;
-          await new Promise((resolve) => setTimeout(resolve, 20));
-        }
-      })();
+      // A steady write load on the writer for the whole test; the replica reads all along.
+      const load = writeLoad(a, VOLUME);
+      const replica = watchReplica(b, VOLUME, reader);
+      const { seenAt } = replica.state;
 
       const lags: number[] = [];
       try {
@@ -118,15 +132,15 @@ async function followUnderLoad(t: { diagnostic(message: string): void }, label: 
           await waitFor(`the replica to reach sequence ${drained.sequence} (round ${round})`, async () => seenAt.some((s) => s.sequence >= drained.sequence), 60_000, 10);
           lags.push(seenAt.find((s) => s.sequence >= drained.sequence)!.at - drainedAt);
           // The reader meets the round too (its blocks come lazily from the store).
-          await waitFor(`the replica's reads to show round ${round}`, async () => lastRound >= round, 60_000, 10);
+          await waitFor(`the replica's reads to show round ${round}`, async () => replica.state.lastRound >= round, 60_000, 10);
         }
       } finally {
-        loading = false;
-        reading = false;
-        watching = false;
-        await Promise.all([load, readLoop, watch]);
+        await load.stop();
+        await replica.stop();
       }
-      assert.ok(roundsSeen.has(ROUNDS), 'the reader saw the last round');
+      const { reads } = replica.state;
+      const loadWrites = load.state.writes;
+      assert.ok(replica.state.roundsSeen.has(ROUNDS), 'the reader saw the last round');
       assert.ok(loadWrites > 0 && reads > ROUNDS, `load writes ${loadWrites}, replica reads ${reads}`);
 
       // Lag in the API and the metrics, once caught up.
@@ -267,7 +281,8 @@ async function followDurable(t: { diagnostic(message: string): void }, label: st
   const cluster = await startCluster(store);
   const shortLease = { lease_ttl_s: 4, clock_skew_margin_s: 1 };
   try {
-    const a = await cluster.start('host-a', { host: shortLease, volumes: { flush_mode: 'durable' } });
+    // The writer folds its log into a manifest only when the test drains (not by its timer).
+    const a = await cluster.start('host-a', { host: shortLease, volumes: { flush_mode: 'durable', continuous_manifest_interval_ms: 600_000 } });
     const b = await cluster.start('host-b', { host: shortLease, volumes: { replica_follow_interval_ms: FOLLOW_MS } });
     await withLogs([a, b], async () => {
       const name = 'replica/durable';
@@ -278,32 +293,10 @@ async function followDurable(t: { diagnostic(message: string): void }, label: st
       const reader = await connect(b, name);
       assert.equal((await exportInfo(b, name)).flush_mode, 'durable');
 
-      // Unflushed load past the round chunks: each round's FLUSH logs it as well.
-      let loading = true;
-      const load = (async () => {
-        const loadClient = await connect(a, name);
-        while (loading) await loadClient.write(LOAD_FROM + Math.floor(Math.random() * 64) * 65536, randomBytes(65536));
-        await loadClient.disconnect();
-      })();
-      let reading = true;
-      let lastRound = 0;
-      const readLoop = (async () => {
-        while (reading) {
-          const round = roundOf(await reader.read(0, ROUND_CHUNKS * CHUNK));
-          assert.ok(round >= lastRound, `the replica went back from round ${lastRound} to round ${round}`);
-          lastRound = round;
-        }
-      })();
-      let watching = true;
-      let lastSequence = -1;
-      const watch = (async () => {
-        while (watching) {
-          const sequence = (await exportInfo(b, name)).sequence as number;
-          assert.ok(sequence >= lastSequence, `the replica's sequence went back from ${lastSequence} to ${sequence}`);
-          lastSequence = sequence;
-          await new Promise((resolve) => setTimeout(resolve, 20));
-        }
-      })();
+      // Unflushed load past the round chunks (each round's FLUSH logs it as well); the replica reads all along.
+      // Over 1 MiB only: a round logs at most that much of it, so the log stays under the 64 MiB that folds it.
+      const load = writeLoad(a, name, MiB);
+      const replica = watchReplica(b, name, reader);
 
       const lags: number[] = [];
       try {
@@ -313,14 +306,12 @@ async function followDurable(t: { diagnostic(message: string): void }, label: st
           const flushedAt = performance.now();
           // Halfway, a drain folds the log into a manifest: the replica moves to it without going back.
           if (round === ROUNDS / 2) await drain(a, name);
-          await waitFor(`the replica's reads to show FLUSHed round ${round}`, async () => lastRound >= round, 60_000, 5);
+          await waitFor(`the replica's reads to show FLUSHed round ${round}`, async () => replica.state.lastRound >= round, 60_000, 5);
           lags.push(performance.now() - flushedAt);
         }
       } finally {
-        loading = false;
-        reading = false;
-        watching = false;
-        await Promise.all([load, readLoop, watch]);
+        await load.stop();
+        await replica.stop();
       }
       // The last rounds came from the log: the API says so.
       await waitFor('the replica to catch up with the log', async () => (await exportInfo(b, name)).replica?.behind_sequences === 0);
