@@ -16,7 +16,11 @@ export type InjectedFault =
   /** A failed fdatasync of the overlay leaves the volume healthy: its chunks stay dirty and the next FLUSH tries again. */
   | 'fsync-retry-succeeds'
   /** A promotion finds no log to replay (a durable volume's flushed writes after its manifest are not applied). */
-  | 'durable-skip-replay';
+  | 'durable-skip-replay'
+  /** A replica of a durable volume serves its writer's log without the first entry past the manifest (a gap in the history). */
+  | 'replica-log-gap'
+  /** A promoted replica keeps serving the old writer's log over its own writes. */
+  | 'replica-keep-log-view';
 
 /** The faults switched on (the simulation only). */
 export const injected = new Set<InjectedFault>();

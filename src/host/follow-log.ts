@@ -10,6 +10,7 @@
 // not move after its listing before it serves what it read; when it moved, the next check
 // takes the newer manifest first, and keeps only the entries past it.
 import type { StoreCipher } from '../crypto/cipher.js';
+import { injected } from '../faults/injected.js';
 import type { ObjectStore } from '../objectstore/types.js';
 import { decodeLog, logPrefixOf, type LogEntry } from '../store/log.js';
 import { LogView } from '../volume/log-view.js';
@@ -104,5 +105,6 @@ export function viewOf(log: WriterLog, sequence: number, size: number, blockSize
     if (entry.size > size) break;
     taken.push(entry);
   }
+  if (injected.has('replica-log-gap')) taken.shift();
   return taken.length === 0 ? undefined : new LogView(taken, blockSize);
 }

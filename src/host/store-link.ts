@@ -480,7 +480,7 @@ export class StoreLink {
         if (replayed === undefined) await this.refence();
       }
       // A writer serves its own writes: no view of a previous writer's log stays over them.
-      this.volume.setLogView(undefined);
+      if (!injected.has('replica-keep-log-view')) this.volume.setLogView(undefined);
       this.state.readOnly = false;
       this.state.lostLease = undefined;
       this.lease.applyReadOnly();
@@ -517,7 +517,7 @@ export class StoreLink {
     try {
       found = await replayLog(this.ctx.store, this.ctx.cipher, this.volume, latest.manifest.meta, asWriter);
       // What a replica served of the log is in the overlay now (replay read it and any newer entry).
-      this.volume.setLogView(undefined);
+      if (!injected.has('replica-keep-log-view')) this.volume.setLogView(undefined);
       if (found === undefined) return undefined;
       this.state.readOnly = false;
       await this.drainNow();

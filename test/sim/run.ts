@@ -12,6 +12,7 @@ import { ZERO_ALLOCATED_KEY } from '../../src/volume/blockmap.js';
 import { SECTOR, type Volume } from '../../src/volume/volume.js';
 import { clock, runAs } from './clock.js';
 import { decodeUnit, fillUnit, openInSnapshot, UNIT, VolumeModel } from './model.js';
+import { followsWriter } from '../../src/host/follow.js';
 import { BLOCK, LEASE_TTL_MS, MEMORY_BLOCKS, World, type Slot } from './world.js';
 
 export interface SimOptions {
@@ -469,7 +470,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (out.ok && slot.up && chance(retried ? 1 : 0.1)) {
         note(`power cut of ${slot.id} after the flush`);
         crash(slot, true);
-      }
+      } else if (out.ok && model.durable && slot.up && chance(0.3)) await followCheck(model, slot, volume);
     } else if (op < 0.56) {
       const { first, count } = range(model);
       const trim = chance(0.5);
@@ -636,6 +637,73 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       note(`time passes: ${ms} ms`);
       await clock.advance(ms);
     }
+  }
+
+  /**
+   * A replica follows a durable volume's log (host/follow.ts): opened read-only on another
+   * host right after a FLUSH its writer acknowledged, once it serves the sequence the store
+   * holds, every unit reads the writer's content (a unit left open: one of its candidates).
+   * The replica stays open there: a later failover may promote it.
+   */
+  async function followCheck(model: VolumeModel, home: Slot, homeVolume: Volume): Promise<void> {
+    const others = up().filter((s) => s !== home);
+    const stored = home.host!.summary(homeVolume).durableSequence;
+    // Only beside a writer: a volume whose lease was released (a migration cut short) would be taken by the wake.
+    const writing = home.host!.link(model.name)?.holdsLease === true && !homeVolume.readOnly;
+    if (others.length === 0 || stored === undefined || !writing) return;
+    const target = pick(others);
+    note(`  ${target.id} follows ${model.name} as a replica, up to sequence ${stored}`);
+    const out = await drive(target, async () => {
+      if (target.host!.get(model.name) === undefined) await target.host!.wake(model.name);
+      return target.host!.get(model.name);
+    });
+    if (!out.ok || !target.up || out.value === undefined) {
+      if (!out.ok && !('died' in out)) note(`  opening the replica failed: ${(out.error as Error).message}`);
+      return;
+    }
+    const replica = out.value;
+    if (!replica.readOnly) {
+      // The holder's lease lapsed and the wake took it: give it back up (a drain of the same content, then a release).
+      note(`  ${target.id} took ${model.name} (its holder's lease lapsed): it removes its copy`);
+      const removed = await drive(target, () => target.host!.remove(model.name));
+      if (!removed.ok && !('died' in removed)) note(`  the remove failed: ${(removed.error as Error).message}`);
+      return;
+    }
+    if (!followsWriter(target.host!.link(model.name)!)) {
+      note(`  ${target.id}'s copy of ${model.name} is no replica that follows (a fenced copy with writes of its own)`);
+      return;
+    }
+    for (let waited = 0; replica.servedSequence < stored && waited < 5000; waited += 500) {
+      await clock.advance(500);
+      if (!target.up || !home.up || target.host!.get(model.name) !== replica) return;
+    }
+    if (replica.servedSequence < stored || replica.size !== model.size) {
+      note(`  the replica serves sequence ${replica.servedSequence} at size ${replica.size}, not yet ${stored} at ${model.size}`);
+      return;
+    }
+    const buf = Buffer.alloc(replica.size);
+    const read = await drive(target, async () => {
+      let ready = replica.readReady(0, replica.size);
+      for (let round = 1; ready; round++) {
+        await ready;
+        ready = replica.readReady(0, replica.size, round);
+      }
+      replica.read(0, replica.size, buf, 0);
+    });
+    if (!read.ok) {
+      if (!('died' in read)) note(`  the replica's read failed: ${(read.error as Error).message}`);
+      return;
+    }
+    for (let u = 0; u < model.units; u++) {
+      const got = decodeUnit(buf, u * UNIT, u);
+      const allowed = model.val[u] >= 0 ? [model.val[u]] : (model.open.get(u) ?? [model.floor[u]]);
+      if (got < 0 || !allowed.includes(got)) {
+        throw new Failure(
+          `replica of ${model.name} on ${target.id} at sequence ${replica.servedSequence} (the store holds ${stored}): unit ${u} (byte ${u * UNIT}) reads ${got < 0 ? 'garbage' : `write ${got}`}; the writer's flushed content: writes ${allowed.join(',')}`,
+        );
+      }
+    }
+    note(`  the replica on ${target.id} reads the flushed content at sequence ${replica.servedSequence}${replica.servedLog === undefined ? "" : ` (${replica.servedLog.entries} log entries over its manifest)`}`);
   }
 
   /**
