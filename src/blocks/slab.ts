@@ -38,6 +38,82 @@ export async function writevAt(fd: number, buffers: Buffer[], position: number):
   }
 }
 
+/** Buffers and bytes one slab write takes at most: queued writes to consecutive slots merge up to this. */
+const MAX_WRITE_BUFFERS = 256;
+const MAX_WRITE_BYTES = 32 * 1024 * 1024;
+
+interface QueuedWrite {
+  buffers: Buffer[];
+  position: number;
+  bytes: number;
+  settle: () => void;
+  reject: (err: unknown) => void;
+}
+
+/**
+ * The slab's writes, one pwritev at a time, in the order they were queued; queued writes
+ * to consecutive slots go as one. A buffered write holds the file's lock for its whole
+ * copy, so concurrent writes to the one slab only waited (spinning) for each other. The
+ * queue holds at most what its callers have put and not seen land (the blocks put while
+ * a write runs), each a block already held in memory.
+ */
+export class SlabWriter {
+  private readonly queue: QueuedWrite[] = [];
+  private head = 0;
+  private running = false;
+
+  constructor(readonly fd: number) {}
+
+  /** Write `buffers` back to back from `position`; settles once they are in the file (the page cache). */
+  write(buffers: Buffer[], position: number): Promise<void> {
+    let bytes = 0;
+    for (const buffer of buffers) bytes += buffer.length;
+    return new Promise<void>((settle, reject) => {
+      this.queue.push({ buffers, position, bytes, settle, reject });
+      if (!this.running) this.next();
+    });
+  }
+
+  private next(): void {
+    if (this.head >= this.queue.length) {
+      this.queue.length = 0;
+      this.head = 0;
+      this.running = false;
+      return;
+    }
+    this.running = true;
+    // Writes keep coming while a drain runs: drop the settled ones from time to time.
+    if (this.head >= 1024) {
+      this.queue.splice(0, this.head);
+      this.head = 0;
+    }
+    const first = this.queue[this.head++];
+    const batch = [first];
+    const buffers = [...first.buffers];
+    let end = first.position + first.bytes;
+    let bytes = first.bytes;
+    while (this.head < this.queue.length) {
+      const more = this.queue[this.head];
+      if (more.position !== end || buffers.length + more.buffers.length > MAX_WRITE_BUFFERS || bytes + more.bytes > MAX_WRITE_BYTES) break;
+      this.head++;
+      batch.push(more);
+      buffers.push(...more.buffers);
+      end += more.bytes;
+      bytes += more.bytes;
+    }
+    writevAt(this.fd, buffers, first.position).then(
+      () => {
+        for (const write of batch) write.settle();
+        this.next();
+      },
+      (err) => {
+        for (const write of batch) write.reject(err);
+        this.next();
+      },
+    );
+  }
+}
+
 export const SLOT_ENTRY_BYTES = 32;
 export const SLOT_USED = 1;
 export const SLOT_IN_STORE = 2;
