@@ -11,7 +11,7 @@ import { LocalSpace } from './local-space.js';
 import { MemoryTier } from './memory-tier.js';
 import { S3Fifo } from './s3fifo.js';
 import { StreamedKeys } from './streamed-keys.js';
-import { SLOT_IN_STORE, SLOT_USED, SlabWriter, SlotTable, type Slot } from './slab.js';
+import { SLOT_IN_STORE, SLOT_USED, FileWriteQueue, SlotTable, type Slot } from './slab.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 
@@ -85,7 +85,7 @@ export abstract class CacheTiers {
   private readonly inflight = new Set<Promise<void>>();
   protected readonly table: SlotTable;
   /** Every write of block bytes to the slab goes through here. */
-  protected readonly slab: SlabWriter;
+  protected readonly slab: FileWriteQueue;
   protected slabDirty = false;
   private syncing: Promise<void> | undefined;
   /** Pinned blocks written to the slab since the last sync began: the ones a failed sync may lose. */
@@ -115,7 +115,7 @@ export abstract class CacheTiers {
     // A block streamed again once the memory tier let it go is remembered for a few of its turnovers.
     this.streamed = new StreamedKeys(Math.max(1024, 4 * Math.floor(opts.memoryBytes / opts.blockSize)));
     this.table = new SlotTable(tableFd);
-    this.slab = new SlabWriter(slabFd);
+    this.slab = new FileWriteQueue(slabFd);
   }
 
   protected loadTable(namesId: Buffer): void {

@@ -38,7 +38,7 @@ export async function writevAt(fd: number, buffers: Buffer[], position: number):
   }
 }
 
-/** Buffers and bytes one slab write takes at most: queued writes to consecutive slots merge up to this. */
+/** Buffers and bytes one write takes at most: queued writes to consecutive ranges merge up to this. */
 const MAX_WRITE_BUFFERS = 256;
 const MAX_WRITE_BYTES = 32 * 1024 * 1024;
 
@@ -51,13 +51,13 @@ interface QueuedWrite {
 }
 
 /**
- * The slab's writes, one pwritev at a time, in the order they were queued; queued writes
- * to consecutive slots go as one. A buffered write holds the file's lock for its whole
- * copy, so concurrent writes to the one slab only waited (spinning) for each other. The
- * queue holds at most what its callers have put and not seen land (the blocks put while
- * a write runs), each a block already held in memory.
+ * Writes to one of the disk tier's files (the slab, the slot table), one pwritev at a
+ * time, in the order they were queued; queued writes to consecutive ranges go as one. A
+ * buffered write holds the file's lock for its whole copy, so concurrent writes to one
+ * file only waited (spinning) for each other. The queue holds at most what its callers
+ * have queued and not seen land (for the slab, blocks already held in memory).
  */
-export class SlabWriter {
+export class FileWriteQueue {
   private readonly queue: QueuedWrite[] = [];
   private head = 0;
   private running = false;
@@ -161,9 +161,13 @@ export interface Slot {
 /** The slot table file of a cache: its header written when created, entries written in order. */
 export class SlotTable {
   /** Entry writes, in order: a slot freed and reused must end with the newer entry. */
+  private readonly writes: FileWriteQueue;
+  /** Settles once the last entry write queued has (the queue is in order: all before it too). */
   private tail: Promise<void> = Promise.resolve();
 
-  constructor(readonly fd: number) {}
+  constructor(readonly fd: number) {
+    this.writes = new FileWriteQueue(fd);
+  }
 
   /** A new table's header: the block size and the names id, durable before any entry. */
   writeHeader(blockSize: number, namesId: Buffer): void {
@@ -223,7 +227,7 @@ export class SlotTable {
       entries[i * SLOT_ENTRY_BYTES + HASH_BYTES] = flags;
     }
     const position = (first + 1) * SLOT_ENTRY_BYTES;
-    const write = this.tail.then(() => writeAt(this.fd, entries, position));
+    const write = this.writes.write([entries], position);
     this.tail = write.catch(() => undefined);
     return write;
   }
