@@ -11,7 +11,7 @@ import { LocalSpace } from './local-space.js';
 import { MemoryTier } from './memory-tier.js';
 import { S3Fifo } from './s3fifo.js';
 import { StreamedKeys } from './streamed-keys.js';
-import { SLOT_IN_STORE, SLOT_USED, SlotTable, writeAt, type Slot } from './slab.js';
+import { SLOT_IN_STORE, SLOT_USED, FileWriteQueue, SlotTable, type Slot } from './slab.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 
@@ -84,6 +84,8 @@ export abstract class CacheTiers {
   protected readonly awaited = new Map<BlockKey, number>();
   private readonly inflight = new Set<Promise<void>>();
   protected readonly table: SlotTable;
+  /** Every write of block bytes to the slab goes through here. */
+  protected readonly slab: FileWriteQueue;
   protected slabDirty = false;
   private syncing: Promise<void> | undefined;
   /** Pinned blocks written to the slab since the last sync began: the ones a failed sync may lose. */
@@ -113,6 +115,7 @@ export abstract class CacheTiers {
     // A block streamed again once the memory tier let it go is remembered for a few of its turnovers.
     this.streamed = new StreamedKeys(Math.max(1024, 4 * Math.floor(opts.memoryBytes / opts.blockSize)));
     this.table = new SlotTable(tableFd);
+    this.slab = new FileWriteQueue(slabFd);
   }
 
   protected loadTable(namesId: Buffer): void {
@@ -264,7 +267,7 @@ export abstract class CacheTiers {
     slot.unverified = undefined;
     const write = (slot.writing ?? Promise.resolve())
       .catch(() => undefined)
-      .then(() => writeAt(this.slabFd, block, slot.index * this.blockSize))
+      .then(() => this.slab.write([block], slot.index * this.blockSize))
       .then(
         () => {
           if (this.writing.get(key) === block) this.writing.delete(key);

@@ -15,7 +15,7 @@ import type { Logger } from '../log.js';
 import { injected } from '../faults/injected.js';
 import { keyHex, type BlockKey } from './block-key.js';
 import { CacheTiers, type BlockCacheOptions } from './cache-tiers.js';
-import { SLOT_IN_STORE, SLOT_USED, writeAt, writevAt, type BlockSealer, type Slot } from './slab.js';
+import { SLOT_IN_STORE, SLOT_USED, type BlockSealer, type Slot } from './slab.js';
 
 export { blockKey, keyBytes, keyHex, type BlockKey } from './block-key.js';
 export { LocalSpace } from './local-space.js';
@@ -124,7 +124,7 @@ export class BlockCache extends CacheTiers {
     this.diskPolicy.insert(key, 1);
     this.slabDirty = true;
     this.counters.blocksWritten++;
-    const write = writeAt(this.slabFd, data, index * this.blockSize)
+    const write = this.slab.write([data], index * this.blockSize)
       .then(() => this.writeEntry(index, key, inStore ? SLOT_USED | SLOT_IN_STORE : SLOT_USED))
       .then(
         () => {
@@ -311,7 +311,7 @@ export class BlockCache extends CacheTiers {
    * (`wanted`; all for read-ahead) stay in the memory tier, so that read still finds them.
    */
   private writeRun(first: number, keys: BlockKey[], data: Buffer[], slots: Slot[], wanted: ReadonlySet<BlockKey> | undefined): Promise<void> {
-    const write = writevAt(this.slabFd, data, first * this.blockSize)
+    const write = this.slab.write(data, first * this.blockSize)
       .then(() => this.writeEntries(first, keys, SLOT_USED | SLOT_IN_STORE))
       .then(
         () => {

@@ -38,6 +38,82 @@ export async function writevAt(fd: number, buffers: Buffer[], position: number):
   }
 }
 
+/** Buffers and bytes one write takes at most: queued writes to consecutive ranges merge up to this. */
+const MAX_WRITE_BUFFERS = 256;
+const MAX_WRITE_BYTES = 32 * 1024 * 1024;
+
+interface QueuedWrite {
+  buffers: Buffer[];
+  position: number;
+  bytes: number;
+  settle: () => void;
+  reject: (err: unknown) => void;
+}
+
+/**
+ * Writes to one of the disk tier's files (the slab, the slot table), one pwritev at a
+ * time, in the order they were queued; queued writes to consecutive ranges go as one. A
+ * buffered write holds the file's lock for its whole copy, so concurrent writes to one
+ * file only waited (spinning) for each other. The queue holds at most what its callers
+ * have queued and not seen land (for the slab, blocks already held in memory).
+ */
+export class FileWriteQueue {
+  private readonly queue: QueuedWrite[] = [];
+  private head = 0;
+  private running = false;
+
+  constructor(readonly fd: number) {}
+
+  /** Write `buffers` back to back from `position`; settles once they are in the file (the page cache). */
+  write(buffers: Buffer[], position: number): Promise<void> {
+    let bytes = 0;
+    for (const buffer of buffers) bytes += buffer.length;
+    return new Promise<void>((settle, reject) => {
+      this.queue.push({ buffers, position, bytes, settle, reject });
+      if (!this.running) this.next();
+    });
+  }
+
+  private next(): void {
+    if (this.head >= this.queue.length) {
+      this.queue.length = 0;
+      this.head = 0;
+      this.running = false;
+      return;
+    }
+    this.running = true;
+    // Writes keep coming while a drain runs: drop the settled ones from time to time.
+    if (this.head >= 1024) {
+      this.queue.splice(0, this.head);
+      this.head = 0;
+    }
+    const first = this.queue[this.head++];
+    const batch = [first];
+    const buffers = [...first.buffers];
+    let end = first.position + first.bytes;
+    let bytes = first.bytes;
+    while (this.head < this.queue.length) {
+      const more = this.queue[this.head];
+      if (more.position !== end || buffers.length + more.buffers.length > MAX_WRITE_BUFFERS || bytes + more.bytes > MAX_WRITE_BYTES) break;
+      this.head++;
+      batch.push(more);
+      buffers.push(...more.buffers);
+      end += more.bytes;
+      bytes += more.bytes;
+    }
+    writevAt(this.fd, buffers, first.position).then(
+      () => {
+        for (const write of batch) write.settle();
+        this.next();
+      },
+      (err) => {
+        for (const write of batch) write.reject(err);
+        this.next();
+      },
+    );
+  }
+}
+
 export const SLOT_ENTRY_BYTES = 32;
 export const SLOT_USED = 1;
 export const SLOT_IN_STORE = 2;
@@ -85,9 +161,13 @@ export interface Slot {
 /** The slot table file of a cache: its header written when created, entries written in order. */
 export class SlotTable {
   /** Entry writes, in order: a slot freed and reused must end with the newer entry. */
+  private readonly writes: FileWriteQueue;
+  /** Settles once the last entry write queued has (the queue is in order: all before it too). */
   private tail: Promise<void> = Promise.resolve();
 
-  constructor(readonly fd: number) {}
+  constructor(readonly fd: number) {
+    this.writes = new FileWriteQueue(fd);
+  }
 
   /** A new table's header: the block size and the names id, durable before any entry. */
   writeHeader(blockSize: number, namesId: Buffer): void {
@@ -147,7 +227,7 @@ export class SlotTable {
       entries[i * SLOT_ENTRY_BYTES + HASH_BYTES] = flags;
     }
     const position = (first + 1) * SLOT_ENTRY_BYTES;
-    const write = this.tail.then(() => writeAt(this.fd, entries, position));
+    const write = this.writes.write([entries], position);
     this.tail = write.catch(() => undefined);
     return write;
   }
