@@ -82,6 +82,18 @@ describe('simulation', () => {
     assert.match(r.failure!.message, /durable|expected write/);
   });
 
+  it('catches a replica serving its writer\'s log with a gap within 20 seeds', async () => {
+    const r = await firstFailure(['replica-log-gap'], 20);
+    assert.ok(r, 'no seed failed with replica-log-gap on');
+    assert.match(r.failure!.message, /replica of v\d+ on h\d+ .* reads write \d+; the writer's flushed content/);
+  });
+
+  it('catches a promoted replica that keeps serving its old writer\'s log within 1,000 seeds', async () => {
+    const r = await firstFailure(['replica-keep-log-view'], 1000);
+    assert.ok(r, 'no seed failed with replica-keep-log-view on');
+    assert.match(r.failure!.message, /expected write/);
+  });
+
   it('catches a FLUSH retried with success after a failed fdatasync within 10 seeds (fsync errors 0.1)', async () => {
     const r = await firstFailure(['fsync-retry-succeeds'], 10, { fsyncErrorRate: 0.1 });
     assert.ok(r, 'no seed failed with fsync-retry-succeeds on');
