@@ -17,9 +17,8 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { ROOT } from './procs.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const dist = (p) => import(path.join(ROOT, 'dist', p));
 const [{ PackRefcounts }, { openGcDatabase, PostgresDatabase }, { Collector }, { openObjectStore }, { encodeManifest, ManifestBuilder, manifestKey }, { encodePack }, { blockHash }, { parseCompression }, { createLogger }, { startMinio }, { startPostgres }] =
   await Promise.all([

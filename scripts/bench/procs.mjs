@@ -3,6 +3,14 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The repository, the built daemon, and the MinIO binary the test setup installs. */
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const MAIN = path.join(ROOT, 'dist/src/cli/updraft.cjs');
+export const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache/updraft-test'), 'bin/minio');
 
 /** Every child started and not yet exited: a script stops them all by pid at its end. */
 export const children = new Set();

@@ -38,14 +38,10 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { NbdClient } from '../../dist/test/harness/nbd-client.js';
-import { api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
+import { MAIN, MINIO, api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const MAIN = path.join(ROOT, 'dist/src/cli/updraft.cjs');
-const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache/updraft-test'), 'bin/minio');
 const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
 const FORK_SIZES_MIB = (process.env.BENCH_FORK_SIZES_MIB || '256,1024,8192').split(',').map(Number);
