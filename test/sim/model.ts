@@ -163,6 +163,11 @@ export class VolumeModel {
     this.size = size;
   }
 
+  /** Drop the snapshots recorded at sequences past `sequence` (a crash took them back; they will be reused for other content). */
+  forgetAbove(sequence: number): void {
+    for (const s of [...this.snapshots.keys()]) if (s > sequence) this.snapshots.delete(s);
+  }
+
   snapshot(sequence: number): Int32Array {
     const copy = Int32Array.from(this.val);
     // A unit left open (a failed write, a crash not read back yet) is in the manifest as any of its candidates.

@@ -223,6 +223,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       // An unanswered resize may have landed unsynced: a restart may show it, and a power cut after it undo it again.
       const size = m.size;
       if (!m.recovered(volume.size)) throw new Failure(`host ${slot.id}: volume ${m.name} recovered with size ${volume.size}, expected ${size === m.sizeFloor ? size : `${m.sizeFloor} to ${Math.max(size, m.maybeSize)}`}`);
+      // Sequences past the recovered one were never in a manifest (a drain commits its sequence first): they will be reused.
+      m.forgetAbove(volume.sequence);
       await readAll(slot, m, volume);
       if (!slot.up) return;
       // A durable volume continues above the sequences it may have logged: its next manifest is at this content.
@@ -446,6 +448,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (!out.ok && !('died' in out)) {
         note(`  write failed: ${(out.error as Error).message}`);
         model.unsure(first, before, w);
+        // A durable volume's background fold may put a manifest at the sequence the failed write took: either content.
+        if (model.durable && slot.up) model.snapshot(volume.sequence);
       } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
     } else if (op < 0.4) {
       const { first, count } = range(model);
@@ -497,6 +501,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       if (!out.ok && !('died' in out)) {
         note(`  failed: ${(out.error as Error).message}`);
         model.unsure(first, before, 0);
+        if (model.durable && slot.up) model.snapshot(volume.sequence);
       } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
     } else if (op < 0.58) {
       const size = model.size + BLOCK * pick([1, 2]);
