@@ -225,10 +225,7 @@ export class DurableLog {
     void this.commit().then((ok) => {
       this.committing = false;
       if (!ok && this.waiting.size > 0) {
-        this.retryTimer = setTimeout(() => {
-          this.retryTimer = undefined;
-          this.kick();
-        }, RETRY_MS);
+        this.retryLater();
         return;
       }
       // FLUSHes that came during this commit; a drain standing in for one kicks when it ends.
@@ -335,11 +332,28 @@ export class DurableLog {
         tracked.draining = false;
         tracked.untracked = true;
         this.lastError = `drain: ${errorMessage(err)}`;
+        // A failed volume drains no more until it is reopened: its FLUSHes fail now, not at their timeout.
+        if ((!tracked.link.mayLog() && tracked.link.generation > 0) || tracked.link.volume.failed !== undefined) {
+          this.fail(tracked, `drain failed: ${errorMessage(err)}`);
+          return;
+        }
         this.options.log.warn('durable flush: drain failed; retrying until the FLUSH times out', { volume: tracked.link.name, error: errorMessage(err) });
-        if (!tracked.link.mayLog() && tracked.link.generation > 0) this.fail(tracked, `drain failed: ${errorMessage(err)}`);
-        else if (!this.closed) setTimeout(() => this.kick(), RETRY_MS).unref();
+        this.retryLater();
       },
     );
+  }
+
+  /**
+   * Commit again after RETRY_MS: one timer at a time, however many drains and commits
+   * failed meanwhile (a timer each would multiply with every kick they start).
+   */
+  private retryLater(): void {
+    if (this.closed || this.retryTimer !== undefined) return;
+    this.retryTimer = setTimeout(() => {
+      this.retryTimer = undefined;
+      this.kick();
+    }, RETRY_MS);
+    this.retryTimer.unref?.();
   }
 
   /** The store holds every write of the volume up to `sequence`: the FLUSHes up to it are acknowledged. */
