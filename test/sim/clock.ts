@@ -73,9 +73,14 @@ class SimTimer {
 
 const EPOCH_MS = Date.UTC(2030, 0, 1);
 
+/** Timer callbacks one instant of virtual time may run before the run is a livelock (a failure, not a hang). */
+const MAX_FIRES_AT_ONE_INSTANT = 20_000;
+
 export class SimClock {
   now = EPOCH_MS;
   private queue: SimTimer[] = [];
+  /** Callbacks run since virtual time last moved. */
+  private firedAtNow = 0;
   private nextId = 1;
   private nextSeq = 0;
   private installed = false;
@@ -130,6 +135,11 @@ export class SimClock {
   async fireNext(): Promise<boolean> {
     if (this.nextAt() === undefined) return false;
     const timer = this.queue.shift()!;
+    // Callbacks that keep scheduling more at the same instant: virtual time would never pass (a livelock).
+    if (timer.at > this.now) this.firedAtNow = 0;
+    else if (++this.firedAtNow > MAX_FIRES_AT_ONE_INSTANT) {
+      throw new Error(`livelock: more than ${MAX_FIRES_AT_ONE_INSTANT} timer callbacks at one instant of virtual time (${this.now} ms); no time passes`);
+    }
     this.now = Math.max(this.now, timer.at);
     if (timer.repeatMs !== undefined) {
       timer.at = this.now + Math.max(1, timer.repeatMs);
