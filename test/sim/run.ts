@@ -687,14 +687,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       return;
     }
     const buf = Buffer.alloc(replica.size);
-    const read = await drive(target, async () => {
-      let ready = replica.readReady(0, replica.size);
-      for (let round = 1; ready; round++) {
-        await ready;
-        ready = replica.readReady(0, replica.size, round);
-      }
-      replica.read(0, replica.size, buf, 0);
-    });
+    const read = await readWhole(target, replica, buf);
     if (!read.ok) {
       if (!('died' in read)) note(`  the replica's read failed: ${(read.error as Error).message}`);
       return;
@@ -789,15 +782,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       note(`  the drain succeeded: ${slot.id} holds ${name} now`);
       const model = models.get(name)!;
       const buf = Buffer.alloc(volume.size);
-      const read = await drive(slot, async () => {
-        // Blocks evicted while the read waited are fetched again (Volume.readReady).
-        let ready = volume.readReady(0, volume.size);
-        for (let round = 1; ready; round++) {
-          await ready;
-          ready = volume.readReady(0, volume.size, round);
-        }
-        volume.read(0, volume.size, buf, 0);
-      });
+      const read = await readWhole(slot, volume, buf);
       if (!read.ok) {
         if (!('died' in read)) throw new Failure(`host ${slot.id}: read of volume ${name} after taking it failed: ${(read.error as Error).message}`);
         return;
@@ -812,6 +797,18 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       model.home = slot.index;
       model.snapshot(volume.sequence);
     } else if (!out.ok && !('died' in out)) note(`  refused: ${(out.error as Error).message}`);
+  }
+
+  /** Read all of `volume` on `slot` into `buf`; blocks evicted while the read waited are fetched again (Volume.readReady). */
+  function readWhole(slot: Slot, volume: Volume, buf: Buffer): Promise<Outcome<void>> {
+    return drive(slot, async () => {
+      let ready = volume.readReady(0, volume.size);
+      for (let round = 1; ready; round++) {
+        await ready;
+        ready = volume.readReady(0, volume.size, round);
+      }
+      volume.read(0, volume.size, buf, 0);
+    });
   }
 
   /** A lazy fork's content is one of its source's manifests at that sequence. */
