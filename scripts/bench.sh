@@ -15,6 +15,10 @@
 #               on one volume and on four at once, four VMs' random 70/30 I/O against one's,
 #               and one volume's read p99 beside a neighbour streaming 1 MiB writes; with the
 #               daemon's CPU seconds (all threads, and the event loop's), against nbdkit file.
+#   3c. tls     one daemon with tls = "on" on a TCP address and a certificate made here by
+#               openssl: nbd-compare of the same volume over nbds:// (candidate) against
+#               plaintext nbd:// (reference), random 4 KiB reads and writes at QD32 and 1 MiB
+#               sequential reads and writes at QD8.
 #   4. store    scripts/bench/store.mjs against MinIO on loopback: drain throughput of
 #               1 GiB (unsealed, and sealed beforehand), store requests per GiB, cold
 #               sequential read of a woken volume with 20 ms injected store latency, with
@@ -40,7 +44,7 @@
 # Environment:
 #   BENCH_RUNTIME (8)  seconds per fio run in compare     BENCH_ROUNDS (3)  rounds per workload
 #   BENCH_SIZE (1G)    bytes each compare run covers      BENCH_WORKLOADS   comma list (all six)
-#   BENCH_PARTS (compare,memory,flush,concurrency,store,durable,vm,gc)  BENCH_DURABLE_FLUSHES (200)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
+#   BENCH_PARTS (compare,memory,flush,concurrency,tls,store,durable,vm,gc)  BENCH_DURABLE_FLUSHES (200)  BENCH_VM_ROUNDS (2)  BENCH_JSON results file
 #   BENCH_GC_MANIFESTS (1000)  BENCH_GC_PACKS (500)
 #   BENCH_STORE_SIZE_MIB (1024)  BENCH_STORE_LATENCY_MS (20)  BENCH_READ_AHEAD_PACKS (8)
 #   BENCH_STORE_ENCRYPTED (0)  BENCH_STORE_PARTS (drain,migrate,cold,fork)
@@ -57,7 +61,7 @@ RUNTIME=${BENCH_RUNTIME:-8}
 ROUNDS=${BENCH_ROUNDS:-3}
 SIZE=${BENCH_SIZE:-1G}
 WORKLOADS=${BENCH_WORKLOADS:-randread,randwrite,randrw,seqwrite,seqread,lat}
-PARTS=${BENCH_PARTS:-compare,memory,flush,concurrency,store,durable,vm,gc}
+PARTS=${BENCH_PARTS:-compare,memory,flush,concurrency,tls,store,durable,vm,gc}
 MEM_VOLUMES=${BENCH_MEM_VOLUMES:-100}
 MEM_WRITE=${BENCH_MEM_WRITE:-64M}
 MEM_PARALLEL=${BENCH_MEM_PARALLEL:-4}
@@ -122,9 +126,9 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# new_daemon NAME [EXTRA_TOML]: write $SCRATCH/NAME/updraft.toml; sets D_DIR D_URL D_SOCK
+# new_daemon NAME [EXTRA_TOML] [EXTRA_NBD_TOML]: write $SCRATCH/NAME/updraft.toml; sets D_DIR D_URL D_SOCK
 new_daemon() {
-  local name=$1 extra=${2:-} port
+  local name=$1 extra=${2:-} extra_nbd=${3:-} port
   D_DIR="$SCRATCH/$name"
   mkdir -p "$D_DIR"
   port=$(node "$UTIL" free-port)
@@ -140,6 +144,7 @@ url = "file://$D_DIR/store"
 [servers.nbd]
 unix_socket = "$D_SOCK"
 auto_create_size_gb = 2
+$extra_nbd
 
 [servers.http]
 address = "127.0.0.1:$port"
@@ -305,6 +310,36 @@ if has_part concurrency; then
   cat "$SCRATCH/concurrency.lines" >> "$LINES"
   stop_daemon
   rm -rf "$D_DIR"
+fi
+
+# ---- 3c. NBD over TLS against plaintext TCP, one daemon, the same volume ---------------
+if has_part tls; then
+  say "tls: nbds:// against plaintext nbd:// on one daemon, ${RUNTIME}s x $ROUNDS rounds"
+  need openssl || die "the tls part needs openssl"
+  CERTS="$SCRATCH/certs"
+  mkdir -p "$CERTS/client"
+  (
+    cd "$CERTS"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj '/CN=updraft bench CA' \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj /CN=localhost
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' > server.ext
+    openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -set_serial 2 -days 2 -extfile server.ext -out server-cert.pem
+    cp ca-cert.pem client/ca-cert.pem # libnbd reads the CA from DIR/ca-cert.pem
+  ) > "$SCRATCH/openssl.log" 2>&1 || die "openssl could not make the certificates: $(tail -3 "$SCRATCH/openssl.log")"
+  nbd_port=$(node "$UTIL" free-port)
+  new_daemon tls "" "$(printf 'addresses = ["127.0.0.1:%s"]\ntls = "on"\ntls_cert = "%s"\ntls_key = "%s"' \
+    "$nbd_port" "$CERTS/server-cert.pem" "$CERTS/server-key.pem")"
+  start_daemon
+  run_child "$SCRATCH/tls.lines" bash "$HERE/nbd-compare.sh" --uri "nbds://127.0.0.1:$nbd_port/bench?tls-certificates=$CERTS/client" \
+    --reference "nbd://127.0.0.1:$nbd_port/bench" --size "$SIZE" --runtime "$RUNTIME" --rounds "$ROUNDS" \
+    --workloads randread,randwrite,seqread,seqwrite --workdir "$SCRATCH" || die "the tls compare failed"
+  # "WORKLOAD candidate=TLS reference=PLAIN ratio=R" -> tls WORKLOAD_{tls,plain,ratio} lines
+  while read -r w c r q; do
+    record tls "${w}_tls" "${c#*=}"; record tls "${w}_plain" "${r#*=}"; record tls "${w}_ratio" "${q#*=}"
+  done < "$SCRATCH/tls.lines"
+  stop_daemon
+  rm -rf "$D_DIR" "$CERTS"
 fi
 
 # ---- 4. object store: drain and cold reads ------------------------------------------

@@ -12,6 +12,8 @@
 #               its own fio job at once (aggregate IOPS and the ratio to one).
 #   isolation   4 KiB random reads at QD1 on one volume: p99 alone, and while another
 #               volume takes 1 MiB sequential writes at QD8.
+# "many" and "isolation" run on the reference too: its ratios are what this machine's
+# cores give four fio jobs and a server written in C.
 # Also the daemon's CPU seconds (all threads, and the event loop's thread) per part.
 # Prints "concurrency KEY VALUE" lines on stdout for bench.sh's results.
 set -euo pipefail
@@ -105,6 +107,13 @@ read -r four _ <<< "$(fio_jobs "$WORK/c.json" "${mix[@]}" "${jobs[@]}")"
 cpu_end many_4
 emit many_1_iops "$one"; emit many_4_iops "$four"; emit many_ratio "$(node "$UTIL" ratio "$four" "$one")"
 echo "concurrency: randrw 70/30 QD16, one volume $one IOPS, four at once $four IOPS" >&2
+# The same on the reference: what four fio jobs and their server get from this machine's cores.
+read -r rone _ <<< "$(fio_jobs "$WORK/c.json" --name=r1 --uri="$(ref 1)" "${mix[@]}")"
+jobs=()
+for i in 1 2 3 4; do jobs+=(--name="r$i" --uri="$(ref "$i")"); done
+read -r rfour _ <<< "$(fio_jobs "$WORK/c.json" "${mix[@]}" "${jobs[@]}")"
+emit many_1_reference_iops "$rone"; emit many_4_reference_iops "$rfour"; emit many_reference_ratio "$(node "$UTIL" ratio "$rfour" "$rone")"
+echo "concurrency: reference randrw 70/30 QD16, one file $rone IOPS, four at once $rfour IOPS" >&2
 
 # ---- isolation: a streaming neighbour ----------------------------------------------
 prefill "$(vol iso-r)"; sync
@@ -118,3 +127,15 @@ wait "$writer" || { echo "concurrency.sh: the streaming writer failed: $(tail -3
 emit isolation_read_p99_alone_us "$alone99"; emit isolation_read_p99_beside_writer_us "$busy99"
 emit isolation_ratio "$(node "$UTIL" ratio "$busy99" "$alone99" 0.001)"
 echo "concurrency: 4 KiB random read p99 ${alone99}us alone, ${busy99}us beside a 1 MiB QD8 writer" >&2
+# The same on the reference (nbdkit serves both files; the writer streams into a third).
+prefill "$(ref 0)"; sync
+reads=(--name=iso-r --uri="$(ref 0)" --rw=randread --bs=4k --iodepth=1 "${timed[@]}")
+read -r _ _ ralone99 <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
+fio --ioengine=nbd --name=iso-w --uri="$(ref 4)" --rw=write --bs=1M --iodepth=8 --size=1G --time_based --runtime=$((RUNTIME + 4)) > "$WORK/iso-w.txt" 2>&1 &
+writer=$!
+sleep 2
+read -r _ _ rbusy99 <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
+wait "$writer" || { echo "concurrency.sh: the reference's streaming writer failed: $(tail -3 "$WORK/iso-w.txt")" >&2; exit 1; }
+emit isolation_reference_read_p99_alone_us "$ralone99"; emit isolation_reference_read_p99_beside_writer_us "$rbusy99"
+emit isolation_reference_ratio "$(node "$UTIL" ratio "$rbusy99" "$ralone99" 0.001)"
+echo "concurrency: reference 4 KiB random read p99 ${ralone99}us alone, ${rbusy99}us beside a 1 MiB QD8 writer" >&2

@@ -6,7 +6,10 @@
 #
 #   nbd-compare.sh --uri 'nbd+unix:///vol?socket=/path/nbd.sock' [--size 1G] [--runtime 8]
 #               [--workloads randread,randwrite,randrw,seqwrite,seqread,lat] [--rounds 3]
-#               [--json FILE] [--workdir DIR]
+#               [--json FILE] [--workdir DIR] [--reference URI]
+#
+# --reference measures another export as the reference instead of nbdkit's file plugin
+# (the bench's tls part compares an export over TLS against the same export in plaintext).
 #
 # The candidate export must be at least --size bytes. It is prefilled (sequential 1M
 # writes over the first --size bytes) before the read workloads, exactly like the
@@ -21,7 +24,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 UTIL="$HERE/util.mjs"
-URI="" SIZE="1G" RUNTIME=8 ROUNDS=3 WORKLOADS="randread,randwrite,randrw,seqwrite,seqread,lat" JSON="" WORKDIR=""
+URI="" SIZE="1G" RUNTIME=8 ROUNDS=3 WORKLOADS="randread,randwrite,randrw,seqwrite,seqread,lat" JSON="" WORKDIR="" REF=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --uri) URI="$2"; shift 2;;
@@ -31,7 +34,8 @@ while [ $# -gt 0 ]; do
     --workloads) WORKLOADS="$2"; shift 2;;
     --json) JSON="$2"; shift 2;;
     --workdir) WORKDIR="$2"; shift 2;;
-    -h|--help) sed -n 2,21p "$0"; exit 0;;
+    --reference) REF="$2"; shift 2;;
+    -h|--help) sed -n 2,24p "$0"; exit 0;;
     *) echo "nbd-compare: unknown argument $1" >&2; exit 2;;
   esac
 done
@@ -50,11 +54,13 @@ cleanup() { if [ -n "$REFPID" ]; then kill "$REFPID" 2>/dev/null || true; fi; rm
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-truncate -s "$SIZE" "$WORK/ref.img"
-nbdkit --unix "$WORK/ref.sock" -P "$WORK/ref.pid" file "$WORK/ref.img"
-for _ in $(seq 50); do [ -s "$WORK/ref.pid" ] && break; sleep 0.1; done
-REFPID=$(cat "$WORK/ref.pid")
-REF="nbd+unix:///?socket=$WORK/ref.sock"
+if [ -z "$REF" ]; then
+  truncate -s "$SIZE" "$WORK/ref.img"
+  nbdkit --unix "$WORK/ref.sock" -P "$WORK/ref.pid" file "$WORK/ref.img"
+  for _ in $(seq 50); do [ -s "$WORK/ref.pid" ] && break; sleep 0.1; done
+  REFPID=$(cat "$WORK/ref.pid")
+  REF="nbd+unix:///?socket=$WORK/ref.sock"
+fi
 
 # fio_run URI NAME ARGS... -> prints "iops p50us p99us"
 fio_run() {
@@ -76,7 +82,7 @@ declare -A ARGS=(
 for w in ${WORKLOADS//,/ }; do
   [ -n "${ARGS[$w]:-}" ] || { echo "nbd-compare: unknown workload $w (known: ${!ARGS[*]})" >&2; exit 2; }
 done
-prefill "$REF"; prefill "$URI"; sync; sleep 1
+prefill "$REF"; [ "$URI" = "$REF" ] || prefill "$URI"; sync; sleep 1
 median() { node "$UTIL" median "$@"; }
 RESULTS=()
 printf '%-10s %12s %12s %8s\n' workload candidate reference ratio >&2

@@ -156,8 +156,9 @@ switch (cmd) {
       if (!section || !key) continue;
       (result[section] ??= {})[key] = value(rest.join(' '));
     }
-    if (compareFile && fs.existsSync(compareFile)) result.compare = JSON.parse(fs.readFileSync(compareFile, 'utf8'));
-    const order = ['config', 'compare', 'memory', 'flush', 'concurrency', 'store', 'durable', 'gc', 'run'];
+    // The compare part's workloads, beside the lines it recorded itself (the daemon's RSS).
+    if (compareFile && fs.existsSync(compareFile)) result.compare = { ...JSON.parse(fs.readFileSync(compareFile, 'utf8')), ...result.compare };
+    const order = ['config', 'compare', 'memory', 'flush', 'concurrency', 'tls', 'store', 'durable', 'gc', 'run'];
     const sorted = Object.fromEntries([...order.filter((k) => k in result), ...Object.keys(result).filter((k) => !order.includes(k))].map((k) => [k, result[k]]));
     fs.writeFileSync(outFile, JSON.stringify(sorted, null, 2) + '\n');
     break;
@@ -189,6 +190,7 @@ switch (cmd) {
     lines.push('', 'throughput / latency vs reference (median of rounds)');
     lines.push(`  ${'workload'.padEnd(10)} ${'updraft'.padStart(12)} ${'reference'.padStart(12)} ${'ratio'.padStart(7)}`);
     for (const [w, v] of Object.entries(c)) {
+      if (typeof v !== 'object' || v === null) continue;
       if (w === 'lat') {
         lines.push(`  ${'lat p50'.padEnd(10)} ${(fmt(v.candidate_p50_us, 1) + 'us').padStart(12)} ${(fmt(v.reference_p50_us, 1) + 'us').padStart(12)} ${fmt(v.ratio, 3).padStart(7)}  (ref/updraft; >1 = updraft faster)`);
         lines.push(`  ${'lat p99'.padEnd(10)} ${(fmt(v.candidate_p99_us, 1) + 'us').padStart(12)} ${(fmt(v.reference_p99_us, 1) + 'us').padStart(12)}`);
@@ -197,6 +199,7 @@ switch (cmd) {
         lines.push(`  ${w.padEnd(10)} ${fmt(v.candidate).padStart(12)} ${fmt(v.reference).padStart(12)} ${fmt(v.ratio, 3).padStart(7)}  ${unit.trim()}${w.startsWith('seq') ? ' (1 MiB ops/s = MiB/s)' : ''}`);
       }
     }
+    if (c.rss_after_mib !== undefined) lines.push(`  daemon RSS after the compare part ${fmt(c.rss_after_mib)} MiB (peak ${fmt(c.rss_peak_mib)} MiB)`);
     const m = r.memory ?? {};
     if (Object.keys(m).length) {
       lines.push('', `${m.volumes} volumes x ${m.volume_size_gib} GiB, ${m.written_mib_per_volume} MiB written in each (took ${fmt(m.write_seconds, 1)}s)`);
@@ -224,8 +227,17 @@ switch (cmd) {
       for (const [key, what] of [['fsync_fresh', 'fsync=1, fresh volume'], ['fsync_written', 'fsync=1, written volume'], ['fsync_4', 'fsync=1, 4 volumes at once']]) {
         lines.push(`  ${what.padEnd(27)} ${fmt(cc[`${key}_iops`]).padStart(7)} IOPS, FLUSH p50 ${us(cc[`${key}_flush_p50_us`]).padStart(8)}; reference ${fmt(cc[`${key}_reference_iops`]).padStart(6)} IOPS, ${us(cc[`${key}_reference_flush_p50_us`]).padStart(8)}; ratio ${fmt(cc[`${key}_ratio`], 2)}`);
       }
-      lines.push(`  random 70/30 QD16: one volume ${fmt(cc.many_1_iops)} IOPS, four at once ${fmt(cc.many_4_iops)} IOPS (${fmt(cc.many_ratio, 2)}x); daemon CPU ${fmt(cc.many_4_cpu_s, 1)} s, event loop ${fmt(cc.many_4_event_loop_cpu_s, 1)} s`);
-      lines.push(`  4 KiB random read p99: alone ${us(cc.isolation_read_p99_alone_us)}, beside a 1 MiB QD8 writer ${us(cc.isolation_read_p99_beside_writer_us)} (${fmt(cc.isolation_ratio, 2)}x)`);
+      lines.push(`  random 70/30 QD16: one volume ${fmt(cc.many_1_iops)} IOPS, four at once ${fmt(cc.many_4_iops)} IOPS (${fmt(cc.many_ratio, 2)}x); daemon CPU ${fmt(cc.many_4_cpu_s, 1)} s, event loop ${fmt(cc.many_4_event_loop_cpu_s, 1)} s; reference ${fmt(cc.many_1_reference_iops)} and ${fmt(cc.many_4_reference_iops)} IOPS (${fmt(cc.many_reference_ratio, 2)}x)`);
+      lines.push(`  4 KiB random read p99: alone ${us(cc.isolation_read_p99_alone_us)}, beside a 1 MiB QD8 writer ${us(cc.isolation_read_p99_beside_writer_us)} (${fmt(cc.isolation_ratio, 2)}x); reference ${us(cc.isolation_reference_read_p99_alone_us)} and ${us(cc.isolation_reference_read_p99_beside_writer_us)} (${fmt(cc.isolation_reference_ratio, 2)}x)`);
+    }
+    const tl = r.tls;
+    if (tl) {
+      lines.push('', 'NBD over TLS (nbds://) against plaintext TCP, the same volume on one daemon (median of rounds)');
+      for (const [w, what] of [['randread', '4 KiB random read, QD32'], ['randwrite', '4 KiB random write, QD32'], ['seqread', '1 MiB sequential read, QD8'], ['seqwrite', '1 MiB sequential write, QD8']]) {
+        if (tl[`${w}_ratio`] === undefined) continue;
+        const unit = w.startsWith('seq') ? 'MiB/s' : 'IOPS';
+        lines.push(`  ${what.padEnd(27)} plaintext ${fmt(tl[`${w}_plain`]).padStart(8)} ${unit}, TLS ${fmt(tl[`${w}_tls`]).padStart(8)} ${unit}: ${fmt(tl[`${w}_ratio`], 2)}`);
+      }
     }
     const du = r.durable;
     if (du) {
