@@ -107,89 +107,95 @@ async function waitUntil(what: string, check: () => Promise<boolean>): Promise<v
   }
 }
 
-test('a failed sync of the block cache slab fails the volumes whose unflushed blocks it may have lost, and only those', { timeout: 600_000 }, async (t) => {
-  if (!canFailDisks(t)) return;
-  let disk: FailingDisk | undefined;
-  let daemon: Daemon | undefined;
-  let volumesDir: string | undefined;
-  const clients: NbdClient[] = [];
-  try {
-    disk = await startFailingDisk();
-    // The block cache's slab on the failing disk; the volumes' overlays and journals elsewhere.
-    const cacheDir = path.join(disk.mountDir, 'cache');
-    volumesDir = await scratchDir('updraft-volumes-');
-    await fsp.mkdir(cacheDir);
-    await fsp.symlink(volumesDir, path.join(cacheDir, 'volumes'));
-    // Seal as soon as a volume is idle: its writes become blocks in the slab.
-    daemon = await startDaemon({ toml: { cache: { dir: cacheDir }, volumes: { seal_idle_ms: 200 } } });
-    const connect = async (name: string) => {
-      const client = await NbdClient.connect({ path: daemon!.socket, exportName: name });
-      clients.push(client);
-      return client;
-    };
-    const sealed = async (name: string) => (await daemon!.api('GET', `/api/exports/${name}/metrics`)).json.chunks_sealed as number;
-    const view = async (name: string) => (await daemon!.api('GET', `/api/exports/${name}`)).json;
-    const a = await connect('slab-a');
-    const b = await connect('slab-b');
-    const flushedA = pattern(10, CHUNK);
-    await a.write(0, flushedA);
-    await a.flush();
-    await b.write(0, pattern(11, CHUNK));
-    await b.flush();
-    await waitUntil('both volumes sealed their first chunk', async () => (await sealed('slab-a')) >= 1 && (await sealed('slab-b')) >= 1);
-    // Commit the seals (slab synced) before the disk fails: those blocks are safe.
-    await a.flush();
-    await b.flush();
+// Through the page cache a slab write lands and the sync after it fails; past it (O_DIRECT)
+// the write itself fails. Either way the volume that would name the block fails, and only it.
+for (const mode of ['buffered', 'direct'] as const) {
+  test(`a failed ${mode === 'buffered' ? 'sync' : 'direct write'} of the block cache slab fails the volumes whose unflushed blocks it may have lost, and only those`, { timeout: 600_000 }, async (t) => {
+    if (!canFailDisks(t)) return;
+    let disk: FailingDisk | undefined;
+    let daemon: Daemon | undefined;
+    let volumesDir: string | undefined;
+    const clients: NbdClient[] = [];
+    try {
+      disk = await startFailingDisk();
+      // The block cache's slab on the failing disk; the volumes' overlays and journals elsewhere.
+      const cacheDir = path.join(disk.mountDir, 'cache');
+      volumesDir = await scratchDir('updraft-volumes-');
+      await fsp.mkdir(cacheDir);
+      await fsp.symlink(volumesDir, path.join(cacheDir, 'volumes'));
+      // Seal as soon as a volume is idle: its writes become blocks in the slab.
+      daemon = await startDaemon({ toml: { cache: { dir: cacheDir, direct_writes: mode === 'direct' }, volumes: { seal_idle_ms: 200 } } });
+      assert.equal(await metricValue(daemon, 'updraft_cache_slab_direct_writes'), mode === 'direct' ? 1 : 0, `slab writes are ${mode}`);
+      const connect = async (name: string) => {
+        const client = await NbdClient.connect({ path: daemon!.socket, exportName: name });
+        clients.push(client);
+        return client;
+      };
+      const sealed = async (name: string) => (await daemon!.api('GET', `/api/exports/${name}/metrics`)).json.chunks_sealed as number;
+      const view = async (name: string) => (await daemon!.api('GET', `/api/exports/${name}`)).json;
+      const a = await connect('slab-a');
+      const b = await connect('slab-b');
+      const flushedA = pattern(10, CHUNK);
+      await a.write(0, flushedA);
+      await a.flush();
+      await b.write(0, pattern(11, CHUNK));
+      await b.flush();
+      await waitUntil('both volumes sealed their first chunk', async () => (await sealed('slab-a')) >= 1 && (await sealed('slab-b')) >= 1);
+      // Commit the seals (slab synced) before the disk fails: those blocks are safe.
+      await a.flush();
+      await b.flush();
 
-    await disk.fail();
-    await a.write(CHUNK, pattern(12, CHUNK));
-    // A seals the chunk into the slab; the flush that follows the seal finds the slab sync failed.
-    await waitUntil('volume slab-a failed', async () => (await view('slab-a')).failed === true);
-    assert.match((await view('slab-a')).failure, /may be lost/, 'slab-a failed because its flush would name a lost block');
+      await disk.fail();
+      await a.write(CHUNK, pattern(12, CHUNK));
+      // A seals the chunk into the slab; the flush that follows the seal finds the slab sync failed.
+      await waitUntil('volume slab-a failed', async () => (await view('slab-a')).failed === true);
+      assert.match((await view('slab-a')).failure, /may be lost/, 'slab-a failed because its flush would name a lost block');
 
-    await disk.heal();
-    await expectEio('FLUSH of the volume whose sealed block the failed slab sync covered', () => a.flush());
-    await expectEio('WRITE to it', () => a.write(2 * CHUNK, pattern(13, CHUNK)));
-    assert.deepEqual(await a.read(0, CHUNK), flushedA, 'its flushed data still reads back');
-
-    // B named no block the failed sync covered: it goes on, and its blocks go to the slab again.
-    const laterB = pattern(14, CHUNK);
-    await b.write(CHUNK, laterB);
-    await b.flush();
-    await waitUntil('slab-b sealed the new chunk', async () => (await sealed('slab-b')) >= 2);
-    await b.flush();
-    assert.deepEqual(await b.read(CHUNK, CHUNK), laterB, 'the healthy volume reads its write');
-    assert.equal((await view('slab-b')).failed, false, 'slab-b did not fail');
-    assert.ok((await metricValue(daemon, 'updraft_fsync_failures_total{file="slab"}')) >= 1, 'the failed slab sync is counted');
-    assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 1, 'one volume failed');
-
-    // Reopen through the API (close, load from the journal), its client disconnected.
-    const reopened = await daemon.api('POST', '/api/exports/slab-a/reopen?force=true');
-    assert.equal(reopened.status, 200, reopened.text);
-    assert.equal(reopened.json.failed, false, 'the reopened volume is healthy');
-    assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 0, 'no volume is failed after the reopen');
-    // Pinned now: slab-a's first chunk, slab-b's two; the block the failed sync lost was let go with the old instance.
-    assert.equal(await metricValue(daemon, 'updraft_cache_pinned_blocks'), 3, 'the reopen released the blocks only the failed state held');
-    const a2 = await connect('slab-a');
-    assert.deepEqual(await a2.read(0, CHUNK), flushedA, 'slab-a reopened at its last flushed state');
-    assert.ok((await a2.read(CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK)), 'without the write whose flush failed');
-    const laterA = pattern(15, CHUNK);
-    await a2.write(2 * CHUNK, laterA);
-    await a2.flush();
-
-    for (const client of clients.splice(0)) client.close();
-    await daemon.restart();
-    const a3 = await connect('slab-a');
-    assert.deepEqual(await a3.read(2 * CHUNK, CHUNK), laterA, 'slab-a kept the write flushed after the reopen across a restart');
-    const b2 = await connect('slab-b');
-    assert.deepEqual(await b2.read(CHUNK, CHUNK), laterB, 'slab-b kept its flushed write across the restart');
-  } finally {
-    for (const client of clients) client.close();
-    await daemon?.cleanup();
-    if (disk !== undefined) {
       await disk.heal();
-      await disk.stop();
+      await expectEio('FLUSH of the volume whose sealed block the failed slab sync covered', () => a.flush());
+      await expectEio('WRITE to it', () => a.write(2 * CHUNK, pattern(13, CHUNK)));
+      assert.deepEqual(await a.read(0, CHUNK), flushedA, 'its flushed data still reads back');
+
+      // B named no block the failed sync covered: it goes on, and its blocks go to the slab again.
+      const laterB = pattern(14, CHUNK);
+      await b.write(CHUNK, laterB);
+      await b.flush();
+      await waitUntil('slab-b sealed the new chunk', async () => (await sealed('slab-b')) >= 2);
+      await b.flush();
+      assert.deepEqual(await b.read(CHUNK, CHUNK), laterB, 'the healthy volume reads its write');
+      assert.equal((await view('slab-b')).failed, false, 'slab-b did not fail');
+      if (mode === 'buffered') assert.ok((await metricValue(daemon, 'updraft_fsync_failures_total{file="slab"}')) >= 1, 'the failed slab sync is counted');
+      else assert.ok((await metricValue(daemon, 'updraft_cache_slab_write_failures_total')) >= 1, 'the failed slab write is counted');
+      assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 1, 'one volume failed');
+
+      // Reopen through the API (close, load from the journal), its client disconnected.
+      const reopened = await daemon.api('POST', '/api/exports/slab-a/reopen?force=true');
+      assert.equal(reopened.status, 200, reopened.text);
+      assert.equal(reopened.json.failed, false, 'the reopened volume is healthy');
+      assert.equal(await metricValue(daemon, 'updraft_volumes_failed'), 0, 'no volume is failed after the reopen');
+      // Pinned now: slab-a's first chunk, slab-b's two; the block the failed sync lost was let go with the old instance.
+      assert.equal(await metricValue(daemon, 'updraft_cache_pinned_blocks'), 3, 'the reopen released the blocks only the failed state held');
+      const a2 = await connect('slab-a');
+      assert.deepEqual(await a2.read(0, CHUNK), flushedA, 'slab-a reopened at its last flushed state');
+      assert.ok((await a2.read(CHUNK, CHUNK)).equals(Buffer.alloc(CHUNK)), 'without the write whose flush failed');
+      const laterA = pattern(15, CHUNK);
+      await a2.write(2 * CHUNK, laterA);
+      await a2.flush();
+
+      for (const client of clients.splice(0)) client.close();
+      await daemon.restart();
+      const a3 = await connect('slab-a');
+      assert.deepEqual(await a3.read(2 * CHUNK, CHUNK), laterA, 'slab-a kept the write flushed after the reopen across a restart');
+      const b2 = await connect('slab-b');
+      assert.deepEqual(await b2.read(CHUNK, CHUNK), laterB, 'slab-b kept its flushed write across the restart');
+    } finally {
+      for (const client of clients) client.close();
+      await daemon?.cleanup();
+      if (disk !== undefined) {
+        await disk.heal();
+        await disk.stop();
+      }
+      if (volumesDir !== undefined) await removeDir(volumesDir);
     }
-    if (volumesDir !== undefined) await removeDir(volumesDir);
-  }
-});
+  });
+}

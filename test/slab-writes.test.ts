@@ -1,12 +1,14 @@
 // The disk tier's writes (src/blocks/slab.ts: FileWriteQueue): one pwritev at a time per
 // file, in the order they were queued, with queued writes to consecutive ranges merged;
 // a failed write fails every write it carried, and the ones queued after it still run.
+// The slab's writes bypass the page cache (O_DIRECT, through a page-aligned staging
+// buffer) where the filesystem allows it, and fall back to buffered writes where not.
 import assert from 'node:assert/strict';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { FileWriteQueue } from '../src/blocks/slab.js';
+import { DirectWrites, FileWriteQueue } from '../src/blocks/slab.js';
 import { nodeDisk, useDisk, type Disk } from '../src/disk/disk.js';
 
 const SLOT = 4096;
@@ -100,6 +102,120 @@ test('slab writes: a failed write fails every write merged into it, and later wr
   } finally {
     useDisk(previous);
     closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+const BLOCK = 128 * 1024;
+
+/** `count` blocks of distinct bytes, each a view at an odd offset of a bigger buffer (memory O_DIRECT could not take as it is). */
+function unalignedBlocks(count: number, seed: number, length = BLOCK): Buffer[] {
+  const backing = Buffer.allocUnsafe(count * length + 1);
+  for (let i = 0; i < backing.length; i++) backing[i] = (i * 31 + seed * 7 + (i >> 12)) & 0xff;
+  return Array.from({ length: count }, (_, i) => backing.subarray(1 + i * length, 1 + (i + 1) * length));
+}
+
+/** node:fs with every write (pwrite) and writev (pwritev) recorded by descriptor. */
+function recordingDisk(overrides: Partial<Disk> = {}): { disk: Disk; writes: Array<{ fd: number; position: number; length: number }>; writevs: number[] } {
+  const writes: Array<{ fd: number; position: number; length: number }> = [];
+  const writevs: number[] = [];
+  const base: Disk = { ...nodeDisk, ...overrides };
+  return {
+    writes,
+    writevs,
+    disk: {
+      ...base,
+      write: (fd, buffer, offset, length, position) => {
+        writes.push({ fd, position, length });
+        return base.write(fd, buffer, offset, length, position);
+      },
+      writev: (fd, buffers, position) => {
+        writevs.push(fd);
+        return base.writev(fd, buffers, position);
+      },
+    },
+  };
+}
+
+test('slab writes: direct writes from unaligned blocks, past the staging size, with a short last block, read back through the page cache', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-slab-writes-'));
+  const file = join(dir, 'blocks.slab');
+  const fd = openSync(file, 'w+');
+  const directFd = nodeDisk.openDirectSync(file);
+  const recording = recordingDisk();
+  const previous = useDisk(recording.disk);
+  try {
+    if (directFd === undefined) return t.skip(`the filesystem of ${tmpdir()} refuses O_DIRECT`);
+    const queue = new FileWriteQueue(fd, new DirectWrites(directFd));
+    const first = unalignedBlocks(1, 1);
+    const run = unalignedBlocks(40, 2); // 5 MiB in one write: more than the 4 MiB staging buffer
+    const short = unalignedBlocks(1, 3, 5000);
+    const again = unalignedBlocks(1, 4);
+    await Promise.all([queue.write(first, 0), queue.write(run, BLOCK), queue.write(short, 41 * BLOCK), queue.write(again, 3 * BLOCK)]);
+    assert.equal(queue.writesDirect, true);
+    assert.deepEqual(recording.writevs, [], 'no buffered write');
+    assert.ok(recording.writes.length >= 4);
+    for (const w of recording.writes) {
+      assert.equal(w.fd, directFd, 'every write went through the direct descriptor');
+      assert.equal(w.position % 4096, 0, `write at ${w.position} is aligned`);
+      assert.equal(w.length % 4096, 0, `write of ${w.length} bytes is a multiple of 4 KiB`);
+      assert.ok(w.length <= 4 * 1024 * 1024, `write of ${w.length} bytes fits the staging buffer`);
+    }
+    const slab = readFileSync(file);
+    const expect = (slot: number, block: Buffer) => assert.ok(slab.subarray(slot * BLOCK, slot * BLOCK + block.length).equals(block), `slot ${slot} holds its block`);
+    expect(0, first[0]);
+    for (let i = 0; i < run.length; i++) expect(1 + i, i === 2 ? again[0] : run[i]);
+    expect(41, short[0]);
+    // The short block's write is padded with zeros to 4 KiB, inside its own slot.
+    assert.equal(slab.length, 41 * BLOCK + 8192);
+    assert.ok(slab.subarray(41 * BLOCK + 5000).equals(Buffer.alloc(8192 - 5000)));
+  } finally {
+    useDisk(previous);
+    closeSync(fd);
+    if (directFd !== undefined) closeSync(directFd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('slab writes: a filesystem that refuses a direct write (EINVAL) gets buffered writes from then on; another error fails the write', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-slab-writes-'));
+  const file = join(dir, 'blocks.slab');
+  const fd = openSync(file, 'w+');
+  // Any second descriptor does: the disk below refuses its writes.
+  const otherFd = openSync(file, 'r+');
+  const refusing = (code: string): Partial<Disk> => ({
+    write: (wfd, buffer, offset, length, position) =>
+      wfd === otherFd ? Promise.reject(Object.assign(new Error(`${code}: injected`), { code })) : nodeDisk.write(wfd, buffer, offset, length, position),
+  });
+  try {
+    const failing = recordingDisk(refusing('EIO'));
+    let previous = useDisk(failing.disk);
+    try {
+      const queue = new FileWriteQueue(fd, new DirectWrites(otherFd));
+      await assert.rejects(queue.write(unalignedBlocks(1, 5), 0), /EIO: injected/);
+      assert.equal(queue.writesDirect, true, 'an I/O error is not a reason to stop writing direct');
+      assert.deepEqual(failing.writevs, []);
+    } finally {
+      useDisk(previous);
+    }
+    const refused = recordingDisk(refusing('EINVAL'));
+    previous = useDisk(refused.disk);
+    try {
+      const queue = new FileWriteQueue(fd, new DirectWrites(otherFd));
+      const blocks = unalignedBlocks(3, 6);
+      await queue.write(blocks.slice(0, 2), 0);
+      assert.equal(queue.writesDirect, false);
+      await queue.write(blocks.slice(2), 2 * BLOCK);
+      assert.equal(refused.writes.filter((w) => w.fd === otherFd).length, 1, 'one direct write was tried');
+      assert.deepEqual(refused.writevs, [fd, fd], 'the refused batch and the next went buffered');
+      const slab = readFileSync(file);
+      for (let i = 0; i < 3; i++) assert.ok(slab.subarray(i * BLOCK, (i + 1) * BLOCK).equals(blocks[i]), `slot ${i} holds its block`);
+    } finally {
+      useDisk(previous);
+    }
+  } finally {
+    closeSync(fd);
+    closeSync(otherFd);
     rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -35,6 +35,7 @@ export class Metrics {
     gauge('updraft_cache_blocks', 'Blocks held in the local disk cache', () => cache.blockCount);
     gauge('updraft_cache_pinned_blocks', 'Cached blocks that are not in the object store yet (never evicted)', () => cache.pinnedBlocks);
     gauge('updraft_cache_memory_bytes', 'Bytes of blocks in the memory tier', () => cache.memoryBytes);
+    gauge('updraft_cache_slab_direct_writes', 'Whether block writes to the disk cache bypass the page cache (O_DIRECT: 1), or the filesystem refused that (0)', () => (cache.slabWritesDirect ? 1 : 0));
     gauge('updraft_cache_memory_held_bytes', 'Bytes of the buffers the memory tier keeps (its arena of memory_size_gb, resident as far as it has filled)', () => cache.memoryHeldBytes);
     gauge('updraft_process_array_buffers_bytes', 'Bytes of ArrayBuffers and Buffers the process holds (process.memoryUsage().arrayBuffers)', () => process.memoryUsage().arrayBuffers);
     gauge('updraft_local_used_bytes', 'Local bytes that exist nowhere else: overlay sectors plus pinned blocks', () => cache.space.used);
@@ -97,6 +98,7 @@ export class Metrics {
     counter('updraft_durable_log_objects_deleted_total', 'Log objects deleted once manifests covered them', [], () => [[{}, durable.deleted]]);
     gauge('updraft_durable_log_objects', 'Log objects this host wrote that no manifest covers yet', () => host.durableLog.liveObjects);
     gauge('updraft_pack_index_blocks', 'Blocks the host pack index knows a pack for', () => host.packIndex.size);
+    counter('updraft_cache_slab_write_failures_total', 'Block writes to the disk cache that failed (a block only this host holds is then lost for the volumes that would name it)', [], () => [[{}, cache.counters.slabWriteFailures]]);
     counter('updraft_cache_scrubbed_blocks_total', 'Cached blocks re-hashed by the background scrub', [], () => [[{}, cache.counters.blocksScrubbed]]);
     counter('updraft_cache_scrub_evictions_total', 'Cached blocks the scrub found corrupt and evicted', [], () => [[{}, cache.counters.scrubEvictions]]);
     counter('updraft_cache_verify_evictions_total', 'Cached blocks loaded at start-up whose first read found them not matching their name, dropped', [], () => [[{}, cache.counters.verifyEvictions]]);

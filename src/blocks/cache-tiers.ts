@@ -11,7 +11,7 @@ import { LocalSpace } from './local-space.js';
 import { MemoryTier } from './memory-tier.js';
 import { S3Fifo } from './s3fifo.js';
 import { StreamedKeys } from './streamed-keys.js';
-import { SLOT_IN_STORE, SLOT_USED, FileWriteQueue, SlotTable, type Slot } from './slab.js';
+import { SLOT_IN_STORE, SLOT_USED, DirectWrites, FileWriteQueue, SlotTable, type Slot } from './slab.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 
@@ -27,6 +27,8 @@ export interface BlockCacheOptions {
   blockHash: BlockHasher;
   diskBytes: number;
   memoryBytes: number;
+  /** Block writes to the slab bypass the page cache where the filesystem allows (default true). */
+  directWrites?: boolean;
 }
 
 export interface CacheCounters {
@@ -47,6 +49,8 @@ export interface CacheCounters {
   verifyEvictions: number;
   /** fdatasync calls of the slab or slot table that failed. */
   syncFailures: number;
+  /** Writes of blocks to the slab that failed (a direct write reports the device's error at once). */
+  slabWriteFailures: number;
   /** Fetched blocks a sequential reader streamed into the memory tier only, not written to the slab (the store holds them). */
   streamedToMemory: number;
   /** Fetched blocks written to the slab (with their slot table entries). */
@@ -59,7 +63,7 @@ export abstract class CacheTiers {
   readonly space: LocalSpace;
   readonly counters: CacheCounters = {
     memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
-    blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0, syncFailures: 0,
+    blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0, syncFailures: 0, slabWriteFailures: 0,
     streamedToMemory: 0, fetchedWritten: 0,
   };
   /** Scratch for verifySync. */
@@ -105,6 +109,8 @@ export abstract class CacheTiers {
     tableFd: number,
     opts: BlockCacheOptions,
     protected readonly log: Logger,
+    /** The slab opened for writes past the page cache, where the filesystem allows it. */
+    private readonly slabDirectFd?: number,
   ) {
     this.blockSize = opts.blockSize;
     this.blockHash = opts.blockHash;
@@ -115,7 +121,7 @@ export abstract class CacheTiers {
     // A block streamed again once the memory tier let it go is remembered for a few of its turnovers.
     this.streamed = new StreamedKeys(Math.max(1024, 4 * Math.floor(opts.memoryBytes / opts.blockSize)));
     this.table = new SlotTable(tableFd);
-    this.slab = new FileWriteQueue(slabFd);
+    this.slab = new FileWriteQueue(slabFd, slabDirectFd === undefined ? undefined : new DirectWrites(slabDirectFd));
   }
 
   protected loadTable(namesId: Buffer): void {
@@ -166,6 +172,10 @@ export abstract class CacheTiers {
   /** Bytes of the buffers the memory tier keeps alive: its arena's, at most memoryBytes. */
   get memoryHeldBytes(): number {
     return this.memory.heldBytes;
+  }
+  /** Whether block writes to the slab bypass the page cache (O_DIRECT). */
+  get slabWritesDirect(): boolean {
+    return this.slab.writesDirect;
   }
   get pinnedBlocks(): number {
     return this.space.pinnedBytes / this.blockSize;
@@ -273,6 +283,7 @@ export abstract class CacheTiers {
           if (this.writing.get(key) === block) this.writing.delete(key);
         },
         (err) => {
+          this.counters.slabWriteFailures++;
           this.log.error('block cache: slab rewrite of a block a failed sync lost failed; the block stays in memory', { slot: slot.index, error: err.message });
           if (this.slots.get(key) === slot && !slot.inStore) this.lost.add(key);
           throw err;
@@ -437,6 +448,7 @@ export abstract class CacheTiers {
   async close(): Promise<void> {
     await this.settle();
     disk.closeSync(this.slabFd);
+    if (this.slabDirectFd !== undefined) disk.closeSync(this.slabDirectFd);
     disk.closeSync(this.table.fd);
   }
 }

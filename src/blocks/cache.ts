@@ -36,7 +36,7 @@ export class BlockCache extends CacheTiers {
     const fresh = !disk.existsSync(tablePath);
     const tableFd = disk.openSync(tablePath, fresh ? 'w+' : 'r+');
     const slabFd = disk.openSync(slabPath, disk.existsSync(slabPath) ? 'r+' : 'w+');
-    const cache = new BlockCache(dir, slabFd, tableFd, opts, log);
+    const cache = new BlockCache(dir, slabFd, tableFd, opts, log, opts.directWrites === false ? undefined : disk.openDirectSync(slabPath));
     if (fresh) {
       cache.table.writeHeader(opts.blockSize, opts.namesId);
     } else {
@@ -133,6 +133,7 @@ export class BlockCache extends CacheTiers {
           this.writingFromMemory.delete(key);
         },
         (err) => {
+          this.counters.slabWriteFailures++;
           this.log.error('block cache: slab write failed; the block stays in memory', { slot: index, error: err.message });
           // No journal may name it now (lostBlock): a sync after this one would not see the failure.
           // A later put of the block writes it again (rewriteLost).
@@ -322,6 +323,7 @@ export class BlockCache extends CacheTiers {
           // `data`, which the caller reuses, is not read from after this. The ones a read waits
           // for stay in the memory tier: dropping them would leave that read nothing to take,
           // fetch after fetch, while the disk stays full.
+          this.counters.slabWriteFailures++;
           this.log.error('block cache: slab write of fetched blocks failed; they leave the disk tier', { slot: first, blocks: keys.length, error: err.message });
           for (let i = 0; i < keys.length; i++) {
             if (this.writing.get(keys[i]) !== data[i]) continue;

@@ -42,6 +42,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       blockSize: nbdConfig.blockSize,
       diskBytes: Math.floor(config.cache.diskSizeGb * GB),
       memoryBytes: Math.floor(config.cache.memorySizeGb * GB),
+      directWrites: config.cache.directWrites,
       autoCreateBytes: Math.floor((nbdConfig.autoCreateSizeGb * GB) / 4096) * 4096,
       sealIdleMs: config.volumes.sealIdleMs,
       sealDirtyBytes: config.volumes.sealDirtyMb * 1024 * 1024,

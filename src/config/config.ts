@@ -18,7 +18,7 @@ import {
 export { parseDuration, parseHostPort } from './values.js';
 
 export interface Config {
-  cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number };
+  cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number; directWrites: boolean };
   storage: {
     url: string;
     compression: string;
@@ -133,6 +133,7 @@ const CACHE = {
   disk_size_gb: setting(z.number().positive(), 50.0, 'a number of GB greater than 0'),
   memory_size_gb: setting(z.number().min(0), 1.0, 'a number of GB, 0 or more'),
   scrub_blocks_per_second: setting(z.number().int().min(0).max(100000), 20, 'an integer from 0 (off) to 100000'),
+  direct_writes: setting(z.boolean(), true, 'true or false'),
 };
 
 const STORAGE = {
@@ -528,7 +529,7 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
   return {
     cache: {
       dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb,
-      scrubBlocksPerSecond: cache.scrub_blocks_per_second,
+      scrubBlocksPerSecond: cache.scrub_blocks_per_second, directWrites: cache.direct_writes,
     },
     storage: {
       url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs,

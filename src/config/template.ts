@@ -16,6 +16,9 @@ memory_size_gb = 1.0
 # Background scrub: cached blocks re-hashed per second; a block that fails is evicted
 # (fetched again from the store when read). 0 turns it off.
 scrub_blocks_per_second = 20
+# Block writes to the disk tier bypass the page cache (O_DIRECT) where the filesystem
+# allows it; false writes them through the page cache.
+direct_writes = true
 
 [storage]
 # Object store for packs and manifests: "file://PATH" (a folder), "s3://BUCKET/PREFIX",

@@ -16,6 +16,8 @@ export interface DiskEntry {
 /** The file operations the engine uses; each behaves like the node:fs call of its name. */
 export interface Disk {
   openSync(path: string, flags: string): number;
+  /** An existing file opened for writes that bypass the page cache (O_DIRECT), or undefined where that is refused. */
+  openDirectSync(path: string): number | undefined;
   closeSync(fd: number): void;
   /** pread: bytes read, 0 at the end of the file. */
   readSync(fd: number, buffer: Buffer, offset: number, length: number, position: number): number;
@@ -47,6 +49,15 @@ const fsyncAsync = promisify(fs.fsync);
 /** node:fs, unchanged. */
 export const nodeDisk: Disk = {
   openSync: (p, flags) => fs.openSync(p, flags),
+  openDirectSync: (p) => {
+    const direct = fs.constants.O_DIRECT;
+    if (direct === undefined) return undefined;
+    try {
+      return fs.openSync(p, fs.constants.O_WRONLY | direct);
+    } catch {
+      return undefined; // tmpfs and some others: the buffered descriptor does
+    }
+  },
   closeSync: fs.closeSync,
   readSync: (fd, buffer, offset, length, position) => fs.readSync(fd, buffer, offset, length, position),
   writeSync: fs.writeSync as Disk['writeSync'],

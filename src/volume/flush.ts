@@ -110,7 +110,7 @@ export abstract class VolumeFlushes extends VolumeSeals {
     // A failed slab sync loses only the pinned blocks it covered: this flush fails if it would name one.
     for (const [chunk, key] of named) {
       if (!this.cache.lostBlock(key)) continue;
-      const why = blocks.status === 'rejected' ? (blocks.reason as Error).message : 'an earlier sync of the block cache failed';
+      const why = blocks.status === 'rejected' ? (blocks.reason as Error).message : 'an earlier write or sync of the block cache failed';
       throw failed(`flush: block ${keyHex(key)} of chunk ${chunk} may be lost: ${why}`);
     }
     try {

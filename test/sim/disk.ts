@@ -203,6 +203,9 @@ export class SimDisk {
       this.fds.set(fd, { inode, append: flags.startsWith('a'), actor: currentActor() });
       return fd;
     },
+    // A direct descriptor is one more descriptor of the file: what a power cut keeps of its
+    // writes is what it keeps of buffered ones (only what a sync covered is certain).
+    openDirectSync: (file) => this.api.openSync(file, 'r+'),
     closeSync: (fd) => {
       this.open(fd, 'close');
       this.fds.delete(fd);
