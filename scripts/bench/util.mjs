@@ -187,8 +187,10 @@ switch (cmd) {
     const lines = [];
     const c = r.compare ?? {};
     lines.push('', `Updraft bench  (${r.config?.runtime_s}s x ${r.config?.rounds} rounds, size ${r.config?.size}; reference = nbdkit file plugin on a sparse local file)`);
-    lines.push('', 'throughput / latency vs reference (median of rounds)');
-    lines.push(`  ${'workload'.padEnd(10)} ${'updraft'.padStart(12)} ${'reference'.padStart(12)} ${'ratio'.padStart(7)}`);
+    if (Object.values(c).some((v) => typeof v === 'object' && v !== null)) {
+      lines.push('', 'throughput / latency vs reference (median of rounds)');
+      lines.push(`  ${'workload'.padEnd(10)} ${'updraft'.padStart(12)} ${'reference'.padStart(12)} ${'ratio'.padStart(7)}`);
+    }
     for (const [w, v] of Object.entries(c)) {
       if (typeof v !== 'object' || v === null) continue;
       if (w === 'lat') {
