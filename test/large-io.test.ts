@@ -64,7 +64,7 @@ async function daemonWithVolume(name: string, sizeMiB: number): Promise<Daemon> 
   return d;
 }
 
-test('a FLUSH sent while 1 MiB writes are on the thread pool covers every write answered before it, across a SIGKILL', { timeout: TIMEOUT }, async (t) => {
+test('a FLUSH sent while 1 MiB writes are on the write thread covers every write answered before it, across a SIGKILL', { timeout: TIMEOUT }, async (t) => {
   if (!ready(t)) return;
   const d = await daemonWithVolume('flushed', WRITES + 8);
   try {

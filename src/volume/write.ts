@@ -2,7 +2,8 @@
 // offset and marks its sectors present; no hashing. Zero and trim of whole chunks change
 // the block map only; partial ones write zeros into the overlay.
 import { ZERO_ALLOCATED_KEY } from './blockmap.js';
-import { totalLength, writeAll, writeAllSync } from './overlay-file.js';
+import { totalLength, writeAllSync } from './overlay-file.js';
+import { writeLarge } from './write-threads.js';
 import { VolumeReads } from './read.js';
 import { SECTOR, SECTOR_SHIFT, sectorPresent } from './sectors.js';
 import { VolumeError } from './state.js';
@@ -69,8 +70,8 @@ export abstract class VolumeWrites extends VolumeReads {
   }
 
   /**
-   * A large sector-aligned write through the thread pool: the kernel copies the payload
-   * into the overlay on another core while the event loop serves other requests. Its
+   * A large sector-aligned write on a worker thread (write-threads.ts): the kernel copies
+   * the payload into the overlay on another core while the event loop serves other requests. Its
    * sectors become present (and the sequence moves) only once the bytes are in the file,
    * so no seal, snapshot or FLUSH counts a sector whose data has not landed; the write is
    * acknowledged after that. Its new bytes count against the disk budget while in flight.
@@ -86,7 +87,7 @@ export abstract class VolumeWrites extends VolumeReads {
     const reserved = this.reserve(offset, length);
     this.space.writingBytes += reserved;
     try {
-      await this.overlayIo(writeAll(this.overlayFd, parts, offset), `write of ${length} bytes at ${offset} to`);
+      await this.overlayIo(writeLarge(this.overlayFd, parts, offset), `write of ${length} bytes at ${offset} to`);
     } finally {
       this.space.writingBytes -= reserved;
     }

@@ -1,0 +1,109 @@
+// Overlay writes (src/volume/overlay-file.ts, write-threads.ts): every write reaches the
+// kernel in pieces cut at multiples of 16 KiB in the file, so the page cache holds the
+// overlay in small folios; large writes go from a worker thread, and its errors come back
+// with their code.
+import assert from 'node:assert/strict';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { nodeDisk, useDisk, type Disk } from '../src/disk/disk.js';
+import { cutPieces, WRITE_PIECE_BYTES, writeAll, writeAllSync } from '../src/volume/overlay-file.js';
+import { writeLarge } from '../src/volume/write-threads.js';
+
+const PIECE = WRITE_PIECE_BYTES;
+
+/** Bytes that differ at every offset, as `count` views of one buffer cut at uneven lengths. */
+function payload(length: number, seed: number): { whole: Buffer; parts: Buffer[] } {
+  const whole = Buffer.allocUnsafe(length);
+  for (let i = 0; i < length; i++) whole[i] = (i * 13 + seed + (i >> 9)) & 0xff;
+  const parts: Buffer[] = [];
+  for (let at = 0, step = 1000; at < length; at += step, step = (step * 7) % 70_000 + 512) parts.push(whole.subarray(at, Math.min(length, at + step)));
+  return { whole, parts };
+}
+
+test('overlay writes: pieces end at multiples of 16 KiB in the file and carry the bytes in order', () => {
+  const position = 3 * 4096;
+  const { whole, parts } = payload(1024 * 1024 + 4096, 1);
+  const pieces = cutPieces(parts, position);
+  let at = position;
+  for (const [i, piece] of pieces.entries()) {
+    assert.equal(piece.position, at, `piece ${i} starts where the last ended`);
+    const bytes = piece.buffers.reduce((n, b) => n + b.length, 0);
+    const end = piece.position + bytes;
+    assert.ok(bytes <= PIECE, `piece ${i} is at most ${PIECE} bytes`);
+    assert.ok(end % PIECE === 0 || i === pieces.length - 1, `piece ${i} ends on a multiple of ${PIECE} (or is the last)`);
+    assert.ok(Buffer.concat(piece.buffers).equals(whole.subarray(piece.position - position, end - position)), `piece ${i} holds its bytes`);
+    at = end;
+  }
+  assert.equal(at, position + whole.length);
+  assert.equal(pieces[0].position + pieces[0].buffers.reduce((n, b) => n + b.length, 0), PIECE, 'the first piece runs up to the first boundary');
+});
+
+test('overlay writes: the synchronous and thread-pool paths write in pieces; a large write from the worker thread lands whole', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
+  const file = join(dir, 'overlay');
+  const fd = openSync(file, 'w+');
+  const lengths: number[] = [];
+  const recording: Disk = {
+    ...nodeDisk,
+    writeSync: ((...args: Parameters<Disk['writeSync']>) => {
+      lengths.push(args[3] as number);
+      return nodeDisk.writeSync(...args);
+    }) as Disk['writeSync'],
+    writevSync: (f, buffers, position) => {
+      lengths.push(buffers.reduce((n, b) => n + b.length, 0));
+      return nodeDisk.writevSync(f, buffers, position);
+    },
+    writev: (f, buffers, position) => {
+      lengths.push(buffers.reduce((n, b) => n + b.length, 0));
+      return nodeDisk.writev(f, buffers, position);
+    },
+  };
+  const previous = useDisk(recording);
+  try {
+    const first = payload(200 * 1024, 2);
+    writeAllSync(fd, first.parts, 4096);
+    const second = payload(300 * 1024, 3);
+    await writeAll(fd, second.parts, 512 * 1024);
+    assert.ok(lengths.length >= Math.ceil((200 + 300) / 16), `${lengths.length} calls for 500 KiB`);
+    for (const n of lengths) assert.ok(n <= PIECE, `a call of ${n} bytes is at most one piece`);
+    useDisk(previous);
+    const third = payload(2 * 1024 * 1024 + 8192, 4);
+    await Promise.all([writeLarge(fd, third.parts, 1024 * 1024), writeLarge(fd, [first.whole], 4 * 1024 * 1024)]);
+    const written = readFileSync(file);
+    assert.ok(written.subarray(4096, 4096 + first.whole.length).equals(first.whole));
+    assert.ok(written.subarray(512 * 1024, 512 * 1024 + second.whole.length).equals(second.whole));
+    assert.ok(written.subarray(1024 * 1024, 1024 * 1024 + third.whole.length).equals(third.whole), 'the worker thread wrote the large payload');
+    assert.ok(written.subarray(4 * 1024 * 1024).equals(first.whole), 'and the one beside it');
+  } finally {
+    useDisk(previous);
+    closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('overlay writes: a failed write on the worker thread rejects with its error and code', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
+  const file = join(dir, 'overlay');
+  closeSync(openSync(file, 'w'));
+  const readOnly = openSync(file, 'r');
+  try {
+    await assert.rejects(writeLarge(readOnly, [Buffer.alloc(1024 * 1024, 1)], 0), (err: NodeJS.ErrnoException) => {
+      assert.equal(err.code, 'EBADF');
+      assert.match(err.message, /EBADF/);
+      return true;
+    });
+    // The thread goes on serving after an error.
+    const fd = openSync(file, 'r+');
+    try {
+      await writeLarge(fd, [Buffer.alloc(256 * 1024, 9)], 0);
+      assert.ok(readFileSync(file).equals(Buffer.alloc(256 * 1024, 9)));
+    } finally {
+      closeSync(fd);
+    }
+  } finally {
+    closeSync(readOnly);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
