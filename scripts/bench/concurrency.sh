@@ -116,26 +116,27 @@ emit many_1_reference_iops "$rone"; emit many_4_reference_iops "$rfour"; emit ma
 echo "concurrency: reference randrw 70/30 QD16, one file $rone IOPS, four at once $rfour IOPS" >&2
 
 # ---- isolation: a streaming neighbour ----------------------------------------------
-prefill "$(vol iso-r)"; sync
-reads=(--name=iso-r --uri="$(vol iso-r)" --rw=randread --bs=4k --iodepth=1 "${timed[@]}")
-read -r _ _ alone99 <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
-fio --ioengine=nbd --name=iso-w --uri="$(vol iso-w)" --rw=write --bs=1M --iodepth=8 --size=1G --time_based --runtime=$((RUNTIME + 4)) > "$WORK/iso-w.txt" 2>&1 &
-writer=$!
-sleep 2
-read -r _ _ busy99 <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
-wait "$writer" || { echo "concurrency.sh: the streaming writer failed: $(tail -3 "$WORK/iso-w.txt")" >&2; exit 1; }
+# isolation READ_URI WRITE_URI: "p99_alone p99_beside" of 4 KiB random reads at QD1, alone
+# and while the other export takes 1 MiB sequential writes at QD8.
+isolation() {
+  local reads=(--name=iso-r --uri="$1" --rw=randread --bs=4k --iodepth=1 "${timed[@]}") alone busy writer
+  prefill "$1"; sync
+  read -r _ _ alone <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
+  fio --ioengine=nbd --name=iso-w --uri="$2" --rw=write --bs=1M --iodepth=8 --size=1G --time_based --runtime=$((RUNTIME + 4)) > "$WORK/iso-w.txt" 2>&1 &
+  writer=$!
+  sleep 2
+  read -r _ _ busy <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
+  wait "$writer" || { echo "concurrency.sh: the streaming writer on $2 failed: $(tail -3 "$WORK/iso-w.txt")" >&2; return 1; }
+  echo "$alone $busy"
+}
+read -r alone99 busy99 <<< "$(isolation "$(vol iso-r)" "$(vol iso-w)")"
+[ -n "$busy99" ] || exit 1
 emit isolation_read_p99_alone_us "$alone99"; emit isolation_read_p99_beside_writer_us "$busy99"
 emit isolation_ratio "$(node "$UTIL" ratio "$busy99" "$alone99" 0.001)"
 echo "concurrency: 4 KiB random read p99 ${alone99}us alone, ${busy99}us beside a 1 MiB QD8 writer" >&2
-# The same on the reference (nbdkit serves both files; the writer streams into a third).
-prefill "$(ref 0)"; sync
-reads=(--name=iso-r --uri="$(ref 0)" --rw=randread --bs=4k --iodepth=1 "${timed[@]}")
-read -r _ _ ralone99 <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
-fio --ioengine=nbd --name=iso-w --uri="$(ref 4)" --rw=write --bs=1M --iodepth=8 --size=1G --time_based --runtime=$((RUNTIME + 4)) > "$WORK/iso-w.txt" 2>&1 &
-writer=$!
-sleep 2
-read -r _ _ rbusy99 <<< "$(fio_jobs "$WORK/c.json" "${reads[@]}")"
-wait "$writer" || { echo "concurrency.sh: the reference's streaming writer failed: $(tail -3 "$WORK/iso-w.txt")" >&2; exit 1; }
+# The same on the reference (nbdkit serves both files).
+read -r ralone99 rbusy99 <<< "$(isolation "$(ref 0)" "$(ref 4)")"
+[ -n "$rbusy99" ] || exit 1
 emit isolation_reference_read_p99_alone_us "$ralone99"; emit isolation_reference_read_p99_beside_writer_us "$rbusy99"
 emit isolation_reference_ratio "$(node "$UTIL" ratio "$rbusy99" "$ralone99" 0.001)"
 echo "concurrency: reference 4 KiB random read p99 ${ralone99}us alone, ${rbusy99}us beside a 1 MiB QD8 writer" >&2
