@@ -51,8 +51,8 @@ const WASM_PAGE = 65536;
 /**
  * A second descriptor of a file, opened with O_DIRECT, and the page-aligned buffer its
  * writes go out from. A buffered write copies every byte into page-cache pages the kernel
- * allocates for it and writes them back later: in a profile of a drain that copy was most
- * of the daemon's CPU. A direct write goes from the staging buffer to the device.
+ * allocates for it and writes them back later, the largest cost of a drain
+ * (docs/benchmarks.md); a direct write goes from the staging buffer to the device.
  */
 export class DirectWrites {
   /** WebAssembly memory starts on a page boundary, as O_DIRECT needs (a Buffer's memory need not). */
