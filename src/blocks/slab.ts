@@ -60,7 +60,7 @@ export class DirectWrites {
 
   constructor(readonly fd: number) {}
 
-  /** Whether a write of `bytes` at `position` can go direct (padded at its end to the alignment). */
+  /** Whether a write at `position` can go direct (its end is padded to the alignment). */
   fits(position: number): boolean {
     return position % DIRECT_ALIGN === 0;
   }
