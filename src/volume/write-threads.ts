@@ -6,6 +6,7 @@
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { disk, nodeDisk } from '../disk/disk.js';
+import { JobThreads } from '../disk/job-threads.js';
 import { totalLength, writeAll } from './overlay-file.js';
 import type { WriteAnswer, WriteJob } from './write-worker.js';
 
@@ -16,21 +17,12 @@ const STAGING_STEP = 1024 * 1024;
 /** Idle shared buffers kept for reuse: QD8 of 1 MiB writes four times over. */
 const MAX_IDLE_STAGING_BYTES = 32 * 1024 * 1024;
 
-interface Pending {
-  settle: () => void;
-  reject: (err: Error) => void;
-}
-
-interface Thread {
-  worker: Worker;
-  jobs: Map<number, Pending>;
-}
-
 class WriteThreads {
-  private readonly threads: Thread[] = [];
+  private readonly threads = new JobThreads<WriteJob, WriteAnswer>('overlay write', WRITE_THREADS, () =>
+    new Worker(new URL('./write-worker.js', import.meta.url)),
+  );
   private readonly idle = new Map<number, SharedArrayBuffer[]>();
   private idleBytes = 0;
-  private nextJob = 0;
 
   /** Write `parts` back to back into `fd` from `position`; settles once they are in the file. */
   async write(fd: number, parts: readonly Buffer[], position: number): Promise<void> {
@@ -40,7 +32,8 @@ class WriteThreads {
     let at = 0;
     for (const part of parts) at += part.copy(data, at);
     try {
-      await this.run({ job: this.nextJob++, fd, position, data });
+      const answer = await this.threads.run({ fd, position, data });
+      if ('error' in answer) throw Object.assign(new Error(answer.error), answer.code === undefined ? {} : { code: answer.code });
     } finally {
       this.give(staging);
     }
@@ -60,47 +53,6 @@ class WriteThreads {
     if (list === undefined) this.idle.set(buffer.byteLength, (list = []));
     list.push(buffer);
     this.idleBytes += buffer.byteLength;
-  }
-
-  private run(message: WriteJob): Promise<void> {
-    const thread = this.leastBusy();
-    return new Promise<void>((settle, reject) => {
-      thread.jobs.set(message.job, { settle, reject });
-      if (thread.jobs.size === 1) thread.worker.ref();
-      thread.worker.postMessage(message);
-    });
-  }
-
-  private leastBusy(): Thread {
-    let best: Thread | undefined;
-    for (const t of this.threads) if (best === undefined || t.jobs.size < best.jobs.size) best = t;
-    if (best !== undefined && (best.jobs.size === 0 || this.threads.length >= WRITE_THREADS)) return best;
-    return this.start();
-  }
-
-  private start(): Thread {
-    const worker = new Worker(new URL('./write-worker.js', import.meta.url));
-    const thread: Thread = { worker, jobs: new Map() };
-    // An idle thread never keeps the process alive; a busy one does (run() refs it).
-    worker.unref();
-    worker.on('message', (answer: WriteAnswer) => {
-      const pending = thread.jobs.get(answer.job);
-      if (pending === undefined) return;
-      thread.jobs.delete(answer.job);
-      if (thread.jobs.size === 0) worker.unref();
-      if (!('error' in answer)) pending.settle();
-      else pending.reject(Object.assign(new Error(answer.error), answer.code === undefined ? {} : { code: answer.code }));
-    });
-    const fail = (why: string) => {
-      const index = this.threads.indexOf(thread);
-      if (index >= 0) this.threads.splice(index, 1);
-      for (const pending of thread.jobs.values()) pending.reject(new Error(`the overlay write thread ${why}`));
-      thread.jobs.clear();
-    };
-    worker.on('error', (err) => fail(`failed: ${err.message}`));
-    worker.on('exit', (code) => fail(`exited (code ${code})`));
-    this.threads.push(thread);
-    return thread;
   }
 }
 
