@@ -10,6 +10,8 @@ import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { cipherDataKey, type StoreCipher } from '../crypto/cipher.js';
 import { HASH_BYTES } from '../crypto/hash.js';
+import { JobThreads } from '../disk/job-threads.js';
+import { errorMessage } from '../log.js';
 import { FormatError } from './errors.js';
 import type { OpenJob, PackAnswer } from './pack-worker.js';
 import { openPack } from './pack.js';
@@ -25,20 +27,6 @@ export interface OpenedBlock {
 
 /** A thread's answer to a job that succeeded. */
 type Opened = Extract<PackAnswer, { blocks: Uint8Array }>;
-
-interface Pending {
-  /** Named in errors: what the job was doing. */
-  what: string;
-  /** The object key a FormatError names. */
-  key: string;
-  settle: (answer: Opened) => void;
-  reject: (err: Error) => void;
-}
-
-interface Thread {
-  worker: Worker;
-  jobs: Map<number, Pending>;
-}
 
 /** Whether `bytes` is the whole of its ArrayBuffer (not a view of Buffer's shared pool or of a bigger buffer), so it can be transferred. */
 function ownsMemory(bytes: Buffer): boolean {
@@ -65,16 +53,15 @@ export function packThreads(cipher: StoreCipher): PackThreads {
 }
 
 export class PackThreads {
-  private readonly threads: Thread[] = [];
-  private readonly dataKey: Buffer | null;
-  private nextJob = 0;
+  private readonly threads: JobThreads<OpenJob, PackAnswer>;
 
   constructor(
     private readonly cipher: StoreCipher,
     /** 0: open packs on the calling thread (the simulation: no threads, a deterministic order). */
     private readonly size = packThreadCount,
   ) {
-    this.dataKey = cipherDataKey(cipher) ?? null;
+    const dataKey = cipherDataKey(cipher) ?? null;
+    this.threads = new JobThreads('pack', size, () => new Worker(new URL('./pack-worker.js', import.meta.url), { workerData: { dataKey } }));
   }
 
   /**
@@ -85,9 +72,7 @@ export class PackThreads {
    * else into a buffer of their own.
    */
   async open(key: string, body: Buffer, out?: Buffer): Promise<OpenedBlock[]> {
-    const message: OpenJob = { job: this.nextJob++, key, body, out };
-    const answer =
-      this.size === 0 ? openPack(key, body, this.cipher, out) : await this.run(message, key, `opening pack ${key}`, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
+    const answer = this.size === 0 ? openPack(key, body, this.cipher, out) : await this.run(key, body, out);
     const hashes = Buffer.from(answer.hashes.buffer, answer.hashes.byteOffset, answer.hashes.byteLength);
     // Opened into `out`: the thread's view is of its own handle on out's shared memory.
     const intoOut = out !== undefined && (answer.blocks.buffer === out.buffer || answer.blocks.buffer instanceof SharedArrayBuffer);
@@ -102,50 +87,19 @@ export class PackThreads {
   }
 
   /** Stops the threads; the next job starts new ones. */
-  async close(): Promise<void> {
-    const threads = this.threads.splice(0);
-    await Promise.all(threads.map((t) => t.worker.terminate()));
+  close(): Promise<void> {
+    return this.threads.close();
   }
 
-  private run(message: OpenJob, key: string, what: string, transfer: ArrayBuffer[]): Promise<Opened> {
-    const thread = this.leastBusy();
-    return new Promise<Opened>((settle, reject) => {
-      thread.jobs.set(message.job, { what, key, settle, reject });
-      if (thread.jobs.size === 1) thread.worker.ref();
-      thread.worker.postMessage(message, transfer);
-    });
-  }
-
-  private leastBusy(): Thread {
-    let best: Thread | undefined;
-    for (const t of this.threads) if (best === undefined || t.jobs.size < best.jobs.size) best = t;
-    if (best !== undefined && (best.jobs.size === 0 || this.threads.length >= this.size)) return best;
-    return this.start();
-  }
-
-  private start(): Thread {
-    const worker = new Worker(new URL('./pack-worker.js', import.meta.url), { workerData: { dataKey: this.dataKey } });
-    const thread: Thread = { worker, jobs: new Map() };
-    // An idle pool never keeps the process alive; a busy one does (run() refs it).
-    worker.unref();
-    worker.on('message', (answer: PackAnswer) => {
-      const pending = thread.jobs.get(answer.job);
-      if (pending === undefined) return;
-      thread.jobs.delete(answer.job);
-      if (thread.jobs.size === 0) worker.unref();
-      if (!('error' in answer)) pending.settle(answer);
-      else if (answer.format) pending.reject(new FormatError(pending.key, answer.error));
-      else pending.reject(new Error(`${pending.what}: ${answer.error}`));
-    });
-    const fail = (why: string) => {
-      const index = this.threads.indexOf(thread);
-      if (index >= 0) this.threads.splice(index, 1);
-      for (const pending of thread.jobs.values()) pending.reject(new Error(`${pending.what}: the pack thread ${why}`));
-      thread.jobs.clear();
-    };
-    worker.on('error', (err) => fail(`failed: ${err.message}`));
-    worker.on('exit', (code) => fail(`exited (code ${code})`));
-    this.threads.push(thread);
-    return thread;
+  private async run(key: string, body: Buffer, out: Buffer | undefined): Promise<Opened> {
+    const what = `opening pack ${key}`;
+    let answer: PackAnswer;
+    try {
+      answer = await this.threads.run({ key, body, out }, ownsMemory(body) ? [body.buffer as ArrayBuffer] : []);
+    } catch (err) {
+      throw new Error(`${what}: ${errorMessage(err)}`);
+    }
+    if (!('error' in answer)) return answer;
+    throw answer.format ? new FormatError(key, answer.error) : new Error(`${what}: ${answer.error}`);
   }
 }
