@@ -12,7 +12,8 @@ import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import { removeDir, scratchDir, startDaemon, type Daemon } from './harness/daemon.js';
-import { canFailDisks, startFailingDisk, type FailingDisk } from './harness/failing-disk.js';
+import { startFailingDisk, type FailingDisk } from './harness/failing-disk.js';
+import { canMountNbdDisks } from './harness/nbd-disk.js';
 import { NbdClient, NbdCommandError } from './harness/nbd-client.js';
 
 const VOLUME = 'fsyncgate';
@@ -43,7 +44,7 @@ async function expectEio(what: string, run: () => Promise<unknown>): Promise<voi
 }
 
 test('a FLUSH after a failed fdatasync of the overlay gets EIO until the volume is reopened; reopened, it is the last flushed state', { timeout: 600_000 }, async (t) => {
-  if (!canFailDisks(t)) return;
+  if (!canMountNbdDisks(t)) return;
   let disk: FailingDisk | undefined;
   let daemon: Daemon | undefined;
   let client: NbdClient | undefined;
@@ -111,7 +112,7 @@ async function waitUntil(what: string, check: () => Promise<boolean>): Promise<v
 // the write itself fails. Either way the volume that would name the block fails, and only it.
 for (const mode of ['buffered', 'direct'] as const) {
   test(`a failed ${mode === 'buffered' ? 'sync' : 'direct write'} of the block cache slab fails the volumes whose unflushed blocks it may have lost, and only those`, { timeout: 600_000 }, async (t) => {
-    if (!canFailDisks(t)) return;
+    if (!canMountNbdDisks(t)) return;
     let disk: FailingDisk | undefined;
     let daemon: Daemon | undefined;
     let volumesDir: string | undefined;
