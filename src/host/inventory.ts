@@ -3,7 +3,7 @@
 // them from their manifests in the store, serving checkpoints read-only, reopening,
 // resizing, removing and purging them. Host (host.ts) builds on it.
 import crypto from 'node:crypto';
-import { disk } from '../disk/disk.js';
+import { disk, replaceFileSync } from '../disk/disk.js';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockCache } from '../blocks/cache.js';
@@ -120,10 +120,12 @@ function volumeDir(root: string, name: string): string {
 export function hostIdentity(cacheDir: string, configured: string): string {
   if (configured !== '') return configured;
   const file = path.join(cacheDir, 'host-id');
-  if (disk.existsSync(file)) return disk.readFileSync(file, 'utf8').trim();
+  const kept = disk.existsSync(file) ? disk.readFileSync(file, 'utf8').trim() : '';
+  if (kept !== '') return kept;
   const id = `${os.hostname().replace(/[^A-Za-z0-9._-]/g, '-').slice(0, 40)}-${crypto.randomBytes(4).toString('hex')}`;
   disk.mkdirSync(cacheDir, { recursive: true });
-  disk.writeFileSync(file, id + '\n');
+  // Durable before any lease names it: a power cut must not leave the file empty.
+  replaceFileSync(file, id + '\n');
   return id;
 }
 
