@@ -551,3 +551,50 @@ test('SIGTERM with a client attached stops the daemon cleanly and promptly, and 
   const again = await connect(t, daemon, 'attached');
   await expectData(again, 123 * KiB + 7, data, 'writes acknowledged before the SIGTERM');
 });
+
+test('a FLUSH over rewritten sectors syncs the overlay alone; the idle write-back commits the sequence; both survive SIGKILL', async (t) => {
+  const daemon = await daemonFor(t, { toml: { volumes: { seal_idle_ms: 3_600_000 } } });
+  const syncs = async () => {
+    const m = await volumeMetrics(daemon, 'rewrites');
+    return { journal: m.journal_commits as number, overlay: m.overlay_only_flushes as number, sequence: m.sequence as number };
+  };
+  let client = await connect(t, daemon, 'rewrites');
+  const versions = [randomBytes(64 * KiB), randomBytes(64 * KiB), randomBytes(64 * KiB), randomBytes(64 * KiB)];
+  await client.write(MiB, versions[0]);
+  await client.flush();
+  const first = await syncs();
+  assert.ok(first.journal >= 1, `new sectors: the FLUSH commits a journal batch (${JSON.stringify(first)})`);
+
+  // Only sectors already in the overlay: one sync, no journal batch; a FLUSH with nothing new syncs nothing.
+  await client.write(MiB, versions[1]);
+  await client.flush();
+  await client.flush();
+  const rewritten = await syncs();
+  assert.deepEqual([rewritten.journal, rewritten.overlay], [first.journal, first.overlay + 1], `a rewrite's FLUSH: ${JSON.stringify(rewritten)}`);
+
+  // The next rewrite is flushed and the daemon killed before the volume goes idle.
+  await client.write(MiB, versions[2]);
+  await client.flush();
+  client.close();
+  await daemon.kill9();
+  await daemon.restart();
+  client = await connect(t, daemon, 'rewrites');
+  await expectData(client, MiB, versions[2], 'a rewrite whose FLUSH synced the overlay alone, after SIGKILL');
+
+  // A second after the last write the write-back commits the sequence an overlay-only FLUSH
+  // left (the first FLUSH after a restart commits the whole journal anyway).
+  await client.write(MiB, versions[0]);
+  await client.flush();
+  await client.write(MiB, versions[3]);
+  await client.flush();
+  const before = await syncs();
+  assert.ok(before.overlay >= 1, `after the restart, a rewrite's FLUSH synced the overlay alone (${JSON.stringify(before)})`);
+  await waitFor('the idle write-back to commit the sequence', 10_000, async () => (await syncs()).journal > before.journal);
+  const committed = (await syncs()).sequence;
+  client.close();
+  await daemon.kill9();
+  await daemon.restart();
+  client = await connect(t, daemon, 'rewrites');
+  await expectData(client, MiB, versions[3], 'the last rewrite, after SIGKILL');
+  assert.equal((await syncs()).sequence, committed, 'the restarted volume is at the sequence the write-back committed');
+});

@@ -104,6 +104,16 @@ describe('simulation', () => {
     assert.ok(r, 'no seed failed with recover-without-sync on');
   });
 
+  it('catches flushes that leave the journal\'s sequence behind a drain\'s (seeds 533, 945 and 985)', async () => {
+    // Only a client's FLUSH may: a drain's flush must commit the sequence its manifest names.
+    for (const [seed, symptom] of [[533, /woke at sequence \d+, which no manifest/], [945, /reads write \d+, expected write \d+/], [985, /reads write \d+, expected write \d+/]] as const) {
+      const broken = await runSeed({ seed, steps: STEPS, faults: ['flush-sequence-lazy'] });
+      assert.match(broken.failure?.message ?? 'passed', symptom, `seed ${seed} with flush-sequence-lazy on`);
+      const fixed = await runSeed({ seed, steps: STEPS });
+      assert.equal(fixed.failure, undefined, fixed.failure === undefined ? '' : describeFailure(fixed));
+    }
+  });
+
   it('catches a restart that syncs overlay pages a failed fdatasync dropped without writing them again (seeds 856 and 2784 at 100 steps)', async () => {
     // Rare at 60 steps: an overlay sync fails, the host is killed, restarts, flushes, loses power.
     for (const [seed, settings] of [[856, undefined], [2784, undefined]] as const) {

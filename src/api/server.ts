@@ -305,7 +305,8 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
     return {
       name, size: volume.size, clients: volume.clients, sequence: volume.sequence, dirty_bytes: volume.dirtyBytes,
       dirty_chunks: volume.dirtyChunks, mapped_chunks: volume.mappedChunks, map_pages: volume.mapPages.total,
-      map_pages_shared: volume.mapPages.shared, chunks_sealed: volume.stats.chunksSealed, ops,
+      map_pages_shared: volume.mapPages.shared, chunks_sealed: volume.stats.chunksSealed,
+      journal_commits: volume.stats.journalCommits, overlay_only_flushes: volume.stats.overlayOnlyFlushes, ops,
     };
   });
 

@@ -3,6 +3,8 @@
 export type InjectedFault =
   /** FLUSH returns without the overlay's fdatasync. */
   | 'flush-skip-fdatasync'
+  /** Every flush that changes no chunk's record leaves the journal's sequence behind, a drain's too (only a client's FLUSH may). */
+  | 'flush-sequence-lazy'
   /** A drain writes its manifest before the packs holding its blocks are in the store. */
   | 'manifest-before-packs'
   /** Recovery serves what a killed process left in the page cache without syncing it first. */

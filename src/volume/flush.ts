@@ -20,34 +20,46 @@ const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync
 export abstract class VolumeFlushes extends VolumeSeals {
   /**
    * Make every acknowledged write durable on local disk: overlay data and new blocks
-   * first, then the journal batch that names them. Callers that arrive while a flush
-   * is running share the next one.
+   * first, then the journal batch that names them and the sequence. Callers that arrive
+   * while a flush is running share the next one.
    */
   flush(): Promise<void> {
+    return this.queueFlush(!injected.has('flush-sequence-lazy'));
+  }
+
+  /**
+   * A client's FLUSH (or FUA): every acknowledged write durable on local disk, and on a
+   * durable volume also in the store (both at once). When no chunk's record changed it
+   * syncs the overlay only: the sequence waits for the next full flush (see flushNow).
+   */
+  flushForClient(): Promise<void> {
+    const durable = this.durableFlush;
+    if (durable === undefined) return this.queueFlush(false);
+    const sequence = this.sequence;
+    return Promise.all([this.queueFlush(false), durable(sequence)]).then(() => undefined);
+  }
+
+  /** Queue a flush behind the running one; `full` (the sequence committed) wins when callers share one. */
+  private queueFlush(full: boolean): Promise<void> {
+    if (full) this.flushQueuedFull = true;
     if (this.flushQueued) return this.flushQueued;
     const run = this.flushTail.then(() => {
+      const queuedFull = this.flushQueuedFull;
       this.flushQueued = undefined;
-      return this.flushNow();
+      this.flushQueuedFull = false;
+      return this.flushNow(queuedFull);
     });
     this.flushQueued = run;
     this.flushTail = run.catch(() => undefined);
     return run;
   }
 
-  /**
-   * A client's FLUSH (or FUA): flush(), and on a durable volume also wait until the store
-   * holds every write acknowledged before it; both run at once.
-   */
-  flushForClient(): Promise<void> {
-    const durable = this.durableFlush;
-    if (durable === undefined) return this.flush();
-    const sequence = this.sequence;
-    return Promise.all([this.flush(), durable(sequence)]).then(() => undefined);
-  }
-
-  private async flushNow(): Promise<void> {
+  private async flushNow(full: boolean): Promise<void> {
     if (this.failure !== undefined) throw this.failedError();
-    if (this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced && this.sequence === this.journalSequence) return;
+    const clean = this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced;
+    if (clean && (this.sequence === this.journalSequence || (!full && this.writesSinceDataSync === 0))) return;
+    const sizeChanged = this.sizeDirty;
+    const writes = this.writesSinceDataSync;
     // A loaded journal is written whole, as the overlay was at load: pages of it a killed
     // process failed to sync would not be written by a sync of an appended batch.
     const recovered = this.recoveredUnsynced && !injected.has('recover-without-rewrite');
@@ -79,10 +91,25 @@ export abstract class VolumeFlushes extends VolumeSeals {
       return this.fail(reason);
     };
     const syncOverlay = () => (injected.has('flush-skip-fdatasync') ? Promise.resolve() : fdatasync(this.overlayFd));
-    // No chunk's record changed (only present sectors were rewritten): the batch says nothing
-    // but the sequence, which may reach the disk before the data it counts (a sequence ahead of
-    // the data only makes a drain find nothing new), so both syncs run at once.
-    if (chunks.size === 0 && unrefs.length === 0 && frozen === undefined && !injected.has('fsync-retry-succeeds')) {
+    // No chunk's record changed (only present sectors were rewritten, or a hole trimmed).
+    if (chunks.size === 0 && unrefs.length === 0 && !sizeChanged && frozen === undefined && !injected.has('fsync-retry-succeeds')) {
+      // A client's FLUSH syncs the overlay alone: one device flush instead of two. The journal's
+      // sequence may then lag the data; that is safe because every full flush (each snapshot's
+      // among them) commits it, so it never falls below a manifest's, and a write that adds
+      // overlay sectors after a snapshot's cut changes a record, whose commit moves it past.
+      if (!full) {
+        try {
+          await syncOverlay();
+        } catch (err) {
+          this.syncFailures.overlay++;
+          throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+        }
+        this.writesSinceDataSync -= writes;
+        this.stats.overlayOnlyFlushes++;
+        return;
+      }
+      // The sequence may reach the disk before the data it counts (a sequence ahead of the
+      // data only makes a drain find nothing new), so both syncs run at once.
       const [overlay, journal] = await Promise.allSettled([syncOverlay(), this.journal.commit([], sequence, size)]);
       if (overlay.status === 'rejected') {
         this.syncFailures.overlay++;
@@ -93,6 +120,8 @@ export abstract class VolumeFlushes extends VolumeSeals {
         throw failed(`flush: ${(journal.reason as Error).message}`);
       }
       this.journalSequence = Math.max(this.journalSequence, sequence);
+      this.writesSinceDataSync -= writes;
+      this.stats.journalCommits++;
       return;
     }
     // The block cache is synced only when this batch names a block put since its last sync.
@@ -121,6 +150,8 @@ export abstract class VolumeFlushes extends VolumeSeals {
       throw failed(`flush: ${(err as Error).message}`);
     }
     this.journalSequence = Math.max(this.journalSequence, sequence);
+    this.writesSinceDataSync -= writes;
+    this.stats.journalCommits++;
     for (const key of unrefs) this.cache.unref(key);
   }
 

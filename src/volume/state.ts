@@ -121,6 +121,13 @@ export abstract class VolumeState {
    * drain of a later write).
    */
   protected journalSequence: number;
+  /**
+   * Writes, zeroes and trims done since the last flush began syncing the overlay: a client's
+   * FLUSH with none to cover and no record to commit returns at once.
+   */
+  protected writesSinceDataSync = 0;
+  /** Set when a full flush (one that commits the sequence) joins a queued flush. */
+  protected flushQueuedFull = false;
   /** Loaded from a folder a killed process may have left in the page cache: the next FLUSH syncs it all. */
   protected recoveredUnsynced = false;
   /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */

@@ -31,6 +31,10 @@ export class VolumeStats {
     zero: new OpStats(), cache: new OpStats(), block_status: new OpStats(),
   };
   chunksSealed = 0;
+  /** Flushes that committed a journal batch (chunk records, size or sequence) after syncing the data. */
+  journalCommits = 0;
+  /** Client FLUSHes that synced the overlay alone: only sectors already in it were rewritten. */
+  overlayOnlyFlushes = 0;
 }
 
 /** Failed fdatasync calls of volumes' local files, host-wide (the block cache counts its own). */

@@ -64,9 +64,7 @@ export abstract class VolumeWrites extends VolumeReads {
       this.writeChunk(chunk, inChunk, views, n);
       done += n;
     }
-    this.changes?.add(offset, length);
-    this.sequence++;
-    this.lastWriteAt = Date.now();
+    this.noteChange(offset, length);
   }
 
   /**
@@ -107,9 +105,7 @@ export abstract class VolumeWrites extends VolumeReads {
       this.setPresent(chunk, inChunk >>> SECTOR_SHIFT, (inChunk + n - 1) >>> SECTOR_SHIFT);
       offset += n;
     }
-    this.changes?.add(end - length, length);
-    this.sequence++;
-    this.lastWriteAt = Date.now();
+    this.noteChange(end - length, length);
   }
 
   /**
@@ -212,8 +208,14 @@ export abstract class VolumeWrites extends VolumeReads {
         this.writeChunk(piece.chunk, piece.inChunk, [zeros.subarray(0, piece.length)], piece.length);
       }
     }
+    this.noteChange(offset, length);
+  }
+
+  /** A write, zero or trim is done: the change is counted (sequence) and awaits a FLUSH. */
+  private noteChange(offset: number, length: number): void {
     this.changes?.add(offset, length);
     this.sequence++;
+    this.writesSinceDataSync++;
     this.lastWriteAt = Date.now();
   }
 
@@ -223,9 +225,7 @@ export abstract class VolumeWrites extends VolumeReads {
     for (const piece of this.pieces(offset, length)) {
       if (piece.whole) this.discardChunk(piece.chunk, undefined);
     }
-    this.changes?.add(offset, length);
-    this.sequence++;
-    this.lastWriteAt = Date.now();
+    this.noteChange(offset, length);
   }
 
   /** Split a range by chunk; a piece is whole when it covers its chunk up to the volume's end. */

@@ -181,8 +181,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     return { first, count: Math.max(1, n) };
   }
 
-  /** A client's FLUSH: on a durable volume it also waits for the store (the floor then survives a lost host). */
-  const flushOf = (model: VolumeModel, volume: Volume) => (model.durable ? volume.flushForClient() : volume.flush());
+  /** A client's FLUSH, as the NBD server makes it: on a durable volume it also waits for the store (the floor then survives a lost host). */
+  const flushOf = (volume: Volume) => volume.flushForClient();
 
   /** A durable volume stays durable on the host that takes it over (its manifest says so; this makes sure of it). */
   function keepMode(slot: Slot, model: VolumeModel): void {
@@ -201,7 +201,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     for (const m of models.values()) {
       const volume = m.home === slot.index ? slot.host!.get(m.name) : undefined;
       if (volume === undefined) continue;
-      const out = await drive(slot, () => flushOf(m, volume));
+      const out = await drive(slot, () => flushOf(volume));
       if (!slot.up) return;
       if (out.ok) m.flushed();
       else if (!('died' in out)) note(`  flush of ${m.name} failed: ${(out.error as Error).message}`);
@@ -443,7 +443,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         // A sector-aligned write goes through the thread pool half the time, as a large NBD write does.
         if (large) await volume.writeLarge(first * UNIT, [data]);
         else volume.write(first * UNIT, data);
-        if (fua) await flushOf(model, volume);
+        if (fua) await flushOf(volume);
       });
       if (!out.ok && !('died' in out)) {
         note(`  write failed: ${(out.error as Error).message}`);
@@ -457,7 +457,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       await readCheck(slot, model, volume, first * UNIT, count * UNIT);
     } else if (op < 0.52) {
       note(`flush ${model.name} on ${slot.id}`);
-      let out = await drive(slot, () => flushOf(model, volume));
+      let out = await drive(slot, () => flushOf(volume));
       let retried = false;
       if (!out.ok && !('died' in out) && slot.up) {
         note(`  flush failed: ${(out.error as Error).message}`);
@@ -465,7 +465,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         const local = volume.failed !== undefined;
         // A guest may retry: a FLUSH after a failed one must not succeed over writes the failed sync lost (invariant 1).
         retried = true;
-        out = await drive(slot, () => flushOf(model, volume));
+        out = await drive(slot, () => flushOf(volume));
         // Invariant 1: a failed sync fails the volume, and FLUSH stays failed until it is reopened.
         if (out.ok && (local || !model.durable)) throw new Failure(`host ${slot.id}: volume ${model.name}: a FLUSH succeeded right after a failed one, without a reopen`);
       }
