@@ -1,17 +1,25 @@
 // A read's blocks fetched from several packs while the disk tier is full of pinned blocks
 // must all be on the host when the last pack arrives: the packs' other blocks take no
 // room from them (src/store/fetch.ts passes the blocks a read waits for). Nor may a
-// failed slab write of fetched blocks (a full disk) take them from the memory tier.
+// failed slab write of fetched blocks (a full disk) take them from the memory tier. A
+// block that neither tier can take is held for the read until it has read it.
 import assert from 'node:assert/strict';
 import { randomFillSync } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { setImmediate as nextTurn } from 'node:timers/promises';
 import { BlockCache, blockKey } from '../src/blocks/cache.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
+import { parseCompression } from '../src/crypto/compress.js';
 import { nodeDisk, useDisk } from '../src/disk/disk.js';
 import { createLogger } from '../src/log.js';
+import { FileObjectStore } from '../src/objectstore/index.js';
+import { PackFetcher } from '../src/store/fetch.js';
+import { PackIndex } from '../src/store/pack-index.js';
+import { packThreads } from '../src/store/pack-threads.js';
+import { PackUploader } from '../src/store/upload.js';
 
 function block(size: number): { key: string; data: Buffer } {
   const data = randomFillSync(Buffer.allocUnsafe(size));
@@ -83,6 +91,58 @@ test('the blocks a read waits for stay in the memory tier when the slab write of
     await cache.close();
   } finally {
     useDisk(previous);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a block a read waits for that neither tier can take (both full of blocks whose slab writes are in flight) is held for the read until it has read it', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-fetch-pressure-'));
+  const log = createLogger('test', 'error');
+  const size = 64 * 1024;
+  const options = { blockSize: size, namesId: PLAINTEXT.namesId, blockHash: PLAINTEXT.blockHash };
+  // Slab and slot table writes wait for the gate, as behind a slow device.
+  let openGate!: () => void;
+  const gate = new Promise<void>((resolve) => (openGate = resolve));
+  let previous;
+  try {
+    const writer = BlockCache.open(join(dir, 'writer'), { ...options, diskBytes: 16 * size, memoryBytes: 0 }, log);
+    const index = PackIndex.open(join(dir, 'packs.index'));
+    mkdirSync(join(dir, 'store'));
+    const store = new FileObjectStore(join(dir, 'store'));
+    const pack = Array.from({ length: 4 }, () => block(size));
+    for (const b of pack) assert.ok(writer.put(b.key, b.data));
+    await new PackUploader(store, index, writer, parseCompression('lz4'), PLAINTEXT, 4, log).upload(pack.map((b) => b.key), 'test');
+    await writer.close();
+
+    const reader = BlockCache.open(join(dir, 'reader'), { ...options, diskBytes: 8 * size, memoryBytes: 6 * size }, log);
+    previous = useDisk({
+      ...nodeDisk,
+      write: async (...args) => gate.then(() => nodeDisk.write(...args)),
+      writev: async (...args) => gate.then(() => nodeDisk.writev(...args)),
+    });
+    // Sealed blocks fill the disk tier (pinned) and the memory tier (their slab writes read it).
+    for (let i = 0; i < 8; i++) {
+      const b = block(size);
+      assert.ok(reader.put(b.key, b.data), `sealed block ${i} is taken`);
+    }
+    const wanted = pack[2];
+    const fetcher = new PackFetcher(store, index, reader, PLAINTEXT, 0, log);
+    await fetcher.fetch([wanted.key]);
+    const scratch = Buffer.alloc(size);
+    assert.ok(reader.usable(wanted.key), 'the block the read waits for is on the host when the fetch returns');
+    assert.ok(reader.readInto(wanted.key, 0, size, scratch, 0), 'and the read takes it');
+    assert.ok(scratch.equals(wanted.data), 'as fetched');
+    assert.equal(reader.counters.heldForReads, 1, 'it was held for the read, outside both tiers');
+    assert.ok(reader.memoryBytes <= 6 * size, 'the memory tier stays within its setting');
+    await nextTurn();
+    assert.ok(!reader.has(wanted.key), 'once the read has had it, the held copy goes');
+    assert.equal(reader.heldForReadsBytes, 0, 'and no bytes stay held');
+    openGate();
+    await reader.close();
+    await packThreads(PLAINTEXT).close();
+  } finally {
+    openGate();
+    if (previous !== undefined) useDisk(previous);
     rmSync(dir, { recursive: true, force: true });
   }
 });

@@ -73,6 +73,7 @@ export class Metrics {
     counter('updraft_cache_blocks_written_total', 'New blocks written to the disk cache by sealing', [], () => [[{}, cache.counters.blocksWritten]]);
     counter('updraft_cache_fetched_written_total', 'Blocks fetched from the store and written to the disk cache', [], () => [[{}, cache.counters.fetchedWritten]]);
     counter('updraft_cache_streamed_to_memory_total', 'Blocks fetched for a sequential reader kept in the memory tier only (not written to the disk cache)', [], () => [[{}, cache.counters.streamedToMemory]]);
+    counter('updraft_cache_held_for_reads_total', 'Fetched blocks a waiting read needed that neither cache tier could take, held for that read until it had them', [], () => [[{}, cache.counters.heldForReads]]);
     counter('updraft_cache_dedup_hits_total', 'Sealed chunks whose block was already cached (stored once)', [], () => [[{}, cache.counters.dedupHits]]);
     const requests = (pick: 'requests' | 'errors') => () =>
       Object.entries(store.counters()[pick]).map(([kind, n]): [Record<string, string>, number] => [{ kind }, n]);

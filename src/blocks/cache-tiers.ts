@@ -15,6 +15,12 @@ import { SLOT_IN_STORE, SLOT_USED, DirectWrites, FileWriteQueue, SlotTable, type
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 
+/**
+ * Bytes of fetched blocks held for waiting reads outside both tiers (CacheTiers.held): a
+ * read of the largest payload NBD allows (32 MiB) fits whole.
+ */
+const MAX_HELD_BYTES = 32 * 1024 * 1024;
+
 export interface BlockCacheOptions {
   blockSize: number;
   /**
@@ -55,6 +61,8 @@ export interface CacheCounters {
   streamedToMemory: number;
   /** Fetched blocks written to the slab (with their slot table entries). */
   fetchedWritten: number;
+  /** Fetched blocks a waiting read needed that neither tier could take, held for that read until it had them. */
+  heldForReads: number;
 }
 
 /** The block cache's state: its two tiers, the slab and slot table, and their durability (BlockCache builds on it). */
@@ -64,7 +72,7 @@ export abstract class CacheTiers {
   readonly counters: CacheCounters = {
     memoryHits: 0, diskHits: 0, misses: 0, memoryEvictions: 0, diskEvictions: 0, blocksWritten: 0, dedupHits: 0,
     blocksScrubbed: 0, scrubEvictions: 0, scrubCorruptPinned: 0, verifyEvictions: 0, syncFailures: 0, slabWriteFailures: 0,
-    streamedToMemory: 0, fetchedWritten: 0,
+    streamedToMemory: 0, fetchedWritten: 0, heldForReads: 0,
   };
   /** Scratch for verifySync. */
   private verifyBuffer: Buffer | undefined;
@@ -86,6 +94,13 @@ export abstract class CacheTiers {
    * most the keys of the reads waiting; the memory tier still never exceeds its setting.
    */
   protected readonly awaited = new Map<BlockKey, number>();
+  /**
+   * Copies of awaited blocks that neither tier could take when their pack arrived (both
+   * full of blocks whose slab writes are in flight, pinned or awaited): dropped when the
+   * last read waiting for them releases them. At most MAX_HELD_BYTES.
+   */
+  protected readonly held = new Map<BlockKey, Buffer>();
+  private heldBytes = 0;
   private readonly inflight = new Set<Promise<void>>();
   protected readonly table: SlotTable;
   /** Every write of block bytes to the slab goes through here. */
@@ -182,7 +197,7 @@ export abstract class CacheTiers {
   }
 
   has(key: BlockKey): boolean {
-    return this.memory.has(key) || this.slots.has(key);
+    return this.memory.has(key) || this.slots.has(key) || this.held.has(key);
   }
 
   /**
@@ -191,7 +206,7 @@ export abstract class CacheTiers {
    * failing on it.
    */
   usable(key: BlockKey): boolean {
-    if (this.memory.has(key)) return true;
+    if (this.memory.has(key) || this.held.has(key)) return true;
     const slot = this.slots.get(key);
     if (slot === undefined) return false;
     return !slot.unverified || this.writing.has(key) || this.verifySync(key, slot);
@@ -209,8 +224,14 @@ export abstract class CacheTiers {
     }
     const slot = this.slots.get(key);
     if (slot === undefined) {
-      this.counters.misses++;
-      return false;
+      const held = this.held.get(key);
+      if (held === undefined) {
+        this.counters.misses++;
+        return false;
+      }
+      this.counters.memoryHits++;
+      held.copy(dst, dstOffset, offset, offset + length);
+      return true;
     }
     const pending = this.writing.get(key);
     if (pending !== undefined) {
@@ -316,6 +337,31 @@ export abstract class CacheTiers {
    */
   protected admitToMemory(key: BlockKey, block: Buffer, expectedReads = 0): Buffer | undefined {
     return this.memory.admit(key, block, this.memoryEvictable, expectedReads);
+  }
+
+  /**
+   * A block a read waits for that neither tier took: keep a copy for the read (`block` is
+   * the caller's, reused later) until the reads waiting for it release it (awaitBlocks).
+   * Past MAX_HELD_BYTES it is not kept, and the read fetches it again.
+   */
+  protected holdForReads(key: BlockKey, block: Buffer): void {
+    if (!this.awaited.has(key) || this.held.has(key) || this.heldBytes + block.length > MAX_HELD_BYTES) return;
+    this.held.set(key, Buffer.from(block));
+    this.heldBytes += block.length;
+    this.counters.heldForReads++;
+  }
+
+  /** No read waits for `key` any more: its held copy goes. */
+  protected dropHeld(key: BlockKey): void {
+    const block = this.held.get(key);
+    if (block === undefined) return;
+    this.held.delete(key);
+    this.heldBytes -= block.length;
+  }
+
+  /** Bytes of blocks held for waiting reads outside both tiers (at most MAX_HELD_BYTES). */
+  get heldForReadsBytes(): number {
+    return this.heldBytes;
   }
 
   private readonly memoryEvictable = (victim: BlockKey): boolean => !this.writingFromMemory.has(victim) && !this.awaited.has(victim);

@@ -204,7 +204,8 @@ export class BlockCache extends CacheTiers {
   /**
    * A read waits for `keys` to be fetched: until the returned release is called, a block
    * of them that is here is not evicted to make room for another (another pack's blocks
-   * would otherwise push out the ones fetched before them, round after round).
+   * would otherwise push out the ones fetched before them, round after round), and one
+   * that arrives with no room in either tier is held for the read (holdForReads).
    */
   awaitBlocks(keys: readonly BlockKey[]): () => void {
     for (const key of keys) this.awaited.set(key, (this.awaited.get(key) ?? 0) + 1);
@@ -215,7 +216,10 @@ export class BlockCache extends CacheTiers {
       for (const key of keys) {
         const waiting = this.awaited.get(key)!;
         if (waiting > 1) this.awaited.set(key, waiting - 1);
-        else this.awaited.delete(key);
+        else {
+          this.awaited.delete(key);
+          this.dropHeld(key);
+        }
       }
     };
   }
@@ -228,10 +232,12 @@ export class BlockCache extends CacheTiers {
   /**
    * Cache the blocks of a pack fetched (and verified) from the object store. They are not
    * pinned: the store holds them, so they may be evicted. Without a free or evictable slot
-   * a block is kept in the memory tier only. Blocks that land in consecutive slots
-   * (the usual case: a pack's blocks take slots in a row) are written with one pwritev
-   * and one slot table write per run, not 25 of each: 25 writers at once contended for
-   * the slab's inode lock (a quarter of a cold read's CPU went to that and the copies).
+   * a block is kept in the memory tier only; one a read waits for that the memory tier
+   * cannot take either is held for that read (holdForReads). Blocks that land in
+   * consecutive slots (the usual case: a pack's blocks take slots in a row) are written
+   * with one pwritev and one slot table write per run, not 25 of each: 25 writers at once
+   * contended for the slab's inode lock (a quarter of a cold read's CPU went to that and
+   * the copies).
    *
    * The memory tier takes copies; the slab writes read `blocks` until the returned promise
    * settles (it never rejects), after which the caller may reuse their buffer.
@@ -266,7 +272,7 @@ export class BlockCache extends CacheTiers {
       const needed = wanted === undefined || wanted.has(key);
       const index = this.allocateSlot(needed);
       if (index === undefined) {
-        if (needed) this.admitToMemory(key, data);
+        if (needed && this.admitToMemory(key, data) === undefined) this.holdForReads(key, data);
         continue;
       }
       const slot: Slot = { index, refs: 0, inStore: true };
@@ -332,7 +338,7 @@ export class BlockCache extends CacheTiers {
             this.diskPolicy.remove(keys[i]);
             const needed = wanted === undefined || wanted.has(keys[i]);
             this.freeSlot(keys[i], slots[i], needed);
-            if (needed) this.admitToMemory(keys[i], data[i]);
+            if (needed && this.admitToMemory(keys[i], data[i]) === undefined) this.holdForReads(keys[i], data[i]);
           }
         },
       );

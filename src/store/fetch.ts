@@ -90,7 +90,9 @@ export class PackFetcher implements BlockFetcher {
       if (wanted === undefined) this.wanted.set(pack, new Set([key]));
       else wanted.add(key);
     }
-    // A read's blocks stay on the host until it has them all (a hot set is no read: it holds nothing).
+    // A read's blocks stay on the host until it has them all and has copied them: it reads in
+    // a continuation of this promise (Volume.readReady), before the event loop's next turn.
+    // A hot set is no read: it holds nothing.
     const release = reason === 'demand' ? this.cache.awaitBlocks(keys) : undefined;
     try {
       await Promise.all(
@@ -102,9 +104,11 @@ export class PackFetcher implements BlockFetcher {
           return this.fetchPack(id);
         }),
       );
-    } finally {
+    } catch (err) {
       release?.();
+      throw err;
     }
+    if (release !== undefined) setImmediate(release);
   }
 
   prefetch(keys: readonly BlockKey[]): void {

@@ -19,9 +19,10 @@ export abstract class VolumeReads extends VolumeState {
    * common case, checked without allocating), else a promise that fetches the missing
    * ones from the store. Also drives read-ahead for a sequential reader.
    *
-   * A block found here may leave the cache while the read waits for another pack, so
-   * after the promise the caller asks again with `round` (1, 2, ...) and reads in the
-   * same tick as an undefined answer. A round past READ_FETCH_ROUNDS is an EIO.
+   * The fetched blocks stay on the host until the event loop's next turn (BlockFetcher.fetch),
+   * so the caller asks again with `round` (1, 2, ...) in a continuation of the promise and
+   * reads in the same tick as an undefined answer; a new round fetches what the block map
+   * named meanwhile. A round past READ_FETCH_ROUNDS is an EIO.
    */
   readReady(offset: number, length: number, round = 0): Promise<void> | undefined {
     if (round > 0) {

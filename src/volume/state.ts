@@ -47,6 +47,8 @@ export interface BlockFetcher {
   /**
    * Fetch these blocks into the block cache; throws an Error naming the block and pack on
    * failure. `reason` only labels the fetch for metrics (a read waiting, or a boot hot set).
+   * A demand fetch keeps the blocks on the host until the event loop's next turn, so a read
+   * that copies them in a continuation of the promise finds them.
    */
   fetch(keys: readonly BlockKey[], reason?: 'demand' | 'hotset'): Promise<void>;
   /** Start fetching in the background (read-ahead); failures are logged, not thrown. */
