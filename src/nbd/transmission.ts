@@ -28,8 +28,10 @@ const ALLOWED_FLAGS: Record<number, number> = {
 };
 
 const TWO_32 = 2 ** 32;
-/** Read replies at least this large are pooled (see replyBuffer), in classes of this many bytes. */
-const POOLED_REPLY_BYTES = 64 * 1024;
+/** Read reply classes (see replyBuffer): data lengths rounded up to this below LARGE_REPLY_STEP... */
+const SMALL_REPLY_STEP = 4 * 1024;
+/** ...and to this from here on. */
+const LARGE_REPLY_STEP = 64 * 1024;
 /** Bytes of idle reply buffers one connection keeps: QD8 of 1 MiB reads twice over. */
 const MAX_POOLED_BYTES = 16 * 1024 * 1024;
 /**
@@ -63,7 +65,7 @@ export class Transmission {
   private disconnecting = false;
   private closed = false;
   private corked = false;
-  /** Idle reply buffers by class size (a multiple of POOLED_REPLY_BYTES), MAX_POOLED_BYTES in all. */
+  /** Idle read reply buffers by class size (see replyBuffer), MAX_POOLED_BYTES in all. */
   private readonly replyPool = new Map<number, Buffer[]>();
   private pooledBytes = 0;
 
@@ -207,8 +209,8 @@ export class Transmission {
   private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, mayDefer = true): void {
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
     const size = headerBytes + length;
-    const pooled = size >= POOLED_REPLY_BYTES ? this.replyBuffer(size) : undefined;
-    const reply = pooled === undefined ? Buffer.allocUnsafe(size) : pooled.subarray(0, size);
+    const pooled = this.replyBuffer(headerBytes, length);
+    const reply = pooled.length === size ? pooled : pooled.subarray(0, size);
     if (mayDefer && length >= LARGE_READ_BYTES) {
       // The reply buffer counts against the deferred bytes, as a write's payload does.
       this.fillingReplyBytes += size;
@@ -221,7 +223,7 @@ export class Transmission {
     this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
   }
 
-  private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer | undefined, started: number): void {
+  private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer, started: number): void {
     if (this.structured) {
       reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
       reply.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
@@ -238,21 +240,26 @@ export class Transmission {
       reply.writeUInt32BE(cookieLow, 12);
     }
     this.volume.stats.ops.read.observe((performance.now() - started) / 1000, length);
-    if (pooled !== undefined) this.sendPooled(reply, pooled);
-    else this.send(reply);
+    this.sendPooled(reply, pooled);
   }
 
   /**
-   * Large read replies come from a small per-connection pool and go back to it once the
-   * socket has written them: a 1 MiB Buffer per request would otherwise cost more in
-   * garbage collection than the read itself. Buffers come in classes of 64 KiB steps, so
-   * a client reading many different lengths reuses a few classes instead of growing one
-   * list per length, and the pool never holds more than MAX_POOLED_BYTES.
+   * Read replies come from a small per-connection pool and go back to it once the socket
+   * has written them: a Buffer per request would otherwise cost more in garbage collection
+   * than the read itself. A 1 MiB one is a GiB of garbage per GiB read; a 4 KiB one is an
+   * ArrayBuffer of its own whose bytes V8 counts as external memory, and a steady stream of
+   * them kept full mark-compact collections of the whole heap running back to back
+   * (docs/benchmarks.md, "Read replies"). A class is the header plus the data length
+   * rounded up to SMALL_REPLY_STEP, or LARGE_REPLY_STEP from there on, so a client reading
+   * many different lengths reuses a few classes instead of growing one list per length, and
+   * the pool never holds more than MAX_POOLED_BYTES. Buffers of their own (allocUnsafeSlow):
+   * a slice of Node's shared pool would keep the rest of that pool alive while it is idle here.
    */
-  private replyBuffer(size: number): Buffer {
-    const bytes = Math.ceil(size / POOLED_REPLY_BYTES) * POOLED_REPLY_BYTES;
+  private replyBuffer(headerBytes: number, length: number): Buffer {
+    const step = length < LARGE_REPLY_STEP ? SMALL_REPLY_STEP : LARGE_REPLY_STEP;
+    const bytes = headerBytes + Math.ceil(length / step) * step;
     const buffer = this.replyPool.get(bytes)?.pop();
-    if (buffer === undefined) return Buffer.allocUnsafe(bytes);
+    if (buffer === undefined) return Buffer.allocUnsafeSlow(bytes);
     this.pooledBytes -= bytes;
     return buffer;
   }
