@@ -90,6 +90,24 @@ export abstract class VolumeFlushes extends VolumeSeals {
       this.pendingUnref.push(...unrefs);
       return this.fail(reason);
     };
+    const overlayFailed = (err: unknown) => {
+      this.syncFailures.overlay++;
+      return failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+    };
+    const journalFailed = (err: unknown) => {
+      this.syncFailures.journal++;
+      return failed(`flush: ${(err as Error).message}`);
+    };
+    // Done: the writes counted when this flush began are durable, and with a journal batch its sequence.
+    const synced = (journaled: boolean) => {
+      this.writesSinceDataSync -= writes;
+      if (!journaled) {
+        this.stats.overlayOnlyFlushes++;
+        return;
+      }
+      this.journalSequence = Math.max(this.journalSequence, sequence);
+      this.stats.journalCommits++;
+    };
     const syncOverlay = () => (injected.has('flush-skip-fdatasync') ? Promise.resolve() : fdatasync(this.overlayFd));
     // No chunk's record changed (only present sectors were rewritten, or a hole trimmed).
     if (chunks.size === 0 && unrefs.length === 0 && !sizeChanged && frozen === undefined && !injected.has('fsync-retry-succeeds')) {
@@ -101,28 +119,16 @@ export abstract class VolumeFlushes extends VolumeSeals {
         try {
           await syncOverlay();
         } catch (err) {
-          this.syncFailures.overlay++;
-          throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(err as Error).message}`);
+          throw overlayFailed(err);
         }
-        this.writesSinceDataSync -= writes;
-        this.stats.overlayOnlyFlushes++;
-        return;
+        return synced(false);
       }
       // The sequence may reach the disk before the data it counts (a sequence ahead of the
       // data only makes a drain find nothing new), so both syncs run at once.
       const [overlay, journal] = await Promise.allSettled([syncOverlay(), this.journal.commit([], sequence, size)]);
-      if (overlay.status === 'rejected') {
-        this.syncFailures.overlay++;
-        throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
-      }
-      if (journal.status === 'rejected') {
-        this.syncFailures.journal++;
-        throw failed(`flush: ${(journal.reason as Error).message}`);
-      }
-      this.journalSequence = Math.max(this.journalSequence, sequence);
-      this.writesSinceDataSync -= writes;
-      this.stats.journalCommits++;
-      return;
+      if (overlay.status === 'rejected') throw overlayFailed(overlay.reason);
+      if (journal.status === 'rejected') throw journalFailed(journal.reason);
+      return synced(true);
     }
     // The block cache is synced only when this batch names a block put since its last sync.
     const [overlay, blocks] = await Promise.allSettled([syncOverlay(), this.cache.syncFor(named.map(([, key]) => key))]);
@@ -132,10 +138,7 @@ export abstract class VolumeFlushes extends VolumeSeals {
       this.sizeDirty = true;
       throw new VolumeError('EIO', `volume ${this.name}: flush: fdatasync of the overlay: ${(overlay.reason as Error).message}`);
     }
-    if (overlay.status === 'rejected') {
-      this.syncFailures.overlay++;
-      throw failed(`flush: fdatasync of ${path.join(this.dir, 'overlay')}: ${(overlay.reason as Error).message}`);
-    }
+    if (overlay.status === 'rejected') throw overlayFailed(overlay.reason);
     // A failed slab sync loses only the pinned blocks it covered: this flush fails if it would name one.
     for (const [chunk, key] of named) {
       if (!this.cache.lostBlock(key)) continue;
@@ -146,12 +149,9 @@ export abstract class VolumeFlushes extends VolumeSeals {
       if (frozen !== undefined) await this.journal.rewrite(frozen.map, frozen.overlay, sequence, size, this.blockSize);
       else await this.journal.commit(records, sequence, size);
     } catch (err) {
-      this.syncFailures.journal++;
-      throw failed(`flush: ${(err as Error).message}`);
+      throw journalFailed(err);
     }
-    this.journalSequence = Math.max(this.journalSequence, sequence);
-    this.writesSinceDataSync -= writes;
-    this.stats.journalCommits++;
+    synced(true);
     for (const key of unrefs) this.cache.unref(key);
   }
 
