@@ -7,9 +7,11 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
-import { statSync } from 'node:fs';
+import { openSync, closeSync, statSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
+import { Journal } from '../src/volume/journal.js';
+import { maskBytesOf } from '../src/volume/sectors.js';
 import { startDaemon, type Daemon, type StartDaemonOptions } from './harness/daemon.js';
 import { NBD_STATE_HOLE, NbdClient, NbdCommandError, type ConnectOptions } from './harness/nbd-client.js';
 
@@ -560,7 +562,8 @@ test('a FLUSH over rewritten sectors syncs the overlay alone; the idle write-bac
   };
   let client = await connect(t, daemon, 'rewrites');
   const versions = [randomBytes(64 * KiB), randomBytes(64 * KiB), randomBytes(64 * KiB), randomBytes(64 * KiB)];
-  await client.write(MiB, versions[0]);
+  // More than a FLUSH logs in its batch, so this FLUSH syncs the overlay and commits.
+  await client.write(MiB, Buffer.concat([versions[0], randomBytes(448 * KiB)]));
   await client.flush();
   const first = await syncs();
   assert.ok(first.journal >= 1, `new sectors: the FLUSH commits a journal batch (${JSON.stringify(first)})`);
@@ -597,4 +600,53 @@ test('a FLUSH over rewritten sectors syncs the overlay alone; the idle write-bac
   client = await connect(t, daemon, 'rewrites');
   await expectData(client, MiB, versions[3], 'the last rewrite, after SIGKILL');
   assert.equal((await syncs()).sequence, committed, 'the restarted volume is at the sequence the write-back committed');
+});
+
+test('a FLUSH covering few writes logs them in its journal batch and syncs the journal alone; a restart lays them over an overlay that lost them', async (t) => {
+  const daemon = await daemonFor(t, { toml: { volumes: { seal_idle_ms: 3_600_000 } } });
+  const client = await connect(t, daemon, 'logged');
+  const metrics = async () => {
+    const m = await volumeMetrics(daemon, 'logged');
+    return { journal: m.journal_commits as number, overlay: m.overlay_only_flushes as number, logged: m.logged_flushes as number };
+  };
+  const before = await metrics();
+  const fresh = randomBytes(8 * KiB);
+  await client.write(2 * MiB, fresh);
+  await client.flush();
+  const first = await metrics();
+  assert.deepEqual(first, { ...before, logged: before.logged + 1 }, 'new sectors: one logged FLUSH, no overlay sync, no other commit');
+
+  // While the journal holds logged writes, a rewrite's FLUSH logs it too: synced in the
+  // overlay alone, replay would lay the older logged copy over it.
+  const rewrite = randomBytes(8 * KiB);
+  const edge = randomBytes(1000);
+  await client.write(2 * MiB, rewrite);
+  await client.flush();
+  const second = await metrics();
+  assert.deepEqual(second, { ...first, logged: first.logged + 1 }, 'a rewrite with logged writes pending: logged again');
+  // An unaligned write (widened to its sector) and the daemon killed well within the second
+  // before the idle write-back would sync the overlay.
+  await client.write(5 * MiB + 100, edge);
+  await client.flush();
+  client.close();
+  await daemon.kill9();
+
+  const dir = path.join(daemon.dir, 'cache', 'volumes', 'logged', '@');
+  const { journal, state } = Journal.open(path.join(dir, 'journal'), 128 * KiB, maskBytesOf(128 * KiB));
+  journal.close();
+  const logged = state.logged.map((e) => `${e.position}+${e.data.length}`);
+  assert.deepEqual(logged, [`${2 * MiB}+${8 * KiB}`, `${2 * MiB}+${8 * KiB}`, `${5 * MiB}+${4 * KiB}`], 'the journal logs the three writes after its last other batch');
+  // What a power cut leaves of overlay pages no sync covered: anything.
+  const fd = openSync(path.join(dir, 'overlay'), 'r+');
+  try {
+    writeSync(fd, randomBytes(8 * KiB), 0, 8 * KiB, 2 * MiB);
+    writeSync(fd, randomBytes(4 * KiB), 0, 4 * KiB, 5 * MiB);
+  } finally {
+    closeSync(fd);
+  }
+  await daemon.restart();
+  const again = await connect(t, daemon, 'logged');
+  await expectData(again, 2 * MiB, rewrite, 'the rewrite, laid from the journal');
+  await expectData(again, 5 * MiB + 100, edge, 'the unaligned write, laid from the journal');
+  await expectData(again, 5 * MiB, Buffer.alloc(100), 'the zeros before it in its sector');
 });

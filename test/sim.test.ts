@@ -65,8 +65,8 @@ describe('simulation', () => {
     assert.match(r.failure!.message, /names pack .* not in the store|is missing from the store|which the cache may evict, and its pack .* is not in the store/);
   });
 
-  it('catches uploaded packs registered without the uploads hold within 50 seeds (grace 0, small dirty budget and cache)', async () => {
-    const r = await firstFailure(['gc-unheld-uploads'], 50, { gracePeriodMs: 0, dirtyBudgetBytes: 2 * BLOCK, diskBlocks: 16 });
+  it('catches uploaded packs registered without the uploads hold within 50 seeds (grace 0, no store latency, small dirty budget and cache)', async () => {
+    const r = await firstFailure(['gc-unheld-uploads'], 50, { gracePeriodMs: 0, maxLatencyMs: 0, dirtyBudgetBytes: 2 * BLOCK, diskBlocks: 16 });
     assert.ok(r, 'no seed failed with gc-unheld-uploads on');
     assert.match(r.failure!.message, /which the cache may evict, and (its pack .* is not in the store|no pack the host knows of holds it)|is missing from the store/);
   });
@@ -98,6 +98,19 @@ describe('simulation', () => {
   it('catches a FLUSH retried with success after a failed fdatasync within 10 seeds (fsync errors 0.1)', async () => {
     const r = await firstFailure(['fsync-retry-succeeds'], 10, { fsyncErrorRate: 0.1 });
     assert.ok(r, 'no seed failed with fsync-retry-succeeds on');
+  });
+
+  it('catches a restart that does not lay logged writes over the overlay within 20 seeds', async () => {
+    const r = await firstFailure(['replay-skip-logged'], 20);
+    assert.ok(r, 'no seed failed with replay-skip-logged on');
+    assert.match(r.failure!.message, /reads write \d+, expected write \d+/);
+  });
+
+  it('catches a FLUSH that syncs the overlay alone while logged writes wait for its sync within 100 seeds', async () => {
+    // A FUA rewrite of part of a logged FUA write, then SIGKILL: replay lays the older logged copy over it.
+    const r = await firstFailure(['flush-log-debt-ignored'], 100);
+    assert.ok(r, 'no seed failed with flush-log-debt-ignored on');
+    assert.match(r.failure!.message, /reads write \d+, expected write \d+/);
   });
 
   it('catches a restart that serves page-cache state without syncing it within 150 seeds (no fsync errors)', async () => {

@@ -161,10 +161,11 @@ export class Metrics {
     for (const v of volumes) lines.push(`updraft_volume_clients{volume="${v.name}"} ${v.clients}`);
     head('updraft_volume_chunks_sealed_total', 'counter', 'Overlay chunks sealed into blocks');
     for (const v of volumes) lines.push(`updraft_volume_chunks_sealed_total{volume="${v.name}"} ${v.stats.chunksSealed}`);
-    head('updraft_volume_flush_syncs_total', 'counter', 'Flushes by what they synced: "journal" committed a journal batch after the data, "overlay" (a client FLUSH over rewritten sectors only) synced the overlay alone');
+    head('updraft_volume_flush_syncs_total', 'counter', 'Flushes by what they synced: "journal" committed a journal batch after the data, "overlay" (a client FLUSH over rewritten sectors only) synced the overlay alone, "logged" (a client FLUSH covering few writes) wrote them into its journal batch and synced the journal alone');
     for (const v of volumes) {
       lines.push(`updraft_volume_flush_syncs_total{volume="${v.name}",synced="journal"} ${v.stats.journalCommits}`);
       lines.push(`updraft_volume_flush_syncs_total{volume="${v.name}",synced="overlay"} ${v.stats.overlayOnlyFlushes}`);
+      lines.push(`updraft_volume_flush_syncs_total{volume="${v.name}",synced="logged"} ${v.stats.loggedFlushes}`);
     }
     head('updraft_volume_failed', 'gauge', '1 when a failed sync of local state made the volume refuse writes and flushes until it is reopened');
     for (const v of volumes) lines.push(`updraft_volume_failed{volume="${v.name}"} ${v.failed !== undefined ? 1 : 0}`);

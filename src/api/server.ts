@@ -306,7 +306,8 @@ export async function startApi(ctx: ApiContext, address: { host: string; port: n
       name, size: volume.size, clients: volume.clients, sequence: volume.sequence, dirty_bytes: volume.dirtyBytes,
       dirty_chunks: volume.dirtyChunks, mapped_chunks: volume.mappedChunks, map_pages: volume.mapPages.total,
       map_pages_shared: volume.mapPages.shared, chunks_sealed: volume.stats.chunksSealed,
-      journal_commits: volume.stats.journalCommits, overlay_only_flushes: volume.stats.overlayOnlyFlushes, ops,
+      journal_commits: volume.stats.journalCommits, overlay_only_flushes: volume.stats.overlayOnlyFlushes,
+      logged_flushes: volume.stats.loggedFlushes, ops,
     };
   });
 

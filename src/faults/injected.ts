@@ -5,6 +5,10 @@ export type InjectedFault =
   | 'flush-skip-fdatasync'
   /** Every flush that changes no chunk's record leaves the journal's sequence behind, a drain's too (only a client's FLUSH may). */
   | 'flush-sequence-lazy'
+  /** A FLUSH may sync the overlay alone while the journal holds logged writes the overlay may not have durably. */
+  | 'flush-log-debt-ignored'
+  /** Recovery does not lay the journal's logged writes over the overlay. */
+  | 'replay-skip-logged'
   /** A drain writes its manifest before the packs holding its blocks are in the store. */
   | 'manifest-before-packs'
   /** Recovery serves what a killed process left in the page cache without syncing it first. */

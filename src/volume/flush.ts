@@ -8,7 +8,7 @@ import { ZERO_HASH } from '../crypto/hash.js';
 import { disk } from '../disk/disk.js';
 import { injected } from '../faults/injected.js';
 import { ZERO_ALLOCATED_KEY, type BlockMap } from './blockmap.js';
-import type { ChunkRecord } from './journal.js';
+import type { ChunkRecord, LoggedExtent } from './journal.js';
 import { writeAllSync } from './overlay-file.js';
 import { VolumeSeals } from './seal.js';
 import { SECTOR_SHIFT, sectorPresent, sectorRunEnd } from './sectors.js';
@@ -57,9 +57,10 @@ export abstract class VolumeFlushes extends VolumeSeals {
   private async flushNow(full: boolean): Promise<void> {
     if (this.failure !== undefined) throw this.failedError();
     const clean = this.journalDirty.size === 0 && this.pendingUnref.length === 0 && !this.sizeDirty && !this.recoveredUnsynced;
-    if (clean && (this.sequence === this.journalSequence || (!full && this.writesSinceDataSync === 0))) return;
+    if (clean && ((this.sequence === this.journalSequence && !this.logDebt) || (!full && this.writesSinceDataSync === 0))) return;
     const sizeChanged = this.sizeDirty;
     const writes = this.writesSinceDataSync;
+    const logged = this.logged.take();
     // A loaded journal is written whole, as the overlay was at load: pages of it a killed
     // process failed to sync would not be written by a sync of an appended batch.
     const recovered = this.recoveredUnsynced && !injected.has('recover-without-rewrite');
@@ -99,18 +100,26 @@ export abstract class VolumeFlushes extends VolumeSeals {
       return failed(`flush: ${(err as Error).message}`);
     };
     // Done: the writes counted when this flush began are durable, and with a journal batch its sequence.
-    const synced = (journaled: boolean) => {
+    const synced = (how: 'overlay' | 'journal' | 'logged') => {
       this.writesSinceDataSync -= writes;
-      if (!journaled) {
+      if (how === 'overlay') {
         this.stats.overlayOnlyFlushes++;
         return;
       }
       this.journalSequence = Math.max(this.journalSequence, sequence);
-      this.stats.journalCommits++;
+      if (how === 'logged') {
+        this.logDebt = true;
+        this.stats.loggedFlushes++;
+      } else {
+        this.logDebt = false;
+        this.stats.journalCommits++;
+      }
     };
     const syncOverlay = () => (injected.has('flush-skip-fdatasync') ? Promise.resolve() : fdatasync(this.overlayFd));
-    // No chunk's record changed (only present sectors were rewritten, or a hole trimmed).
-    if (chunks.size === 0 && unrefs.length === 0 && !sizeChanged && frozen === undefined && !injected.has('fsync-retry-succeeds')) {
+    // No chunk's record changed (only present sectors were rewritten, or a hole trimmed),
+    // and no logged write waits for the overlay's sync.
+    const logDebt = this.logDebt && !injected.has('flush-log-debt-ignored');
+    if (chunks.size === 0 && unrefs.length === 0 && !sizeChanged && frozen === undefined && !logDebt && !injected.has('fsync-retry-succeeds')) {
       // A client's FLUSH syncs the overlay alone: one device flush instead of two. The journal's
       // sequence may then lag the data; that is safe because every full flush (each snapshot's
       // among them) commits it, so it never falls below a manifest's, and a write that adds
@@ -121,14 +130,29 @@ export abstract class VolumeFlushes extends VolumeSeals {
         } catch (err) {
           throw overlayFailed(err);
         }
-        return synced(false);
+        return synced('overlay');
       }
       // The sequence may reach the disk before the data it counts (a sequence ahead of the
       // data only makes a drain find nothing new), so both syncs run at once.
       const [overlay, journal] = await Promise.allSettled([syncOverlay(), this.journal.commit([], sequence, size)]);
       if (overlay.status === 'rejected') throw overlayFailed(overlay.reason);
       if (journal.status === 'rejected') throw journalFailed(journal.reason);
-      return synced(true);
+      return synced('journal');
+    }
+    // A client's FLUSH covering few writes logs them in its batch: one sync, of the journal,
+    // where syncing the overlay and then the journal that claims its new sectors takes two.
+    if (
+      !full && logged !== undefined && frozen === undefined && named.length === 0 && !injected.has('fsync-retry-succeeds') &&
+      this.journal.reserveLog(records.length, logged)
+    ) {
+      try {
+        await this.journal.commitLogged(records, logged, sequence, size);
+      } catch (err) {
+        throw journalFailed(err);
+      }
+      synced('logged');
+      for (const key of unrefs) this.cache.unref(key);
+      return;
     }
     // The block cache is synced only when this batch names a block put since its last sync.
     const [overlay, blocks] = await Promise.allSettled([syncOverlay(), this.cache.syncFor(named.map(([, key]) => key))]);
@@ -151,7 +175,7 @@ export abstract class VolumeFlushes extends VolumeSeals {
     } catch (err) {
       throw journalFailed(err);
     }
-    synced(true);
+    synced('journal');
     for (const key of unrefs) this.cache.unref(key);
   }
 
@@ -173,6 +197,40 @@ export abstract class VolumeFlushes extends VolumeSeals {
   }
 
   // ---- recovery ---------------------------------------------------------------------
+
+  /**
+   * Lay the journal's logged writes (the BLOG batches after its last other batch) over the
+   * overlay, oldest first: FLUSHes logged them instead of syncing the overlay. Only sectors
+   * the loaded state holds in the overlay are written; a later seal or trim made the rest
+   * stale. Synchronous: nothing writes meanwhile.
+   */
+  protected applyLogged(extents: readonly LoggedExtent[]): void {
+    const bs = this.blockSize;
+    for (const { position, data } of extents) {
+      for (let at = 0; at < data.length; ) {
+        const chunk = Math.floor((position + at) / bs);
+        const inChunk = position + at - chunk * bs;
+        const n = Math.min(data.length - at, bs - inChunk);
+        const mask = this.overlay.get(chunk);
+        const last = (inChunk + n) >>> SECTOR_SHIFT;
+        for (let sector = inChunk >>> SECTOR_SHIFT; mask !== undefined && sector < last; ) {
+          const end = Math.min(sectorRunEnd(mask, sector, this.sectorsPerChunk), last);
+          if (sectorPresent(mask, sector)) {
+            const from = at + (sector << SECTOR_SHIFT) - inChunk;
+            const to = at + (end << SECTOR_SHIFT) - inChunk;
+            try {
+              writeAllSync(this.overlayFd, [data.subarray(from, to)], chunk * bs + (sector << SECTOR_SHIFT));
+            } catch (err) {
+              throw new Error(`volume ${this.name}: laying a logged write over the overlay ${path.join(this.dir, 'overlay')} at ${position + from}: ${(err as Error).message}`);
+            }
+          }
+          sector = end;
+        }
+        at += n;
+      }
+    }
+    if (extents.length > 0) this.logDebt = true;
+  }
 
   /**
    * Write the loaded overlay sectors back over themselves. A killed process whose overlay

@@ -8,13 +8,20 @@
 //   header = "UPDJRNL1" u32 block_size u32 mask_bytes
 //   batch  = "BTCH" u32 record_count u64 sequence u64 size records checksum(16)
 //          | "BMAP" u32 record_count u64 sequence u64 size map_records checksum(16)
+//          | "BLOG" u32 record_count u64 sequence u64 size records u32 extent_count extents checksum(16)
 //   record = u64 chunk, hash(16), mask(mask_bytes)
 //   map_record = u64 chunk, hash(16): no overlay sectors (a volume created from a
 //            manifest starts with one BMAP batch of its whole block map, 24 bytes a chunk)
+//   extent = u64 position u32 length bytes(length): overlay data, whole sectors
+// A BLOG batch carries the overlay writes its FLUSH covers, so that FLUSH syncs the journal
+// alone. Every other batch is written only once the overlay holds every logged write
+// durably, so replay lays over the overlay the extents of the BLOG batches after the last
+// other batch, in order.
 import { disk } from '../disk/disk.js';
 import { blake3 } from '@napi-rs/blake-hash';
 import { HASH_BYTES, ZERO_HASH } from '../crypto/hash.js';
 import type { BlockMap } from './blockmap.js';
+import { SECTOR } from './sectors.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
 const fsync = (...args: Parameters<typeof disk.fsync>) => disk.fsync(...args);
@@ -23,7 +30,10 @@ const MAGIC = Buffer.from('UPDJRNL1');
 const BATCH_MAGIC = 0x42544348; // "BTCH"
 /** A batch of records with no overlay sectors, so no mask (a block map from a manifest). */
 const MAP_BATCH_MAGIC = 0x424d4150; // "BMAP"
+/** A batch of records and the overlay writes its FLUSH covers. */
+const LOG_BATCH_MAGIC = 0x424c4f47; // "BLOG"
 const MAP_RECORD_BYTES = 8 + HASH_BYTES;
+const EXTENT_HEADER_BYTES = 12;
 const HEADER_BYTES = 16;
 const BATCH_HEADER_BYTES = 24;
 const CHECKSUM_BYTES = 16;
@@ -51,19 +61,27 @@ export interface ReplayedRecord extends ChunkRecord {
   hash: Uint8Array;
 }
 
+/** Overlay bytes a BLOG batch carries: `data` belongs at `position` in the overlay file. */
+export interface LoggedExtent {
+  position: number;
+  data: Buffer;
+}
+
 export interface JournalState {
   sequence: number;
   size: number;
   /** Final record per chunk, in journal order. */
   chunks: Map<number, ReplayedRecord>;
+  /** Logged overlay writes the overlay may not hold durably (BLOG batches after the last other batch), oldest first. */
+  logged: LoggedExtent[];
   batches: number;
   /** Bytes cut off the tail because the last batch was torn. */
   truncatedBytes: number;
 }
 
 /** A batch buffer with its header written; `body` is where its checksum goes. */
-function batchOf(magic: number, count: number, recordBytes: number, sequence: number, size: number): { batch: Buffer; body: number } {
-  const body = BATCH_HEADER_BYTES + count * recordBytes;
+function batchOf(magic: number, count: number, recordBytes: number, sequence: number, size: number, extentBytes = 0): { batch: Buffer; body: number } {
+  const body = BATCH_HEADER_BYTES + count * recordBytes + extentBytes;
   const batch = Buffer.alloc(body + CHECKSUM_BYTES);
   batch.writeUInt32BE(magic, 0);
   batch.writeUInt32BE(count, 4);
@@ -79,13 +97,23 @@ export interface JournalStats {
   rewrites: number;
   /** Records in the largest batch a rewrite encoded: what it held in memory at once. */
   largestRewriteBatch: number;
+  /** Overlay bytes written into BLOG batches since the journal was opened. */
+  loggedBytes: number;
 }
 
 export class Journal {
   private position: number;
   /** The file's length: zeros from position to here. */
   private allocated: number;
-  readonly stats: JournalStats = { records: 0, rewrites: 0, largestRewriteBatch: 0 };
+  readonly stats: JournalStats = { records: 0, rewrites: 0, largestRewriteBatch: 0, loggedBytes: 0 };
+  /** Bytes of logged overlay data in the file (none after a rewrite). */
+  private logBytes = 0;
+  /**
+   * Bytes logged since the last other batch: what replay may lay over the overlay. The file
+   * keeps at least this much zero-filled space past its last batch, which a recovery frees
+   * before laying them (releaseReserve): overlay space a power cut lost is found again.
+   */
+  private debt = 0;
 
   private constructor(
     readonly path: string,
@@ -100,6 +128,10 @@ export class Journal {
 
   get bytes(): number {
     return this.position;
+  }
+  /** Bytes of the file that are logged overlay data rather than records. */
+  get loggedBytes(): number {
+    return this.logBytes;
   }
 
   get recordBytes(): number {
@@ -153,15 +185,19 @@ export class Journal {
       throw new Error(`journal ${file}: written with ${fileMaskBytes}-byte sector masks, the volume's ${blockSize}-byte chunks have ${maskBytes}`);
     }
     const recordBytes = 8 + HASH_BYTES + maskBytes;
-    const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), batches: 0, truncatedBytes: 0 };
+    const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), logged: [], batches: 0, truncatedBytes: 0 };
+    let logBytes = 0;
     let at = HEADER_BYTES;
     const noMask = Buffer.alloc(maskBytes);
     while (at + BATCH_HEADER_BYTES + CHECKSUM_BYTES <= data.length) {
       const magic = data.readUInt32BE(at);
-      if (magic !== BATCH_MAGIC && magic !== MAP_BATCH_MAGIC) break;
-      const size = magic === BATCH_MAGIC ? recordBytes : MAP_RECORD_BYTES;
+      if (magic !== BATCH_MAGIC && magic !== MAP_BATCH_MAGIC && magic !== LOG_BATCH_MAGIC) break;
+      const size = magic === MAP_BATCH_MAGIC ? MAP_RECORD_BYTES : recordBytes;
       const count = data.readUInt32BE(at + 4);
-      const end = at + BATCH_HEADER_BYTES + count * size;
+      const recordsEnd = at + BATCH_HEADER_BYTES + count * size;
+      const extents = magic === LOG_BATCH_MAGIC ? logExtents(data, recordsEnd) : undefined;
+      if (extents === null) break;
+      const end = extents?.end ?? recordsEnd;
       if (end + CHECKSUM_BYTES > data.length) break;
       const sum = blake3(data.subarray(at, end)).subarray(0, CHECKSUM_BYTES);
       if (!sum.equals(data.subarray(end, end + CHECKSUM_BYTES))) break;
@@ -174,7 +210,7 @@ export class Journal {
       }
       state.size = volumeSize;
       const chunks = Math.ceil(state.size / blockSize);
-      for (let r = at + BATCH_HEADER_BYTES; r < end; r += size) {
+      for (let r = at + BATCH_HEADER_BYTES; r < recordsEnd; r += size) {
         const chunk = Number(data.readBigUInt64BE(r));
         if (chunk >= chunks) {
           throw new Error(`journal ${file}: the batch at byte ${at} names chunk ${data.readBigUInt64BE(r)}, past the end of its ${state.size}-byte volume`);
@@ -183,8 +219,23 @@ export class Journal {
         state.chunks.set(chunk, {
           chunk,
           hash: Buffer.from(data.subarray(r + 8, r + 8 + HASH_BYTES)),
-          mask: magic === BATCH_MAGIC ? Buffer.from(data.subarray(r + 8 + HASH_BYTES, r + recordBytes)) : noMask,
+          mask: magic === MAP_BATCH_MAGIC ? noMask : Buffer.from(data.subarray(r + 8 + HASH_BYTES, r + recordBytes)),
         });
+      }
+      if (extents === undefined) {
+        // Written once the overlay held every logged write durably: the earlier extents are stale.
+        state.logged = [];
+      } else {
+        for (const extent of extents.list) {
+          if (extent.position % SECTOR !== 0 || extent.data.length % SECTOR !== 0 || extent.position + extent.data.length > chunks * blockSize) {
+            throw new Error(
+              `journal ${file}: the batch at byte ${at} logs ${extent.data.length} bytes at ${extent.position}, ` +
+                `not whole sectors inside its ${state.size}-byte volume`,
+            );
+          }
+          state.logged.push(extent);
+          logBytes += extent.data.length;
+        }
       }
       state.batches++;
       at = end + CHECKSUM_BYTES;
@@ -195,16 +246,43 @@ export class Journal {
     const preallocated = isZero(data.subarray(at));
     state.truncatedBytes = preallocated ? 0 : data.length - at;
     const fd = disk.openSync(file, 'r+');
-    if (state.truncatedBytes > 0) {
-      disk.ftruncateSync(fd, at);
-      disk.fsyncSync(fd);
-    }
-    return { journal: new Journal(file, fd, maskBytes, at, preallocated ? data.length : at), state };
+    // Not synced: a loaded volume's first flush rewrites the journal into a new file
+    // (compaction) before any batch is appended, and a cut lost to a crash is made again.
+    // (A failed sync here would have left the volume unserved.)
+    if (state.truncatedBytes > 0) disk.ftruncateSync(fd, at);
+    const journal = new Journal(file, fd, maskBytes, at, preallocated ? data.length : at);
+    journal.logBytes = logBytes;
+    journal.debt = loggedBytesOf(state.logged);
+    return { journal, state };
   }
 
-  private encode(records: readonly ChunkRecord[], sequence: number, size: number): Buffer {
+  private encode(records: readonly ChunkRecord[], sequence: number, size: number, logged?: readonly LoggedExtent[]): Buffer {
     this.stats.records += records.length;
-    const { batch, body } = batchOf(BATCH_MAGIC, records.length, this.recordBytes, sequence, size);
+    let extentBytes = 0;
+    if (logged !== undefined) {
+      extentBytes = 4;
+      for (const extent of logged) extentBytes += EXTENT_HEADER_BYTES + extent.data.length;
+    }
+    const magic = logged === undefined ? BATCH_MAGIC : LOG_BATCH_MAGIC;
+    const { batch, body } = batchOf(magic, records.length, this.recordBytes, sequence, size, extentBytes);
+    let at = this.writeRecords(batch, records);
+    if (logged !== undefined) {
+      batch.writeUInt32BE(logged.length, at);
+      at += 4;
+      for (const extent of logged) {
+        batch.writeUInt32BE(Math.floor(extent.position / 0x100000000), at);
+        batch.writeUInt32BE(extent.position >>> 0, at + 4);
+        batch.writeUInt32BE(extent.data.length, at + 8);
+        at += EXTENT_HEADER_BYTES + extent.data.copy(batch, at + EXTENT_HEADER_BYTES);
+        this.stats.loggedBytes += extent.data.length;
+      }
+    }
+    blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
+    return batch;
+  }
+
+  /** Records into a batch after its header; returns where they end. */
+  private writeRecords(batch: Buffer, records: readonly ChunkRecord[]): number {
     let at = BATCH_HEADER_BYTES;
     for (const record of records) {
       // u64 chunk as two u32 halves: no BigInt per record (a wake journals every chunk).
@@ -215,8 +293,7 @@ export class Journal {
       batch.set(record.mask, at + 8 + HASH_BYTES);
       at += this.recordBytes;
     }
-    blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
-    return batch;
+    return at;
   }
 
   /**
@@ -257,9 +334,10 @@ export class Journal {
     if (written !== map.count) throw new Error(`journal ${this.path}: the block map holds ${written} chunks, its count says ${map.count}`);
   }
 
-  private appendSync(records: readonly ChunkRecord[], sequence: number, size: number): void {
-    const batch = this.encode(records, sequence, size);
-    if (this.position + batch.length > this.allocated) this.preallocate(this.position + batch.length);
+  private appendSync(records: readonly ChunkRecord[], sequence: number, size: number, logged?: readonly LoggedExtent[]): void {
+    const batch = this.encode(records, sequence, size, logged);
+    const reserve = logged === undefined ? 0 : this.debt + loggedBytesOf(logged);
+    if (this.position + batch.length + reserve > this.allocated) this.preallocate(this.position + batch.length + reserve);
     disk.writeSync(this.fd, batch, 0, batch.length, this.position);
     this.position += batch.length;
   }
@@ -281,8 +359,51 @@ export class Journal {
    * journal reopened from the page cache must not replay a batch the disk does not have.
    */
   async commit(records: readonly ChunkRecord[], sequence: number, size: number): Promise<void> {
+    await this.append(records, sequence, size);
+    this.debt = 0;
+  }
+
+  /**
+   * Make room for a BLOG batch of `records` records and `logged`, with the zero-filled
+   * reserve past it; false when the disk is full (the FLUSH syncs the overlay instead).
+   */
+  reserveLog(records: number, logged: readonly LoggedExtent[]): boolean {
+    const data = loggedBytesOf(logged);
+    const batch = BATCH_HEADER_BYTES + records * this.recordBytes + 4 + logged.length * EXTENT_HEADER_BYTES + data + CHECKSUM_BYTES;
+    const end = this.position + batch + this.debt + data;
+    if (end <= this.allocated) return true;
+    try {
+      this.preallocate(end);
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return false;
+      throw err;
+    }
+  }
+
+  /**
+   * Append one BLOG batch (records and the overlay writes `logged` a FLUSH covers) and make
+   * it durable: the FLUSH's one sync. Cut off again when the sync fails, as commit's.
+   */
+  async commitLogged(records: readonly ChunkRecord[], logged: readonly LoggedExtent[], sequence: number, size: number): Promise<void> {
+    await this.append(records, sequence, size, logged);
+    this.logBytes += loggedBytesOf(logged);
+    this.debt += loggedBytesOf(logged);
+  }
+
+  /**
+   * Give the zero-filled space past the last batch back to the file system: a recovery
+   * does this before laying logged writes over the overlay, which needs that much again.
+   */
+  releaseReserve(): void {
+    if (this.allocated <= this.position) return;
+    disk.ftruncateSync(this.fd, this.position);
+    this.allocated = this.position;
+  }
+
+  private async append(records: readonly ChunkRecord[], sequence: number, size: number, logged?: readonly LoggedExtent[]): Promise<void> {
     const before = this.position;
-    this.appendSync(records, sequence, size);
+    this.appendSync(records, sequence, size, logged);
     try {
       await fdatasync(this.fd);
     } catch (err) {
@@ -342,11 +463,40 @@ export class Journal {
     this.fd = disk.openSync(this.path, 'r+');
     this.position = disk.fstatSync(this.fd).size;
     this.allocated = this.position;
+    this.logBytes = 0;
+    this.debt = 0;
   }
 
   close(): void {
     disk.closeSync(this.fd);
   }
+}
+
+function loggedBytesOf(logged: readonly LoggedExtent[]): number {
+  let bytes = 0;
+  for (const extent of logged) bytes += extent.data.length;
+  return bytes;
+}
+
+/**
+ * The extents of a BLOG batch whose records end at `from`, as views of `data`, and where
+ * they end; null when the file ends inside them (a torn batch).
+ */
+function logExtents(data: Buffer, from: number): { list: LoggedExtent[]; end: number } | null {
+  if (from + 4 > data.length) return null;
+  const count = data.readUInt32BE(from);
+  const list: LoggedExtent[] = [];
+  let at = from + 4;
+  for (let i = 0; i < count; i++) {
+    if (at + EXTENT_HEADER_BYTES > data.length) return null;
+    const position = Number(data.readBigUInt64BE(at));
+    const length = data.readUInt32BE(at + 8);
+    at += EXTENT_HEADER_BYTES;
+    if (at + length > data.length) return null;
+    list.push({ position, data: data.subarray(at, at + length) });
+    at += length;
+  }
+  return { list, end: at };
 }
 
 function isZero(bytes: Buffer): boolean {

@@ -10,6 +10,7 @@ import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import type { ChangedSectors } from './changes.js';
 import type { Journal } from './journal.js';
 import type { LogView } from './log-view.js';
+import { LoggedWrites } from './logged-writes.js';
 import { Overlay } from './overlay.js';
 import { maskBytesOf, SECTOR_SHIFT } from './sectors.js';
 import { SyncFailureCounts, VolumeStats } from './stats.js';
@@ -128,6 +129,14 @@ export abstract class VolumeState {
    * FLUSH with none to cover and no record to commit returns at once.
    */
   protected writesSinceDataSync = 0;
+  /** Copies of the writes since the last flush began, while few enough to log in a FLUSH's batch. */
+  protected readonly logged = new LoggedWrites();
+  /**
+   * The journal holds BLOG batches whose writes the overlay may not hold durably: until a
+   * flush syncs the overlay and commits another batch, no FLUSH may sync the overlay alone
+   * (replay would lay an older logged copy over the rewrite it made durable).
+   */
+  protected logDebt = false;
   /** Set when a full flush (one that commits the sequence) joins a queued flush. */
   protected flushQueuedFull = false;
   /** Loaded from a folder a killed process may have left in the page cache: the next FLUSH syncs it all. */

@@ -35,6 +35,8 @@ export class VolumeStats {
   journalCommits = 0;
   /** Client FLUSHes that synced the overlay alone: only sectors already in it were rewritten. */
   overlayOnlyFlushes = 0;
+  /** Client FLUSHes that wrote their few writes into the journal batch and synced the journal alone. */
+  loggedFlushes = 0;
 }
 
 /** Failed fdatasync calls of volumes' local files, host-wide (the block cache counts its own). */

@@ -195,6 +195,15 @@ export class Volume extends VolumeFlushes {
       }
       if (!isEmpty(record.mask)) volume.overlay.add(record.chunk, record.mask);
     }
+    if (state.logged.length > 0 && !injected.has('replay-skip-logged')) {
+      // The journal's reserve past its last batch is at least the logged bytes: freed, it
+      // holds the overlay space they take again, whatever a power cut left of it.
+      journal.releaseReserve();
+      volume.applyLogged(state.logged);
+      ctx.log.info('laid logged writes over the overlay (FLUSHes that synced the journal alone)', {
+        volume: identity.name, writes: state.logged.length, bytes: state.logged.reduce((n, e) => n + e.data.length, 0),
+      });
+    }
     if (volume.recoveredUnsynced && !injected.has('recover-without-rewrite')) volume.redirtyOverlay();
     if (missing > 0) {
       ctx.log.error('volume names blocks that neither the local cache nor the store holds; reads of those chunks fail with EIO', {
@@ -218,9 +227,9 @@ export class Volume extends VolumeFlushes {
   get dirtyChunks(): number {
     return this.overlay.size;
   }
-  /** Whether anything changed since the last journal commit (a FLUSH would have work). */
+  /** Whether anything changed since the last journal commit, or logged writes wait for the overlay's sync (a full flush would have work). */
   get unflushed(): boolean {
-    return this.journalDirty.size > 0 || this.sizeDirty || this.recoveredUnsynced || this.sequence !== this.journalSequence;
+    return this.journalDirty.size > 0 || this.sizeDirty || this.recoveredUnsynced || this.logDebt || this.sequence !== this.journalSequence;
   }
   /** Replaced blocks waiting for a journal commit before they can be released. */
   get pendingReleases(): number {
@@ -291,8 +300,11 @@ export class Volume extends VolumeFlushes {
       disk.closeSync(this.overlayFd);
       this.journal.close();
     }
-    // The folder goes first: once it is gone nothing can name these blocks again.
+    // The folder goes first: once it is gone nothing can name these blocks again. Its
+    // removal is made durable: a power cut must not bring back a folder whose disk space
+    // a later recovery counts on (laying logged writes over an overlay takes space).
     disk.rmSync(this.dir, { recursive: true, force: true });
+    await fsyncPath(path.dirname(this.dir));
     this.releaseHeld();
   }
 

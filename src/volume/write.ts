@@ -35,6 +35,7 @@ export abstract class VolumeWrites extends VolumeReads {
     this.reserve(offset, length);
     if ((offset & (SECTOR - 1)) === 0 && (length & (SECTOR - 1)) === 0) {
       writeAllSync(this.overlayFd, parts, offset);
+      this.logged.add(offset, parts, length);
       this.markWritten(offset, length);
       return;
     }
@@ -90,6 +91,7 @@ export abstract class VolumeWrites extends VolumeReads {
       this.space.writingBytes -= reserved;
     }
     this.checkWritable();
+    this.logged.overflow();
     this.markWritten(offset, length);
   }
 
@@ -153,6 +155,7 @@ export abstract class VolumeWrites extends VolumeReads {
     const chunkPosition = chunk * this.blockSize;
     if ((inChunk & (SECTOR - 1)) === 0 && (end & (SECTOR - 1)) === 0) {
       writeAllSync(this.overlayFd, src, chunkPosition + inChunk);
+      this.logged.add(chunkPosition + inChunk, src, n);
     } else {
       // Widen to whole sectors: a sector enters the overlay complete, so its absent
       // bytes come from what the chunk reads as now.
@@ -164,6 +167,7 @@ export abstract class VolumeWrites extends VolumeReads {
       let at = inChunk - start;
       for (const view of src) at += view.copy(buf, at);
       writeAllSync(this.overlayFd, [buf], chunkPosition + start);
+      this.logged.add(chunkPosition + start, [buf], buf.length);
     }
     this.setPresent(chunk, first, last);
   }

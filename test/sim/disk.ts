@@ -3,7 +3,8 @@
 // directory makes its creates, renames and unlinks durable. A power cut keeps what was
 // durable and, for each unsynced 4 KiB page or directory entry, the new or the old
 // version at random. A failed fsync forgets the dirty pages (they stay readable in the
-// cache but never reach the medium), like Linux. The disk can be made to run full.
+// cache but never reach the medium), like Linux. Files are sparse (a page takes space once
+// written, as on ext4), and the disk can be made to run full.
 import path from 'node:path';
 import type { Disk, DiskEntry } from '../../src/disk/disk.js';
 import { currentActor, type Actor } from './clock.js';
@@ -20,6 +21,16 @@ class Inode {
   durable = Buffer.alloc(0);
   durableSize = 0;
   readonly dirty = new Set<number>();
+  /** Pages holding data, as the cache has them and on the medium: a file is sparse, like ext4's. */
+  allocated = new Set<number>();
+  durableAllocated = new Set<number>();
+
+  /** Pages of [position, end) that hold no data yet: what writing them takes from the disk. */
+  unallocated(position: number, end: number): number {
+    let n = 0;
+    for (let p = Math.floor(position / PAGE); p * PAGE < end; p++) if (!this.allocated.has(p)) n++;
+    return n;
+  }
 
   ensure(capacity: number): void {
     if (capacity <= this.data.length) return;
@@ -32,7 +43,10 @@ class Inode {
     this.ensure(position + src.length);
     if (position > this.size) this.data.fill(0, this.size, position);
     src.copy(this.data, position);
-    for (let p = Math.floor(position / PAGE); p * PAGE < position + src.length; p++) this.dirty.add(p);
+    for (let p = Math.floor(position / PAGE); p * PAGE < position + src.length; p++) {
+      this.dirty.add(p);
+      this.allocated.add(p);
+    }
     this.size = Math.max(this.size, position + src.length);
   }
 
@@ -40,6 +54,7 @@ class Inode {
     this.ensure(length);
     if (length > this.size) this.data.fill(0, this.size, length);
     for (let p = Math.floor(length / PAGE); p * PAGE < Math.max(this.size, length); p++) this.dirty.add(p);
+    for (const p of this.allocated) if (p * PAGE >= length) this.allocated.delete(p);
     this.size = length;
   }
 
@@ -54,6 +69,7 @@ class Inode {
     }
     this.durable = durable;
     this.durableSize = this.size;
+    this.durableAllocated = new Set(this.allocated);
     this.dirty.clear();
   }
 
@@ -67,14 +83,19 @@ class Inode {
     let size = this.durableSize;
     const next = Buffer.alloc(Math.max(this.size, this.durableSize));
     this.durable.copy(next, 0, 0, this.durableSize);
+    const allocated = new Set(this.durableAllocated);
     for (const p of this.dirty) {
       if (!keep()) continue;
       const start = p * PAGE;
       const end = Math.min(start + PAGE, this.size);
       if (end <= start) continue;
       this.data.copy(next, start, start, end);
+      if (this.allocated.has(p)) allocated.add(p);
       size = Math.max(size, end);
     }
+    for (const p of allocated) if (p * PAGE >= size) allocated.delete(p);
+    this.allocated = allocated;
+    this.durableAllocated = new Set(allocated);
     this.data = next;
     this.size = size;
     this.durable = Buffer.from(next.subarray(0, size));
@@ -133,9 +154,9 @@ export class SimDisk {
   }
 
   private used(): number {
-    let total = 0;
-    for (const inode of new Set(this.names.values())) total += inode.size;
-    return total;
+    let pages = 0;
+    for (const inode of new Set(this.names.values())) pages += inode.allocated.size;
+    return pages * PAGE;
   }
 
   private open(fd: number, syscall: string): Open {
@@ -154,8 +175,10 @@ export class SimDisk {
     if (!this.dirs.has(path.dirname(file))) throw errno('ENOENT', syscall, file);
   }
 
-  private grow(inode: Inode, end: number, syscall: string): void {
-    if (end > inode.size && this.used() + (end - inode.size) > this.faults.capacityBytes) {
+  /** Refuse a write of [position, end) that needs more pages than the disk has left. */
+  private grow(inode: Inode, position: number, end: number, syscall: string): void {
+    const pages = inode.unallocated(position, end);
+    if (pages > 0 && this.used() + pages * PAGE > this.faults.capacityBytes) {
       this.counters.enospc++;
       throw errno('ENOSPC', syscall);
     }
@@ -221,14 +244,14 @@ export class SimDisk {
       const inode = this.file(fd, 'write');
       const src = typeof buffer === 'string' ? Buffer.from(buffer) : buffer.subarray(offset ?? 0, (offset ?? 0) + (length ?? buffer.length - (offset ?? 0)));
       const at = position ?? inode.size;
-      this.grow(inode, at + src.length, 'write');
+      this.grow(inode, at, at + src.length, 'write');
       inode.write(src, at);
       return src.length;
     },
     writevSync: (fd, buffers, position) => {
       const inode = this.file(fd, 'writev');
       const total = buffers.reduce((n, b) => n + b.length, 0);
-      this.grow(inode, position + total, 'writev');
+      this.grow(inode, position, position + total, 'writev');
       let at = position;
       for (const b of buffers) {
         inode.write(b, at);
@@ -239,7 +262,7 @@ export class SimDisk {
     fstatSync: (fd) => ({ size: this.file(fd, 'fstat').size }),
     ftruncateSync: (fd, length) => {
       const inode = this.file(fd, 'ftruncate');
-      this.grow(inode, length, 'ftruncate');
+      // Extending a file allocates nothing (a hole).
       inode.truncate(length);
     },
     fsyncSync: (fd) => this.fsyncNow(fd, 'fsync'),

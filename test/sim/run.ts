@@ -184,6 +184,42 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   /** A client's FLUSH, as the NBD server makes it: on a durable volume it also waits for the store (the floor then survives a lost host). */
   const flushOf = (volume: Volume) => volume.flushForClient();
 
+  /**
+   * A quarter of acknowledged FUA writes are written again at once in part, FUA too (a
+   * database rewriting a page), and half of those hosts are then killed: the FLUSH of a
+   * rewrite must leave nothing older for a restart to lay over it. Draws from a stream of
+   * its own, so that other seeds' workloads stay as they were.
+   */
+  async function fuaRewrite(slot: Slot, model: VolumeModel, volume: Volume, first: number, count: number): Promise<void> {
+    const draw = prng(opts.seed * 104_729 + step);
+    if (draw() >= 0.25) return;
+    const half = Math.max(1, count >> 1);
+    const w = nextWrite++;
+    note(`write ${model.name} units ${first}+${half} = write ${w} FUA (rewriting the last write) on ${slot.id}`);
+    const before = model.val.slice(first, first + half);
+    const out = await drive(slot, async () => {
+      const ready = volume.writeReady(first * UNIT, half * UNIT);
+      if (ready) await ready;
+      model.write(first, half, w);
+      volume.write(first * UNIT, payload(first, half, w));
+      await flushOf(volume);
+    });
+    if (!out.ok) {
+      if ('died' in out) return;
+      note(`  write failed: ${(out.error as Error).message}`);
+      model.unsure(first, before, w);
+      if (model.durable && slot.up) model.snapshot(volume.sequence);
+      return;
+    }
+    if (!slot.up) return;
+    if (model.durable) model.snapshot(volume.sequence);
+    model.flushed();
+    if (draw() < 0.5) {
+      note(`SIGKILL of ${slot.id} after the rewrite`);
+      crash(slot, false);
+    }
+  }
+
   /** A durable volume stays durable on the host that takes it over (its manifest says so; this makes sure of it). */
   function keepMode(slot: Slot, model: VolumeModel): void {
     if (!model.durable || slot.host?.get(model.name) === undefined) return;
@@ -451,6 +487,11 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         // A durable volume's background fold may put a manifest at the sequence the failed write took: either content.
         if (model.durable && slot.up) model.snapshot(volume.sequence);
       } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
+      // An acknowledged FUA write is durable, with every write before it.
+      if (out.ok && fua && slot.up) {
+        model.flushed();
+        await fuaRewrite(slot, model, volume, first, count);
+      }
     } else if (op < 0.4) {
       const { first, count } = range(model);
       note(`read ${model.name} units ${first}+${count} on ${slot.id}`);

@@ -42,6 +42,8 @@ export interface Slot {
   incarnation: number;
 }
 
+/** How long after its intent a manifest PUT may still land in the simulated store. */
+const INTENT_SETTLE_MS = 1000;
 const disks = new WeakMap<Actor, SimDisk>();
 let installed = false;
 
@@ -89,7 +91,10 @@ export class World {
     const store = this.bucket.view(slot.id);
     const log = this.log.logger(slot.id);
     const started = runAs(slot.actor, async () => {
-      const refcounts = await PackRefcounts.open(this.db, { hostId: slot.id, store, settleMs: 0, log: log.child('gc') });
+      // A simulated PUT lands within the store's latency (at most 50 ms) of being sent, so an
+      // intent a second old can no longer land; with 0, a GC cycle reverted a drain's manifest
+      // write still in flight and the pack it named was deleted once it landed.
+      const refcounts = await PackRefcounts.open(this.db, { hostId: slot.id, store, settleMs: INTENT_SETTLE_MS, log: log.child('gc') });
       const host = Host.open(
         {
           cacheDir: `/${slot.id}`, blockSize: BLOCK, diskBytes: this.settings.diskBlocks * BLOCK, memoryBytes: MEMORY_BLOCKS * BLOCK, autoCreateBytes: 0,
