@@ -109,8 +109,15 @@ async function journalSeeds(): Promise<Record<string, Buffer>> {
     const mask = Buffer.from([0xff, 0x01]);
     await journal.commit([{ chunk: 1, hash: blockHash(block(1)), mask }, { chunk: 5, hash: Buffer.alloc(16), mask }], 3, 8 * BLOCK_SIZE);
     await journal.commit([{ chunk: 1, hash: blockHash(block(2)), mask: Buffer.alloc(2) }], 4, 8 * BLOCK_SIZE);
+    // A logged FLUSH: a record and the overlay writes it covers.
+    await journal.commitLogged([{ chunk: 2, hash: Buffer.alloc(16), mask: Buffer.from([0x03, 0x00]) }], [
+      { position: 2 * BLOCK_SIZE, data: Buffer.alloc(8192, 0x5a) },
+      { position: 2 * BLOCK_SIZE + 4096, data: Buffer.alloc(4096, 0xa5) },
+    ], 6, 8 * BLOCK_SIZE);
+    const end = journal.bytes;
     journal.close();
-    const batches = fs.readFileSync(file);
+    // The batches without the zero-filled space past them.
+    const batches = fs.readFileSync(file).subarray(0, end);
     return {
       'batches': Buffer.concat([Buffer.from([0]), batches]),
       'torn': Buffer.concat([Buffer.from([2]), batches.subarray(0, batches.length - 9)]),

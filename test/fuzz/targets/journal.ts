@@ -23,8 +23,18 @@ export function fixJournalChecksums(file: Buffer): void {
   const recordBytes = 8 + 16 + file.readUInt32BE(12);
   for (let at = 16; at + 40 <= file.length; ) {
     const magic = file.readUInt32BE(at);
-    if (magic !== 0x42544348 && magic !== 0x424d4150) return;
-    const end = at + 24 + file.readUInt32BE(at + 4) * (magic === 0x42544348 ? recordBytes : 24);
+    if (magic !== 0x42544348 && magic !== 0x424d4150 && magic !== 0x424c4f47) return;
+    let end = at + 24 + file.readUInt32BE(at + 4) * (magic === 0x424d4150 ? 24 : recordBytes);
+    if (magic === 0x424c4f47) {
+      // BLOG: u32 extent count, then per extent u64 position, u32 length and the bytes.
+      if (end + 4 > file.length) return;
+      const extents = file.readUInt32BE(end);
+      end += 4;
+      for (let i = 0; i < extents; i++) {
+        if (end + 12 > file.length) return;
+        end += 12 + file.readUInt32BE(end + 8);
+      }
+    }
     if (end + 16 > file.length) return;
     blake3(file.subarray(at, end)).copy(file, end, 0, 16);
     at = end + 16;
