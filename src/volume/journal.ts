@@ -365,7 +365,8 @@ export class Journal {
 
   /**
    * Make room for a BLOG batch of `records` records and `logged`, with the zero-filled
-   * reserve past it; false when the disk is full (the FLUSH syncs the overlay instead).
+   * reserve past it; false when that fails (a full disk): the FLUSH syncs the overlay and
+   * commits instead, and a commit that fails too fails the volume.
    */
   reserveLog(records: number, logged: readonly LoggedExtent[]): boolean {
     const data = loggedBytesOf(logged);
@@ -375,9 +376,8 @@ export class Journal {
     try {
       this.preallocate(end);
       return true;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return false;
-      throw err;
+    } catch {
+      return false;
     }
   }
 
