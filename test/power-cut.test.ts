@@ -171,9 +171,9 @@ test('a power cut loses no FLUSHed write: fresh chunks, rewrites of present sect
       const first = rng.int(0, end - 1);
       return [first, rng.int(1, Math.min(maxCount, end - first))];
     };
-    /** Writes 1 to 3 chunks never written before and FLUSHes: the journal gets records for them. */
-    const freshChunks = async (): Promise<[number, number]> => {
-      const chunks = rng.int(1, 3);
+    /** Writes 1 to 3 chunks never written before (or `count`) and FLUSHes: the journal gets records for them. */
+    const freshChunks = async (count?: number): Promise<[number, number]> => {
+      const chunks = count ?? rng.int(1, 3);
       assert.ok(nextFresh + chunks <= CHUNKS, 'the model has fresh chunks left');
       const first = (nextFresh * CHUNK) / SECTOR;
       for (let c = nextFresh; c < nextFresh + chunks; c++) await write((c * CHUNK) / SECTOR, CHUNK / SECTOR);
@@ -241,13 +241,19 @@ test('a power cut loses no FLUSHed write: fresh chunks, rewrites of present sect
         log.push(`-- ${step}`);
         await steps[step]();
       }
+      // Even rounds cut before the volume is idle long enough to seal (a seal syncs what it
+      // seals), odd rounds while or after it seals.
+      const early = round % 2 === 0;
+      // An early cut comes before the idle write-back syncs the overlay: a last FLUSH of one
+      // fresh chunk (less than a FLUSH logs) leaves the restart a logged write to lay.
+      if (early) {
+        log.push('-- fresh chunk, logged');
+        await freshChunks(1);
+      }
       const mismatches = model.check(await client.read(0, CHUNKS * CHUNK), 'now');
       assert.deepEqual(mismatches, [], `round ${round}: the volume reads as written before the cut (seed ${seed})`);
       log.push('-- unflushed');
       for (let k = rng.int(1, 6); k > 0; k--) await write(...written(40));
-      // Even rounds cut before the volume is idle long enough to seal (a seal syncs what it
-      // seals), odd rounds while or after it seals.
-      const early = round % 2 === 0;
       await new Promise((resolve) => setTimeout(resolve, early ? rng.int(0, SEAL_IDLE_MS / 4) : rng.int(SEAL_IDLE_MS, 2 * SEAL_IDLE_MS)));
       await daemon.kill9();
       client.close();
@@ -279,8 +285,8 @@ test('a power cut loses no FLUSHed write: fresh chunks, rewrites of present sect
       model.settle(volume);
       log.length = 0;
     }
-    // Rounds cut before the idle write-back synced the overlay recover writes that FLUSHes logged in the journal.
-    assert.ok(laidRounds > 0, `no restart laid logged writes over the overlay (${ROUNDS} rounds, seed ${seed})`);
+    // The early rounds recover writes that FLUSHes logged in the journal.
+    assert.ok(laidRounds >= Math.floor(ROUNDS / 2), `only ${laidRounds} restarts laid logged writes over the overlay (${ROUNDS} rounds, seed ${seed})`);
     t.diagnostic(`${laidRounds} of ${ROUNDS} restarts laid logged writes over the overlay`);
   } finally {
     client?.close();
