@@ -97,17 +97,13 @@ export interface JournalStats {
   rewrites: number;
   /** Records in the largest batch a rewrite encoded: what it held in memory at once. */
   largestRewriteBatch: number;
-  /** Overlay bytes written into BLOG batches since the journal was opened. */
-  loggedBytes: number;
 }
 
 export class Journal {
   private position: number;
   /** The file's length: zeros from position to here. */
   private allocated: number;
-  readonly stats: JournalStats = { records: 0, rewrites: 0, largestRewriteBatch: 0, loggedBytes: 0 };
-  /** Bytes of logged overlay data in the file (none after a rewrite). */
-  private logBytes = 0;
+  readonly stats: JournalStats = { records: 0, rewrites: 0, largestRewriteBatch: 0 };
   /**
    * Bytes logged since the last other batch: what replay may lay over the overlay. The file
    * keeps at least this much zero-filled space past its last batch, which a recovery frees
@@ -128,10 +124,6 @@ export class Journal {
 
   get bytes(): number {
     return this.position;
-  }
-  /** Bytes of the file that are logged overlay data rather than records. */
-  get loggedBytes(): number {
-    return this.logBytes;
   }
 
   get recordBytes(): number {
@@ -186,7 +178,6 @@ export class Journal {
     }
     const recordBytes = 8 + HASH_BYTES + maskBytes;
     const state: JournalState = { sequence: 0, size: 0, chunks: new Map(), logged: [], batches: 0, truncatedBytes: 0 };
-    let logBytes = 0;
     let at = HEADER_BYTES;
     const noMask = Buffer.alloc(maskBytes);
     while (at + BATCH_HEADER_BYTES + CHECKSUM_BYTES <= data.length) {
@@ -234,7 +225,6 @@ export class Journal {
             );
           }
           state.logged.push(extent);
-          logBytes += extent.data.length;
         }
       }
       state.batches++;
@@ -251,7 +241,6 @@ export class Journal {
     // (A failed sync here would have left the volume unserved.)
     if (state.truncatedBytes > 0) disk.ftruncateSync(fd, at);
     const journal = new Journal(file, fd, maskBytes, at, preallocated ? data.length : at);
-    journal.logBytes = logBytes;
     journal.debt = loggedBytesOf(state.logged);
     return { journal, state };
   }
@@ -274,7 +263,6 @@ export class Journal {
         batch.writeUInt32BE(extent.position >>> 0, at + 4);
         batch.writeUInt32BE(extent.data.length, at + 8);
         at += EXTENT_HEADER_BYTES + extent.data.copy(batch, at + EXTENT_HEADER_BYTES);
-        this.stats.loggedBytes += extent.data.length;
       }
     }
     blake3(batch.subarray(0, body)).copy(batch, body, 0, CHECKSUM_BYTES);
@@ -336,8 +324,7 @@ export class Journal {
 
   private appendSync(records: readonly ChunkRecord[], sequence: number, size: number, logged?: readonly LoggedExtent[]): void {
     const batch = this.encode(records, sequence, size, logged);
-    const reserve = logged === undefined ? 0 : this.debt + loggedBytesOf(logged);
-    if (this.position + batch.length + reserve > this.allocated) this.preallocate(this.position + batch.length + reserve);
+    if (this.position + batch.length > this.allocated) this.preallocate(this.position + batch.length);
     disk.writeSync(this.fd, batch, 0, batch.length, this.position);
     this.position += batch.length;
   }
@@ -383,11 +370,12 @@ export class Journal {
 
   /**
    * Append one BLOG batch (records and the overlay writes `logged` a FLUSH covers) and make
-   * it durable: the FLUSH's one sync. Cut off again when the sync fails, as commit's.
+   * it durable: the FLUSH's one sync. Cut off again when the sync fails, as commit's. Its
+   * room and reserve come first (reserveLog); without them it is refused.
    */
   async commitLogged(records: readonly ChunkRecord[], logged: readonly LoggedExtent[], sequence: number, size: number): Promise<void> {
+    if (!this.reserveLog(records.length, logged)) throw new Error(`journal ${this.path}: no room for a logged batch and its reserve`);
     await this.append(records, sequence, size, logged);
-    this.logBytes += loggedBytesOf(logged);
     this.debt += loggedBytesOf(logged);
   }
 
@@ -463,7 +451,6 @@ export class Journal {
     this.fd = disk.openSync(this.path, 'r+');
     this.position = disk.fstatSync(this.fd).size;
     this.allocated = this.position;
-    this.logBytes = 0;
     this.debt = 0;
   }
 
@@ -472,7 +459,8 @@ export class Journal {
   }
 }
 
-function loggedBytesOf(logged: readonly LoggedExtent[]): number {
+/** Overlay bytes the extents carry. */
+export function loggedBytesOf(logged: readonly LoggedExtent[]): number {
   let bytes = 0;
   for (const extent of logged) bytes += extent.data.length;
   return bytes;

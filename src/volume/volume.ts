@@ -20,7 +20,7 @@ import path from 'node:path';
 import { blockKey, type BlockKey } from '../blocks/cache.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { VolumeFlushes } from './flush.js';
-import { Journal, type JournalStats } from './journal.js';
+import { Journal, loggedBytesOf, type JournalStats } from './journal.js';
 import type { LogView } from './log-view.js';
 import { isEmpty, maskBytesOf } from './sectors.js';
 import { VolumeError, type VolumeContext, type VolumeIdentity } from './state.js';
@@ -201,7 +201,7 @@ export class Volume extends VolumeFlushes {
       journal.releaseReserve();
       volume.applyLogged(state.logged);
       ctx.log.info('laid logged writes over the overlay (FLUSHes that synced the journal alone)', {
-        volume: identity.name, writes: state.logged.length, bytes: state.logged.reduce((n, e) => n + e.data.length, 0),
+        volume: identity.name, writes: state.logged.length, bytes: loggedBytesOf(state.logged),
       });
     }
     if (volume.recoveredUnsynced && !injected.has('recover-without-rewrite')) volume.redirtyOverlay();

@@ -185,6 +185,18 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   const flushOf = (volume: Volume) => volume.flushForClient();
 
   /**
+   * What a write's outcome tells the model: a failed write leaves each unit as it was or
+   * written; a durable volume's background fold may put a manifest at the sequence it took.
+   */
+  function writeDone(out: Outcome<unknown>, slot: Slot, model: VolumeModel, volume: Volume, first: number, before: Int32Array, w: number): void {
+    if (!out.ok && !('died' in out)) {
+      note(`  write failed: ${(out.error as Error).message}`);
+      model.unsure(first, before, w);
+      if (model.durable && slot.up) model.snapshot(volume.sequence);
+    } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
+  }
+
+  /**
    * A quarter of acknowledged FUA writes are written again at once in part, FUA too (a
    * database rewriting a page), and half of those hosts are then killed: the FLUSH of a
    * rewrite must leave nothing older for a restart to lay over it. Draws from a stream of
@@ -204,15 +216,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
       volume.write(first * UNIT, payload(first, half, w));
       await flushOf(volume);
     });
-    if (!out.ok) {
-      if ('died' in out) return;
-      note(`  write failed: ${(out.error as Error).message}`);
-      model.unsure(first, before, w);
-      if (model.durable && slot.up) model.snapshot(volume.sequence);
-      return;
-    }
-    if (!slot.up) return;
-    if (model.durable) model.snapshot(volume.sequence);
+    writeDone(out, slot, model, volume, first, before, w);
+    if (!out.ok || !slot.up) return;
     model.flushed();
     if (draw() < 0.5) {
       note(`SIGKILL of ${slot.id} after the rewrite`);
@@ -481,12 +486,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
         else volume.write(first * UNIT, data);
         if (fua) await flushOf(volume);
       });
-      if (!out.ok && !('died' in out)) {
-        note(`  write failed: ${(out.error as Error).message}`);
-        model.unsure(first, before, w);
-        // A durable volume's background fold may put a manifest at the sequence the failed write took: either content.
-        if (model.durable && slot.up) model.snapshot(volume.sequence);
-      } else if (out.ok && model.durable && slot.up) model.snapshot(volume.sequence);
+      writeDone(out, slot, model, volume, first, before, w);
       // An acknowledged FUA write is durable, with every write before it.
       if (out.ok && fua && slot.up) {
         model.flushed();
