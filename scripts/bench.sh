@@ -82,6 +82,8 @@ fi
 need fio && need nbdkit && fio --enghelp 2>/dev/null | grep -qx $'\tnbd' \
   || die "needs fio (with the nbd engine) and nbdkit: apt-get install fio nbdkit libnbd-bin"
 [ -f "$MAIN" ] || die "$MAIN is missing: build first (npm run bench does)"
+# The daemon's Node.js flags: the `updraft` command's, or BENCH_DAEMON_FLAGS when set ("" for none).
+DAEMON_FLAGS=${BENCH_DAEMON_FLAGS-$(node -e 'import(process.argv[1]).then((m) => console.log(m.DAEMON_NODE_FLAGS.join(" ")))' "$ROOT/dist/src/cli/node-flags.js")}
 
 # ---- scratch, daemons, cleanup ----------------------------------------------------
 SCRATCH=$(mktemp -d /tmp/updraft-bench.XXXXXX)
@@ -156,7 +158,8 @@ start_daemon() {
   local t0 t1
   LAST_LOG="$D_DIR/daemon.log"
   t0=$(date +%s%N)
-  node "$MAIN" run -c "$D_DIR/updraft.toml" >> "$D_DIR/daemon.log" 2>&1 &
+  # shellcheck disable=SC2086 # DAEMON_FLAGS is a list of flags
+  node $DAEMON_FLAGS "$MAIN" run -c "$D_DIR/updraft.toml" >> "$D_DIR/daemon.log" 2>&1 &
   D_PID=$!
   DAEMON_PIDS+=("$D_PID")
   t1=$(node "$UTIL" wait-healthy "$D_URL" "$D_PID" 60000) || die "daemon in $D_DIR did not become healthy"

@@ -1,7 +1,8 @@
 // Overlay writes (src/volume/overlay-file.ts, write-threads.ts): every write reaches the
 // kernel in pieces cut at multiples of 16 KiB in the file, so the page cache holds the
-// overlay in small folios; large writes go from a worker thread, and its errors come back
-// with their code.
+// overlay in small folios; large writes go from a worker thread through a shared staging
+// arena (or a buffer of their own when the arena is full), and its errors come back with
+// their code.
 import assert from 'node:assert/strict';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -9,7 +10,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { nodeDisk, useDisk, type Disk } from '../src/disk/disk.js';
 import { cutPieces, WRITE_PIECE_BYTES, writeAll, writeAllSync } from '../src/volume/overlay-file.js';
-import { writeLarge } from '../src/volume/write-threads.js';
+import { stagingSlotsFree, writeLarge } from '../src/volume/write-threads.js';
 
 const PIECE = WRITE_PIECE_BYTES;
 
@@ -76,6 +77,7 @@ test('overlay writes: the synchronous and thread-pool paths write in pieces; a l
     assert.ok(written.subarray(512 * 1024, 512 * 1024 + second.whole.length).equals(second.whole));
     assert.ok(written.subarray(1024 * 1024, 1024 * 1024 + third.whole.length).equals(third.whole), 'the worker thread wrote the large payload');
     assert.ok(written.subarray(4 * 1024 * 1024).equals(first.whole), 'and the one beside it');
+    assert.equal(stagingSlotsFree(), 32, 'every staging slot is free again');
   } finally {
     useDisk(previous);
     closeSync(fd);
@@ -99,11 +101,35 @@ test('overlay writes: a failed write on the worker thread rejects with its error
     try {
       await writeLarge(fd, [Buffer.alloc(256 * 1024, 9)], 0);
       assert.ok(readFileSync(file).equals(Buffer.alloc(256 * 1024, 9)));
+      assert.equal(stagingSlotsFree(), 32, 'the failed write gave its slot back');
     } finally {
       closeSync(fd);
     }
   } finally {
     closeSync(readOnly);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('overlay writes: more large writes at once than the staging arena holds all land, and free every slot', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
+  const file = join(dir, 'overlay');
+  const fd = openSync(file, 'w+');
+  try {
+    // 40 writes of 1 MiB + 4 KiB take two slots each: 16 fit in the arena, the rest bring their own buffers.
+    const length = 1024 * 1024 + 4096;
+    const writes = Array.from({ length: 40 }, (_, i) => payload(length, 100 + i));
+    const free = stagingSlotsFree();
+    const landing = Promise.all(writes.map((w, i) => writeLarge(fd, w.parts, i * length)));
+    assert.equal(stagingSlotsFree(), 0, 'the first writes hold the whole arena while in flight');
+    await landing;
+    const written = readFileSync(file);
+    for (const [i, w] of writes.entries()) {
+      assert.ok(written.subarray(i * length, (i + 1) * length).equals(w.whole), `write ${i} landed whole`);
+    }
+    assert.equal(stagingSlotsFree(), free, 'every slot is free again');
+  } finally {
+    closeSync(fd);
     rmSync(dir, { recursive: true, force: true });
   }
 });

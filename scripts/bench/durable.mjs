@@ -21,7 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { CreateBucketCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { NbdClient } from '../../dist/test/harness/nbd-client.js';
-import { MAIN, MINIO, api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
+import { DAEMON_FLAGS, MAIN, MINIO, api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
 
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
 const FLUSHES = Number(process.env.BENCH_DURABLE_FLUSHES || 200);
@@ -70,7 +70,7 @@ auto_create_size_gb = 0
 [servers.http]
 address = "127.0.0.1:${http}"
 `);
-  const child = start(process.execPath, [MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], { env: { ...process.env, ...env }, logFile: path.join(dir, 'daemon.log') });
+  const child = start(process.execPath, [...DAEMON_FLAGS, MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], { env: { ...process.env, ...env }, logFile: path.join(dir, 'daemon.log') });
   const url = `http://127.0.0.1:${http}`;
   await waitUrl(url + '/healthz', child);
   return { child, url, socket: `${dir}/nbd.sock`, uri: (v) => `nbd+unix:///${v}?socket=${dir}/nbd.sock` };

@@ -10,6 +10,10 @@ import { fileURLToPath } from 'node:url';
 /** The repository, the built daemon, and the MinIO binary the test setup installs. */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const MAIN = path.join(ROOT, 'dist/src/cli/updraft.cjs');
+/** Node.js flags for each daemon: the `updraft` command's (src/cli/node-flags.ts), or BENCH_DAEMON_FLAGS when set ("" for none). */
+export const DAEMON_FLAGS = process.env.BENCH_DAEMON_FLAGS !== undefined
+  ? process.env.BENCH_DAEMON_FLAGS.split(' ').filter(Boolean)
+  : [...(await import(path.join(ROOT, 'dist/src/cli/node-flags.js'))).DAEMON_NODE_FLAGS];
 export const MINIO = path.join(process.env.UPDRAFT_TEST_CACHE || path.join(os.homedir(), '.cache/updraft-test'), 'bin/minio');
 
 /** Every child started and not yet exited: a script stops them all by pid at its end. */

@@ -40,7 +40,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3';
 import { NbdClient } from '../../dist/test/harness/nbd-client.js';
-import { MAIN, MINIO, api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
+import { DAEMON_FLAGS, MAIN, MINIO, api, children, freePort, metric, start, stop, waitUrl } from './procs.mjs';
 
 const SIZE_MIB = Number(process.env.BENCH_STORE_SIZE_MIB || 1024);
 const LATENCY_MS = Number(process.env.BENCH_STORE_LATENCY_MS || 20);
@@ -119,7 +119,7 @@ seal_idle_ms = 2000
 `;
   fs.writeFileSync(path.join(dir, 'updraft.toml'), toml);
   const nodeArgs = (process.env.BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
-  const child = start(process.execPath, [...nodeArgs, MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], {
+  const child = start(process.execPath, [...DAEMON_FLAGS, ...nodeArgs, MAIN, 'run', '-c', path.join(dir, 'updraft.toml')], {
     env: { ...process.env, UPDRAFT_BENCH_PASSWORD: 'bench password', ...env },
     logFile: path.join(dir, 'daemon.log'),
   });

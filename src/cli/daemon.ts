@@ -14,6 +14,7 @@ import { describeEncryption, openStoreIdentity, type OpenedStore } from '../stor
 import { openGc } from '../gc/open.js';
 import { openStore } from '../host/store-stack.js';
 import { Host, hostIdentity } from '../host/host.js';
+import { DAEMON_NODE_FLAGS, missingNodeFlags } from './node-flags.js';
 
 const GB = 1024 ** 3;
 
@@ -21,6 +22,12 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   // Replies to 4 KiB reads (4 KiB + header) are carved from Node's shared allocation pool
   // only below poolSize / 2; the default 8 KiB pool would give each its own ArrayBuffer.
   Buffer.poolSize = 256 * 1024;
+  const missing = missingNodeFlags();
+  if (missing.length > 0) {
+    log.warn('started without the Node.js flags the daemon runs with: large writes will spend much of their CPU in garbage collection', {
+      missing: missing.join(' '), start_with: `node ${DAEMON_NODE_FLAGS.join(' ')} dist/src/cli/updraft.cjs run (or the updraft command)`,
+    });
+  }
   const nbdConfig = config.servers.nbd;
   // Before anything opens: a bad certificate is a start-up error, not a first-client one.
   const nbdTls = loadNbdTls(nbdConfig);

@@ -12,6 +12,8 @@ const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
  * memory back to its host (docs/benchmarks.md: overlay writes).
  */
 export const WRITE_PIECE_BYTES = 16 * 1024;
+/** The staging arena of large writes (write-threads.ts) is cut into slots of this many bytes. */
+export const STAGING_SLOT_BYTES = 1024 * 1024;
 /** Pieces of one asynchronous write in flight at once on the thread pool. */
 const WRITE_LANES = 4;
 

@@ -2,61 +2,94 @@
 // pieces the page cache keeps cheap (overlay-file.ts), a 1 MiB write is 64 pwrite calls:
 // through the thread pool each was a callback on the event loop, and a volume streaming
 // large writes took the event loop from every other volume on the host. Here the payload
-// is copied once into shared memory (a reused buffer) and one message goes each way.
+// is copied once into a staging arena the threads share, and a message of a few numbers
+// goes each way. Sending a SharedArrayBuffer in every message instead made V8 count its
+// size as new external memory each time, and the main thread ran a full garbage
+// collection every few writes (docs/benchmarks.md: overlay writes).
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { disk, nodeDisk } from '../disk/disk.js';
 import { JobThreads } from '../disk/job-threads.js';
-import { totalLength, writeAll } from './overlay-file.js';
+import { STAGING_SLOT_BYTES, totalLength, writeAll } from './overlay-file.js';
 import type { WriteAnswer, WriteJob } from './write-worker.js';
 
 /** Threads: the cores left beside the event loop, at least 1, at most 2. */
 const WRITE_THREADS = Math.max(1, Math.min(2, os.availableParallelism() - 1));
-/** Shared buffers come in steps of this many bytes and are reused. */
-const STAGING_STEP = 1024 * 1024;
-/** Idle shared buffers kept for reuse: QD8 of 1 MiB writes four times over. */
-const MAX_IDLE_STAGING_BYTES = 32 * 1024 * 1024;
+/** Slots in the arena: QD8 of 1 MiB writes four times over. */
+const STAGING_SLOTS = 32;
 
 class WriteThreads {
+  /** Shared with every thread once, when it starts; jobs name slots of it. */
+  private readonly arena = new SharedArrayBuffer(STAGING_SLOTS * STAGING_SLOT_BYTES);
+  /** A view of each slot, made once: a view per write was garbage the collector chased. */
+  private readonly views = Array.from({ length: STAGING_SLOTS }, (_, i) => Buffer.from(this.arena, i * STAGING_SLOT_BYTES, STAGING_SLOT_BYTES));
+  private readonly free: number[] = Array.from({ length: STAGING_SLOTS }, (_, i) => STAGING_SLOTS - 1 - i);
   private readonly threads = new JobThreads<WriteJob, WriteAnswer>('overlay write', WRITE_THREADS, () =>
-    new Worker(new URL('./write-worker.js', import.meta.url)),
+    new Worker(new URL('./write-worker.js', import.meta.url), { workerData: { arena: this.arena } }),
   );
-  private readonly idle = new Map<number, SharedArrayBuffer[]>();
-  private idleBytes = 0;
+
+  get freeSlots(): number {
+    return this.free.length;
+  }
 
   /** Write `parts` back to back into `fd` from `position`; settles once they are in the file. */
   async write(fd: number, parts: readonly Buffer[], position: number): Promise<void> {
     const length = totalLength(parts);
-    const staging = this.take(length);
-    const data = Buffer.from(staging, 0, length);
-    let at = 0;
-    for (const part of parts) at += part.copy(data, at);
+    const slots = this.take(length);
     try {
-      const answer = await this.threads.run({ fd, position, data });
+      // More in flight than the arena holds (rare: writes past 32 MiB at once): this one
+      // goes in a buffer of its own, sent with the job.
+      const answer = slots === undefined
+        ? await this.threads.run({ fd, position, length, data: copyInto(new Uint8Array(new SharedArrayBuffer(length)), parts) })
+        : await this.threads.run({ fd, position, length, slots: this.stage(slots, parts) });
       if ('error' in answer) throw Object.assign(new Error(answer.error), answer.code === undefined ? {} : { code: answer.code });
     } finally {
-      this.give(staging);
+      if (slots !== undefined) this.free.push(...slots);
     }
   }
 
-  private take(length: number): SharedArrayBuffer {
-    const bytes = Math.ceil(length / STAGING_STEP) * STAGING_STEP;
-    const buffer = this.idle.get(bytes)?.pop();
-    if (buffer === undefined) return new SharedArrayBuffer(bytes);
-    this.idleBytes -= bytes;
-    return buffer;
+  /** Slots enough for `length` bytes, or undefined while the arena has too few free. */
+  private take(length: number): number[] | undefined {
+    const count = Math.max(1, Math.ceil(length / STAGING_SLOT_BYTES));
+    if (count > this.free.length) return undefined;
+    return this.free.splice(this.free.length - count, count);
   }
 
-  private give(buffer: SharedArrayBuffer): void {
-    if (this.idleBytes + buffer.byteLength > MAX_IDLE_STAGING_BYTES) return;
-    let list = this.idle.get(buffer.byteLength);
-    if (list === undefined) this.idle.set(buffer.byteLength, (list = []));
-    list.push(buffer);
-    this.idleBytes += buffer.byteLength;
+  /** Copy `parts` into `slots`, in order; returns the slots. */
+  private stage(slots: number[], parts: readonly Buffer[]): number[] {
+    let slot = 0;
+    let at = 0;
+    for (const part of parts) {
+      let taken = 0;
+      while (taken < part.length) {
+        if (at === STAGING_SLOT_BYTES) {
+          slot++;
+          at = 0;
+        }
+        const n = part.copy(this.views[slots[slot]], at, taken, Math.min(part.length, taken + STAGING_SLOT_BYTES - at));
+        taken += n;
+        at += n;
+      }
+    }
+    return slots;
   }
 }
 
+function copyInto(target: Uint8Array, parts: readonly Buffer[]): Uint8Array {
+  let at = 0;
+  for (const part of parts) {
+    target.set(part, at);
+    at += part.length;
+  }
+  return target;
+}
+
 let threads: WriteThreads | undefined;
+
+/** Slots of the staging arena no write holds (all of them once every write has settled). */
+export function stagingSlotsFree(): number {
+  return threads?.freeSlots ?? STAGING_SLOTS;
+}
 
 /**
  * Write a large payload into the overlay `fd` from `position` off the event loop. On a

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { stringify } from 'smol-toml';
+import { DAEMON_NODE_FLAGS } from '../../src/cli/node-flags.js';
 
 /** dist/test/harness/daemon.js -> dist/src/cli/updraft.cjs (the `updraft` command) */
 export const DAEMON_MAIN = fileURLToPath(new URL('../../src/cli/updraft.cjs', import.meta.url));
@@ -36,6 +37,8 @@ export interface StartDaemonOptions {
   env?: NodeJS.ProcessEnv;
   /** The daemon's JS entry point; default DAEMON_MAIN (the built `updraft` CLI). */
   main?: string;
+  /** Node.js flags before the entry point; default DAEMON_NODE_FLAGS (what the `updraft` command passes). */
+  nodeFlags?: readonly string[];
   /** Sent as "Authorization: Bearer TOKEN" by api() and the readiness probe ([servers.http] token). */
   apiToken?: string;
 }
@@ -193,7 +196,7 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
   const launch = async () => {
     logFile = createWriteStream(logPath, { flags: 'a' });
     // UPDRAFT_TEST_NODE_ARGS: extra node flags for every daemon (e.g. --cpu-prof to profile one test).
-    const nodeArgs = (process.env.UPDRAFT_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    const nodeArgs = [...(opts.nodeFlags ?? DAEMON_NODE_FLAGS), ...(process.env.UPDRAFT_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean)];
     // UPDRAFT_TEST_CLOCK_SKEW_MS: this daemon's wall clock reads that many ms off (skewed-clock.ts).
     if (env.UPDRAFT_TEST_CLOCK_SKEW_MS !== undefined) nodeArgs.push('--import', SKEWED_CLOCK);
     const proc = spawn(process.execPath, [...nodeArgs, main, 'run', '-c', configPath], {
