@@ -8,6 +8,7 @@ import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { markAsUntransferable } from 'node:worker_threads';
 import { nodeDisk, useDisk, type Disk } from '../src/disk/disk.js';
 import { cutPieces, WRITE_PIECE_BYTES, writeAll, writeAllSync } from '../src/volume/overlay-file.js';
 import { stagingSlotsFree, writeLarge } from '../src/volume/write-threads.js';
@@ -128,6 +129,46 @@ test('overlay writes: more large writes at once than the staging arena holds all
       assert.ok(written.subarray(i * length, (i + 1) * length).equals(w.whole), `write ${i} landed whole`);
     }
     assert.equal(stagingSlotsFree(), free, 'every slot is free again');
+  } finally {
+    closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('overlay writes: movable parts that are whole buffers move to the thread, the rest are staged, and the bytes land in order', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
+  const file = join(dir, 'overlay');
+  const fd = openSync(file, 'w+');
+  try {
+    // As a socket delivers them: a chunk shared with the request before, whole chunks, a chunk shared with the next.
+    const { whole } = payload(3 * 1024 * 1024 + 8192, 7);
+    const cuts = [40_000, 40_000 + 65_536, 40_000 + 2 * 65_536, 1_500_000, whole.length - 30_000, whole.length];
+    const parts: Buffer[] = [];
+    let at = 0;
+    for (const [i, cut] of cuts.entries()) {
+      const own = Buffer.from(whole.subarray(at, cut)); // a buffer of its own, as each socket read is
+      parts.push(i === 0 ? Buffer.concat([Buffer.alloc(100), own]).subarray(100) : i === cuts.length - 1 ? Buffer.concat([own, Buffer.alloc(100)]).subarray(0, own.length) : own);
+      at = cut;
+    }
+    const kept = [parts[0], parts[cuts.length - 1]];
+    await writeLarge(fd, parts, 8192, true);
+    assert.ok(readFileSync(file).subarray(8192).equals(whole), 'every byte landed in order');
+    for (const [i, part] of parts.entries()) {
+      const shared = i === 0 || i === cuts.length - 1;
+      assert.equal(part.length === 0, !shared, `part ${i} ${shared ? 'shares its buffer and stays' : 'is a whole buffer and moved'}`);
+    }
+    assert.ok(kept.every((p) => p.length > 0), 'views of shared buffers were copied, not moved');
+    // Without `movable`, nothing moves.
+    const mine = Buffer.from(whole.subarray(0, 512 * 1024));
+    await writeLarge(fd, [mine], 0);
+    assert.equal(mine.length, 512 * 1024, 'a caller that did not give its buffers up keeps them');
+    // A buffer Node.js will not let move (its pool, say) is copied instead (Node.js 20 clones it, later ones refuse the move).
+    const pinned = Buffer.from(whole.subarray(0, 256 * 1024).map((b) => b ^ 0x5a));
+    markAsUntransferable(pinned.buffer);
+    await writeLarge(fd, [pinned], 1024 * 1024, true);
+    assert.equal(pinned.length, 256 * 1024, 'a buffer that cannot move stays');
+    assert.ok(readFileSync(file).subarray(1024 * 1024, 1024 * 1024 + pinned.length).equals(pinned), 'and its bytes landed');
+    assert.equal(stagingSlotsFree(), 32, 'every slot is free again');
   } finally {
     closeSync(fd);
     rmSync(dir, { recursive: true, force: true });

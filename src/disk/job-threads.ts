@@ -33,7 +33,8 @@ export class JobThreads<Job extends Numbered, Answer extends Numbered> {
 
   /**
    * Posts `message` with the next job number to the least busy thread. Settles with the
-   * thread's answer, whatever it says; rejects only if the thread fails or exits first.
+   * thread's answer, whatever it says; rejects if the message cannot be sent, or if the
+   * thread fails or exits first.
    */
   run(message: Omit<Job, 'job'>, transfer: readonly TransferListItem[] = []): Promise<Answer> {
     const job = this.nextJob++;
@@ -41,7 +42,14 @@ export class JobThreads<Job extends Numbered, Answer extends Numbered> {
     return new Promise<Answer>((settle, reject) => {
       thread.jobs.set(job, { settle, reject });
       if (thread.jobs.size === 1) thread.worker.ref();
-      thread.worker.postMessage({ ...message, job } as Job, transfer);
+      try {
+        thread.worker.postMessage({ ...message, job } as Job, transfer);
+      } catch (err) {
+        // Not sent (a buffer that cannot be cloned or moved): no answer will come.
+        thread.jobs.delete(job);
+        if (thread.jobs.size === 0) thread.worker.unref();
+        throw err;
+      }
     });
   }
 

@@ -168,7 +168,8 @@ export class Transmission {
             }, length);
           }
           if (length >= LARGE_WRITE_BYTES && (offset % 4096) === 0 && (length % 4096) === 0) {
-            const writing = volume.writeLarge(offset, payload!);
+            // The received chunks the payload fills whole move to the write thread: nothing here reads them again.
+            const writing = volume.writeLarge(offset, payload!, true);
             return this.after(writing, type, cookieHigh, cookieLow, () => this.complete('write', cookieHigh, cookieLow, flags, length, started, true), length);
           }
           volume.write(offset, payload!);

@@ -32,20 +32,47 @@ class WriteThreads {
     return this.free.length;
   }
 
-  /** Write `parts` back to back into `fd` from `position`; settles once they are in the file. */
-  async write(fd: number, parts: readonly Buffer[], position: number): Promise<void> {
+  /**
+   * Write `parts` back to back into `fd` from `position`; settles once they are in the file.
+   * With `movable`, a part that is the whole of its ArrayBuffer (a socket read's own buffer)
+   * moves to the thread instead of being copied, and reads as empty here afterwards.
+   */
+  async write(fd: number, parts: readonly Buffer[], position: number, movable: boolean): Promise<void> {
     const length = totalLength(parts);
-    const slots = this.take(length);
+    const segments: Array<ArrayBuffer | number> = [];
+    const moved: ArrayBuffer[] = [];
+    const staged: Buffer[] = [];
+    let stagedLength = 0;
+    for (const part of parts) {
+      const buffer = movable ? wholeBuffer(part) : undefined;
+      if (buffer !== undefined) {
+        segments.push(buffer);
+        moved.push(buffer);
+        continue;
+      }
+      staged.push(part);
+      stagedLength += part.length;
+      const last = segments.length - 1;
+      if (last >= 0 && typeof segments[last] === 'number') segments[last] = (segments[last] as number) + part.length;
+      else segments.push(part.length);
+    }
+    const slots = stagedLength === 0 ? [] : this.take(stagedLength);
+    let answer: WriteAnswer | undefined;
     try {
-      // More in flight than the arena holds (rare: writes past 32 MiB at once): this one
-      // goes in a buffer of its own, sent with the job.
-      const answer = slots === undefined
-        ? await this.threads.run({ fd, position, length, data: copyInto(new Uint8Array(new SharedArrayBuffer(length)), parts) })
-        : await this.threads.run({ fd, position, length, slots: this.stage(slots, parts) });
-      if ('error' in answer) throw Object.assign(new Error(answer.error), answer.code === undefined ? {} : { code: answer.code });
+      // More in flight than the arena holds (rare: writes past 32 MiB at once): the staged
+      // bytes go in a buffer of their own, sent with the job.
+      const job = slots === undefined
+        ? { fd, position, length, segments, data: copyInto(new Uint8Array(new SharedArrayBuffer(stagedLength)), staged) }
+        : { fd, position, length, segments, slots: this.stage(slots, staged) };
+      answer = await this.threads.run(job, moved);
+    } catch (err) {
+      // A buffer that cannot move (one Node.js marked so) fails the message before anything moved.
+      if (moved.length === 0 || (err as Error).name !== 'DataCloneError') throw err;
     } finally {
       if (slots !== undefined) this.free.push(...slots);
     }
+    if (answer === undefined) return this.write(fd, parts, position, false);
+    if ('error' in answer) throw Object.assign(new Error(answer.error), answer.code === undefined ? {} : { code: answer.code });
   }
 
   /** Slots enough for `length` bytes, or undefined while the arena has too few free. */
@@ -75,6 +102,12 @@ class WriteThreads {
   }
 }
 
+/** The ArrayBuffer a part is the whole of, if it is one that can move (not shared, not empty). */
+function wholeBuffer(part: Buffer): ArrayBuffer | undefined {
+  const buffer = part.buffer;
+  return buffer instanceof ArrayBuffer && part.byteOffset === 0 && part.byteLength === buffer.byteLength && part.byteLength > 0 ? buffer : undefined;
+}
+
 function copyInto(target: Uint8Array, parts: readonly Buffer[]): Uint8Array {
   let at = 0;
   for (const part of parts) {
@@ -92,11 +125,12 @@ export function stagingSlotsFree(): number {
 }
 
 /**
- * Write a large payload into the overlay `fd` from `position` off the event loop. On a
- * disk other than node:fs (the simulation's) it goes through that disk's thread-pool calls.
+ * Write a large payload into the overlay `fd` from `position` off the event loop. With
+ * `movable`, parts that are whole ArrayBuffers move to the thread (the caller gives them up).
+ * On a disk other than node:fs (the simulation's) it goes through that disk's thread-pool calls.
  */
-export function writeLarge(fd: number, parts: readonly Buffer[], position: number): Promise<void> {
+export function writeLarge(fd: number, parts: readonly Buffer[], position: number, movable = false): Promise<void> {
   if (disk !== nodeDisk) return writeAll(fd, parts, position);
   threads ??= new WriteThreads();
-  return threads.write(fd, parts, position);
+  return threads.write(fd, parts, position, movable);
 }

@@ -75,8 +75,9 @@ export abstract class VolumeWrites extends VolumeReads {
    * so no seal, snapshot or FLUSH counts a sector whose data has not landed; the write is
    * acknowledged after that. Its new bytes count against the disk budget while in flight.
    * A volume that failed or became read-only meanwhile refuses it (its sectors stay absent).
+   * With `movable`, the caller gives up parts that are whole ArrayBuffers (write-threads.ts).
    */
-  async writeLarge(offset: number, parts: readonly Buffer[]): Promise<void> {
+  async writeLarge(offset: number, parts: readonly Buffer[], movable = false): Promise<void> {
     this.checkWritable();
     if (this.closing) throw new VolumeError('ESHUTDOWN', `volume ${this.name} is closing`);
     const length = totalLength(parts);
@@ -86,7 +87,7 @@ export abstract class VolumeWrites extends VolumeReads {
     const reserved = this.reserve(offset, length);
     this.space.writingBytes += reserved;
     try {
-      await this.overlayIo(writeLarge(this.overlayFd, parts, offset), `write of ${length} bytes at ${offset} to`);
+      await this.overlayIo(writeLarge(this.overlayFd, parts, offset, movable), `write of ${length} bytes at ${offset} to`);
     } finally {
       this.space.writingBytes -= reserved;
     }
