@@ -24,8 +24,14 @@ class WriteThreads {
   /** A view of each slot, made once: a view per write was garbage the collector chased. */
   private readonly views = Array.from({ length: STAGING_SLOTS }, (_, i) => Buffer.from(this.arena, i * STAGING_SLOT_BYTES, STAGING_SLOT_BYTES));
   private readonly free: number[] = Array.from({ length: STAGING_SLOTS }, (_, i) => STAGING_SLOTS - 1 - i);
+  // A thread's heap holds little but the buffers moved to it, each dead once written. A
+  // small young generation frees them at the next scavenge; the process's heap flag
+  // (cli/node-flags.ts) would otherwise let a thread keep a hundred MB of them.
   private readonly threads = new JobThreads<WriteJob, WriteAnswer>('overlay write', WRITE_THREADS, () =>
-    new Worker(new URL('./write-worker.js', import.meta.url), { workerData: { arena: this.arena } }),
+    new Worker(new URL('./write-worker.js', import.meta.url), {
+      workerData: { arena: this.arena },
+      resourceLimits: { maxOldGenerationSizeMb: 16, maxYoungGenerationSizeMb: 4 },
+    }),
   );
 
   get freeSlots(): number {
