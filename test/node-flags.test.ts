@@ -23,7 +23,7 @@ test('node flags: a daemon started without them says so, and one started with th
   try {
     const warned = without.log().split('\n').find((line) => line.includes(WARNING));
     assert.ok(warned, `the daemon started without flags warns:\n${without.log()}`);
-    assert.match(warned, /--initial-heap-size=128/, 'naming the flag');
+    assert.match(warned, /--initial-heap-size=96/, 'naming the flag');
   } finally {
     await without.stop();
     removeDir(without.dir);

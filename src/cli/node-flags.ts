@@ -6,10 +6,10 @@
  * memory allocated since its last full collection against the old generation's limit.
  * The daemon's heap is small, so that limit sits a few tens of MB above it, and a volume
  * streaming large writes reaches it after every few scavenges: a full collection every
- * few writes (docs/benchmarks.md: garbage collection). A 128 MB floor keeps the limit
- * above what a scavenge cycle's reads add.
+ * few writes (docs/benchmarks.md: large writes and the garbage collector). A 96 MB
+ * floor keeps the limit above what a scavenge cycle's reads add.
  */
-export const DAEMON_NODE_FLAGS: readonly string[] = ['--initial-heap-size=128'];
+export const DAEMON_NODE_FLAGS: readonly string[] = ['--initial-heap-size=96'];
 
 /** The flags of DAEMON_NODE_FLAGS this process was not started with (their names, whatever the value). */
 export function missingNodeFlags(execArgv: readonly string[] = process.execArgv): string[] {

@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --initial-heap-size=128
+#!/usr/bin/env -S node --initial-heap-size=96
 // The `updraft` command's entry point, CommonJS on purpose: libuv sizes its thread pool
 // from UV_THREADPOOL_SIZE when the pool is first used, and the ES module loader uses it
 // before any module's code runs. The pool runs every fdatasync, large overlay read and

@@ -1,11 +1,12 @@
 // Large overlay writes on a worker thread (volume/write-worker.ts). Cut into the small
 // pieces the page cache keeps cheap (overlay-file.ts), a 1 MiB write is 64 pwrite calls:
 // through the thread pool each was a callback on the event loop, and a volume streaming
-// large writes took the event loop from every other volume on the host. Here the payload
-// is copied once into a staging arena the threads share, and a message of a few numbers
-// goes each way. Sending a SharedArrayBuffer in every message instead made V8 count its
-// size as new external memory each time, and the main thread ran a full garbage
-// collection every few writes (docs/benchmarks.md: overlay writes).
+// large writes took the event loop from every other volume on the host. Here the socket
+// chunks a payload fills whole move to the thread with one message, the rest is copied
+// into a staging arena the threads share, and the answer is the job number. Sending a
+// SharedArrayBuffer in every message instead made V8 count its size as new external
+// memory each time, and the main thread ran a full garbage collection every few writes
+// (docs/benchmarks.md: large writes and the garbage collector).
 import os from 'node:os';
 import { Worker } from 'node:worker_threads';
 import { disk, nodeDisk } from '../disk/disk.js';
