@@ -24,6 +24,19 @@ function payload(length: number, seed: number): { whole: Buffer; parts: Buffer[]
   return { whole, parts };
 }
 
+/** Run `body` on a fresh overlay file in a temporary folder, removed afterwards. */
+async function withOverlayFile(body: (fd: number, file: string) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
+  const file = join(dir, 'overlay');
+  const fd = openSync(file, 'w+');
+  try {
+    await body(fd, file);
+  } finally {
+    closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 test('overlay writes: pieces end at multiples of 16 KiB in the file and carry the bytes in order', () => {
   const position = 3 * 4096;
   const { whole, parts } = payload(1024 * 1024 + 4096, 1);
@@ -113,10 +126,7 @@ test('overlay writes: a failed write on the worker thread rejects with its error
 });
 
 test('overlay writes: more large writes at once than the staging arena holds all land, and free every slot', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
-  const file = join(dir, 'overlay');
-  const fd = openSync(file, 'w+');
-  try {
+  await withOverlayFile(async (fd, file) => {
     // 40 writes of 1 MiB + 4 KiB take two slots each: 16 fit in the arena, the rest bring their own buffers.
     const length = 1024 * 1024 + 4096;
     const writes = Array.from({ length: 40 }, (_, i) => payload(length, 100 + i));
@@ -129,17 +139,11 @@ test('overlay writes: more large writes at once than the staging arena holds all
       assert.ok(written.subarray(i * length, (i + 1) * length).equals(w.whole), `write ${i} landed whole`);
     }
     assert.equal(stagingSlotsFree(), free, 'every slot is free again');
-  } finally {
-    closeSync(fd);
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });
 
 test('overlay writes: movable parts that are whole buffers move to the thread, the rest are staged, and the bytes land in order', async () => {
-  const dir = mkdtempSync(join(tmpdir(), 'updraft-overlay-writes-'));
-  const file = join(dir, 'overlay');
-  const fd = openSync(file, 'w+');
-  try {
+  await withOverlayFile(async (fd, file) => {
     // As a socket delivers them: a chunk shared with the request before, whole chunks, a chunk shared with the next.
     const { whole } = payload(3 * 1024 * 1024 + 8192, 7);
     const cuts = [40_000, 40_000 + 65_536, 40_000 + 2 * 65_536, 1_500_000, whole.length - 30_000, whole.length];
@@ -169,8 +173,5 @@ test('overlay writes: movable parts that are whole buffers move to the thread, t
     assert.equal(pinned.length, 256 * 1024, 'a buffer that cannot move stays');
     assert.ok(readFileSync(file).subarray(1024 * 1024, 1024 * 1024 + pinned.length).equals(pinned), 'and its bytes landed');
     assert.equal(stagingSlotsFree(), 32, 'every slot is free again');
-  } finally {
-    closeSync(fd);
-    rmSync(dir, { recursive: true, force: true });
-  }
+  });
 });

@@ -82,9 +82,9 @@ class WriteThreads {
     if ('error' in answer) throw Object.assign(new Error(answer.error), answer.code === undefined ? {} : { code: answer.code });
   }
 
-  /** Slots enough for `length` bytes, or undefined while the arena has too few free. */
+  /** Slots enough for `length` (> 0) bytes, or undefined while the arena has too few free. */
   private take(length: number): number[] | undefined {
-    const count = Math.max(1, Math.ceil(length / STAGING_SLOT_BYTES));
+    const count = Math.ceil(length / STAGING_SLOT_BYTES);
     if (count > this.free.length) return undefined;
     return this.free.splice(this.free.length - count, count);
   }

@@ -31,6 +31,8 @@ const arena = (workerData as { arena: SharedArrayBuffer }).arena;
 /** The payload of a job as buffers, in order. */
 function payload(job: WriteJob): Buffer[] {
   const parts: Buffer[] = [];
+  /** Where the next staged bytes start: in `data`, or in slot `slot` of the arena. */
+  let dataAt = 0;
   let slot = 0;
   let inSlot = 0;
   for (const segment of job.segments) {
@@ -39,8 +41,8 @@ function payload(job: WriteJob): Buffer[] {
       continue;
     }
     if (job.data !== undefined) {
-      parts.push(Buffer.from(job.data.buffer, job.data.byteOffset + inSlot, segment));
-      inSlot += segment;
+      parts.push(Buffer.from(job.data.buffer, job.data.byteOffset + dataAt, segment));
+      dataAt += segment;
       continue;
     }
     let left = segment;
