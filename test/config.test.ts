@@ -22,7 +22,7 @@ function problemsOf(text: string, env: NodeJS.ProcessEnv = {}): readonly string[
 
 function defaultsAt(baseDir: string): Config {
   return {
-    cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1, scrubBlocksPerSecond: 20, directWrites: true },
+    cache: { dir: join(baseDir, '.updraft/cache'), diskSizeGb: 50, memorySizeGb: 1, scrubBlocksPerSecond: 20, directWrites: true, memoryPretouch: true },
     storage: { url: pathToFileURL(join(baseDir, '.updraft/store')).href, compression: 'lz4', readAheadPacks: 8, encryptionPassword: '',
       requestTimeoutMs: 10_000, requestDeadlineMs: 25_000,
     },
@@ -109,7 +109,7 @@ describe('template', () => {
         cost: Object.keys(template.cost),
       },
       {
-        cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second', 'direct_writes'],
+        cache: ['dir', 'disk_size_gb', 'memory_size_gb', 'scrub_blocks_per_second', 'direct_writes', 'memory_pretouch'],
         storage: ['url', 'compression', 'read_ahead_packs', 'encryption_password', 'request_timeout_s', 'request_deadline_s'],
         aws: ['access_key_id', 'secret_access_key', 'endpoint', 'default_region', 'allow_http', 'force_path_style'],
         gcs: ['service_account_key', 'endpoint', 'allow_http'],

@@ -2,16 +2,17 @@
 // Every host is a real daemon; data goes through the NBD test client.
 import assert from 'node:assert/strict';
 import { randomBytes, randomFillSync } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { BlockArena } from '../src/blocks/arena.js';
 import { BlockCache, blockKey } from '../src/blocks/cache.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { createLogger } from '../src/log.js';
 import { REWRITE_BATCH_RECORDS } from '../src/volume/journal.js';
 import { Volume } from '../src/volume/volume.js';
-import { CHUNK, createVolume, drain, fileStore, metric, MiB, startCluster, withLogs } from './harness/cluster.js';
+import { CHUNK, connect, createVolume, drain, fileStore, metric, MiB, readAll, startCluster, waitFor, withLogs, writeRandom } from './harness/cluster.js';
 import { NbdClient } from './harness/nbd-client.js';
 
 const TIMEOUT = 600_000;
@@ -207,5 +208,96 @@ test('a flush after a small change hands the journal only the change; compacting
     await cache.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+/** The process's resident set, in bytes. */
+function rssBytes(pid: number): number {
+  const line = readFileSync(`/proc/${pid}/status`, 'utf8').split('\n').find((l) => l.startsWith('VmRSS:'));
+  assert.ok(line !== undefined, `no VmRSS for process ${pid}`);
+  return Number(line.split(/\s+/)[1]) * 1024;
+}
+
+test('memory_pretouch: the daemon faults its whole memory tier in at start-up while a cold read fills it, and every block reads back as written', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const tier = 256 * MiB;
+    const a = await cluster.start('host-a');
+    let data: Buffer;
+    await withLogs([a], async () => {
+      await createVolume(a, 'touched', 64);
+      const writer = await connect(a, 'touched');
+      data = await writeRandom(writer, 0, 48 * MiB);
+      await writer.flush();
+      await writer.disconnect();
+      await drain(a, 'touched');
+    });
+    // Woken on hosts of their own: the cold read streams every block into the memory tier,
+    // on b while its tier is being faulted in.
+    const b = await cluster.start('host-b', { cache: { memory_size_gb: tier / 2 ** 30, memory_pretouch: true } });
+    const c = await cluster.start('host-c', { cache: { memory_size_gb: tier / 2 ** 30, memory_pretouch: false } });
+    await withLogs([b, c], async () => {
+      for (const [name, host] of [['host-b', b], ['host-c', c]] as const) {
+        await createVolume(host, 'touched', 64, {}, 200);
+        const reader = await connect(host, 'touched');
+        assert.ok((await readAll(reader, 0, 48 * MiB)).equals(data!), `${name}: the cold read returned other bytes`);
+        await reader.disconnect();
+      }
+      await waitFor('host-b to fault its memory tier in', async () => (await metric(b, 'updraft_cache_memory_faulted_in')) === 1);
+      assert.ok(b.log().includes('memory tier faulted in'), 'host-b logs it');
+      assert.equal(await metric(c, 'updraft_cache_memory_faulted_in'), 0, 'host-c does not fault its tier in');
+      assert.ok(rssBytes(b.pid) >= tier, `host-b's RSS is ${rssBytes(b.pid)} bytes with its ${tier}-byte memory tier faulted in`);
+      assert.ok(rssBytes(c.pid) < tier, `host-c (memory_pretouch = false) grows as its tier fills: RSS ${rssBytes(c.pid)} bytes`);
+      // Read again from the memory tier: the blocks filled while it was being faulted in are intact.
+      const hits = await metric(b, 'updraft_cache_hits_total', { tier: 'memory' });
+      const reader = await connect(b, 'touched');
+      assert.ok((await readAll(reader, 0, 48 * MiB)).equals(data!), 'host-b: the second read returned other bytes');
+      await reader.disconnect();
+      assert.ok((await metric(b, 'updraft_cache_hits_total', { tier: 'memory' })) > hits, 'the second read was served from the memory tier');
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('pretouch faults an arena in while slots fill: no block is lost or changed, and stopTouching leaves every buffer in place', async () => {
+  const block = 128 * 1024;
+  const slots = 1024; // 16 buffers of 64 slots
+  const arena = new BlockArena(block, slots * block);
+  const blocks: Buffer[] = [];
+  const fill = (): boolean => {
+    const slot = arena.allocate();
+    if (slot === undefined) return false;
+    const data = randomBytes(block);
+    arena.fill(slot, data);
+    blocks[slot] = data;
+    return true;
+  };
+  for (let i = 0; i < 100; i++) assert.ok(fill(), 'a fresh arena hands out slots');
+  // The touching thread does not keep a process alive (the daemon's servers do): this timer does, here.
+  const alive = setInterval(() => undefined, 1000);
+  try {
+    // Slots are taken while the buffers above them are on the thread: allocate() skips the one away.
+    const touched = arena.pretouch();
+    // The last buffer went to the thread at once: the slots up to it are handed out, and none of it.
+    while (fill());
+    assert.equal(blocks.length, slots - 64, 'allocate() hands out every slot below the buffer on the thread, and none of it');
+    let refused = 0;
+    while (blocks.filter(Boolean).length < slots) {
+      if (!fill()) refused++;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    await touched;
+    assert.equal(arena.allocate(), undefined, 'every slot is taken');
+    for (const [slot, data] of blocks.entries()) assert.ok(arena.view(slot).equals(data), `slot ${slot} lost or changed its block while the arena was touched (${refused} allocations refused meanwhile)`);
+    // Stopped at once, as when the cache closes: every buffer is back in the arena.
+    const fresh = new BlockArena(block, slots * block);
+    const stopped = fresh.pretouch();
+    await fresh.stopTouching();
+    await stopped;
+    assert.equal(fresh.heldBytes, slots * block, 'no buffer was left on the thread');
+    for (let i = 0; i < slots; i++) assert.notEqual(fresh.allocate(), undefined, `slot ${i} can be handed out after a stopped touch`);
+  } finally {
+    clearInterval(alive);
   }
 });

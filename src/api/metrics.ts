@@ -37,6 +37,7 @@ export class Metrics {
     gauge('updraft_cache_memory_bytes', 'Bytes of blocks in the memory tier', () => cache.memoryBytes);
     gauge('updraft_cache_slab_direct_writes', 'Whether block writes to the disk cache bypass the page cache (O_DIRECT: 1), or the filesystem refused that (0)', () => (cache.slabWritesDirect ? 1 : 0));
     gauge('updraft_cache_memory_held_bytes', 'Bytes of the buffers the memory tier keeps (its arena of memory_size_gb, resident as far as it has filled)', () => cache.memoryHeldBytes);
+    gauge('updraft_cache_memory_faulted_in', 'Whether the memory tier has been faulted in at start-up (memory_pretouch): 1 once it has, 0 before or without it', () => (cache.memoryFaultedIn ? 1 : 0));
     gauge('updraft_process_array_buffers_bytes', 'Bytes of ArrayBuffers and Buffers the process holds (process.memoryUsage().arrayBuffers)', () => process.memoryUsage().arrayBuffers);
     gauge('updraft_local_used_bytes', 'Local bytes that exist nowhere else: overlay sectors plus pinned blocks', () => cache.space.used);
     gauge('updraft_local_capacity_bytes', 'The disk budget for local-only data ([cache] disk_size_gb)', () => cache.space.capacity);

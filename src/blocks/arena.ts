@@ -1,10 +1,13 @@
 // The memory tier's storage (blocks/cache.ts): a fixed number of block_size slots in a
 // few large buffers, allocated when the cache opens (untouched memory: the process grows
-// only as the tier fills) and never freed. A block admitted
+// only as the tier fills, unless pretouch() faults it in ahead) and never freed. A block admitted
 // to the tier is copied into a slot; an evicted block's slot takes the next one. So the
 // tier holds at most memory_size_gb of buffers whatever passes through it, and a cold read
 // of a GiB allocates nothing per block (no garbage for V8 to chase, no buffer awaiting a
 // collection while the process grows).
+
+import { once } from 'node:events';
+import { Worker } from 'node:worker_threads';
 
 /** Slots per buffer: large enough that a GiB tier is a few dozen buffers, small enough that a small tier allocates little. */
 const SLOTS_PER_SEGMENT = 64;
@@ -18,6 +21,12 @@ export class BlockArena {
   private readonly free: number[] = [];
   private highWater = 0;
 
+  /** The buffer pretouch() has on its thread, whose slots allocate() does not hand out meanwhile; -1 for none. */
+  private away = -1;
+  /** The pretouch() running, and whether it was asked to stop. */
+  private touching: Promise<void> | undefined;
+  private stopTouch = false;
+
   constructor(
     readonly blockSize: number,
     maxBytes: number,
@@ -30,6 +39,59 @@ export class BlockArena {
     }
   }
 
+  /**
+   * Fault the arena's pages in on a thread of its own, so that filling the tier later
+   * (a cold read, a seal) pays no page faults on the event loop. Its buffers go to the
+   * thread one at a time (moved, not shared: copies between shared buffers are slow in V8)
+   * from the last down, and only those with no slot handed out yet. Resolves when every
+   * page is in, or at the next buffer's turn once stopTouching() asks.
+   */
+  pretouch(): Promise<void> {
+    if (this.touching !== undefined) throw new Error('block arena: pretouch is already running');
+    this.stopTouch = false;
+    const touching = this.touchAll().finally(() => {
+      this.touching = undefined;
+    });
+    this.touching = touching;
+    return touching;
+  }
+
+  /** Stop a pretouch() that is running, once its buffer on the thread is back. */
+  async stopTouching(): Promise<void> {
+    this.stopTouch = true;
+    await this.touching?.catch(() => undefined);
+  }
+
+  private async touchAll(): Promise<void> {
+    const toucher = new Worker(new URL('./arena-touch-worker.js', import.meta.url), {
+      resourceLimits: { maxOldGenerationSizeMb: 8, maxYoungGenerationSizeMb: 2 },
+    });
+    toucher.unref();
+    try {
+      for (let s = this.segments.length - 1; s >= 0 && !this.stopTouch; s--) {
+        // Slots of it are handed out: they, and all below, faulted in as they filled.
+        if (s * SLOTS_PER_SEGMENT < this.highWater) break;
+        this.away = s;
+        const size = this.segments[s].length;
+        try {
+          const buffer = this.segments[s].buffer as ArrayBuffer; // allocUnsafeSlow: an ArrayBuffer of its own
+          const back = once(toucher, 'message') as Promise<[ArrayBuffer]>;
+          toucher.postMessage(buffer, [buffer]);
+          const [touched] = await back;
+          this.segments[s] = Buffer.from(touched);
+        } catch (err) {
+          // The thread kept it: a fresh buffer takes its place (no slot of it was in use).
+          if (this.segments[s].length !== size) this.segments[s] = Buffer.allocUnsafeSlow(size);
+          throw err;
+        } finally {
+          this.away = -1;
+        }
+      }
+    } finally {
+      await toucher.terminate();
+    }
+  }
+
   /** Bytes of the tier's buffers: capacity × block_size (resident only as far as they were filled). */
   get heldBytes(): number {
     let bytes = 0;
@@ -37,11 +99,15 @@ export class BlockArena {
     return bytes;
   }
 
-  /** A free slot, or undefined when all `capacity` are taken (the caller evicts one and releases it). */
+  /**
+   * A free slot, or undefined when all `capacity` are taken, or the rest are on
+   * pretouch()'s thread for a moment (the caller evicts one and releases it).
+   */
   allocate(): number | undefined {
     const slot = this.free.pop();
     if (slot !== undefined) return slot;
     if (this.highWater >= this.capacity) return undefined;
+    if (Math.floor(this.highWater / SLOTS_PER_SEGMENT) === this.away) return undefined;
     return this.highWater++;
   }
 

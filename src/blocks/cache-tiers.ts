@@ -35,6 +35,8 @@ export interface BlockCacheOptions {
   memoryBytes: number;
   /** Block writes to the slab bypass the page cache where the filesystem allows (default true). */
   directWrites?: boolean;
+  /** Fault the memory tier's arena in at start-up, on a thread of its own (default false). */
+  memoryPretouch?: boolean;
 }
 
 export interface CacheCounters {
@@ -82,6 +84,10 @@ export abstract class CacheTiers {
   private readonly maxSlots: number;
   protected readonly diskPolicy: S3Fifo<BlockKey>;
   protected readonly memory: MemoryTier;
+  /** The memory tier being faulted in (memoryPretouch), until it is. */
+  private touching: Promise<void> | undefined;
+  private faultedIn = false;
+  private closing = false;
   /** Streamed blocks kept in memory only (blocks/streamed-keys.ts): at most 4 × the memory tier's blocks. */
   protected readonly streamed: StreamedKeys;
   /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
@@ -132,7 +138,18 @@ export abstract class CacheTiers {
     this.maxSlots = Math.max(1, Math.floor(opts.diskBytes / opts.blockSize));
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
+    const pretouch = opts.memoryPretouch === true && opts.memoryBytes >= opts.blockSize;
     this.memory = new MemoryTier(opts.blockSize, opts.memoryBytes, () => this.counters.memoryEvictions++);
+    if (pretouch) {
+      const started = performance.now();
+      this.touching = this.memory.pretouch().then(
+        () => {
+          this.faultedIn = !this.closing;
+          if (this.faultedIn) log.info('memory tier faulted in', { bytes: this.memory.heldBytes, seconds: Number(((performance.now() - started) / 1000).toFixed(2)) });
+        },
+        (err: unknown) => log.warn('memory tier: faulting it in failed; it is faulted in as it fills', { error: String(err) }),
+      );
+    }
     // A block streamed again once the memory tier let it go is remembered for a few of its turnovers.
     this.streamed = new StreamedKeys(Math.max(1024, 4 * Math.floor(opts.memoryBytes / opts.blockSize)));
     this.table = new SlotTable(tableFd);
@@ -187,6 +204,10 @@ export abstract class CacheTiers {
   /** Bytes of the buffers the memory tier keeps alive: its arena's, at most memoryBytes. */
   get memoryHeldBytes(): number {
     return this.memory.heldBytes;
+  }
+  /** Whether memoryPretouch has faulted the whole memory tier in. */
+  get memoryFaultedIn(): boolean {
+    return this.faultedIn;
   }
   /** Whether block writes to the slab bypass the page cache (O_DIRECT). */
   get slabWritesDirect(): boolean {
@@ -492,6 +513,9 @@ export abstract class CacheTiers {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
+    await this.memory.stopTouching();
+    await this.touching;
     await this.settle();
     disk.closeSync(this.slabFd);
     if (this.slabDirectFd !== undefined) disk.closeSync(this.slabDirectFd);

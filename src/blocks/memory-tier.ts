@@ -21,6 +21,14 @@ export class MemoryTier {
     this.arena = new BlockArena(blockSize, maxBytes);
   }
 
+  /** Fault the tier's whole arena in on a thread of its own (BlockArena.pretouch). */
+  pretouch(): Promise<void> {
+    return this.arena.pretouch();
+  }
+  stopTouching(): Promise<void> {
+    return this.arena.stopTouching();
+  }
+
   /** Bytes of the blocks in the tier. */
   get bytes(): number {
     return this.policy.size;

@@ -50,6 +50,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
       diskBytes: Math.floor(config.cache.diskSizeGb * GB),
       memoryBytes: Math.floor(config.cache.memorySizeGb * GB),
       directWrites: config.cache.directWrites,
+      memoryPretouch: config.cache.memoryPretouch,
       autoCreateBytes: Math.floor((nbdConfig.autoCreateSizeGb * GB) / 4096) * 4096,
       sealIdleMs: config.volumes.sealIdleMs,
       sealDirtyBytes: config.volumes.sealDirtyMb * 1024 * 1024,

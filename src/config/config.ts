@@ -18,7 +18,7 @@ import {
 export { parseDuration, parseHostPort } from './values.js';
 
 export interface Config {
-  cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number; directWrites: boolean };
+  cache: { dir: string; diskSizeGb: number; memorySizeGb: number; scrubBlocksPerSecond: number; directWrites: boolean; memoryPretouch: boolean };
   storage: {
     url: string;
     compression: string;
@@ -134,6 +134,7 @@ const CACHE = {
   memory_size_gb: setting(z.number().min(0), 1.0, 'a number of GB, 0 or more'),
   scrub_blocks_per_second: setting(z.number().int().min(0).max(100000), 20, 'an integer from 0 (off) to 100000'),
   direct_writes: setting(z.boolean(), true, 'true or false'),
+  memory_pretouch: setting(z.boolean(), true, 'true or false'),
 };
 
 const STORAGE = {
@@ -530,6 +531,7 @@ function toConfig(file: ConfigFile, baseDir: string): Config {
     cache: {
       dir: resolve(baseDir, cache.dir), diskSizeGb: cache.disk_size_gb, memorySizeGb: cache.memory_size_gb,
       scrubBlocksPerSecond: cache.scrub_blocks_per_second, directWrites: cache.direct_writes,
+      memoryPretouch: cache.memory_pretouch,
     },
     storage: {
       url: resolveStorageUrl(storage.url, baseDir), compression: storage.compression, readAheadPacks: storage.read_ahead_packs,

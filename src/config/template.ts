@@ -19,6 +19,9 @@ scrub_blocks_per_second = 20
 # Block writes to the disk tier bypass the page cache (O_DIRECT) where the filesystem
 # allows it; false writes them through the page cache.
 direct_writes = true
+# Fault the memory tier in when the daemon starts, on a thread of its own, so filling it
+# later costs no page faults; false lets the process grow as the tier fills.
+memory_pretouch = true
 
 [storage]
 # Object store for packs and manifests: "file://PATH" (a folder), "s3://BUCKET/PREFIX",

@@ -42,6 +42,8 @@ export interface HostOptions {
   memoryBytes: number;
   /** Write blocks to the disk tier past the page cache where the filesystem allows (default true). */
   directWrites?: boolean;
+  /** Fault the memory tier in at start-up, on a thread of its own (default false). */
+  memoryPretouch?: boolean;
   /** Size of a volume created on first connect; 0 disables auto-create. */
   autoCreateBytes: number;
   /** Seal a volume's overlay after it has been idle this long. */
@@ -184,7 +186,7 @@ export abstract class HostInventory {
     this.volumesRoot = path.join(options.cacheDir, 'volumes');
     this.cache = BlockCache.open(
       path.join(options.cacheDir, 'blocks'),
-      { blockSize: options.blockSize, namesId: options.cipher.namesId, blockHash: options.cipher.blockHash, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes, directWrites: options.directWrites },
+      { blockSize: options.blockSize, namesId: options.cipher.namesId, blockHash: options.cipher.blockHash, diskBytes: options.diskBytes, memoryBytes: options.memoryBytes, directWrites: options.directWrites, memoryPretouch: options.memoryPretouch },
       log.child('cache'),
     );
     this.packIndex = PackIndex.open(path.join(options.cacheDir, 'packs.index'));

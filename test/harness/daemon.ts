@@ -160,7 +160,8 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
     const httpPort = await freePort();
     const nbdAddresses = [`${tcp.host}:${tcp.port}`];
     const defaults: TomlTable = {
-      cache: { dir: path.join(dir, 'cache'), disk_size_gb: 4, memory_size_gb: 0.25 },
+      // Off: hundreds of test daemons would each fault in their tier (memory-bounds.test turns it on).
+      cache: { dir: path.join(dir, 'cache'), disk_size_gb: 4, memory_size_gb: 0.25, memory_pretouch: false },
       storage: { url: `file://${path.join(dir, 'store')}` },
       servers: {
         nbd: { unix_socket: socket, auto_create_size_gb: 1, addresses: nbdAddresses },
