@@ -247,7 +247,9 @@ test('memory_pretouch: the daemon faults its whole memory tier in at start-up wh
       assert.ok(b.log().includes('memory tier faulted in'), 'host-b logs it');
       assert.equal(await metric(c, 'updraft_cache_memory_faulted_in'), 0, 'host-c does not fault its tier in');
       assert.ok(rssBytes(b.pid) >= tier, `host-b's RSS is ${rssBytes(b.pid)} bytes with its ${tier}-byte memory tier faulted in`);
-      assert.ok(rssBytes(c.pid) < tier, `host-c (memory_pretouch = false) grows as its tier fills: RSS ${rssBytes(c.pid)} bytes`);
+      // host-c, after the same read, holds only the 48 MiB it filled of its tier.
+      const [rssB, rssC] = [rssBytes(b.pid), rssBytes(c.pid)];
+      assert.ok(rssB - rssC >= tier / 2, `host-b's RSS (${rssB} bytes) is not half a tier above host-c's (memory_pretouch = false: ${rssC} bytes)`);
       // Read again from the memory tier: the blocks filled while it was being faulted in are intact.
       const hits = await metric(b, 'updraft_cache_hits_total', { tier: 'memory' });
       const reader = await connect(b, 'touched');
