@@ -6,7 +6,6 @@
 // of a GiB allocates nothing per block (no garbage for V8 to chase, no buffer awaiting a
 // collection while the process grows).
 
-import { once } from 'node:events';
 import { Worker } from 'node:worker_threads';
 
 /** Slots per buffer: large enough that a GiB tier is a few dozen buffers, small enough that a small tier allocates little. */
@@ -75,10 +74,17 @@ export class BlockArena {
         const size = this.segments[s].length;
         try {
           const buffer = this.segments[s].buffer as ArrayBuffer; // allocUnsafeSlow: an ArrayBuffer of its own
-          const back = once(toucher, 'message') as Promise<[ArrayBuffer]>;
+          const back = new Promise<ArrayBuffer>((resolve, reject) => {
+            // An error ends the thread too: 'exit' follows it.
+            const exited = (code: number) => reject(new Error(`block arena: the thread touching the arena exited (code ${code})`));
+            toucher.once('exit', exited);
+            toucher.once('message', (touched: ArrayBuffer) => {
+              toucher.off('exit', exited);
+              resolve(touched);
+            });
+          });
           toucher.postMessage(buffer, [buffer]);
-          const [touched] = await back;
-          this.segments[s] = Buffer.from(touched);
+          this.segments[s] = Buffer.from(await back);
         } catch (err) {
           // The thread kept it: a fresh buffer takes its place (no slot of it was in use).
           if (this.segments[s].length !== size) this.segments[s] = Buffer.allocUnsafeSlow(size);
@@ -92,11 +98,10 @@ export class BlockArena {
     }
   }
 
-  /** Bytes of the tier's buffers: capacity × block_size (resident only as far as they were filled). */
+  /** Bytes of the tier's buffers: capacity × block_size (resident as far as they were filled or faulted in). */
   get heldBytes(): number {
-    let bytes = 0;
-    for (const segment of this.segments) bytes += segment.length;
-    return bytes;
+    // Not the buffers' lengths: the one pretouch() has on its thread reads as empty meanwhile.
+    return this.capacity * this.blockSize;
   }
 
   /**
