@@ -7,10 +7,10 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes, randomInt } from 'node:crypto';
-import { existsSync, readFileSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { startDaemon, type Daemon } from './harness/daemon.js';
+import { rssBytes, startDaemon, type Daemon } from './harness/daemon.js';
 import {
   NBD_CMD,
   NBD_CMD_FLAG,
@@ -798,12 +798,6 @@ describe('bad input never takes the daemon down', { timeout: 120_000 }, () => {
 });
 
 // ---------------------------------------------------------------------------
-
-function rssBytes(pid: number): number {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const match = /VmRSS:\s+(\d+) kB/.exec(status);
-  return match ? Number(match[1]) * 1024 : 0;
-}
 
 async function waitFor(check: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
   const deadline = Date.now() + timeoutMs;

@@ -2,7 +2,7 @@
 // Every host is a real daemon; data goes through the NBD test client.
 import assert from 'node:assert/strict';
 import { randomBytes, randomFillSync } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -13,6 +13,7 @@ import { createLogger } from '../src/log.js';
 import { REWRITE_BATCH_RECORDS } from '../src/volume/journal.js';
 import { Volume } from '../src/volume/volume.js';
 import { CHUNK, connect, createVolume, drain, fileStore, metric, MiB, readAll, startCluster, waitFor, withLogs, writeRandom } from './harness/cluster.js';
+import { rssBytes } from './harness/daemon.js';
 import { NbdClient } from './harness/nbd-client.js';
 
 const TIMEOUT = 600_000;
@@ -211,13 +212,6 @@ test('a flush after a small change hands the journal only the change; compacting
   }
 });
 
-/** The process's resident set, in bytes. */
-function rssBytes(pid: number): number {
-  const line = readFileSync(`/proc/${pid}/status`, 'utf8').split('\n').find((l) => l.startsWith('VmRSS:'));
-  assert.ok(line !== undefined, `no VmRSS for process ${pid}`);
-  return Number(line.split(/\s+/)[1]) * 1024;
-}
-
 test('memory_pretouch: the daemon faults its whole memory tier in at start-up while a cold read fills it, and every block reads back as written', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {
@@ -246,9 +240,9 @@ test('memory_pretouch: the daemon faults its whole memory tier in at start-up wh
       await waitFor('host-b to fault its memory tier in', async () => (await metric(b, 'updraft_cache_memory_faulted_in')) === 1);
       assert.ok(b.log().includes('memory tier faulted in'), 'host-b logs it');
       assert.equal(await metric(c, 'updraft_cache_memory_faulted_in'), 0, 'host-c does not fault its tier in');
-      assert.ok(rssBytes(b.pid) >= tier, `host-b's RSS is ${rssBytes(b.pid)} bytes with its ${tier}-byte memory tier faulted in`);
-      // host-c, after the same read, holds only the 48 MiB it filled of its tier.
       const [rssB, rssC] = [rssBytes(b.pid), rssBytes(c.pid)];
+      assert.ok(rssB >= tier, `host-b's RSS is ${rssB} bytes with its ${tier}-byte memory tier faulted in`);
+      // host-c, after the same read, holds only the 48 MiB it filled of its tier.
       assert.ok(rssB - rssC >= tier / 2, `host-b's RSS (${rssB} bytes) is not half a tier above host-c's (memory_pretouch = false: ${rssC} bytes)`);
       // Read again from the memory tier: the blocks filled while it was being faulted in are intact.
       const hits = await metric(b, 'updraft_cache_hits_total', { tier: 'memory' });

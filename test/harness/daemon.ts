@@ -3,7 +3,7 @@
 
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { createWriteStream, type WriteStream } from 'node:fs';
+import { createWriteStream, readFileSync, type WriteStream } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
@@ -133,6 +133,13 @@ function isTable(value: unknown): value is TomlTable {
 }
 
 /** base with overrides merged in; neither argument is changed. */
+/** A live process's resident set (VmRSS), in bytes; throws when `pid` has none (it has exited). */
+export function rssBytes(pid: number): number {
+  const match = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  if (match === null) throw new Error(`process ${pid} has no resident set (VmRSS)`);
+  return Number(match[1]) * 1024;
+}
+
 export function mergeToml(base: TomlTable, overrides: TomlTable): TomlTable {
   const out: TomlTable = { ...base };
   for (const [key, value] of Object.entries(overrides)) {
