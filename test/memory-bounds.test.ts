@@ -283,14 +283,14 @@ test('pretouch faults an arena in while slots fill: no block is lost or changed,
       if (!fill()) refused++;
       await new Promise((resolve) => setImmediate(resolve));
     }
-    await touched;
+    assert.equal(await touched, true, 'the touch ran to its end');
     assert.equal(arena.allocate(), undefined, 'every slot is taken');
     for (const [slot, data] of blocks.entries()) assert.ok(arena.view(slot).equals(data), `slot ${slot} lost or changed its block while the arena was touched (${refused} allocations refused meanwhile)`);
     // Stopped at once, as when the cache closes: every buffer is back in the arena.
     const fresh = new BlockArena(block, slots * block);
     const stopped = fresh.pretouch();
     await fresh.stopTouching();
-    await stopped;
+    assert.equal(await stopped, false, 'a stopped touch says it did not finish');
     // A buffer left on the thread would read as empty: every slot takes and keeps its block.
     const kept: Buffer[] = [];
     for (let i = 0; i < slots; i++) {

@@ -23,7 +23,7 @@ export class BlockArena {
   /** The buffer pretouch() has on its thread, whose slots allocate() does not hand out meanwhile; -1 for none. */
   private away = -1;
   /** The pretouch() running, and whether it was asked to stop. */
-  private touching: Promise<void> | undefined;
+  private touching: Promise<boolean> | undefined;
   private stopTouch = false;
 
   constructor(
@@ -42,10 +42,10 @@ export class BlockArena {
    * Fault the arena's pages in on a thread of its own, so that filling the tier later
    * (a cold read, a seal) pays no page faults on the event loop. Its buffers go to the
    * thread one at a time (moved, not shared: copies between shared buffers are slow in V8)
-   * from the last down, and only those with no slot handed out yet. Resolves when every
-   * page is in, or at the next buffer's turn once stopTouching() asks.
+   * from the last down, and only those with no slot handed out yet. Resolves true when every
+   * page is in, or false at the next buffer's turn once stopTouching() asks.
    */
-  pretouch(): Promise<void> {
+  pretouch(): Promise<boolean> {
     if (this.touching !== undefined) throw new Error('block arena: pretouch is already running');
     this.stopTouch = false;
     const touching = this.touchAll().finally(() => {
@@ -61,13 +61,14 @@ export class BlockArena {
     await this.touching?.catch(() => undefined);
   }
 
-  private async touchAll(): Promise<void> {
+  private async touchAll(): Promise<boolean> {
     const toucher = new Worker(new URL('./arena-touch-worker.js', import.meta.url), {
       resourceLimits: { maxOldGenerationSizeMb: 8, maxYoungGenerationSizeMb: 2 },
     });
     toucher.unref();
     try {
-      for (let s = this.segments.length - 1; s >= 0 && !this.stopTouch; s--) {
+      for (let s = this.segments.length - 1; s >= 0; s--) {
+        if (this.stopTouch) return false;
         // Slots of it are handed out: they, and all below, faulted in as they filled.
         if (s * SLOTS_PER_SEGMENT < this.highWater) break;
         this.away = s;
@@ -93,6 +94,7 @@ export class BlockArena {
           this.away = -1;
         }
       }
+      return true;
     } finally {
       await toucher.terminate();
     }

@@ -87,7 +87,6 @@ export abstract class CacheTiers {
   /** The memory tier being faulted in (memoryPretouch), until it is. */
   private touching: Promise<void> | undefined;
   private faultedIn = false;
-  private closing = false;
   /** Streamed blocks kept in memory only (blocks/streamed-keys.ts): at most 4 × the memory tier's blocks. */
   protected readonly streamed: StreamedKeys;
   /** Blocks put but not yet written to the slab; reads are served from here meanwhile. */
@@ -143,9 +142,9 @@ export abstract class CacheTiers {
     if (pretouch) {
       const started = performance.now();
       this.touching = this.memory.pretouch().then(
-        () => {
-          this.faultedIn = !this.closing;
-          if (this.faultedIn) log.info('memory tier faulted in', { bytes: this.memory.heldBytes, seconds: Number(((performance.now() - started) / 1000).toFixed(2)) });
+        (done) => {
+          this.faultedIn = done;
+          if (done) log.info('memory tier faulted in', { bytes: this.memory.heldBytes, seconds: Number(((performance.now() - started) / 1000).toFixed(2)) });
         },
         (err: unknown) => log.warn('memory tier: faulting it in failed; it is faulted in as it fills', { error: String(err) }),
       );
@@ -513,7 +512,6 @@ export abstract class CacheTiers {
   }
 
   async close(): Promise<void> {
-    this.closing = true;
     await this.memory.stopTouching();
     await this.touching;
     await this.settle();

@@ -22,7 +22,7 @@ export class MemoryTier {
   }
 
   /** Fault the tier's whole arena in on a thread of its own (BlockArena.pretouch). */
-  pretouch(): Promise<void> {
+  pretouch(): Promise<boolean> {
     return this.arena.pretouch();
   }
   stopTouching(): Promise<void> {
