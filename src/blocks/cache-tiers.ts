@@ -7,6 +7,7 @@ import { disk } from '../disk/disk.js';
 import type { BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { keyHex, type BlockKey } from './block-key.js';
+import { hostMemory, type HostMemory } from './host-memory.js';
 import { LocalSpace } from './local-space.js';
 import { MemoryTier } from './memory-tier.js';
 import { S3Fifo } from './s3fifo.js';
@@ -20,6 +21,9 @@ const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync
  * read of the largest payload NBD allows (32 MiB) fits whole.
  */
 const MAX_HELD_BYTES = 32 * 1024 * 1024;
+
+/** The memory tier is faulted in at start-up only if this much memory is still free after it. */
+const PRETOUCH_HEADROOM_BYTES = 256 * 1024 * 1024;
 
 export interface BlockCacheOptions {
   blockSize: number;
@@ -35,8 +39,12 @@ export interface BlockCacheOptions {
   memoryBytes: number;
   /** Block writes to the slab bypass the page cache where the filesystem allows (default true). */
   directWrites?: boolean;
-  /** Fault the memory tier's arena in at start-up, on a thread of its own (default false). */
+  /**
+   * Fault the memory tier's arena in at start-up, on a thread of its own (default false),
+   * if it fits in the memory free then (`hostMemory`, default blocks/host-memory.ts).
+   */
   memoryPretouch?: boolean;
+  hostMemory?: () => HostMemory | undefined;
 }
 
 export interface CacheCounters {
@@ -137,9 +145,8 @@ export abstract class CacheTiers {
     this.maxSlots = Math.max(1, Math.floor(opts.diskBytes / opts.blockSize));
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
-    const pretouch = opts.memoryPretouch === true && opts.memoryBytes >= opts.blockSize;
     this.memory = new MemoryTier(opts.blockSize, opts.memoryBytes, () => this.counters.memoryEvictions++);
-    if (pretouch) {
+    if (opts.memoryPretouch === true && opts.memoryBytes >= opts.blockSize && this.pretouchFits(opts, log)) {
       const started = performance.now();
       this.touching = this.memory.pretouch().then(
         (done) => {
@@ -153,6 +160,24 @@ export abstract class CacheTiers {
     this.streamed = new StreamedKeys(Math.max(1024, 4 * Math.floor(opts.memoryBytes / opts.blockSize)));
     this.table = new SlotTable(tableFd);
     this.slab = new FileWriteQueue(slabFd, slabDirectFd === undefined ? undefined : new DirectWrites(slabDirectFd));
+  }
+
+  /**
+   * Whether faulting the whole memory tier in now leaves PRETOUCH_HEADROOM_BYTES free:
+   * claiming memory the host (or the daemon's cgroup) does not have would wake the OOM
+   * killer, which may pick a VM. If not, the tier fills as blocks come, as without memory_pretouch.
+   */
+  private pretouchFits(opts: BlockCacheOptions, log: Logger): boolean {
+    const memory = (opts.hostMemory ?? hostMemory)();
+    const tier = this.memory.heldBytes;
+    if (memory === undefined || tier + PRETOUCH_HEADROOM_BYTES <= memory.availableBytes) return true;
+    log.warn('memory tier not faulted in at start-up: it would not leave enough memory free; it is faulted in as it fills', {
+      bytes: tier,
+      available_bytes: memory.availableBytes,
+      headroom_bytes: PRETOUCH_HEADROOM_BYTES,
+      limit: memory.limit,
+    });
+    return false;
   }
 
   protected loadTable(namesId: Buffer): void {

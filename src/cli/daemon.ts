@@ -14,6 +14,7 @@ import { describeEncryption, openStoreIdentity, type OpenedStore } from '../stor
 import { openGc } from '../gc/open.js';
 import { openStore } from '../host/store-stack.js';
 import { Host, hostIdentity } from '../host/host.js';
+import { hostMemory } from '../blocks/host-memory.js';
 import { DAEMON_NODE_FLAGS, missingNodeFlags } from './node-flags.js';
 
 const GB = 1024 ** 3;
@@ -31,6 +32,7 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   const nbdConfig = config.servers.nbd;
   // Before anything opens: a bad certificate is a start-up error, not a first-client one.
   const nbdTls = loadNbdTls(nbdConfig);
+  checkMemoryTier(config.cache.memorySizeGb);
   const { store, metered } = openStore(config, log.child('store'));
   let opened: OpenedStore;
   let gc;
@@ -150,6 +152,17 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
 }
 
 /** The NBD TLS settings as a secure context; throws naming the setting that is wrong. */
+/**
+ * A memory tier larger than all the memory the daemon can have never fits: the kernel
+ * would kill the daemon (or a VM) as it filled. Refused before anything opens.
+ */
+function checkMemoryTier(memorySizeGb: number): void {
+  const memory = hostMemory();
+  if (memory === undefined || memorySizeGb * GB <= memory.totalBytes) return;
+  const has = memory.limit === 'host' ? "this host's memory" : "the memory limit of the daemon's cgroup";
+  throw new Error(`config: cache.memory_size_gb = ${memorySizeGb} is more than ${has} (${(memory.totalBytes / GB).toFixed(2)} GB): the memory tier could never fit`);
+}
+
 function loadNbdTls(nbd: Config['servers']['nbd']): { mode: 'on' | 'require'; context: tls.SecureContext } | undefined {
   if (nbd.tls === 'off') return undefined;
   const read = (key: string, file: string): Buffer => {
