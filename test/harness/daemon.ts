@@ -41,6 +41,8 @@ export interface StartDaemonOptions {
   nodeFlags?: readonly string[];
   /** Sent as "Authorization: Bearer TOKEN" by api() and the readiness probe ([servers.http] token). */
   apiToken?: string;
+  /** A cgroup directory the daemon starts in (harness/cgroup.ts): it joins before Node.js starts. */
+  cgroup?: string;
 }
 
 export interface ApiResponse {
@@ -207,7 +209,10 @@ export async function startDaemon(opts: StartDaemonOptions = {}): Promise<Daemon
     const nodeArgs = [...(opts.nodeFlags ?? DAEMON_NODE_FLAGS), ...(process.env.UPDRAFT_TEST_NODE_ARGS ?? '').split(' ').filter(Boolean)];
     // UPDRAFT_TEST_CLOCK_SKEW_MS: this daemon's wall clock reads that many ms off (skewed-clock.ts).
     if (env.UPDRAFT_TEST_CLOCK_SKEW_MS !== undefined) nodeArgs.push('--import', SKEWED_CLOCK);
-    const proc = spawn(process.execPath, [...nodeArgs, main, 'run', '-c', configPath], {
+    const command = [process.execPath, ...nodeArgs, main, 'run', '-c', configPath];
+    // In a cgroup: a shell joins it and execs Node.js, so the pid and everything it allocates are the cgroup's.
+    const [file, ...args] = opts.cgroup === undefined ? command : ['/bin/sh', '-c', 'echo $$ > "$0" && exec "$@"', path.join(opts.cgroup, 'cgroup.procs'), ...command];
+    const proc = spawn(file, args, {
       cwd: dir,
       env,
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -361,16 +366,24 @@ async function waitHealthy(httpUrl: string, proc: ChildProcess, token: string | 
   throw new Error(`not healthy after ${READY_TIMEOUT_MS} ms: ${lastProblem}`);
 }
 
-/** Asserts that a daemon with `toml` exits at start-up, its output holding every string of `mentions`. */
-export async function assertRefusesToStart(toml: TomlTable, mentions: string[], prefix = 'updraft-start-'): Promise<void> {
+/**
+ * Asserts that a daemon with `toml` (started in `cgroup`, if given) exits at start-up, its
+ * output holding every string of `mentions`. One that starts is stopped before the test fails.
+ */
+export async function assertRefusesToStart(toml: TomlTable, mentions: string[], prefix = 'updraft-start-', cgroup?: string): Promise<void> {
   const dir = await scratchDir(prefix);
   try {
-    await assert.rejects(startDaemon({ dir, toml }), (err: unknown) => {
+    let started: Daemon;
+    try {
+      started = await startDaemon({ dir, toml, cgroup });
+    } catch (err) {
       const message = (err as Error).message;
       assert.match(message, /daemon exited early/, message);
       for (const text of mentions) assert.ok(message.includes(text), `start-up failure does not mention ${JSON.stringify(text)}:\n${message}`);
-      return true;
-    });
+      return;
+    }
+    await started.stop();
+    assert.fail(`the daemon started; its output:\n${started.log()}`);
   } finally {
     await removeDir(dir);
   }
