@@ -8,6 +8,7 @@ import { errorMessage, type Logger } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
 import { DeferredRequests } from './deferred.js';
 import { Handshake, ProtocolError, type ExportCatalog, type TlsPolicy } from './handshake.js';
+import { raiseSendBuffer } from './socket-buffer.js';
 import { Transmission } from './transmission.js';
 
 /** Unparsed negotiation bytes buffered before we stop reading from the client. */
@@ -68,7 +69,11 @@ export class NbdServer {
   }
 
   private start(listenOptions: net.ListenOptions, label: string, tlsMode: TlsPolicy['mode']): Promise<void> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.accept(socket, tlsMode));
+    const unix = listenOptions.path !== undefined;
+    const server = net.createServer({ noDelay: true }, (socket) => {
+      if (unix) this.raiseSendBuffer(socket);
+      this.accept(socket, tlsMode);
+    });
     this.servers.push(server);
     return new Promise((resolve, reject) => {
       server.once('error', (err) => reject(new Error(`NBD listen on ${label}: ${err.message}`)));
@@ -77,6 +82,18 @@ export class NbdServer {
         resolve();
       });
     });
+  }
+
+  /** Whether raiseSendBuffer has logged what it did: once a daemon. */
+  private sendBufferLogged = false;
+
+  /** A unix-socket connection's send buffer raised (socket-buffer.ts); said once in the log. */
+  private raiseSendBuffer(socket: net.Socket): void {
+    const result = raiseSendBuffer(socket);
+    if (this.sendBufferLogged) return;
+    this.sendBufferLogged = true;
+    if (result instanceof Error) this.log.warn('unix-socket connections keep the kernel\'s send buffer: large read replies go out in pieces', { error: result.message });
+    else this.log.info('unix-socket connections: send buffer raised', { bytes: result });
   }
 
   /** Addresses actually bound (TCP ports resolved). */
