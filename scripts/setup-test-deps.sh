@@ -26,6 +26,7 @@ checks=(
   "fusermount3 fuse3"
   "losetup util-linux"
   "openssl openssl"
+  "ss iproute2"
   "qemu-system-x86_64 qemu-system-x86"
   "debugfs e2fsprogs"
   "g++ g++"

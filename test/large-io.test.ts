@@ -8,11 +8,13 @@
 //   - more FUA writes in flight than a connection may defer all succeed: a request's FUA
 //     wait stays in the slot its write took;
 //   - a connection closed with large writes in flight, or in the middle of a payload,
-//     leaves the daemon serving and the volume whole.
+//     leaves the daemon serving and the volume whole;
+//   - a unix-socket connection's send buffer holds a 1 MiB read reply whole.
 import assert from 'node:assert/strict';
 import { test, type TestContext } from 'node:test';
 import { startDaemon, type Daemon } from './harness/daemon.js';
-import { encodeRequest, NBD_CMD } from './harness/nbd-client.js';
+import { encodeRequest, NBD_CMD, NbdClient } from './harness/nbd-client.js';
+import { UNIX_SEND_BUFFER_BYTES } from '../src/nbd/socket-buffer.js';
 import { requireTools, run, TOOLS } from './harness/tools.js';
 import { connect } from './harness/cluster.js';
 
@@ -229,6 +231,30 @@ h.flush()
     await d.restart();
     const again = await readRange(d.uri('cut'), 64 * MiB);
     assert.ok(again.equals(data), 'the volume reads differently after a clean restart');
+  } finally {
+    await d.cleanup();
+  }
+});
+
+test("a unix-socket connection's send buffer is raised to hold a 1 MiB read reply whole, and 1 MiB reads over it return what was written", { timeout: TIMEOUT }, async (t) => {
+  if (!requireTools(t, [TOOLS.ss])) return;
+  const d = await daemonWithVolume('sndbuf', 64);
+  try {
+    const client = await NbdClient.connect({ path: d.socket, exportName: 'sndbuf' });
+    // The daemon's end of this connection, as the kernel keeps it: "tb" is its send buffer.
+    const ss = await run('ss', ['-x', '-m', '-p', '-n', 'state', 'established'], { timeoutMs: 10_000 });
+    assert.equal(ss.code, 0, ss.stderr);
+    const line = ss.stdout.split('\n').find((l) => l.includes(` ${d.socket} `) && l.includes(`pid=${d.pid},`));
+    assert.ok(line !== undefined, `ss lists no connection of pid ${d.pid} on ${d.socket}:\n${ss.stdout}`);
+    const sendBuffer = Number(/skmem:\([^)]*\btb(\d+)/.exec(line)?.[1]);
+    // Linux keeps twice what is asked for; the default is 208 KiB.
+    assert.ok(sendBuffer >= 2 * UNIX_SEND_BUFFER_BYTES, `the daemon's send buffer is ${sendBuffer} bytes, not ${2 * UNIX_SEND_BUFFER_BYTES}: ${line}`);
+    assert.match(d.log(), /unix-socket connections: send buffer raised bytes=2097152/);
+    const writes = range(8).map((i) => Buffer.alloc(MiB, pattern(0, i)));
+    await Promise.all(writes.map((data, i) => client.write(i * MiB, data)));
+    const reads = await Promise.all(range(8).map((i) => client.read(i * MiB, MiB)));
+    assertWhole(Buffer.concat(reads), range(8), (i) => pattern(0, i), '1 MiB read');
+    await client.disconnect();
   } finally {
     await d.cleanup();
   }

@@ -33,6 +33,7 @@ export const TOOLS = {
   losetup: { cmd: 'losetup', pkg: 'util-linux' },
   mount: { cmd: 'mount', pkg: 'mount' },
   openssl: { cmd: 'openssl', pkg: 'openssl' },
+  ss: { cmd: 'ss', pkg: 'iproute2' },
 } as const satisfies Record<string, ToolSpec>;
 
 // losetup, mkfs.ext4 and friends live in sbin, which a non-login shell's PATH may lack.
