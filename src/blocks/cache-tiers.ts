@@ -7,7 +7,7 @@ import { disk } from '../disk/disk.js';
 import type { BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { keyHex, type BlockKey } from './block-key.js';
-import { hostMemory, type HostMemory } from './host-memory.js';
+import { hostMemory } from './host-memory.js';
 import { LocalSpace } from './local-space.js';
 import { MemoryTier } from './memory-tier.js';
 import { S3Fifo } from './s3fifo.js';
@@ -41,10 +41,9 @@ export interface BlockCacheOptions {
   directWrites?: boolean;
   /**
    * Fault the memory tier's arena in at start-up, on a thread of its own (default false),
-   * if it fits in the memory free then (`hostMemory`, default blocks/host-memory.ts).
+   * if it fits in the memory free then (blocks/host-memory.ts).
    */
   memoryPretouch?: boolean;
-  hostMemory?: () => HostMemory | undefined;
 }
 
 export interface CacheCounters {
@@ -146,7 +145,7 @@ export abstract class CacheTiers {
     this.space = new LocalSpace(opts.diskBytes, opts.blockSize);
     this.diskPolicy = new S3Fifo(this.maxSlots);
     this.memory = new MemoryTier(opts.blockSize, opts.memoryBytes, () => this.counters.memoryEvictions++);
-    if (opts.memoryPretouch === true && opts.memoryBytes >= opts.blockSize && this.pretouchFits(opts, log)) {
+    if (opts.memoryPretouch === true && opts.memoryBytes >= opts.blockSize && this.pretouchFits(log)) {
       const started = performance.now();
       this.touching = this.memory.pretouch().then(
         (done) => {
@@ -167,8 +166,8 @@ export abstract class CacheTiers {
    * claiming memory the host (or the daemon's cgroup) does not have would wake the OOM
    * killer, which may pick a VM. If not, the tier fills as blocks come, as without memory_pretouch.
    */
-  private pretouchFits(opts: BlockCacheOptions, log: Logger): boolean {
-    const memory = (opts.hostMemory ?? hostMemory)();
+  private pretouchFits(log: Logger): boolean {
+    const memory = hostMemory();
     const tier = this.memory.heldBytes;
     if (memory === undefined || tier + PRETOUCH_HEADROOM_BYTES <= memory.availableBytes) return true;
     log.warn('memory tier not faulted in at start-up: it would not leave enough memory free; it is faulted in as it fills', {

@@ -151,7 +151,6 @@ export async function runDaemon(config: Config, log: Logger): Promise<void> {
   });
 }
 
-/** The NBD TLS settings as a secure context; throws naming the setting that is wrong. */
 /**
  * A memory tier larger than all the memory the daemon can have never fits: the kernel
  * would kill the daemon (or a VM) as it filled. Refused before anything opens.
@@ -163,6 +162,7 @@ function checkMemoryTier(memorySizeGb: number): void {
   throw new Error(`config: cache.memory_size_gb = ${memorySizeGb} is more than ${has} (${(memory.totalBytes / GB).toFixed(2)} GB): the memory tier could never fit`);
 }
 
+/** The NBD TLS settings as a secure context; throws naming the setting that is wrong. */
 function loadNbdTls(nbd: Config['servers']['nbd']): { mode: 'on' | 'require'; context: tls.SecureContext } | undefined {
   if (nbd.tls === 'off') return undefined;
   const read = (key: string, file: string): Buffer => {
