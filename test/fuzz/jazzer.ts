@@ -112,7 +112,9 @@ export interface FuzzRun {
   coverage: number;
   /** The crashing input, when there was a finding. */
   crash?: Buffer;
-  /** The last lines Jazzer printed. */
+  /** What Jazzer said of the finding (the error and its stack), when there was one. */
+  finding?: string;
+  /** The last lines Jazzer printed, less the long lists of instrumented modules. */
   output: string;
 }
 
@@ -170,13 +172,18 @@ export function runTarget(options: FuzzOptions): Promise<FuzzRun> {
       const covered = [...output.matchAll(/\bcov: (\d+)/g)];
       const coverage = covered.length ? Number(covered[covered.length - 1][1]) : 0;
       const crashFile = fs.readdirSync(artifacts).find((f) => /^(crash|timeout|oom|leak)-/.test(f));
+      const lines = output.split('\n').filter((line) => !/^INFO: Loaded \d+ (modules|PC tables)/.test(line));
+      // A finding starts "==PID== " (an uncaught exception, a timeout, an OOM) and its stack ends at libFuzzer's "MS:" line.
+      const first = lines.findIndex((line) => /^==\d+== /.test(line));
+      const last = lines.findIndex((line, i) => i > first && /^(MS:|SUMMARY:|artifact_prefix=)/.test(line));
       resolve({
         target,
         code,
         executions,
         coverage,
         crash: crashFile ? fs.readFileSync(path.join(artifacts, crashFile)) : undefined,
-        output: output.split('\n').slice(-40).join('\n'),
+        finding: first >= 0 ? lines.slice(first, last > first ? last : first + 20).join('\n') : undefined,
+        output: lines.slice(-40).join('\n'),
       });
     });
   });

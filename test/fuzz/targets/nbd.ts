@@ -130,10 +130,21 @@ interface Served {
 
 /** Requests each connection's transmission served, in order. */
 const served = new WeakMap<object, Served[]>();
+/** Cookies given to requests that reused the cookie of one still waiting: 0xffffffff then a count. */
+let freshCookies = 0;
 const serve = Transmission.prototype['serve'];
 Transmission.prototype['serve'] = function (this: Transmission, header: Buffer, payload: Buffer[] | undefined) {
   let list = served.get(this['socket']);
   if (!list) served.set(this['socket'], (list = []));
+  // The spec lets a client reuse the cookie of a request still in flight (a SHOULD NOT),
+  // but then nothing in a simple reply says which of the two it answers, nor whether read
+  // data follows. The server only echoes cookies (it keys nothing by them), so such a
+  // request gets a cookie of its own here and the checker can follow the reply stream.
+  const waiting = (cookie: string) => list.some((r) => r.cookie === cookie && !r.answered && r.type !== P.CMD_DISC);
+  while (waiting(header.toString('hex', 8, 16))) {
+    header.writeUInt32BE(0xffffffff, 8);
+    header.writeUInt32BE(freshCookies++ >>> 0, 12);
+  }
   list.push({ type: header.readUInt16BE(6), cookie: header.toString('hex', 8, 16), length: header.readUInt32BE(24), answered: false });
   return serve.call(this, header, payload);
 };
