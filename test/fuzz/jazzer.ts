@@ -143,7 +143,7 @@ export function runTarget(options: FuzzOptions): Promise<FuzzRun> {
     // Every target runs in Jazzer's async mode, the synchronous ones too: with --sync the
     // event loop never turns, so Node.js never frees the native objects (BLAKE3 hashers)
     // the decoders leave to the collector, and a pass of a few minutes reached libFuzzer's
-    // 2 GB limit. Measured no slower than --sync (docs/fuzzing.md).
+    // 2 GB limit. The cheapest targets run slower this way (docs/fuzzing.md).
     '--',
     `-max_total_time=${seconds}`,
     `-max_len=${MAX_LEN[target] ?? 4096}`,

@@ -140,8 +140,8 @@ Transmission.prototype['serve'] = function (this: Transmission, header: Buffer, 
   // but then nothing in a simple reply says which of the two it answers, nor whether read
   // data follows. The server only echoes cookies (it keys nothing by them), so such a
   // request gets a cookie of its own here and the checker can follow the reply stream.
-  const waiting = (cookie: string) => list.some((r) => r.cookie === cookie && !r.answered && r.type !== P.CMD_DISC);
-  while (waiting(header.toString('hex', 8, 16))) {
+  const waiting = (this['socket'] as unknown as MemorySocket).checker!.waiting();
+  while (waiting.some((r) => r.cookie === header.toString('hex', 8, 16))) {
     header.writeUInt32BE(0xffffffff, 8);
     header.writeUInt32BE(freshCookies++ >>> 0, 12);
   }
