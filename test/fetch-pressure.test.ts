@@ -81,7 +81,7 @@ test('the blocks a read waits for stay in the memory tier when the slab write of
     for (const pack of packs) for (const b of pack) b.data.fill(0xee);
     const scratch = Buffer.alloc(size);
     for (const [i, w] of wanted.entries()) {
-      assert.ok(cache.usable(w.key), `the block the read waits for from pack ${i} is on the host after its slab write failed`);
+      assert.ok(cache.ready(w.key), `the block the read waits for from pack ${i} is on the host after its slab write failed`);
       assert.ok(cache.readInto(w.key, 0, size, scratch, 0), `and readable (pack ${i})`);
       assert.ok(scratch.equals(expected[i]), `and reads back as fetched, not as the reused buffer (pack ${i})`);
     }
@@ -129,7 +129,7 @@ test('a block a read waits for that neither tier can take (both full of blocks w
     const fetcher = new PackFetcher(store, index, reader, PLAINTEXT, 0, log);
     await fetcher.fetch([wanted.key]);
     const scratch = Buffer.alloc(size);
-    assert.ok(reader.usable(wanted.key), 'the block the read waits for is on the host when the fetch returns');
+    assert.ok(reader.ready(wanted.key), 'the block the read waits for is on the host when the fetch returns');
     assert.ok(reader.readInto(wanted.key, 0, size, scratch, 0), 'and the read takes it');
     assert.ok(scratch.equals(wanted.data), 'as fetched');
     assert.equal(reader.counters.heldForReads, 1, 'it was held for the read, outside both tiers');

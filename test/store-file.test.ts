@@ -216,6 +216,44 @@ test('a cached block whose bytes changed on disk while the daemon was down is fe
   }
 });
 
+test('after a restart, the first read of a cached block checks it off the event loop: a read behind it on the same connection is answered first', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    // No background scrub: the first read after the restart must be what checks the block.
+    const a = await cluster.start('host-a', { cache: { scrub_blocks_per_second: 0 } });
+    await withLogs([a], async () => {
+      await createVolume(a, 'waking', 16);
+      const c = await connect(a, 'waking');
+      const data = await writeRandom(c, 0, 4 * CHUNK);
+      await c.flush();
+      await c.disconnect();
+      await drain(a, 'waking');
+      await a.restart(); // the blocks are slots loaded from the table, not yet checked
+      const gets = await storeRequests(a, 'get');
+      const c2 = await connect(a, 'waking');
+      const later = randomBytes(4096);
+      await c2.write(8 * CHUNK, later); // in the overlay: read without touching the slab
+      // Checked on the event loop, the slab read would hold the connection's next request
+      // (and every other volume's) until the device answered; checked through the thread
+      // pool, the overlay read behind it is served meanwhile.
+      const answered: string[] = [];
+      const first = c2.read(2 * CHUNK, 4096).then((bytes) => (answered.push('cached block'), bytes));
+      const second = c2.read(8 * CHUNK, 4096).then((bytes) => (answered.push('overlay'), bytes));
+      const [fromSlab, fromOverlay] = await Promise.all([first, second]);
+      assert.deepEqual(answered, ['overlay', 'cached block'], 'the read of the unchecked block was not deferred');
+      assert.ok(fromSlab.equals(data.subarray(2 * CHUNK, 2 * CHUNK + 4096)), 'the checked block read back other bytes than were written');
+      assert.ok(fromOverlay.equals(later));
+      assert.ok((await readAll(c2, 0, 4 * CHUNK)).equals(data), 'the other blocks read back other bytes than were written');
+      await c2.disconnect();
+      assert.equal(await storeRequests(a, 'get'), gets, 'a block that was intact on the slab was fetched from the store');
+      assert.equal(await metric(a, 'updraft_cache_verify_evictions_total'), 0);
+      assert.ok((await metric(a, 'updraft_cache_hits_total', { tier: 'disk' })) >= 4, 'the reads were not served from the slab');
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('a corrupted pack is EIO on read (named in the log); the volume keeps serving its other chunks', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {

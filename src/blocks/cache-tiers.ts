@@ -15,12 +15,16 @@ import { StreamedKeys } from './streamed-keys.js';
 import { SLOT_IN_STORE, SLOT_USED, DirectWrites, FileWriteQueue, SlotTable, type Slot } from './slab.js';
 
 const fdatasync = (...args: Parameters<typeof disk.fdatasync>) => disk.fdatasync(...args);
+const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
 
 /**
  * Bytes of fetched blocks held for waiting reads outside both tiers (CacheTiers.held): a
  * read of the largest payload NBD allows (32 MiB) fits whole.
  */
 const MAX_HELD_BYTES = 32 * 1024 * 1024;
+
+/** Block buffers idle checks keep (CacheTiers.check): 4 MiB. */
+const MAX_CHECK_BUFFERS = 32;
 
 /** The memory tier is faulted in at start-up only if this much memory is still free after it. */
 const PRETOUCH_HEADROOM_BYTES = 256 * 1024 * 1024;
@@ -85,6 +89,10 @@ export abstract class CacheTiers {
   };
   /** Scratch for verifySync. */
   private verifyBuffer: Buffer | undefined;
+  /** Checks of loaded slots in flight (check): a second read of a block waits for the first's. */
+  private readonly checking = new Map<BlockKey, Promise<void>>();
+  /** Idle block buffers of checks, at most MAX_CHECK_BUFFERS. */
+  private readonly checkBuffers: Buffer[] = [];
   protected readonly slots = new Map<BlockKey, Slot>();
   private readonly freeSlots: number[] = [];
   private highWater = 0;
@@ -245,15 +253,63 @@ export abstract class CacheTiers {
   }
 
   /**
-   * has(), and for a slot loaded at start-up and not read since, its check against its
-   * name now (verifySync): a read about to use the block fetches it again instead of
-   * failing on it.
+   * has(), except for a slot loaded at start-up and not read since with no other copy
+   * here (unchecked): a read checks it first (check), off the event loop.
    */
-  usable(key: BlockKey): boolean {
-    if (this.memory.has(key) || this.held.has(key)) return true;
+  ready(key: BlockKey): boolean {
     const slot = this.slots.get(key);
-    if (slot === undefined) return false;
-    return !slot.unverified || this.writing.has(key) || this.verifySync(key, slot);
+    if (slot !== undefined && !slot.unverified) return true;
+    return this.memory.has(key) || this.held.has(key) || (slot !== undefined && this.writing.has(key));
+  }
+
+  /** Whether `key` is on this host only in a slot loaded at start-up and not yet checked against its name. */
+  unchecked(key: BlockKey): boolean {
+    const slot = this.slots.get(key);
+    return slot?.unverified === true && !this.memory.has(key) && !this.held.has(key) && !this.writing.has(key);
+  }
+
+  /**
+   * Check these slots loaded at start-up against their names, reading them through the
+   * thread pool: after a restart the page cache need not hold the slab, and a check on
+   * the event loop would hold every volume's requests for the device's reads. A corrupt
+   * block the store holds is dropped (the caller fetches it again); a corrupt one only
+   * this host holds rejects.
+   */
+  check(keys: readonly BlockKey[]): Promise<void> {
+    return Promise.all(keys.map((key) => this.checkOne(key))).then(() => undefined);
+  }
+
+  private checkOne(key: BlockKey): Promise<void> {
+    const inFlight = this.checking.get(key);
+    if (inFlight !== undefined) return inFlight;
+    const slot = this.slots.get(key);
+    if (slot === undefined || !slot.unverified) return Promise.resolve();
+    // Reused buffers: one of its own per check would be a GiB of garbage per GiB checked.
+    const scratch = this.checkBuffers.pop() ?? Buffer.allocUnsafeSlow(this.blockSize);
+    const work = this.readSlot(slot, scratch)
+      .then((block) => {
+        // Evicted, rewritten or checked while the read was in flight: nothing to judge.
+        if (this.slots.get(key) !== slot || !slot.unverified || this.writing.has(key)) return;
+        if (this.judge(key, slot, block !== undefined && this.blockHash(block).toString('latin1') === key)) return;
+        if (this.slots.get(key) === slot) throw new Error(`block ${keyHex(key)} in slot ${slot.index} does not match its name, and no store holds it`);
+      })
+      .finally(() => {
+        this.checking.delete(key);
+        if (this.checkBuffers.length < MAX_CHECK_BUFFERS) this.checkBuffers.push(scratch);
+      });
+    this.checking.set(key, work);
+    return work;
+  }
+
+  /** A slot's whole block, read through the thread pool into `block`; undefined when the slab ends first. */
+  protected async readSlot(slot: Slot, block: Buffer = Buffer.allocUnsafe(this.blockSize)): Promise<Buffer | undefined> {
+    let done = 0;
+    while (done < block.length) {
+      const { bytesRead } = await read(this.slabFd, block, done, block.length - done, slot.index * this.blockSize + done);
+      if (bytesRead === 0) return undefined;
+      done += bytesRead;
+    }
+    return block;
   }
 
   /**
@@ -539,6 +595,8 @@ export abstract class CacheTiers {
     await this.memory.stopTouching();
     await this.touching;
     await this.settle();
+    // A check's read must not land on a descriptor number reused after the close.
+    await Promise.allSettled(this.checking.values());
     disk.closeSync(this.slabFd);
     if (this.slabDirectFd !== undefined) disk.closeSync(this.slabDirectFd);
     disk.closeSync(this.table.fd);

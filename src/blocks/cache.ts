@@ -22,8 +22,6 @@ export { LocalSpace } from './local-space.js';
 export type { BlockCacheOptions, CacheCounters } from './cache-tiers.js';
 export type { BlockSealer } from './slab.js';
 
-const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
-
 export class BlockCache extends CacheTiers {
   /** Where the background scrub is in the slot map; restarted when it runs out. */
   private scrubCursor: Iterator<BlockKey> | undefined;
@@ -387,13 +385,8 @@ export class BlockCache extends CacheTiers {
     if (inMemory !== undefined) return inMemory;
     const slot = this.slots.get(key);
     if (slot === undefined) return undefined;
-    const block = Buffer.allocUnsafe(this.blockSize);
-    let done = 0;
-    while (done < block.length) {
-      const { bytesRead } = await read(this.slabFd, block, done, block.length - done, slot.index * this.blockSize + done);
-      if (bytesRead === 0) throw new Error(`block cache: slot ${slot.index} ends early (${done} of ${block.length} bytes)`);
-      done += bytesRead;
-    }
+    const block = await this.readSlot(slot);
+    if (block === undefined) throw new Error(`block cache: slot ${slot.index} ends early`);
     // The slot may have been evicted and reused while the read was in flight.
     if (this.slots.get(key) !== slot) return undefined;
     if (slot.unverified && !this.judge(key, slot, this.blockHash(block).toString('latin1') === key)) return undefined;
@@ -418,17 +411,11 @@ export class BlockCache extends CacheTiers {
       const key = next.value;
       const slot = this.slots.get(key);
       if (slot === undefined || this.writing.has(key)) continue;
-      const block = Buffer.allocUnsafe(this.blockSize);
-      let done = 0;
-      while (done < block.length) {
-        const { bytesRead } = await read(this.slabFd, block, done, block.length - done, slot.index * this.blockSize + done);
-        if (bytesRead === 0) break;
-        done += bytesRead;
-      }
+      const block = await this.readSlot(slot);
       // Evicted or rewritten while the read was in flight: nothing to judge.
       if (this.slots.get(key) !== slot || this.writing.has(key)) continue;
       this.counters.blocksScrubbed++;
-      if (done === block.length && this.blockHash(block).toString('latin1') === key) {
+      if (block !== undefined && this.blockHash(block).toString('latin1') === key) {
         slot.unverified = undefined;
         continue;
       }

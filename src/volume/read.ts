@@ -104,8 +104,8 @@ export abstract class VolumeReads extends VolumeState {
     const last = Math.floor((offset + length - 1) / bs);
     for (let chunk = Math.floor(offset / bs); chunk <= last; chunk++) {
       const key = this.map.get(chunk);
-      // A block about to be read is checked now if it was loaded at start-up; read-ahead only asks.
-      if (key === undefined || key === ZERO_ALLOCATED_KEY || (ahead ? this.cache.has(key) : this.cache.usable(key))) continue;
+      // A block about to be read that was loaded at start-up is checked first (fetchBlocks); read-ahead only asks.
+      if (key === undefined || key === ZERO_ALLOCATED_KEY || (ahead ? this.cache.has(key) : this.cache.ready(key))) continue;
       (missing ??= []).push(key);
     }
     return missing;
@@ -125,12 +125,24 @@ export abstract class VolumeReads extends VolumeState {
     if (ahead !== undefined) this.fetcher!.prefetch(ahead);
   }
 
+  /**
+   * Bring these blocks onto this host: those in slots loaded at start-up and not yet read
+   * are checked against their names where they are, the rest fetched from the store.
+   */
   protected async fetchBlocks(keys: readonly BlockKey[]): Promise<void> {
+    const unchecked = keys.filter((key) => this.cache.unchecked(key));
+    const absent = unchecked.length === 0 ? keys : keys.filter((key) => !unchecked.includes(key));
+    try {
+      if (unchecked.length > 0) await this.cache.check(unchecked);
+    } catch (err) {
+      throw new VolumeError('EIO', `volume ${this.name}: ${(err as Error).message}`);
+    }
+    if (absent.length === 0) return;
     if (this.fetcher === undefined) {
-      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(keys[0])} is not on this host`);
+      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(absent[0])} is not on this host`);
     }
     try {
-      await this.fetcher.fetch(keys);
+      await this.fetcher.fetch(absent);
     } catch (err) {
       throw new VolumeError('EIO', `volume ${this.name}: ${(err as Error).message}`);
     }
