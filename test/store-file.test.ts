@@ -12,6 +12,7 @@ import {
 } from './harness/cluster.js';
 import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
 import { NbdCommandError } from './harness/nbd-client.js';
+import { requireTools, runOk, TOOLS } from './harness/tools.js';
 import { definePortabilityTests } from './harness/portability.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
 import { decodeManifest } from '../src/store/manifest-decode.js';
@@ -248,6 +249,42 @@ test('after a restart, the first read of a cached block checks it off the event 
       assert.equal(await storeRequests(a, 'get'), gets, 'a block that was intact on the slab was fetched from the store');
       assert.equal(await metric(a, 'updraft_cache_verify_evictions_total'), 0);
       assert.ok((await metric(a, 'updraft_cache_hits_total', { tier: 'disk' })) >= 4, 'the reads were not served from the slab');
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('a cached block whose bytes the page cache dropped is read through the thread pool: a read behind it on the same connection is answered first', { timeout: TIMEOUT }, async (t) => {
+  if (!requireTools(t, [TOOLS.dd, TOOLS.fincore])) return;
+  const cluster = await startCluster(fileStore);
+  try {
+    // No memory tier: the blocks are read from the slab only.
+    const a = await cluster.start('host-a', { cache: { scrub_blocks_per_second: 0, memory_size_gb: 0 } });
+    await withLogs([a], async () => {
+      await createVolume(a, 'evicted', 16);
+      const c = await connect(a, 'evicted');
+      const data = await writeRandom(c, 0, 4 * CHUNK);
+      await c.flush();
+      await drain(a, 'evicted');
+      // Sealed and drained: the blocks are in the slab, and read once they are checked.
+      assert.ok((await readAll(c, 0, 4 * CHUNK)).equals(data));
+      const later = randomBytes(4096);
+      await c.write(8 * CHUNK, later);
+      // The host drops the slab's pages, as it does under memory pressure.
+      const slab = path.join(a.dir, 'cache', 'blocks', 'blocks.slab');
+      await runOk(TOOLS.dd.cmd, [`if=${slab}`, 'iflag=nocache', 'count=0', 'status=none'], { timeoutMs: 30_000 });
+      const resident = (await runOk(TOOLS.fincore.cmd, ['--bytes', '--noheadings', '--output', 'RES', slab], { timeoutMs: 30_000 })).stdout.trim();
+      if (resident !== '0') return t.skip(`the filesystem kept ${resident} bytes of the slab in the page cache (tmpfs keeps them all)`);
+      const answered: string[] = [];
+      const first = c.read(CHUNK, 4096).then((bytes) => (answered.push('cached block'), bytes));
+      const second = c.read(8 * CHUNK, 4096).then((bytes) => (answered.push('overlay'), bytes));
+      const [fromSlab, fromOverlay] = await Promise.all([first, second]);
+      assert.deepEqual(answered, ['overlay', 'cached block'], 'the read that had to wait for the device held the one behind it');
+      assert.ok(fromSlab.equals(data.subarray(CHUNK, CHUNK + 4096)), 'the block read through the thread pool read back other bytes than were written');
+      assert.ok(fromOverlay.equals(later));
+      assert.ok((await readAll(c, 0, 4 * CHUNK)).equals(data), 'the volume read back other bytes than were written');
+      await c.disconnect();
     });
   } finally {
     await cluster.cleanup();

@@ -262,6 +262,17 @@ export abstract class CacheTiers {
     return this.memory.has(key) || this.held.has(key) || (slot !== undefined && this.writing.has(key));
   }
 
+  /**
+   * has(), and for a slot loaded at start-up and not read since, its check against its
+   * name now (verifySync, on the event loop): a read about to use the block fetches it
+   * again instead of failing on it. Client reads check with check() instead.
+   */
+  usable(key: BlockKey): boolean {
+    if (this.ready(key)) return true;
+    const slot = this.slots.get(key);
+    return slot !== undefined && this.verifySync(key, slot);
+  }
+
   /** Whether `key` is on this host only in a slot loaded at start-up and not yet checked against its name. */
   unchecked(key: BlockKey): boolean {
     const slot = this.slots.get(key);
@@ -272,8 +283,9 @@ export abstract class CacheTiers {
    * Check these slots loaded at start-up against their names, reading them through the
    * thread pool: after a restart the page cache need not hold the slab, and a check on
    * the event loop would hold every volume's requests for the device's reads. A corrupt
-   * block the store holds is dropped (the caller fetches it again); a corrupt one only
-   * this host holds rejects.
+   * block is dropped if its slot says the store holds it, else kept and reported; either
+   * way it is not ready(), and the caller asks the store for it (a power cut can leave
+   * the slot's in-store mark behind while the pack is there).
    */
   check(keys: readonly BlockKey[]): Promise<void> {
     return Promise.all(keys.map((key) => this.checkOne(key))).then(() => undefined);
@@ -290,8 +302,7 @@ export abstract class CacheTiers {
       .then((block) => {
         // Evicted, rewritten or checked while the read was in flight: nothing to judge.
         if (this.slots.get(key) !== slot || !slot.unverified || this.writing.has(key)) return;
-        if (this.judge(key, slot, block !== undefined && this.blockHash(block).toString('latin1') === key)) return;
-        if (this.slots.get(key) === slot) throw new Error(`block ${keyHex(key)} in slot ${slot.index} does not match its name, and no store holds it`);
+        this.judge(key, slot, block !== undefined && this.blockHash(block).toString('latin1') === key);
       })
       .finally(() => {
         this.checking.delete(key);
@@ -318,6 +329,54 @@ export abstract class CacheTiers {
    * false when the block is not on this host.
    */
   readInto(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
+    const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
+    if (typeof found === 'boolean') return found;
+    const n = disk.readSync(this.slabFd, dst, dstOffset, length, found.index * this.blockSize + offset);
+    if (n !== length) throw new Error(`block cache: short read of slot ${found.index} (${n} of ${length} bytes)`);
+    this.diskHit(key);
+    return true;
+  }
+
+  /**
+   * readInto, but undefined when the block's bytes on the slab are not all in the page
+   * cache: reading them would wait for the device (readIntoLater does, off the event loop).
+   */
+  readIntoNow(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean | undefined {
+    const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
+    if (typeof found === 'boolean') return found;
+    const n = disk.readNowSync(this.slabFd, dst, dstOffset, length, found.index * this.blockSize + offset);
+    if (n === undefined) return undefined;
+    if (n !== length) throw new Error(`block cache: short read of slot ${found.index} (${n} of ${length} bytes)`);
+    this.diskHit(key);
+    return true;
+  }
+
+  /**
+   * readInto with the slab read through the thread pool. False also when the block left
+   * the cache while it was read: its slot may hold another block's bytes by then.
+   */
+  async readIntoLater(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): Promise<boolean> {
+    const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
+    if (typeof found === 'boolean') return found;
+    const position = found.index * this.blockSize + offset;
+    let done = 0;
+    while (done < length) {
+      const { bytesRead } = await read(this.slabFd, dst, dstOffset + done, length - done, position + done);
+      if (bytesRead === 0) break;
+      done += bytesRead;
+    }
+    if (this.slots.get(key) !== found) return false;
+    if (done !== length) throw new Error(`block cache: short read of slot ${found.index} (${done} of ${length} bytes)`);
+    this.diskHit(key);
+    return true;
+  }
+
+  /**
+   * What the readInto variants share: true once `key`'s bytes are copied from memory (the
+   * memory tier, a held block, a slab write in flight), false when it is not on this host,
+   * else its slot, to read from the slab.
+   */
+  private copyOrSlot(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): boolean | Slot {
     if (this.memory.readInto(key, offset, length, dst, dstOffset)) {
       this.counters.memoryHits++;
       return true;
@@ -343,12 +402,12 @@ export abstract class CacheTiers {
       this.counters.misses++;
       return false;
     }
+    return slot;
+  }
+
+  private diskHit(key: BlockKey): void {
     this.counters.diskHits++;
     this.diskPolicy.hit(key);
-    const position = slot.index * this.blockSize + offset;
-    const n = disk.readSync(this.slabFd, dst, dstOffset, length, position);
-    if (n !== length) throw new Error(`block cache: short read of slot ${slot.index} (${n} of ${length} bytes)`);
-    return true;
   }
 
   /**

@@ -6,6 +6,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { promisify } from 'node:util';
+import { readNowSync } from './nowait.js';
 
 /** A directory entry as readdir with file types returns it. */
 export interface DiskEntry {
@@ -21,6 +22,8 @@ export interface Disk {
   closeSync(fd: number): void;
   /** pread: bytes read, 0 at the end of the file. */
   readSync(fd: number, buffer: Buffer, offset: number, length: number, position: number): number;
+  /** readSync, or undefined where the range is not all in the page cache (disk/nowait.ts). */
+  readNowSync(fd: number, buffer: Buffer, offset: number, length: number, position: number): number | undefined;
   /** pwrite of a buffer range, or of a whole string at the file position. */
   writeSync(fd: number, buffer: Buffer | string, offset?: number, length?: number, position?: number): number;
   /** pwritev: bytes written. */
@@ -60,6 +63,7 @@ export const nodeDisk: Disk = {
   },
   closeSync: fs.closeSync,
   readSync: (fd, buffer, offset, length, position) => fs.readSync(fd, buffer, offset, length, position),
+  readNowSync,
   writeSync: fs.writeSync as Disk['writeSync'],
   writevSync: fs.writevSync as Disk['writevSync'],
   fstatSync: (fd) => fs.fstatSync(fd),

@@ -154,7 +154,8 @@ export class Transmission {
     try {
       switch (type) {
         case P.CMD_READ: {
-          const fetching = volume.readReady(offset, length);
+          // Slots a restart loaded are checked through the thread pool (the read waits, no one else does).
+          const fetching = volume.readReady(offset, length, 0, true);
           if (fetching === undefined) return this.read(cookieHigh, cookieLow, offset, length, started);
           return this.readAfter(fetching, 1, cookieHigh, cookieLow, offset, length, started);
         }
@@ -194,7 +195,7 @@ export class Transmission {
         }
         case P.CMD_CACHE: {
           // A hint to bring the range onto this host: fetch its blocks from the store.
-          const fetching = volume.readReady(offset, length);
+          const fetching = volume.readReady(offset, length, 0, true);
           if (fetching === undefined) return void this.complete('cache', cookieHigh, cookieLow, 0, length, started);
           return this.after(fetching, type, cookieHigh, cookieLow, () => this.complete('cache', cookieHigh, cookieLow, 0, length, started));
         }
@@ -220,8 +221,31 @@ export class Transmission {
       });
       return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started), length);
     }
-    this.volume.read(offset, length, reply, headerBytes);
+    if (!mayDefer) this.volume.read(offset, length, reply, headerBytes);
+    else if (!this.volume.readNow(offset, length, reply, headerBytes)) return this.readLater(cookieHigh, cookieLow, offset, length, started, reply, pooled);
     this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+  }
+
+  /**
+   * A read whose blocks' bytes on the slab are not in the page cache: read through the
+   * thread pool, so the event loop serves other requests while the device answers. A block
+   * that left the cache meanwhile is read again as a deferred read is (readAfter).
+   */
+  private readLater(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, reply: Buffer, pooled: Buffer): void {
+    this.fillingReplyBytes += reply.length;
+    let read = false;
+    const filling = this.volume
+      .readLater(offset, length, reply, reply.length - length)
+      .then((done) => {
+        read = done;
+      })
+      .finally(() => {
+        this.fillingReplyBytes -= reply.length;
+      });
+    this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => {
+      if (read) this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+      else this.readAfter(Promise.resolve(), 1, cookieHigh, cookieLow, offset, length, started);
+    }, length);
   }
 
   private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer, started: number): void {
@@ -360,7 +384,7 @@ export class Transmission {
    */
   private readAfter(fetching: Promise<void>, round: number, cookieHigh: number, cookieLow: number, offset: number, length: number, started: number): void {
     this.after(fetching, P.CMD_READ, cookieHigh, cookieLow, () => {
-      const again = this.volume.readReady(offset, length, round);
+      const again = this.volume.readReady(offset, length, round, true);
       // Already deferred: read now, without a second deferral the bounds were not checked for.
       if (again === undefined) this.read(cookieHigh, cookieLow, offset, length, started, false);
       else this.readAfter(again, round + 1, cookieHigh, cookieLow, offset, length, started);

@@ -9,6 +9,13 @@ import { readAt } from './overlay-file.js';
 import { SECTOR, SECTOR_SHIFT, sectorPresent, sectorRunEnd } from './sectors.js';
 import { EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, VolumeError, VolumeState } from './state.js';
 
+/**
+ * How a read takes its base blocks' bytes from the slab: with a pread that may wait for the
+ * device, only if the page cache holds them, or later through the thread pool (the list
+ * gathers those reads' answers: false for a block that left the cache meanwhile).
+ */
+type SlabReads = 'wait' | 'now' | Array<Promise<boolean>>;
+
 /** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
 const READ_FETCH_ROUNDS = 8;
 
@@ -23,10 +30,14 @@ export abstract class VolumeReads extends VolumeState {
    * so the caller asks again with `round` (1, 2, ...) in a continuation of the promise and
    * reads in the same tick as an undefined answer; a new round fetches what the block map
    * named meanwhile. A round past READ_FETCH_ROUNDS is an EIO.
+   *
+   * A slot loaded at start-up and not read since is checked against its name first: on
+   * the event loop, or with `checkLater` through the thread pool, the promise waiting for
+   * it (a client's read: a device read on the event loop would hold every volume).
    */
-  readReady(offset: number, length: number, round = 0): Promise<void> | undefined {
+  readReady(offset: number, length: number, round = 0, checkLater = false): Promise<void> | undefined {
     if (round > 0) {
-      const missing = this.fetcher === undefined ? undefined : this.missingBlocks(offset, length);
+      const missing = this.fetcher === undefined ? undefined : this.missingBlocks(offset, length, false, checkLater);
       if (missing === undefined) return undefined;
       if (round >= READ_FETCH_ROUNDS) {
         throw new VolumeError('EIO', `volume ${this.name}: read at ${offset}+${length}: block ${keyHex(missing[0])} left the cache again after ${round} fetches`);
@@ -37,7 +48,7 @@ export abstract class VolumeReads extends VolumeState {
     if (this.fetcher === undefined) return undefined;
     const sequential = offset === this.nextReadOffset;
     this.nextReadOffset = offset + length;
-    const missing = this.missingBlocks(offset, length);
+    const missing = this.missingBlocks(offset, length, false, checkLater);
     if (sequential) this.readAhead(offset + length);
     else this.prefetchedUntil = -1;
     return missing === undefined ? undefined : this.fetchBlocks(missing);
@@ -98,14 +109,16 @@ export abstract class VolumeReads extends VolumeState {
   }
 
   /** Blocks of the range's chunks that are neither local nor shadowed by the overlay. */
-  private missingBlocks(offset: number, length: number, ahead = false): BlockKey[] | undefined {
+  private missingBlocks(offset: number, length: number, ahead = false, checkLater = false): BlockKey[] | undefined {
     let missing: BlockKey[] | undefined;
     const bs = this.blockSize;
     const last = Math.floor((offset + length - 1) / bs);
     for (let chunk = Math.floor(offset / bs); chunk <= last; chunk++) {
       const key = this.map.get(chunk);
-      // A block about to be read that was loaded at start-up is checked first (fetchBlocks); read-ahead only asks.
-      if (key === undefined || key === ZERO_ALLOCATED_KEY || (ahead ? this.cache.has(key) : this.cache.ready(key))) continue;
+      // A block about to be read that was loaded at start-up is checked now, or with
+      // `checkLater` through the thread pool (fetchBlocks); read-ahead only asks.
+      if (key === undefined || key === ZERO_ALLOCATED_KEY) continue;
+      if (ahead ? this.cache.has(key) : checkLater ? this.cache.ready(key) : this.cache.usable(key)) continue;
       (missing ??= []).push(key);
     }
     return missing;
@@ -127,15 +140,19 @@ export abstract class VolumeReads extends VolumeState {
 
   /**
    * Bring these blocks onto this host: those in slots loaded at start-up and not yet read
-   * are checked against their names where they are, the rest fetched from the store.
+   * are checked against their names where they are; the rest, and any a check found
+   * corrupt, are fetched from the store.
    */
   protected async fetchBlocks(keys: readonly BlockKey[]): Promise<void> {
+    let absent = keys;
     const unchecked = keys.filter((key) => this.cache.unchecked(key));
-    const absent = unchecked.length === 0 ? keys : keys.filter((key) => !unchecked.includes(key));
-    try {
-      if (unchecked.length > 0) await this.cache.check(unchecked);
-    } catch (err) {
-      throw new VolumeError('EIO', `volume ${this.name}: ${(err as Error).message}`);
+    if (unchecked.length > 0) {
+      try {
+        await this.cache.check(unchecked);
+      } catch (err) {
+        throw new VolumeError('EIO', `volume ${this.name}: ${(err as Error).message}`);
+      }
+      absent = keys.filter((key) => !this.cache.ready(key));
     }
     if (absent.length === 0) return;
     if (this.fetcher === undefined) {
@@ -151,8 +168,20 @@ export abstract class VolumeReads extends VolumeState {
   /** Copy [offset, offset + length) into dst at dstOffset. The caller checked the range. */
   read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
     this.checkOpen();
-    this.readRange(offset, length, dst, dstOffset, undefined);
+    this.readRange(offset, length, dst, dstOffset, undefined, 'wait');
     this.logView?.patch(offset, length, dst, dstOffset);
+  }
+
+  /**
+   * read(), unless a block's bytes on the slab are not all in the page cache (the host
+   * dropped them): then false, with `dst` partly written, and the caller reads with
+   * readLater instead of holding the event loop for the device.
+   */
+  readNow(offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
+    this.checkOpen();
+    if (!this.readRange(offset, length, dst, dstOffset, undefined, 'now')) return false;
+    this.logView?.patch(offset, length, dst, dstOffset);
+    return true;
   }
 
   /**
@@ -167,33 +196,62 @@ export abstract class VolumeReads extends VolumeState {
     const view = this.logView;
     // Overlay runs as [file position, dst offset, length], adjacent ones merged into one pread.
     const runs: number[] = [];
-    this.readRange(offset, length, dst, dstOffset, runs);
-    if (runs.length > 0) {
-      const preads: Array<Promise<void>> = [];
-      for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
-      await this.overlayIo(Promise.all(preads), `read of ${length} bytes at ${offset} from`);
-    }
+    this.readRange(offset, length, dst, dstOffset, runs, 'wait');
+    await this.readRuns(runs, dst, `read of ${length} bytes at ${offset} from`);
     view?.patch(offset, length, dst, dstOffset);
   }
 
-  /** read() and readLarge(): overlay runs are read now, or noted in `runs` for the thread pool. */
-  private readRange(offset: number, length: number, dst: Buffer, dstOffset: number, runs: number[] | undefined): void {
+  /**
+   * As readLarge, and the slab's bytes are read through the thread pool too: a read that
+   * readNow found would wait for the device. Which block each chunk reads is decided now;
+   * a block's bytes never change while its slot holds it, and one that leaves the cache
+   * meanwhile makes the answer false (the caller asks readReady again and reads once more).
+   */
+  async readLater(offset: number, length: number, dst: Buffer, dstOffset: number): Promise<boolean> {
+    this.checkOpen();
+    const view = this.logView;
+    const runs: number[] = [];
+    const blocks: Array<Promise<boolean>> = [];
+    this.readRange(offset, length, dst, dstOffset, runs, blocks);
+    // Every read settles before a failure is thrown: none writes into `dst` after that.
+    const [overlay, slab] = await Promise.allSettled([this.readRuns(runs, dst, `read of ${length} bytes at ${offset} from`), Promise.all(blocks)]);
+    if (overlay.status === 'rejected') throw overlay.reason;
+    if (slab.status === 'rejected') throw new VolumeError('EIO', `volume ${this.name}: ${(slab.reason as Error).message}`);
+    if (slab.value.includes(false)) return false;
+    view?.patch(offset, length, dst, dstOffset);
+    return true;
+  }
+
+  /** The overlay runs readRange noted ([file position, dst offset, length]), through the thread pool. */
+  private async readRuns(runs: readonly number[], dst: Buffer, what: string): Promise<void> {
+    if (runs.length === 0) return;
+    const preads: Array<Promise<void>> = [];
+    for (let i = 0; i < runs.length; i += 3) preads.push(readAt(this.overlayFd, dst, runs[i + 1], runs[i + 2], runs[i]));
+    await this.overlayIo(Promise.all(preads), what);
+  }
+
+  /**
+   * The reads' common walk: overlay runs are read now, or noted in `runs` for the thread
+   * pool; base blocks as `slab` says (readSlab). False when `slab` is 'now' and a block
+   * would wait for the device.
+   */
+  private readRange(offset: number, length: number, dst: Buffer, dstOffset: number, runs: number[] | undefined, slab: SlabReads): boolean {
     const bs = this.blockSize;
     while (length > 0) {
       const chunk = Math.floor(offset / bs);
       const inChunk = offset - chunk * bs;
       const n = Math.min(length, bs - inChunk);
       const mask = this.overlay.get(chunk);
-      if (mask === undefined) this.readBase(chunk, inChunk, n, dst, dstOffset);
-      else this.readMixed(chunk, mask, inChunk, n, dst, dstOffset, runs);
+      if (!(mask === undefined ? this.readSlab(chunk, inChunk, n, dst, dstOffset, slab) : this.readMixed(chunk, mask, inChunk, n, dst, dstOffset, runs, slab))) return false;
       offset += n;
       dstOffset += n;
       length -= n;
     }
+    return true;
   }
 
   /** Read part of a chunk whose overlay holds some sectors: runs of present / absent. */
-  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number, runs?: number[]): void {
+  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number, runs: number[] | undefined, slab: SlabReads): boolean {
     const end = inChunk + n;
     const endSector = (end + SECTOR - 1) >>> SECTOR_SHIFT;
     let at = inChunk;
@@ -204,8 +262,9 @@ export abstract class VolumeReads extends VolumeState {
       if (runEnd > end) runEnd = end;
       const len = runEnd - at;
       const to = dstOffset + (at - inChunk);
-      if (!present) this.readBase(chunk, at, len, dst, to);
-      else if (runs === undefined) this.readOverlay(chunk, at, len, dst, to);
+      if (!present) {
+        if (!this.readSlab(chunk, at, len, dst, to, slab)) return false;
+      } else if (runs === undefined) this.readOverlay(chunk, at, len, dst, to);
       else {
         const position = chunk * this.blockSize + at;
         const last = runs.length - 3;
@@ -214,6 +273,31 @@ export abstract class VolumeReads extends VolumeState {
       }
       at = runEnd;
     }
+    return true;
+  }
+
+  /**
+   * Read from the chunk's sealed block as `slab` says: 'wait' (readBase), 'now' (false
+   * when the slab's bytes are not in the page cache), or later (a read through the thread
+   * pool, its promise added to the list).
+   */
+  private readSlab(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number, slab: SlabReads): boolean {
+    if (slab === 'wait') {
+      this.readBase(chunk, inChunk, len, dst, dstOffset);
+      return true;
+    }
+    const key = this.map.get(chunk);
+    if (key === undefined || key === ZERO_ALLOCATED_KEY) {
+      dst.fill(0, dstOffset, dstOffset + len);
+      return true;
+    }
+    if (slab !== 'now') {
+      slab.push(this.cache.readIntoLater(key, inChunk, len, dst, dstOffset));
+      return true;
+    }
+    const found = this.cache.readIntoNow(key, inChunk, len, dst, dstOffset);
+    if (found === false) throw this.notHere(key, chunk);
+    return found === true;
   }
 
   protected readOverlay(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
@@ -230,9 +314,11 @@ export abstract class VolumeReads extends VolumeState {
       dst.fill(0, dstOffset, dstOffset + len);
       return;
     }
-    if (!this.cache.readInto(key, inChunk, len, dst, dstOffset)) {
-      throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
-    }
+    if (!this.cache.readInto(key, inChunk, len, dst, dstOffset)) throw this.notHere(key, chunk);
+  }
+
+  private notHere(key: BlockKey, chunk: number): VolumeError {
+    return new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
   }
 
   // ---- extents ------------------------------------------------------------------------

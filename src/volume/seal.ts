@@ -116,13 +116,12 @@ export abstract class VolumeSeals extends VolumeWrites {
 
   /**
    * The base block a seal of `chunk` (overlay sectors `mask`) must read and this host does
-   * not hold, or holds in a slot not yet checked, if any (fetchBlocks brings it). A chunk
-   * written whole seals without its base: no store GET for it.
+   * not hold, if any. A chunk written whole seals without its base: no store GET for it.
    */
   private absentBase(chunk: number, mask: Uint8Array): BlockKey | undefined {
     if (popcount(mask) === this.sectorsPerChunk) return undefined;
     const base = this.map.get(chunk);
-    return base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.ready(base) ? base : undefined;
+    return base !== undefined && base !== ZERO_ALLOCATED_KEY && !this.cache.has(base) ? base : undefined;
   }
 
   private async sealChunk(chunk: number, block: Buffer, onSealed?: (key: BlockKey) => void): Promise<boolean> {

@@ -31,6 +31,8 @@ export const TOOLS = {
   e2fsck: { cmd: 'e2fsck', pkg: 'e2fsprogs' },
   fusermount3: { cmd: 'fusermount3', pkg: 'fuse3' },
   losetup: { cmd: 'losetup', pkg: 'util-linux' },
+  fincore: { cmd: 'fincore', pkg: 'util-linux' },
+  dd: { cmd: 'dd', pkg: 'coreutils' },
   mount: { cmd: 'mount', pkg: 'mount' },
   openssl: { cmd: 'openssl', pkg: 'openssl' },
   ss: { cmd: 'ss', pkg: 'iproute2' },

@@ -240,6 +240,8 @@ export class SimDisk {
       inode.data.copy(buffer, offset, position, position + n);
       return n;
     },
+    // Every page is in the page cache here; the sim reads the slab through the thread pool on its own (Volume.readLater).
+    readNowSync: (fd, buffer, offset, length, position) => this.api.readSync(fd, buffer, offset, length, position),
     writeSync: (fd, buffer, offset, length, position) => {
       const inode = this.file(fd, 'write');
       const src = typeof buffer === 'string' ? Buffer.from(buffer) : buffer.subarray(offset ?? 0, (offset ?? 0) + (length ?? buffer.length - (offset ?? 0)));

@@ -66,6 +66,10 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
   // that choice left every seed's workload as it was.
   const ioPath = prng(opts.seed * 7_919 + 13);
   const threadPool = () => ioPath() < 0.5;
+  // Whether a small read takes the slab through the thread pool, as one whose pages the
+  // page cache dropped does (Volume.readLater): a stream of its own too.
+  const slabPath = prng(opts.seed * 104_729 + 7);
+  const slabLater = () => slabPath() < 0.5;
   const fsyncErrors = chance(0.3);
   const fixed = opts.settings ?? {};
   // Every draw is made whether or not a setting replaces it: the rest of the run stays the same.
@@ -141,18 +145,23 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
 
   async function readCheck(slot: Slot, model: VolumeModel, volume: Volume, offset: number, length: number): Promise<void> {
     const buf = Buffer.alloc(length);
-    // Half the reads take the overlay through the thread pool, as a large NBD read does.
+    // Half the reads take the overlay through the thread pool, as a large NBD read does;
+    // half the others take the slab through it too.
     const large = threadPool();
+    const later = !large && slabLater();
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
         // Blocks evicted while the read waited are fetched again (Volume.readReady).
-        let ready = volume.readReady(offset, length);
+        // The reads that take the slab through the thread pool check restart-loaded slots there too, as a client's do.
+        let ready = volume.readReady(offset, length, 0, later);
         for (let round = 1; ready; round++) {
           await ready;
-          ready = volume.readReady(offset, length, round);
+          ready = volume.readReady(offset, length, round, later);
         }
         if (large) await volume.readLarge(offset, length, buf, 0);
-        else volume.read(offset, length, buf, 0);
+        else if (!later) volume.read(offset, length, buf, 0);
+        // A block that left the cache while it was read: read again, as the NBD server does.
+        else if (!(await volume.readLater(offset, length, buf, 0))) throw new Error('simulated: a block left the cache during the read');
       });
       if ('died' in out) return;
       if (out.ok) break;
