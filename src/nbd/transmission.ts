@@ -207,7 +207,7 @@ export class Transmission {
     }
   }
 
-  /** A large read goes through the thread pool unless `mayDefer` is false (it was deferred already). */
+  /** A large read, or one the page cache cannot serve now, goes through the thread pool unless `mayDefer` is false (it was deferred already). */
   private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, mayDefer = true): void {
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
     const size = headerBytes + length;
