@@ -10,8 +10,8 @@ import {
   CHUNK, connect, createVolume, drain, exportInfo, fileStore, metric, MiB, readAll, startCluster, storeRequests, waitFor,
   withLogs, writeRandom,
 } from './harness/cluster.js';
-import { removeDir, scratchDir, startDaemon } from './harness/daemon.js';
-import { NbdCommandError } from './harness/nbd-client.js';
+import { removeDir, scratchDir, startDaemon, type Daemon } from './harness/daemon.js';
+import { NbdCommandError, type NbdClient } from './harness/nbd-client.js';
 import { requireTools, runOk, TOOLS } from './harness/tools.js';
 import { definePortabilityTests } from './harness/portability.js';
 import { PLAINTEXT } from '../src/crypto/cipher.js';
@@ -22,6 +22,27 @@ import { blockHash } from '../src/crypto/hash.js';
 const TIMEOUT = 180_000;
 
 definePortabilityTests(fileStore, 'file://');
+
+/** A 16 MiB volume with 4 chunks of random data, flushed and drained (its blocks on the slab); the data. */
+async function drainedVolume(d: Daemon, name: string): Promise<Buffer> {
+  await createVolume(d, name, 16);
+  const c = await connect(d, name);
+  const data = await writeRandom(c, 0, 4 * CHUNK);
+  await c.flush();
+  await c.disconnect();
+  await drain(d, name);
+  return data;
+}
+
+/** 4 KiB reads at `first` then at `second`, sent back to back on `c`: the order they were answered in, and their bytes. */
+async function readPair(c: NbdClient, first: number, second: number): Promise<{ answered: string[]; bytes: Buffer[] }> {
+  const answered: string[] = [];
+  const bytes = await Promise.all([
+    c.read(first, 4096).then((b) => (answered.push('first'), b)),
+    c.read(second, 4096).then((b) => (answered.push('second'), b)),
+  ]);
+  return { answered, bytes };
+}
 
 /** Every file under the store's packs/ folder. */
 function packFiles(storeDir: string): string[] {
@@ -185,12 +206,7 @@ test('a cached block whose bytes changed on disk while the daemon was down is fe
     // No background scrub: the first read after the restart must be what finds it.
     const a = await cluster.start('host-a', { cache: { scrub_blocks_per_second: 0 } });
     await withLogs([a], async () => {
-      await createVolume(a, 'rotting', 16);
-      const c = await connect(a, 'rotting');
-      const data = await writeRandom(c, 0, 4 * CHUNK);
-      await c.flush();
-      await c.disconnect();
-      await drain(a, 'rotting');
+      const data = await drainedVolume(a, 'rotting');
       await a.restart(); // the slot table is on disk now; the blocks are in the store
       // A crash can leave a slot's table entry on disk without its bytes (or a reused
       // slot's entry over another block's bytes): here, the bytes of chunk 2's block change.
@@ -223,12 +239,7 @@ test('after a restart, the first read of a cached block checks it off the event 
     // No background scrub: the first read after the restart must be what checks the block.
     const a = await cluster.start('host-a', { cache: { scrub_blocks_per_second: 0 } });
     await withLogs([a], async () => {
-      await createVolume(a, 'waking', 16);
-      const c = await connect(a, 'waking');
-      const data = await writeRandom(c, 0, 4 * CHUNK);
-      await c.flush();
-      await c.disconnect();
-      await drain(a, 'waking');
+      const data = await drainedVolume(a, 'waking');
       await a.restart(); // the blocks are slots loaded from the table, not yet checked
       const gets = await storeRequests(a, 'get');
       const c2 = await connect(a, 'waking');
@@ -237,11 +248,8 @@ test('after a restart, the first read of a cached block checks it off the event 
       // Checked on the event loop, the slab read would hold the connection's next request
       // (and every other volume's) until the device answered; checked through the thread
       // pool, the overlay read behind it is served meanwhile.
-      const answered: string[] = [];
-      const first = c2.read(2 * CHUNK, 4096).then((bytes) => (answered.push('cached block'), bytes));
-      const second = c2.read(8 * CHUNK, 4096).then((bytes) => (answered.push('overlay'), bytes));
-      const [fromSlab, fromOverlay] = await Promise.all([first, second]);
-      assert.deepEqual(answered, ['overlay', 'cached block'], 'the read of the unchecked block was not deferred');
+      const { answered, bytes: [fromSlab, fromOverlay] } = await readPair(c2, 2 * CHUNK, 8 * CHUNK);
+      assert.deepEqual(answered, ['second', 'first'], 'the read of the unchecked block was not deferred');
       assert.ok(fromSlab.equals(data.subarray(2 * CHUNK, 2 * CHUNK + 4096)), 'the checked block read back other bytes than were written');
       assert.ok(fromOverlay.equals(later));
       assert.ok((await readAll(c2, 0, 4 * CHUNK)).equals(data), 'the other blocks read back other bytes than were written');
@@ -262,11 +270,8 @@ test('a cached block whose bytes the page cache dropped is read through the thre
     // No memory tier: the blocks are read from the slab only.
     const a = await cluster.start('host-a', { cache: { scrub_blocks_per_second: 0, memory_size_gb: 0 } });
     await withLogs([a], async () => {
-      await createVolume(a, 'evicted', 16);
+      const data = await drainedVolume(a, 'evicted');
       const c = await connect(a, 'evicted');
-      const data = await writeRandom(c, 0, 4 * CHUNK);
-      await c.flush();
-      await drain(a, 'evicted');
       // Sealed and drained: the blocks are in the slab, and read once they are checked.
       assert.ok((await readAll(c, 0, 4 * CHUNK)).equals(data));
       const later = randomBytes(4096);
@@ -276,11 +281,8 @@ test('a cached block whose bytes the page cache dropped is read through the thre
       await runOk(TOOLS.dd.cmd, [`if=${slab}`, 'iflag=nocache', 'count=0', 'status=none'], { timeoutMs: 30_000 });
       const resident = (await runOk(TOOLS.fincore.cmd, ['--bytes', '--noheadings', '--output', 'RES', slab], { timeoutMs: 30_000 })).stdout.trim();
       if (resident !== '0') return t.skip(`the filesystem kept ${resident} bytes of the slab in the page cache (tmpfs keeps them all)`);
-      const answered: string[] = [];
-      const first = c.read(CHUNK, 4096).then((bytes) => (answered.push('cached block'), bytes));
-      const second = c.read(8 * CHUNK, 4096).then((bytes) => (answered.push('overlay'), bytes));
-      const [fromSlab, fromOverlay] = await Promise.all([first, second]);
-      assert.deepEqual(answered, ['overlay', 'cached block'], 'the read that had to wait for the device held the one behind it');
+      const { answered, bytes: [fromSlab, fromOverlay] } = await readPair(c, CHUNK, 8 * CHUNK);
+      assert.deepEqual(answered, ['second', 'first'], 'the read that had to wait for the device held the one behind it');
       assert.ok(fromSlab.equals(data.subarray(CHUNK, CHUNK + 4096)), 'the block read through the thread pool read back other bytes than were written');
       assert.ok(fromOverlay.equals(later));
       assert.ok((await readAll(c, 0, 4 * CHUNK)).equals(data), 'the volume read back other bytes than were written');

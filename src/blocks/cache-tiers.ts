@@ -23,6 +23,10 @@ const read = (...args: Parameters<typeof disk.read>) => disk.read(...args);
  */
 const MAX_HELD_BYTES = 32 * 1024 * 1024;
 
+function shortRead(slot: Slot, n: number, length: number): Error {
+  return new Error(`block cache: short read of slot ${slot.index} (${n} of ${length} bytes)`);
+}
+
 /** Block buffers idle checks keep (CacheTiers.check): 4 MiB. */
 const MAX_CHECK_BUFFERS = 32;
 
@@ -275,8 +279,7 @@ export abstract class CacheTiers {
 
   /** Whether `key` is on this host only in a slot loaded at start-up and not yet checked against its name. */
   unchecked(key: BlockKey): boolean {
-    const slot = this.slots.get(key);
-    return slot?.unverified === true && !this.memory.has(key) && !this.held.has(key) && !this.writing.has(key);
+    return this.slots.has(key) && !this.ready(key);
   }
 
   /**
@@ -314,13 +317,19 @@ export abstract class CacheTiers {
 
   /** A slot's whole block, read through the thread pool into `block`; undefined when the slab ends first. */
   protected async readSlot(slot: Slot, block: Buffer = Buffer.allocUnsafe(this.blockSize)): Promise<Buffer | undefined> {
+    const done = await this.readSlab(block, 0, block.length, slot.index * this.blockSize);
+    return done === block.length ? block : undefined;
+  }
+
+  /** `length` bytes of the slab at `position` into `dst`, through the thread pool; fewer where the slab ends. */
+  private async readSlab(dst: Buffer, dstOffset: number, length: number, position: number): Promise<number> {
     let done = 0;
-    while (done < block.length) {
-      const { bytesRead } = await read(this.slabFd, block, done, block.length - done, slot.index * this.blockSize + done);
-      if (bytesRead === 0) return undefined;
+    while (done < length) {
+      const { bytesRead } = await read(this.slabFd, dst, dstOffset + done, length - done, position + done);
+      if (bytesRead === 0) break;
       done += bytesRead;
     }
-    return block;
+    return done;
   }
 
   /**
@@ -332,7 +341,7 @@ export abstract class CacheTiers {
     const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
     if (typeof found === 'boolean') return found;
     const n = disk.readSync(this.slabFd, dst, dstOffset, length, found.index * this.blockSize + offset);
-    if (n !== length) throw new Error(`block cache: short read of slot ${found.index} (${n} of ${length} bytes)`);
+    if (n !== length) throw shortRead(found, n, length);
     this.diskHit(key);
     return true;
   }
@@ -346,7 +355,7 @@ export abstract class CacheTiers {
     if (typeof found === 'boolean') return found;
     const n = disk.readNowSync(this.slabFd, dst, dstOffset, length, found.index * this.blockSize + offset);
     if (n === undefined) return undefined;
-    if (n !== length) throw new Error(`block cache: short read of slot ${found.index} (${n} of ${length} bytes)`);
+    if (n !== length) throw shortRead(found, n, length);
     this.diskHit(key);
     return true;
   }
@@ -358,15 +367,9 @@ export abstract class CacheTiers {
   async readIntoLater(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): Promise<boolean> {
     const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
     if (typeof found === 'boolean') return found;
-    const position = found.index * this.blockSize + offset;
-    let done = 0;
-    while (done < length) {
-      const { bytesRead } = await read(this.slabFd, dst, dstOffset + done, length - done, position + done);
-      if (bytesRead === 0) break;
-      done += bytesRead;
-    }
+    const done = await this.readSlab(dst, dstOffset, length, found.index * this.blockSize + offset);
     if (this.slots.get(key) !== found) return false;
-    if (done !== length) throw new Error(`block cache: short read of slot ${found.index} (${done} of ${length} bytes)`);
+    if (done !== length) throw shortRead(found, done, length);
     this.diskHit(key);
     return true;
   }

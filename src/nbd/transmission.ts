@@ -222,7 +222,7 @@ export class Transmission {
       return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started), length);
     }
     if (!mayDefer) this.volume.read(offset, length, reply, headerBytes);
-    else if (!this.volume.readNow(offset, length, reply, headerBytes)) return this.readLater(cookieHigh, cookieLow, offset, length, started, reply, pooled);
+    else if (!this.volume.readNow(offset, length, reply, headerBytes)) return this.readLater(cookieHigh, cookieLow, offset, length, started, headerBytes, reply, pooled);
     this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
   }
 
@@ -231,11 +231,11 @@ export class Transmission {
    * thread pool, so the event loop serves other requests while the device answers. A block
    * that left the cache meanwhile is read again as a deferred read is (readAfter).
    */
-  private readLater(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, reply: Buffer, pooled: Buffer): void {
+  private readLater(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, headerBytes: number, reply: Buffer, pooled: Buffer): void {
     this.fillingReplyBytes += reply.length;
     let read = false;
     const filling = this.volume
-      .readLater(offset, length, reply, reply.length - length)
+      .readLater(offset, length, reply, headerBytes)
       .then((done) => {
         read = done;
       })

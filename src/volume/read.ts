@@ -277,26 +277,22 @@ export abstract class VolumeReads extends VolumeState {
   }
 
   /**
-   * Read from the chunk's sealed block as `slab` says: 'wait' (readBase), 'now' (false
-   * when the slab's bytes are not in the page cache), or later (a read through the thread
-   * pool, its promise added to the list).
+   * Read from the chunk's sealed block (zeros for a hole) as `slab` says: 'wait' (a pread
+   * that may wait), 'now' (false when the slab's bytes are not in the page cache), or
+   * later (a read through the thread pool, its promise added to the list).
    */
   private readSlab(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number, slab: SlabReads): boolean {
-    if (slab === 'wait') {
-      this.readBase(chunk, inChunk, len, dst, dstOffset);
-      return true;
-    }
     const key = this.map.get(chunk);
     if (key === undefined || key === ZERO_ALLOCATED_KEY) {
       dst.fill(0, dstOffset, dstOffset + len);
       return true;
     }
-    if (slab !== 'now') {
+    if (typeof slab !== 'string') {
       slab.push(this.cache.readIntoLater(key, inChunk, len, dst, dstOffset));
       return true;
     }
-    const found = this.cache.readIntoNow(key, inChunk, len, dst, dstOffset);
-    if (found === false) throw this.notHere(key, chunk);
+    const found = slab === 'wait' ? this.cache.readInto(key, inChunk, len, dst, dstOffset) : this.cache.readIntoNow(key, inChunk, len, dst, dstOffset);
+    if (found === false) throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
     return found === true;
   }
 
@@ -309,16 +305,7 @@ export abstract class VolumeReads extends VolumeState {
 
   /** Read from the chunk's sealed block (zeros for a hole). */
   protected readBase(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
-    const key = this.map.get(chunk);
-    if (key === undefined || key === ZERO_ALLOCATED_KEY) {
-      dst.fill(0, dstOffset, dstOffset + len);
-      return;
-    }
-    if (!this.cache.readInto(key, inChunk, len, dst, dstOffset)) throw this.notHere(key, chunk);
-  }
-
-  private notHere(key: BlockKey, chunk: number): VolumeError {
-    return new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
+    this.readSlab(chunk, inChunk, len, dst, dstOffset, 'wait');
   }
 
   // ---- extents ------------------------------------------------------------------------
