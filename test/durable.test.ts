@@ -241,6 +241,39 @@ test('a volume switched to durable at run time (POST flush-mode): its next FLUSH
   }
 });
 
+test('a switch to durable whose settings file cannot be saved fails, names the file, and changes nothing: the volume reports its old mode and its FLUSHes put no log', { timeout: TIMEOUT }, async () => {
+  const cluster = await startCluster(fileStore);
+  try {
+    const a = await cluster.start('host-a');
+    await withLogs([a], async () => {
+      const name = 'unsaved';
+      await createVolume(a, name, SIZE_MIB);
+      const c = await connect(a, name);
+      await c.write(0, randomBytes(64 * 1024));
+      await c.flush();
+      // A directory where the settings file's new copy is written: the save fails.
+      const blocker = path.join(a.dir, 'cache', 'volumes', name, '@', 'store.json.tmp');
+      fs.mkdirSync(blocker);
+      const refused = await a.api('POST', `/api/exports/${name}/flush-mode`, { flush_mode: 'durable' });
+      assert.equal(refused.status, 500, refused.text);
+      assert.match(refused.json.error, /settings could not be saved, so they are unchanged: .*store\.json\.tmp/);
+      const info = await exportInfo(a, name);
+      assert.equal(info.flush_mode, 'demand', 'the volume reports the mode whose switch failed');
+      await c.write(MiB, randomBytes(64 * 1024));
+      await c.flush();
+      assert.equal(await metric(a, 'updraft_durable_log_puts_total'), 0);
+      // Once the file can be written, the same switch goes through.
+      fs.rmdirSync(blocker);
+      const switched = await a.api('POST', `/api/exports/${name}/flush-mode`, { flush_mode: 'durable' });
+      assert.equal(switched.status, 200, switched.text);
+      assert.equal((await exportInfo(a, name)).flush_mode, 'durable');
+      await c.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('a holder paused past its lease while another host promotes: its later FLUSHes fail, and its log records are never replayed', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   const storeDir = path.join(cluster.dir, 'store');

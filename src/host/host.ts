@@ -251,10 +251,18 @@ export class Host extends HostInventory {
     return deleteCheckpoint(this.options.store, volume, checkpoint, this.options.refcounts);
   }
 
+  /** Change a volume's settings. When they cannot be saved, none of them changes here, and the error says so. */
   setVolumeSettings(name: string, settings: VolumeSettings): void {
     const link = this.linkOf(name);
+    const before = { ...link.state };
     Object.assign(link.state, settings);
-    link.save();
+    try {
+      link.save();
+    } catch (err) {
+      // Otherwise the volume would report the new settings while it runs on the old ones.
+      Object.assign(link.state, before);
+      throw new Error(`volume ${name}: its settings could not be saved, so they are unchanged: ${errorMessage(err)}`);
+    }
     this.followers.start();
     this.trackFlushMode(link);
     this.log.info('volume settings changed', { volume: name, flush_mode: link.state.flushMode, dirty_budget_bytes: link.state.dirtyBudgetBytes });

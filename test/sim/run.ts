@@ -240,9 +240,8 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
     try {
       runAs(slot.actor, () => slot.host!.setVolumeSettings(model.name, { flushMode: 'durable' }));
     } catch (err) {
-      // The settings file's sync failed: the host serves the volume in its default mode, so its floor is local only from now on.
+      // The settings file's save failed, which changes nothing: the volume keeps the mode its manifest gave it, durable.
       note(`  ${slot.id} cannot make ${model.name} durable: ${(err as Error).message}`);
-      model.durable = false;
     }
   }
 
