@@ -464,6 +464,12 @@ export class StoreLink {
       if (this.volume.dirtyChunks > 0) {
         throw new VolumeError('EINVAL', `volume ${this.name}: has local writes that are in no manifest; cannot promote over them`);
       }
+      // A failed volume's memory can be ahead of its disk (a manifest taken, its journal not
+      // synced): as the writer, a restart would bring back the older state under the lease.
+      const failure = this.volume.failed;
+      if (failure !== undefined) {
+        throw new VolumeError('EIO', `volume ${this.name}: cannot promote: it has failed (${failure}); reopen it first`);
+      }
       // The very first lease of a volume (a new fork, a blessed image) has no previous
       // holder to fence, and the manifest was just read: no rewrite needed. Nor does a
       // lease its holder released (a live migration): that host refuses writes and gave

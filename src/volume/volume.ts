@@ -109,7 +109,13 @@ export class Volume extends VolumeFlushes {
     this.pendingUnref = [];
     this.journalDirty.clear();
     const frozen = this.frozenState();
-    await this.journal.rewrite(frozen.map, frozen.overlay, this.sequence, this.size, this.blockSize);
+    try {
+      await this.journal.rewrite(frozen.map, frozen.overlay, this.sequence, this.size, this.blockSize);
+    } catch (err) {
+      // Memory holds the new content and the disk the old: the volume fails, as at any failed sync.
+      this.pendingUnref.push(...unrefs);
+      throw this.fail(`replacing its content: ${(err as Error).message}`);
+    }
     this.journalSequence = content.sequence;
     for (const key of unrefs) this.cache.unref(key);
   }
@@ -122,6 +128,8 @@ export class Volume extends VolumeFlushes {
    */
   async followManifest(content: { size: number; sequence: number; map: BlockMap }, logView?: LogView): Promise<void> {
     this.checkOpen();
+    // A failed volume cannot journal the new map: it keeps serving the one its disk holds.
+    if (this.failure !== undefined) throw this.failedError();
     if (this.overlay.size > 0 || this.sealing.size > 0) {
       throw new VolumeError('EINVAL', `volume ${this.name}: cannot take a newer manifest with local writes pending`);
     }
