@@ -1,4 +1,4 @@
-// Large requests run their overlay I/O on the thread pool (Volume.writeLarge/readLarge)
+// Large requests run their file I/O on the thread pool (Volume.writeLarge/readLater)
 // while the event loop serves the next requests. What that concurrency must not break,
 // driven through libnbd (nbdsh) with many 1 MiB requests in flight at once:
 //   - a FLUSH sent while large writes are in flight covers every write answered before

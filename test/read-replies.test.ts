@@ -90,3 +90,38 @@ for (const structured of [false, true]) {
     }
   });
 }
+
+test('large replies paced while another connection reads each come back with their own bytes, and so do that connection\'s reads', async () => {
+  const big = await rawSocket({ path: daemon.socket, exportName: VOLUME, structuredReplies: true, timeoutMs: T });
+  const small = await NbdClient.connect({ path: daemon.socket, exportName: VOLUME, commandTimeoutMs: T });
+  try {
+    const asked = new Map<number, { offset: number; length: number }>();
+    const requests: Buffer[] = [];
+    for (let cookie = 1; cookie <= 48; cookie++) {
+      const length = cookie % 3 === 0 ? 300 * KiB : MiB;
+      const offset = randomInt(0, (DATA - length) / 512) * 512;
+      asked.set(cookie, { offset, length });
+      requests.push(encodeRequest({ type: NBD_CMD.READ, cookie, offset, length }));
+    }
+    // The other connection keeps sending requests, so the large replies go a turn's budget at a time.
+    let reading = true;
+    let smallReads = 0;
+    const reader = (async () => {
+      while (reading) {
+        const offset = randomInt(0, (DATA - 4 * KiB) / 512) * 512;
+        const data = await small.read(offset, 4 * KiB);
+        assert.ok(data.equals(written.subarray(offset, offset + 4 * KiB)), `the small read at ${offset} came back with other bytes`);
+        smallReads++;
+      }
+    })();
+    await sleep(50);
+    await big.write(Buffer.concat(requests));
+    await readReplies(big, true, asked, asked.size);
+    reading = false;
+    await reader;
+    assert.ok(smallReads > 0);
+  } finally {
+    big.destroy();
+    await small.disconnect();
+  }
+});

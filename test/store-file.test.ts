@@ -293,6 +293,43 @@ test('a cached block whose bytes the page cache dropped is read through the thre
   }
 });
 
+test('overlay sectors whose bytes the page cache dropped are read through the thread pool: a read behind them on the same connection is answered first', { timeout: TIMEOUT }, async (t) => {
+  if (!requireTools(t, [TOOLS.dd, TOOLS.fincore])) return;
+  const cluster = await startCluster(fileStore);
+  try {
+    // No idle seal: the written chunks stay in the overlay.
+    const a = await cluster.start('host-a', { volumes: { seal_idle_ms: 3_600_000 } });
+    await withLogs([a], async () => {
+      await createVolume(a, 'unsealed', 16);
+      const c = await connect(a, 'unsealed');
+      const data = await writeRandom(c, 0, 4 * CHUNK);
+      await c.flush();
+      // Written back (a FLUSH may log the writes instead of syncing the overlay), then
+      // dropped by the host, as it does under memory pressure.
+      const overlay = path.join(a.dir, 'cache', 'volumes', 'unsealed', '@', 'overlay');
+      const fd = fs.openSync(overlay, 'r');
+      try {
+        fs.fsyncSync(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      await runOk(TOOLS.dd.cmd, [`if=${overlay}`, 'iflag=nocache', 'count=0', 'status=none'], { timeoutMs: 30_000 });
+      const resident = (await runOk(TOOLS.fincore.cmd, ['--bytes', '--noheadings', '--output', 'RES', overlay], { timeoutMs: 30_000 })).stdout.trim();
+      if (resident !== '0') return t.skip(`the filesystem kept ${resident} bytes of the overlay in the page cache (tmpfs keeps them all)`);
+      // The second read is of a chunk never written: zeros, with no pread at all.
+      const { answered, bytes: [fromOverlay, fromHole] } = await readPair(c, CHUNK, 12 * CHUNK);
+      assert.deepEqual(answered, ['second', 'first'], 'the overlay read that had to wait for the device held the one behind it');
+      assert.ok(fromOverlay.equals(data.subarray(CHUNK, CHUNK + 4096)), 'the sectors read through the thread pool read back other bytes than were written');
+      assert.ok(fromHole.equals(Buffer.alloc(4096)));
+      assert.ok((await readAll(c, 0, 4 * CHUNK)).equals(data), 'the volume read back other bytes than were written');
+      assert.equal((await exportInfo(a, 'unsealed')).dirty_bytes > 0, true, 'the volume was sealed: its reads did not come from the overlay');
+      await c.disconnect();
+    });
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
 test('a corrupted pack is EIO on read (named in the log); the volume keeps serving its other chunks', { timeout: TIMEOUT }, async () => {
   const cluster = await startCluster(fileStore);
   try {

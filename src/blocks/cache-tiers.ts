@@ -27,6 +27,14 @@ function shortRead(slot: Slot, n: number, length: number): Error {
   return new Error(`block cache: short read of slot ${slot.index} (${n} of ${length} bytes)`);
 }
 
+/** A part of block `key` that a read wants at `dstOffset` of its buffer (CacheTiers.readIntoLater). */
+export interface LaterRead {
+  key: BlockKey;
+  offset: number;
+  length: number;
+  dstOffset: number;
+}
+
 /** Block buffers idle checks keep (CacheTiers.check): 4 MiB. */
 const MAX_CHECK_BUFFERS = 32;
 
@@ -361,16 +369,38 @@ export abstract class CacheTiers {
   }
 
   /**
-   * readInto with the slab read through the thread pool. False also when the block left
-   * the cache while it was read: its slot may hold another block's bytes by then.
+   * readInto for each of `reads` (into `dst`), with the slab read through the thread pool:
+   * reads of adjacent slab bytes into adjacent `dst` bytes go as one pread. Which slot each
+   * block reads is decided now. False when a block is not on this host, or left the cache
+   * while it was read (its slot may hold another block's bytes by then).
    */
-  async readIntoLater(key: BlockKey, offset: number, length: number, dst: Buffer, dstOffset: number): Promise<boolean> {
-    const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
-    if (typeof found === 'boolean') return found;
-    const done = await this.readSlab(dst, dstOffset, length, found.index * this.blockSize + offset);
-    if (this.slots.get(key) !== found) return false;
-    if (done !== length) throw shortRead(found, done, length);
-    this.diskHit(key);
+  async readIntoLater(dst: Buffer, reads: readonly LaterRead[]): Promise<boolean> {
+    // Per run of adjacent reads: its first read, how many reads, slab position, dst offset, length.
+    const runs: number[] = [];
+    const slots = new Map<number, Slot>();
+    for (const [i, { key, offset, length, dstOffset }] of reads.entries()) {
+      const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
+      if (found === false) return false;
+      if (found === true) continue;
+      slots.set(i, found);
+      const position = found.index * this.blockSize + offset;
+      const last = runs.length - 5;
+      if (last >= 0 && runs[last] + runs[last + 1] === i && runs[last + 2] + runs[last + 4] === position && runs[last + 3] + runs[last + 4] === dstOffset) {
+        runs[last + 1]++;
+        runs[last + 4] += length;
+      } else runs.push(i, 1, position, dstOffset, length);
+    }
+    const preads: Array<Promise<number>> = [];
+    for (let r = 0; r < runs.length; r += 5) preads.push(this.readSlab(dst, runs[r + 3], runs[r + 4], runs[r + 2]));
+    // Every pread settles before a failure is thrown: none writes into `dst` after that.
+    const done = await Promise.allSettled(preads);
+    for (const outcome of done) if (outcome.status === 'rejected') throw outcome.reason;
+    for (const [i, slot] of slots) if (this.slots.get(reads[i].key) !== slot) return false;
+    for (let r = 0; r < runs.length; r += 5) {
+      const n = (done[r / 5] as PromiseFulfilledResult<number>).value;
+      if (n !== runs[r + 4]) throw shortRead(slots.get(runs[r])!, n, runs[r + 4]);
+    }
+    for (const i of slots.keys()) this.diskHit(reads[i].key);
     return true;
   }
 

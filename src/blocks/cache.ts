@@ -19,7 +19,7 @@ import { SLOT_IN_STORE, SLOT_USED, type BlockSealer, type Slot } from './slab.js
 
 export { blockKey, keyBytes, keyHex, type BlockKey } from './block-key.js';
 export { LocalSpace } from './local-space.js';
-export type { BlockCacheOptions, CacheCounters } from './cache-tiers.js';
+export type { BlockCacheOptions, CacheCounters, LaterRead } from './cache-tiers.js';
 export type { BlockSealer } from './slab.js';
 
 export class BlockCache extends CacheTiers {

@@ -7,6 +7,7 @@ import tls from 'node:tls';
 import { errorMessage, type Logger } from '../log.js';
 import { ByteQueue } from './byte-queue.js';
 import { DeferredRequests } from './deferred.js';
+import { ReplyPacer } from './reply-pacer.js';
 import { Handshake, ProtocolError, type ExportCatalog, type TlsPolicy } from './handshake.js';
 import { raiseSendBuffer } from './socket-buffer.js';
 import { Transmission } from './transmission.js';
@@ -44,6 +45,9 @@ export class NbdServer {
   ) {
     this.deferred = options.deferred ?? new DeferredRequests();
   }
+
+  /** Large read replies of every connection, written a turn's budget at a time. */
+  private readonly pacer = new ReplyPacer();
 
   /** Requests waiting for the store or a flush, every connection together (metrics). */
   readonly deferred: DeferredRequests;
@@ -204,7 +208,7 @@ export class NbdServer {
           attached = false;
         };
         this.log.debug('client attached', { peer, volume: volume.name, structured: negotiated.structured, tls: socket !== raw });
-        transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.(), this.deferred);
+        transmission = new Transmission(socket, queue, negotiated, this.log, () => detach?.(), this.deferred, this.pacer);
         socket.resume();
         transmission.pump(); // requests may already be queued behind the last option
       },

@@ -8,6 +8,7 @@ import { VolumeError, type Volume, type VolumeErrorCode } from '../volume/volume
 import type { OpKind } from '../volume/stats.js';
 import type { ByteQueue } from './byte-queue.js';
 import type { DeferredRequests } from './deferred.js';
+import type { ReplyPacer } from './reply-pacer.js';
 import type { Negotiated } from './handshake.js';
 import * as P from './protocol.js';
 
@@ -44,7 +45,7 @@ const MAX_QUEUED_REPLY_BYTES = 64 * 1024 * 1024;
  * the copy into the page cache overlaps with reading the next request.
  */
 const LARGE_WRITE_BYTES = 256 * 1024;
-/** Reads at least this large read the overlay through the thread pool (Volume.readLarge). */
+/** Reads at least this large read the overlay and the slab through the thread pool (Volume.readLater). */
 const LARGE_READ_BYTES = 256 * 1024;
 /** Offsets at or past 2^53 cannot be represented exactly; no volume is that large. */
 const MAX_OFFSET_HIGH = 2 ** 21;
@@ -76,6 +77,7 @@ export class Transmission {
     private readonly log: Logger,
     private readonly onClose: () => void,
     private readonly deferred: DeferredRequests,
+    private readonly pacer: ReplyPacer,
   ) {
     this.volume = negotiated.volume;
     this.structured = negotiated.structured;
@@ -151,12 +153,13 @@ export class Transmission {
       return this.error(cookieHigh, cookieLow, errno, `range ${offset}+${length} is past the end of the ${volume.size}-byte export`);
     }
     const started = performance.now();
+    this.pacer.request(this, started);
     try {
       switch (type) {
         case P.CMD_READ: {
           // Slots a restart loaded are checked through the thread pool (the read waits, no one else does).
           const fetching = volume.readReady(offset, length, 0, true);
-          if (fetching === undefined) return this.read(cookieHigh, cookieLow, offset, length, started);
+          if (fetching === undefined) return void this.read(cookieHigh, cookieLow, offset, length, started);
           return this.readAfter(fetching, 1, cookieHigh, cookieLow, offset, length, started);
         }
         case P.CMD_WRITE: {
@@ -208,27 +211,20 @@ export class Transmission {
   }
 
   /** A large read, or one the page cache cannot serve now, goes through the thread pool unless `mayDefer` is false (it was deferred already). */
-  private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, mayDefer = true): void {
+  private read(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, mayDefer = true): Promise<void> | void {
     const headerBytes = this.structured ? P.STRUCTURED_REPLY_BYTES + 8 : P.SIMPLE_REPLY_BYTES;
     const size = headerBytes + length;
     const pooled = this.replyBuffer(headerBytes, length);
     const reply = pooled.length === size ? pooled : pooled.subarray(0, size);
-    if (mayDefer && length >= LARGE_READ_BYTES) {
-      // The reply buffer counts against the deferred bytes, as a write's payload does.
-      this.fillingReplyBytes += size;
-      const filling = this.volume.readLarge(offset, length, reply, headerBytes).finally(() => {
-        this.fillingReplyBytes -= size;
-      });
-      return this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started), length);
-    }
     if (!mayDefer) this.volume.read(offset, length, reply, headerBytes);
-    else if (!this.volume.readNow(offset, length, reply, headerBytes)) return this.readLater(cookieHigh, cookieLow, offset, length, started, headerBytes, reply, pooled);
-    this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+    else if (length >= LARGE_READ_BYTES || !this.volume.readNow(offset, length, reply, headerBytes)) return this.readLater(cookieHigh, cookieLow, offset, length, started, headerBytes, reply, pooled);
+    return this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
   }
 
   /**
-   * A read whose blocks' bytes on the slab are not in the page cache: read through the
-   * thread pool, so the event loop serves other requests while the device answers. A block
+   * A read whose preads go through the thread pool (Volume.readLater), so the event loop
+   * serves other requests while they copy out of the page cache or wait for the device.
+   * Its reply buffer counts against the deferred bytes, as a write's payload does. A block
    * that left the cache meanwhile is read again as a deferred read is (readAfter).
    */
   private readLater(cookieHigh: number, cookieLow: number, offset: number, length: number, started: number, headerBytes: number, reply: Buffer, pooled: Buffer): void {
@@ -243,12 +239,23 @@ export class Transmission {
         this.fillingReplyBytes -= reply.length;
       });
     this.after(filling, P.CMD_READ, cookieHigh, cookieLow, () => {
-      if (read) this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
-      else this.readAfter(Promise.resolve(), 1, cookieHigh, cookieLow, offset, length, started);
+      if (read) return this.sendRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+      this.readAfter(Promise.resolve(), 1, cookieHigh, cookieLow, offset, length, started);
     }, length);
   }
 
-  private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer, started: number): void {
+  /** A large reply waits for its turn (ReplyPacer); the promise keeps a deferred read's slot until it is written. */
+  private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer, started: number): Promise<void> | void {
+    const turn = length >= LARGE_READ_BYTES ? this.pacer.take(reply.length, performance.now()) : undefined;
+    if (turn !== undefined) {
+      return turn.then(() => {
+        if (!this.closed) this.writeRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+      });
+    }
+    this.writeRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
+  }
+
+  private writeRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer, started: number): void {
     if (this.structured) {
       reply.writeUInt32BE(P.STRUCTURED_REPLY_MAGIC, 0);
       reply.writeUInt16BE(P.REPLY_FLAG_DONE, 4);
@@ -376,7 +383,6 @@ export class Transmission {
     this.resumeIfRoom();
   }
 
-  /** Serve a request once blocks it needs have arrived from the store; a write holds its `payloadBytes` meanwhile. */
   /**
    * Read once `fetching` is done. A block the cache evicted while the read waited is
    * fetched again (Volume.readReady bounds the rounds); the read runs in the same tick
@@ -386,8 +392,8 @@ export class Transmission {
     this.after(fetching, P.CMD_READ, cookieHigh, cookieLow, () => {
       const again = this.volume.readReady(offset, length, round, true);
       // Already deferred: read now, without a second deferral the bounds were not checked for.
-      if (again === undefined) this.read(cookieHigh, cookieLow, offset, length, started, false);
-      else this.readAfter(again, round + 1, cookieHigh, cookieLow, offset, length, started);
+      if (again === undefined) return this.read(cookieHigh, cookieLow, offset, length, started, false);
+      this.readAfter(again, round + 1, cookieHigh, cookieLow, offset, length, started);
     });
   }
 
@@ -399,7 +405,7 @@ export class Transmission {
         () => {
           if (this.closed) return;
           try {
-            return serve();
+            return serve()?.catch((err: unknown) => this.failed(cookieHigh, cookieLow, type, err));
           } catch (err) {
             this.failed(cookieHigh, cookieLow, type, err);
           }

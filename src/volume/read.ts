@@ -2,7 +2,7 @@
 // overlay file, the rest from the block the block map names (zeros for a hole), fetched
 // from the store first when it is not on this host; read-ahead for a sequential reader,
 // boot recording, and base:allocation extents.
-import { keyHex, type BlockKey } from '../blocks/cache.js';
+import { keyHex, type BlockKey, type LaterRead } from '../blocks/cache.js';
 import { disk } from '../disk/disk.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { readAt } from './overlay-file.js';
@@ -10,11 +10,11 @@ import { SECTOR, SECTOR_SHIFT, sectorPresent, sectorRunEnd } from './sectors.js'
 import { EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, VolumeError, VolumeState } from './state.js';
 
 /**
- * How a read takes its base blocks' bytes from the slab: with a pread that may wait for the
- * device, only if the page cache holds them, or later through the thread pool (the list
- * gathers those reads' answers: false for a block that left the cache meanwhile).
+ * How a read takes bytes from the overlay file and the slab: with a pread that may wait for
+ * the device ('wait'), only if the page cache holds them ('now'), or later through the
+ * thread pool (the overlay's runs and the slab's reads are gathered, then read together).
  */
-type SlabReads = 'wait' | 'now' | Array<Promise<boolean>>;
+type FileReads = 'wait' | 'now' | { runs: number[]; blocks: LaterRead[] };
 
 /** Fetches a waiting read makes before it gives up on blocks that keep leaving the cache. */
 const READ_FETCH_ROUNDS = 8;
@@ -168,56 +168,45 @@ export abstract class VolumeReads extends VolumeState {
   /** Copy [offset, offset + length) into dst at dstOffset. The caller checked the range. */
   read(offset: number, length: number, dst: Buffer, dstOffset: number): void {
     this.checkOpen();
-    this.readRange(offset, length, dst, dstOffset, undefined, 'wait');
+    this.readRange(offset, length, dst, dstOffset, 'wait');
     this.logView?.patch(offset, length, dst, dstOffset);
   }
 
   /**
-   * read(), unless a block's bytes on the slab are not all in the page cache (the host
-   * dropped them): then false, with `dst` partly written, and the caller reads with
-   * readLater instead of holding the event loop for the device.
+   * read(), unless bytes of the overlay or the slab it needs are not all in the page cache
+   * (the host dropped them): then false, with `dst` partly written, and the caller reads
+   * with readLater instead of holding the event loop for the device.
    */
   readNow(offset: number, length: number, dst: Buffer, dstOffset: number): boolean {
     this.checkOpen();
-    if (!this.readRange(offset, length, dst, dstOffset, undefined, 'now')) return false;
+    if (!this.readRange(offset, length, dst, dstOffset, 'now')) return false;
     this.logView?.patch(offset, length, dst, dstOffset);
     return true;
   }
 
   /**
-   * A large read: as read(), but the overlay's runs are read through the thread pool, so
-   * the copy out of the page cache runs on another core. Which sectors come from where is
-   * decided now, and cached blocks are copied now; the overlay file's bytes of a sector
-   * never move, so the later preads read what an immediate one would have.
-   */
-  async readLarge(offset: number, length: number, dst: Buffer, dstOffset: number): Promise<void> {
-    this.checkOpen();
-    // The view the map was read under, laid over the overlay's bytes once they are in.
-    const view = this.logView;
-    // Overlay runs as [file position, dst offset, length], adjacent ones merged into one pread.
-    const runs: number[] = [];
-    this.readRange(offset, length, dst, dstOffset, runs, 'wait');
-    await this.readRuns(runs, dst, `read of ${length} bytes at ${offset} from`);
-    view?.patch(offset, length, dst, dstOffset);
-  }
-
-  /**
-   * As readLarge, and the slab's bytes are read through the thread pool too: a read that
-   * readNow found would wait for the device. Which block each chunk reads is decided now;
-   * a block's bytes never change while its slot holds it, and one that leaves the cache
-   * meanwhile makes the answer false (the caller asks readReady again and reads once more).
+   * As read(), with the overlay's and the slab's preads through the thread pool, so the
+   * copies out of the page cache, or the waits for the device, leave the event loop free: a
+   * large read, or one readNow found would wait. Which sectors come from where is decided
+   * now and memory copies are made now; the overlay file's bytes of a sector never move,
+   * and a block's bytes never change while its slot holds it. A block that leaves the
+   * cache meanwhile makes the answer false (the caller asks readReady again and reads
+   * once more).
    */
   async readLater(offset: number, length: number, dst: Buffer, dstOffset: number): Promise<boolean> {
     this.checkOpen();
+    // The view the map was read under, laid over the file's bytes once they are in.
     const view = this.logView;
-    const runs: number[] = [];
-    const blocks: Array<Promise<boolean>> = [];
-    this.readRange(offset, length, dst, dstOffset, runs, blocks);
+    const later = { runs: [] as number[], blocks: [] as LaterRead[] };
+    this.readRange(offset, length, dst, dstOffset, later);
     // Every read settles before a failure is thrown: none writes into `dst` after that.
-    const [overlay, slab] = await Promise.allSettled([this.readRuns(runs, dst, `read of ${length} bytes at ${offset} from`), Promise.all(blocks)]);
+    const [overlay, slab] = await Promise.allSettled([
+      this.readRuns(later.runs, dst, `read of ${length} bytes at ${offset} from`),
+      later.blocks.length === 0 ? true : this.cache.readIntoLater(dst, later.blocks),
+    ]);
     if (overlay.status === 'rejected') throw overlay.reason;
     if (slab.status === 'rejected') throw new VolumeError('EIO', `volume ${this.name}: ${(slab.reason as Error).message}`);
-    if (slab.value.includes(false)) return false;
+    if (!slab.value) return false;
     view?.patch(offset, length, dst, dstOffset);
     return true;
   }
@@ -231,18 +220,17 @@ export abstract class VolumeReads extends VolumeState {
   }
 
   /**
-   * The reads' common walk: overlay runs are read now, or noted in `runs` for the thread
-   * pool; base blocks as `slab` says (readSlab). False when `slab` is 'now' and a block
-   * would wait for the device.
+   * The reads' common walk: overlay sectors and base blocks are read as `how` says. False
+   * when it is 'now' and a pread would wait for the device.
    */
-  private readRange(offset: number, length: number, dst: Buffer, dstOffset: number, runs: number[] | undefined, slab: SlabReads): boolean {
+  private readRange(offset: number, length: number, dst: Buffer, dstOffset: number, how: FileReads): boolean {
     const bs = this.blockSize;
     while (length > 0) {
       const chunk = Math.floor(offset / bs);
       const inChunk = offset - chunk * bs;
       const n = Math.min(length, bs - inChunk);
       const mask = this.overlay.get(chunk);
-      if (!(mask === undefined ? this.readSlab(chunk, inChunk, n, dst, dstOffset, slab) : this.readMixed(chunk, mask, inChunk, n, dst, dstOffset, runs, slab))) return false;
+      if (!(mask === undefined ? this.readSlab(chunk, inChunk, n, dst, dstOffset, how) : this.readMixed(chunk, mask, inChunk, n, dst, dstOffset, how))) return false;
       offset += n;
       dstOffset += n;
       length -= n;
@@ -251,7 +239,7 @@ export abstract class VolumeReads extends VolumeState {
   }
 
   /** Read part of a chunk whose overlay holds some sectors: runs of present / absent. */
-  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number, runs: number[] | undefined, slab: SlabReads): boolean {
+  private readMixed(chunk: number, mask: Uint8Array, inChunk: number, n: number, dst: Buffer, dstOffset: number, how: FileReads): boolean {
     const end = inChunk + n;
     const endSector = (end + SECTOR - 1) >>> SECTOR_SHIFT;
     let at = inChunk;
@@ -263,9 +251,11 @@ export abstract class VolumeReads extends VolumeState {
       const len = runEnd - at;
       const to = dstOffset + (at - inChunk);
       if (!present) {
-        if (!this.readSlab(chunk, at, len, dst, to, slab)) return false;
-      } else if (runs === undefined) this.readOverlay(chunk, at, len, dst, to);
-      else {
+        if (!this.readSlab(chunk, at, len, dst, to, how)) return false;
+      } else if (typeof how === 'string') {
+        if (!this.readOverlay(chunk, at, len, dst, to, how === 'now')) return false;
+      } else {
+        const { runs } = how;
         const position = chunk * this.blockSize + at;
         const last = runs.length - 3;
         if (last >= 0 && runs[last] + runs[last + 2] === position && runs[last + 1] + runs[last + 2] === to) runs[last + 2] += len;
@@ -276,31 +266,31 @@ export abstract class VolumeReads extends VolumeState {
     return true;
   }
 
-  /**
-   * Read from the chunk's sealed block (zeros for a hole) as `slab` says: 'wait' (a pread
-   * that may wait), 'now' (false when the slab's bytes are not in the page cache), or
-   * later (a read through the thread pool, its promise added to the list).
-   */
-  private readSlab(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number, slab: SlabReads): boolean {
+  /** Read from the chunk's sealed block (zeros for a hole) as `how` says. */
+  private readSlab(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number, how: FileReads): boolean {
     const key = this.map.get(chunk);
     if (key === undefined || key === ZERO_ALLOCATED_KEY) {
       dst.fill(0, dstOffset, dstOffset + len);
       return true;
     }
-    if (typeof slab !== 'string') {
-      slab.push(this.cache.readIntoLater(key, inChunk, len, dst, dstOffset));
+    if (typeof how !== 'string') {
+      how.blocks.push({ key, offset: inChunk, length: len, dstOffset });
       return true;
     }
-    const found = slab === 'wait' ? this.cache.readInto(key, inChunk, len, dst, dstOffset) : this.cache.readIntoNow(key, inChunk, len, dst, dstOffset);
+    const found = how === 'wait' ? this.cache.readInto(key, inChunk, len, dst, dstOffset) : this.cache.readIntoNow(key, inChunk, len, dst, dstOffset);
     if (found === false) throw new VolumeError('EIO', `volume ${this.name}: block ${keyHex(key)} of chunk ${chunk} is not on this host`);
     return found === true;
   }
 
-  protected readOverlay(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number): void {
-    const n = disk.readSync(this.overlayFd, dst, dstOffset, len, chunk * this.blockSize + inChunk);
+  /** Read overlay sectors; with `now`, false instead when they are not all in the page cache. */
+  protected readOverlay(chunk: number, inChunk: number, len: number, dst: Buffer, dstOffset: number, now = false): boolean {
+    const position = chunk * this.blockSize + inChunk;
+    const n = now ? disk.readNowSync(this.overlayFd, dst, dstOffset, len, position) : disk.readSync(this.overlayFd, dst, dstOffset, len, position);
+    if (n === undefined) return false;
     if (n !== len) {
       throw new VolumeError('EIO', `volume ${this.name}: overlay short read at chunk ${chunk} (${n} of ${len} bytes)`);
     }
+    return true;
   }
 
   /** Read from the chunk's sealed block (zeros for a hole). */

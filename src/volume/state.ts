@@ -144,7 +144,7 @@ export abstract class VolumeState {
   /** Chunks being sealed: the sectors written meanwhile, and whether a trim/zero voided the seal. */
   protected readonly sealing = new Map<number, { written: Uint8Array; invalid: boolean }>();
   protected readonly sealsInFlight = new Set<Promise<unknown>>();
-  /** Overlay reads and writes on the thread pool (readLarge, writeLarge); close and destroy wait for them before the fd goes. */
+  /** Overlay reads and writes on the thread pool (readLater, writeLarge); close and destroy wait for them before the fd goes. */
   protected readonly ioInFlight = new Set<Promise<unknown>>();
   protected flushTail: Promise<void> = Promise.resolve();
   protected flushQueued: Promise<void> | undefined;

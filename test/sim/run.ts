@@ -145,10 +145,10 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
 
   async function readCheck(slot: Slot, model: VolumeModel, volume: Volume, offset: number, length: number): Promise<void> {
     const buf = Buffer.alloc(length);
-    // Half the reads take the overlay through the thread pool, as a large NBD read does;
-    // half the others take the slab through it too.
+    // Half the reads take the overlay and the slab through the thread pool, as a large NBD
+    // read does; half the others too, as one whose pages the page cache dropped does.
     const large = threadPool();
-    const later = !large && slabLater();
+    const later = large || slabLater();
     for (let attempt = 1; ; attempt++) {
       const out = await drive(slot, async () => {
         // Blocks evicted while the read waited are fetched again (Volume.readReady).
@@ -158,8 +158,7 @@ export async function runSeed(opts: SimOptions): Promise<SimResult> {
           await ready;
           ready = volume.readReady(offset, length, round, later);
         }
-        if (large) await volume.readLarge(offset, length, buf, 0);
-        else if (!later) volume.read(offset, length, buf, 0);
+        if (!later) volume.read(offset, length, buf, 0);
         // A block that left the cache while it was read: read again, as the NBD server does.
         else if (!(await volume.readLater(offset, length, buf, 0))) throw new Error('simulated: a block left the cache during the read');
       });
