@@ -11,6 +11,7 @@ import assert from 'node:assert/strict';
 import fsp from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
+import { connect as connectTo, createVolume, drain, exportInfo, fileStore, startCluster, waitFor, withLogs } from './harness/cluster.js';
 import { removeDir, scratchDir, startDaemon, type Daemon } from './harness/daemon.js';
 import { startFailingDisk, type FailingDisk } from './harness/failing-disk.js';
 import { canMountNbdDisks } from './harness/nbd-disk.js';
@@ -204,3 +205,68 @@ for (const mode of ['buffered', 'direct'] as const) {
     }
   });
 }
+
+// A replica whose journal sync fails while it takes its writer's newer manifest holds that
+// manifest in memory only: promoted as it was, a power cut would bring back the older state
+// under the lease. It is refused until the volume is reopened; reopened, it follows the
+// writer from what its disk holds, and promotes.
+test('a replica whose sync failed as it followed its writer is not promoted until reopened; reopened, it follows on and promotes with the writer\'s last state', { timeout: 600_000 }, async (t) => {
+  if (!canMountNbdDisks(t)) return;
+  let disk: FailingDisk | undefined;
+  const cluster = await startCluster(fileStore);
+  try {
+    disk = await startFailingDisk();
+    // B's volumes (overlays, journals) on the failing disk; its block cache and pack index elsewhere.
+    const cacheDir = path.join(cluster.dir, 'host-b-cache');
+    await fsp.mkdir(path.join(disk.mountDir, 'volumes'));
+    await fsp.mkdir(cacheDir);
+    await fsp.symlink(path.join(disk.mountDir, 'volumes'), path.join(cacheDir, 'volumes'));
+    const a = await cluster.start('host-a');
+    const b = await cluster.start('host-b', { cache: { dir: cacheDir }, volumes: { replica_follow_interval_ms: 0 } });
+    const name = 'failed-replica';
+    const encoded = encodeURIComponent(name);
+    await withLogs([a, b], async () => {
+      await createVolume(a, name, 8);
+      const ca = await connectTo(a, name);
+      await ca.write(0, pattern(21, CHUNK));
+      const first = await drain(a, name);
+      await createVolume(b, name, 8, { replica_follow_interval_ms: 200 }, 200);
+      await waitFor('the replica to load the first drain', async () => (await exportInfo(b, name)).sequence >= first.sequence);
+
+      await disk!.fail();
+      const written = pattern(22, CHUNK);
+      await ca.write(0, written, { fua: true });
+      const second = await drain(a, name);
+      await waitFor('the replica to fail as it takes the second drain', async () => (await exportInfo(b, name)).failed === true);
+      await disk!.heal();
+
+      const released = await a.api('POST', `/api/exports/${encoded}/release`);
+      assert.equal(released.status, 200, released.text);
+      const refused = await b.api('POST', `/api/exports/${encoded}/promote`);
+      assert.notEqual(refused.status, 200, `a failed replica was promoted: ${refused.text}`);
+      assert.match(refused.text, /cannot promote: it has failed .*reopen it first/);
+
+      const reopened = await b.api('POST', `/api/exports/${encoded}/reopen?force=true`);
+      assert.equal(reopened.status, 200, reopened.text);
+      await waitFor('the reopened replica to follow the second drain', async () => (await exportInfo(b, name)).sequence >= second.sequence);
+      const promoted = await b.api('POST', `/api/exports/${encoded}/promote`);
+      assert.equal(promoted.status, 200, promoted.text);
+      const cb = await connectTo(b, name);
+      assert.deepEqual(await cb.read(0, CHUNK), written, 'the promoted replica reads the writer\'s FUA write');
+      await cb.write(CHUNK, pattern(23, CHUNK));
+      await cb.flush();
+      cb.close();
+      ca.close();
+      await b.restart();
+      const again = await connectTo(b, name);
+      assert.deepEqual(await again.read(0, CHUNK), written, 'the writer\'s FUA write survives the new writer\'s restart');
+      again.close();
+    });
+  } finally {
+    await cluster.cleanup();
+    if (disk !== undefined) {
+      await disk.heal();
+      await disk.stop();
+    }
+  }
+});

@@ -223,8 +223,9 @@ export class ReplicaFollowers {
           const view = viewOf(log, sequence, Math.max(volume.size, manifest.meta.size), volume.blockSize);
           await volume.followManifest({ size: manifest.meta.size, sequence, map: manifestBlockMap(manifest) }, view);
         } catch (err) {
-          // Refused before the swap: the volume still serves the manifest it had.
-          if (volume.sequence !== sequence) Object.assign(link.state, { manifestEtag: before.etag, manifestSequence: before.sequence });
+          // Refused before the swap: the volume still serves the manifest it had. Failed after
+          // it: its disk still holds that one, which a reopen loads and follows on from.
+          if (volume.sequence !== sequence || volume.failed !== undefined) Object.assign(link.state, { manifestEtag: before.etag, manifestSequence: before.sequence });
           throw err;
         }
         link.setBase(volume.cloneMap(), raw, object.etag, storedTables(decoded, this.options.manifestCompression));
