@@ -43,6 +43,13 @@ describe('fuzz target checks', () => {
     // 400 reads of 266 KB: 106 MB of replies; the server stops serving past 64 MiB queued.
     await fuzz(nbdSlowReader(400));
   });
+
+  test('the bound holds while its large replies wait for their turns beside another connection', async () => {
+    const { fuzz, anotherSender } = (await import('./fuzz/targets/nbd.js')) as { fuzz: (data: Buffer) => Promise<void>; anotherSender: () => void };
+    // Replies waiting for their turn (src/nbd/reply-pacer.ts) count as queued.
+    anotherSender();
+    await fuzz(nbdSlowReader(400));
+  });
 });
 
 describe('fuzz findings', () => {

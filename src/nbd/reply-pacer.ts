@@ -27,8 +27,9 @@ export class ReplyPacer {
   /** `sender` parsed a request at `now` (performance.now()). */
   request(sender: object, now: number): void {
     if (sender === this.lastSender) return;
+    // The first sender the server sees is no other one.
+    if (this.lastSender !== undefined) this.otherSenderAt = now;
     this.lastSender = sender;
-    this.otherSenderAt = now;
   }
 
   /** For a reply of `bytes` at `now`: undefined to write it now, or a promise that resolves in the turn it may be written in. */

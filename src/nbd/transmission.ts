@@ -60,6 +60,8 @@ export class Transmission {
   private inflightBytes = 0;
   /** Reply bytes of large reads the thread pool is filling (they count as queued replies). */
   private fillingReplyBytes = 0;
+  /** Reply bytes of large reads filled and waiting for their turn (ReplyPacer; they count as queued replies). */
+  private pacedReplyBytes = 0;
   /** Parsing stopped and the socket paused until a deferred request finishes. */
   private heldBack = false;
   private readonly wake = () => this.resumeIfRoom();
@@ -100,8 +102,8 @@ export class Transmission {
         this.socket.pause();
         break;
       }
-      // Large reads being filled count as queued: their replies go out when they are done.
-      if (this.socket.writableLength + this.fillingReplyBytes > MAX_QUEUED_REPLY_BYTES) {
+      // Large reads being filled, or waiting for their turn, count as queued: their replies go out when they are done.
+      if (this.socket.writableLength + this.fillingReplyBytes + this.pacedReplyBytes > MAX_QUEUED_REPLY_BYTES) {
         this.holdBack();
         break;
       }
@@ -248,7 +250,10 @@ export class Transmission {
   private sendRead(cookieHigh: number, cookieLow: number, offset: number, length: number, reply: Buffer, pooled: Buffer, started: number): Promise<void> | void {
     const turn = length >= LARGE_READ_BYTES ? this.pacer.take(reply.length, performance.now()) : undefined;
     if (turn !== undefined) {
+      // Queued until written: it counts against the replies' bound as a reply in the socket does.
+      this.pacedReplyBytes += reply.length;
       return turn.then(() => {
+        this.pacedReplyBytes -= reply.length;
         if (!this.closed) this.writeRead(cookieHigh, cookieLow, offset, length, reply, pooled, started);
       });
     }

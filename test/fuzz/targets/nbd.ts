@@ -25,6 +25,7 @@ import { PLAINTEXT } from '../../../src/crypto/cipher.js';
 import type { Fields, Logger } from '../../../src/log.js';
 import type { ExportCatalog } from '../../../src/nbd/handshake.js';
 import * as P from '../../../src/nbd/protocol.js';
+import type { ReplyPacer } from '../../../src/nbd/reply-pacer.js';
 import { NbdServer } from '../../../src/nbd/server.js';
 import { Transmission } from '../../../src/nbd/transmission.js';
 import { volumeNameProblem } from '../../../src/volume/names.js';
@@ -83,6 +84,11 @@ const catalog: ExportCatalog = {
   },
 };
 const server = new NbdServer(catalog, { handshakeTimeoutMs: 5000 }, log);
+
+/** As if another client had just sent a request: the next input's large replies are paced (src/nbd/reply-pacer.ts). */
+export function anotherSender(): void {
+  (server['pacer'] as ReplyPacer).request({}, performance.now());
+}
 
 /**
  * The server's end of an in-memory connection: what it writes is kept; the client's bytes
