@@ -259,6 +259,9 @@ test('a switch to durable whose settings file cannot be saved fails, names the f
       assert.match(refused.json.error, /settings could not be saved, so they are unchanged: .*store\.json\.tmp/);
       const info = await exportInfo(a, name);
       assert.equal(info.flush_mode, 'demand', 'the volume reports the mode whose switch failed');
+      // A setting the volume did not hold yet, refused the same way, is not held afterwards either.
+      const followRefused = await a.api('PUT', `/api/exports/${name}`, { size_gb: SIZE_MIB / 1024, replica_follow_interval_ms: 250 });
+      assert.equal(followRefused.status, 500, followRefused.text);
       await c.write(MiB, randomBytes(64 * 1024));
       await c.flush();
       assert.equal(await metric(a, 'updraft_durable_log_puts_total'), 0);
@@ -267,6 +270,8 @@ test('a switch to durable whose settings file cannot be saved fails, names the f
       const switched = await a.api('POST', `/api/exports/${name}/flush-mode`, { flush_mode: 'durable' });
       assert.equal(switched.status, 200, switched.text);
       assert.equal((await exportInfo(a, name)).flush_mode, 'durable');
+      const saved = JSON.parse(fs.readFileSync(path.join(a.dir, 'cache', 'volumes', name, '@', 'store.json'), 'utf8'));
+      assert.equal(saved.replicaFollowIntervalMs, undefined, 'the refused follow interval was saved with the next settings change');
       await c.disconnect();
     });
   } finally {

@@ -254,13 +254,18 @@ export class Host extends HostInventory {
   /** Change a volume's settings. When they cannot be saved, none of them changes here, and the error says so. */
   setVolumeSettings(name: string, settings: VolumeSettings): void {
     const link = this.linkOf(name);
-    const before = { ...link.state };
+    const state = link.state as unknown as Record<string, unknown>;
+    // The values the call replaces; undefined for a setting the state did not hold.
+    const before = Object.keys(settings).map((key) => [key, state[key]] as const);
     Object.assign(link.state, settings);
     try {
       link.save();
     } catch (err) {
       // Otherwise the volume would report the new settings while it runs on the old ones.
-      Object.assign(link.state, before);
+      for (const [key, value] of before) {
+        if (value === undefined) delete state[key];
+        else state[key] = value;
+      }
       throw new Error(`volume ${name}: its settings could not be saved, so they are unchanged: ${errorMessage(err)}`);
     }
     this.followers.start();
