@@ -4,6 +4,7 @@
 // loaded block against its name, and making the slab durable (sync, lost blocks).
 import path from 'node:path';
 import { disk } from '../disk/disk.js';
+import { addRun } from '../disk/runs.js';
 import type { BlockHasher } from '../crypto/hash.js';
 import type { Logger } from '../log.js';
 import { keyHex, type BlockKey } from './block-key.js';
@@ -375,32 +376,28 @@ export abstract class CacheTiers {
    * while it was read (its slot may hold another block's bytes by then).
    */
   async readIntoLater(dst: Buffer, reads: readonly LaterRead[]): Promise<boolean> {
-    // Per run of adjacent reads: its first read, how many reads, slab position, dst offset, length.
     const runs: number[] = [];
-    const slots = new Map<number, Slot>();
-    for (const [i, { key, offset, length, dstOffset }] of reads.entries()) {
+    // The slot each read takes, and the first slot of each run (for a short read's error).
+    const slots: Array<[BlockKey, Slot]> = [];
+    const firsts: Slot[] = [];
+    for (const { key, offset, length, dstOffset } of reads) {
       const found = this.copyOrSlot(key, offset, length, dst, dstOffset);
       if (found === false) return false;
       if (found === true) continue;
-      slots.set(i, found);
-      const position = found.index * this.blockSize + offset;
-      const last = runs.length - 5;
-      if (last >= 0 && runs[last] + runs[last + 1] === i && runs[last + 2] + runs[last + 4] === position && runs[last + 3] + runs[last + 4] === dstOffset) {
-        runs[last + 1]++;
-        runs[last + 4] += length;
-      } else runs.push(i, 1, position, dstOffset, length);
+      slots.push([key, found]);
+      if (addRun(runs, found.index * this.blockSize + offset, dstOffset, length)) firsts.push(found);
     }
     const preads: Array<Promise<number>> = [];
-    for (let r = 0; r < runs.length; r += 5) preads.push(this.readSlab(dst, runs[r + 3], runs[r + 4], runs[r + 2]));
+    for (let r = 0; r < runs.length; r += 3) preads.push(this.readSlab(dst, runs[r + 1], runs[r + 2], runs[r]));
     // Every pread settles before a failure is thrown: none writes into `dst` after that.
     const done = await Promise.allSettled(preads);
     for (const outcome of done) if (outcome.status === 'rejected') throw outcome.reason;
-    for (const [i, slot] of slots) if (this.slots.get(reads[i].key) !== slot) return false;
-    for (let r = 0; r < runs.length; r += 5) {
-      const n = (done[r / 5] as PromiseFulfilledResult<number>).value;
-      if (n !== runs[r + 4]) throw shortRead(slots.get(runs[r])!, n, runs[r + 4]);
+    for (const [key, slot] of slots) if (this.slots.get(key) !== slot) return false;
+    for (const [i, first] of firsts.entries()) {
+      const n = (done[i] as PromiseFulfilledResult<number>).value;
+      if (n !== runs[3 * i + 2]) throw shortRead(first, n, runs[3 * i + 2]);
     }
-    for (const i of slots.keys()) this.diskHit(reads[i].key);
+    for (const [key] of slots) this.diskHit(key);
     return true;
   }
 

@@ -4,6 +4,7 @@
 // boot recording, and base:allocation extents.
 import { keyHex, type BlockKey, type LaterRead } from '../blocks/cache.js';
 import { disk } from '../disk/disk.js';
+import { addRun } from '../disk/runs.js';
 import { BlockMap, ZERO_ALLOCATED_KEY } from './blockmap.js';
 import { readAt } from './overlay-file.js';
 import { SECTOR, SECTOR_SHIFT, sectorPresent, sectorRunEnd } from './sectors.js';
@@ -254,13 +255,7 @@ export abstract class VolumeReads extends VolumeState {
         if (!this.readSlab(chunk, at, len, dst, to, how)) return false;
       } else if (typeof how === 'string') {
         if (!this.readOverlay(chunk, at, len, dst, to, how === 'now')) return false;
-      } else {
-        const { runs } = how;
-        const position = chunk * this.blockSize + at;
-        const last = runs.length - 3;
-        if (last >= 0 && runs[last] + runs[last + 2] === position && runs[last + 1] + runs[last + 2] === to) runs[last + 2] += len;
-        else runs.push(position, to, len);
-      }
+      } else addRun(how.runs, chunk * this.blockSize + at, to, len);
       at = runEnd;
     }
     return true;
